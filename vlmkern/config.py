@@ -1,0 +1,161 @@
+"""Frozen configuration objects: what a quantized linear layer should become.
+
+Each config names one packed format (see :mod:`vlmkern.formats`). Configs are
+plain frozen dataclasses so they hash, compare and serialise to JSON
+(``to_dict`` / ``config_from_dict``) for the checkpoint's quantization_config.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import torch
+
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """Canonical string for a floating scale dtype ('float16', 'bfloat16', 'float32')."""
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    name = {"half": "float16", "fp16": "float16", "bf16": "bfloat16", "float": "float32",
+            "fp32": "float32"}.get(name, name)
+    if name not in _SCALE_DTYPES:
+        raise ValueError(f"scale dtype must be one of {sorted(_SCALE_DTYPES)}, got {dtype!r}")
+    return name
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    return _SCALE_DTYPES[dtype_name(name)]
+
+
+def _check_group_size(group_size: int | None) -> None:
+    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool)
+                                   or group_size < 1):
+        raise ValueError(f"group_size must be a positive int or None (one group per row), "
+                         f"got {group_size!r}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Group-wise integer weights for weight-only matmul (W2/W3/W4/W8, fp activations).
+
+    bits: 2, 3, 4 or 8. group_size: columns (input features) sharing one scale
+    and zero; None means one group per row. When in_features is not a multiple
+    of group_size the last group of each row is shorter. sym: symmetric
+    (implicit zero 2**(bits-1), no zeros stored) or asymmetric (packed zeros).
+    scale_dtype: dtype the scales are stored in.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    sym: bool = False
+    scale_dtype: str = "float16"
+
+    format: ClassVar[str] = "groupwise"
+
+    def __post_init__(self):
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"QuantConfig.bits must be 2, 3, 4 or 8, got {self.bits!r}")
+        _check_group_size(self.group_size)
+        object.__setattr__(self, "scale_dtype", dtype_name(self.scale_dtype))
+
+    @property
+    def label(self) -> str:
+        g = "row" if self.group_size is None else self.group_size
+        return f"W{self.bits} g{g} {'sym' if self.sym else 'asym'}"
+
+
+@dataclass(frozen=True)
+class IntActConfig:
+    """Integer weights and integer activations (W8A8, W6A6, W4A4, ...).
+
+    Weights: symmetric, per output channel (group_size None) or per group of
+    input columns. Activations: symmetric, quantized per token at run time, or
+    with one static per-tensor scale (act_scale) fixed at calibration.
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    group_size: int | None = None
+    scale_dtype: str = "float16"
+    act_scale: float | None = None
+
+    format: ClassVar[str] = "intact"
+
+    def __post_init__(self):
+        for name in ("w_bits", "a_bits"):
+            if getattr(self, name) not in (4, 6, 8):
+                raise ValueError(f"IntActConfig.{name} must be 4, 6 or 8, got "
+                                 f"{getattr(self, name)!r}")
+        _check_group_size(self.group_size)
+        object.__setattr__(self, "scale_dtype", dtype_name(self.scale_dtype))
+        if self.act_scale is not None:
+            s = float(self.act_scale)
+            if not (s > 0 and s < float("inf")):
+                raise ValueError(f"act_scale must be a positive finite number, got {self.act_scale!r}")
+            object.__setattr__(self, "act_scale", s)
+
+    @property
+    def bits(self) -> int:
+        return self.w_bits
+
+    @property
+    def label(self) -> str:
+        return f"W{self.w_bits}A{self.a_bits}"
+
+
+@dataclass(frozen=True)
+class BinaryConfig:
+    """BiLLM-style binarization: residual (2-plane) binarization of salient
+    columns, two-group binarization of the rest, per 128-column block.
+
+    max_salient: largest number of salient columns searched per block.
+    quantiles: break-point candidates, as quantiles of |non-salient weights|.
+    """
+
+    block_size: int = 128
+    max_salient: int = 49
+    stats_dtype: str = "float16"
+    quantiles: tuple[float, ...] = field(
+        default_factory=lambda: tuple(round(0.10 + 0.01 * i, 2) for i in range(81)))
+
+    format: ClassVar[str] = "binary"
+
+    def __post_init__(self):
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if not isinstance(self.max_salient, int) or not 0 <= self.max_salient <= self.block_size:
+            raise ValueError(f"max_salient must be in 0..block_size, got {self.max_salient!r}")
+        object.__setattr__(self, "stats_dtype", dtype_name(self.stats_dtype))
+        q = tuple(float(v) for v in self.quantiles)
+        if not q or any(not 0.0 < v < 1.0 for v in q):
+            raise ValueError("quantiles must be a non-empty sequence of numbers in (0, 1)")
+        object.__setattr__(self, "quantiles", q)
+
+    bits = 1
+
+    @property
+    def label(self) -> str:
+        return "binary"
+
+
+CONFIG_TYPES = {cls.format: cls for cls in (QuantConfig, IntActConfig, BinaryConfig)}
+AnyConfig = QuantConfig | IntActConfig | BinaryConfig
+
+
+def config_to_dict(config: AnyConfig) -> dict:
+    d = asdict(config)
+    if "quantiles" in d:
+        d["quantiles"] = list(d["quantiles"])
+    return {"format": config.format, **d}
+
+
+def config_from_dict(d: dict) -> AnyConfig:
+    d = dict(d)
+    fmt = d.pop("format", None)
+    if fmt not in CONFIG_TYPES:
+        raise ValueError(f"unknown quantization format {fmt!r}; known: {sorted(CONFIG_TYPES)}")
+    try:
+        return CONFIG_TYPES[fmt](**d)
+    except TypeError as e:
+        raise ValueError(f"bad {fmt} config {d}: {e}") from None

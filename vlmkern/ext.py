@@ -1,0 +1,58 @@
+"""Lazy access to the compiled CUDA extension ``vlmkern._C``.
+
+The extension is optional: it is only built for a CUDA build of torch with a
+CUDA toolkit present (see setup.py). Nothing here imports it until
+:func:`load_extension` is first called, so ``import vlmkern`` never depends on it.
+Importing ``vlmkern._C`` registers the ops under ``torch.ops.vlmkern``.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+_cached: tuple[ModuleType | None, str] | None = None
+
+
+def _import_extension() -> tuple[ModuleType | None, str]:
+    if getattr(torch.version, "hip", None):
+        return None, f"vlmkern._C was not built: this install has a ROCm torch ({torch.__version__})"
+    if torch.version.cuda is None:
+        # setup.py skips the build for such a torch, and a library built against
+        # a CUDA torch cannot load into this one anyway.
+        return None, f"vlmkern._C was not built: this install has a CPU-only torch ({torch.__version__})"
+    try:
+        module = importlib.import_module("vlmkern._C")
+    except (ImportError, OSError) as exc:
+        return None, f"vlmkern._C could not be imported: {exc}"
+    return module, f"vlmkern._C loaded from {getattr(module, '__file__', '?')}"
+
+
+def load_extension() -> tuple[ModuleType | None, str]:
+    """Import ``vlmkern._C`` once; return ``(module, reason)``.
+
+    ``module`` is None when the extension is unavailable, and ``reason`` then
+    says why in words meant for users. The result is cached.
+    """
+    global _cached
+    if _cached is None:
+        _cached = _import_extension()
+    return _cached
+
+
+def dequant_groupwise(qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor,
+                      bits: int, group_size: int, in_features: int,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """Dense [N, in_features] weight of a canonical group-wise packed tensor.
+
+    ``qweight`` int32 [N, ceil(K*bits/32)], ``qzeros`` int32
+    [N, ceil(G*bits/32)] or None (symmetric), ``scales`` [N, G] fp16/bf16/fp32
+    with G = ceil(K / group_size); all contiguous on one CUDA device.
+    ``out_dtype`` is torch.float16 or torch.bfloat16.
+    """
+    module, reason = load_extension()
+    if module is None:
+        raise RuntimeError(f"vlmkern.ext.dequant_groupwise needs the CUDA extension: {reason}")
+    return torch.ops.vlmkern.dequant_groupwise(qweight, qzeros, scales, int(bits), int(group_size),
+                                               int(in_features), out_dtype)

@@ -1,0 +1,139 @@
+"""Group-wise integer weights (W2/W3/W4/W8) for weight-only matmul.
+
+Format ``groupwise`` (version 1). Logical weight W is [N, K] (out, in).
+
+=========  ==============================  ==========================================
+tensor     shape / dtype                    holds
+=========  ==============================  ==========================================
+qweight    [N, ceil(K*b/32)] int32          codes q[n, j] in [0, 2^b-1] of stored
+                                            column j, one little-endian bit stream
+                                            per row (see formats.packing; 3-bit codes
+                                            straddle words, no bits wasted)
+scales     [N, G] float16/bfloat16/float32  s[n, i] of group i, G = ceil(K / g)
+qzeros     [N, ceil(G*b/32)] int32          asymmetric only: zero points z[n, i] in
+                                            [0, 2^b-1], same bit-stream rule along G.
+                                            Symmetric: absent, z = 2^(b-1)
+perm       [K] int32                        optional (act-order): stored column j
+                                            holds logical input feature perm[j]
+=========  ==============================  ==========================================
+
+Stored column j belongs to group j // g (g = group_size, or K when None); when
+K % g != 0 the last group is shorter, which is the same as zero-padding K up to
+a multiple of g without storing the padding. Dequantized value:
+``W[n, perm[j]] = s[n, j // g] * (q[n, j] - z[n, j // g])`` (perm = identity if
+absent), computed in fp32. An act-order model (GPTQ with non-monotone g_idx)
+is stored with its columns sorted by group, so groups are contiguous and a
+kernel never gathers weights: it reads ``x[..., perm]`` once instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .base import FormatError, PackedWeight, check_finite, check_tensor
+from .packing import pack_bits, packed_words, unpack_bits
+
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def num_groups(in_features: int, group_size: int | None) -> int:
+    g = in_features if group_size is None else group_size
+    return -(-in_features // g)
+
+
+def group_index(in_features: int, group_size: int | None, device=None) -> torch.Tensor:
+    """Group of every stored column: int64 [K]."""
+    g = in_features if group_size is None else group_size
+    return torch.arange(in_features, device=device) // g
+
+
+@dataclass(eq=False, repr=False)
+class QuantizedWeight(PackedWeight):
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    qzeros: torch.Tensor | None
+    perm: torch.Tensor | None
+    bits: int
+    group_size: int | None
+    in_features: int
+
+    FORMAT: ClassVar[str] = "groupwise"
+    TENSORS: ClassVar[tuple[str, ...]] = ("qweight", "scales", "qzeros", "perm")
+    FLOATS: ClassVar[tuple[str, ...]] = ("scales",)
+    META: ClassVar[tuple[str, ...]] = ("bits", "group_size", "in_features")
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                   bits: int, group_size: int | None, perm: torch.Tensor | None = None
+                   ) -> "QuantizedWeight":
+        """Pack integer codes [N, K] (stored column order), scales [N, G] and
+        zero points [N, G] (None for symmetric) into the canonical format."""
+        n, k = codes.shape
+        obj = cls(qweight=pack_bits(codes, bits), scales=scales.contiguous(),
+                  qzeros=None if zeros is None else pack_bits(zeros, bits),
+                  perm=None if perm is None else perm.to(torch.int32).contiguous(),
+                  bits=int(bits), group_size=group_size, in_features=int(k))
+        obj.validate()
+        return obj
+
+    # -- views ----------------------------------------------------------------
+    @property
+    def sym(self) -> bool:
+        return self.qzeros is None
+
+    @property
+    def num_groups(self) -> int:
+        return num_groups(self.in_features, self.group_size)
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes, int64 [N, K], in stored column order."""
+        return unpack_bits(self.qweight, self.bits, self.in_features)
+
+    def zeros(self) -> torch.Tensor:
+        """Zero points, int64 [N, G] (the implicit 2^(b-1) when symmetric)."""
+        if self.qzeros is None:
+            return torch.full(tuple(self.scales.shape), 1 << (self.bits - 1),
+                              dtype=torch.int64, device=self.scales.device)
+        return unpack_bits(self.qzeros, self.bits, self.num_groups)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight this object stands for, [N, K] in logical column order."""
+        gidx = group_index(self.in_features, self.group_size, self.qweight.device)
+        s = self.scales.float()[:, gidx]
+        z = self.zeros()[:, gidx]
+        w = (self.codes() - z).float() * s
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm.long(), w)
+        return w.to(dtype)
+
+    # -- invariants ----------------------------------------------------------------
+    def validate(self) -> "QuantizedWeight":
+        if self.bits not in (2, 3, 4, 8):
+            raise FormatError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
+        if self.group_size is not None and (not isinstance(self.group_size, int)
+                                            or self.group_size < 1):
+            raise FormatError(f"group_size must be a positive int or None, got {self.group_size!r}")
+        k = self.in_features
+        if not isinstance(k, int) or k < 1:
+            raise FormatError(f"in_features must be a positive int, got {k!r}")
+        if not isinstance(self.qweight, torch.Tensor) or self.qweight.dim() != 2:
+            raise FormatError("qweight must be a 2-D int32 tensor")
+        n, g = self.qweight.shape[0], self.num_groups
+        check_tensor("qweight", self.qweight, (n, packed_words(k, self.bits)), (torch.int32,))
+        check_tensor("scales", self.scales, (n, g), SCALE_DTYPES)
+        check_finite("scales", self.scales)
+        if self.qzeros is not None:
+            check_tensor("qzeros", self.qzeros, (n, packed_words(g, self.bits)), (torch.int32,))
+        if self.perm is not None:
+            check_tensor("perm", self.perm, (k,), (torch.int32,))
+            seen = torch.zeros(k, dtype=torch.bool, device=self.perm.device)
+            p = self.perm.long()
+            if int(p.min()) < 0 or int(p.max()) >= k or bool(seen.index_fill_(0, p, True).logical_not().any()):
+                raise FormatError("perm must be a permutation of range(in_features)")
+        devices = {t.device for t in self.tensors().values()}
+        if len(devices) > 1:
+            raise FormatError(f"tensors live on different devices: {sorted(map(str, devices))}")
+        return self

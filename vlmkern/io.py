@@ -1,0 +1,238 @@
+"""Checkpoints: one safetensors file holding every tensor of the model (packed
+quantized buffers and the full-precision rest) and a ``quantization_config``
+JSON block in the file's metadata. Nothing is ever unpickled.
+
+quantization_config = {
+  "quant_method": "vlmkern", "format_version": 1, "vlmkern_version": "...",
+  "modules": {name: {"format", "meta", "in_features", "out_features", "bias", "info"}},
+  "skipped": [names of linears left in full precision],
+  "aliases": {name: name it shares storage with},
+}
+
+Writes go to a temporary file in the same folder, are fsynced, then renamed
+over the target, so a crash never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .formats import FORMAT_VERSION, WEIGHT_TYPES, FormatError
+from .nn import MODULE_TYPES, QuantLinear
+
+QUANT_METHOD = "vlmkern"
+FILENAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, truncated, foreign or mismatched."""
+
+
+def _file_path(path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path / FILENAME
+
+
+def quantization_config(model: nn.Module) -> dict:
+    from . import __version__
+    modules, skipped = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            modules[name] = {"format": module.format, "meta": dict(module._meta),
+                             "in_features": module.in_features,
+                             "out_features": module.out_features,
+                             "bias": module.bias is not None, "info": module.quant_info}
+        elif isinstance(module, nn.Linear):
+            skipped.append(name)
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+            "vlmkern_version": __version__, "modules": modules, "skipped": skipped}
+
+
+def save_quantized(model: nn.Module, path) -> Path:
+    """Write the model's state and quantization_config atomically; returns the file.
+
+    path: a ``.safetensors`` file, or a folder (``model.safetensors`` inside).
+    """
+    target = _file_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    config = quantization_config(model)
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in model.state_dict().items():
+        # Tied weights share storage; safetensors stores each storage once.
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype,
+               t.device) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    config["aliases"] = aliases
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"quantization_config": json.dumps(config)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def read_header(path) -> tuple[dict, dict]:
+    """Parse and sanity-check a safetensors header without loading tensors.
+
+    Returns (tensor entries, metadata). Raises CheckpointError naming the problem.
+    """
+    file = _file_path(path)
+    if not file.is_file():
+        raise CheckpointError(f"no checkpoint at {file}")
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file} is not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{file} is truncated or not a safetensors file "
+                                  f"(header claims {n} bytes, file has {size})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} has a corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has a corrupt safetensors header")
+    metadata = header.pop("__metadata__", None) or {}
+    end = 0
+    for name, entry in header.items():
+        try:
+            end = max(end, int(entry["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise CheckpointError(f"{file}: corrupt header entry for {name!r}") from None
+    if 8 + n + end != size:
+        raise CheckpointError(f"{file} is truncated or has trailing bytes: tensors need "
+                              f"{8 + n + end} bytes, file has {size}")
+    return header, metadata
+
+
+def _read_config(metadata: dict, file) -> dict:
+    raw = metadata.get("quantization_config")
+    if raw is None:
+        raise CheckpointError(f"{file} is not a vlmkern checkpoint: its metadata has no "
+                              f"quantization_config")
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: quantization_config is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("quant_method") != QUANT_METHOD:
+        method = config.get("quant_method") if isinstance(config, dict) else None
+        raise CheckpointError(f"{file} holds a {method!r} quantization_config, not a vlmkern one")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{file} has format_version {version!r}; this vlmkern reads up "
+                              f"to {FORMAT_VERSION} (upgrade vlmkern)")
+    if not isinstance(config.get("modules"), dict):
+        raise CheckpointError(f"{file}: quantization_config has no 'modules' table")
+    return config
+
+
+def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
+    """Fill a freshly built model of the same architecture from a checkpoint.
+
+    The model's nn.Linear modules named in the checkpoint become quantized
+    modules holding exactly the saved packed tensors; full-precision tensors
+    are copied into the model's own (in the model's dtype). Raises CheckpointError for
+    missing, corrupt, truncated, foreign or mismatched files.
+    """
+    file = _file_path(path)
+    header, metadata = read_header(file)
+    config = _read_config(metadata, file)
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{file}: cannot read tensors: {e}") from None
+    for name, source in config.get("aliases", {}).items():
+        if source not in tensors:
+            raise CheckpointError(f"{file}: alias {name!r} points at missing tensor {source!r}")
+        tensors[name] = tensors[source]
+
+    modules = dict(model.named_modules())
+    for name, entry in config["modules"].items():
+        _install_module(model, modules, name, entry, tensors, file, device)
+
+    state = model.state_dict()
+    missing = [k for k in state if k not in tensors]
+    unexpected = [k for k in tensors if k not in state]
+    if missing or unexpected:
+        raise CheckpointError(f"{file} does not match this model: missing {missing[:8]}"
+                              f"{'...' if len(missing) > 8 else ''}, unexpected "
+                              f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    for k, t in state.items():
+        if tuple(t.shape) != tuple(tensors[k].shape):
+            raise CheckpointError(f"{file}: {k} has shape {tuple(tensors[k].shape)}, the model "
+                                  f"expects {tuple(t.shape)}")
+    model.load_state_dict(tensors, strict=True)
+    return model
+
+
+def _install_module(model, modules, name, entry, tensors, file, device) -> None:
+    try:
+        fmt, meta = entry["format"], entry["meta"]
+        n, k = int(entry["out_features"]), int(entry["in_features"])
+    except (TypeError, KeyError, ValueError):
+        raise CheckpointError(f"{file}: malformed entry for module {name!r}") from None
+    if fmt not in WEIGHT_TYPES:
+        raise CheckpointError(f"{file}: module {name!r} has unknown format {fmt!r}")
+    target = modules.get(name)
+    if target is None:
+        raise CheckpointError(f"{file}: the model has no module {name!r}; was it saved from "
+                              f"another architecture?")
+    if not isinstance(target, (nn.Linear, QuantLinear)):
+        raise CheckpointError(f"{file}: {name!r} is a {type(target).__name__} in this model, "
+                              f"not a linear layer")
+    if (target.out_features, target.in_features) != (n, k):
+        raise CheckpointError(f"{file}: {name!r} is {n}x{k} in the checkpoint but "
+                              f"{target.out_features}x{target.in_features} in the model")
+    cls = WEIGHT_TYPES[fmt]
+    prefix = name + "."
+    parts = {t: tensors[prefix + t] for t in cls.TENSORS if prefix + t in tensors}
+    try:
+        qweight = cls.from_state(parts, meta)
+    except (FormatError, TypeError) as e:
+        raise CheckpointError(f"{file}: module {name!r}: {e}") from None
+    if qweight.shape != (n, k):
+        raise CheckpointError(f"{file}: module {name!r} tensors describe {qweight.shape}, "
+                              f"entry says {(n, k)}")
+    bias = tensors.get(prefix + "bias")
+    if bool(entry.get("bias")) != (bias is not None):
+        raise CheckpointError(f"{file}: module {name!r} bias presence does not match its entry")
+    dev = device if device is not None else _module_device(target)
+    module = MODULE_TYPES[fmt](qweight.to(dev), None if bias is None else bias.to(dev),
+                               entry.get("info"))
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")

@@ -1,0 +1,106 @@
+"""Quantized drop-in replacements for nn.Linear.
+
+The packed tensors of the quantized weight are registered as buffers under
+their format names (``qweight``, ``scales``, ...), so ``state_dict`` saves
+them and ``.to(device)`` moves them. ``model.to(dtype)`` / ``.half()`` change
+the bias but never the packed tensors or their scales: a scale rounded to a
+different dtype would silently change the weights.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import AnyConfig
+from ..formats import WEIGHT_TYPES, PackedWeight
+from ..quant import quantize_weight
+
+
+class QuantLinear(nn.Module):
+    """Base class: a linear layer computing ``ops.linear(x, weight, bias)``."""
+
+    FORMAT: str = ""
+
+    def __init__(self, qweight: PackedWeight, bias: torch.Tensor | None = None,
+                 info: dict | None = None):
+        super().__init__()
+        if self.FORMAT and qweight.FORMAT != self.FORMAT:
+            raise TypeError(f"{type(self).__name__} takes {self.FORMAT} weights, got {qweight.FORMAT}")
+        self.format = qweight.FORMAT
+        self.out_features, self.in_features = qweight.shape
+        self._meta = qweight.meta()
+        for name in type(qweight).TENSORS:
+            self.register_buffer(name, getattr(qweight, name))
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.quant_info = dict(info or {})
+
+    @property
+    def quantized_weight(self) -> PackedWeight:
+        cls = WEIGHT_TYPES[self.format]
+        return cls(**{n: self._buffers.get(n) for n in cls.TENSORS}, **self._meta)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config_or_weight: AnyConfig | PackedWeight,
+                    info: dict | None = None) -> "QuantLinear":
+        """Quantize ``linear`` (data-free, round to nearest) or wrap a given weight."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        if isinstance(config_or_weight, PackedWeight):
+            qweight = config_or_weight
+            expected = (linear.out_features, linear.in_features)
+            if qweight.shape != expected:
+                raise ValueError(f"quantized weight has shape {qweight.shape}, the linear layer "
+                                 f"is {expected}")
+            qweight = qweight.to(linear.weight.device)
+        else:
+            qweight = quantize_weight(linear.weight.detach(), config_or_weight)
+        module_cls = MODULE_TYPES[qweight.FORMAT] if cls is QuantLinear else cls
+        return module_cls(qweight, linear.bias, info)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.quantized_weight, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        buffers, self._buffers = self._buffers, {}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers = buffers
+        for name, buf in buffers.items():
+            if buf is not None:
+                moved = fn(buf)
+                self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return self.quantized_weight.nbytes
+
+    def extra_repr(self) -> str:
+        meta = ", ".join(f"{k}={v}" for k, v in self._meta.items() if k != "in_features")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, format={self.format}, {meta}")
+
+
+class WeightOnlyLinear(QuantLinear):
+    """Group-wise W2/W3/W4/W8 weights, float activations."""
+    FORMAT = "groupwise"
+
+
+class IntActLinear(QuantLinear):
+    """Integer weights and per-token integer activations (W8A8/W6A6/W4A4)."""
+    FORMAT = "intact"
+
+
+class BinaryLinear(QuantLinear):
+    """BiLLM-style binarized weights, float activations."""
+    FORMAT = "binary"
+
+
+MODULE_TYPES = {cls.FORMAT: cls for cls in (WeightOnlyLinear, IntActLinear, BinaryLinear)}

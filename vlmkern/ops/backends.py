@@ -1,0 +1,181 @@
+"""Backends, the kernels they declare, and the one selector that picks them.
+
+A backend (cuda, triton, torch) registers kernels; each kernel declares what
+it supports (op, bits, group sizes, activation dtypes, devices, M range,
+minimum SM). ``select`` walks cuda -> triton -> torch and takes the first
+kernel that fits, so torch (the reference) is the fallback. Availability is
+probed lazily on first use, never at import. ``VLMKERN_BACKEND`` forces one
+backend; if it cannot run a call the call fails instead of silently
+falling back.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+OPS = ("weight_only", "int_act", "binary")
+OP_OF_FORMAT = {"groupwise": "weight_only", "intact": "int_act", "binary": "binary"}
+ANY = None
+
+
+class BackendError(RuntimeError):
+    """No backend can run the requested call (or a forced one cannot)."""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What one kernel can run. ``None`` in a field means 'any'."""
+
+    name: str
+    op: str
+    fn: Callable  # fn(x2d [M, K], qweight, bias) -> [M, N]
+    bits: frozenset | None = ANY
+    group_sizes: frozenset | None = ANY     # None inside the set = one group per row
+    dtypes: frozenset | None = ANY
+    devices: frozenset = frozenset({"cpu", "cuda"})
+    min_m: int = 1
+    max_m: int | None = None
+    min_sm: tuple[int, int] | None = None
+    sym: frozenset = frozenset({True, False})
+    act_order: bool = True
+    check: Callable | None = None           # extra predicate(x2d, qweight) -> reason or None
+
+    def rejects(self, x: torch.Tensor, qweight) -> str | None:
+        """Why this kernel cannot run (x, qweight), or None if it can."""
+        if self.devices is not ANY and x.device.type not in self.devices:
+            return f"{self.name}: runs on {sorted(self.devices)}, not {x.device.type}"
+        if self.dtypes is not ANY and x.dtype not in self.dtypes:
+            return f"{self.name}: activation dtype {x.dtype} unsupported"
+        if self.bits is not ANY and qweight.bits not in self.bits:
+            return f"{self.name}: {qweight.bits}-bit weights unsupported"
+        gs = getattr(qweight, "group_size", None)
+        if self.group_sizes is not ANY and gs not in self.group_sizes:
+            return f"{self.name}: group size {gs} unsupported"
+        if hasattr(qweight, "sym") and qweight.sym not in self.sym:
+            return f"{self.name}: {'symmetric' if qweight.sym else 'asymmetric'} weights unsupported"
+        if not self.act_order and getattr(qweight, "perm", None) is not None:
+            return f"{self.name}: act-order permutation unsupported"
+        m = x.shape[0]
+        if m < self.min_m or (self.max_m is not None and m > self.max_m):
+            return f"{self.name}: M={m} outside [{self.min_m}, {self.max_m or 'inf'}]"
+        if self.min_sm is not None and x.is_cuda and device_sm(x.device) < self.min_sm:
+            return f"{self.name}: needs sm_{self.min_sm[0]}{self.min_sm[1]}+"
+        return self.check(x, qweight) if self.check is not None else None
+
+
+_SM_CACHE: dict[int, tuple[int, int]] = {}
+
+
+def device_sm(device: torch.device) -> tuple[int, int]:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_CACHE:
+        _SM_CACHE[idx] = torch.cuda.get_device_capability(idx)
+    return _SM_CACHE[idx]
+
+
+@dataclass
+class Backend:
+    name: str
+    probe: Callable[[], str | None]   # None when usable, else the reason it is not
+    auto: bool = True                 # False: used only when forced by VLMKERN_BACKEND
+    kernels: list[KernelSpec] = field(default_factory=list)
+    _status: tuple[bool, str] | None = None
+
+    def register(self, spec: KernelSpec) -> KernelSpec:
+        if spec.op not in OPS:
+            raise ValueError(f"unknown op {spec.op!r}; ops are {OPS}")
+        self.kernels.append(spec)
+        return spec
+
+    def status(self) -> tuple[bool, str]:
+        """(available, reason); probed once."""
+        if self._status is None:
+            try:
+                reason = self.probe()
+            except Exception as e:  # a broken optional dependency must not break vlmkern
+                reason = f"probe failed: {type(e).__name__}: {e}"
+            if reason is None and not self.kernels:
+                reason = "no kernels are registered for this backend yet"
+            self._status = (reason is None, reason or "available")
+        return self._status
+
+    def find(self, op: str, x: torch.Tensor, qweight) -> tuple[KernelSpec | None, list[str]]:
+        reasons = []
+        for spec in self.kernels:
+            if spec.op != op:
+                continue
+            why = spec.rejects(x, qweight)
+            if why is None:
+                return spec, reasons
+            reasons.append(why)
+        if not reasons:
+            reasons.append(f"no {op} kernel")
+        return None, reasons
+
+
+BACKENDS: dict[str, Backend] = {}
+ORDER = ("cuda", "triton", "torch")
+
+
+def register_backend(backend: Backend) -> Backend:
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def forced_backend() -> str | None:
+    name = os.environ.get("VLMKERN_BACKEND", "").strip().lower()
+    if not name or name == "auto":
+        return None
+    if name not in ORDER:
+        raise BackendError(f"VLMKERN_BACKEND={name!r} is not one of {ORDER} (or 'auto')")
+    return name
+
+
+def select(op: str, x: torch.Tensor, qweight) -> KernelSpec:
+    """The kernel that will run ``op`` on (x [M, K], qweight); raises BackendError."""
+    forced = forced_backend()
+    names = (forced,) if forced else ORDER
+    reasons = []
+    for name in names:
+        backend = BACKENDS.get(name)
+        if backend is None:
+            reasons.append(f"{name}: not registered")
+            continue
+        if not forced and not backend.auto:
+            reasons.append(f"{name}: opt-in only (set VLMKERN_BACKEND={name})")
+            continue
+        ok, why = backend.status()
+        if not ok:
+            reasons.append(f"{name}: {why}")
+            continue
+        spec, why_not = backend.find(op, x, qweight)
+        if spec is not None:
+            return spec
+        reasons.extend(why_not)
+    head = f"VLMKERN_BACKEND={forced} cannot run" if forced else "no backend can run"
+    raise BackendError(f"{head} {op} for x {tuple(x.shape)} {x.dtype} on {x.device} with "
+                       f"{qweight!r}:\n  " + "\n  ".join(reasons))
+
+
+def explain(op: str, x: torch.Tensor, qweight) -> str:
+    """Name of the kernel ``select`` would pick, or the reasons none fits."""
+    try:
+        return select(op, x, qweight).name
+    except BackendError as e:
+        return str(e)
+
+
+def available_backends() -> dict[str, dict]:
+    """Every backend: whether it is usable here, why not, and its kernels."""
+    from . import builtin  # noqa: F401  (registers the backends on first use)
+
+    out = {}
+    for name in ORDER:
+        b = BACKENDS[name]
+        ok, why = b.status()
+        out[name] = {"available": ok, "reason": why, "auto": b.auto,
+                     "kernels": [k.name for k in b.kernels]}
+    return out

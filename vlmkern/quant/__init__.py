@@ -1,0 +1,17 @@
+"""Quantization methods: pure functions from float weights to packed weights."""
+from .binarize import binarize, binarize_block, residual_binarize
+from .rtn import fake_quantize, group_params, quantize_rtn, quantize_to_grid
+from ..config import BinaryConfig, IntActConfig, QuantConfig
+
+
+def quantize_weight(weight, config):
+    """Quantize ``weight`` [out, in] data-free with the method matching ``config``."""
+    if isinstance(config, BinaryConfig):
+        return binarize(weight, config)
+    if isinstance(config, (QuantConfig, IntActConfig)):
+        return quantize_rtn(weight, config)
+    raise TypeError(f"expected QuantConfig, IntActConfig or BinaryConfig, got {type(config).__name__}")
+
+
+__all__ = ["binarize", "binarize_block", "residual_binarize", "fake_quantize", "group_params",
+           "quantize_rtn", "quantize_to_grid", "quantize_weight"]

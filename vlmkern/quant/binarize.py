@@ -1,0 +1,124 @@
+"""BiLLM-style binarization of one weight block, and of a whole matrix.
+
+The per-block structure (salient-column residual binarization, two-group
+binarization of the rest, searched salient count and break point) lives here
+so both the data-free ``binarize`` below and Hessian-aware BiLLM calibration
+use one implementation. ``binarize`` ranks columns by the saliency scores it
+is given (default: column energy sum_n w^2) and does no error compensation.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import BinaryConfig, dtype_from_name
+from ..formats import BinaryWeight
+from .rtn import check_weight
+
+
+def residual_binarize(y: torch.Tensor, mask: torch.Tensor, rounds: int):
+    """Binarize the masked entries of each row of ``y`` [R, C] ``rounds`` times.
+
+    Each round on the residual r: mu = mean(r), alpha = mean|r - mu|,
+    approx += mu + alpha * sign(r - mu), means taken per row over ``mask``
+    ([R, C] or [C]). Returns (approx [R, C], list of (mu [R], alpha [R],
+    positive-sign bool [R, C]) per round). Rows with no masked entry give 0.
+    """
+    m = mask.expand_as(y).float()
+    count = m.sum(dim=1).clamp(min=1)
+    approx = torch.zeros_like(y)
+    rounds_out = []
+    for _ in range(rounds):
+        r = y - approx
+        mu = (r * m).sum(dim=1) / count
+        d = r - mu[:, None]
+        alpha = (d.abs() * m).sum(dim=1) / count
+        positive = d >= 0
+        approx = approx + (mu[:, None] + alpha[:, None] * (positive.float() * 2 - 1)) * m
+        rounds_out.append((mu, alpha, positive))
+    return approx, rounds_out
+
+
+def _quantile_points(values: torch.Tensor, quantiles: tuple[float, ...]) -> torch.Tensor:
+    flat = values.flatten().sort().values
+    idx = torch.tensor([round(q * (flat.numel() - 1)) for q in quantiles], device=flat.device)
+    return flat[idx]
+
+
+def binarize_block(w: torch.Tensor, scores: torch.Tensor, config: BinaryConfig):
+    """Binarize one block ``w`` [N, B] given column saliency ``scores`` [B].
+
+    Salient count k in 1..max_salient minimises the block error with both parts
+    residual-binarized twice; the break point (quantiles of |non-salient w|)
+    minimises the error of the two-group split. Returns (sign [N, B] bool,
+    aux [N, B] bool, salient [B] bool, stats [N, 8] fp32, squared error).
+    """
+    w = w.float()
+    n, b = w.shape
+    order = torch.argsort(scores.float(), descending=True, stable=True)
+    salient = torch.zeros(b, dtype=torch.bool, device=w.device)
+    best_err = None
+    for k in range(1, min(config.max_salient, b) + 1):
+        trial = torch.zeros_like(salient)
+        trial[order[:k]] = True
+        a_sal, _ = residual_binarize(w, trial, 2)
+        a_rest, _ = residual_binarize(w, ~trial, 2)
+        err = float(((w - a_sal - a_rest) ** 2).sum())
+        if best_err is None or err < best_err:
+            best_err, salient = err, trial
+
+    a_sal, sal_rounds = residual_binarize(w, salient, 2)
+    rest = ~salient
+    stats = torch.zeros(n, 8, device=w.device)
+    outer = torch.zeros_like(w, dtype=torch.bool)
+    resid_rest = torch.zeros_like(w)
+    if bool(rest.any()):
+        points = _quantile_points(w[:, rest].abs(), config.quantiles)
+        best = None
+        for p in points.tolist():
+            out_m = (w.abs() >= p) & rest
+            in_m = (w.abs() < p) & rest
+            a_in, _ = residual_binarize(w, in_m, 1)
+            a_out, _ = residual_binarize(w, out_m, 1)
+            err = float((((w - a_in - a_out) * rest) ** 2).sum())
+            if best is None or err < best[0]:
+                best = (err, in_m, out_m)
+        _, in_m, outer = best
+        a_in, (in_round,) = residual_binarize(w, in_m, 1)
+        a_out, (out_round,) = residual_binarize(w, outer, 1)
+        resid_rest = a_in + a_out
+        stats[:, 4], stats[:, 5] = in_round[0], in_round[1]
+        stats[:, 6], stats[:, 7] = out_round[0], out_round[1]
+        sign_rest = torch.where(outer, out_round[2], in_round[2])
+    else:
+        sign_rest = torch.zeros_like(outer)
+    (mu1, al1, s1), (mu2, al2, s2) = sal_rounds
+    stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3] = mu1, al1, mu2, al2
+    sign = torch.where(salient, s1, sign_rest)
+    aux = torch.where(salient, s2, outer)
+    err = float(((w - a_sal - resid_rest) ** 2).sum())
+    return sign, aux, salient, stats, err
+
+
+def binarize(weight: torch.Tensor, config: BinaryConfig | None = None,
+             saliency: torch.Tensor | None = None) -> BinaryWeight:
+    """Binarize ``weight`` [out_features, in_features] block by block.
+
+    saliency: optional column scores [in_features] (higher = more salient);
+    default is the column energy sum_n w[n, k]^2.
+    """
+    config = config or BinaryConfig()
+    check_weight(weight)
+    n, k = weight.shape
+    if saliency is None:
+        saliency = weight.float().pow(2).sum(dim=0)
+    elif tuple(saliency.shape) != (k,):
+        raise ValueError(f"saliency must have shape ({k},), got {tuple(saliency.shape)}")
+    bs = config.block_size
+    signs, auxs, sals, stats = [], [], [], []
+    for start in range(0, k, bs):
+        stop = min(start + bs, k)
+        s, a, sal, st, _ = binarize_block(weight[:, start:stop], saliency[start:stop], config)
+        signs.append(s), auxs.append(a), sals.append(sal), stats.append(st)
+    stats_t = torch.stack(stats, dim=1).to(dtype_from_name(config.stats_dtype))
+    return BinaryWeight.from_planes(torch.cat(signs, 1), torch.cat(auxs, 1), torch.cat(sals),
+                                    stats_t, bs)

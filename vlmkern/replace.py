@@ -1,0 +1,180 @@
+"""Swap nn.Linear modules for quantized ones according to a plan.
+
+A plan maps module-name patterns to what each matching linear becomes:
+
+    plan = {
+        "model.layers.0.mlp.down_proj": QuantConfig(bits=8),      # exact name
+        "*.mlp.*": QuantConfig(bits=3, group_size=64),            # glob (fnmatch)
+        "re:.*self_attn\\.(q|k|v)_proj": IntActConfig(8, 8),     # regex (full match)
+        "*.o_proj": None,                                         # keep full precision
+    }
+
+Resolution for each nn.Linear: an exact name wins; otherwise a module that
+matches the skip list is left alone; otherwise the first matching pattern in
+plan order applies. Values are configs, already-quantized weights (from a
+calibration method), or None. A bare config instead of a dict means {"*": config}.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import BinaryConfig, IntActConfig, QuantConfig, config_to_dict
+from .formats import PackedWeight
+from .nn import QuantLinear
+
+# Language-model head, vision towers and multimodal projectors stay in full precision.
+DEFAULT_SKIP = ("lm_head", "*.lm_head", "*vision_tower*", "*vision_model*", "*visual.*",
+                "*multi_modal_projector*", "*mm_projector*")
+
+_CONFIGS = (QuantConfig, IntActConfig, BinaryConfig)
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """Exact, glob (fnmatch, case-sensitive) or ``re:``-prefixed regex full match."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass
+class ReplaceRow:
+    module: str
+    format: str
+    label: str
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
+class ReplaceReport:
+    rows: list[ReplaceRow] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)       # linears the skip list kept
+    kept: list[str] = field(default_factory=list)          # linears a plan entry set to None
+    unmatched: list[str] = field(default_factory=list)     # linears no pattern reached
+    unused_patterns: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.rows)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.rows)
+
+    def __str__(self) -> str:
+        lines = [f"{'module':<48} {'format':<10} {'setting':<16} {'bytes before':>13} "
+                 f"{'bytes after':>12}"]
+        for r in self.rows:
+            lines.append(f"{r.module:<48} {r.format:<10} {r.label:<16} {r.bytes_before:>13,} "
+                         f"{r.bytes_after:>12,}")
+        ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+        lines.append(f"{len(self.rows)} linears quantized: {self.bytes_before:,} -> "
+                     f"{self.bytes_after:,} bytes ({ratio:.2f}x smaller); "
+                     f"{len(self.skipped)} skipped, {len(self.kept)} kept, "
+                     f"{len(self.unmatched)} not in plan")
+        if self.unused_patterns:
+            lines.append(f"plan patterns that matched nothing: {self.unused_patterns}")
+        return "\n".join(lines)
+
+
+def _normalise_plan(plan) -> dict:
+    if isinstance(plan, _CONFIGS) or isinstance(plan, PackedWeight):
+        if isinstance(plan, PackedWeight):
+            raise TypeError("a single quantized weight cannot be a plan: map it to a module name")
+        return {"*": plan}
+    if not isinstance(plan, Mapping):
+        raise TypeError(f"plan must be a dict of pattern -> config/weight/None or a config, "
+                        f"got {type(plan).__name__}")
+    for key, value in plan.items():
+        if not isinstance(key, str):
+            raise TypeError(f"plan keys must be module-name patterns (str), got {key!r}")
+        if key.startswith("re:"):
+            try:
+                re.compile(key[3:])
+            except re.error as e:
+                raise ValueError(f"bad regex in plan key {key!r}: {e}") from None
+        if value is not None and not isinstance(value, _CONFIGS + (PackedWeight,)):
+            raise TypeError(f"plan[{key!r}] must be a QuantConfig, IntActConfig, BinaryConfig, "
+                            f"a quantized weight or None, got {type(value).__name__}")
+    return dict(plan)
+
+
+def resolve_plan(model: nn.Module, plan, skip=DEFAULT_SKIP):
+    """Decide, without changing the model, what every nn.Linear becomes.
+
+    Returns (targets: {name: config | weight}, report with skipped/kept/unmatched/unused).
+    """
+    plan = _normalise_plan(plan)
+    skip = tuple(skip or ())
+    modules = dict(model.named_modules())
+    report = ReplaceReport()
+    used = set()
+    for key, value in plan.items():
+        if key in modules and not isinstance(modules[key], nn.Linear) and not key.startswith("re:"):
+            raise TypeError(f"plan names {key!r}, which is a {type(modules[key]).__name__}, "
+                            f"not an nn.Linear")
+        if isinstance(value, PackedWeight) and key not in modules:
+            raise KeyError(f"plan gives a quantized weight for {key!r}, but the model has no "
+                           f"module of that name")
+    targets = {}
+    for name, module in modules.items():
+        if not isinstance(module, nn.Linear):
+            continue
+        if name in plan:
+            entry, hit = plan[name], name
+        elif any(name_matches(name, s) for s in skip):
+            report.skipped.append(name)
+            continue
+        else:
+            hit = next((p for p in plan if name_matches(name, p)), None)
+            if hit is None:
+                report.unmatched.append(name)
+                continue
+            entry = plan[hit]
+        used.add(hit)
+        if entry is None:
+            report.kept.append(name)
+        else:
+            targets[name] = entry
+    report.unused_patterns = [p for p in plan if p not in used]
+    return targets, report
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def replace_linears(model: nn.Module, plan, skip=DEFAULT_SKIP, progress: bool = True):
+    """Replace the model's nn.Linear modules per ``plan``, in place.
+
+    skip: name patterns left in full precision unless named exactly in the
+    plan (default: lm_head, vision tower, projector; pass () to skip nothing).
+    Returns (model, ReplaceReport) with per-module format, setting and bytes.
+    """
+    targets, report = resolve_plan(model, plan, skip)
+    for name, entry in tqdm(targets.items(), desc="quantizing linears", unit="layer",
+                            disable=not progress or len(targets) < 8):
+        linear = model.get_submodule(name)
+        before = linear.weight.numel() * linear.weight.element_size()
+        if isinstance(entry, PackedWeight):
+            info = {"method": "external"}
+        else:
+            info = {"method": "rtn" if not isinstance(entry, BinaryConfig) else "binarize",
+                    "config": config_to_dict(entry)}
+        try:
+            qlinear = QuantLinear.from_linear(linear, entry, info)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{name}: {e}") from None
+        _set_module(model, name, qlinear)
+        qweight = qlinear.quantized_weight
+        label = entry.label if not isinstance(entry, PackedWeight) else repr(qweight.meta())
+        report.rows.append(ReplaceRow(name, qweight.FORMAT, label, before, qweight.nbytes))
+    return model, report
