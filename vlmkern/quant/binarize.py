@@ -16,26 +16,47 @@ from .rtn import check_weight
 
 
 def residual_binarize(y: torch.Tensor, mask: torch.Tensor, rounds: int):
-    """Binarize the masked entries of each row of ``y`` [R, C] ``rounds`` times.
+    """Binarize the masked entries of each row of ``y`` [..., R, C] ``rounds`` times.
 
     Each round on the residual r: mu = mean(r), alpha = mean|r - mu|,
     approx += mu + alpha * sign(r - mu), means taken per row over ``mask``
-    ([R, C] or [C]). Returns (approx [R, C], list of (mu [R], alpha [R],
-    positive-sign bool [R, C]) per round). Rows with no masked entry give 0.
+    (broadcastable to y; leading dims batch several masks at once). Returns
+    (approx, list of (mu [..., R], alpha [..., R], positive-sign bool) per
+    round). Rows with no masked entry give 0.
     """
-    m = mask.expand_as(y).float()
-    count = m.sum(dim=1).clamp(min=1)
-    approx = torch.zeros_like(y)
+    y, m = torch.broadcast_tensors(y, mask)
+    m = m.to(y.dtype)
+    count = m.sum(dim=-1).clamp(min=1)
+    approx = torch.zeros(y.shape, dtype=y.dtype, device=y.device)
     rounds_out = []
     for _ in range(rounds):
         r = y - approx
-        mu = (r * m).sum(dim=1) / count
-        d = r - mu[:, None]
-        alpha = (d.abs() * m).sum(dim=1) / count
+        mu = (r * m).sum(dim=-1) / count
+        d = r - mu[..., None]
+        alpha = (d.abs() * m).sum(dim=-1) / count
         positive = d >= 0
-        approx = approx + (mu[:, None] + alpha[:, None] * (positive.float() * 2 - 1)) * m
+        approx = approx + (mu[..., None] + alpha[..., None] * (positive.to(y.dtype) * 2 - 1)) * m
         rounds_out.append((mu, alpha, positive))
     return approx, rounds_out
+
+
+def _best_candidate(w: torch.Tensor, masks, n_cand: int, rounds: int,
+                    region: torch.Tensor | None = None) -> int:
+    """Index of the candidate whose split of ``w`` [N, B] into parts a and b, each
+    residual-binarized ``rounds`` times, fits best. ``masks(lo, hi)`` returns the
+    (a, b) masks of candidates lo..hi-1 as [hi-lo, ., B]; candidates are taken in
+    chunks so memory stays near 2^24 elements whatever N is."""
+    chunk = max(1, (1 << 24) // max(1, w.numel()))
+    errs = []
+    for i in range(0, n_cand, chunk):
+        mask_a, mask_b = masks(i, min(i + chunk, n_cand))
+        a, _ = residual_binarize(w, mask_a, rounds)
+        b, _ = residual_binarize(w, mask_b, rounds)
+        diff = w - a - b
+        if region is not None:
+            diff = diff * region
+        errs.append(diff.pow(2).sum(dim=(-2, -1)))
+    return int(torch.argmin(torch.cat(errs)))
 
 
 def _quantile_points(values: torch.Tensor, quantiles: tuple[float, ...]) -> torch.Tensor:
@@ -56,15 +77,18 @@ def binarize_block(w: torch.Tensor, scores: torch.Tensor, config: BinaryConfig):
     n, b = w.shape
     order = torch.argsort(scores.float(), descending=True, stable=True)
     salient = torch.zeros(b, dtype=torch.bool, device=w.device)
-    best_err = None
-    for k in range(1, min(config.max_salient, b) + 1):
-        trial = torch.zeros_like(salient)
-        trial[order[:k]] = True
-        a_sal, _ = residual_binarize(w, trial, 2)
-        a_rest, _ = residual_binarize(w, ~trial, 2)
-        err = float(((w - a_sal - a_rest) ** 2).sum())
-        if best_err is None or err < best_err:
-            best_err, salient = err, trial
+    n_k = min(config.max_salient, b)
+    if n_k > 0:
+        # Candidate k salient columns: the top-k by score, k = 1..n_k.
+        rank = torch.empty(b, dtype=torch.long, device=w.device)
+        rank[order] = torch.arange(b, device=w.device)
+
+        def top_k(lo, hi):                       # candidates k = lo+1 .. hi
+            ks = torch.arange(lo + 1, hi + 1, device=w.device)
+            cand = (rank[None, :] < ks[:, None])[:, None, :]             # [k, 1, B]
+            return cand, ~cand
+
+        salient = rank < _best_candidate(w, top_k, n_k, 2) + 1
 
     a_sal, sal_rounds = residual_binarize(w, salient, 2)
     rest = ~salient
@@ -73,16 +97,15 @@ def binarize_block(w: torch.Tensor, scores: torch.Tensor, config: BinaryConfig):
     resid_rest = torch.zeros_like(w)
     if bool(rest.any()):
         points = _quantile_points(w[:, rest].abs(), config.quantiles)
-        best = None
-        for p in points.tolist():
-            out_m = (w.abs() >= p) & rest
-            in_m = (w.abs() < p) & rest
-            a_in, _ = residual_binarize(w, in_m, 1)
-            a_out, _ = residual_binarize(w, out_m, 1)
-            err = float((((w - a_in - a_out) * rest) ** 2).sum())
-            if best is None or err < best[0]:
-                best = (err, in_m, out_m)
-        _, in_m, outer = best
+        mag = w.abs()
+
+        def split(lo, hi):                       # [P, N, B] inner / outer groups
+            big = (mag[None] >= points[lo:hi, None, None]) & rest
+            return (~big) & rest, big
+
+        p = points[_best_candidate(w, split, len(points), 1, region=rest)]
+        outer = (mag >= p) & rest
+        in_m = (mag < p) & rest
         a_in, (in_round,) = residual_binarize(w, in_m, 1)
         a_out, (out_round,) = residual_binarize(w, outer, 1)
         resid_rest = a_in + a_out

@@ -1,0 +1,1 @@
+"""Triton kernels of vlmkern, installed as the subpackage vlmkern.triton_kernels."""

@@ -1,0 +1,60 @@
+"""The ``vlmkern`` command line: ``info`` and ``demo``."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    import vlmkern
+    print(f"vlmkern      {vlmkern.__version__}")
+    print(f"python       {platform.python_version()}")
+    print(f"torch        {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
+    for mod in ("triton", "transformers", "safetensors"):
+        try:
+            version = __import__(mod).__version__
+        except ImportError:
+            version = "not installed"
+        print(f"{mod:<12} {version}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            print(f"gpu {i}        {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
+    else:
+        print("gpu          none visible to torch")
+    print("backends (selection order cuda -> triton -> torch; VLMKERN_BACKEND forces one):")
+    for name, b in vlmkern.available_backends().items():
+        state = "available" if b["available"] else "unavailable"
+        mode = "" if b["auto"] else ", opt-in only"
+        print(f"  {name:<7} {state}{mode}: {b['reason']}")
+        if b["kernels"]:
+            print(f"          kernels: {', '.join(b['kernels'])}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmkern", description="Low-bit inference for VLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, GPU, backends and why any is unavailable")
+    demo = sub.add_parser("demo", help="quantize a small model at several settings and "
+                                       "show bytes and output error")
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"info": cmd_info, "demo": cmd_demo}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
