@@ -76,10 +76,19 @@ def save_quantized(model: nn.Module, path) -> Path:
             seen[key] = name
         tensors[name] = t.detach().to("cpu").contiguous()
     config["aliases"] = aliases
+    atomic_save(tensors, target, {"quantization_config": json.dumps(config)})
+    return target
+
+
+def atomic_save(tensors: dict, target: Path, metadata: dict[str, str]) -> None:
+    """safetensors ``save_file`` to a temporary file in the target's folder,
+    fsync, then rename over ``target``: readers see the old file or the new one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"quantization_config": json.dumps(config)})
+        save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -92,7 +101,6 @@ def save_quantized(model: nn.Module, path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return target
 
 
 def read_header(path) -> tuple[dict, dict]:
@@ -120,6 +128,9 @@ def read_header(path) -> tuple[dict, dict]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{file} has a corrupt safetensors header")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{file} has a corrupt safetensors header: __metadata__ must "
+                              f"map names to strings")
     end = 0
     for name, entry in header.items():
         try:
@@ -150,6 +161,10 @@ def _read_config(metadata: dict, file) -> dict:
                               f"to {FORMAT_VERSION} (upgrade vlmkern)")
     if not isinstance(config.get("modules"), dict):
         raise CheckpointError(f"{file}: quantization_config has no 'modules' table")
+    aliases = config.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise CheckpointError(f"{file}: quantization_config 'aliases' must map tensor names "
+                              f"to tensor names")
     return config
 
 
@@ -224,8 +239,13 @@ def _install_module(model, modules, name, entry, tensors, file, device) -> None:
     bias = tensors.get(prefix + "bias")
     if bool(entry.get("bias")) != (bias is not None):
         raise CheckpointError(f"{file}: module {name!r} bias presence does not match its entry")
+    if (target.bias is not None) != (bias is not None):
+        has = ("a bias", "no bias") if bias is not None else ("no bias", "a bias")
+        raise CheckpointError(f"{file}: module {name!r} has {has[0]} in the checkpoint but "
+                              f"{has[1]} in the model; was it saved from another architecture?")
     dev = device if device is not None else _module_device(target)
-    module = MODULE_TYPES[fmt](qweight.to(dev), None if bias is None else bias.to(dev),
+    module = MODULE_TYPES[fmt](qweight.to(dev),
+                               None if bias is None else bias.to(dev, target.bias.dtype),
                                entry.get("info"))
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

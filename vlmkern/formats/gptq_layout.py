@@ -107,8 +107,8 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     elif sym and not bool((zeros == (1 << (bits - 1))).all()):
         raise FormatError(f"checkpoint declared symmetric but its zero points are not all "
                           f"2^{bits - 1}")
-    return QuantizedWeight.from_codes(codes, scales.contiguous(), None if sym else zeros, bits,
-                                      group_size, perm)
+    return QuantizedWeight.from_codes(codes, scales.t().contiguous(), None if sym else zeros,
+                                      bits, group_size, perm)
 
 
 def _perm_from_g_idx(g_idx, k: int, group_size: int | None) -> torch.Tensor | None:

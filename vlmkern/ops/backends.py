@@ -147,6 +147,11 @@ def select(op: str, x: torch.Tensor, qweight) -> KernelSpec:
         if not forced and not backend.auto:
             reasons.append(f"{name}: opt-in only (set VLMKERN_BACKEND={name})")
             continue
+        if not forced and x.device.type == "cpu" and name != "torch":
+            # On the CPU, Triton runs in its interpreter: exact but far slower than
+            # the torch reference, so it is for tests and only runs when forced.
+            reasons.append(f"{name}: CPU tensors run on torch unless VLMKERN_BACKEND={name}")
+            continue
         ok, why = backend.status()
         if not ok:
             reasons.append(f"{name}: {why}")

@@ -2,7 +2,7 @@
 fallback that runs anywhere (CPU or GPU, any shape).
 
 All functions take activations ``x`` [M, K] (already flattened) and return
-[M, N] in x's dtype. On the CPU the math runs in fp32 (fp64 if x is fp64);
+[M, N] in x's dtype. On the CPU the math runs in fp64 (batch-invariant);
 on a GPU the dequantized weight feeds cuBLAS in the activation dtype (fp32
 accumulation).
 """
@@ -17,9 +17,12 @@ from ..formats.intact import qmax
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if x.dtype == torch.float64:
+    # On the CPU: fp64, rounded once to x's dtype. MKL's fp32 GEMM rounds
+    # differently for small and large M, so fp32 would make a row's output
+    # depend on the batch it is in.
+    if x.dtype == torch.float64 or x.device.type == "cpu":
         return torch.float64
-    return torch.float32 if x.device.type == "cpu" else x.dtype
+    return x.dtype
 
 
 def _dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -59,6 +62,8 @@ def quantize_activations(x: torch.Tensor, bits: int, scale: float | None = None
         s = torch.full((x.shape[0],), float(scale), device=x.device)
     q = torch.round(xf / s[:, None]).clamp(-lim, lim)
     q = torch.nan_to_num(q, nan=0.0).to(torch.int8)
+    if scale is not None:      # a static scale would hide a NaN/Inf token: poison its scale
+        s = torch.where(torch.isfinite(xf).all(dim=1), s, xf.abs().amax(dim=1))
     return q, s
 
 

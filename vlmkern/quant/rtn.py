@@ -29,8 +29,16 @@ def check_weight(weight: torch.Tensor) -> None:
 
 
 def _round_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    """Round scales to their storage dtype so quantization uses what will be stored."""
+    """Round scales to their storage dtype so quantization uses what will be stored.
+
+    Rounds up, never down: a scale rounded down shrinks the grid below the
+    group's [min, max], and the extremes then clip by more than half a step.
+    """
     stored = scale.to(scale_dtype)
+    low = stored.float() < scale
+    if bool(low.any()):
+        stored = torch.where(low, torch.nextafter(stored, torch.full_like(stored, float("inf"))),
+                             stored)
     if not bool(torch.isfinite(stored).all()):
         raise ValueError(f"weights too large for {scale_dtype} scales; use scale_dtype='float32'")
     return stored.float()
