@@ -49,7 +49,8 @@ def quantization_config(model: nn.Module) -> dict:
             modules[name] = {"format": module.format, "meta": dict(module._meta),
                              "in_features": module.in_features,
                              "out_features": module.out_features,
-                             "bias": module.bias is not None, "info": module.quant_info}
+                             "bias": module.bias is not None, "info": module.quant_info,
+                             "tensors": sorted(module.quantized_weight.tensors())}
         elif isinstance(module, nn.Linear):
             skipped.append(name)
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
@@ -229,6 +230,12 @@ def _install_module(model, modules, name, entry, tensors, file, device) -> None:
     cls = WEIGHT_TYPES[fmt]
     prefix = name + "."
     parts = {t: tensors[prefix + t] for t in cls.TENSORS if prefix + t in tensors}
+    # Optional tensors (qzeros, perm) change the meaning of the others: a file
+    # that lost one must not load as, say, a symmetric weight.
+    listed = entry.get("tensors")
+    if not isinstance(listed, list) or sorted(parts) != sorted(listed):
+        raise CheckpointError(f"{file}: module {name!r} should hold tensors {listed}, the file "
+                              f"has {sorted(parts)}")
     try:
         qweight = cls.from_state(parts, meta)
     except (FormatError, TypeError) as e:

@@ -122,6 +122,11 @@ def resolve_plan(model: nn.Module, plan, skip=DEFAULT_SKIP):
         if isinstance(value, PackedWeight) and key not in modules:
             raise KeyError(f"plan gives a quantized weight for {key!r}, but the model has no "
                            f"module of that name")
+        if isinstance(value, PackedWeight) and isinstance(modules[key], nn.Linear):
+            expected = (modules[key].out_features, modules[key].in_features)
+            if value.shape != expected:
+                raise ValueError(f"{key}: quantized weight has shape {value.shape}, the linear "
+                                 f"layer is {expected}")
     targets = {}
     for name, module in modules.items():
         if not isinstance(module, nn.Linear):
