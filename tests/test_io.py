@@ -20,55 +20,7 @@ from vlmkern import (BinaryConfig, IntActConfig, QuantConfig, QuantLinear,  # no
 from vlmkern.formats import FORMAT_VERSION  # noqa: E402
 from vlmkern.io import CheckpointError, read_header  # noqa: E402
 
-VOCAB = 128
-IMAGE_TOKEN = 120
-TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-
-def _randomise_biases(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                m.bias.normal_(0.0, 0.1)
-
-
-def build_llama(seed=0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**TEXT, **overrides})).eval()
-    gen = torch.Generator().manual_seed(100)
-    return model, {"input_ids": torch.randint(3, 100, (2, 7), generator=gen)}
-
-
-def build_qwen2(seed=0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(**{**TEXT, "hidden_size": 96,
-                                            "intermediate_size": 160})).eval()
-    _randomise_biases(model)
-    gen = torch.Generator().manual_seed(101)
-    return model, {"input_ids": torch.randint(3, 100, (2, 7), generator=gen)}
-
-
-def build_llava(seed=0):
-    # CLIP 32x32 image, 8x8 patches: 16 image tokens (CLS dropped by default).
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration)
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, image_size=32, patch_size=8,
-                              projection_dim=32)
-    model = LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=vision, text_config=LlamaConfig(**TEXT), image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-1)).eval()
-    _randomise_biases(model)
-    gen = torch.Generator().manual_seed(102)
-    ids = torch.cat([torch.ones(2, 1, dtype=torch.long), torch.full((2, 16), IMAGE_TOKEN),
-                     torch.randint(3, 100, (2, 5), generator=gen)], dim=1)
-    return model, {"input_ids": ids, "pixel_values": torch.randn(2, 3, 32, 32, generator=gen)}
-
+from tiny_models import IMAGE_TOKEN, TEXT, VOCAB, build_llama, build_llava, build_qwen2  # noqa: E402,F401
 
 BUILDERS = {"llama": build_llama, "qwen2": build_qwen2, "llava": build_llava}
 

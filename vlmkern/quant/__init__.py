@@ -1,7 +1,10 @@
-"""Quantization methods: pure functions from float weights to packed weights."""
-from .binarize import binarize, binarize_block, residual_binarize
-from .rtn import fake_quantize, group_params, quantize_rtn, quantize_to_grid
+"""Quantization methods: pure functions from float weights (and calibration
+statistics) to packed weights."""
 from ..config import BinaryConfig, IntActConfig, QuantConfig
+from .binarize import binarize, binarize_block, residual_binarize
+from .gptq import GPTAQConfig, GPTQConfig, GPTQStats, gptaq_quantize, gptq_quantize
+from .hessian import HessianAccumulator
+from .rtn import fake_quantize, group_params, quantize_rtn, quantize_to_grid
 
 
 def quantize_weight(weight, config):
@@ -14,4 +17,5 @@ def quantize_weight(weight, config):
 
 
 __all__ = ["binarize", "binarize_block", "residual_binarize", "fake_quantize", "group_params",
-           "quantize_rtn", "quantize_to_grid", "quantize_weight"]
+           "quantize_rtn", "quantize_to_grid", "quantize_weight", "GPTQConfig", "GPTAQConfig",
+           "GPTQStats", "gptq_quantize", "gptaq_quantize", "HessianAccumulator"]

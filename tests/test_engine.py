@@ -1,0 +1,180 @@
+"""The layer-by-layer calibration engine on tiny transformers models:
+architectures, captured inputs, GPTQ beating RTN end to end, resume after an
+interruption (bit-identical), work-dir safety and checkpoint round trips."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+
+from tiny_models import build_llama, build_llava, build_qwen2vl  # noqa: E402
+
+import vlmkern  # noqa: E402
+from vlmkern import GPTAQConfig, GPTQConfig, QuantConfig, QuantLinear  # noqa: E402
+from vlmkern.calib import UnknownArchitectureError, arch_of, quantize_model  # noqa: E402
+from vlmkern.calib.arch import decoder_layers  # noqa: E402
+from vlmkern.calib.engine import capture_inputs  # noqa: E402
+from vlmkern.calib.methods import LayerMethod  # noqa: E402
+
+BUILDERS = {"llama": build_llama, "llava": build_llava, "qwen2vl": build_qwen2vl}
+W3 = QuantConfig(3, 32)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices: threads only add scheduling noise on a shared 2-core machine.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _second_sample(inputs):
+    """A second calibration sample: the same structure, other text tokens."""
+    other = dict(inputs)
+    ids = inputs["input_ids"].clone()
+    ids[:, -3:] = (ids[:, -3:] + 7) % 100 + 3
+    other["input_ids"] = ids
+    return other
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_gptq_beats_rtn_and_replaces_only_the_language_model(kind):
+    model, inputs = BUILDERS[kind]()
+    samples = [inputs, _second_sample(inputs)]
+    ref = _logits(model, inputs)
+    rtn, rtn_report = quantize_model(copy.deepcopy(model), samples, W3, progress=False)
+    gptq, report = quantize_model(copy.deepcopy(model), samples, GPTQConfig(W3),
+                                  progress=False)
+    assert _rel(_logits(gptq, inputs), ref) < 0.8 * _rel(_logits(rtn, inputs), ref)
+    assert sum(report.layer_errors) < sum(rtn_report.layer_errors)
+
+    layers_path, layers = decoder_layers(gptq)
+    quantized = {n for n, m in gptq.named_modules() if isinstance(m, QuantLinear)}
+    assert len(quantized) == 7 * len(layers) == len(report.modules)
+    assert all(n.startswith(layers_path + ".") for n in quantized)
+    # Vision tower, projector and lm_head stay full precision.
+    assert isinstance(gptq.lm_head, nn.Linear)
+    dense_rest = [n for n, m in gptq.named_modules() if isinstance(m, nn.Linear)]
+    assert all(not n.startswith(layers_path) for n in dense_rest)
+    for row in report.modules:
+        assert row.method == "gptq" and row.bits == 3 and 0 <= row.rel_error < 0.1
+        assert row.nbytes == gptq.get_submodule(row.name).quantized_weight.nbytes
+
+
+def test_gptaq_uses_the_full_precision_stream():
+    model, inputs = build_llama()
+    samples = [inputs, _second_sample(inputs)]
+    ref = _logits(model, inputs)
+    gptq, _ = quantize_model(copy.deepcopy(model), samples, GPTQConfig(W3), progress=False)
+    gptaq, report = quantize_model(copy.deepcopy(model), samples,
+                                   GPTAQConfig(GPTQConfig(W3), alpha=0.25), progress=False)
+    zero, _ = quantize_model(copy.deepcopy(model), samples, GPTAQConfig(GPTQConfig(W3), 0.0),
+                             progress=False)
+    assert report.modules[0].method == "gptaq"
+    # alpha = 0 is GPTQ bitwise, through the whole engine.
+    assert torch.equal(_logits(zero, inputs), _logits(gptq, inputs))
+    assert not torch.equal(_logits(gptaq, inputs), _logits(gptq, inputs))
+    assert _rel(_logits(gptaq, inputs), ref) < 1.5 * _rel(_logits(gptq, inputs), ref)
+
+
+def test_capture_sees_image_tokens():
+    model, inputs = build_llava()
+    _, layers = decoder_layers(model)
+    a = capture_inputs(model, layers, [inputs], "cpu")[0][0]
+    other = dict(inputs, pixel_values=inputs["pixel_values"] + 1.0)
+    b = capture_inputs(model, layers, [other], "cpu")[0][0]
+    image = inputs["input_ids"] == model.config.image_token_id
+    assert not torch.equal(a[image], b[image])     # image positions carry the new image
+    assert torch.equal(a[~image], b[~image])       # text positions do not
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_interrupted_run_resumes_bit_identical(tmp_path, monkeypatch):
+    model, inputs = build_qwen2vl()
+    samples = [inputs, _second_sample(inputs)]
+    method = GPTQConfig(W3)
+    clean, clean_report = quantize_model(copy.deepcopy(model), samples, method,
+                                         work_dir=tmp_path / "clean", progress=False)
+
+    calls = {"n": 0}
+    real = LayerMethod.quantize
+
+    def crash_on_ninth(self, weight, stats):
+        calls["n"] += 1
+        if calls["n"] == 9:            # layer 1, second linear
+            raise KeyboardInterrupt("simulated crash")
+        return real(self, weight, stats)
+
+    monkeypatch.setattr(LayerMethod, "quantize", crash_on_ninth)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(copy.deepcopy(model), samples, method, work_dir=tmp_path / "run",
+                       progress=False)
+    monkeypatch.setattr(LayerMethod, "quantize", real)
+    assert (tmp_path / "run" / "layer_0000.safetensors").exists()
+    assert not (tmp_path / "run" / "layer_0001.safetensors").exists()
+
+    resumed, report = quantize_model(copy.deepcopy(model), samples, method,
+                                     work_dir=tmp_path / "run", progress=False)
+    assert report.resumed_layers == 1
+    a, b = _state(clean), _state(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(_logits(clean, inputs), _logits(resumed, inputs))
+    assert [r.rel_error for r in report.modules] == [r.rel_error for r in clean_report.modules]
+
+
+def test_work_dir_refuses_another_run(tmp_path):
+    model, inputs = build_llama()
+    quantize_model(copy.deepcopy(model), [inputs], W3, work_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different model, calibration data or method"):
+        quantize_model(copy.deepcopy(model), [inputs], QuantConfig(4, 32), work_dir=tmp_path,
+                       progress=False)
+
+
+def test_calibrated_model_saves_and_reloads(tmp_path):
+    model, inputs = build_llava()
+    fresh = copy.deepcopy(model)
+    q, _ = quantize_model(model, [inputs], GPTQConfig(W3), progress=False)
+    vlmkern.save_quantized(q, tmp_path)
+    vlmkern.load_quantized(fresh, tmp_path)
+    assert torch.equal(_logits(fresh, inputs), _logits(q, inputs))
+    info = fresh.get_submodule(decoder_layers(fresh)[0] + ".0.mlp.down_proj").quant_info
+    assert info["method"] == "gptq"
+
+
+def test_unknown_architecture_says_how_to_describe_it():
+    class Mystery(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+    with pytest.raises(UnknownArchitectureError, match="register_arch"):
+        quantize_model(Mystery(), [{"x": torch.zeros(1, 4)}], W3, progress=False)
+    assert arch_of(build_llama()[0]).name == "llama"
+
+
+def test_bad_inputs():
+    model, inputs = build_llama()
+    with pytest.raises(ValueError, match="at least one"):
+        quantize_model(model, [], W3, progress=False)
+    with pytest.raises(TypeError, match="dicts of model inputs"):
+        quantize_model(model, [inputs["input_ids"]], W3, progress=False)
+    with pytest.raises(TypeError, match="unknown method config"):
+        quantize_model(model, [inputs], "gptq", progress=False)

@@ -1,0 +1,96 @@
+"""Tiny transformers models with random weights (Llama, Qwen2, LLaVA, Qwen2-VL)
+and matching inputs, shared by the model-level tests. Nothing is downloaded."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VOCAB = 128
+IMAGE_TOKEN = 120
+TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+# ---------------------------------------------------------------------------
+# Tiny models and inputs
+# ---------------------------------------------------------------------------
+
+def _randomise_biases(model: nn.Module) -> None:
+    """HF initialises biases to zero; give them values so bias handling is tested."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.normal_(0.0, 0.1)
+
+
+def _text_ids(gen, batch, length):
+    return torch.randint(3, 100, (batch, length), generator=gen)
+
+
+def build_llama(seed=0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**TEXT, **overrides})).eval()
+    gen = torch.Generator().manual_seed(100)
+    return model, {"input_ids": _text_ids(gen, 2, 7)}
+
+
+def build_qwen2(seed=0):
+    # hidden 96: in_features not a multiple of 64 (short last group for g64),
+    # intermediate 160: two binary blocks of 128 and 32 columns.
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(**{**TEXT, "hidden_size": 96, "intermediate_size": 160})
+    model = Qwen2ForCausalLM(cfg).eval()
+    _randomise_biases(model)
+    gen = torch.Generator().manual_seed(101)
+    return model, {"input_ids": _text_ids(gen, 2, 7)}
+
+
+def build_llava(seed=0):
+    # CLIP tower: 32x32 image, 8x8 patches -> 16 patch features (the CLS token is
+    # dropped by the default feature-select strategy), so 16 image tokens.
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=32, patch_size=8,
+                              projection_dim=32)
+    cfg = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**TEXT),
+                      image_token_id=IMAGE_TOKEN, vision_feature_layer=-1)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    _randomise_biases(model)
+    gen = torch.Generator().manual_seed(102)
+    n_img = (32 // 8) ** 2
+    ids = torch.cat([torch.ones(2, 1, dtype=torch.long),
+                     torch.full((2, n_img), IMAGE_TOKEN), _text_ids(gen, 2, 5)], dim=1)
+    pixels = torch.randn(2, 3, 32, 32, generator=gen)
+    return model, {"input_ids": ids, "pixel_values": pixels}
+
+
+def build_qwen2vl(seed=0):
+    # Vision: 4x4 grid of 4x4 patches (temporal patch 2), merged 2x2 -> 4 image
+    # tokens per image. M-RoPE sections sum to head_dim / 2 = 8. transformers 5
+    # requires mm_token_type_ids (1 = image token) whenever image_grid_thw is given.
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    torch.manual_seed(seed)
+    text = {**TEXT, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                        "mrope_section": [2, 3, 3]}}
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                        video_token_id=121, vision_start_token_id=122, vision_end_token_id=123)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    _randomise_biases(model)
+    gen = torch.Generator().manual_seed(103)
+    grid = torch.tensor([[1, 4, 4], [1, 4, 4]])
+    pixels = torch.randn(2 * 16, 3 * 2 * 4 * 4, generator=gen)
+    ids = torch.cat([torch.tensor([[1, 122]] * 2), torch.full((2, 4), IMAGE_TOKEN),
+                     torch.tensor([[123]] * 2), _text_ids(gen, 2, 5)], dim=1)
+    return model, {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": grid,
+                   "mm_token_type_ids": (ids == IMAGE_TOKEN).long()}
+
+
+BUILDERS = {"llama": build_llama, "qwen2": build_qwen2, "llava": build_llava,
+            "qwen2vl": build_qwen2vl}

@@ -1,0 +1,341 @@
+"""Layer-by-layer calibration of a HuggingFace model.
+
+1. The inputs of the first decoder layer are captured through the model's own
+   forward (a pre-hook stops it there), so a VLM's merged image tokens,
+   attention masks and multimodal position ids are exactly what the model uses.
+2. Each decoder layer in turn is moved to the compute device and calibrated in
+   its sequential sub-groups (q/k/v -> o -> gate/up -> down): hooks accumulate
+   Hessian statistics of each linear's inputs, with earlier sub-groups already
+   quantized; GPTAQ also runs a full-precision copy of the layer on the
+   full-precision stream. The layer's quantized outputs feed the next layer.
+3. Each finished layer is written to ``work_dir`` at once (atomically); a
+   rerun with the same model, data and method loads finished layers instead of
+   recalibrating them, which gives bit-identical results.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..formats import WEIGHT_TYPES
+from ..io import atomic_save
+from ..quant.hessian import HessianAccumulator
+from ..replace import replace_linears
+from .arch import arch_of, decoder_layers
+from .methods import LayerMethod, layer_method
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the first decoder layer is needed."""
+
+
+@dataclass
+class ModuleResult:
+    name: str
+    method: str
+    format: str
+    bits: int
+    rel_error: float     # tr(dW H dW^T) / tr(W H W^T): relative output error on calibration inputs
+    nbytes: int
+    seconds: float
+
+
+@dataclass
+class CalibReport:
+    modules: list[ModuleResult] = field(default_factory=list)
+    layer_errors: list[float] = field(default_factory=list)   # relative layer-output MSE
+    resumed_layers: int = 0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [f"{'module':<52} {'method':<8} {'bits':>4} {'rel err':>9} {'bytes':>10}"]
+        for r in self.modules:
+            lines.append(f"{r.name:<52} {r.method:<8} {r.bits:>4} {r.rel_error:>9.5f} "
+                         f"{r.nbytes:>10,}")
+        errs = ", ".join(f"{e:.4f}" for e in self.layer_errors)
+        lines.append(f"layer output errors: {errs}")
+        lines.append(f"{len(self.modules)} linears, {sum(r.nbytes for r in self.modules):,} "
+                     f"bytes, {self.seconds:.1f} s ({self.resumed_layers} layers resumed)")
+        return "\n".join(lines)
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples, device) -> list[tuple]:
+    """(hidden_states, kwargs) reaching the first decoder layer, one per sample."""
+    captured = []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs.pop("use_cache", None)
+        captured.append((hidden.detach(), {k: _detach(v) for k, v in kwargs.items()}))
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for sample in samples:
+                if not isinstance(sample, dict):
+                    raise TypeError("calibration samples must be dicts of model inputs "
+                                    f"(input_ids, attention_mask, pixel_values, ...), got "
+                                    f"{type(sample).__name__}")
+                try:
+                    model(**_to(sample, device), use_cache=False)
+                except _StopForward:
+                    continue
+                raise RuntimeError("the model's forward never reached its first decoder layer")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _detach(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach()
+    if isinstance(v, tuple):
+        return tuple(_detach(t) for t in v)
+    return v
+
+
+def _layer_out(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _fingerprint(model: nn.Module, samples, method: LayerMethod) -> str:
+    """Identifies (model, data, method) so a work dir is never resumed for another run."""
+    h = hashlib.sha256()
+    h.update(type(model).__name__.encode())
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "to_json_string"):
+        h.update(cfg.to_json_string(use_diff=False).encode())
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    for sample in samples:
+        for k in sorted(sample):
+            v = sample[k]
+            if isinstance(v, torch.Tensor):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(method.describe().encode())
+    return h.hexdigest()
+
+
+class WorkDir:
+    """Per-layer results on disk: ``manifest.json`` plus ``layer_XXXX.safetensors``."""
+
+    def __init__(self, path, fingerprint: str):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        manifest = self.path / "manifest.json"
+        if manifest.exists():
+            saved = json.loads(manifest.read_text())
+            if saved.get("fingerprint") != fingerprint:
+                raise ValueError(f"{self.path} holds results of a different model, calibration "
+                                 f"data or method; use another work_dir or delete it")
+        else:
+            tmp = manifest.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"fingerprint": fingerprint}))
+            tmp.replace(manifest)
+
+    def file(self, idx: int) -> Path:
+        return self.path / f"layer_{idx:04d}.safetensors"
+
+    def save(self, idx: int, weights: dict, results: list[ModuleResult], layer_error: float):
+        tensors, modules = {}, {}
+        for name, w in weights.items():
+            modules[name] = {"format": w.FORMAT, "meta": w.meta()}
+            for t_name, t in w.tensors().items():
+                tensors[f"{name}.{t_name}"] = t.detach().cpu().contiguous()
+        meta = {"modules": json.dumps(modules),
+                "results": json.dumps([r.__dict__ for r in results]),
+                "layer_error": repr(layer_error)}
+        atomic_save(tensors, self.file(idx), meta)
+
+    def load(self, idx: int):
+        """(weights, results, layer_error) of a finished layer, or None."""
+        file = self.file(idx)
+        if not file.exists():
+            return None
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        weights = {}
+        for name, entry in json.loads(meta["modules"]).items():
+            cls = WEIGHT_TYPES[entry["format"]]
+            parts = {t: tensors[f"{name}.{t}"] for t in cls.TENSORS if f"{name}.{t}" in tensors}
+            weights[name] = cls.from_state(parts, entry["meta"])
+        results = [ModuleResult(**r) for r in json.loads(meta["results"])]
+        return weights, results, float(meta["layer_error"])
+
+
+def _relative_error(weight: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> float:
+    w = weight.double()
+    d = deq.double() - w
+    h = hessian.double()
+    den = float((w @ h * w).sum())
+    return float((d @ h * d).sum()) / den if den > 0 else 0.0
+
+
+def _calibrate_layer(layer, fp_layer, sequence, method, inputs, fp_inputs, kwargs_list,
+                     prefix) -> tuple[dict, list[ModuleResult]]:
+    weights, results = {}, []
+    for group in sequence:
+        linears = {n: layer.get_submodule(n) for n in group if _has(layer, n)}
+        if not linears:
+            continue
+        accs = {n: HessianAccumulator(lin.in_features, device=lin.weight.device)
+                for n, lin in linears.items()}
+        seen: dict[str, torch.Tensor] = {}
+
+        def hook_for(name, store):
+            def hook(module, args):
+                store[name] = args[0].detach()
+            return hook
+
+        handles = [lin.register_forward_pre_hook(hook_for(n, seen)) for n, lin in linears.items()]
+        fp_seen: dict[str, torch.Tensor] = {}
+        if method.needs_fp_stream:
+            handles += [fp_layer.get_submodule(n).register_forward_pre_hook(hook_for(n, fp_seen))
+                        for n in linears]
+        try:
+            with torch.no_grad():
+                for i, (hidden, kwargs) in enumerate(zip(inputs, kwargs_list)):
+                    _layer_out(layer, hidden, kwargs)
+                    if method.needs_fp_stream:
+                        _layer_out(fp_layer, fp_inputs[i], kwargs)
+                        for n, acc in accs.items():
+                            acc.add_pair(fp_seen[n], seen[n])
+                    else:
+                        for n, acc in accs.items():
+                            acc.add(seen[n])
+        finally:
+            for h in handles:
+                h.remove()
+        for n, lin in linears.items():
+            start = time.perf_counter()
+            packed = method.quantize(lin.weight.detach(), accs[n])
+            deq = packed.dequantize(lin.weight.dtype)
+            err = _relative_error(lin.weight.detach(), deq, accs[n].hessian)
+            lin.weight.data.copy_(deq)     # later sub-groups see this layer quantized
+            weights[n] = packed
+            results.append(ModuleResult(f"{prefix}.{n}", method.name, packed.FORMAT, packed.bits,
+                                        err, packed.nbytes, time.perf_counter() - start))
+    return weights, results
+
+
+def _has(module: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(module.get_submodule(name), nn.Linear)
+    except AttributeError:
+        return False
+
+
+def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None,
+                   progress: bool = True):
+    """Calibrate the language model's decoder linears of ``model`` layer by layer.
+
+    samples: list of dicts of model inputs (one batch each, e.g. input_ids,
+      attention_mask, pixel_values). method: a QuantConfig / IntActConfig /
+      BinaryConfig (data-free), GPTQConfig, GPTAQConfig or BiLLMConfig.
+    work_dir: folder for per-layer results; an interrupted run resumes there.
+    device: compute device (default: where the model is); only the layer being
+      calibrated is moved there.
+    Returns (model with QuantLinear modules, CalibReport).
+    """
+    start = time.perf_counter()
+    arch = arch_of(model)
+    layers_path, layers = decoder_layers(model)
+    method = layer_method(method)
+    samples = list(samples)
+    if not samples:
+        raise ValueError("quantize_model needs at least one calibration sample")
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    work = WorkDir(work_dir, _fingerprint(model, samples, method)) if work_dir else None
+
+    _move_except(model, layers_path, device)
+    try:
+        captured = capture_inputs(model, layers, samples, device)
+    finally:
+        _move_except(model, layers_path, home)
+    inputs = [h for h, _ in captured]
+    kwargs_list = [k for _, k in captured]
+    fp_inputs = list(inputs) if method.needs_fp_stream else None
+
+    report = CalibReport()
+    all_weights = {}
+    bar = tqdm(range(len(layers)), desc=f"calibrating ({method.name})", unit="layer",
+               disable=not progress)
+    for idx in bar:
+        layer = layers[idx].to(device)
+        prefix = f"{layers_path}.{idx}"
+        done = work.load(idx) if work else None
+        fp_layer = copy.deepcopy(layer)
+        if done is not None:
+            weights, results, layer_err = done
+            for n, w in weights.items():
+                lin = layer.get_submodule(n)
+                lin.weight.data.copy_(w.dequantize(lin.weight.dtype).to(device))
+            report.resumed_layers += 1
+        else:
+            weights, results = _calibrate_layer(layer, fp_layer, arch.sequence, method, inputs,
+                                                fp_inputs, kwargs_list, prefix)
+            layer_err = None
+        with torch.no_grad():
+            num = den = 0.0
+            new_inputs = []
+            for i, (hidden, kwargs) in enumerate(zip(inputs, kwargs_list)):
+                out = _layer_out(layer, hidden, kwargs)
+                ref = _layer_out(fp_layer, hidden, kwargs)
+                num += float((out.float() - ref.float()).pow(2).sum())
+                den += float(ref.float().pow(2).sum())
+                new_inputs.append(out)
+                if fp_inputs is not None:
+                    fp_inputs[i] = _layer_out(fp_layer, fp_inputs[i], kwargs)
+            inputs = new_inputs
+        if layer_err is None:
+            layer_err = num / den if den > 0 else 0.0
+            if work:
+                work.save(idx, weights, results, layer_err)
+        report.modules.extend(results)
+        report.layer_errors.append(layer_err)
+        all_weights.update({f"{prefix}.{n}": w for n, w in weights.items()})
+        layers[idx] = layer.to(home)
+        del fp_layer
+        bar.set_postfix(layer_err=f"{layer_err:.4f}")
+
+    replace_linears(model, {n: w.to(home) for n, w in all_weights.items()}, skip=(),
+                    progress=False)
+    for name in all_weights:
+        model.get_submodule(name).quant_info = {"method": method.name,
+                                                "config": method.describe()}
+    report.seconds = time.perf_counter() - start
+    return model, report
+
+
+def _move_except(model: nn.Module, skip_path: str, device) -> None:
+    """Move every parameter and buffer outside ``skip_path`` to ``device``."""
+    for name, module in model.named_modules():
+        if name == skip_path or name.startswith(skip_path + "."):
+            continue
+        module._apply(lambda t: t.to(device), recurse=False)
