@@ -1,4 +1,4 @@
-"""The ``vlmkern`` command line: ``info`` and ``demo``."""
+"""The ``vlmkern`` command line: ``info``, ``demo`` and ``quantize``."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,11 @@ def cmd_demo(args) -> int:
     return run_demo(seed=args.seed)
 
 
+def cmd_quantize(args) -> int:
+    from .calib.cli import run
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmkern", description="Low-bit inference for VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,12 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="quantize a small model at several settings and "
                                        "show bytes and output error")
     demo.add_argument("--seed", type=int, default=0)
+    from .calib.cli import add_arguments
+    add_arguments(sub.add_parser("quantize", help="calibrate a model layer by layer and save it"))
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"info": cmd_info, "demo": cmd_demo}
+    handlers = {"info": cmd_info, "demo": cmd_demo, "quantize": cmd_quantize}
     return handlers[args.command](args)
 
 

@@ -1,0 +1,57 @@
+"""``vlmkern quantize`` end to end on a tiny local HuggingFace folder."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tiny_models import TEXT, build_llama  # noqa: E402
+
+import vlmkern  # noqa: E402
+from vlmkern.cli import main  # noqa: E402
+
+
+@pytest.fixture()
+def hf_folder(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(TEXT["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(tmp_path)
+    model, _ = build_llama()
+    model.save_pretrained(tmp_path)
+    rng = random.Random(0)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{rng.randrange(3, 100)}" for _ in range(2000)))
+    return tmp_path, text
+
+
+@pytest.mark.parametrize("method, extra", [("gptq", ["--act-order"]), ("rtn", []),
+                                           ("gptaq", ["--sym"]),
+                                           ("rtn", ["--act-bits", "8", "--bits", "8"])])
+def test_quantize_command_writes_a_loadable_checkpoint(hf_folder, tmp_path, capsys, method, extra):
+    folder, text = hf_folder
+    out = tmp_path / "out"
+    code = main(["quantize", "--model", str(folder), "--method", method, "--bits", "3",
+                 "--group-size", "32", "--calib-text", str(text), "--samples", "4",
+                 "--seq-len", "32", "--device", "cpu", "--out", str(out), *extra])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "layer output errors" in printed and "saved" in printed
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    vlmkern.load_quantized(model, out)
+    q = model.get_submodule("model.layers.1.mlp.down_proj")
+    assert isinstance(q, vlmkern.QuantLinear)
+    assert q.quant_info["method"] == method
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_quantize_command_rejects_a_missing_model(tmp_path):
+    with pytest.raises(SystemExit, match="never downloads"):
+        main(["quantize", "--model", str(tmp_path / "nope"), "--method", "rtn"])
