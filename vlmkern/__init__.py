@@ -10,9 +10,11 @@ from .formats import BinaryWeight, FormatError, IntActWeight, QuantizedWeight
 from .io import load_quantized, save_quantized
 from .nn import BinaryLinear, IntActLinear, QuantLinear, WeightOnlyLinear
 from .ops import available_backends
-from .quant import (GPTAQConfig, GPTQConfig, HessianAccumulator, binarize, gptaq_quantize,
-                    gptq_quantize, quantize_rtn, quantize_weight)
+from .quant import (AWQConfig, BiLLMConfig, GPTAQConfig, GPTQConfig, HessianAccumulator,
+                    awq_quantize, billm_quantize, binarize, gptaq_quantize, gptq_quantize,
+                    quantize_rtn, quantize_weight, smoothquant_quantize)
 from .replace import DEFAULT_SKIP, replace_linears
+from .calib import quantize_model
 
 __version__ = "0.1.0"
 
@@ -21,4 +23,5 @@ __all__ = ["QuantConfig", "IntActConfig", "BinaryConfig", "QuantizedWeight", "In
            "replace_linears", "DEFAULT_SKIP", "save_quantized", "load_quantized",
            "available_backends", "ops", "QuantLinear", "WeightOnlyLinear", "IntActLinear",
            "BinaryLinear", "GPTQConfig", "GPTAQConfig", "gptq_quantize", "gptaq_quantize",
-           "HessianAccumulator", "__version__"]
+           "HessianAccumulator", "BiLLMConfig", "billm_quantize", "AWQConfig", "awq_quantize",
+           "smoothquant_quantize", "quantize_model", "__version__"]

@@ -41,9 +41,11 @@ def residual_binarize(y: torch.Tensor, mask: torch.Tensor, rounds: int):
 
 
 def _best_candidate(w: torch.Tensor, masks, n_cand: int, rounds: int,
-                    region: torch.Tensor | None = None) -> int:
+                    region: torch.Tensor | None = None,
+                    col_weight: torch.Tensor | None = None) -> int:
     """Index of the candidate whose split of ``w`` [N, B] into parts a and b, each
-    residual-binarized ``rounds`` times, fits best. ``masks(lo, hi)`` returns the
+    residual-binarized ``rounds`` times, fits best (squared error, each column's
+    error times ``col_weight`` [B] when given). ``masks(lo, hi)`` returns the
     (a, b) masks of candidates lo..hi-1 as [hi-lo, ., B]; candidates are taken in
     chunks so memory stays near 2^24 elements whatever N is."""
     chunk = max(1, (1 << 24) // max(1, w.numel()))
@@ -55,7 +57,10 @@ def _best_candidate(w: torch.Tensor, masks, n_cand: int, rounds: int,
         diff = w - a - b
         if region is not None:
             diff = diff * region
-        errs.append(diff.pow(2).sum(dim=(-2, -1)))
+        sq = diff.pow(2)
+        if col_weight is not None:
+            sq = sq * col_weight
+        errs.append(sq.sum(dim=(-2, -1)))
     return int(torch.argmin(torch.cat(errs)))
 
 
@@ -65,16 +70,26 @@ def _quantile_points(values: torch.Tensor, quantiles: tuple[float, ...]) -> torc
     return flat[idx]
 
 
-def binarize_block(w: torch.Tensor, scores: torch.Tensor, config: BinaryConfig):
+def binarize_block(w: torch.Tensor, scores: torch.Tensor, config: BinaryConfig,
+                   col_weight: torch.Tensor | None = None):
     """Binarize one block ``w`` [N, B] given column saliency ``scores`` [B].
 
     Salient count k in 1..max_salient minimises the block error with both parts
     residual-binarized twice; the break point (quantiles of |non-salient w|)
-    minimises the error of the two-group split. Returns (sign [N, B] bool,
-    aux [N, B] bool, salient [B] bool, stats [N, 8] fp32, squared error).
+    minimises the error of the two-group split. col_weight: optional [B]
+    non-negative weights of each column's squared error in both searches (e.g.
+    the output-error weight 1/U_jj^2 of Hessian-aware calibration); None means
+    plain squared error. The fitted (mu, alpha) stay per-row means either way.
+    Returns (sign [N, B] bool, aux [N, B] bool, salient [B] bool, stats [N, 8]
+    fp32, unweighted squared error).
     """
     w = w.float()
     n, b = w.shape
+    cw = None
+    if col_weight is not None:
+        if tuple(col_weight.shape) != (b,):
+            raise ValueError(f"col_weight must have shape ({b},), got {tuple(col_weight.shape)}")
+        cw = col_weight.to(device=w.device, dtype=w.dtype)
     order = torch.argsort(scores.float(), descending=True, stable=True)
     salient = torch.zeros(b, dtype=torch.bool, device=w.device)
     n_k = min(config.max_salient, b)
@@ -88,7 +103,7 @@ def binarize_block(w: torch.Tensor, scores: torch.Tensor, config: BinaryConfig):
             cand = (rank[None, :] < ks[:, None])[:, None, :]             # [k, 1, B]
             return cand, ~cand
 
-        salient = rank < _best_candidate(w, top_k, n_k, 2) + 1
+        salient = rank < _best_candidate(w, top_k, n_k, 2, col_weight=cw) + 1
 
     a_sal, sal_rounds = residual_binarize(w, salient, 2)
     rest = ~salient
@@ -103,7 +118,7 @@ def binarize_block(w: torch.Tensor, scores: torch.Tensor, config: BinaryConfig):
             big = (mag[None] >= points[lo:hi, None, None]) & rest
             return (~big) & rest, big
 
-        p = points[_best_candidate(w, split, len(points), 1, region=rest)]
+        p = points[_best_candidate(w, split, len(points), 1, region=rest, col_weight=cw)]
         outer = (mag >= p) & rest
         in_m = (mag < p) & rest
         a_in, (in_round,) = residual_binarize(w, in_m, 1)
@@ -137,11 +152,18 @@ def binarize(weight: torch.Tensor, config: BinaryConfig | None = None,
     elif tuple(saliency.shape) != (k,):
         raise ValueError(f"saliency must have shape ({k},), got {tuple(saliency.shape)}")
     bs = config.block_size
-    signs, auxs, sals, stats = [], [], [], []
+    blocks = []
     for start in range(0, k, bs):
         stop = min(start + bs, k)
-        s, a, sal, st, _ = binarize_block(weight[:, start:stop], saliency[start:stop], config)
-        signs.append(s), auxs.append(a), sals.append(sal), stats.append(st)
+        blocks.append(binarize_block(weight[:, start:stop], saliency[start:stop], config)[:4])
+    return assemble_blocks(blocks, config)
+
+
+def assemble_blocks(blocks, config: BinaryConfig) -> BinaryWeight:
+    """Pack per-block results (sign [N, B], aux [N, B], salient [B], stats [N, 8]),
+    given in column order as ``binarize_block`` returns them, into one BinaryWeight
+    with stats stored in ``config.stats_dtype``."""
+    signs, auxs, sals, stats = zip(*blocks)
     stats_t = torch.stack(stats, dim=1).to(dtype_from_name(config.stats_dtype))
     return BinaryWeight.from_planes(torch.cat(signs, 1), torch.cat(auxs, 1), torch.cat(sals),
-                                    stats_t, bs)
+                                    stats_t, config.block_size)

@@ -1,0 +1,187 @@
+"""Per-layer latency of quantized linears against cuBLAS, in one run.
+
+For each layer shape (K x N) and M, times on the same device, with the same
+timer and L2 handling: cuBLAS fp16/bf16 (`torch.matmul`), `torch._int_mm`
+(int8 x int8 -> int32, where it accepts the shape), and `vlmkern.ops.linear`
+for each format forced onto each available backend. Medians of CUDA-event
+timings; weights are rotated through a pool larger than L2 so every call
+streams its weights from HBM as a decode step does.
+
+Columns: us, GB/s (weight + activation + output bytes moved / time),
+% of peak bandwidth (peak measured here with a device-to-device copy),
+TFLOP/s (2*M*N*K / time), speedup vs cuBLAS fp16.
+
+    python benchmarks/bench_linear.py                      # full table (GPU)
+    python benchmarks/bench_linear.py --quick              # a few shapes
+Results go to benchmarks/results/linear_<device>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+import vlmkern
+from vlmkern import BinaryConfig, IntActConfig, QuantConfig
+
+SHAPES = {  # name: (K, N)
+    "qwen2vl-7b qkv": (3584, 4608), "qwen2vl-7b o": (3584, 3584),
+    "qwen2vl-7b gate/up": (3584, 37888), "qwen2vl-7b down": (18944, 3584),
+    "llava-1.5-7b qkv": (4096, 12288), "llava-1.5-7b o": (4096, 4096),
+    "llava-1.5-7b gate/up": (4096, 22016), "llava-1.5-7b down": (11008, 4096),
+}
+MS = (1, 4, 16, 64, 256, 1024, 4096)
+FORMATS = {
+    "W4 g128": QuantConfig(4, 128), "W3 g128": QuantConfig(3, 128),
+    "W2 g128": QuantConfig(2, 128), "W8 g128": QuantConfig(8, 128),
+    "W8A8": IntActConfig(8, 8), "W6A6": IntActConfig(6, 6), "W4A4": IntActConfig(4, 4),
+    "binary": BinaryConfig(),
+}
+L2_BYTES = 64 << 20
+
+
+def measure_copy_bandwidth(device) -> float:
+    """Device-to-device copy bandwidth in GB/s (read + write bytes / time)."""
+    a = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    t = time_fn(lambda: b.copy_(a), warmup=3, reps=20)
+    return 2 * a.numel() / t / 1e3
+
+
+def time_fn(fn, warmup: int = 10, reps: int = 50) -> float:
+    """Median microseconds of ``fn()`` measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def rotating(make, bytes_each: int):
+    """A pool of objects (from ``make()``) big enough that cycling through
+    them never hits L2, and a getter that cycles."""
+    count = max(2, -(-2 * L2_BYTES // max(bytes_each, 1)))
+    pool = [make() for _ in range(min(count, 64))]
+    state = {"i": 0}
+
+    def nxt():
+        state["i"] = (state["i"] + 1) % len(pool)
+        return pool[state["i"]]
+    return nxt
+
+
+def bench_shape(name, k, n, ms, backends, device, peak_gbs, seed=0):
+    rows = []
+    torch.manual_seed(seed)
+    w16 = (torch.randn(n, k, device=device) * 0.02).half()
+    fp16_weights = rotating(lambda: w16.clone(), w16.numel() * 2)
+    packed = {}
+    for label, cfg in FORMATS.items():
+        qw = vlmkern.quantize_weight(w16.float().cpu(), cfg).to(device)
+        packed[label] = rotating(lambda qw=qw: qw.to(device), qw.nbytes)
+    for m in ms:
+        x = torch.randn(m, k, device=device, dtype=torch.float16)
+        base = time_fn(lambda: torch.matmul(x, fp16_weights().T))
+        moved16 = 2 * (n * k + m * k + m * n)
+        rows.append(row(name, k, n, m, "cuBLAS fp16", "torch", base, base, moved16, peak_gbs))
+        xb, wb = x.bfloat16(), w16.bfloat16()
+        t = time_fn(lambda: torch.matmul(xb, wb.T))
+        rows.append(row(name, k, n, m, "cuBLAS bf16", "torch", t, base, moved16, peak_gbs))
+        xi = torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8)
+        wi = torch.randint(-127, 128, (k, n), device=device, dtype=torch.int8)
+        try:
+            t = time_fn(lambda: torch._int_mm(xi, wi))
+            rows.append(row(name, k, n, m, "torch._int_mm", "torch", t, base,
+                            n * k + m * k + 4 * m * n, peak_gbs))
+        except RuntimeError as e:
+            rows.append({"layer": name, "K": k, "N": n, "M": m, "kernel": "torch._int_mm",
+                         "error": str(e).splitlines()[0]})
+        for label, nxt in packed.items():
+            for backend in backends:
+                os.environ["VLMKERN_BACKEND"] = backend
+                try:
+                    kernel = vlmkern.ops.which_kernel(x, nxt())
+                    if kernel.startswith(("no backend", "VLMKERN_BACKEND")):
+                        continue
+                    t = time_fn(lambda: vlmkern.ops.linear(x, nxt()))
+                except Exception as e:  # a kernel failing here is a result, not a crash
+                    rows.append({"layer": name, "K": k, "N": n, "M": m, "kernel": label,
+                                 "backend": backend, "error": f"{type(e).__name__}: {e}"})
+                    continue
+                finally:
+                    os.environ.pop("VLMKERN_BACKEND", None)
+                moved = nxt().nbytes + 2 * (m * k + m * n)
+                rows.append(row(name, k, n, m, label, kernel, t, base, moved, peak_gbs))
+    return rows
+
+
+def row(layer, k, n, m, label, kernel, us, base_us, moved_bytes, peak_gbs):
+    gbs = moved_bytes / us / 1e3
+    return {"layer": layer, "K": k, "N": n, "M": m, "kernel": label, "backend": kernel,
+            "us": round(us, 2), "GB/s": round(gbs, 1),
+            "%peak": round(100 * gbs / peak_gbs, 1) if peak_gbs else None,
+            "TFLOP/s": round(2 * m * n * k / us / 1e6, 2),
+            "speedup": round(base_us / us, 3)}
+
+
+def to_markdown(meta, rows) -> str:
+    cols = ["layer", "K", "N", "M", "kernel", "backend", "us", "GB/s", "%peak", "TFLOP/s",
+            "speedup"]
+    out = [f"# Linear-layer latency on {meta['device']}", "",
+           f"torch {meta['torch']}, copy bandwidth {meta['copy_GBs']:.0f} GB/s, "
+           f"medians of CUDA-event timings, weights rotated past L2.", "",
+           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['layer']} | {r['K']} | {r['N']} | {r['M']} | {r['kernel']} | "
+                       f"{r.get('backend', '')} | error: {r['error'][:80]} |||||")
+        else:
+            out.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="two shapes, M in {1, 16, 1024}")
+    ap.add_argument("--backends", default="cuda,triton,torch")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_linear needs a CUDA GPU: timings on the CPU would say nothing about "
+              "the kernels", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    shapes = dict(list(SHAPES.items())[2:4]) if args.quick else SHAPES
+    ms = (1, 16, 1024) if args.quick else MS
+    available = vlmkern.available_backends()
+    backends = [b for b in args.backends.split(",") if available[b]["available"]]
+    peak = measure_copy_bandwidth(device)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "copy_GBs": peak, "backends": {b: available[b] for b in available}}
+    rows = []
+    for name, (k, n) in shapes.items():
+        rows += bench_shape(name, k, n, ms, backends, device, peak)
+        print(f"done {name}", file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = meta["device"].replace(" ", "_")
+    (args.out / f"linear_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows},
+                                                            indent=1))
+    (args.out / f"linear_{tag}.md").write_text(to_markdown(meta, rows))
+    print(to_markdown(meta, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
