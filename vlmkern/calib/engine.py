@@ -206,23 +206,37 @@ def _calibrate_layer(layer, fp_layer, sequence, method, inputs, fp_inputs, kwarg
         accs = {n: HessianAccumulator(lin.in_features, device=lin.weight.device)
                 for n, lin in linears.items()}
         seen: dict[str, torch.Tensor] = {}
+        fp_seen: dict[str, torch.Tensor] = {}
 
         def hook_for(name, store):
             def hook(module, args):
                 store[name] = args[0].detach()
+                if len(store) == len(linears):
+                    # Every input of this sub-group is in hand: the rest of the
+                    # layer's forward would be wasted work.
+                    raise _StopForward
             return hook
 
+        def run(module, hidden, kwargs, store):
+            store.clear()
+            try:
+                _layer_out(module, hidden, kwargs)
+            except _StopForward:
+                return
+            missing = sorted(set(linears) - set(store))
+            if missing:
+                raise RuntimeError(f"{prefix}: the layer's forward never called {missing}")
+
         handles = [lin.register_forward_pre_hook(hook_for(n, seen)) for n, lin in linears.items()]
-        fp_seen: dict[str, torch.Tensor] = {}
         if method.needs_fp_stream:
             handles += [fp_layer.get_submodule(n).register_forward_pre_hook(hook_for(n, fp_seen))
                         for n in linears]
         try:
             with torch.no_grad():
                 for i, (hidden, kwargs) in enumerate(zip(inputs, kwargs_list)):
-                    _layer_out(layer, hidden, kwargs)
+                    run(layer, hidden, kwargs, seen)
                     if method.needs_fp_stream:
-                        _layer_out(fp_layer, fp_inputs[i], kwargs)
+                        run(fp_layer, fp_inputs[i], kwargs, fp_seen)
                         for n, acc in accs.items():
                             acc.add_pair(fp_seen[n], seen[n])
                     else:
