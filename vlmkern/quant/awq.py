@@ -31,7 +31,7 @@ import torch
 from ..config import QuantConfig, dtype_from_name
 from ..formats import QuantizedWeight
 from ..formats.groupwise import num_groups
-from .rtn import check_weight, group_params, quantize_to_grid
+from .rtn import check_shared_input, check_weight, group_params, quantize_to_grid
 
 _XBAR_FLOOR = 1e-4      # channels with mean|x| below this fraction of the largest
 
@@ -59,16 +59,7 @@ class AWQConfig:
 
 
 def _check_inputs(weights: Sequence[torch.Tensor], x: torch.Tensor) -> int:
-    if isinstance(weights, torch.Tensor):
-        raise TypeError("weights must be a sequence of [N_i, K] tensors (one per linear)")
-    if not weights:
-        raise ValueError("weights must hold at least one linear weight")
-    for w in weights:
-        check_weight(w)
-    k = weights[0].shape[1]
-    if any(w.shape[1] != k for w in weights):
-        raise ValueError(f"linears sharing one input must have the same in_features, got "
-                         f"{[tuple(w.shape) for w in weights]}")
+    k = check_shared_input(weights)
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != k or x.shape[0] == 0:
         raise ValueError(f"x must be calibration inputs [T, {k}], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")

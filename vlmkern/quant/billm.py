@@ -36,6 +36,7 @@ import torch
 from ..config import BinaryConfig, dtype_from_name
 from ..formats import BinaryWeight
 from .binarize import assemble_blocks, binarize_block
+from .hessian import check_square
 from .rtn import check_weight
 
 SALIENCY_METRICS = ("hessian", "magnitude")
@@ -65,19 +66,6 @@ class BiLLMConfig:
         object.__setattr__(self, "damp", d)
         if self.saliency not in SALIENCY_METRICS:
             raise ValueError(f"saliency must be one of {SALIENCY_METRICS}, got {self.saliency!r}")
-
-
-def _check_hessian(hessian: torch.Tensor, k: int) -> None:
-    if not isinstance(hessian, torch.Tensor):
-        raise TypeError(f"hessian must be a torch.Tensor, got {type(hessian).__name__}")
-    if tuple(hessian.shape) != (k, k):
-        raise ValueError(f"hessian must have shape ({k}, {k}) for a weight with {k} input "
-                         f"features, got {tuple(hessian.shape)}")
-    if not hessian.is_floating_point():
-        raise TypeError(f"hessian must be a floating tensor, got {hessian.dtype}")
-    if not bool(torch.isfinite(hessian).all()):
-        bad = int((~torch.isfinite(hessian)).sum())
-        raise ValueError(f"hessian holds {bad} NaN/Inf values (calibration overflow?)")
 
 
 def inverse_cholesky_upper(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -131,7 +119,7 @@ def billm_quantize(weight: torch.Tensor, hessian: torch.Tensor,
     config = config or BiLLMConfig()
     check_weight(weight)
     n, k = weight.shape
-    _check_hessian(hessian, k)
+    check_square("hessian", hessian, k)
     bcfg = config.binary
     w = weight.detach().float().clone()
     h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()

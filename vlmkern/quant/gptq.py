@@ -21,6 +21,7 @@ import torch
 from ..config import QuantConfig, dtype_from_name
 from ..formats import QuantizedWeight
 from ..formats.groupwise import num_groups
+from .hessian import check_square
 from .rtn import check_weight, group_params, quantize_to_grid
 
 _COMPUTE = {"float32": torch.float32, "float64": torch.float64}
@@ -112,18 +113,6 @@ class GPTQStats:
 # Preparation
 # ---------------------------------------------------------------------------
 
-def _check_square(name: str, m, k: int) -> None:
-    if not isinstance(m, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
-    if not m.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {m.dtype}")
-    if tuple(m.shape) != (k, k):
-        raise ValueError(f"{name} must be [{k}, {k}] to match weight [out, {k}], "
-                         f"got {tuple(m.shape)}")
-    if not bool(torch.isfinite(m).all()):
-        raise ValueError(f"{name} holds {int((~torch.isfinite(m)).sum())} NaN/Inf values")
-
-
 def _inverse_cholesky(h: torch.Tensor, config: GPTQConfig):
     """Damp H and return (U, lambda, retries), U = chol_upper(H_damped^-1).
 
@@ -155,9 +144,9 @@ def _prepare(weight, hessian, delta, config: GPTQConfig):
         raise TypeError(f"config must be a GPTQConfig, got {type(config).__name__}")
     check_weight(weight)
     k = weight.shape[1]
-    _check_square("hessian", hessian, k)
+    check_square("hessian", hessian, k)
     if delta is not None:
-        _check_square("delta", delta, k)
+        check_square("delta", delta, k)
     cd = _COMPUTE[config.compute_dtype]
     dev = weight.device
     w = weight.to(device=dev, dtype=cd).clone()

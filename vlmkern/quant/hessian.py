@@ -172,3 +172,16 @@ class HessianAccumulator:
 
 
 __all__ = ["HessianAccumulator"]
+
+
+def check_square(name: str, m, k: int) -> None:
+    """Raise unless ``m`` is a finite float [k, k] tensor (a Hessian-like statistic)."""
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
+    if not m.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {m.dtype}")
+    if tuple(m.shape) != (k, k):
+        raise ValueError(f"{name} must be [{k}, {k}] (shape) to match weight [out, {k}], "
+                         f"got {tuple(m.shape)}")
+    if not bool(torch.isfinite(m).all()):
+        raise ValueError(f"{name} holds {int((~torch.isfinite(m)).sum())} NaN/Inf values")

@@ -28,6 +28,22 @@ def check_weight(weight: torch.Tensor) -> None:
         raise ValueError(f"weight holds {bad} NaN/Inf values; refusing to quantize")
 
 
+def check_shared_input(weights) -> int:
+    """Raise unless ``weights`` is a non-empty sequence of finite [N_i, K] matrices
+    with one K (linears reading the same input); returns K."""
+    if isinstance(weights, torch.Tensor):
+        raise TypeError("weights must be a sequence of [N_i, K] tensors (one per linear)")
+    if not weights:
+        raise ValueError("weights must hold at least one linear weight")
+    for w in weights:
+        check_weight(w)
+    k = weights[0].shape[1]
+    if any(w.shape[1] != k for w in weights):
+        raise ValueError(f"linears sharing one input must have the same in_features, got "
+                         f"{[tuple(w.shape) for w in weights]}")
+    return k
+
+
 def _round_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     """Round scales to their storage dtype so quantization uses what will be stored.
 

@@ -23,7 +23,7 @@ import torch
 from ..config import IntActConfig
 from ..formats import IntActWeight
 from .awq import fold_scales_into_linear, fold_scales_into_norm
-from .rtn import check_weight, quantize_rtn
+from .rtn import check_shared_input, quantize_rtn
 
 
 def activation_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -37,15 +37,7 @@ def activation_absmax(x: torch.Tensor) -> torch.Tensor:
 
 def weight_absmax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """max |W[:, j]| over the rows of every linear sharing the input -> fp32 [K]."""
-    if isinstance(weights, torch.Tensor):
-        raise TypeError("weights must be a sequence of [N_i, K] tensors (one per linear)")
-    if not weights:
-        raise ValueError("weights must hold at least one linear weight")
-    for w in weights:
-        check_weight(w)
-    if len({w.shape[1] for w in weights}) > 1:
-        raise ValueError(f"linears sharing one input must have the same in_features, got "
-                         f"{[tuple(w.shape) for w in weights]}")
+    check_shared_input(weights)
     return torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
 
 
