@@ -1,1 +1,62 @@
-"""Triton kernels of vlmkern, installed as the subpackage vlmkern.triton_kernels."""
+"""Triton kernels of vlmkern, installed as the subpackage vlmkern.triton_kernels.
+
+One module per op family:
+  weight_only  group-wise W2/W3/W4/W8 x fp16/bf16/fp32 (small-M split-K path, tiled GEMM path)
+  int_act      W8A8 / W6A6 / W4A4 with per-token activation quantization
+  binary       BiLLM-style binarized weights
+
+Importing this package imports neither triton nor torch.cuda state: the
+kernel modules are loaded by ``register_kernels``, which the triton backend's
+probe calls on first use. Nothing here compiles or reads device properties
+until a kernel is launched. On the CPU the kernels run in Triton's
+interpreter (TRITON_INTERPRET=1), which the selector uses only when
+VLMKERN_BACKEND=triton is set.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+__all__ = ["register_kernels", "kernel_specs"]
+
+
+def kernel_specs():
+    """The KernelSpec of every kernel in this package (imports the kernels)."""
+    import torch
+
+    from vlmkern.ops.backends import KernelSpec
+
+    from . import binary, int_act, weight_only
+
+    floats = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    devices = frozenset({"cuda", "cpu"})
+    # sm_80: bf16 MMA and the int8 MMA shapes Triton emits need Ampere or newer.
+    sm80 = (8, 0)
+
+    def int_act_check(x, qweight):
+        return int_act.supports_group(qweight.group_size, qweight.in_features)
+
+    return [
+        KernelSpec("triton.weight_only_splitk", "weight_only",
+                   partial(weight_only.weight_only_matmul, path="small"),
+                   bits=frozenset({2, 3, 4, 8}), group_sizes=None, dtypes=floats,
+                   devices=devices, min_m=1, max_m=16, min_sm=sm80),
+        KernelSpec("triton.weight_only_gemm", "weight_only",
+                   partial(weight_only.weight_only_matmul, path="gemm"),
+                   bits=frozenset({2, 3, 4, 8}), group_sizes=None, dtypes=floats,
+                   devices=devices, min_m=17, max_m=None, min_sm=sm80),
+        KernelSpec("triton.int_act", "int_act", int_act.int_act_matmul,
+                   bits=frozenset({4, 6, 8}), group_sizes=None, dtypes=floats,
+                   devices=devices, min_sm=sm80, check=int_act_check),
+        KernelSpec("triton.binary", "binary", binary.binary_matmul,
+                   bits=frozenset({1}), group_sizes=None, dtypes=floats,
+                   devices=devices, min_sm=sm80),
+    ]
+
+
+def register_kernels(backend) -> None:
+    """Register every kernel with ``backend`` (idempotent: names already
+    registered are skipped, so a re-probe does not duplicate entries)."""
+    have = {spec.name for spec in backend.kernels}
+    for spec in kernel_specs():
+        if spec.name not in have:
+            backend.register(spec)

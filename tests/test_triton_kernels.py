@@ -1,0 +1,386 @@
+"""Triton kernels vs the torch references.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors.
+TRITON_INTERPRET must be set before triton decorates any kernel (hence the
+first lines); it is put back afterwards so other test modules see the
+environment they were collected with, and set again around each test here.
+Shapes are small and awkward on purpose: N odd, K not a multiple of the K
+tile nor of the group, M on both sides of the path switch.
+
+Batch invariance is checked within each path: M <= 16 runs the split-K
+kernel, M > 16 the tiled GEMM, and a row may differ in its last bits between
+the two paths (different reduction trees), never within one.
+"""
+import os
+
+import torch
+
+_INTERPRET = not torch.cuda.is_available()
+_SAVED_ENV = os.environ.get("TRITON_INTERPRET")
+if _INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+try:
+    triton = pytest.importorskip("triton")
+    import vlmkern.ops as ops  # noqa: E402
+    from vlmkern.formats import BinaryWeight, IntActWeight, QuantizedWeight  # noqa: E402
+    from vlmkern.formats.groupwise import num_groups  # noqa: E402
+    from vlmkern.formats.intact import qmax  # noqa: E402
+    from vlmkern.ops import reference  # noqa: E402
+    from vlmkern.ops.backends import BACKENDS  # noqa: E402
+    from vlmkern.triton_kernels.binary import binary_matmul  # noqa: E402
+    from vlmkern.triton_kernels.int_act import int_act_matmul, quantize_activations  # noqa: E402
+    from vlmkern.triton_kernels.weight_only import weight_only_matmul  # noqa: E402
+finally:
+    if _INTERPRET:
+        if _SAVED_ENV is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = _SAVED_ENV
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    """Interpreter mode for each test, and a fresh probe of the triton backend
+    (another module may have probed it without the interpreter); both are
+    restored afterwards."""
+    if _INTERPRET:
+        from vlmkern.ops import builtin  # noqa: F401  (registers the backends)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setattr(BACKENDS["triton"], "_status", None)
+    yield
+
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+N, K = 33, 200          # odd N; K = 3*64 + 8 = 128 + 72: ragged for every tile and group
+LOW = (torch.float16, torch.bfloat16)
+ALL = (torch.float16, torch.bfloat16, torch.float32)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# -- weights and inputs ---------------------------------------------------------------
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def make_groupwise(n, k, bits, group, sym, perm=False, scale_dtype=torch.float16, seed=0):
+    g = gen(seed)
+    groups = num_groups(k, group)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g)
+    scales = (torch.rand(n, groups, generator=g) * 0.02 + 0.002).to(scale_dtype)
+    zeros = None if sym else torch.randint(0, 1 << bits, (n, groups), generator=g)
+    p = torch.randperm(k, generator=g) if perm else None
+    return QuantizedWeight.from_codes(codes, scales, zeros, bits, group, p).to(DEV)
+
+
+def make_intact(n, k, w_bits, a_bits, group, act_scale=None, seed=0):
+    g = gen(seed)
+    lim = qmax(w_bits)
+    codes = torch.randint(-lim, lim + 1, (n, k), generator=g)
+    scales = (torch.rand(n, num_groups(k, group), generator=g) * 0.01 + 0.001).half()
+    return IntActWeight.from_codes(codes, scales, w_bits, a_bits, group, act_scale).to(DEV)
+
+
+def make_binary(n, k, block, salient=0.1, seed=0):
+    g = gen(seed)
+    nb = -(-k // block)
+    return BinaryWeight.from_planes(torch.rand(n, k, generator=g) < 0.5,
+                                    torch.rand(n, k, generator=g) < 0.5,
+                                    torch.rand(k, generator=g) < salient,
+                                    (torch.randn(n, nb, 8, generator=g) * 0.05).half(),
+                                    block).to(DEV)
+
+
+def act(m, k, dtype, seed=1):
+    return torch.randn(m, k, generator=gen(seed)).to(DEV, dtype)
+
+
+def bias_for(n, seed=2):
+    return torch.randn(n, generator=gen(seed)).to(DEV)
+
+
+# -- tolerance (DESIGN.md) --------------------------------------------------------------
+def assert_matches_dense(y, x, w, bias):
+    """Kernel error vs an fp64 dense product is <= 2x the error of torch run in
+    x's precision (dequantized weight cast to x's dtype), or its relative mean
+    error is < 1e-3."""
+    truth = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    if x.dtype == torch.float32:
+        low = truth.float()
+    else:
+        wl = w.to(x.dtype)
+        low = (x.float() @ wl.float().T + (0 if bias is None else bias.float())).to(x.dtype)
+    assert y.dtype == x.dtype and y.shape == truth.shape
+    err = (y.double() - truth).abs()
+    err_ref = (low.double() - truth).abs().max().item()
+    rel_mean = (err.mean() / truth.abs().mean()).item()
+    assert err.max().item() <= 2 * err_ref + 1e-6 or rel_mean < 1e-3, (
+        f"max err {err.max().item():.3g} vs reference {err_ref:.3g}, rel mean {rel_mean:.3g}")
+
+
+# -- weight-only ------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128, None])
+@pytest.mark.parametrize("sym", [True, False])
+def test_weight_only_grid(bits, group, sym):
+    qw = make_groupwise(N, K, bits, group, sym, seed=bits * 7 + (group or 0))
+    w, b = qw.dequantize(), bias_for(N)
+    for m, dtype in ((1, torch.float16), (17, torch.bfloat16), (3, torch.float32)):
+        x = act(m, K, dtype)
+        assert_matches_dense(weight_only_matmul(x, qw, b), x, w, b)
+
+
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("bits,group,sym", [(3, 32, False), (4, None, True), (2, 64, False)])
+def test_weight_only_linear_every_m(monkeypatch, dtype, bits, group, sym):
+    monkeypatch.setenv("VLMKERN_BACKEND", "triton")
+    qw = make_groupwise(N, K, bits, group, sym, seed=3)
+    w, b = qw.dequantize(), bias_for(N)
+    for m in (1, 2, 3, 16, 17, 65):
+        x = act(m, K, dtype, seed=m)
+        want = "triton.weight_only_splitk" if m <= 16 else "triton.weight_only_gemm"
+        assert ops.which_kernel(x, qw) == want
+        y = ops.linear(x, qw, b)
+        assert_matches_dense(y, x, w, b)
+        ref = reference.weight_only_matmul(x, qw, b)
+        assert (y.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max()
+
+
+def test_weight_only_leading_dims_and_no_bias(monkeypatch):
+    monkeypatch.setenv("VLMKERN_BACKEND", "triton")
+    qw = make_groupwise(N, K, 4, 64, False, seed=4)
+    x = act(6, K, torch.float16).reshape(2, 3, K)
+    y = ops.linear(x, qw)
+    assert y.shape == (2, 3, N)
+    assert_matches_dense(y.reshape(6, N), x.reshape(6, K), qw.dequantize(), None)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_weight_only_act_order(bits):
+    qw = make_groupwise(N, K, bits, 32, False, perm=True, seed=5)
+    w, b = qw.dequantize(), bias_for(N)
+    for m in (2, 17):
+        x = act(m, K, torch.float16)
+        assert_matches_dense(weight_only_matmul(x, qw, b), x, w, b)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_weight_only_scale_dtypes_and_unaligned_group(scale_dtype):
+    # group 48 is not a divisor of any K tile: the per-element scale path.
+    qw = make_groupwise(N, K, 3, 48, False, scale_dtype=scale_dtype, seed=6)
+    w = qw.dequantize()
+    for m in (1, 17):
+        x = act(m, K, torch.float16)
+        assert_matches_dense(weight_only_matmul(x, qw), x, w, None)
+
+
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_weight_only_split_k_and_tiles(split):
+    qw = make_groupwise(N, K, 3, 64, False, seed=7)
+    w, b = qw.dequantize(), bias_for(N)
+    x = act(5, K, torch.float32)
+    cfg = dict(BLOCK_N=16, BLOCK_K=32)
+    y = weight_only_matmul(x, qw, b, config=cfg, split_k=split)
+    assert_matches_dense(y, x, w, b)
+    torch.testing.assert_close(y, reference.weight_only_matmul(x, qw, b), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_only_batch_invariant_and_deterministic():
+    qw = make_groupwise(N, K, 3, 32, False, seed=8)
+    x = act(65, K, torch.float16)
+    small = [weight_only_matmul(x[:m], qw) for m in (1, 3, 16)]
+    assert all(torch.equal(s[0], small[0][0]) for s in small)
+    assert torch.equal(small[2][:3], small[1])
+    big = [weight_only_matmul(x[:m], qw) for m in (17, 65)]
+    assert torch.equal(big[0][0], big[1][0]) and torch.equal(big[0], big[1][:17])
+    assert torch.equal(weight_only_matmul(x[:16], qw), small[2])
+    assert torch.equal(weight_only_matmul(x, qw), big[1])
+
+
+def test_cpu_auto_selection_stays_on_torch(monkeypatch):
+    monkeypatch.delenv("VLMKERN_BACKEND", raising=False)
+    qw = make_groupwise(N, K, 4, 64, True).cpu()
+    assert ops.which_kernel(torch.zeros(1, K), qw) == "torch.weight_only"
+
+
+def test_registration_is_idempotent_and_declares_capabilities():
+    from vlmkern.ops.backends import Backend
+    from vlmkern.triton_kernels import register_kernels
+    b = Backend("t", probe=lambda: None)
+    register_kernels(b)
+    register_kernels(b)
+    specs = {s.name: s for s in b.kernels}
+    assert len(specs) == len(b.kernels) == 4
+    assert specs["triton.weight_only_splitk"].max_m == 16
+    assert specs["triton.weight_only_gemm"].min_m == 17
+    assert specs["triton.int_act"].bits == frozenset({4, 6, 8})
+    assert {s.op for s in b.kernels} == {"weight_only", "int_act", "binary"}
+
+
+_NO_GPU_AT_IMPORT = """
+import torch
+def touched(*a, **k):
+    raise RuntimeError("touched CUDA at import")
+for name in ("is_available", "device_count", "get_device_capability", "get_device_properties",
+             "init", "current_device"):
+    setattr(torch.cuda, name, touched)
+import vlmkern.triton_kernels as tk
+from vlmkern.triton_kernels import binary, int_act, weight_only  # noqa: F401
+assert len(tk.kernel_specs()) == 4
+print("ok")
+"""
+
+
+def test_import_queries_no_gpu():
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _NO_GPU_AT_IMPORT], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_config_table_and_fallback():
+    from vlmkern.triton_kernels import _common as cm
+    keys = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"}
+    for fam in ("weight_only", "int_act", "int_act_grouped", "binary", "unknown"):
+        for m in (1, 16, 17, 128, 129, 4096):
+            cfg = cm.get_config(fam, m)
+            assert keys <= set(cfg) and cfg["BLOCK_K"] % 32 == 0
+            # One config per bucket: what makes rows batch-invariant within it.
+            assert cfg == cm.get_config(fam, {"small": 1, "mid": 17, "large": 129}[cm.m_bucket(m)])
+    assert cm.get_config("weight_only", 1, {"BLOCK_K": 32})["BLOCK_K"] == 32
+
+
+# -- integer activations ----------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # inf/inf in the interpreter
+def test_quantize_activations_bitwise():
+    x = act(6, K, torch.float32) * 3
+    x[1, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 3.5, -3.5, 0.0])  # ties to even
+    x[2] = 0.0                                                            # scale 1
+    x[3, 0] = float("nan")                                                # NaN scale
+    x[4, 9] = float("-inf")                                               # Inf scale
+    for bits in (4, 6, 8):
+        for scale in (None, 1.0, 0.037):
+            for dtype in ALL:
+                xd = x.to(dtype)
+                q, s = quantize_activations(xd, bits, scale)
+                q0, s0 = reference.quantize_activations(xd, bits, scale)
+                assert torch.equal(q, q0), (bits, scale, dtype)
+                assert torch.equal(s.isnan(), s0.isnan())
+                assert torch.equal(s.nan_to_num(), s0.nan_to_num())
+
+
+def _int_act_check(y, x, qw, b):
+    """Integer sums are exact in both; only the fp32 (kernel) vs fp64
+    (reference) epilogue order differs, then one rounding to x's dtype."""
+    ref = reference.int_act_matmul(x, qw, b)
+    qx, sx = reference.quantize_activations(x, qw.a_bits, qw.act_scale)
+    mag = (qx.abs().double() * sx.double()[:, None]) @ qw.dequantize(torch.float64).abs().T
+    if b is not None:
+        mag = mag + b.double().abs()
+    eps = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[x.dtype]
+    tol = 1e-5 * mag + eps * ref.double().abs() + 1e-30
+    assert y.dtype == x.dtype
+    assert bool(((y.double() - ref.double()).abs() <= tol).all())
+
+
+@pytest.mark.parametrize("wa", [(8, 8), (6, 6), (4, 4)])
+@pytest.mark.parametrize("group", [None, 32, 64])
+def test_int_act(wa, group):
+    qw = make_intact(N, K, *wa, group, seed=wa[0] + (group or 0))
+    b = bias_for(N)
+    for m, dtype in ((1, torch.float32), (3, torch.bfloat16), (17, torch.float16),
+                     (65, torch.float32)):
+        x = act(m, K, dtype, seed=m)
+        _int_act_check(int_act_matmul(x, qw, b), x, qw, b)
+
+
+@pytest.mark.parametrize("dtype", ALL)
+def test_int_act_linear_static_scale_and_w4a8(monkeypatch, dtype):
+    monkeypatch.setenv("VLMKERN_BACKEND", "triton")
+    for wa, group, scale in (((8, 8), None, 0.02), ((4, 8), 32, None), ((6, 6), 128, 0.05)):
+        qw = make_intact(N, K, *wa, group, act_scale=scale, seed=11)
+        for m in (2, 17):
+            x = act(m, K, dtype, seed=m)
+            assert ops.which_kernel(x, qw) == "triton.int_act"
+            _int_act_check(ops.linear(x, qw), x, qw, None)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_int_act_nan_token_and_unsupported_group(monkeypatch):
+    qw = make_intact(N, K, 8, 8, None, seed=12)
+    x = act(3, K, torch.float32)
+    x[1, 7] = float("nan")
+    y = int_act_matmul(x, qw)
+    assert not bool(torch.isfinite(y[1]).any()) and bool(torch.isfinite(y[[0, 2]]).all())
+    ref = reference.int_act_matmul(x[[0, 2]], qw)
+    torch.testing.assert_close(y[[0, 2]], ref, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("VLMKERN_BACKEND", "triton")
+    odd = make_intact(N, K, 8, 8, 40, seed=13)
+    assert "multiple of 32" in ops.which_kernel(x[[0]], odd)
+
+
+def test_int_act_batch_invariant():
+    qw = make_intact(N, K, 8, 8, 64, seed=14)
+    x = act(65, K, torch.float16)
+    assert torch.equal(int_act_matmul(x[:1], qw)[0], int_act_matmul(x[:16], qw)[0])
+    assert torch.equal(int_act_matmul(x[:17], qw)[0], int_act_matmul(x, qw)[0])
+
+
+# -- binary ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("block", [128, 64, 48])
+@pytest.mark.parametrize("dtype", ALL)
+def test_binary(monkeypatch, block, dtype):
+    monkeypatch.setenv("VLMKERN_BACKEND", "triton")
+    qw = make_binary(N, K, block, seed=block)
+    w, b = qw.dequantize(), bias_for(N)
+    for m in (1, 17):
+        x = act(m, K, dtype, seed=m)
+        assert ops.which_kernel(x, qw) == "triton.binary"
+        assert_matches_dense(ops.linear(x, qw, b), x, w, b)
+
+
+def test_binary_batch_invariant():
+    qw = make_binary(N, K, 128, salient=0.3, seed=15)
+    x = act(65, K, torch.bfloat16)
+    assert torch.equal(binary_matmul(x[:1], qw)[0], binary_matmul(x[:16], qw)[0])
+    assert torch.equal(binary_matmul(x[:17], qw)[0], binary_matmul(x, qw)[0])
+
+
+# -- real sizes on a GPU ------------------------------------------------------------------
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_gpu_weight_only_4096(bits, m):
+    qw = make_groupwise(4096, 4096, bits, 128, False, seed=bits)
+    w, b = qw.dequantize(), bias_for(4096)
+    for dtype in LOW:
+        x = act(m, 4096, dtype)
+        y = ops.linear(x, qw, b)
+        assert ops.which_kernel(x, qw).startswith("triton.weight_only")
+        assert_matches_dense(y, x, w, b)
+        assert torch.equal(y, weight_only_matmul(x, qw, b))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("wa,group", [((8, 8), None), ((6, 6), 128), ((4, 4), 128)])
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_gpu_int_act_4096(wa, group, m):
+    qw = make_intact(4096, 4096, *wa, group, seed=wa[0])
+    x = act(m, 4096, torch.float16)
+    _int_act_check(int_act_matmul(x, qw), x, qw, None)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_gpu_binary_4096(m):
+    qw = make_binary(4096, 4096, 128)
+    x = act(m, 4096, torch.float16)
+    assert_matches_dense(binary_matmul(x, qw), x, qw.dequantize(), None)

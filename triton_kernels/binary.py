@@ -1,0 +1,139 @@
+"""Binarized (BiLLM-style) matmul straight from the ``binary`` format
+(vlmkern.formats.binary): sign / aux bit planes per row, a salient-column
+bitmap, and 8 statistics per row and block of input features.
+
+Each K step decodes a [BLOCK_K, BLOCK_N] weight tile in registers:
+  salient column:  w = mu1 + alpha1*s + mu2 + alpha2*a      (two sign planes)
+  other column:    w = mu_t + alpha_t*s, t = aux bit        (inner/outer group)
+then feeds tl.dot. The planes are 1 bit per weight, so per tile the kernel
+reads 2 bits/weight plus one 8-value stats record per row and block (loaded
+once per tile when the K tile lies inside one block); no pack-time re-layout.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dtype_code, get_config, launch_opts, shrink
+from .weight_only import _mode, mma, spread, store_out, unpack_rows, weight_operand
+
+
+@triton.jit
+def _stat(base, j, smask, STAT_MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+          BLOCK: tl.constexpr):
+    v = tl.load(base + j, mask=smask, other=0.0).to(tl.float32)
+    if STAT_MODE == 1:
+        v = spread(v, ROWS, BLOCK_K // BLOCK, BLOCK)
+    return v
+
+
+@triton.jit
+def dequant_binary_tile(sign_ptr, aux_ptr, sal_ptr, st_ptr, offs_n, k0, N, K,
+                        stride_sn, stride_tn, stride_tb, STAT_MODE: tl.constexpr,
+                        BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 tile W[offs_n, k0 : k0 + BLOCK_K], [BLOCK_N, BLOCK_K]; 0 outside.
+    STAT_MODE: 0 the tile lies in one block (one stats record per row),
+    1 the tile holds whole blocks (records spread over their columns),
+    2 unaligned blocks (per-element gather)."""
+    n2 = offs_n[:, None]
+    nm = n2 < N
+    k2 = (k0 + tl.arange(0, BLOCK_K))[None, :]
+    mask = nm & (k2 < K)
+    n_words = (K + 31) // 32
+    rows = n2.to(tl.int64) * stride_sn
+    # Planes are 1-bit streams: BLOCK_K/32 words per row, fanned out in registers.
+    sgn = unpack_rows(sign_ptr + rows, nm, k0, n_words, 1, BLOCK_N, BLOCK_K)
+    aux = unpack_rows(aux_ptr + rows, nm, k0, n_words, 1, BLOCK_N, BLOCK_K)
+    one = tl.full([1, 1], 1, tl.int1)
+    sal = unpack_rows(sal_ptr + tl.zeros([1, 1], tl.int32), one, k0, n_words, 1, 1, BLOCK_K)
+    st_rows = st_ptr + n2.to(tl.int64) * stride_tn
+    if STAT_MODE == 0:
+        base = st_rows + (k0 // BLOCK) * stride_tb
+        smask = nm & ((n2 * 0 + k0) < K)
+    elif STAT_MODE == 1:
+        blk = (k0 // BLOCK + tl.arange(0, BLOCK_K // BLOCK))[None, :]
+        base = st_rows + blk * stride_tb
+        smask = nm & (blk * BLOCK < K)
+    else:
+        base = st_rows + (k2 // BLOCK) * stride_tb
+        smask = mask
+    mu1 = _stat(base, 0, smask, STAT_MODE, BLOCK_N, BLOCK_K, BLOCK)
+    al1 = _stat(base, 1, smask, STAT_MODE, BLOCK_N, BLOCK_K, BLOCK)
+    mu2 = _stat(base, 2, smask, STAT_MODE, BLOCK_N, BLOCK_K, BLOCK)
+    al2 = _stat(base, 3, smask, STAT_MODE, BLOCK_N, BLOCK_K, BLOCK)
+    mu_in = _stat(base, 4, smask, STAT_MODE, BLOCK_N, BLOCK_K, BLOCK)
+    al_in = _stat(base, 5, smask, STAT_MODE, BLOCK_N, BLOCK_K, BLOCK)
+    mu_out = _stat(base, 6, smask, STAT_MODE, BLOCK_N, BLOCK_K, BLOCK)
+    al_out = _stat(base, 7, smask, STAT_MODE, BLOCK_N, BLOCK_K, BLOCK)
+    s = (sgn * 2 - 1).to(tl.float32)
+    a = (aux * 2 - 1).to(tl.float32)
+    # Same association as the reference; products with +-1 are exact, so an
+    # FMA contraction cannot change the value.
+    w_sal = mu1 + al1 * s + mu2 + al2 * a
+    outer = aux != 0
+    w_rest = tl.where(outer, mu_out, mu_in) + tl.where(outer, al_out, al_in) * s
+    w = tl.where(sal != 0, w_sal, w_rest)
+    return tl.where(mask, w, 0.0)
+
+
+@triton.jit
+def _binary_kernel(x_ptr, sign_ptr, aux_ptr, sal_ptr, st_ptr, bias_ptr, out_ptr,
+                   M, N, K, stride_xm, stride_om, stride_sn, stride_tn, stride_tb,
+                   BLOCK: tl.constexpr, STAT_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   MODE: tl.constexpr,
+                   SWIZZLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_band = SWIZZLE * grid_n
+    first_m = (pid // per_band) * SWIZZLE
+    rows = tl.minimum(grid_m - first_m, SWIZZLE)
+    pid_m = first_m + (pid % per_band) % rows
+    pid_n = (pid % per_band) // rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m2 = offs_m[:, None]
+    n_col = offs_n[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m2.to(tl.int64) * stride_xm + offs_k[None, :],
+                    mask=(m2 < M) & (offs_k[None, :] < K), other=0.0)
+        w = dequant_binary_tile(sign_ptr, aux_ptr, sal_ptr, st_ptr, offs_n, k0, N, K, stride_sn,
+                                stride_tn, stride_tb, STAT_MODE, BLOCK, BLOCK_N, BLOCK_K)
+        acc = mma(x, tl.trans(weight_operand(w, x, MODE)), acc, MODE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n_col, mask=n_col < N, other=0.0).to(tl.float32)
+    store_out(out_ptr + m2.to(tl.int64) * stride_om + n_col, acc, (m2 < M) & (n_col < N), MODE)
+
+
+def binary_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
+                  config: dict | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias for a BinaryWeight. x [M, K] float16/bfloat16/float32,
+    bias [N] or None -> [M, N] in x's dtype (fp32 accumulation)."""
+    m, k = x.shape
+    n = qweight.out_features
+    dtype_code(x.dtype)
+    x = x.contiguous()
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    cfg = get_config("binary", m, config, x.dtype)
+    # BLOCK_K >= 32: a K tile starts on a word boundary of the bit planes.
+    bm, bn, bk = cfg["BLOCK_M"], shrink(cfg["BLOCK_N"], n), shrink(cfg["BLOCK_K"], k, floor=32)
+    blk = qweight.block_size
+    stat_mode = 0 if blk % bk == 0 else (1 if bk % blk == 0 else 2)
+    if stat_mode == 2:
+        cfg = dict(cfg, num_stages=1)   # per-element stats gathers: see weight_only
+    sign, aux = qweight.sign.contiguous(), qweight.aux.contiguous()
+    sal, st = qweight.salient.contiguous(), qweight.stats.contiguous()
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _binary_kernel[grid](x, sign, aux, sal, st, bias if bias is not None else out, out,
+                         m, n, k, x.stride(0), out.stride(0), sign.stride(0), st.stride(0),
+                         st.stride(1), BLOCK=blk, STAT_MODE=stat_mode, HAS_BIAS=bias is not None,
+                         MODE=_mode(x), SWIZZLE=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                         **launch_opts(cfg, x.device))
+    return out
