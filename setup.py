@@ -67,6 +67,7 @@ if skip_reason is not None:
 setup(
     packages=sorted(set(find_packages(include=["vlmkern", "vlmkern.*"])) | {"vlmkern.triton_kernels"}),
     package_dir={"vlmkern.triton_kernels": "triton_kernels"},
+    package_data={"vlmkern.minivlm": ["projector.safetensors"]},
     ext_modules=ext_modules or [],
     cmdclass=cmdclass or {},
 )

@@ -1,0 +1,26 @@
+"""Test-session setup.
+
+Triton decorates its own standard library (tl.zeros, ...) when it is first
+imported, and on a machine without a GPU those functions only work if the
+interpreter was on at that moment. Other libraries (transformers) import
+triton early, so import it here, under TRITON_INTERPRET=1, before anything
+else does; the variable is then restored so tests that check CPU-only
+backend selection see the machine as it is.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
