@@ -147,6 +147,20 @@ def round_bf16(v):
 
 
 @triton.jit
+def swizzled_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SWIZZLE: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid``: programs walk bands of SWIZZLE row
+    tiles column by column, so consecutive programs share weight columns and
+    activation rows while they are still in L2."""
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_band = SWIZZLE * grid_n
+    first_m = (pid // per_band) * SWIZZLE
+    rows = tl.minimum(grid_m - first_m, SWIZZLE)
+    return first_m + (pid % per_band) % rows, (pid % per_band) // rows
+
+
+@triton.jit
 def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, SPLITS, stride_om,
                           HAS_BIAS: tl.constexpr, FIX_BF16: tl.constexpr, BLOCK: tl.constexpr):
     # Second pass of split-K: partials [SPLITS, M, N] fp32 summed in a fixed

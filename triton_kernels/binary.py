@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dtype_code, get_config, launch_opts, shrink
+from ._common import dtype_code, get_config, launch_opts, shrink, swizzled_tile
 from .weight_only import _mode, mma, spread, store_out, unpack_rows, weight_operand
 
 
@@ -84,14 +84,7 @@ def _binary_kernel(x_ptr, sign_ptr, aux_ptr, sal_ptr, st_ptr, bias_ptr, out_ptr,
                    MODE: tl.constexpr,
                    SWIZZLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    per_band = SWIZZLE * grid_n
-    first_m = (pid // per_band) * SWIZZLE
-    rows = tl.minimum(grid_m - first_m, SWIZZLE)
-    pid_m = first_m + (pid % per_band) % rows
-    pid_n = (pid % per_band) // rows
+    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, SWIZZLE)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

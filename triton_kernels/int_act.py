@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bf16_fixup, dtype_code, get_config, launch_opts, round_bf16, shrink
+from ._common import (bf16_fixup, dtype_code, get_config, launch_opts, round_bf16, shrink,
+                      swizzled_tile)
 
 
 @triton.jit
@@ -105,14 +106,7 @@ def _int_act_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr,
                     FIX_BF16: tl.constexpr,
                     SWIZZLE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    per_band = SWIZZLE * grid_n
-    first_m = (pid // per_band) * SWIZZLE
-    rows = tl.minimum(grid_m - first_m, SWIZZLE)
-    pid_m = first_m + (pid % per_band) % rows
-    pid_n = (pid % per_band) // rows
+    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, SWIZZLE)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

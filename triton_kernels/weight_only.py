@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import (bf16_fixup, dtype_code, get_config, launch_opts, round_bf16, shrink,
-                      split_k_plan, splitk_reduce)
+                      split_k_plan, splitk_reduce, swizzled_tile)
 
 
 @triton.jit
@@ -227,15 +227,7 @@ def _wo_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     # Grouped program order: SWIZZLE consecutive programs share one band of
     # weight columns, so a dequantized-from-DRAM weight tile is re-read from
     # L2 by the neighbouring M tiles instead of from HBM.
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    per_band = SWIZZLE * grid_n
-    band = pid // per_band
-    first_m = band * SWIZZLE
-    rows = tl.minimum(grid_m - first_m, SWIZZLE)
-    pid_m = first_m + (pid % per_band) % rows
-    pid_n = (pid % per_band) // rows
+    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, SWIZZLE)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
