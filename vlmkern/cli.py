@@ -1,4 +1,4 @@
-"""The ``vlmkern`` command line: ``info``, ``demo`` and ``quantize``."""
+"""The ``vlmkern`` command line: ``info``, ``demo``, ``quantize`` and ``eval``."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +45,11 @@ def cmd_quantize(args) -> int:
     return run(args)
 
 
+def cmd_eval(args) -> int:
+    from .eval.cli import run_eval
+    return run_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmkern", description="Low-bit inference for VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,12 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     from .calib.cli import add_arguments
     add_arguments(sub.add_parser("quantize", help="calibrate a model layer by layer and save it"))
+    from .eval.cli import add_arguments as add_eval_arguments
+    add_eval_arguments(sub.add_parser("eval", help="score quantized variants of the mini VLM"))
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"info": cmd_info, "demo": cmd_demo, "quantize": cmd_quantize}
+    handlers = {"info": cmd_info, "demo": cmd_demo, "quantize": cmd_quantize, "eval": cmd_eval}
     return handlers[args.command](args)
 
 
