@@ -129,7 +129,9 @@ def main(argv=None) -> int:
             f"held-out tokens; CPU: {platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}. Bytes count every "
             f"packed code, scale, zero, bitmap and statistic of the decoder linears "
-            f"(fp row: fp16).")
+            f"(fp row: fp16). Calibration seconds are wall time on a 2-core machine that other "
+            f"jobs shared during most of these runs, so they are upper bounds (one GPTQ "
+            f"setting measured on the idle machine took 49 s).")
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / "smollm2_ppl.json"
     entries = json.loads(store.read_text())["entries"] if store.exists() else []
