@@ -84,9 +84,9 @@ class ReplaceReport:
 
 
 def _normalise_plan(plan) -> dict:
-    if isinstance(plan, _CONFIGS) or isinstance(plan, PackedWeight):
-        if isinstance(plan, PackedWeight):
-            raise TypeError("a single quantized weight cannot be a plan: map it to a module name")
+    if isinstance(plan, PackedWeight):
+        raise TypeError("a single quantized weight cannot be a plan: map it to a module name")
+    if isinstance(plan, _CONFIGS):
         return {"*": plan}
     if not isinstance(plan, Mapping):
         raise TypeError(f"plan must be a dict of pattern -> config/weight/None or a config, "

@@ -36,7 +36,7 @@ import torch
 from ..config import BinaryConfig, dtype_from_name
 from ..formats import BinaryWeight
 from .binarize import assemble_blocks, binarize_block
-from .hessian import check_square
+from .hessian import check_square, inverse_cholesky_upper
 from .rtn import check_weight
 
 SALIENCY_METRICS = ("hessian", "magnitude")
@@ -66,33 +66,6 @@ class BiLLMConfig:
         object.__setattr__(self, "damp", d)
         if self.saliency not in SALIENCY_METRICS:
             raise ValueError(f"saliency must be one of {SALIENCY_METRICS}, got {self.saliency!r}")
-
-
-def inverse_cholesky_upper(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """U with U^T U = (H + damp * mean(diag H) * I)^-1, U upper triangular.
-
-    hessian [K, K] symmetric. When a factorisation fails (H not positive
-    definite in floating point, e.g. fewer tokens than features) the damping is
-    multiplied by 10 and retried a few times. Returns (U fp64 [K, K], damping
-    actually used); raises ValueError when every attempt fails.
-    """
-    h = hessian.double()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    mean_diag = float(h.diagonal().mean())
-    lam = float(damp)
-    tried = []
-    for _ in range(_CHOLESKY_ATTEMPTS):
-        tried.append(lam)
-        chol, info = torch.linalg.cholesky_ex(h + lam * mean_diag * eye)
-        if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(u).all()):
-                return u, lam
-        # Zero damping cannot grow by multiplication; start from the usual 1%.
-        lam = lam * 10 if lam > 0 else 0.01
-    raise ValueError(f"Cholesky factorisation of the damped Hessian failed for damping "
-                     f"{tried} x mean(diag H) = {mean_diag:.3g}; the Hessian is not positive "
-                     f"semi-definite (check the calibration statistics)")
 
 
 def _dequantize_block(sign, aux, salient, stats, config: BinaryConfig) -> torch.Tensor:
@@ -127,7 +100,7 @@ def billm_quantize(weight: torch.Tensor, hessian: torch.Tensor,
     if bool(dead.any()):
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
-    u64, lam = inverse_cholesky_upper(h, config.damp)
+    u64, lam, _ = inverse_cholesky_upper(h, config.damp, _CHOLESKY_ATTEMPTS - 1)
     u = u64.float()
 
     blocks, salient_counts = [], []
@@ -161,4 +134,4 @@ def billm_quantize(weight: torch.Tensor, hessian: torch.Tensor,
     return assemble_blocks(blocks, bcfg), stats
 
 
-__all__ = ["BiLLMConfig", "billm_quantize", "inverse_cholesky_upper", "SALIENCY_METRICS"]
+__all__ = ["BiLLMConfig", "billm_quantize", "SALIENCY_METRICS"]

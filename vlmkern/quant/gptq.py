@@ -21,7 +21,7 @@ import torch
 from ..config import QuantConfig, dtype_from_name
 from ..formats import QuantizedWeight
 from ..formats.groupwise import num_groups
-from .hessian import check_square
+from .hessian import check_square, inverse_cholesky_upper
 from .rtn import check_weight, group_params, quantize_to_grid
 
 _COMPUTE = {"float32": torch.float32, "float64": torch.float64}
@@ -113,31 +113,6 @@ class GPTQStats:
 # Preparation
 # ---------------------------------------------------------------------------
 
-def _inverse_cholesky(h: torch.Tensor, config: GPTQConfig):
-    """Damp H and return (U, lambda, retries), U = chol_upper(H_damped^-1).
-
-    H is PSD in exact arithmetic but rank-deficient or slightly indefinite in
-    practice (fewer tokens than channels, rounding); damping with a fraction
-    of its mean eigenvalue (mean diag = tr H / K) makes it safely PD.
-    """
-    mean_diag = float(h.diagonal().mean())
-    lam = tried = config.damp
-    for attempt in range(config.max_damp_retries + 1):
-        tried = lam
-        hd = h.clone()
-        hd.diagonal().add_(lam * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(hd)
-        if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(u).all()) and bool((u.diagonal() > 0).all()):
-                return u, lam, attempt
-        lam = lam * 10 if lam > 0 else 0.01
-    raise ValueError(
-        f"Hessian is not positive definite even with damping lambda={tried:g} x mean(diag H)"
-        f" = {mean_diag:g} after {config.max_damp_retries} retries; the calibration "
-        f"statistics are broken (a Hessian X X^T has a non-negative spectrum)")
-
-
 def _prepare(weight, hessian, delta, config: GPTQConfig):
     """Validate, cast, fix dead columns, permute (act_order), damp and factor."""
     if not isinstance(config, GPTQConfig):
@@ -174,7 +149,7 @@ def _prepare(weight, hessian, delta, config: GPTQConfig):
         w, h = w[:, perm], h[perm][:, perm]
         if d is not None:
             d = d[perm][:, perm]
-    u, lam, retries = _inverse_cholesky(h, config)
+    u, lam, retries = inverse_cholesky_upper(h, config.damp, config.max_damp_retries)
     return w, u, d, perm, static, lam, lam * float(h.diagonal().mean()), retries
 
 

@@ -185,3 +185,30 @@ def check_square(name: str, m, k: int) -> None:
                          f"got {tuple(m.shape)}")
     if not bool(torch.isfinite(m).all()):
         raise ValueError(f"{name} holds {int((~torch.isfinite(m)).sum())} NaN/Inf values")
+
+
+def inverse_cholesky_upper(hessian: torch.Tensor, damp: float, max_retries: int = 3):
+    """(U, damping used, retries) with U upper triangular, U^T U = (H + damp * mean(diag H) * I)^-1.
+
+    H is PSD in exact arithmetic but rank-deficient or slightly indefinite in
+    practice (fewer tokens than channels, rounding); damping with a fraction of
+    its mean eigenvalue (mean diag = tr H / K) makes it safely PD. A failed
+    factorisation multiplies the damping by 10 (from 0.01 when it was 0) up to
+    ``max_retries`` times, then raises a ValueError (not positive definite,
+    Cholesky, damping) naming what was tried. U has H's dtype.
+    """
+    mean_diag = float(hessian.diagonal().mean())
+    lam, tried = float(damp), []
+    for attempt in range(max_retries + 1):
+        tried.append(lam)
+        hd = hessian.clone()
+        hd.diagonal().add_(lam * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(u).all()) and bool((u.diagonal() > 0).all()):
+                return u, lam, attempt
+        lam = lam * 10 if lam > 0 else 0.01
+    raise ValueError(f"Hessian is not positive definite: its Cholesky factorisation failed for "
+                     f"damping {tried} x mean(diag H) = {mean_diag:.3g}; the calibration "
+                     f"statistics are broken (a Hessian X X^T has a non-negative spectrum)")
