@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Compile checks for csrc/ that need no GPU:
-#   1. every csrc/*_kernel.cu is compiled by nvcc for sm_80 (A100), sm_89 (L4/Ada)
-#      and sm_90a (H100, arch-specific features), with the half/bf16 macros that
+#   1. every csrc/*_kernel.cu is compiled by nvcc for sm_80 (A100), sm_86 (A10/3090),
+#      sm_89 (L4/Ada) and sm_90a (H100, arch-specific features), with the half/bf16 macros that
 #      torch.utils.cpp_extension passes, so implicit conversions are caught here;
-#   2. csrc/bindings.cpp is syntax-checked with g++ against the installed torch's
+#   2. every csrc/*.cpp (the torch bindings) is syntax-checked with g++ against the installed torch's
 #      headers. It uses only device-generic torch headers, so a CPU-only torch
 #      wheel is enough; torch's headers are -isystem so only our warnings count.
 # Run from the repository root with the project's python on PATH.
@@ -15,7 +15,7 @@ command -v "$NVCC" >/dev/null || { echo "compile_kernels: nvcc not found (set NV
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 
-ARCHS=("compute_80,sm_80" "compute_89,sm_89" "compute_90a,sm_90a")
+ARCHS=("compute_80,sm_80" "compute_86,sm_86" "compute_89,sm_89" "compute_90a,sm_90a")
 TORCH_NVCC_DEFINES=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
                     -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__)
 
@@ -35,15 +35,18 @@ for src in "${kernels[@]}"; do
   done
 done
 
-# Syntax check of the binding while nvcc runs.
+# Syntax check of the bindings while nvcc runs.
 PY="${PYTHON:-python}"
 TORCH_INC="$("$PY" -c 'from torch.utils.cpp_extension import include_paths; print(" ".join(include_paths()))')"
 PY_INC="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
 isystem=()
 for d in $TORCH_INC "$PY_INC"; do isystem+=(-isystem "$d"); done
-"${CXX:-g++}" -fsyntax-only -std=c++17 -Wall -Wextra -Werror -Icsrc "${isystem[@]}" \
-  csrc/bindings.cpp >"$TMP/bindings.log" 2>&1 &
-pids+=($!); jobs_desc+=("csrc/bindings.cpp|g++ -fsyntax-only|bindings")
+for src in csrc/*.cpp; do
+  tag="$(basename "$src" .cpp).host"
+  "${CXX:-g++}" -fsyntax-only -std=c++17 -Wall -Wextra -Werror -Icsrc "${isystem[@]}" \
+    "$src" >"$TMP/$tag.log" 2>&1 &
+  pids+=($!); jobs_desc+=("$src|g++ -fsyntax-only|$tag")
+done
 
 failed=0
 for i in "${!pids[@]}"; do

@@ -18,6 +18,7 @@ Results go to benchmarks/results/linear_<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -82,15 +83,16 @@ def rotating(make, bytes_each: int):
     return nxt
 
 
-def bench_shape(name, k, n, ms, backends, device, peak_gbs, seed=0):
+def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, seed=0):
     rows = []
     torch.manual_seed(seed)
     w16 = (torch.randn(n, k, device=device) * 0.02).half()
     fp16_weights = rotating(lambda: w16.clone(), w16.numel() * 2)
     packed = {}
-    for label, cfg in FORMATS.items():
-        qw = vlmkern.quantize_weight(w16.float().cpu(), cfg).to(device)
-        packed[label] = rotating(lambda qw=qw: qw.to(device), qw.nbytes)
+    for label, cfg in formats.items():
+        qw = vlmkern.quantize_weight(w16.float(), cfg).to(device)
+        # deep copies: a pool of one object would sit in L2 for small layers
+        packed[label] = rotating(lambda qw=qw: copy.deepcopy(qw), qw.nbytes)
     for m in ms:
         x = torch.randn(m, k, device=device, dtype=torch.float16)
         base = time_fn(lambda: torch.matmul(x, fp16_weights().T))
@@ -157,6 +159,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="two shapes, M in {1, 16, 1024}")
     ap.add_argument("--backends", default="cuda,triton",
                     help="backends to time (the torch reference is a correctness oracle, not a contender)")
+    ap.add_argument("--shapes", help="comma-separated shape names (default: all; see SHAPES)")
+    ap.add_argument("--ms", help="comma-separated M values (default: %s)" % ",".join(map(str, MS)))
+    ap.add_argument("--formats", help="comma-separated format labels (default: all; see FORMATS)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -165,7 +170,20 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda")
     shapes = dict(list(SHAPES.items())[2:4]) if args.quick else SHAPES
+    if args.shapes:
+        unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+        if unknown:
+            ap.error(f"unknown shapes {unknown}; known: {list(SHAPES)}")
+        shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
     ms = (1, 16, 1024) if args.quick else MS
+    if args.ms:
+        ms = tuple(int(m) for m in args.ms.split(","))
+    formats = FORMATS
+    if args.formats:
+        unknown = [f for f in args.formats.split(",") if f not in FORMATS]
+        if unknown:
+            ap.error(f"unknown formats {unknown}; known: {list(FORMATS)}")
+        formats = {f: FORMATS[f] for f in args.formats.split(",")}
     available = vlmkern.available_backends()
     backends = [b for b in args.backends.split(",") if available[b]["available"]]
     peak = measure_copy_bandwidth(device)
@@ -173,7 +191,7 @@ def main(argv=None) -> int:
             "copy_GBs": peak, "backends": {b: available[b] for b in available}}
     rows = []
     for name, (k, n) in shapes.items():
-        rows += bench_shape(name, k, n, ms, backends, device, peak)
+        rows += bench_shape(name, k, n, ms, backends, device, peak, formats)
         print(f"done {name}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     tag = meta["device"].replace(" ", "_")

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything a GPU machine should check, in one run: build the CUDA extension
+# against the installed CUDA torch, run the test suite (GPU tests included),
+# then time the kernels. Each phase is time-boxed and logged to OUTDIR, and a
+# failing phase does not stop the later ones.
+#
+#   bash benchmarks/gpu_check.sh OUTDIR [TESTS] [BENCH_ARGS...]
+#
+# TESTS: pytest targets (default: tests). BENCH_ARGS go to bench_linear.py.
+# Environment: ARCH (default 9.0a), BUILD_S / TEST_S / BENCH_S phase limits.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: gpu_check.sh OUTDIR [TESTS] [BENCH_ARGS...]}
+tests=${2:-tests}
+shift $(( $# >= 2 ? 2 : $# ))
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+phase() { echo "== $1: rc=$2 after $(( $(date +%s) - $3 )) s"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+"$py" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
+
+t=$(date +%s)
+TORCH_CUDA_ARCH_LIST=${ARCH:-9.0a} MAX_JOBS=${MAX_JOBS:-16} timeout "${BUILD_S:-300}" \
+  "$py" -m pip install -q --no-build-isolation --no-deps --no-index -e . >"$out/build.log" 2>&1
+rc=$?; phase build $rc "$t"; [ $rc -ne 0 ] && tail -30 "$out/build.log"
+"$py" -c 'import vlmkern; from vlmkern.ext import load_extension; print(load_extension()[1]); print(vlmkern.available_backends())'
+
+t=$(date +%s)
+timeout "${TEST_S:-300}" "$py" -m pytest -q -n 8 -p no:cacheprovider $tests \
+  -o junit_family=xunit2 --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
+rc=$?; phase tests $rc "$t"; grep -E "passed|failed|error" "$out/tests.log" | tail -3
+grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
+
+t=$(date +%s)
+timeout "${BENCH_S:-300}" "$py" benchmarks/bench_linear.py --out "$out" "$@" >"$out/bench.log" 2>&1
+rc=$?; phase bench $rc "$t"; tail -5 "$out/bench.log"
