@@ -190,14 +190,15 @@ def main(argv=None) -> int:
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "copy_GBs": peak, "backends": {b: available[b] for b in available}}
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = meta["device"].replace(" ", "_")
     for name, (k, n) in shapes.items():
         rows += bench_shape(name, k, n, ms, backends, device, peak, formats)
         print(f"done {name}", file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = meta["device"].replace(" ", "_")
-    (args.out / f"linear_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows},
-                                                            indent=1))
-    (args.out / f"linear_{tag}.md").write_text(to_markdown(meta, rows))
+        # written after every shape, so a run cut short still leaves its rows
+        (args.out / f"linear_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows},
+                                                                indent=1))
+        (args.out / f"linear_{tag}.md").write_text(to_markdown(meta, rows))
     print(to_markdown(meta, rows))
     return 0
 
