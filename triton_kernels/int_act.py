@@ -96,7 +96,9 @@ def _int_tile_dot(a_rows, w_rows, w_rows_nk, k0, K, acc, W4: tl.constexpr,
         b = tl.trans(tl.reshape((nib ^ 8) - 8, [BLOCK_N, BLOCK_K]).to(tl.int8))
     else:
         b = tl.load(w_rows + k_col, mask=k_col < K, other=0)
-    return tl.dot(a, b, acc)
+    # out_dtype spelled out: newer Triton defaults integer dots to fp32 and
+    # rejects an int32 accumulator without it.
+    return tl.dot(a, b, acc, out_dtype=tl.int32)
 
 
 @triton.jit

@@ -56,7 +56,10 @@ def quantize_activations(x: torch.Tensor, bits: int, scale: float | None = None
     lim = qmax(bits)
     xf = x.float()
     if scale is None:
-        s = xf.abs().amax(dim=1) / lim
+        amax = xf.abs().amax(dim=1)
+        # Tensor / tensor: with a Python-number divisor CUDA multiplies by
+        # the reciprocal, which can differ from the exact quotient by an ulp.
+        s = amax / torch.full_like(amax, lim)
         s = torch.where(s == 0, torch.ones_like(s), s)
     else:
         s = torch.full((x.shape[0],), float(scale), device=x.device)
