@@ -1,13 +1,13 @@
 // Dequantization of the canonical group-wise packed format to dense fp16/bf16.
 // The format and the launcher contract are described in vlmkern_kernels.h.
 //
-// Work split: each thread owns 8 consecutive columns of one row. Eight 16-bit
+// Work split: each thread owns 8 consecutive columns of a row. Eight 16-bit
 // outputs make one 16-byte store, so a warp writes 512 contiguous bytes, and
 // eight codes of b <= 8 bits are at most 64 stream bits, which lie in at most
 // three consecutive 32-bit words of the row.
 //
 // The per-chunk work is __host__ __device__ so it can be checked on a machine
-// without a GPU; the kernel itself is a grid-stride loop around it.
+// without a GPU; the kernel maps a 2-D grid onto it.
 
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -21,8 +21,8 @@ namespace {
 
 constexpr int kCodesPerThread = 8;
 constexpr int kThreadsPerBlock = 256;
-// The loop is grid-stride, so huge matrices need no more blocks than this.
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+// Rows beyond this many are covered by a grid-stride loop (CUDA caps gridDim.y).
+constexpr int64_t kMaxRowBlocks = 65535;
 
 struct Dims {
   int64_t N, K, group_size;
@@ -123,31 +123,32 @@ __host__ __device__ inline void dequant_chunk(const uint32_t* qweight, const uin
   }
 }
 
+// Grid: x covers the chunks of a row, y the rows (grid-stride in y, since
+// gridDim.y is capped at 65535). A 2-D grid avoids a 64-bit division per
+// thread to recover (row, chunk), which cost more than the memory traffic.
 template <typename Out, typename ScaleT>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 dequant_groupwise_kernel(const uint32_t* __restrict__ qweight, const uint32_t* __restrict__ qzeros,
                          const ScaleT* __restrict__ scales, uint16_t* __restrict__ out, Dims d,
                          bool vector_store) {
   const int64_t chunks_per_row = (d.K + kCodesPerThread - 1) / kCodesPerThread;
-  const int64_t total = d.N * chunks_per_row;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
-    const int64_t n = i / chunks_per_row;
-    dequant_chunk<Out, ScaleT>(qweight, qzeros, scales, out, d, n, i - n * chunks_per_row,
-                               vector_store);
+  const int64_t chunk = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (chunk >= chunks_per_row) return;
+  for (int64_t n = blockIdx.y; n < d.N; n += gridDim.y) {
+    dequant_chunk<Out, ScaleT>(qweight, qzeros, scales, out, d, n, chunk, vector_store);
   }
 }
 
 template <typename Out, typename ScaleT>
 void launch(const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* out,
             const Dims& d, cudaStream_t stream) {
-  const int64_t chunks = d.N * ((d.K + kCodesPerThread - 1) / kCodesPerThread);
-  int64_t blocks = (chunks + kThreadsPerBlock - 1) / kThreadsPerBlock;
-  if (blocks > kMaxBlocks) blocks = kMaxBlocks;
+  const int64_t chunks_per_row = (d.K + kCodesPerThread - 1) / kCodesPerThread;
+  const dim3 grid(unsigned((chunks_per_row + kThreadsPerBlock - 1) / kThreadsPerBlock),
+                  unsigned(d.N < kMaxRowBlocks ? d.N : kMaxRowBlocks));
   // 16-byte stores need every chunk start 16-byte aligned: rows of a multiple
   // of 8 elements in a buffer that itself starts 16-byte aligned.
   const bool vector_store = d.K % kCodesPerThread == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  dequant_groupwise_kernel<Out, ScaleT><<<unsigned(blocks), kThreadsPerBlock, 0, stream>>>(
+  dequant_groupwise_kernel<Out, ScaleT><<<grid, kThreadsPerBlock, 0, stream>>>(
       qweight, qzeros, static_cast<const ScaleT*>(scales), static_cast<uint16_t*>(out), d,
       vector_store);
 }
