@@ -54,8 +54,23 @@ def _cuda_dequant_matmul(x, qweight, bias):
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-# Opt-in until its GPU tests have passed on a GPU: never picked automatically.
-CUDA = register_backend(Backend("cuda", probe=_probe_cuda, auto=False))
+# Picked first on a GPU: its kernels pass the GPU tests on H100 and H200 and
+# measured faster than the Triton kernels at every size timed
+# (benchmarks/results/linear_*.md).
+CUDA = register_backend(Backend("cuda", probe=_probe_cuda))
 CUDA.register(KernelSpec("cuda.dequant_cublas", "weight_only", _cuda_dequant_matmul,
                          dtypes=frozenset({torch.float16, torch.bfloat16}),
                          devices=frozenset({"cuda"}), min_sm=(8, 0)))
+
+# Tensor-core weight-only kernel for M <= 64 (csrc/weight_only_kernel.cu); tried
+# before dequantize + cuBLAS, which keeps larger M and what it declines.
+from . import cuda_weight_only  # noqa: E402
+
+cuda_weight_only.register(CUDA)
+
+# Integer-activation GEMM (csrc/int_act_kernel.cu) and binarized matmul
+# (csrc/binary_kernel.cu).
+from . import cuda_binary, cuda_int_act  # noqa: E402
+
+cuda_int_act.register(CUDA)
+cuda_binary.register(CUDA)

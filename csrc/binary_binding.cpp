@@ -1,0 +1,147 @@
+// Torch binding of the binarized matmul (binary_kernel.cu): argument checks
+// with readable errors, output and scratch allocation, the current CUDA
+// stream, and registration as torch.ops.vlmkern.binary_matmul with a CUDA and
+// a Meta kernel (the Meta one only computes the shape, for torch.compile).
+//
+// Only device-generic torch headers are used, like bindings.cpp; the library
+// and its module init live there.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "binary.h"
+
+namespace {
+
+constexpr const char* kOp = "vlmkern.binary_matmul: ";
+
+std::string dims(c10::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
+
+int dtype_code(c10::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return VLMKERN_BINARY_F16;
+    case at::kBFloat16: return VLMKERN_BINARY_BF16;
+    case at::kFloat: return VLMKERN_BINARY_F32;
+    default: return -1;
+  }
+}
+
+void check_shape(const at::Tensor& t, const char* name, const char* formula,
+                 std::vector<int64_t> expected) {
+  TORCH_CHECK(t.sizes() == c10::IntArrayRef(expected), kOp, name, " must have shape ", formula,
+              " = ", dims(expected), ", got ", dims(t.sizes()));
+}
+
+void check_device(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), kOp, name, " is on ", t.device(), " but sign is on ",
+              ref.device());
+}
+
+// Returns (M, N).
+std::pair<int64_t, int64_t> check_inputs(const at::Tensor& x, const at::Tensor& salient,
+                                         const at::Tensor& sign, const at::Tensor& aux,
+                                         const at::Tensor& stats,
+                                         const std::optional<at::Tensor>& bias,
+                                         int64_t in_features, int64_t block_size, int64_t ksplit) {
+  const int64_t K = in_features;
+  TORCH_CHECK(K >= 1, kOp, "in_features must be >= 1, got ", K);
+  TORCH_CHECK(block_size >= 32 && block_size % 32 == 0, kOp,
+              "block_size must be a positive multiple of 32, got ", block_size);
+  TORCH_CHECK(ksplit >= 1 && ksplit <= 65535, kOp, "ksplit must be in 1..65535, got ", ksplit);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, kOp, "x must have shape [M, ", K, "], got ",
+              dims(x.sizes()));
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, kOp,
+              "x must be float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.size(0) == 0 || x.stride(1) == 1, kOp, "x rows must be contiguous (stride 1)");
+  TORCH_CHECK(x.size(0) <= 1 || x.stride(0) >= K, kOp, "x rows must not overlap, stride(0) = ",
+              x.stride(0));
+  TORCH_CHECK(sign.dim() == 2 && sign.scalar_type() == at::kInt, kOp,
+              "sign must be a 2-D int32 tensor, got ", sign.scalar_type(), " ", dims(sign.sizes()));
+  const int64_t N = sign.size(0), words = sign.size(1), nblk = (K + block_size - 1) / block_size;
+  TORCH_CHECK(words % 4 == 0 && words * 32 >= K, kOp, "sign rows must hold at least ceil(K/32) = ",
+              (K + 31) / 32, " words, padded to a multiple of 4, got ", words);
+  TORCH_CHECK(aux.scalar_type() == at::kInt, kOp, "aux must be int32, got ", aux.scalar_type());
+  check_shape(aux, "aux", "sign's shape", {N, words});
+  TORCH_CHECK(salient.scalar_type() == at::kInt, kOp, "salient must be int32, got ",
+              salient.scalar_type());
+  check_shape(salient, "salient", "[ceil(K/32)]", {(K + 31) / 32});
+  TORCH_CHECK(dtype_code(stats.scalar_type()) >= 0, kOp,
+              "stats must be float16, bfloat16 or float32, got ", stats.scalar_type());
+  check_shape(stats, "stats", "[N, ceil(K/block_size), 8]", {N, nblk, 8});
+  TORCH_CHECK(sign.is_contiguous() && aux.is_contiguous() && salient.is_contiguous() &&
+                  stats.is_contiguous(),
+              kOp, "sign, aux, salient and stats must be contiguous");
+  check_device(x, "x", sign);
+  check_device(aux, "aux", sign);
+  check_device(salient, "salient", sign);
+  check_device(stats, "stats", sign);
+  if (bias.has_value()) {
+    TORCH_CHECK(dtype_code(bias->scalar_type()) >= 0, kOp,
+                "bias must be float16, bfloat16 or float32, got ", bias->scalar_type());
+    check_shape(*bias, "bias", "[N]", {N});
+    TORCH_CHECK(bias->is_contiguous(), kOp, "bias must be contiguous");
+    check_device(*bias, "bias", sign);
+  }
+  return {x.size(0), N};
+}
+
+at::Tensor binary_cuda(const at::Tensor& x, const at::Tensor& salient, const at::Tensor& sign,
+                       const at::Tensor& aux, const at::Tensor& stats,
+                       const std::optional<at::Tensor>& bias, int64_t in_features,
+                       int64_t block_size, int64_t ksplit) {
+  TORCH_CHECK(sign.is_cuda(), kOp, "sign must be a CUDA tensor, got ", sign.device());
+  auto [M, N] = check_inputs(x, salient, sign, aux, stats, bias, in_features, block_size, ksplit);
+  c10::DeviceGuard guard(sign.device());
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(sign.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(aux.data_ptr()) % 16 == 0,
+              kOp, "sign and aux must be 16-byte aligned");
+  const int64_t bytes =
+      vlmkern_binary_workspace_bytes(M, N, in_features, block_size, static_cast<int>(ksplit));
+  TORCH_CHECK(bytes >= 0, kOp, "invalid sizes for the workspace");
+  at::Tensor workspace = at::empty({bytes}, x.options().dtype(at::kByte));
+  void* stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)
+                     ->getStream(sign.device())
+                     .native_handle();
+  const int status = vlmkern_binary_matmul(
+      x.data_ptr(), dtype_code(x.scalar_type()), M > 1 ? x.stride(0) : in_features,
+      salient.data_ptr<int32_t>(), sign.data_ptr<int32_t>(), aux.data_ptr<int32_t>(), sign.size(1),
+      stats.data_ptr(), dtype_code(stats.scalar_type()),
+      bias.has_value() ? bias->data_ptr() : nullptr,
+      bias.has_value() ? dtype_code(bias->scalar_type()) : 0, out.data_ptr(), M, N, in_features,
+      block_size, static_cast<int>(ksplit), workspace.data_ptr(), stream);
+  TORCH_CHECK(status == VLMKERN_BINARY_OK, kOp, vlmkern_binary_status_message(status));
+  return out;
+}
+
+at::Tensor binary_meta(const at::Tensor& x, const at::Tensor& salient, const at::Tensor& sign,
+                       const at::Tensor& aux, const at::Tensor& stats,
+                       const std::optional<at::Tensor>& bias, int64_t in_features,
+                       int64_t block_size, int64_t ksplit) {
+  auto [M, N] = check_inputs(x, salient, sign, aux, stats, bias, in_features, block_size, ksplit);
+  return at::empty({M, N}, x.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
+  m.def(
+      "binary_matmul(Tensor x, Tensor salient, Tensor sign, Tensor aux, Tensor stats, "
+      "Tensor? bias, int in_features, int block_size, int ksplit) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) { m.impl("binary_matmul", &binary_cuda); }
+
+TORCH_LIBRARY_IMPL(vlmkern, Meta, m) { m.impl("binary_matmul", &binary_meta); }

@@ -1,0 +1,275 @@
+// Torch binding of the integer-activation GEMM (int_act_kernel.cu): argument
+// checks with readable errors, output allocation, the current CUDA stream, and
+// registration as torch.ops.vlmkern.int_act_* with CUDA and Meta kernels (the
+// Meta ones only compute shapes, so torch.compile can trace the ops).
+//
+// Only device-generic torch headers are used, like bindings.cpp; the library
+// and its module init live there.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "int_act.h"
+
+namespace {
+
+std::string dims(c10::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
+
+int dtype_code(c10::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return VLMKERN_INT_ACT_F16;
+    case at::kBFloat16: return VLMKERN_INT_ACT_BF16;
+    case at::kFloat: return VLMKERN_INT_ACT_F32;
+    default: return -1;
+  }
+}
+
+int k_step(int64_t mode) { return mode == VLMKERN_INT_ACT_I4 ? 64 : 32; }
+
+// Bytes per row of codes for k_pad elements in `mode`.
+int64_t row_bytes(int64_t k_pad, int64_t mode) {
+  return mode == VLMKERN_INT_ACT_I4 ? k_pad / 2 : k_pad;
+}
+
+void check_mode(const char* op, int64_t mode) {
+  TORCH_CHECK(mode >= VLMKERN_INT_ACT_I8 && mode <= VLMKERN_INT_ACT_I4W8, op,
+              "mode must be 0 (int8), 1 (int4) or 2 (int8 activations, int4 weights), got ", mode);
+}
+
+void check_shape(const char* op, const at::Tensor& t, const char* name, const char* formula,
+                 std::vector<int64_t> expected) {
+  TORCH_CHECK(t.sizes() == c10::IntArrayRef(expected), op, name, " must have shape ", formula,
+              " = ", dims(expected), ", got ", dims(t.sizes()));
+}
+
+void check_same_device(const char* op, const at::Tensor& a, const char* an, const at::Tensor& b,
+                       const char* bn) {
+  TORCH_CHECK(a.device() == b.device(), op, an, " is on ", a.device(), " but ", bn, " is on ",
+              b.device());
+}
+
+void* current_stream(const at::Tensor& t) {
+  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)
+      ->getStream(t.device())
+      .native_handle();
+}
+
+// -- quantize ----------------------------------------------------------------
+constexpr const char* kQuant = "vlmkern.int_act_quantize: ";
+
+void check_quantize(const at::Tensor& x, int64_t a_bits, std::optional<double> static_scale,
+                    int64_t group, int64_t group_pad, int64_t k_pad, int64_t mode) {
+  check_mode(kQuant, mode);
+  TORCH_CHECK(a_bits == 4 || a_bits == 6 || a_bits == 8, kQuant, "a_bits must be 4, 6 or 8, got ",
+              a_bits);
+  TORCH_CHECK(x.dim() == 2, kQuant, "x must be 2-D [M, K], got shape ", dims(x.sizes()));
+  TORCH_CHECK(dtype_code(x.scalar_type()) >= 0, kQuant,
+              "x must be float16, bfloat16 or float32, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) >= 1, kQuant, "x must have K >= 1 columns");
+  TORCH_CHECK(x.size(0) == 0 || x.stride(1) == 1, kQuant, "x rows must be contiguous (stride 1)");
+  TORCH_CHECK(x.size(0) <= 1 || x.stride(0) >= x.size(1), kQuant,
+              "x rows must not overlap (stride(0) >= K), got stride ", x.stride(0));
+  const int ks = k_step(mode);
+  TORCH_CHECK(group >= 1 && group <= group_pad && group_pad % ks == 0, kQuant,
+              "need 1 <= group <= group_pad and group_pad a multiple of ", ks, ", got group ",
+              group, ", group_pad ", group_pad);
+  const int64_t groups = (x.size(1) + group - 1) / group;
+  TORCH_CHECK(k_pad % (2 * ks) == 0 && groups * group_pad <= k_pad, kQuant, "k_pad ", k_pad,
+              " must be a multiple of ", 2 * ks, " holding ", groups, " groups of ", group_pad);
+  if (static_scale.has_value()) {
+    const double s = *static_scale;
+    TORCH_CHECK(s > 0 && s < 3.4e38, kQuant, "static_scale must be positive and finite, got ", s);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, int64_t a_bits,
+                                                 std::optional<double> static_scale, int64_t group,
+                                                 int64_t group_pad, int64_t k_pad, int64_t mode) {
+  TORCH_CHECK(x.is_cuda(), kQuant, "x must be a CUDA tensor, got ", x.device());
+  check_quantize(x, a_bits, static_scale, group, group_pad, k_pad, mode);
+  c10::DeviceGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, row_bytes(k_pad, mode)}, x.options().dtype(at::kChar));
+  at::Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
+  const float scale = static_scale.has_value() ? static_cast<float>(*static_scale) : 0.f;
+  TORCH_CHECK(!static_scale.has_value() || scale > 0.f, kQuant, "static_scale ", *static_scale,
+              " underflows float32");
+  const int status = vlmkern_int_act_quantize(
+      x.data_ptr(), dtype_code(x.scalar_type()), M > 1 ? x.stride(0) : K, q.data_ptr(),
+      s.data_ptr<float>(), M, K, static_cast<int>(a_bits), scale, group, group_pad, k_pad,
+      static_cast<int>(mode), current_stream(x));
+  TORCH_CHECK(status == VLMKERN_INT_ACT_OK, kQuant, vlmkern_int_act_status_message(status));
+  return {q, s};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_meta(const at::Tensor& x, int64_t a_bits,
+                                                 std::optional<double> static_scale, int64_t group,
+                                                 int64_t group_pad, int64_t k_pad, int64_t mode) {
+  check_quantize(x, a_bits, static_scale, group, group_pad, k_pad, mode);
+  const int64_t M = x.size(0);
+  return {at::empty({M, row_bytes(k_pad, mode)}, x.options().dtype(at::kChar)),
+          at::empty({M}, x.options().dtype(at::kFloat))};
+}
+
+// -- GEMM ----------------------------------------------------------------------
+constexpr const char* kGemm = "vlmkern.int_act_gemm: ";
+
+void check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t N,
+                const at::Tensor& like) {
+  if (!bias.has_value()) return;
+  const at::Tensor& b = *bias;
+  TORCH_CHECK(dtype_code(b.scalar_type()) >= 0, op,
+              "bias must be float16, bfloat16 or float32, got ", b.scalar_type());
+  check_shape(op, b, "bias", "[N]", {N});
+  TORCH_CHECK(b.is_contiguous(), op, "bias must be contiguous");
+  check_same_device(op, b, "bias", like, "the weight");
+}
+
+void check_out_dtype(const char* op, c10::ScalarType out_dtype) {
+  TORCH_CHECK(dtype_code(out_dtype) >= 0, op,
+              "out_dtype must be float16, bfloat16 or float32, got ", out_dtype);
+}
+
+// Returns (M, N).
+std::pair<int64_t, int64_t> check_gemm(const at::Tensor& q, const at::Tensor& sx,
+                                       const at::Tensor& w, const at::Tensor& w_scale_t,
+                                       const std::optional<at::Tensor>& bias, int64_t group_pad,
+                                       int64_t mode, c10::ScalarType out_dtype) {
+  check_mode(kGemm, mode);
+  check_out_dtype(kGemm, out_dtype);
+  TORCH_CHECK(q.scalar_type() == at::kChar && w.scalar_type() == at::kChar, kGemm,
+              "q and w must be int8, got ", q.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(q.dim() == 2 && w.dim() == 2, kGemm, "q and w must be 2-D, got ", dims(q.sizes()),
+              " and ", dims(w.sizes()));
+  const int64_t M = q.size(0), N = w.size(0);
+  const int64_t k_pad = mode == VLMKERN_INT_ACT_I8 ? w.size(1) : 2 * w.size(1);
+  const int ks = k_step(mode);
+  TORCH_CHECK(k_pad % (2 * ks) == 0, kGemm, "padded K ", k_pad, " must be a multiple of ", 2 * ks);
+  const int64_t q_bytes = mode == VLMKERN_INT_ACT_I4 ? k_pad / 2 : k_pad;
+  check_shape(kGemm, q, "q", "[M, k_pad bytes]", {M, q_bytes});
+  TORCH_CHECK(sx.scalar_type() == at::kFloat && w_scale_t.scalar_type() == at::kFloat, kGemm,
+              "sx and w_scale_t must be float32");
+  check_shape(kGemm, sx, "sx", "[M]", {M});
+  TORCH_CHECK(w_scale_t.dim() == 2 && w_scale_t.size(1) == N && w_scale_t.size(0) >= 1, kGemm,
+              "w_scale_t must have shape [groups, N] with N = ", N, ", got ",
+              dims(w_scale_t.sizes()));
+  const int64_t groups = w_scale_t.size(0);
+  TORCH_CHECK(group_pad >= ks && group_pad % ks == 0 && groups * group_pad <= k_pad, kGemm,
+              "group_pad ", group_pad, " must be a multiple of ", ks, " with ", groups,
+              " groups fitting in padded K ", k_pad);
+  TORCH_CHECK(q.is_contiguous() && w.is_contiguous() && sx.is_contiguous() &&
+                  w_scale_t.is_contiguous(),
+              kGemm, "q, sx, w and w_scale_t must be contiguous");
+  check_same_device(kGemm, q, "q", w, "w");
+  check_same_device(kGemm, sx, "sx", w, "w");
+  check_same_device(kGemm, w_scale_t, "w_scale_t", w, "w");
+  check_bias(kGemm, bias, N, w);
+  return {M, N};
+}
+
+at::Tensor gemm_cuda(const at::Tensor& q, const at::Tensor& sx, const at::Tensor& w,
+                     const at::Tensor& w_scale_t, const std::optional<at::Tensor>& bias,
+                     int64_t group_pad, int64_t mode, c10::ScalarType out_dtype) {
+  TORCH_CHECK(w.is_cuda(), kGemm, "w must be a CUDA tensor, got ", w.device());
+  auto [M, N] = check_gemm(q, sx, w, w_scale_t, bias, group_pad, mode, out_dtype);
+  c10::DeviceGuard guard(w.device());
+  at::Tensor out = at::empty({M, N}, w.options().dtype(out_dtype));
+  const int64_t k_pad = mode == VLMKERN_INT_ACT_I8 ? w.size(1) : 2 * w.size(1);
+  const int status = vlmkern_int_act_gemm(
+      q.data_ptr(), sx.data_ptr<float>(), w.data_ptr(), w_scale_t.data_ptr<float>(),
+      bias.has_value() ? bias->data_ptr() : nullptr,
+      bias.has_value() ? dtype_code(bias->scalar_type()) : 0, out.data_ptr(), dtype_code(out_dtype),
+      M, N, w_scale_t.size(0), group_pad, k_pad, static_cast<int>(mode), current_stream(w));
+  TORCH_CHECK(status == VLMKERN_INT_ACT_OK, kGemm, vlmkern_int_act_status_message(status));
+  return out;
+}
+
+at::Tensor gemm_meta(const at::Tensor& q, const at::Tensor& sx, const at::Tensor& w,
+                     const at::Tensor& w_scale_t, const std::optional<at::Tensor>& bias,
+                     int64_t group_pad, int64_t mode, c10::ScalarType out_dtype) {
+  auto [M, N] = check_gemm(q, sx, w, w_scale_t, bias, group_pad, mode, out_dtype);
+  return at::empty({M, N}, w.options().dtype(out_dtype));
+}
+
+// -- int32 epilogue ----------------------------------------------------------
+constexpr const char* kScale = "vlmkern.int_act_scale_int32: ";
+
+std::pair<int64_t, int64_t> check_scale(const at::Tensor& acc, const at::Tensor& sx,
+                                        const at::Tensor& w_scale,
+                                        const std::optional<at::Tensor>& bias,
+                                        c10::ScalarType out_dtype) {
+  check_out_dtype(kScale, out_dtype);
+  TORCH_CHECK(acc.scalar_type() == at::kInt && acc.dim() == 2, kScale,
+              "acc must be a 2-D int32 tensor, got ", acc.scalar_type(), " ", dims(acc.sizes()));
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(N == 0 || M == 0 || acc.stride(1) == 1, kScale, "acc rows must be contiguous");
+  TORCH_CHECK(sx.scalar_type() == at::kFloat && w_scale.scalar_type() == at::kFloat, kScale,
+              "sx and w_scale must be float32");
+  check_shape(kScale, sx, "sx", "[M]", {M});
+  check_shape(kScale, w_scale, "w_scale", "[N]", {N});
+  TORCH_CHECK(sx.is_contiguous() && w_scale.is_contiguous(), kScale,
+              "sx and w_scale must be contiguous");
+  check_same_device(kScale, sx, "sx", acc, "acc");
+  check_same_device(kScale, w_scale, "w_scale", acc, "acc");
+  check_bias(kScale, bias, N, acc);
+  return {M, N};
+}
+
+at::Tensor scale_cuda(const at::Tensor& acc, const at::Tensor& sx, const at::Tensor& w_scale,
+                      const std::optional<at::Tensor>& bias, c10::ScalarType out_dtype) {
+  TORCH_CHECK(acc.is_cuda(), kScale, "acc must be a CUDA tensor, got ", acc.device());
+  auto [M, N] = check_scale(acc, sx, w_scale, bias, out_dtype);
+  c10::DeviceGuard guard(acc.device());
+  at::Tensor out = at::empty({M, N}, acc.options().dtype(out_dtype));
+  const int status = vlmkern_int_act_scale_int32(
+      acc.data_ptr<int32_t>(), M && N ? acc.stride(0) : N, sx.data_ptr<float>(),
+      w_scale.data_ptr<float>(), bias.has_value() ? bias->data_ptr() : nullptr,
+      bias.has_value() ? dtype_code(bias->scalar_type()) : 0, out.data_ptr(),
+      dtype_code(out_dtype), M, N, current_stream(acc));
+  TORCH_CHECK(status == VLMKERN_INT_ACT_OK, kScale, vlmkern_int_act_status_message(status));
+  return out;
+}
+
+at::Tensor scale_meta(const at::Tensor& acc, const at::Tensor& sx, const at::Tensor& w_scale,
+                      const std::optional<at::Tensor>& bias, c10::ScalarType out_dtype) {
+  auto [M, N] = check_scale(acc, sx, w_scale, bias, out_dtype);
+  return at::empty({M, N}, acc.options().dtype(out_dtype));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
+  m.def(
+      "int_act_quantize(Tensor x, int a_bits, float? static_scale, int group, int group_pad, "
+      "int k_pad, int mode) -> (Tensor, Tensor)");
+  m.def(
+      "int_act_gemm(Tensor q, Tensor sx, Tensor w, Tensor w_scale_t, Tensor? bias, int group_pad, "
+      "int mode, ScalarType out_dtype) -> Tensor");
+  m.def(
+      "int_act_scale_int32(Tensor acc, Tensor sx, Tensor w_scale, Tensor? bias, "
+      "ScalarType out_dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
+  m.impl("int_act_quantize", &quantize_cuda);
+  m.impl("int_act_gemm", &gemm_cuda);
+  m.impl("int_act_scale_int32", &scale_cuda);
+}
+
+TORCH_LIBRARY_IMPL(vlmkern, Meta, m) {
+  m.impl("int_act_quantize", &quantize_meta);
+  m.impl("int_act_gemm", &gemm_meta);
+  m.impl("int_act_scale_int32", &scale_meta);
+}

@@ -1,0 +1,74 @@
+// C interface of the tensor-core weight-only matmul (W2/W3/W4, M = 1..64).
+//
+// Free of torch and CUDA types so that any C++ host code can include it.
+//
+// The kernel reads weights in its own layout, made once at load time by
+// vlmkern/ops/cuda_weight_only.py from the canonical group-wise format:
+//
+//   wq  int32 [NB, C, 8, 64*bits]   NB = ceil(N/128) blocks of 128 output rows,
+//                                   C = ceil(K/128) chunks of 128 input columns,
+//                                   8 tiles of 16 rows per block (one per warp),
+//                                   then the codes of one 16x128 tile in the
+//                                   order the 32 lanes of a warp hold them as
+//                                   m16n8k16 A fragments (see the Python module).
+//   sz  int32 [NB, C, 8, S, 8, 2]   S = 8 >> slot_log2 scale slots per chunk, each
+//                                   covering 16 << slot_log2 columns; for row pair
+//                                   (g, g+8) of a tile: word 0 = the two scales,
+//                                   word 1 = -(magic + zero) of the two rows, as
+//                                   16-bit patterns of the activation type.
+//
+// y[m, n] = sum_k x[m, k] * w[n, k] + bias[n], fp32 accumulation, one rounding
+// to the activation type at the end.
+#pragma once
+
+#include <stdint.h>
+
+#include "vlmkern_kernels.h"  // enum vlmkern_dtype
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum vlmkern_wo_status {
+  VLMKERN_WO_OK = 0,
+  VLMKERN_WO_ERR_NULL_POINTER = 1,  // x, wq, sz, out or counters is null
+  VLMKERN_WO_ERR_BAD_BITS = 2,      // bits not 2, 3 or 4
+  VLMKERN_WO_ERR_BAD_SIZE = 3,      // M outside 1..64, sizes inconsistent, bad slot_log2/num_ctas
+  VLMKERN_WO_ERR_BAD_DTYPE = 4,     // activation not f16/bf16, or bias not f16/bf16/f32
+  VLMKERN_WO_ERR_ALIGNMENT = 5,     // x, wq or sz not 16-byte aligned, or K_x not a multiple of 8
+  VLMKERN_WO_ERR_SHARED_MEMORY = 6, // the device cannot give a block the shared memory it needs
+  VLMKERN_WO_ERR_LAUNCH = 7,        // a CUDA call failed (message has the CUDA error)
+};
+
+// Largest M one launch accepts; larger batches belong to dequantize + GEMM.
+#define VLMKERN_WO_MAX_M 64
+
+// Human-readable text for a status code (the CUDA error for ..._LAUNCH).
+const char* vlmkern_wo_status_message(int status);
+
+// Number of fp32 elements the workspace must hold for a launch.
+int64_t vlmkern_wo_workspace_elems(int64_t M, int64_t num_ctas);
+
+// Enqueue y = x @ W^T + bias on `stream` (a cudaStream_t as void*).
+//
+//   x         [M, K_x] activations (act_dtype F16 or BF16), contiguous, K_x a
+//             multiple of 8 with C = ceil(K_x / 128); columns past the weight's
+//             K must be zero (the caller pads).
+//   wq, sz    the kernel layout above, for NB blocks and C chunks.
+//   bias      [N] of bias_dtype (F16, BF16 or F32), or NULL.
+//   out       [M, N] of act_dtype, contiguous.
+//   workspace vlmkern_wo_workspace_elems(M, num_ctas) fp32 elements (scratch).
+//   counters  NB int32 that are zero before the launch; the kernel leaves them
+//             zero. Launches sharing a counters buffer must not run concurrently.
+//   num_ctas  number of thread blocks, 1 .. NB*C; the NB*C (block, chunk) units
+//             are split evenly over them in a fixed order (stream-K), so the
+//             result depends on num_ctas but never on M or on timing.
+int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
+                            const int32_t* sz, int64_t NB, int64_t C, int slot_log2, int bits,
+                            const void* bias, int bias_dtype, void* out, int64_t N,
+                            float* workspace, int32_t* counters, int64_t num_ctas, int act_dtype,
+                            void* stream);
+
+#ifdef __cplusplus
+}
+#endif

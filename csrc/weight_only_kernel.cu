@@ -1,0 +1,538 @@
+// Tensor-core weight-only matmul for decode and small batches (M = 1..64):
+// y[M, N] = x[M, K] @ W[N, K]^T + bias, W in 2, 3 or 4 bits per weight.
+//
+// Shape of the computation. The weight is the MMA's A operand (16 rows of N
+// by 16 of K) and the activations the B operand (16 of K by 8 tokens), so a
+// token pads only to 8, not 16. A thread block owns 128 output rows (one
+// 16-row tile per warp, 8 warps) and walks K in chunks of 128 columns; each
+// (block, chunk) pair is a unit of work. The NB*C units are split evenly and
+// in order over the grid (stream-K): a thread block may finish one row block
+// and start the next, and a row block whose K range is shared by several
+// thread blocks is summed by whichever of them finishes last, reading the
+// partial sums in a fixed order, so the output is deterministic.
+//
+// Weight decode. The load-time layout (weight_only.h, cuda_weight_only.py)
+// gives each lane its A-fragment codes of a 16x128 tile in 2*bits whole words
+// (16- and 8-byte shared-memory loads). A code is moved into the mantissa of a
+// 16-bit float next to the exponent of a "magic" number (1024 for fp16, 128
+// for bf16) with one AND-OR, so magic + q needs no int-to-float instruction;
+// one fma subtracts magic + zero (precomputed per group at load time) and one
+// fma multiplies by the scale. Both are exact or correctly rounded, so a
+// dequantized weight equals round(s * (q - z)) when s is in the activation type.
+//
+// Pipeline: every stage holds one unit's weights, scales and activation tile,
+// filled by cp.async; STAGES - 1 units are in flight while one is computed.
+// Activation B fragments come from shared memory by ldmatrix (two k16 steps of
+// 8 tokens per instruction); the row block and chunk of a unit are tracked
+// incrementally, so the loop has no integer division.
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "weight_only.h"
+
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kBlockRows = kWarps * 16;          // output rows per unit
+constexpr int kChunk = 128;                      // input columns per unit
+constexpr int kTiles = kChunk / 16;              // k16 MMA steps per unit
+constexpr int kXRowHalves = kChunk + 8;          // padded so B loads hit 32 banks
+constexpr int kXRowBytes = kXRowHalves * 2;
+constexpr int kSlotBytes = 8 * 8;                // one scale slot of a tile: 8 x uint2
+
+// -- 16-bit float flavours: magic number and MMA instruction -----------------
+struct F16 {
+  static constexpr uint32_t kMagic2 = 0x64006400u;  // 1024.0 in both halves
+  static constexpr uint32_t kOne2 = 0x3C003C00u;
+  __device__ static void fma2(uint32_t& d, uint32_t a, uint32_t b, uint32_t c) {
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ static uint16_t from_float(float v) {
+    uint16_t h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+  }
+};
+
+struct BF16 {
+  static constexpr uint32_t kMagic2 = 0x43004300u;  // 128.0 in both halves
+  static constexpr uint32_t kOne2 = 0x3F803F80u;
+  __device__ static void fma2(uint32_t& d, uint32_t a, uint32_t b, uint32_t c) {
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ static uint16_t from_float(float v) {
+    uint16_t h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+  }
+};
+
+constexpr uint32_t kNegZero2 = 0x80008000u;  // -0.0 in both halves: x*s + (-0) == x*s
+
+// -- codes of A-fragment register r (0..3) of k16 tile kt, as magic + q --------
+// Lane words: 4 bits: w[kt] holds tile kt, pair r at bits 4r and 16+4r.
+// 2 bits: w[kt/2] holds tiles 2v, 2v+1, pair p = 4*(kt%2) + r at bits 2p, 16+2p.
+// 3 bits: the 2-bit plane above in w[0..3] for the low two bits, and a 1-bit
+// plane in w[4..5]: w[4 + kt/4] holds pair p = 4*(kt%4) + r at bits p, 16+p.
+template <int BITS>
+__device__ __forceinline__ uint32_t magic_codes(const uint32_t (&w)[2 * BITS], int kt, int r,
+                                                uint32_t magic2) {
+  if constexpr (BITS == 4) {
+    return ((w[kt] >> (4 * r)) & 0x000F000Fu) | magic2;
+  } else if constexpr (BITS == 2) {
+    return ((w[kt / 2] >> (2 * (4 * (kt % 2) + r))) & 0x00030003u) | magic2;
+  } else {
+    const int p = 4 * (kt % 2) + r;
+    const int ph = 4 * (kt % 4) + r;
+    const uint32_t hi = w[4 + kt / 4];
+    const uint32_t hi_at_bit2 = ph >= 2 ? (hi >> (ph - 2)) : (hi << (2 - ph));
+    return ((w[kt / 2] >> (2 * p)) & 0x00030003u) | (hi_at_bit2 & 0x00040004u) | magic2;
+  }
+}
+
+// -- cp.async -------------------------------------------------------------------------
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  // src_bytes < 16 zero-fills the rest (used for padding rows and columns).
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+struct Params {
+  const uint16_t* x;        // [M, ldx]
+  const unsigned char* wq;  // [NB, C, 8, 64*bits] int32
+  const unsigned char* sz;  // [NB, C, 8, slots, 8, 2] int32
+  const void* bias;         // [N] or null
+  uint16_t* out;            // [M, N]
+  float* ws;                // [2 * num_ctas, M, 128]
+  int32_t* counters;        // [NB]
+  int64_t units;            // NB * C
+  int M, ldx, N, C;
+  int slot_log2, slots, bias_dtype;
+};
+
+// Stream-K partition, shared by every thread block: block c owns units
+// [first_unit(c), first_unit(c + 1)); unit u belongs to block owner(u).
+__device__ __forceinline__ int64_t first_unit(int64_t cta, int64_t units, int64_t ctas) {
+  return cta * units / ctas;
+}
+__device__ __forceinline__ int64_t owner(int64_t u, int64_t units, int64_t ctas) {
+  return ((u + 1) * ctas - 1) / units;
+}
+// Workspace slot of thread block c's partial sum for row block b: 2c for the
+// row block it starts in, 2c + 1 for the one it ends in (a middle row block is
+// always whole, so it never needs a slot).
+__device__ __forceinline__ int64_t partial_slot(int64_t cta, int64_t b, int64_t units,
+                                                int64_t ctas, int64_t C) {
+  return 2 * cta + (first_unit(cta, units, ctas) / C == b ? 0 : 1);
+}
+
+__device__ __forceinline__ float load_bias(const void* bias, int dtype, int n) {
+  if (dtype == VLMKERN_DTYPE_F32) return static_cast<const float*>(bias)[n];
+  const uint32_t bits = static_cast<const uint16_t*>(bias)[n];
+  if (dtype == VLMKERN_DTYPE_BF16) return __uint_as_float(bits << 16);
+  float v;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(static_cast<uint16_t>(bits)));
+  return v;
+}
+
+template <int BITS, int M_TILES>
+struct StageLayout {
+  static constexpr int kWeightBytes = kWarps * 256 * BITS;
+  static constexpr int kXRows = M_TILES * 8;
+  static constexpr int kXBytes = kXRows * kXRowBytes;
+  __host__ __device__ static int bytes(int slots) {
+    return kWeightBytes + kWarps * slots * kSlotBytes + kXBytes;
+  }
+};
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Enqueue the copies of unit u (row block b, chunk c) into stage buffer
+// `stage` (shared address). Trip counts are compile-time where the sizes are.
+template <int BITS, int M_TILES>
+__device__ __forceinline__ void load_unit(const Params& p, uint32_t stage, int64_t u, int c) {
+  using L = StageLayout<BITS, M_TILES>;
+  const int tid = threadIdx.x;
+  constexpr int kWeightPieces = L::kWeightBytes / 16;
+  const unsigned char* wsrc = p.wq + u * L::kWeightBytes;  // units are contiguous, in order
+#pragma unroll
+  for (int r = 0; r < (kWeightPieces + kThreads - 1) / kThreads; ++r) {
+    const int i = tid + r * kThreads;
+    if (kWeightPieces % kThreads == 0 || i < kWeightPieces) cp_async16(stage + 16 * i, wsrc + 16 * i, 16);
+  }
+  const int sz_pieces = kWarps * p.slots * kSlotBytes / 16;  // <= 256
+  const uint32_t sdst = stage + L::kWeightBytes;
+  if (tid < sz_pieces) cp_async16(sdst + 16 * tid, p.sz + u * (16 * sz_pieces) + 16 * tid, 16);
+  // Activation rows < M, 16 pieces of 8 halves each; columns >= ldx are
+  // zero-filled. Rows >= M were zeroed once at the start and are never written.
+  const uint32_t xdst = sdst + 16 * sz_pieces;
+#pragma unroll
+  for (int r = 0; r < (L::kXRows * 16 + kThreads - 1) / kThreads; ++r) {
+    const int i = tid + r * kThreads;
+    const int row = i >> 4;
+    const int col = c * kChunk + (i & 15) * 8;
+    if ((L::kXRows * 16 % kThreads == 0 || i < L::kXRows * 16) && row < p.M) {
+      const bool in_k = col < p.ldx;
+      cp_async16(xdst + row * kXRowBytes + (i & 15) * 16,
+                 in_k ? p.x + static_cast<int64_t>(row) * p.ldx + col : p.x, in_k ? 16 : 0);
+    }
+  }
+}
+
+// acc += W-tile(warp) x X-tile over the 128 columns held in `stage`
+// (generic pointer `stage`, shared address `stage_addr`).
+template <int BITS, int M_TILES, class T>
+__device__ __forceinline__ void compute_unit(const Params& p, const unsigned char* stage,
+                                             uint32_t stage_addr, float (&acc)[M_TILES][4]) {
+  using L = StageLayout<BITS, M_TILES>;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+
+  // This lane's codes of the warp's 16x128 tile.
+  const unsigned char* wtile = stage + warp * 256 * BITS;
+  uint32_t w[2 * BITS];
+  if constexpr (BITS == 4) {
+    const uint4 lo = reinterpret_cast<const uint4*>(wtile)[lane];
+    const uint4 hi = reinterpret_cast<const uint4*>(wtile + 512)[lane];
+    w[0] = lo.x; w[1] = lo.y; w[2] = lo.z; w[3] = lo.w;
+    w[4] = hi.x; w[5] = hi.y; w[6] = hi.z; w[7] = hi.w;
+  } else {
+    const uint4 lo = reinterpret_cast<const uint4*>(wtile)[lane];
+    w[0] = lo.x; w[1] = lo.y; w[2] = lo.z; w[3] = lo.w;
+    if constexpr (BITS == 3) {
+      const uint2 hi = reinterpret_cast<const uint2*>(wtile + 512)[lane];
+      w[4] = hi.x; w[5] = hi.y;
+    }
+  }
+  const uint2* slots = reinterpret_cast<const uint2*>(stage + L::kWeightBytes) + warp * p.slots * 8;
+  // ldmatrix: lane l addresses row l % 8 of 8x8 matrix l / 8; matrices 0..3 are
+  // columns 0-7, 8-15 of step kt and 0-7, 8-15 of step kt+1, which gives the
+  // B fragments (b0, b1) of two k16 steps for 8 tokens in one instruction.
+  const uint32_t xs = stage_addr + L::kWeightBytes + kWarps * p.slots * kSlotBytes +
+                      ((lane & 7) * kXRowHalves + 8 * (lane >> 3)) * 2;
+  const int steps_per_slot_mask = (1 << p.slot_log2) - 1;
+  uint32_t s_lo = 0, s_hi = 0, z_lo = 0, z_hi = 0;
+#pragma unroll
+  for (int kp = 0; kp < kTiles / 2; ++kp) {
+    uint32_t bfrag[M_TILES][4];
+#pragma unroll
+    for (int j = 0; j < M_TILES; ++j) ldmatrix_x4(bfrag[j], xs + (8 * j * kXRowHalves + 32 * kp) * 2);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int kt = 2 * kp + h;
+      if (kt == 0 || (kt & steps_per_slot_mask) == 0) {
+        // Scales and -(magic + zero) of rows g and g+8, each in both halves.
+        const uint2 sv = slots[(kt >> p.slot_log2) * 8 + g];
+        s_lo = __byte_perm(sv.x, 0, 0x1010);
+        s_hi = __byte_perm(sv.x, 0, 0x3232);
+        z_lo = __byte_perm(sv.y, 0, 0x1010);
+        z_hi = __byte_perm(sv.y, 0, 0x3232);
+      }
+      uint32_t a[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        // Registers 0 and 2 hold row g, 1 and 3 row g+8 (PTX m16n8k16 A layout).
+        const uint32_t q = magic_codes<BITS>(w, kt, r, T::kMagic2);
+        uint32_t d;
+        T::fma2(d, q, T::kOne2, (r & 1) ? z_hi : z_lo);       // q - z, exact
+        T::fma2(a[r], d, (r & 1) ? s_hi : s_lo, kNegZero2);   // s * (q - z), rounded once
+      }
+#pragma unroll
+      for (int j = 0; j < M_TILES; ++j) T::mma(acc[j], a, bfrag[j][2 * h], bfrag[j][2 * h + 1]);
+    }
+  }
+}
+
+// Output element (j, e) of this lane: token 8j + 2t + (e & 1), row g + 8*(e >> 1)
+// of the warp's tile (PTX m16n8k16 C layout).
+template <int M_TILES, class T>
+__device__ __forceinline__ void store_out(const Params& p, int64_t b, int j, int e, float v) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int m = 8 * j + 2 * (lane & 3) + (e & 1);
+  const int64_t n = b * kBlockRows + warp * 16 + (lane >> 2) + 8 * (e >> 1);
+  if (m >= p.M || n >= p.N) return;
+  if (p.bias) v += load_bias(p.bias, p.bias_dtype, static_cast<int>(n));
+  p.out[static_cast<int64_t>(m) * p.N + n] = T::from_float(v);
+}
+
+// End of this thread block's part of row block b: write it out, or park it in
+// the workspace and, if it is the last part to arrive, sum all parts in order.
+template <int M_TILES, class T>
+__device__ void finish_rows(const Params& p, int64_t b, float (&acc)[M_TILES][4], int* is_last) {
+  const int64_t ctas = gridDim.x, cta = blockIdx.x;
+  const int64_t first = owner(b * p.C, p.units, ctas);
+  const int parts = static_cast<int>(owner(b * p.C + p.C - 1, p.units, ctas) - first + 1);
+  if (parts == 1) {
+#pragma unroll
+    for (int j = 0; j < M_TILES; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) store_out<M_TILES, T>(p, b, j, e, acc[j][e]);
+    return;
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int col0 = warp * 16 + (lane >> 2);
+  const int64_t plane = static_cast<int64_t>(p.M) * kBlockRows;
+  float* mine = p.ws + partial_slot(cta, b, p.units, ctas, p.C) * plane;
+#pragma unroll
+  for (int j = 0; j < M_TILES; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int m = 8 * j + 2 * (lane & 3) + (e & 1);
+      if (m < p.M) mine[m * kBlockRows + col0 + 8 * (e >> 1)] = acc[j][e];
+    }
+  __threadfence();  // partial sums visible device-wide before the count
+  __syncthreads();
+  if (threadIdx.x == 0) *is_last = atomicAdd(&p.counters[b], 1) == parts - 1;
+  __syncthreads();
+  if (!*is_last) return;
+  __threadfence();  // the other parts' writes are ordered before our reads
+
+  // Sum the parts in thread-block order (deterministic). Loads of several
+  // parts are issued before they are added, 32 per thread in flight.
+  constexpr int kAtOnce = 8 / M_TILES;
+  float sum[M_TILES][4];
+#pragma unroll
+  for (int j = 0; j < M_TILES; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sum[j][e] = 0.f;
+  for (int q0 = 0; q0 < parts; q0 += kAtOnce) {
+    float v[kAtOnce][M_TILES][4];
+#pragma unroll
+    for (int q = 0; q < kAtOnce; ++q) {
+      const float* part = q0 + q < parts
+          ? p.ws + partial_slot(first + q0 + q, b, p.units, ctas, p.C) * plane : nullptr;
+#pragma unroll
+      for (int j = 0; j < M_TILES; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int m = 8 * j + 2 * (lane & 3) + (e & 1);
+          v[q][j][e] = part && m < p.M ? __ldcg(part + m * kBlockRows + col0 + 8 * (e >> 1)) : 0.f;
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < kAtOnce; ++q)
+      if (q0 + q < parts)
+#pragma unroll
+        for (int j = 0; j < M_TILES; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sum[j][e] += v[q][j][e];
+  }
+#pragma unroll
+  for (int j = 0; j < M_TILES; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) store_out<M_TILES, T>(p, b, j, e, sum[j][e]);
+  if (threadIdx.x == 0) p.counters[b] = 0;  // ready for the next launch
+}
+
+template <int BITS, int M_TILES, class T, int STAGES>
+__global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int is_last;
+  using L = StageLayout<BITS, M_TILES>;
+  const int stage_bytes = L::bytes(p.slots);
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+
+  // Token rows >= M of every stage's activation tile stay zero (the copies
+  // never touch them); the first barrier in the loop publishes these stores.
+  const int x_offset = stage_bytes - L::kXBytes;
+  for (int i = threadIdx.x; i < STAGES * L::kXRows * (kXRowBytes / 16); i += kThreads) {
+    const int stage = i / (L::kXRows * (kXRowBytes / 16));
+    const int rest = i - stage * (L::kXRows * (kXRowBytes / 16));
+    const int row = rest / (kXRowBytes / 16);
+    if (row >= p.M)
+      *reinterpret_cast<uint4*>(smem + stage * stage_bytes + x_offset + rest * 16) = make_uint4(0, 0, 0, 0);
+  }
+
+  const int64_t u_begin = first_unit(blockIdx.x, p.units, gridDim.x);
+  const int n_units = static_cast<int>(first_unit(blockIdx.x + 1, p.units, gridDim.x) - u_begin);
+  // Row block and chunk of the unit being computed, and chunk of the next unit
+  // to load, advanced one unit at a time (no division in the loop).
+  int64_t b = u_begin / p.C;
+  int c = static_cast<int>(u_begin - b * p.C);
+  int load_c = c;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < n_units) {
+      load_unit<BITS, M_TILES>(p, smem_base + s * stage_bytes, u_begin + s, load_c);
+      if (++load_c == p.C) load_c = 0;
+    }
+    cp_async_commit();  // empty groups keep the group count uniform
+  }
+
+  float acc[M_TILES][4];
+#pragma unroll
+  for (int j = 0; j < M_TILES; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+
+  int stage = 0;            // i % STAGES
+  int next_stage = STAGES - 1;  // (i + STAGES - 1) % STAGES
+  for (int i = 0; i < n_units; ++i) {
+    cp_async_wait<STAGES - 2>();  // unit i has landed (for this thread's copies)
+    __syncthreads();              // ... and for everyone's; stage i-1 is free again
+    if (i + STAGES - 1 < n_units) {
+      load_unit<BITS, M_TILES>(p, smem_base + next_stage * stage_bytes, u_begin + i + STAGES - 1, load_c);
+      if (++load_c == p.C) load_c = 0;
+    }
+    cp_async_commit();
+    compute_unit<BITS, M_TILES, T>(p, smem + stage * stage_bytes, smem_base + stage * stage_bytes, acc);
+    if (++stage == STAGES) stage = 0;
+    if (++next_stage == STAGES) next_stage = 0;
+
+    if (c == p.C - 1 || i == n_units - 1) {
+      finish_rows<M_TILES, T>(p, b, acc, &is_last);
+#pragma unroll
+      for (int j = 0; j < M_TILES; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+    }
+    if (++c == p.C) { c = 0; ++b; }
+  }
+}
+
+// Deep pipelines where the activation tile is small; fewer stages for wide
+// token tiles keep a block within the 99 KB of sm_86/89.
+template <int M_TILES>
+constexpr int stages_for() { return M_TILES <= 2 ? 6 : M_TILES == 4 ? 4 : 3; }
+
+thread_local cudaError_t last_error = cudaSuccess;
+thread_local char message[256];
+
+int cuda_failed(cudaError_t err) {
+  last_error = err;
+  return VLMKERN_WO_ERR_LAUNCH;
+}
+
+template <int BITS, int M_TILES, class T>
+int launch(const Params& p, int64_t num_ctas, cudaStream_t stream) {
+  constexpr int STAGES = stages_for<M_TILES>();
+  auto kernel = weight_only_mma_kernel<BITS, M_TILES, T, STAGES>;
+  const int smem = STAGES * StageLayout<BITS, M_TILES>::bytes(p.slots);
+  int device = 0, limit = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return cuda_failed(err);
+  if (smem > limit) return VLMKERN_WO_ERR_SHARED_MEMORY;
+  if (smem > 48 * 1024) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return cuda_failed(err);
+  }
+  kernel<<<static_cast<unsigned>(num_ctas), kThreads, smem, stream>>>(p);
+  err = cudaGetLastError();
+  return err == cudaSuccess ? VLMKERN_WO_OK : cuda_failed(err);
+}
+
+// The explicit list of instantiations: bits {2, 3, 4} x token tiles {8, 16,
+// 32, 64} x {fp16, bf16}.
+template <class T>
+int dispatch_tokens(const Params& p, int bits, int64_t num_ctas, cudaStream_t s) {
+  const int m_tiles = p.M <= 8 ? 1 : p.M <= 16 ? 2 : p.M <= 32 ? 4 : 8;
+#define VLMKERN_WO_CASE(B, MT) \
+  if (bits == B && m_tiles == MT) return launch<B, MT, T>(p, num_ctas, s);
+  VLMKERN_WO_CASE(4, 1) VLMKERN_WO_CASE(4, 2) VLMKERN_WO_CASE(4, 4) VLMKERN_WO_CASE(4, 8)
+  VLMKERN_WO_CASE(3, 1) VLMKERN_WO_CASE(3, 2) VLMKERN_WO_CASE(3, 4) VLMKERN_WO_CASE(3, 8)
+  VLMKERN_WO_CASE(2, 1) VLMKERN_WO_CASE(2, 2) VLMKERN_WO_CASE(2, 4) VLMKERN_WO_CASE(2, 8)
+#undef VLMKERN_WO_CASE
+  return VLMKERN_WO_ERR_BAD_BITS;
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace
+
+extern "C" const char* vlmkern_wo_status_message(int status) {
+  switch (status) {
+    case VLMKERN_WO_OK: return "success";
+    case VLMKERN_WO_ERR_NULL_POINTER: return "a required pointer (x, wq, sz, out or counters) is null";
+    case VLMKERN_WO_ERR_BAD_BITS: return "bits must be 2, 3 or 4";
+    case VLMKERN_WO_ERR_BAD_SIZE:
+      return "inconsistent sizes: need 1 <= M <= 64, (C-1)*128 < K_x <= C*128, "
+             "(NB-1)*128 < N <= NB*128, 0 <= slot_log2 <= 3 and 1 <= num_ctas <= NB*C";
+    case VLMKERN_WO_ERR_BAD_DTYPE:
+      return "activations must be f16 or bf16 and bias f16, bf16 or f32";
+    case VLMKERN_WO_ERR_ALIGNMENT:
+      return "x, wq and sz must be 16-byte aligned and K_x a multiple of 8";
+    case VLMKERN_WO_ERR_SHARED_MEMORY:
+      return "the device cannot give a thread block enough shared memory for this configuration";
+    case VLMKERN_WO_ERR_LAUNCH:
+      snprintf(message, sizeof(message), "CUDA error: %s (%s)", cudaGetErrorName(last_error),
+               cudaGetErrorString(last_error));
+      return message;
+    default: return "unknown vlmkern weight-only status code";
+  }
+}
+
+extern "C" int64_t vlmkern_wo_workspace_elems(int64_t M, int64_t num_ctas) {
+  return 2 * num_ctas * M * kBlockRows;
+}
+
+extern "C" int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
+                                       const int32_t* sz, int64_t NB, int64_t C, int slot_log2,
+                                       int bits, const void* bias, int bias_dtype, void* out,
+                                       int64_t N, float* workspace, int32_t* counters,
+                                       int64_t num_ctas, int act_dtype, void* stream) {
+  if (bits < 2 || bits > 4) return VLMKERN_WO_ERR_BAD_BITS;
+  if (act_dtype != VLMKERN_DTYPE_F16 && act_dtype != VLMKERN_DTYPE_BF16) return VLMKERN_WO_ERR_BAD_DTYPE;
+  if (bias && bias_dtype != VLMKERN_DTYPE_F16 && bias_dtype != VLMKERN_DTYPE_BF16 &&
+      bias_dtype != VLMKERN_DTYPE_F32)
+    return VLMKERN_WO_ERR_BAD_DTYPE;
+  if (M < 1 || M > VLMKERN_WO_MAX_M || NB < 1 || C < 1 || N <= (NB - 1) * kBlockRows ||
+      N > NB * kBlockRows || K_x <= (C - 1) * kChunk || K_x > C * kChunk || slot_log2 < 0 ||
+      slot_log2 > 3 || num_ctas < 1 || num_ctas > NB * C || num_ctas > 0x7fffffff ||
+      K_x > 0x7fffffff || N > 0x7fffffff)
+    return VLMKERN_WO_ERR_BAD_SIZE;
+  if (!x || !wq || !sz || !out || !counters || !workspace) return VLMKERN_WO_ERR_NULL_POINTER;
+  if (K_x % 8 != 0 || !aligned16(x) || !aligned16(wq) || !aligned16(sz)) return VLMKERN_WO_ERR_ALIGNMENT;
+
+  Params p;
+  p.x = static_cast<const uint16_t*>(x);
+  p.wq = reinterpret_cast<const unsigned char*>(wq);
+  p.sz = reinterpret_cast<const unsigned char*>(sz);
+  p.bias = bias;
+  p.out = static_cast<uint16_t*>(out);
+  p.ws = workspace;
+  p.counters = counters;
+  p.units = NB * C;
+  p.M = static_cast<int>(M);
+  p.ldx = static_cast<int>(K_x);
+  p.N = static_cast<int>(N);
+  p.C = static_cast<int>(C);
+  p.slot_log2 = slot_log2;
+  p.slots = 8 >> slot_log2;
+  p.bias_dtype = bias_dtype;
+
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_tokens<F16>(p, bits, num_ctas, s)
+                                        : dispatch_tokens<BF16>(p, bits, num_ctas, s);
+}

@@ -1,0 +1,380 @@
+"""CUDA integer-activation GEMM (csrc/int_act_kernel.cu, vlmkern.ops.cuda_int_act).
+
+CPU tests check the load-time layout and the data-layout arithmetic the
+kernel relies on, by decoding in torch exactly as the kernel does: padded
+groups, the I4W8 activation permutation with weights widened to 16x their
+value, and the PTX fragment layouts of mma m16n8k32.s8 and m16n8k64.s4 fed by
+ldmatrix. GPU tests run the kernels against the torch reference.
+"""
+import pytest
+import torch
+
+import vlmkern.ops as ops
+from vlmkern.formats import IntActWeight
+from vlmkern.formats.groupwise import num_groups
+from vlmkern.formats.intact import qmax
+from vlmkern.formats.packing import pack_int4_pairs
+from vlmkern.ops import cuda_int_act as cia
+from vlmkern.ops import reference
+from vlmkern.ops.backends import BACKENDS
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def _ext_reason():
+    if not HAS_GPU:
+        return "needs a CUDA GPU"
+    from vlmkern.ext import load_extension
+    module, reason = load_extension()
+    if module is None:
+        return f"vlmkern._C is not built: {reason}"
+    if not hasattr(torch.ops.vlmkern, "int_act_gemm"):
+        return "vlmkern._C was built without csrc/int_act_kernel.cu"
+    return None
+
+
+_SKIP = _ext_reason()
+gpu = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+ALL_WA = [(w, a) for w in (4, 6, 8) for a in (4, 6, 8)]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def make_intact(n, k, w_bits, a_bits, group, act_scale=None, seed=0, device="cpu"):
+    g = gen(seed)
+    lim = qmax(w_bits)
+    codes = torch.randint(-lim, lim + 1, (n, k), generator=g)
+    scales = (torch.rand(n, num_groups(k, group), generator=g) * 0.01 + 0.001).half()
+    return IntActWeight.from_codes(codes, scales, w_bits, a_bits, group, act_scale).to(device)
+
+
+# -- CPU: layout ---------------------------------------------------------------------------
+@pytest.mark.parametrize("k,group,mode", [(200, 128, cia.MODE_I8), (200, None, cia.MODE_I8),
+                                          (200, 64, cia.MODE_I4), (4096, 128, cia.MODE_I4W8),
+                                          (96, 40, cia.MODE_I8), (33, 7, cia.MODE_I4)])
+def test_padded_layout_invariants(k, group, mode):
+    lay = cia.padded_layout(k, group, mode)
+    step = cia.K_STEP[mode]
+    assert lay.group_pad % step == 0 and lay.k_pad % (2 * step) == 0
+    assert lay.groups == num_groups(k, group) and lay.groups * lay.group_pad <= lay.k_pad
+    pos = lay.positions()
+    assert len(set(pos.tolist())) == k and int(pos.max()) < lay.k_pad
+    # every logical column lands in its own group's padded slot range
+    grp = torch.arange(k) // lay.group
+    assert bool(((pos // lay.group_pad) == grp).all())
+
+
+def test_identity_layout_reuses_storage():
+    qw = make_intact(8, 256, 8, 8, 128)
+    kw = cia.to_kernel_weight(qw, cia.MODE_I8)
+    assert kw.layout.is_identity and kw.w.data_ptr() == qw.qweight.data_ptr()
+    qw4 = make_intact(8, 256, 4, 4, None)
+    kw4 = cia.to_kernel_weight(qw4, cia.MODE_I4W8)
+    assert kw4.w.data_ptr() == qw4.qweight.data_ptr()
+    assert kw4.w_scale_t.shape == (1, 8) and kw4.w_scale_t.dtype == torch.float32
+
+
+@pytest.mark.parametrize("w_bits,group", [(8, 64), (6, None), (4, 32), (4, 128)])
+def test_padded_weight_group_sums_equal_reference(w_bits, group):
+    """Exact per-group integer dot products of the padded operands equal the
+    reference int_dot."""
+    n, k, m = 5, 200, 3
+    qw = make_intact(n, k, w_bits, 8, group, seed=w_bits)
+    mode = cia.MODE_I4W8 if w_bits == 4 else cia.MODE_I8
+    kw = cia.to_kernel_weight(qw, mode)
+    lay = kw.layout
+    qx = torch.randint(-127, 128, (m, k), generator=gen(1)).to(torch.int8)
+    xp = cia.pad_columns(qx, lay).long()
+    wp = (unpack_nibbles(kw.w, lay.k_pad) if w_bits == 4 else kw.w).long()
+    sums = torch.stack([xp[:, i * lay.group_pad:(i + 1) * lay.group_pad]
+                        @ wp[:, i * lay.group_pad:(i + 1) * lay.group_pad].T
+                        for i in range(lay.groups)], dim=2)
+    assert torch.equal(sums, reference.int_dot(qx, qw.codes(), group).long())
+    assert bool((wp[:, lay.groups * lay.group_pad:] == 0).all())
+
+
+def unpack_nibbles(packed: torch.Tensor, length: int) -> torch.Tensor:
+    b = packed.to(torch.int16) & 0xFF
+    both = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(packed.shape[0], -1)[:, :length]
+    return torch.where(both >= 8, both - 16, both)
+
+
+# -- CPU: fragment arithmetic, decoded as the kernel does ----------------------------------
+def ldmatrix(rows16: torch.Tensor) -> list[torch.Tensor]:
+    """One 8x8 b16 matrix (8 rows of 16 bytes): lane t gets row t // 4, bytes
+    4*(t % 4) .. +3, as a [32, 4] uint8 tensor (byte 0 = least significant)."""
+    return [rows16[t // 4, 4 * (t % 4):4 * (t % 4) + 4] for t in range(32)]
+
+
+def as_s8(regs):
+    return [r.to(torch.int8).long() for r in regs]
+
+
+def as_s4(regs):
+    out = []
+    for r in regs:
+        b = r.long()
+        nib = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(-1)   # low nibble first
+        out.append(torch.where(nib >= 8, nib - 16, nib))
+    return out
+
+
+def mma_k32(a_regs, b_regs):
+    """mma.m16n8k32.s8 per the PTX fragment tables: a_regs[lane] = 4 regs of 4
+    values, b_regs[lane] = 2 regs of 4 values. Returns D [16, 8]."""
+    A = torch.zeros(16, 32, dtype=torch.long)
+    B = torch.zeros(32, 8, dtype=torch.long)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for r in range(4):
+            A[g + 8 * (r & 1), 16 * (r >> 1) + 4 * t:16 * (r >> 1) + 4 * t + 4] = a_regs[lane][r]
+        for r in range(2):
+            B[16 * r + 4 * t:16 * r + 4 * t + 4, g] = b_regs[lane][r]
+    return A @ B
+
+
+def mma_k64(a_regs, b_regs):
+    """mma.m16n8k64.s4: a reg holds 8 consecutive k (low nibble first)."""
+    A = torch.zeros(16, 64, dtype=torch.long)
+    B = torch.zeros(64, 8, dtype=torch.long)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for r in range(4):
+            A[g + 8 * (r & 1), 32 * (r >> 1) + 8 * t:32 * (r >> 1) + 8 * t + 8] = a_regs[lane][r]
+        for r in range(2):
+            B[32 * r + 8 * t:32 * r + 8 * t + 8, g] = b_regs[lane][r]
+    return A @ B
+
+
+def a_fragments(a_bytes: torch.Tensor):
+    """ldmatrix.x4 of a 16-row x 32-byte k-step: (rows 0-7, bytes 0-15),
+    (rows 8-15, 0-15), (rows 0-7, 16-31), (rows 8-15, 16-31) -> a0..a3."""
+    mats = [ldmatrix(a_bytes[0:8, 0:16]), ldmatrix(a_bytes[8:16, 0:16]),
+            ldmatrix(a_bytes[0:8, 16:32]), ldmatrix(a_bytes[8:16, 16:32])]
+    return [[mats[r][lane] for r in range(4)] for lane in range(32)]
+
+
+def i4w8_permute(codes32: torch.Tensor) -> torch.Tensor:
+    """The activation layout of I4W8 (int_act.h): stored byte p of a 32-chunk."""
+    p = torch.arange(32)
+    q = p % 16
+    return codes32[..., 8 * (q // 4) + 2 * (q % 4) + p // 16]
+
+
+def to_bytes(v: torch.Tensor) -> torch.Tensor:
+    return (v.long() & 0xFF).to(torch.uint8)
+
+
+def test_fragments_int8_mode():
+    """I8: ldmatrix of row-major int8 tiles feeds m16n8k32 with A[m, k], B[k, n]."""
+    x = torch.randint(-127, 128, (16, 32), generator=gen(3))
+    w = torch.randint(-127, 128, (8, 32), generator=gen(4))
+    a = [as_s8(r) for r in a_fragments(to_bytes(x))]
+    bmat0, bmat1 = ldmatrix(to_bytes(w)[:, 0:16]), ldmatrix(to_bytes(w)[:, 16:32])
+    b = [as_s8([bmat0[lane], bmat1[lane]]) for lane in range(32)]
+    assert torch.equal(mma_k32(a, b), x @ w.T)
+
+
+def test_fragments_int4_mode():
+    """I4: canonical int4 pairs, 32 bytes per row and k-step, m16n8k64."""
+    x = torch.randint(-7, 8, (16, 64), generator=gen(5))
+    w = torch.randint(-7, 8, (8, 64), generator=gen(6))
+    xb, wb = to_bytes(pack_int4_pairs(x)), to_bytes(pack_int4_pairs(w))
+    a = [as_s4(r) for r in a_fragments(xb)]
+    bmat0, bmat1 = ldmatrix(wb[:, 0:16]), ldmatrix(wb[:, 16:32])
+    b = [as_s4([bmat0[lane], bmat1[lane]]) for lane in range(32)]
+    assert torch.equal(mma_k64(a, b), x @ w.T)
+
+
+def test_fragments_int4_weights_on_int8_mma():
+    """I4W8: permuted int8 activations, one 16-byte int4 chunk per k-step;
+    low nibbles << 4 and high nibbles in place give 16 * w; sum >> 4 is exact."""
+    x = torch.randint(-127, 128, (16, 32), generator=gen(7))
+    w = torch.randint(-7, 8, (8, 32), generator=gen(8))
+    a = [as_s8(r) for r in a_fragments(to_bytes(i4w8_permute(x)))]
+    packed = ldmatrix(to_bytes(pack_int4_pairs(w)))        # 8 rows x 16 bytes
+    b = []
+    for lane in range(32):
+        word = sum(int(v) << (8 * i) for i, v in enumerate(packed[lane].tolist()))
+        lo, hi = (word << 4) & 0xF0F0F0F0, word & 0xF0F0F0F0
+        regs = [torch.tensor([(r >> (8 * i)) & 0xFF for i in range(4)], dtype=torch.uint8)
+                for r in (lo, hi)]
+        b.append(as_s8(regs))
+    d = mma_k32(a, b)
+    assert bool((d % 16 == 0).all())
+    assert torch.equal(d >> 4, x @ w.T)
+
+
+def test_kernel_mode_choice():
+    assert cia.kernel_mode(8, 8, (9, 0)) == cia.MODE_I8
+    assert cia.kernel_mode(6, 4, (8, 0)) == cia.MODE_I8
+    assert cia.kernel_mode(4, 4, (8, 9)) == cia.MODE_I4
+    assert cia.kernel_mode(4, 4, (9, 0)) == cia.MODE_I4W8   # no int4 MMA on Hopper
+    assert cia.kernel_mode(4, 8, (8, 0)) == cia.MODE_I4W8
+
+
+def test_overflow_guard_and_registration():
+    ok = make_intact(4, 4096, 8, 8, None)
+    assert cia.overflow_reason(ok) is None
+    big = make_intact(2, 140000, 8, 8, None)
+    assert "overflow" in cia.overflow_reason(big)
+    from vlmkern.ops import builtin  # noqa: F401
+    names = [k.name for k in BACKENDS["cuda"].kernels]
+    assert names.count("cuda.int_act") == 1
+    assert BACKENDS["cuda"].auto is True                  # first choice on a GPU
+    if not HAS_GPU:
+        x = torch.randn(2, 4096)
+        assert ops.which_kernel(x, ok) == "torch.int_act"
+
+
+# -- GPU ------------------------------------------------------------------------------------
+def check_close(y, x, qw, bias):
+    """Integer sums are exact; only the fp32 epilogue (kernel) vs fp64
+    (reference) differs, then one rounding to x's dtype."""
+    ref = reference.int_act_matmul(x, qw, bias)
+    qx, sx = reference.quantize_activations(x, qw.a_bits, qw.act_scale)
+    mag = (qx.abs().double() * sx.double()[:, None]) @ qw.dequantize(torch.float64).abs().T
+    if bias is not None:
+        mag = mag + bias.double().abs()
+    eps = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[x.dtype]
+    tol = 1e-5 * mag + eps * ref.double().abs() + 1e-30
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    err = (y.double() - ref.double()).abs()
+    assert bool((err <= tol).all()), f"max err {err.max().item():.3g}"
+
+
+def act(m, k, dtype, seed=1):
+    return torch.randn(m, k, generator=gen(seed)).to("cuda", dtype)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("wa", ALL_WA)
+@pytest.mark.parametrize("group", [None, 128, 32])
+def test_gpu_awkward_shapes(wa, group):
+    qw = make_intact(33, 200, *wa, group, seed=wa[0] * 10 + wa[1], device="cuda")
+    bias = torch.randn(33, generator=gen(2)).cuda()
+    for m, dtype in ((1, torch.float16), (3, torch.bfloat16), (16, torch.float32),
+                     (17, torch.float16), (64, torch.bfloat16), (300, torch.float16)):
+        x = act(m, 200, dtype, seed=m)
+        check_close(cia.int_act_matmul(x, qw, bias), x, qw, bias)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("wa,group", [((8, 8), None), ((8, 8), 128), ((6, 6), 128),
+                                      ((4, 4), 128), ((4, 4), None), ((4, 8), 128)])
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_gpu_4096(wa, group, m):
+    qw = make_intact(4096, 4096, *wa, group, seed=wa[0], device="cuda")
+    bias = torch.randn(4096, generator=gen(3)).cuda().half()
+    for dtype in (torch.float16, torch.bfloat16):
+        x = act(m, 4096, dtype, seed=m)
+        check_close(cia.int_act_matmul(x, qw, bias), x, qw, bias)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_static_scale_nan_token_and_linear(monkeypatch):
+    qw = make_intact(48, 320, 8, 8, 64, act_scale=0.02, seed=5, device="cuda")
+    x = act(5, 320, torch.float16)
+    check_close(cia.int_act_matmul(x, qw), x, qw, None)
+    x[2, 7] = float("nan")
+    x[3, 9] = float("inf")
+    y = cia.int_act_matmul(x, qw)
+    assert not bool(torch.isfinite(y[2]).any()) and not bool(torch.isfinite(y[3]).all())
+    keep = [0, 1, 4]
+    check_close(y[keep], x[keep], qw, None)
+    monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
+    xs = act(4, 320, torch.bfloat16, seed=9)
+    assert ops.which_kernel(xs, qw) == "cuda.int_act"
+    check_close(ops.linear(xs, qw), xs, qw, None)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("wa", [(8, 8), (4, 4), (6, 4)])
+def test_gpu_quantize_op_matches_reference(wa):
+    k, group = 200, 64
+    qw = make_intact(8, k, *wa, group, device="cuda")
+    sm = torch.cuda.get_device_capability()
+    mode = cia.kernel_mode(qw.w_bits, qw.a_bits, sm)
+    lay = cia.padded_layout(k, group, mode)
+    x = act(7, k, torch.float32) * 3
+    x[1, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 3.5, -3.5, 0.0])
+    x[2] = 0.0
+    for scale in (None, 0.037):
+        q, s = torch.ops.vlmkern.int_act_quantize(x, qw.a_bits, scale, lay.group, lay.group_pad,
+                                                  lay.k_pad, mode)
+        q0, s0 = reference.quantize_activations(x, qw.a_bits, scale)
+        assert torch.equal(s.cpu(), s0.cpu())
+        q = q.cpu()
+        if mode == cia.MODE_I4:
+            q = unpack_nibbles(q, lay.k_pad)
+        elif mode == cia.MODE_I4W8:       # undo the chunk permutation
+            chunks = q.long().reshape(q.shape[0], -1, 32)
+            inv = torch.empty_like(chunks)
+            p = torch.arange(32)
+            inv[..., 8 * (p % 16 // 4) + 2 * (p % 4) + p // 16] = chunks
+            q = inv.reshape(q.shape[0], -1)
+        assert torch.equal(q[:, lay.positions()].long(), q0.cpu().long())
+        assert bool((cia.pad_columns(q0.cpu(), lay).long() == q.long()).all())
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_batch_invariant_deterministic_and_routes_agree():
+    qw = make_intact(512, 1024, 8, 8, None, seed=6, device="cuda")
+    qg = make_intact(512, 1024, 4, 4, 128, seed=7, device="cuda")
+    x = act(600, 1024, torch.bfloat16)
+    for w in (qw, qg):
+        full = cia.int_act_matmul(x, w)
+        for m in (1, 3, 16, 17, 64, 300):          # every tile configuration
+            assert torch.equal(cia.int_act_matmul(x[:m], w), full[:m])
+        assert torch.equal(cia.int_act_matmul(x, w), full)
+    a = cia.int_act_matmul(x, qw, path="mma")
+    b = cia.int_act_matmul(x, qw, path="int_mm")
+    assert torch.equal(a, b)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_bad_input_errors():
+    qw = make_intact(16, 64, 8, 8, None, device="cuda")
+    with pytest.raises(ValueError, match="must be \\[M, 64\\]"):
+        cia.int_act_matmul(torch.randn(2, 63, device="cuda"), qw)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        cia.int_act_matmul(torch.randn(2, 64, device="cuda", dtype=torch.float64), qw)
+    with pytest.raises(ValueError, match="same CUDA device"):
+        cia.int_act_matmul(torch.randn(2, 64), qw)
+    lay = cia.padded_layout(64, None, cia.MODE_I8)
+    q, s = torch.ops.vlmkern.int_act_quantize(torch.randn(2, 64, device="cuda"), 8, None,
+                                              lay.group, lay.group_pad, lay.k_pad, 0)
+    with pytest.raises(RuntimeError, match="w_scale_t must have shape"):
+        torch.ops.vlmkern.int_act_gemm(q, s, qw.qweight, torch.ones(1, 15, device="cuda"), None,
+                                       lay.group_pad, 0, torch.float16)
+    with pytest.raises(RuntimeError, match="a_bits must be 4, 6 or 8"):
+        torch.ops.vlmkern.int_act_quantize(torch.randn(2, 64, device="cuda"), 5, None, 64, 64,
+                                           64, 0)
+    with pytest.raises(RuntimeError, match="group_pad"):
+        torch.ops.vlmkern.int_act_quantize(torch.randn(2, 64, device="cuda"), 8, None, 64, 48,
+                                           64, 0)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_ops_trace_under_torch_compile():
+    qw = make_intact(64, 256, 8, 8, 128, device="cuda")
+    kw = cia.to_kernel_weight(qw, cia.MODE_I8)
+    lay = kw.layout
+
+    def f(x):
+        q, s = torch.ops.vlmkern.int_act_quantize(x, 8, None, lay.group, lay.group_pad,
+                                                  lay.k_pad, 0)
+        return torch.ops.vlmkern.int_act_gemm(q, s, kw.w, kw.w_scale_t, None, lay.group_pad, 0,
+                                              x.dtype)
+
+    x = act(5, 256, torch.float16)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=0)

@@ -1,0 +1,357 @@
+"""Tensor-core weight-only kernel (csrc/weight_only_kernel.cu, cuda.weight_only_mma).
+
+On any machine: the load-time layout decoded exactly as the kernel decodes it
+(vlmkern.ops.cuda_weight_only.emulate_dequantize) reproduces the format's
+dequantized weight bit for bit, and the stream-K work split covers every unit
+once. On a GPU with the extension built: the kernel against the dense fp64
+product at real and awkward sizes, batch invariance, determinism and errors.
+"""
+import os
+
+import pytest
+import torch
+
+from vlmkern.formats import QuantizedWeight
+from vlmkern.formats.groupwise import num_groups
+from vlmkern.ops import cuda_weight_only as cw
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _extension_reason() -> str | None:
+    if not HAS_CUDA:
+        return "needs a CUDA GPU"
+    from vlmkern.ext import load_extension
+    module, reason = load_extension()
+    if module is None:
+        return reason
+    if not hasattr(torch.ops.vlmkern, "weight_only_mma"):
+        return "vlmkern._C was built without csrc/weight_only_kernel.cu"
+    return None
+
+
+_SKIP = _extension_reason()
+
+
+def gpu(fn):
+    """GPU test: marked `gpu`, skipped (with the reason) without a GPU or extension."""
+    return pytest.mark.gpu(pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))(fn))
+
+
+# -- weights and inputs -------------------------------------------------------
+def make_weight(n, k, bits, group, sym, scale_dtype=torch.float16, perm=False, seed=0,
+                device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    groups = num_groups(k, group)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g)
+    scales = (torch.rand(n, groups, generator=g) * 0.02 + 0.002).to(scale_dtype)
+    zeros = None if sym else torch.randint(0, 1 << bits, (n, groups), generator=g)
+    p = torch.randperm(k, generator=g) if perm else None
+    return QuantizedWeight.from_codes(codes, scales, zeros, bits, group, p).to(device)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+# -- layout: decoded as the kernel decodes it ----------------------------------------
+# (N, K, group, sym): rows and columns off the 128 tiles, ragged last groups,
+# every slot width (16..128 columns), groups wider than a chunk, one group per row.
+LAYOUT_CASES = [(33, 200, 16, False), (33, 200, 32, True), (200, 72, 64, False),
+                (200, 72, None, True), (130, 520, 128, False), (130, 520, 256, True),
+                (1, 16, None, False), (129, 136, 64, True)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layout_decodes_to_dequantized_weight(bits, dtype):
+    for n, k, group, sym in LAYOUT_CASES:
+        qw = make_weight(n, k, bits, group, sym, scale_dtype=dtype, seed=n + k)
+        got = cw.emulate_dequantize(cw.to_mma_layout(qw, dtype))
+        want = qw.dequantize(torch.float32).to(dtype)
+        assert same_bits(got, want), (n, k, group, sym)
+
+
+def test_layout_with_fp32_scales_rounds_the_scale_once_more():
+    qw = make_weight(40, 136, 4, 32, False, scale_dtype=torch.float32)
+    got = cw.emulate_dequantize(cw.to_mma_layout(qw, torch.float16)).float()
+    want = qw.dequantize(torch.float32)
+    # s is rounded to fp16 first: one extra rounding, at most ~1 ulp of fp16 apart
+    assert torch.allclose(got, want, rtol=2 ** -9, atol=0)
+    assert not torch.equal(got, torch.zeros_like(got))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_layout_sizes_are_bits_per_weight(bits):
+    qw = make_weight(300, 400, bits, 64, False)
+    mw = cw.to_mma_layout(qw, torch.float16)
+    nb, c = 3, 4   # 300 rows -> 3 blocks of 128, 400 columns -> 4 chunks of 128
+    assert mw.wq.shape == (nb, c, 8, 64 * bits) and mw.wq.dtype == torch.int32
+    assert mw.wq.numel() * 32 == nb * 128 * c * 128 * bits          # exactly `bits` per weight
+    assert mw.sz.shape == (nb, c, 8, 2, 8, 2)                          # g64: 2 slots per chunk
+    assert mw.resident_bytes == mw.wq.numel() * 4 + mw.sz.numel() * 4
+
+
+def test_relayout_in_slices_matches_one_piece(monkeypatch):
+    qw = make_weight(300, 260, 3, 32, False)
+    whole = cw.to_mma_layout(qw, torch.bfloat16)
+    monkeypatch.setattr(cw, "_RELAYOUT_WEIGHTS", 1)   # one row block per step
+    sliced = cw.to_mma_layout(qw, torch.bfloat16)
+    assert torch.equal(whole.wq, sliced.wq) and torch.equal(whole.sz, sliced.sz)
+
+
+def test_act_order_is_a_gather_of_x():
+    qw = make_weight(33, 200, 4, 64, False, perm=True)
+    x = torch.randn(5, 200, dtype=torch.float64)
+    stored = cw.emulate_dequantize(cw.to_mma_layout(qw, torch.float16)).double()
+    y = x.index_select(1, qw.perm.long()) @ stored.T          # what the wrapper does
+    assert torch.allclose(y, x @ qw.dequantize(torch.float64).T, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("group", [48, 40, 100, 192])
+def test_unsupported_groups_are_declined_with_a_reason(group):
+    qw = make_weight(16, 400, 4, group, True)
+    why = cw.unsupported_reason(qw)
+    assert why is not None and str(group) in why
+    with pytest.raises(ValueError, match="group size"):
+        cw.to_mma_layout(qw, torch.float16)
+    assert "group size" in cw._check(torch.empty(1, 400), qw)
+
+
+def test_unsupported_bits_and_dtypes():
+    qw8 = make_weight(16, 64, 8, 32, True)
+    assert "8-bit" in cw.unsupported_reason(qw8)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        cw.to_mma_layout(make_weight(16, 64, 4, 32, True), torch.float32)
+
+
+def test_layout_cache_is_reused_and_invalidated():
+    qw = make_weight(40, 136, 4, 32, False)
+    a = cw.kernel_weight(qw, torch.float16)
+    assert cw.kernel_weight(qw, torch.float16) is a
+    assert cw.kernel_weight(qw, torch.bfloat16) is not a
+    qw.scales.mul_(2)                       # an in-place update (e.g. load_state_dict)
+    b = cw.kernel_weight(qw, torch.float16)
+    assert b is not a
+    assert same_bits(cw.emulate_dequantize(b), qw.dequantize(torch.float32).half())
+    assert "wq" not in qw.tensors() and not hasattr(qw, "_mma")   # never in the weight's state
+
+
+@pytest.mark.parametrize("units, ctas, chunks", [
+    (1, 1, 1), (12, 5, 4), (1024, 264, 32), (296 * 28, 264, 28), (28 * 148, 264, 148),
+    (7, 7, 7), (9, 4, 1), (40, 39, 2),
+])
+def test_stream_k_parts_cover_every_unit_once(units, ctas, chunks):
+    parts = cw.stream_k_parts(units, ctas, chunks)
+    assert len(parts) == units // chunks
+    slots = set()
+    for b, block in enumerate(parts):
+        starts = [first for _, first, _ in block]
+        assert starts[0] == b * chunks and starts == sorted(starts)
+        ctas_of_block = [c for c, _, _ in block]
+        assert ctas_of_block == list(range(ctas_of_block[0], ctas_of_block[-1] + 1))
+        for cta, first, _ in block:   # each part is the owner's slice of this block
+            lo, hi = cta * units // ctas, (cta + 1) * units // ctas
+            assert lo <= first < hi and first == max(lo, b * chunks)
+        if len(block) > 1:
+            for _, _, slot in block:
+                assert slot not in slots and 0 <= slot < 2 * ctas
+                slots.add(slot)
+    covered = [u for b, block in enumerate(parts) for cta, first, _ in block
+               for u in range(first, min((cta + 1) * units // ctas, (b + 1) * chunks))]
+    assert covered == list(range(units))
+
+
+def test_work_split_depends_on_shape_and_device_only():
+    assert cw.num_ctas_for(1, 132) == 1
+    assert cw.num_ctas_for(32 * 32, 132) == 264
+    assert cw.num_ctas_for(100, 132) == 100
+
+
+def test_registered_first_and_bounded_in_m():
+    from vlmkern.ops.builtin import CUDA
+    assert CUDA.auto
+    spec = CUDA.kernels[0]
+    assert spec.name == "cuda.weight_only_mma" and spec.max_m == 64 and spec.min_m == 1
+    assert [k.name for k in CUDA.kernels].count("cuda.weight_only_mma") == 1
+    cw.register(CUDA)                       # idempotent
+    assert [k.name for k in CUDA.kernels].count("cuda.weight_only_mma") == 1
+
+
+# -- GPU -------------------------------------------------------------------------------
+def assert_matches_dense(y, x, w, bias):
+    """Error vs the fp64 dense product <= 2x the error of torch run in x's
+    precision (dequantized weight cast to x's dtype), or relative mean error < 1e-3
+    (the rule of tests/test_triton_kernels.py)."""
+    truth = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    wl = w.to(x.dtype)
+    low = (x.float() @ wl.float().T + (0 if bias is None else bias.float())).to(x.dtype)
+    assert y.dtype == x.dtype and y.shape == truth.shape
+    assert torch.isfinite(y).all()
+    err = (y.double() - truth).abs()
+    err_ref = (low.double() - truth).abs().max().item()
+    rel_mean = (err.mean() / truth.abs().mean()).item()
+    assert err.max().item() <= 2 * err_ref + 1e-6 or rel_mean < 1e-3, (
+        f"max err {err.max().item():.3g} vs reference {err_ref:.3g}, rel mean {rel_mean:.3g}")
+
+
+def act(m, k, dtype, seed=1):
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
+
+
+AWKWARD = [(33, 200), (200, 72), (130, 203), (257, 520)]
+
+
+@gpu
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_awkward_shapes(bits, dtype):
+    for n, k in AWKWARD:
+        for group in (32, 64, 128, None):
+            for sym in (True, False):
+                qw = make_weight(n, k, bits, group, sym, scale_dtype=dtype, seed=n * k + bits,
+                                 device="cuda")
+                w = qw.dequantize(torch.float32)
+                bias = torch.randn(n, device="cuda")
+                for m in (1, 3, 16, 17, 64):
+                    x = act(m, k, dtype, seed=m)
+                    for b in (None, bias):
+                        y = cw.weight_only_mma(x, qw, b)
+                        try:
+                            assert_matches_dense(y, x, w, b)
+                        except AssertionError as e:
+                            raise AssertionError(f"n={n} k={k} group={group} sym={sym} m={m} "
+                                                 f"bias={b is not None}: {e}") from None
+
+
+@gpu
+@pytest.mark.parametrize("k, n", [(4096, 4096), (3584, 4608)])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_kernel_real_sizes(k, n, bits):
+    for dtype in (torch.float16, torch.bfloat16):
+        qw = make_weight(n, k, bits, 128, False, scale_dtype=dtype, seed=bits, device="cuda")
+        w = qw.dequantize(torch.float32)
+        bias = torch.randn(n, device="cuda", dtype=dtype)
+        for m in (1, 16, 64):
+            x = act(m, k, dtype, seed=m)
+            assert_matches_dense(cw.weight_only_mma(x, qw, bias), x, w, bias)
+
+
+@gpu
+def test_kernel_group16_group256_fp32_scales_and_act_order():
+    for group, perm, sd in ((16, False, torch.float16), (256, True, torch.float32),
+                            (64, True, torch.bfloat16)):
+        qw = make_weight(200, 1000, 4, group, False, scale_dtype=sd, perm=perm, device="cuda")
+        w = qw.dequantize(torch.float32)
+        for dtype in (torch.float16, torch.bfloat16):
+            x = act(5, 1000, dtype)
+            assert_matches_dense(cw.weight_only_mma(x, qw, None), x, w, None)
+
+
+@gpu
+@pytest.mark.parametrize("k, n", [(3584, 4608), (18944, 256), (200, 33)])
+def test_batch_invariance_and_determinism(k, n):
+    # (18944, 256): two row blocks over 148 chunks each, so every block is
+    # summed from many parts by the fixed-order reduction.
+    for dtype in (torch.float16, torch.bfloat16):
+        qw = make_weight(n, k, 4, 128, False, scale_dtype=dtype, device="cuda")
+        x = act(64, k, dtype)
+        full = cw.weight_only_mma(x, qw, None)
+        assert torch.equal(full, cw.weight_only_mma(x, qw, None))          # run to run
+        for m in (1, 3, 16, 17, 33):
+            part = cw.weight_only_mma(x[:m].clone(), qw, None)
+            assert torch.equal(part, full[:m]), f"rows of M={m} differ from the M=64 batch"
+
+
+@gpu
+def test_counters_are_left_zero():
+    qw = make_weight(256, 18944, 4, 128, False, device="cuda")
+    x = act(2, 18944, torch.float16)
+    cw.weight_only_mma(x, qw, None)
+    torch.cuda.synchronize()
+    assert int(cw._counters(x.device, 2).abs().sum()) == 0
+
+
+@gpu
+def test_selected_by_linear_when_forced(monkeypatch):
+    import vlmkern.ops as ops
+    monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
+    qw = make_weight(64, 256, 4, 64, False, device="cuda")
+    assert ops.which_kernel(act(64, 256, torch.float16), qw) == "cuda.weight_only_mma"
+    assert ops.which_kernel(act(65, 256, torch.float16), qw) == "cuda.dequant_cublas"
+    x = act(7, 256, torch.bfloat16).reshape(7, 1, 256)
+    assert_matches_dense(ops.linear(x, qw).reshape(7, 64), x.reshape(7, 256),
+                         qw.dequantize(torch.float32), None)
+
+
+@gpu
+def test_traceable_by_torch_compile():
+    qw = make_weight(96, 384, 3, 64, False, device="cuda")
+    mw = cw.kernel_weight(qw, torch.bfloat16)
+    counters = cw._counters(torch.device("cuda"), mw.blocks)
+
+    def f(x):
+        return torch.ops.vlmkern.weight_only_mma(x, mw.wq, mw.sz, None, counters, 3, 96,
+                                                 mw.slot_log2, 3) * 2
+
+    x = act(9, 384, torch.bfloat16)
+    eager = f(x)
+    compiled = torch.compile(f, fullgraph=True)(x)
+    assert torch.equal(compiled, eager)
+    meta = torch.ops.vlmkern.weight_only_mma(x.to("meta"), mw.wq.to("meta"), mw.sz.to("meta"),
+                                             None, counters.to("meta"), 3, 96, mw.slot_log2, 3)
+    assert meta.shape == (9, 96) and meta.dtype == torch.bfloat16
+
+
+@gpu
+def test_bad_inputs_give_clear_errors():
+    qw = make_weight(64, 256, 4, 64, False, device="cuda")
+    mw = cw.kernel_weight(qw, torch.float16)
+    x = act(4, 256, torch.float16)
+    counters = cw._counters(x.device, mw.blocks)
+    op = torch.ops.vlmkern.weight_only_mma
+
+    def call(**kw):
+        a = dict(x=x, wq=mw.wq, sz=mw.sz, bias=None, counters=counters, bits=4,
+                 out_features=64, slot_log2=mw.slot_log2, num_ctas=1)
+        a.update(kw)
+        return op(a["x"], a["wq"], a["sz"], a["bias"], a["counters"], a["bits"],
+                  a["out_features"], a["slot_log2"], a["num_ctas"])
+
+    with pytest.raises(RuntimeError, match="at most 64"):
+        call(x=act(65, 256, torch.float16))
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        call(x=x.float())
+    with pytest.raises(RuntimeError, match="bits must be"):
+        call(bits=5)
+    with pytest.raises(RuntimeError, match="wq must have shape"):
+        call(bits=3)
+    with pytest.raises(RuntimeError, match="out_features"):
+        call(out_features=200)
+    with pytest.raises(RuntimeError, match="chunks"):
+        call(x=act(4, 512, torch.float16))
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        call(x=act(4, 250, torch.float16))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        call(x=act(4, 512, torch.float16)[:, ::2])
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        call(bias=torch.zeros(63, device="cuda"))
+    with pytest.raises(RuntimeError, match="num_ctas"):
+        call(num_ctas=mw.blocks * mw.chunks + 1)
+    with pytest.raises((RuntimeError, NotImplementedError), match="CPU|CUDA tensor"):
+        call(x=x.cpu(), wq=mw.wq.cpu(), sz=mw.sz.cpu(), counters=counters.cpu())
+    with pytest.raises(ValueError, match=r"x must be \[M, 256\]"):
+        cw.weight_only_mma(act(4, 255, torch.float16), qw)
+    with pytest.raises(ValueError, match="M <= 64"):
+        cw.weight_only_mma(act(65, 256, torch.float16), qw)
+    assert cw.weight_only_mma(act(0, 256, torch.float16), qw).shape == (0, 64)
+
+
+if os.environ.get("VLMKERN_WO_SANITIZE"):   # small run under compute-sanitizer memcheck
+    @gpu
+    def test_sanitizer_smoke():
+        for bits in (2, 3, 4):
+            qw = make_weight(130, 203, bits, 64, False, device="cuda")
+            for m in (1, 17, 64):
+                cw.weight_only_mma(act(m, 203, torch.float16), qw, torch.randn(130, device="cuda"))
+        torch.cuda.synchronize()

@@ -1,0 +1,155 @@
+"""Binarized (BiLLM-style) matmul on the CUDA extension (csrc/binary_kernel.cu).
+
+The kernel reads the ``binary`` format's bit planes directly (2 bits per
+weight plus 8 statistics per row and block) and never forms a dense weight:
+tensor-core MMAs on +-1 planes give the per-block sums the statistics
+multiply (see csrc/binary.h for the algebra). fp16/bf16 activations, fp32
+accumulation, block sizes that are multiples of 32.
+
+Load-time layout: the sign and aux rows must be a multiple of 4 words (one
+16-byte load per 128 columns). When ceil(K/32) is not, a zero-padded copy is
+made once per weight and device and cached beside the weight, never in its
+state or checkpoints; otherwise the stored planes are used as they are.
+
+Work split: K is cut into ``ksplit`` parts (whole units of
+lcm(block_size, 128) columns) so that small-N layers still fill the GPU; the
+parts are summed in order by a second pass. ``ksplit`` depends on the
+weight's shape and the device only, never on M, so a row's result is the same
+in any batch.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..formats.binary import BinaryWeight
+
+ACT_DTYPES = (torch.float16, torch.bfloat16)
+ROWS_PER_BLOCK = 64          # 4 warps x 16 rows (kRowsPerCta in the kernel)
+CHUNK = 128                  # columns per 16-byte plane load
+BLOCKS_PER_SM = 8            # thread blocks of 4 warps wanted per multiprocessor
+MAX_M = 256                  # beyond this, a dense tiled GEMM does better
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def unsupported_reason(qweight: BinaryWeight) -> str | None:
+    if qweight.block_size % 32:
+        return f"block_size {qweight.block_size} is not a multiple of 32"
+    return None
+
+
+def choose_ksplit(n: int, k: int, block_size: int, multiprocessors: int) -> int:
+    """Parts to split K into: enough thread blocks for the device, at most one
+    part per unit of lcm(block_size, 128) columns."""
+    unit = block_size * CHUNK // math.gcd(block_size, CHUNK)
+    units = _cdiv(k, unit)
+    row_blocks = _cdiv(n, ROWS_PER_BLOCK)
+    want = _cdiv(BLOCKS_PER_SM * multiprocessors, row_blocks)
+    return max(1, min(units, want, 65535))
+
+
+def padded_planes(qweight: BinaryWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """sign and aux with rows padded to a multiple of 4 int32 words (zeros)."""
+    words = qweight.sign.shape[1]
+    pad = -words % 4
+    out = []
+    for plane in (qweight.sign, qweight.aux):
+        p = torch.nn.functional.pad(plane, (0, pad)) if pad else plane.contiguous()
+        if p.data_ptr() % 16:
+            p = p.clone()
+        out.append(p)
+    return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class KernelPlanes:
+    sign: torch.Tensor
+    aux: torch.Tensor
+    ksplit: int
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[BinaryWeight, dict]" = weakref.WeakKeyDictionary()
+_SM_COUNT: dict[int, int] = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _version(qweight: BinaryWeight) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in qweight.tensors().values())
+
+
+def kernel_planes(qweight: BinaryWeight) -> KernelPlanes:
+    per_weight = _LAYOUTS.setdefault(qweight, {})
+    device = qweight.sign.device
+    version = _version(qweight)
+    hit = per_weight.get(device)
+    if hit is None or hit[0] != version:
+        sign, aux = padded_planes(qweight)
+        n, k = qweight.shape
+        split = choose_ksplit(n, k, qweight.block_size, _multiprocessors(device))
+        hit = (version, KernelPlanes(sign, aux, split))
+        per_weight[device] = hit
+    return hit[1]
+
+
+def binary_matmul(x: torch.Tensor, qweight: BinaryWeight,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias for a BinaryWeight. x [M, K] float16/bfloat16 on a
+    CUDA device; bias [N] (fp16/bf16/fp32) or None -> [M, N] in x's dtype."""
+    from ..ext import load_extension
+
+    module, reason = load_extension()
+    if module is None:
+        raise RuntimeError(f"cuda.binary needs the CUDA extension: {reason}")
+    if not hasattr(torch.ops.vlmkern, "binary_matmul"):
+        raise RuntimeError("cuda.binary: the installed vlmkern._C was built without "
+                           "csrc/binary_kernel.cu; rebuild the package")
+    if x.dim() != 2 or x.shape[1] != qweight.in_features:
+        raise ValueError(f"x must be [M, {qweight.in_features}], got {tuple(x.shape)}")
+    if x.dtype not in ACT_DTYPES:
+        raise TypeError(f"cuda.binary: x must be float16 or bfloat16, got {x.dtype}")
+    if not x.is_cuda or x.device != qweight.device:
+        raise ValueError(f"cuda.binary: x ({x.device}) and the weight ({qweight.device}) must be "
+                         f"on the same CUDA device")
+    why = unsupported_reason(qweight)
+    if why:
+        raise ValueError(f"cuda.binary: {why}")
+    if x.shape[0] == 0:
+        return x.new_empty(0, qweight.out_features)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if bias is not None:
+        if bias.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            bias = bias.float()
+        bias = bias.contiguous()
+    kp = kernel_planes(qweight)
+    return torch.ops.vlmkern.binary_matmul(x, qweight.salient.contiguous(), kp.sign, kp.aux,
+                                           qweight.stats.contiguous(), bias,
+                                           qweight.in_features, qweight.block_size, kp.ksplit)
+
+
+def _check(x: torch.Tensor, qweight) -> str | None:
+    why = unsupported_reason(qweight)
+    return None if why is None else f"cuda.binary: {why}"
+
+
+def register(backend) -> None:
+    """Add the kernel to the CUDA backend (idempotent)."""
+    from .backends import KernelSpec
+
+    spec = KernelSpec("cuda.binary", "binary", binary_matmul, bits=frozenset({1}),
+                      dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}), min_m=1,
+                      max_m=MAX_M, min_sm=(8, 0), check=_check)
+    if not any(k.name == spec.name for k in backend.kernels):
+        backend.register(spec)

@@ -1,0 +1,239 @@
+"""Integer-activation matmul on the CUDA extension (csrc/int_act_kernel.cu):
+W8A8, W6A6, W4A4 and every mixed width, fp16/bf16/fp32 activations.
+
+Each call is two launches: ``int_act_quantize`` quantizes all tokens at once
+(per-token absmax scale, or the static ``act_scale``) into the kernel's
+padded layout, then ``int_act_gemm`` multiplies on the integer tensor cores
+with exact int32 sums per weight group and applies w_scale, the token scale
+and the bias in its epilogue.
+
+Kernel modes (the MMA each width combination runs on):
+  I8    weights stored as int8 (6 or 8 bits, or 4-bit activations with
+        8/6-bit weights); int8 MMA.
+  I4    W4A4 on sm_80..sm_89: int4 activations and weights, int4 MMA.
+  I4W8  4-bit weights otherwise (W4A4 on Hopper, W4A6, W4A8): int8
+        activations, int4 weights widened to int8 in registers, int8 MMA.
+
+Load-time layout (cached beside the weight per device and mode, never in its
+state or checkpoints): K is padded per group so every group starts on an MMA
+k-step (group i covers padded columns [i*gp, i*gp + g), zeros up to
+(i+1)*gp) and the row ends on a multiple of two k-steps. For the common
+shapes (K a multiple of 64, group 128 or one group per row) the padded layout
+is the canonical one and the stored tensor is used as is. Scales are kept as
+fp32 [G, N].
+
+Per-channel 8-bit-storage weights at large M can instead take the integer
+product from ``torch._int_mm`` (cuBLASLt) followed by the same epilogue:
+both routes give the same bits (see ``INT_MM_MIN_M``).
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..formats.intact import IntActWeight, qmax
+from ..formats.packing import pack_int4_pairs
+
+MODE_I8, MODE_I4, MODE_I4W8 = 0, 1, 2
+K_STEP = {MODE_I8: 32, MODE_I4: 64, MODE_I4W8: 32}
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BIAS_DTYPES = ACT_DTYPES
+# M from which per-channel int8-storage weights use torch._int_mm + the
+# epilogue kernel on sm_90+ (None: never). Which route is faster is a
+# benchmark question; both give the same bits.
+INT_MM_MIN_M: int | None = 512
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def kernel_mode(w_bits: int, a_bits: int, sm: tuple[int, int]) -> int:
+    """The MMA a width combination runs on for a device of capability ``sm``."""
+    if w_bits != 4:
+        return MODE_I8
+    return MODE_I4 if a_bits == 4 and sm[0] < 9 else MODE_I4W8
+
+
+@dataclass(frozen=True)
+class PaddedLayout:
+    """Where logical column k sits in the kernel's padded K (see module doc)."""
+
+    in_features: int
+    group: int        # logical group size g (in_features for one group per row)
+    group_pad: int    # gp: g rounded up to the MMA k-step
+    groups: int
+    k_pad: int        # padded row length, a multiple of two k-steps
+
+    def positions(self, device=None) -> torch.Tensor:
+        """Padded position of every logical column: int64 [K]."""
+        k = torch.arange(self.in_features, device=device)
+        return (k // self.group) * self.group_pad + k % self.group
+
+    @property
+    def is_identity(self) -> bool:
+        return self.k_pad == self.in_features and (self.groups == 1 or
+                                                    self.group == self.group_pad)
+
+
+def padded_layout(in_features: int, group_size: int | None, mode: int) -> PaddedLayout:
+    step = K_STEP[mode]
+    g = in_features if group_size is None or group_size >= in_features else int(group_size)
+    gp = _cdiv(g, step) * step
+    groups = _cdiv(in_features, g)
+    k_pad = _cdiv(groups * gp, 2 * step) * 2 * step
+    return PaddedLayout(in_features, g, gp, groups, k_pad)
+
+
+def pad_columns(codes: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
+    """Signed codes [R, K] -> int8 [R, k_pad] in the padded layout (zeros elsewhere)."""
+    out = torch.zeros(codes.shape[0], layout.k_pad, dtype=torch.int8, device=codes.device)
+    out[:, layout.positions(codes.device)] = codes.to(torch.int8)
+    return out
+
+
+@dataclass(frozen=True)
+class KernelWeight:
+    layout: PaddedLayout
+    mode: int
+    w: torch.Tensor          # int8 [N, k_pad] (I8) or int4 pairs [N, k_pad/2]
+    w_scale_t: torch.Tensor  # fp32 [G, N]
+
+
+def to_kernel_weight(qweight: IntActWeight, mode: int) -> KernelWeight:
+    """Re-lay ``qweight`` out for ``mode`` (pure torch, any device)."""
+    layout = padded_layout(qweight.in_features, qweight.group_size, mode)
+    four_bit = mode in (MODE_I4, MODE_I4W8)
+    if four_bit != (qweight.w_bits == 4):
+        raise ValueError(f"mode {mode} does not match {qweight.w_bits}-bit weights")
+    if layout.is_identity and (not four_bit or qweight.in_features % 2 == 0):
+        w = qweight.qweight.contiguous()     # already the kernel's layout
+    else:
+        padded = pad_columns(qweight.codes(), layout)
+        w = pack_int4_pairs(padded) if four_bit else padded
+    w_scale_t = qweight.scales.float().t().contiguous()
+    return KernelWeight(layout, mode, w, w_scale_t)
+
+
+# -- cache: one layout per weight, device and mode -------------------------------------
+_LAYOUTS: "weakref.WeakKeyDictionary[IntActWeight, dict]" = weakref.WeakKeyDictionary()
+_SM: dict[int, tuple[int, int]] = {}
+
+
+def _version(qweight: IntActWeight) -> tuple:
+    # In-place updates of the weight's tensors (load_state_dict) invalidate the layout.
+    return tuple((t.data_ptr(), t._version) for t in qweight.tensors().values())
+
+
+def _device_sm(device: torch.device) -> tuple[int, int]:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM:
+        _SM[idx] = torch.cuda.get_device_capability(idx)
+    return _SM[idx]
+
+
+def kernel_weight(qweight: IntActWeight, mode: int) -> KernelWeight:
+    per_weight = _LAYOUTS.setdefault(qweight, {})
+    key = (qweight.qweight.device, mode)
+    version = _version(qweight)
+    hit = per_weight.get(key)
+    if hit is None or hit[0] != version:
+        hit = (version, to_kernel_weight(qweight, mode))
+        per_weight[key] = hit
+    return hit[1]
+
+
+# -- limits -------------------------------------------------------------------------
+def overflow_reason(qweight: IntActWeight) -> str | None:
+    """int32 accumulators hold one group's sum: refuse what could overflow them."""
+    layout = padded_layout(qweight.in_features, qweight.group_size, MODE_I8)
+    widen = 16 if qweight.w_bits == 4 else 1     # I4W8 multiplies weights by 16
+    worst = qmax(qweight.a_bits) * qmax(qweight.w_bits) * widen * layout.group
+    if worst >= 2 ** 31:
+        return (f"a group of {layout.group} columns could overflow the int32 accumulator "
+                f"({qweight.w_bits}-bit weights, {qweight.a_bits}-bit activations)")
+    return None
+
+
+def _require_ops() -> None:
+    from ..ext import load_extension
+
+    module, reason = load_extension()
+    if module is None:
+        raise RuntimeError(f"cuda.int_act needs the CUDA extension: {reason}")
+    if not hasattr(torch.ops.vlmkern, "int_act_gemm"):
+        raise RuntimeError("cuda.int_act: the installed vlmkern._C was built without "
+                           "csrc/int_act_kernel.cu; rebuild the package")
+
+
+def _use_int_mm(path: str, kw: KernelWeight, m: int, n: int, sm: tuple[int, int]) -> bool:
+    if path == "mma" or kw.mode != MODE_I8 or kw.layout.groups != 1:
+        return False
+    fits = m > 16 and n % 8 == 0 and kw.layout.k_pad % 8 == 0
+    if path == "int_mm":
+        if not fits:
+            raise ValueError(f"path='int_mm' needs one group per row, M > 16 and N % 8 == 0 "
+                             f"(got M={m}, N={n}, {kw.layout.groups} groups)")
+        return True
+    return fits and sm >= (9, 0) and INT_MM_MIN_M is not None and m >= INT_MM_MIN_M
+
+
+def int_act_matmul(x: torch.Tensor, qweight: IntActWeight, bias: torch.Tensor | None = None,
+                   *, path: str = "auto") -> torch.Tensor:
+    """y = x @ (dequantized W)^T + bias with per-token quantized activations and
+    exact integer accumulation (the semantics of reference.int_act_matmul).
+
+    x [M, K] float16/bfloat16/float32 on a CUDA device; bias [N] (any of those
+    dtypes) or None -> [M, N] in x's dtype. ``path``: "auto", "mma" (always the
+    custom GEMM) or "int_mm" (torch._int_mm + epilogue; per-channel int8 only).
+    """
+    _require_ops()
+    if path not in ("auto", "mma", "int_mm"):
+        raise ValueError(f"path must be 'auto', 'mma' or 'int_mm', got {path!r}")
+    if x.dim() != 2 or x.shape[1] != qweight.in_features:
+        raise ValueError(f"x must be [M, {qweight.in_features}], got {tuple(x.shape)}")
+    if x.dtype not in ACT_DTYPES:
+        raise TypeError(f"cuda.int_act: x must be float16, bfloat16 or float32, got {x.dtype}")
+    if not x.is_cuda or x.device != qweight.device:
+        raise ValueError(f"cuda.int_act: x ({x.device}) and the weight ({qweight.device}) must "
+                         f"be on the same CUDA device")
+    why = overflow_reason(qweight)
+    if why:
+        raise ValueError(f"cuda.int_act: {why}")
+    m, n = x.shape[0], qweight.out_features
+    if m == 0:
+        return x.new_empty(0, n)
+    if bias is not None:
+        if bias.dtype not in BIAS_DTYPES:
+            bias = bias.float()
+        bias = bias.contiguous()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    sm = _device_sm(x.device)
+    kw = kernel_weight(qweight, kernel_mode(qweight.w_bits, qweight.a_bits, sm))
+    lay = kw.layout
+    q, sx = torch.ops.vlmkern.int_act_quantize(x, qweight.a_bits, qweight.act_scale, lay.group,
+                                               lay.group_pad, lay.k_pad, kw.mode)
+    if _use_int_mm(path, kw, m, n, sm):
+        acc = torch._int_mm(q, kw.w.t())
+        return torch.ops.vlmkern.int_act_scale_int32(acc, sx, kw.w_scale_t[0], bias, x.dtype)
+    return torch.ops.vlmkern.int_act_gemm(q, sx, kw.w, kw.w_scale_t, bias, lay.group_pad,
+                                          kw.mode, x.dtype)
+
+
+def _check(x: torch.Tensor, qweight) -> str | None:
+    why = overflow_reason(qweight)
+    return None if why is None else f"cuda.int_act: {why}"
+
+
+def register(backend) -> None:
+    """Add the kernel to the CUDA backend (idempotent)."""
+    from .backends import KernelSpec
+
+    spec = KernelSpec("cuda.int_act", "int_act", int_act_matmul, bits=frozenset({4, 6, 8}),
+                      dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}), min_sm=(8, 0),
+                      check=_check)
+    if not any(k.name == spec.name for k in backend.kernels):
+        backend.register(spec)

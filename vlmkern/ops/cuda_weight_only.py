@@ -1,0 +1,386 @@
+"""Tensor-core weight-only matmul (csrc/weight_only_kernel.cu) for M = 1..64.
+
+Load-time layout. The kernel never reads the canonical bit stream: the first
+call for a weight on a device (and activation dtype) re-lays it out once, and
+the result is cached beside the weight, never in its state or checkpoints.
+
+* Rows are padded to blocks of 128 (8 tiles of 16, one per warp), columns to
+  chunks of 128 (8 k16 MMA steps). Padding codes are 0 and padding scales 0.
+* Within a 16x128 tile, lane ``4g + t`` of a warp holds, for each k16 step
+  ``kt`` and A-fragment register ``r`` (PTX m16n8k16 layout), the two codes at
+  row ``g + 8*(r % 2)``, columns ``16kt + 2t + 8*(r // 2) + (0, 1)``.
+  4 bits: word ``kt`` holds step kt, register r at bits ``4r`` and ``16+4r``.
+  2 bits: word ``kt // 2`` holds register r of step kt at bits ``2p``,
+  ``16+2p`` with ``p = 4*(kt % 2) + r``.
+  3 bits: the 2-bit plane of the low two bits (4 words) plus a 1-bit plane of
+  the third bit (2 words): word ``kt // 4`` at bits ``p``, ``16+p`` with
+  ``p = 4*(kt % 4) + r``. That is exactly 3 bits per weight, and each plane
+  decodes with a shift and a mask.
+  Words are stored in planes of 4 per lane (16-byte loads): 4 bits: two
+  [32 lanes][4] planes; 2 bits: one; 3 bits: one [32][4] and one [32][2].
+* Scales: per chunk, ``8 >> slot_log2`` slots of ``16 << slot_log2`` columns
+  (the group size up to 128; one slot per chunk for larger groups or one group
+  per row). For the row pair (g, g+8) of a tile, one slot stores the two scales
+  and ``-(magic + zero)`` of the two rows as 16-bit patterns of the activation
+  type (magic = 1024 for fp16, 128 for bf16: OR-ing a code into the mantissa
+  of the magic number gives magic + code), so the kernel spends two fused
+  multiply-adds per pair of weights and no int-to-float conversion.
+
+Act-order weights: the wrapper gathers x's columns with ``perm`` (one
+index_select of an [M, K] tensor); the weight layout stays in stored order.
+
+Work split: units of (128 rows, 128 columns) are split evenly and in order
+over ``2 * multiprocessors`` thread blocks (stream-K, see the kernel); the
+count depends on the weight's shape and the device only, never on M, so a
+row's result is the same bit for bit in any batch of 1..64 rows.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..formats.groupwise import QuantizedWeight
+from ..formats.packing import unpack_bits
+
+BLOCK_ROWS = 128          # output rows per unit: 8 warps x 16
+CHUNK = 128               # input columns per unit
+MAX_M = 64
+SUPPORTED_BITS = (2, 3, 4)
+ACT_DTYPES = (torch.float16, torch.bfloat16)
+_MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300}
+_SIGN = 0x8000
+CTAS_PER_SM = 2           # matches __launch_bounds__(256, 2) in the kernel
+_RELAYOUT_WEIGHTS = 1 << 24  # weights re-laid out per step
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _as_int32(words: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit values held in int64 -> int32 with the same bits."""
+    return torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32)
+
+
+def _as_uint32(words: torch.Tensor) -> torch.Tensor:
+    return words.to(torch.int64) & 0xFFFFFFFF
+
+
+def _bits16(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 16-bit patterns of ``values`` rounded to dtype, as int64 in [0, 65535]."""
+    return values.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def unsupported_reason(qweight: QuantizedWeight) -> str | None:
+    """Why the kernel layout cannot hold this weight, or None."""
+    if qweight.bits not in SUPPORTED_BITS:
+        return f"{qweight.bits}-bit weights unsupported (2, 3 or 4)"
+    g, k = qweight.group_size, qweight.in_features
+    if g is None or g >= k:
+        return None
+    if g % 16 or (CHUNK % g and g % CHUNK):
+        return f"group size {g} unsupported (16, 32, 64, a multiple of 128, or one group per row)"
+    return None
+
+
+def slot_log2_for(group_size: int | None, in_features: int) -> int:
+    """log2 of k16 steps per scale slot: 0..3 (slots of 16..128 columns)."""
+    if group_size is None or group_size >= in_features or group_size >= CHUNK:
+        return 3
+    return (group_size // 16).bit_length() - 1
+
+
+@dataclass(frozen=True, eq=False)
+class MmaWeight:
+    """A group-wise weight in the kernel's layout (see the module docstring)."""
+
+    wq: torch.Tensor        # int32 [NB, C, 8, 64*bits]
+    sz: torch.Tensor        # int32 [NB, C, 8, 8 >> slot_log2, 8, 2]
+    bits: int
+    out_features: int
+    in_features: int
+    slot_log2: int
+    dtype: torch.dtype      # activation dtype the scales were rounded to
+
+    @property
+    def blocks(self) -> int:
+        return self.wq.shape[0]
+
+    @property
+    def chunks(self) -> int:
+        return self.wq.shape[1]
+
+    @property
+    def resident_bytes(self) -> int:
+        """Device bytes of this layout (codes + scales/zeros), padding included."""
+        return self.wq.numel() * 4 + self.sz.numel() * 4
+
+
+def _lane_codes(codes: torch.Tensor, nb: int, c: int) -> torch.Tensor:
+    """Padded codes [NB*128, C*128] -> [NB, C, 8 tiles, 32 lanes, 8 kt, 4 r, 2 h]."""
+    # row in tile = 8*rh + g; column in step = 8*ch + 2t + h; register r = 2*ch + rh
+    q = codes.reshape(nb, 8, 2, 8, c, 8, 2, 4, 2)           # b w rh g c kt ch t h
+    q = q.permute(0, 4, 1, 3, 7, 5, 6, 2, 8)                # b c w g t kt ch rh h
+    return q.reshape(nb, c, 8, 32, 8, 4, 2)
+
+
+def _pack_planes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Lane codes [..., 32, 8, 4, 2] (int64) -> int32 words [..., 64*bits]."""
+    lead = q.shape[:-4]
+    r = torch.arange(4, device=q.device).view(4, 1)
+    h = torch.arange(2, device=q.device).view(1, 2)
+    if bits == 4:
+        words = (q << (4 * r + 16 * h)).sum(dim=(-1, -2))                 # [..., 32, 8 kt]
+        planes = words.reshape(*lead, 32, 2, 4).transpose(-3, -2)         # [..., 2, 32, 4]
+        return _as_int32(planes.reshape(*lead, 256))
+    low = q & 3
+    j = torch.arange(2, device=q.device).view(2, 1, 1)
+    low = low.reshape(*lead, 32, 4, 2, 4, 2)                               # v j r h
+    words = (low << (2 * (4 * j + r) + 16 * h)).sum(dim=(-1, -2, -3))     # [..., 32, 4]
+    if bits == 2:
+        return _as_int32(words.reshape(*lead, 128))
+    high = (q >> 2).reshape(*lead, 32, 2, 4, 4, 2)                        # v j r h
+    j4 = torch.arange(4, device=q.device).view(4, 1, 1)
+    hwords = (high << ((4 * j4 + r) + 16 * h)).sum(dim=(-1, -2, -3))      # [..., 32, 2]
+    return _as_int32(torch.cat([words.reshape(*lead, 128), hwords.reshape(*lead, 64)], dim=-1))
+
+
+def _pack_scales(qweight: QuantizedWeight, dtype: torch.dtype, nb: int, c: int,
+                 slot_log2: int) -> torch.Tensor:
+    n, k = qweight.out_features, qweight.in_features
+    g = k if qweight.group_size is None else qweight.group_size
+    groups = qweight.num_groups
+    slots = 8 >> slot_log2
+    dev = qweight.qweight.device
+    # group of every (chunk, slot): the group of the slot's first column
+    first_col = (torch.arange(c, device=dev).view(c, 1) * CHUNK
+                 + torch.arange(slots, device=dev).view(1, slots) * (16 << slot_log2))
+    gi = torch.clamp(first_col // g, max=groups - 1).reshape(-1)
+    scale = _bits16(qweight.scales, dtype)
+    negz = (_MAGIC[dtype] | qweight.zeros()) | _SIGN               # -(magic + z)
+    rows = nb * BLOCK_ROWS
+    scale = torch.nn.functional.pad(scale, (0, 0, 0, rows - n))[:, gi]
+    negz = torch.nn.functional.pad(negz, (0, 0, 0, rows - n), value=_MAGIC[dtype] | _SIGN)[:, gi]
+
+    def per_lane(v):  # [rows, c*slots] -> [NB, C, 8 w, slots, 8 g, 2 rh]
+        return v.reshape(nb, 8, 2, 8, c, slots).permute(0, 4, 1, 5, 3, 2)
+
+    s, z = per_lane(scale), per_lane(negz)
+    words = torch.stack([s[..., 0] | (s[..., 1] << 16), z[..., 0] | (z[..., 1] << 16)], dim=-1)
+    return _as_int32(words).contiguous()
+
+
+def to_mma_layout(qweight: QuantizedWeight, dtype: torch.dtype) -> MmaWeight:
+    """Re-lay out a group-wise weight for the kernel (any device; pure torch)."""
+    why = unsupported_reason(qweight)
+    if why is not None:
+        raise ValueError(f"cuda.weight_only_mma: {why}")
+    if dtype not in ACT_DTYPES:
+        raise ValueError(f"cuda.weight_only_mma: activations must be float16 or bfloat16, got {dtype}")
+    n, k = qweight.out_features, qweight.in_features
+    nb, c = _cdiv(n, BLOCK_ROWS), _cdiv(k, CHUNK)
+    wq = torch.empty(nb, c, 8, 64 * qweight.bits, dtype=torch.int32, device=qweight.qweight.device)
+    # A slice of row blocks at a time bounds the int64 temporaries (~100 bytes per weight).
+    step = max(1, _RELAYOUT_WEIGHTS // (BLOCK_ROWS * c * CHUNK))
+    for b0 in range(0, nb, step):
+        b1 = min(nb, b0 + step)
+        rows = qweight.qweight[b0 * BLOCK_ROWS: b1 * BLOCK_ROWS]
+        codes = unpack_bits(rows, qweight.bits, k)
+        codes = torch.nn.functional.pad(codes, (0, c * CHUNK - k, 0, (b1 - b0) * BLOCK_ROWS - codes.shape[0]))
+        wq[b0:b1] = _pack_planes(_lane_codes(codes, b1 - b0, c), qweight.bits)
+    slot_log2 = slot_log2_for(qweight.group_size, k)
+    sz = _pack_scales(qweight, dtype, nb, c, slot_log2)
+    return MmaWeight(wq, sz, qweight.bits, n, k, slot_log2, dtype)
+
+
+# -- the kernel's decode, emulated in torch (for tests on machines without a GPU) ---
+def _fragment_magic_codes(words: torch.Tensor, bits: int, magic2: int) -> torch.Tensor:
+    """Lane words [..., 32, 2*bits] (uint32 in int64) -> magic + code pairs
+    [..., 32, 8 kt, 4 r] as 32-bit words, with the kernel's shifts and masks."""
+    out = []
+    for kt in range(8):
+        regs = []
+        for r in range(4):
+            if bits == 4:
+                v = (words[..., kt] >> (4 * r)) & 0x000F000F
+            else:
+                p = 4 * (kt % 2) + r
+                v = (words[..., kt // 2] >> (2 * p)) & 0x00030003
+                if bits == 3:
+                    ph = 4 * (kt % 4) + r
+                    hi = words[..., 4 + kt // 4]
+                    hi2 = (hi >> (ph - 2)) if ph >= 2 else ((hi << (2 - ph)) & 0xFFFFFFFF)
+                    v = v | (hi2 & 0x00040004)
+            regs.append(v | magic2)
+        out.append(torch.stack(regs, dim=-1))
+    return torch.stack(out, dim=-2)
+
+
+def _lane_words(wq: torch.Tensor, bits: int) -> torch.Tensor:
+    """[NB, C, 8, 64*bits] int32 -> per-lane words [NB, C, 8, 32, 2*bits] as uint32."""
+    w = _as_uint32(wq)
+    lead = w.shape[:-1]
+    if bits == 4:
+        return w.reshape(*lead, 2, 32, 4).transpose(-3, -2).reshape(*lead, 32, 8)
+    low = w[..., :128].reshape(*lead, 32, 4)
+    if bits == 2:
+        return low
+    return torch.cat([low, w[..., 128:].reshape(*lead, 32, 2)], dim=-1)
+
+
+def _half_values(bits16: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.where(bits16 >= 0x8000, bits16 - 0x10000, bits16).to(torch.int16).view(dtype)
+
+
+def emulate_dequantize(mw: MmaWeight) -> torch.Tensor:
+    """The weight [N, K] in mw.dtype exactly as the kernel's A fragments hold it:
+    the packed words decoded with the kernel's bit operations, then
+    (magic + q) - (magic + z) (exact) and * s (one rounding) in mw.dtype."""
+    nb, c = mw.blocks, mw.chunks
+    dt = mw.dtype
+    magic2 = _MAGIC[dt] * 0x10001
+    regs = _fragment_magic_codes(_lane_words(mw.wq, mw.bits), mw.bits, magic2)  # b c w lane kt r
+    dev = mw.wq.device
+    sz = _as_uint32(mw.sz)                                     # b c w slot g word
+    slot = torch.arange(8, device=dev) >> mw.slot_log2         # per kt
+    sv = sz[:, :, :, slot]                                     # b c w kt g word
+    g_of_lane = torch.arange(32, device=dev) // 4
+    sv = sv[:, :, :, :, g_of_lane]                             # b c w kt lane word
+    sv = sv.permute(0, 1, 2, 4, 3, 5)                          # b c w lane kt word
+    rh = torch.arange(4, device=dev) % 2                       # row g (0) or g+8 (1) per r
+    s16 = (sv[..., 0:1] >> (16 * rh)) & 0xFFFF                 # b c w lane kt r
+    z16 = (sv[..., 1:2] >> (16 * rh)) & 0xFFFF
+    halves = torch.stack([regs & 0xFFFF, regs >> 16], dim=-1)  # ... r h
+    q = _half_values(halves, dt)
+    d = q + _half_values(z16, dt).unsqueeze(-1)                # fma(q, 1, -(magic+z)): exact
+    w = d * _half_values(s16, dt).unsqueeze(-1)                # fma(d, s, -0): rounded once
+    # [b c w lane kt r h] -> rows (b, w, rh, g), columns (c, kt, ch, t, h)
+    w = w.reshape(nb, c, 8, 8, 4, 8, 2, 2, 2)                  # b c w g t kt ch rh h
+    w = w.permute(0, 2, 7, 3, 1, 5, 6, 4, 8).reshape(nb * BLOCK_ROWS, c * CHUNK)
+    return w[:mw.out_features, :mw.in_features]
+
+
+# -- work split ----------------------------------------------------------------
+def num_ctas_for(units: int, multiprocessors: int) -> int:
+    """Thread blocks of one launch: enough to fill every SM twice, never more
+    than there are units. Depends on the weight's shape and the device only."""
+    return max(1, min(units, CTAS_PER_SM * multiprocessors))
+
+
+def stream_k_parts(units: int, ctas: int, chunks: int) -> list[list[tuple[int, int, int]]]:
+    """For each row block, its parts as (thread block, first unit, workspace slot),
+    in the order the kernel sums them (the kernel's index formulas, in Python)."""
+    def first_unit(cta):
+        return cta * units // ctas
+
+    def owner(u):
+        return ((u + 1) * ctas - 1) // units
+
+    blocks = []
+    for b in range(units // chunks):
+        lo, hi = owner(b * chunks), owner(b * chunks + chunks - 1)
+        blocks.append([(cta, max(first_unit(cta), b * chunks),
+                        2 * cta + (0 if first_unit(cta) // chunks == b else 1))
+                       for cta in range(lo, hi + 1)])
+    return blocks
+
+
+# -- the cached layout, per weight, device and activation dtype ------------------------
+_LAYOUTS: "weakref.WeakKeyDictionary[QuantizedWeight, dict]" = weakref.WeakKeyDictionary()
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+_SM_COUNT: dict[int, int] = {}
+
+
+def _version(qweight: QuantizedWeight) -> tuple:
+    # In-place updates of the weight's tensors (load_state_dict) invalidate the layout.
+    return tuple((t.data_ptr(), t._version) for t in qweight.tensors().values() if t is not None)
+
+
+def kernel_weight(qweight: QuantizedWeight, dtype: torch.dtype) -> MmaWeight:
+    """The weight in the kernel's layout, made on first use and cached."""
+    per_weight = _LAYOUTS.setdefault(qweight, {})
+    key = (qweight.qweight.device, dtype)
+    version = _version(qweight)
+    hit = per_weight.get(key)
+    if hit is None or hit[0] != version:
+        hit = (version, to_mma_layout(qweight, dtype))
+        per_weight[key] = hit
+    return hit[1]
+
+
+def _counters(device: torch.device, blocks: int) -> torch.Tensor:
+    """Zeroed int32 counters for the kernel's last-part detection, one buffer
+    per (device, stream): the kernel leaves them zero, and launches on one
+    stream never overlap."""
+    stream = torch.cuda.current_stream(device).cuda_stream
+    key = (device.index, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < blocks:
+        buf = torch.zeros(max(blocks, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _multiprocessors(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def weight_only_mma(x: torch.Tensor, qweight: QuantizedWeight,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias on the tensor-core kernel. x [M, K] fp16/bf16 on a
+    CUDA device, 1 <= M <= 64; bias [N] or None -> [M, N] in x's dtype."""
+    from ..ext import load_extension
+
+    module, reason = load_extension()
+    if module is None:
+        raise RuntimeError(f"cuda.weight_only_mma needs the CUDA extension: {reason}")
+    if not hasattr(torch.ops.vlmkern, "weight_only_mma"):
+        raise RuntimeError("cuda.weight_only_mma: the installed vlmkern._C was built without "
+                           "csrc/weight_only_kernel.cu; rebuild the package")
+    if x.dim() != 2 or x.shape[1] != qweight.in_features:
+        raise ValueError(f"x must be [M, {qweight.in_features}], got {tuple(x.shape)}")
+    if x.dtype not in ACT_DTYPES:
+        raise TypeError(f"cuda.weight_only_mma: x must be float16 or bfloat16, got {x.dtype}")
+    m = x.shape[0]
+    if m == 0:
+        return x.new_empty(0, qweight.out_features)
+    if m > MAX_M:
+        raise ValueError(f"cuda.weight_only_mma takes M <= {MAX_M}, got {m}")
+    mw = kernel_weight(qweight, x.dtype)
+    if qweight.perm is not None:
+        x = x.index_select(1, qweight.perm.long())
+    pad = -x.shape[1] % 8   # 16-byte rows for cp.async; the kernel zero-fills the rest
+    x = torch.nn.functional.pad(x, (0, pad)) if pad else x.contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    if bias is not None and (bias.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+                             or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    ctas = num_ctas_for(mw.blocks * mw.chunks, _multiprocessors(x.device))
+    return torch.ops.vlmkern.weight_only_mma(x, mw.wq, mw.sz, bias, _counters(x.device, mw.blocks),
+                                             mw.bits, mw.out_features, mw.slot_log2, ctas)
+
+
+def _check(x: torch.Tensor, qweight) -> str | None:
+    why = unsupported_reason(qweight)
+    return None if why is None else f"cuda.weight_only_mma: {why}"
+
+
+def register(backend) -> None:
+    """Add the kernel to the CUDA backend, ahead of dequantize + cuBLAS, which
+    keeps every M above 64 and everything this kernel declines."""
+    from .backends import KernelSpec
+
+    spec = KernelSpec("cuda.weight_only_mma", "weight_only", weight_only_mma,
+                      bits=frozenset(SUPPORTED_BITS), dtypes=frozenset(ACT_DTYPES),
+                      devices=frozenset({"cuda"}), min_m=1, max_m=MAX_M, min_sm=(8, 0),
+                      check=_check)
+    if any(k.name == spec.name for k in backend.kernels):
+        return
+    backend.register(spec)
+    backend.kernels.insert(0, backend.kernels.pop())   # tried first: it declines M > 64
