@@ -48,8 +48,8 @@ def test_cli_rejects_unknown_command():
 
 def test_demo_runs_and_round_trips(capsys):
     pytest.importorskip("transformers")
-    from vlmkern.demo import SETTINGS, run_demo
-    assert run_demo(seed=0) == 0
+    from vlmkern.demo_synthetic import SETTINGS, run_synthetic
+    assert run_synthetic(seed=0) == 0
     out = capsys.readouterr().out
     for label, _ in SETTINGS:
         assert label in out

@@ -36,8 +36,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-    return run_demo(seed=args.seed)
+    from .demo import main
+    return main(args)
 
 
 def cmd_quantize(args) -> int:
@@ -54,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmkern", description="Low-bit inference for VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, GPU, backends and why any is unavailable")
-    demo = sub.add_parser("demo", help="quantize a small model at several settings and "
-                                       "show bytes and output error")
-    demo.add_argument("--seed", type=int, default=0)
+    from .demo import add_arguments as add_demo_arguments
+    add_demo_arguments(sub.add_parser(
+        "demo", help="quantize the mini VLM with the default recipe and compare it with "
+                     "full precision (accuracy, KL, bytes)"))
     from .calib.cli import add_arguments
     add_arguments(sub.add_parser("quantize", help="calibrate a model layer by layer and save it"))
     from .eval.cli import add_arguments as add_eval_arguments

@@ -7,6 +7,9 @@ quantization_config = {
   "modules": {name: {"format", "meta", "in_features", "out_features", "bias", "info"}},
   "skipped": [names of linears left in full precision],
   "aliases": {name: name it shares storage with},
+  "plan": {"plan_version", "modules": {name: {"method", "format", "w_bits",
+           "a_bits", "group_size", ...}}, "info"}   (vlmkern.plan; one entry
+           per quantized module, checked against "modules" on load)
 }
 
 Writes go to a temporary file in the same folder, are fsynced, then renamed
@@ -43,6 +46,7 @@ def _file_path(path) -> Path:
 
 def quantization_config(model: nn.Module) -> dict:
     from . import __version__
+    from .plan import Plan
     modules, skipped = {}, []
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
@@ -53,8 +57,11 @@ def quantization_config(model: nn.Module) -> dict:
                              "tensors": sorted(module.quantized_weight.tensors())}
         elif isinstance(module, nn.Linear):
             skipped.append(name)
+    plan = Plan.from_model(model)
+    plan.info = dict(getattr(model, "vlmkern_plan_info", None) or {})
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
-            "vlmkern_version": __version__, "modules": modules, "skipped": skipped}
+            "vlmkern_version": __version__, "modules": modules, "skipped": skipped,
+            "plan": plan.to_dict()}
 
 
 def save_quantized(model: nn.Module, path) -> Path:
@@ -180,6 +187,7 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
     file = _file_path(path)
     header, metadata = read_header(file)
     config = _read_config(metadata, file)
+    plan = _parse_plan(config, file)
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -193,6 +201,8 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
     modules = dict(model.named_modules())
     for name, entry in config["modules"].items():
         _install_module(model, modules, name, entry, tensors, file, device)
+    if plan is not None:    # after the modules, whose own checks name a corrupt entry best
+        _match_plan(plan, config["modules"], file)
 
     state = model.state_dict()
     missing = [k for k in state if k not in tensors]
@@ -206,7 +216,73 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
             raise CheckpointError(f"{file}: {k} has shape {tuple(tensors[k].shape)}, the model "
                                   f"expects {tuple(t.shape)}")
     model.load_state_dict(tensors, strict=True)
+    if plan is not None and plan.info:
+        model.vlmkern_plan_info = plan.info
     return model
+
+
+def read_plan(path):
+    """The ``vlmkern.plan.Plan`` recorded in a checkpoint (header only; checked
+    against its modules table). Checkpoints written before plans were recorded
+    get the plan their modules table implies, without method configs."""
+    from .plan import Plan, PlanEntry, format_fields
+    file = _file_path(path)
+    _, metadata = read_header(file)
+    config = _read_config(metadata, file)
+    plan = _parse_plan(config, file)
+    if plan is not None:
+        _match_plan(plan, config["modules"], file)
+    else:
+        entries = {}
+        for name, entry in config["modules"].items():
+            try:
+                w, a, g = format_fields(entry["format"], entry["meta"])
+                method = str((entry.get("info") or {}).get("method", "external"))
+                entries[name] = PlanEntry(method, entry["format"], w, a, g)
+            except (TypeError, KeyError, ValueError) as e:
+                raise CheckpointError(f"{file}: malformed entry for module {name!r}: {e}") from None
+        plan = Plan(entries)
+    return plan
+
+
+def _parse_plan(config: dict, file):
+    """quantization_config["plan"] as a Plan; None when the checkpoint predates
+    recorded plans."""
+    raw = config.get("plan")
+    if raw is None:
+        return None
+    from .plan import Plan, PlanError
+    try:
+        return Plan.from_dict(raw)
+    except (PlanError, TypeError) as e:
+        raise CheckpointError(f"{file}: quantization_config plan: {e}") from None
+
+
+def _match_plan(plan, modules: dict, file) -> None:
+    """Raise unless the plan describes exactly the stored quantized modules."""
+    from .plan import PlanError, format_fields
+    missing = sorted(set(modules) - set(plan.entries))
+    extra = sorted(set(plan.entries) - set(modules))
+    if missing or extra:
+        raise CheckpointError(f"{file}: the plan does not match the stored modules: "
+                              f"quantized but not in the plan {missing[:8]}, in the plan but "
+                              f"not stored quantized {extra[:8]}")
+    for name, entry in plan.entries.items():
+        if entry is None:
+            raise CheckpointError(f"{file}: the plan keeps {name!r} in full precision, but the "
+                                  f"checkpoint stores it quantized")
+        module = modules[name]
+        try:
+            stored = (module["format"],) + tuple(format_fields(module["format"], module["meta"]))
+        except (TypeError, KeyError, PlanError):
+            raise CheckpointError(f"{file}: malformed entry for module {name!r}") from None
+        planned = (entry.format, entry.w_bits, entry.a_bits, entry.group_size)
+        if entry.sym is not None and isinstance(module.get("tensors"), list):
+            planned += (entry.sym,)
+            stored += ("qzeros" not in module["tensors"],)
+        if planned != stored:
+            raise CheckpointError(f"{file}: plan entry {name!r} says format/w_bits/a_bits/"
+                                  f"group_size(/sym) {planned}, the stored module is {stored}")
 
 
 def _install_module(model, modules, name, entry, tensors, file, device) -> None:

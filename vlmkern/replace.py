@@ -13,6 +13,8 @@ Resolution for each nn.Linear: an exact name wins; otherwise a module that
 matches the skip list is left alone; otherwise the first matching pattern in
 plan order applies. Values are configs, already-quantized weights (from a
 calibration method), or None. A bare config instead of a dict means {"*": config}.
+A ``vlmkern.plan.Plan`` (e.g. read from a checkpoint) applies each entry's
+target grid data-free (round to nearest).
 """
 from __future__ import annotations
 
@@ -84,6 +86,9 @@ class ReplaceReport:
 
 
 def _normalise_plan(plan) -> dict:
+    from .plan import Plan
+    if isinstance(plan, Plan):
+        plan = plan.replace_plan()      # each entry's grid, applied data-free
     if isinstance(plan, PackedWeight):
         raise TypeError("a single quantized weight cannot be a plan: map it to a module name")
     if isinstance(plan, _CONFIGS):

@@ -3,6 +3,7 @@ layer by layer, report, and save the quantized checkpoint."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 METHODS = ("rtn", "gptq", "gptaq", "billm", "binarize")
@@ -10,8 +11,8 @@ METHODS = ("rtn", "gptq", "gptaq", "billm", "binarize")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="'smollm2' (the bundled SmolLM2-135M-Instruct) or a local "
-                        "HuggingFace model folder")
+                   help="'minivlm' (the bundled mini VLM), 'smollm2' (the bundled "
+                        "SmolLM2-135M-Instruct) or a local HuggingFace model folder")
     p.add_argument("--method", choices=METHODS, default="gptq")
     p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     p.add_argument("--group-size", default="64",
@@ -28,9 +29,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration text file (default: the Lee corpus bundled with gensim)")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
+    # mixed-modal calibration data (--model minivlm only); --alpha is GPTAQ's
+    mixed = p.add_argument_group("mixed image+text calibration (--model minivlm)")
+    mixed.add_argument("--calib-samples", type=int,
+                       help="calibration samples for minivlm (default --samples)")
+    mixed.add_argument("--calib-alpha", type=float,
+                       help="fraction of image+question+answer samples among them, the rest "
+                            "--seq-len text windows (default 0.5)")
     p.add_argument("--work-dir", type=Path, help="per-layer results; a rerun resumes there")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available)")
     p.add_argument("--out", type=Path, help="folder for the quantized checkpoint")
+    add_awq_vlmq_arguments(p)
+    add_luq_arguments(p)
+    add_qvlm_arguments(p)
 
 
 def method_config(args):
@@ -40,6 +51,8 @@ def method_config(args):
     from ..quant.billm import BiLLMConfig
 
     group = None if str(args.group_size).lower() in ("row", "none", "-1") else int(args.group_size)
+    if args.method == "qvlm":
+        return qvlm_config(args, group)
     if args.act_bits is not None:
         if args.method != "rtn":
             raise SystemExit("--act-bits is only for --method rtn")
@@ -47,12 +60,20 @@ def method_config(args):
     quant = QuantConfig(args.bits, group, args.sym)
     gptq = GPTQConfig(quant, block_size=args.block_size, damp=args.damp,
                       act_order=args.act_order, static_groups=args.static_groups)
+    if args.method in AWQ_VLMQ:
+        return awq_vlmq_config(args, quant, gptq)
+    if args.method == "luq":
+        return luq_run_config(args, gptq)
     return {"rtn": quant, "gptq": gptq, "gptaq": GPTAQConfig(gptq, args.alpha),
             "billm": BiLLMConfig(), "binarize": BinaryConfig()}[args.method]
 
 
 def load_model(name: str):
-    """(model, tokenizer) for 'smollm2' or a local HuggingFace folder."""
+    """(model, tokenizer) for 'smollm2' or a local HuggingFace folder;
+    (model, MiniVLMProcessor) for 'minivlm'."""
+    if name == "minivlm":
+        from ..minivlm.model import build_minivlm
+        return build_minivlm()
     if name == "smollm2":
         from ..minivlm.assets import load_smollm2
         return load_smollm2()
@@ -75,7 +96,6 @@ def run(args) -> int:
     import torch
 
     from ..io import save_quantized
-    from .data import text_samples
     from .engine import quantize_model
 
     method = method_config(args)
@@ -85,12 +105,235 @@ def run(args) -> int:
     else:
         from ..minivlm.assets import lee_corpus_path
         text = lee_corpus_path().read_text(encoding="utf-8")
-    samples = text_samples(tokenizer, text, args.samples, args.seq_len)
+    samples = calibration_data(args, tokenizer, text)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, report = quantize_model(model, samples, method, work_dir=args.work_dir,
-                                   device=device)
+    quantize = quantize_model
+    if args.method == "awq":
+        from .awq_engine import awq_quantize_model as quantize
+    elif args.method == "luq":
+        quantize = luq_cli_quantize
+    elif args.method == "qvlm":
+        quantize = qvlm_cli_quantize
+    if args.smooth is not None:
+        smooth_for_cli(args, model, samples)
+    model, report = quantize(model, samples, method, work_dir=args.work_dir, device=device)
     print(report)
     if args.out is not None:
         path = save_quantized(model, args.out)
         print(f"saved {path} ({path.stat().st_size:,} bytes)")
     return 0
+
+
+def calibration_data(args, tokenizer, text):
+    """Text windows, or for --model minivlm mixed image+text samples
+    (``tokenizer`` is then the mini VLM's processor)."""
+    from .data import text_samples
+
+    mixed_options = args.calib_samples is not None or args.calib_alpha is not None
+    if args.model != "minivlm":
+        if mixed_options:
+            raise SystemExit("--calib-samples/--calib-alpha build image+text data for "
+                             "--model minivlm only")
+        return text_samples(tokenizer, text, args.samples, args.seq_len)
+    from .mixed import mixed_calibration_samples
+
+    n = args.calib_samples if args.calib_samples is not None else args.samples
+    alpha = 0.5 if args.calib_alpha is None else args.calib_alpha
+    try:
+        return mixed_calibration_samples(tokenizer, n, alpha, text_seq_len=args.seq_len,
+                                         corpus_text=text)
+    except ValueError as exc:
+        raise SystemExit(f"calibration data: {exc}") from None
+
+
+# --- AWQ and VLMQ ------------------------------------------------------------
+AWQ_VLMQ = ("awq", "vlmq")
+METHODS = METHODS + AWQ_VLMQ
+
+
+def add_awq_vlmq_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("AWQ (--method awq) and VLMQ (--method vlmq)")
+    g.add_argument("--awq-then", choices=("rtn", "gptq"), default="rtn",
+                   help="after folding the scales: clip search + round to nearest (AWQ), or "
+                        "GPTQ with the GPTQ options above")
+    g.add_argument("--awq-grid", type=int, default=20,
+                   help="scale exponents tried, r = i / n for i < n (default 20)")
+    g.add_argument("--awq-clip-steps", type=int, default=20,
+                   help="clip ratios tried in [0.5, 1] (default 20; 1: no clip search)")
+    g.add_argument("--vlmq-base", choices=("gptq", "gptaq"), default="gptaq",
+                   help="method run on the importance-weighted Hessians (default gptaq, the "
+                        "paper's; GPTAQ uses --alpha)")
+    g.add_argument("--vlmq-norm", choices=("l1", "l2"), default="l1",
+                   help="token importance: mean |gradient| (l1) or its RMS (l2)")
+
+
+def awq_vlmq_config(args, quant, gptq):
+    """The AWQEngineConfig / VLMQConfig of --method awq / vlmq."""
+    if args.method == "awq":
+        from ..quant.awq import AWQConfig
+        from .awq_engine import AWQEngineConfig
+        if args.awq_then == "rtn" and args.work_dir is not None:
+            raise SystemExit("--work-dir resumes AWQ + GPTQ only (--awq-then gptq)")
+        try:
+            awq = AWQConfig(quant, n_grid=args.awq_grid, clip_steps=args.awq_clip_steps)
+        except ValueError as exc:
+            raise SystemExit(f"--method awq: {exc}") from None
+        return AWQEngineConfig(awq, then=args.awq_then,
+                               gptq=gptq if args.awq_then == "gptq" else None)
+    from ..quant import GPTAQConfig
+    from ..quant.vlmq import VLMQConfig
+    base = GPTAQConfig(gptq, args.alpha) if args.vlmq_base == "gptaq" else gptq
+    return VLMQConfig(base, norm=args.vlmq_norm)
+
+
+# --- LUQ ---------------------------------------------------------------------
+METHODS = METHODS + ("luq",)
+
+
+def add_luq_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "LUQ (--method luq): the lowest-entropy decoder layers binarized with BiLLM, the "
+        "rest GPTQ with the GPTQ options above (default 4-bit g64); mixed image+text data "
+        "with --calib-alpha; give one of --budget-bytes, --budget-bits, --threshold, --n-low")
+    g.add_argument("--budget-bytes", type=int,
+                   help="memory budget: physical bytes of the decoder linears")
+    g.add_argument("--budget-bits", type=float,
+                   help="memory budget: average physical bits per decoder-linear weight")
+    g.add_argument("--threshold", type=float,
+                   help="performance threshold on held-out digits (--model minivlm): the "
+                        "most binarized layers whose score still meets it")
+    g.add_argument("--threshold-metric", choices=("vqa", "kl"), default="vqa",
+                   help="vqa: accuracy >= threshold; kl: KL to FP <= threshold (default vqa)")
+    g.add_argument("--n-low", type=int, help="binarize exactly this many layers")
+    g.add_argument("--luq-k", type=int,
+                   help="K-means clusters (default: chosen by rank stability over "
+                        "8..128)")
+    g.add_argument("--luq-tokens", type=int, default=4096,
+                   help="tokens clustered per layer, drawn with a fixed seed (default 4096)")
+
+
+@dataclass(frozen=True)
+class LUQRun:
+    """A LUQ config plus how n is chosen, as the --method luq arguments say."""
+    config: object
+    n_low: int | None = None
+    budget_bytes: int | None = None
+    budget_bits: float | None = None
+    threshold: float | None = None
+    metric: str = "vqa"
+    model: str = ""
+
+
+def luq_run_config(args, gptq) -> LUQRun:
+    from .luq import LUQConfig
+    chosen = [o for o in ("budget_bytes", "budget_bits", "threshold", "n_low")
+              if getattr(args, o) is not None]
+    if len(chosen) != 1:
+        raise SystemExit("--method luq needs exactly one of --budget-bytes, --budget-bits, "
+                         f"--threshold, --n-low (got {len(chosen)})")
+    if args.threshold is not None and args.model != "minivlm":
+        raise SystemExit("--threshold scores held-out digits: it needs --model minivlm")
+    try:
+        config = LUQConfig(high=gptq, k=args.luq_k, max_tokens=args.luq_tokens)
+    except ValueError as exc:
+        raise SystemExit(f"--method luq: {exc}") from None
+    return LUQRun(config, args.n_low, args.budget_bytes, args.budget_bits, args.threshold,
+                  args.threshold_metric, args.model)
+
+
+def luq_cli_quantize(model, samples, run: LUQRun, work_dir=None, device=None):
+    """quantize_model's signature for --method luq; returns (model, LUQReport)."""
+    from .luq import BudgetError, luq_quantize
+    score, higher = None, True
+    if run.threshold is not None:
+        score, higher = _harness_score(model, run.metric)
+    try:
+        return luq_quantize(model, samples, run.config, n_low=run.n_low,
+                            budget_bytes=run.budget_bytes, budget_bits=run.budget_bits,
+                            threshold=run.threshold, score=score, higher_is_better=higher,
+                            work_dir=work_dir, device=device)
+    except BudgetError as exc:
+        raise SystemExit(f"--method luq: {exc}") from None
+
+
+def _harness_score(model, metric: str):
+    """(score(model) on the evaluation harness's held-out digits, higher is better)."""
+    from ..eval.harness import EvalSet, evaluate
+    from ..minivlm.assets import load_smollm2_tokenizer
+    from ..minivlm.model import processor_for
+    evalset = EvalSet.build(model, processor_for(model, load_smollm2_tokenizer()))
+    key = "vqa_accuracy" if metric == "vqa" else "kl"
+
+    def score(q):
+        value = evaluate(q, evalset, "luq probe")[key]
+        print(f"luq probe: {key} = {value:.4f}")
+        return value
+
+    return score, metric == "vqa"
+
+
+# --- Q-VLM and SmoothQuant ---------------------------------------------------
+METHODS = METHODS + ("qvlm",)
+
+
+def add_qvlm_arguments(p: argparse.ArgumentParser) -> None:
+    from .qvlm import DEFAULT_PERCENTILES
+    g = p.add_argument_group(
+        "Q-VLM (--method qvlm --act-bits N: integer weights and activations, activation "
+        "quantizers searched per block) and SmoothQuant (--smooth)")
+    g.add_argument("--qvlm-w-bits", type=int, choices=(4, 6, 8),
+                   help="Q-VLM weight bits (default: --act-bits, i.e. W8A8 / W6A6 / W4A4)")
+    g.add_argument("--qvlm-max-depth", type=int, default=3,
+                   help="most decoder layers in one search block (default 3)")
+    g.add_argument("--qvlm-percentiles", default=",".join(f"{p:g}" for p in DEFAULT_PERCENTILES),
+                   help="static clipping percentiles of |x| searched (default %(default)s)")
+    g.add_argument("--qvlm-no-token", action="store_true",
+                   help="search static per-tensor scales only (no dynamic per-token candidate)")
+    g.add_argument("--qvlm-h0", type=float,
+                   help="block threshold on the average dependency (default: its mean)")
+    g.add_argument("--qvlm-search-samples", type=int,
+                   help="calibration samples the block search runs on (default: all)")
+    g.add_argument("--qvlm-temperature", choices=("delta", "delta2"), default="delta",
+                   help="soft-assignment temperature of the entropy proxy: Delta (paper) or "
+                        "Delta^2 (scale-free)")
+    g.add_argument("--smooth", type=float, metavar="ALPHA",
+                   help="SmoothQuant with migration strength ALPHA (paper: 0.5) before an "
+                        "integer-activation method (--method rtn --act-bits N, or qvlm)")
+    g.add_argument("--smooth-down", action="store_true",
+                   help="--smooth also smooths down_proj through up_proj")
+
+
+def qvlm_config(args, group):
+    """The QVLMConfig of --method qvlm."""
+    from .qvlm import QVLMConfig
+    if args.act_bits is None:
+        raise SystemExit("--method qvlm needs --act-bits (4, 6 or 8)")
+    w_bits = args.qvlm_w_bits if args.qvlm_w_bits is not None else args.act_bits
+    try:
+        percentiles = tuple(float(v) for v in args.qvlm_percentiles.split(",") if v.strip())
+        return QVLMConfig(w_bits, args.act_bits, group, max_depth=args.qvlm_max_depth,
+                          percentiles=percentiles, token_candidate=not args.qvlm_no_token,
+                          h0=args.qvlm_h0, temperature=args.qvlm_temperature,
+                          search_samples=args.qvlm_search_samples)
+    except ValueError as exc:
+        raise SystemExit(f"--method qvlm: {exc}") from None
+
+
+def qvlm_cli_quantize(model, samples, config, work_dir=None, device=None):
+    """quantize_model's signature for --method qvlm; returns (model, QVLMReport)."""
+    from .qvlm import qvlm_quantize
+    if work_dir is not None:
+        raise SystemExit("--work-dir: --method qvlm does not resume (its search is per block)")
+    return qvlm_quantize(model, samples, config, device=device)
+
+
+def smooth_for_cli(args, model, samples) -> None:
+    """SmoothQuant on the model, in place, before an integer-activation method."""
+    from .smooth_engine import smooth_model
+    if args.act_bits is None or args.method not in ("rtn", "qvlm"):
+        raise SystemExit("--smooth is for integer-activation methods: --method rtn or qvlm "
+                         "with --act-bits")
+    try:
+        print(smooth_model(model, samples, args.smooth, include_down=args.smooth_down))
+    except ValueError as exc:
+        raise SystemExit(f"--smooth: {exc}") from None

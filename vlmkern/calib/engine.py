@@ -55,6 +55,7 @@ class CalibReport:
     layer_errors: list[float] = field(default_factory=list)   # relative layer-output MSE
     resumed_layers: int = 0
     seconds: float = 0.0
+    kept: list[str] = field(default_factory=list)    # decoder linears a plan keeps in FP
 
     def __str__(self) -> str:
         lines = [f"{'module':<52} {'method':<8} {'bits':>4} {'rel err':>9} {'bytes':>10}"]
@@ -63,6 +64,8 @@ class CalibReport:
                          f"{r.nbytes:>10,}")
         errs = ", ".join(f"{e:.4f}" for e in self.layer_errors)
         lines.append(f"layer output errors: {errs}")
+        if self.kept:
+            lines.append(f"{len(self.kept)} decoder linears kept in full precision by the plan")
         lines.append(f"{len(self.modules)} linears, {sum(r.nbytes for r in self.modules):,} "
                      f"bytes, {self.seconds:.1f} s ({self.resumed_layers} layers resumed)")
         return "\n".join(lines)
@@ -199,6 +202,8 @@ def _relative_error(weight: torch.Tensor, deq: torch.Tensor, hessian: torch.Tens
 def _calibrate_layer(layer, fp_layer, sequence, method, inputs, fp_inputs, kwargs_list,
                      prefix) -> tuple[dict, list[ModuleResult]]:
     weights, results = {}, []
+    # Per-token Hessian weights (VLMQ), from the layer while still full precision.
+    importance = method.token_importance(layer, inputs, fp_inputs, kwargs_list)
     for group in sequence:
         linears = {n: layer.get_submodule(n) for n in group if _has(layer, n)}
         if not linears:
@@ -228,20 +233,20 @@ def _calibrate_layer(layer, fp_layer, sequence, method, inputs, fp_inputs, kwarg
                 raise RuntimeError(f"{prefix}: the layer's forward never called {missing}")
 
         handles = [lin.register_forward_pre_hook(hook_for(n, seen)) for n, lin in linears.items()]
-        if method.needs_fp_stream:
+        if method.paired_stats:
             handles += [fp_layer.get_submodule(n).register_forward_pre_hook(hook_for(n, fp_seen))
                         for n in linears]
         try:
             with torch.no_grad():
                 for i, (hidden, kwargs) in enumerate(zip(inputs, kwargs_list)):
                     run(layer, hidden, kwargs, seen)
-                    if method.needs_fp_stream:
+                    if method.paired_stats:
                         run(fp_layer, fp_inputs[i], kwargs, fp_seen)
                         for n, acc in accs.items():
-                            acc.add_pair(fp_seen[n], seen[n])
+                            acc.add_pair(fp_seen[n], seen[n], _token_weight(importance, n, i))
                     else:
                         for n, acc in accs.items():
-                            acc.add(seen[n])
+                            acc.add(seen[n], _token_weight(importance, n, i))
         finally:
             for h in handles:
                 h.remove()
@@ -257,6 +262,13 @@ def _calibrate_layer(layer, fp_layer, sequence, method, inputs, fp_inputs, kwarg
     return weights, results
 
 
+def _token_weight(importance, name: str, i: int):
+    """Batch i's token weights for linear ``name``, or None (uniform)."""
+    if not importance or name not in importance:
+        return None
+    return importance[name][i]
+
+
 def _has(module: nn.Module, name: str) -> bool:
     try:
         return isinstance(module.get_submodule(name), nn.Linear)
@@ -270,7 +282,11 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
 
     samples: list of dicts of model inputs (one batch each, e.g. input_ids,
       attention_mask, pixel_values). method: a QuantConfig / IntActConfig /
-      BinaryConfig (data-free), GPTQConfig, GPTAQConfig or BiLLMConfig.
+      BinaryConfig (data-free), GPTQConfig, GPTAQConfig or BiLLMConfig; or a
+      per-module plan: a ``vlmkern.plan.Plan`` or a dict of module-name
+      patterns (exact / glob / ``re:``, matched as in ``replace_linears``) to
+      such configs or None (keep full precision). Decoder linears no pattern
+      reaches stay in full precision too (listed in the report's ``kept``).
     work_dir: folder for per-layer results; an interrupted run resumes there.
     device: compute device (default: where the model is); only the layer being
       calibrated is moved there.
@@ -279,7 +295,9 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
     start = time.perf_counter()
     arch = arch_of(model)
     layers_path, layers = decoder_layers(model)
-    method = layer_method(method)
+    names = [f"{layers_path}.{i}.{n}" for i, layer in enumerate(layers)
+             for group in arch.sequence for n in group if _has(layer, n)]
+    methods, kept, method = _resolve_methods(method, names)
     samples = list(samples)
     if not samples:
         raise ValueError("quantize_model needs at least one calibration sample")
@@ -296,7 +314,7 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
     kwargs_list = [k for _, k in captured]
     fp_inputs = list(inputs) if method.needs_fp_stream else None
 
-    report = CalibReport()
+    report = CalibReport(kept=kept)
     all_weights = {}
     bar = tqdm(range(len(layers)), desc=f"calibrating ({method.name})", unit="layer",
                disable=not progress)
@@ -312,8 +330,12 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
                 lin.weight.data.copy_(w.dequantize(lin.weight.dtype).to(device))
             report.resumed_layers += 1
         else:
-            weights, results = _calibrate_layer(layer, fp_layer, arch.sequence, method, inputs,
-                                                fp_inputs, kwargs_list, prefix)
+            weights, results = {}, []
+            for groups, run_method in _method_runs(arch.sequence, methods, prefix):
+                w, r = _calibrate_layer(layer, fp_layer, groups, run_method, inputs, fp_inputs,
+                                        kwargs_list, prefix)
+                weights.update(w)
+                results.extend(r)
             layer_err = None
         with torch.no_grad():
             num = den = 0.0
@@ -341,10 +363,95 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
     replace_linears(model, {n: w.to(home) for n, w in all_weights.items()}, skip=(),
                     progress=False)
     for name in all_weights:
-        model.get_submodule(name).quant_info = {"method": method.name,
-                                                "config": method.describe()}
+        model.get_submodule(name).quant_info = _quant_info(methods[name])
     report.seconds = time.perf_counter() - start
     return model, report
+
+
+@dataclass(frozen=True)
+class _PlanSummary:
+    """Stands where one LayerMethod would for a per-module plan: the progress
+    bar's name, whether the full-precision stream must run, the fingerprint."""
+    text: str
+    needs_fp_stream: bool
+    name: str = "plan"
+
+    def describe(self) -> str:
+        return self.text
+
+
+def _resolve_methods(method, names: list[str]):
+    """({decoder linear: LayerMethod}, linears kept in full precision, summary).
+
+    One method config applies to every name (the summary is its LayerMethod,
+    so fingerprints of single-method runs are unchanged); a plan is resolved
+    per name like ``replace_linears`` resolves it."""
+    from collections.abc import Mapping
+
+    from ..plan import Plan, resolve_names
+    if isinstance(method, Plan):
+        method = method.method_plan()
+    if not isinstance(method, Mapping):
+        single = layer_method(method)
+        return {n: single for n in names}, [], single
+    bad = [k for k in method if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"plan keys must be module-name patterns (str), got {bad[0]!r}")
+    hits, kept, unused = resolve_names(method, names)
+    if unused:
+        raise ValueError(f"plan patterns {unused} match no decoder linear of this model "
+                         f"(decoder linears are named like {names[0]!r})")
+    methods = {}
+    for name, key in hits.items():
+        if method[key] is None:
+            kept.append(name)
+            continue
+        try:
+            methods[name] = layer_method(method[key])
+        except TypeError as e:
+            raise TypeError(f"plan[{key!r}]: {e}") from None
+    text = json.dumps({"plan": {n: m.describe() for n, m in sorted(methods.items())},
+                       "kept": sorted(kept)}, sort_keys=True)
+    summary = _PlanSummary(text, any(m.needs_fp_stream for m in methods.values()))
+    return methods, sorted(kept, key=names.index), summary
+
+
+def _method_runs(sequence, methods: dict, prefix: str):
+    """A layer's sub-groups as runs of (sub-groups, LayerMethod), in order.
+
+    A layer under one method is a single run over the whole sequence, exactly
+    what a single-method calibration does. A sub-group whose linears use
+    different methods is split: they all read the same input, so calibrating
+    them one after another sees the same statistics. Linears without a
+    method (kept in full precision) are left out."""
+    runs: list[tuple[list, LayerMethod]] = []
+    for group in sequence:
+        parts: list[tuple[LayerMethod, list[str]]] = []
+        for n in group:
+            m = methods.get(f"{prefix}.{n}")
+            if m is None:
+                continue
+            same = next((p for p in parts if p[0] == m), None)
+            if same is None:
+                parts.append((m, [n]))
+            else:
+                same[1].append(n)
+        for m, part in parts:
+            if runs and runs[-1][1] == m:
+                runs[-1][0].append(tuple(part))
+            else:
+                runs.append(([tuple(part)], m))
+    return [(tuple(groups), m) for groups, m in runs]
+
+
+def _quant_info(method: LayerMethod) -> dict:
+    """What a calibrated QuantLinear records about its method (saved in checkpoints)."""
+    from ..plan import config_to_json
+    try:
+        config = config_to_json(method.config)
+    except TypeError:
+        config = method.describe()
+    return {"method": method.name, "config": config}
 
 
 def _move_except(model: nn.Module, skip_path: str, device) -> None:

@@ -26,6 +26,9 @@ class LayerMethod:
             return quantize_weight(weight, cfg)
         from ..quant.billm import BiLLMConfig, billm_quantize
         from ..quant.gptq import GPTAQConfig, GPTQConfig, gptaq_quantize, gptq_quantize
+        from ..quant.vlmq import VLMQConfig, vlmq_quantize
+        if isinstance(cfg, VLMQConfig):
+            return vlmq_quantize(weight, stats, cfg)[0]
         if isinstance(cfg, GPTQConfig):
             return gptq_quantize(weight, stats.hessian, cfg)[0]
         if isinstance(cfg, GPTAQConfig):
@@ -33,6 +36,24 @@ class LayerMethod:
         if isinstance(cfg, BiLLMConfig):
             return billm_quantize(weight, stats.hessian, cfg)[0]
         raise TypeError(f"no layer method for {type(cfg).__name__}")
+
+    @property
+    def paired_stats(self) -> bool:
+        """Whether the Hessian accumulators take (FP, quantized) input pairs
+        (GPTAQ's D). VLMQ on GPTQ needs the FP stream only for its importance."""
+        from ..quant.vlmq import VLMQConfig
+        if isinstance(self.config, VLMQConfig):
+            return self.config.uses_gptaq
+        return self.needs_fp_stream
+
+    def token_importance(self, layer, inputs, fp_inputs, kwargs_list):
+        """Per-token Hessian weights {linear name: [g per batch]} for one decoder
+        layer (VLMQ), or None for uniform weights. Called while the layer is
+        still full precision."""
+        from ..quant.vlmq import VLMQConfig, layer_importance
+        if not isinstance(self.config, VLMQConfig):
+            return None
+        return layer_importance(layer, inputs, fp_inputs, kwargs_list, self.config)
 
     def describe(self) -> str:
         return json.dumps({"method": self.name, "config": _to_jsonable(self.config)},
@@ -65,5 +86,14 @@ def layer_method(config) -> LayerMethod:
         return LayerMethod("gptaq", config, needs_fp_stream=True)
     if isinstance(config, BiLLMConfig):
         return LayerMethod("billm", config)
+    from ..quant.awq import AWQConfig
+    from ..quant.vlmq import VLMQConfig
+    from .awq_engine import AWQEngineConfig
+    if isinstance(config, VLMQConfig):
+        # the block loss compares the FP and the partly quantized streams
+        return LayerMethod("vlmq", config, needs_fp_stream=True)
+    if isinstance(config, (AWQConfig, AWQEngineConfig)):
+        raise TypeError("AWQ rescales norms and linears before quantizing: use "
+                        "vlmkern.calib.awq_engine.awq_quantize_model")
     raise TypeError(f"unknown method config {type(config).__name__}; expected QuantConfig, "
                     f"IntActConfig, BinaryConfig, GPTQConfig, GPTAQConfig or BiLLMConfig")

@@ -1,0 +1,249 @@
+"""AWQ on whole models: folding keeps the FP function, the v -> o group folds
+only without grouped-query attention, AWQ + RTN beats RTN where activations
+have outlier channels, AWQ + GPTQ, checkpoints, bad inputs; and the
+``vlmkern quantize --method awq / vlmq`` command."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from tiny_models import build_llama, build_llava, build_qwen2, build_qwen2vl  # noqa: E402
+
+import vlmkern  # noqa: E402
+from vlmkern import GPTQConfig, QuantConfig, QuantLinear  # noqa: E402
+from vlmkern.calib import quantize_model  # noqa: E402
+from vlmkern.calib.arch import decoder_layers  # noqa: E402
+from vlmkern.calib.awq_engine import (LLAMA_SCALING, AWQEngineConfig, _fold,  # noqa: E402
+                                      awq_quantize_model, awq_transform)
+from vlmkern.quant.awq import AWQConfig, apply_awq  # noqa: E402
+
+W3 = QuantConfig(3, 32)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def build_mha_llama():
+    """Llama without grouped-query attention: every scaling group folds."""
+    return build_llama(num_key_value_heads=4)
+
+
+BUILDERS = {"llama-mha": build_mha_llama, "qwen2": build_qwen2, "llava": build_llava,
+            "qwen2vl": build_qwen2vl}
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _second_sample(inputs):
+    other = dict(inputs)
+    ids = inputs["input_ids"].clone()
+    ids[:, -3:] = (ids[:, -3:] + 7) % 100 + 3
+    other["input_ids"] = ids
+    return other
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_folding_random_scales_keeps_the_fp_function(kind):
+    """Every scaling group folds exactly: random scales, far from 1, leave
+    the model's logits unchanged to fp32 rounding."""
+    model, inputs = BUILDERS[kind]()
+    ref = _logits(model, inputs)
+    _, layers = decoder_layers(model)
+    gen = torch.Generator().manual_seed(0)
+    folded = []
+    for layer in layers:
+        for group in LLAMA_SCALING:
+            prev = layer.get_submodule(group.prev)
+            lins = [layer.get_submodule(n) for n in group.linears]
+            k = lins[0].in_features
+            if isinstance(prev, torch.nn.Linear) and prev.out_features != k:
+                continue                     # grouped-query attention: v -> o cannot fold
+            _fold(prev, lins, torch.exp(torch.randn(k, generator=gen)))
+            folded.append(group.prev)
+    assert ("self_attn.v_proj" in folded) == (kind == "llama-mha")
+    got = _logits(model, inputs)
+    assert not torch.equal(got, ref)
+    assert float((got - ref).abs().max()) < 1e-5 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_awq_transform_keeps_the_fp_function(kind):
+    model, inputs = BUILDERS[kind]()
+    ref = _logits(model, inputs)
+    before = copy.deepcopy(model.state_dict())
+    infos = awq_transform(model, [inputs, _second_sample(inputs)],
+                          AWQEngineConfig(AWQConfig(W3)))
+    got = _logits(model, inputs)
+    assert float((got - ref).abs().max()) < 1e-5 * float(ref.abs().max())
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("layernorm" in k for k in changed)           # scales were really folded
+    gqa = kind != "llama-mha"
+    for info in infos:
+        assert ("self_attn.v_proj" in info["skipped"]) == gqa
+        assert info["fold_error"] < 1e-5
+
+
+def outlier_model():
+    """MHA Llama whose norms emphasise a few channels ~30x: activation
+    outliers like a real LLM's, the case AWQ exists for."""
+    model, inputs = build_mha_llama()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in decoder_layers(model)[1]:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                idx = torch.randperm(norm.weight.numel(), generator=gen)[:4]
+                norm.weight[idx] *= 30.0
+    return model, inputs
+
+
+def test_awq_rtn_beats_rtn_on_outlier_channels():
+    model, inputs = outlier_model()
+    samples = [inputs, _second_sample(inputs)]
+    ref = _logits(model, inputs)
+    rtn, _ = quantize_model(copy.deepcopy(model), samples, W3, progress=False)
+    awq, report = awq_quantize_model(copy.deepcopy(model), samples,
+                                     AWQEngineConfig(AWQConfig(W3)), progress=False)
+    assert _rel(_logits(awq, inputs), ref) < 0.8 * _rel(_logits(rtn, inputs), ref)
+    assert len(report.modules) == 14 and {r.method for r in report.modules} == {"awq"}
+    assert len(report.layer_errors) == 2
+    for row in report.modules:
+        module = awq.get_submodule(row.name)
+        assert isinstance(module, QuantLinear) and module.quant_info["method"] == "awq"
+        assert row.bits == 3 and row.nbytes == module.quantized_weight.nbytes
+        assert 0 <= row.rel_error < 0.5
+
+
+def test_rtn_step_is_apply_awq_with_the_searched_clip():
+    """Without clipping AWQ + RTN is round to nearest of the folded weights."""
+    model, inputs = build_llava()
+    folded = copy.deepcopy(model)
+    cfg = AWQEngineConfig(AWQConfig(W3, clip_steps=1))
+    awq_transform(folded, [inputs], cfg)
+    q, _ = awq_quantize_model(copy.deepcopy(model), [inputs], cfg, progress=False)
+    for name, module in q.named_modules():
+        if isinstance(module, QuantLinear):
+            want = apply_awq(folded.get_submodule(name).weight, None, None, W3)
+            assert torch.equal(module.quantized_weight.qweight, want.qweight)
+            assert torch.equal(module.quantized_weight.scales, want.scales)
+
+
+def test_awq_then_gptq():
+    model, inputs = build_qwen2vl()
+    samples = [inputs, _second_sample(inputs)]
+    ref = _logits(model, inputs)
+    rtn, _ = quantize_model(copy.deepcopy(model), samples, W3, progress=False)
+    q, report = awq_quantize_model(copy.deepcopy(model), samples,
+                                   AWQEngineConfig(AWQConfig(W3), then="gptq"), progress=False)
+    assert _rel(_logits(q, inputs), ref) < 0.8 * _rel(_logits(rtn, inputs), ref)
+    assert {r.method for r in report.modules} == {"awq"}
+    info = q.get_submodule(report.modules[0].name).quant_info
+    assert info["method"] == "awq" and info["config"]["then"] == "gptq"
+
+
+def test_checkpoint_keeps_the_folded_norms(tmp_path):
+    model, inputs = build_llava()
+    fresh = copy.deepcopy(model)
+    q, _ = awq_quantize_model(model, [inputs], AWQEngineConfig(AWQConfig(W3)), progress=False)
+    vlmkern.save_quantized(q, tmp_path)
+    vlmkern.load_quantized(fresh, tmp_path)
+    assert torch.equal(_logits(fresh, inputs), _logits(q, inputs))
+
+
+def test_bad_inputs():
+    model, inputs = build_llava()
+    with pytest.raises(ValueError, match="then"):
+        AWQEngineConfig(then="smooth")
+    with pytest.raises(ValueError, match="grid"):
+        AWQEngineConfig(AWQConfig(W3), gptq=GPTQConfig(QuantConfig(4, 32)))
+    with pytest.raises(TypeError, match="AWQConfig"):
+        AWQEngineConfig(awq=W3)
+    with pytest.raises(ValueError, match="at least one"):
+        awq_quantize_model(model, [], progress=False)
+    with pytest.raises(ValueError, match="work_dir"):
+        awq_quantize_model(model, [inputs], work_dir="x", progress=False)
+    with pytest.raises(TypeError, match="awq_quantize_model"):
+        quantize_model(model, [inputs], AWQEngineConfig(), progress=False)
+
+
+def test_a_norm_that_is_not_a_plain_scale_is_refused():
+    """A norm computing x * (1 + w) (Gemma style) cannot take 1/s in its
+    weight: the fold check refuses instead of changing the model."""
+    model, inputs = build_mha_llama()
+    for layer in decoder_layers(model)[1]:
+        norm = layer.input_layernorm
+        norm.forward = (lambda x, n=norm: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+                        * (1.0 + n.weight))
+    with pytest.raises(ValueError, match="changed the layer's output"):
+        awq_transform(model, [inputs], AWQEngineConfig(AWQConfig(W3)))
+
+
+# ---------------------------------------------------------------------------
+# vlmkern quantize --method awq / vlmq
+# ---------------------------------------------------------------------------
+
+def tiny_hf_folder(tmp_path):
+    """A tiny Llama saved as a local HuggingFace folder with a word-level
+    tokenizer, and a calibration text file."""
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tiny_models import TEXT
+    vocab = {f"w{i}": i for i in range(TEXT["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "hf"
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(folder)
+    build_mha_llama()[0].save_pretrained(folder)
+    rng = random.Random(0)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{rng.randrange(3, 100)}" for _ in range(1000)))
+    return folder, text
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("awq", []), ("awq", ["--awq-then", "gptq", "--awq-grid", "5"]),
+    ("vlmq", []), ("vlmq", ["--vlmq-base", "gptq", "--vlmq-norm", "l2", "--act-order"])])
+def test_quantize_command(tmp_path, capsys, method, extra):
+    import transformers
+
+    from vlmkern.cli import main
+    folder, text = tiny_hf_folder(tmp_path)
+    out = tmp_path / "out"
+    code = main(["quantize", "--model", str(folder), "--method", method, "--bits", "3",
+                 "--group-size", "32", "--calib-text", str(text), "--samples", "2",
+                 "--seq-len", "32", "--device", "cpu", "--out", str(out), *extra])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "layer output errors" in printed and "saved" in printed
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    vlmkern.load_quantized(model, out)
+    q = model.get_submodule("model.layers.1.self_attn.o_proj")
+    assert isinstance(q, QuantLinear) and q.quant_info["method"] == method
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_quantize_command_refuses_a_work_dir_for_awq_rtn(tmp_path):
+    from vlmkern.cli import main
+    folder, text = tiny_hf_folder(tmp_path)
+    with pytest.raises(SystemExit, match="work-dir"):
+        main(["quantize", "--model", str(folder), "--method", "awq", "--calib-text", str(text),
+              "--samples", "2", "--seq-len", "32", "--work-dir", str(tmp_path / "w")])
