@@ -39,6 +39,8 @@ N_SAMPLES, ALPHA = 32, 0.5
 # bits per weight, or "gptq3" for exactly the bytes of uniform GPTQ W3 g64
 VARIANTS = {
     "gptq-w4g64": ("gptq", 4),
+    "luq-4.30b": ("luq", 4.3),
+    "luq-4.20b": ("luq", 4.2),
     "luq-4.00b": ("luq", 4.0),
     "luq-3.75b": ("luq", 3.75),
     "luq-3.50b": ("luq", 3.5),

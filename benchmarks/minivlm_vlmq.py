@@ -38,6 +38,7 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "minivlm_vlmq"
+FINDINGS = "<!-- findings: written by hand, kept by reruns -->"
 METHODS = ("rtn", "awq", "gptq", "gptaq", "vlmq-gptq", "vlmq-gptaq")
 VARIANTS = ["fp"] + [f"{m}-w{b}g64" for b in (4, 3) for m in METHODS]
 
@@ -62,7 +63,9 @@ class ImportanceLog:
     the image tokens over mean g of the text tokens of the image samples;
     ``image_share``, the image tokens' share of sum g^2 (the Hessian weight)
     over all samples; ``first_share``, the first token of every sample's
-    share of sum g^2."""
+    share of sum g^2; ``effective_tokens``, (sum g^2)^2 / sum g^4 over the
+    number of tokens: the fraction of the calibration tokens the weighted
+    Hessian effectively rests on (1: uniform)."""
 
     def __init__(self, samples, image_token_id: int):
         self.masks = [s["input_ids"][0] == image_token_id for s in samples]
@@ -86,10 +89,13 @@ class ImportanceLog:
         gs = [g[0].double() for g in gs]          # one sequence per calibration batch
         img = torch.cat([g[m] for g, m in zip(gs, self.masks) if bool(m.any())])
         txt = torch.cat([g[~m] for g, m in zip(gs, self.masks) if bool(m.any())])
-        total = sum(float(g.pow(2).sum()) for g in gs)
+        w = torch.cat(gs).pow(2)                    # each token's Hessian weight g^2
+        total = float(w.sum())
         return {"image_over_text": float(img.mean() / txt.mean().clamp(min=1e-300)),
                 "image_share": float(img.pow(2).sum()) / total,
-                "first_share": sum(float(g[0] ** 2) for g in gs) / total}
+                "first_share": sum(float(g[0] ** 2) for g in gs) / total,
+                # Kish effective number of tokens, as a fraction of all tokens
+                "effective_tokens": total ** 2 / float(w.pow(2).sum()) / w.numel()}
 
     def __exit__(self, *exc):
         self.module.layer_importance = self.real
@@ -160,16 +166,25 @@ def write(results: dict, meta: dict) -> None:
                   "image tokens over mean g of the text tokens of the image samples; "
                   "`img share`: the image tokens' share of sum g^2, the weight they carry "
                   f"in the Hessian (their share of the tokens: {share}); `first share`: the "
-                  "first token of every sample's share of sum g^2.", ""]
+                  "first token of every sample's share of sum g^2; `effective tokens`: "
+                  "(sum g^2)^2 / sum g^4 as a fraction of all calibration tokens (1 for "
+                  "uniform weights).", ""]
         for r in vlmq:
             for proj in ("q_proj", "o_proj"):
                 for key, label in (("image_over_text", "img/txt"), ("image_share", "img share"),
-                                   ("first_share", "first share")):
+                                   ("first_share", "first share"),
+                                   ("effective_tokens", "effective tokens")):
                     vals = [x[proj][key] if x else None for x in r["importance"]]
                     cells = " ".join(f"{v:.2f}" for v in vals if v is not None)
                     lines.append(f"- {r['name']} {proj} {label}: {cells}")
         lines.append("")
-    (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
+    md = RESULTS / f"{NAME}.md"
+    # The written discussion below the marker is kept across reruns (it reads
+    # the numbers; a rerun that changes them must be followed by a re-read).
+    old = md.read_text() if md.is_file() else ""
+    if FINDINGS in old:
+        lines += [FINDINGS + old.split(FINDINGS, 1)[1].rstrip("\n"), ""]
+    md.write_text("\n".join(lines))
 
 
 def main(argv=None) -> int:

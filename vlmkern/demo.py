@@ -26,8 +26,8 @@ cuts the KL to FP four-fold against GPTQ on the same data, and mixed data
 matters as much as the method: text-only calibration leaves GPTAQ close to
 RTN's KL. With 32 samples the whole demo took 268 s of CPU time (user +
 sys, one thread; the wall time on a busy shared machine was longer);
-``--samples 16`` halves the calibration (109 s of CPU) at nearly the same
-KL. VQA on 40 digits moves in steps of 0.025, so KL and agreement decide
+``--samples 16`` cuts the calibration from 172 to 109 s of CPU at nearly
+the same KL. VQA on 40 digits moves in steps of 0.025, so KL and agreement decide
 between close rows.
 
 ``--synthetic`` runs the older demo on a random 4-layer Llama instead (no
