@@ -40,21 +40,25 @@ RESULTS = Path(__file__).parent / "results"
 NAME = "minivlm_vlmq"
 FINDINGS = "<!-- findings: written by hand, kept by reruns -->"
 METHODS = ("rtn", "awq", "gptq", "gptaq", "vlmq-gptq", "vlmq-gptaq")
-VARIANTS = ["fp"] + [f"{m}-w{b}g64" for b in (4, 3) for m in METHODS]
+# Diagnostic, not a recommended setting: VLMQ weighting q/k/v but not o_proj
+# (whose importance is exactly the block-output error, see the findings).
+DIAGNOSTIC = ("vlmq-gptq-qkv-w3g64",)
+VARIANTS = ["fp"] + [f"{m}-w{b}g64" for b in (4, 3) for m in METHODS] + list(DIAGNOSTIC)
 
 
 def method_config(name: str):
     from vlmkern import GPTAQConfig, GPTQConfig, QuantConfig
     from vlmkern.calib.awq_engine import AWQEngineConfig
     from vlmkern.quant.awq import AWQConfig
-    from vlmkern.quant.vlmq import VLMQConfig
+    from vlmkern.quant.vlmq import ATTENTION_LINEARS, VLMQConfig
 
     method, tag = name.rsplit("-", 1)
     grid = QuantConfig(int(tag[1]), 64)
     gptq = GPTQConfig(grid)
     return {"rtn": grid, "awq": AWQEngineConfig(AWQConfig(grid)), "gptq": gptq,
             "gptaq": GPTAQConfig(gptq), "vlmq-gptq": VLMQConfig(gptq),
-            "vlmq-gptaq": VLMQConfig(GPTAQConfig(gptq))}[method]
+            "vlmq-gptaq": VLMQConfig(GPTAQConfig(gptq)),
+            "vlmq-gptq-qkv": VLMQConfig(gptq, weighted=ATTENTION_LINEARS[:3])}[method]
 
 
 class ImportanceLog:
@@ -174,9 +178,10 @@ def write(results: dict, meta: dict) -> None:
                 for key, label in (("image_over_text", "img/txt"), ("image_share", "img share"),
                                    ("first_share", "first share"),
                                    ("effective_tokens", "effective tokens")):
-                    vals = [x[proj][key] if x else None for x in r["importance"]]
-                    cells = " ".join(f"{v:.2f}" for v in vals if v is not None)
-                    lines.append(f"- {r['name']} {proj} {label}: {cells}")
+                    vals = [x[proj][key] for x in r["importance"] if x and proj in x]
+                    if vals:
+                        cells = " ".join(f"{v:.2f}" for v in vals)
+                        lines.append(f"- {r['name']} {proj} {label}: {cells}")
         lines.append("")
     md = RESULTS / f"{NAME}.md"
     # The written discussion below the marker is kept across reruns (it reads
