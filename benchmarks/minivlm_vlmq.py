@@ -158,7 +158,9 @@ def write(results: dict, meta: dict) -> None:
              f"{meta['n_samples']} mixed samples (alpha 0.5: half digit conversations, half "
              "Lee-corpus windows of 256 tokens), seed 0. GPTQ-family rows use the project "
              "defaults (asymmetric, damping 0.01, act_order off); VLMQ uses the l1 token "
-             "norm. `quant s` is wall time on a shared 2-core CPU: an upper bound.", ""]
+             "norm. `quant s` is wall time on a shared 2-core CPU: an upper bound. "
+             f"Diagnostic rows ({', '.join(DIAGNOSTIC)}: VLMQ weighting q/k/v only) "
+             "support the findings; they are not recommended settings.", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
     lines += [markdown_table(ordered), ""]
     vlmq = [r for r in ordered if r.get("importance")]
