@@ -17,6 +17,8 @@ output channel, on the language model's decoder linears only:
   0.005, searched block by block (max depth 3, h0 = mean dependency);
 * qvlm-q-wnan: Q-VLM with one choice per linear input (q/k/v, o, gate/up,
   down) instead of one per decoder layer;
+* qvlm-tok-wnan: Q-VLM minimising the mean per-token relative error of the
+  block output instead of eq. 3's squared error (ours, not the paper's);
 * qvlm-static-wnan: Q-VLM with static scales only (the paper's stored
   clipping ranges; no per-token candidate);
 * qvlm-d1-wnan: Q-VLM with max depth 1 (every layer its own block: the
@@ -49,7 +51,8 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "minivlm_qvlm"
-METHODS = ("rtn", "sq-rtn", "qvlm", "qvlm-q", "qvlm-static", "qvlm-d1", "sq-qvlm")
+METHODS = ("rtn", "sq-rtn", "qvlm", "qvlm-q", "qvlm-tok", "qvlm-static", "qvlm-d1",
+           "sq-qvlm")
 VARIANTS = ["fp"] + [f"{m}-w{b}a{b}" for b in (8, 6, 4) for m in METHODS]
 SMOOTH_ALPHA = 0.5
 
@@ -94,7 +97,8 @@ def build_variant(name, model, samples, search_samples, device, progress):
         cfg = QVLMConfig(bits, bits, search_samples=search_samples,
                          max_depth=1 if method == "qvlm-d1" else 3,
                          token_candidate=method != "qvlm-static",
-                         granularity="quantizer" if method == "qvlm-q" else "layer")
+                         granularity="quantizer" if method == "qvlm-q" else "layer",
+                         objective="token" if method == "qvlm-tok" else "mse")
         variant, report = qvlm_quantize(variant, samples, cfg, device=device,
                                         progress=progress)
         extra.update({"activations": "searched per layer", "search_samples": search_samples,

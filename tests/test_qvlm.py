@@ -321,21 +321,24 @@ def test_search_takes_the_best_candidate_for_a_one_layer_block():
     assert len(set(round(e, 12) for e in errors.values())) > 1    # the choice mattered
 
 
-@pytest.mark.parametrize("granularity", ["layer", "quantizer"])
-def test_report_matches_the_model_built(granularity):
+@pytest.mark.parametrize("granularity, objective", [("layer", "mse"), ("quantizer", "mse"),
+                                                     ("layer", "token")])
+def test_report_matches_the_model_built(granularity, objective):
     """The block error the search reports is the error of the quantized
     layers actually installed (run through the integer-activation op)."""
     from vlmkern.calib.arch import decoder_layers
     from vlmkern.calib.engine import _layer_out, capture_inputs
 
     model, inputs = build_qwen2vl()
-    cfg = QVLMConfig(4, 4, max_depth=1, granularity=granularity)
+    from vlmkern.calib.qvlm import block_error
+
+    cfg = QVLMConfig(4, 4, max_depth=1, granularity=granularity, objective=objective)
     q, report = qvlm_quantize(copy.deepcopy(model), [inputs], cfg, progress=False)
     (h, kw), = capture_inputs(q, decoder_layers(q)[1], [inputs], "cpu")
     with torch.no_grad():
         out = _layer_out(decoder_layers(q)[1][0], h, kw).double()
         ref = _layer_out(decoder_layers(model)[1][0], h, kw).double()
-    err = float((out - ref).pow(2).sum() / ref.pow(2).sum())
+    err = block_error([out], [ref], objective)
     assert err == pytest.approx(report.block_errors[0], rel=1e-3)
     for name, m in q.named_modules():
         if hasattr(m, "quant_info") and m.quant_info.get("method") == "qvlm":
@@ -343,8 +346,22 @@ def test_report_matches_the_model_built(granularity):
             assert (m.quantized_weight.act_scale is not None) == static
     # per-quantizer search: at least as good as keeping every quantizer per token
     token = qvlm_quantize(copy.deepcopy(model), [inputs],
-                          QVLMConfig(4, 4, max_depth=1, percentiles=()), progress=False)[1]
+                          QVLMConfig(4, 4, max_depth=1, percentiles=(), objective=objective),
+                          progress=False)[1]
     assert report.block_errors[0] <= token.block_errors[0] * (1 + 1e-12)
+
+
+def test_block_error_objectives_by_hand():
+    from vlmkern.calib.qvlm import block_error
+
+    ref = [torch.tensor([[100.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 2.0]])]
+    out = [torch.tensor([[101.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 2.0]])]
+    # squared errors 1 + 1 + 0 over squared norms 10000 + 1 + 4
+    assert block_error(out, ref, "mse") == pytest.approx(2 / 10005, rel=1e-12)
+    # per token: 1e-4, 1, 0 -> mean
+    assert block_error(out, ref, "token") == pytest.approx((1e-4 + 1 + 0) / 3, rel=1e-12)
+    with pytest.raises(ValueError, match="objective"):
+        block_error(out, ref, "l1")
 
 
 def test_token_only_search_is_per_token_rtn():
@@ -419,6 +436,8 @@ def test_config_and_input_errors():
         QVLMConfig(max_depth=0)
     with pytest.raises(ValueError, match="granularity"):
         QVLMConfig(granularity="token")
+    with pytest.raises(ValueError, match="objective"):
+        QVLMConfig(objective="kl")
     model, inputs = build_llava()
     with pytest.raises(ValueError, match="at least one"):
         qvlm_quantize(model, [], QVLMConfig())
@@ -456,7 +475,8 @@ def llama_folder(tmp_path):
 
 @pytest.mark.parametrize("method, extra", [
     ("qvlm", ["--qvlm-max-depth", "2", "--qvlm-percentiles", "1,0.99", "--smooth", "0.5"]),
-    ("qvlm", ["--qvlm-w-bits", "8", "--qvlm-no-token"]),
+    ("qvlm", ["--qvlm-w-bits", "8", "--qvlm-no-token", "--qvlm-granularity", "quantizer",
+              "--qvlm-objective", "token"]),
     ("rtn", ["--bits", "8", "--smooth", "0.5"])])
 def test_cli_quantize_qvlm_and_smooth(llama_folder, tmp_path, capsys, method, extra):
     import vlmkern

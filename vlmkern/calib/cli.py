@@ -293,6 +293,12 @@ def add_qvlm_arguments(p: argparse.ArgumentParser) -> None:
                    help="block threshold on the average dependency (default: its mean)")
     g.add_argument("--qvlm-search-samples", type=int,
                    help="calibration samples the block search runs on (default: all)")
+    g.add_argument("--qvlm-granularity", choices=("layer", "quantizer"), default="layer",
+                   help="one activation quantizer choice per decoder layer, or per linear "
+                        "input (4x the search cost)")
+    g.add_argument("--qvlm-objective", choices=("mse", "token"), default="mse",
+                   help="block error searched: squared error (paper) or mean per-token "
+                        "relative error")
     g.add_argument("--qvlm-temperature", choices=("delta", "delta2"), default="delta",
                    help="soft-assignment temperature of the entropy proxy: Delta (paper) or "
                         "Delta^2 (scale-free)")
@@ -314,7 +320,8 @@ def qvlm_config(args, group):
         return QVLMConfig(w_bits, args.act_bits, group, max_depth=args.qvlm_max_depth,
                           percentiles=percentiles, token_candidate=not args.qvlm_no_token,
                           h0=args.qvlm_h0, temperature=args.qvlm_temperature,
-                          search_samples=args.qvlm_search_samples)
+                          search_samples=args.qvlm_search_samples,
+                          granularity=args.qvlm_granularity, objective=args.qvlm_objective)
     except ValueError as exc:
         raise SystemExit(f"--method qvlm: {exc}") from None
 

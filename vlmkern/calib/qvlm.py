@@ -36,6 +36,10 @@ Departures from the paper (and why):
 * D(k_r, k_s) sums the pairs k_r .. k_s - 1; h0 (not given in the paper)
   defaults to the mean pair dependency, as the official code's gate compares
   its proxy with the mean of the proxies collected so far.
+* ``objective='token'`` (not the default) replaces eq. 3's squared error by a
+  per-token relative one: in small LLMs a few attention-sink tokens can hold
+  almost all of the residual stream's squared norm, and eq. 3 then scores
+  those tokens only.
 * Weights are round-to-nearest; nothing is trained (the paper updates its
   quantization parameters for 10 epochs). The visual encoder optimisation
   (eqs. 8-10) is not implemented: the vision tower stays full precision.
@@ -82,6 +86,10 @@ class QVLMConfig:
     granularity: 'layer' (one choice per decoder layer, shared by its input
     quantizers) or 'quantizer' (one choice per linear input: q/k/v, o,
     gate/up, down; four times the search cost).
+    objective: the block-output error minimised: 'mse' (eq. 3: squared error
+    over all tokens relative to the output's squared norm) or 'token' (ours:
+    the mean over tokens of each token's relative squared error, so a few
+    tokens with huge hidden states -- attention sinks -- do not decide alone).
     """
 
     w_bits: int = 8
@@ -95,6 +103,7 @@ class QVLMConfig:
     entropy_elements: int = 65536
     search_samples: int | None = None
     granularity: str = "layer"
+    objective: str = "mse"
     seed: int = 0
     scale_dtype: str = "float16"
 
@@ -115,6 +124,8 @@ class QVLMConfig:
         if self.granularity not in ("layer", "quantizer"):
             raise ValueError(f"granularity must be 'layer' or 'quantizer', got "
                              f"{self.granularity!r}")
+        if self.objective not in ("mse", "token"):
+            raise ValueError(f"objective must be 'mse' or 'token', got {self.objective!r}")
         if self.temperature not in ("delta", "delta2"):
             raise ValueError(f"temperature must be 'delta' or 'delta2', got {self.temperature!r}")
         if not isinstance(self.entropy_elements, int) or self.entropy_elements < 2:
@@ -275,10 +286,26 @@ def _pick(n: int, m: int | None) -> list[int]:
     return sorted({round(i * (n - 1) / (m - 1)) for i in range(m)})
 
 
-def _rel_err(outs, refs) -> float:
-    num = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(outs, refs))
-    den = sum(float(r.double().pow(2).sum()) for r in refs)
-    return num / den if den > 0 else 0.0
+def block_error(outs, refs, objective: str = "mse") -> float:
+    """Error of quantized block outputs ``outs`` against ``refs`` (lists of
+    [..., hidden] tensors, one per sample). 'mse': sum of squared errors over
+    sum of squared references (eq. 3, normalised). 'token': mean over tokens
+    of ||out_t - ref_t||^2 / ||ref_t||^2 (tokens with a zero reference skipped)."""
+    if objective == "mse":
+        num = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(outs, refs))
+        den = sum(float(r.double().pow(2).sum()) for r in refs)
+        return num / den if den > 0 else 0.0
+    if objective != "token":
+        raise ValueError(f"objective must be 'mse' or 'token', got {objective!r}")
+    total, count = 0.0, 0
+    for o, r in zip(outs, refs):
+        r2 = r.double().reshape(-1, r.shape[-1])
+        e = (o.double().reshape(-1, r.shape[-1]) - r2).pow(2).sum(dim=1)
+        n = r2.pow(2).sum(dim=1)
+        live = n > 0
+        total += float((e[live] / n[live]).sum())
+        count += int(live.sum())
+    return total / count if count else 0.0
 
 
 def _fp_pass(layers, groups, inputs, kwargs_list, search_idx, cfg, device, progress):
@@ -363,7 +390,7 @@ def _run(qlayers, start, end, hidden, kwargs_list):
 
 
 def _search_block(qlayers, setters, units, end, q_inputs, kwargs_list, fp_target,
-                  candidates):
+                  candidates, objective):
     """One coordinate-descent sweep over the block's units (k, group), in
     order: each takes the candidate with the smallest block-output error, the
     others keeping their current choice. group None stands for every input
@@ -380,7 +407,8 @@ def _search_block(qlayers, setters, units, end, q_inputs, kwargs_list, fp_target
         best = None
         for cand in candidates:
             setters[k](cand, g)
-            err = _rel_err(_run(qlayers, k, end, layer_in, kwargs_list), fp_target)
+            err = block_error(_run(qlayers, k, end, layer_in, kwargs_list), fp_target,
+                              objective)
             if best is None or err < best[1]:
                 best = (cand, err)
         choices[(k, g)], best_err = best
@@ -459,20 +487,21 @@ def qvlm_quantize(model: nn.Module, samples, config: QVLMConfig | None = None, d
         units = [(k, g) for k in range(start, end + 1)
                  for g in (groups if cfg.granularity == "quantizer" else (None,))]
         block_choices, err = _search_block(qlayers, setters, units, end, q_in, search_kwargs,
-                                           fp_outs[end], candidates)
+                                           fp_outs[end], candidates, cfg.objective)
         for (k, g), c in block_choices.items():
             choices.update({(k, gg): c for gg in ((g,) if g is not None else groups)})
         report.block_errors.append(err)
         for k in range(start, end + 1):
             q_in = _run(qlayers, k, k, q_in, search_kwargs)
-            report.layer_errors.append(_rel_err(q_in, fp_outs[k]))
+            report.layer_errors.append(block_error(q_in, fp_outs[k], cfg.objective))
         bar.set_postfix(block_err=f"{err:.4f}")
         del qlayers, setters
     report.choices = [_layer_label(choices, k, groups) for k in range(len(layers))]
     report.seconds["search"] = time.perf_counter() - t
 
     from ..plan import config_to_json
-    settings = {"granularity": cfg.granularity, "max_depth": cfg.max_depth,
+    settings = {"granularity": cfg.granularity, "objective": cfg.objective,
+                "max_depth": cfg.max_depth,
                 "percentiles": list(cfg.percentiles), "token_candidate": cfg.token_candidate,
                 "h0": report.h0, "temperature": cfg.temperature,
                 "search_samples": cfg.search_samples}
@@ -506,4 +535,4 @@ def qvlm_quantize(model: nn.Module, samples, config: QVLMConfig | None = None, d
 
 
 __all__ = ["QVLMConfig", "QVLMReport", "ActChoice", "qvlm_quantize", "fake_quant_activations",
-           "percentile_values", "DEFAULT_PERCENTILES"]
+           "percentile_values", "block_error", "DEFAULT_PERCENTILES"]
