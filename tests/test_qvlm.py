@@ -509,7 +509,11 @@ def test_cli_quantize_qvlm_and_smooth(llama_folder, tmp_path, capsys, method, ex
 @pytest.mark.parametrize("args, message", [
     (["--method", "qvlm"], "needs --act-bits"),
     (["--method", "gptq", "--smooth", "0.5"], "integer-activation"),
-    (["--method", "qvlm", "--act-bits", "8", "--qvlm-percentiles", "1,2"], "percentiles")])
+    (["--method", "qvlm", "--act-bits", "8", "--qvlm-percentiles", "1,2"], "percentiles"),
+    (["--method", "gptq", "--qvlm-vision"], "option of --method qvlm"),
+    (["--method", "qvlm", "--act-bits", "8", "--qvlm-vision", "--qvlm-vision-epochs", "-1"],
+     "epochs"),
+    (["--method", "qvlm", "--act-bits", "8", "--qvlm-vision"], "no vision tower")])
 def test_cli_rejects_bad_qvlm_options(llama_folder, args, message):
     from vlmkern.cli import main
 

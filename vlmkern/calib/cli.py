@@ -99,6 +99,7 @@ def run(args) -> int:
     from .engine import quantize_model
 
     method = method_config(args)
+    vision = qvlm_vision_config(args)
     model, tokenizer = load_model(args.model)
     if args.calib_text is not None:
         text = args.calib_text.read_text(encoding="utf-8")
@@ -113,7 +114,8 @@ def run(args) -> int:
     elif args.method == "luq":
         quantize = luq_cli_quantize
     elif args.method == "qvlm":
-        quantize = qvlm_cli_quantize
+        def quantize(model, samples, config, work_dir=None, device=None):
+            return qvlm_cli_quantize(model, samples, config, work_dir, device, vision)
     if args.smooth is not None:
         smooth_for_cli(args, model, samples)
     model, report = quantize(model, samples, method, work_dir=args.work_dir, device=device)
@@ -299,6 +301,21 @@ def add_qvlm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--qvlm-objective", choices=("mse", "token"), default="mse",
                    help="block error searched: squared error (paper) or mean per-token "
                         "relative error")
+    g.add_argument("--qvlm-vision", action="store_true",
+                   help="also quantize the vision tower (same W/A bits) and train its "
+                        "clipping with the visual-encoder optimisation (eqs. 8-10); needs "
+                        "image samples (--model minivlm)")
+    g.add_argument("--qvlm-vision-epochs", type=int, default=2,
+                   help="training epochs of the vision clipping (0: quantize only)")
+    g.add_argument("--qvlm-vision-activation", choices=("static", "token"), default="static",
+                   help="vision activation scales: learned static per-tensor, or per-token")
+    g.add_argument("--qvlm-vision-lr", type=float, default=5e-3)
+    g.add_argument("--qvlm-vision-lambda-ent", type=float, default=1.0,
+                   help="lambda_1 of eq. 10 (dependency term)")
+    g.add_argument("--qvlm-vision-lambda-err", type=float, default=1.0,
+                   help="lambda_2 of eq. 10 (error term)")
+    g.add_argument("--qvlm-vision-eta", type=float, default=1.0,
+                   help="eta of eq. 9 (weight of the last layer's error)")
     g.add_argument("--qvlm-temperature", choices=("delta", "delta2"), default="delta",
                    help="soft-assignment temperature of the entropy proxy: Delta (paper) or "
                         "Delta^2 (scale-free)")
@@ -326,12 +343,31 @@ def qvlm_config(args, group):
         raise SystemExit(f"--method qvlm: {exc}") from None
 
 
-def qvlm_cli_quantize(model, samples, config, work_dir=None, device=None):
+def qvlm_vision_config(args):
+    """The VisionOptConfig of --qvlm-vision, or None."""
+    if not args.qvlm_vision:
+        return None
+    if args.method != "qvlm":
+        raise SystemExit("--qvlm-vision is an option of --method qvlm")
+    from .qvlm_vision import VisionOptConfig
+    try:
+        return VisionOptConfig(epochs=args.qvlm_vision_epochs,
+                               activation=args.qvlm_vision_activation, lr=args.qvlm_vision_lr,
+                               lambda_ent=args.qvlm_vision_lambda_ent,
+                               lambda_err=args.qvlm_vision_lambda_err, eta=args.qvlm_vision_eta)
+    except ValueError as exc:
+        raise SystemExit(f"--qvlm-vision: {exc}") from None
+
+
+def qvlm_cli_quantize(model, samples, config, work_dir=None, device=None, vision=None):
     """quantize_model's signature for --method qvlm; returns (model, QVLMReport)."""
     from .qvlm import qvlm_quantize
     if work_dir is not None:
         raise SystemExit("--work-dir: --method qvlm does not resume (its search is per block)")
-    return qvlm_quantize(model, samples, config, device=device)
+    try:
+        return qvlm_quantize(model, samples, config, device=device, vision=vision)
+    except ValueError as exc:
+        raise SystemExit(f"--method qvlm: {exc}") from None
 
 
 def smooth_for_cli(args, model, samples) -> None:

@@ -40,9 +40,11 @@ Departures from the paper (and why):
   per-token relative one: in small LLMs a few attention-sink tokens can hold
   almost all of the residual stream's squared norm, and eq. 3 then scores
   those tokens only.
-* Weights are round-to-nearest; nothing is trained (the paper updates its
-  quantization parameters for 10 epochs). The visual encoder optimisation
-  (eqs. 8-10) is not implemented: the vision tower stays full precision.
+* Weights are round-to-nearest; nothing in the language model is trained
+  (the paper updates its quantization parameters for 10 epochs). The vision
+  tower stays full precision unless ``vision`` asks for the visual-encoder
+  optimisation (eqs. 8-10, vlmkern.calib.qvlm_vision), which quantizes it
+  with learned clipping before the statistics pass.
 The official code differs from the paper more: NF4 weights, asymmetric
 per-input-channel activation ranges (not executable as an integer GEMM), a
 running min/max gate instead of blocks, range shrink factors 1.0 .. 0.4
@@ -172,6 +174,7 @@ class QVLMReport:
     modules: list[dict] = field(default_factory=list)
     search_tokens: int = 0
     seconds: dict = field(default_factory=dict)
+    vision: object | None = None          # VisionOptReport when the encoder was optimised
 
     def __str__(self) -> str:
         lines = [f"{'layer':>5} {'entropy':>8} {'D(k,k+1)':>9} {'block':>6} {'rel err':>9}  "
@@ -187,6 +190,8 @@ class QVLMReport:
         secs = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         lines.append(f"{len(self.modules)} linears, {total:,} bytes; search on "
                      f"{self.search_tokens} tokens; {secs}")
+        if self.vision is not None:
+            lines.append(str(self.vision))
         return "\n".join(lines)
 
 
@@ -424,14 +429,19 @@ def _layer_label(choices: dict, k: int, groups) -> str:
 
 
 def qvlm_quantize(model: nn.Module, samples, config: QVLMConfig | None = None, device=None,
-                  progress: bool = True):
+                  progress: bool = True, vision=None):
     """Q-VLM on the language model's decoder layers of ``model``.
 
-    samples: list of dicts of model inputs (one batch each). Returns (model
-    with IntActLinear modules, QVLMReport)."""
+    samples: list of dicts of model inputs (one batch each). vision: a
+    VisionOptConfig to quantize and optimise the vision tower first (eqs.
+    8-10), or None to leave it in full precision. Returns (model with
+    IntActLinear modules, QVLMReport)."""
+    from .qvlm_vision import VisionOptConfig, optimize_vision
     cfg = config or QVLMConfig()
     if not isinstance(cfg, QVLMConfig):
         raise TypeError(f"config must be a QVLMConfig, got {type(cfg).__name__}")
+    if vision is not None and not isinstance(vision, VisionOptConfig):
+        raise TypeError(f"vision must be a VisionOptConfig or None, got {type(vision).__name__}")
     t0 = time.perf_counter()
     arch = arch_of(model)
     layers_path, layers = decoder_layers(model)
@@ -445,6 +455,12 @@ def qvlm_quantize(model: nn.Module, samples, config: QVLMConfig | None = None, d
         raise ValueError(f"{type(model).__name__}: no linears of {arch.sequence} in the "
                          f"decoder layers")
 
+    vision_report = None
+    if vision is not None:
+        vision_report = optimize_vision(model, samples, (cfg.w_bits, cfg.a_bits), cfg.group_size,
+                                        vision, h0=cfg.h0, max_depth=cfg.max_depth,
+                                        temperature=cfg.temperature, device=device,
+                                        progress=progress)
     _move_except(model, layers_path, device)
     try:
         captured = capture_inputs(model, layers, samples, device)
@@ -453,7 +469,8 @@ def qvlm_quantize(model: nn.Module, samples, config: QVLMConfig | None = None, d
     inputs = [h for h, _ in captured]
     kwargs_list = [k for _, k in captured]
     search_idx = _pick(len(inputs), cfg.search_samples)
-    report = QVLMReport(search_tokens=sum(inputs[i].shape[:-1].numel() for i in search_idx))
+    report = QVLMReport(search_tokens=sum(inputs[i].shape[:-1].numel() for i in search_idx),
+                        vision=vision_report)
 
     t = time.perf_counter()
     quantiles, ent_samples, fp_outs = _fp_pass(layers, groups, inputs, kwargs_list,
@@ -530,6 +547,12 @@ def qvlm_quantize(model: nn.Module, samples, config: QVLMConfig | None = None, d
         "blocks": [list(b) for b in report.blocks], "choices": report.choices,
         "layer_entropy": report.layer_entropy, "pair_dependency": report.pair_dependency,
         **settings}}
+    if vision_report is not None:
+        model.vlmkern_plan_info["qvlm"]["vision"] = {
+            **{k: getattr(vision, k) for k in ("activation", "epochs", "lr", "lambda_ent",
+                                               "lambda_err", "eta")},
+            "layer_weights": vision_report.layer_weights, "history": vision_report.history,
+            "before": vision_report.before, "after": vision_report.after}
     report.seconds["total"] = time.perf_counter() - t0
     return model, report
 

@@ -176,6 +176,29 @@ def layer_dependency(x_k: torch.Tensor, x_next: torch.Tensor, bits: int,
                                                   temps[0], temps[1]))
 
 
+def soft_dependency(x_k: torch.Tensor, x_next: torch.Tensor, bits: int, clip_k: float,
+                    clip_next: float, temperature: str = "delta") -> torch.Tensor:
+    """``layer_dependency`` as a differentiable fp64 scalar tensor, for
+    training (gradients flow to x_k and x_next). Clips are fixed positive
+    numbers; both tensors hold the same number of elements, paired in order."""
+    if x_k.numel() != x_next.numel() or x_k.numel() == 0:
+        raise ValueError(f"x_k and x_next must pair element by element, got {x_k.numel()} "
+                         f"and {x_next.numel()} elements")
+    if temperature not in ("delta", "delta2"):
+        raise ValueError(f"temperature must be 'delta' or 'delta2', got {temperature!r}")
+    probs = []
+    for x, clip in ((x_k, clip_k), (x_next, clip_next)):
+        levels, delta = symmetric_levels(bits, clip)
+        t = delta if temperature == "delta" else delta ** 2
+        xs = x.reshape(-1, 1).double()
+        probs.append(torch.softmax(-(xs - levels.to(xs.device)).pow(2) / t, dim=1))
+    joint = probs[0].T @ probs[1] / x_k.numel()
+    marginal = joint.sum(dim=1, keepdim=True)
+    # H(B | A) = -sum P(a, b) log(P(a, b) / P(a)); empty cells contribute 0
+    ratio = torch.where(joint > 0, joint / marginal.clamp_min(1e-300), torch.ones_like(joint))
+    return -(joint * ratio.log()).sum()
+
+
 def span_dependency(pair_deps: Sequence[float], start: int, end: int) -> float:
     """Eq. 6: D(k_r, k_s) = sum of D(k, k+1) for k_r <= k < k_s (0 when k_r == k_s).
 
@@ -217,5 +240,6 @@ def partition_blocks(pair_deps: Sequence[float], h0: float | None = None,
 
 
 __all__ = ["symmetric_levels", "soft_assignment", "level_distribution", "quantized_entropy",
-           "joint_distribution", "conditional_entropy", "layer_dependency", "span_dependency",
+           "joint_distribution", "conditional_entropy", "layer_dependency", "soft_dependency",
+           "span_dependency",
            "partition_blocks"]

@@ -1,0 +1,92 @@
+"""``vlmkern quantize --method {vlmq,qvlm,luq}`` end to end on tiny LLaVA and
+Qwen2-VL folders saved by transformers: the VLM loads through the image-text
+auto class, its language model is calibrated on text windows, the checkpoint
+reloads into a fresh model and answers a multimodal input."""
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tiny_models import TEXT, build_llava, build_qwen2vl  # noqa: E402
+
+import vlmkern  # noqa: E402
+from vlmkern.cli import main  # noqa: E402
+from vlmkern.io import read_plan  # noqa: E402
+
+BUILDERS = {"llava": build_llava, "qwen2vl": build_qwen2vl}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def vlm_folder(request, tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp(request.param)
+    vocab = {f"w{i}": i for i in range(TEXT["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(folder)
+    model, inputs = BUILDERS[request.param]()
+    model.save_pretrained(folder)
+    rng = random.Random(0)
+    text = folder / "calib.txt"
+    text.write_text(" ".join(f"w{rng.randrange(3, 100)}" for _ in range(2000)))
+    return request.param, folder, text, inputs
+
+
+METHOD_ARGS = {
+    "vlmq": ["--bits", "4", "--group-size", "32"],
+    "qvlm": ["--act-bits", "8", "--group-size", "row", "--qvlm-max-depth", "2"],
+    "luq": ["--group-size", "32", "--luq-k", "4", "--n-low", "1"],
+}
+EXPECTED_FORMATS = {"vlmq": {"groupwise"}, "qvlm": {"intact"}, "luq": {"groupwise", "binary"}}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_ARGS))
+def test_vlm_method_through_the_cli(vlm_folder, method, tmp_path, capsys):
+    arch, folder, text, inputs = vlm_folder
+    out = tmp_path / "out"
+    code = main(["quantize", "--model", str(folder), "--method", method,
+                 "--calib-text", str(text), "--samples", "2", "--seq-len", "32",
+                 "--device", "cpu", "--out", str(out), *METHOD_ARGS[method]])
+    assert code == 0
+    assert "saved" in capsys.readouterr().out
+    plan = read_plan(out)
+    formats = {e.format for e in plan.entries.values()}
+    assert formats == EXPECTED_FORMATS[method]
+    assert {e.method for e in plan.entries.values()} <= {method, "billm", "gptq"}
+    fresh = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    reference = copy.deepcopy(fresh)
+    vlmkern.load_quantized(fresh, out)
+    quantized = [n for n, m in fresh.named_modules() if isinstance(m, vlmkern.QuantLinear)]
+    assert quantized and all("language_model" in n for n in quantized)
+    with torch.no_grad():
+        logits = fresh(**inputs).logits
+        ref = reference(**inputs).logits
+    assert torch.isfinite(logits).all()
+    # quantized, so not identical, but still the same function (one binarized
+    # layer of two, LUQ's worst case here, keeps the cosine near 0.97)
+    assert not torch.equal(logits, ref)
+    cos = torch.nn.functional.cosine_similarity(logits.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.9, (arch, method, float(cos))
+
+
+def test_vision_optimisation_needs_image_samples(vlm_folder):
+    arch, folder, text, inputs = vlm_folder
+    with pytest.raises(SystemExit, match="images"):
+        main(["quantize", "--model", str(folder), "--method", "qvlm", "--act-bits", "8",
+              "--qvlm-vision", "--calib-text", str(text), "--samples", "2", "--seq-len", "16",
+              "--device", "cpu"])
