@@ -28,8 +28,10 @@ output channel, on the language model's decoder linears only:
   per-tensor activation scales at the calibration absmax, weights per output
   channel at absmax): the visual-encoder optimisation with 0 epochs;
 * qvlm-veo-wnan: the same, its clipping parameters trained for 2 epochs with
-  eq. 10 (VisionOptConfig defaults: lambda_1 = lambda_2 = eta = 1) before
-  the language model's search.
+  eq. 10 (lambda_1 = lambda_2 = eta = 1, lr 5e-3) before the language
+  model's search; qvlm-veo10-wnan: 10 epochs, as in the paper;
+  qvlm-veotok-wnan: 10 epochs with per-token vision activations (only the
+  weight clips learn).
 
 Protocol (shared by the mini-VLM method tables): evaluation
 ``EvalSet.build(model, processor)`` defaults, FP reference from the same
@@ -59,7 +61,7 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 NAME = "minivlm_qvlm"
 METHODS = ("rtn", "sq-rtn", "qvlm", "qvlm-q", "qvlm-tok", "qvlm-static", "qvlm-d1",
-           "sq-qvlm", "qvlm-vis0", "qvlm-veo")
+           "sq-qvlm", "qvlm-vis0", "qvlm-veo", "qvlm-veo10", "qvlm-veotok")
 VARIANTS = ["fp"] + [f"{m}-w{b}a{b}" for b in (8, 6, 4) for m in METHODS]
 SMOOTH_ALPHA = 0.5
 
@@ -108,8 +110,9 @@ def build_variant(name, model, samples, search_samples, device, progress):
                          granularity="quantizer" if method == "qvlm-q" else "layer",
                          objective="token" if method == "qvlm-tok" else "mse")
         vision = None
-        if method in ("qvlm-vis0", "qvlm-veo"):
-            vision = VisionOptConfig(epochs=0 if method == "qvlm-vis0" else 2)
+        if method.startswith(("qvlm-vis0", "qvlm-veo")):
+            vision = VisionOptConfig(epochs={"qvlm-vis0": 0, "qvlm-veo": 2}.get(method, 10),
+                                     activation="token" if method == "qvlm-veotok" else "static")
         variant, report = qvlm_quantize(variant, samples, cfg, device=device,
                                         progress=progress, vision=vision)
         if report.vision is not None:
@@ -187,8 +190,9 @@ def write(results: dict, meta: dict) -> None:
                   "dependency, nats), relative squared error of the vision output and of the "
                   "last decoder layer's output, and the blocks eq. 7 gives on that dependency "
                   "profile (h0 from the profile before training).", "",
-                  "| variant | vision bytes (fp16) | epochs | L_reg | L_ent | vision err | "
-                  "last-layer err | blocks | train s |", "|---|---|---:|---|---|---|---|---|---:|"]
+                  "| variant | vision activations | vision bytes (fp16) | epochs | L_reg | L_ent | "
+                  "vision err | last-layer err | blocks | train s |",
+                  "|---|---|---|---:|---|---|---|---|---|---:|"]
         for r in vis:
             v = r["vision"]
             b, a = v["before"], v["after"] or v["before"]
@@ -200,7 +204,8 @@ def write(results: dict, meta: dict) -> None:
 
             nb = (f"{len(b['blocks'])} -> {len(a['blocks'])}" if v["after"]
                   else str(len(b["blocks"])))
-            lines.append(f"| {r['name']} | {v['nbytes']:,} ({v['fp16_nbytes']:,}) | "
+            lines.append(f"| {r['name']} | {v['config']['activation']} | "
+                         f"{v['nbytes']:,} ({v['fp16_nbytes']:,}) | "
                          f"{v['config']['epochs']} | {pair('reg')} | {pair('ent')} | "
                          f"{pair('vision_err', '{:.5f}')} | {pair('last_err', '{:.5f}')} | "
                          f"{nb} | {v['seconds']:.0f} |")

@@ -90,3 +90,17 @@ def test_vision_optimisation_needs_image_samples(vlm_folder):
         main(["quantize", "--model", str(folder), "--method", "qvlm", "--act-bits", "8",
               "--qvlm-vision", "--calib-text", str(text), "--samples", "2", "--seq-len", "16",
               "--device", "cpu"])
+
+
+def test_qvlm_work_dir_through_the_cli(vlm_folder, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    arch, folder, text, inputs = vlm_folder
+    args = ["quantize", "--model", str(folder), "--method", "qvlm", "--act-bits", "6",
+            "--group-size", "row", "--calib-text", str(text), "--samples", "2",
+            "--seq-len", "16", "--device", "cpu", "--work-dir", str(tmp_path / "work")]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert sorted(p.name for p in (tmp_path / "work").glob("block_*.json"))
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0       # resumed: every block saved
+    a, b = (load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -161,3 +161,71 @@ def test_bad_input():
                             ({"entropy_elements": 0}, "entropy_elements")]:
         with pytest.raises(ValueError, match=message):
             VisionOptConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Resuming a crashed run (work_dir)
+# ---------------------------------------------------------------------------
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_crashed_run_resumes_to_the_same_model(tmp_path, monkeypatch):
+    import vlmkern.calib.qvlm as qvlm_mod
+    import vlmkern.calib.qvlm_vision as vision_mod
+
+    model, inputs = build_llava()
+    cfg = QVLMConfig(8, 6, max_depth=1)
+    vision = VisionOptConfig(epochs=2)
+    whole, report = qvlm_quantize(copy.deepcopy(model), [inputs], cfg, progress=False,
+                                  vision=vision)
+    expected = _state(whole)
+
+    # crash in the second block's search: the vision tower and block 0 are saved
+    real_search = qvlm_mod._search_block
+    calls = []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real_search(*args, **kwargs)
+
+    monkeypatch.setattr(qvlm_mod, "_search_block", crash_on_second)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        qvlm_quantize(copy.deepcopy(model), [inputs], cfg, progress=False, vision=vision,
+                      work_dir=tmp_path)
+    assert (tmp_path / "vision.safetensors").exists() and (tmp_path / "block_0000.json").exists()
+    assert not (tmp_path / "block_0001.json").exists()
+
+    # the rerun trains nothing and searches only the second block
+    calls.clear()
+    monkeypatch.setattr(qvlm_mod, "_search_block", lambda *a, **k: (calls.append(1),
+                                                                    real_search(*a, **k))[1])
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the vision tower was trained again")
+
+    monkeypatch.setattr(vision_mod, "optimize_vision", no_training)
+    resumed, resumed_report = qvlm_quantize(copy.deepcopy(model), [inputs], cfg,
+                                            progress=False, vision=vision, work_dir=tmp_path)
+    assert len(calls) == len(report.blocks) - 1
+    state = _state(resumed)
+    assert state.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(state[k], expected[k]), k
+    assert resumed_report.choices == report.choices
+    assert resumed_report.block_errors == report.block_errors
+    assert resumed_report.vision.after == report.vision.after
+    for name in vision_linears(model):
+        assert resumed.get_submodule(name).quant_info == whole.get_submodule(name).quant_info
+
+
+def test_a_work_dir_of_another_run_is_refused(tmp_path):
+    model, inputs = build_llava()
+    qvlm_quantize(copy.deepcopy(model), [inputs], QVLMConfig(8, 8, max_depth=1),
+                  progress=False, work_dir=tmp_path)
+    with pytest.raises(ValueError, match="different model"):
+        qvlm_quantize(copy.deepcopy(model), [inputs], QVLMConfig(8, 6, max_depth=1),
+                      progress=False, work_dir=tmp_path)

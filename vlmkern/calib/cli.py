@@ -305,7 +305,7 @@ def add_qvlm_arguments(p: argparse.ArgumentParser) -> None:
                    help="also quantize the vision tower (same W/A bits) and train its "
                         "clipping with the visual-encoder optimisation (eqs. 8-10); needs "
                         "image samples (--model minivlm)")
-    g.add_argument("--qvlm-vision-epochs", type=int, default=2,
+    g.add_argument("--qvlm-vision-epochs", type=int, default=10,
                    help="training epochs of the vision clipping (0: quantize only)")
     g.add_argument("--qvlm-vision-activation", choices=("static", "token"), default="static",
                    help="vision activation scales: learned static per-tensor, or per-token")
@@ -362,10 +362,9 @@ def qvlm_vision_config(args):
 def qvlm_cli_quantize(model, samples, config, work_dir=None, device=None, vision=None):
     """quantize_model's signature for --method qvlm; returns (model, QVLMReport)."""
     from .qvlm import qvlm_quantize
-    if work_dir is not None:
-        raise SystemExit("--work-dir: --method qvlm does not resume (its search is per block)")
     try:
-        return qvlm_quantize(model, samples, config, device=device, vision=vision)
+        return qvlm_quantize(model, samples, config, device=device, vision=vision,
+                             work_dir=work_dir)
     except ValueError as exc:
         raise SystemExit(f"--method qvlm: {exc}") from None
 

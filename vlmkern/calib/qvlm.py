@@ -22,6 +22,9 @@ by the entropy proxy of cross-layer dependency.
    stream then feeds the next block.
 4. The plan: every decoder linear becomes an IntActWeight (with act_scale for
    static choices) and the model's linears are replaced by IntActLinear.
+With ``work_dir`` each searched block (and the trained vision tower) is saved
+as it finishes; a rerun recomputes the statistics and skips what is saved
+(vlmkern.calib.qvlm_resume).
 
 Departures from the paper (and why):
 * Quantizers are symmetric (the intact format has no zero point) and only the
@@ -429,14 +432,17 @@ def _layer_label(choices: dict, k: int, groups) -> str:
 
 
 def qvlm_quantize(model: nn.Module, samples, config: QVLMConfig | None = None, device=None,
-                  progress: bool = True, vision=None):
+                  progress: bool = True, vision=None, work_dir=None):
     """Q-VLM on the language model's decoder layers of ``model``.
 
     samples: list of dicts of model inputs (one batch each). vision: a
     VisionOptConfig to quantize and optimise the vision tower first (eqs.
-    8-10), or None to leave it in full precision. Returns (model with
-    IntActLinear modules, QVLMReport)."""
-    from .qvlm_vision import VisionOptConfig, optimize_vision
+    8-10), or None to leave it in full precision. work_dir: folder keeping
+    finished blocks and the trained vision tower; a rerun with the same model,
+    data and settings resumes there and ends in the same model. Returns
+    (model with IntActLinear modules, QVLMReport)."""
+    from .qvlm_resume import QVLMWorkDir, install_vision
+    from .qvlm_vision import VisionOptConfig, VisionOptReport, optimize_vision
     cfg = config or QVLMConfig()
     if not isinstance(cfg, QVLMConfig):
         raise TypeError(f"config must be a QVLMConfig, got {type(cfg).__name__}")
@@ -455,12 +461,20 @@ def qvlm_quantize(model: nn.Module, samples, config: QVLMConfig | None = None, d
         raise ValueError(f"{type(model).__name__}: no linears of {arch.sequence} in the "
                          f"decoder layers")
 
+    work = QVLMWorkDir(work_dir, model, samples, cfg, vision) if work_dir is not None else None
     vision_report = None
     if vision is not None:
-        vision_report = optimize_vision(model, samples, (cfg.w_bits, cfg.a_bits), cfg.group_size,
-                                        vision, h0=cfg.h0, max_depth=cfg.max_depth,
-                                        temperature=cfg.temperature, device=device,
-                                        progress=progress)
+        saved = work.load_vision() if work is not None else None
+        if saved is not None:
+            install_vision(model, saved[0])
+            vision_report = VisionOptReport(**saved[1])
+        else:
+            vision_report = optimize_vision(model, samples, (cfg.w_bits, cfg.a_bits),
+                                            cfg.group_size, vision, h0=cfg.h0,
+                                            max_depth=cfg.max_depth, temperature=cfg.temperature,
+                                            device=device, progress=progress)
+            if work is not None:
+                work.save_vision(model, vision_report)
     _move_except(model, layers_path, device)
     try:
         captured = capture_inputs(model, layers, samples, device)
@@ -497,14 +511,23 @@ def qvlm_quantize(model: nn.Module, samples, config: QVLMConfig | None = None, d
     choices: dict[tuple, ActChoice] = {}     # (layer, group) -> choice
     bar = tqdm(report.blocks, desc=f"qvlm search ({cfg.label})", unit="block",
                disable=not progress)
-    for start, end in bar:
+    for b, (start, end) in enumerate(bar):
         qlayers, setters = {}, {}
         for k in range(start, end + 1):
             qlayers[k], setters[k] = _quant_layer(layers[k], groups, quantiles[k], cfg, device)
         units = [(k, g) for k in range(start, end + 1)
                  for g in (groups if cfg.granularity == "quantizer" else (None,))]
-        block_choices, err = _search_block(qlayers, setters, units, end, q_in, search_kwargs,
-                                           fp_outs[end], candidates, cfg.objective)
+        saved = work.load_block(b, (start, end), groups, ActChoice) if work is not None else None
+        if saved is not None:
+            block_choices, err = saved
+            for (k, g), c in block_choices.items():
+                setters[k](c, g)
+        else:
+            block_choices, err = _search_block(qlayers, setters, units, end, q_in,
+                                               search_kwargs, fp_outs[end], candidates,
+                                               cfg.objective)
+            if work is not None:
+                work.save_block(b, (start, end), block_choices, err, groups)
         for (k, g), c in block_choices.items():
             choices.update({(k, gg): c for gg in ((g,) if g is not None else groups)})
         report.block_errors.append(err)

@@ -66,7 +66,8 @@ class VisionOptConfig:
     language model's). activation: 'static' (learned per-tensor scale, the
     paper's stored clipping range) or 'token' (dynamic per-token scales;
     only the weight clips learn). epochs: passes over the calibration samples
-    (0 quantizes with the initial parameters and trains nothing). lr: Adam's
+    with images, one step per sample (10, as in the paper; 0 quantizes with
+    the initial parameters and trains nothing). lr: Adam's
     step on the log-scale parameters. lambda_ent, lambda_err, eta: eqs. 8-10.
     entropy_elements: elements per sample and layer in L_ent. jacobian_samples:
     samples averaged for the layer weights w_k.
@@ -75,7 +76,7 @@ class VisionOptConfig:
     w_bits: int | None = None
     a_bits: int | None = None
     activation: str = "static"
-    epochs: int = 2
+    epochs: int = 10
     lr: float = 5e-3
     lambda_ent: float = 1.0
     lambda_err: float = 1.0

@@ -9,6 +9,7 @@ from .gptq import GPTAQConfig, GPTQConfig, GPTQStats, gptaq_quantize, gptq_quant
 from .hessian import HessianAccumulator
 from .rtn import fake_quantize, group_params, quantize_rtn, quantize_to_grid
 from .smoothquant import activation_absmax, smooth_scales, smooth_weights, smoothquant_quantize
+from .vlmq import VLMQConfig
 
 
 def quantize_weight(weight, config):
@@ -25,4 +26,4 @@ __all__ = ["binarize", "binarize_block", "residual_binarize", "fake_quantize", "
            "GPTQStats", "gptq_quantize", "gptaq_quantize", "HessianAccumulator", "BiLLMConfig",
            "billm_quantize", "AWQConfig", "awq_quantize", "awq_search_scales", "awq_search_clip",
            "apply_awq", "fold_scales_into_norm", "fold_scales_into_linear", "activation_absmax",
-           "smooth_scales", "smooth_weights", "smoothquant_quantize"]
+           "smooth_scales", "smooth_weights", "smoothquant_quantize", "VLMQConfig"]

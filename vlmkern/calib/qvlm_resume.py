@@ -1,0 +1,124 @@
+"""Resumable Q-VLM runs: the work folder keeps each finished block's choices
+and the trained vision tower, so a crashed run picks up where it stopped.
+
+Layout: ``manifest.json`` (fingerprint of model, data and settings, as the
+layer-by-layer engine writes it), ``block_XXXX.json`` per searched block,
+``vision.safetensors`` for the visual-encoder optimisation's packed layers
+(its report in the metadata). Every file is written to a temporary name and
+renamed, so a crash leaves either the old state or the new one. Statistics
+are recomputed on resume (one forward pass, deterministic); the search, the
+expensive part, is not.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors import safe_open
+
+from ..formats import WEIGHT_TYPES
+from ..io import atomic_save
+from .engine import WorkDir, _fingerprint
+
+
+class _Settings:
+    """What _fingerprint needs from a method: a description of the settings."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def describe(self) -> str:
+        return self.text
+
+
+def _write_json(target: Path, data) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+class QVLMWorkDir:
+    def __init__(self, path, model, samples, config, vision):
+        text = f"qvlm {config!r} vision {vision!r}"
+        self.path = WorkDir(path, _fingerprint(model, samples, _Settings(text))).path
+
+    # -- blocks ------------------------------------------------------------
+    def _block_file(self, b: int) -> Path:
+        return self.path / f"block_{b:04d}.json"
+
+    def save_block(self, b: int, block: tuple[int, int], choices: dict, error: float,
+                   groups) -> None:
+        """choices: {(layer, group tuple or None): ActChoice}."""
+        units = [[k, None if g is None else groups.index(g), c.percentile]
+                 for (k, g), c in choices.items()]
+        _write_json(self._block_file(b), {"block": list(block), "units": units, "error": error})
+
+    def load_block(self, b: int, block: tuple[int, int], groups, choice_type):
+        """(choices, error) of a finished block, or None."""
+        file = self._block_file(b)
+        if not file.exists():
+            return None
+        data = json.loads(file.read_text())
+        if tuple(data["block"]) != tuple(block):
+            raise ValueError(f"{file}: block {data['block']} was searched where the partition "
+                             f"now has {list(block)}; delete the work folder")
+        choices = {(k, None if g is None else groups[g]): choice_type(p)
+                   for k, g, p in data["units"]}
+        return choices, float(data["error"])
+
+    # -- vision tower ------------------------------------------------------
+    @property
+    def _vision_file(self) -> Path:
+        return self.path / "vision.safetensors"
+
+    def save_vision(self, model, report) -> None:
+        tensors, modules = {}, {}
+        for name, m in model.named_modules():
+            info = getattr(m, "quant_info", None) or {}
+            if info.get("method") != "qvlm-vision":
+                continue
+            w = m.quantized_weight
+            modules[name] = {"format": w.FORMAT, "meta": w.meta(), "info": info}
+            for t_name, t in w.tensors().items():
+                tensors[f"{name}.{t_name}"] = t.detach().cpu().contiguous()
+        atomic_save(tensors, self._vision_file,
+                    {"modules": json.dumps(modules),
+                     "report": json.dumps(dataclasses.asdict(report))})
+
+    def load_vision(self):
+        """({name: (packed weight, quant_info)}, report dict) or None."""
+        if not self._vision_file.exists():
+            return None
+        with safe_open(str(self._vision_file), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        weights = {}
+        for name, entry in json.loads(meta["modules"]).items():
+            cls = WEIGHT_TYPES[entry["format"]]
+            parts = {t: tensors[f"{name}.{t}"] for t in cls.TENSORS if f"{name}.{t}" in tensors}
+            weights[name] = (cls.from_state(parts, entry["meta"]), entry["info"])
+        report = json.loads(meta["report"])
+        for key in ("before", "after"):
+            if report.get(key):
+                report[key]["blocks"] = [tuple(b) for b in report[key]["blocks"]]
+        return weights, report
+
+
+def install_vision(model, saved) -> None:
+    """Replace the vision linears by the saved packed layers."""
+    from ..replace import replace_linears
+    weights = {name: w for name, (w, _) in saved.items()}
+    device = next(model.parameters()).device
+    replace_linears(model, {n: w.to(device) for n, w in weights.items()}, skip=(),
+                    progress=False)
+    for name, (_, info) in saved.items():
+        model.get_submodule(name).quant_info = info
+
+
+__all__ = ["QVLMWorkDir", "install_vision"]
