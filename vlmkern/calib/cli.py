@@ -306,10 +306,12 @@ def add_qvlm_arguments(p: argparse.ArgumentParser) -> None:
                         "clipping with the visual-encoder optimisation (eqs. 8-10); needs "
                         "image samples (--model minivlm)")
     g.add_argument("--qvlm-vision-epochs", type=int, default=10,
-                   help="training epochs of the vision clipping (0: quantize only)")
+                   help="training epochs of the vision clipping (default 10, as in the "
+                        "paper; 0: quantize only)")
     g.add_argument("--qvlm-vision-activation", choices=("static", "token"), default="static",
                    help="vision activation scales: learned static per-tensor, or per-token")
-    g.add_argument("--qvlm-vision-lr", type=float, default=5e-3)
+    g.add_argument("--qvlm-vision-lr", type=float, default=5e-3,
+                   help="Adam step on the log clipping parameters (default 5e-3)")
     g.add_argument("--qvlm-vision-lambda-ent", type=float, default=1.0,
                    help="lambda_1 of eq. 10 (dependency term)")
     g.add_argument("--qvlm-vision-lambda-err", type=float, default=1.0,

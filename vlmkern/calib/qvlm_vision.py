@@ -54,7 +54,7 @@ from ..config import IntActConfig, dtype_from_name
 from ..formats import IntActWeight
 from ..formats.intact import qmax
 from ..quant.entropy import partition_blocks, soft_dependency
-from ..quant.rtn import _round_scale, quantize_rtn
+from ..quant.rtn import _round_scale, fake_quantize
 from .arch import arch_of, decoder_layers, find_path
 
 
@@ -185,20 +185,25 @@ class _LearnedQuantLinear(nn.Module):
 
 
 class _STELinear(nn.Module):
-    """A decoder linear as the Q-VLM search starts: dequantized RTN integer
-    weights, per-token integer activations with straight-through rounding."""
+    """A decoder linear as the Q-VLM search starts: RTN integer weights,
+    per-token integer activations with straight-through rounding. The weights
+    are fake-quantized from the original linear at each call, so no second
+    copy of the language model is held."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, a_bits: int):
+    def __init__(self, linear: nn.Linear, config: IntActConfig):
         super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", None if bias is None else bias.detach())
-        self.lim = qmax(a_bits)
+        self.linear = [linear]             # a list: not registered as a submodule
+        self.config = config
+        self.lim = qmax(config.a_bits)
 
     def forward(self, x):
+        lin = self.linear[0]
+        with torch.no_grad():
+            w = fake_quantize(lin.weight.detach(), self.config).to(x.dtype)
         s = (x.detach().abs().amax(dim=-1, keepdim=True) / self.lim).clamp_min(1e-12)
         xq = _lsq(x, s, self.lim)
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(xq, self.weight.to(x.dtype), b)
+        b = None if lin.bias is None else lin.bias.detach().to(x.dtype)
+        return F.linear(xq, w, b)
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -288,7 +293,9 @@ def optimize_vision(model: nn.Module, samples, lm_bits: tuple[int, int], lm_grou
     lm_bits: (w_bits, a_bits) of the decoder linears; lm_group their group size.
     h0 / max_depth / temperature: the partition rule used to report how the
     dependency profile's blocks change (h0 None: the mean pair dependency at
-    the initial parameters). Returns a VisionOptReport."""
+    the initial parameters). The whole model moves to ``device`` (training
+    backpropagates through all of it) and back afterwards. Returns a
+    VisionOptReport."""
     from ..replace import replace_linears
     cfg = config or VisionOptConfig()
     if not isinstance(cfg, VisionOptConfig):
@@ -359,8 +366,7 @@ def optimize_vision(model: nn.Module, samples, lm_bits: tuple[int, int], lm_grou
                     lin = layer.get_submodule(sub)
                 except AttributeError:
                     continue
-                w = quantize_rtn(lin.weight.detach(), lm_cfg).dequantize(torch.float32)
-                ste[f"{layers_path}.{k}.{sub}"] = _STELinear(w.to(device), lin.bias, lm_bits[1])
+                ste[f"{layers_path}.{k}.{sub}"] = _STELinear(lin, lm_cfg)
     params = [p for m in learned.values() for p in m.parameters()]
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
