@@ -284,45 +284,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b).pow(2).sum() / b.pow(2).sum().clamp_min(1e-30)
 
 
-def optimize_vision(model: nn.Module, samples, lm_bits: tuple[int, int], lm_group: int | None,
-                    config: VisionOptConfig | None = None, h0: float | None = None,
-                    max_depth: int = 3, temperature: str = "delta", device=None,
-                    progress: bool = True) -> VisionOptReport:
-    """Quantize ``model``'s vision tower in place with learned clipping (eqs. 8-10).
-
-    lm_bits: (w_bits, a_bits) of the decoder linears; lm_group their group size.
-    h0 / max_depth / temperature: the partition rule used to report how the
-    dependency profile's blocks change (h0 None: the mean pair dependency at
-    the initial parameters). The whole model moves to ``device`` (training
-    backpropagates through all of it) and back afterwards. Returns a
-    VisionOptReport."""
-    from ..replace import replace_linears
-    cfg = config or VisionOptConfig()
-    if not isinstance(cfg, VisionOptConfig):
-        raise TypeError(f"config must be a VisionOptConfig, got {type(cfg).__name__}")
-    t0 = time.perf_counter()
-    spec = arch_of(model)
-    names = vision_linears(model)
-    # text-only samples never reach the vision tower: nothing to learn from them
-    samples = [s for s in samples if s.get("pixel_values") is not None]
-    if not samples:
-        raise ValueError("the visual-encoder optimisation needs calibration samples with "
-                         "images (pixel_values); none was given")
-    projector = find_path(model, spec.projector)
-    if projector is None:
-        raise ValueError(f"{type(model).__name__}: no projector found ({spec.projector})")
-    layers_path, layers = decoder_layers(model)
-    qkv_name = spec.sequence[0][0]
-    w_bits, a_bits = cfg.w_bits or lm_bits[0], cfg.a_bits or lm_bits[1]
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
-    model.to(device)
-    samples = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in s.items()}
-               for s in samples]
-    report = VisionOptReport(linears=len(names))
-
-    # 1. full-precision references, activation ranges, entropy element positions
-    probe = _Probe(model, projector, layers, qkv_name)
+def _references(model, samples, names, probe, cfg, device, progress):
+    """One full-precision pass: per sample the projector input and the last
+    decoder layer's output; per vision linear its input absmax; per decoder
+    layer the q/k/v-input absmax (the entropy grid's clip); per sample the
+    element positions L_ent pairs across layers."""
     act_max = {n: 0.0 for n in names}
 
     def range_hook(name):
@@ -351,109 +317,192 @@ def optimize_vision(model: nn.Module, samples, lm_bits: tuple[int, int], lm_grou
     finally:
         for h in handles:
             h.remove()
-    clips = [c if c > 0 else 1.0 for c in clips]
+    return refs, act_max, [c if c > 0 else 1.0 for c in clips], positions
 
-    # 2. the quantized stand-ins: learned vision linears, STE decoder linears
+
+class _Objective:
+    """Eq. 10's terms for one sample, read by the probes of one forward pass
+    of the model with its quantized stand-ins in place."""
+
+    def __init__(self, model, probe, refs, positions, clips, a_bits, temperature):
+        self.model, self.probe, self.refs = model, probe, refs
+        self.positions, self.clips = positions, clips
+        self.a_bits, self.temperature = a_bits, temperature
+
+    def terms(self, i, sample, weights):
+        """(L_reg, L_ent, vision error, last-layer error, [D(k, k+1)])."""
+        probe, pos = self.probe, self.positions[i]
+        probe.reset()
+        out = self.model(**sample, labels=_labels(self.model, sample))
+        deps = [soft_dependency(probe.qkv[k].reshape(-1)[pos], probe.qkv[k + 1].reshape(-1)[pos],
+                                self.a_bits, self.clips[k], self.clips[k + 1], self.temperature)
+                for k in range(len(probe.qkv) - 1)]
+        ent = sum(w * d for w, d in zip(weights, deps)) if deps else out.loss * 0
+        vision_ref, last_ref = self.refs[i]
+        return out.loss, ent, _rel(probe.vision, vision_ref), _rel(probe.last, last_ref), deps
+
+    def measure(self, samples, weights, h0, max_depth) -> dict:
+        """Mean terms over ``samples``, the pair dependencies and their blocks."""
+        tot = {"reg": 0.0, "ent": 0.0, "vision_err": 0.0, "last_err": 0.0}
+        pair = None
+        with torch.no_grad():
+            for i, s in enumerate(samples):
+                *values, deps = self.terms(i, s, weights)
+                for key, v in zip(tot, values):
+                    tot[key] += float(v) / len(samples)
+                d = [float(x) / len(samples) for x in deps]
+                pair = d if pair is None else [a + b for a, b in zip(pair, d)]
+        pair = pair or []
+        if h0 is None:
+            h0 = sum(pair) / len(pair) if pair else 0.0
+        return {**tot, "pair_dependency": pair, "blocks": partition_blocks(pair, h0, max_depth),
+                "h0": h0}
+
+
+def _stand_ins(model, names, layers_path, layers, sequence, act_max, cfg, bits, lm_cfg, device):
+    """Learned vision linears and straight-through decoder linears, by name."""
+    w_bits, a_bits = bits
     learned = {n: _LearnedQuantLinear(model.get_submodule(n), w_bits, a_bits,
                                       act_max[n] if cfg.activation == "static" else None)
                .to(device) for n in names}
-    lm_cfg = IntActConfig(lm_bits[0], lm_bits[1], lm_group)
     ste = {}
     for k, layer in enumerate(layers):
-        for group in spec.sequence:
-            for sub in group:
-                try:
-                    lin = layer.get_submodule(sub)
-                except AttributeError:
-                    continue
-                ste[f"{layers_path}.{k}.{sub}"] = _STELinear(lin, lm_cfg)
+        for sub in (name for group in sequence for name in group):
+            try:
+                ste[f"{layers_path}.{k}.{sub}"] = _STELinear(layer.get_submodule(sub), lm_cfg)
+            except AttributeError:
+                continue
+    return learned, ste
+
+
+def optimize_vision(model: nn.Module, samples, lm_bits: tuple[int, int], lm_group: int | None,
+                    config: VisionOptConfig | None = None, h0: float | None = None,
+                    max_depth: int = 3, temperature: str = "delta", device=None,
+                    progress: bool = True) -> VisionOptReport:
+    """Quantize ``model``'s vision tower in place with learned clipping (eqs. 8-10).
+
+    lm_bits: (w_bits, a_bits) of the decoder linears; lm_group their group size.
+    h0 / max_depth / temperature: the partition rule used to report how the
+    dependency profile's blocks change (h0 None: the mean pair dependency at
+    the initial parameters). The whole model moves to ``device`` (training
+    backpropagates through all of it) and back afterwards. Returns a
+    VisionOptReport."""
+    cfg = config or VisionOptConfig()
+    if not isinstance(cfg, VisionOptConfig):
+        raise TypeError(f"config must be a VisionOptConfig, got {type(cfg).__name__}")
+    t0 = time.perf_counter()
+    names = vision_linears(model)
+    # text-only samples never reach the vision tower: nothing to learn from them
+    samples = [s for s in samples if s.get("pixel_values") is not None]
+    if not samples:
+        raise ValueError("the visual-encoder optimisation needs calibration samples with "
+                         "images (pixel_values); none was given")
+    projector = find_path(model, arch_of(model).projector)
+    if projector is None:
+        raise ValueError(f"{type(model).__name__}: no projector found "
+                         f"({arch_of(model).projector})")
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    model.to(device)
+    try:
+        samples = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in s.items()}
+                   for s in samples]
+        report = _optimize(model, samples, names, projector, lm_bits, lm_group, cfg, h0,
+                           max_depth, temperature, device, progress)
+    finally:
+        model.to(home)    # also after an error: the model stays where the caller had it
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _optimize(model, samples, names, projector, lm_bits, lm_group, cfg, h0, max_depth,
+              temperature, device, progress) -> VisionOptReport:
+    from ..replace import replace_linears
+    spec = arch_of(model)
+    layers_path, layers = decoder_layers(model)
+    qkv_name = spec.sequence[0][0]
+    bits = (cfg.w_bits or lm_bits[0], cfg.a_bits or lm_bits[1])
+    report = VisionOptReport(linears=len(names))
+
+    # 1. full-precision references, activation ranges, entropy element positions
+    probe = _Probe(model, projector, layers, qkv_name)
+    try:
+        refs, act_max, clips, positions = _references(model, samples, names, probe, cfg,
+                                                      device, progress)
+    finally:
+        probe.close()
+
+    # 2. the quantized stand-ins: learned vision linears, STE decoder linears
+    learned, ste = _stand_ins(model, names, layers_path, layers, spec.sequence, act_max, cfg,
+                              bits, IntActConfig(lm_bits[0], lm_bits[1], lm_group), device)
     params = [p for m in learned.values() for p in m.parameters()]
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-
-    def losses(i, sample, weights):
-        probe.reset()
-        out = model(**sample, labels=_labels(model, sample))
-        vision_ref, last_ref = refs[i]
-        deps = [soft_dependency(probe.qkv[k].reshape(-1)[positions[i]],
-                                probe.qkv[k + 1].reshape(-1)[positions[i]], a_bits,
-                                clips[k], clips[k + 1], temperature)
-                for k in range(len(layers) - 1)]
-        ent = sum(w * d for w, d in zip(weights, deps)) if deps else out.loss * 0
-        verr, lerr = _rel(probe.vision, vision_ref), _rel(probe.last, last_ref)
-        return out.loss, ent, verr, lerr, deps
-
-    def measure(weights):
-        tot = {"reg": 0.0, "ent": 0.0, "vision_err": 0.0, "last_err": 0.0}
-        pair = [0.0] * (len(layers) - 1)
-        with torch.no_grad():
-            for i, s in enumerate(samples):
-                reg, ent, verr, lerr, deps = losses(i, s, weights)
-                for key, v in zip(tot, (reg, ent, verr, lerr)):
-                    tot[key] += float(v) / len(samples)
-                pair = [a + float(d) / len(samples) for a, d in zip(pair, deps)]
-        return tot, pair
-
+    probe = None
     try:
         with _swapped(model, {**learned, **ste}):
-            probe.close()         # hooks must sit on the stand-in q/k/v modules
-            probe = _Probe(model, projector, layers, qkv_name)
+            probe = _Probe(model, projector, layers, qkv_name)   # on the stand-ins
+            objective = _Objective(model, probe, refs, positions, clips, bits[1], temperature)
             for p in params:
                 p.requires_grad_(True)
             # 3. eq. 8's layer weights: |dE_n / dX_k| at the initial parameters
-            jac = _jacobian_weights(model, layers, samples[:cfg.jacobian_samples], refs, probe)
-            report.layer_weights = jac
-            weights = jac[:-1]
-            before, pair = measure(weights)
-            h0_used = h0 if h0 is not None else (sum(pair) / len(pair) if pair else 0.0)
-            report.before = {**before, "pair_dependency": pair,
-                             "blocks": partition_blocks(pair, h0_used, max_depth), "h0": h0_used}
+            report.layer_weights = _jacobian_weights(model, layers,
+                                                     samples[:cfg.jacobian_samples], refs, probe)
+            weights = report.layer_weights[:-1]
+            report.before = objective.measure(samples, weights, h0, max_depth)
             # 4. training
             if cfg.epochs > 0 and params:
-                opt = torch.optim.Adam(params, lr=cfg.lr)
-                order = torch.Generator().manual_seed(cfg.seed + 1)
-                for epoch in range(cfg.epochs):
-                    sums = {"loss": 0.0, "reg": 0.0, "ent": 0.0, "err": 0.0}
-                    perm = torch.randperm(len(samples), generator=order).tolist()
-                    bar = tqdm(perm, desc=f"vision epoch {epoch + 1}/{cfg.epochs}",
-                               disable=not progress)
-                    for i in bar:
-                        reg, ent, verr, lerr, _ = losses(i, samples[i], weights)
-                        err = verr + cfg.eta * lerr
-                        loss = reg + cfg.lambda_ent * ent + cfg.lambda_err * err
-                        if not bool(torch.isfinite(loss)):
-                            raise FloatingPointError(f"vision optimisation: loss is {loss} "
-                                                     f"(epoch {epoch + 1}); lower lr")
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-                        for key, v in zip(sums, (loss, reg, ent, err)):
-                            sums[key] += float(v.detach()) / len(samples)
-                        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-                    report.history.append(sums)
-                after, pair = measure(weights)
-                report.after = {**after, "pair_dependency": pair,
-                                "blocks": partition_blocks(pair, h0_used, max_depth),
-                                "h0": h0_used}
-            plan = {n: m.export(a_bits, w_bits) for n, m in learned.items()}
+                report.history = _train(lambda i: objective.terms(i, samples[i], weights)[:4],
+                                        params, len(samples), cfg, progress)
+                report.after = objective.measure(samples, weights, report.before["h0"],
+                                                 max_depth)
+            plan = {n: m.export(bits[1], bits[0]) for n, m in learned.items()}
     finally:
-        probe.close()
+        if probe is not None:
+            probe.close()
         for p in frozen:
             p.requires_grad_(True)
         for p in params:
             p.requires_grad_(False)
+
+    # 5. the packed integer layers the kernels run
     report.fp_nbytes = sum(model.get_submodule(n).weight.numel() * 2 for n in names)
     replace_linears(model, plan, skip=(), progress=False)
     info = {"method": "qvlm-vision", "activation": cfg.activation, "epochs": cfg.epochs,
             "lambda_ent": cfg.lambda_ent, "lambda_err": cfg.lambda_err, "eta": cfg.eta}
     for n, w in plan.items():
-        module = model.get_submodule(n)
-        module.quant_info = {**info, "config": _config_json(w)}
+        model.get_submodule(n).quant_info = {**info, "config": _config_json(w)}
         report.nbytes += w.nbytes
-    model.to(home)
-    report.seconds = time.perf_counter() - t0
     return report
+
+
+def _train(losses, params, n_samples: int, cfg: VisionOptConfig, progress: bool) -> list:
+    """Adam on eq. 10, one step per sample, ``cfg.epochs`` shuffled passes.
+    losses(i) -> (L_reg, L_ent, vision error, last-layer error) of sample i.
+    Returns the per-epoch mean losses."""
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    order = torch.Generator().manual_seed(cfg.seed + 1)
+    history = []
+    for epoch in range(cfg.epochs):
+        sums = {"loss": 0.0, "reg": 0.0, "ent": 0.0, "err": 0.0}
+        perm = torch.randperm(n_samples, generator=order).tolist()
+        bar = tqdm(perm, desc=f"vision epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
+        for i in bar:
+            reg, ent, verr, lerr = losses(i)
+            err = verr + cfg.eta * lerr
+            loss = reg + cfg.lambda_ent * ent + cfg.lambda_err * err
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"vision optimisation: loss is {float(loss.detach())} "
+                                         f"(epoch {epoch + 1}); lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for key, v in zip(sums, (loss, reg, ent, err)):
+                sums[key] += float(v.detach()) / n_samples
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        history.append(sums)
+    return history
 
 
 def _config_json(w: IntActWeight) -> dict:
