@@ -28,7 +28,10 @@ RTN's KL. With 32 samples the whole demo took 268 s of CPU time (user +
 sys, one thread; the wall time on a busy shared machine was longer);
 ``--samples 16`` cuts the calibration from 172 to 109 s of CPU at nearly
 the same KL. VQA on 40 digits moves in steps of 0.025, so KL and agreement decide
-between close rows.
+between close rows. The numbers depend on the CPU thread count: a
+different float summation order flips some of GPTAQ's rounding decisions
+(with 2 threads the demo printed VQA 0.800, agreement 0.825, KL 0.105; with
+OMP_NUM_THREADS=1 it reproduces the row above exactly).
 
 ``--synthetic`` runs the older demo on a random 4-layer Llama instead (no
 asset wheels needed): every weight format and a save/load round trip.
