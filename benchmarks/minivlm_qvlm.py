@@ -31,7 +31,8 @@ output channel, on the language model's decoder linears only:
   eq. 10 (lambda_1 = lambda_2 = eta = 1, lr 5e-3) before the language
   model's search; qvlm-veo10-wnan: 10 epochs, as in the paper;
   qvlm-veotok-wnan: 10 epochs with per-token vision activations (only the
-  weight clips learn).
+  weight clips learn); qvlm-veoent-wnan: 10 epochs with lambda_1 = 10, to see
+  whether the dependency term can move the language model's dependency.
 
 Protocol (shared by the mini-VLM method tables): evaluation
 ``EvalSet.build(model, processor)`` defaults, FP reference from the same
@@ -61,7 +62,7 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 NAME = "minivlm_qvlm"
 METHODS = ("rtn", "sq-rtn", "qvlm", "qvlm-q", "qvlm-tok", "qvlm-static", "qvlm-d1",
-           "sq-qvlm", "qvlm-vis0", "qvlm-veo", "qvlm-veo10", "qvlm-veotok")
+           "sq-qvlm", "qvlm-vis0", "qvlm-veo", "qvlm-veo10", "qvlm-veotok", "qvlm-veoent")
 VARIANTS = ["fp"] + [f"{m}-w{b}a{b}" for b in (8, 6, 4) for m in METHODS]
 SMOOTH_ALPHA = 0.5
 
@@ -112,7 +113,8 @@ def build_variant(name, model, samples, search_samples, device, progress):
         vision = None
         if method.startswith(("qvlm-vis0", "qvlm-veo")):
             vision = VisionOptConfig(epochs={"qvlm-vis0": 0, "qvlm-veo": 2}.get(method, 10),
-                                     activation="token" if method == "qvlm-veotok" else "static")
+                                     activation="token" if method == "qvlm-veotok" else "static",
+                                     lambda_ent=10.0 if method == "qvlm-veoent" else 1.0)
         variant, report = qvlm_quantize(variant, samples, cfg, device=device,
                                         progress=progress, vision=vision)
         if report.vision is not None:
@@ -190,9 +192,9 @@ def write(results: dict, meta: dict) -> None:
                   "dependency, nats), relative squared error of the vision output and of the "
                   "last decoder layer's output, and the blocks eq. 7 gives on that dependency "
                   "profile (h0 from the profile before training).", "",
-                  "| variant | vision activations | vision bytes (fp16) | epochs | L_reg | L_ent | "
-                  "vision err | last-layer err | blocks | train s |",
-                  "|---|---|---|---:|---|---|---|---|---|---:|"]
+                  "| variant | vision activations | vision bytes (fp16) | epochs | lambda_1 | "
+                  "L_reg | L_ent | vision err | last-layer err | blocks | train s |",
+                  "|---|---|---|---:|---:|---|---|---|---|---|---:|"]
         for r in vis:
             v = r["vision"]
             b, a = v["before"], v["after"] or v["before"]
@@ -206,7 +208,8 @@ def write(results: dict, meta: dict) -> None:
                   else str(len(b["blocks"])))
             lines.append(f"| {r['name']} | {v['config']['activation']} | "
                          f"{v['nbytes']:,} ({v['fp16_nbytes']:,}) | "
-                         f"{v['config']['epochs']} | {pair('reg')} | {pair('ent')} | "
+                         f"{v['config']['epochs']} | {v['config']['lambda_ent']:g} | "
+                         f"{pair('reg')} | {pair('ent')} | "
                          f"{pair('vision_err', '{:.5f}')} | {pair('last_err', '{:.5f}')} | "
                          f"{nb} | {v['seconds']:.0f} |")
         lines.append("")
