@@ -195,3 +195,49 @@ def test_billm_through_the_engine():
     # binarization's range here; its advantage is checked on weights with
     # outlier channels (test_billm.py) and on the real model's perplexity table.
     assert sum(report.layer_errors) < 1.25 * sum(plain_report.layer_errors)
+
+
+@pytest.mark.parametrize("method", [GPTQConfig(QuantConfig(4, 32)),
+                                    GPTAQConfig(GPTQConfig(QuantConfig(4, 32)))])
+def test_padding_never_enters_the_statistics(monkeypatch, method):
+    """A right-padded batch feeds the Hessians exactly its real tokens: as many
+    rows as the unpadded samples, with the same values."""
+    from vlmkern.quant.hessian import HessianAccumulator
+
+    model, _ = build_llama()
+    gen = torch.Generator().manual_seed(7)
+    long, short = torch.randint(3, 100, (1, 9), generator=gen), \
+        torch.randint(3, 100, (1, 5), generator=gen)
+    padded = {"input_ids": torch.cat([long, torch.cat([short, torch.zeros(1, 4, dtype=torch.long)],
+                                                      dim=1)]),
+              "attention_mask": torch.tensor([[1] * 9, [1] * 5 + [0] * 4])}
+    separate = [{"input_ids": long}, {"input_ids": short}]
+
+    def record(into):
+        def add(self, x, token_weight=None):
+            into.append((self, x.detach().reshape(-1, x.shape[-1]).clone()))
+            return real_add(self, x, token_weight)
+
+        def add_pair(self, x_fp, x_q, token_weight=None):
+            into.append((self, x_q.detach().reshape(-1, x_q.shape[-1]).clone()))
+            return real_pair(self, x_fp, x_q, token_weight)
+        return add, add_pair
+
+    def first_accumulator(entries):     # every batch's rows into layer 0's q_proj
+        first = entries[0][0]
+        return torch.cat([x for acc, x in entries if acc is first])
+
+    real_add, real_pair = HessianAccumulator.add, HessianAccumulator.add_pair
+    rows = {}
+    for tag, samples in (("padded", [padded]), ("separate", separate),
+                         ("unmasked", [{"input_ids": padded["input_ids"]}])):
+        rows[tag] = []
+        add, add_pair = record(rows[tag])
+        monkeypatch.setattr(HessianAccumulator, "add", add)
+        monkeypatch.setattr(HessianAccumulator, "add_pair", add_pair)
+        quantize_model(copy.deepcopy(model), samples, method, progress=False)
+    first_p, first_s = first_accumulator(rows["padded"]), first_accumulator(rows["separate"])
+    assert first_p.shape[0] == 14 and first_s.shape[0] == 14
+    assert torch.allclose(first_p, first_s, atol=1e-5, rtol=1e-5)
+    # the check can fail: without the mask the pads would count
+    assert first_accumulator(rows["unmasked"]).shape[0] == 18

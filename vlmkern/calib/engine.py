@@ -8,6 +8,8 @@
    Hessian statistics of each linear's inputs, with earlier sub-groups already
    quantized; GPTAQ also runs a full-precision copy of the layer on the
    full-precision stream. The layer's quantized outputs feed the next layer.
+   Padding (zeros of a sample's 2-D attention_mask) never enters the
+   statistics or the reported layer errors.
 3. Each finished layer is written to ``work_dir`` at once (atomically); a
    rerun with the same model, data and method loads finished layers instead of
    recalibrating them, which gives bit-identical results.
@@ -199,8 +201,26 @@ def _relative_error(weight: torch.Tensor, deq: torch.Tensor, hessian: torch.Tens
     return float((d @ h * d).sum()) / den if den > 0 else 0.0
 
 
+def _pad_mask(sample, hidden: torch.Tensor) -> torch.Tensor | None:
+    """[B, T] bool, True at real tokens, when the sample's attention_mask pads
+    and lines up with the decoder's hidden states [B, T, H]; else None."""
+    mask = sample.get("attention_mask") if isinstance(sample, dict) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or \
+            tuple(mask.shape) != tuple(hidden.shape[:2]):
+        return None
+    mask = mask.to(hidden.device).bool()
+    return None if bool(mask.all()) else mask
+
+
+def _real(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The real-token rows of x [B, T, ...] ([N, ...]), or x when nothing pads."""
+    return x if mask is None else x[mask]
+
+
 def _calibrate_layer(layer, fp_layer, sequence, method, inputs, fp_inputs, kwargs_list,
-                     prefix) -> tuple[dict, list[ModuleResult]]:
+                     prefix, masks=None) -> tuple[dict, list[ModuleResult]]:
+    """Calibrate one decoder layer's linears in ``sequence`` order. masks: per
+    batch, the real-token mask (padding never enters the statistics) or None."""
     weights, results = {}, []
     # Per-token Hessian weights (VLMQ), from the layer while still full precision.
     importance = method.token_importance(layer, inputs, fp_inputs, kwargs_list)
@@ -239,14 +259,18 @@ def _calibrate_layer(layer, fp_layer, sequence, method, inputs, fp_inputs, kwarg
         try:
             with torch.no_grad():
                 for i, (hidden, kwargs) in enumerate(zip(inputs, kwargs_list)):
+                    mask = masks[i] if masks else None
                     run(layer, hidden, kwargs, seen)
                     if method.paired_stats:
                         run(fp_layer, fp_inputs[i], kwargs, fp_seen)
-                        for n, acc in accs.items():
-                            acc.add_pair(fp_seen[n], seen[n], _token_weight(importance, n, i))
-                    else:
-                        for n, acc in accs.items():
-                            acc.add(seen[n], _token_weight(importance, n, i))
+                    for n, acc in accs.items():
+                        g = _token_weight(importance, n, i)
+                        if g is not None and mask is not None:
+                            g = g.reshape(mask.shape)[mask]
+                        if method.paired_stats:
+                            acc.add_pair(_real(fp_seen[n], mask), _real(seen[n], mask), g)
+                        else:
+                            acc.add(_real(seen[n], mask), g)
         finally:
             for h in handles:
                 h.remove()
@@ -313,6 +337,7 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
     inputs = [h for h, _ in captured]
     kwargs_list = [k for _, k in captured]
     fp_inputs = list(inputs) if method.needs_fp_stream else None
+    masks = [_pad_mask(sample, h) for sample, h in zip(samples, inputs)]
 
     report = CalibReport(kept=kept)
     all_weights = {}
@@ -333,7 +358,7 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
             weights, results = {}, []
             for groups, run_method in _method_runs(arch.sequence, methods, prefix):
                 w, r = _calibrate_layer(layer, fp_layer, groups, run_method, inputs, fp_inputs,
-                                        kwargs_list, prefix)
+                                        kwargs_list, prefix, masks)
                 weights.update(w)
                 results.extend(r)
             layer_err = None
@@ -343,8 +368,9 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
             for i, (hidden, kwargs) in enumerate(zip(inputs, kwargs_list)):
                 out = _layer_out(layer, hidden, kwargs)
                 ref = _layer_out(fp_layer, hidden, kwargs)
-                num += float((out.float() - ref.float()).pow(2).sum())
-                den += float(ref.float().pow(2).sum())
+                o, r = _real(out.float(), masks[i]), _real(ref.float(), masks[i])
+                num += float((o - r).pow(2).sum())
+                den += float(r.pow(2).sum())
                 new_inputs.append(out)
                 if fp_inputs is not None:
                     fp_inputs[i] = _layer_out(fp_layer, fp_inputs[i], kwargs)
