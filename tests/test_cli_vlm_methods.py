@@ -104,3 +104,69 @@ def test_qvlm_work_dir_through_the_cli(vlm_folder, tmp_path, capsys):
     assert main(args + ["--out", str(tmp_path / "b")]) == 0       # resumed: every block saved
     a, b = (load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------
+# Image calibration data for a VLM folder with a processor
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llava_with_processor(tmp_path_factory):
+    from tiny_models import llava_processor
+
+    folder = tmp_path_factory.mktemp("llava_proc")
+    model, inputs = build_llava()
+    model.save_pretrained(folder)
+    llava_processor().save_pretrained(folder)
+    rng = random.Random(1)
+    text = folder / "calib.txt"
+    text.write_text(" ".join(f"w{rng.randrange(3, 100)}" for _ in range(3000)))
+    return folder, text, inputs
+
+
+def test_hf_mixed_samples_through_the_folder_processor(llava_with_processor):
+    from tiny_models import IMAGE_TOKEN
+
+    from vlmkern.calib.cli import load_processor
+    from vlmkern.calib.hf_mixed import hf_mixed_calibration_samples
+
+    folder, text, _ = llava_with_processor
+    processor = load_processor(str(folder))
+    corpus = text.read_text()
+    samples = hf_mixed_calibration_samples(processor, 6, 0.5, seed=3, text_seq_len=16,
+                                           corpus_text=corpus)
+    images = [s for s in samples if "pixel_values" in s]
+    assert len(samples) == 6 and len(images) == 3
+    for s in images:
+        assert s["pixel_values"].shape == (1, 3, 32, 32)
+        assert int((s["input_ids"] == IMAGE_TOKEN).sum()) == 16
+    assert all(s["input_ids"].shape == (1, 16) for s in samples if "pixel_values" not in s)
+    again = hf_mixed_calibration_samples(processor, 6, 0.5, seed=3, text_seq_len=16,
+                                         corpus_text=corpus)
+    assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+               for a, b in zip(samples, again))
+    # the crops differ from sample to sample
+    assert not torch.equal(images[0]["pixel_values"], images[1]["pixel_values"])
+    with pytest.raises(ValueError, match="alpha"):
+        hf_mixed_calibration_samples(processor, 4, 1.5)
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("vlmq", ["--bits", "4", "--group-size", "32"]),
+    ("qvlm", ["--act-bits", "8", "--group-size", "row", "--qvlm-vision",
+              "--qvlm-vision-epochs", "1"])])
+def test_vlm_folder_calibrates_on_images_through_the_cli(llava_with_processor, tmp_path,
+                                                         method, extra):
+    folder, text, inputs = llava_with_processor
+    out = tmp_path / "out"
+    code = main(["quantize", "--model", str(folder), "--method", method, "--calib-text",
+                 str(text), "--calib-samples", "4", "--calib-alpha", "0.5", "--seq-len", "16",
+                 "--device", "cpu", "--out", str(out), *extra])
+    assert code == 0
+    fresh = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    vlmkern.load_quantized(fresh, out)
+    vision = [n for n, m in fresh.named_modules()
+              if isinstance(m, vlmkern.QuantLinear) and "vision_tower" in n]
+    assert bool(vision) == (method == "qvlm")
+    with torch.no_grad():
+        assert torch.isfinite(fresh(**inputs).logits).all()

@@ -197,10 +197,14 @@ def test_quantize_cli_builds_mixed_data_for_minivlm(processor):
         calibration_data(_quantize_args("--calib-alpha", "2"), processor, text)
 
 
-def test_quantize_cli_mixed_options_need_minivlm(processor):
+def test_quantize_cli_mixed_options_need_a_vlm(processor, tmp_path):
     from vlmkern.calib.cli import calibration_data
 
     args = _quantize_args("--calib-alpha", "0.5")
     args.model = "smollm2"
-    with pytest.raises(SystemExit, match="minivlm only"):
+    with pytest.raises(SystemExit, match="minivlm or a VLM folder"):
+        calibration_data(args, processor.tokenizer, "some text")
+    processor.tokenizer.save_pretrained(tmp_path)     # a folder with a tokenizer only
+    args.model = str(tmp_path)
+    with pytest.raises(SystemExit, match="processor"):
         calibration_data(args, processor.tokenizer, "some text")

@@ -94,3 +94,27 @@ def build_qwen2vl(seed=0):
 
 BUILDERS = {"llama": build_llama, "qwen2": build_qwen2, "llava": build_llava,
             "qwen2vl": build_qwen2vl}
+
+
+def llava_processor():
+    """A LlavaProcessor for build_llava(): word-level tokenizer over w0..w127
+    with "<image>" at IMAGE_TOKEN, a 32 px CLIP image processor and a small
+    chat template (16 image tokens per image, as the tiny tower makes)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB) if i != IMAGE_TOKEN}
+    vocab["<image>"] = IMAGE_TOKEN
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0")
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    template = ("{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}"
+                "{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}"
+                "{% endfor %}{% endif %} {% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=8,
+                          vision_feature_select_strategy="default", chat_template=template,
+                          image_token="<image>", num_additional_image_tokens=1)

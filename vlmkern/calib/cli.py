@@ -29,13 +29,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration text file (default: the Lee corpus bundled with gensim)")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
-    # mixed-modal calibration data (--model minivlm only); --alpha is GPTAQ's
-    mixed = p.add_argument_group("mixed image+text calibration (--model minivlm)")
+    # mixed-modal calibration data; --alpha is GPTAQ's
+    mixed = p.add_argument_group(
+        "mixed image+text calibration: always for --model minivlm (digit conversations); "
+        "for a VLM folder with a processor when either option is given (offline photographs "
+        "and generic questions through the folder's processor and chat template)")
     mixed.add_argument("--calib-samples", type=int,
-                       help="calibration samples for minivlm (default --samples)")
+                       help="calibration samples (default --samples)")
     mixed.add_argument("--calib-alpha", type=float,
-                       help="fraction of image+question+answer samples among them, the rest "
-                            "--seq-len text windows (default 0.5)")
+                       help="fraction of image samples among them, the rest --seq-len text "
+                            "windows (default 0.5)")
     p.add_argument("--work-dir", type=Path, help="per-layer results; a rerun resumes there")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available)")
     p.add_argument("--out", type=Path, help="folder for the quantized checkpoint")
@@ -127,25 +130,44 @@ def run(args) -> int:
 
 
 def calibration_data(args, tokenizer, text):
-    """Text windows, or for --model minivlm mixed image+text samples
-    (``tokenizer`` is then the mini VLM's processor)."""
+    """Text windows; for --model minivlm mixed image+text samples (``tokenizer``
+    is then the mini VLM's processor); for a VLM folder, mixed samples through
+    its processor when --calib-samples or --calib-alpha is given."""
     from .data import text_samples
 
     mixed_options = args.calib_samples is not None or args.calib_alpha is not None
-    if args.model != "minivlm":
-        if mixed_options:
-            raise SystemExit("--calib-samples/--calib-alpha build image+text data for "
-                             "--model minivlm only")
-        return text_samples(tokenizer, text, args.samples, args.seq_len)
-    from .mixed import mixed_calibration_samples
-
     n = args.calib_samples if args.calib_samples is not None else args.samples
     alpha = 0.5 if args.calib_alpha is None else args.calib_alpha
+    if args.model != "minivlm" and not mixed_options:
+        return text_samples(tokenizer, text, args.samples, args.seq_len)
     try:
-        return mixed_calibration_samples(tokenizer, n, alpha, text_seq_len=args.seq_len,
-                                         corpus_text=text)
-    except ValueError as exc:
+        if args.model == "minivlm":
+            from .mixed import mixed_calibration_samples
+            return mixed_calibration_samples(tokenizer, n, alpha, text_seq_len=args.seq_len,
+                                             corpus_text=text)
+        from .hf_mixed import hf_mixed_calibration_samples
+        return hf_mixed_calibration_samples(load_processor(args.model), n, alpha,
+                                            text_seq_len=args.seq_len, corpus_text=text)
+    except (ValueError, TypeError, ImportError) as exc:
         raise SystemExit(f"calibration data: {exc}") from None
+
+
+def load_processor(name: str):
+    """The multimodal processor saved in a model folder (image calibration data)."""
+    folder = Path(name)
+    if not folder.is_dir():
+        raise ValueError(f"--calib-samples/--calib-alpha need --model minivlm or a VLM folder "
+                         f"with a processor; {name!r} is neither")
+    import transformers
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{folder}: no multimodal processor could be loaded ({exc}); image "
+                         f"calibration needs its processor files") from None
+    if not hasattr(processor, "image_processor"):
+        raise ValueError(f"{folder}: its processor ({type(processor).__name__}) handles no "
+                         f"images; this looks like a text model")
+    return processor
 
 
 # --- AWQ and VLMQ ------------------------------------------------------------
