@@ -175,8 +175,6 @@ def test_bad_inputs():
         AWQEngineConfig(awq=W3)
     with pytest.raises(ValueError, match="at least one"):
         awq_quantize_model(model, [], progress=False)
-    with pytest.raises(ValueError, match="work_dir"):
-        awq_quantize_model(model, [inputs], work_dir="x", progress=False)
     with pytest.raises(TypeError, match="awq_quantize_model"):
         quantize_model(model, [inputs], AWQEngineConfig(), progress=False)
 
@@ -241,9 +239,63 @@ def test_quantize_command(tmp_path, capsys, method, extra):
         assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 
 
-def test_quantize_command_refuses_a_work_dir_for_awq_rtn(tmp_path):
+def test_quantize_command_resumes_awq_rtn(tmp_path):
+    from safetensors.torch import load_file
+
     from vlmkern.cli import main
     folder, text = tiny_hf_folder(tmp_path)
-    with pytest.raises(SystemExit, match="work-dir"):
-        main(["quantize", "--model", str(folder), "--method", "awq", "--calib-text", str(text),
-              "--samples", "2", "--seq-len", "32", "--work-dir", str(tmp_path / "w")])
+    args = ["quantize", "--model", str(folder), "--method", "awq", "--calib-text", str(text),
+            "--samples", "2", "--seq-len", "32", "--group-size", "32",
+            "--work-dir", str(tmp_path / "w")]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0      # every layer resumed
+    a, b = (load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_interrupted_awq_rtn_resumes_bit_identical(tmp_path, monkeypatch):
+    import vlmkern.calib.awq_engine as engine
+
+    model, inputs = build_qwen2vl()
+    samples = [inputs, _second_sample(inputs)]
+    config = AWQEngineConfig(AWQConfig(W3))
+    clean, clean_report = awq_quantize_model(copy.deepcopy(model), samples, config,
+                                             progress=False)
+    real = engine.rtn_layer
+    calls = []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "rtn_layer", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        awq_quantize_model(copy.deepcopy(model), samples, config, work_dir=tmp_path,
+                           progress=False)
+    monkeypatch.setattr(engine, "rtn_layer", real)
+    assert (tmp_path / "layer_0000.safetensors").exists()
+    assert not (tmp_path / "layer_0001.safetensors").exists()
+
+    searched = []
+    real_awq = engine.awq_layer
+    monkeypatch.setattr(engine, "awq_layer",
+                        lambda *a, **k: (searched.append(1), real_awq(*a, **k))[1])
+    resumed, report = awq_quantize_model(copy.deepcopy(model), samples, config,
+                                         work_dir=tmp_path, progress=False)
+    assert report.resumed_layers == 1 and len(searched) == 1
+    a, b = _state(clean), _state(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(_logits(clean, inputs), _logits(resumed, inputs))
+    assert [r.rel_error for r in report.modules] == [r.rel_error for r in clean_report.modules]
+    assert report.layer_errors == clean_report.layer_errors
+    # another configuration is refused
+    with pytest.raises(ValueError, match="different"):
+        awq_quantize_model(copy.deepcopy(model), samples,
+                           AWQEngineConfig(AWQConfig(QuantConfig(4, 32))), work_dir=tmp_path,
+                           progress=False)

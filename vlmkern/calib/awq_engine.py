@@ -26,6 +26,7 @@ x * (1 + w)) fails that check instead of silently changing the model.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -39,8 +40,8 @@ from ..quant.awq import (AWQConfig, apply_awq, awq_search_clip, awq_search_scale
 from ..quant.gptq import GPTQConfig
 from ..replace import replace_linears
 from .arch import decoder_layers
-from .engine import (CalibReport, ModuleResult, _layer_out, _move_except, _StopForward,
-                     capture_inputs, quantize_model)
+from .engine import (CalibReport, ModuleResult, Settings, WorkDir, _fingerprint, _layer_out,
+                     _move_except, _StopForward, capture_inputs, quantize_model)
 
 THEN = ("rtn", "gptq")
 
@@ -253,23 +254,49 @@ def awq_transform(model: nn.Module, samples, config: AWQEngineConfig | None = No
             _walk(model, samples, device, progress, "AWQ scales")]
 
 
-def _awq_rtn(model, samples, config, device, progress, groups) -> CalibReport:
+def _install(layer: nn.Module, weights: dict) -> None:
+    """Dequantized packed weights into the layer's linears (what later layers see)."""
+    with torch.no_grad():
+        for name, packed in weights.items():
+            lin = layer.get_submodule(name)
+            lin.weight.data.copy_(packed.dequantize(lin.weight.dtype).to(lin.weight.device))
+
+
+def _kept_state(layer: nn.Module, weights: dict) -> dict:
+    """The layer's tensors a resume needs besides the packed weights: folded
+    norms and biases (everything but the quantized linears' weights)."""
+    packed = {f"{name}.weight" for name in weights}
+    return {k: v for k, v in layer.state_dict().items() if k not in packed}
+
+
+def _awq_rtn(model, samples, config, device, progress, groups, work=None) -> CalibReport:
     report = CalibReport()
     all_weights = {}
-    for _, prefix, layer, inputs, kwargs_list, fp_out in _walk(model, samples, device,
-                                                               progress, "AWQ + RTN"):
-        awq_layer(layer, inputs, kwargs_list, config, groups)
-        weights, results = rtn_layer(layer, inputs, kwargs_list, config, prefix, groups)
-        with torch.no_grad():
-            for name, packed in weights.items():
-                lin = layer.get_submodule(name)
-                lin.weight.data.copy_(packed.dequantize(lin.weight.dtype).to(lin.weight.device))
+    for idx, prefix, layer, inputs, kwargs_list, fp_out in _walk(model, samples, device,
+                                                                 progress, "AWQ + RTN"):
+        done = work.load(idx) if work is not None else None
+        if done is not None:
+            weights, results, layer_err = done
+            keys = layer.load_state_dict(work.load_state(idx), strict=False)
+            if keys.unexpected_keys or set(keys.missing_keys) - {f"{n}.weight" for n in weights}:
+                raise ValueError(f"{work.path}: layer {idx} was saved from another layout; "
+                                 f"use another work_dir or delete it")
+            _install(layer, weights)
+            report.resumed_layers += 1
+        else:
+            awq_layer(layer, inputs, kwargs_list, config, groups)
+            weights, results = rtn_layer(layer, inputs, kwargs_list, config, prefix, groups)
+            _install(layer, weights)
             num = den = 0.0
-            for out, ref in zip(_layer_outputs(layer, inputs, kwargs_list), fp_out):
-                num += float((out.float() - ref.float()).pow(2).sum())
-                den += float(ref.float().pow(2).sum())
+            with torch.no_grad():
+                for out, ref in zip(_layer_outputs(layer, inputs, kwargs_list), fp_out):
+                    num += float((out.float() - ref.float()).pow(2).sum())
+                    den += float(ref.float().pow(2).sum())
+            layer_err = num / den if den > 0 else 0.0
+            if work is not None:
+                work.save(idx, weights, results, layer_err, _kept_state(layer, weights))
         report.modules.extend(results)
-        report.layer_errors.append(num / den if den > 0 else 0.0)
+        report.layer_errors.append(layer_err)
         all_weights.update({f"{prefix}.{n}": w for n, w in weights.items()})
     home = next(model.parameters()).device
     replace_linears(model, {n: w.to(home) for n, w in all_weights.items()}, skip=(),
@@ -283,8 +310,8 @@ def awq_quantize_model(model: nn.Module, samples, config: AWQEngineConfig | None
     """AWQ on ``model`` (in place): scales folded, then RTN with clipping or
     GPTQ through ``quantize_model`` (see the module doc). Returns (model with
     QuantLinear modules, CalibReport); every quantized linear records method
-    'awq'. work_dir: resumable per-layer results, GPTQ only (AWQ + RTN has no
-    sequential state worth resuming: its cost is the searches)."""
+    'awq'. work_dir: per-layer results (packed weights, and for AWQ + RTN the
+    folded norms and biases); an interrupted run resumes there."""
     from ..plan import config_to_json
 
     config = config or AWQEngineConfig()
@@ -293,9 +320,12 @@ def awq_quantize_model(model: nn.Module, samples, config: AWQEngineConfig | None
     start = time.perf_counter()
     samples = list(samples)
     if config.then == "rtn":
+        work = None
         if work_dir is not None:
-            raise ValueError("work_dir is for AWQ + GPTQ; AWQ + RTN runs in one pass")
-        report = _awq_rtn(model, samples, config, device, progress, groups)
+            text = json.dumps({"method": "awq-rtn", "config": config_to_json(config)},
+                              sort_keys=True)
+            work = WorkDir(work_dir, _fingerprint(model, samples, Settings(text)))
+        report = _awq_rtn(model, samples, config, device, progress, groups, work)
     else:
         awq_transform(model, samples, config, device, progress, groups)
         model, report = quantize_model(model, samples, config.gptq_config(), work_dir=work_dir,

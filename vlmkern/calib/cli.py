@@ -196,8 +196,6 @@ def awq_vlmq_config(args, quant, gptq):
     if args.method == "awq":
         from ..quant.awq import AWQConfig
         from .awq_engine import AWQEngineConfig
-        if args.awq_then == "rtn" and args.work_dir is not None:
-            raise SystemExit("--work-dir resumes AWQ + GPTQ only (--awq-then gptq)")
         try:
             awq = AWQConfig(quant, n_grid=args.awq_grid, clip_steps=args.awq_clip_steps)
         except ValueError as exc:

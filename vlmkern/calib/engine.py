@@ -145,6 +145,17 @@ def _fingerprint(model: nn.Module, samples, method: LayerMethod) -> str:
     return h.hexdigest()
 
 
+class Settings:
+    """Stands for a method in ``_fingerprint`` where only a description of
+    the run's settings identifies it (whole-model methods)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def describe(self) -> str:
+        return self.text
+
+
 class WorkDir:
     """Per-layer results on disk: ``manifest.json`` plus ``layer_XXXX.safetensors``."""
 
@@ -165,8 +176,12 @@ class WorkDir:
     def file(self, idx: int) -> Path:
         return self.path / f"layer_{idx:04d}.safetensors"
 
-    def save(self, idx: int, weights: dict, results: list[ModuleResult], layer_error: float):
+    def save(self, idx: int, weights: dict, results: list[ModuleResult], layer_error: float,
+             state: dict | None = None):
+        """state: other tensors the finished layer needs back (folded norms, biases)."""
         tensors, modules = {}, {}
+        for key, t in (state or {}).items():
+            tensors[f"state/{key}"] = t.detach().cpu().contiguous()
         for name, w in weights.items():
             modules[name] = {"format": w.FORMAT, "meta": w.meta()}
             for t_name, t in w.tensors().items():
@@ -177,7 +192,8 @@ class WorkDir:
         atomic_save(tensors, self.file(idx), meta)
 
     def load(self, idx: int):
-        """(weights, results, layer_error) of a finished layer, or None."""
+        """(weights, results, layer_error) of a finished layer, or None
+        (``load_state`` returns the extra state saved with it)."""
         file = self.file(idx)
         if not file.exists():
             return None
@@ -191,6 +207,12 @@ class WorkDir:
             weights[name] = cls.from_state(parts, entry["meta"])
         results = [ModuleResult(**r) for r in json.loads(meta["results"])]
         return weights, results, float(meta["layer_error"])
+
+    def load_state(self, idx: int) -> dict:
+        """The extra state saved with a finished layer ({} when none)."""
+        with safe_open(str(self.file(idx)), framework="pt") as f:
+            return {k[len("state/"):]: f.get_tensor(k) for k in f.keys()
+                    if k.startswith("state/")}
 
 
 def _relative_error(weight: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> float:

@@ -21,17 +21,7 @@ from safetensors import safe_open
 
 from ..formats import WEIGHT_TYPES
 from ..io import atomic_save
-from .engine import WorkDir, _fingerprint
-
-
-class _Settings:
-    """What _fingerprint needs from a method: a description of the settings."""
-
-    def __init__(self, text: str):
-        self.text = text
-
-    def describe(self) -> str:
-        return self.text
+from .engine import Settings, WorkDir, _fingerprint
 
 
 def _write_json(target: Path, data) -> None:
@@ -46,7 +36,7 @@ def _write_json(target: Path, data) -> None:
 class QVLMWorkDir:
     def __init__(self, path, model, samples, config, vision):
         text = f"qvlm {config!r} vision {vision!r}"
-        self.path = WorkDir(path, _fingerprint(model, samples, _Settings(text))).path
+        self.path = WorkDir(path, _fingerprint(model, samples, Settings(text))).path
 
     # -- blocks ------------------------------------------------------------
     def _block_file(self, b: int) -> Path:
