@@ -299,3 +299,39 @@ def test_interrupted_awq_rtn_resumes_bit_identical(tmp_path, monkeypatch):
         awq_quantize_model(copy.deepcopy(model), samples,
                            AWQEngineConfig(AWQConfig(QuantConfig(4, 32))), work_dir=tmp_path,
                            progress=False)
+
+
+def _padded_and_separate():
+    """A right-padded batch of two sequences whose pad embedding is huge (so
+    any statistic that sees pads changes), and the same sequences unpadded."""
+    model, _ = build_llama()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[0] *= 200.0
+    gen = torch.Generator().manual_seed(11)
+    long, short = (torch.randint(3, 100, (1, n), generator=gen) for n in (9, 5))
+    padded = {"input_ids": torch.cat([long, torch.cat([short, torch.zeros(1, 4,
+                                                                          dtype=torch.long)], 1)]),
+              "attention_mask": torch.tensor([[1] * 9, [1] * 5 + [0] * 4])}
+    return model, padded, [{"input_ids": long}, {"input_ids": short}]
+
+
+def test_padding_never_enters_awq_or_smoothquant_statistics():
+    from vlmkern.calib.smooth_engine import activation_maxima, smoothing_groups
+
+    model, padded, separate = _padded_and_separate()
+    names = [n for _, _, linears in smoothing_groups(model) for n in linears]
+    with_pads = activation_maxima(model, [padded], names, progress=False)
+    without = activation_maxima(model, separate, names, progress=False)
+    unmasked = activation_maxima(model, [{"input_ids": padded["input_ids"]}], names,
+                                 progress=False)
+    for n in names:
+        assert torch.allclose(with_pads[n], without[n], rtol=1e-5, atol=1e-6), n
+    assert any(not torch.allclose(unmasked[n], without[n], rtol=1e-3) for n in names)
+
+    config = AWQEngineConfig(AWQConfig(W3))
+    a = awq_transform(copy.deepcopy(model), [padded], config)
+    b = awq_transform(copy.deepcopy(model), separate, config)
+    assert [info["ratios"] for info in a] == [info["ratios"] for info in b]
+    # with the pads counted the search picks other ratios: the check can fail
+    c = awq_transform(copy.deepcopy(model), [{"input_ids": padded["input_ids"]}], config)
+    assert [info["ratios"] for info in c] != [info["ratios"] for info in b]

@@ -41,7 +41,7 @@ from ..quant.gptq import GPTQConfig
 from ..replace import replace_linears
 from .arch import decoder_layers
 from .engine import (CalibReport, ModuleResult, Settings, WorkDir, _fingerprint, _layer_out,
-                     _move_except, _StopForward, capture_inputs, quantize_model)
+                     _move_except, _pad_mask, _real, _StopForward, capture_inputs, quantize_model)
 
 THEN = ("rtn", "gptq")
 
@@ -93,17 +93,23 @@ class AWQEngineConfig:
         return self.gptq if self.gptq is not None else GPTQConfig(self.awq.quant)
 
 
-def _group_inputs(layer: nn.Module, name: str, inputs, kwargs_list) -> torch.Tensor:
-    """Inputs of linear ``name`` over every calibration batch, as [T, K]."""
+def _group_inputs(layer: nn.Module, name: str, inputs, kwargs_list,
+                  masks=None) -> torch.Tensor:
+    """Inputs of linear ``name`` over every calibration batch, as [T, K];
+    masks: per batch, the real-token mask (padding left out) or None."""
     xs = []
+    current = {"mask": None}
 
     def hook(module, args):
-        xs.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        x = args[0].detach()
+        mask = current["mask"]
+        xs.append((x if mask is None else x[mask]).reshape(-1, x.shape[-1]))
         raise _StopForward
 
     handle = layer.get_submodule(name).register_forward_pre_hook(hook)
     try:
-        for hidden, kwargs in zip(inputs, kwargs_list):
+        for i, (hidden, kwargs) in enumerate(zip(inputs, kwargs_list)):
+            current["mask"] = masks[i] if masks else None
             try:
                 _layer_out(layer, hidden, kwargs)
             except _StopForward:
@@ -153,7 +159,7 @@ def _layer_outputs(layer, inputs, kwargs_list):
 
 @torch.no_grad()
 def awq_layer(layer: nn.Module, inputs, kwargs_list, config: AWQEngineConfig,
-              groups=LLAMA_SCALING) -> dict:
+              groups=LLAMA_SCALING, masks=None) -> dict:
     """Search and fold the scales of one decoder layer, in place. inputs: its
     FP inputs, one [B, T, C] per batch. Returns {'ratios': {prev: r},
     'skipped': [prev of groups that cannot fold], 'fold_error': relative
@@ -168,7 +174,7 @@ def awq_layer(layer: nn.Module, inputs, kwargs_list, config: AWQEngineConfig,
         if not _foldable(prev, linears, k):
             info["skipped"].append(group.prev)
             continue
-        x = _group_inputs(layer, group.linears[0], inputs, kwargs_list)
+        x = _group_inputs(layer, group.linears[0], inputs, kwargs_list, masks)
         scales, ratio, _ = awq_search_scales([lin.weight for lin in linears], x, quant,
                                              config.awq.n_grid)
         _fold(prev, linears, scales)
@@ -185,7 +191,7 @@ def awq_layer(layer: nn.Module, inputs, kwargs_list, config: AWQEngineConfig,
 
 @torch.no_grad()
 def rtn_layer(layer: nn.Module, inputs, kwargs_list, config: AWQEngineConfig, prefix: str,
-              groups=LLAMA_SCALING) -> tuple[dict, list[ModuleResult]]:
+              groups=LLAMA_SCALING, masks=None) -> tuple[dict, list[ModuleResult]]:
     """Clip search and round to nearest of every linear of the (folded) layer's
     scaling groups: ({name: QuantizedWeight}, results). rel_error is the
     relative output error on the calibration inputs the linear now reads."""
@@ -195,7 +201,7 @@ def rtn_layer(layer: nn.Module, inputs, kwargs_list, config: AWQEngineConfig, pr
         names = [n for n in group.linears if _find(layer, n) is not None]
         if not names:
             continue
-        x = _group_inputs(layer, names[0], inputs, kwargs_list)
+        x = _group_inputs(layer, names[0], inputs, kwargs_list, masks)
         gram = x.double().T @ x.double()
         for name in names:
             start = time.perf_counter()
@@ -217,7 +223,8 @@ def rtn_layer(layer: nn.Module, inputs, kwargs_list, config: AWQEngineConfig, pr
 
 def _walk(model: nn.Module, samples, device, progress: bool, desc: str):
     """Yield (index, name prefix, layer on the device, its FP inputs, kwargs
-    list, its FP outputs) for every decoder layer; the caller may modify the
+    list, its FP outputs, per-batch real-token masks or None) for every
+    decoder layer; the caller may modify the
     layer. The next layer's inputs are those outputs, computed before the
     caller touched it (AWQ searches every layer on the FP model's
     activations)."""
@@ -234,11 +241,12 @@ def _walk(model: nn.Module, samples, device, progress: bool, desc: str):
         _move_except(model, layers_path, home)
     inputs = [h for h, _ in captured]
     kwargs_list = [k for _, k in captured]
+    masks = [_pad_mask(sample, h) for sample, h in zip(samples, inputs)]
     for idx in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress):
         layer = layers[idx].to(device)
         with torch.no_grad():
             outputs = _layer_outputs(layer, inputs, kwargs_list)
-        yield idx, f"{layers_path}.{idx}", layer, inputs, kwargs_list, outputs
+        yield idx, f"{layers_path}.{idx}", layer, inputs, kwargs_list, outputs, masks
         layers[idx] = layer.to(home)
         inputs = outputs
 
@@ -249,8 +257,8 @@ def awq_transform(model: nn.Module, samples, config: AWQEngineConfig | None = No
     model computes the same function afterwards. Returns each layer's
     ``awq_layer`` info."""
     config = config or AWQEngineConfig()
-    return [awq_layer(layer, inputs, kwargs_list, config, groups)
-            for _, _, layer, inputs, kwargs_list, _ in
+    return [awq_layer(layer, inputs, kwargs_list, config, groups, masks)
+            for _, _, layer, inputs, kwargs_list, _, masks in
             _walk(model, samples, device, progress, "AWQ scales")]
 
 
@@ -272,8 +280,8 @@ def _kept_state(layer: nn.Module, weights: dict) -> dict:
 def _awq_rtn(model, samples, config, device, progress, groups, work=None) -> CalibReport:
     report = CalibReport()
     all_weights = {}
-    for idx, prefix, layer, inputs, kwargs_list, fp_out in _walk(model, samples, device,
-                                                                 progress, "AWQ + RTN"):
+    for idx, prefix, layer, inputs, kwargs_list, fp_out, masks in _walk(
+            model, samples, device, progress, "AWQ + RTN"):
         done = work.load(idx) if work is not None else None
         if done is not None:
             weights, results, layer_err = done
@@ -284,14 +292,17 @@ def _awq_rtn(model, samples, config, device, progress, groups, work=None) -> Cal
             _install(layer, weights)
             report.resumed_layers += 1
         else:
-            awq_layer(layer, inputs, kwargs_list, config, groups)
-            weights, results = rtn_layer(layer, inputs, kwargs_list, config, prefix, groups)
+            awq_layer(layer, inputs, kwargs_list, config, groups, masks)
+            weights, results = rtn_layer(layer, inputs, kwargs_list, config, prefix, groups,
+                                         masks)
             _install(layer, weights)
             num = den = 0.0
             with torch.no_grad():
-                for out, ref in zip(_layer_outputs(layer, inputs, kwargs_list), fp_out):
-                    num += float((out.float() - ref.float()).pow(2).sum())
-                    den += float(ref.float().pow(2).sum())
+                for out, ref, mask in zip(_layer_outputs(layer, inputs, kwargs_list), fp_out,
+                                          masks):
+                    o, r = _real(out.float(), mask), _real(ref.float(), mask)
+                    num += float((o - r).pow(2).sum())
+                    den += float(r.pow(2).sum())
             layer_err = num / den if den > 0 else 0.0
             if work is not None:
                 work.save(idx, weights, results, layer_err, _kept_state(layer, weights))
