@@ -11,7 +11,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tiny_models import build_llama, build_llava, build_qwen2, build_qwen2vl  # noqa: E402
+from tiny_models import (build_llama, build_llava, build_qwen2, build_qwen2vl,  # noqa: E402
+                         padded_llama)
 
 import vlmkern  # noqa: E402
 from vlmkern import GPTQConfig, QuantConfig, QuantLinear  # noqa: E402
@@ -301,24 +302,10 @@ def test_interrupted_awq_rtn_resumes_bit_identical(tmp_path, monkeypatch):
                            progress=False)
 
 
-def _padded_and_separate():
-    """A right-padded batch of two sequences whose pad embedding is huge (so
-    any statistic that sees pads changes), and the same sequences unpadded."""
-    model, _ = build_llama()
-    with torch.no_grad():
-        model.get_input_embeddings().weight[0] *= 200.0
-    gen = torch.Generator().manual_seed(11)
-    long, short = (torch.randint(3, 100, (1, n), generator=gen) for n in (9, 5))
-    padded = {"input_ids": torch.cat([long, torch.cat([short, torch.zeros(1, 4,
-                                                                          dtype=torch.long)], 1)]),
-              "attention_mask": torch.tensor([[1] * 9, [1] * 5 + [0] * 4])}
-    return model, padded, [{"input_ids": long}, {"input_ids": short}]
-
-
 def test_padding_never_enters_awq_or_smoothquant_statistics():
     from vlmkern.calib.smooth_engine import activation_maxima, smoothing_groups
 
-    model, padded, separate = _padded_and_separate()
+    model, padded, separate = padded_llama()
     names = [n for _, _, linears in smoothing_groups(model) for n in linears]
     with_pads = activation_maxima(model, [padded], names, progress=False)
     without = activation_maxima(model, separate, names, progress=False)

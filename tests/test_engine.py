@@ -204,14 +204,9 @@ def test_padding_never_enters_the_statistics(monkeypatch, method):
     rows as the unpadded samples, with the same values."""
     from vlmkern.quant.hessian import HessianAccumulator
 
-    model, _ = build_llama()
-    gen = torch.Generator().manual_seed(7)
-    long, short = torch.randint(3, 100, (1, 9), generator=gen), \
-        torch.randint(3, 100, (1, 5), generator=gen)
-    padded = {"input_ids": torch.cat([long, torch.cat([short, torch.zeros(1, 4, dtype=torch.long)],
-                                                      dim=1)]),
-              "attention_mask": torch.tensor([[1] * 9, [1] * 5 + [0] * 4])}
-    separate = [{"input_ids": long}, {"input_ids": short}]
+    from tiny_models import padded_llama
+
+    model, padded, separate = padded_llama()
 
     def record(into):
         def add(self, x, token_weight=None):

@@ -521,3 +521,24 @@ def test_cli_rejects_bad_qvlm_options(llama_folder, args, message):
     with pytest.raises(SystemExit, match=message):
         main(["quantize", "--model", str(folder), "--calib-text", str(text), "--samples", "2",
               "--seq-len", "16", "--device", "cpu", *args])
+
+
+def test_padding_never_enters_the_qvlm_statistics_or_search():
+    from tiny_models import padded_llama
+
+    model, padded, separate = padded_llama()
+    cfg = QVLMConfig(8, 6, max_depth=1, token_candidate=False)
+
+    def scales(samples):
+        q, report = qvlm_quantize(copy.deepcopy(model), samples, cfg, progress=False)
+        return report, {n: m.quantized_weight.act_scale for n, m in q.named_modules()
+                        if hasattr(m, "quant_info") and m.quant_info.get("method") == "qvlm"}
+
+    rep_p, with_pads = scales([padded])
+    rep_s, without = scales(separate)
+    assert rep_p.search_tokens == rep_s.search_tokens == 14
+    assert rep_p.choices == rep_s.choices
+    for n in without:
+        assert with_pads[n] == pytest.approx(without[n], rel=1e-5), n
+    _, unmasked = scales([{"input_ids": padded["input_ids"]}])
+    assert any(unmasked[n] != pytest.approx(without[n], rel=1e-3) for n in without)

@@ -118,3 +118,17 @@ def llava_processor():
     return LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=8,
                           vision_feature_select_strategy="default", chat_template=template,
                           image_token="<image>", num_additional_image_tokens=1)
+
+
+def padded_llama():
+    """A right-padded batch of two sequences whose pad embedding is huge (so
+    any statistic that sees pads changes), and the same sequences unpadded."""
+    model, _ = build_llama()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[0] *= 200.0
+    gen = torch.Generator().manual_seed(11)
+    long, short = (torch.randint(3, 100, (1, n), generator=gen) for n in (9, 5))
+    padded = {"input_ids": torch.cat([long, torch.cat([short, torch.zeros(1, 4,
+                                                                          dtype=torch.long)], 1)]),
+              "attention_mask": torch.tensor([[1] * 9, [1] * 5 + [0] * 4])}
+    return model, padded, [{"input_ids": long}, {"input_ids": short}]

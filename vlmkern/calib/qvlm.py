@@ -70,7 +70,7 @@ from ..quant.entropy import layer_dependency, partition_blocks, quantized_entrop
 from ..quant.rtn import quantize_rtn
 from ..replace import replace_linears
 from .arch import arch_of, decoder_layers
-from .engine import _layer_out, _move_except, capture_inputs
+from .engine import _layer_out, _move_except, _pad_mask, _real, capture_inputs
 
 DEFAULT_PERCENTILES = (1.0, 0.995, 0.99, 0.985, 0.98)
 
@@ -294,11 +294,15 @@ def _pick(n: int, m: int | None) -> list[int]:
     return sorted({round(i * (n - 1) / (m - 1)) for i in range(m)})
 
 
-def block_error(outs, refs, objective: str = "mse") -> float:
+def block_error(outs, refs, objective: str = "mse", masks=None) -> float:
     """Error of quantized block outputs ``outs`` against ``refs`` (lists of
     [..., hidden] tensors, one per sample). 'mse': sum of squared errors over
     sum of squared references (eq. 3, normalised). 'token': mean over tokens
-    of ||out_t - ref_t||^2 / ||ref_t||^2 (tokens with a zero reference skipped)."""
+    of ||out_t - ref_t||^2 / ||ref_t||^2 (tokens with a zero reference skipped).
+    masks: per sample, the real-token mask [B, T] (padding left out) or None."""
+    if masks is not None:
+        outs = [_real(o, m) for o, m in zip(outs, masks)]
+        refs = [_real(r, m) for r, m in zip(refs, masks)]
     if objective == "mse":
         num = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(outs, refs))
         den = sum(float(r.double().pow(2).sum()) for r in refs)
@@ -316,7 +320,8 @@ def block_error(outs, refs, objective: str = "mse") -> float:
     return total / count if count else 0.0
 
 
-def _fp_pass(layers, groups, inputs, kwargs_list, search_idx, cfg, device, progress):
+def _fp_pass(layers, groups, inputs, kwargs_list, search_idx, cfg, device, progress,
+             masks):
     """Percentiles of |x| per layer and group, entropy samples, FP outputs of
     the search subset."""
     home = next(layers[0].parameters()).device
@@ -330,14 +335,18 @@ def _fp_pass(layers, groups, inputs, kwargs_list, search_idx, cfg, device, progr
 
         def hook_for(g):
             def hook(module, args):
-                seen[g].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+                x = _real(args[0].detach(), current["mask"])
+                seen[g].append(x.reshape(-1, x.shape[-1]))
             return hook
 
         handles = [layer.get_submodule(g[0]).register_forward_pre_hook(hook_for(g))
                    for g in groups]
+        current = {"mask": None}
         try:
             with torch.no_grad():
-                hidden = [_layer_out(layer, h, kw) for h, kw in zip(hidden, kwargs_list)]
+                for i, kw in enumerate(kwargs_list):
+                    current["mask"] = masks[i]
+                    hidden[i] = _layer_out(layer, hidden[i], kw)
         finally:
             for h in handles:
                 h.remove()
@@ -398,7 +407,7 @@ def _run(qlayers, start, end, hidden, kwargs_list):
 
 
 def _search_block(qlayers, setters, units, end, q_inputs, kwargs_list, fp_target,
-                  candidates, objective):
+                  candidates, objective, masks=None):
     """One coordinate-descent sweep over the block's units (k, group), in
     order: each takes the candidate with the smallest block-output error, the
     others keeping their current choice. group None stands for every input
@@ -416,7 +425,7 @@ def _search_block(qlayers, setters, units, end, q_inputs, kwargs_list, fp_target
         for cand in candidates:
             setters[k](cand, g)
             err = block_error(_run(qlayers, k, end, layer_in, kwargs_list), fp_target,
-                              objective)
+                              objective, masks)
             if best is None or err < best[1]:
                 best = (cand, err)
         choices[(k, g)], best_err = best
@@ -483,12 +492,15 @@ def qvlm_quantize(model: nn.Module, samples, config: QVLMConfig | None = None, d
     inputs = [h for h, _ in captured]
     kwargs_list = [k for _, k in captured]
     search_idx = _pick(len(inputs), cfg.search_samples)
-    report = QVLMReport(search_tokens=sum(inputs[i].shape[:-1].numel() for i in search_idx),
+    masks = [_pad_mask(sample, h) for sample, h in zip(samples, inputs)]
+    search_masks = [masks[i] for i in search_idx]
+    report = QVLMReport(search_tokens=sum(inputs[i].shape[:-1].numel() if masks[i] is None
+                                          else int(masks[i].sum()) for i in search_idx),
                         vision=vision_report)
 
     t = time.perf_counter()
     quantiles, ent_samples, fp_outs = _fp_pass(layers, groups, inputs, kwargs_list,
-                                               search_idx, cfg, device, progress)
+                                               search_idx, cfg, device, progress, masks)
     report.seconds["statistics"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -525,7 +537,7 @@ def qvlm_quantize(model: nn.Module, samples, config: QVLMConfig | None = None, d
         else:
             block_choices, err = _search_block(qlayers, setters, units, end, q_in,
                                                search_kwargs, fp_outs[end], candidates,
-                                               cfg.objective)
+                                               cfg.objective, search_masks)
             if work is not None:
                 work.save_block(b, (start, end), block_choices, err, groups)
         for (k, g), c in block_choices.items():
@@ -533,7 +545,8 @@ def qvlm_quantize(model: nn.Module, samples, config: QVLMConfig | None = None, d
         report.block_errors.append(err)
         for k in range(start, end + 1):
             q_in = _run(qlayers, k, k, q_in, search_kwargs)
-            report.layer_errors.append(block_error(q_in, fp_outs[k], cfg.objective))
+            report.layer_errors.append(block_error(q_in, fp_outs[k], cfg.objective,
+                                                   search_masks))
         bar.set_postfix(block_err=f"{err:.4f}")
         del qlayers, setters
     report.choices = [_layer_label(choices, k, groups) for k in range(len(layers))]
