@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should check, in one run: build the CUDA extension
 # against the installed CUDA torch, run the test suite (GPU tests included),
-# then time the kernels. Each phase is time-boxed and logged to OUTDIR, and a
-# failing phase does not stop the later ones.
+# run the CUDA kernel tests under compute-sanitizer memcheck, then time the
+# kernels. Each phase is time-boxed and logged to OUTDIR, and a failing phase
+# does not stop the later ones.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [TESTS] [BENCH_ARGS...]
 #
 # TESTS: pytest targets (default: tests). BENCH_ARGS go to bench_linear.py.
-# Environment: ARCH (default 9.0a), BUILD_S / TEST_S / BENCH_S phase limits.
+# Environment: ARCH (default 9.0a), BUILD_S / TEST_S / SANITIZE_S / BENCH_S
+# phase limits (SANITIZE_S=0 skips the memcheck phase).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_check.sh OUTDIR [TESTS] [BENCH_ARGS...]}
@@ -32,6 +34,18 @@ timeout "${TEST_S:-300}" "$py" -m pytest -q -n 8 -p no:cacheprovider $tests \
   -o junit_family=xunit2 --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
 rc=$?; phase tests $rc "$t"; grep -E "passed|failed|error" "$out/tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
+
+# memcheck on the kernels' own tests: reference equality on awkward shapes,
+# one process (the sanitizer follows a single process), bad-input tests left
+# out (they exercise the host-side checks, not device memory)
+if [ "${SANITIZE_S:-300}" -gt 0 ] && command -v compute-sanitizer >/dev/null; then
+  t=$(date +%s)
+  timeout "${SANITIZE_S:-300}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$py" -m pytest -q -p no:cacheprovider -k "not bad_input" \
+    tests/test_cuda_weight_only.py tests/test_cuda_int_act.py tests/test_cuda_binary.py \
+    >"$out/sanitize.log" 2>&1
+  rc=$?; phase memcheck $rc "$t"; grep -E "ERROR SUMMARY|passed|failed" "$out/sanitize.log" | tail -3
+fi
 
 t=$(date +%s)
 timeout "${BENCH_S:-300}" "$py" benchmarks/bench_linear.py --out "$out" "$@" >"$out/bench.log" 2>&1
