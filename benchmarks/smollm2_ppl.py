@@ -105,7 +105,7 @@ def run_setting(name, cfg, model, samples, windows):
 
 
 def write_table(entries, meta):
-    lines = [f"# SmolLM2-135M-Instruct: perplexity on held-out Lee-corpus text", "",
+    lines = ["# SmolLM2-135M-Instruct: perplexity on held-out Lee-corpus text", "",
              f"{meta}", "", "| setting | perplexity | decoder-linear bytes | bits/weight | "
              "calibration s |", "|---|---|---|---|---|"]
     for e in entries:

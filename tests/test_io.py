@@ -10,7 +10,6 @@ import struct
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 pytest.importorskip("transformers")
 

@@ -24,8 +24,7 @@ import vlmkern  # noqa: E402
 from vlmkern import (BinaryConfig, BinaryLinear, IntActConfig, IntActLinear,  # noqa: E402
                      QuantConfig, QuantLinear, WeightOnlyLinear, quantize_rtn, replace_linears)
 
-from tiny_models import (BUILDERS, IMAGE_TOKEN, TEXT, VOCAB, build_llama,  # noqa: E402
-                         build_llava, build_qwen2, build_qwen2vl)
+from tiny_models import (BUILDERS)
 
 
 @functools.lru_cache(maxsize=None)
