@@ -24,7 +24,7 @@ import vlmkern  # noqa: E402
 from vlmkern import (BinaryConfig, BinaryLinear, IntActConfig, IntActLinear,  # noqa: E402
                      QuantConfig, QuantLinear, WeightOnlyLinear, quantize_rtn, replace_linears)
 
-from tiny_models import (BUILDERS)
+from tiny_models import BUILDERS  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
