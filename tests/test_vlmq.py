@@ -334,3 +334,30 @@ def test_unit_importance_through_the_engine_is_gptq(monkeypatch):
                                 progress=False)
         assert torch.equal(_logits(got, inputs), _logits(want, inputs))
 
+
+
+def test_padding_stays_out_of_the_importance_loss():
+    """A right-padded batch gives its real tokens the importance they get
+    unpadded (pad queries attend to real keys, so counting their error would
+    move the real tokens' k/v importance)."""
+    from tiny_models import padded_llama
+
+    from vlmkern.calib.engine import _pad_mask
+
+    model, padded, separate = padded_llama()
+    path, layers = decoder_layers(model)
+    (h_pad, kw_pad), = capture_inputs(model, layers, [padded], "cpu")
+    mask = _pad_mask(padded, h_pad)
+    noisy = h_pad + 0.05 * torch.randn(h_pad.shape, generator=torch.Generator().manual_seed(0))
+    cfg = VLMQConfig()
+    masked = token_importance(layers[0], h_pad, noisy, kw_pad, cfg, mask)
+    counted = token_importance(layers[0], h_pad, noisy, kw_pad, cfg)
+    for i, sample in enumerate(separate):
+        (h, kw), = capture_inputs(model, layers, [sample], "cpu")
+        n = h.shape[1]
+        alone = token_importance(layers[0], h, noisy[i:i + 1, :n], kw, cfg)
+        for name in cfg.weighted:
+            assert torch.allclose(masked[name][i, :n], alone[name][0], rtol=1e-4, atol=1e-7), name
+    # the unmasked loss moves the short sequence's k/v importance
+    k = "self_attn.k_proj"
+    assert not torch.allclose(counted[k][1, :5], masked[k][1, :5], rtol=1e-3)

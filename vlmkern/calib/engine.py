@@ -245,7 +245,7 @@ def _calibrate_layer(layer, fp_layer, sequence, method, inputs, fp_inputs, kwarg
     batch, the real-token mask (padding never enters the statistics) or None."""
     weights, results = {}, []
     # Per-token Hessian weights (VLMQ), from the layer while still full precision.
-    importance = method.token_importance(layer, inputs, fp_inputs, kwargs_list)
+    importance = method.token_importance(layer, inputs, fp_inputs, kwargs_list, masks)
     for group in sequence:
         linears = {n: layer.get_submodule(n) for n in group if _has(layer, n)}
         if not linears:

@@ -46,14 +46,14 @@ class LayerMethod:
             return self.config.uses_gptaq
         return self.needs_fp_stream
 
-    def token_importance(self, layer, inputs, fp_inputs, kwargs_list):
+    def token_importance(self, layer, inputs, fp_inputs, kwargs_list, masks=None):
         """Per-token Hessian weights {linear name: [g per batch]} for one decoder
         layer (VLMQ), or None for uniform weights. Called while the layer is
-        still full precision."""
+        still full precision. masks: per batch, real tokens or None."""
         from ..quant.vlmq import VLMQConfig, layer_importance
         if not isinstance(self.config, VLMQConfig):
             return None
-        return layer_importance(layer, inputs, fp_inputs, kwargs_list, self.config)
+        return layer_importance(layer, inputs, fp_inputs, kwargs_list, self.config, masks)
 
     def describe(self) -> str:
         return json.dumps({"method": self.name, "config": _to_jsonable(self.config)},

@@ -131,13 +131,15 @@ def _attention_block(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, block
 
 
 def token_importance(layer: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, kwargs: dict,
-                     config: VLMQConfig) -> dict[str, torch.Tensor]:
+                     config: VLMQConfig, mask: torch.Tensor | None = None
+                     ) -> dict[str, torch.Tensor]:
     """{linear name: g [B, T] float32} for one calibration batch.
 
     layer: a decoder layer whose linears are still full precision. x_fp, x_q:
     its inputs [B, T, C] on the full-precision and on the partly quantized
-    stream (same tokens); kwargs: the layer's other forward arguments. One
-    forward on each stream and one backward through the attention block.
+    stream (same tokens); kwargs: the layer's other forward arguments; mask:
+    [B, T] real tokens (padding's block error left out of the loss) or None.
+    One forward on each stream and one backward through the attention block.
     """
     if tuple(x_fp.shape) != tuple(x_q.shape):
         raise ValueError(f"x_fp and x_q must hold the same tokens, got shapes "
@@ -152,7 +154,8 @@ def token_importance(layer: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, kw
         # parameters were frozen; only the block's own ops enter it.
         x = x_q.detach().requires_grad_(True)
         out, z = _attention_block(layer, x, kwargs, config.block_output, config.weighted)
-        loss = (out.float() - target.float()).pow(2).sum()
+        err = (out.float() - target.float()).pow(2)
+        loss = (err if mask is None else err[mask]).sum()
         grads = torch.autograd.grad(loss, [z[n] for n in config.weighted], allow_unused=True)
     result = {}
     for name, g in zip(config.weighted, grads):
@@ -163,7 +166,7 @@ def token_importance(layer: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, kw
 
 
 def layer_importance(layer: nn.Module, inputs, fp_inputs, kwargs_list,
-                     config: VLMQConfig) -> dict[str, list[torch.Tensor]] | None:
+                     config: VLMQConfig, masks=None) -> dict[str, list[torch.Tensor]] | None:
     """Per-sample token weights {name: [g per batch]} for one decoder layer, or
     None when every batch's streams are identical (uniform weights: the
     block loss and all its gradients vanish). A linear whose importance is
@@ -175,8 +178,9 @@ def layer_importance(layer: nn.Module, inputs, fp_inputs, kwargs_list,
     if all(torch.equal(a, b) for a, b in zip(inputs, fp_inputs)):
         return None
     per_name: dict[str, list[torch.Tensor]] = {n: [] for n in config.weighted}
-    for x_q, x_fp, kwargs in zip(inputs, fp_inputs, kwargs_list):
-        for name, g in token_importance(layer, x_fp, x_q, kwargs, config).items():
+    for i, (x_q, x_fp, kwargs) in enumerate(zip(inputs, fp_inputs, kwargs_list)):
+        mask = masks[i] if masks else None
+        for name, g in token_importance(layer, x_fp, x_q, kwargs, config, mask).items():
             per_name[name].append(g)
     return {n: gs for n, gs in per_name.items() if any(bool((g > 0).any()) for g in gs)}
 
