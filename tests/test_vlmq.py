@@ -323,7 +323,7 @@ def test_unit_importance_through_the_engine_is_gptq(monkeypatch):
     model, inputs = build_llava()
     samples = [inputs, _second_sample(inputs)]
 
-    def ones(layer, inputs, fp_inputs, kwargs_list, config):
+    def ones(layer, inputs, fp_inputs, kwargs_list, config, masks=None):
         return {n: [torch.ones(x.shape[:-1]) for x in inputs] for n in config.weighted}
 
     monkeypatch.setattr(vlmq, "layer_importance", ones)
@@ -333,7 +333,6 @@ def test_unit_importance_through_the_engine_is_gptq(monkeypatch):
         got, _ = quantize_model(copy.deepcopy(model), samples, VLMQConfig(base),
                                 progress=False)
         assert torch.equal(_logits(got, inputs), _logits(want, inputs))
-
 
 
 def test_padding_stays_out_of_the_importance_loss():
