@@ -229,3 +229,30 @@ def test_a_work_dir_of_another_run_is_refused(tmp_path):
     with pytest.raises(ValueError, match="different model"):
         qvlm_quantize(copy.deepcopy(model), [inputs], QVLMConfig(8, 6, max_depth=1),
                       progress=False, work_dir=tmp_path)
+
+
+def test_padding_stays_out_of_every_term():
+    """Right padding with a zero or a large pad embedding gives the same
+    losses; without the attention mask the large pads would show."""
+    model, inputs = build_llava()
+    ids = inputs["input_ids"].clone()
+    ids[1, -3:] = 0
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    padded = dict(inputs, input_ids=ids, attention_mask=mask)
+
+    def before(scale, sample):
+        m = copy.deepcopy(model)
+        with torch.no_grad():      # HF zeroes the padding row
+            emb = m.get_input_embeddings().weight
+            emb[0] = scale * torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(0))
+        rep = optimize_vision(m, [sample], (8, 8), None, VisionOptConfig(epochs=0),
+                              progress=False)
+        return rep.before
+
+    normal, huge = before(0.0, padded), before(50.0, padded)
+    for key in ("reg", "ent", "vision_err", "last_err"):
+        assert huge[key] == pytest.approx(normal[key], rel=1e-5), key
+    unmasked = {k: v for k, v in padded.items() if k != "attention_mask"}
+    assert before(50.0, unmasked)["last_err"] != pytest.approx(before(0.0, unmasked)["last_err"],
+                                                               rel=1e-3)

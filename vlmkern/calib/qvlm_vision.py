@@ -56,6 +56,7 @@ from ..formats.intact import qmax
 from ..quant.entropy import partition_blocks, soft_dependency
 from ..quant.rtn import _round_scale, fake_quantize
 from .arch import arch_of, decoder_layers, find_path
+from .engine import _pad_mask, _real
 
 
 @dataclass(frozen=True)
@@ -308,12 +309,18 @@ def _references(model, samples, names, probe, cfg, device, progress):
                     raise ValueError("a sample with pixel_values never ran the projector")
                 if not all(bool(torch.isfinite(x).all()) for x in [probe.vision, *probe.qkv]):
                     raise ValueError("full-precision activations hold NaN/Inf")
-                refs.append((probe.vision.detach().clone(), probe.last.detach().clone()))
-                m = [float(x.abs().max()) for x in probe.qkv]
+                mask = _pad_mask(s, probe.last)       # padding stays out of every term
+                refs.append((probe.vision.detach().clone(), probe.last.detach().clone(), mask))
+                m = [float(_real(x, mask).abs().max()) for x in probe.qkv]
                 clips = m if clips is None else [max(a, b) for a, b in zip(clips, m)]
-                n = probe.qkv[0].numel()
-                positions.append(torch.randperm(n, generator=gen)[:cfg.entropy_elements]
-                                 .to(device))
+                x0 = probe.qkv[0]
+                if mask is None:
+                    pick = torch.randperm(x0.numel(), generator=gen)
+                else:
+                    real = torch.nonzero(mask[..., None].expand(x0.shape).reshape(-1).cpu())
+                    real = real.flatten()
+                    pick = real[torch.randperm(real.numel(), generator=gen)]
+                positions.append(pick[:cfg.entropy_elements].to(device))
     finally:
         for h in handles:
             h.remove()
@@ -338,8 +345,9 @@ class _Objective:
                                 self.a_bits, self.clips[k], self.clips[k + 1], self.temperature)
                 for k in range(len(probe.qkv) - 1)]
         ent = sum(w * d for w, d in zip(weights, deps)) if deps else out.loss * 0
-        vision_ref, last_ref = self.refs[i]
-        return out.loss, ent, _rel(probe.vision, vision_ref), _rel(probe.last, last_ref), deps
+        vision_ref, last_ref, mask = self.refs[i]
+        return (out.loss, ent, _rel(probe.vision, vision_ref),
+                _rel(_real(probe.last, mask), _real(last_ref, mask)), deps)
 
     def measure(self, samples, weights, h0, max_depth) -> dict:
         """Mean terms over ``samples``, the pair dependencies and their blocks."""
@@ -527,7 +535,8 @@ def _jacobian_weights(model, layers, samples, refs, probe) -> list[float]:
         try:
             probe.reset()
             model(**s)
-            err = (probe.last.float() - refs[i][1].float()).pow(2).sum()
+            _, last_ref, mask = refs[i]
+            err = (_real(probe.last.float(), mask) - _real(last_ref.float(), mask)).pow(2).sum()
             if err.requires_grad:
                 err.backward()
         finally:
