@@ -9,6 +9,7 @@ backend selection see the machine as it is.
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -24,3 +25,13 @@ if not torch.cuda.is_available():
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = saved
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread: the calibration tests run tiny matrices, where
+    threads only add scheduling noise (and nondeterministic sums)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

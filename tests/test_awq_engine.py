@@ -13,6 +13,8 @@ pytest.importorskip("transformers")
 
 from tiny_models import (build_llama, build_llava, build_qwen2, build_qwen2vl,  # noqa: E402
                          padded_llama)
+from tiny_models import logits as _logits, rel_error as _rel  # noqa: E402
+from tiny_models import second_sample as _second_sample, state_of as _state  # noqa: E402
 
 import vlmkern  # noqa: E402
 from vlmkern import GPTQConfig, QuantConfig, QuantLinear  # noqa: E402
@@ -25,12 +27,7 @@ from vlmkern.quant.awq import AWQConfig, apply_awq  # noqa: E402
 W3 = QuantConfig(3, 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_mha_llama():
@@ -40,23 +37,6 @@ def build_mha_llama():
 
 BUILDERS = {"llama-mha": build_mha_llama, "qwen2": build_qwen2, "llava": build_llava,
             "qwen2vl": build_qwen2vl}
-
-
-def _logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
-def _second_sample(inputs):
-    other = dict(inputs)
-    ids = inputs["input_ids"].clone()
-    ids[:, -3:] = (ids[:, -3:] + 7) % 100 + 3
-    other["input_ids"] = ids
-    return other
 
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
@@ -252,10 +232,6 @@ def test_quantize_command_resumes_awq_rtn(tmp_path):
     assert main(args + ["--out", str(tmp_path / "b")]) == 0      # every layer resumed
     a, b = (load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def test_interrupted_awq_rtn_resumes_bit_identical(tmp_path, monkeypatch):

@@ -21,12 +21,7 @@ from vlmkern.io import read_plan  # noqa: E402
 BUILDERS = {"llava": build_llava, "qwen2vl": build_qwen2vl}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))

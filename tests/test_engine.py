@@ -12,6 +12,8 @@ from torch import nn
 pytest.importorskip("transformers")
 
 from tiny_models import build_llama, build_llava, build_qwen2vl  # noqa: E402
+from tiny_models import logits as _logits, rel_error as _rel  # noqa: E402
+from tiny_models import second_sample as _second_sample, state_of as _state  # noqa: E402
 
 import vlmkern  # noqa: E402
 from vlmkern import GPTAQConfig, GPTQConfig, QuantConfig, QuantLinear  # noqa: E402
@@ -24,31 +26,7 @@ BUILDERS = {"llama": build_llama, "llava": build_llava, "qwen2vl": build_qwen2vl
 W3 = QuantConfig(3, 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: threads only add scheduling noise on a shared 2-core machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def _logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
-def _second_sample(inputs):
-    """A second calibration sample: the same structure, other text tokens."""
-    other = dict(inputs)
-    ids = inputs["input_ids"].clone()
-    ids[:, -3:] = (ids[:, -3:] + 7) % 100 + 3
-    other["input_ids"] = ids
-    return other
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
@@ -100,10 +78,6 @@ def test_capture_sees_image_tokens():
     image = inputs["input_ids"] == model.config.image_token_id
     assert not torch.equal(a[image], b[image])     # image positions carry the new image
     assert torch.equal(a[~image], b[~image])       # text positions do not
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def test_interrupted_run_resumes_bit_identical(tmp_path, monkeypatch):

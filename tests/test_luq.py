@@ -31,12 +31,7 @@ CFG = LUQConfig(high=GPTQConfig(QuantConfig(4, 64)),
 LAYERS = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model():

@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("transformers")
 
 from tiny_models import build_llama, build_llava  # noqa: E402
+from tiny_models import logits as _logits, second_sample as _second  # noqa: E402
 
 import vlmkern.calib.engine as engine  # noqa: E402
 from vlmkern import (BiLLMConfig, BinaryConfig, BinaryLinear, GPTAQConfig,  # noqa: E402
@@ -35,25 +36,7 @@ MIXED = {"*.q_proj": W4, "*.k_proj": BILLM, "*.v_proj": W4, "*.o_proj": None,
          "*.gate_proj": W2, "*.up_proj": A8, "*.down_proj": BILLM}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def _logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def _second(inputs):
-    other = dict(inputs)
-    ids = inputs["input_ids"].clone()
-    ids[:, -3:] = (ids[:, -3:] + 7) % 100 + 3
-    other["input_ids"] = ids
-    return other
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _buffers(model):

@@ -19,12 +19,7 @@ from vlmkern.quant.entropy import (conditional_entropy, joint_distribution, laye
 LOG2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------
@@ -248,23 +243,11 @@ def test_integer_kernel_equals_fake_quant_exactly(bits, group):
 
 transformers = pytest.importorskip("transformers")
 from tiny_models import build_llava, build_qwen2vl  # noqa: E402
+from tiny_models import second_sample as _second_sample, logits as _logits  # noqa: E402
 
 from vlmkern.calib.qvlm import QVLMConfig, qvlm_quantize  # noqa: E402
 
 BUILDERS = {"llava": build_llava, "qwen2vl": build_qwen2vl}
-
-
-def _second_sample(inputs):
-    other = dict(inputs)
-    ids = inputs["input_ids"].clone()
-    ids[:, -3:] = (ids[:, -3:] + 7) % 100 + 3
-    other["input_ids"] = ids
-    return other
-
-
-def _logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))

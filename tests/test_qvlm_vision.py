@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tiny_models import build_llama, build_llava, build_qwen2vl
+from tiny_models import state_of as _state  # noqa: E402
 from vlmkern.calib.qvlm import QVLMConfig, qvlm_quantize
 from vlmkern.calib.qvlm_vision import VisionOptConfig, optimize_vision, vision_linears
 from vlmkern.config import IntActConfig
@@ -18,12 +19,7 @@ from vlmkern.quant.entropy import layer_dependency, soft_dependency
 from vlmkern.quant.rtn import quantize_rtn
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BUILDERS = {"llava": build_llava, "qwen2vl": build_qwen2vl}
@@ -166,10 +162,6 @@ def test_bad_input():
 # ---------------------------------------------------------------------------
 # Resuming a crashed run (work_dir)
 # ---------------------------------------------------------------------------
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
 
 def test_a_crashed_run_resumes_to_the_same_model(tmp_path, monkeypatch):
     import vlmkern.calib.qvlm as qvlm_mod

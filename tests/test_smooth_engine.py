@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 from tiny_models import build_llama, build_llava, build_qwen2vl  # noqa: E402
+from tiny_models import rel_error as _rel  # noqa: E402
 
 from vlmkern import IntActConfig, replace_linears  # noqa: E402
 from vlmkern.calib.arch import decoder_layers  # noqa: E402
@@ -21,21 +22,12 @@ from vlmkern.quant.smoothquant import smooth_scales, weight_absmax  # noqa: E402
 BUILDERS = {"llama": build_llama, "llava": build_llava, "qwen2vl": build_qwen2vl}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits.double()
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def _plant_outliers(model, channels=(3, 11, 40), factor=40.0):

@@ -20,12 +20,7 @@ from vlmkern.quant.vlmq import (VLMQConfig, layer_importance, reduce_gradient, t
                                 vlmq_quantize)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same(a, b):
@@ -157,6 +152,8 @@ def test_config_errors():
 pytest.importorskip("transformers")
 
 from tiny_models import build_llama, build_llava, build_qwen2vl  # noqa: E402
+from tiny_models import logits as _logits, rel_error as _rel  # noqa: E402
+from tiny_models import second_sample as _second_sample  # noqa: E402
 
 from vlmkern.calib import quantize_model  # noqa: E402
 from vlmkern.calib.arch import decoder_layers  # noqa: E402
@@ -267,23 +264,6 @@ def test_identical_streams_give_uniform_weights():
 
 W3 = QuantConfig(3, 32)
 BUILDERS = {"llava": build_llava, "qwen2vl": build_qwen2vl}
-
-
-def _second_sample(inputs):
-    other = dict(inputs)
-    ids = inputs["input_ids"].clone()
-    ids[:, -3:] = (ids[:, -3:] + 7) % 100 + 3
-    other["input_ids"] = ids
-    return other
-
-
-def _logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def _weights(model):

@@ -24,6 +24,29 @@ def _randomise_biases(model: nn.Module) -> None:
                 m.bias.normal_(0.0, 0.1)
 
 
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def rel_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def second_sample(inputs):
+    """A second calibration sample: the same structure, other text tokens."""
+    other = dict(inputs)
+    ids = inputs["input_ids"].clone()
+    ids[:, -3:] = (ids[:, -3:] + 7) % 100 + 3
+    other["input_ids"] = ids
+    return other
+
+
+def state_of(model):
+    """A detached copy of the model's state_dict, to compare runs bitwise."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
 def _text_ids(gen, batch, length):
     return torch.randint(3, 100, (batch, length), generator=gen)
 
