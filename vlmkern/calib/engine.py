@@ -145,6 +145,36 @@ def _fingerprint(model: nn.Module, samples, method: LayerMethod) -> str:
     return h.hexdigest()
 
 
+def save_packed(file: Path, weights: dict, metadata: dict, extra_tensors: dict | None = None,
+                module_info: dict | None = None) -> None:
+    """Packed weights {module name: PackedWeight} (and extra tensors) into one
+    safetensors file, atomically; ``module_info`` adds a JSON-able record per
+    module. ``read_packed`` reads it back."""
+    tensors = {k: t.detach().cpu().contiguous() for k, t in (extra_tensors or {}).items()}
+    modules = {}
+    for name, w in weights.items():
+        modules[name] = {"format": w.FORMAT, "meta": w.meta(),
+                         **({"info": module_info[name]} if module_info else {})}
+        for t_name, t in w.tensors().items():
+            tensors[f"{name}.{t_name}"] = t.detach().cpu().contiguous()
+    atomic_save(tensors, file, {**metadata, "modules": json.dumps(modules)})
+
+
+def read_packed(file: Path) -> tuple[dict, dict, dict, dict]:
+    """(weights {name: PackedWeight}, module records, metadata, all tensors)
+    of a file written by ``save_packed``."""
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    records = json.loads(meta["modules"])
+    weights = {}
+    for name, entry in records.items():
+        cls = WEIGHT_TYPES[entry["format"]]
+        parts = {t: tensors[f"{name}.{t}"] for t in cls.TENSORS if f"{name}.{t}" in tensors}
+        weights[name] = cls.from_state(parts, entry["meta"])
+    return weights, records, meta, tensors
+
+
 class Settings:
     """Stands for a method in ``_fingerprint`` where only a description of
     the run's settings identifies it (whole-model methods)."""
@@ -179,17 +209,10 @@ class WorkDir:
     def save(self, idx: int, weights: dict, results: list[ModuleResult], layer_error: float,
              state: dict | None = None):
         """state: other tensors the finished layer needs back (folded norms, biases)."""
-        tensors, modules = {}, {}
-        for key, t in (state or {}).items():
-            tensors[f"state/{key}"] = t.detach().cpu().contiguous()
-        for name, w in weights.items():
-            modules[name] = {"format": w.FORMAT, "meta": w.meta()}
-            for t_name, t in w.tensors().items():
-                tensors[f"{name}.{t_name}"] = t.detach().cpu().contiguous()
-        meta = {"modules": json.dumps(modules),
-                "results": json.dumps([r.__dict__ for r in results]),
-                "layer_error": repr(layer_error)}
-        atomic_save(tensors, self.file(idx), meta)
+        save_packed(self.file(idx), weights,
+                    {"results": json.dumps([r.__dict__ for r in results]),
+                     "layer_error": repr(layer_error)},
+                    {f"state/{k}": t for k, t in (state or {}).items()})
 
     def load(self, idx: int):
         """(weights, results, layer_error) of a finished layer, or None
@@ -197,22 +220,14 @@ class WorkDir:
         file = self.file(idx)
         if not file.exists():
             return None
-        with safe_open(str(file), framework="pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        weights = {}
-        for name, entry in json.loads(meta["modules"]).items():
-            cls = WEIGHT_TYPES[entry["format"]]
-            parts = {t: tensors[f"{name}.{t}"] for t in cls.TENSORS if f"{name}.{t}" in tensors}
-            weights[name] = cls.from_state(parts, entry["meta"])
+        weights, _, meta, _ = read_packed(file)
         results = [ModuleResult(**r) for r in json.loads(meta["results"])]
         return weights, results, float(meta["layer_error"])
 
     def load_state(self, idx: int) -> dict:
         """The extra state saved with a finished layer ({} when none)."""
-        with safe_open(str(self.file(idx)), framework="pt") as f:
-            return {k[len("state/"):]: f.get_tensor(k) for k in f.keys()
-                    if k.startswith("state/")}
+        tensors = read_packed(self.file(idx))[3]
+        return {k[len("state/"):]: t for k, t in tensors.items() if k.startswith("state/")}
 
 
 def _relative_error(weight: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> float:

@@ -17,11 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from safetensors import safe_open
-
-from ..formats import WEIGHT_TYPES
-from ..io import atomic_save
-from .engine import Settings, WorkDir, _fingerprint
+from .engine import Settings, WorkDir, _fingerprint, read_packed, save_packed
 
 
 def _write_json(target: Path, data) -> None:
@@ -68,31 +64,18 @@ class QVLMWorkDir:
         return self.path / "vision.safetensors"
 
     def save_vision(self, model, report) -> None:
-        tensors, modules = {}, {}
-        for name, m in model.named_modules():
-            info = getattr(m, "quant_info", None) or {}
-            if info.get("method") != "qvlm-vision":
-                continue
-            w = m.quantized_weight
-            modules[name] = {"format": w.FORMAT, "meta": w.meta(), "info": info}
-            for t_name, t in w.tensors().items():
-                tensors[f"{name}.{t_name}"] = t.detach().cpu().contiguous()
-        atomic_save(tensors, self._vision_file,
-                    {"modules": json.dumps(modules),
-                     "report": json.dumps(dataclasses.asdict(report))})
+        vision = {name: m for name, m in model.named_modules()
+                  if (getattr(m, "quant_info", None) or {}).get("method") == "qvlm-vision"}
+        save_packed(self._vision_file, {n: m.quantized_weight for n, m in vision.items()},
+                    {"report": json.dumps(dataclasses.asdict(report))},
+                    module_info={n: m.quant_info for n, m in vision.items()})
 
     def load_vision(self):
         """({name: (packed weight, quant_info)}, report dict) or None."""
         if not self._vision_file.exists():
             return None
-        with safe_open(str(self._vision_file), framework="pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        weights = {}
-        for name, entry in json.loads(meta["modules"]).items():
-            cls = WEIGHT_TYPES[entry["format"]]
-            parts = {t: tensors[f"{name}.{t}"] for t in cls.TENSORS if f"{name}.{t}" in tensors}
-            weights[name] = (cls.from_state(parts, entry["meta"]), entry["info"])
+        packed, records, meta, _ = read_packed(self._vision_file)
+        weights = {name: (w, records[name]["info"]) for name, w in packed.items()}
         report = json.loads(meta["report"])
         for key in ("before", "after"):
             if report.get(key):
