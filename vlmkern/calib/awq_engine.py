@@ -41,7 +41,7 @@ from ..quant.gptq import GPTQConfig
 from ..replace import replace_linears
 from .arch import decoder_layers
 from .engine import (CalibReport, ModuleResult, Settings, WorkDir, _fingerprint, _layer_out,
-                     _move_except, _pad_mask, _real, _StopForward, capture_inputs, quantize_model)
+                     _real, _StopForward, decoder_inputs, quantize_model)
 
 THEN = ("rtn", "gptq")
 
@@ -234,14 +234,7 @@ def _walk(model: nn.Module, samples, device, progress: bool, desc: str):
     layers_path, layers = decoder_layers(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    _move_except(model, layers_path, device)
-    try:
-        captured = capture_inputs(model, layers, samples, device)
-    finally:
-        _move_except(model, layers_path, home)
-    inputs = [h for h, _ in captured]
-    kwargs_list = [k for _, k in captured]
-    masks = [_pad_mask(sample, h) for sample, h in zip(samples, inputs)]
+    inputs, kwargs_list, masks = decoder_inputs(model, layers_path, layers, samples, device)
     for idx in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress):
         layer = layers[idx].to(device)
         with torch.no_grad():

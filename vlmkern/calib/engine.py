@@ -254,6 +254,21 @@ def _real(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x if mask is None else x[mask]
 
 
+def decoder_inputs(model: nn.Module, layers_path: str, layers: nn.ModuleList, samples,
+                   device) -> tuple[list, list, list]:
+    """(hidden states, kwargs, real-token masks or None), one per sample, at
+    the first decoder layer. Everything but the decoder layers visits
+    ``device`` for the capture and returns to where it was."""
+    home = next(model.parameters()).device
+    _move_except(model, layers_path, device)
+    try:
+        captured = capture_inputs(model, layers, samples, device)
+    finally:
+        _move_except(model, layers_path, home)
+    inputs = [h for h, _ in captured]
+    return inputs, [k for _, k in captured], [_pad_mask(s, h) for s, h in zip(samples, inputs)]
+
+
 def _calibrate_layer(layer, fp_layer, sequence, method, inputs, fp_inputs, kwargs_list,
                      prefix, masks=None) -> tuple[dict, list[ModuleResult]]:
     """Calibrate one decoder layer's linears in ``sequence`` order. masks: per
@@ -366,15 +381,8 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
     device = torch.device(device) if device is not None else home
     work = WorkDir(work_dir, _fingerprint(model, samples, method)) if work_dir else None
 
-    _move_except(model, layers_path, device)
-    try:
-        captured = capture_inputs(model, layers, samples, device)
-    finally:
-        _move_except(model, layers_path, home)
-    inputs = [h for h, _ in captured]
-    kwargs_list = [k for _, k in captured]
+    inputs, kwargs_list, masks = decoder_inputs(model, layers_path, layers, samples, device)
     fp_inputs = list(inputs) if method.needs_fp_stream else None
-    masks = [_pad_mask(sample, h) for sample, h in zip(samples, inputs)]
 
     report = CalibReport(kept=kept)
     all_weights = {}

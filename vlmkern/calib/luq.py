@@ -89,39 +89,30 @@ def collect_layer_outputs(model: nn.Module, samples, max_tokens: int = 4096, see
     """Full-precision outputs of every decoder layer on the calibration samples:
     one float32 [T, hidden] tensor per layer, the same T tokens (at most
     ``max_tokens``, drawn uniformly from all non-padding positions) in each."""
-    from .engine import _layer_out, _move_except, capture_inputs
+    from .engine import _layer_out, decoder_inputs
     samples = list(samples)
     if not samples:
         raise ValueError("LUQ needs at least one calibration sample")
     layers_path, layers = decoder_layers(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    _move_except(model, layers_path, device)
-    try:
-        captured = capture_inputs(model, layers, samples, device)
-    finally:
-        _move_except(model, layers_path, home)
-    picks = _pick_tokens([h for h, _ in captured], samples, max_tokens, seed)
-    hidden = [h for h, _ in captured]
+    hidden, kwargs_list, masks = decoder_inputs(model, layers_path, layers, samples, device)
+    picks = _pick_tokens(hidden, masks, max_tokens, seed)
     outputs = []
     for idx in range(len(layers)):
         layer = layers[idx].to(device)
-        hidden = [_layer_out(layer, h, kw) for h, (_, kw) in zip(hidden, captured)]
+        hidden = [_layer_out(layer, h, kw) for h, kw in zip(hidden, kwargs_list)]
         outputs.append(torch.cat([h.reshape(-1, h.shape[-1])[p].float().cpu()
                                   for h, p in zip(hidden, picks)]))
         layers[idx] = layer.to(home)
     return outputs
 
 
-def _pick_tokens(hidden, samples, max_tokens, seed) -> list[torch.Tensor]:
-    """Per sample, flat indices of the positions to keep (padding never)."""
-    real = []
-    for h, sample in zip(hidden, samples):
-        mask = sample.get("attention_mask") if isinstance(sample, dict) else None
-        if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(h.shape[:2]):
-            real.append(torch.nonzero(mask.reshape(-1).cpu() != 0).flatten())
-        else:
-            real.append(torch.arange(h.shape[0] * h.shape[1]))
+def _pick_tokens(hidden, masks, max_tokens, seed) -> list[torch.Tensor]:
+    """Per sample, flat indices of the positions to keep (padding never;
+    masks: per sample the real-token mask, or None when nothing pads)."""
+    real = [torch.arange(h.shape[0] * h.shape[1]) if m is None
+            else torch.nonzero(m.reshape(-1).cpu()).flatten() for h, m in zip(hidden, masks)]
     total = sum(len(r) for r in real)
     if total <= max_tokens:
         return real

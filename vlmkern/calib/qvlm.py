@@ -70,7 +70,7 @@ from ..quant.entropy import layer_dependency, partition_blocks, quantized_entrop
 from ..quant.rtn import quantize_rtn
 from ..replace import replace_linears
 from .arch import arch_of, decoder_layers
-from .engine import _layer_out, _move_except, _pad_mask, _real, capture_inputs
+from .engine import _layer_out, _real, decoder_inputs
 
 DEFAULT_PERCENTILES = (1.0, 0.995, 0.99, 0.985, 0.98)
 
@@ -484,15 +484,8 @@ def qvlm_quantize(model: nn.Module, samples, config: QVLMConfig | None = None, d
                                             device=device, progress=progress)
             if work is not None:
                 work.save_vision(model, vision_report)
-    _move_except(model, layers_path, device)
-    try:
-        captured = capture_inputs(model, layers, samples, device)
-    finally:
-        _move_except(model, layers_path, home)
-    inputs = [h for h, _ in captured]
-    kwargs_list = [k for _, k in captured]
+    inputs, kwargs_list, masks = decoder_inputs(model, layers_path, layers, samples, device)
     search_idx = _pick(len(inputs), cfg.search_samples)
-    masks = [_pad_mask(sample, h) for sample, h in zip(samples, inputs)]
     search_masks = [masks[i] for i in search_idx]
     report = QVLMReport(search_tokens=sum(inputs[i].shape[:-1].numel() if masks[i] is None
                                           else int(masks[i].sum()) for i in search_idx),
