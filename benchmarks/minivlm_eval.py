@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 
-import torch
+from minivlm_common import load_previous, model_and_evalset, selected
 
 RESULTS = Path(__file__).parent / "results"
 # name -> (method, bits, group, alpha, calibration samples); alpha None:
@@ -86,13 +85,6 @@ def build_variant(name, model, processor, device):
                      "quantize_cpu_seconds": time.process_time() - cpu}
 
 
-def load_previous(path: Path) -> dict:
-    if path.is_file():
-        data = json.loads(path.read_text())
-        return {r["name"]: r for r in data.get("results", [])}
-    return {}
-
-
 def write(results: dict, meta: dict) -> None:
     from vlmkern.eval.report import markdown_table, plot_accuracy
 
@@ -122,25 +114,14 @@ def write(results: dict, meta: dict) -> None:
 
 
 def main(argv=None) -> int:
-    from vlmkern.eval.harness import EvalSet, evaluate
-    from vlmkern.minivlm.model import build_minivlm
+    from vlmkern.eval.harness import evaluate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     ap.add_argument("--device", default=None, help="calibration device (default: the model's)")
     args = ap.parse_args(argv)
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-
-    model, processor = build_minivlm(progress=True)
-    t = time.perf_counter()
-    evalset = EvalSet.build(model, processor)
-    meta = {"model": "mini VLM (DINOv2-small + SmolLM2-135M-Instruct, trained projector)",
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(),
-            "evalset_seconds": round(time.perf_counter() - t, 1), **evalset.sizes}
+    names = selected(args.variants, VARIANTS)
+    model, processor, evalset, meta = model_and_evalset()
     path = RESULTS / "minivlm_eval.json"
     results = load_previous(path)
     if "fp" in names or "fp" not in results:

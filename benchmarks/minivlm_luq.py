@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+
+from minivlm_common import model_and_evalset, selected
 
 RESULTS = Path(__file__).parent / "results"
 N_SAMPLES, ALPHA = 32, 0.5
@@ -285,8 +286,7 @@ def plot(rows, path: Path) -> None:
 
 def main(argv=None) -> int:
     from vlmkern.calib.mixed import mixed_calibration_samples
-    from vlmkern.eval.harness import EvalSet, evaluate
-    from vlmkern.minivlm.model import build_minivlm
+    from vlmkern.eval.harness import evaluate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=",".join(VARIANTS))
@@ -304,21 +304,10 @@ def main(argv=None) -> int:
         write({r["name"]: r for r in data["results"]}, data["entropy"], data["meta"])
         return 0
     torch.set_num_threads(args.threads)
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-
-    model, processor = build_minivlm(progress=True)
-    t = time.perf_counter()
-    evalset = EvalSet.build(model, processor)
-    meta = {"model": "mini VLM (DINOv2-small + SmolLM2-135M-Instruct, trained projector), "
-                     "30 decoder layers",
-            "calibration": f"mixed_calibration_samples(n_samples={N_SAMPLES}, "
-                           f"alpha={ALPHA}, seed=0)",
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(),
-            "evalset_seconds": round(time.perf_counter() - t, 1), **evalset.sizes}
+    names = selected(args.only, VARIANTS)
+    model, processor, evalset, meta = model_and_evalset(
+        calibration=f"mixed_calibration_samples(n_samples={N_SAMPLES}, alpha={ALPHA}, seed=0)")
+    meta["model"] += ", 30 decoder layers"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     results = {r["name"]: r for r in previous.get("results", [])}
     samples = mixed_calibration_samples(processor, N_SAMPLES, ALPHA, seed=0)

@@ -30,11 +30,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+
+from minivlm_common import load_previous, model_and_evalset, selected
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "minivlm_vlmq"
@@ -140,12 +141,6 @@ def build_variant(name, model, processor, samples, device, progress):
     return variant, extra
 
 
-def load_previous(path: Path) -> dict:
-    if path.is_file():
-        return {r["name"]: r for r in json.loads(path.read_text()).get("results", [])}
-    return {}
-
-
 def write(results: dict, meta: dict) -> None:
     from vlmkern.eval.report import markdown_table
 
@@ -196,8 +191,7 @@ def write(results: dict, meta: dict) -> None:
 
 def main(argv=None) -> int:
     from vlmkern.calib.mixed import mixed_calibration_samples
-    from vlmkern.eval.harness import EvalSet, evaluate
-    from vlmkern.minivlm.model import build_minivlm
+    from vlmkern.eval.harness import evaluate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -209,19 +203,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-
-    model, processor = build_minivlm(progress=args.progress)
-    t = time.perf_counter()
-    evalset = EvalSet.build(model, processor)
-    meta = {"model": "mini VLM (DINOv2-small + SmolLM2-135M-Instruct, trained projector)",
-            "n_samples": args.samples, "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(),
-            "evalset_seconds": round(time.perf_counter() - t, 1), **evalset.sizes}
+    names = selected(args.variants, VARIANTS)
+    model, processor, evalset, meta = model_and_evalset(args.progress, n_samples=args.samples)
     samples = mixed_calibration_samples(processor, args.samples, 0.5, seed=0)
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     n_image = sum(int((s["input_ids"] == image_id).sum()) for s in samples)
