@@ -41,7 +41,8 @@ from ..quant.gptq import GPTQConfig
 from ..replace import replace_linears
 from .arch import decoder_layers
 from .engine import (CalibReport, ModuleResult, Settings, WorkDir, _fingerprint, _layer_out,
-                     _real, _StopForward, decoder_inputs, quantize_model)
+                     _real, _StopForward, decoder_inputs, install_dequantized,
+                     quantize_model)
 
 THEN = ("rtn", "gptq")
 
@@ -98,18 +99,16 @@ def _group_inputs(layer: nn.Module, name: str, inputs, kwargs_list,
     """Inputs of linear ``name`` over every calibration batch, as [T, K];
     masks: per batch, the real-token mask (padding left out) or None."""
     xs = []
-    current = {"mask": None}
+    mask = None
 
     def hook(module, args):
-        x = args[0].detach()
-        mask = current["mask"]
-        xs.append((x if mask is None else x[mask]).reshape(-1, x.shape[-1]))
+        x = _real(args[0].detach(), mask)       # the batch running now
+        xs.append(x.reshape(-1, x.shape[-1]))
         raise _StopForward
 
     handle = layer.get_submodule(name).register_forward_pre_hook(hook)
     try:
-        for i, (hidden, kwargs) in enumerate(zip(inputs, kwargs_list)):
-            current["mask"] = masks[i] if masks else None
+        for hidden, kwargs, mask in zip(inputs, kwargs_list, masks or [None] * len(inputs)):
             try:
                 _layer_out(layer, hidden, kwargs)
             except _StopForward:
@@ -255,14 +254,6 @@ def awq_transform(model: nn.Module, samples, config: AWQEngineConfig | None = No
             _walk(model, samples, device, progress, "AWQ scales")]
 
 
-def _install(layer: nn.Module, weights: dict) -> None:
-    """Dequantized packed weights into the layer's linears (what later layers see)."""
-    with torch.no_grad():
-        for name, packed in weights.items():
-            lin = layer.get_submodule(name)
-            lin.weight.data.copy_(packed.dequantize(lin.weight.dtype).to(lin.weight.device))
-
-
 def _kept_state(layer: nn.Module, weights: dict) -> dict:
     """The layer's tensors a resume needs besides the packed weights: folded
     norms and biases (everything but the quantized linears' weights)."""
@@ -282,13 +273,13 @@ def _awq_rtn(model, samples, config, device, progress, groups, work=None) -> Cal
             if keys.unexpected_keys or set(keys.missing_keys) - {f"{n}.weight" for n in weights}:
                 raise ValueError(f"{work.path}: layer {idx} was saved from another layout; "
                                  f"use another work_dir or delete it")
-            _install(layer, weights)
+            install_dequantized(layer, weights)
             report.resumed_layers += 1
         else:
             awq_layer(layer, inputs, kwargs_list, config, groups, masks)
             weights, results = rtn_layer(layer, inputs, kwargs_list, config, prefix, groups,
                                          masks)
-            _install(layer, weights)
+            install_dequantized(layer, weights)
             num = den = 0.0
             with torch.no_grad():
                 for out, ref, mask in zip(_layer_outputs(layer, inputs, kwargs_list), fp_out,

@@ -254,6 +254,15 @@ def _real(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x if mask is None else x[mask]
 
 
+@torch.no_grad()
+def install_dequantized(layer: nn.Module, weights: dict) -> None:
+    """Packed weights {linear name: PackedWeight}, dequantized, into the layer's
+    linears: what later layers see of a finished one."""
+    for name, packed in weights.items():
+        lin = layer.get_submodule(name)
+        lin.weight.data.copy_(packed.dequantize(lin.weight.dtype).to(lin.weight.device))
+
+
 def decoder_inputs(model: nn.Module, layers_path: str, layers: nn.ModuleList, samples,
                    device) -> tuple[list, list, list]:
     """(hidden states, kwargs, real-token masks or None), one per sample, at
@@ -395,9 +404,7 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
         fp_layer = copy.deepcopy(layer)
         if done is not None:
             weights, results, layer_err = done
-            for n, w in weights.items():
-                lin = layer.get_submodule(n)
-                lin.weight.data.copy_(w.dequantize(lin.weight.dtype).to(device))
+            install_dequantized(layer, weights)
             report.resumed_layers += 1
         else:
             weights, results = {}, []

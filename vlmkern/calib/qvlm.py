@@ -335,17 +335,15 @@ def _fp_pass(layers, groups, inputs, kwargs_list, search_idx, cfg, device, progr
 
         def hook_for(g):
             def hook(module, args):
-                x = _real(args[0].detach(), current["mask"])
+                x = _real(args[0].detach(), mask)       # the batch running now
                 seen[g].append(x.reshape(-1, x.shape[-1]))
             return hook
 
         handles = [layer.get_submodule(g[0]).register_forward_pre_hook(hook_for(g))
                    for g in groups]
-        current = {"mask": None}
         try:
             with torch.no_grad():
-                for i, kw in enumerate(kwargs_list):
-                    current["mask"] = masks[i]
+                for i, (kw, mask) in enumerate(zip(kwargs_list, masks)):
                     hidden[i] = _layer_out(layer, hidden[i], kw)
         finally:
             for h in handles:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..quant.smoothquant import (fold_scales_into_linear, fold_scales_into_norm,
                                  smooth_scales, weight_absmax)
 from .arch import decoder_layers
-from .engine import _pad_mask, _StopForward, _to
+from .engine import _pad_mask, _real, _StopForward, _to
 
 # (producer of x, linears reading x): the producer is a norm or a linear.
 NORM_GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -108,15 +108,14 @@ def activation_maxima(model: nn.Module, samples, names, device=None,
     {name: fp32 [in_features]}. One full forward per sample; padding (zeros of
     a sample's attention_mask) is left out."""
     maxima: dict[str, torch.Tensor] = {}
-    current = {"sample": None}
+    sample = None      # the one running now, for its padding mask
 
     def hook_for(name):
         def hook(module, args):
             x = args[0].detach()
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(f"{name}: calibration activations hold NaN/Inf")
-            mask = _pad_mask(current["sample"], x) if x.dim() == 3 else None
-            x = x if mask is None else x[mask]
+            x = _real(x, _pad_mask(sample, x) if x.dim() == 3 else None)
             if x.numel() == 0:
                 return
             m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float().cpu()
@@ -135,7 +134,6 @@ def activation_maxima(model: nn.Module, samples, names, device=None,
                            disable=not progress):
             if not isinstance(sample, dict):
                 raise TypeError("calibration samples must be dicts of model inputs")
-            current["sample"] = sample
             try:
                 model(**_to(sample, device), use_cache=False)
             except _StopForward:
