@@ -13,8 +13,6 @@ samples are Lee-corpus windows, as for the mini VLM.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -65,8 +63,9 @@ def hf_image_samples(processor, n: int, rng: np.random.Generator) -> list[dict]:
     photos = offline_photos()
     samples = []
     for i in range(n):
-        photo = _crop(photos[i % len(photos)] if i < len(photos)
-                      else photos[int(rng.integers(len(photos)))], rng)
+        # every photo once, then random ones
+        photo = _crop(photos[i] if i < len(photos) else photos[int(rng.integers(len(photos)))],
+                      rng)
         question = QUESTIONS[int(rng.integers(len(QUESTIONS)))]
         messages = [{"role": "user", "content": [{"type": "image"},
                                                  {"type": "text", "text": question}]}]
@@ -86,14 +85,9 @@ def hf_mixed_calibration_samples(processor, n_samples: int, alpha: float, seed: 
     """round(alpha * n_samples) image samples and the rest text windows of the
     Lee corpus (its part perplexity never reads), shuffled; deterministic in
     ``seed``."""
-    from .mixed import text_windows
+    from .mixed import image_count, text_windows
 
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha (the fraction of image samples) must lie in [0, 1], "
-                         f"got {alpha!r}")
-    n_image = int(math.floor(alpha * n_samples + 0.5))
+    n_image = image_count(n_samples, alpha)
     rng = np.random.default_rng(seed)
     samples = hf_image_samples(processor, n_image, rng) if n_image else []
     if n_samples > n_image:

@@ -111,6 +111,18 @@ def text_windows(tokenizer, corpus_text: str, n_windows: int, seq_len: int,
     return out
 
 
+def image_count(n_samples: int, alpha: float) -> int:
+    """round(alpha * n_samples), half up: the image samples of a mixed set,
+    after checking both numbers."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) \
+            or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha (the fraction of image samples) must lie in [0, 1], "
+                         f"got {alpha!r}")
+    return int(math.floor(alpha * n_samples + 0.5))
+
+
 def mixed_calibration_samples(processor, n_samples: int, alpha: float, seed: int = 0,
                               text_seq_len: int = 256, corpus_text: str | None = None,
                               projector_path=None) -> list[dict[str, torch.Tensor]]:
@@ -123,17 +135,11 @@ def mixed_calibration_samples(processor, n_samples: int, alpha: float, seed: int
     corpus_text: text to cut windows from (default the Lee corpus bundled
     with gensim); only its first PPL_SKIP_TOKENS tokens are used.
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) \
-            or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha (the fraction of image samples) must lie in [0, 1], "
-                         f"got {alpha!r}")
+    n_image = image_count(n_samples, alpha)
     if text_seq_len < 1:
         raise ValueError(f"text_seq_len must be positive, got {text_seq_len}")
     from ..minivlm.train_projector import ANSWER, QUESTIONS
 
-    n_image = int(math.floor(alpha * n_samples + 0.5))  # round half up
     n_text = n_samples - n_image
     rng = np.random.default_rng(seed)
     samples = []
