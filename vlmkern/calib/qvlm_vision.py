@@ -149,6 +149,7 @@ class _LearnedQuantLinear(nn.Module):
         w = linear.weight.detach().float()
         self.register_buffer("weight", w)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.w_bits, self.a_bits = w_bits, a_bits
         self.w_lim, self.a_lim = qmax(w_bits), qmax(a_bits)
         self.register_buffer("w_absmax", w.abs().amax(dim=1).clamp_min(1e-12))
         self.w_log_clip = nn.Parameter(torch.zeros(w.shape[0], device=w.device))
@@ -175,14 +176,14 @@ class _LearnedQuantLinear(nn.Module):
         wq = _lsq(self.weight, self.weight_scale()[:, None], self.w_lim)
         return F.linear(_lsq(xf, s, self.a_lim), wq, self.bias).to(x.dtype)
 
-    def export(self, a_bits: int, w_bits: int) -> IntActWeight:
+    def export(self) -> IntActWeight:
         """The IntActWeight the kernels run: codes at the learned scales."""
         with torch.no_grad():
             scale = self.weight_scale()
             codes = torch.round(self.weight / scale[:, None]).clamp(-self.w_lim, self.w_lim)
             return IntActWeight.from_codes(codes.to(torch.int8).cpu(),
                                            scale[:, None].to(self.scale_dtype).cpu(),
-                                           w_bits, a_bits, None, self.act_scale())
+                                           self.w_bits, self.a_bits, None, self.act_scale())
 
 
 class _STELinear(nn.Module):
@@ -465,7 +466,7 @@ def _optimize(model, samples, names, projector, lm_bits, lm_group, cfg, h0, max_
                                         params, len(samples), cfg, progress)
                 report.after = objective.measure(samples, weights, report.before["h0"],
                                                  max_depth)
-            plan = {n: m.export(bits[1], bits[0]) for n, m in learned.items()}
+            plan = {n: m.export() for n, m in learned.items()}
     finally:
         if probe is not None:
             probe.close()
