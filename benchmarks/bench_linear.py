@@ -13,6 +13,8 @@ TFLOP/s (2*M*N*K / time), speedup vs cuBLAS fp16.
 
     python benchmarks/bench_linear.py                      # full table (GPU)
     python benchmarks/bench_linear.py --quick              # a few shapes
+    python benchmarks/bench_linear.py --enable cuda.weight_only_post_scale
+                                  # also time opt-in kernels, next to the defaults
 Results go to benchmarks/results/linear_<device>.{json,md}.
 """
 from __future__ import annotations
@@ -92,7 +94,10 @@ def rotating(make, bytes_each: int):
     return nxt
 
 
-def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, seed=0):
+def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, seed=0, enable=()):
+    """Rows for one layer shape. Each (backend, opt-in kernel) pair in
+    ``backends`` x ({""} + ``enable``) is timed where it picks a kernel not
+    already timed for that format and M."""
     rows = []
     torch.manual_seed(seed)
     w16 = (torch.randn(n, k, device=device) * 0.02).half()
@@ -121,26 +126,42 @@ def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, see
             rows.append({"layer": name, "K": k, "N": n, "M": m, "kernel": "torch._int_mm",
                          "error": str(e).splitlines()[0]})
         for label, nxt in packed.items():
+            timed = set()
             for backend in backends:
-                os.environ["VLMKERN_BACKEND"] = backend
-                try:
-                    kernel = vlmkern.ops.which_kernel(x, nxt())
-                    if kernel.startswith(("no backend", "VLMKERN_BACKEND")):
-                        continue
-                    # one call per pool entry first: kernels that re-lay a weight out on
-                    # its first use (cuda.weight_only_mma) must not time that step
-                    for _ in range(64):
-                        vlmkern.ops.linear(x, nxt())
-                    t = time_fn(lambda: vlmkern.ops.linear(x, nxt()))
-                except Exception as e:  # a kernel failing here is a result, not a crash
-                    rows.append({"layer": name, "K": k, "N": n, "M": m, "kernel": label,
-                                 "backend": backend, "error": f"{type(e).__name__}: {e}"})
-                    continue
-                finally:
-                    os.environ.pop("VLMKERN_BACKEND", None)
-                moved = nxt().nbytes + 2 * (m * k + m * n)
-                rows.append(row(name, k, n, m, label, kernel, t, base, moved, peak_gbs))
+                for extra in ("", *enable):
+                    rows += time_kernel(name, k, n, x, label, nxt, backend, extra, timed, base,
+                                        peak_gbs)
     return rows
+
+
+def time_kernel(name, k, n, x, label, nxt, backend, enable, timed, base, peak_gbs) -> list:
+    """One row: ``ops.linear`` with VLMKERN_BACKEND=backend and
+    VLMKERN_ENABLE=enable, unless the kernel it picks is in ``timed``."""
+    m = x.shape[0]
+    saved = {v: os.environ.get(v) for v in ("VLMKERN_BACKEND", "VLMKERN_ENABLE")}
+    os.environ["VLMKERN_BACKEND"] = backend
+    os.environ["VLMKERN_ENABLE"] = enable
+    try:
+        kernel = vlmkern.ops.which_kernel(x, nxt())
+        if kernel.startswith(("no backend", "VLMKERN_")) or kernel in timed:
+            return []
+        timed.add(kernel)
+        # one call per pool entry first: kernels that re-lay a weight out on
+        # its first use (cuda.weight_only_mma) must not time that step
+        for _ in range(64):
+            vlmkern.ops.linear(x, nxt())
+        t = time_fn(lambda: vlmkern.ops.linear(x, nxt()))
+    except Exception as e:  # a kernel failing here is a result, not a crash
+        return [{"layer": name, "K": k, "N": n, "M": m, "kernel": label, "backend": backend,
+                 "error": f"{type(e).__name__}: {e}"}]
+    finally:
+        for v, old in saved.items():
+            if old is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = old
+    moved = nxt().nbytes + 2 * (m * k + m * n)
+    return [row(name, k, n, m, label, kernel, t, base, moved, peak_gbs)]
 
 
 def row(layer, k, n, m, label, kernel, us, base_us, moved_bytes, peak_gbs):
@@ -176,6 +197,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", help="comma-separated shape names (default: all; see SHAPES)")
     ap.add_argument("--ms", help="comma-separated M values (default: %s)" % ",".join(map(str, MS)))
     ap.add_argument("--formats", help="comma-separated format labels (default: all; see FORMATS)")
+    ap.add_argument("--enable", default="",
+                    help="comma-separated opt-in kernels (VLMKERN_ENABLE) to time as well")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -200,6 +223,10 @@ def main(argv=None) -> int:
         formats = {f: FORMATS[f] for f in args.formats.split(",")}
     available = vlmkern.available_backends()
     backends = [b for b in args.backends.split(",") if available[b]["available"]]
+    opt_in = {k.name for b in vlmkern.ops.backends.BACKENDS.values() for k in b.kernels if k.opt_in}
+    unknown = [e for e in args.enable.split(",") if e and e not in opt_in]
+    if unknown:
+        ap.error(f"--enable: {unknown} are not opt-in kernels; those are {sorted(opt_in)}")
     peak = measure_copy_bandwidth(device)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "copy_GBs": peak, "backends": {b: available[b] for b in available}}
@@ -207,7 +234,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     tag = meta["device"].replace(" ", "_")
     for name, (k, n) in shapes.items():
-        rows += bench_shape(name, k, n, ms, backends, device, peak, formats)
+        rows += bench_shape(name, k, n, ms, backends, device, peak, formats,
+                            enable=[e for e in args.enable.split(",") if e])
         print(f"done {name}", file=sys.stderr)
         # written after every shape, so a run cut short still leaves its rows
         (args.out / f"linear_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows},

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should check, in one run: build the CUDA extension
 # against the installed CUDA torch, run the test suite (GPU tests included),
-# run the CUDA kernel tests under compute-sanitizer memcheck, then time the
-# kernels. Each phase is time-boxed and logged to OUTDIR, and a failing phase
-# does not stop the later ones.
+# run the CUDA kernel tests under compute-sanitizer memcheck, time the
+# kernels, then profile one layer's weight-only kernels with Nsight Compute.
+# Each phase is time-boxed and logged to OUTDIR, and a failing phase does not
+# stop the later ones.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [TESTS] [BENCH_ARGS...]
 #
 # TESTS: pytest targets (default: tests). BENCH_ARGS go to bench_linear.py.
-# Environment: ARCH (default 9.0a), BUILD_S / TEST_S / SANITIZE_S / BENCH_S
-# phase limits (SANITIZE_S=0 skips the memcheck phase).
+# Environment: ARCH (default 9.0a), BUILD_S / TEST_S / SANITIZE_S / BENCH_S /
+# PROFILE_S phase limits (0 skips the memcheck or profile phase); PROFILE_ARGS
+# go to profile_linear.py (default: gate/up, M = 1, W4 g128, every opt-in
+# weight-only kernel).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_check.sh OUTDIR [TESTS] [BENCH_ARGS...]}
@@ -50,3 +53,16 @@ fi
 t=$(date +%s)
 timeout "${BENCH_S:-300}" "$py" benchmarks/bench_linear.py --out "$out" "$@" >"$out/bench.log" 2>&1
 rc=$?; phase bench $rc "$t"; tail -5 "$out/bench.log"
+
+# where the weight-only kernels spend their time: issue stalls, memory
+# throughput and occupancy of the default and opt-in kernels on one layer
+if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
+  t=$(date +%s)
+  (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --section SpeedOfLight --section WarpStateStats \
+    --section SchedulerStats --section Occupancy --section MemoryWorkloadAnalysis \
+    -k regex:weight_only --launch-count 8 \
+    "$py" profile_linear.py ${PROFILE_ARGS:---enable cuda.weight_only_post_scale}) \
+    >"$out/profile.log" 2>&1
+  rc=$?; phase profile $rc "$t"; grep -E "Duration|Memory Throughput|Issue Slots Busy|Warp Cycles Per Issued" \
+    "$out/profile.log" | head -24
+fi

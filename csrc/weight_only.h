@@ -38,7 +38,17 @@ enum vlmkern_wo_status {
   VLMKERN_WO_ERR_ALIGNMENT = 5,     // x, wq or sz not 16-byte aligned, or K_x not a multiple of 8
   VLMKERN_WO_ERR_SHARED_MEMORY = 6, // the device cannot give a block the shared memory it needs
   VLMKERN_WO_ERR_LAUNCH = 7,        // a CUDA call failed (message has the CUDA error)
+  VLMKERN_WO_ERR_BAD_DECODE = 8,    // unknown decode, or post-scale with M > 16
 };
+
+// How the kernel turns codes into MMA operands.
+//   EXACT: A = s * (q - z) rounded once to the activation type, the weight the
+//          torch reference dequantizes to.
+//   POST_SCALE: A = q - z (exact), products summed in fp32 per scale slot and
+//          multiplied by the scale there: fewer instructions per weight and
+//          no 16-bit rounding of the weight; M <= 16 only.
+enum vlmkern_wo_decode { VLMKERN_WO_DECODE_EXACT = 0, VLMKERN_WO_DECODE_POST_SCALE = 1 };
+#define VLMKERN_WO_POST_SCALE_MAX_M 16
 
 // Largest M one launch accepts; larger batches belong to dequantize + GEMM.
 #define VLMKERN_WO_MAX_M 64
@@ -63,11 +73,12 @@ int64_t vlmkern_wo_workspace_elems(int64_t M, int64_t num_ctas);
 //   num_ctas  number of thread blocks, 1 .. NB*C; the NB*C (block, chunk) units
 //             are split evenly over them in a fixed order (stream-K), so the
 //             result depends on num_ctas but never on M or on timing.
+//   decode    a vlmkern_wo_decode.
 int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
                             const int32_t* sz, int64_t NB, int64_t C, int slot_log2, int bits,
                             const void* bias, int bias_dtype, void* out, int64_t N,
                             float* workspace, int32_t* counters, int64_t num_ctas, int act_dtype,
-                            void* stream);
+                            int decode, void* stream);
 
 #ifdef __cplusplus
 }

@@ -56,8 +56,14 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Checks shared by the CUDA and Meta implementations.
 void check_inputs(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
                   const std::optional<at::Tensor>& bias, const at::Tensor& counters, int64_t bits,
-                  int64_t out_features, int64_t slot_log2, int64_t num_ctas) {
+                  int64_t out_features, int64_t slot_log2, int64_t num_ctas, int64_t decode) {
   TORCH_CHECK(bits >= 2 && bits <= 4, kOp, "bits must be 2, 3 or 4, got ", bits);
+  TORCH_CHECK(decode == VLMKERN_WO_DECODE_EXACT || decode == VLMKERN_WO_DECODE_POST_SCALE, kOp,
+              "decode must be 0 (exact) or 1 (post-scale), got ", decode);
+  TORCH_CHECK(decode == VLMKERN_WO_DECODE_EXACT || x.dim() != 2 ||
+                  x.size(0) <= VLMKERN_WO_POST_SCALE_MAX_M,
+              kOp, "the post-scale decode takes M <= ", VLMKERN_WO_POST_SCALE_MAX_M, ", got ",
+              x.size(0));
   TORCH_CHECK(slot_log2 >= 0 && slot_log2 <= 3, kOp, "slot_log2 must be in 0..3, got ", slot_log2);
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, kOp,
               "x must be float16 or bfloat16, got ", x.scalar_type());
@@ -97,9 +103,9 @@ void check_inputs(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& s
 at::Tensor weight_only_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
                                 const std::optional<at::Tensor>& bias, at::Tensor& counters,
                                 int64_t bits, int64_t out_features, int64_t slot_log2,
-                                int64_t num_ctas) {
+                                int64_t num_ctas, int64_t decode) {
   TORCH_CHECK(x.is_cuda(), kOp, "x must be a CUDA tensor, got ", x.device());
-  check_inputs(x, wq, sz, bias, counters, bits, out_features, slot_log2, num_ctas);
+  check_inputs(x, wq, sz, bias, counters, bits, out_features, slot_log2, num_ctas, decode);
   const int64_t M = x.size(0);
   c10::DeviceGuard guard(x.device());
   at::Tensor out = at::empty({M, out_features}, x.options());
@@ -114,7 +120,7 @@ at::Tensor weight_only_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const
       bias.has_value() ? bias->data_ptr() : nullptr,
       bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), out_features,
       workspace.data_ptr<float>(), counters.data_ptr<int32_t>(), num_ctas,
-      dtype_code(x.scalar_type()), stream);
+      dtype_code(x.scalar_type()), static_cast<int>(decode), stream);
   TORCH_CHECK(status == VLMKERN_WO_OK, kOp, vlmkern_wo_status_message(status));
   return out;
 }
@@ -122,8 +128,8 @@ at::Tensor weight_only_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const
 at::Tensor weight_only_mma_meta(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
                                 const std::optional<at::Tensor>& bias, at::Tensor& counters,
                                 int64_t bits, int64_t out_features, int64_t slot_log2,
-                                int64_t num_ctas) {
-  check_inputs(x, wq, sz, bias, counters, bits, out_features, slot_log2, num_ctas);
+                                int64_t num_ctas, int64_t decode) {
+  check_inputs(x, wq, sz, bias, counters, bits, out_features, slot_log2, num_ctas, decode);
   return at::empty({x.size(0), out_features}, x.options());
 }
 
@@ -133,7 +139,7 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
   // counters is written (and left zero) by the kernel, hence the (a!).
   m.def(
       "weight_only_mma(Tensor x, Tensor wq, Tensor sz, Tensor? bias, Tensor(a!) counters, "
-      "int bits, int out_features, int slot_log2, int num_ctas) -> Tensor");
+      "int bits, int out_features, int slot_log2, int num_ctas, int decode=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) { m.impl("weight_only_mma", &weight_only_mma_cuda); }

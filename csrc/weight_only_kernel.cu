@@ -26,6 +26,8 @@
 // 8 tokens per instruction); the row block and chunk of a unit are tracked
 // incrementally, so the loop has no integer division.
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -47,6 +49,22 @@ constexpr int kSlotBytes = 8 * 8;                // one scale slot of a tile: 8 
 struct F16 {
   static constexpr uint32_t kMagic2 = 0x64006400u;  // 1024.0 in both halves
   static constexpr uint32_t kOne2 = 0x3C003C00u;
+  static constexpr int kMantissa = 10;
+  // 2^e in both halves, for -14 <= e <= 15
+  __host__ __device__ static constexpr uint32_t pow2_2(int e) { return 0x10001u * (static_cast<uint32_t>(15 + e) << 10); }
+  // a * b + (the low or high half of c in both halves): the half selection is
+  // an operand modifier of HFMA2, not an instruction.
+  __device__ static uint32_t fma_bcast(uint32_t a, uint32_t b, uint32_t c, bool high) {
+    const __half2 cc = *reinterpret_cast<const __half2*>(&c);
+    __half2 d = __hfma2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b),
+                        high ? __high2half2(cc) : __low2half2(cc));
+    return *reinterpret_cast<uint32_t*>(&d);
+  }
+  __device__ static float to_float(uint32_t bits16) {
+    float v;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(static_cast<uint16_t>(bits16)));
+    return v;
+  }
   __device__ static void fma2(uint32_t& d, uint32_t a, uint32_t b, uint32_t c) {
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
   }
@@ -67,6 +85,16 @@ struct F16 {
 struct BF16 {
   static constexpr uint32_t kMagic2 = 0x43004300u;  // 128.0 in both halves
   static constexpr uint32_t kOne2 = 0x3F803F80u;
+  static constexpr int kMantissa = 7;
+  __host__ __device__ static constexpr uint32_t pow2_2(int e) { return 0x10001u * (static_cast<uint32_t>(127 + e) << 7); }
+  __device__ static uint32_t fma_bcast(uint32_t a, uint32_t b, uint32_t c, bool high) {
+    const __nv_bfloat162 cc = *reinterpret_cast<const __nv_bfloat162*>(&c);
+    __nv_bfloat162 d = __hfma2(*reinterpret_cast<const __nv_bfloat162*>(&a),
+                               *reinterpret_cast<const __nv_bfloat162*>(&b),
+                               high ? __high2bfloat162(cc) : __low2bfloat162(cc));
+    return *reinterpret_cast<uint32_t*>(&d);
+  }
+  __device__ static float to_float(uint32_t bits16) { return __uint_as_float((bits16 & 0xFFFFu) << 16); }
   __device__ static void fma2(uint32_t& d, uint32_t a, uint32_t b, uint32_t c) {
     asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
   }
@@ -208,6 +236,21 @@ __device__ __forceinline__ void load_unit(const Params& p, uint32_t stage, int64
   }
 }
 
+// This lane's code words of a warp's 16x128 tile (at `wtile` in shared memory).
+template <int BITS>
+__device__ __forceinline__ void load_lane_words(const unsigned char* wtile, int lane,
+                                                uint32_t (&w)[2 * BITS]) {
+  const uint4 lo = reinterpret_cast<const uint4*>(wtile)[lane];
+  w[0] = lo.x; w[1] = lo.y; w[2] = lo.z; w[3] = lo.w;
+  if constexpr (BITS == 4) {
+    const uint4 hi = reinterpret_cast<const uint4*>(wtile + 512)[lane];
+    w[4] = hi.x; w[5] = hi.y; w[6] = hi.z; w[7] = hi.w;
+  } else if constexpr (BITS == 3) {
+    const uint2 hi = reinterpret_cast<const uint2*>(wtile + 512)[lane];
+    w[4] = hi.x; w[5] = hi.y;
+  }
+}
+
 // acc += W-tile(warp) x X-tile over the 128 columns held in `stage`
 // (generic pointer `stage`, shared address `stage_addr`).
 template <int BITS, int M_TILES, class T>
@@ -217,22 +260,8 @@ __device__ __forceinline__ void compute_unit(const Params& p, const unsigned cha
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2;
 
-  // This lane's codes of the warp's 16x128 tile.
-  const unsigned char* wtile = stage + warp * 256 * BITS;
   uint32_t w[2 * BITS];
-  if constexpr (BITS == 4) {
-    const uint4 lo = reinterpret_cast<const uint4*>(wtile)[lane];
-    const uint4 hi = reinterpret_cast<const uint4*>(wtile + 512)[lane];
-    w[0] = lo.x; w[1] = lo.y; w[2] = lo.z; w[3] = lo.w;
-    w[4] = hi.x; w[5] = hi.y; w[6] = hi.z; w[7] = hi.w;
-  } else {
-    const uint4 lo = reinterpret_cast<const uint4*>(wtile)[lane];
-    w[0] = lo.x; w[1] = lo.y; w[2] = lo.z; w[3] = lo.w;
-    if constexpr (BITS == 3) {
-      const uint2 hi = reinterpret_cast<const uint2*>(wtile + 512)[lane];
-      w[4] = hi.x; w[5] = hi.y;
-    }
-  }
+  load_lane_words<BITS>(stage + warp * 256 * BITS, lane, w);
   const uint2* slots = reinterpret_cast<const uint2*>(stage + L::kWeightBytes) + warp * p.slots * 8;
   // ldmatrix: lane l addresses row l % 8 of 8x8 matrix l / 8; matrices 0..3 are
   // columns 0-7, 8-15 of step kt and 0-7, 8-15 of step kt+1, which gives the
@@ -268,6 +297,115 @@ __device__ __forceinline__ void compute_unit(const Params& p, const unsigned cha
       }
 #pragma unroll
       for (int j = 0; j < M_TILES; ++j) T::mma(acc[j], a, bfrag[j][2 * h], bfrag[j][2 * h + 1]);
+    }
+  }
+}
+
+// -- post-scale decode: A = q - z exactly, scales applied to fp32 sums ------------
+// The A operand is the integer q - z (exact in 16 bits), the k16 products are
+// summed in fp32 per scale slot, and each slot's sum is multiplied by the row's
+// scale once: one fma per pair of weights instead of two, and no rounding of
+// s * (q - z) to 16 bits.
+//
+// A code field of a lane word is used where it lies when it fits in the
+// mantissa of the magic number: OR-ing it in gives magic + c*q with c = 2^e,
+// and one fma with 1/c and -(magic/c + z) gives q - z exactly (every term is a
+// small integer or a power of two times one). A field that does not fit is
+// shifted down by 8 (a shift its word's other upper fields share) or to bit 0.
+__host__ __device__ constexpr int low_pos(int bits, int kt, int r) {
+  return bits == 4 ? 4 * r : 2 * (4 * (kt % 2) + r);
+}
+__host__ __device__ constexpr int low_shift(int bits, int mantissa, int kt, int r) {
+  return low_pos(bits, kt, r) + bits <= mantissa ? 0
+         : low_pos(bits, kt, r) >= 8 && low_pos(bits, kt, r) - 8 + bits <= mantissa ? 8
+         : low_pos(bits, kt, r);
+}
+
+// (a & b) | c in one instruction.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// 1 - 2^-e in both halves (e >= 1), exactly.
+template <class T>
+__host__ __device__ constexpr uint32_t one_minus_pow2_2(int e) {
+  return 0x10001u * (static_cast<uint32_t>(T::pow2_2(-1) & 0xFFFFu) |
+                     ((1u << T::kMantissa) - (1u << (T::kMantissa + 1 - e))));
+}
+
+static_assert(F16::pow2_2(-4) == 0x2C002C00u && BF16::pow2_2(-4) == 0x3D803D80u, "2^-4");
+static_assert(one_minus_pow2_2<F16>(2) == 0x3A003A00u && one_minus_pow2_2<BF16>(2) == 0x3F403F40u,
+              "0.75");
+
+// A-fragment register r of step kt as q - z. zmc[i] holds -(magic/4^i + z) of
+// rows g (low half) and g+8 (high half).
+template <int BITS, class T>
+__device__ __forceinline__ uint32_t q_minus_z(const uint32_t (&w)[2 * BITS], int kt, int r,
+                                              const uint32_t (&zmc)[5]) {
+  const int shift = low_shift(BITS, T::kMantissa, kt, r);
+  const int e = low_pos(BITS, kt, r) - shift;       // c = 2^e, e in {0, 2, 4, 6, 8}
+  const uint32_t low_mask = (BITS == 4 ? 0x000F000Fu : 0x00030003u) << e;
+  uint32_t v = and_or(w[BITS == 4 ? kt : kt / 2] >> shift, low_mask, T::kMagic2);
+  if constexpr (BITS == 3) {
+    // third bit: pair p = 4*(kt%4) + r of the 1-bit plane, moved next to the low field
+    const int ph = 4 * (kt % 4) + r, to = e + 2;
+    const uint32_t hi = w[4 + kt / 4];
+    v = and_or(ph >= to ? hi >> (ph - to) : hi << (to - ph), 0x00010001u << to, v);
+  }
+  return T::fma_bcast(v, T::pow2_2(-e), zmc[e / 2], r & 1);
+}
+
+template <int BITS, int M_TILES, class T, int SLOT_LOG2>
+__device__ __forceinline__ void compute_unit_post_scale(const unsigned char* stage,
+                                                        uint32_t stage_addr,
+                                                        float (&acc)[M_TILES][4]) {
+  using L = StageLayout<BITS, M_TILES>;
+  constexpr int kSlots = 8 >> SLOT_LOG2;
+  constexpr int kStepsPerSlot = 1 << SLOT_LOG2;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  uint32_t w[2 * BITS];
+  load_lane_words<BITS>(stage + warp * 256 * BITS, lane, w);
+  const uint2* slots = reinterpret_cast<const uint2*>(stage + L::kWeightBytes) + warp * kSlots * 8;
+  const uint32_t xs = stage_addr + L::kWeightBytes + kWarps * kSlots * kSlotBytes +
+                      ((lane & 7) * kXRowHalves + 8 * (lane >> 3)) * 2;
+  uint32_t zmc[5];
+  float s_lo = 0.f, s_hi = 0.f;
+  float sum[M_TILES][4];
+#pragma unroll
+  for (int kp = 0; kp < kTiles / 2; ++kp) {
+    uint32_t bfrag[M_TILES][4];
+#pragma unroll
+    for (int j = 0; j < M_TILES; ++j) ldmatrix_x4(bfrag[j], xs + (8 * j * kXRowHalves + 32 * kp) * 2);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int kt = 2 * kp + h;
+      if (kt % kStepsPerSlot == 0) {
+        const uint2 sv = slots[(kt / kStepsPerSlot) * 8 + g];
+        s_lo = T::to_float(sv.x);
+        s_hi = T::to_float(sv.x >> 16);
+        zmc[0] = sv.y;   // -(magic + z); the others are exact: magic*(1 - 4^-i) - (magic + z)
+#pragma unroll
+        for (int i = 1; i < 5; ++i) T::fma2(zmc[i], T::kMagic2, one_minus_pow2_2<T>(2 * i), sv.y);
+#pragma unroll
+        for (int j = 0; j < M_TILES; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sum[j][e] = 0.f;
+      }
+      uint32_t a[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) a[r] = q_minus_z<BITS, T>(w, kt, r, zmc);
+#pragma unroll
+      for (int j = 0; j < M_TILES; ++j) T::mma(sum[j], a, bfrag[j][2 * h], bfrag[j][2 * h + 1]);
+      if (kt % kStepsPerSlot == kStepsPerSlot - 1) {
+        // C rows: elements 0, 1 are row g, elements 2, 3 row g+8
+#pragma unroll
+        for (int j = 0; j < M_TILES; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[j][e] = fmaf(e < 2 ? s_lo : s_hi, sum[j][e], acc[j][e]);
+      }
     }
   }
 }
@@ -353,7 +491,9 @@ __device__ void finish_rows(const Params& p, int64_t b, float (&acc)[M_TILES][4]
   if (threadIdx.x == 0) p.counters[b] = 0;  // ready for the next launch
 }
 
-template <int BITS, int M_TILES, class T, int STAGES>
+// POST_SLOT_LOG2 < 0: the exact decode with slots read from p.slot_log2;
+// 0..3: the post-scale decode for that (compile-time) slot width.
+template <int BITS, int M_TILES, class T, int STAGES, int POST_SLOT_LOG2>
 __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int is_last;
@@ -405,7 +545,11 @@ __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) 
       if (++load_c == p.C) load_c = 0;
     }
     cp_async_commit();
-    compute_unit<BITS, M_TILES, T>(p, smem + stage * stage_bytes, smem_base + stage * stage_bytes, acc);
+    if constexpr (POST_SLOT_LOG2 < 0)
+      compute_unit<BITS, M_TILES, T>(p, smem + stage * stage_bytes, smem_base + stage * stage_bytes, acc);
+    else
+      compute_unit_post_scale<BITS, M_TILES, T, POST_SLOT_LOG2>(smem + stage * stage_bytes,
+                                                                 smem_base + stage * stage_bytes, acc);
     if (++stage == STAGES) stage = 0;
     if (++next_stage == STAGES) next_stage = 0;
 
@@ -433,10 +577,10 @@ int cuda_failed(cudaError_t err) {
   return VLMKERN_WO_ERR_LAUNCH;
 }
 
-template <int BITS, int M_TILES, class T>
+template <int BITS, int M_TILES, class T, int POST_SLOT_LOG2>
 int launch(const Params& p, int64_t num_ctas, cudaStream_t stream) {
   constexpr int STAGES = stages_for<M_TILES>();
-  auto kernel = weight_only_mma_kernel<BITS, M_TILES, T, STAGES>;
+  auto kernel = weight_only_mma_kernel<BITS, M_TILES, T, STAGES, POST_SLOT_LOG2>;
   const int smem = STAGES * StageLayout<BITS, M_TILES>::bytes(p.slots);
   int device = 0, limit = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -453,16 +597,30 @@ int launch(const Params& p, int64_t num_ctas, cudaStream_t stream) {
   return err == cudaSuccess ? VLMKERN_WO_OK : cuda_failed(err);
 }
 
-// The explicit list of instantiations: bits {2, 3, 4} x token tiles {8, 16,
-// 32, 64} x {fp16, bf16}.
+// The explicit list of instantiations. Exact decode: bits {2, 3, 4} x token
+// tiles {8, 16, 32, 64} x {fp16, bf16}. Post-scale decode (M <= 16 only, where
+// decoding dominates): bits {2, 3, 4} x token tiles {8, 16} x slot widths
+// {16, 32, 64, 128} x {fp16, bf16}.
 template <class T>
-int dispatch_tokens(const Params& p, int bits, int64_t num_ctas, cudaStream_t s) {
+int dispatch_tokens(const Params& p, int bits, int decode, int64_t num_ctas, cudaStream_t s) {
   const int m_tiles = p.M <= 8 ? 1 : p.M <= 16 ? 2 : p.M <= 32 ? 4 : 8;
+  if (decode == VLMKERN_WO_DECODE_EXACT) {
 #define VLMKERN_WO_CASE(B, MT) \
-  if (bits == B && m_tiles == MT) return launch<B, MT, T>(p, num_ctas, s);
-  VLMKERN_WO_CASE(4, 1) VLMKERN_WO_CASE(4, 2) VLMKERN_WO_CASE(4, 4) VLMKERN_WO_CASE(4, 8)
-  VLMKERN_WO_CASE(3, 1) VLMKERN_WO_CASE(3, 2) VLMKERN_WO_CASE(3, 4) VLMKERN_WO_CASE(3, 8)
-  VLMKERN_WO_CASE(2, 1) VLMKERN_WO_CASE(2, 2) VLMKERN_WO_CASE(2, 4) VLMKERN_WO_CASE(2, 8)
+  if (bits == B && m_tiles == MT) return launch<B, MT, T, -1>(p, num_ctas, s);
+    VLMKERN_WO_CASE(4, 1) VLMKERN_WO_CASE(4, 2) VLMKERN_WO_CASE(4, 4) VLMKERN_WO_CASE(4, 8)
+    VLMKERN_WO_CASE(3, 1) VLMKERN_WO_CASE(3, 2) VLMKERN_WO_CASE(3, 4) VLMKERN_WO_CASE(3, 8)
+    VLMKERN_WO_CASE(2, 1) VLMKERN_WO_CASE(2, 2) VLMKERN_WO_CASE(2, 4) VLMKERN_WO_CASE(2, 8)
+#undef VLMKERN_WO_CASE
+    return VLMKERN_WO_ERR_BAD_BITS;
+  }
+#define VLMKERN_WO_CASE(B, MT, S) \
+  if (bits == B && m_tiles == MT && p.slot_log2 == S) return launch<B, MT, T, S>(p, num_ctas, s);
+#define VLMKERN_WO_SLOTS(B, MT) \
+  VLMKERN_WO_CASE(B, MT, 0) VLMKERN_WO_CASE(B, MT, 1) VLMKERN_WO_CASE(B, MT, 2) VLMKERN_WO_CASE(B, MT, 3)
+  VLMKERN_WO_SLOTS(4, 1) VLMKERN_WO_SLOTS(4, 2)
+  VLMKERN_WO_SLOTS(3, 1) VLMKERN_WO_SLOTS(3, 2)
+  VLMKERN_WO_SLOTS(2, 1) VLMKERN_WO_SLOTS(2, 2)
+#undef VLMKERN_WO_SLOTS
 #undef VLMKERN_WO_CASE
   return VLMKERN_WO_ERR_BAD_BITS;
 }
@@ -483,6 +641,8 @@ extern "C" const char* vlmkern_wo_status_message(int status) {
       return "activations must be f16 or bf16 and bias f16, bf16 or f32";
     case VLMKERN_WO_ERR_ALIGNMENT:
       return "x, wq and sz must be 16-byte aligned and K_x a multiple of 8";
+    case VLMKERN_WO_ERR_BAD_DECODE:
+      return "decode must be 0 (exact) or 1 (post-scale), and the post-scale decode takes M <= 16";
     case VLMKERN_WO_ERR_SHARED_MEMORY:
       return "the device cannot give a thread block enough shared memory for this configuration";
     case VLMKERN_WO_ERR_LAUNCH:
@@ -501,8 +661,11 @@ extern "C" int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, co
                                        const int32_t* sz, int64_t NB, int64_t C, int slot_log2,
                                        int bits, const void* bias, int bias_dtype, void* out,
                                        int64_t N, float* workspace, int32_t* counters,
-                                       int64_t num_ctas, int act_dtype, void* stream) {
+                                       int64_t num_ctas, int act_dtype, int decode, void* stream) {
   if (bits < 2 || bits > 4) return VLMKERN_WO_ERR_BAD_BITS;
+  if (decode != VLMKERN_WO_DECODE_EXACT &&
+      (decode != VLMKERN_WO_DECODE_POST_SCALE || M > VLMKERN_WO_POST_SCALE_MAX_M))
+    return VLMKERN_WO_ERR_BAD_DECODE;
   if (act_dtype != VLMKERN_DTYPE_F16 && act_dtype != VLMKERN_DTYPE_BF16) return VLMKERN_WO_ERR_BAD_DTYPE;
   if (bias && bias_dtype != VLMKERN_DTYPE_F16 && bias_dtype != VLMKERN_DTYPE_BF16 &&
       bias_dtype != VLMKERN_DTYPE_F32)
@@ -533,6 +696,6 @@ extern "C" int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, co
   p.bias_dtype = bias_dtype;
 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_tokens<F16>(p, bits, num_ctas, s)
-                                        : dispatch_tokens<BF16>(p, bits, num_ctas, s);
+  return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_tokens<F16>(p, bits, decode, num_ctas, s)
+                                        : dispatch_tokens<BF16>(p, bits, decode, num_ctas, s);
 }

@@ -2,9 +2,11 @@
 
 On any machine: the load-time layout decoded exactly as the kernel decodes it
 (vlmkern.ops.cuda_weight_only.emulate_dequantize) reproduces the format's
-dequantized weight bit for bit, and the stream-K work split covers every unit
-once. On a GPU with the extension built: the kernel against the dense fp64
-product at real and awkward sizes, batch invariance, determinism and errors.
+dequantized weight bit for bit, the post-scale decode's operands
+(post_scale_operands) are q - z exactly, and the stream-K work split covers
+every unit once. On a GPU with the extension built: both decodes against the
+dense fp64 product at real and awkward sizes, batch invariance, determinism
+and errors.
 """
 import os
 
@@ -70,6 +72,39 @@ def test_layout_decodes_to_dequantized_weight(bits, dtype):
         got = cw.emulate_dequantize(cw.to_mma_layout(qw, dtype))
         want = qw.dequantize(torch.float32).to(dtype)
         assert same_bits(got, want), (n, k, group, sym)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_post_scale_operands_are_exactly_q_minus_z(bits, dtype):
+    for n, k, group, sym in LAYOUT_CASES:
+        qw = make_weight(n, k, bits, group, sym, scale_dtype=dtype, seed=n + k)
+        got = cw.post_scale_operands(cw.to_mma_layout(qw, dtype)).double()
+        want = qw.dequantize(torch.float64) / qw.scales.double().repeat_interleave(
+            qw.group_size or k, dim=1)[:, :k]
+        assert torch.equal(got, want.round()), (n, k, group, sym)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_post_scale_fields_fit_the_magic_mantissa(bits, dtype):
+    # Shifts the kernel's post-scale decode uses: every field lands within the
+    # mantissa, at an even position the slot constants cover (2^0 .. 2^8).
+    # Distinct shifts per word: never more than the exact decode's (3 for a
+    # 4-bit word, 7 for a 2-bit word), and fewer in fp16.
+    mantissa = cw._MANTISSA[dtype]
+    shifts = set()
+    for kt in range(8):
+        for r in range(4):
+            shift = cw.post_scale_shift(bits, mantissa, kt, r)
+            e = cw._low_pos(bits, kt, r) - shift
+            assert e >= 0 and e % 2 == 0 and e <= 8 and e + bits <= mantissa, (kt, r, e)
+            if shift:
+                shifts.add((kt if bits == 4 else kt // 2, shift))
+    exact = 3 * 8 if bits == 4 else 7 * 4
+    assert len(shifts) <= exact
+    if dtype == torch.float16:
+        assert len(shifts) < exact
 
 
 def test_layout_with_fp32_scales_rounds_the_scale_once_more():
@@ -168,14 +203,23 @@ def test_work_split_depends_on_shape_and_device_only():
     assert cw.num_ctas_for(100, 132) == 100
 
 
-def test_registered_first_and_bounded_in_m():
+def test_registered_first_and_bounded_in_m(monkeypatch):
     from vlmkern.ops.builtin import CUDA
     assert CUDA.auto
-    spec = CUDA.kernels[0]
-    assert spec.name == "cuda.weight_only_mma" and spec.max_m == 64 and spec.min_m == 1
-    assert [k.name for k in CUDA.kernels].count("cuda.weight_only_mma") == 1
+    names = [k.name for k in CUDA.kernels]
+    assert names[:2] == ["cuda.weight_only_post_scale", "cuda.weight_only_mma"]
+    post, exact = CUDA.kernels[:2]
+    assert exact.max_m == 64 and exact.min_m == 1 and not exact.opt_in
+    assert post.max_m == 16 and post.min_m == 1 and post.opt_in
     cw.register(CUDA)                       # idempotent
-    assert [k.name for k in CUDA.kernels].count("cuda.weight_only_mma") == 1
+    assert [k.name for k in CUDA.kernels] == names
+    # opt-in: declined until named in VLMKERN_ENABLE (then the device decides)
+    x = torch.zeros(1, 256, dtype=torch.float16)
+    qw = make_weight(64, 256, 4, 64, False)
+    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
+    assert "opt-in only" in post.rejects(x, qw)
+    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_post_scale")
+    assert "runs on ['cuda']" in post.rejects(x, qw)
 
 
 # -- GPU -------------------------------------------------------------------------------
@@ -202,10 +246,14 @@ def act(m, k, dtype, seed=1):
 AWKWARD = [(33, 200), (200, 72), (130, 203), (257, 520)]
 
 
+DECODES = [("exact", cw.MAX_M), ("post_scale", cw.POST_SCALE_MAX_M)]
+
+
 @gpu
+@pytest.mark.parametrize("decode, max_m", DECODES)
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernel_awkward_shapes(bits, dtype):
+def test_kernel_awkward_shapes(bits, dtype, decode, max_m):
     for n, k in AWKWARD:
         for group in (32, 64, 128, None):
             for sym in (True, False):
@@ -213,10 +261,10 @@ def test_kernel_awkward_shapes(bits, dtype):
                                  device="cuda")
                 w = qw.dequantize(torch.float32)
                 bias = torch.randn(n, device="cuda")
-                for m in (1, 3, 16, 17, 64):
+                for m in (m for m in (1, 3, 16, 17, 64) if m <= max_m):
                     x = act(m, k, dtype, seed=m)
                     for b in (None, bias):
-                        y = cw.weight_only_mma(x, qw, b)
+                        y = cw.weight_only_mma(x, qw, b, decode)
                         try:
                             assert_matches_dense(y, x, w, b)
                         except AssertionError as e:
@@ -225,16 +273,17 @@ def test_kernel_awkward_shapes(bits, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("decode, max_m", DECODES)
 @pytest.mark.parametrize("k, n", [(4096, 4096), (3584, 4608)])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_kernel_real_sizes(k, n, bits):
+def test_kernel_real_sizes(k, n, bits, decode, max_m):
     for dtype in (torch.float16, torch.bfloat16):
         qw = make_weight(n, k, bits, 128, False, scale_dtype=dtype, seed=bits, device="cuda")
         w = qw.dequantize(torch.float32)
         bias = torch.randn(n, device="cuda", dtype=dtype)
-        for m in (1, 16, 64):
+        for m in (m for m in (1, 16, 64) if m <= max_m):
             x = act(m, k, dtype, seed=m)
-            assert_matches_dense(cw.weight_only_mma(x, qw, bias), x, w, bias)
+            assert_matches_dense(cw.weight_only_mma(x, qw, bias, decode), x, w, bias)
 
 
 @gpu
@@ -245,22 +294,24 @@ def test_kernel_group16_group256_fp32_scales_and_act_order():
         w = qw.dequantize(torch.float32)
         for dtype in (torch.float16, torch.bfloat16):
             x = act(5, 1000, dtype)
-            assert_matches_dense(cw.weight_only_mma(x, qw, None), x, w, None)
+            for decode, _ in DECODES:
+                assert_matches_dense(cw.weight_only_mma(x, qw, None, decode), x, w, None)
 
 
 @gpu
+@pytest.mark.parametrize("decode, max_m", DECODES)
 @pytest.mark.parametrize("k, n", [(3584, 4608), (18944, 256), (200, 33)])
-def test_batch_invariance_and_determinism(k, n):
+def test_batch_invariance_and_determinism(k, n, decode, max_m):
     # (18944, 256): two row blocks over 148 chunks each, so every block is
     # summed from many parts by the fixed-order reduction.
     for dtype in (torch.float16, torch.bfloat16):
         qw = make_weight(n, k, 4, 128, False, scale_dtype=dtype, device="cuda")
-        x = act(64, k, dtype)
-        full = cw.weight_only_mma(x, qw, None)
-        assert torch.equal(full, cw.weight_only_mma(x, qw, None))          # run to run
-        for m in (1, 3, 16, 17, 33):
-            part = cw.weight_only_mma(x[:m].clone(), qw, None)
-            assert torch.equal(part, full[:m]), f"rows of M={m} differ from the M=64 batch"
+        x = act(max_m, k, dtype)
+        full = cw.weight_only_mma(x, qw, None, decode)
+        assert torch.equal(full, cw.weight_only_mma(x, qw, None, decode))  # run to run
+        for m in (m for m in (1, 3, 9, 16, 17, 33) if m < max_m):
+            part = cw.weight_only_mma(x[:m].clone(), qw, None, decode)
+            assert torch.equal(part, full[:m]), f"rows of M={m} differ from the M={max_m} batch"
 
 
 @gpu
@@ -277,6 +328,11 @@ def test_selected_by_linear_when_forced(monkeypatch):
     import vlmkern.ops as ops
     monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
     qw = make_weight(64, 256, 4, 64, False, device="cuda")
+    assert ops.which_kernel(act(1, 256, torch.float16), qw) == "cuda.weight_only_mma"
+    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_post_scale")
+    assert ops.which_kernel(act(16, 256, torch.float16), qw) == "cuda.weight_only_post_scale"
+    assert ops.which_kernel(act(17, 256, torch.float16), qw) == "cuda.weight_only_mma"
+    monkeypatch.delenv("VLMKERN_ENABLE")
     assert ops.which_kernel(act(64, 256, torch.float16), qw) == "cuda.weight_only_mma"
     assert ops.which_kernel(act(65, 256, torch.float16), qw) == "cuda.dequant_cublas"
     x = act(7, 256, torch.bfloat16).reshape(7, 1, 256)
@@ -298,6 +354,12 @@ def test_traceable_by_torch_compile():
     eager = f(x)
     compiled = torch.compile(f, fullgraph=True)(x)
     assert torch.equal(compiled, eager)
+
+    def g(x):
+        return torch.ops.vlmkern.weight_only_mma(x, mw.wq, mw.sz, None, counters, 3, 96,
+                                                 mw.slot_log2, 3, 1) * 2
+
+    assert torch.equal(torch.compile(g, fullgraph=True)(x), g(x))
     meta = torch.ops.vlmkern.weight_only_mma(x.to("meta"), mw.wq.to("meta"), mw.sz.to("meta"),
                                              None, counters.to("meta"), 3, 96, mw.slot_log2, 3)
     assert meta.shape == (9, 96) and meta.dtype == torch.bfloat16
@@ -313,10 +375,10 @@ def test_bad_inputs_give_clear_errors():
 
     def call(**kw):
         a = dict(x=x, wq=mw.wq, sz=mw.sz, bias=None, counters=counters, bits=4,
-                 out_features=64, slot_log2=mw.slot_log2, num_ctas=1)
+                 out_features=64, slot_log2=mw.slot_log2, num_ctas=1, decode=0)
         a.update(kw)
         return op(a["x"], a["wq"], a["sz"], a["bias"], a["counters"], a["bits"],
-                  a["out_features"], a["slot_log2"], a["num_ctas"])
+                  a["out_features"], a["slot_log2"], a["num_ctas"], a["decode"])
 
     with pytest.raises(RuntimeError, match="at most 64"):
         call(x=act(65, 256, torch.float16))
@@ -338,12 +400,20 @@ def test_bad_inputs_give_clear_errors():
         call(bias=torch.zeros(63, device="cuda"))
     with pytest.raises(RuntimeError, match="num_ctas"):
         call(num_ctas=mw.blocks * mw.chunks + 1)
+    with pytest.raises(RuntimeError, match="decode must be"):
+        call(decode=2)
+    with pytest.raises(RuntimeError, match="post-scale decode takes M <= 16"):
+        call(x=act(17, 256, torch.float16), decode=1)
     with pytest.raises((RuntimeError, NotImplementedError), match="CPU|CUDA tensor"):
         call(x=x.cpu(), wq=mw.wq.cpu(), sz=mw.sz.cpu(), counters=counters.cpu())
     with pytest.raises(ValueError, match=r"x must be \[M, 256\]"):
         cw.weight_only_mma(act(4, 255, torch.float16), qw)
     with pytest.raises(ValueError, match="M <= 64"):
         cw.weight_only_mma(act(65, 256, torch.float16), qw)
+    with pytest.raises(ValueError, match="M <= 16"):
+        cw.weight_only_mma(act(17, 256, torch.float16), qw, decode="post_scale")
+    with pytest.raises(ValueError, match="decode must be one of"):
+        cw.weight_only_mma(x, qw, decode="fast")
     assert cw.weight_only_mma(act(0, 256, torch.float16), qw).shape == (0, 64)
 
 
@@ -354,4 +424,6 @@ if os.environ.get("VLMKERN_WO_SANITIZE"):   # small run under compute-sanitizer 
             qw = make_weight(130, 203, bits, 64, False, device="cuda")
             for m in (1, 17, 64):
                 cw.weight_only_mma(act(m, 203, torch.float16), qw, torch.randn(130, device="cuda"))
+            for m in (1, 16):
+                cw.weight_only_mma(act(m, 203, torch.bfloat16), qw, None, "post_scale")
         torch.cuda.synchronize()

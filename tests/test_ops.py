@@ -361,6 +361,15 @@ def test_unknown_backend_raises(weights, monkeypatch, value):
         ops.linear(_x((3,), torch.float32), weights["w4g32"])
 
 
+def test_unknown_enabled_kernel_raises(weights, monkeypatch):
+    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_postscale")
+    with pytest.raises(BackendError, match=r"unknown kernels \['cuda.weight_only_postscale'\].*"
+                                           r"cuda.weight_only_post_scale"):
+        ops.linear(_x((3,), torch.float32), weights["w4g32"])
+    monkeypatch.setenv("VLMKERN_ENABLE", " cuda.weight_only_post_scale ,")
+    ops.linear(_x((3,), torch.float32), weights["w4g32"])     # known: runs (on torch here)
+
+
 def test_backend_error_is_a_runtime_error():
     assert issubclass(BackendError, RuntimeError)
 

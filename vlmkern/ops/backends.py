@@ -7,6 +7,10 @@ kernel that fits, so torch (the reference) is the fallback. Availability is
 probed lazily on first use, never at import. ``VLMKERN_BACKEND`` forces one
 backend; if it cannot run a call the call fails instead of silently
 falling back.
+
+A kernel registered with ``opt_in=True`` is skipped unless its name is listed
+in ``VLMKERN_ENABLE`` (comma-separated): new kernels wait there until their
+GPU tests have passed on a GPU.
 """
 from __future__ import annotations
 
@@ -42,9 +46,12 @@ class KernelSpec:
     sym: frozenset = frozenset({True, False})
     act_order: bool = True
     check: Callable | None = None           # extra predicate(x2d, qweight) -> reason or None
+    opt_in: bool = False                    # used only when named in VLMKERN_ENABLE
 
     def rejects(self, x: torch.Tensor, qweight) -> str | None:
         """Why this kernel cannot run (x, qweight), or None if it can."""
+        if self.opt_in and self.name not in enabled_kernels():
+            return f"{self.name}: opt-in only (set VLMKERN_ENABLE={self.name})"
         if self.devices is not ANY and x.device.type not in self.devices:
             return f"{self.name}: runs on {sorted(self.devices)}, not {x.device.type}"
         if self.dtypes is not ANY and x.dtype not in self.dtypes:
@@ -67,6 +74,12 @@ class KernelSpec:
 
 
 _SM_CACHE: dict[int, tuple[int, int]] = {}
+
+
+def enabled_kernels() -> frozenset[str]:
+    """Opt-in kernels named in VLMKERN_ENABLE."""
+    names = os.environ.get("VLMKERN_ENABLE", "")
+    return frozenset(n.strip() for n in names.split(",") if n.strip())
 
 
 def device_sm(device: torch.device) -> tuple[int, int]:
@@ -137,6 +150,12 @@ def forced_backend() -> str | None:
 def select(op: str, x: torch.Tensor, qweight) -> KernelSpec:
     """The kernel that will run ``op`` on (x [M, K], qweight); raises BackendError."""
     forced = forced_backend()
+    enabled = enabled_kernels()
+    unknown = enabled and enabled - {k.name for b in BACKENDS.values() for k in b.kernels}
+    if unknown:
+        opt_in = sorted(k.name for b in BACKENDS.values() for k in b.kernels if k.opt_in)
+        raise BackendError(f"VLMKERN_ENABLE names unknown kernels {sorted(unknown)}; "
+                           f"the opt-in kernels are {opt_in}")
     names = (forced,) if forced else ORDER
     reasons = []
     for name in names:

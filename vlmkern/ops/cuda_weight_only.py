@@ -26,6 +26,21 @@ the result is cached beside the weight, never in its state or checkpoints.
   of the magic number gives magic + code), so the kernel spends two fused
   multiply-adds per pair of weights and no int-to-float conversion.
 
+Decode. ``decode="exact"`` (the default) builds each A operand as
+``s * (q - z)`` rounded once to the activation dtype, the weight the torch
+reference dequantizes to. ``decode="post_scale"`` (M <= 16) builds ``q - z``
+(an exact small integer), sums the products in fp32 per scale slot and
+multiplies each slot's sum by the row's scale: one fused multiply-add per pair
+of weights instead of two, no PRMT per slot, and no 16-bit rounding of the
+weight. A code field is used where it lies in its word when it fits the
+mantissa of the magic number (``magic | field`` is ``magic + 2^e q``); one fma
+with ``2^-e`` and ``-(magic/2^e + z)`` then gives ``q - z`` exactly, so fields
+need fewer shifts (``post_scale_operands`` emulates this bit for bit). Same
+layout, same work split; results differ from the exact decode by the
+16-bit rounding of the weight only. The post-scale kernel is registered as
+``cuda.weight_only_post_scale``; it is opt-in (``VLMKERN_ENABLE``) until it
+has passed the GPU tests.
+
 Act-order weights: the wrapper gathers x's columns with ``perm`` (one
 index_select of an [M, K] tensor); the weight layout stays in stored order.
 
@@ -47,9 +62,12 @@ from ..formats.packing import unpack_bits
 BLOCK_ROWS = 128          # output rows per unit: 8 warps x 16
 CHUNK = 128               # input columns per unit
 MAX_M = 64
+POST_SCALE_MAX_M = 16
+DECODES = {"exact": 0, "post_scale": 1}    # vlmkern_wo_decode in csrc/weight_only.h
 SUPPORTED_BITS = (2, 3, 4)
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 _MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300}
+_MANTISSA = {torch.float16: 10, torch.bfloat16: 7}
 _SIGN = 0x8000
 CTAS_PER_SM = 2           # matches __launch_bounds__(256, 2) in the kernel
 _RELAYOUT_WEIGHTS = 1 << 24  # weights re-laid out per step
@@ -262,6 +280,60 @@ def emulate_dequantize(mw: MmaWeight) -> torch.Tensor:
     return w[:mw.out_features, :mw.in_features]
 
 
+# -- the post-scale decode's operands, emulated -----------------------------------------
+def _low_pos(bits: int, kt: int, r: int) -> int:
+    return 4 * r if bits == 4 else 2 * (4 * (kt % 2) + r)
+
+
+def post_scale_shift(bits: int, mantissa: int, kt: int, r: int) -> int:
+    """Right shift of the low-plane word for register r of step kt (the kernel's
+    ``low_shift``): none if the field fits the magic number's mantissa where
+    it lies, else 8 if it fits after that, else down to bit 0."""
+    pos = _low_pos(bits, kt, r)
+    if pos + bits <= mantissa:
+        return 0
+    if pos >= 8 and pos - 8 + bits <= mantissa:
+        return 8
+    return pos
+
+
+def post_scale_operands(mw: MmaWeight) -> torch.Tensor:
+    """The post-scale decode's A operands, q - z, as an [N, K] tensor in
+    mw.dtype, computed with the kernel's shifts, masks and fmas: the field
+    ORed into the magic number as magic + 2^e q, times 2^-e, plus
+    -(magic/2^e + z) = magic*(1 - 2^-e) + (-(magic + z))."""
+    nb, c, dt = mw.blocks, mw.chunks, mw.dtype
+    words = _lane_words(mw.wq, mw.bits)                        # b c w lane word
+    magic = float(_half_values(torch.tensor(_MAGIC[dt]), dt))
+    regs = []
+    for kt in range(8):
+        for r in range(4):
+            shift = post_scale_shift(mw.bits, _MANTISSA[dt], kt, r)
+            e = _low_pos(mw.bits, kt, r) - shift
+            low = words[..., kt if mw.bits == 4 else kt // 2] >> shift
+            v = low & ((0x000F000F if mw.bits == 4 else 0x00030003) << e)
+            if mw.bits == 3:
+                ph, to = 4 * (kt % 4) + r, e + 2
+                hi = words[..., 4 + kt // 4]
+                hi = (hi >> (ph - to)) if ph >= to else ((hi << (to - ph)) & 0xFFFFFFFF)
+                v = v | (hi & (0x00010001 << to))
+            regs.append((v | (_MAGIC[dt] * 0x10001), e))
+    sz = _as_uint32(mw.sz)                                     # b c w slot g word
+    slot = torch.arange(8, device=mw.wq.device) >> mw.slot_log2
+    zm = sz[:, :, :, slot][:, :, :, :, torch.arange(32) // 4, 1]   # b c w kt lane
+    out = []
+    for i, (v, e) in enumerate(regs):
+        kt, rh = i // 4, i % 2
+        z16 = _half_values((zm[:, :, :, kt] >> (16 * rh)) & 0xFFFF, dt)
+        zmc = z16 + torch.tensor(magic * (1 - 2.0 ** -e), dtype=dt)   # exact, as the fma
+        pair = _half_values(torch.stack([v & 0xFFFF, v >> 16], dim=-1), dt)
+        out.append(pair * torch.tensor(2.0 ** -e, dtype=dt) + zmc.unsqueeze(-1))
+    w = torch.stack(out, dim=-2).reshape(*out[0].shape[:-1], 8, 4, 2)  # b c w lane kt r h
+    w = w.reshape(nb, c, 8, 8, 4, 8, 2, 2, 2)                  # b c w g t kt ch rh h
+    w = w.permute(0, 2, 7, 3, 1, 5, 6, 4, 8).reshape(nb * BLOCK_ROWS, c * CHUNK)
+    return w[:mw.out_features, :mw.in_features]
+
+
 # -- work split ----------------------------------------------------------------
 def num_ctas_for(units: int, multiprocessors: int) -> int:
     """Thread blocks of one launch: enough to fill every SM twice, never more
@@ -331,9 +403,10 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def weight_only_mma(x: torch.Tensor, qweight: QuantizedWeight,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, decode: str = "exact") -> torch.Tensor:
     """y = x @ W^T + bias on the tensor-core kernel. x [M, K] fp16/bf16 on a
-    CUDA device, 1 <= M <= 64; bias [N] or None -> [M, N] in x's dtype."""
+    CUDA device, 1 <= M <= 64 (<= 16 with decode="post_scale"); bias [N] or
+    None -> [M, N] in x's dtype."""
     from ..ext import load_extension
 
     module, reason = load_extension()
@@ -349,8 +422,11 @@ def weight_only_mma(x: torch.Tensor, qweight: QuantizedWeight,
     m = x.shape[0]
     if m == 0:
         return x.new_empty(0, qweight.out_features)
-    if m > MAX_M:
-        raise ValueError(f"cuda.weight_only_mma takes M <= {MAX_M}, got {m}")
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {sorted(DECODES)}, got {decode!r}")
+    max_m = POST_SCALE_MAX_M if decode == "post_scale" else MAX_M
+    if m > max_m:
+        raise ValueError(f"cuda.weight_only_mma with decode={decode!r} takes M <= {max_m}, got {m}")
     mw = kernel_weight(qweight, x.dtype)
     if qweight.perm is not None:
         x = x.index_select(1, qweight.perm.long())
@@ -363,7 +439,14 @@ def weight_only_mma(x: torch.Tensor, qweight: QuantizedWeight,
         bias = bias.float().contiguous()
     ctas = num_ctas_for(mw.blocks * mw.chunks, _multiprocessors(x.device))
     return torch.ops.vlmkern.weight_only_mma(x, mw.wq, mw.sz, bias, _counters(x.device, mw.blocks),
-                                             mw.bits, mw.out_features, mw.slot_log2, ctas)
+                                             mw.bits, mw.out_features, mw.slot_log2, ctas,
+                                             DECODES[decode])
+
+
+def weight_only_post_scale(x: torch.Tensor, qweight: QuantizedWeight,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight_only_mma`` with the post-scale decode (M <= 16)."""
+    return weight_only_mma(x, qweight, bias, decode="post_scale")
 
 
 def _check(x: torch.Tensor, qweight) -> str | None:
@@ -372,15 +455,19 @@ def _check(x: torch.Tensor, qweight) -> str | None:
 
 
 def register(backend) -> None:
-    """Add the kernel to the CUDA backend, ahead of dequantize + cuBLAS, which
-    keeps every M above 64 and everything this kernel declines."""
+    """Add the kernels to the CUDA backend, ahead of dequantize + cuBLAS, which
+    keeps every M above 64 and everything they decline. The post-scale decode
+    comes first but is opt-in (``VLMKERN_ENABLE=cuda.weight_only_post_scale``)."""
     from .backends import KernelSpec
 
-    spec = KernelSpec("cuda.weight_only_mma", "weight_only", weight_only_mma,
-                      bits=frozenset(SUPPORTED_BITS), dtypes=frozenset(ACT_DTYPES),
-                      devices=frozenset({"cuda"}), min_m=1, max_m=MAX_M, min_sm=(8, 0),
-                      check=_check)
-    if any(k.name == spec.name for k in backend.kernels):
-        return
-    backend.register(spec)
-    backend.kernels.insert(0, backend.kernels.pop())   # tried first: it declines M > 64
+    common = dict(bits=frozenset(SUPPORTED_BITS), dtypes=frozenset(ACT_DTYPES),
+                  devices=frozenset({"cuda"}), min_m=1, min_sm=(8, 0), check=_check)
+    specs = [KernelSpec("cuda.weight_only_post_scale", "weight_only", weight_only_post_scale,
+                        max_m=POST_SCALE_MAX_M, opt_in=True, **common),
+             KernelSpec("cuda.weight_only_mma", "weight_only", weight_only_mma, max_m=MAX_M,
+                        **common)]
+    known = {k.name for k in backend.kernels}
+    for spec in reversed(specs):          # each inserted at the front: tried in list order
+        if spec.name not in known:
+            backend.register(spec)
+            backend.kernels.insert(0, backend.kernels.pop())

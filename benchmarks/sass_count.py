@@ -1,0 +1,112 @@
+"""Static instruction counts of the weight-only kernel's unit loop (no GPU).
+
+The decode kernels are bound by instruction issue, so the number of SASS
+instructions a warp issues per unit (one 16 x 128 weight tile and one scale
+slot row) is a useful figure on a machine without a GPU. This compiles
+csrc/weight_only_kernel.cu for one architecture with nvcc, disassembles it
+with cuobjdump (from PATH or the one Triton ships) and counts, for each
+instantiation, the instructions from the loop's barrier to its back branch
+(the common path: no row block finished), by opcode.
+
+    python benchmarks/sass_count.py                 # sm_90a, M <= 16 tiles
+    python benchmarks/sass_count.py --arch sm_80 --all
+
+Counts include predicated-off instructions, which still take issue slots.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL = re.compile(r"weight_only_mma_kernelILi(\d)ELi(\d)ENS_\d+(\w+?)ELi\d+EL(i|in)(\d)EEEv")
+
+
+def cuobjdump() -> str:
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+        bundled = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+        if bundled.exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    raise SystemExit("sass_count: cuobjdump not found (install the CUDA toolkit or triton)")
+
+
+def functions(sass: str) -> dict[str, list[str]]:
+    """Mangled kernel name -> its instructions (opcode and operands)."""
+    out, name = {}, None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            name = m.group(1)
+            out[name] = []
+            continue
+        m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if m and name:
+            out[name].append(m.group(1))
+    return out
+
+
+def unit_loop(body: list[str]) -> list[str]:
+    """From the wait before the loop's barrier to the branch after its MMAs."""
+    start = next(i for i, x in enumerate(body) if x.startswith("BAR.SYNC")) - 1
+    mma = [i for i, x in enumerate(body) if "HMMA" in x and i > start]
+    end = mma[0]
+    for i in mma:          # the first run of MMAs: one unit's k16 steps
+        if i - end > 80:
+            break
+        end = i
+    while not re.search(r"\bBRA\b", body[end]):
+        end += 1
+    return body[start:end + 1]
+
+
+def opcode(instr: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", instr).split()[0].split(".")[0]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="sm_90a")
+    ap.add_argument("--all", action="store_true", help="every token tile, not just M <= 16")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "wo.cubin"
+        subprocess.run(["nvcc", "-cubin", f"-arch={args.arch}", "-O3", "-std=c++17",
+                        f"-I{ROOT / 'csrc'}", "-o", str(cubin),
+                        str(ROOT / "csrc/weight_only_kernel.cu")], check=True)
+        sass = subprocess.run([cuobjdump(), "-sass", str(cubin)], check=True,
+                              capture_output=True, text=True).stdout
+    rows = []
+    for name, body in functions(sass).items():
+        m = KERNEL.search(name)
+        if not m:
+            continue
+        bits, tiles, dtype = int(m.group(1)), int(m.group(2)), m.group(3)
+        slot = -int(m.group(5)) if m.group(4) == "in" else int(m.group(5))
+        if tiles > 2 and not args.all:
+            continue
+        loop = unit_loop(body)
+        ops = collections.Counter(opcode(x) for x in loop)
+        decode = "exact" if slot < 0 else f"post-scale g{16 << slot}"
+        rows.append((dtype, bits, tiles, slot, decode, len(loop), ops))
+    print(f"| dtype | bits | tokens | decode | instructions per unit | top opcodes |")
+    print("|---|---|---|---|---|---|")
+    for dtype, bits, tiles, _, decode, n, ops in sorted(rows, key=lambda r: r[:4]):
+        top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
+        print(f"| {dtype} | {bits} | {8 * tiles} | {decode} | {n} | {top} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
