@@ -7,7 +7,8 @@ so the extension is compiled against the installed torch.
 
 Environment:
   VLMKERN_SKIP_CUDA=1    never build the extension
-  TORCH_CUDA_ARCH_LIST   GPU architectures (default below: A100, A10/3090, L4/4090, H100)
+  TORCH_CUDA_ARCH_LIST   GPU architectures (default below: A100, A10/3090, L4/4090, and
+                         H100/H200 with the sm_90a features the wgmma kernels need)
   MAX_JOBS               parallel compile jobs (read by torch's ninja build)
 """
 
@@ -17,7 +18,7 @@ import sys
 
 from setuptools import find_packages, setup
 
-DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0"
+DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0a"
 
 
 def cuda_extension():

@@ -11,8 +11,9 @@
 # TESTS: pytest targets (default: tests). BENCH_ARGS go to bench_linear.py.
 # Environment: ARCH (default 9.0a), BUILD_S / TEST_S / SANITIZE_S / BENCH_S /
 # PROFILE_S phase limits (0 skips the memcheck or profile phase); PROFILE_ARGS
-# go to profile_linear.py (default: gate/up, M = 1, W4 g128, every opt-in
-# weight-only kernel).
+# go to the weight-only profile_linear.py run (default: gate/up, M = 1,
+# W4 g128, the opt-in post-scale kernel); a second run profiles W8A8 at
+# M = 4096 (mma.sync and wgmma GEMMs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_check.sh OUTDIR [TESTS] [BENCH_ARGS...]}
@@ -65,4 +66,12 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
     >"$out/profile.log" 2>&1
   rc=$?; phase profile $rc "$t"; grep -E "Duration|Memory Throughput|Issue Slots Busy|Warp Cycles Per Issued" \
     "$out/profile.log" | head -24
+  # the integer-activation GEMMs at prefill size: mma.sync and, where built, wgmma
+  t=$(date +%s)
+  (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --section SpeedOfLight --section WarpStateStats \
+    --section Occupancy -k "regex:gemm_kernel|wgmma_kernel" --launch-count 4 \
+    "$py" profile_linear.py --format W8A8 --m 4096 --reps 1 --enable cuda.int_act_wgmma) \
+    >"$out/profile_int_act.log" 2>&1
+  rc=$?; phase profile_int_act $rc "$t"; grep -E "Duration|Compute \(SM\) Throughput" \
+    "$out/profile_int_act.log" | head -8
 fi

@@ -42,13 +42,23 @@ enum vlmkern_int_act_mode {
   VLMKERN_INT_ACT_I4W8 = 2,
 };
 
+// The GEMM behind vlmkern_int_act_gemm.
+//   MMA    mma.sync tensor-core tiles (int_act_kernel.cu), every mode, sm_80+.
+//   WGMMA  Hopper warpgroup MMA from shared-memory descriptors
+//          (int_act_sm90_kernel.cu), mode I8, sm_90a; same bits as MMA.
+enum vlmkern_int_act_gemm_kind {
+  VLMKERN_INT_ACT_GEMM_MMA = 0,
+  VLMKERN_INT_ACT_GEMM_WGMMA = 1,
+};
+
 enum vlmkern_int_act_status {
   VLMKERN_INT_ACT_OK = 0,
   VLMKERN_INT_ACT_ERR_NULL_POINTER = 1,  // a required pointer is null
   VLMKERN_INT_ACT_ERR_BAD_BITS = 2,      // a_bits not 4, 6 or 8
   VLMKERN_INT_ACT_ERR_BAD_SIZE = 3,      // inconsistent M, N, K, group or padding
   VLMKERN_INT_ACT_ERR_BAD_DTYPE = 4,     // unknown element type code
-  VLMKERN_INT_ACT_ERR_BAD_MODE = 5,      // unknown mode, or I4 on a GPU without int4 MMA
+  VLMKERN_INT_ACT_ERR_BAD_MODE = 5,      // unknown mode or gemm, I4 on a GPU without int4 MMA,
+                                         // or WGMMA off sm_90 or with a mode other than I8
   VLMKERN_INT_ACT_ERR_LAUNCH = 6,        // cudaGetLastError reported a failure
 };
 
@@ -84,10 +94,18 @@ int vlmkern_int_act_quantize(const void* x, int x_dtype, int64_t x_stride, void*
 //   group_pad  gp; a multiple of 32 (I8, I4W8) or 64 (I4); k_pad a multiple
 //              of 64 (I8, I4W8) or 128 (I4), and G * gp <= k_pad.
 // All pointers must be 16-byte aligned. I4 is refused on sm_90 and newer.
+//   gemm       which GEMM runs it (vlmkern_int_act_gemm_kind): MMA on any GPU
+//              from sm_80, or WGMMA (mode I8 only, sm_90 with this build's
+//              sm_90a code: check vlmkern_int_act_sm90_available first).
 int vlmkern_int_act_gemm(const void* q, const float* sx, const void* w, const float* w_scale,
                          const void* bias, int bias_dtype, void* out, int out_dtype, int64_t M,
                          int64_t N, int64_t groups, int64_t group_pad, int64_t k_pad, int mode,
-                         void* stream);
+                         int gemm, void* stream);
+
+// *available = 1 when the current device is sm_90 and this build holds the
+// sm_90a code of the WGMMA GEMM, else 0. Runs a one-thread probe kernel and
+// waits for it (call once per device, outside stream capture).
+int vlmkern_int_act_sm90_available(int* available);
 
 // Epilogue for an int32 product computed elsewhere (per-channel weights, one
 // group): out[m, n] = cast(float(acc[m, n]) * w_scale[n] * sx[m] + bias[n]) with

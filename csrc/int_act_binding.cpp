@@ -146,8 +146,12 @@ void check_out_dtype(const char* op, c10::ScalarType out_dtype) {
 std::pair<int64_t, int64_t> check_gemm(const at::Tensor& q, const at::Tensor& sx,
                                        const at::Tensor& w, const at::Tensor& w_scale_t,
                                        const std::optional<at::Tensor>& bias, int64_t group_pad,
-                                       int64_t mode, c10::ScalarType out_dtype) {
+                                       int64_t mode, c10::ScalarType out_dtype, int64_t gemm) {
   check_mode(kGemm, mode);
+  TORCH_CHECK(gemm == VLMKERN_INT_ACT_GEMM_MMA || gemm == VLMKERN_INT_ACT_GEMM_WGMMA, kGemm,
+              "gemm must be 0 (mma) or 1 (wgmma), got ", gemm);
+  TORCH_CHECK(gemm == VLMKERN_INT_ACT_GEMM_MMA || mode == VLMKERN_INT_ACT_I8, kGemm,
+              "the wgmma GEMM takes mode 0 (int8 weights) only, got mode ", mode);
   check_out_dtype(kGemm, out_dtype);
   TORCH_CHECK(q.scalar_type() == at::kChar && w.scalar_type() == at::kChar, kGemm,
               "q and w must be int8, got ", q.scalar_type(), " and ", w.scalar_type());
@@ -181,9 +185,9 @@ std::pair<int64_t, int64_t> check_gemm(const at::Tensor& q, const at::Tensor& sx
 
 at::Tensor gemm_cuda(const at::Tensor& q, const at::Tensor& sx, const at::Tensor& w,
                      const at::Tensor& w_scale_t, const std::optional<at::Tensor>& bias,
-                     int64_t group_pad, int64_t mode, c10::ScalarType out_dtype) {
+                     int64_t group_pad, int64_t mode, c10::ScalarType out_dtype, int64_t gemm) {
   TORCH_CHECK(w.is_cuda(), kGemm, "w must be a CUDA tensor, got ", w.device());
-  auto [M, N] = check_gemm(q, sx, w, w_scale_t, bias, group_pad, mode, out_dtype);
+  auto [M, N] = check_gemm(q, sx, w, w_scale_t, bias, group_pad, mode, out_dtype, gemm);
   c10::DeviceGuard guard(w.device());
   at::Tensor out = at::empty({M, N}, w.options().dtype(out_dtype));
   const int64_t k_pad = mode == VLMKERN_INT_ACT_I8 ? w.size(1) : 2 * w.size(1);
@@ -191,16 +195,26 @@ at::Tensor gemm_cuda(const at::Tensor& q, const at::Tensor& sx, const at::Tensor
       q.data_ptr(), sx.data_ptr<float>(), w.data_ptr(), w_scale_t.data_ptr<float>(),
       bias.has_value() ? bias->data_ptr() : nullptr,
       bias.has_value() ? dtype_code(bias->scalar_type()) : 0, out.data_ptr(), dtype_code(out_dtype),
-      M, N, w_scale_t.size(0), group_pad, k_pad, static_cast<int>(mode), current_stream(w));
+      M, N, w_scale_t.size(0), group_pad, k_pad, static_cast<int>(mode), static_cast<int>(gemm),
+      current_stream(w));
   TORCH_CHECK(status == VLMKERN_INT_ACT_OK, kGemm, vlmkern_int_act_status_message(status));
   return out;
 }
 
 at::Tensor gemm_meta(const at::Tensor& q, const at::Tensor& sx, const at::Tensor& w,
                      const at::Tensor& w_scale_t, const std::optional<at::Tensor>& bias,
-                     int64_t group_pad, int64_t mode, c10::ScalarType out_dtype) {
-  auto [M, N] = check_gemm(q, sx, w, w_scale_t, bias, group_pad, mode, out_dtype);
+                     int64_t group_pad, int64_t mode, c10::ScalarType out_dtype, int64_t gemm) {
+  auto [M, N] = check_gemm(q, sx, w, w_scale_t, bias, group_pad, mode, out_dtype, gemm);
   return at::empty({M, N}, w.options().dtype(out_dtype));
+}
+
+// Whether the wgmma GEMM runs on the current CUDA device with this build.
+bool sm90_available() {
+  int available = 0;
+  const int status = vlmkern_int_act_sm90_available(&available);
+  TORCH_CHECK(status == VLMKERN_INT_ACT_OK, "vlmkern.int_act_sm90_available: ",
+              vlmkern_int_act_status_message(status));
+  return available != 0;
 }
 
 // -- int32 epilogue ----------------------------------------------------------
@@ -256,7 +270,8 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
       "int k_pad, int mode) -> (Tensor, Tensor)");
   m.def(
       "int_act_gemm(Tensor q, Tensor sx, Tensor w, Tensor w_scale_t, Tensor? bias, int group_pad, "
-      "int mode, ScalarType out_dtype) -> Tensor");
+      "int mode, ScalarType out_dtype, int gemm=0) -> Tensor");
+  m.def("int_act_sm90_available() -> bool", &sm90_available);
   m.def(
       "int_act_scale_int32(Tensor acc, Tensor sx, Tensor w_scale, Tensor? bias, "
       "ScalarType out_dtype) -> Tensor");

@@ -19,48 +19,11 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#include "int_act.h"
+#include "int_act_common.cuh"
 
 namespace {
 
-// ---------------------------------------------------------------------------
-// Scalar helpers
-// ---------------------------------------------------------------------------
-__device__ __forceinline__ float load_float(const void* p, int dtype, int64_t i) {
-  switch (dtype) {
-    case VLMKERN_INT_ACT_F16: return __half2float(static_cast<const __half*>(p)[i]);
-    case VLMKERN_INT_ACT_BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
-__device__ __forceinline__ void store_float(void* p, int dtype, int64_t i, float v) {
-  switch (dtype) {
-    case VLMKERN_INT_ACT_F16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
-    case VLMKERN_INT_ACT_BF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
-    default: static_cast<float*>(p)[i] = v; break;
-  }
-}
-
-// Two adjacent outputs (i even, buffer aligned for the pair) in one store.
-__device__ __forceinline__ void store_pair(void* p, int dtype, int64_t i, float v0, float v1) {
-  switch (dtype) {
-    case VLMKERN_INT_ACT_F16:
-      reinterpret_cast<__half2*>(static_cast<__half*>(p) + i)[0] = __floats2half2_rn(v0, v1);
-      break;
-    case VLMKERN_INT_ACT_BF16:
-      reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p) + i)[0] =
-          __floats2bfloat162_rn(v0, v1);
-      break;
-    default: reinterpret_cast<float2*>(static_cast<float*>(p) + i)[0] = make_float2(v0, v1); break;
-  }
-}
-
-// The last two rounding steps shared by the GEMM and the int32 epilogue:
-// y * token_scale + bias as one fused multiply-add.
-__device__ __forceinline__ float finish(float y, float token_scale, float bias) {
-  return __fmaf_rn(y, token_scale, bias);
-}
+using namespace vlmkern_int_act;
 
 // ---------------------------------------------------------------------------
 // Activation quantization
@@ -181,21 +144,8 @@ quantize_kernel(const T* __restrict__ x, int64_t x_stride, uint8_t* __restrict__
 }
 
 // ---------------------------------------------------------------------------
-// PTX wrappers
+// MMA wrappers
 // ---------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -235,19 +185,6 @@ __device__ __forceinline__ void mma_s4(int (&d)[4], const uint32_t (&a)[4], uint
 // ---------------------------------------------------------------------------
 // GEMM
 // ---------------------------------------------------------------------------
-struct GemmArgs {
-  const uint8_t* q;      // activations, row stride kt * 64 bytes
-  const float* sx;
-  const uint8_t* w;      // weights, row stride kt * kBRowBytes bytes
-  const float* w_scale;  // [groups, N]
-  const void* bias;
-  void* out;
-  int64_t M, N, groups;
-  int64_t k_tiles;         // k_pad / (2 k-steps)
-  int64_t steps_per_group; // group_pad / k-step
-  int bias_dtype, out_dtype;
-};
-
 constexpr int kARowBytes = 64;  // activation bytes per row per K tile (2 k-steps), every mode
 
 template <int MODE> struct ModeTraits {
@@ -432,20 +369,9 @@ int_act_gemm_kernel(GemmArgs p) {
       const int64_t m = m0 + wm * C::kWarpM + i * 16 + g + h * 8;
       const float sx = m < p.M ? p.sx[m] : 0.f;
 #pragma unroll
-      for (int j = 0; j < C::kNJ; ++j) {
-        const int64_t n = n0 + wn * C::kWarpN + j * 8 + tig * 2;
-        const bool in0 = m < p.M && n < p.N, in1 = m < p.M && n + 1 < p.N;
-        const float b0 = (p.bias && in0) ? load_float(p.bias, p.bias_dtype, n) : 0.f;
-        const float b1 = (p.bias && in1) ? load_float(p.bias, p.bias_dtype, n + 1) : 0.f;
-        const float v0 = finish(y[i][j][2 * h], sx, b0);
-        const float v1 = finish(y[i][j][2 * h + 1], sx, b1);
-        if (in1 && pair_ok) {
-          store_pair(p.out, p.out_dtype, m * p.N + n, v0, v1);
-        } else {
-          if (in0) store_float(p.out, p.out_dtype, m * p.N + n, v0);
-          if (in1) store_float(p.out, p.out_dtype, m * p.N + n + 1, v1);
-        }
-      }
+      for (int j = 0; j < C::kNJ; ++j)
+        store_outputs(p, m, n0 + wn * C::kWarpN + j * 8 + tig * 2, y[i][j][2 * h],
+                      y[i][j][2 * h + 1], sx, pair_ok);
     }
   }
 }
@@ -471,18 +397,6 @@ __global__ void scale_int32_kernel(const int32_t* __restrict__ acc, int64_t acc_
 // ---------------------------------------------------------------------------
 // Launch helpers
 // ---------------------------------------------------------------------------
-thread_local cudaError_t last_launch_error = cudaSuccess;
-thread_local char message_buffer[256];
-
-int launch_status() {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    last_launch_error = err;
-    return VLMKERN_INT_ACT_ERR_LAUNCH;
-  }
-  return VLMKERN_INT_ACT_OK;
-}
-
 template <int MODE, int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
 int launch_gemm(const GemmArgs& args, cudaStream_t stream) {
   using C = GemmConfig<MODE, BM, BN, WARPS_M, WARPS_N, STAGES>;
@@ -525,7 +439,8 @@ extern "C" const char* vlmkern_int_act_status_message(int status) {
              "and 16-byte aligned buffers";
     case VLMKERN_INT_ACT_ERR_BAD_DTYPE: return "element type must be f16, bf16 or f32";
     case VLMKERN_INT_ACT_ERR_BAD_MODE:
-      return "unknown mode, or the int4 MMA mode on a GPU without int4 tensor cores (sm_90+)";
+      return "unknown mode or GEMM, the int4 MMA mode on a GPU without int4 tensor cores "
+             "(sm_90+), or the WGMMA GEMM off sm_90 or with a mode other than I8";
     case VLMKERN_INT_ACT_ERR_LAUNCH:
       snprintf(message_buffer, sizeof(message_buffer), "CUDA kernel launch failed: %s (%s)",
                cudaGetErrorName(last_launch_error), cudaGetErrorString(last_launch_error));
@@ -578,8 +493,11 @@ extern "C" int vlmkern_int_act_gemm(const void* q, const float* sx, const void* 
                                     const float* w_scale, const void* bias, int bias_dtype,
                                     void* out, int out_dtype, int64_t M, int64_t N,
                                     int64_t groups, int64_t group_pad, int64_t k_pad, int mode,
-                                    void* stream) {
+                                    int gemm, void* stream) {
   if (mode < VLMKERN_INT_ACT_I8 || mode > VLMKERN_INT_ACT_I4W8) return VLMKERN_INT_ACT_ERR_BAD_MODE;
+  if (gemm != VLMKERN_INT_ACT_GEMM_MMA &&
+      (gemm != VLMKERN_INT_ACT_GEMM_WGMMA || mode != VLMKERN_INT_ACT_I8))
+    return VLMKERN_INT_ACT_ERR_BAD_MODE;
   if (!valid_dtype(out_dtype) || (bias && !valid_dtype(bias_dtype)))
     return VLMKERN_INT_ACT_ERR_BAD_DTYPE;
   const int ks = k_step(mode);
@@ -599,6 +517,7 @@ extern "C" int vlmkern_int_act_gemm(const void* q, const float* sx, const void* 
     return VLMKERN_INT_ACT_ERR_LAUNCH;
   }
   if (major < 8 || (mode == VLMKERN_INT_ACT_I4 && major >= 9)) return VLMKERN_INT_ACT_ERR_BAD_MODE;
+  if (gemm == VLMKERN_INT_ACT_GEMM_WGMMA && major != 9) return VLMKERN_INT_ACT_ERR_BAD_MODE;
 
   GemmArgs args;
   args.q = static_cast<const uint8_t*>(q);
@@ -615,6 +534,7 @@ extern "C" int vlmkern_int_act_gemm(const void* q, const float* sx, const void* 
   args.bias_dtype = bias_dtype;
   args.out_dtype = out_dtype;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (gemm == VLMKERN_INT_ACT_GEMM_WGMMA) return launch_gemm_sm90(args, s);
   switch (mode) {
     case VLMKERN_INT_ACT_I8: return launch_gemm_for_m<VLMKERN_INT_ACT_I8>(args, s);
     case VLMKERN_INT_ACT_I4: return launch_gemm_for_m<VLMKERN_INT_ACT_I4>(args, s);

@@ -4,7 +4,9 @@ CPU tests check the load-time layout and the data-layout arithmetic the
 kernel relies on, by decoding in torch exactly as the kernel does: padded
 groups, the I4W8 activation permutation with weights widened to 16x their
 value, and the PTX fragment layouts of mma m16n8k32.s8 and m16n8k64.s4 fed by
-ldmatrix. GPU tests run the kernels against the torch reference.
+ldmatrix. GPU tests run the kernels against the torch reference, and the
+Hopper warpgroup-MMA GEMM (csrc/int_act_sm90_kernel.cu) against the mma.sync
+GEMM bit for bit.
 """
 import pytest
 import torch
@@ -229,6 +231,21 @@ def test_overflow_guard_and_registration():
         assert ops.which_kernel(x, ok) == "torch.int_act"
 
 
+def test_wgmma_kernel_registered_opt_in_ahead_of_mma(monkeypatch):
+    from vlmkern.ops import builtin  # noqa: F401
+    specs = [k for k in BACKENDS["cuda"].kernels if k.op == "int_act"]
+    assert [k.name for k in specs] == ["cuda.int_act_wgmma", "cuda.int_act"]
+    wg = specs[0]
+    assert wg.opt_in and wg.min_sm == (9, 0) and wg.min_m == cia.WGMMA_MIN_M
+    assert wg.bits == frozenset({6, 8})                 # int8-stored weights only
+    qw = make_intact(16, 256, 8, 8, None)
+    x = torch.randn(128, 256)
+    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
+    assert "opt-in only" in wg.rejects(x, qw)
+    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.int_act_wgmma")
+    assert "runs on ['cuda']" in wg.rejects(x, qw)
+
+
 # -- GPU ------------------------------------------------------------------------------------
 def check_close(y, x, qw, bias):
     """Integer sums are exact; only the fp32 epilogue (kernel) vs fp64
@@ -378,3 +395,78 @@ def test_gpu_ops_trace_under_torch_compile():
 
     x = act(5, 256, torch.float16)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=0)
+
+
+_WGMMA = _SKIP is None and cia.sm90_available(torch.device("cuda"))
+wgmma_gpu = pytest.mark.skipif(not _WGMMA, reason=_SKIP or "needs sm_90 and a build with sm_90a code")
+
+
+@wgmma_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("wa", [(8, 8), (6, 6), (8, 4), (6, 8)])
+@pytest.mark.parametrize("group", [None, 128, 32])
+def test_gpu_wgmma_equals_mma_bitwise(wa, group):
+    # Exact int32 sums and the same epilogue: both GEMMs give the same bits,
+    # at tile-ragged shapes (M, N, K off the 128 tiles; K past one 128-byte tile)
+    for n, k in ((33, 200), (300, 1000), (256, 4096)):
+        qw = make_intact(n, k, *wa, group, seed=n + k, device="cuda")
+        bias = torch.randn(n, generator=gen(4)).cuda()
+        for m, dtype in ((64, torch.float16), (65, torch.bfloat16), (300, torch.float32),
+                         (1000, torch.float16)):
+            x = act(m, k, dtype, seed=m)
+            for b in (None, bias):
+                want = cia.int_act_matmul(x, qw, b, path="mma")
+                got = cia.int_act_matmul(x, qw, b, path="wgmma")
+                assert torch.equal(got, want), (n, k, m, dtype, b is not None)
+        check_close(got, x, qw, bias)
+
+
+@wgmma_gpu
+@pytest.mark.gpu
+def test_gpu_wgmma_batch_invariant_selected_and_traceable(monkeypatch):
+    qw = make_intact(512, 1024, 8, 8, None, seed=6, device="cuda")
+    x = act(700, 1024, torch.bfloat16)
+    full = cia.int_act_matmul(x, qw, path="wgmma")
+    for m in (64, 128, 129, 300):
+        assert torch.equal(cia.int_act_matmul(x[:m], qw, path="wgmma"), full[:m])
+    assert torch.equal(cia.int_act_matmul(x, qw, path="wgmma"), full)
+    monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
+    assert ops.which_kernel(x, qw) == "cuda.int_act"
+    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.int_act_wgmma")
+    assert ops.which_kernel(x, qw) == "cuda.int_act_wgmma"
+    assert ops.which_kernel(x[:63], qw) == "cuda.int_act"
+    assert torch.equal(ops.linear(x, qw), full)
+    kw = cia.to_kernel_weight(qw, cia.MODE_I8)
+    lay = kw.layout
+
+    def f(x):
+        q, s = torch.ops.vlmkern.int_act_quantize(x, 8, None, lay.group, lay.group_pad,
+                                                  lay.k_pad, 0)
+        return torch.ops.vlmkern.int_act_gemm(q, s, kw.w, kw.w_scale_t, None, lay.group_pad, 0,
+                                              x.dtype, cia.GEMM_WGMMA)
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=0)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_wgmma_bad_input_errors():
+    qw = make_intact(16, 64, 8, 8, None, device="cuda")
+    q4 = make_intact(16, 64, 4, 8, None, device="cuda")
+    x = torch.randn(128, 64, device="cuda")
+    with pytest.raises(ValueError, match="int8"):
+        cia.int_act_matmul(x, q4, path="wgmma")
+    with pytest.raises(ValueError, match="path must be one of"):
+        cia.int_act_matmul(x, qw, path="tma")
+    lay = cia.padded_layout(64, None, cia.MODE_I8)
+    q, s = torch.ops.vlmkern.int_act_quantize(x, 8, None, lay.group, lay.group_pad, lay.k_pad, 0)
+    w_scale = qw.scales.float().t().contiguous()
+    with pytest.raises(RuntimeError, match="gemm must be 0"):
+        torch.ops.vlmkern.int_act_gemm(q, s, qw.qweight, w_scale, None, lay.group_pad, 0,
+                                       torch.float16, 2)
+    with pytest.raises(RuntimeError, match="takes mode 0"):
+        torch.ops.vlmkern.int_act_gemm(q, s, qw.qweight, w_scale, None, lay.group_pad, 2,
+                                       torch.float16, 1)
+    if not _WGMMA:   # off Hopper (or without sm_90a code) the launcher refuses it
+        with pytest.raises((RuntimeError, ValueError)):
+            cia.int_act_matmul(x, qw, path="wgmma")

@@ -25,6 +25,14 @@ fp32 [G, N].
 Per-channel 8-bit-storage weights at large M can instead take the integer
 product from ``torch._int_mm`` (cuBLASLt) followed by the same epilogue:
 both routes give the same bits (see ``INT_MM_MIN_M``).
+
+On Hopper, mode I8 (6- and 8-bit weights) can run on the warpgroup-MMA GEMM
+(csrc/int_act_sm90_kernel.cu, ``path="wgmma"``): 128-token tiles, operands
+read by wgmma straight from 128-byte-swizzled shared memory, the same exact
+int32 sums and epilogue, hence the same bits. It is registered as the opt-in
+kernel ``cuda.int_act_wgmma`` (``VLMKERN_ENABLE``) until it has passed the
+GPU tests, and needs a build with sm_90a code (``TORCH_CUDA_ARCH_LIST``
+holding ``9.0a``; ``sm90_available`` probes it).
 """
 from __future__ import annotations
 
@@ -44,6 +52,10 @@ BIAS_DTYPES = ACT_DTYPES
 # epilogue kernel on sm_90+ (None: never). Which route is faster is a
 # benchmark question; both give the same bits.
 INT_MM_MIN_M: int | None = 512
+# Smallest M the opt-in wgmma kernel takes: its tiles hold 128 tokens.
+WGMMA_MIN_M = 64
+GEMM_MMA, GEMM_WGMMA = 0, 1      # vlmkern_int_act_gemm_kind in csrc/int_act.h
+PATHS = ("auto", "mma", "int_mm", "wgmma")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -168,8 +180,25 @@ def _require_ops() -> None:
                            "csrc/int_act_kernel.cu; rebuild the package")
 
 
+_SM90: dict[int, bool] = {}
+
+
+def sm90_available(device: torch.device) -> bool:
+    """Whether the wgmma GEMM runs on ``device`` with this build (sm_90 and
+    sm_90a code present). One probe launch per device, then cached."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM90:
+        _require_ops()
+        if not hasattr(torch.ops.vlmkern, "int_act_sm90_available"):
+            _SM90[idx] = False
+        else:
+            with torch.cuda.device(idx):
+                _SM90[idx] = bool(torch.ops.vlmkern.int_act_sm90_available())
+    return _SM90[idx]
+
+
 def _use_int_mm(path: str, kw: KernelWeight, m: int, n: int, sm: tuple[int, int]) -> bool:
-    if path == "mma" or kw.mode != MODE_I8 or kw.layout.groups != 1:
+    if path in ("mma", "wgmma") or kw.mode != MODE_I8 or kw.layout.groups != 1:
         return False
     fits = m > 16 and n % 8 == 0 and kw.layout.k_pad % 8 == 0
     if path == "int_mm":
@@ -187,11 +216,12 @@ def int_act_matmul(x: torch.Tensor, qweight: IntActWeight, bias: torch.Tensor | 
 
     x [M, K] float16/bfloat16/float32 on a CUDA device; bias [N] (any of those
     dtypes) or None -> [M, N] in x's dtype. ``path``: "auto", "mma" (always the
-    custom GEMM) or "int_mm" (torch._int_mm + epilogue; per-channel int8 only).
+    mma.sync GEMM), "int_mm" (torch._int_mm + epilogue; per-channel int8 only)
+    or "wgmma" (the Hopper GEMM; 6/8-bit weights, sm_90a builds).
     """
     _require_ops()
-    if path not in ("auto", "mma", "int_mm"):
-        raise ValueError(f"path must be 'auto', 'mma' or 'int_mm', got {path!r}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if x.dim() != 2 or x.shape[1] != qweight.in_features:
         raise ValueError(f"x must be [M, {qweight.in_features}], got {tuple(x.shape)}")
     if x.dtype not in ACT_DTYPES:
@@ -213,6 +243,10 @@ def int_act_matmul(x: torch.Tensor, qweight: IntActWeight, bias: torch.Tensor | 
         x = x.contiguous()
     sm = _device_sm(x.device)
     kw = kernel_weight(qweight, kernel_mode(qweight.w_bits, qweight.a_bits, sm))
+    if path == "wgmma":
+        why = _wgmma_reason(kw.mode, x.device)
+        if why:
+            raise ValueError(f"path='wgmma': {why}")
     lay = kw.layout
     q, sx = torch.ops.vlmkern.int_act_quantize(x, qweight.a_bits, qweight.act_scale, lay.group,
                                                lay.group_pad, lay.k_pad, kw.mode)
@@ -220,7 +254,32 @@ def int_act_matmul(x: torch.Tensor, qweight: IntActWeight, bias: torch.Tensor | 
         acc = torch._int_mm(q, kw.w.t())
         return torch.ops.vlmkern.int_act_scale_int32(acc, sx, kw.w_scale_t[0], bias, x.dtype)
     return torch.ops.vlmkern.int_act_gemm(q, sx, kw.w, kw.w_scale_t, bias, lay.group_pad,
-                                          kw.mode, x.dtype)
+                                          kw.mode, x.dtype,
+                                          GEMM_WGMMA if path == "wgmma" else GEMM_MMA)
+
+
+def _wgmma_reason(mode: int, device: torch.device) -> str | None:
+    if mode != MODE_I8:
+        return "needs weights stored as int8 (6 or 8 bits)"
+    if not sm90_available(device):
+        return ("needs an sm_90 GPU and a build with sm_90a code "
+                "(TORCH_CUDA_ARCH_LIST containing 9.0a)")
+    return None
+
+
+def int_act_wgmma(x: torch.Tensor, qweight: IntActWeight,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``int_act_matmul`` on the Hopper warpgroup-MMA GEMM."""
+    return int_act_matmul(x, qweight, bias, path="wgmma")
+
+
+def _check_wgmma(x: torch.Tensor, qweight) -> str | None:
+    why = _check(x, qweight)
+    if why is None and x.is_cuda:
+        why = _wgmma_reason(kernel_mode(qweight.w_bits, qweight.a_bits, _device_sm(x.device)),
+                            x.device)
+        why = None if why is None else f"cuda.int_act_wgmma: {why}"
+    return why
 
 
 def _check(x: torch.Tensor, qweight) -> str | None:
@@ -229,11 +288,17 @@ def _check(x: torch.Tensor, qweight) -> str | None:
 
 
 def register(backend) -> None:
-    """Add the kernel to the CUDA backend (idempotent)."""
+    """Add the kernels to the CUDA backend (idempotent). The Hopper GEMM comes
+    first but is opt-in (``VLMKERN_ENABLE=cuda.int_act_wgmma``)."""
     from .backends import KernelSpec
 
-    spec = KernelSpec("cuda.int_act", "int_act", int_act_matmul, bits=frozenset({4, 6, 8}),
-                      dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}), min_sm=(8, 0),
-                      check=_check)
-    if not any(k.name == spec.name for k in backend.kernels):
-        backend.register(spec)
+    common = dict(dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}))
+    specs = [KernelSpec("cuda.int_act_wgmma", "int_act", int_act_wgmma, bits=frozenset({6, 8}),
+                        min_sm=(9, 0), min_m=WGMMA_MIN_M, opt_in=True, check=_check_wgmma,
+                        **common),
+             KernelSpec("cuda.int_act", "int_act", int_act_matmul, bits=frozenset({4, 6, 8}),
+                        min_sm=(8, 0), check=_check, **common)]
+    known = {k.name for k in backend.kernels}
+    for spec in specs:
+        if spec.name not in known:
+            backend.register(spec)
