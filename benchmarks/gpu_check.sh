@@ -12,8 +12,8 @@
 # Environment: ARCH (default 9.0a), BUILD_S / TEST_S / SANITIZE_S / BENCH_S /
 # PROFILE_S phase limits (0 skips the memcheck or profile phase); PROFILE_ARGS
 # go to the weight-only profile_linear.py run (default: gate/up, M = 1,
-# W4 g128, the opt-in post-scale kernel); a second run profiles W8A8 at
-# M = 4096 (mma.sync and wgmma GEMMs).
+# W4 g128, the opt-in post-scale kernel); two more profile W8A8 at M = 4096
+# (mma.sync and wgmma GEMMs) and binary at M = 1 (plain and prefetching).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_check.sh OUTDIR [TESTS] [BENCH_ARGS...]}
@@ -74,4 +74,12 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
     >"$out/profile_int_act.log" 2>&1
   rc=$?; phase profile_int_act $rc "$t"; grep -E "Duration|Compute \(SM\) Throughput" \
     "$out/profile_int_act.log" | head -8
+  # the binary GEMV at decode size: plain and prefetching GEMM
+  t=$(date +%s)
+  (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --section SpeedOfLight --section WarpStateStats \
+    -k "regex:gemm_kernel" --launch-count 8 \
+    "$py" profile_linear.py --format binary --m 1 --enable cuda.binary_prefetch) \
+    >"$out/profile_binary.log" 2>&1
+  rc=$?; phase profile_binary $rc "$t"; grep -E "Duration|Memory Throughput" \
+    "$out/profile_binary.log" | head -8
 fi

@@ -190,10 +190,15 @@ def test_ksplit_and_padding():
 
 def test_registration_and_unsupported_block():
     from vlmkern.ops import builtin  # noqa: F401
-    spec = [k for k in BACKENDS["cuda"].kernels if k.name == "cuda.binary"]
-    assert len(spec) == 1 and spec[0].max_m == cb.MAX_M
+    specs = [k for k in BACKENDS["cuda"].kernels if k.op == "binary"]
+    assert [k.name for k in specs] == ["cuda.binary_prefetch", "cuda.binary"]
+    pre, spec = specs
+    assert spec.max_m == cb.MAX_M and pre.max_m == cb.MAX_M
+    assert pre.opt_in and not spec.opt_in
     odd = make_binary(4, 96, 48)
-    assert "multiple of 32" in spec[0].check(torch.zeros(1, 96), odd)
+    assert "multiple of 32" in spec.check(torch.zeros(1, 96), odd)
+    assert "multiple of 128" in pre.check(torch.zeros(1, 128), make_binary(4, 128, 64))
+    assert pre.check(torch.zeros(1, 256), make_binary(4, 256, 256)) is None
     if not HAS_GPU:
         assert ops.which_kernel(torch.zeros(1, 96), odd) == "torch.binary"
 
@@ -302,3 +307,41 @@ def test_gpu_op_traces_under_torch_compile():
 
     x = act(3, 256, torch.float16)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=0)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,block", [(33, 200, 128), (257, 520, 256), (4608, 3584, 128),
+                                       (3584, 18944, 128)])
+def test_gpu_prefetch_equals_plain_bitwise(n, k, block):
+    # Same arithmetic in the same order, loads issued earlier: the same bits,
+    # with and without the K split (the last two shapes split K).
+    qw = make_binary(n, k, block, salient=0.1, seed=n, device="cuda")
+    bias = torch.randn(n, generator=gen(6)).cuda()
+    for m, dtype in ((1, torch.float16), (3, torch.bfloat16), (16, torch.float16),
+                     (17, torch.bfloat16), (64, torch.float16), (200, torch.bfloat16)):
+        x = act(m, k, dtype, seed=m)
+        for b in (None, bias):
+            want = cb.binary_matmul(x, qw, b)
+            got = cb.binary_matmul(x, qw, b, prefetch=True)
+            assert torch.equal(got, want), (n, k, block, m, dtype, b is not None)
+    assert_matches_dense(got, x, qw.dequantize(), bias)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_prefetch_selection_and_errors(monkeypatch):
+    qw = make_binary(64, 256, 128, device="cuda")
+    x = act(2, 256, torch.float16)
+    monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
+    assert ops.which_kernel(x, qw) == "cuda.binary"
+    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.binary_prefetch")
+    assert ops.which_kernel(x, qw) == "cuda.binary_prefetch"
+    small_blocks = make_binary(64, 256, 64, device="cuda")
+    assert ops.which_kernel(x, small_blocks) == "cuda.binary"
+    with pytest.raises(ValueError, match="multiple of 128"):
+        cb.binary_matmul(x, small_blocks, prefetch=True)
+    kp = cb.kernel_planes(small_blocks)
+    with pytest.raises(RuntimeError, match="of 128 with prefetch"):
+        torch.ops.vlmkern.binary_matmul(x, small_blocks.salient, kp.sign, kp.aux,
+                                        small_blocks.stats, None, 256, 64, 1, True)

@@ -401,6 +401,21 @@ _WGMMA = _SKIP is None and cia.sm90_available(torch.device("cuda"))
 wgmma_gpu = pytest.mark.skipif(not _WGMMA, reason=_SKIP or "needs sm_90 and a build with sm_90a code")
 
 
+def mismatch_pattern(got, want) -> str:
+    """Where two outputs differ, in terms a tile-layout bug shows up in: the
+    count, the first few (row, column) pairs, and which residues of the row
+    mod 64 / 8 and column mod 128 / 8 are hit."""
+    bad = ~((got == want) | (got.isnan() & want.isnan()))
+    rows, cols = bad.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return "no mismatch"
+    pairs = list(zip(rows[:6].tolist(), cols[:6].tolist()))
+    return (f"{rows.numel()} of {bad.numel()} differ, first {pairs}; rows mod 64 "
+            f"{sorted(set((rows % 64).tolist()))[:16]}, rows mod 8 {sorted(set((rows % 8).tolist()))}, "
+            f"cols mod 128 {sorted(set((cols % 128).tolist()))[:16]}, "
+            f"cols mod 8 {sorted(set((cols % 8).tolist()))}")
+
+
 @wgmma_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("wa", [(8, 8), (6, 6), (8, 4), (6, 8)])
@@ -417,7 +432,8 @@ def test_gpu_wgmma_equals_mma_bitwise(wa, group):
             for b in (None, bias):
                 want = cia.int_act_matmul(x, qw, b, path="mma")
                 got = cia.int_act_matmul(x, qw, b, path="wgmma")
-                assert torch.equal(got, want), (n, k, m, dtype, b is not None)
+                assert torch.equal(got, want), (f"n={n} k={k} m={m} {dtype} bias={b is not None}: "
+                                                + mismatch_pattern(got, want))
         check_close(got, x, qw, bias)
 
 

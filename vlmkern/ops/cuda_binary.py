@@ -104,9 +104,11 @@ def kernel_planes(qweight: BinaryWeight) -> KernelPlanes:
 
 
 def binary_matmul(x: torch.Tensor, qweight: BinaryWeight,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, prefetch: bool = False) -> torch.Tensor:
     """y = x @ W^T + bias for a BinaryWeight. x [M, K] float16/bfloat16 on a
-    CUDA device; bias [N] (fp16/bf16/fp32) or None -> [M, N] in x's dtype."""
+    CUDA device; bias [N] (fp16/bf16/fp32) or None -> [M, N] in x's dtype.
+    ``prefetch``: the GEMM variant that issues a chunk's loads at its start
+    (block_size a multiple of 128); the same results."""
     from ..ext import load_extension
 
     module, reason = load_extension()
@@ -122,7 +124,7 @@ def binary_matmul(x: torch.Tensor, qweight: BinaryWeight,
     if not x.is_cuda or x.device != qweight.device:
         raise ValueError(f"cuda.binary: x ({x.device}) and the weight ({qweight.device}) must be "
                          f"on the same CUDA device")
-    why = unsupported_reason(qweight)
+    why = unsupported_reason(qweight) or (_prefetch_reason(qweight) if prefetch else None)
     if why:
         raise ValueError(f"cuda.binary: {why}")
     if x.shape[0] == 0:
@@ -136,7 +138,20 @@ def binary_matmul(x: torch.Tensor, qweight: BinaryWeight,
     kp = kernel_planes(qweight)
     return torch.ops.vlmkern.binary_matmul(x, qweight.salient.contiguous(), kp.sign, kp.aux,
                                            qweight.stats.contiguous(), bias,
-                                           qweight.in_features, qweight.block_size, kp.ksplit)
+                                           qweight.in_features, qweight.block_size, kp.ksplit,
+                                           prefetch)
+
+
+def binary_matmul_prefetch(x: torch.Tensor, qweight: BinaryWeight,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``binary_matmul`` on the prefetching GEMM."""
+    return binary_matmul(x, qweight, bias, prefetch=True)
+
+
+def _prefetch_reason(qweight: BinaryWeight) -> str | None:
+    if qweight.block_size % CHUNK:
+        return f"the prefetching GEMM needs block_size a multiple of {CHUNK}, got {qweight.block_size}"
+    return None
 
 
 def _check(x: torch.Tensor, qweight) -> str | None:
@@ -144,12 +159,23 @@ def _check(x: torch.Tensor, qweight) -> str | None:
     return None if why is None else f"cuda.binary: {why}"
 
 
+def _check_prefetch(x: torch.Tensor, qweight) -> str | None:
+    why = unsupported_reason(qweight) or _prefetch_reason(qweight)
+    return None if why is None else f"cuda.binary_prefetch: {why}"
+
+
 def register(backend) -> None:
-    """Add the kernel to the CUDA backend (idempotent)."""
+    """Add the kernels to the CUDA backend (idempotent). The prefetching GEMM
+    comes first but is opt-in (``VLMKERN_ENABLE=cuda.binary_prefetch``) until
+    it has passed the GPU tests."""
     from .backends import KernelSpec
 
-    spec = KernelSpec("cuda.binary", "binary", binary_matmul, bits=frozenset({1}),
-                      dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}), min_m=1,
-                      max_m=MAX_M, min_sm=(8, 0), check=_check)
-    if not any(k.name == spec.name for k in backend.kernels):
-        backend.register(spec)
+    common = dict(bits=frozenset({1}), dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}),
+                  min_m=1, max_m=MAX_M, min_sm=(8, 0))
+    specs = [KernelSpec("cuda.binary_prefetch", "binary", binary_matmul_prefetch, opt_in=True,
+                        check=_check_prefetch, **common),
+             KernelSpec("cuda.binary", "binary", binary_matmul, check=_check, **common)]
+    known = {k.name for k in backend.kernels}
+    for spec in specs:
+        if spec.name not in known:
+            backend.register(spec)
