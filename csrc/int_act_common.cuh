@@ -114,6 +114,19 @@ inline int launch_status() {
   return VLMKERN_INT_ACT_OK;
 }
 
+// Compute capability major of the current device, or a launch-error status
+// (the CUDA error kept for the status message).
+inline int current_device_major(int* major) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) {
+    last_launch_error = err;
+    return VLMKERN_INT_ACT_ERR_LAUNCH;
+  }
+  return VLMKERN_INT_ACT_OK;
+}
+
 // Warpgroup-MMA GEMM for mode I8 (int_act_sm90_kernel.cu). The caller has
 // validated the arguments and that the device is sm_90.
 int launch_gemm_sm90(const GemmArgs& args, cudaStream_t stream);

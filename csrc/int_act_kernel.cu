@@ -508,14 +508,9 @@ extern "C" int vlmkern_int_act_gemm(const void* q, const float* sx, const void* 
   if (!q || !sx || !w || !w_scale || !out) return VLMKERN_INT_ACT_ERR_NULL_POINTER;
   if (!aligned16(q) || !aligned16(w)) return VLMKERN_INT_ACT_ERR_BAD_SIZE;
 
-  int device = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err != cudaSuccess) {
-    last_launch_error = err;
-    return VLMKERN_INT_ACT_ERR_LAUNCH;
-  }
+  int major = 0;
+  const int status = current_device_major(&major);
+  if (status != VLMKERN_INT_ACT_OK) return status;
   if (major < 8 || (mode == VLMKERN_INT_ACT_I4 && major >= 9)) return VLMKERN_INT_ACT_ERR_BAD_MODE;
   if (gemm == VLMKERN_INT_ACT_GEMM_WGMMA && major != 9) return VLMKERN_INT_ACT_ERR_BAD_MODE;
 

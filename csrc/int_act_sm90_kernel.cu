@@ -307,17 +307,11 @@ int launch_gemm_sm90(const GemmArgs& args, cudaStream_t stream) {
 extern "C" int vlmkern_int_act_sm90_available(int* available) {
   if (!available) return VLMKERN_INT_ACT_ERR_NULL_POINTER;
   *available = 0;
-  int device = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err != cudaSuccess) {
-    last_launch_error = err;
-    return VLMKERN_INT_ACT_ERR_LAUNCH;
-  }
-  if (major != 9) return VLMKERN_INT_ACT_OK;
+  int major = 0;
+  const int status = current_device_major(&major);
+  if (status != VLMKERN_INT_ACT_OK || major != 9) return status;
   int* flag = nullptr;
-  err = cudaMalloc(&flag, sizeof(int));
+  cudaError_t err = cudaMalloc(&flag, sizeof(int));
   if (err == cudaSuccess) {
     sm90_probe_kernel<<<1, 1>>>(flag);
     err = cudaGetLastError();

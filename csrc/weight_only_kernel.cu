@@ -251,6 +251,22 @@ __device__ __forceinline__ void load_lane_words(const unsigned char* wtile, int 
   }
 }
 
+// Shared-memory address of this lane's first ldmatrix row in the activation
+// tile of a stage (after the weights and `slots` scale slots per warp).
+template <int BITS, int M_TILES>
+__device__ __forceinline__ uint32_t x_fragment_base(uint32_t stage_addr, int slots, int lane) {
+  return stage_addr + StageLayout<BITS, M_TILES>::kWeightBytes + kWarps * slots * kSlotBytes +
+         ((lane & 7) * kXRowHalves + 8 * (lane >> 3)) * 2;
+}
+
+// B fragments of k16 steps 2kp and 2kp+1 for every 8-token tile.
+template <int M_TILES>
+__device__ __forceinline__ void load_x_fragments(uint32_t (&bfrag)[M_TILES][4], uint32_t xs,
+                                                 int kp) {
+#pragma unroll
+  for (int j = 0; j < M_TILES; ++j) ldmatrix_x4(bfrag[j], xs + (8 * j * kXRowHalves + 32 * kp) * 2);
+}
+
 // acc += W-tile(warp) x X-tile over the 128 columns held in `stage`
 // (generic pointer `stage`, shared address `stage_addr`).
 template <int BITS, int M_TILES, class T>
@@ -266,15 +282,13 @@ __device__ __forceinline__ void compute_unit(const Params& p, const unsigned cha
   // ldmatrix: lane l addresses row l % 8 of 8x8 matrix l / 8; matrices 0..3 are
   // columns 0-7, 8-15 of step kt and 0-7, 8-15 of step kt+1, which gives the
   // B fragments (b0, b1) of two k16 steps for 8 tokens in one instruction.
-  const uint32_t xs = stage_addr + L::kWeightBytes + kWarps * p.slots * kSlotBytes +
-                      ((lane & 7) * kXRowHalves + 8 * (lane >> 3)) * 2;
+  const uint32_t xs = x_fragment_base<BITS, M_TILES>(stage_addr, p.slots, lane);
   const int steps_per_slot_mask = (1 << p.slot_log2) - 1;
   uint32_t s_lo = 0, s_hi = 0, z_lo = 0, z_hi = 0;
 #pragma unroll
   for (int kp = 0; kp < kTiles / 2; ++kp) {
     uint32_t bfrag[M_TILES][4];
-#pragma unroll
-    for (int j = 0; j < M_TILES; ++j) ldmatrix_x4(bfrag[j], xs + (8 * j * kXRowHalves + 32 * kp) * 2);
+    load_x_fragments(bfrag, xs, kp);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int kt = 2 * kp + h;
@@ -369,16 +383,14 @@ __device__ __forceinline__ void compute_unit_post_scale(const unsigned char* sta
   uint32_t w[2 * BITS];
   load_lane_words<BITS>(stage + warp * 256 * BITS, lane, w);
   const uint2* slots = reinterpret_cast<const uint2*>(stage + L::kWeightBytes) + warp * kSlots * 8;
-  const uint32_t xs = stage_addr + L::kWeightBytes + kWarps * kSlots * kSlotBytes +
-                      ((lane & 7) * kXRowHalves + 8 * (lane >> 3)) * 2;
+  const uint32_t xs = x_fragment_base<BITS, M_TILES>(stage_addr, kSlots, lane);
   uint32_t zmc[5];
   float s_lo = 0.f, s_hi = 0.f;
   float sum[M_TILES][4];
 #pragma unroll
   for (int kp = 0; kp < kTiles / 2; ++kp) {
     uint32_t bfrag[M_TILES][4];
-#pragma unroll
-    for (int j = 0; j < M_TILES; ++j) ldmatrix_x4(bfrag[j], xs + (8 * j * kXRowHalves + 32 * kp) * 2);
+    load_x_fragments(bfrag, xs, kp);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int kt = 2 * kp + h;

@@ -266,6 +266,18 @@ def act(m, k, dtype, seed=1):
     return torch.randn(m, k, generator=gen(seed)).to("cuda", dtype)
 
 
+def quantize_and_gemm(kw, gemm):
+    """x -> the two ops for 8-bit activations and int8 weights ``kw`` (mode I8)."""
+    lay = kw.layout
+
+    def f(x):
+        q, s = torch.ops.vlmkern.int_act_quantize(x, 8, None, lay.group, lay.group_pad,
+                                                  lay.k_pad, 0)
+        return torch.ops.vlmkern.int_act_gemm(q, s, kw.w, kw.w_scale_t, None, lay.group_pad, 0,
+                                              x.dtype, gemm)
+    return f
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("wa", ALL_WA)
@@ -384,15 +396,7 @@ def test_gpu_bad_input_errors():
 @pytest.mark.gpu
 def test_gpu_ops_trace_under_torch_compile():
     qw = make_intact(64, 256, 8, 8, 128, device="cuda")
-    kw = cia.to_kernel_weight(qw, cia.MODE_I8)
-    lay = kw.layout
-
-    def f(x):
-        q, s = torch.ops.vlmkern.int_act_quantize(x, 8, None, lay.group, lay.group_pad,
-                                                  lay.k_pad, 0)
-        return torch.ops.vlmkern.int_act_gemm(q, s, kw.w, kw.w_scale_t, None, lay.group_pad, 0,
-                                              x.dtype)
-
+    f = quantize_and_gemm(cia.to_kernel_weight(qw, cia.MODE_I8), cia.GEMM_MMA)
     x = act(5, 256, torch.float16)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=0)
 
@@ -452,15 +456,7 @@ def test_gpu_wgmma_batch_invariant_selected_and_traceable(monkeypatch):
     assert ops.which_kernel(x, qw) == "cuda.int_act_wgmma"
     assert ops.which_kernel(x[:63], qw) == "cuda.int_act"
     assert torch.equal(ops.linear(x, qw), full)
-    kw = cia.to_kernel_weight(qw, cia.MODE_I8)
-    lay = kw.layout
-
-    def f(x):
-        q, s = torch.ops.vlmkern.int_act_quantize(x, 8, None, lay.group, lay.group_pad,
-                                                  lay.k_pad, 0)
-        return torch.ops.vlmkern.int_act_gemm(q, s, kw.w, kw.w_scale_t, None, lay.group_pad, 0,
-                                              x.dtype, cia.GEMM_WGMMA)
-
+    f = quantize_and_gemm(cia.to_kernel_weight(qw, cia.MODE_I8), cia.GEMM_WGMMA)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=0)
 
 
