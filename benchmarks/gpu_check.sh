@@ -12,8 +12,9 @@
 # Environment: ARCH (default 9.0a), BUILD_S / TEST_S / SANITIZE_S / BENCH_S /
 # PROFILE_S phase limits (0 skips the memcheck or profile phase); PROFILE_ARGS
 # go to the weight-only profile_linear.py run (default: gate/up, M = 1,
-# W4 g128, the opt-in post-scale kernel); two more profile W8A8 at M = 4096
-# (mma.sync and wgmma GEMMs) and binary at M = 1 (plain and prefetching).
+# W4 g128, the opt-in post-scale kernel); more runs profile W8A8 at M = 4096
+# (mma.sync and wgmma GEMMs), binary at M = 1 (plain and prefetching) and the
+# dequantize kernel W4 prefill runs in front of cuBLAS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_check.sh OUTDIR [TESTS] [BENCH_ARGS...]}
@@ -82,4 +83,11 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
     >"$out/profile_binary.log" 2>&1
   rc=$?; phase profile_binary $rc "$t"; grep -E "Duration|Memory Throughput" \
     "$out/profile_binary.log" | head -8
+  # W4 at prefill size: the dequantize kernel in front of cuBLAS
+  t=$(date +%s)
+  (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --section SpeedOfLight --section WarpStateStats \
+    -k "regex:dequant" --launch-count 2 "$py" profile_linear.py --format "W4 g128" --m 4096 --reps 1) \
+    >"$out/profile_dequant.log" 2>&1
+  rc=$?; phase profile_dequant $rc "$t"; grep -E "Duration|Memory Throughput" \
+    "$out/profile_dequant.log" | head -4
 fi
