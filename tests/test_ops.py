@@ -320,6 +320,10 @@ def test_available_backends_lists_all_with_reasons():
     torch_b = info["torch"]
     assert torch_b["available"] is True
     assert {"torch.weight_only", "torch.int_act", "torch.binary"} <= set(torch_b["kernels"])
+    assert torch_b["opt_in"] == []
+    assert set(info["cuda"]["opt_in"]) == {"cuda.weight_only_post_scale", "cuda.int_act_wgmma",
+                                           "cuda.binary_prefetch"}
+    assert set(info["cuda"]["opt_in"]) <= set(info["cuda"]["kernels"])
     if not torch.cuda.is_available():
         assert info["cuda"]["available"] is False
         assert "cuda" in info["cuda"]["reason"].lower()

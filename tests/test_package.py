@@ -35,6 +35,8 @@ def test_cli_info_lists_backends_with_reasons():
     for name in ("cuda", "triton", "torch"):
         assert f"  {name} " in out.stdout
     assert "torch   available" in out.stdout
+    assert "cuda.int_act_wgmma (opt-in: VLMKERN_ENABLE)" in out.stdout
+    assert "cuda.int_act (opt-in" not in out.stdout
     if "gpu          none" in out.stdout:
         assert "cuda    unavailable" in out.stdout
 

@@ -31,7 +31,9 @@ def cmd_info(args) -> int:
         mode = "" if b["auto"] else ", opt-in only"
         print(f"  {name:<7} {state}{mode}: {b['reason']}")
         if b["kernels"]:
-            print(f"          kernels: {', '.join(b['kernels'])}")
+            names = [k + (" (opt-in: VLMKERN_ENABLE)" if k in b["opt_in"] else "")
+                     for k in b["kernels"]]
+            print(f"          kernels: {', '.join(names)}")
     return 0
 
 

@@ -201,5 +201,6 @@ def available_backends() -> dict[str, dict]:
         b = BACKENDS[name]
         ok, why = b.status()
         out[name] = {"available": ok, "reason": why, "auto": b.auto,
-                     "kernels": [k.name for k in b.kernels]}
+                     "kernels": [k.name for k in b.kernels],
+                     "opt_in": [k.name for k in b.kernels if k.opt_in]}
     return out
