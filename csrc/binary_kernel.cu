@@ -345,16 +345,15 @@ gemm_kernel(const uint2* __restrict__ xb, const float* __restrict__ xsum,
         if (block_end) {
           // c0/c1: row g with x' / x'' of token tig; c2/c3: row g + 8.
           if (blk < d.nblk) {
-            const bool prefetched = PREFETCH;
-            const Coeffs ca = prefetched ? pre.row[0]
+            const Coeffs ca = PREFETCH ? pre.row[0]
                 : row_coeffs(stats, stats_dtype, (min(row_a, d.N - 1) * d.nblk + blk) * 8);
-            const Coeffs cb = prefetched ? pre.row[1]
+            const Coeffs cb = PREFETCH ? pre.row[1]
                 : row_coeffs(stats, stats_dtype, (min(row_b, d.N - 1) * d.nblk + blk) * 8);
 #pragma unroll
             for (int t = 0; t < TG; ++t) {
               const int64_t token = 4 * (group0 + t) + tig;
               float sum_plain = 0.f, sum_sal = 0.f;
-              if (prefetched) {
+              if (PREFETCH) {
                 sum_plain = pre.plain[t];
                 sum_sal = pre.sal[t];
               } else if (token < d.M) {

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 
 from tiny_models import (build_llama, build_llava, build_qwen2, build_qwen2vl,  # noqa: E402
-                         padded_llama)
+                         crash_on_call, padded_llama)
 from tiny_models import logits as _logits, rel_error as _rel  # noqa: E402
 from tiny_models import second_sample as _second_sample, state_of as _state  # noqa: E402
 
@@ -243,15 +243,8 @@ def test_interrupted_awq_rtn_resumes_bit_identical(tmp_path, monkeypatch):
     clean, clean_report = awq_quantize_model(copy.deepcopy(model), samples, config,
                                              progress=False)
     real = engine.rtn_layer
-    calls = []
-
-    def crash_on_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "rtn_layer", crash_on_second)
+    monkeypatch.setattr(engine, "rtn_layer",
+                        crash_on_call(real, 2, KeyboardInterrupt("simulated crash")))
     with pytest.raises(KeyboardInterrupt):
         awq_quantize_model(copy.deepcopy(model), samples, config, work_dir=tmp_path,
                            progress=False)

@@ -11,7 +11,7 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from tiny_models import build_llama, build_llava, build_qwen2vl  # noqa: E402
+from tiny_models import build_llama, build_llava, build_qwen2vl, crash_on_call  # noqa: E402
 from tiny_models import logits as _logits, rel_error as _rel  # noqa: E402
 from tiny_models import second_sample as _second_sample, state_of as _state  # noqa: E402
 
@@ -87,16 +87,10 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, monkeypatch):
     clean, clean_report = quantize_model(copy.deepcopy(model), samples, method,
                                          work_dir=tmp_path / "clean", progress=False)
 
-    calls = {"n": 0}
     real = LayerMethod.quantize
-
-    def crash_on_ninth(self, weight, stats):
-        calls["n"] += 1
-        if calls["n"] == 9:            # layer 1, second linear
-            raise KeyboardInterrupt("simulated crash")
-        return real(self, weight, stats)
-
-    monkeypatch.setattr(LayerMethod, "quantize", crash_on_ninth)
+    # the ninth call is layer 1's second linear
+    monkeypatch.setattr(LayerMethod, "quantize",
+                        crash_on_call(real, 9, KeyboardInterrupt("simulated crash")))
     with pytest.raises(KeyboardInterrupt):
         quantize_model(copy.deepcopy(model), samples, method, work_dir=tmp_path / "run",
                        progress=False)

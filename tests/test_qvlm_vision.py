@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from tiny_models import build_llama, build_llava, build_qwen2vl
+from tiny_models import build_llama, build_llava, build_qwen2vl, crash_on_call
 from tiny_models import state_of as _state  # noqa: E402
 from vlmkern.calib.qvlm import QVLMConfig, qvlm_quantize
 from vlmkern.calib.qvlm_vision import VisionOptConfig, optimize_vision, vision_linears
@@ -176,15 +176,8 @@ def test_a_crashed_run_resumes_to_the_same_model(tmp_path, monkeypatch):
 
     # crash in the second block's search: the vision tower and block 0 are saved
     real_search = qvlm_mod._search_block
-    calls = []
-
-    def crash_on_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated crash")
-        return real_search(*args, **kwargs)
-
-    monkeypatch.setattr(qvlm_mod, "_search_block", crash_on_second)
+    monkeypatch.setattr(qvlm_mod, "_search_block",
+                        crash_on_call(real_search, 2, RuntimeError("simulated crash")))
     with pytest.raises(RuntimeError, match="simulated crash"):
         qvlm_quantize(copy.deepcopy(model), [inputs], cfg, progress=False, vision=vision,
                       work_dir=tmp_path)
@@ -192,7 +185,7 @@ def test_a_crashed_run_resumes_to_the_same_model(tmp_path, monkeypatch):
     assert not (tmp_path / "block_0001.json").exists()
 
     # the rerun trains nothing and searches only the second block
-    calls.clear()
+    calls = []
     monkeypatch.setattr(qvlm_mod, "_search_block", lambda *a, **k: (calls.append(1),
                                                                     real_search(*a, **k))[1])
 

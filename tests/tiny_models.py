@@ -156,3 +156,15 @@ def padded_llama():
                                                                           dtype=torch.long)], 1)]),
               "attention_mask": torch.tensor([[1] * 9, [1] * 5 + [0] * 4])}
     return model, padded, [{"input_ids": long}, {"input_ids": short}]
+
+
+def crash_on_call(real, n: int, exc: BaseException):
+    """``real`` wrapped to raise ``exc`` on its n-th call (a simulated crash);
+    ``wrapper.calls`` counts the calls so far."""
+    def wrapper(*args, **kwargs):
+        wrapper.calls += 1
+        if wrapper.calls == n:
+            raise exc
+        return real(*args, **kwargs)
+    wrapper.calls = 0
+    return wrapper
