@@ -142,6 +142,15 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int sr
                "r"(src_bytes)
                : "memory");
 }
+// The copy only where `pred` holds, as one predicated instruction (no branch).
+__device__ __forceinline__ void cp_async16_if(uint32_t pred, uint32_t dst, const void* src,
+                                              int src_bytes) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %0, 0;\n"
+      " @p cp.async.cg.shared.global [%1], [%2], 16, %3;\n}"
+      ::"r"(pred), "r"(dst), "l"(src), "r"(src_bytes)
+      : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;" ::: "memory");
 }
@@ -193,7 +202,7 @@ struct StageLayout {
   static constexpr int kWeightBytes = kWarps * 256 * BITS;
   static constexpr int kXRows = M_TILES * 8;
   static constexpr int kXBytes = kXRows * kXRowBytes;
-  __host__ __device__ static int bytes(int slots) {
+  __host__ __device__ static constexpr int bytes(int slots) {
     return kWeightBytes + kWarps * slots * kSlotBytes + kXBytes;
   }
 };
@@ -235,6 +244,75 @@ __device__ __forceinline__ void load_unit(const Params& p, uint32_t stage, int64
     }
   }
 }
+
+// A value the compiler cannot see through, so it keeps it in a register
+// instead of recomputing it from threadIdx inside the unit loop.
+__device__ __forceinline__ uint32_t opaque(uint32_t v) {
+  asm volatile("" : "+r"(v));
+  return v;
+}
+
+// The copies of successive units for the post-scale kernel, with each
+// thread's global addresses kept as running pointers: a unit costs a few
+// additions instead of load_unit's 64-bit products. Same pieces, same places.
+template <int BITS, int M_TILES, int SLOTS>
+struct UnitStream {
+  using L = StageLayout<BITS, M_TILES>;
+  static constexpr int kWeightPieces = L::kWeightBytes / 16;
+  static constexpr int kScaleBytes = kWarps * SLOTS * kSlotBytes;  // per unit
+  static constexpr int kScalePieces = kScaleBytes / 16;
+  static_assert(L::kXRows * 16 <= kThreads, "one activation piece per thread at most");
+
+  const unsigned char* w;   // this thread's first weight piece of the next unit
+  const unsigned char* sz;  // its scale piece of the next unit
+  const uint16_t* x_row;    // its activation row
+  int col;                  // its first activation column in the next unit
+  int col_wrap;             // C * kChunk: the next row block starts at column 0
+  int ldx;
+  uint32_t dst;             // its weight piece's offset in a stage
+  uint32_t x_dst;           // its activation piece's offset in a stage
+  uint32_t copies_scale, copies_x;  // 0 or 1
+
+  __device__ __forceinline__ UnitStream(const Params& p, int64_t u, int c) {
+    const int tid = threadIdx.x;
+    w = p.wq + u * L::kWeightBytes + 16 * tid;
+    sz = p.sz + u * kScaleBytes + 16 * tid;
+    const int row = tid >> 4;
+    copies_scale = opaque(tid < kScalePieces);
+    copies_x = opaque(tid < L::kXRows * 16 && row < p.M);  // rows >= M stay zero
+    x_row = p.x + static_cast<int64_t>(copies_x ? row : 0) * p.ldx;
+    col = c * kChunk + (tid & 15) * 8;
+    col_wrap = opaque(p.C * kChunk);
+    ldx = p.ldx;
+    dst = opaque(16 * tid);
+    x_dst = opaque(L::kWeightBytes + kScaleBytes + row * kXRowBytes + (tid & 15) * 16);
+  }
+
+  // Enqueue the next unit's copies into the stage at shared address `stage`.
+  __device__ __forceinline__ void load(uint32_t stage) const {
+    cp_async16_if(copies_scale, stage + dst + L::kWeightBytes, sz, 16);
+#pragma unroll
+    for (int r = 0; r < (kWeightPieces + kThreads - 1) / kThreads; ++r) {
+      if constexpr (kWeightPieces % kThreads == 0)
+        cp_async16(stage + dst + 16 * r * kThreads, w + 16 * r * kThreads, 16);
+      else if (r < kWeightPieces / kThreads)
+        cp_async16(stage + dst + 16 * r * kThreads, w + 16 * r * kThreads, 16);
+      else
+        cp_async16_if(dst < 16 * (kWeightPieces % kThreads), stage + dst + 16 * r * kThreads,
+                      w + 16 * r * kThreads, 16);
+    }
+    // columns >= ldx are zero-filled
+    const bool in_k = col < ldx;
+    cp_async16_if(copies_x, stage + x_dst, in_k ? x_row + col : x_row, in_k ? 16 : 0);
+  }
+
+  __device__ __forceinline__ void advance() {
+    w += L::kWeightBytes;
+    sz += kScaleBytes;
+    col += kChunk;
+    if (col >= col_wrap) col -= col_wrap;
+  }
+};
 
 // This lane's code words of a warp's 16x128 tile (at `wtile` in shared memory).
 template <int BITS>
@@ -371,19 +449,52 @@ __device__ __forceinline__ uint32_t q_minus_z(const uint32_t (&w)[2 * BITS], int
   return T::fma_bcast(v, T::pow2_2(-e), zmc[e / 2], r & 1);
 }
 
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+
+// This lane's shared-memory offsets within a stage, computed once per kernel.
+template <int BITS, int M_TILES, int SLOTS>
+struct LaneOffsets {
+  uint32_t words;     // its first 16 code bytes
+  uint32_t words_hi;  // its remaining code bytes (bits 3 and 4)
+  uint32_t slot;      // its rows' scale slot 0
+  uint32_t x;         // its first ldmatrix row
+  __device__ __forceinline__ LaneOffsets() {
+    using L = StageLayout<BITS, M_TILES>;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    words = opaque(warp * 256 * BITS + 16 * lane);
+    words_hi = opaque(warp * 256 * BITS + 512 + (BITS == 3 ? 8 : 16) * lane);
+    slot = opaque(L::kWeightBytes + (warp * SLOTS * 8 + (lane >> 2)) * 8);
+    x = opaque(x_fragment_base<BITS, M_TILES>(0, SLOTS, lane));
+  }
+};
+
 template <int BITS, int M_TILES, class T, int SLOT_LOG2>
-__device__ __forceinline__ void compute_unit_post_scale(const unsigned char* stage,
-                                                        uint32_t stage_addr,
+__device__ __forceinline__ void compute_unit_post_scale(uint32_t stage,
+                                                        const LaneOffsets<BITS, M_TILES, (8 >> SLOT_LOG2)>& at,
                                                         float (&acc)[M_TILES][4]) {
-  using L = StageLayout<BITS, M_TILES>;
-  constexpr int kSlots = 8 >> SLOT_LOG2;
   constexpr int kStepsPerSlot = 1 << SLOT_LOG2;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2;
   uint32_t w[2 * BITS];
-  load_lane_words<BITS>(stage + warp * 256 * BITS, lane, w);
-  const uint2* slots = reinterpret_cast<const uint2*>(stage + L::kWeightBytes) + warp * kSlots * 8;
-  const uint32_t xs = x_fragment_base<BITS, M_TILES>(stage_addr, kSlots, lane);
+  const uint4 lo = lds128(stage + at.words);
+  w[0] = lo.x; w[1] = lo.y; w[2] = lo.z; w[3] = lo.w;
+  if constexpr (BITS == 4) {
+    const uint4 hi = lds128(stage + at.words_hi);
+    w[4] = hi.x; w[5] = hi.y; w[6] = hi.z; w[7] = hi.w;
+  } else if constexpr (BITS == 3) {
+    const uint2 hi = lds64(stage + at.words_hi);
+    w[4] = hi.x; w[5] = hi.y;
+  }
+  const uint32_t xs = stage + at.x;
   uint32_t zmc[5];
   float s_lo = 0.f, s_hi = 0.f;
   float sum[M_TILES][4];
@@ -395,7 +506,7 @@ __device__ __forceinline__ void compute_unit_post_scale(const unsigned char* sta
     for (int h = 0; h < 2; ++h) {
       const int kt = 2 * kp + h;
       if (kt % kStepsPerSlot == 0) {
-        const uint2 sv = slots[(kt / kStepsPerSlot) * 8 + g];
+        const uint2 sv = lds64(stage + at.slot + (kt / kStepsPerSlot) * 64);
         s_lo = T::to_float(sv.x);
         s_hi = T::to_float(sv.x >> 16);
         zmc[0] = sv.y;   // -(magic + z); the others are exact: magic*(1 - 4^-i) - (magic + z)
@@ -503,6 +614,14 @@ __device__ void finish_rows(const Params& p, int64_t b, float (&acc)[M_TILES][4]
   if (threadIdx.x == 0) p.counters[b] = 0;  // ready for the next launch
 }
 
+// Pick<c, A, B>::type is A if c else B.
+template <bool C, class A, class B> struct Pick { using type = A; };
+template <class A, class B> struct Pick<false, A, B> { using type = B; };
+struct Unused {
+  __device__ Unused() {}
+  __device__ Unused(const Params&, int64_t, int) {}
+};
+
 // POST_SLOT_LOG2 < 0: the exact decode with slots read from p.slot_log2;
 // 0..3: the post-scale decode for that (compile-time) slot width.
 template <int BITS, int M_TILES, class T, int STAGES, int POST_SLOT_LOG2>
@@ -510,8 +629,13 @@ __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) 
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int is_last;
   using L = StageLayout<BITS, M_TILES>;
-  const int stage_bytes = L::bytes(p.slots);
-  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  // The post-scale kernel's slot count is a compile-time constant, and it
+  // keeps the shared base in a register (the compiler would recompute it).
+  constexpr bool kPost = POST_SLOT_LOG2 >= 0;
+  constexpr int kPostSlots = kPost ? 8 >> POST_SLOT_LOG2 : 1;
+  const int stage_bytes = kPost ? L::bytes(kPostSlots) : L::bytes(p.slots);
+  const uint32_t smem_base = kPost ? opaque(static_cast<uint32_t>(__cvta_generic_to_shared(smem)))
+                                   : static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 
   // Token rows >= M of every stage's activation tile stay zero (the copies
   // never touch them); the first barrier in the loop publishes these stores.
@@ -531,12 +655,20 @@ __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) 
   int64_t b = u_begin / p.C;
   int c = static_cast<int>(u_begin - b * p.C);
   int load_c = c;
+  // The post-scale kernel's loader and lane offsets (unused by the exact decode).
+  typename Pick<kPost, UnitStream<BITS, M_TILES, kPostSlots>, Unused>::type stream(p, u_begin, c);
+  const typename Pick<kPost, LaneOffsets<BITS, M_TILES, kPostSlots>, Unused>::type lane_at;
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < n_units) {
-      load_unit<BITS, M_TILES>(p, smem_base + s * stage_bytes, u_begin + s, load_c);
-      if (++load_c == p.C) load_c = 0;
+      if constexpr (kPost) {
+        stream.load(smem_base + s * stage_bytes);
+        stream.advance();
+      } else {
+        load_unit<BITS, M_TILES>(p, smem_base + s * stage_bytes, u_begin + s, load_c);
+        if (++load_c == p.C) load_c = 0;
+      }
     }
     cp_async_commit();  // empty groups keep the group count uniform
   }
@@ -553,15 +685,20 @@ __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) 
     cp_async_wait<STAGES - 2>();  // unit i has landed (for this thread's copies)
     __syncthreads();              // ... and for everyone's; stage i-1 is free again
     if (i + STAGES - 1 < n_units) {
-      load_unit<BITS, M_TILES>(p, smem_base + next_stage * stage_bytes, u_begin + i + STAGES - 1, load_c);
-      if (++load_c == p.C) load_c = 0;
+      if constexpr (kPost) {
+        stream.load(smem_base + next_stage * stage_bytes);
+        stream.advance();
+      } else {
+        load_unit<BITS, M_TILES>(p, smem_base + next_stage * stage_bytes, u_begin + i + STAGES - 1, load_c);
+        if (++load_c == p.C) load_c = 0;
+      }
     }
     cp_async_commit();
     if constexpr (POST_SLOT_LOG2 < 0)
       compute_unit<BITS, M_TILES, T>(p, smem + stage * stage_bytes, smem_base + stage * stage_bytes, acc);
     else
-      compute_unit_post_scale<BITS, M_TILES, T, POST_SLOT_LOG2>(smem + stage * stage_bytes,
-                                                                 smem_base + stage * stage_bytes, acc);
+      compute_unit_post_scale<BITS, M_TILES, T, POST_SLOT_LOG2>(smem_base + stage * stage_bytes,
+                                                                 lane_at, acc);
     if (++stage == STAGES) stage = 0;
     if (++next_stage == STAGES) next_stage = 0;
 
