@@ -14,7 +14,8 @@
 # go to the weight-only profile_linear.py run (default: gate/up, M = 1,
 # W4 g128, the opt-in post-scale kernel); more runs profile W8A8 at M = 4096
 # (mma.sync and wgmma GEMMs), binary at M = 1 (plain and prefetching) and the
-# dequantize kernel W4 prefill runs in front of cuBLAS.
+# dequantize kernels W4 prefill runs in front of cuBLAS (general and fast)
+# next to the Hopper weight-only kernel.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_check.sh OUTDIR [TESTS] [BENCH_ARGS...]}
@@ -50,6 +51,20 @@ if [ "${SANITIZE_S:-300}" -gt 0 ] && command -v compute-sanitizer >/dev/null; th
     tests/test_cuda_weight_only.py tests/test_cuda_int_act.py tests/test_cuda_binary.py \
     >"$out/sanitize.log" 2>&1
   rc=$?; phase memcheck $rc "$t"; grep -E "ERROR SUMMARY|passed|failed" "$out/sanitize.log" | tail -3
+  # the fast dequantize kernel on its awkward shapes
+  t=$(date +%s)
+  timeout "${SANITIZE_S:-300}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$py" -m pytest -q -p no:cacheprovider -k fast_dequant_matches tests/test_ext.py \
+    >"$out/sanitize_dequant.log" 2>&1
+  rc=$?; phase memcheck_dequant $rc "$t"; grep -E "ERROR SUMMARY|passed|failed" \
+    "$out/sanitize_dequant.log" | tail -3
+  # the Hopper weight-only kernel: a small run (ragged rows, columns and tokens)
+  t=$(date +%s)
+  VLMKERN_WO_SANITIZE=1 timeout "${SANITIZE_S:-300}" compute-sanitizer --tool memcheck \
+    --error-exitcode 9 "$py" -m pytest -q -p no:cacheprovider -k sanitizer_smoke \
+    tests/test_cuda_weight_only_sm90.py >"$out/sanitize_wgmma.log" 2>&1
+  rc=$?; phase memcheck_wgmma $rc "$t"; grep -E "ERROR SUMMARY|passed|failed|skipped" \
+    "$out/sanitize_wgmma.log" | tail -3
 fi
 
 t=$(date +%s)
@@ -83,11 +98,14 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
     >"$out/profile_binary.log" 2>&1
   rc=$?; phase profile_binary $rc "$t"; grep -E "Duration|Memory Throughput" \
     "$out/profile_binary.log" | head -8
-  # W4 at prefill size: the dequantize kernel in front of cuBLAS
+  # W4 at prefill size: the dequantize kernels in front of cuBLAS, general
+  # (dequant_groupwise_kernel) then fast (dequant_fast_kernel), two launches
+  # each, then the Hopper weight-only kernel, which needs no dequantized copy
   t=$(date +%s)
   (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --section SpeedOfLight --section WarpStateStats \
-    -k "regex:dequant" --launch-count 2 "$py" profile_linear.py --format "W4 g128" --m 4096 --reps 1) \
+    -k "regex:dequant|weight_only_wgmma" --launch-count 6 "$py" profile_linear.py --format "W4 g128" \
+    --m 4096 --reps 1 --enable cuda.dequant_fast_cublas,cuda.weight_only_wgmma) \
     >"$out/profile_dequant.log" 2>&1
-  rc=$?; phase profile_dequant $rc "$t"; grep -E "Duration|Memory Throughput" \
-    "$out/profile_dequant.log" | head -4
+  rc=$?; phase profile_dequant $rc "$t"; grep -E "dequant_|wgmma|Duration|Memory Throughput|Compute \(SM\)" \
+    "$out/profile_dequant.log" | head -24
 fi

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL = re.compile(r"weight_only_mma_kernelILi(\d)ELi(\d)ENS_\d+(\w+?)ELi\d+EL(i|in)(\d)EEEv")
+KERNEL = re.compile(r"weight_only_mma_kernelILi(\d)ELi(\d)EN\w*?\d(F16|BF16)ELi\d+EL(i|in)(\d)EEEv")
 
 
 def cuobjdump() -> str:

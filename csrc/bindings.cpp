@@ -87,7 +87,7 @@ int64_t check_inputs(const at::Tensor& qweight, const std::optional<at::Tensor>&
 
 at::Tensor dequant_groupwise_cuda(const at::Tensor& qweight, const std::optional<at::Tensor>& qzeros,
                                   const at::Tensor& scales, int64_t bits, int64_t group_size,
-                                  int64_t in_features, c10::ScalarType out_dtype) {
+                                  int64_t in_features, c10::ScalarType out_dtype, bool fast) {
   TORCH_CHECK(qweight.is_cuda(), "vlmkern.dequant_groupwise: qweight must be a CUDA tensor, got ",
               qweight.device());
   const int64_t N = check_inputs(qweight, qzeros, scales, bits, group_size, in_features, out_dtype);
@@ -101,7 +101,8 @@ at::Tensor dequant_groupwise_cuda(const at::Tensor& qweight, const std::optional
                      ->getStream(qweight.device())
                      .native_handle();
 
-  const int status = vlmkern_dequant_groupwise(
+  // fast: the fast kernel where it applies (same output bits), else the general one
+  const int status = (fast ? vlmkern_dequant_groupwise_fast : vlmkern_dequant_groupwise)(
       qweight.data_ptr<int32_t>(), qzeros.has_value() ? qzeros->data_ptr<int32_t>() : nullptr,
       scales.data_ptr(), scale_code(scales.scalar_type()), out.data_ptr(),
       out_dtype == at::kHalf ? VLMKERN_DTYPE_F16 : VLMKERN_DTYPE_BF16, N, K,
@@ -113,7 +114,7 @@ at::Tensor dequant_groupwise_cuda(const at::Tensor& qweight, const std::optional
 // Shape-only implementation so torch.compile / FakeTensor can trace the op.
 at::Tensor dequant_groupwise_meta(const at::Tensor& qweight, const std::optional<at::Tensor>& qzeros,
                                   const at::Tensor& scales, int64_t bits, int64_t group_size,
-                                  int64_t in_features, c10::ScalarType out_dtype) {
+                                  int64_t in_features, c10::ScalarType out_dtype, bool /*fast*/) {
   const int64_t N = check_inputs(qweight, qzeros, scales, bits, group_size, in_features, out_dtype);
   return at::empty({N, in_features}, qweight.options().dtype(out_dtype));
 }
@@ -123,7 +124,7 @@ at::Tensor dequant_groupwise_meta(const at::Tensor& qweight, const std::optional
 TORCH_LIBRARY(vlmkern, m) {
   m.def(
       "dequant_groupwise(Tensor qweight, Tensor? qzeros, Tensor scales, int bits, "
-      "int group_size, int in_features, ScalarType out_dtype) -> Tensor");
+      "int group_size, int in_features, ScalarType out_dtype, bool fast=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) { m.impl("dequant_groupwise", &dequant_groupwise_cuda); }

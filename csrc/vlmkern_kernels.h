@@ -49,6 +49,15 @@ int vlmkern_dequant_groupwise(const int32_t* qweight, const int32_t* qzeros,
                               int out_dtype, int64_t N, int64_t K, int bits,
                               int64_t group_size, void* stream);
 
+// The same contract and the same output bits, through a faster kernel where
+// it applies (bits 2, 3, 4 or 8; K a multiple of 8; group_size a power of two
+// >= 8, or >= K; 16-byte aligned out; sizes below 2^31 elements) and the
+// general kernel otherwise.
+int vlmkern_dequant_groupwise_fast(const int32_t* qweight, const int32_t* qzeros,
+                                   const void* scales, int scale_dtype, void* out,
+                                   int out_dtype, int64_t N, int64_t K, int bits,
+                                   int64_t group_size, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,4 +1,5 @@
-// C interface of the tensor-core weight-only matmul (W2/W3/W4, M = 1..64).
+// C interface of the tensor-core weight-only matmuls (W2/W3/W4): mma.sync for
+// M = 1..64 on every GPU from sm_80, wgmma for any M on sm_90a.
 //
 // Free of torch and CUDA types so that any C++ host code can include it.
 //
@@ -79,6 +80,19 @@ int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, const int32_t
                             const void* bias, int bias_dtype, void* out, int64_t N,
                             float* workspace, int32_t* counters, int64_t num_ctas, int act_dtype,
                             int decode, void* stream);
+
+// The Hopper kernel (csrc/weight_only_sm90_kernel.cu, sm_90a builds): the same
+// arguments without workspace, counters, num_ctas and decode (the exact
+// decode), any M >= 1, NB <= 65535. One thread block per 128 weight rows and
+// 128 tokens; the result does not depend on M.
+int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
+                              const int32_t* sz, int64_t NB, int64_t C, int slot_log2, int bits,
+                              const void* bias, int bias_dtype, void* out, int64_t N,
+                              int act_dtype, void* stream);
+
+// *available = 1 when the current device is sm_90 and this build holds the
+// sm_90a code of the kernel above, else 0.
+int vlmkern_weight_only_sm90_available(int* available);
 
 #ifdef __cplusplus
 }

@@ -1,7 +1,8 @@
 // Torch binding of the tensor-core weight-only matmul (weight_only.h):
 // argument checks with clear messages, output and workspace allocation, the
-// current stream, and registration as torch.ops.vlmkern.weight_only_mma with
-// CUDA and Meta implementations (the Meta one lets torch.compile trace it).
+// current stream, and registration as torch.ops.vlmkern.weight_only_mma and
+// torch.ops.vlmkern.weight_only_wgmma (the Hopper kernel, any M) with CUDA and
+// Meta implementations (the Meta one lets torch.compile trace it).
 //
 // Like bindings.cpp, only device-generic torch headers are used, so the file
 // compiles against a CPU-only torch; this file adds to the vlmkern library that
@@ -31,15 +32,15 @@ std::string shape_of(c10::IntArrayRef sizes) {
   return s + "]";
 }
 
-void expect_shape(const at::Tensor& t, const char* name, const char* formula,
+void expect_shape(const char* op, const at::Tensor& t, const char* name, const char* formula,
                   const std::vector<int64_t>& expected) {
-  TORCH_CHECK(t.sizes() == c10::IntArrayRef(expected), kOp, name, " must have shape ", formula,
+  TORCH_CHECK(t.sizes() == c10::IntArrayRef(expected), op, name, " must have shape ", formula,
               " = ", shape_of(expected), ", got ", shape_of(t.sizes()));
 }
 
-void expect_common(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), kOp, name, " is on ", t.device(), " but x is on ", x.device());
-  TORCH_CHECK(t.is_contiguous(), kOp, name, " must be contiguous");
+void expect_common(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), op, name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK(t.is_contiguous(), op, name, " must be contiguous");
 }
 
 int dtype_code(c10::ScalarType t) {
@@ -53,49 +54,57 @@ int dtype_code(c10::ScalarType t) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Checks shared by the CUDA and Meta implementations.
+// Checks of x, the layout and bias, shared by both ops (`op` names the op in
+// messages) and by their CUDA and Meta implementations.
+void check_layout(const char* op, const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
+                  const std::optional<at::Tensor>& bias, int64_t bits, int64_t out_features,
+                  int64_t slot_log2) {
+  TORCH_CHECK(bits >= 2 && bits <= 4, op, "bits must be 2, 3 or 4, got ", bits);
+  TORCH_CHECK(slot_log2 >= 0 && slot_log2 <= 3, op, "slot_log2 must be in 0..3, got ", slot_log2);
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              "x must be float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, op, "x must be 2-D [M, K], got shape ", shape_of(x.sizes()));
+  TORCH_CHECK(x.is_contiguous(), op, "x must be contiguous");
+  TORCH_CHECK(x.size(1) % 8 == 0, op, "x's row length must be a multiple of 8 (pad with zeros), got ",
+              x.size(1));
+  TORCH_CHECK(wq.scalar_type() == at::kInt && sz.scalar_type() == at::kInt, op,
+              "wq and sz must be int32, got ", wq.scalar_type(), " and ", sz.scalar_type());
+  TORCH_CHECK(wq.dim() == 4, op, "wq must be 4-D [NB, C, 8, 64*bits], got shape ", shape_of(wq.sizes()));
+  const int64_t NB = wq.size(0), C = wq.size(1);
+  TORCH_CHECK(NB >= 1 && C >= 1, op, "wq must not be empty, got shape ", shape_of(wq.sizes()));
+  expect_shape(op, wq, "wq", "[NB, C, 8, 64*bits]", {NB, C, 8, 64 * bits});
+  expect_shape(op, sz, "sz", "[NB, C, 8, 8 >> slot_log2, 8, 2]", {NB, C, 8, 8 >> slot_log2, 8, 2});
+  expect_common(op, wq, "wq", x);
+  expect_common(op, sz, "sz", x);
+  TORCH_CHECK(out_features > (NB - 1) * kBlockRows && out_features <= NB * kBlockRows, op,
+              "out_features=", out_features, " does not match wq's ", NB, " blocks of ", kBlockRows, " rows");
+  TORCH_CHECK(ceil_div(x.size(1), kChunk) == C, op, "x has ", x.size(1),
+              " columns but the weight has ", C, " chunks of ", kChunk, " (in_features padded to 8)");
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(dtype_code(b.scalar_type()) >= 0, op,
+                "bias must be float16, bfloat16 or float32, got ", b.scalar_type());
+    expect_shape(op, b, "bias", "[out_features]", {out_features});
+    expect_common(op, b, "bias", x);
+  }
+}
+
 void check_inputs(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
                   const std::optional<at::Tensor>& bias, const at::Tensor& counters, int64_t bits,
                   int64_t out_features, int64_t slot_log2, int64_t num_ctas, int64_t decode) {
-  TORCH_CHECK(bits >= 2 && bits <= 4, kOp, "bits must be 2, 3 or 4, got ", bits);
   TORCH_CHECK(decode == VLMKERN_WO_DECODE_EXACT || decode == VLMKERN_WO_DECODE_POST_SCALE, kOp,
               "decode must be 0 (exact) or 1 (post-scale), got ", decode);
   TORCH_CHECK(decode == VLMKERN_WO_DECODE_EXACT || x.dim() != 2 ||
                   x.size(0) <= VLMKERN_WO_POST_SCALE_MAX_M,
               kOp, "the post-scale decode takes M <= ", VLMKERN_WO_POST_SCALE_MAX_M, ", got ",
               x.size(0));
-  TORCH_CHECK(slot_log2 >= 0 && slot_log2 <= 3, kOp, "slot_log2 must be in 0..3, got ", slot_log2);
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, kOp,
-              "x must be float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, kOp, "x must be 2-D [M, K], got shape ", shape_of(x.sizes()));
+  check_layout(kOp, x, wq, sz, bias, bits, out_features, slot_log2);
   TORCH_CHECK(x.size(0) <= VLMKERN_WO_MAX_M, kOp, "M (rows of x) must be at most ",
               VLMKERN_WO_MAX_M, ", got ", x.size(0));
-  TORCH_CHECK(x.is_contiguous(), kOp, "x must be contiguous");
-  TORCH_CHECK(x.size(1) % 8 == 0, kOp, "x's row length must be a multiple of 8 (pad with zeros), got ",
-              x.size(1));
-  TORCH_CHECK(wq.scalar_type() == at::kInt && sz.scalar_type() == at::kInt, kOp,
-              "wq and sz must be int32, got ", wq.scalar_type(), " and ", sz.scalar_type());
-  TORCH_CHECK(wq.dim() == 4, kOp, "wq must be 4-D [NB, C, 8, 64*bits], got shape ", shape_of(wq.sizes()));
   const int64_t NB = wq.size(0), C = wq.size(1);
-  TORCH_CHECK(NB >= 1 && C >= 1, kOp, "wq must not be empty, got shape ", shape_of(wq.sizes()));
-  expect_shape(wq, "wq", "[NB, C, 8, 64*bits]", {NB, C, 8, 64 * bits});
-  expect_shape(sz, "sz", "[NB, C, 8, 8 >> slot_log2, 8, 2]", {NB, C, 8, 8 >> slot_log2, 8, 2});
-  expect_common(wq, "wq", x);
-  expect_common(sz, "sz", x);
-  TORCH_CHECK(out_features > (NB - 1) * kBlockRows && out_features <= NB * kBlockRows, kOp,
-              "out_features=", out_features, " does not match wq's ", NB, " blocks of ", kBlockRows, " rows");
-  TORCH_CHECK(ceil_div(x.size(1), kChunk) == C, kOp, "x has ", x.size(1),
-              " columns but the weight has ", C, " chunks of ", kChunk, " (in_features padded to 8)");
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    TORCH_CHECK(dtype_code(b.scalar_type()) >= 0, kOp,
-                "bias must be float16, bfloat16 or float32, got ", b.scalar_type());
-    expect_shape(b, "bias", "[out_features]", {out_features});
-    expect_common(b, "bias", x);
-  }
   TORCH_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 && counters.numel() >= NB, kOp,
               "counters must be a 1-D int32 tensor of at least ", NB, " elements");
-  expect_common(counters, "counters", x);
+  expect_common(kOp, counters, "counters", x);
   TORCH_CHECK(num_ctas >= 1 && num_ctas <= NB * C, kOp, "num_ctas must be in 1..", NB * C,
               ", got ", num_ctas);
 }
@@ -133,6 +142,51 @@ at::Tensor weight_only_mma_meta(const at::Tensor& x, const at::Tensor& wq, const
   return at::empty({x.size(0), out_features}, x.options());
 }
 
+constexpr const char* kWgOp = "vlmkern.weight_only_wgmma: ";
+
+void check_wgmma(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
+                 const std::optional<at::Tensor>& bias, int64_t bits, int64_t out_features,
+                 int64_t slot_log2) {
+  check_layout(kWgOp, x, wq, sz, bias, bits, out_features, slot_log2);
+  TORCH_CHECK(wq.size(0) <= 65535, kWgOp, "at most 65535 blocks of 128 output rows, got ", wq.size(0));
+}
+
+at::Tensor weight_only_wgmma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
+                                  const std::optional<at::Tensor>& bias, int64_t bits,
+                                  int64_t out_features, int64_t slot_log2) {
+  TORCH_CHECK(x.is_cuda(), kWgOp, "x must be a CUDA tensor, got ", x.device());
+  check_wgmma(x, wq, sz, bias, bits, out_features, slot_log2);
+  const int64_t M = x.size(0);
+  c10::DeviceGuard guard(x.device());
+  at::Tensor out = at::empty({M, out_features}, x.options());
+  if (M == 0) return out;
+  void* stream =
+      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+  const int status = vlmkern_weight_only_wgmma(
+      x.data_ptr(), M, x.size(1), wq.data_ptr<int32_t>(), sz.data_ptr<int32_t>(), wq.size(0),
+      wq.size(1), static_cast<int>(slot_log2), static_cast<int>(bits),
+      bias.has_value() ? bias->data_ptr() : nullptr,
+      bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), out_features,
+      dtype_code(x.scalar_type()), stream);
+  TORCH_CHECK(status == VLMKERN_WO_OK, kWgOp, vlmkern_wo_status_message(status));
+  return out;
+}
+
+at::Tensor weight_only_wgmma_meta(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
+                                  const std::optional<at::Tensor>& bias, int64_t bits,
+                                  int64_t out_features, int64_t slot_log2) {
+  check_wgmma(x, wq, sz, bias, bits, out_features, slot_log2);
+  return at::empty({x.size(0), out_features}, x.options());
+}
+
+bool sm90_available() {
+  int available = 0;
+  const int status = vlmkern_weight_only_sm90_available(&available);
+  TORCH_CHECK(status == VLMKERN_WO_OK, "vlmkern.weight_only_sm90_available: ",
+              vlmkern_wo_status_message(status));
+  return available != 0;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
@@ -140,8 +194,19 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
   m.def(
       "weight_only_mma(Tensor x, Tensor wq, Tensor sz, Tensor? bias, Tensor(a!) counters, "
       "int bits, int out_features, int slot_log2, int num_ctas, int decode=0) -> Tensor");
+  m.def(
+      "weight_only_wgmma(Tensor x, Tensor wq, Tensor sz, Tensor? bias, int bits, "
+      "int out_features, int slot_log2) -> Tensor");
+  // Whether the wgmma kernel runs on the current device with this build.
+  m.def("weight_only_sm90_available() -> bool", &sm90_available);
 }
 
-TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) { m.impl("weight_only_mma", &weight_only_mma_cuda); }
+TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
+  m.impl("weight_only_mma", &weight_only_mma_cuda);
+  m.impl("weight_only_wgmma", &weight_only_wgmma_cuda);
+}
 
-TORCH_LIBRARY_IMPL(vlmkern, Meta, m) { m.impl("weight_only_mma", &weight_only_mma_meta); }
+TORCH_LIBRARY_IMPL(vlmkern, Meta, m) {
+  m.impl("weight_only_mma", &weight_only_mma_meta);
+  m.impl("weight_only_wgmma", &weight_only_wgmma_meta);
+}

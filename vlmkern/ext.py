@@ -43,16 +43,19 @@ def load_extension() -> tuple[ModuleType | None, str]:
 
 def dequant_groupwise(qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor,
                       bits: int, group_size: int, in_features: int,
-                      out_dtype: torch.dtype) -> torch.Tensor:
+                      out_dtype: torch.dtype, fast: bool = False) -> torch.Tensor:
     """Dense [N, in_features] weight of a canonical group-wise packed tensor.
 
     ``qweight`` int32 [N, ceil(K*bits/32)], ``qzeros`` int32
     [N, ceil(G*bits/32)] or None (symmetric), ``scales`` [N, G] fp16/bf16/fp32
     with G = ceil(K / group_size); all contiguous on one CUDA device.
-    ``out_dtype`` is torch.float16 or torch.bfloat16.
+    ``out_dtype`` is torch.float16 or torch.bfloat16. ``fast=True`` runs the
+    fast kernel where it applies (bits 2/3/4/8, K a multiple of 8, group size
+    a power of two >= 8 or >= K) and the general one elsewhere; the output bits
+    are the same either way.
     """
     module, reason = load_extension()
     if module is None:
         raise RuntimeError(f"vlmkern.ext.dequant_groupwise needs the CUDA extension: {reason}")
     return torch.ops.vlmkern.dequant_groupwise(qweight, qzeros, scales, int(bits), int(group_size),
-                                               int(in_features), out_dtype)
+                                               int(in_features), out_dtype, bool(fast))

@@ -6,7 +6,13 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import (
+    cuda_binary,
+    cuda_int_act,
+    cuda_weight_only,
+    cuda_weight_only_sm90,
+    reference,
+)
 from .backends import Backend, KernelSpec, register_backend
 
 # -- torch: the reference, runs everything everywhere -------------------------
@@ -43,34 +49,42 @@ def _probe_cuda() -> str | None:
     return None if module is not None else reason
 
 
-def _cuda_dequant_matmul(x, qweight, bias):
+def _cuda_dequant_matmul(x, qweight, bias, fast=False):
     """Dequantize with the CUDA kernel, then one cuBLAS GEMM (prefill-sized M)."""
     from ..ext import dequant_groupwise
     w = dequant_groupwise(qweight.qweight, qweight.qzeros, qweight.scales, qweight.bits,
                           qweight.group_size or qweight.in_features, qweight.in_features,
-                          x.dtype)
+                          x.dtype, fast=fast)
     if qweight.perm is not None:
         x = x[:, qweight.perm.long()]
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _cuda_dequant_fast_matmul(x, qweight, bias):
+    """The same with the fast dequantize kernel (bit-identical weight)."""
+    return _cuda_dequant_matmul(x, qweight, bias, fast=True)
 
 
 # Picked first on a GPU: its kernels pass the GPU tests on H100 and H200 and
 # measured faster than the Triton kernels at every size timed
 # (benchmarks/results/linear_*.md).
 CUDA = register_backend(Backend("cuda", probe=_probe_cuda))
-CUDA.register(KernelSpec("cuda.dequant_cublas", "weight_only", _cuda_dequant_matmul,
-                         dtypes=frozenset({torch.float16, torch.bfloat16}),
-                         devices=frozenset({"cuda"}), min_sm=(8, 0)))
+_DEQUANT = {"dtypes": frozenset({torch.float16, torch.bfloat16}),
+            "devices": frozenset({"cuda"}), "min_sm": (8, 0)}
+# The fast dequantize kernel (compile-time bits, 32-bit indices, one scale and
+# zero per 8 codes; the general kernel where it does not apply) is opt-in
+# (VLMKERN_ENABLE=cuda.dequant_fast_cublas) until its GPU tests pass.
+CUDA.register(KernelSpec("cuda.dequant_fast_cublas", "weight_only", _cuda_dequant_fast_matmul,
+                         opt_in=True, **_DEQUANT))
+CUDA.register(KernelSpec("cuda.dequant_cublas", "weight_only", _cuda_dequant_matmul, **_DEQUANT))
 
 # Tensor-core weight-only kernel for M <= 64 (csrc/weight_only_kernel.cu); tried
-# before dequantize + cuBLAS, which keeps larger M and what it declines.
-from . import cuda_weight_only  # noqa: E402
-
+# before dequantize + cuBLAS, which keeps larger M and what it declines. The
+# Hopper kernel for M > 64 (csrc/weight_only_sm90_kernel.cu) goes first, opt-in.
 cuda_weight_only.register(CUDA)
+cuda_weight_only_sm90.register(CUDA)
 
 # Integer-activation GEMM (csrc/int_act_kernel.cu) and binarized matmul
 # (csrc/binary_kernel.cu).
-from . import cuda_binary, cuda_int_act  # noqa: E402
-
 cuda_int_act.register(CUDA)
 cuda_binary.register(CUDA)

@@ -402,6 +402,22 @@ def _multiprocessors(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+def kernel_inputs(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None):
+    """x and bias as the kernels take them: columns in stored (act-order) order,
+    rows padded to a multiple of 8 columns, contiguous and 16-byte aligned;
+    bias contiguous in fp16, bf16 or fp32."""
+    if qweight.perm is not None:
+        x = x.index_select(1, qweight.perm.long())
+    pad = -x.shape[1] % 8   # 16-byte rows for cp.async; the kernels zero-fill the rest
+    x = torch.nn.functional.pad(x, (0, pad)) if pad else x.contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    if bias is not None and (bias.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+                             or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    return x, bias
+
+
 def weight_only_mma(x: torch.Tensor, qweight: QuantizedWeight,
                     bias: torch.Tensor | None = None, decode: str = "exact") -> torch.Tensor:
     """y = x @ W^T + bias on the tensor-core kernel. x [M, K] fp16/bf16 on a
@@ -428,15 +444,7 @@ def weight_only_mma(x: torch.Tensor, qweight: QuantizedWeight,
     if m > max_m:
         raise ValueError(f"cuda.weight_only_mma with decode={decode!r} takes M <= {max_m}, got {m}")
     mw = kernel_weight(qweight, x.dtype)
-    if qweight.perm is not None:
-        x = x.index_select(1, qweight.perm.long())
-    pad = -x.shape[1] % 8   # 16-byte rows for cp.async; the kernel zero-fills the rest
-    x = torch.nn.functional.pad(x, (0, pad)) if pad else x.contiguous()
-    if x.data_ptr() % 16:
-        x = x.clone()
-    if bias is not None and (bias.dtype not in (torch.float16, torch.bfloat16, torch.float32)
-                             or not bias.is_contiguous()):
-        bias = bias.float().contiguous()
+    x, bias = kernel_inputs(x, qweight, bias)
     ctas = num_ctas_for(mw.blocks * mw.chunks, _multiprocessors(x.device))
     return torch.ops.vlmkern.weight_only_mma(x, mw.wq, mw.sz, bias, _counters(x.device, mw.blocks),
                                              mw.bits, mw.out_features, mw.slot_log2, ctas,

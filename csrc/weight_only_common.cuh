@@ -1,0 +1,166 @@
+// Pieces shared by the weight-only kernels: weight_only_kernel.cu (mma.sync,
+// every GPU from sm_80) and weight_only_sm90_kernel.cu (warpgroup MMA,
+// sm_90a). Both read the same load-time layout (weight_only.h) and decode a
+// code into a 16-bit MMA operand the same way.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "vlmkern_kernels.h"  // enum vlmkern_dtype
+
+namespace vlmkern_wo {
+
+// Keeps `err` for vlmkern_wo_status_message; returns VLMKERN_WO_ERR_LAUNCH.
+int launch_failed(cudaError_t err);
+
+// -- 16-bit float flavours: magic number and MMA instruction -----------------
+struct F16 {
+  static constexpr uint32_t kMagic2 = 0x64006400u;  // 1024.0 in both halves
+  static constexpr uint32_t kOne2 = 0x3C003C00u;
+  static constexpr int kMantissa = 10;
+  // 2^e in both halves, for -14 <= e <= 15
+  __host__ __device__ static constexpr uint32_t pow2_2(int e) { return 0x10001u * (static_cast<uint32_t>(15 + e) << 10); }
+  // a * b + (the low or high half of c in both halves): the half selection is
+  // an operand modifier of HFMA2, not an instruction.
+  __device__ static uint32_t fma_bcast(uint32_t a, uint32_t b, uint32_t c, bool high) {
+    const __half2 cc = *reinterpret_cast<const __half2*>(&c);
+    __half2 d = __hfma2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b),
+                        high ? __high2half2(cc) : __low2half2(cc));
+    return *reinterpret_cast<uint32_t*>(&d);
+  }
+  __device__ static float to_float(uint32_t bits16) {
+    float v;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(static_cast<uint16_t>(bits16)));
+    return v;
+  }
+  __device__ static void fma2(uint32_t& d, uint32_t a, uint32_t b, uint32_t c) {
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ static uint16_t from_float(float v) {
+    uint16_t h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+  }
+};
+
+struct BF16 {
+  static constexpr uint32_t kMagic2 = 0x43004300u;  // 128.0 in both halves
+  static constexpr uint32_t kOne2 = 0x3F803F80u;
+  static constexpr int kMantissa = 7;
+  __host__ __device__ static constexpr uint32_t pow2_2(int e) { return 0x10001u * (static_cast<uint32_t>(127 + e) << 7); }
+  __device__ static uint32_t fma_bcast(uint32_t a, uint32_t b, uint32_t c, bool high) {
+    const __nv_bfloat162 cc = *reinterpret_cast<const __nv_bfloat162*>(&c);
+    __nv_bfloat162 d = __hfma2(*reinterpret_cast<const __nv_bfloat162*>(&a),
+                               *reinterpret_cast<const __nv_bfloat162*>(&b),
+                               high ? __high2bfloat162(cc) : __low2bfloat162(cc));
+    return *reinterpret_cast<uint32_t*>(&d);
+  }
+  __device__ static float to_float(uint32_t bits16) { return __uint_as_float((bits16 & 0xFFFFu) << 16); }
+  __device__ static void fma2(uint32_t& d, uint32_t a, uint32_t b, uint32_t c) {
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ static uint16_t from_float(float v) {
+    uint16_t h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+  }
+};
+
+constexpr uint32_t kNegZero2 = 0x80008000u;  // -0.0 in both halves: x*s + (-0) == x*s
+
+// -- codes of A-fragment register r (0..3) of k16 tile kt, as magic + q --------
+// Lane words: 4 bits: w[kt] holds tile kt, pair r at bits 4r and 16+4r.
+// 2 bits: w[kt/2] holds tiles 2v, 2v+1, pair p = 4*(kt%2) + r at bits 2p, 16+2p.
+// 3 bits: the 2-bit plane above in w[0..3] for the low two bits, and a 1-bit
+// plane in w[4..5]: w[4 + kt/4] holds pair p = 4*(kt%4) + r at bits p, 16+p.
+template <int BITS>
+__device__ __forceinline__ uint32_t magic_codes(const uint32_t (&w)[2 * BITS], int kt, int r,
+                                                uint32_t magic2) {
+  if constexpr (BITS == 4) {
+    return ((w[kt] >> (4 * r)) & 0x000F000Fu) | magic2;
+  } else if constexpr (BITS == 2) {
+    return ((w[kt / 2] >> (2 * (4 * (kt % 2) + r))) & 0x00030003u) | magic2;
+  } else {
+    const int p = 4 * (kt % 2) + r;
+    const int ph = 4 * (kt % 4) + r;
+    const uint32_t hi = w[4 + kt / 4];
+    const uint32_t hi_at_bit2 = ph >= 2 ? (hi >> (ph - 2)) : (hi << (2 - ph));
+    return ((w[kt / 2] >> (2 * p)) & 0x00030003u) | (hi_at_bit2 & 0x00040004u) | magic2;
+  }
+}
+
+// -- cp.async -------------------------------------------------------------------------
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  // src_bytes < 16 zero-fills the rest (used for padding rows and columns).
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+// The copy only where `pred` holds, as one predicated instruction (no branch).
+__device__ __forceinline__ void cp_async16_if(uint32_t pred, uint32_t dst, const void* src,
+                                              int src_bytes) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %0, 0;\n"
+      " @p cp.async.cg.shared.global [%1], [%2], 16, %3;\n}"
+      ::"r"(pred), "r"(dst), "l"(src), "r"(src_bytes)
+      : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// A scale slot word pair of rows g, g+8 (scales; -(magic + zero)) as each
+// row's value in both halves.
+__device__ __forceinline__ void split_rows(uint2 sv, uint32_t& s_lo, uint32_t& s_hi,
+                                           uint32_t& z_lo, uint32_t& z_hi) {
+  s_lo = __byte_perm(sv.x, 0, 0x1010);
+  s_hi = __byte_perm(sv.x, 0, 0x3232);
+  z_lo = __byte_perm(sv.y, 0, 0x1010);
+  z_hi = __byte_perm(sv.y, 0, 0x3232);
+}
+
+// A-fragment register r of step kt as s * (q - z), rounded once: (magic + q)
+// - (magic + z) is exact, then one multiply. s and negz are the row's scale
+// and -(magic + zero) in both halves.
+template <int BITS, class T>
+__device__ __forceinline__ uint32_t exact_operand(const uint32_t (&w)[2 * BITS], int kt, int r,
+                                                  uint32_t s, uint32_t negz) {
+  const uint32_t q = magic_codes<BITS>(w, kt, r, T::kMagic2);
+  uint32_t d;
+  T::fma2(d, q, T::kOne2, negz);   // q - z, exact
+  T::fma2(d, d, s, kNegZero2);     // s * (q - z), rounded once
+  return d;
+}
+
+// Bias element n as fp32 (dtype: a vlmkern_dtype).
+__device__ __forceinline__ float load_bias(const void* bias, int dtype, int n) {
+  if (dtype == VLMKERN_DTYPE_F32) return static_cast<const float*>(bias)[n];
+  const uint32_t bits = static_cast<const uint16_t*>(bias)[n];
+  if (dtype == VLMKERN_DTYPE_BF16) return __uint_as_float(bits << 16);
+  float v;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(static_cast<uint16_t>(bits)));
+  return v;
+}
+
+}  // namespace vlmkern_wo

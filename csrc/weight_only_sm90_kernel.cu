@@ -1,0 +1,398 @@
+// Weight-only matmul on Hopper's warpgroup MMA (sm_90a), for batches and
+// prefill: y[M, N] = x[M, K] @ W[N, K]^T + bias, W in 2, 3 or 4 bits, any M.
+//
+// The weight stays in the load-time layout of the mma.sync kernel
+// (weight_only.h): a 16 x 128 tile per warp, its codes in the order a warp
+// holds m16n8k16 A fragments. The wgmma A operand from registers has that
+// same per-warp layout (warp w of a warpgroup holds rows 16w..16w+15), so a
+// warp decodes its tile exactly as the mma.sync kernel does, s * (q - z)
+// rounded once to the activation type, and hands the registers to
+// wgmma.mma_async m64n128k16. The activations are the B operand, read by the
+// MMA from shared memory through a matrix descriptor.
+//
+// Tiles: a thread block of two warpgroups owns one 128-row weight block
+// (warpgroup g its rows 64g..64g+63) and 128 tokens, and walks K in chunks
+// of 128 columns, one layout chunk per stage. A stage holds the tokens'
+// 128 columns as two 64-column halves of 128-byte-swizzled rows (16-byte
+// piece c of token row r at piece c ^ (r % 8): the K-major canonical layout
+// the descriptor names, each k16 step the same descriptor advanced by 32
+// bytes), then the block's codes and scales. A 4-stage cp.async pipeline
+// runs three chunks ahead of the MMAs. A warpgroup decodes a chunk only when
+// its previous MMAs are done (see the loop); the MMAs of the other warpgroup
+// keep the tensor cores busy meanwhile, as far as the shared barrier allows.
+// The epilogue goes through shared memory so the stores are coalesced.
+//
+// The grid is (token tiles, row blocks): consecutive thread blocks share a
+// weight block, which is read from DRAM about once while it sits in L2.
+//
+// Compiled to real code only for sm_90a (wgmma is an arch-specific feature);
+// other targets get a kernel that traps, and vlmkern_weight_only_sm90_available
+// says whether this build holds the sm_90a code for the current device.
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "weight_only.h"
+#include "weight_only_common.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define VLMKERN_WO_SM90A 1
+#else
+#define VLMKERN_WO_SM90A 0
+#endif
+
+namespace {
+
+using namespace vlmkern_wo;
+
+constexpr int kThreads = 256;          // two warpgroups
+constexpr int kBlockRows = 128;        // weight rows per thread block: one layout block
+constexpr int kTokens = 128;           // tokens per thread block: the wgmma N
+constexpr int kChunk = 128;            // input columns per stage: one layout chunk
+constexpr int kStages = 4;
+constexpr int kHalfBytes = kTokens * 128;  // one 64-column half of the token tile
+constexpr int kXBytes = 2 * kHalfBytes;
+constexpr int kPitch = kBlockRows + 4;     // epilogue tile row (floats): conflict-free writes
+
+struct WgParams {
+  const uint16_t* x;        // [M, ldx]
+  const unsigned char* wq;  // [NB, C, 8, 64*bits] int32
+  const unsigned char* sz;  // [NB, C, 8, slots, 8, 2] int32
+  const void* bias;         // [N] or null
+  uint16_t* out;            // [M, N]
+  int64_t M;
+  int ldx, N, C;
+  int slot_log2, slots, bias_dtype;
+};
+
+template <int BITS>
+struct Sm90Stage {
+  static constexpr int kWeightBytes = 8 * 256 * BITS;
+  // Stages start 1024-byte aligned, as the swizzle pattern requires.
+  __host__ __device__ static constexpr int bytes(int slots) {
+    return (kXBytes + kWeightBytes + 8 * slots * 64 + 1023) / 1024 * 1024;
+  }
+  __host__ __device__ static constexpr int smem(int slots) {
+    return kStages * bytes(slots) + 1024;  // slack to align the first stage
+  }
+  static_assert(kTokens * kPitch * 4 <= kStages * kXBytes, "the epilogue tile fits the stages");
+};
+
+#if VLMKERN_WO_SM90A
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Shared-memory matrix descriptor of a K-major, 128-byte-swizzled tile at
+// `addr`: start address, leading offset 1 (unused by swizzled K-major
+// layouts), 1024 bytes between groups of 8 rows, swizzle mode 128B.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  return (uint64_t(1) << 62) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 16) |
+         uint64_t((addr & 0x3FFFF) >> 4);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// cp.async writes shared memory through the generic proxy; wgmma reads it
+// through the async proxy.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Pins the accumulators around a batch of MMAs, so the compiler neither
+// moves nor reads them while the MMAs are in flight; and keeps the A
+// fragments alive until the MMAs reading them are done.
+__device__ __forceinline__ void fence_operands(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+__device__ __forceinline__ void fence_operands(uint32_t (&a)[8][4]) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) asm volatile("" : "+r"(a[i / 4][i % 4])::"memory");
+}
+
+#define VLMKERN_ACC8(i)                                                                   \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+      "+f"(d[i + 6]), "+f"(d[i + 7])
+#define VLMKERN_WGMMA_REGS                                                                 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                 \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "        \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "        \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "       \
+  "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
+
+// d (this thread's 64 sums of a 64 x 128 tile) += A (64 x 16, this thread's
+// fragment in a) * B (128 tokens x 16, K-major in shared memory)^T.
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4],
+                                                 uint64_t desc_b, F16) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " VLMKERN_WGMMA_REGS
+               : VLMKERN_ACC8(0), VLMKERN_ACC8(8), VLMKERN_ACC8(16), VLMKERN_ACC8(24),
+                 VLMKERN_ACC8(32), VLMKERN_ACC8(40), VLMKERN_ACC8(48), VLMKERN_ACC8(56)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+}
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4],
+                                                 uint64_t desc_b, BF16) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " VLMKERN_WGMMA_REGS
+               : VLMKERN_ACC8(0), VLMKERN_ACC8(8), VLMKERN_ACC8(16), VLMKERN_ACC8(24),
+                 VLMKERN_ACC8(32), VLMKERN_ACC8(40), VLMKERN_ACC8(48), VLMKERN_ACC8(56)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+}
+#undef VLMKERN_WGMMA_REGS
+#undef VLMKERN_ACC8
+
+// Enqueue chunk c of this block's weights, scales and token tile into the
+// stage at shared address `stage`. Tokens >= M and columns >= ldx are zero.
+template <int BITS>
+__device__ __forceinline__ void load_chunk(const WgParams& p, uint32_t stage, int64_t b,
+                                           int64_t m0, int c) {
+  constexpr int kWeightBytes = Sm90Stage<BITS>::kWeightBytes;
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int r = 0; r < kTokens * 16 / kThreads; ++r) {
+    const int i = tid + r * kThreads, row = i >> 4, piece = i & 15;
+    const int col = c * kChunk + piece * 8;
+    const bool ok = m0 + row < p.M && col < p.ldx;
+    cp_async16(stage + (piece >> 3) * kHalfBytes + row * 128 + (((piece & 7) ^ (row & 7)) << 4),
+               ok ? p.x + (m0 + row) * p.ldx + col : p.x, ok ? 16 : 0);
+  }
+  const int64_t u = b * p.C + c;  // the layout's units are (block, chunk) in order
+  const unsigned char* wsrc = p.wq + u * kWeightBytes;
+#pragma unroll
+  for (int r = 0; r < (kWeightBytes / 16 + kThreads - 1) / kThreads; ++r) {
+    const int i = tid + r * kThreads;
+    if ((kWeightBytes / 16) % kThreads == 0 || i < kWeightBytes / 16)
+      cp_async16(stage + kXBytes + 16 * i, wsrc + 16 * i, 16);
+  }
+  const int scale_pieces = 32 * p.slots;  // 8 warps x slots x 64 bytes
+  if (tid < scale_pieces)
+    cp_async16(stage + kXBytes + kWeightBytes + 16 * tid, p.sz + u * (16 * scale_pieces) + 16 * tid,
+               16);
+}
+
+// This warp's A fragments of the chunk in `stage` (generic pointer), all 8
+// k16 steps, decoded as s * (q - z).
+template <int BITS, class T>
+__device__ __forceinline__ void decode_chunk(const WgParams& p, const unsigned char* stage,
+                                             uint32_t (&a)[8][4]) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  uint32_t w[2 * BITS];
+  const unsigned char* tile = stage + kXBytes + warp * 256 * BITS;
+  const uint4 lo = reinterpret_cast<const uint4*>(tile)[lane];
+  w[0] = lo.x; w[1] = lo.y; w[2] = lo.z; w[3] = lo.w;
+  if constexpr (BITS == 4) {
+    const uint4 hi = reinterpret_cast<const uint4*>(tile + 512)[lane];
+    w[4] = hi.x; w[5] = hi.y; w[6] = hi.z; w[7] = hi.w;
+  } else if constexpr (BITS == 3) {
+    const uint2 hi = reinterpret_cast<const uint2*>(tile + 512)[lane];
+    w[4] = hi.x; w[5] = hi.y;
+  }
+  const uint2* slots = reinterpret_cast<const uint2*>(stage + kXBytes + Sm90Stage<BITS>::kWeightBytes) +
+                       warp * p.slots * 8 + (lane >> 2);
+  const int slot_mask = (1 << p.slot_log2) - 1;
+  uint32_t s_lo = 0, s_hi = 0, z_lo = 0, z_hi = 0;
+#pragma unroll
+  for (int kt = 0; kt < 8; ++kt) {
+    if (kt == 0 || (kt & slot_mask) == 0) split_rows(slots[(kt >> p.slot_log2) * 8], s_lo, s_hi, z_lo, z_hi);
+#pragma unroll
+    for (int r = 0; r < 4; ++r)  // registers 0 and 2: row g; 1 and 3: row g + 8
+      a[kt][r] = exact_operand<BITS, T>(w, kt, r, (r & 1) ? s_hi : s_lo, (r & 1) ? z_hi : z_lo);
+  }
+}
+#endif  // VLMKERN_WO_SM90A
+
+// Accumulator layout (PTX wgmma D, as mma.sync m16n8 repeated along N): sum
+// 4j + e of a thread holds weight row 16 * (warp in warpgroup) + lane / 4 +
+// 8 * (e / 2) of its warpgroup's 64 and token 8j + 2 * (lane % 4) + e % 2.
+template <int BITS, class T>
+__global__ void __launch_bounds__(kThreads, 1) weight_only_wgmma_kernel(WgParams p) {
+#if VLMKERN_WO_SM90A
+  using S = Sm90Stage<BITS>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* smem = smem_raw + (base - raw);
+  const int stage_bytes = S::bytes(p.slots);
+  const int64_t b = blockIdx.y;                       // weight row block
+  const int64_t m0 = int64_t(blockIdx.x) * kTokens;  // first token
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < p.C) load_chunk<BITS>(p, base + s * stage_bytes, b, m0, s);
+    cp_async_commit();  // empty groups keep the group count uniform
+  }
+
+  // Each chunk's MMAs finish before the next chunk is decoded: fragments
+  // written while an MMA is in flight make ptxas serialize every MMA.
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  for (int c = 0; c < p.C; ++c) {
+    cp_async_wait<kStages - 2>();  // chunk c has landed (this thread's copies)
+    fence_proxy_async();
+    __syncthreads();  // ... everyone's; and chunk c - 1's MMAs are done, its stage is free
+    if (c + kStages - 1 < p.C)
+      load_chunk<BITS>(p, base + ((c + kStages - 1) % kStages) * stage_bytes, b, m0, c + kStages - 1);
+    cp_async_commit();
+
+    const int stage = c % kStages;
+    uint32_t a[8][4];
+    decode_chunk<BITS, T>(p, smem + stage * stage_bytes, a);
+    const uint32_t xs = base + stage * stage_bytes;
+    fence_operands(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kt = 0; kt < 8; ++kt)
+      wgmma_m64n128k16(acc, a[kt], smem_desc(xs + (kt >> 2) * kHalfBytes + 32 * (kt & 3)), T{});
+    wgmma_commit();
+    wgmma_wait<0>();  // the fragments and the stage are in use until then
+    fence_operands(acc);
+    fence_operands(a);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every MMA has read its tiles: shared memory is free
+
+  // Epilogue: sums into a [token][row] fp32 tile, then consecutive threads
+  // finish consecutive row pairs of a token (bias, one rounding, store).
+  float* tile = reinterpret_cast<float*>(smem);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row = 64 * (warp >> 2) + 16 * (warp & 3) + (lane >> 2);
+  const int token = 2 * (lane & 3);
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      tile[(8 * j + token + (e & 1)) * kPitch + row + 8 * (e >> 1)] = acc[4 * j + e];
+  __syncthreads();
+
+  const int64_t tokens = p.M - m0 < kTokens ? p.M - m0 : kTokens;
+  const int64_t n_base = b * kBlockRows;
+  const bool pairs = p.N % 2 == 0;  // rows of out start 4-byte aligned
+#pragma unroll 1
+  for (int idx = threadIdx.x; idx < tokens * (kBlockRows / 2); idx += kThreads) {
+    const int t = idx / (kBlockRows / 2), r = 2 * (idx % (kBlockRows / 2));
+    const int64_t n = n_base + r;
+    if (n >= p.N) continue;
+    float v0 = tile[t * kPitch + r], v1 = tile[t * kPitch + r + 1];
+    uint16_t* dst = p.out + (m0 + t) * p.N + n;
+    const bool second = n + 1 < p.N;
+    if (p.bias) {
+      v0 += load_bias(p.bias, p.bias_dtype, static_cast<int>(n));
+      if (second) v1 += load_bias(p.bias, p.bias_dtype, static_cast<int>(n + 1));
+    }
+    if (pairs && second) {
+      *reinterpret_cast<uint32_t*>(dst) =
+          uint32_t(T::from_float(v0)) | (uint32_t(T::from_float(v1)) << 16);
+    } else {
+      dst[0] = T::from_float(v0);
+      if (second) dst[1] = T::from_float(v1);
+    }
+  }
+#else
+  (void)p;
+  __trap();  // built without sm_90a code: vlmkern_weight_only_sm90_available() is 0
+#endif
+}
+
+__global__ void wo_sm90_probe_kernel(int* built) { *built = VLMKERN_WO_SM90A; }
+
+template <int BITS, class T>
+int launch(const WgParams& p, int64_t NB, cudaStream_t stream) {
+  auto kernel = weight_only_wgmma_kernel<BITS, T>;
+  const int smem = Sm90Stage<BITS>::smem(p.slots);
+  int device = 0, limit = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return launch_failed(err);
+  if (smem > limit) return VLMKERN_WO_ERR_SHARED_MEMORY;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return launch_failed(err);
+  const dim3 grid(static_cast<unsigned>((p.M + kTokens - 1) / kTokens), static_cast<unsigned>(NB));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  err = cudaGetLastError();
+  return err == cudaSuccess ? VLMKERN_WO_OK : launch_failed(err);
+}
+
+// The explicit list of instantiations: bits {2, 3, 4} x {fp16, bf16}.
+template <class T>
+int dispatch_bits(const WgParams& p, int bits, int64_t NB, cudaStream_t s) {
+  switch (bits) {
+    case 2: return launch<2, T>(p, NB, s);
+    case 3: return launch<3, T>(p, NB, s);
+    case 4: return launch<4, T>(p, NB, s);
+    default: return VLMKERN_WO_ERR_BAD_BITS;
+  }
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace
+
+extern "C" int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
+                                         const int32_t* sz, int64_t NB, int64_t C, int slot_log2,
+                                         int bits, const void* bias, int bias_dtype, void* out,
+                                         int64_t N, int act_dtype, void* stream) {
+  if (bits < 2 || bits > 4) return VLMKERN_WO_ERR_BAD_BITS;
+  if (act_dtype != VLMKERN_DTYPE_F16 && act_dtype != VLMKERN_DTYPE_BF16) return VLMKERN_WO_ERR_BAD_DTYPE;
+  if (bias && bias_dtype != VLMKERN_DTYPE_F16 && bias_dtype != VLMKERN_DTYPE_BF16 &&
+      bias_dtype != VLMKERN_DTYPE_F32)
+    return VLMKERN_WO_ERR_BAD_DTYPE;
+  if (M < 1 || NB < 1 || C < 1 || N <= (NB - 1) * kBlockRows || N > NB * kBlockRows ||
+      K_x <= (C - 1) * kChunk || K_x > C * kChunk || slot_log2 < 0 || slot_log2 > 3 ||
+      NB > 65535 || (M + kTokens - 1) / kTokens > 0x7fffffff || K_x > 0x7fffffff || N > 0x7fffffff)
+    return VLMKERN_WO_ERR_BAD_SIZE;
+  if (!x || !wq || !sz || !out) return VLMKERN_WO_ERR_NULL_POINTER;
+  if (K_x % 8 != 0 || !aligned16(x) || !aligned16(wq) || !aligned16(sz)) return VLMKERN_WO_ERR_ALIGNMENT;
+
+  WgParams p;
+  p.x = static_cast<const uint16_t*>(x);
+  p.wq = reinterpret_cast<const unsigned char*>(wq);
+  p.sz = reinterpret_cast<const unsigned char*>(sz);
+  p.bias = bias;
+  p.out = static_cast<uint16_t*>(out);
+  p.M = M;
+  p.ldx = static_cast<int>(K_x);
+  p.N = static_cast<int>(N);
+  p.C = static_cast<int>(C);
+  p.slot_log2 = slot_log2;
+  p.slots = 8 >> slot_log2;
+  p.bias_dtype = bias_dtype;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_bits<F16>(p, bits, NB, s)
+                                        : dispatch_bits<BF16>(p, bits, NB, s);
+}
+
+extern "C" int vlmkern_weight_only_sm90_available(int* available) {
+  if (!available) return VLMKERN_WO_ERR_NULL_POINTER;
+  *available = 0;
+  int device = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return launch_failed(err);
+  if (major != 9) return VLMKERN_WO_OK;
+  int* flag = nullptr;
+  err = cudaMalloc(&flag, sizeof(int));
+  if (err == cudaSuccess) {
+    wo_sm90_probe_kernel<<<1, 1>>>(flag);
+    err = cudaGetLastError();
+    if (err == cudaSuccess) err = cudaMemcpy(available, flag, sizeof(int), cudaMemcpyDeviceToHost);
+    const cudaError_t freed = cudaFree(flag);
+    if (err == cudaSuccess) err = freed;
+  }
+  if (err != cudaSuccess) {
+    *available = 0;
+    if (err == cudaErrorNoKernelImageForDevice) {  // no code for this device: not available
+      cudaGetLastError();
+      return VLMKERN_WO_OK;
+    }
+    return launch_failed(err);
+  }
+  return VLMKERN_WO_OK;
+}

@@ -1,0 +1,195 @@
+"""Hopper weight-only kernel (csrc/weight_only_sm90_kernel.cu, cuda.weight_only_wgmma).
+
+On any machine: its registration (opt-in, M >= 65, sm_90). On an sm_90 GPU
+with a build holding 9.0a code: against the dense fp64 product at awkward and
+real sizes, tile-aligned batch invariance, determinism, selection,
+torch.compile and errors.
+"""
+import os
+
+import pytest
+import torch
+from test_cuda_weight_only import _SKIP, act, assert_matches_dense, make_weight
+
+from vlmkern.ops import cuda_weight_only_sm90 as wg
+
+
+def _sm90_reason() -> str | None:
+    if _SKIP is not None:
+        return _SKIP
+    if not hasattr(torch.ops.vlmkern, "weight_only_wgmma"):
+        return "vlmkern._C was built without csrc/weight_only_sm90_kernel.cu"
+    if not wg.sm90_available(torch.device("cuda")):
+        return "needs an sm_90 GPU and a build with 9.0a code"
+    return None
+
+
+_SKIP90 = _sm90_reason()
+
+
+def sm90(fn):
+    """GPU test on sm_90a: marked `gpu`, skipped (with the reason) elsewhere."""
+    return pytest.mark.gpu(pytest.mark.skipif(_SKIP90 is not None, reason=str(_SKIP90))(fn))
+
+
+def test_registered_opt_in_for_large_m(monkeypatch):
+    from vlmkern.ops.builtin import CUDA
+    spec = next(k for k in CUDA.kernels if k.name == "cuda.weight_only_wgmma")
+    assert spec.opt_in and spec.min_m == wg.MIN_M == 65 and spec.max_m is None
+    assert spec.min_sm == (9, 0) and spec.bits == frozenset({2, 3, 4})
+    names = [k.name for k in CUDA.kernels]
+    wg.register(CUDA)                                   # idempotent
+    assert [k.name for k in CUDA.kernels] == names
+    assert names.index("cuda.weight_only_wgmma") < names.index("cuda.dequant_cublas")
+    x = torch.zeros(65, 256, dtype=torch.float16)
+    qw = make_weight(64, 256, 4, 64, False)
+    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
+    assert "opt-in only" in spec.rejects(x, qw)
+    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_wgmma")
+    assert "runs on ['cuda']" in spec.rejects(x, qw)
+
+
+# -- sm_90a ----------------------------------------------------------------------------
+AWKWARD = [(33, 200), (200, 72), (130, 203), (257, 520)]
+
+
+@sm90
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_awkward_shapes(bits, dtype):
+    for n, k in AWKWARD:
+        for group in (16, 32, 64, 128, None):
+            for sym in (True, False):
+                qw = make_weight(n, k, bits, group, sym, scale_dtype=dtype, seed=n * k + bits,
+                                 device="cuda")
+                w = qw.dequantize(torch.float32)
+                bias = torch.randn(n, device="cuda")
+                for m in (1, 65, 127, 128, 129, 300):
+                    x = act(m, k, dtype, seed=m)
+                    for b in (None, bias):
+                        y = wg.weight_only_wgmma(x, qw, b)
+                        try:
+                            assert_matches_dense(y, x, w, b)
+                        except AssertionError as e:
+                            raise AssertionError(f"n={n} k={k} group={group} sym={sym} m={m} "
+                                                 f"bias={b is not None}: {e}") from None
+
+
+@sm90
+@pytest.mark.parametrize("k, n", [(4096, 4096), (3584, 4608)])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_kernel_real_sizes(k, n, bits):
+    for dtype in (torch.float16, torch.bfloat16):
+        qw = make_weight(n, k, bits, 128, False, scale_dtype=dtype, seed=bits, device="cuda")
+        w = qw.dequantize(torch.float32)
+        bias = torch.randn(n, device="cuda", dtype=dtype)
+        for m in (65, 256, 1000):
+            x = act(m, k, dtype, seed=m)
+            assert_matches_dense(wg.weight_only_wgmma(x, qw, bias), x, w, bias)
+
+
+@sm90
+def test_fp32_scales_group256_and_act_order():
+    for group, perm, sd in ((256, True, torch.float32), (64, True, torch.bfloat16)):
+        qw = make_weight(200, 1000, 4, group, False, scale_dtype=sd, perm=perm, device="cuda")
+        w = qw.dequantize(torch.float32)
+        for dtype in (torch.float16, torch.bfloat16):
+            x = act(70, 1000, dtype)
+            assert_matches_dense(wg.weight_only_wgmma(x, qw, None), x, w, None)
+
+
+@sm90
+@pytest.mark.parametrize("k, n", [(3584, 4608), (200, 33)])
+def test_tile_aligned_batch_invariance_and_determinism(k, n):
+    # A token's result depends only on its place in its 128-token tile, so
+    # batches cut at tile boundaries give the same bits.
+    for dtype in (torch.float16, torch.bfloat16):
+        qw = make_weight(n, k, 4, 128, False, scale_dtype=dtype, device="cuda")
+        x = act(300, k, dtype)
+        full = wg.weight_only_wgmma(x, qw, None)
+        assert torch.equal(full, wg.weight_only_wgmma(x, qw, None))  # run to run
+        for lo, hi in ((0, 128), (128, 256), (128, 300), (256, 300)):
+            part = wg.weight_only_wgmma(x[lo:hi].clone(), qw, None)
+            assert torch.equal(part, full[lo:hi]), f"tokens {lo}:{hi} differ from the M=300 batch"
+
+
+@sm90
+def test_selected_by_linear_when_enabled(monkeypatch):
+    from vlmkern import ops
+    monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
+    qw = make_weight(64, 256, 4, 64, False, device="cuda")
+    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
+    assert ops.which_kernel(act(65, 256, torch.float16), qw) != "cuda.weight_only_wgmma"
+    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_wgmma")
+    assert ops.which_kernel(act(64, 256, torch.float16), qw) == "cuda.weight_only_mma"
+    assert ops.which_kernel(act(65, 256, torch.float16), qw) == "cuda.weight_only_wgmma"
+    x = act(300, 256, torch.bfloat16).reshape(3, 100, 256)
+    assert_matches_dense(ops.linear(x, qw).reshape(300, 64), x.reshape(300, 256),
+                         qw.dequantize(torch.float32), None)
+
+
+@sm90
+def test_traceable_by_torch_compile():
+    from vlmkern.ops import cuda_weight_only as cw
+    qw = make_weight(96, 384, 3, 64, False, device="cuda")
+    mw = cw.kernel_weight(qw, torch.bfloat16)
+
+    def f(x):
+        return torch.ops.vlmkern.weight_only_wgmma(x, mw.wq, mw.sz, None, 3, 96, mw.slot_log2) * 2
+
+    x = act(90, 384, torch.bfloat16)
+    assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))
+    meta = torch.ops.vlmkern.weight_only_wgmma(x.to("meta"), mw.wq.to("meta"), mw.sz.to("meta"),
+                                               None, 3, 96, mw.slot_log2)
+    assert meta.shape == (90, 96) and meta.dtype == torch.bfloat16
+
+
+@sm90
+def test_bad_inputs_give_clear_errors():
+    from vlmkern.ops import cuda_weight_only as cw
+    qw = make_weight(64, 256, 4, 64, False, device="cuda")
+    mw = cw.kernel_weight(qw, torch.float16)
+    x = act(100, 256, torch.float16)
+    op = torch.ops.vlmkern.weight_only_wgmma
+
+    def call(**kw):
+        a = {"x": x, "wq": mw.wq, "sz": mw.sz, "bias": None, "bits": 4, "out_features": 64,
+             "slot_log2": mw.slot_log2}
+        a.update(kw)
+        return op(a["x"], a["wq"], a["sz"], a["bias"], a["bits"], a["out_features"], a["slot_log2"])
+
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        call(x=x.float())
+    with pytest.raises(RuntimeError, match="bits must be"):
+        call(bits=5)
+    with pytest.raises(RuntimeError, match="wq must have shape"):
+        call(bits=3)
+    with pytest.raises(RuntimeError, match="out_features"):
+        call(out_features=200)
+    with pytest.raises(RuntimeError, match="chunks"):
+        call(x=act(100, 512, torch.float16))
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        call(x=act(100, 250, torch.float16))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        call(x=act(100, 512, torch.float16)[:, ::2])
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        call(bias=torch.zeros(63, device="cuda"))
+    with pytest.raises((RuntimeError, NotImplementedError), match="CPU|CUDA tensor"):
+        call(x=x.cpu(), wq=mw.wq.cpu(), sz=mw.sz.cpu())
+    with pytest.raises(ValueError, match=r"x must be \[M, 256\]"):
+        wg.weight_only_wgmma(act(100, 255, torch.float16), qw)
+    with pytest.raises(ValueError, match="5-bit"):
+        wg.weight_only_wgmma(x, make_weight(64, 256, 5, 64, False, device="cuda"))
+    assert wg.weight_only_wgmma(act(0, 256, torch.float16), qw).shape == (0, 64)
+    assert call(x=act(0, 256, torch.float16)).shape == (0, 64)
+
+
+if os.environ.get("VLMKERN_WO_SANITIZE"):   # small run under compute-sanitizer memcheck
+    @sm90
+    def test_sanitizer_smoke():
+        for bits in (2, 3, 4):
+            qw = make_weight(130, 203, bits, 64, False, device="cuda")
+            for m in (1, 129):
+                for dtype in (torch.float16, torch.bfloat16):
+                    wg.weight_only_wgmma(act(m, 203, dtype), qw, torch.randn(130, device="cuda"))
+        torch.cuda.synchronize()

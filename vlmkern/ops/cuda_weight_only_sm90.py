@@ -1,0 +1,97 @@
+"""Hopper weight-only matmul (csrc/weight_only_sm90_kernel.cu) for any M.
+
+The same load-time layout as the mma.sync kernel (``cuda_weight_only``), the
+same exact decode (each weight is ``s * (q - z)`` rounded once to the
+activation dtype, the weight the torch reference dequantizes to), but the MMA
+is Hopper's warpgroup ``wgmma.mma_async m64n128k16``: the decoded weights are
+its A operand in registers and 128 tokens of activations its B operand in
+shared memory. A thread block owns 128 weight rows and 128 tokens, so the
+weight is decoded once per 128 tokens and never written back dequantized:
+it is meant for batches and prefill (M > 64), where the other path
+dequantizes the whole weight to memory and calls cuBLAS.
+
+Needs an sm_90 GPU and a build holding ``9.0a`` code (``sm90_available``
+probes it). Registered as ``cuda.weight_only_wgmma``, opt-in
+(``VLMKERN_ENABLE``) until it has passed the GPU tests.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..formats.groupwise import QuantizedWeight
+from .cuda_weight_only import (
+    ACT_DTYPES,
+    SUPPORTED_BITS,
+    kernel_inputs,
+    kernel_weight,
+    unsupported_reason,
+)
+
+MIN_M = 65                # below this the mma.sync kernel, split over all SMs, is the better fit
+_SM90: dict[int, bool] = {}
+
+
+def sm90_available(device: torch.device) -> bool:
+    """Whether the kernel runs on ``device`` with this build (an sm_90 GPU and
+    sm_90a code present). One probe launch per device, then cached."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM90:
+        if not hasattr(torch.ops.vlmkern, "weight_only_sm90_available"):
+            _SM90[idx] = False
+        else:
+            with torch.cuda.device(idx):
+                _SM90[idx] = bool(torch.ops.vlmkern.weight_only_sm90_available())
+    return _SM90[idx]
+
+
+def weight_only_wgmma(x: torch.Tensor, qweight: QuantizedWeight,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias on the Hopper kernel. x [M, K] fp16/bf16 on an
+    sm_90 device, any M >= 0; bias [N] or None -> [M, N] in x's dtype."""
+    from ..ext import load_extension
+
+    module, reason = load_extension()
+    if module is None:
+        raise RuntimeError(f"cuda.weight_only_wgmma needs the CUDA extension: {reason}")
+    if not hasattr(torch.ops.vlmkern, "weight_only_wgmma"):
+        raise RuntimeError("cuda.weight_only_wgmma: the installed vlmkern._C was built without "
+                           "csrc/weight_only_sm90_kernel.cu; rebuild the package")
+    if x.dim() != 2 or x.shape[1] != qweight.in_features:
+        raise ValueError(f"x must be [M, {qweight.in_features}], got {tuple(x.shape)}")
+    if x.dtype not in ACT_DTYPES:
+        raise TypeError(f"cuda.weight_only_wgmma: x must be float16 or bfloat16, got {x.dtype}")
+    why = _reason(qweight, x.device)
+    if why is not None:
+        raise ValueError(f"cuda.weight_only_wgmma: {why}")
+    if x.shape[0] == 0:
+        return x.new_empty(0, qweight.out_features)
+    mw = kernel_weight(qweight, x.dtype)
+    x, bias = kernel_inputs(x, qweight, bias)
+    return torch.ops.vlmkern.weight_only_wgmma(x, mw.wq, mw.sz, bias, mw.bits, mw.out_features,
+                                               mw.slot_log2)
+
+
+def _reason(qweight, device: torch.device) -> str | None:
+    why = unsupported_reason(qweight)
+    if why is None and device.type == "cuda" and not sm90_available(device):
+        why = "needs an sm_90 GPU and a build with 9.0a code (TORCH_CUDA_ARCH_LIST)"
+    return why
+
+
+def _check(x: torch.Tensor, qweight) -> str | None:
+    why = _reason(qweight, x.device)
+    return None if why is None else f"cuda.weight_only_wgmma: {why}"
+
+
+def register(backend) -> None:
+    """Add the kernel to the CUDA backend ahead of the other weight-only
+    kernels; opt-in (``VLMKERN_ENABLE=cuda.weight_only_wgmma``)."""
+    from .backends import KernelSpec
+
+    if any(k.name == "cuda.weight_only_wgmma" for k in backend.kernels):
+        return
+    backend.register(KernelSpec("cuda.weight_only_wgmma", "weight_only", weight_only_wgmma,
+                                bits=frozenset(SUPPORTED_BITS), dtypes=frozenset(ACT_DTYPES),
+                                devices=frozenset({"cuda"}), min_m=MIN_M, min_sm=(9, 0),
+                                opt_in=True, check=_check))
+    backend.kernels.insert(0, backend.kernels.pop())
