@@ -10,7 +10,8 @@
 #
 # TESTS: pytest targets (default: tests). BENCH_ARGS go to bench_linear.py.
 # Environment: ARCH (default 9.0a), BUILD_S / TEST_S / SANITIZE_S / BENCH_S /
-# PROFILE_S phase limits (0 skips the memcheck or profile phase); PROFILE_ARGS
+# SWEEP_S / PROFILE_S phase limits (0 skips the memcheck, sweep or profile
+# phase); SWEEP_ARGS go to sweep_weight_only.py (the work-split sweep); PROFILE_ARGS
 # go to the weight-only profile_linear.py run (default: gate/up, M = 1,
 # W4 g128, the opt-in post-scale kernel); more runs profile W8A8 at M = 4096
 # (mma.sync and wgmma GEMMs), binary at M = 1 (plain and prefetching) and the
@@ -70,6 +71,14 @@ fi
 t=$(date +%s)
 timeout "${BENCH_S:-300}" "$py" benchmarks/bench_linear.py --out "$out" "$@" >"$out/bench.log" 2>&1
 rc=$?; phase bench $rc "$t"; tail -5 "$out/bench.log"
+
+# the weight-only kernel's work split: time by thread blocks per SM
+if [ "${SWEEP_S:-120}" -gt 0 ]; then
+  t=$(date +%s)
+  (cd benchmarks && timeout "${SWEEP_S:-120}" "$py" sweep_weight_only.py --out "$out" ${SWEEP_ARGS:-}) \
+    >"$out/sweep.log" 2>&1
+  rc=$?; phase sweep $rc "$t"; tail -4 "$out/sweep.log"
+fi
 
 # where the weight-only kernels spend their time: issue stalls, memory
 # throughput and occupancy of the default and opt-in kernels on one layer
