@@ -99,6 +99,17 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
     >"$out/profile_int_act.log" 2>&1
   rc=$?; phase profile_int_act $rc "$t"; grep -E "Duration|Compute \(SM\) Throughput" \
     "$out/profile_int_act.log" | head -8
+  # ... and at decode size, with the activation-quantizing pre-kernel: W8A8
+  # measured 2x slower at M = 1 than at M = 16 with the same GEMM tiles
+  t=$(date +%s)
+  (cd benchmarks && for m in 1 16; do
+     echo "== M = $m"
+     timeout "${PROFILE_S:-120}" ncu --section SpeedOfLight --section WarpStateStats \
+       --section Occupancy -k "regex:quantize|gemm_kernel" --launch-count 4 \
+       "$py" profile_linear.py --format W8A8 --m $m --reps 1
+   done) >"$out/profile_int_act_decode.log" 2>&1
+  rc=$?; phase profile_int_act_decode $rc "$t"
+  grep -E "^== M|quantize|gemm_kernel|Duration|Memory Throughput" "$out/profile_int_act_decode.log" | head -24
   # the binary GEMV at decode size: plain and prefetching GEMM
   t=$(date +%s)
   (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --section SpeedOfLight --section WarpStateStats \
