@@ -122,6 +122,13 @@ __device__ __forceinline__ void cp_async16_if(uint32_t pred, uint32_t dst, const
       ::"r"(pred), "r"(dst), "l"(src), "r"(src_bytes)
       : "memory");
 }
+// A value the compiler cannot see through, so it keeps it in a register
+// instead of recomputing it from threadIdx inside a kernel's main loop.
+__device__ __forceinline__ uint32_t opaque(uint32_t v) {
+  asm volatile("" : "+r"(v));
+  return v;
+}
+
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;" ::: "memory");
 }

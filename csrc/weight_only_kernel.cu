@@ -123,13 +123,6 @@ __device__ __forceinline__ void load_unit(const Params& p, uint32_t stage, int64
   }
 }
 
-// A value the compiler cannot see through, so it keeps it in a register
-// instead of recomputing it from threadIdx inside the unit loop.
-__device__ __forceinline__ uint32_t opaque(uint32_t v) {
-  asm volatile("" : "+r"(v));
-  return v;
-}
-
 // The copies of successive units for the post-scale kernel, with each
 // thread's global addresses kept as running pointers: a unit costs a few
 // additions instead of load_unit's 64-bit products. Same pieces, same places.

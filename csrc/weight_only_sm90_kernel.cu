@@ -147,34 +147,74 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t 
 #undef VLMKERN_WGMMA_REGS
 #undef VLMKERN_ACC8
 
-// Enqueue chunk c of this block's weights, scales and token tile into the
-// stage at shared address `stage`. Tokens >= M and columns >= ldx are zero.
+// This thread's copies of successive chunks of one thread block: token rows
+// row0 + 16r (r < 8) at one 16-byte piece, whose swizzled place is the same
+// for every r (16r is a multiple of 8), one weight piece or two, and one
+// scale piece. What does not change from chunk to chunk is computed once.
 template <int BITS>
-__device__ __forceinline__ void load_chunk(const WgParams& p, uint32_t stage, int64_t b,
-                                           int64_t m0, int c) {
-  constexpr int kWeightBytes = Sm90Stage<BITS>::kWeightBytes;
-  const int tid = threadIdx.x;
+struct ChunkStream {
+  static constexpr int kWeightBytes = Sm90Stage<BITS>::kWeightBytes;
+  static constexpr int kWeightPieces = kWeightBytes / 16;
+
+  const uint16_t* x;         // token row0's piece at column 0 (row clamped below M)
+  const uint16_t* x_any;     // a valid address for zero-filled pieces
+  int64_t x_step;            // 16 token rows, in elements
+  const unsigned char* w;    // this thread's first weight piece of the next chunk
+  const unsigned char* sz;   // its scale piece of the next chunk
+  int col;                   // the piece's first column in the next chunk
+  int ldx, scale_bytes;
+  uint32_t x_dst, w_dst;     // offsets in a stage
+  uint32_t rows_in;          // bit r: token row0 + 16r < M
+  uint32_t copies_scale;     // 0 or 1
+
+  __device__ __forceinline__ ChunkStream(const WgParams& p, int64_t b, int64_t m0) {
+    const int tid = threadIdx.x, row0 = tid >> 4, piece = tid & 15;
+    const int64_t first = m0 + row0 < p.M ? m0 + row0 : p.M - 1;
+    x = p.x + first * p.ldx + piece * 8;
+    x_any = p.x;
+    x_step = int64_t(16) * p.ldx;
+    ldx = p.ldx;
+    col = piece * 8;
+    rows_in = 0;
 #pragma unroll
-  for (int r = 0; r < kTokens * 16 / kThreads; ++r) {
-    const int i = tid + r * kThreads, row = i >> 4, piece = i & 15;
-    const int col = c * kChunk + piece * 8;
-    const bool ok = m0 + row < p.M && col < p.ldx;
-    cp_async16(stage + (piece >> 3) * kHalfBytes + row * 128 + (((piece & 7) ^ (row & 7)) << 4),
-               ok ? p.x + (m0 + row) * p.ldx + col : p.x, ok ? 16 : 0);
+    for (int r = 0; r < kTokens / 16; ++r) rows_in |= uint32_t(m0 + row0 + 16 * r < p.M) << r;
+    rows_in = opaque(rows_in);
+    scale_bytes = 8 * p.slots * 64;  // 8 warps x slots x 64 bytes
+    w = p.wq + b * p.C * kWeightBytes + 16 * tid;
+    sz = p.sz + b * p.C * scale_bytes + 16 * tid;
+    copies_scale = opaque(16 * tid < scale_bytes);
+    x_dst = opaque((piece >> 3) * kHalfBytes + row0 * 128 + (((piece & 7) ^ (row0 & 7)) << 4));
+    w_dst = opaque(kXBytes + 16 * tid);
   }
-  const int64_t u = b * p.C + c;  // the layout's units are (block, chunk) in order
-  const unsigned char* wsrc = p.wq + u * kWeightBytes;
+
+  // Enqueue the next chunk into the stage at shared address `stage`; tokens
+  // >= M and columns >= ldx are zero-filled.
+  __device__ __forceinline__ void load(uint32_t stage) const {
+    const bool in_k = col < ldx;
 #pragma unroll
-  for (int r = 0; r < (kWeightBytes / 16 + kThreads - 1) / kThreads; ++r) {
-    const int i = tid + r * kThreads;
-    if ((kWeightBytes / 16) % kThreads == 0 || i < kWeightBytes / 16)
-      cp_async16(stage + kXBytes + 16 * i, wsrc + 16 * i, 16);
+    for (int r = 0; r < kTokens / 16; ++r) {
+      const bool ok = in_k && ((rows_in >> r) & 1u);
+      cp_async16(stage + x_dst + r * 16 * 128, ok ? x + r * x_step + col : x_any, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int r = 0; r < (kWeightPieces + kThreads - 1) / kThreads; ++r) {
+      if constexpr (kWeightPieces % kThreads == 0)
+        cp_async16(stage + w_dst + 16 * r * kThreads, w + 16 * r * kThreads, 16);
+      else if (r < kWeightPieces / kThreads)
+        cp_async16(stage + w_dst + 16 * r * kThreads, w + 16 * r * kThreads, 16);
+      else
+        cp_async16_if(w_dst - kXBytes < 16 * (kWeightPieces % kThreads),
+                      stage + w_dst + 16 * r * kThreads, w + 16 * r * kThreads, 16);
+    }
+    cp_async16_if(copies_scale, stage + w_dst + kWeightBytes, sz, 16);
   }
-  const int scale_pieces = 32 * p.slots;  // 8 warps x slots x 64 bytes
-  if (tid < scale_pieces)
-    cp_async16(stage + kXBytes + kWeightBytes + 16 * tid, p.sz + u * (16 * scale_pieces) + 16 * tid,
-               16);
-}
+
+  __device__ __forceinline__ void advance() {
+    col += kChunk;
+    w += kWeightBytes;
+    sz += scale_bytes;
+  }
+};
 
 // This warp's A fragments of the chunk in `stage` (generic pointer), all 8
 // k16 steps, decoded as s * (q - z).
@@ -222,9 +262,13 @@ __global__ void __launch_bounds__(kThreads, 1) weight_only_wgmma_kernel(WgParams
   const int64_t b = blockIdx.y;                       // weight row block
   const int64_t m0 = int64_t(blockIdx.x) * kTokens;  // first token
 
+  ChunkStream<BITS> stream(p, b, m0);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < p.C) load_chunk<BITS>(p, base + s * stage_bytes, b, m0, s);
+    if (s < p.C) {
+      stream.load(base + s * stage_bytes);
+      stream.advance();
+    }
     cp_async_commit();  // empty groups keep the group count uniform
   }
 
@@ -237,8 +281,10 @@ __global__ void __launch_bounds__(kThreads, 1) weight_only_wgmma_kernel(WgParams
     cp_async_wait<kStages - 2>();  // chunk c has landed (this thread's copies)
     fence_proxy_async();
     __syncthreads();  // ... everyone's; and chunk c - 1's MMAs are done, its stage is free
-    if (c + kStages - 1 < p.C)
-      load_chunk<BITS>(p, base + ((c + kStages - 1) % kStages) * stage_bytes, b, m0, c + kStages - 1);
+    if (c + kStages - 1 < p.C) {
+      stream.load(base + ((c + kStages - 1) % kStages) * stage_bytes);
+      stream.advance();
+    }
     cp_async_commit();
 
     const int stage = c % kStages;
