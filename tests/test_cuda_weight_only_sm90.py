@@ -1,6 +1,8 @@
 """Hopper weight-only kernel (csrc/weight_only_sm90_kernel.cu, cuda.weight_only_wgmma).
 
-On any machine: its registration (opt-in, M >= 65, sm_90). On an sm_90 GPU
+On any machine: its registration (opt-in, M >= 65, sm_90), and the token
+tile's shared-memory placement read back through the wgmma descriptor's
+K-major 128-byte-swizzle layout. On an sm_90 GPU
 with a build holding 9.0a code: against the dense fp64 product at awkward and
 real sizes, tile-aligned batch invariance, determinism, selection,
 torch.compile and errors.
@@ -47,6 +49,55 @@ def test_registered_opt_in_for_large_m(monkeypatch):
     assert "opt-in only" in spec.rejects(x, qw)
     monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_wgmma")
     assert "runs on ['cuda']" in spec.rejects(x, qw)
+
+
+# -- the token tile's shared-memory layout, as the kernel's copies place it and
+# -- as the wgmma descriptors read it (no GPU) ----------------------------------------
+HALF_BYTES = 128 * 128   # one 64-column half of the 128-token tile
+
+
+def place_token_tile(x: torch.Tensor, m0: int, c: int) -> torch.Tensor:
+    """The stage bytes ChunkStream::load writes for chunk c of tokens m0.. (its
+    index math, thread by thread), as int16 halves."""
+    m, ldx = x.shape
+    stage = torch.full((2 * HALF_BYTES // 2,), -1, dtype=torch.int16)
+    xi = x.view(torch.int16)
+    for tid in range(256):
+        row0, piece = tid >> 4, tid & 15
+        x_dst = (piece >> 3) * HALF_BYTES + row0 * 128 + (((piece & 7) ^ (row0 & 7)) << 4)
+        col = c * 128 + piece * 8
+        for r in range(8):
+            row = row0 + 16 * r
+            ok = col < ldx and m0 + row < m
+            dst = (x_dst + r * 16 * 128) // 2
+            stage[dst:dst + 8] = xi[m0 + row, col:col + 8] if ok else 0
+    return stage
+
+
+def descriptor_read(stage: torch.Tensor, kt: int) -> torch.Tensor:
+    """B (128 tokens x 16 columns) of k16 step kt as wgmma reads it through the
+    kernel's descriptor: start (kt // 4) * HALF_BYTES + 32 * (kt % 4), rows of
+    128 bytes, groups of 8 rows 1024 bytes apart, 128-byte swizzle (address bits
+    4-6 XOR bits 7-9)."""
+    start = (kt // 4) * HALF_BYTES + 32 * (kt % 4)
+    n = torch.arange(128).unsqueeze(1)
+    k = torch.arange(16).unsqueeze(0)
+    addr = start + (n // 8) * 1024 + (n % 8) * 128 + 2 * k
+    addr = addr ^ (((addr >> 7) & 7) << 4)
+    return stage[addr // 2]
+
+
+@pytest.mark.parametrize("m, m0, k, c", [(300, 128, 520, 4), (70, 0, 200, 1), (128, 0, 256, 0)])
+def test_token_tile_is_read_back_as_the_activations(m, m0, k, c):
+    x = torch.randn(m, k).half()
+    stage = place_token_tile(x, m0, c)
+    for kt in range(8):
+        want = torch.zeros(128, 16, dtype=torch.int16)
+        cols = torch.arange(c * 128 + 16 * kt, c * 128 + 16 * kt + 16)
+        rows = torch.arange(m0, min(m0 + 128, m))
+        keep = cols < k
+        want[:len(rows)][:, keep] = x.view(torch.int16)[rows][:, cols[keep]]
+        assert torch.equal(descriptor_read(stage, kt), want), f"k16 step {kt}"
 
 
 # -- sm_90a ----------------------------------------------------------------------------
