@@ -428,6 +428,32 @@ def test_dtype_casts_touch_bias_but_not_packed_buffers(cast):
         assert torch.equal(t, before[k]) and t.dtype == before[k].dtype
 
 
+@pytest.mark.parametrize("cfg_id", list(LAYER_CONFIGS))
+def test_quantized_weight_is_one_object_while_its_buffers_are_the_same(cfg_id):
+    # The CUDA kernels cache their re-laid copy of a weight per weight object;
+    # a fresh object per forward would re-lay every weight out on every call.
+    from vlmkern.ops import cuda_weight_only as cw
+    layer = QuantLinear.from_linear(nn.Linear(256, 96), LAYER_CONFIGS[cfg_id])
+    w = layer.quantized_weight
+    assert layer.quantized_weight is w
+    layer.half()
+    layer.to(torch.bfloat16)                  # packed buffers untouched: same object
+    assert layer.quantized_weight is w
+    if isinstance(w, vlmkern.QuantizedWeight):
+        assert cw.kernel_weight(layer.quantized_weight, torch.float16) is cw.kernel_weight(
+            w, torch.float16)
+    twin = copy.deepcopy(layer)               # a copy gets its own object over its own buffers
+    tw = twin.quantized_weight
+    assert tw is not w and all(getattr(tw, n) is twin._buffers[n] for n in type(tw).TENSORS
+                               if twin._buffers.get(n) is not None)
+    name = type(w).TENSORS[0]
+    setattr(layer, name, getattr(layer, name).clone())   # a replaced buffer: a new object
+    assert layer.quantized_weight is not w
+    assert getattr(layer.quantized_weight, name) is getattr(layer, name)
+    x = torch.randn(3, 256)
+    assert torch.equal(layer(x), vlmkern.ops.linear(x, layer.quantized_weight, layer.bias))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cfg_id", list(LAYER_CONFIGS))
 def test_activation_dtypes(cfg_id, dtype):

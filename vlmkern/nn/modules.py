@@ -39,11 +39,20 @@ class QuantLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.quant_info = dict(info or {})
+        self.quantized_weight  # noqa: B018  (built once here, outside any traced forward)
 
     @property
     def quantized_weight(self) -> PackedWeight:
+        """The layer's weight over its buffers. The same object while the
+        buffers are the same tensors: the CUDA kernels cache their re-laid
+        copy of a weight per object, so a new object per call would re-lay
+        the weight out on every forward."""
         cls = WEIGHT_TYPES[self.format]
-        return cls(**{n: self._buffers.get(n) for n in cls.TENSORS}, **self._meta)
+        cached = self.__dict__.get("_packed")
+        if cached is None or any(getattr(cached, n) is not self._buffers.get(n) for n in cls.TENSORS):
+            cached = cls(**{n: self._buffers.get(n) for n in cls.TENSORS}, **self._meta)
+            self.__dict__["_packed"] = cached
+        return cached
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config_or_weight: AnyConfig | PackedWeight,
@@ -76,6 +85,9 @@ class QuantLinear(nn.Module):
             if buf is not None:
                 moved = fn(buf)
                 self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        # a moved weight is rebuilt here (outside any traced forward), which
+        # also lets the old tensors go now rather than at the next call
+        self.quantized_weight  # noqa: B018
         return self
 
     @property
