@@ -10,8 +10,9 @@
 #
 # TESTS: pytest targets (default: tests). BENCH_ARGS go to bench_linear.py.
 # Environment: ARCH (default 9.0a), BUILD_S / TEST_S / SANITIZE_S / BENCH_S /
-# SWEEP_S / PROFILE_S phase limits in seconds (0 skips that phase; the build
-# always runs, and is quick when a previous build is still there); SWEEP_ARGS
+# DECODE_S / SWEEP_S / PROFILE_S phase limits in seconds (0 skips that phase; the build
+# always runs, and is quick when a previous build is still there);
+# DECODE_ENABLE: opt-in kernels for the whole-decoder run; SWEEP_ARGS
 # go to sweep_weight_only.py (the work-split sweep); PROFILE_ARGS go to the
 # weight-only profile_linear.py run (default: gate/up, M = 1,
 # W4 g128, the opt-in post-scale kernel); more runs profile W8A8 at M = 4096
@@ -75,6 +76,16 @@ if [ "${BENCH_S:-300}" -gt 0 ]; then
   t=$(date +%s)
   timeout "${BENCH_S:-300}" "$py" benchmarks/bench_linear.py --out "$out" "$@" >"$out/bench.log" 2>&1
   rc=$?; phase bench $rc "$t"; tail -5 "$out/bench.log"
+fi
+
+# a whole decoder (7B widths, random weights): prefill and decode through
+# QuantLinear and ops.linear, next to fp16, default and opt-in kernels
+if [ "${DECODE_S:-240}" -gt 0 ]; then
+  t=$(date +%s)
+  (cd benchmarks && timeout "${DECODE_S:-240}" "$py" decode_model.py --out "$out" \
+    --enable "${DECODE_ENABLE:-cuda.weight_only_post_scale,cuda.weight_only_wgmma,cuda.dequant_fast_cublas,cuda.int_act_wgmma}") \
+    >"$out/decode.log" 2>&1
+  rc=$?; phase decode $rc "$t"; grep -E "^\|" "$out/decode.log" | tail -16
 fi
 
 # the weight-only kernel's work split: time by thread blocks per SM

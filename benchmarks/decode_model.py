@@ -1,0 +1,138 @@
+"""Prefill and decode time of a whole quantized decoder, next to fp16.
+
+bench_linear.py times one layer's kernel; this times what a generate loop
+sees: a Qwen2-architecture decoder with random weights (nothing downloaded),
+Qwen2-VL-7B's widths and a few layers by default, in fp16, and copies of it
+with every linear replaced by vlmkern layers (round to nearest, data-free).
+For each: greedy ``generate`` of one token after a --prompt-token prompt (the
+prefill) and of 1 + --steps tokens (the rest is decode with the KV cache),
+timed by the wall clock between device synchronizations, so Python, dispatch
+and every kernel of a step count.
+
+    python benchmarks/decode_model.py                       # on the GPU
+    python benchmarks/decode_model.py --enable cuda.weight_only_post_scale
+    python benchmarks/decode_model.py --device cpu --hidden 64 --intermediate 128 \\
+        --heads 4 --kv-heads 2 --layers 1 --prompt 8 --steps 2   # smoke run
+
+Results go to stdout and <--out>/decode_model_<device>.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import vlmkern
+from vlmkern import IntActConfig, QuantConfig
+
+FORMATS = {"W4 g128": QuantConfig(4, 128), "W2 g128": QuantConfig(2, 128),
+           "W8A8": IntActConfig(8, 8)}
+
+
+def build_model(args, device):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden,
+                      intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                      max_position_embeddings=args.prompt + args.steps + 8, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg)
+    return model.to(torch.float16 if device.type == "cuda" else torch.float32).eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
+@torch.no_grad()
+def time_model(model, args, device) -> tuple[float, float]:
+    """(prefill ms, decode ms per token), medians over --reps runs of greedy
+    ``generate``: one new token is the prefill, the extra steps the decode."""
+    ids = torch.randint(3, args.vocab, (1, args.prompt), device=device,
+                        generator=torch.Generator(device).manual_seed(1))
+
+    def run(new_tokens):
+        sync(device)
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        sync(device)
+        return (time.perf_counter() - t0) * 1e3
+
+    run(2)                                    # warm-up: layouts, autotuning, allocator
+    prefill = [run(1) for _ in range(args.reps)]
+    whole = [run(1 + args.steps) for _ in range(args.reps)]
+    return median(prefill), max(median(whole) - median(prefill), 0.0) / args.steps
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--hidden", type=int, default=3584)
+    ap.add_argument("--intermediate", type=int, default=18944)
+    ap.add_argument("--heads", type=int, default=28)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--prompt", type=int, default=1024, help="prefill tokens (a VLM prompt)")
+    ap.add_argument("--steps", type=int, default=32, help="decode steps")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--enable", default="", help="comma-separated opt-in kernels, one more run each")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("decode_model needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    dense = build_model(args, device)
+    head = [f"# Whole-decoder prefill and decode time on {name}", "",
+            (f"Qwen2 architecture, random weights: hidden {args.hidden}, intermediate "
+             f"{args.intermediate}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
+             f"vocab {args.vocab}; prefill {args.prompt} tokens, {args.steps} decode steps, "
+             f"medians of {args.reps}; wall time between synchronizations. Reproduce: "
+             f"`python benchmarks/decode_model.py`."), "",
+            "| weights | kernels | prefill ms | decode ms/token | decode speedup |",
+            "|---|---|---|---|---|"]
+    print("\n".join(head), flush=True)
+    rows = []
+    base_pre, base_dec = time_model(dense, args, device)
+    rows.append(f"| dense {str(next(dense.parameters()).dtype).removeprefix('torch.')} | torch | "
+                f"{base_pre:.2f} | {base_dec:.3f} | 1.0 |")
+    print(rows[-1], flush=True)
+    for label in args.formats.split(","):
+        model, _ = vlmkern.replace_linears(copy.deepcopy(dense), FORMATS[label], progress=False)
+        for enable in ("", *[e for e in args.enable.split(",") if e]):
+            os.environ["VLMKERN_ENABLE"] = enable
+            try:
+                pre, dec = time_model(model, args, device)
+                rows.append(f"| {label} | {enable or 'default'} | {pre:.2f} | {dec:.3f} | "
+                            f"{base_dec / dec:.2f} |")
+            except Exception as e:  # noqa: BLE001 -- a failing kernel is a result here, not a crash
+                rows.append(f"| {label} | {enable or 'default'} | error: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120]} | | |")
+            finally:
+                os.environ.pop("VLMKERN_ENABLE", None)
+            print(rows[-1], flush=True)
+        del model
+    out = Path(args.out) / f"decode_model_{name.split()[-1] if device.type == 'cuda' else 'cpu'}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(head + rows) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
