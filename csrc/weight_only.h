@@ -84,7 +84,8 @@ int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, const int32_t
 // The Hopper kernel (csrc/weight_only_sm90_kernel.cu, sm_90a builds): the same
 // arguments without workspace, counters, num_ctas and decode (the exact
 // decode), any M >= 1, NB <= 65535. One thread block per 128 weight rows and
-// 128 tokens; the result does not depend on M.
+// 64 tokens (M <= 64) or 128; a token's result depends only on that tile width
+// and its place in its tile.
 int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
                               const int32_t* sz, int64_t NB, int64_t C, int slot_log2, int bits,
                               const void* bias, int bias_dtype, void* out, int64_t N,

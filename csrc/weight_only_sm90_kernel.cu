@@ -7,12 +7,13 @@
 // same per-warp layout (warp w of a warpgroup holds rows 16w..16w+15), so a
 // warp decodes its tile exactly as the mma.sync kernel does, s * (q - z)
 // rounded once to the activation type, and hands the registers to
-// wgmma.mma_async m64n128k16. The activations are the B operand, read by the
+// wgmma.mma_async m64nNk16. The activations are the B operand, read by the
 // MMA from shared memory through a matrix descriptor.
 //
 // Tiles: a thread block of two warpgroups owns one 128-row weight block
-// (warpgroup g its rows 64g..64g+63) and 128 tokens, and walks K in chunks
-// of 128 columns, one layout chunk per stage. A stage holds the tokens'
+// (warpgroup g its rows 64g..64g+63) and N tokens (64 for M <= 64, where two
+// blocks fit an SM, else 128), and walks K in chunks of 128 columns, one
+// layout chunk per stage. A stage holds the tokens'
 // 128 columns as two 64-column halves of 128-byte-swizzled rows (16-byte
 // piece c of token row r at piece c ^ (r % 8): the K-major canonical layout
 // the descriptor names, each k16 step the same descriptor advanced by 32
@@ -47,12 +48,16 @@ using namespace vlmkern_wo;
 
 constexpr int kThreads = 256;          // two warpgroups
 constexpr int kBlockRows = 128;        // weight rows per thread block: one layout block
-constexpr int kTokens = 128;           // tokens per thread block: the wgmma N
 constexpr int kChunk = 128;            // input columns per stage: one layout chunk
 constexpr int kStages = 4;
-constexpr int kHalfBytes = kTokens * 128;  // one 64-column half of the token tile
-constexpr int kXBytes = 2 * kHalfBytes;
 constexpr int kPitch = kBlockRows + 4;     // epilogue tile row (floats): conflict-free writes
+
+// A token tile of TOKENS (the wgmma N: 64 for M <= 64, else 128).
+template <int TOKENS>
+struct TokenTile {
+  static constexpr int kHalfBytes = TOKENS * 128;  // one 64-column half
+  static constexpr int kXBytes = 2 * kHalfBytes;
+};
 
 struct WgParams {
   const uint16_t* x;        // [M, ldx]
@@ -65,8 +70,9 @@ struct WgParams {
   int slot_log2, slots, bias_dtype;
 };
 
-template <int BITS>
+template <int BITS, int TOKENS>
 struct Sm90Stage {
+  static constexpr int kXBytes = TokenTile<TOKENS>::kXBytes;
   static constexpr int kWeightBytes = 8 * 256 * BITS;
   // Stages start 1024-byte aligned, as the swizzle pattern requires.
   __host__ __device__ static constexpr int bytes(int slots) {
@@ -75,7 +81,7 @@ struct Sm90Stage {
   __host__ __device__ static constexpr int smem(int slots) {
     return kStages * bytes(slots) + 1024;  // slack to align the first stage
   }
-  static_assert(kTokens * kPitch * 4 <= kStages * kXBytes, "the epilogue tile fits the stages");
+  static_assert(TOKENS * kPitch * 4 <= kStages * kXBytes, "the epilogue tile fits the stages");
 };
 
 #if VLMKERN_WO_SM90A
@@ -109,9 +115,10 @@ __device__ __forceinline__ void fence_proxy_async() {
 // Pins the accumulators around a batch of MMAs, so the compiler neither
 // moves nor reads them while the MMAs are in flight; and keeps the A
 // fragments alive until the MMAs reading them are done.
-__device__ __forceinline__ void fence_operands(float (&d)[64]) {
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&d)[N]) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 __device__ __forceinline__ void fence_operands(uint32_t (&a)[8][4]) {
 #pragma unroll
@@ -121,39 +128,58 @@ __device__ __forceinline__ void fence_operands(uint32_t (&a)[8][4]) {
 #define VLMKERN_ACC8(i)                                                                   \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
       "+f"(d[i + 6]), "+f"(d[i + 7])
-#define VLMKERN_WGMMA_REGS                                                                 \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                 \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "        \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "        \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "       \
-  "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
+#define VLMKERN_REGS32                                                                     \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                  \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define VLMKERN_REGS64                                                                     \
+  VLMKERN_REGS32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "  \
+  "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+// d (this thread's sums of a 64 x N tile) += A (64 x 16, this thread's
+// fragment in a) * B (N tokens x 16, K-major in shared memory)^T; the
+// operands after the sums: the 4 fragment registers, then the descriptor.
+#define VLMKERN_WGMMA_N64(type)                                                                \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " {" VLMKERN_REGS32 \
+               "}, {%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"                                     \
+               : VLMKERN_ACC8(0), VLMKERN_ACC8(8), VLMKERN_ACC8(16), VLMKERN_ACC8(24)           \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
+#define VLMKERN_WGMMA_N128(type)                                                               \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " {" VLMKERN_REGS64 \
+               "}, {%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"                                    \
+               : VLMKERN_ACC8(0), VLMKERN_ACC8(8), VLMKERN_ACC8(16), VLMKERN_ACC8(24),          \
+                 VLMKERN_ACC8(32), VLMKERN_ACC8(40), VLMKERN_ACC8(48), VLMKERN_ACC8(56)         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
 
-// d (this thread's 64 sums of a 64 x 128 tile) += A (64 x 16, this thread's
-// fragment in a) * B (128 tokens x 16, K-major in shared memory)^T.
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4],
-                                                 uint64_t desc_b, F16) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " VLMKERN_WGMMA_REGS
-               : VLMKERN_ACC8(0), VLMKERN_ACC8(8), VLMKERN_ACC8(16), VLMKERN_ACC8(24),
-                 VLMKERN_ACC8(32), VLMKERN_ACC8(40), VLMKERN_ACC8(48), VLMKERN_ACC8(56)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+__device__ __forceinline__ void wgmma_k16(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                                          F16) {
+  VLMKERN_WGMMA_N64("f16");
 }
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4],
-                                                 uint64_t desc_b, BF16) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " VLMKERN_WGMMA_REGS
-               : VLMKERN_ACC8(0), VLMKERN_ACC8(8), VLMKERN_ACC8(16), VLMKERN_ACC8(24),
-                 VLMKERN_ACC8(32), VLMKERN_ACC8(40), VLMKERN_ACC8(48), VLMKERN_ACC8(56)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+__device__ __forceinline__ void wgmma_k16(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                                          BF16) {
+  VLMKERN_WGMMA_N64("bf16");
 }
-#undef VLMKERN_WGMMA_REGS
+__device__ __forceinline__ void wgmma_k16(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                          F16) {
+  VLMKERN_WGMMA_N128("f16");
+}
+__device__ __forceinline__ void wgmma_k16(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                          BF16) {
+  VLMKERN_WGMMA_N128("bf16");
+}
+#undef VLMKERN_WGMMA_N128
+#undef VLMKERN_WGMMA_N64
+#undef VLMKERN_REGS64
+#undef VLMKERN_REGS32
 #undef VLMKERN_ACC8
 
 // This thread's copies of successive chunks of one thread block: token rows
-// row0 + 16r (r < 8) at one 16-byte piece, whose swizzled place is the same
+// row0 + 16r (r < TOKENS / 16) at one 16-byte piece, whose swizzled place is the same
 // for every r (16r is a multiple of 8), one weight piece or two, and one
 // scale piece. What does not change from chunk to chunk is computed once.
-template <int BITS>
+template <int BITS, int TOKENS>
 struct ChunkStream {
-  static constexpr int kWeightBytes = Sm90Stage<BITS>::kWeightBytes;
+  static constexpr int kHalfBytes = TokenTile<TOKENS>::kHalfBytes;
+  static constexpr int kXBytes = TokenTile<TOKENS>::kXBytes;
+  static constexpr int kWeightBytes = Sm90Stage<BITS, TOKENS>::kWeightBytes;
   static constexpr int kWeightPieces = kWeightBytes / 16;
 
   const uint16_t* x;         // token row0's piece at column 0 (row clamped below M)
@@ -177,7 +203,7 @@ struct ChunkStream {
     col = piece * 8;
     rows_in = 0;
 #pragma unroll
-    for (int r = 0; r < kTokens / 16; ++r) rows_in |= uint32_t(m0 + row0 + 16 * r < p.M) << r;
+    for (int r = 0; r < TOKENS / 16; ++r) rows_in |= uint32_t(m0 + row0 + 16 * r < p.M) << r;
     rows_in = opaque(rows_in);
     scale_bytes = 8 * p.slots * 64;  // 8 warps x slots x 64 bytes
     w = p.wq + b * p.C * kWeightBytes + 16 * tid;
@@ -192,7 +218,7 @@ struct ChunkStream {
   __device__ __forceinline__ void load(uint32_t stage) const {
     const bool in_k = col < ldx;
 #pragma unroll
-    for (int r = 0; r < kTokens / 16; ++r) {
+    for (int r = 0; r < TOKENS / 16; ++r) {
       const bool ok = in_k && ((rows_in >> r) & 1u);
       cp_async16(stage + x_dst + r * 16 * 128, ok ? x + r * x_step + col : x_any, ok ? 16 : 0);
     }
@@ -218,9 +244,10 @@ struct ChunkStream {
 
 // This warp's A fragments of the chunk in `stage` (generic pointer), all 8
 // k16 steps, decoded as s * (q - z).
-template <int BITS, class T>
+template <int BITS, class T, int TOKENS>
 __device__ __forceinline__ void decode_chunk(const WgParams& p, const unsigned char* stage,
                                              uint32_t (&a)[8][4]) {
+  constexpr int kXBytes = TokenTile<TOKENS>::kXBytes;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   uint32_t w[2 * BITS];
   const unsigned char* tile = stage + kXBytes + warp * 256 * BITS;
@@ -233,7 +260,7 @@ __device__ __forceinline__ void decode_chunk(const WgParams& p, const unsigned c
     const uint2 hi = reinterpret_cast<const uint2*>(tile + 512)[lane];
     w[4] = hi.x; w[5] = hi.y;
   }
-  const uint2* slots = reinterpret_cast<const uint2*>(stage + kXBytes + Sm90Stage<BITS>::kWeightBytes) +
+  const uint2* slots = reinterpret_cast<const uint2*>(stage + kXBytes + 8 * 256 * BITS) +
                        warp * p.slots * 8 + (lane >> 2);
   const int slot_mask = (1 << p.slot_log2) - 1;
   uint32_t s_lo = 0, s_hi = 0, z_lo = 0, z_hi = 0;
@@ -250,19 +277,23 @@ __device__ __forceinline__ void decode_chunk(const WgParams& p, const unsigned c
 // Accumulator layout (PTX wgmma D, as mma.sync m16n8 repeated along N): sum
 // 4j + e of a thread holds weight row 16 * (warp in warpgroup) + lane / 4 +
 // 8 * (e / 2) of its warpgroup's 64 and token 8j + 2 * (lane % 4) + e % 2.
-template <int BITS, class T>
-__global__ void __launch_bounds__(kThreads, 1) weight_only_wgmma_kernel(WgParams p) {
+// TOKENS = 64 leaves room for two thread blocks per SM (registers and
+// shared memory), 128 for one.
+template <int BITS, class T, int TOKENS>
+__global__ void __launch_bounds__(kThreads, TOKENS == 64 ? 2 : 1) weight_only_wgmma_kernel(WgParams p) {
 #if VLMKERN_WO_SM90A
-  using S = Sm90Stage<BITS>;
+  using S = Sm90Stage<BITS, TOKENS>;
+  constexpr int kHalfBytes = TokenTile<TOKENS>::kHalfBytes;
+  constexpr int kSums = TOKENS / 2;  // fp32 sums per thread
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t base = (raw + 1023u) & ~1023u;
   unsigned char* smem = smem_raw + (base - raw);
   const int stage_bytes = S::bytes(p.slots);
   const int64_t b = blockIdx.y;                       // weight row block
-  const int64_t m0 = int64_t(blockIdx.x) * kTokens;  // first token
+  const int64_t m0 = int64_t(blockIdx.x) * TOKENS;  // first token
 
-  ChunkStream<BITS> stream(p, b, m0);
+  ChunkStream<BITS, TOKENS> stream(p, b, m0);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < p.C) {
@@ -274,9 +305,9 @@ __global__ void __launch_bounds__(kThreads, 1) weight_only_wgmma_kernel(WgParams
 
   // Each chunk's MMAs finish before the next chunk is decoded: fragments
   // written while an MMA is in flight make ptxas serialize every MMA.
-  float acc[64];
+  float acc[kSums];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  for (int i = 0; i < kSums; ++i) acc[i] = 0.f;
   for (int c = 0; c < p.C; ++c) {
     cp_async_wait<kStages - 2>();  // chunk c has landed (this thread's copies)
     fence_proxy_async();
@@ -289,13 +320,13 @@ __global__ void __launch_bounds__(kThreads, 1) weight_only_wgmma_kernel(WgParams
 
     const int stage = c % kStages;
     uint32_t a[8][4];
-    decode_chunk<BITS, T>(p, smem + stage * stage_bytes, a);
+    decode_chunk<BITS, T, TOKENS>(p, smem + stage * stage_bytes, a);
     const uint32_t xs = base + stage * stage_bytes;
     fence_operands(acc);
     wgmma_fence();
 #pragma unroll
     for (int kt = 0; kt < 8; ++kt)
-      wgmma_m64n128k16(acc, a[kt], smem_desc(xs + (kt >> 2) * kHalfBytes + 32 * (kt & 3)), T{});
+      wgmma_k16(acc, a[kt], smem_desc(xs + (kt >> 2) * kHalfBytes + 32 * (kt & 3)), T{});
     wgmma_commit();
     wgmma_wait<0>();  // the fragments and the stage are in use until then
     fence_operands(acc);
@@ -311,13 +342,13 @@ __global__ void __launch_bounds__(kThreads, 1) weight_only_wgmma_kernel(WgParams
   const int row = 64 * (warp >> 2) + 16 * (warp & 3) + (lane >> 2);
   const int token = 2 * (lane & 3);
 #pragma unroll
-  for (int j = 0; j < 16; ++j)
+  for (int j = 0; j < TOKENS / 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e)
       tile[(8 * j + token + (e & 1)) * kPitch + row + 8 * (e >> 1)] = acc[4 * j + e];
   __syncthreads();
 
-  const int64_t tokens = p.M - m0 < kTokens ? p.M - m0 : kTokens;
+  const int64_t tokens = p.M - m0 < TOKENS ? p.M - m0 : TOKENS;
   const int64_t n_base = b * kBlockRows;
   const bool pairs = p.N % 2 == 0;  // rows of out start 4-byte aligned
 #pragma unroll 1
@@ -348,10 +379,10 @@ __global__ void __launch_bounds__(kThreads, 1) weight_only_wgmma_kernel(WgParams
 
 __global__ void wo_sm90_probe_kernel(int* built) { *built = VLMKERN_WO_SM90A; }
 
-template <int BITS, class T>
+template <int BITS, class T, int TOKENS>
 int launch(const WgParams& p, int64_t NB, cudaStream_t stream) {
-  auto kernel = weight_only_wgmma_kernel<BITS, T>;
-  const int smem = Sm90Stage<BITS>::smem(p.slots);
+  auto kernel = weight_only_wgmma_kernel<BITS, T, TOKENS>;
+  const int smem = Sm90Stage<BITS, TOKENS>::smem(p.slots);
   int device = 0, limit = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess)
@@ -360,21 +391,27 @@ int launch(const WgParams& p, int64_t NB, cudaStream_t stream) {
   if (smem > limit) return VLMKERN_WO_ERR_SHARED_MEMORY;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return launch_failed(err);
-  const dim3 grid(static_cast<unsigned>((p.M + kTokens - 1) / kTokens), static_cast<unsigned>(NB));
+  const dim3 grid(static_cast<unsigned>((p.M + TOKENS - 1) / TOKENS), static_cast<unsigned>(NB));
   kernel<<<grid, kThreads, smem, stream>>>(p);
   err = cudaGetLastError();
   return err == cudaSuccess ? VLMKERN_WO_OK : launch_failed(err);
 }
 
-// The explicit list of instantiations: bits {2, 3, 4} x {fp16, bf16}.
-template <class T>
+// The explicit list of instantiations: bits {2, 3, 4} x {fp16, bf16} x
+// token tiles {64 (M <= 64), 128}.
+template <class T, int TOKENS>
 int dispatch_bits(const WgParams& p, int bits, int64_t NB, cudaStream_t s) {
   switch (bits) {
-    case 2: return launch<2, T>(p, NB, s);
-    case 3: return launch<3, T>(p, NB, s);
-    case 4: return launch<4, T>(p, NB, s);
+    case 2: return launch<2, T, TOKENS>(p, NB, s);
+    case 3: return launch<3, T, TOKENS>(p, NB, s);
+    case 4: return launch<4, T, TOKENS>(p, NB, s);
     default: return VLMKERN_WO_ERR_BAD_BITS;
   }
+}
+
+template <class T>
+int dispatch_tokens(const WgParams& p, int bits, int64_t NB, cudaStream_t s) {
+  return p.M <= 64 ? dispatch_bits<T, 64>(p, bits, NB, s) : dispatch_bits<T, 128>(p, bits, NB, s);
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -392,7 +429,7 @@ extern "C" int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, 
     return VLMKERN_WO_ERR_BAD_DTYPE;
   if (M < 1 || NB < 1 || C < 1 || N <= (NB - 1) * kBlockRows || N > NB * kBlockRows ||
       K_x <= (C - 1) * kChunk || K_x > C * kChunk || slot_log2 < 0 || slot_log2 > 3 ||
-      NB > 65535 || (M + kTokens - 1) / kTokens > 0x7fffffff || K_x > 0x7fffffff || N > 0x7fffffff)
+      NB > 65535 || (M + 63) / 64 > 0x7fffffff || K_x > 0x7fffffff || N > 0x7fffffff)
     return VLMKERN_WO_ERR_BAD_SIZE;
   if (!x || !wq || !sz || !out) return VLMKERN_WO_ERR_NULL_POINTER;
   if (K_x % 8 != 0 || !aligned16(x) || !aligned16(wq) || !aligned16(sz)) return VLMKERN_WO_ERR_ALIGNMENT;
@@ -411,8 +448,8 @@ extern "C" int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, 
   p.slots = 8 >> slot_log2;
   p.bias_dtype = bias_dtype;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_bits<F16>(p, bits, NB, s)
-                                        : dispatch_bits<BF16>(p, bits, NB, s);
+  return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_tokens<F16>(p, bits, NB, s)
+                                        : dispatch_tokens<BF16>(p, bits, NB, s);
 }
 
 extern "C" int vlmkern_weight_only_sm90_available(int* available) {

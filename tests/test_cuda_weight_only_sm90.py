@@ -1,6 +1,7 @@
 """Hopper weight-only kernel (csrc/weight_only_sm90_kernel.cu, cuda.weight_only_wgmma).
 
-On any machine: its registration (opt-in, M >= 65, sm_90), and the token
+On any machine: its registration (opt-in, M >= 17, sm_90, declined when the
+grid would leave SMs idle), and the token
 tile's shared-memory placement read back through the wgmma descriptor's
 K-major 128-byte-swizzle layout. On an sm_90 GPU
 with a build holding 9.0a code: against the dense fp64 product at awkward and
@@ -37,18 +38,31 @@ def sm90(fn):
 def test_registered_opt_in_for_large_m(monkeypatch):
     from vlmkern.ops.builtin import CUDA
     spec = next(k for k in CUDA.kernels if k.name == "cuda.weight_only_wgmma")
-    assert spec.opt_in and spec.min_m == wg.MIN_M == 65 and spec.max_m is None
+    assert spec.opt_in and spec.min_m == wg.MIN_M == 17 and spec.max_m is None
     assert spec.min_sm == (9, 0) and spec.bits == frozenset({2, 3, 4})
     names = [k.name for k in CUDA.kernels]
     wg.register(CUDA)                                   # idempotent
     assert [k.name for k in CUDA.kernels] == names
     assert names.index("cuda.weight_only_wgmma") < names.index("cuda.dequant_cublas")
-    x = torch.zeros(65, 256, dtype=torch.float16)
+    x = torch.zeros(17, 256, dtype=torch.float16)
     qw = make_weight(64, 256, 4, 64, False)
     monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
     assert "opt-in only" in spec.rejects(x, qw)
     monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_wgmma")
     assert "runs on ['cuda']" in spec.rejects(x, qw)
+
+
+def test_grid_rule_declines_launches_that_leave_sms_idle(monkeypatch):
+    from vlmkern.ops import cuda_weight_only as cw
+    monkeypatch.setitem(cw._SM_COUNT, 0, 132)
+    dev = torch.device("cuda", 0)
+    assert wg._grid_reason(64, 37888, dev) is None            # 296 blocks of 128 rows
+    assert wg._grid_reason(17, 16896, dev) is None            # 132 blocks: exactly full
+    assert "131 thread blocks for 132 SMs" in wg._grid_reason(17, 16768, dev)
+    assert "36 thread blocks" in wg._grid_reason(64, 4608, dev)     # qkv at M <= 64
+    assert "108 thread blocks" in wg._grid_reason(384, 4608, dev)   # 3 tiles of 128 tokens
+    assert wg._grid_reason(385, 4608, dev) is None                  # 4 tiles
+    assert wg._grid_reason(65, 4608 * 4, dev) is None
 
 
 # -- the token tile's shared-memory layout, as the kernel's copies place it and
@@ -115,7 +129,7 @@ def test_kernel_awkward_shapes(bits, dtype):
                                  device="cuda")
                 w = qw.dequantize(torch.float32)
                 bias = torch.randn(n, device="cuda")
-                for m in (1, 65, 127, 128, 129, 300):
+                for m in (1, 17, 33, 64, 65, 127, 128, 129, 300):
                     x = act(m, k, dtype, seed=m)
                     for b in (None, bias):
                         y = wg.weight_only_wgmma(x, qw, b)
@@ -134,7 +148,7 @@ def test_kernel_real_sizes(k, n, bits):
         qw = make_weight(n, k, bits, 128, False, scale_dtype=dtype, seed=bits, device="cuda")
         w = qw.dequantize(torch.float32)
         bias = torch.randn(n, device="cuda", dtype=dtype)
-        for m in (65, 256, 1000):
+        for m in (17, 64, 65, 256, 1000):
             x = act(m, k, dtype, seed=m)
             assert_matches_dense(wg.weight_only_wgmma(x, qw, bias), x, w, bias)
 
@@ -152,30 +166,41 @@ def test_fp32_scales_group256_and_act_order():
 @sm90
 @pytest.mark.parametrize("k, n", [(3584, 4608), (200, 33)])
 def test_tile_aligned_batch_invariance_and_determinism(k, n):
-    # A token's result depends only on its place in its 128-token tile, so
-    # batches cut at tile boundaries give the same bits.
+    # A token's result depends only on its place in its token tile (64 tokens
+    # for M <= 64, else 128), so batches cut at tile boundaries with the same
+    # tile width give the same bits.
     for dtype in (torch.float16, torch.bfloat16):
         qw = make_weight(n, k, 4, 128, False, scale_dtype=dtype, device="cuda")
         x = act(300, k, dtype)
         full = wg.weight_only_wgmma(x, qw, None)
         assert torch.equal(full, wg.weight_only_wgmma(x, qw, None))  # run to run
-        for lo, hi in ((0, 128), (128, 256), (128, 300), (256, 300)):
+        for lo, hi in ((0, 128), (128, 256), (128, 300), (0, 65)):
             part = wg.weight_only_wgmma(x[lo:hi].clone(), qw, None)
             assert torch.equal(part, full[lo:hi]), f"tokens {lo}:{hi} differ from the M=300 batch"
+        small = wg.weight_only_wgmma(x[:64].clone(), qw, None)
+        assert torch.equal(small, wg.weight_only_wgmma(x[:64].clone(), qw, None))
+        for m in (17, 40):
+            part = wg.weight_only_wgmma(x[:m].clone(), qw, None)
+            assert torch.equal(part, small[:m]), f"tokens :{m} differ from the M=64 batch"
 
 
 @sm90
 def test_selected_by_linear_when_enabled(monkeypatch):
     from vlmkern import ops
     monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
-    qw = make_weight(64, 256, 4, 64, False, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n = 128 * sms                             # one row block per SM
+    qw = make_weight(n, 256, 4, 64, False, device="cuda")
     monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
     assert ops.which_kernel(act(65, 256, torch.float16), qw) != "cuda.weight_only_wgmma"
     monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_wgmma")
-    assert ops.which_kernel(act(64, 256, torch.float16), qw) == "cuda.weight_only_mma"
+    assert ops.which_kernel(act(16, 256, torch.float16), qw) == "cuda.weight_only_mma"
+    assert ops.which_kernel(act(17, 256, torch.float16), qw) == "cuda.weight_only_wgmma"
     assert ops.which_kernel(act(65, 256, torch.float16), qw) == "cuda.weight_only_wgmma"
+    few_rows = make_weight(64, 256, 4, 64, False, device="cuda")   # one row block: declined
+    assert ops.which_kernel(act(65, 256, torch.float16), few_rows) == "cuda.dequant_cublas"
     x = act(300, 256, torch.bfloat16).reshape(3, 100, 256)
-    assert_matches_dense(ops.linear(x, qw).reshape(300, 64), x.reshape(300, 256),
+    assert_matches_dense(ops.linear(x, qw).reshape(300, n), x.reshape(300, 256),
                          qw.dequantize(torch.float32), None)
 
 
@@ -240,7 +265,7 @@ if os.environ.get("VLMKERN_WO_SANITIZE"):   # small run under compute-sanitizer 
     def test_sanitizer_smoke():
         for bits in (2, 3, 4):
             qw = make_weight(130, 203, bits, 64, False, device="cuda")
-            for m in (1, 129):
+            for m in (1, 40, 129):
                 for dtype in (torch.float16, torch.bfloat16):
                     wg.weight_only_wgmma(act(m, 203, dtype), qw, torch.randn(130, device="cuda"))
         torch.cuda.synchronize()

@@ -3,12 +3,17 @@
 The same load-time layout as the mma.sync kernel (``cuda_weight_only``), the
 same exact decode (each weight is ``s * (q - z)`` rounded once to the
 activation dtype, the weight the torch reference dequantizes to), but the MMA
-is Hopper's warpgroup ``wgmma.mma_async m64n128k16``: the decoded weights are
-its A operand in registers and 128 tokens of activations its B operand in
-shared memory. A thread block owns 128 weight rows and 128 tokens, so the
-weight is decoded once per 128 tokens and never written back dequantized:
-it is meant for batches and prefill (M > 64), where the other path
-dequantizes the whole weight to memory and calls cuBLAS.
+is Hopper's warpgroup ``wgmma.mma_async m64nNk16``: the decoded weights are
+its A operand in registers and N tokens of activations its B operand in
+shared memory (N = 64 for M <= 64, else 128). A thread block owns 128 weight
+rows and N tokens, so the weight is decoded once per N tokens and never
+written back dequantized: it is meant for batches and prefill, where the
+other paths re-read activation fragments per warp (M <= 64) or dequantize
+the whole weight to memory and call cuBLAS (M > 64).
+
+There is no split-K yet, so a layer with few 128-row blocks at small M would
+leave SMs idle; the selector declines such calls (``_grid_reason``), which
+then go to the other kernels.
 
 Needs an sm_90 GPU and a build holding ``9.0a`` code (``sm90_available``
 probes it). Registered as ``cuda.weight_only_wgmma``, opt-in
@@ -27,7 +32,8 @@ from .cuda_weight_only import (
     unsupported_reason,
 )
 
-MIN_M = 65                # below this the mma.sync kernel, split over all SMs, is the better fit
+MIN_M = 17                # decode sizes stay with the mma.sync kernel's lean decodes
+TOKENS_SMALL, TOKENS = 64, 128   # token tile for M <= 64, and above
 _SM90: dict[int, bool] = {}
 
 
@@ -78,8 +84,22 @@ def _reason(qweight, device: torch.device) -> str | None:
     return why
 
 
+def _grid_reason(m: int, out_features: int, device: torch.device) -> str | None:
+    """Why a launch would leave SMs idle (fewer thread blocks than SMs), or None."""
+    from .cuda_weight_only import BLOCK_ROWS, _multiprocessors
+
+    tile = TOKENS_SMALL if m <= TOKENS_SMALL else TOKENS
+    blocks = -(-out_features // BLOCK_ROWS) * -(-m // tile)
+    sms = _multiprocessors(device)
+    if blocks < sms:
+        return f"{blocks} thread blocks for {sms} SMs (no split-K yet)"
+    return None
+
+
 def _check(x: torch.Tensor, qweight) -> str | None:
     why = _reason(qweight, x.device)
+    if why is None and x.is_cuda:
+        why = _grid_reason(x.shape[0], qweight.out_features, x.device)
     return None if why is None else f"cuda.weight_only_wgmma: {why}"
 
 
