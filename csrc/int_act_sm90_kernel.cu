@@ -26,16 +26,14 @@
 #include <stdint.h>
 
 #include "int_act_common.cuh"
-
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define VLMKERN_SM90A 1
-#else
-#define VLMKERN_SM90A 0
-#endif
+#include "sm90_wgmma.cuh"
 
 namespace {
 
 using namespace vlmkern_int_act;
+#if VLMKERN_SM90A
+using namespace vlmkern_sm90;
+#endif
 
 constexpr int kBM = 128;       // tokens per thread block: two warpgroups of 64
 constexpr int kBK = 128;       // bytes of K per stage: one swizzle row
@@ -59,41 +57,10 @@ __device__ __forceinline__ uint32_t sw128(int r, int c) {
   return uint32_t(r * kBK + ((c ^ (r & 7)) << 4));
 }
 
-// Shared-memory matrix descriptor of a K-major, 128-byte-swizzled tile at
-// `addr` (1024-byte aligned): start address, leading offset 1 (unused by
-// swizzled K-major layouts), 1024 bytes between groups of 8 rows, swizzle 128B.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
-  return (uint64_t(1) << 62) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 16) |
-         uint64_t((addr & 0x3FFFF) >> 4);
-}
-
 // 16 bytes from src, or zeros when !valid (src is then not read).
 __device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void wgmma_fence() {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// cp.async writes shared memory through the generic proxy; wgmma reads it
-// through the async proxy.
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-// Pins the accumulators in place around a batch of MMAs, so the compiler
-// neither moves nor reads them while the MMAs are in flight.
-template <int N>
-__device__ __forceinline__ void fence_operands(int32_t (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
 
 #define VLMKERN_ACC8(i)                                                                   \

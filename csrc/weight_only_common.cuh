@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "vlmkern_kernels.h"  // enum vlmkern_dtype
+#include "weight_only.h"      // status codes
 
 namespace vlmkern_wo {
 
@@ -129,12 +130,45 @@ __device__ __forceinline__ uint32_t opaque(uint32_t v) {
   return v;
 }
 
+// This thread's 16-byte pieces of a block of PIECES pieces copied by THREADS
+// threads: piece tid + r * THREADS, r = 0, 1, ...; dst and src already point at
+// the thread's first piece, lane_bytes = 16 * tid.
+template <int PIECES, int THREADS>
+__device__ __forceinline__ void copy_pieces(uint32_t dst, const unsigned char* src,
+                                            uint32_t lane_bytes) {
+#pragma unroll
+  for (int r = 0; r < (PIECES + THREADS - 1) / THREADS; ++r) {
+    if constexpr (PIECES % THREADS == 0)
+      cp_async16(dst + 16 * r * THREADS, src + 16 * r * THREADS, 16);
+    else if (r < PIECES / THREADS)
+      cp_async16(dst + 16 * r * THREADS, src + 16 * r * THREADS, 16);
+    else
+      cp_async16_if(lane_bytes < 16 * (PIECES % THREADS), dst + 16 * r * THREADS,
+                    src + 16 * r * THREADS, 16);
+  }
+}
+
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;" ::: "memory");
 }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// This lane's code words of a warp's 16x128 tile (at `wtile` in shared memory).
+template <int BITS>
+__device__ __forceinline__ void load_lane_words(const unsigned char* wtile, int lane,
+                                                uint32_t (&w)[2 * BITS]) {
+  const uint4 lo = reinterpret_cast<const uint4*>(wtile)[lane];
+  w[0] = lo.x; w[1] = lo.y; w[2] = lo.z; w[3] = lo.w;
+  if constexpr (BITS == 4) {
+    const uint4 hi = reinterpret_cast<const uint4*>(wtile + 512)[lane];
+    w[4] = hi.x; w[5] = hi.y; w[6] = hi.z; w[7] = hi.w;
+  } else if constexpr (BITS == 3) {
+    const uint2 hi = reinterpret_cast<const uint2*>(wtile + 512)[lane];
+    w[4] = hi.x; w[5] = hi.y;
+  }
 }
 
 // A scale slot word pair of rows g, g+8 (scales; -(magic + zero)) as each
@@ -168,6 +202,28 @@ __device__ __forceinline__ float load_bias(const void* bias, int dtype, int n) {
   float v;
   asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(static_cast<uint16_t>(bits)));
   return v;
+}
+
+// The argument checks both launchers share (layout, dtypes, pointers,
+// alignment): VLMKERN_WO_OK or the status code of the first failure.
+inline int check_launch_args(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
+                             const int32_t* sz, int64_t NB, int64_t C, int slot_log2, int bits,
+                             const void* bias, int bias_dtype, const void* out, int64_t N,
+                             int act_dtype) {
+  constexpr int64_t kRows = 128, kColumns = 128;  // a layout block and chunk
+  const auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (bits < 2 || bits > 4) return VLMKERN_WO_ERR_BAD_BITS;
+  if (act_dtype != VLMKERN_DTYPE_F16 && act_dtype != VLMKERN_DTYPE_BF16) return VLMKERN_WO_ERR_BAD_DTYPE;
+  if (bias && bias_dtype != VLMKERN_DTYPE_F16 && bias_dtype != VLMKERN_DTYPE_BF16 &&
+      bias_dtype != VLMKERN_DTYPE_F32)
+    return VLMKERN_WO_ERR_BAD_DTYPE;
+  if (M < 1 || NB < 1 || C < 1 || N <= (NB - 1) * kRows || N > NB * kRows ||
+      K_x <= (C - 1) * kColumns || K_x > C * kColumns || slot_log2 < 0 || slot_log2 > 3 ||
+      K_x > 0x7fffffff || N > 0x7fffffff)
+    return VLMKERN_WO_ERR_BAD_SIZE;
+  if (!x || !wq || !sz || !out) return VLMKERN_WO_ERR_NULL_POINTER;
+  if (K_x % 8 != 0 || !aligned16(x) || !aligned16(wq) || !aligned16(sz)) return VLMKERN_WO_ERR_ALIGNMENT;
+  return VLMKERN_WO_OK;
 }
 
 }  // namespace vlmkern_wo

@@ -162,16 +162,7 @@ struct UnitStream {
   // Enqueue the next unit's copies into the stage at shared address `stage`.
   __device__ __forceinline__ void load(uint32_t stage) const {
     cp_async16_if(copies_scale, stage + dst + L::kWeightBytes, sz, 16);
-#pragma unroll
-    for (int r = 0; r < (kWeightPieces + kThreads - 1) / kThreads; ++r) {
-      if constexpr (kWeightPieces % kThreads == 0)
-        cp_async16(stage + dst + 16 * r * kThreads, w + 16 * r * kThreads, 16);
-      else if (r < kWeightPieces / kThreads)
-        cp_async16(stage + dst + 16 * r * kThreads, w + 16 * r * kThreads, 16);
-      else
-        cp_async16_if(dst < 16 * (kWeightPieces % kThreads), stage + dst + 16 * r * kThreads,
-                      w + 16 * r * kThreads, 16);
-    }
+    copy_pieces<kWeightPieces, kThreads>(stage + dst, w, dst);
     // columns >= ldx are zero-filled
     const bool in_k = col < ldx;
     cp_async16_if(copies_x, stage + x_dst, in_k ? x_row + col : x_row, in_k ? 16 : 0);
@@ -184,21 +175,6 @@ struct UnitStream {
     if (col >= col_wrap) col -= col_wrap;
   }
 };
-
-// This lane's code words of a warp's 16x128 tile (at `wtile` in shared memory).
-template <int BITS>
-__device__ __forceinline__ void load_lane_words(const unsigned char* wtile, int lane,
-                                                uint32_t (&w)[2 * BITS]) {
-  const uint4 lo = reinterpret_cast<const uint4*>(wtile)[lane];
-  w[0] = lo.x; w[1] = lo.y; w[2] = lo.z; w[3] = lo.w;
-  if constexpr (BITS == 4) {
-    const uint4 hi = reinterpret_cast<const uint4*>(wtile + 512)[lane];
-    w[4] = hi.x; w[5] = hi.y; w[6] = hi.z; w[7] = hi.w;
-  } else if constexpr (BITS == 3) {
-    const uint2 hi = reinterpret_cast<const uint2*>(wtile + 512)[lane];
-    w[4] = hi.x; w[5] = hi.y;
-  }
-}
 
 // Shared-memory address of this lane's first ldmatrix row in the activation
 // tile of a stage (after the weights and `slots` scale slots per warp).
@@ -633,8 +609,6 @@ int dispatch_tokens(const Params& p, int bits, int decode, int64_t num_ctas, cud
   return VLMKERN_WO_ERR_BAD_BITS;
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 }  // namespace
 
 int vlmkern_wo::launch_failed(cudaError_t err) {
@@ -675,21 +649,15 @@ extern "C" int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, co
                                        int bits, const void* bias, int bias_dtype, void* out,
                                        int64_t N, float* workspace, int32_t* counters,
                                        int64_t num_ctas, int act_dtype, int decode, void* stream) {
-  if (bits < 2 || bits > 4) return VLMKERN_WO_ERR_BAD_BITS;
   if (decode != VLMKERN_WO_DECODE_EXACT &&
       (decode != VLMKERN_WO_DECODE_POST_SCALE || M > VLMKERN_WO_POST_SCALE_MAX_M))
     return VLMKERN_WO_ERR_BAD_DECODE;
-  if (act_dtype != VLMKERN_DTYPE_F16 && act_dtype != VLMKERN_DTYPE_BF16) return VLMKERN_WO_ERR_BAD_DTYPE;
-  if (bias && bias_dtype != VLMKERN_DTYPE_F16 && bias_dtype != VLMKERN_DTYPE_BF16 &&
-      bias_dtype != VLMKERN_DTYPE_F32)
-    return VLMKERN_WO_ERR_BAD_DTYPE;
-  if (M < 1 || M > VLMKERN_WO_MAX_M || NB < 1 || C < 1 || N <= (NB - 1) * kBlockRows ||
-      N > NB * kBlockRows || K_x <= (C - 1) * kChunk || K_x > C * kChunk || slot_log2 < 0 ||
-      slot_log2 > 3 || num_ctas < 1 || num_ctas > NB * C || num_ctas > 0x7fffffff ||
-      K_x > 0x7fffffff || N > 0x7fffffff)
+  const int status = check_launch_args(x, M, K_x, wq, sz, NB, C, slot_log2, bits, bias, bias_dtype,
+                                       out, N, act_dtype);
+  if (status != VLMKERN_WO_OK) return status;
+  if (M > VLMKERN_WO_MAX_M || num_ctas < 1 || num_ctas > NB * C || num_ctas > 0x7fffffff)
     return VLMKERN_WO_ERR_BAD_SIZE;
-  if (!x || !wq || !sz || !out || !counters || !workspace) return VLMKERN_WO_ERR_NULL_POINTER;
-  if (K_x % 8 != 0 || !aligned16(x) || !aligned16(wq) || !aligned16(sz)) return VLMKERN_WO_ERR_ALIGNMENT;
+  if (!counters || !workspace) return VLMKERN_WO_ERR_NULL_POINTER;
 
   Params p;
   p.x = static_cast<const uint16_t*>(x);

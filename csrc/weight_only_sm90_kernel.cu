@@ -33,22 +33,19 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "sm90_wgmma.cuh"
 #include "weight_only.h"
 #include "weight_only_common.cuh"
-
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define VLMKERN_WO_SM90A 1
-#else
-#define VLMKERN_WO_SM90A 0
-#endif
 
 namespace {
 
 using namespace vlmkern_wo;
+#if VLMKERN_SM90A
+using namespace vlmkern_sm90;
+#endif
 
 constexpr int kThreads = 256;          // two warpgroups
 constexpr int kBlockRows = 128;        // weight rows per thread block: one layout block
-constexpr int kChunk = 128;            // input columns per stage: one layout chunk
 constexpr int kStages = 4;
 constexpr int kPitch = kBlockRows + 4;     // epilogue tile row (floats): conflict-free writes
 
@@ -84,45 +81,9 @@ struct Sm90Stage {
   static_assert(TOKENS * kPitch * 4 <= kStages * kXBytes, "the epilogue tile fits the stages");
 };
 
-#if VLMKERN_WO_SM90A
+#if VLMKERN_SM90A
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Shared-memory matrix descriptor of a K-major, 128-byte-swizzled tile at
-// `addr`: start address, leading offset 1 (unused by swizzled K-major
-// layouts), 1024 bytes between groups of 8 rows, swizzle mode 128B.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
-  return (uint64_t(1) << 62) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 16) |
-         uint64_t((addr & 0x3FFFF) >> 4);
-}
-
-__device__ __forceinline__ void wgmma_fence() {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// cp.async writes shared memory through the generic proxy; wgmma reads it
-// through the async proxy.
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-// Pins the accumulators around a batch of MMAs, so the compiler neither
-// moves nor reads them while the MMAs are in flight; and keeps the A
-// fragments alive until the MMAs reading them are done.
-template <int N>
-__device__ __forceinline__ void fence_operands(float (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-__device__ __forceinline__ void fence_operands(uint32_t (&a)[8][4]) {
-#pragma unroll
-  for (int i = 0; i < 32; ++i) asm volatile("" : "+r"(a[i / 4][i % 4])::"memory");
 }
 
 #define VLMKERN_ACC8(i)                                                                   \
@@ -181,6 +142,7 @@ struct ChunkStream {
   static constexpr int kXBytes = TokenTile<TOKENS>::kXBytes;
   static constexpr int kWeightBytes = Sm90Stage<BITS, TOKENS>::kWeightBytes;
   static constexpr int kWeightPieces = kWeightBytes / 16;
+  static constexpr int kChunk = 128;  // columns per chunk: one layout chunk
 
   const uint16_t* x;         // token row0's piece at column 0 (row clamped below M)
   const uint16_t* x_any;     // a valid address for zero-filled pieces
@@ -222,16 +184,7 @@ struct ChunkStream {
       const bool ok = in_k && ((rows_in >> r) & 1u);
       cp_async16(stage + x_dst + r * 16 * 128, ok ? x + r * x_step + col : x_any, ok ? 16 : 0);
     }
-#pragma unroll
-    for (int r = 0; r < (kWeightPieces + kThreads - 1) / kThreads; ++r) {
-      if constexpr (kWeightPieces % kThreads == 0)
-        cp_async16(stage + w_dst + 16 * r * kThreads, w + 16 * r * kThreads, 16);
-      else if (r < kWeightPieces / kThreads)
-        cp_async16(stage + w_dst + 16 * r * kThreads, w + 16 * r * kThreads, 16);
-      else
-        cp_async16_if(w_dst - kXBytes < 16 * (kWeightPieces % kThreads),
-                      stage + w_dst + 16 * r * kThreads, w + 16 * r * kThreads, 16);
-    }
+    copy_pieces<kWeightPieces, kThreads>(stage + w_dst, w, w_dst - kXBytes);
     cp_async16_if(copies_scale, stage + w_dst + kWeightBytes, sz, 16);
   }
 
@@ -250,16 +203,7 @@ __device__ __forceinline__ void decode_chunk(const WgParams& p, const unsigned c
   constexpr int kXBytes = TokenTile<TOKENS>::kXBytes;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   uint32_t w[2 * BITS];
-  const unsigned char* tile = stage + kXBytes + warp * 256 * BITS;
-  const uint4 lo = reinterpret_cast<const uint4*>(tile)[lane];
-  w[0] = lo.x; w[1] = lo.y; w[2] = lo.z; w[3] = lo.w;
-  if constexpr (BITS == 4) {
-    const uint4 hi = reinterpret_cast<const uint4*>(tile + 512)[lane];
-    w[4] = hi.x; w[5] = hi.y; w[6] = hi.z; w[7] = hi.w;
-  } else if constexpr (BITS == 3) {
-    const uint2 hi = reinterpret_cast<const uint2*>(tile + 512)[lane];
-    w[4] = hi.x; w[5] = hi.y;
-  }
+  load_lane_words<BITS>(stage + kXBytes + warp * 256 * BITS, lane, w);
   const uint2* slots = reinterpret_cast<const uint2*>(stage + kXBytes + 8 * 256 * BITS) +
                        warp * p.slots * 8 + (lane >> 2);
   const int slot_mask = (1 << p.slot_log2) - 1;
@@ -272,7 +216,7 @@ __device__ __forceinline__ void decode_chunk(const WgParams& p, const unsigned c
       a[kt][r] = exact_operand<BITS, T>(w, kt, r, (r & 1) ? s_hi : s_lo, (r & 1) ? z_hi : z_lo);
   }
 }
-#endif  // VLMKERN_WO_SM90A
+#endif  // VLMKERN_SM90A
 
 // Accumulator layout (PTX wgmma D, as mma.sync m16n8 repeated along N): sum
 // 4j + e of a thread holds weight row 16 * (warp in warpgroup) + lane / 4 +
@@ -281,7 +225,7 @@ __device__ __forceinline__ void decode_chunk(const WgParams& p, const unsigned c
 // shared memory), 128 for one.
 template <int BITS, class T, int TOKENS>
 __global__ void __launch_bounds__(kThreads, TOKENS == 64 ? 2 : 1) weight_only_wgmma_kernel(WgParams p) {
-#if VLMKERN_WO_SM90A
+#if VLMKERN_SM90A
   using S = Sm90Stage<BITS, TOKENS>;
   constexpr int kHalfBytes = TokenTile<TOKENS>::kHalfBytes;
   constexpr int kSums = TOKENS / 2;  // fp32 sums per thread
@@ -377,7 +321,7 @@ __global__ void __launch_bounds__(kThreads, TOKENS == 64 ? 2 : 1) weight_only_wg
 #endif
 }
 
-__global__ void wo_sm90_probe_kernel(int* built) { *built = VLMKERN_WO_SM90A; }
+__global__ void wo_sm90_probe_kernel(int* built) { *built = VLMKERN_SM90A; }
 
 template <int BITS, class T, int TOKENS>
 int launch(const WgParams& p, int64_t NB, cudaStream_t stream) {
@@ -414,25 +358,16 @@ int dispatch_tokens(const WgParams& p, int bits, int64_t NB, cudaStream_t s) {
   return p.M <= 64 ? dispatch_bits<T, 64>(p, bits, NB, s) : dispatch_bits<T, 128>(p, bits, NB, s);
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 }  // namespace
 
 extern "C" int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
                                          const int32_t* sz, int64_t NB, int64_t C, int slot_log2,
                                          int bits, const void* bias, int bias_dtype, void* out,
                                          int64_t N, int act_dtype, void* stream) {
-  if (bits < 2 || bits > 4) return VLMKERN_WO_ERR_BAD_BITS;
-  if (act_dtype != VLMKERN_DTYPE_F16 && act_dtype != VLMKERN_DTYPE_BF16) return VLMKERN_WO_ERR_BAD_DTYPE;
-  if (bias && bias_dtype != VLMKERN_DTYPE_F16 && bias_dtype != VLMKERN_DTYPE_BF16 &&
-      bias_dtype != VLMKERN_DTYPE_F32)
-    return VLMKERN_WO_ERR_BAD_DTYPE;
-  if (M < 1 || NB < 1 || C < 1 || N <= (NB - 1) * kBlockRows || N > NB * kBlockRows ||
-      K_x <= (C - 1) * kChunk || K_x > C * kChunk || slot_log2 < 0 || slot_log2 > 3 ||
-      NB > 65535 || (M + 63) / 64 > 0x7fffffff || K_x > 0x7fffffff || N > 0x7fffffff)
-    return VLMKERN_WO_ERR_BAD_SIZE;
-  if (!x || !wq || !sz || !out) return VLMKERN_WO_ERR_NULL_POINTER;
-  if (K_x % 8 != 0 || !aligned16(x) || !aligned16(wq) || !aligned16(sz)) return VLMKERN_WO_ERR_ALIGNMENT;
+  const int status = check_launch_args(x, M, K_x, wq, sz, NB, C, slot_log2, bits, bias, bias_dtype,
+                                       out, N, act_dtype);
+  if (status != VLMKERN_WO_OK) return status;
+  if (NB > 65535 || (M + 63) / 64 > 0x7fffffff) return VLMKERN_WO_ERR_BAD_SIZE;  // grid limits
 
   WgParams p;
   p.x = static_cast<const uint16_t*>(x);

@@ -1,0 +1,62 @@
+// Warpgroup-MMA pieces shared by the Hopper kernels (sm_90a only):
+// int_act_sm90_kernel.cu and weight_only_sm90_kernel.cu. VLMKERN_SM90A is 1
+// while compiling sm_90a device code; the helpers exist only then.
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define VLMKERN_SM90A 1
+#else
+#define VLMKERN_SM90A 0
+#endif
+
+#if VLMKERN_SM90A
+namespace vlmkern_sm90 {
+
+// Shared-memory matrix descriptor of a K-major, 128-byte-swizzled tile at
+// `addr` (its 8-row groups 1024-byte aligned): start address, leading offset
+// 1 (unused by swizzled K-major layouts), 1024 bytes between groups of 8
+// rows, swizzle mode 128B. A k-step inside the 128-byte row advances `addr`.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  return (uint64_t(1) << 62) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 16) |
+         uint64_t((addr & 0x3FFFF) >> 4);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// cp.async writes shared memory through the generic proxy; wgmma reads it
+// through the async proxy.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Pin MMA operands in registers around a batch of MMAs: the compiler neither
+// moves nor reads the accumulators while the MMAs are in flight, and keeps
+// register A fragments alive until the MMAs reading them are done.
+template <int N>
+__device__ __forceinline__ void fence_operands(int32_t (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <int R, int C>
+__device__ __forceinline__ void fence_operands(uint32_t (&a)[R][C]) {
+#pragma unroll
+  for (int i = 0; i < R * C; ++i) asm volatile("" : "+r"(a[i / C][i % C])::"memory");
+}
+
+}  // namespace vlmkern_sm90
+#endif  // VLMKERN_SM90A
