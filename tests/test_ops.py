@@ -386,3 +386,22 @@ def test_backend_error_is_a_runtime_error():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_which_kernel_on_cpu(weights, fmt, kernel, dtype):
     assert ops.which_kernel(_x((3,), dtype), weights[fmt]) == kernel
+
+
+def test_quantized_layers_trace_whole_under_torch_compile(monkeypatch):
+    # The dispatch (validation, selection, the layer's cached weight) must not
+    # break a torch.compile graph. The finite check is a data-dependent branch
+    # that only CPU tensors take by default (on a GPU it is opt-in), so it is
+    # switched off here as it is on a GPU.
+    from vlmkern import ops
+    from vlmkern.nn import QuantLinear
+    monkeypatch.setattr(ops, "_check_finite_enabled", lambda x: False)
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(
+        QuantLinear.from_linear(torch.nn.Linear(128, 96), QuantConfig(4, 32)),
+        QuantLinear.from_linear(torch.nn.Linear(96, 64), IntActConfig(8, 8)),
+        QuantLinear.from_linear(torch.nn.Linear(64, 32), BinaryConfig(block_size=32, max_salient=4)))
+    compiled = torch.compile(layers, fullgraph=True)
+    for m in (3, 5):
+        x = torch.randn(m, 128)
+        torch.testing.assert_close(compiled(x), layers(x), rtol=1e-5, atol=1e-5)
