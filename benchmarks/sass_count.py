@@ -8,7 +8,7 @@ with cuobjdump (from PATH or the one Triton ships) and counts, for each
 instantiation, the instructions from the loop's barrier to its back branch
 (the common path: no row block finished), by opcode.
 
-    python benchmarks/sass_count.py                 # sm_90a, M <= 16 tiles
+    python benchmarks/sass_count.py                 # sm_90a, M <= 16 tiles, + the wgmma kernel
     python benchmarks/sass_count.py --arch sm_80 --all
 
 Counts include predicated-off instructions, which still take issue slots.
@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL = re.compile(r"weight_only_mma_kernelILi(\d)ELi(\d)EN\w*?\d(F16|BF16)ELi\d+EL(i|in)(\d)EEEv")
+WGMMA_KERNEL = re.compile(r"weight_only_wgmma_kernelILi(\d)EN\w*?\d(F16|BF16)ELi(\d+)EEEv")
 
 
 def cuobjdump() -> str:
@@ -71,6 +72,26 @@ def unit_loop(body: list[str]) -> list[str]:
     return body[start:end + 1]
 
 
+def chunk_loop(body: list[str]) -> list[str]:
+    """The wgmma kernel's loop: from the wait before its barrier to the branch
+    after the wait for the chunk's MMAs."""
+    start = next(i for i, x in enumerate(body) if x.startswith("BAR.SYNC")) - 1
+    end = next(i for i, x in enumerate(body) if "WARPGROUP.DEPBAR" in x and i > start)
+    while not re.search(r"\bBRA\b", body[end]):
+        end += 1
+    return body[start:end + 1]
+
+
+def compile_sass(source: str, arch: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        subprocess.run(["nvcc", "-cubin", f"-arch={arch}", "-O3", "-std=c++17",
+                        f"-I{ROOT / 'csrc'}", "-o", str(cubin), str(ROOT / "csrc" / source)],
+                       check=True)
+        return subprocess.run([cuobjdump(), "-sass", str(cubin)], check=True,
+                              capture_output=True, text=True).stdout
+
+
 def opcode(instr: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", instr).split()[0].split(".")[0]
 
@@ -80,13 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--all", action="store_true", help="every token tile, not just M <= 16")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "wo.cubin"
-        subprocess.run(["nvcc", "-cubin", f"-arch={args.arch}", "-O3", "-std=c++17",
-                        f"-I{ROOT / 'csrc'}", "-o", str(cubin),
-                        str(ROOT / "csrc/weight_only_kernel.cu")], check=True)
-        sass = subprocess.run([cuobjdump(), "-sass", str(cubin)], check=True,
-                              capture_output=True, text=True).stdout
+    sass = compile_sass("weight_only_kernel.cu", args.arch)
     rows = []
     for name, body in functions(sass).items():
         m = KERNEL.search(name)
@@ -100,12 +115,30 @@ def main(argv=None) -> int:
         ops = collections.Counter(opcode(x) for x in loop)
         decode = "exact" if slot < 0 else f"post-scale g{16 << slot}"
         rows.append((dtype, bits, tiles, slot, decode, len(loop), ops))
-    print(f"| dtype | bits | tokens | decode | instructions per unit | top opcodes |")
+    print("| dtype | bits | tokens | decode | instructions per unit | top opcodes |")
     print("|---|---|---|---|---|---|")
     for dtype, bits, tiles, _, decode, n, ops in sorted(rows, key=lambda r: r[:4]):
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
         print(f"| {dtype} | {bits} | {8 * tiles} | {decode} | {n} | {top} |")
+    if args.arch.startswith("sm_90"):
+        wgmma_table(compile_sass("weight_only_sm90_kernel.cu", args.arch))
     return 0
+
+
+def wgmma_table(sass: str) -> None:
+    """The Hopper kernel: instructions a warp issues per 128-column chunk."""
+    rows = []
+    for name, body in functions(sass).items():
+        m = WGMMA_KERNEL.search(name)
+        if m:
+            loop = chunk_loop(body)
+            rows.append((m.group(2), int(m.group(1)), int(m.group(3)), len(loop),
+                         collections.Counter(opcode(x) for x in loop)))
+    print("\n| dtype | bits | token tile | wgmma kernel: instructions per chunk | top opcodes |")
+    print("|---|---|---|---|---|")
+    for dtype, bits, tokens, n, ops in sorted(rows, key=lambda r: r[:3]):
+        top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
+        print(f"| {dtype} | {bits} | {tokens} | {n} | {top} |")
 
 
 if __name__ == "__main__":
