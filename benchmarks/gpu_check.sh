@@ -46,30 +46,25 @@ if [ "${TEST_S:-300}" -gt 0 ]; then
   grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
 fi
 
-# memcheck on the kernels' own tests: reference equality on awkward shapes,
-# one process (the sanitizer follows a single process), bad-input tests left
-# out (they exercise the host-side checks, not device memory)
+# memcheck: first a small run of every kernel family (ragged rows, columns
+# and tokens; the tests' sanitizer_smoke), then the kernels' full tests
+# (reference equality on awkward shapes) while time remains; one process (the
+# sanitizer follows a single process), bad-input tests left out (they exercise
+# the host-side checks, not device memory)
 if [ "${SANITIZE_S:-300}" -gt 0 ] && command -v compute-sanitizer >/dev/null; then
+  t=$(date +%s)
+  VLMKERN_SANITIZE=1 timeout "${SANITIZE_S:-300}" compute-sanitizer --tool memcheck \
+    --error-exitcode 9 "$py" -m pytest -q -p no:cacheprovider -k "sanitizer_smoke or fast_dequant_matches" \
+    tests/test_cuda_weight_only.py tests/test_cuda_weight_only_sm90.py tests/test_cuda_int_act.py \
+    tests/test_cuda_binary.py tests/test_ext.py >"$out/sanitize_smoke.log" 2>&1
+  rc=$?; phase memcheck_smoke $rc "$t"; grep -E "ERROR SUMMARY|passed|failed|skipped" \
+    "$out/sanitize_smoke.log" | tail -3
   t=$(date +%s)
   timeout "${SANITIZE_S:-300}" compute-sanitizer --tool memcheck --error-exitcode 9 \
     "$py" -m pytest -q -p no:cacheprovider -k "not bad_input" \
     tests/test_cuda_weight_only.py tests/test_cuda_int_act.py tests/test_cuda_binary.py \
     >"$out/sanitize.log" 2>&1
   rc=$?; phase memcheck $rc "$t"; grep -E "ERROR SUMMARY|passed|failed" "$out/sanitize.log" | tail -3
-  # the fast dequantize kernel on its awkward shapes
-  t=$(date +%s)
-  timeout "${SANITIZE_S:-300}" compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$py" -m pytest -q -p no:cacheprovider -k fast_dequant_matches tests/test_ext.py \
-    >"$out/sanitize_dequant.log" 2>&1
-  rc=$?; phase memcheck_dequant $rc "$t"; grep -E "ERROR SUMMARY|passed|failed" \
-    "$out/sanitize_dequant.log" | tail -3
-  # the Hopper weight-only kernel: a small run (ragged rows, columns and tokens)
-  t=$(date +%s)
-  VLMKERN_WO_SANITIZE=1 timeout "${SANITIZE_S:-300}" compute-sanitizer --tool memcheck \
-    --error-exitcode 9 "$py" -m pytest -q -p no:cacheprovider -k sanitizer_smoke \
-    tests/test_cuda_weight_only_sm90.py >"$out/sanitize_wgmma.log" 2>&1
-  rc=$?; phase memcheck_wgmma $rc "$t"; grep -E "ERROR SUMMARY|passed|failed|skipped" \
-    "$out/sanitize_wgmma.log" | tail -3
 fi
 
 if [ "${BENCH_S:-300}" -gt 0 ]; then

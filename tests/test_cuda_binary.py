@@ -6,6 +6,7 @@ the PTX m16n8k16 fragment layout, and the per-block statistics algebra; the
 replay must equal the dense product of the dequantized weight. GPU tests run
 the kernel itself against the torch reference.
 """
+import os
 import struct
 
 import pytest
@@ -345,3 +346,19 @@ def test_gpu_prefetch_selection_and_errors(monkeypatch):
     with pytest.raises(RuntimeError, match="of 128 with prefetch"):
         torch.ops.vlmkern.binary_matmul(x, small_blocks.salient, kp.sign, kp.aux,
                                         small_blocks.stats, None, 256, 64, 1, True)
+
+
+if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer memcheck
+    @gpu
+    @pytest.mark.gpu
+    def test_sanitizer_smoke():
+        # ragged rows, columns and tokens, with and without the K split
+        for n, k, block in ((33, 200, 96), (257, 520, 128), (130, 3000, 128)):
+            qw = make_binary(n, k, block, seed=n, device="cuda")
+            bias = torch.randn(n, generator=gen(2)).cuda()
+            for m in (1, 17, 200):
+                x = act(m, k, torch.float16, seed=m)
+                cb.binary_matmul(x, qw, bias)
+                if block % 128 == 0:
+                    cb.binary_matmul(x, qw, bias, prefetch=True)
+        torch.cuda.synchronize()

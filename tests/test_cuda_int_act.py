@@ -8,6 +8,8 @@ ldmatrix. GPU tests run the kernels against the torch reference, and the
 Hopper warpgroup-MMA GEMM (csrc/int_act_sm90_kernel.cu) against the mma.sync
 GEMM bit for bit.
 """
+import os
+
 import pytest
 import torch
 
@@ -482,3 +484,19 @@ def test_gpu_wgmma_bad_input_errors():
     if not _WGMMA:   # off Hopper (or without sm_90a code) the launcher refuses it
         with pytest.raises((RuntimeError, ValueError)):
             cia.int_act_matmul(x, qw, path="wgmma")
+
+
+if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer memcheck
+    @gpu
+    @pytest.mark.gpu
+    def test_sanitizer_smoke():
+        # ragged rows, columns and tokens through every mode and tile shape
+        for wa, group in (((8, 8), None), ((8, 8), 32), ((6, 6), 128), ((4, 4), None),
+                          ((4, 8), 32)):
+            qw = make_intact(33, 200, *wa, group, seed=wa[0], device="cuda")
+            bias = torch.randn(33, generator=gen(2)).cuda()
+            for m in (1, 17, 300):
+                cia.int_act_matmul(act(m, 200, torch.float16, seed=m), qw, bias)
+            if cia.sm90_available(torch.device("cuda")) and wa[0] >= 6:
+                cia.int_act_matmul(act(130, 200, torch.bfloat16), qw, bias, path="wgmma")
+        torch.cuda.synchronize()

@@ -419,7 +419,7 @@ def test_bad_inputs_give_clear_errors():
     assert cw.weight_only_mma(act(0, 256, torch.float16), qw).shape == (0, 64)
 
 
-if os.environ.get("VLMKERN_WO_SANITIZE"):   # small run under compute-sanitizer memcheck
+if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer memcheck
     @gpu
     def test_sanitizer_smoke():
         for bits in (2, 3, 4):
