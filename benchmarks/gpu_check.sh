@@ -78,7 +78,7 @@ fi
 if [ "${DECODE_S:-240}" -gt 0 ]; then
   t=$(date +%s)
   (cd benchmarks && timeout "${DECODE_S:-240}" "$py" decode_model.py --out "$out" \
-    --enable "${DECODE_ENABLE:-cuda.weight_only_post_scale,cuda.weight_only_wgmma,cuda.dequant_fast_cublas,cuda.int_act_wgmma}") \
+    --enable "${DECODE_ENABLE:-cuda.weight_only_post_scale,cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem,cuda.dequant_fast_cublas,cuda.int_act_wgmma}") \
     >"$out/decode.log" 2>&1
   rc=$?; phase decode $rc "$t"; grep -E "^\|" "$out/decode.log" | tail -16
 fi
@@ -131,11 +131,12 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
     "$out/profile_binary.log" | head -8
   # W4 at prefill size: the dequantize kernels in front of cuBLAS, general
   # (dequant_groupwise_kernel) then fast (dequant_fast_kernel), two launches
-  # each, then the Hopper weight-only kernel, which needs no dequantized copy
+  # each, then the Hopper weight-only kernels (A in registers, in shared memory),
+  # which need no dequantized copy
   t=$(date +%s)
   (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --section SpeedOfLight --section WarpStateStats \
-    -k "regex:dequant|weight_only_wgmma" --launch-count 6 "$py" profile_linear.py --format "W4 g128" \
-    --m 4096 --reps 1 --enable cuda.dequant_fast_cublas,cuda.weight_only_wgmma) \
+    -k "regex:dequant|weight_only_wgmma" --launch-count 8 "$py" profile_linear.py --format "W4 g128" \
+    --m 4096 --reps 1 --enable cuda.dequant_fast_cublas,cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem) \
     >"$out/profile_dequant.log" 2>&1
   rc=$?; phase profile_dequant $rc "$t"; grep -E "dequant_|wgmma|Duration|Memory Throughput|Compute \(SM\)" \
     "$out/profile_dequant.log" | head -24

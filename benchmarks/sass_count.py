@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL = re.compile(r"weight_only_mma_kernelILi(\d)ELi(\d)EN\w*?\d(F16|BF16)ELi\d+EL(i|in)(\d)EEEv")
-WGMMA_KERNEL = re.compile(r"weight_only_wgmma_kernelILi(\d)EN\w*?\d(F16|BF16)ELi(\d+)EEEv")
+WGMMA_KERNEL = re.compile(r"weight_only_wgmma_kernelILi(\d)EN\w*?\d(F16|BF16)ELi(\d+)ELb([01])EEEv")
 
 
 def cuobjdump() -> str:
@@ -43,8 +43,9 @@ def cuobjdump() -> str:
     raise SystemExit("sass_count: cuobjdump not found (install the CUDA toolkit or triton)")
 
 
-def functions(sass: str) -> dict[str, list[str]]:
-    """Mangled kernel name -> its instructions (opcode and operands)."""
+def functions(sass: str, addresses: bool = False) -> dict[str, list]:
+    """Mangled kernel name -> its instructions (opcode and operands), or
+    (address, instruction) pairs."""
     out, name = {}, None
     for line in sass.splitlines():
         m = re.search(r"Function : (\S+)", line)
@@ -52,9 +53,9 @@ def functions(sass: str) -> dict[str, list[str]]:
             name = m.group(1)
             out[name] = []
             continue
-        m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
         if m and name:
-            out[name].append(m.group(1))
+            out[name].append((m.group(1), m.group(2)) if addresses else m.group(2))
     return out
 
 
@@ -73,13 +74,16 @@ def unit_loop(body: list[str]) -> list[str]:
 
 
 def chunk_loop(body: list[str]) -> list[str]:
-    """The wgmma kernel's loop: from the wait before its barrier to the branch
-    after the wait for the chunk's MMAs."""
-    start = next(i for i, x in enumerate(body) if x.startswith("BAR.SYNC")) - 1
-    end = next(i for i, x in enumerate(body) if "WARPGROUP.DEPBAR" in x and i > start)
-    while not re.search(r"\bBRA\b", body[end]):
-        end += 1
-    return body[start:end + 1]
+    """The wgmma kernel's loop, one chunk: from the back branch's target to the
+    back branch (the one backward branch that follows a run of HGMMA)."""
+    addr = [int(a, 16) for a, _ in body]
+    last_mma = max(i for i, (_, x) in enumerate(body) if "HGMMA" in x)
+    for i in range(last_mma, len(body)):
+        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", body[i][1])
+        if m and int(m.group(1), 16) < addr[i]:
+            start = addr.index(int(m.group(1), 16))
+            return [x for _, x in body[start:i + 1]]
+    raise ValueError("no loop back branch after the MMAs")
 
 
 def compile_sass(source: str, arch: str) -> str:
@@ -128,17 +132,19 @@ def main(argv=None) -> int:
 def wgmma_table(sass: str) -> None:
     """The Hopper kernel: instructions a warp issues per 128-column chunk."""
     rows = []
-    for name, body in functions(sass).items():
+    for name, body in functions(sass, addresses=True).items():
         m = WGMMA_KERNEL.search(name)
         if m:
             loop = chunk_loop(body)
-            rows.append((m.group(2), int(m.group(1)), int(m.group(3)), len(loop),
+            a_operand = "shared memory" if m.group(4) == "1" else "registers"
+            rows.append((m.group(2), int(m.group(1)), int(m.group(3)), a_operand, len(loop),
                          collections.Counter(opcode(x) for x in loop)))
-    print("\n| dtype | bits | token tile | wgmma kernel: instructions per chunk | top opcodes |")
-    print("|---|---|---|---|---|")
-    for dtype, bits, tokens, n, ops in sorted(rows, key=lambda r: r[:3]):
+    print("\n| dtype | bits | token tile | A operand | wgmma kernel: instructions per chunk | "
+          "top opcodes |")
+    print("|---|---|---|---|---|---|")
+    for dtype, bits, tokens, a_operand, n, ops in sorted(rows, key=lambda r: r[:4]):
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
-        print(f"| {dtype} | {bits} | {tokens} | {n} | {top} |")
+        print(f"| {dtype} | {bits} | {tokens} | {a_operand} | {n} | {top} |")
 
 
 if __name__ == "__main__":

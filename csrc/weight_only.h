@@ -86,10 +86,14 @@ int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, const int32_t
 // decode), any M >= 1, NB <= 65535. One thread block per 128 weight rows and
 // 64 tokens (M <= 64) or 128; a token's result depends only on that tile width
 // and its place in its tile.
+//   smem_a    0: the decoded weights are the MMA's register operand and each
+//             128-column chunk is decoded after the previous chunk's MMAs;
+//             1: they go through a double-buffered shared-memory tile, so a
+//             chunk is decoded while the previous chunk's MMAs run.
 int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
                               const int32_t* sz, int64_t NB, int64_t C, int slot_log2, int bits,
                               const void* bias, int bias_dtype, void* out, int64_t N,
-                              int act_dtype, void* stream);
+                              int act_dtype, int smem_a, void* stream);
 
 // *available = 1 when the current device is sm_90 and this build holds the
 // sm_90a code of the kernel above, else 0.

@@ -153,7 +153,7 @@ void check_wgmma(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz
 
 at::Tensor weight_only_wgmma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
                                   const std::optional<at::Tensor>& bias, int64_t bits,
-                                  int64_t out_features, int64_t slot_log2) {
+                                  int64_t out_features, int64_t slot_log2, bool smem_a) {
   TORCH_CHECK(x.is_cuda(), kWgOp, "x must be a CUDA tensor, got ", x.device());
   check_wgmma(x, wq, sz, bias, bits, out_features, slot_log2);
   const int64_t M = x.size(0);
@@ -167,14 +167,14 @@ at::Tensor weight_only_wgmma_cuda(const at::Tensor& x, const at::Tensor& wq, con
       wq.size(1), static_cast<int>(slot_log2), static_cast<int>(bits),
       bias.has_value() ? bias->data_ptr() : nullptr,
       bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), out_features,
-      dtype_code(x.scalar_type()), stream);
+      dtype_code(x.scalar_type()), smem_a ? 1 : 0, stream);
   TORCH_CHECK(status == VLMKERN_WO_OK, kWgOp, vlmkern_wo_status_message(status));
   return out;
 }
 
 at::Tensor weight_only_wgmma_meta(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
                                   const std::optional<at::Tensor>& bias, int64_t bits,
-                                  int64_t out_features, int64_t slot_log2) {
+                                  int64_t out_features, int64_t slot_log2, bool /*smem_a*/) {
   check_wgmma(x, wq, sz, bias, bits, out_features, slot_log2);
   return at::empty({x.size(0), out_features}, x.options());
 }
@@ -196,7 +196,7 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
       "int bits, int out_features, int slot_log2, int num_ctas, int decode=0) -> Tensor");
   m.def(
       "weight_only_wgmma(Tensor x, Tensor wq, Tensor sz, Tensor? bias, int bits, "
-      "int out_features, int slot_log2) -> Tensor");
+      "int out_features, int slot_log2, bool smem_a=False) -> Tensor");
   // Whether the wgmma kernel runs on the current device with this build.
   m.def("weight_only_sm90_available() -> bool", &sm90_available);
 }

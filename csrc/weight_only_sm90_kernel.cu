@@ -17,10 +17,18 @@
 // 128 columns as two 64-column halves of 128-byte-swizzled rows (16-byte
 // piece c of token row r at piece c ^ (r % 8): the K-major canonical layout
 // the descriptor names, each k16 step the same descriptor advanced by 32
-// bytes), then the block's codes and scales. A 4-stage cp.async pipeline
-// runs three chunks ahead of the MMAs. A warpgroup decodes a chunk only when
-// its previous MMAs are done (see the loop); the MMAs of the other warpgroup
-// keep the tensor cores busy meanwhile, as far as the shared barrier allows.
+// bytes), then the block's codes and scales.
+//
+// Two variants hand the decoded weights to the MMA:
+// - registers (SMEM_A = false): the fragments are the MMA's A operand. A
+//   4-stage cp.async pipeline runs three chunks ahead; a warpgroup decodes a
+//   chunk only when its previous MMAs are done, since fragments written while
+//   MMAs are in flight make ptxas serialize every MMA, so decoding and MMAs
+//   overlap only across the two warpgroups, as far as the barrier allows.
+// - shared memory (SMEM_A = true): the fragments are stored into one of two
+//   swizzled A tiles (the same K-major layout as the token tile) that the MMA
+//   reads by descriptor, so chunk c + 1 is decoded while chunk c's MMAs run;
+//   3 stages, copies two chunks ahead of the decoding.
 // The epilogue goes through shared memory so the stores are coalesced.
 //
 // The grid is (token tiles, row blocks): consecutive thread blocks share a
@@ -46,7 +54,6 @@ using namespace vlmkern_sm90;
 
 constexpr int kThreads = 256;          // two warpgroups
 constexpr int kBlockRows = 128;        // weight rows per thread block: one layout block
-constexpr int kStages = 4;
 constexpr int kPitch = kBlockRows + 4;     // epilogue tile row (floats): conflict-free writes
 
 // A token tile of TOKENS (the wgmma N: 64 for M <= 64, else 128).
@@ -67,16 +74,24 @@ struct WgParams {
   int slot_log2, slots, bias_dtype;
 };
 
-template <int BITS, int TOKENS>
+// Shared memory of one thread block: kStages stages (token tile, codes,
+// scales) and, with SMEM_A, two decoded weight tiles (the wgmma A operand:
+// 128 rows x 128 columns of 16-bit values, two 64-column halves of 128-byte
+// swizzled rows) after them.
+template <int BITS, int TOKENS, bool SMEM_A>
 struct Sm90Stage {
+  static constexpr int kStages = SMEM_A ? 3 : 4;
   static constexpr int kXBytes = TokenTile<TOKENS>::kXBytes;
   static constexpr int kWeightBytes = 8 * 256 * BITS;
+  static constexpr int kAHalfBytes = kBlockRows * 128;
+  static constexpr int kABytes = 2 * kAHalfBytes;
   // Stages start 1024-byte aligned, as the swizzle pattern requires.
   __host__ __device__ static constexpr int bytes(int slots) {
     return (kXBytes + kWeightBytes + 8 * slots * 64 + 1023) / 1024 * 1024;
   }
+  __host__ __device__ static constexpr int a_offset(int slots) { return kStages * bytes(slots); }
   __host__ __device__ static constexpr int smem(int slots) {
-    return kStages * bytes(slots) + 1024;  // slack to align the first stage
+    return a_offset(slots) + (SMEM_A ? 2 * kABytes : 0) + 1024;  // + slack to align
   }
   static_assert(TOKENS * kPitch * 4 <= kStages * kXBytes, "the epilogue tile fits the stages");
 };
@@ -126,6 +141,33 @@ __device__ __forceinline__ void wgmma_k16(float (&d)[64], const uint32_t (&a)[4]
                                           BF16) {
   VLMKERN_WGMMA_N128("bf16");
 }
+#define VLMKERN_WGMMA_SS_N64(type)                                                              \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " {" VLMKERN_REGS32 \
+               "}, %32, %33, 1, 1, 1, 0, 0;\n"                                                  \
+               : VLMKERN_ACC8(0), VLMKERN_ACC8(8), VLMKERN_ACC8(16), VLMKERN_ACC8(24)           \
+               : "l"(desc_a), "l"(desc_b))
+#define VLMKERN_WGMMA_SS_N128(type)                                                             \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " {" VLMKERN_REGS64 \
+               "}, %64, %65, 1, 1, 1, 0, 0;\n"                                                  \
+               : VLMKERN_ACC8(0), VLMKERN_ACC8(8), VLMKERN_ACC8(16), VLMKERN_ACC8(24),          \
+                 VLMKERN_ACC8(32), VLMKERN_ACC8(40), VLMKERN_ACC8(48), VLMKERN_ACC8(56)         \
+               : "l"(desc_a), "l"(desc_b))
+
+// The same with A read from shared memory through a descriptor (K-major).
+__device__ __forceinline__ void wgmma_k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, F16) {
+  VLMKERN_WGMMA_SS_N64("f16");
+}
+__device__ __forceinline__ void wgmma_k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, BF16) {
+  VLMKERN_WGMMA_SS_N64("bf16");
+}
+__device__ __forceinline__ void wgmma_k16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, F16) {
+  VLMKERN_WGMMA_SS_N128("f16");
+}
+__device__ __forceinline__ void wgmma_k16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, BF16) {
+  VLMKERN_WGMMA_SS_N128("bf16");
+}
+#undef VLMKERN_WGMMA_SS_N128
+#undef VLMKERN_WGMMA_SS_N64
 #undef VLMKERN_WGMMA_N128
 #undef VLMKERN_WGMMA_N64
 #undef VLMKERN_REGS64
@@ -140,7 +182,7 @@ template <int BITS, int TOKENS>
 struct ChunkStream {
   static constexpr int kHalfBytes = TokenTile<TOKENS>::kHalfBytes;
   static constexpr int kXBytes = TokenTile<TOKENS>::kXBytes;
-  static constexpr int kWeightBytes = Sm90Stage<BITS, TOKENS>::kWeightBytes;
+  static constexpr int kWeightBytes = 8 * 256 * BITS;
   static constexpr int kWeightPieces = kWeightBytes / 16;
   static constexpr int kChunk = 128;  // columns per chunk: one layout chunk
 
@@ -216,17 +258,42 @@ __device__ __forceinline__ void decode_chunk(const WgParams& p, const unsigned c
       a[kt][r] = exact_operand<BITS, T>(w, kt, r, (r & 1) ? s_hi : s_lo, (r & 1) ? z_hi : z_lo);
   }
 }
+// The same fragments written to the shared A tile at `a_tile` (shared address)
+// in the K-major 128-byte-swizzled layout a wgmma descriptor reads: register
+// r of step kt holds rows 16 * warp + g + 8 * (r % 2), columns 16 * kt + 2t +
+// 8 * (r / 2) and +1, a 4-byte piece of 16-byte chunk 2 * (kt % 4) + r / 2 of
+// its row in half kt / 4. Within a row, chunk c sits at c ^ (row % 8), and
+// row % 8 is g; the 32 lanes hit 32 different banks.
+template <int BITS, class T, int TOKENS>
+__device__ __forceinline__ void decode_chunk_to_smem(const WgParams& p, const unsigned char* stage,
+                                                     uint32_t a_tile) {
+  uint32_t a[8][4];
+  decode_chunk<BITS, T, TOKENS>(p, stage, a);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const uint32_t row_base = a_tile + (16 * warp + g) * 128 + 4 * t;
+#pragma unroll
+  for (int kt = 0; kt < 8; ++kt)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const uint32_t chunk = (2 * (kt & 3) + (r >> 1)) ^ g;
+      const uint32_t addr = row_base + (kt >> 2) * (kBlockRows * 128) + 8 * (r & 1) * 128 + (chunk << 4);
+      asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(a[kt][r]) : "memory");
+    }
+}
 #endif  // VLMKERN_SM90A
 
 // Accumulator layout (PTX wgmma D, as mma.sync m16n8 repeated along N): sum
 // 4j + e of a thread holds weight row 16 * (warp in warpgroup) + lane / 4 +
 // 8 * (e / 2) of its warpgroup's 64 and token 8j + 2 * (lane % 4) + e % 2.
 // TOKENS = 64 leaves room for two thread blocks per SM (registers and
-// shared memory), 128 for one.
-template <int BITS, class T, int TOKENS>
-__global__ void __launch_bounds__(kThreads, TOKENS == 64 ? 2 : 1) weight_only_wgmma_kernel(WgParams p) {
+// shared memory), 128 for one. SMEM_A: the decoded weights go through shared
+// memory (see the loop); else they are the MMA's register operand.
+template <int BITS, class T, int TOKENS, bool SMEM_A>
+__global__ void __launch_bounds__(kThreads, TOKENS == 64 && !SMEM_A ? 2 : 1)
+weight_only_wgmma_kernel(WgParams p) {
 #if VLMKERN_SM90A
-  using S = Sm90Stage<BITS, TOKENS>;
+  using S = Sm90Stage<BITS, TOKENS, SMEM_A>;
+  constexpr int kStages = S::kStages;
   constexpr int kHalfBytes = TokenTile<TOKENS>::kHalfBytes;
   constexpr int kSums = TOKENS / 2;  // fp32 sums per thread
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -236,45 +303,102 @@ __global__ void __launch_bounds__(kThreads, TOKENS == 64 ? 2 : 1) weight_only_wg
   const int stage_bytes = S::bytes(p.slots);
   const int64_t b = blockIdx.y;                       // weight row block
   const int64_t m0 = int64_t(blockIdx.x) * TOKENS;  // first token
-
   ChunkStream<BITS, TOKENS> stream(p, b, m0);
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < p.C) {
-      stream.load(base + s * stage_bytes);
-      stream.advance();
-    }
-    cp_async_commit();  // empty groups keep the group count uniform
-  }
-
-  // Each chunk's MMAs finish before the next chunk is decoded: fragments
-  // written while an MMA is in flight make ptxas serialize every MMA.
   float acc[kSums];
 #pragma unroll
   for (int i = 0; i < kSums; ++i) acc[i] = 0.f;
-  for (int c = 0; c < p.C; ++c) {
-    cp_async_wait<kStages - 2>();  // chunk c has landed (this thread's copies)
-    fence_proxy_async();
-    __syncthreads();  // ... everyone's; and chunk c - 1's MMAs are done, its stage is free
-    if (c + kStages - 1 < p.C) {
-      stream.load(base + ((c + kStages - 1) % kStages) * stage_bytes);
+
+  if constexpr (!SMEM_A) {
+    // Each chunk's MMAs finish before the next chunk is decoded: fragments
+    // written while an MMA is in flight make ptxas serialize every MMA.
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < p.C) {
+        stream.load(base + s * stage_bytes);
+        stream.advance();
+      }
+      cp_async_commit();  // empty groups keep the group count uniform
+    }
+    for (int c = 0; c < p.C; ++c) {
+      cp_async_wait<kStages - 2>();  // chunk c has landed (this thread's copies)
+      fence_proxy_async();
+      __syncthreads();  // ... everyone's; and chunk c - 1's MMAs are done, its stage is free
+      if (c + kStages - 1 < p.C) {
+        stream.load(base + ((c + kStages - 1) % kStages) * stage_bytes);
+        stream.advance();
+      }
+      cp_async_commit();
+
+      const int stage = c % kStages;
+      uint32_t a[8][4];
+      decode_chunk<BITS, T, TOKENS>(p, smem + stage * stage_bytes, a);
+      const uint32_t xs = base + stage * stage_bytes;
+      fence_operands(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int kt = 0; kt < 8; ++kt)
+        wgmma_k16(acc, a[kt], smem_desc(xs + (kt >> 2) * kHalfBytes + 32 * (kt & 3)), T{});
+      wgmma_commit();
+      wgmma_wait<0>();  // the fragments and the stage are in use until then
+      fence_operands(acc);
+      fence_operands(a);
+    }
+  } else {
+    // Chunk c + 1 is decoded into the other A tile while chunk c's MMAs run;
+    // copies run two chunks ahead of the decoding, three of the MMAs' stage.
+    const uint32_t a_base = base + S::a_offset(p.slots);
+    const int wg = threadIdx.x >> 7;
+    auto issue = [&](int c) {  // chunk c's MMAs on A tile c % 2 and stage c % kStages
+      const uint32_t xs = base + (c % kStages) * stage_bytes;
+      const uint32_t as = a_base + (c & 1) * S::kABytes + 64 * wg * 128;
+      fence_operands(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int kt = 0; kt < 8; ++kt)
+        wgmma_k16_ss(acc, smem_desc(as + (kt >> 2) * S::kAHalfBytes + 32 * (kt & 3)),
+                     smem_desc(xs + (kt >> 2) * kHalfBytes + 32 * (kt & 3)), T{});
+      wgmma_commit();  // the sums are not touched again before the wait for these MMAs
+    };
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {  // chunks 0 and 1
+      if (s < p.C) {
+        stream.load(base + s * stage_bytes);
+        stream.advance();
+      }
+      cp_async_commit();
+    }
+    cp_async_wait<kStages - 2>();  // chunk 0 has landed
+    __syncthreads();
+    decode_chunk_to_smem<BITS, T, TOKENS>(p, smem, a_base);
+    fence_proxy_async();  // the A tile is read by wgmma, through the async proxy
+    __syncthreads();
+    if (kStages - 1 < p.C) {  // chunk 2, into the last stage
+      stream.load(base + (kStages - 1) * stage_bytes);
       stream.advance();
     }
     cp_async_commit();
-
-    const int stage = c % kStages;
-    uint32_t a[8][4];
-    decode_chunk<BITS, T, TOKENS>(p, smem + stage * stage_bytes, a);
-    const uint32_t xs = base + stage * stage_bytes;
+    issue(0);
+    // The MMAs are issued on every path through the loop body: sums that
+    // merge from a path without them would be copied while MMAs still write
+    // them, which makes ptxas serialize every MMA.
+    for (int c = 0; c + 1 < p.C; ++c) {
+      cp_async_wait<kStages - 2>();  // chunk c + 1 has landed (this thread's copies)
+      __syncthreads();               // ... everyone's
+      decode_chunk_to_smem<BITS, T, TOKENS>(p, smem + ((c + 1) % kStages) * stage_bytes,
+                                            a_base + ((c + 1) & 1) * S::kABytes);
+      wgmma_wait<0>();      // chunk c's MMAs are done
+      fence_operands(acc);
+      fence_proxy_async();  // the new A tile, before the MMAs that read it
+      __syncthreads();      // every warp's A rows written; chunk c's stage and A tile free
+      if (c + kStages < p.C) {
+        stream.load(base + (c % kStages) * stage_bytes);
+        stream.advance();
+      }
+      cp_async_commit();
+      issue(c + 1);
+    }
+    wgmma_wait<0>();
     fence_operands(acc);
-    wgmma_fence();
-#pragma unroll
-    for (int kt = 0; kt < 8; ++kt)
-      wgmma_k16(acc, a[kt], smem_desc(xs + (kt >> 2) * kHalfBytes + 32 * (kt & 3)), T{});
-    wgmma_commit();
-    wgmma_wait<0>();  // the fragments and the stage are in use until then
-    fence_operands(acc);
-    fence_operands(a);
   }
   cp_async_wait<0>();
   __syncthreads();  // every MMA has read its tiles: shared memory is free
@@ -323,10 +447,10 @@ __global__ void __launch_bounds__(kThreads, TOKENS == 64 ? 2 : 1) weight_only_wg
 
 __global__ void wo_sm90_probe_kernel(int* built) { *built = VLMKERN_SM90A; }
 
-template <int BITS, class T, int TOKENS>
+template <int BITS, class T, int TOKENS, bool SMEM_A>
 int launch(const WgParams& p, int64_t NB, cudaStream_t stream) {
-  auto kernel = weight_only_wgmma_kernel<BITS, T, TOKENS>;
-  const int smem = Sm90Stage<BITS, TOKENS>::smem(p.slots);
+  auto kernel = weight_only_wgmma_kernel<BITS, T, TOKENS, SMEM_A>;
+  const int smem = Sm90Stage<BITS, TOKENS, SMEM_A>::smem(p.slots);
   int device = 0, limit = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess)
@@ -342,20 +466,21 @@ int launch(const WgParams& p, int64_t NB, cudaStream_t stream) {
 }
 
 // The explicit list of instantiations: bits {2, 3, 4} x {fp16, bf16} x
-// token tiles {64 (M <= 64), 128}.
-template <class T, int TOKENS>
+// token tiles {64 (M <= 64), 128} x A operand {registers, shared memory}.
+template <class T, int TOKENS, bool SMEM_A>
 int dispatch_bits(const WgParams& p, int bits, int64_t NB, cudaStream_t s) {
   switch (bits) {
-    case 2: return launch<2, T, TOKENS>(p, NB, s);
-    case 3: return launch<3, T, TOKENS>(p, NB, s);
-    case 4: return launch<4, T, TOKENS>(p, NB, s);
+    case 2: return launch<2, T, TOKENS, SMEM_A>(p, NB, s);
+    case 3: return launch<3, T, TOKENS, SMEM_A>(p, NB, s);
+    case 4: return launch<4, T, TOKENS, SMEM_A>(p, NB, s);
     default: return VLMKERN_WO_ERR_BAD_BITS;
   }
 }
 
-template <class T>
+template <class T, bool SMEM_A>
 int dispatch_tokens(const WgParams& p, int bits, int64_t NB, cudaStream_t s) {
-  return p.M <= 64 ? dispatch_bits<T, 64>(p, bits, NB, s) : dispatch_bits<T, 128>(p, bits, NB, s);
+  return p.M <= 64 ? dispatch_bits<T, 64, SMEM_A>(p, bits, NB, s)
+                   : dispatch_bits<T, 128, SMEM_A>(p, bits, NB, s);
 }
 
 }  // namespace
@@ -363,7 +488,7 @@ int dispatch_tokens(const WgParams& p, int bits, int64_t NB, cudaStream_t s) {
 extern "C" int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
                                          const int32_t* sz, int64_t NB, int64_t C, int slot_log2,
                                          int bits, const void* bias, int bias_dtype, void* out,
-                                         int64_t N, int act_dtype, void* stream) {
+                                         int64_t N, int act_dtype, int smem_a, void* stream) {
   const int status = check_launch_args(x, M, K_x, wq, sz, NB, C, slot_log2, bits, bias, bias_dtype,
                                        out, N, act_dtype);
   if (status != VLMKERN_WO_OK) return status;
@@ -383,8 +508,11 @@ extern "C" int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, 
   p.slots = 8 >> slot_log2;
   p.bias_dtype = bias_dtype;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_tokens<F16>(p, bits, NB, s)
-                                        : dispatch_tokens<BF16>(p, bits, NB, s);
+  if (smem_a)
+    return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_tokens<F16, true>(p, bits, NB, s)
+                                          : dispatch_tokens<BF16, true>(p, bits, NB, s);
+  return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_tokens<F16, false>(p, bits, NB, s)
+                                        : dispatch_tokens<BF16, false>(p, bits, NB, s);
 }
 
 extern "C" int vlmkern_weight_only_sm90_available(int* available) {

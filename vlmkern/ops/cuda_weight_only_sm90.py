@@ -11,13 +11,21 @@ written back dequantized: it is meant for batches and prefill, where the
 other paths re-read activation fragments per warp (M <= 64) or dequantize
 the whole weight to memory and call cuBLAS (M > 64).
 
+Two ways to hand the decoded weights to the MMA: as its register operand,
+decoding a chunk only after the previous chunk's MMAs are done (ptxas
+serializes every MMA when fragments are written while MMAs are in flight),
+or (``smem_a=True``) through a double-buffered shared-memory tile that the
+MMA reads by descriptor, so a chunk is decoded while the previous chunk's
+MMAs run. Registered as ``cuda.weight_only_wgmma`` and
+``cuda.weight_only_wgmma_smem``; the benchmark decides between them.
+
 There is no split-K yet, so a layer with few 128-row blocks at small M would
 leave SMs idle; the selector declines such calls (``_grid_reason``), which
 then go to the other kernels.
 
 Needs an sm_90 GPU and a build holding ``9.0a`` code (``sm90_available``
-probes it). Registered as ``cuda.weight_only_wgmma``, opt-in
-(``VLMKERN_ENABLE``) until it has passed the GPU tests.
+probes it). Both kernels are opt-in (``VLMKERN_ENABLE``) until they have
+passed the GPU tests.
 """
 from __future__ import annotations
 
@@ -51,9 +59,10 @@ def sm90_available(device: torch.device) -> bool:
 
 
 def weight_only_wgmma(x: torch.Tensor, qweight: QuantizedWeight,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None = None, smem_a: bool = False) -> torch.Tensor:
     """y = x @ W^T + bias on the Hopper kernel. x [M, K] fp16/bf16 on an
-    sm_90 device, any M >= 0; bias [N] or None -> [M, N] in x's dtype."""
+    sm_90 device, any M >= 0; bias [N] or None -> [M, N] in x's dtype.
+    ``smem_a``: decoded weights through shared memory (see the module doc)."""
     from ..ext import load_extension
 
     module, reason = load_extension()
@@ -74,7 +83,13 @@ def weight_only_wgmma(x: torch.Tensor, qweight: QuantizedWeight,
     mw = kernel_weight(qweight, x.dtype)
     x, bias = kernel_inputs(x, qweight, bias)
     return torch.ops.vlmkern.weight_only_wgmma(x, mw.wq, mw.sz, bias, mw.bits, mw.out_features,
-                                               mw.slot_log2)
+                                               mw.slot_log2, bool(smem_a))
+
+
+def weight_only_wgmma_smem(x: torch.Tensor, qweight: QuantizedWeight,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight_only_wgmma`` with the decoded weights through shared memory."""
+    return weight_only_wgmma(x, qweight, bias, smem_a=True)
 
 
 def _reason(qweight, device: torch.device) -> str | None:
@@ -96,22 +111,27 @@ def _grid_reason(m: int, out_features: int, device: torch.device) -> str | None:
     return None
 
 
-def _check(x: torch.Tensor, qweight) -> str | None:
-    why = _reason(qweight, x.device)
-    if why is None and x.is_cuda:
-        why = _grid_reason(x.shape[0], qweight.out_features, x.device)
-    return None if why is None else f"cuda.weight_only_wgmma: {why}"
+def _checker(name: str):
+    def check(x: torch.Tensor, qweight) -> str | None:
+        why = _reason(qweight, x.device)
+        if why is None and x.is_cuda:
+            why = _grid_reason(x.shape[0], qweight.out_features, x.device)
+        return None if why is None else f"{name}: {why}"
+    return check
 
 
 def register(backend) -> None:
-    """Add the kernel to the CUDA backend ahead of the other weight-only
-    kernels; opt-in (``VLMKERN_ENABLE=cuda.weight_only_wgmma``)."""
+    """Add the kernels to the CUDA backend ahead of the other weight-only
+    kernels, the shared-memory variant first; both opt-in
+    (``VLMKERN_ENABLE=cuda.weight_only_wgmma_smem,cuda.weight_only_wgmma``)."""
     from .backends import KernelSpec
 
-    if any(k.name == "cuda.weight_only_wgmma" for k in backend.kernels):
-        return
-    backend.register(KernelSpec("cuda.weight_only_wgmma", "weight_only", weight_only_wgmma,
-                                bits=frozenset(SUPPORTED_BITS), dtypes=frozenset(ACT_DTYPES),
-                                devices=frozenset({"cuda"}), min_m=MIN_M, min_sm=(9, 0),
-                                opt_in=True, check=_check))
-    backend.kernels.insert(0, backend.kernels.pop())
+    known = {k.name for k in backend.kernels}
+    specs = [(name, fn) for name, fn in (("cuda.weight_only_wgmma_smem", weight_only_wgmma_smem),
+                                         ("cuda.weight_only_wgmma", weight_only_wgmma))
+             if name not in known]
+    for name, fn in reversed(specs):   # each inserted at the front: tried in list order
+        backend.register(KernelSpec(name, "weight_only", fn, bits=frozenset(SUPPORTED_BITS),
+                                    dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}),
+                                    min_m=MIN_M, min_sm=(9, 0), opt_in=True, check=_checker(name)))
+        backend.kernels.insert(0, backend.kernels.pop())
