@@ -51,6 +51,23 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def kernels_used(model, args, device) -> tuple[str, ...]:
+    """The kernels ``ops.linear`` picks for every quantized layer at decode
+    (M = 1) and prefill (M = --prompt) sizes, under the current environment."""
+    from vlmkern.nn import QuantLinear
+    picks = []
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            for m in (1, args.prompt):
+                x = torch.zeros(m, module.in_features, device=device, dtype=module_dtype(model))
+                picks.append(vlmkern.ops.which_kernel(x, module.quantized_weight))
+    return tuple(picks)
+
+
+def module_dtype(model) -> torch.dtype:
+    return next(p for p in model.parameters() if p.is_floating_point()).dtype
+
+
 def median(values):
     return sorted(values)[len(values) // 2]
 
@@ -114,8 +131,14 @@ def main(argv=None) -> int:
     print(rows[-1], flush=True)
     for label in args.formats.split(","):
         model, _ = vlmkern.replace_linears(copy.deepcopy(dense), FORMATS[label], progress=False)
+        timed = set()
         for enable in ("", *[e for e in args.enable.split(",") if e]):
             os.environ["VLMKERN_ENABLE"] = enable
+            picks = kernels_used(model, args, device)
+            if picks in timed:                 # an opt-in kernel this format never reaches
+                os.environ.pop("VLMKERN_ENABLE", None)
+                continue
+            timed.add(picks)
             try:
                 pre, dec = time_model(model, args, device)
                 rows.append(f"| {label} | {enable or 'default'} | {pre:.2f} | {dec:.3f} | "
