@@ -84,16 +84,20 @@ int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, const int32_t
 // The Hopper kernel (csrc/weight_only_sm90_kernel.cu, sm_90a builds): the same
 // arguments without workspace, counters, num_ctas and decode (the exact
 // decode), any M >= 1, NB <= 65535. One thread block per 128 weight rows and
-// 64 tokens (M <= 64) or 128; a token's result depends only on that tile width
-// and its place in its tile.
+// 64 tokens (M <= 64) or 128, per K slice; a token's result depends only on
+// that tile width, its place in its tile and the number of slices.
 //   smem_a    0: the decoded weights are the MMA's register operand and each
 //             128-column chunk is decoded after the previous chunk's MMAs;
 //             1: they go through a double-buffered shared-memory tile, so a
 //             chunk is decoded while the previous chunk's MMAs run.
+//   splits    1..C K slices (split-K, for grids too small to fill the GPU);
+//             with splits > 1, partial holds splits*M*N fp32 (scratch) and a
+//             second kernel sums the slices in order.
 int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
                               const int32_t* sz, int64_t NB, int64_t C, int slot_log2, int bits,
                               const void* bias, int bias_dtype, void* out, int64_t N,
-                              int act_dtype, int smem_a, void* stream);
+                              int act_dtype, int smem_a, int splits, float* partial,
+                              void* stream);
 
 // *available = 1 when the current device is sm_90 and this build holds the
 // sm_90a code of the kernel above, else 0.

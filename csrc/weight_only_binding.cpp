@@ -146,20 +146,25 @@ constexpr const char* kWgOp = "vlmkern.weight_only_wgmma: ";
 
 void check_wgmma(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
                  const std::optional<at::Tensor>& bias, int64_t bits, int64_t out_features,
-                 int64_t slot_log2) {
+                 int64_t slot_log2, int64_t splits) {
   check_layout(kWgOp, x, wq, sz, bias, bits, out_features, slot_log2);
   TORCH_CHECK(wq.size(0) <= 65535, kWgOp, "at most 65535 blocks of 128 output rows, got ", wq.size(0));
+  TORCH_CHECK(splits >= 1 && splits <= wq.size(1), kWgOp, "splits must be in 1..", wq.size(1),
+              " (the weight's chunks of 128 columns), got ", splits);
 }
 
 at::Tensor weight_only_wgmma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
                                   const std::optional<at::Tensor>& bias, int64_t bits,
-                                  int64_t out_features, int64_t slot_log2, bool smem_a) {
+                                  int64_t out_features, int64_t slot_log2, bool smem_a,
+                                  int64_t splits) {
   TORCH_CHECK(x.is_cuda(), kWgOp, "x must be a CUDA tensor, got ", x.device());
-  check_wgmma(x, wq, sz, bias, bits, out_features, slot_log2);
+  check_wgmma(x, wq, sz, bias, bits, out_features, slot_log2, splits);
   const int64_t M = x.size(0);
   c10::DeviceGuard guard(x.device());
   at::Tensor out = at::empty({M, out_features}, x.options());
   if (M == 0) return out;
+  at::Tensor partial;
+  if (splits > 1) partial = at::empty({splits * M * out_features}, x.options().dtype(at::kFloat));
   void* stream =
       c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
   const int status = vlmkern_weight_only_wgmma(
@@ -167,15 +172,17 @@ at::Tensor weight_only_wgmma_cuda(const at::Tensor& x, const at::Tensor& wq, con
       wq.size(1), static_cast<int>(slot_log2), static_cast<int>(bits),
       bias.has_value() ? bias->data_ptr() : nullptr,
       bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), out_features,
-      dtype_code(x.scalar_type()), smem_a ? 1 : 0, stream);
+      dtype_code(x.scalar_type()), smem_a ? 1 : 0, static_cast<int>(splits),
+      splits > 1 ? partial.data_ptr<float>() : nullptr, stream);
   TORCH_CHECK(status == VLMKERN_WO_OK, kWgOp, vlmkern_wo_status_message(status));
   return out;
 }
 
 at::Tensor weight_only_wgmma_meta(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
                                   const std::optional<at::Tensor>& bias, int64_t bits,
-                                  int64_t out_features, int64_t slot_log2, bool /*smem_a*/) {
-  check_wgmma(x, wq, sz, bias, bits, out_features, slot_log2);
+                                  int64_t out_features, int64_t slot_log2, bool /*smem_a*/,
+                                  int64_t splits) {
+  check_wgmma(x, wq, sz, bias, bits, out_features, slot_log2, splits);
   return at::empty({x.size(0), out_features}, x.options());
 }
 
@@ -196,7 +203,7 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
       "int bits, int out_features, int slot_log2, int num_ctas, int decode=0) -> Tensor");
   m.def(
       "weight_only_wgmma(Tensor x, Tensor wq, Tensor sz, Tensor? bias, int bits, "
-      "int out_features, int slot_log2, bool smem_a=False) -> Tensor");
+      "int out_features, int slot_log2, bool smem_a=False, int splits=1) -> Tensor");
   // Whether the wgmma kernel runs on the current device with this build.
   m.def("weight_only_sm90_available() -> bool", &sm90_available);
 }

@@ -31,8 +31,11 @@
 //   3 stages, copies two chunks ahead of the decoding.
 // The epilogue goes through shared memory so the stores are coalesced.
 //
-// The grid is (token tiles, row blocks): consecutive thread blocks share a
-// weight block, which is read from DRAM about once while it sits in L2.
+// The grid is (token tiles, row blocks, K slices): consecutive thread blocks
+// share a weight block, which is read from DRAM about once while it sits in
+// L2. With more than one K slice (split-K, for grids too small to fill the
+// GPU) each slice writes fp32 partial sums and wo_split_sum_kernel adds them
+// in slice order.
 //
 // Compiled to real code only for sm_90a (wgmma is an arch-specific feature);
 // other targets get a kernel that traps, and vlmkern_weight_only_sm90_available
@@ -72,6 +75,8 @@ struct WgParams {
   int64_t M;
   int ldx, N, C;
   int slot_log2, slots, bias_dtype;
+  int splits;               // K slices (grid z); > 1: fp32 partial sums go to `partial`
+  float* partial;           // [splits, M, N]
 };
 
 // Shared memory of one thread block: kStages stages (token tile, codes,
@@ -197,21 +202,22 @@ struct ChunkStream {
   uint32_t rows_in;          // bit r: token row0 + 16r < M
   uint32_t copies_scale;     // 0 or 1
 
-  __device__ __forceinline__ ChunkStream(const WgParams& p, int64_t b, int64_t m0) {
+  // Starting at chunk c0 of row block b and token m0.
+  __device__ __forceinline__ ChunkStream(const WgParams& p, int64_t b, int64_t m0, int c0) {
     const int tid = threadIdx.x, row0 = tid >> 4, piece = tid & 15;
     const int64_t first = m0 + row0 < p.M ? m0 + row0 : p.M - 1;
     x = p.x + first * p.ldx + piece * 8;
     x_any = p.x;
     x_step = int64_t(16) * p.ldx;
     ldx = p.ldx;
-    col = piece * 8;
+    col = c0 * kChunk + piece * 8;
     rows_in = 0;
 #pragma unroll
     for (int r = 0; r < TOKENS / 16; ++r) rows_in |= uint32_t(m0 + row0 + 16 * r < p.M) << r;
     rows_in = opaque(rows_in);
     scale_bytes = 8 * p.slots * 64;  // 8 warps x slots x 64 bytes
-    w = p.wq + b * p.C * kWeightBytes + 16 * tid;
-    sz = p.sz + b * p.C * scale_bytes + 16 * tid;
+    w = p.wq + (b * p.C + c0) * kWeightBytes + 16 * tid;
+    sz = p.sz + (b * p.C + c0) * scale_bytes + 16 * tid;
     copies_scale = opaque(16 * tid < scale_bytes);
     x_dst = opaque((piece >> 3) * kHalfBytes + row0 * 128 + (((piece & 7) ^ (row0 & 7)) << 4));
     w_dst = opaque(kXBytes + 16 * tid);
@@ -303,7 +309,10 @@ weight_only_wgmma_kernel(WgParams p) {
   const int stage_bytes = S::bytes(p.slots);
   const int64_t b = blockIdx.y;                       // weight row block
   const int64_t m0 = int64_t(blockIdx.x) * TOKENS;  // first token
-  ChunkStream<BITS, TOKENS> stream(p, b, m0);
+  // K slice blockIdx.z: chunks [c0, c0 + n_chunks), never empty (splits <= C)
+  const int c0 = static_cast<int>(int64_t(blockIdx.z) * p.C / p.splits);
+  const int n_chunks = static_cast<int>(int64_t(blockIdx.z + 1) * p.C / p.splits) - c0;
+  ChunkStream<BITS, TOKENS> stream(p, b, m0, c0);
   float acc[kSums];
 #pragma unroll
   for (int i = 0; i < kSums; ++i) acc[i] = 0.f;
@@ -313,17 +322,17 @@ weight_only_wgmma_kernel(WgParams p) {
     // written while an MMA is in flight make ptxas serialize every MMA.
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-      if (s < p.C) {
+      if (s < n_chunks) {
         stream.load(base + s * stage_bytes);
         stream.advance();
       }
       cp_async_commit();  // empty groups keep the group count uniform
     }
-    for (int c = 0; c < p.C; ++c) {
+    for (int c = 0; c < n_chunks; ++c) {
       cp_async_wait<kStages - 2>();  // chunk c has landed (this thread's copies)
       fence_proxy_async();
       __syncthreads();  // ... everyone's; and chunk c - 1's MMAs are done, its stage is free
-      if (c + kStages - 1 < p.C) {
+      if (c + kStages - 1 < n_chunks) {
         stream.load(base + ((c + kStages - 1) % kStages) * stage_bytes);
         stream.advance();
       }
@@ -361,7 +370,7 @@ weight_only_wgmma_kernel(WgParams p) {
     };
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {  // chunks 0 and 1
-      if (s < p.C) {
+      if (s < n_chunks) {
         stream.load(base + s * stage_bytes);
         stream.advance();
       }
@@ -372,7 +381,7 @@ weight_only_wgmma_kernel(WgParams p) {
     decode_chunk_to_smem<BITS, T, TOKENS>(p, smem, a_base);
     fence_proxy_async();  // the A tile is read by wgmma, through the async proxy
     __syncthreads();
-    if (kStages - 1 < p.C) {  // chunk 2, into the last stage
+    if (kStages - 1 < n_chunks) {  // chunk 2, into the last stage
       stream.load(base + (kStages - 1) * stage_bytes);
       stream.advance();
     }
@@ -381,7 +390,7 @@ weight_only_wgmma_kernel(WgParams p) {
     // The MMAs are issued on every path through the loop body: sums that
     // merge from a path without them would be copied while MMAs still write
     // them, which makes ptxas serialize every MMA.
-    for (int c = 0; c + 1 < p.C; ++c) {
+    for (int c = 0; c + 1 < n_chunks; ++c) {
       cp_async_wait<kStages - 2>();  // chunk c + 1 has landed (this thread's copies)
       __syncthreads();               // ... everyone's
       decode_chunk_to_smem<BITS, T, TOKENS>(p, smem + ((c + 1) % kStages) * stage_bytes,
@@ -390,7 +399,7 @@ weight_only_wgmma_kernel(WgParams p) {
       fence_operands(acc);
       fence_proxy_async();  // the new A tile, before the MMAs that read it
       __syncthreads();      // every warp's A rows written; chunk c's stage and A tile free
-      if (c + kStages < p.C) {
+      if (c + kStages < n_chunks) {
         stream.load(base + (c % kStages) * stage_bytes);
         stream.advance();
       }
@@ -425,8 +434,14 @@ weight_only_wgmma_kernel(WgParams p) {
     const int64_t n = n_base + r;
     if (n >= p.N) continue;
     float v0 = tile[t * kPitch + r], v1 = tile[t * kPitch + r + 1];
-    uint16_t* dst = p.out + (m0 + t) * p.N + n;
     const bool second = n + 1 < p.N;
+    if (p.splits > 1) {  // this slice's sums; wo_split_sum_kernel finishes them
+      float* part = p.partial + (int64_t(blockIdx.z) * p.M + m0 + t) * p.N + n;
+      part[0] = v0;
+      if (second) part[1] = v1;
+      continue;
+    }
+    uint16_t* dst = p.out + (m0 + t) * p.N + n;
     if (p.bias) {
       v0 += load_bias(p.bias, p.bias_dtype, static_cast<int>(n));
       if (second) v1 += load_bias(p.bias, p.bias_dtype, static_cast<int>(n + 1));
@@ -445,6 +460,19 @@ weight_only_wgmma_kernel(WgParams p) {
 #endif
 }
 
+// out = sum of the K slices' partial sums in slice order, + bias, rounded once.
+template <class T>
+__global__ void __launch_bounds__(kThreads) wo_split_sum_kernel(WgParams p) {
+  const int64_t total = p.M * p.N;
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * kThreads) {
+    float v = 0.f;
+    for (int s = 0; s < p.splits; ++s) v += p.partial[s * total + i];
+    if (p.bias) v += load_bias(p.bias, p.bias_dtype, static_cast<int>(i % p.N));
+    p.out[i] = T::from_float(v);
+  }
+}
+
 __global__ void wo_sm90_probe_kernel(int* built) { *built = VLMKERN_SM90A; }
 
 template <int BITS, class T, int TOKENS, bool SMEM_A>
@@ -459,9 +487,16 @@ int launch(const WgParams& p, int64_t NB, cudaStream_t stream) {
   if (smem > limit) return VLMKERN_WO_ERR_SHARED_MEMORY;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return launch_failed(err);
-  const dim3 grid(static_cast<unsigned>((p.M + TOKENS - 1) / TOKENS), static_cast<unsigned>(NB));
+  const dim3 grid(static_cast<unsigned>((p.M + TOKENS - 1) / TOKENS), static_cast<unsigned>(NB),
+                  static_cast<unsigned>(p.splits));
   kernel<<<grid, kThreads, smem, stream>>>(p);
   err = cudaGetLastError();
+  if (err == cudaSuccess && p.splits > 1) {
+    const int64_t blocks = (p.M * p.N + kThreads - 1) / kThreads;
+    wo_split_sum_kernel<T><<<static_cast<unsigned>(blocks < 65536 ? blocks : 65536), kThreads, 0,
+                             stream>>>(p);
+    err = cudaGetLastError();
+  }
   return err == cudaSuccess ? VLMKERN_WO_OK : launch_failed(err);
 }
 
@@ -488,11 +523,14 @@ int dispatch_tokens(const WgParams& p, int bits, int64_t NB, cudaStream_t s) {
 extern "C" int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
                                          const int32_t* sz, int64_t NB, int64_t C, int slot_log2,
                                          int bits, const void* bias, int bias_dtype, void* out,
-                                         int64_t N, int act_dtype, int smem_a, void* stream) {
+                                         int64_t N, int act_dtype, int smem_a, int splits,
+                                         float* partial, void* stream) {
   const int status = check_launch_args(x, M, K_x, wq, sz, NB, C, slot_log2, bits, bias, bias_dtype,
                                        out, N, act_dtype);
   if (status != VLMKERN_WO_OK) return status;
   if (NB > 65535 || (M + 63) / 64 > 0x7fffffff) return VLMKERN_WO_ERR_BAD_SIZE;  // grid limits
+  if (splits < 1 || splits > C || splits > 65535) return VLMKERN_WO_ERR_BAD_SIZE;
+  if (splits > 1 && !partial) return VLMKERN_WO_ERR_NULL_POINTER;
 
   WgParams p;
   p.x = static_cast<const uint16_t*>(x);
@@ -507,6 +545,8 @@ extern "C" int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, 
   p.slot_log2 = slot_log2;
   p.slots = 8 >> slot_log2;
   p.bias_dtype = bias_dtype;
+  p.splits = splits;
+  p.partial = partial;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (smem_a)
     return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_tokens<F16, true>(p, bits, NB, s)

@@ -1,7 +1,7 @@
 """Hopper weight-only kernel (csrc/weight_only_sm90_kernel.cu, cuda.weight_only_wgmma).
 
-On any machine: its registration (opt-in, M >= 17, sm_90, declined when the
-grid would leave SMs idle), and the token tile's and the decoded weight
+On any machine: its registration (opt-in, M >= 17, sm_90), the split-K
+rule, and the token tile's and the decoded weight
 tile's shared-memory placement read back through the wgmma descriptor's
 K-major 128-byte-swizzle layout. On an sm_90 GPU
 with a build holding 9.0a code: against the dense fp64 product at awkward and
@@ -54,17 +54,15 @@ def test_registered_opt_in_for_large_m(monkeypatch, name):
     assert "runs on ['cuda']" in spec.rejects(x, qw)
 
 
-def test_grid_rule_declines_launches_that_leave_sms_idle(monkeypatch):
-    from vlmkern.ops import cuda_weight_only as cw
-    monkeypatch.setitem(cw._SM_COUNT, 0, 132)
-    dev = torch.device("cuda", 0)
-    assert wg._grid_reason(64, 37888, dev) is None            # 296 blocks of 128 rows
-    assert wg._grid_reason(17, 16896, dev) is None            # 132 blocks: exactly full
-    assert "131 thread blocks for 132 SMs" in wg._grid_reason(17, 16768, dev)
-    assert "36 thread blocks" in wg._grid_reason(64, 4608, dev)     # qkv at M <= 64
-    assert "108 thread blocks" in wg._grid_reason(384, 4608, dev)   # 3 tiles of 128 tokens
-    assert wg._grid_reason(385, 4608, dev) is None                  # 4 tiles
-    assert wg._grid_reason(65, 4608 * 4, dev) is None
+def test_split_k_fills_the_sms_with_slices_of_at_least_512_columns():
+    assert wg.splits_for(64, 37888, 28, 132) == 1        # 296 blocks of 128 rows
+    assert wg.splits_for(17, 16896, 28, 132) == 1        # 132 blocks: exactly full
+    assert wg.splits_for(64, 4608, 28, 132) == 4         # qkv: 36 blocks -> 144
+    assert wg.splits_for(384, 4608, 28, 132) == 2        # 3 tiles of 128 tokens: 108 -> 216
+    assert wg.splits_for(385, 4608, 28, 132) == 1        # 4 tiles: 144
+    assert wg.splits_for(256, 3584, 148, 132) == 3       # down: 56 blocks -> 168
+    assert wg.splits_for(64, 4608, 12, 132) == 3         # capped: 4 chunks a slice
+    assert wg.splits_for(64, 96, 2, 132) == 1            # too short to split
 
 
 # -- the token tile's shared-memory layout, as the kernel's copies place it and
@@ -214,20 +212,20 @@ def test_fp32_scales_group256_and_act_order(smem_a):
 @pytest.mark.parametrize("k, n", [(3584, 4608), (200, 33)])
 def test_tile_aligned_batch_invariance_and_determinism(k, n, smem_a):
     # A token's result depends only on its place in its token tile (64 tokens
-    # for M <= 64, else 128), so batches cut at tile boundaries with the same
-    # tile width give the same bits.
+    # for M <= 64, else 128) and the K slices, so batches cut at tile
+    # boundaries with the same tile width and slices give the same bits.
     for dtype in (torch.float16, torch.bfloat16):
         qw = make_weight(n, k, 4, 128, False, scale_dtype=dtype, device="cuda")
         x = act(300, k, dtype)
-        full = wg.weight_only_wgmma(x, qw, None, smem_a)
-        assert torch.equal(full, wg.weight_only_wgmma(x, qw, None, smem_a))  # run to run
+        full = wg.weight_only_wgmma(x, qw, None, smem_a, 1)
+        assert torch.equal(full, wg.weight_only_wgmma(x, qw, None, smem_a, 1))  # run to run
         for lo, hi in ((0, 128), (128, 256), (128, 300), (0, 65)):
-            part = wg.weight_only_wgmma(x[lo:hi].clone(), qw, None, smem_a)
+            part = wg.weight_only_wgmma(x[lo:hi].clone(), qw, None, smem_a, 1)
             assert torch.equal(part, full[lo:hi]), f"tokens {lo}:{hi} differ from the M=300 batch"
-        small = wg.weight_only_wgmma(x[:64].clone(), qw, None, smem_a)
-        assert torch.equal(small, wg.weight_only_wgmma(x[:64].clone(), qw, None, smem_a))
+        small = wg.weight_only_wgmma(x[:64].clone(), qw, None, smem_a, 1)
+        assert torch.equal(small, wg.weight_only_wgmma(x[:64].clone(), qw, None, smem_a, 1))
         for m in (17, 40):
-            part = wg.weight_only_wgmma(x[:m].clone(), qw, None, smem_a)
+            part = wg.weight_only_wgmma(x[:m].clone(), qw, None, smem_a, 1)
             assert torch.equal(part, small[:m]), f"tokens :{m} differ from the M=64 batch"
 
 
@@ -246,11 +244,27 @@ def test_selected_by_linear_when_enabled(monkeypatch):
     assert ops.which_kernel(act(16, 256, torch.float16), qw) == "cuda.weight_only_mma"
     assert ops.which_kernel(act(17, 256, torch.float16), qw) == "cuda.weight_only_wgmma"
     assert ops.which_kernel(act(65, 256, torch.float16), qw) == "cuda.weight_only_wgmma"
-    few_rows = make_weight(64, 256, 4, 64, False, device="cuda")   # one row block: declined
-    assert ops.which_kernel(act(65, 256, torch.float16), few_rows) == "cuda.dequant_cublas"
     x = act(300, 256, torch.bfloat16).reshape(3, 100, 256)
     assert_matches_dense(ops.linear(x, qw).reshape(300, n), x.reshape(300, 256),
                          qw.dequantize(torch.float32), None)
+
+
+@sm90
+@pytest.mark.parametrize("smem_a", SMEM_A)
+def test_split_k_slices_sum_to_the_product(smem_a):
+    qw = make_weight(257, 2000, 4, 128, False, device="cuda")       # 16 chunks
+    w = qw.dequantize(torch.float32)
+    bias = torch.randn(257, device="cuda")
+    for m in (17, 130):
+        x = act(m, 2000, torch.float16, seed=m)
+        one = wg.weight_only_wgmma(x, qw, bias, smem_a, 1)
+        for splits in (2, 3, 16):
+            y = wg.weight_only_wgmma(x, qw, bias, smem_a, splits)
+            assert_matches_dense(y, x, w, bias)
+            assert torch.equal(y, wg.weight_only_wgmma(x, qw, bias, smem_a, splits))
+            assert (y.float() - one.float()).abs().max() <= 1e-2 * one.float().abs().max()
+    with pytest.raises(RuntimeError, match="splits must be in 1..16"):
+        wg.weight_only_wgmma(act(17, 2000, torch.float16), qw, None, smem_a, 17)
 
 
 @sm90
@@ -322,6 +336,7 @@ if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer mem
             for m in (1, 40, 129):
                 for dtype in (torch.float16, torch.bfloat16):
                     for smem_a in SMEM_A:
-                        wg.weight_only_wgmma(act(m, 203, dtype), qw, torch.randn(130, device="cuda"),
-                                             smem_a)
+                        for splits in (1, 2):
+                            wg.weight_only_wgmma(act(m, 203, dtype), qw,
+                                                 torch.randn(130, device="cuda"), smem_a, splits)
         torch.cuda.synchronize()

@@ -19,9 +19,10 @@ MMA reads by descriptor, so a chunk is decoded while the previous chunk's
 MMAs run. Registered as ``cuda.weight_only_wgmma`` and
 ``cuda.weight_only_wgmma_smem``; the benchmark decides between them.
 
-There is no split-K yet, so a layer with few 128-row blocks at small M would
-leave SMs idle; the selector declines such calls (``_grid_reason``), which
-then go to the other kernels.
+Split-K: a layer with too few (128-row block, token tile) pairs to fill the
+GPU is cut into K slices (``splits_for``), whose fp32 partial sums a second
+kernel adds in slice order; the slice count depends on M, so batches of
+different sizes may round differently.
 
 Needs an sm_90 GPU and a build holding ``9.0a`` code (``sm90_available``
 probes it). Both kernels are opt-in (``VLMKERN_ENABLE``) until they have
@@ -35,6 +36,7 @@ from ..formats.groupwise import QuantizedWeight
 from .cuda_weight_only import (
     ACT_DTYPES,
     SUPPORTED_BITS,
+    _multiprocessors,
     kernel_inputs,
     kernel_weight,
     unsupported_reason,
@@ -58,11 +60,23 @@ def sm90_available(device: torch.device) -> bool:
     return _SM90[idx]
 
 
+def splits_for(m: int, out_features: int, chunks: int, multiprocessors: int) -> int:
+    """K slices for a launch: enough thread blocks to fill every SM once,
+    each slice at least 4 chunks (512 columns) long."""
+    tile = TOKENS_SMALL if m <= TOKENS_SMALL else TOKENS
+    blocks = -(-out_features // 128) * -(-m // tile)
+    if blocks >= multiprocessors:
+        return 1
+    return max(1, min(-(-multiprocessors // blocks), chunks // 4))
+
+
 def weight_only_wgmma(x: torch.Tensor, qweight: QuantizedWeight,
-                      bias: torch.Tensor | None = None, smem_a: bool = False) -> torch.Tensor:
+                      bias: torch.Tensor | None = None, smem_a: bool = False,
+                      splits: int | None = None) -> torch.Tensor:
     """y = x @ W^T + bias on the Hopper kernel. x [M, K] fp16/bf16 on an
     sm_90 device, any M >= 0; bias [N] or None -> [M, N] in x's dtype.
-    ``smem_a``: decoded weights through shared memory (see the module doc)."""
+    ``smem_a``: decoded weights through shared memory (see the module doc);
+    ``splits``: K slices, 1..chunks (default ``splits_for``)."""
     from ..ext import load_extension
 
     module, reason = load_extension()
@@ -81,9 +95,11 @@ def weight_only_wgmma(x: torch.Tensor, qweight: QuantizedWeight,
     if x.shape[0] == 0:
         return x.new_empty(0, qweight.out_features)
     mw = kernel_weight(qweight, x.dtype)
+    if splits is None:
+        splits = splits_for(x.shape[0], mw.out_features, mw.chunks, _multiprocessors(x.device))
     x, bias = kernel_inputs(x, qweight, bias)
     return torch.ops.vlmkern.weight_only_wgmma(x, mw.wq, mw.sz, bias, mw.bits, mw.out_features,
-                                               mw.slot_log2, bool(smem_a))
+                                               mw.slot_log2, bool(smem_a), int(splits))
 
 
 def weight_only_wgmma_smem(x: torch.Tensor, qweight: QuantizedWeight,
@@ -99,23 +115,9 @@ def _reason(qweight, device: torch.device) -> str | None:
     return why
 
 
-def _grid_reason(m: int, out_features: int, device: torch.device) -> str | None:
-    """Why a launch would leave SMs idle (fewer thread blocks than SMs), or None."""
-    from .cuda_weight_only import BLOCK_ROWS, _multiprocessors
-
-    tile = TOKENS_SMALL if m <= TOKENS_SMALL else TOKENS
-    blocks = -(-out_features // BLOCK_ROWS) * -(-m // tile)
-    sms = _multiprocessors(device)
-    if blocks < sms:
-        return f"{blocks} thread blocks for {sms} SMs (no split-K yet)"
-    return None
-
-
 def _checker(name: str):
     def check(x: torch.Tensor, qweight) -> str | None:
         why = _reason(qweight, x.device)
-        if why is None and x.is_cuda:
-            why = _grid_reason(x.shape[0], qweight.out_features, x.device)
         return None if why is None else f"{name}: {why}"
     return check
 
