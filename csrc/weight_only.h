@@ -99,9 +99,9 @@ int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, const int32
                               int act_dtype, int smem_a, int splits, float* partial,
                               void* stream);
 
-// *available = 1 when the current device is sm_90 and this build holds the
-// sm_90a code of the kernel above, else 0.
-int vlmkern_weight_only_sm90_available(int* available);
+// Whether this build holds its sm_90a code: vlmkern_int_act_sm90_available
+// (int_act.h) answers for every kernel file, all built for the same
+// architectures.
 
 #ifdef __cplusplus
 }

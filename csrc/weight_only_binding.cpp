@@ -186,14 +186,6 @@ at::Tensor weight_only_wgmma_meta(const at::Tensor& x, const at::Tensor& wq, con
   return at::empty({x.size(0), out_features}, x.options());
 }
 
-bool sm90_available() {
-  int available = 0;
-  const int status = vlmkern_weight_only_sm90_available(&available);
-  TORCH_CHECK(status == VLMKERN_WO_OK, "vlmkern.weight_only_sm90_available: ",
-              vlmkern_wo_status_message(status));
-  return available != 0;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
@@ -204,8 +196,6 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
   m.def(
       "weight_only_wgmma(Tensor x, Tensor wq, Tensor sz, Tensor? bias, int bits, "
       "int out_features, int slot_log2, bool smem_a=False, int splits=1) -> Tensor");
-  // Whether the wgmma kernel runs on the current device with this build.
-  m.def("weight_only_sm90_available() -> bool", &sm90_available);
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {

@@ -38,8 +38,9 @@
 // in slice order.
 //
 // Compiled to real code only for sm_90a (wgmma is an arch-specific feature);
-// other targets get a kernel that traps, and vlmkern_weight_only_sm90_available
-// says whether this build holds the sm_90a code for the current device.
+// other targets get a kernel that traps. Every kernel file is built for the
+// same architectures, so vlmkern_int_act_sm90_available's probe says whether
+// this build holds sm_90a code for the current device, for this file too.
 
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -456,7 +457,7 @@ weight_only_wgmma_kernel(WgParams p) {
   }
 #else
   (void)p;
-  __trap();  // built without sm_90a code: vlmkern_weight_only_sm90_available() is 0
+  __trap();  // built without sm_90a code: vlmkern_int_act_sm90_available() is 0
 #endif
 }
 
@@ -472,8 +473,6 @@ __global__ void __launch_bounds__(kThreads) wo_split_sum_kernel(WgParams p) {
     p.out[i] = T::from_float(v);
   }
 }
-
-__global__ void wo_sm90_probe_kernel(int* built) { *built = VLMKERN_SM90A; }
 
 template <int BITS, class T, int TOKENS, bool SMEM_A>
 int launch(const WgParams& p, int64_t NB, cudaStream_t stream) {
@@ -553,32 +552,4 @@ extern "C" int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, 
                                           : dispatch_tokens<BF16, true>(p, bits, NB, s);
   return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_tokens<F16, false>(p, bits, NB, s)
                                         : dispatch_tokens<BF16, false>(p, bits, NB, s);
-}
-
-extern "C" int vlmkern_weight_only_sm90_available(int* available) {
-  if (!available) return VLMKERN_WO_ERR_NULL_POINTER;
-  *available = 0;
-  int device = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err != cudaSuccess) return launch_failed(err);
-  if (major != 9) return VLMKERN_WO_OK;
-  int* flag = nullptr;
-  err = cudaMalloc(&flag, sizeof(int));
-  if (err == cudaSuccess) {
-    wo_sm90_probe_kernel<<<1, 1>>>(flag);
-    err = cudaGetLastError();
-    if (err == cudaSuccess) err = cudaMemcpy(available, flag, sizeof(int), cudaMemcpyDeviceToHost);
-    const cudaError_t freed = cudaFree(flag);
-    if (err == cudaSuccess) err = freed;
-  }
-  if (err != cudaSuccess) {
-    *available = 0;
-    if (err == cudaErrorNoKernelImageForDevice) {  // no code for this device: not available
-      cudaGetLastError();
-      return VLMKERN_WO_OK;
-    }
-    return launch_failed(err);
-  }
-  return VLMKERN_WO_OK;
 }

@@ -44,20 +44,14 @@ from .cuda_weight_only import (
 
 MIN_M = 17                # decode sizes stay with the mma.sync kernel's lean decodes
 TOKENS_SMALL, TOKENS = 64, 128   # token tile for M <= 64, and above
-_SM90: dict[int, bool] = {}
 
 
 def sm90_available(device: torch.device) -> bool:
-    """Whether the kernel runs on ``device`` with this build (an sm_90 GPU and
-    sm_90a code present). One probe launch per device, then cached."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM90:
-        if not hasattr(torch.ops.vlmkern, "weight_only_sm90_available"):
-            _SM90[idx] = False
-        else:
-            with torch.cuda.device(idx):
-                _SM90[idx] = bool(torch.ops.vlmkern.weight_only_sm90_available())
-    return _SM90[idx]
+    """Whether the kernels run on ``device`` with this build (an sm_90 GPU and
+    sm_90a code present). Every kernel file is built for the same
+    architectures, so the int_act module's cached probe answers for these too."""
+    from .cuda_int_act import sm90_available as build_has_sm90a
+    return hasattr(torch.ops.vlmkern, "weight_only_wgmma") and build_has_sm90a(device)
 
 
 def splits_for(m: int, out_features: int, chunks: int, multiprocessors: int) -> int:
