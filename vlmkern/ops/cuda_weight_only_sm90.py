@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.groupwise import QuantizedWeight
+from .cuda_int_act import sm90_available as build_has_sm90a
 from .cuda_weight_only import (
     ACT_DTYPES,
     SUPPORTED_BITS,
@@ -50,7 +51,6 @@ def sm90_available(device: torch.device) -> bool:
     """Whether the kernels run on ``device`` with this build (an sm_90 GPU and
     sm_90a code present). Every kernel file is built for the same
     architectures, so the int_act module's cached probe answers for these too."""
-    from .cuda_int_act import sm90_available as build_has_sm90a
     return hasattr(torch.ops.vlmkern, "weight_only_wgmma") and build_has_sm90a(device)
 
 
