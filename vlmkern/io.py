@@ -54,7 +54,7 @@ def quantization_config(model: nn.Module) -> dict:
                              "in_features": module.in_features,
                              "out_features": module.out_features,
                              "bias": module.bias is not None, "info": module.quant_info,
-                             "tensors": sorted(module.quantized_weight.tensors())}
+                             "tensors": module.saved_tensor_names()}
         elif isinstance(module, nn.Linear):
             skipped.append(name)
     plan = Plan.from_model(model)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .config import BinaryConfig, IntActConfig, QuantConfig, config_to_dict
 from .formats import PackedWeight
-from .nn import QuantLinear
+from .nn import QuantLinear, WeightOnlyLinear
 
 # Language-model head, vision towers and multimodal projectors stay in full precision.
 DEFAULT_SKIP = ("lm_head", "*.lm_head", "*vision_tower*", "*vision_model*", "*visual.*",
@@ -188,3 +188,21 @@ def replace_linears(model: nn.Module, plan, skip=DEFAULT_SKIP, progress: bool = 
         label = entry.label if not isinstance(entry, PackedWeight) else repr(qweight.meta())
         report.rows.append(ReplaceRow(name, qweight.FORMAT, label, before, qweight.nbytes))
     return model, report
+
+
+def to_kernel_layout(model: nn.Module, progress: bool = True) -> list[str]:
+    """Hold the codes of every weight-only layer the CUDA tensor-core kernels
+    can run (2/3/4 bits, group 16/32/64/multiple of 128 or per row) only in
+    the kernels' layout, so the GPU holds each layer's packed bytes once
+    instead of twice (canonical stream + layout). Best done before the model
+    moves to the GPU. Checkpoints still save and load the canonical format.
+    Returns the names of the layers converted; the others are left as they are.
+    """
+    from .ops.cuda_weight_only import unsupported_reason
+
+    todo = [(name, m) for name, m in model.named_modules()
+            if isinstance(m, WeightOnlyLinear) and not m.laid_out
+            and unsupported_reason(m.quantized_weight) is None]
+    for _, module in tqdm(todo, desc="kernel layout", disable=not progress or not todo):
+        module.to_kernel_layout()
+    return [name for name, _ in todo]

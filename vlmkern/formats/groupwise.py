@@ -49,6 +49,14 @@ def group_index(in_features: int, group_size: int | None, device=None) -> torch.
     return torch.arange(in_features, device=device) // g
 
 
+def zero_points(qzeros: torch.Tensor | None, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points int64 [N, G] from packed ``qzeros`` (None: symmetric, 2^(b-1))."""
+    if qzeros is None:
+        return torch.full(tuple(scales.shape), 1 << (bits - 1), dtype=torch.int64,
+                          device=scales.device)
+    return unpack_bits(qzeros, bits, scales.shape[1])
+
+
 @dataclass(eq=False, repr=False)
 class QuantizedWeight(PackedWeight):
     qweight: torch.Tensor
@@ -94,10 +102,7 @@ class QuantizedWeight(PackedWeight):
 
     def zeros(self) -> torch.Tensor:
         """Zero points, int64 [N, G] (the implicit 2^(b-1) when symmetric)."""
-        if self.qzeros is None:
-            return torch.full(tuple(self.scales.shape), 1 << (self.bits - 1),
-                              dtype=torch.int64, device=self.scales.device)
-        return unpack_bits(self.qzeros, self.bits, self.num_groups)
+        return zero_points(self.qzeros, self.scales, self.bits)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this object stands for, [N, K] in logical column order."""

@@ -13,7 +13,10 @@ from torch import nn
 
 from .. import ops
 from ..config import AnyConfig
-from ..formats import WEIGHT_TYPES, PackedWeight
+from ..formats import WEIGHT_TYPES, PackedWeight, QuantizedWeight
+from ..formats.packing import packed_words
+from ..ops.cuda_weight_only import layout_codes
+from ..ops.laid_out import LaidOutWeight
 from ..quant import quantize_weight
 
 
@@ -47,12 +50,20 @@ class QuantLinear(nn.Module):
         buffers are the same tensors: the CUDA kernels cache their re-laid
         copy of a weight per object, so a new object per call would re-lay
         the weight out on every forward."""
-        cls = WEIGHT_TYPES[self.format]
+        cls = self._weight_type()
         cached = self.__dict__.get("_packed")
-        if cached is None or any(getattr(cached, n) is not self._buffers.get(n) for n in cls.TENSORS):
+        if type(cached) is not cls or any(getattr(cached, n) is not self._buffers.get(n)
+                                          for n in cls.TENSORS):
             cached = cls(**{n: self._buffers.get(n) for n in cls.TENSORS}, **self._meta)
             self.__dict__["_packed"] = cached
         return cached
+
+    def _weight_type(self) -> type:
+        return WEIGHT_TYPES[self.format]
+
+    def saved_tensor_names(self) -> list[str]:
+        """Names of the packed tensors ``state_dict`` writes (the format's)."""
+        return sorted(self.quantized_weight.tensors())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config_or_weight: AnyConfig | PackedWeight,
@@ -101,8 +112,66 @@ class QuantLinear(nn.Module):
 
 
 class WeightOnlyLinear(QuantLinear):
-    """Group-wise W2/W3/W4/W8 weights, float activations."""
+    """Group-wise W2/W3/W4/W8 weights, float activations.
+
+    ``to_kernel_layout()`` keeps the codes only in the CUDA kernel's layout
+    (``vlmkern.ops.laid_out``): the layer then holds its packed bytes once
+    on the GPU instead of twice. ``state_dict`` still writes, and
+    ``load_state_dict`` still reads, the canonical format.
+    """
     FORMAT = "groupwise"
+
+    @property
+    def laid_out(self) -> bool:
+        """Whether the codes are held only in the CUDA kernel layout."""
+        return "wq" in self._buffers
+
+    def _weight_type(self) -> type:
+        return LaidOutWeight if self.laid_out else super()._weight_type()
+
+    def to_kernel_layout(self) -> "WeightOnlyLinear":
+        """Hold the codes in the CUDA kernel's layout only (on the layer's
+        device; raises ValueError for weights the layout cannot hold)."""
+        if not self.laid_out:
+            laid = LaidOutWeight.from_quantized(self.quantized_weight)
+            buffers = {"wq": laid.wq}
+            buffers.update((k, v) for k, v in self._buffers.items() if k != "qweight")
+            self._buffers = buffers
+            self.quantized_weight  # noqa: B018  (rebuilt now, outside any traced forward)
+        return self
+
+    def saved_tensor_names(self) -> list[str]:
+        names = super().saved_tensor_names()
+        return sorted("qweight" if n == "wq" else n for n in names)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self.laid_out:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        own = {}
+        super()._save_to_state_dict(own, prefix, keep_vars)
+        for key, value in own.items():   # checkpoints hold the canonical bit stream
+            if key == prefix + "wq":
+                key, value = prefix + "qweight", self.quantized_weight.packed_codes()
+            destination[key] = value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "qweight"
+        if self.laid_out and key in state_dict:
+            codes = state_dict[key]
+            expected = (self.out_features, packed_words(self.in_features, self._meta["bits"]))
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+            if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int32 \
+                    or tuple(codes.shape) != expected:
+                error_msgs.append(f"{key}: expected an int32 tensor of shape {expected}, got "
+                                  f"{getattr(codes, 'dtype', type(codes).__name__)} "
+                                  f"{tuple(getattr(codes, 'shape', ()))}")
+            else:
+                canonical = QuantizedWeight(codes, self.scales, self.qzeros, self.perm,
+                                            **self._meta)
+                state_dict[prefix + "wq"] = layout_codes(canonical)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
 class IntActLinear(QuantLinear):

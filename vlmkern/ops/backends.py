@@ -47,11 +47,14 @@ class KernelSpec:
     act_order: bool = True
     check: Callable | None = None           # extra predicate(x2d, qweight) -> reason or None
     opt_in: bool = False                    # used only when named in VLMKERN_ENABLE
+    laid_out: bool = False                  # also runs weights held in the CUDA kernel layout
 
     def rejects(self, x: torch.Tensor, qweight) -> str | None:
         """Why this kernel cannot run (x, qweight), or None if it can."""
         if self.opt_in and self.name not in enabled_kernels():
             return f"{self.name}: opt-in only (set VLMKERN_ENABLE={self.name})"
+        if getattr(qweight, "LAID_OUT", False) and not self.laid_out:
+            return f"{self.name}: reads the canonical codes; this weight is in the CUDA kernel layout"
         if self.devices is not ANY and x.device.type not in self.devices:
             return f"{self.name}: runs on {sorted(self.devices)}, not {x.device.type}"
         if self.dtypes is not ANY and x.dtype not in self.dtypes:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,8 @@ from .backends import Backend, KernelSpec, register_backend
 
 # -- torch: the reference, runs everything everywhere -------------------------
 TORCH = register_backend(Backend("torch", probe=lambda: None))
-TORCH.register(KernelSpec("torch.weight_only", "weight_only", reference.weight_only_matmul))
+TORCH.register(KernelSpec("torch.weight_only", "weight_only", reference.weight_only_matmul,
+                          laid_out=True))
 TORCH.register(KernelSpec("torch.int_act", "int_act", reference.int_act_matmul))
 TORCH.register(KernelSpec("torch.binary", "binary", reference.binary_matmul))
 
@@ -52,12 +54,36 @@ def _probe_cuda() -> str | None:
 def _cuda_dequant_matmul(x, qweight, bias, fast=False):
     """Dequantize with the CUDA kernel, then one cuBLAS GEMM (prefill-sized M)."""
     from ..ext import dequant_groupwise
+    if getattr(qweight, "LAID_OUT", False):
+        warnings.warn("a weight held in the CUDA kernel layout is rebuilt in the canonical "
+                      "format on every call the tensor-core kernel declines (M > 64), which is "
+                      "slow; VLMKERN_ENABLE=cuda.dequant_layout_cublas dequantizes it from the "
+                      "layout instead", stacklevel=4)
+        qweight = qweight.canonical()
     w = dequant_groupwise(qweight.qweight, qweight.qzeros, qweight.scales, qweight.bits,
                           qweight.group_size or qweight.in_features, qweight.in_features,
                           x.dtype, fast=fast)
-    if qweight.perm is not None:
-        x = x[:, qweight.perm.long()]
+    return _stored_order_linear(x, w, qweight.perm, bias)
+
+
+def _stored_order_linear(x, w, perm, bias):
+    """x @ w^T + bias for a weight w [N, K] with columns in stored (act-order) order."""
+    if perm is not None:
+        x = x[:, perm.long()]
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _cuda_dequant_layout_matmul(x, qweight, bias):
+    """A weight held in the kernel layout: dequantized from it, then cuBLAS."""
+    from .cuda_weight_only_dequant import dequantize_layout
+    w = dequantize_layout(cuda_weight_only.kernel_weight(qweight, x.dtype))
+    return _stored_order_linear(x, w, qweight.perm, bias)
+
+
+def _only_laid_out(x, qweight) -> str | None:
+    if not getattr(qweight, "LAID_OUT", False):
+        return "cuda.dequant_layout_cublas: only for weights held in the CUDA kernel layout"
+    return None
 
 
 def _cuda_dequant_fast_matmul(x, qweight, bias):
@@ -71,12 +97,18 @@ def _cuda_dequant_fast_matmul(x, qweight, bias):
 CUDA = register_backend(Backend("cuda", probe=_probe_cuda))
 _DEQUANT = {"dtypes": frozenset({torch.float16, torch.bfloat16}),
             "devices": frozenset({"cuda"}), "min_sm": (8, 0)}
+# Weights held only in the kernel layout (vlmkern.to_kernel_layout): dequantized
+# from the layout, opt-in until its GPU tests pass; without it
+# cuda.dequant_cublas rebuilds the canonical codes on every call.
+CUDA.register(KernelSpec("cuda.dequant_layout_cublas", "weight_only", _cuda_dequant_layout_matmul,
+                         opt_in=True, laid_out=True, check=_only_laid_out, **_DEQUANT))
 # The fast dequantize kernel (compile-time bits, 32-bit indices, one scale and
 # zero per 8 codes; the general kernel where it does not apply) is opt-in
 # (VLMKERN_ENABLE=cuda.dequant_fast_cublas) until its GPU tests pass.
 CUDA.register(KernelSpec("cuda.dequant_fast_cublas", "weight_only", _cuda_dequant_fast_matmul,
-                         opt_in=True, **_DEQUANT))
-CUDA.register(KernelSpec("cuda.dequant_cublas", "weight_only", _cuda_dequant_matmul, **_DEQUANT))
+                         opt_in=True, laid_out=True, **_DEQUANT))
+CUDA.register(KernelSpec("cuda.dequant_cublas", "weight_only", _cuda_dequant_matmul,
+                         laid_out=True, **_DEQUANT))
 
 # Tensor-core weight-only kernel for M <= 64 (csrc/weight_only_kernel.cu); tried
 # before dequantize + cuBLAS, which keeps larger M and what it declines. The

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats.groupwise import QuantizedWeight
-from ..formats.packing import unpack_bits
+from ..formats.packing import pack_bits, packed_words, unpack_bits
 
 BLOCK_ROWS = 128          # output rows per unit: 8 warps x 16
 CHUNK = 128               # input columns per unit
@@ -171,7 +171,7 @@ def _pack_scales(qweight: QuantizedWeight, dtype: torch.dtype, nb: int, c: int,
     g = k if qweight.group_size is None else qweight.group_size
     groups = qweight.num_groups
     slots = 8 >> slot_log2
-    dev = qweight.qweight.device
+    dev = qweight.scales.device
     # group of every (chunk, slot): the group of the slot's first column
     first_col = (torch.arange(c, device=dev).view(c, 1) * CHUNK
                  + torch.arange(slots, device=dev).view(1, slots) * (16 << slot_log2))
@@ -190,13 +190,9 @@ def _pack_scales(qweight: QuantizedWeight, dtype: torch.dtype, nb: int, c: int,
     return _as_int32(words).contiguous()
 
 
-def to_mma_layout(qweight: QuantizedWeight, dtype: torch.dtype) -> MmaWeight:
-    """Re-lay out a group-wise weight for the kernel (any device; pure torch)."""
-    why = unsupported_reason(qweight)
-    if why is not None:
-        raise ValueError(f"cuda.weight_only_mma: {why}")
-    if dtype not in ACT_DTYPES:
-        raise ValueError(f"cuda.weight_only_mma: activations must be float16 or bfloat16, got {dtype}")
+def layout_codes(qweight: QuantizedWeight) -> torch.Tensor:
+    """The weight's codes in the kernel's fragment order: int32 [NB, C, 8, 64*bits]
+    (independent of the activation dtype; pure torch, any device)."""
     n, k = qweight.out_features, qweight.in_features
     nb, c = _cdiv(n, BLOCK_ROWS), _cdiv(k, CHUNK)
     wq = torch.empty(nb, c, 8, 64 * qweight.bits, dtype=torch.int32, device=qweight.qweight.device)
@@ -208,6 +204,39 @@ def to_mma_layout(qweight: QuantizedWeight, dtype: torch.dtype) -> MmaWeight:
         codes = unpack_bits(rows, qweight.bits, k)
         codes = torch.nn.functional.pad(codes, (0, c * CHUNK - k, 0, (b1 - b0) * BLOCK_ROWS - codes.shape[0]))
         wq[b0:b1] = _pack_planes(_lane_codes(codes, b1 - b0, c), qweight.bits)
+    return wq
+
+
+def packed_codes_from_layout(wq: torch.Tensor, bits: int, out_features: int,
+                             in_features: int) -> torch.Tensor:
+    """The inverse of ``layout_codes``: the canonical bit stream int32
+    [N, ceil(K*bits/32)] (formats.packing), exact; pure torch, any device."""
+    nb, c = wq.shape[0], wq.shape[1]
+    out = torch.empty(out_features, packed_words(in_features, bits), dtype=torch.int32,
+                      device=wq.device)
+    step = max(1, _RELAYOUT_WEIGHTS // (BLOCK_ROWS * c * CHUNK))
+    for b0 in range(0, nb, step):
+        b1 = min(nb, b0 + step)
+        lane = _fragment_codes(_lane_words(wq[b0:b1], bits), bits)        # b c w lane kt r h
+        q = lane.reshape(b1 - b0, c, 8, 8, 4, 8, 2, 2, 2)                  # b c w g t kt ch rh h
+        q = q.permute(0, 2, 7, 3, 1, 5, 6, 4, 8).reshape((b1 - b0) * BLOCK_ROWS, c * CHUNK)
+        rows = min(out_features, b1 * BLOCK_ROWS) - b0 * BLOCK_ROWS
+        out[b0 * BLOCK_ROWS: b0 * BLOCK_ROWS + rows] = pack_bits(q[:rows, :in_features], bits)
+    return out
+
+
+def to_mma_layout(qweight, dtype: torch.dtype) -> MmaWeight:
+    """A group-wise weight in the kernel's layout for activations of ``dtype``
+    (any device; pure torch). A weight already held in the layout
+    (``LaidOutWeight``) keeps its codes; only the scale words are made."""
+    why = unsupported_reason(qweight)
+    if why is not None:
+        raise ValueError(f"cuda.weight_only_mma: {why}")
+    if dtype not in ACT_DTYPES:
+        raise ValueError(f"cuda.weight_only_mma: activations must be float16 or bfloat16, got {dtype}")
+    n, k = qweight.out_features, qweight.in_features
+    nb, c = _cdiv(n, BLOCK_ROWS), _cdiv(k, CHUNK)
+    wq = qweight.wq if getattr(qweight, "LAID_OUT", False) else layout_codes(qweight)
     slot_log2 = slot_log2_for(qweight.group_size, k)
     sz = _pack_scales(qweight, dtype, nb, c, slot_log2)
     return MmaWeight(wq, sz, qweight.bits, n, k, slot_log2, dtype)
@@ -234,6 +263,12 @@ def _fragment_magic_codes(words: torch.Tensor, bits: int, magic2: int) -> torch.
             regs.append(v | magic2)
         out.append(torch.stack(regs, dim=-1))
     return torch.stack(out, dim=-2)
+
+
+def _fragment_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Lane words [..., 32, 2*bits] (uint32 in int64) -> codes [..., 32, 8 kt, 4 r, 2 h]."""
+    magic_free = _fragment_magic_codes(words, bits, 0)
+    return torch.stack([magic_free & 0xFFFF, magic_free >> 16], dim=-1)
 
 
 def _lane_words(wq: torch.Tensor, bits: int) -> torch.Tensor:
@@ -373,7 +408,7 @@ def _version(qweight: QuantizedWeight) -> tuple:
 def kernel_weight(qweight: QuantizedWeight, dtype: torch.dtype) -> MmaWeight:
     """The weight in the kernel's layout, made on first use and cached."""
     per_weight = _LAYOUTS.setdefault(qweight, {})
-    key = (qweight.qweight.device, dtype)
+    key = (qweight.device, dtype)
     version = _version(qweight)
     hit = per_weight.get(key)
     if hit is None or hit[0] != version:
@@ -469,7 +504,8 @@ def register(backend) -> None:
     from .backends import KernelSpec
 
     common = dict(bits=frozenset(SUPPORTED_BITS), dtypes=frozenset(ACT_DTYPES),
-                  devices=frozenset({"cuda"}), min_m=1, min_sm=(8, 0), check=_check)
+                  devices=frozenset({"cuda"}), min_m=1, min_sm=(8, 0), check=_check,
+                  laid_out=True)
     specs = [KernelSpec("cuda.weight_only_post_scale", "weight_only", weight_only_post_scale,
                         max_m=POST_SCALE_MAX_M, opt_in=True, **common),
              KernelSpec("cuda.weight_only_mma", "weight_only", weight_only_mma, max_m=MAX_M,

@@ -129,5 +129,6 @@ def register(backend) -> None:
     for name, fn in reversed(specs):   # each inserted at the front: tried in list order
         backend.register(KernelSpec(name, "weight_only", fn, bits=frozenset(SUPPORTED_BITS),
                                     dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}),
-                                    min_m=MIN_M, min_sm=(9, 0), opt_in=True, check=_checker(name)))
+                                    min_m=MIN_M, min_sm=(9, 0), opt_in=True, check=_checker(name),
+                                    laid_out=True))
         backend.kernels.insert(0, backend.kernels.pop())

@@ -1,0 +1,110 @@
+"""Group-wise weights whose codes are held only in the CUDA kernel's layout.
+
+A ``QuantizedWeight`` used by the tensor-core kernels lives twice on the GPU:
+its canonical bit stream (``qweight``, for checkpoints and the other
+kernels) and the kernels' fragment-order copy, made on the first call. The
+copy is the same size as the stream, so a layer costs twice its packed bytes.
+
+A ``LaidOutWeight`` keeps the codes only in the kernel's order (``wq``, see
+``cuda_weight_only``) plus the canonical scales, zeros and permutation,
+which are small: a layer costs its packed bytes once (plus the padding of
+its last row block and column chunk). The kernels read ``wq`` directly;
+anything that needs the canonical stream (a checkpoint, the torch
+reference, dequantize + cuBLAS without the layout dequantize kernel)
+rebuilds it exactly with ``canonical()``, which is slow, so such paths are
+for saving and fallbacks, not for every call.
+
+A weight is laid out once, e.g. on the CPU before the model moves to the
+GPU, so the GPU never holds both copies (``vlmkern.to_kernel_layout``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..formats.base import FormatError, PackedWeight, check_finite, check_tensor
+from ..formats.groupwise import SCALE_DTYPES, QuantizedWeight, num_groups, zero_points
+from ..formats.packing import packed_words
+from .cuda_weight_only import (
+    BLOCK_ROWS,
+    CHUNK,
+    layout_codes,
+    packed_codes_from_layout,
+    unsupported_reason,
+)
+
+
+@dataclass(eq=False, repr=False)
+class LaidOutWeight(PackedWeight):
+    wq: torch.Tensor                # int32 [ceil(N/128), ceil(K/128), 8, 64*bits]
+    scales: torch.Tensor            # as in QuantizedWeight
+    qzeros: torch.Tensor | None
+    perm: torch.Tensor | None
+    bits: int
+    group_size: int | None
+    in_features: int
+
+    FORMAT: ClassVar[str] = "groupwise"   # the format it saves as and computes like
+    LAID_OUT: ClassVar[bool] = True       # kernels declare whether they read this
+    TENSORS: ClassVar[tuple[str, ...]] = ("wq", "scales", "qzeros", "perm")
+    FLOATS: ClassVar[tuple[str, ...]] = ("scales",)
+    META: ClassVar[tuple[str, ...]] = ("bits", "group_size", "in_features")
+
+    @classmethod
+    def from_quantized(cls, qweight: QuantizedWeight) -> "LaidOutWeight":
+        """Lay out a canonical weight's codes (raises ValueError if the kernel
+        layout cannot hold it: see ``cuda_weight_only.unsupported_reason``)."""
+        if not isinstance(qweight, QuantizedWeight):
+            raise TypeError(f"expected a group-wise QuantizedWeight, got {type(qweight).__name__}")
+        why = unsupported_reason(qweight)
+        if why is not None:
+            raise ValueError(f"the CUDA kernel layout cannot hold this weight: {why}")
+        return cls(wq=layout_codes(qweight), scales=qweight.scales, qzeros=qweight.qzeros,
+                   perm=qweight.perm, bits=qweight.bits, group_size=qweight.group_size,
+                   in_features=qweight.in_features)
+
+    # -- the views QuantizedWeight offers -----------------------------------
+    @property
+    def out_features(self) -> int:
+        return int(self.scales.shape[0])
+
+    @property
+    def sym(self) -> bool:
+        return self.qzeros is None
+
+    @property
+    def num_groups(self) -> int:
+        return num_groups(self.in_features, self.group_size)
+
+    def zeros(self) -> torch.Tensor:
+        return zero_points(self.qzeros, self.scales, self.bits)
+
+    def packed_codes(self) -> torch.Tensor:
+        """The canonical bit stream ``qweight`` (rebuilt exactly; slow)."""
+        return packed_codes_from_layout(self.wq, self.bits, self.out_features, self.in_features)
+
+    def canonical(self) -> QuantizedWeight:
+        """The same weight in the canonical format (rebuilt exactly; slow)."""
+        return QuantizedWeight(qweight=self.packed_codes(), scales=self.scales, qzeros=self.qzeros,
+                               perm=self.perm, bits=self.bits, group_size=self.group_size,
+                               in_features=self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.canonical().dequantize(dtype)
+
+    def validate(self) -> "LaidOutWeight":
+        why = unsupported_reason(self)
+        if why is not None:
+            raise FormatError(f"the CUDA kernel layout cannot hold this weight: {why}")
+        n, k, g = self.out_features, self.in_features, self.num_groups
+        check_tensor("wq", self.wq, (-(-n // BLOCK_ROWS), -(-k // CHUNK), 8, 64 * self.bits),
+                     (torch.int32,))
+        check_tensor("scales", self.scales, (n, g), SCALE_DTYPES)
+        check_finite("scales", self.scales)
+        if self.qzeros is not None:
+            check_tensor("qzeros", self.qzeros, (n, packed_words(g, self.bits)), (torch.int32,))
+        if self.perm is not None:
+            check_tensor("perm", self.perm, (k,), (torch.int32,))
+        return self
