@@ -7,7 +7,9 @@ with every linear replaced by vlmkern layers (round to nearest, data-free).
 For each: greedy ``generate`` of one token after a --prompt-token prompt (the
 prefill) and of 1 + --steps tokens (the rest is decode with the KV cache),
 timed by the wall clock between device synchronizations, so Python, dispatch
-and every kernel of a step count.
+and every kernel of a step count. "GPU MiB" is what the model holds on the
+GPU after a warm-up run (torch.cuda.memory_allocated: weights, the kernels'
+cached layouts, embeddings and head), the physical bytes a deployment pays.
 
     python benchmarks/decode_model.py                       # on the GPU
     python benchmarks/decode_model.py --enable cuda.weight_only_post_scale
@@ -30,8 +32,10 @@ import torch
 import vlmkern
 from vlmkern import IntActConfig, QuantConfig
 
-FORMATS = {"W4 g128": QuantConfig(4, 128), "W2 g128": QuantConfig(2, 128),
-           "W8A8": IntActConfig(8, 8)}
+# label -> (config, codes held only in the CUDA kernel layout: vlmkern.to_kernel_layout)
+FORMATS = {"W4 g128": (QuantConfig(4, 128), False),
+           "W4 g128 kernel layout": (QuantConfig(4, 128), True),
+           "W2 g128": (QuantConfig(2, 128), False), "W8A8": (IntActConfig(8, 8), False)}
 
 
 def build_model(args, device):
@@ -66,6 +70,17 @@ def kernels_used(model, args, device) -> tuple[str, ...]:
 
 def module_dtype(model) -> torch.dtype:
     return next(p for p in model.parameters() if p.is_floating_point()).dtype
+
+
+def allocated_mib(device, since: int = 0) -> str:
+    if device.type != "cuda":
+        return "-"
+    sync(device)
+    return f"{(torch.cuda.memory_allocated(device) - since) / 2**20:.0f}"
+
+
+def allocated(device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 def median(values):
@@ -114,6 +129,7 @@ def main(argv=None) -> int:
         print("decode_model needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
         return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    before = allocated(device)
     dense = build_model(args, device)
     head = [f"# Whole-decoder prefill and decode time on {name}", "",
             (f"Qwen2 architecture, random weights: hidden {args.hidden}, intermediate "
@@ -121,16 +137,20 @@ def main(argv=None) -> int:
              f"vocab {args.vocab}; prefill {args.prompt} tokens, {args.steps} decode steps, "
              f"medians of {args.reps}; wall time between synchronizations. Reproduce: "
              f"`python benchmarks/decode_model.py`."), "",
-            "| weights | kernels | prefill ms | decode ms/token | decode speedup |",
-            "|---|---|---|---|---|"]
+            "| weights | kernels | GPU MiB | prefill ms | decode ms/token | decode speedup |",
+            "|---|---|---|---|---|---|"]
     print("\n".join(head), flush=True)
     rows = []
     base_pre, base_dec = time_model(dense, args, device)
     rows.append(f"| dense {str(next(dense.parameters()).dtype).removeprefix('torch.')} | torch | "
-                f"{base_pre:.2f} | {base_dec:.3f} | 1.0 |")
+                f"{allocated_mib(device, before)} | {base_pre:.2f} | {base_dec:.3f} | 1.0 |")
     print(rows[-1], flush=True)
     for label in args.formats.split(","):
-        model, _ = vlmkern.replace_linears(copy.deepcopy(dense), FORMATS[label], progress=False)
+        config, laid_out = FORMATS[label]
+        before = allocated(device)
+        model, _ = vlmkern.replace_linears(copy.deepcopy(dense), config, progress=False)
+        if laid_out:
+            vlmkern.to_kernel_layout(model, progress=False)
         timed = set()
         for enable in ("", *[e for e in args.enable.split(",") if e]):
             os.environ["VLMKERN_ENABLE"] = enable
@@ -141,10 +161,10 @@ def main(argv=None) -> int:
             timed.add(picks)
             try:
                 pre, dec = time_model(model, args, device)
-                rows.append(f"| {label} | {enable or 'default'} | {pre:.2f} | {dec:.3f} | "
-                            f"{base_dec / dec:.2f} |")
+                rows.append(f"| {label} | {enable or 'default'} | {allocated_mib(device, before)} | "
+                            f"{pre:.2f} | {dec:.3f} | {base_dec / dec:.2f} |")
             except Exception as e:  # noqa: BLE001 -- a failing kernel is a result here, not a crash
-                rows.append(f"| {label} | {enable or 'default'} | error: {type(e).__name__}: "
+                rows.append(f"| {label} | {enable or 'default'} | | error: {type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120]} | | |")
             finally:
                 os.environ.pop("VLMKERN_ENABLE", None)

@@ -15,8 +15,9 @@ def test_decode_model_runs_on_cpu(tmp_path, capsys):
     assert rc == 0
     table = (tmp_path / "decode_model_cpu.md").read_text().splitlines()
     rows = [r for r in table if r.startswith("| ") and not r.startswith("| weights")]
-    assert [r.split(" | ")[0] for r in rows] == ["| dense float32", "| W4 g128", "| W2 g128", "| W8A8"]
+    assert [r.split(" | ")[0] for r in rows] == ["| dense float32", "| W4 g128",
+                                                 "| W4 g128 kernel layout", "| W2 g128", "| W8A8"]
     assert not any("error" in r for r in rows), rows
     for r in rows:
-        prefill, decode = (float(v) for v in r.split(" | ")[2:4])
+        prefill, decode = (float(v) for v in r.split(" | ")[3:5])
         assert prefill > 0 and decode >= 0
