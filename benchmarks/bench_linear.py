@@ -27,10 +27,13 @@ import statistics
 import sys
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
 
 import vlmkern
 from vlmkern import BinaryConfig, IntActConfig, QuantConfig
+from vlmkern.ops.laid_out import LaidOutWeight
 
 SHAPES = {  # name: (K, N)
     "qwen2vl-7b qkv": (3584, 4608), "qwen2vl-7b o": (3584, 3584),
@@ -39,12 +42,29 @@ SHAPES = {  # name: (K, N)
     "llava-1.5-7b gate/up": (4096, 22016), "llava-1.5-7b down": (11008, 4096),
 }
 MS = (1, 4, 16, 64, 256, 1024, 4096)
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """A group-wise format whose codes are held only in the CUDA kernel
+    layout (what ``vlmkern.to_kernel_layout`` makes of a layer)."""
+    config: QuantConfig
+
+
 FORMATS = {
     "W4 g128": QuantConfig(4, 128), "W3 g128": QuantConfig(3, 128),
     "W2 g128": QuantConfig(2, 128), "W8 g128": QuantConfig(8, 128),
+    "W4 g128 layout": KernelLayout(QuantConfig(4, 128)),
     "W8A8": IntActConfig(8, 8), "W6A6": IntActConfig(6, 6), "W4A4": IntActConfig(4, 4),
     "binary": BinaryConfig(),
 }
+
+
+def make_weight(w: torch.Tensor, fmt):
+    """The quantized weight of one FORMATS entry (round to nearest)."""
+    if isinstance(fmt, KernelLayout):
+        return LaidOutWeight.from_quantized(vlmkern.quantize_weight(w, fmt.config))
+    return vlmkern.quantize_weight(w, fmt)
 L2_BYTES = 64 << 20
 SPIN_CYCLES = 400_000   # ~200 us at 2 GHz: longer than enqueueing one call
 
@@ -105,7 +125,7 @@ def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, see
     bf16_weights = rotating(lambda: w16.bfloat16(), w16.numel() * 2)
     packed = {}
     for label, cfg in formats.items():
-        qw = vlmkern.quantize_weight(w16.float(), cfg).to(device)
+        qw = make_weight(w16.float(), cfg).to(device)
         # deep copies: a pool of one object would sit in L2 for small layers
         packed[label] = rotating(lambda qw=qw: copy.deepcopy(qw), qw.nbytes)
     for m in ms:

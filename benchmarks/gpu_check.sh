@@ -56,7 +56,8 @@ if [ "${SANITIZE_S:-300}" -gt 0 ] && command -v compute-sanitizer >/dev/null; th
   VLMKERN_SANITIZE=1 timeout "${SANITIZE_S:-300}" compute-sanitizer --tool memcheck \
     --error-exitcode 9 "$py" -m pytest -q -p no:cacheprovider -k "sanitizer_smoke or fast_dequant_matches" \
     tests/test_cuda_weight_only.py tests/test_cuda_weight_only_sm90.py tests/test_cuda_int_act.py \
-    tests/test_cuda_binary.py tests/test_ext.py >"$out/sanitize_smoke.log" 2>&1
+    tests/test_cuda_binary.py tests/test_ext.py tests/test_cuda_weight_only_dequant.py \
+    >"$out/sanitize_smoke.log" 2>&1
   rc=$?; phase memcheck_smoke $rc "$t"; grep -E "ERROR SUMMARY|passed|failed|skipped" \
     "$out/sanitize_smoke.log" | tail -3
   t=$(date +%s)
@@ -78,7 +79,7 @@ fi
 if [ "${DECODE_S:-240}" -gt 0 ]; then
   t=$(date +%s)
   (cd benchmarks && timeout "${DECODE_S:-240}" "$py" decode_model.py --out "$out" \
-    --enable "${DECODE_ENABLE:-cuda.weight_only_post_scale,cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem,cuda.dequant_fast_cublas,cuda.int_act_wgmma}") \
+    --enable "${DECODE_ENABLE:-cuda.weight_only_post_scale,cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem,cuda.dequant_fast_cublas,cuda.dequant_layout_cublas,cuda.int_act_wgmma}") \
     >"$out/decode.log" 2>&1
   rc=$?; phase decode $rc "$t"; grep -E "^\|" "$out/decode.log" | tail -16
 fi

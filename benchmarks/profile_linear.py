@@ -20,7 +20,7 @@ import sys
 import torch
 
 import vlmkern
-from bench_linear import FORMATS, SHAPES
+from bench_linear import FORMATS, SHAPES, make_weight
 
 
 def main(argv=None) -> int:
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         return 2
     k, n = SHAPES[args.shape]
     torch.manual_seed(0)
-    qw = vlmkern.quantize_weight(torch.randn(n, k) * 0.02, FORMATS[args.format]).to("cuda")
+    qw = make_weight(torch.randn(n, k) * 0.02, FORMATS[args.format]).to("cuda")
     x = torch.randn(args.m, k, device="cuda", dtype=torch.float16)
     for enable in ("", *[e for e in args.enable.split(",") if e]):
         os.environ["VLMKERN_ENABLE"] = enable

@@ -20,15 +20,14 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_linear import FORMATS, SHAPES, rotating, time_fn
+from bench_linear import FORMATS, SHAPES, make_weight, rotating, time_fn
 
-import vlmkern
 from vlmkern.ops import cuda_weight_only as cw
 
 
 def sweep(shape, k, n, fmt, ms, per_sm, decodes, sms) -> list[str]:
     torch.manual_seed(0)
-    qw = vlmkern.quantize_weight(torch.randn(n, k) * 0.02, FORMATS[fmt]).to("cuda")
+    qw = make_weight(torch.randn(n, k) * 0.02, FORMATS[fmt]).to("cuda")
     mw = cw.kernel_weight(qw, torch.float16)
     # copies of the kernel layout, so every call streams its weight from HBM
     layouts = rotating(lambda: copy.deepcopy(mw), mw.resident_bytes)
