@@ -401,7 +401,8 @@ def test_quantized_layers_trace_whole_under_torch_compile(monkeypatch):
     layers = torch.nn.Sequential(
         QuantLinear.from_linear(torch.nn.Linear(128, 96), QuantConfig(4, 32)),
         QuantLinear.from_linear(torch.nn.Linear(96, 64), IntActConfig(8, 8)),
-        QuantLinear.from_linear(torch.nn.Linear(64, 32), BinaryConfig(block_size=32, max_salient=4)))
+        QuantLinear.from_linear(torch.nn.Linear(64, 32), BinaryConfig(block_size=32, max_salient=4)),
+        QuantLinear.from_linear(torch.nn.Linear(32, 16), QuantConfig(3, 16)).to_kernel_layout())
     compiled = torch.compile(layers, fullgraph=True)
     for m in (3, 5):
         x = torch.randn(m, 128)

@@ -57,6 +57,18 @@ def zero_points(qzeros: torch.Tensor | None, scales: torch.Tensor, bits: int) ->
     return unpack_bits(qzeros, bits, scales.shape[1])
 
 
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     perm: torch.Tensor | None, group_size: int | None,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """``s * (q - z)`` in fp32 for codes [N, K] (stored order), then columns
+    put back in logical order; [N, K] in ``dtype``."""
+    gidx = group_index(codes.shape[1], group_size, codes.device)
+    w = (codes - zeros[:, gidx]).float() * scales.float()[:, gidx]
+    if perm is not None:
+        w = torch.empty_like(w).index_copy_(1, perm.long(), w)
+    return w.to(dtype)
+
+
 @dataclass(eq=False, repr=False)
 class QuantizedWeight(PackedWeight):
     qweight: torch.Tensor
@@ -106,13 +118,8 @@ class QuantizedWeight(PackedWeight):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this object stands for, [N, K] in logical column order."""
-        gidx = group_index(self.in_features, self.group_size, self.qweight.device)
-        s = self.scales.float()[:, gidx]
-        z = self.zeros()[:, gidx]
-        w = (self.codes() - z).float() * s
-        if self.perm is not None:
-            w = torch.empty_like(w).index_copy_(1, self.perm.long(), w)
-        return w.to(dtype)
+        return dequantize_codes(self.codes(), self.scales, self.zeros(), self.perm,
+                                self.group_size, dtype)
 
     # -- invariants ----------------------------------------------------------------
     def validate(self) -> "QuantizedWeight":

@@ -207,21 +207,30 @@ def layout_codes(qweight: QuantizedWeight) -> torch.Tensor:
     return wq
 
 
+def codes_from_layout(wq: torch.Tensor, bits: int, out_features: int,
+                      in_features: int) -> torch.Tensor:
+    """The inverse of ``layout_codes`` for row blocks of ``wq``: int64 codes
+    [rows, K] in stored column order (padding dropped); pure torch."""
+    nb, c = wq.shape[0], wq.shape[1]
+    lane = _fragment_codes(_lane_words(wq, bits), bits)                  # b c w lane kt r h
+    q = lane.reshape(nb, c, 8, 8, 4, 8, 2, 2, 2)                          # b c w g t kt ch rh h
+    q = q.permute(0, 2, 7, 3, 1, 5, 6, 4, 8).reshape(nb * BLOCK_ROWS, c * CHUNK)
+    return q[:out_features, :in_features]
+
+
 def packed_codes_from_layout(wq: torch.Tensor, bits: int, out_features: int,
                              in_features: int) -> torch.Tensor:
-    """The inverse of ``layout_codes``: the canonical bit stream int32
-    [N, ceil(K*bits/32)] (formats.packing), exact; pure torch, any device."""
+    """The canonical bit stream int32 [N, ceil(K*bits/32)] (formats.packing)
+    of a layout, exact; a slice of row blocks at a time."""
     nb, c = wq.shape[0], wq.shape[1]
     out = torch.empty(out_features, packed_words(in_features, bits), dtype=torch.int32,
                       device=wq.device)
     step = max(1, _RELAYOUT_WEIGHTS // (BLOCK_ROWS * c * CHUNK))
     for b0 in range(0, nb, step):
         b1 = min(nb, b0 + step)
-        lane = _fragment_codes(_lane_words(wq[b0:b1], bits), bits)        # b c w lane kt r h
-        q = lane.reshape(b1 - b0, c, 8, 8, 4, 8, 2, 2, 2)                  # b c w g t kt ch rh h
-        q = q.permute(0, 2, 7, 3, 1, 5, 6, 4, 8).reshape((b1 - b0) * BLOCK_ROWS, c * CHUNK)
         rows = min(out_features, b1 * BLOCK_ROWS) - b0 * BLOCK_ROWS
-        out[b0 * BLOCK_ROWS: b0 * BLOCK_ROWS + rows] = pack_bits(q[:rows, :in_features], bits)
+        codes = codes_from_layout(wq[b0:b1], bits, rows, in_features)
+        out[b0 * BLOCK_ROWS: b0 * BLOCK_ROWS + rows] = pack_bits(codes, bits)
     return out
 
 

@@ -9,10 +9,10 @@ A ``LaidOutWeight`` keeps the codes only in the kernel's order (``wq``, see
 ``cuda_weight_only``) plus the canonical scales, zeros and permutation,
 which are small: a layer costs its packed bytes once (plus the padding of
 its last row block and column chunk). The kernels read ``wq`` directly;
-anything that needs the canonical stream (a checkpoint, the torch
-reference, dequantize + cuBLAS without the layout dequantize kernel)
-rebuilds it exactly with ``canonical()``, which is slow, so such paths are
-for saving and fallbacks, not for every call.
+anything that needs the canonical stream (a checkpoint, dequantize +
+cuBLAS without the layout dequantize kernel) rebuilds it exactly with
+``canonical()``, which is slow, so such paths are for saving and
+fallbacks, not for every call; the torch reference decodes the layout.
 
 A weight is laid out once, e.g. on the CPU before the model moves to the
 GPU, so the GPU never holds both copies (``vlmkern.to_kernel_layout``).
@@ -25,11 +25,18 @@ from typing import ClassVar
 import torch
 
 from ..formats.base import FormatError, PackedWeight, check_finite, check_tensor
-from ..formats.groupwise import SCALE_DTYPES, QuantizedWeight, num_groups, zero_points
+from ..formats.groupwise import (
+    SCALE_DTYPES,
+    QuantizedWeight,
+    dequantize_codes,
+    num_groups,
+    zero_points,
+)
 from ..formats.packing import packed_words
 from .cuda_weight_only import (
     BLOCK_ROWS,
     CHUNK,
+    codes_from_layout,
     layout_codes,
     packed_codes_from_layout,
     unsupported_reason,
@@ -91,8 +98,13 @@ class LaidOutWeight(PackedWeight):
                                perm=self.perm, bits=self.bits, group_size=self.group_size,
                                in_features=self.in_features)
 
+    def codes(self) -> torch.Tensor:
+        """Integer codes, int64 [N, K], in stored column order."""
+        return codes_from_layout(self.wq, self.bits, self.out_features, self.in_features)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.canonical().dequantize(dtype)
+        return dequantize_codes(self.codes(), self.scales, self.zeros(), self.perm,
+                                self.group_size, dtype)
 
     def validate(self) -> "LaidOutWeight":
         why = unsupported_reason(self)
