@@ -69,8 +69,31 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return w.to(dtype)
 
 
+class GroupwiseViews:
+    """What a group-wise weight offers beyond its tensors, for any class with
+    ``scales``, ``qzeros``, ``perm``, ``bits``, ``group_size``,
+    ``in_features`` and a ``codes()`` method."""
+
+    @property
+    def sym(self) -> bool:
+        return self.qzeros is None
+
+    @property
+    def num_groups(self) -> int:
+        return num_groups(self.in_features, self.group_size)
+
+    def zeros(self) -> torch.Tensor:
+        """Zero points, int64 [N, G] (the implicit 2^(b-1) when symmetric)."""
+        return zero_points(self.qzeros, self.scales, self.bits)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight this object stands for, [N, K] in logical column order."""
+        return dequantize_codes(self.codes(), self.scales, self.zeros(), self.perm,
+                                self.group_size, dtype)
+
+
 @dataclass(eq=False, repr=False)
-class QuantizedWeight(PackedWeight):
+class QuantizedWeight(GroupwiseViews, PackedWeight):
     qweight: torch.Tensor
     scales: torch.Tensor
     qzeros: torch.Tensor | None
@@ -99,27 +122,9 @@ class QuantizedWeight(PackedWeight):
         obj.validate()
         return obj
 
-    # -- views ----------------------------------------------------------------
-    @property
-    def sym(self) -> bool:
-        return self.qzeros is None
-
-    @property
-    def num_groups(self) -> int:
-        return num_groups(self.in_features, self.group_size)
-
     def codes(self) -> torch.Tensor:
         """Integer codes, int64 [N, K], in stored column order."""
         return unpack_bits(self.qweight, self.bits, self.in_features)
-
-    def zeros(self) -> torch.Tensor:
-        """Zero points, int64 [N, G] (the implicit 2^(b-1) when symmetric)."""
-        return zero_points(self.qzeros, self.scales, self.bits)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight this object stands for, [N, K] in logical column order."""
-        return dequantize_codes(self.codes(), self.scales, self.zeros(), self.perm,
-                                self.group_size, dtype)
 
     # -- invariants ----------------------------------------------------------------
     def validate(self) -> "QuantizedWeight":

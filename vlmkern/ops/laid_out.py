@@ -25,13 +25,7 @@ from typing import ClassVar
 import torch
 
 from ..formats.base import FormatError, PackedWeight, check_finite, check_tensor
-from ..formats.groupwise import (
-    SCALE_DTYPES,
-    QuantizedWeight,
-    dequantize_codes,
-    num_groups,
-    zero_points,
-)
+from ..formats.groupwise import SCALE_DTYPES, GroupwiseViews, QuantizedWeight
 from ..formats.packing import packed_words
 from .cuda_weight_only import (
     BLOCK_ROWS,
@@ -44,7 +38,7 @@ from .cuda_weight_only import (
 
 
 @dataclass(eq=False, repr=False)
-class LaidOutWeight(PackedWeight):
+class LaidOutWeight(GroupwiseViews, PackedWeight):
     wq: torch.Tensor                # int32 [ceil(N/128), ceil(K/128), 8, 64*bits]
     scales: torch.Tensor            # as in QuantizedWeight
     qzeros: torch.Tensor | None
@@ -72,21 +66,9 @@ class LaidOutWeight(PackedWeight):
                    perm=qweight.perm, bits=qweight.bits, group_size=qweight.group_size,
                    in_features=qweight.in_features)
 
-    # -- the views QuantizedWeight offers -----------------------------------
     @property
     def out_features(self) -> int:
         return int(self.scales.shape[0])
-
-    @property
-    def sym(self) -> bool:
-        return self.qzeros is None
-
-    @property
-    def num_groups(self) -> int:
-        return num_groups(self.in_features, self.group_size)
-
-    def zeros(self) -> torch.Tensor:
-        return zero_points(self.qzeros, self.scales, self.bits)
 
     def packed_codes(self) -> torch.Tensor:
         """The canonical bit stream ``qweight`` (rebuilt exactly; slow)."""
@@ -101,10 +83,6 @@ class LaidOutWeight(PackedWeight):
     def codes(self) -> torch.Tensor:
         """Integer codes, int64 [N, K], in stored column order."""
         return codes_from_layout(self.wq, self.bits, self.out_features, self.in_features)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_codes(self.codes(), self.scales, self.zeros(), self.perm,
-                                self.group_size, dtype)
 
     def validate(self) -> "LaidOutWeight":
         why = unsupported_reason(self)
