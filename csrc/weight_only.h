@@ -99,6 +99,26 @@ int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, const int32
                               int act_dtype, int smem_a, int splits, float* partial,
                               void* stream);
 
+// The dense weight the exact decode stands for, from the layout alone
+// (csrc/weight_only_dequant_kernel.cu, every GPU from sm_80): for dequantize
+// + GEMM at large M when a layer keeps only this layout on the device.
+//
+//   wq, sz     the kernel layout above, for NB blocks and C chunks, made for
+//              act_dtype (sz holds 16-bit patterns of that type); 16-byte aligned.
+//   out        [N, K] of act_dtype (F16 or BF16), row-major, contiguous, at
+//              least 2-byte aligned; (NB-1)*128 < N <= NB*128 and
+//              (C-1)*128 < K <= C*128. Padding rows and columns of the layout
+//              are not written. Rows are written with 16-byte stores when
+//              K % 8 == 0 and out is 16-byte aligned, 2-byte stores otherwise.
+//   slot_log2  0..3, as the layout was made; NB*C at most 2^31 - 1.
+//
+// out[n, k] = s * (q - z) rounded once to act_dtype, bit for bit the A operand
+// of the exact decode. Returns a vlmkern_wo_status: BAD_SIZE for inconsistent
+// sizes, ALIGNMENT for a misaligned wq, sz or out.
+int vlmkern_weight_only_dequant(const int32_t* wq, const int32_t* sz, int64_t NB, int64_t C,
+                                int slot_log2, int bits, void* out, int64_t N, int64_t K,
+                                int act_dtype, void* stream);
+
 // Whether this build holds its sm_90a code: vlmkern_int_act_sm90_available
 // (int_act.h) answers for every kernel file, all built for the same
 // architectures.

@@ -1,8 +1,9 @@
 // Torch binding of the tensor-core weight-only matmul (weight_only.h):
 // argument checks with clear messages, output and workspace allocation, the
-// current stream, and registration as torch.ops.vlmkern.weight_only_mma and
-// torch.ops.vlmkern.weight_only_wgmma (the Hopper kernel, any M) with CUDA and
-// Meta implementations (the Meta one lets torch.compile trace it).
+// current stream, and registration as torch.ops.vlmkern.weight_only_mma,
+// torch.ops.vlmkern.weight_only_wgmma (the Hopper kernel, any M) and
+// torch.ops.vlmkern.weight_only_dequant (the dense weight from the layout) with
+// CUDA and Meta implementations (the Meta one lets torch.compile trace it).
 //
 // Like bindings.cpp, only device-generic torch headers are used, so the file
 // compiles against a CPU-only torch; this file adds to the vlmkern library that
@@ -186,6 +187,59 @@ at::Tensor weight_only_wgmma_meta(const at::Tensor& x, const at::Tensor& wq, con
   return at::empty({x.size(0), out_features}, x.options());
 }
 
+constexpr const char* kDqOp = "vlmkern.weight_only_dequant: ";
+
+// Checks of the layout and the requested weight, shared by the CUDA and Meta
+// implementations of weight_only_dequant.
+void check_dequant(const at::Tensor& wq, const at::Tensor& sz, int64_t bits, int64_t out_features,
+                   int64_t in_features, int64_t slot_log2, c10::ScalarType dtype) {
+  const char* op = kDqOp;
+  TORCH_CHECK(bits >= 2 && bits <= 4, op, "bits must be 2, 3 or 4, got ", bits);
+  TORCH_CHECK(slot_log2 >= 0 && slot_log2 <= 3, op, "slot_log2 must be in 0..3, got ", slot_log2);
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, op,
+              "dtype must be torch.float16 or torch.bfloat16 (the type sz was made for), got ", dtype);
+  TORCH_CHECK(wq.scalar_type() == at::kInt && sz.scalar_type() == at::kInt, op,
+              "wq and sz must be int32, got ", wq.scalar_type(), " and ", sz.scalar_type());
+  TORCH_CHECK(wq.dim() == 4, op, "wq must be 4-D [NB, C, 8, 64*bits], got shape ", shape_of(wq.sizes()));
+  const int64_t NB = wq.size(0), C = wq.size(1);
+  TORCH_CHECK(NB >= 1 && C >= 1, op, "wq must not be empty, got shape ", shape_of(wq.sizes()));
+  expect_shape(op, wq, "wq", "[NB, C, 8, 64*bits]", {NB, C, 8, 64 * bits});
+  expect_shape(op, sz, "sz", "[NB, C, 8, 8 >> slot_log2, 8, 2]", {NB, C, 8, 8 >> slot_log2, 8, 2});
+  TORCH_CHECK(sz.device() == wq.device(), op, "sz is on ", sz.device(), " but wq is on ", wq.device());
+  TORCH_CHECK(wq.is_contiguous(), op, "wq must be contiguous");
+  TORCH_CHECK(sz.is_contiguous(), op, "sz must be contiguous");
+  TORCH_CHECK(out_features > (NB - 1) * kBlockRows && out_features <= NB * kBlockRows, op,
+              "out_features=", out_features, " does not match wq's ", NB, " blocks of ", kBlockRows,
+              " rows");
+  TORCH_CHECK(in_features > (C - 1) * kChunk && in_features <= C * kChunk, op, "in_features=",
+              in_features, " does not match wq's ", C, " chunks of ", kChunk, " columns");
+  TORCH_CHECK(NB * C <= 0x7fffffff, op, "at most 2^31 - 1 units of 128x128 weights, got ", NB * C);
+}
+
+at::Tensor weight_only_dequant_cuda(const at::Tensor& wq, const at::Tensor& sz, int64_t bits,
+                                    int64_t out_features, int64_t in_features, int64_t slot_log2,
+                                    c10::ScalarType dtype) {
+  TORCH_CHECK(wq.is_cuda(), kDqOp, "wq must be a CUDA tensor, got ", wq.device());
+  check_dequant(wq, sz, bits, out_features, in_features, slot_log2, dtype);
+  c10::DeviceGuard guard(wq.device());
+  at::Tensor out = at::empty({out_features, in_features}, wq.options().dtype(dtype));
+  void* stream =
+      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(wq.device()).native_handle();
+  const int status = vlmkern_weight_only_dequant(
+      wq.data_ptr<int32_t>(), sz.data_ptr<int32_t>(), wq.size(0), wq.size(1),
+      static_cast<int>(slot_log2), static_cast<int>(bits), out.data_ptr(), out_features,
+      in_features, dtype_code(dtype), stream);
+  TORCH_CHECK(status == VLMKERN_WO_OK, kDqOp, vlmkern_wo_status_message(status));
+  return out;
+}
+
+at::Tensor weight_only_dequant_meta(const at::Tensor& wq, const at::Tensor& sz, int64_t bits,
+                                    int64_t out_features, int64_t in_features, int64_t slot_log2,
+                                    c10::ScalarType dtype) {
+  check_dequant(wq, sz, bits, out_features, in_features, slot_log2, dtype);
+  return at::empty({out_features, in_features}, wq.options().dtype(dtype));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
@@ -196,14 +250,19 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
   m.def(
       "weight_only_wgmma(Tensor x, Tensor wq, Tensor sz, Tensor? bias, int bits, "
       "int out_features, int slot_log2, bool smem_a=False, int splits=1) -> Tensor");
+  m.def(
+      "weight_only_dequant(Tensor wq, Tensor sz, int bits, int out_features, int in_features, "
+      "int slot_log2, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
   m.impl("weight_only_mma", &weight_only_mma_cuda);
   m.impl("weight_only_wgmma", &weight_only_wgmma_cuda);
+  m.impl("weight_only_dequant", &weight_only_dequant_cuda);
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, Meta, m) {
   m.impl("weight_only_mma", &weight_only_mma_meta);
   m.impl("weight_only_wgmma", &weight_only_wgmma_meta);
+  m.impl("weight_only_dequant", &weight_only_dequant_meta);
 }

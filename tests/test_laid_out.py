@@ -145,17 +145,21 @@ def test_a_laid_out_layer_keeps_its_weight_object_and_follows_dtype_rules():
 
 # -- on a GPU -----------------------------------------------------------------------
 @gpu
+@pytest.mark.parametrize("prefill", ["cuda.dequant_cublas", "cuda.dequant_layout_cublas"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_laid_out_layer_on_gpu_matches_the_canonical_layer(bits, dtype):
+def test_laid_out_layer_on_gpu_matches_the_canonical_layer(monkeypatch, prefill, bits, dtype):
+    monkeypatch.setenv("VLMKERN_ENABLE", prefill if "layout" in prefill else "")
     qw = make_weight(300, 520, bits, 128, False, scale_dtype=dtype, perm=True)
     bias = torch.randn(300)
     canonical = vlmkern.WeightOnlyLinear(qw, bias).cuda()
     laid = vlmkern.WeightOnlyLinear(qw, bias).to_kernel_layout().cuda()
     for m in (1, 16, 64, 100):
         x = torch.randn(m, 520, device="cuda", dtype=dtype)
+        kernel = vlmkern.ops.which_kernel(x, laid.quantized_weight)
+        assert kernel == ("cuda.weight_only_mma" if m <= 64 else prefill)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")         # M = 100 rebuilds the canonical stream
+            warnings.simplefilter("ignore")         # cuda.dequant_cublas rebuilds the stream
             assert same_bits(laid(x), canonical(x)), m
 
 
