@@ -30,12 +30,18 @@ from pathlib import Path
 import torch
 
 import vlmkern
-from vlmkern import IntActConfig, QuantConfig
+from vlmkern import BinaryConfig, IntActConfig, QuantConfig
 
-# label -> (config, codes held only in the CUDA kernel layout: vlmkern.to_kernel_layout)
+# label -> (plan for replace_linears, weight-only codes held only in the CUDA
+# kernel layout: vlmkern.to_kernel_layout). The LUQ-style row mixes precisions
+# by layer as LUQ does (binarized layers, the rest W4); which layers is
+# fixed here, since the weights are random.
 FORMATS = {"W4 g128": (QuantConfig(4, 128), False),
            "W4 g128 kernel layout": (QuantConfig(4, 128), True),
-           "W2 g128": (QuantConfig(2, 128), False), "W8A8": (IntActConfig(8, 8), False)}
+           "W2 g128": (QuantConfig(2, 128), False), "W8A8": (IntActConfig(8, 8), False),
+           "LUQ-style: binary even layers + W4 odd": (
+               {r"re:model\.layers\.\d*[02468]\..*": BinaryConfig(), "*": QuantConfig(4, 128)},
+               True)}
 
 
 def build_model(args, device):
@@ -162,7 +168,7 @@ def main(argv=None) -> int:
             try:
                 pre, dec = time_model(model, args, device)
                 rows.append(f"| {label} | {enable or 'default'} | {allocated_mib(device, before)} | "
-                            f"{pre:.2f} | {dec:.3f} | {base_dec / dec:.2f} |")
+                            f"{pre:.2f} | {dec:.3f} | {base_dec / dec if dec > 0 else float('nan'):.2f} |")
             except Exception as e:  # noqa: BLE001 -- a failing kernel is a result here, not a crash
                 rows.append(f"| {label} | {enable or 'default'} | | error: {type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120]} | | |")
