@@ -122,14 +122,17 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
    done) >"$out/profile_int_act_decode.log" 2>&1
   rc=$?; phase profile_int_act_decode $rc "$t"
   grep -E "^== M|quantize|gemm_kernel|Duration|Memory Throughput" "$out/profile_int_act_decode.log" | head -24
-  # the binary GEMV at decode size: plain and prefetching GEMM
+  # the binary GEMM at decode sizes, plain and prefetching: measured 0.77x of
+  # cuBLAS at M = 1 and 0.44x at M = 16 (time growing with M)
   t=$(date +%s)
-  (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --section SpeedOfLight --section WarpStateStats \
-    -k "regex:gemm_kernel" --launch-count 8 \
-    "$py" profile_linear.py --format binary --m 1 --enable cuda.binary_prefetch) \
-    >"$out/profile_binary.log" 2>&1
-  rc=$?; phase profile_binary $rc "$t"; grep -E "Duration|Memory Throughput" \
-    "$out/profile_binary.log" | head -8
+  (cd benchmarks && for m in 1 16; do
+     echo "== M = $m"
+     timeout "${PROFILE_S:-120}" ncu --section SpeedOfLight --section WarpStateStats \
+       --section ComputeWorkloadAnalysis -k "regex:stage_kernel|gemm_kernel|reduce_kernel" --launch-count 12 \
+       "$py" profile_linear.py --format binary --m $m --enable cuda.binary_prefetch
+   done) >"$out/profile_binary.log" 2>&1
+  rc=$?; phase profile_binary $rc "$t"; grep -E "^== M|_kernel|Duration|Memory Throughput|Issue Slots" \
+    "$out/profile_binary.log" | head -30
   # W4 at prefill size: the dequantize kernels in front of cuBLAS, general
   # (dequant_groupwise_kernel) then fast (dequant_fast_kernel), two launches
   # each, then the Hopper weight-only kernels (A in registers, in shared memory),
