@@ -14,6 +14,7 @@ GPU tests have passed on a GPU.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -81,7 +82,12 @@ _SM_CACHE: dict[int, tuple[int, int]] = {}
 
 def enabled_kernels() -> frozenset[str]:
     """Opt-in kernels named in VLMKERN_ENABLE."""
-    names = os.environ.get("VLMKERN_ENABLE", "")
+    return _parse_names(os.environ.get("VLMKERN_ENABLE", ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_names(names: str) -> frozenset[str]:
+    # read on every dispatch (once per opt-in kernel considered): parse each value once
     return frozenset(n.strip() for n in names.split(",") if n.strip())
 
 
