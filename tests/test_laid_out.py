@@ -143,6 +143,17 @@ def test_a_laid_out_layer_keeps_its_weight_object_and_follows_dtype_rules():
     assert layer.saved_tensor_names() == ["qweight", "qzeros", "scales"]
 
 
+def test_from_linear_takes_a_laid_out_weight():
+    torch.manual_seed(0)
+    linear = nn.Linear(200, 96)
+    qw = vlmkern.quantize_weight(linear.weight.detach(), QuantConfig(4, 64))
+    layer = vlmkern.QuantLinear.from_linear(linear, LaidOutWeight.from_quantized(qw))
+    assert isinstance(layer, vlmkern.WeightOnlyLinear) and layer.laid_out
+    x = torch.randn(3, 200)
+    assert torch.equal(layer(x), vlmkern.QuantLinear.from_linear(linear, qw)(x))
+    assert sorted(layer.state_dict()) == ["bias", "qweight", "qzeros", "scales"]
+
+
 # -- on a GPU -----------------------------------------------------------------------
 @gpu
 @pytest.mark.parametrize("prefill", ["cuda.dequant_cublas", "cuda.dequant_layout_cublas"])
@@ -180,3 +191,4 @@ def test_laid_out_layer_on_gpu_holds_its_codes_once():
     codes = 1024 * 2048 // 2
     assert sizes["canonical"] >= 2 * codes          # stream + the kernel's layout
     assert sizes["laid_out"] < 1.25 * codes         # the layout (+ scale words) only
+
