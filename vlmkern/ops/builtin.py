@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from . import (
     cuda_binary,
+    cuda_binary_lut,
     cuda_int_act,
     cuda_weight_only,
     cuda_weight_only_sm90,
@@ -120,3 +121,4 @@ cuda_weight_only_sm90.register(CUDA)
 # (csrc/binary_kernel.cu).
 cuda_int_act.register(CUDA)
 cuda_binary.register(CUDA)
+cuda_binary_lut.register(CUDA)      # decode sizes, opt-in, tried before the plane GEMMs

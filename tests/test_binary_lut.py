@@ -1,0 +1,121 @@
+"""Binary weights as a lookup-table GEMM (vlmkern.ops.cuda_binary_lut).
+
+On any machine: the layout decoded with the kernel's operations (shift,
+mask, multiply-add, byte permutes; ``emulate_dequantize``) reproduces the
+format's dequantized weight bit for bit, on awkward shapes, every stats dtype
+and a weight binarized from a real matrix; the kernel is registered opt-in.
+On a GPU with the extension built: the layer's output against the fp64
+product of the dequantized weight, through ``ops.linear``.
+"""
+import pytest
+import torch
+from test_cuda_binary import make_binary
+
+import vlmkern
+from vlmkern import BinaryConfig
+from vlmkern.ops import cuda_binary_lut as lut
+from vlmkern.ops.backends import BACKENDS
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+SHAPES = [(1, 8), (100, 131), (129, 264), (300, 520), (64, 128), (16, 1000)]
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("stats_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_layout_decodes_to_the_dequantized_weight(n, k, dtype, stats_dtype):
+    bw = make_binary(n, k, 128, salient=0.15, seed=n + k, stats_dtype=stats_dtype)
+    lw = lut.to_lut_layout(bw, dtype)
+    nb, c = -(-n // 128), -(-k // 128)
+    assert lw.codes.shape == (nb, c, 8, 128) and lw.tables.shape == (nb, c, 8, 8, 2, 4)
+    assert lw.merge.shape == (c, 32, 8)
+    assert same_bits(lut.emulate_dequantize(lw), bw.dequantize(dtype))
+
+
+@pytest.mark.parametrize("salient", [0.0, 1.0])
+def test_all_or_no_salient_columns(salient):
+    bw = make_binary(40, 200, 128, salient=salient, seed=3)
+    lw = lut.to_lut_layout(bw, torch.float16)
+    assert same_bits(lut.emulate_dequantize(lw), bw.dequantize(torch.float16))
+    if salient == 0.0:
+        assert bool((lw.merge == 0x32103210).all())
+
+
+def test_a_binarized_matrix_decodes_exactly():
+    torch.manual_seed(0)
+    bw = vlmkern.binarize(torch.randn(96, 384) * 0.02, BinaryConfig(block_size=128))
+    lw = lut.to_lut_layout(bw, torch.bfloat16)
+    assert same_bits(lut.emulate_dequantize(lw), bw.dequantize(torch.bfloat16))
+
+
+def test_table_values_are_the_dequantized_values():
+    bw = make_binary(8, 256, 128, salient=0.3, seed=1, stats_dtype=torch.float32)
+    sign, aux, sal = bw.planes()
+    values = lut.table_values(bw)                                   # [N, blocks, 8]
+    index = sign.long() + 2 * aux.long() + 4 * sal.long()
+    blk = torch.arange(256) // 128
+    picked = values[torch.arange(8).unsqueeze(1), blk, index]
+    assert torch.equal(picked, bw.dequantize(torch.float32))
+
+
+def test_unsupported_weights_and_dtypes_are_refused():
+    with pytest.raises(ValueError, match="block_size 64 unsupported"):
+        lut.to_lut_layout(make_binary(8, 128, 64), torch.float16)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        lut.to_lut_layout(make_binary(8, 128, 128), torch.float32)
+
+
+def test_registered_opt_in_ahead_of_the_plane_gemms():
+    from vlmkern.ops import builtin  # noqa: F401  (registers the backends)
+    names = [k.name for k in BACKENDS["cuda"].kernels if k.op == "binary"]
+    assert names[0] == "cuda.binary_lut" and "cuda.binary" in names
+    spec = BACKENDS["cuda"].kernels[[k.name for k in BACKENDS["cuda"].kernels].index("cuda.binary_lut")]
+    assert spec.opt_in and spec.max_m == lut.MAX_M
+
+
+def test_ksplit_depends_on_shape_and_device_only():
+    assert lut.choose_ksplit(row_blocks=296, chunks=28, multiprocessors=132) == 1
+    assert lut.choose_ksplit(row_blocks=36, chunks=28, multiprocessors=132) == 8
+    assert lut.choose_ksplit(row_blocks=1, chunks=3, multiprocessors=132) == 3
+
+
+# -- on a GPU --------------------------------------------------------------------------
+def _gpu_reason():
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    from vlmkern.ext import load_extension
+    module, reason = load_extension()
+    if module is None:
+        return f"vlmkern._C is not built: {reason}"
+    if not hasattr(torch.ops.vlmkern, "binary_lut_mma"):
+        return "vlmkern._C was built without csrc/binary_lut_kernel.cu"
+    return None
+
+
+_SKIP = _gpu_reason()
+gpu = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(300, 520), (3584, 3584), (129, 264)])
+def test_layer_matches_the_fp64_product(monkeypatch, dtype, n, k):
+    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.binary_lut")
+    bw = make_binary(n, k, 128, salient=0.1, seed=5, device="cuda")
+    bias = torch.randn(n, device="cuda")
+    w = bw.dequantize(dtype).double()
+    for m in (1, 3, 16, 17, 64):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        assert vlmkern.ops.which_kernel(x, bw) == "cuda.binary_lut"
+        y = vlmkern.ops.linear(x, bw, bias)
+        ref = x.double() @ w.T + bias.double()
+        # fp32 sums of exact products, then one rounding to dtype
+        tol = (x.double().abs() @ w.abs().T) * 2e-6 + ref.abs() * (2 ** -8 if dtype ==
+                                                                   torch.bfloat16 else 2 ** -11)
+        assert bool(((y.double() - ref).abs() <= tol + 1e-6).all()), m
+        assert torch.equal(vlmkern.ops.linear(x[:1], bw, bias), y[:1])   # batch invariance

@@ -1,0 +1,262 @@
+"""Binarized (BiLLM-style) weights as a lookup-table GEMM
+(csrc/binary_lut_kernel.cu, ``cuda.binary_lut``).
+
+Every weight of a row and 128-column block takes one of 8 values: for an
+ordinary column ``mu_t + alpha_t * s`` (t = the aux bit), for a salient one
+``mu1 + alpha1 * s + mu2 + alpha2 * a``; in both cases the index is
+``i = s + 2a`` of the weight's sign and aux bits (1 = set). So the kernel
+decodes a weight with byte permutes from a per-row table, like a 2-bit
+weight-only kernel, and runs one MMA per k16 step and 8 tokens, where the
+plane GEMM (``cuda.binary``) runs three per 4 tokens.
+
+Load-time layout (block size 128 = one chunk; rows padded to blocks of 128,
+columns to chunks of 128; tiles and lanes as in ``cuda_weight_only``: lane
+``4g + t`` holds A-fragment register ``r`` of k16 step ``kt``, the pair at
+row ``g + 8*(r % 2)``, columns ``16kt + 2t + 8*(r // 2) + (0, 1)``):
+
+* ``codes`` int32 [NB, C, 8, 128]: per tile [32 lanes][4 words]; word
+  ``kt // 2`` holds pair ``j = 4*(kt % 2) + r``: index ``i_0`` at bit
+  ``2*(j % 4) + 16*(j // 4)``, ``i_1`` 8 bits above. Then
+  ``sel = ((word >> shift) & 0x0303) * 0x22 + 0x1010`` is the PRMT selector
+  of the pair's two 16-bit table entries.
+* ``tables`` int32 [NB, C, 8, 8 g, 2 rh, 4]: for row ``g + 8*rh``: words 0-1
+  the ordinary table, entries 0..3 as 16-bit patterns of the activation
+  dtype (entry e in bytes 2e, 2e+1), words 2-3 the salient table. Each entry
+  is the format's ``dequantize()`` value (fp32, rounded once), so the kernel's
+  weights are the reference's bit for bit.
+* ``merge`` int32 [C, 32, 8]: per chunk and lane, word ``kt``: the PRMT
+  selector that takes each half of the pair from the ordinary (0x3210) or the
+  salient (+0x44 per half) result, for columns ``16kt + 2t + (0, 1)`` in the
+  low 16 bits and ``16kt + 8 + 2t + (0, 1)`` in the high 16. Salient flags
+  are per column, so one ``merge`` serves every row.
+
+The layout is as large as the format's planes and statistics and is cached
+beside the weight (not in its state), like the other kernels' layouts.
+``emulate_dequantize`` decodes it with the kernel's operations in torch.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..formats.binary import BinaryWeight
+from .cuda_weight_only import _lane_codes
+
+BLOCK = 128               # the only block size the layout takes: one chunk
+MAX_M = 64
+ACT_DTYPES = (torch.float16, torch.bfloat16)
+_IDENTITY = 0x3210        # PRMT selector: the first operand as it is
+_SALIENT_HALF = (0x0044, 0x4400)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def unsupported_reason(qweight: BinaryWeight) -> str | None:
+    if qweight.block_size != BLOCK:
+        return f"block_size {qweight.block_size} unsupported (the table layout takes {BLOCK})"
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class LutWeight:
+    """A binary weight in the lookup-table kernel's layout."""
+
+    codes: torch.Tensor     # int32 [NB, C, 8, 128]
+    tables: torch.Tensor    # int32 [NB, C, 8, 8, 2, 4]
+    merge: torch.Tensor     # int32 [C, 32, 8]
+    out_features: int
+    in_features: int
+    dtype: torch.dtype      # activation dtype of the table entries
+
+
+def table_values(qweight: BinaryWeight) -> torch.Tensor:
+    """The 8 values of every row and block in fp32, [N, blocks, 8]: entries
+    0..3 ordinary, 4..7 salient, index s + 2a; the same operations, in the
+    same order, as ``BinaryWeight.dequantize``."""
+    st = qweight.stats.float()
+    dev = st.device
+    s = torch.tensor([-1.0, 1.0, -1.0, 1.0], device=dev)            # sign of index e
+    a = torch.tensor([-1.0, -1.0, 1.0, 1.0], device=dev)            # aux of index e
+    outer = a > 0
+    mu = torch.where(outer, st[..., 6:7], st[..., 4:5])
+    alpha = torch.where(outer, st[..., 7:8], st[..., 5:6])
+    ordinary = mu + alpha * s
+    salient = st[..., 0:1] + st[..., 1:2] * s + st[..., 2:3] + st[..., 3:4] * a
+    return torch.cat([ordinary, salient], dim=-1)
+
+
+def _bits16(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return values.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def _as_int32(words: torch.Tensor) -> torch.Tensor:
+    return torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32)
+
+
+def to_lut_layout(qweight: BinaryWeight, dtype: torch.dtype) -> LutWeight:
+    """Re-lay a binary weight out for the kernel with tables in ``dtype``
+    (pure torch, any device)."""
+    why = unsupported_reason(qweight)
+    if why is not None:
+        raise ValueError(f"cuda.binary_lut: {why}")
+    if dtype not in ACT_DTYPES:
+        raise ValueError(f"cuda.binary_lut: activations must be float16 or bfloat16, got {dtype}")
+    n, k = qweight.shape
+    nb, c = _cdiv(n, BLOCK), _cdiv(k, BLOCK)
+    sign, aux, sal = qweight.planes()
+    index = sign.to(torch.int64) + 2 * aux.to(torch.int64)
+    index = torch.nn.functional.pad(index, (0, c * BLOCK - k, 0, nb * BLOCK - n))
+    lane = _lane_codes(index, nb, c).reshape(nb, c, 8, 32, 4, 2, 4, 2)   # ... lane v kt%2 r h
+    dev = index.device
+    shift = (2 * torch.arange(4, device=dev).view(1, 4, 1) + 16 * torch.arange(2, device=dev).view(2, 1, 1)
+             + 8 * torch.arange(2, device=dev).view(1, 1, 2))                # [kt%2, r, h]
+    codes = _as_int32((lane << shift).sum(dim=(-1, -2, -3))).reshape(nb, c, 8, 128)
+
+    values = _bits16(table_values(qweight), dtype)                         # [N, C, 8]
+    values = torch.nn.functional.pad(values, (0, 0, 0, 0, 0, nb * BLOCK - n))
+    values = values.reshape(nb, 8, 2, 8, c, 8).permute(0, 4, 1, 3, 2, 5)    # b c w g rh e
+    tables = _as_int32(values[..., 0::2] | (values[..., 1::2] << 16)).contiguous()
+
+    flags = torch.nn.functional.pad(sal.to(torch.int64), (0, c * BLOCK - k))
+    flags = flags.reshape(c, 8, 2, 4, 2)                                    # c kt ch t h
+    half = torch.tensor(_SALIENT_HALF, device=dev)
+    sel = _IDENTITY + (flags * half).sum(dim=-1)                            # c kt ch t
+    word = sel[:, :, 0] | (sel[:, :, 1] << 16)                              # c kt t
+    merge = word.permute(0, 2, 1).unsqueeze(1).expand(c, 8, 4, 8).reshape(c, 32, 8)
+    return LutWeight(codes, tables, _as_int32(merge).contiguous(), n, k, dtype)
+
+
+# -- the kernel's decode, emulated in torch ----------------------------------------------
+def _prmt(a: torch.Tensor, b: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """PTX prmt.b32 (default mode) on uint32 values held in int64: byte i of
+    the result is byte ``nibble_i(sel)`` of the 8 bytes {b:a}."""
+    out = torch.zeros_like(a)
+    for i in range(4):
+        nib = (sel >> (4 * i)) & 0x7
+        byte = torch.where(nib < 4, (a >> (8 * (nib & 3))) & 0xFF, (b >> (8 * (nib & 3))) & 0xFF)
+        out = out | (byte << (8 * i))
+    return out
+
+
+def emulate_dequantize(lw: LutWeight) -> torch.Tensor:
+    """The weight [N, K] in ``lw.dtype`` as the kernel's A fragments hold it,
+    decoded with its shifts, masks, multiply-add and byte permutes."""
+    nb, c = lw.codes.shape[0], lw.codes.shape[1]
+    words = lw.codes.to(torch.int64).reshape(nb, c, 8, 32, 4) & 0xFFFFFFFF     # b c w lane v
+    tab = lw.tables.to(torch.int64) & 0xFFFFFFFF                               # b c w g rh 4
+    tab = tab[:, :, :, torch.arange(32) // 4]                                 # b c w lane rh 4
+    merge = (lw.merge.to(torch.int64) & 0xFFFFFFFF).view(1, c, 1, 32, 8)      # . c . lane kt
+    regs = []
+    for kt in range(8):
+        for r in range(4):
+            j = 4 * (kt % 2) + r
+            code = (words[..., kt // 2] >> (2 * (j % 4) + 16 * (j // 4))) & 0x0303
+            sel = code * 0x22 + 0x1010
+            t = tab[..., r % 2, :]
+            ordinary = _prmt(t[..., 0], t[..., 1], sel)
+            salient = _prmt(t[..., 2], t[..., 3], sel)
+            pick = (merge[..., kt] >> (16 * (r // 2))) & 0xFFFF
+            regs.append(_prmt(ordinary, salient, pick))
+    pairs = torch.stack(regs, dim=-1).reshape(nb, c, 8, 32, 8, 4)             # b c w lane kt r
+    halves = torch.stack([pairs & 0xFFFF, pairs >> 16], dim=-1)                # ... r h
+    w = torch.where(halves >= 0x8000, halves - 0x10000, halves).to(torch.int16).view(lw.dtype)
+    w = w.reshape(nb, c, 8, 8, 4, 8, 2, 2, 2)                                 # b c w g t kt ch rh h
+    w = w.permute(0, 2, 7, 3, 1, 5, 6, 4, 8).reshape(nb * BLOCK, c * BLOCK)
+    return w[:lw.out_features, :lw.in_features]
+
+
+# -- cached layout and the op ----------------------------------------------------------
+_LAYOUTS: "weakref.WeakKeyDictionary[BinaryWeight, dict]" = weakref.WeakKeyDictionary()
+_SM_COUNT: dict[int, int] = {}
+
+
+def _version(qweight: BinaryWeight) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in qweight.tensors().values())
+
+
+def kernel_weight(qweight: BinaryWeight, dtype: torch.dtype) -> LutWeight:
+    """The weight in the kernel's layout for ``dtype``, made on first use and cached."""
+    per_weight = _LAYOUTS.setdefault(qweight, {})
+    key = (qweight.device, dtype)
+    version = _version(qweight)
+    hit = per_weight.get(key)
+    if hit is None or hit[0] != version:
+        hit = (version, to_lut_layout(qweight, dtype))
+        per_weight[key] = hit
+    return hit[1]
+
+
+def choose_ksplit(row_blocks: int, chunks: int, multiprocessors: int) -> int:
+    """K parts: enough thread blocks to fill every SM twice, at most one part
+    per chunk; from the weight's shape and the device only, never from M."""
+    return max(1, min(chunks, _cdiv(2 * multiprocessors, row_blocks)))
+
+
+def _multiprocessors(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def binary_lut(x: torch.Tensor, qweight: BinaryWeight,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias for a BinaryWeight of block size 128 on the table
+    kernel. x [M, K] float16/bfloat16 on a CUDA device, 1 <= M <= 64; bias [N]
+    or None -> [M, N] in x's dtype."""
+    from ..ext import load_extension
+
+    module, reason = load_extension()
+    if module is None:
+        raise RuntimeError(f"cuda.binary_lut needs the CUDA extension: {reason}")
+    if not hasattr(torch.ops.vlmkern, "binary_lut_mma"):
+        raise RuntimeError("cuda.binary_lut: the installed vlmkern._C was built without "
+                           "csrc/binary_lut_kernel.cu; rebuild the package")
+    if x.dim() != 2 or x.shape[1] != qweight.in_features:
+        raise ValueError(f"x must be [M, {qweight.in_features}], got {tuple(x.shape)}")
+    if x.dtype not in ACT_DTYPES:
+        raise TypeError(f"cuda.binary_lut: x must be float16 or bfloat16, got {x.dtype}")
+    if not x.is_cuda or x.device != qweight.device:
+        raise ValueError(f"cuda.binary_lut: x ({x.device}) and the weight ({qweight.device}) "
+                         f"must be on the same CUDA device")
+    why = unsupported_reason(qweight)
+    if why:
+        raise ValueError(f"cuda.binary_lut: {why}")
+    m = x.shape[0]
+    if m == 0:
+        return x.new_empty(0, qweight.out_features)
+    if m > MAX_M:
+        raise ValueError(f"cuda.binary_lut takes M <= {MAX_M}, got {m}")
+    lw = kernel_weight(qweight, x.dtype)
+    pad = -x.shape[1] % 8    # 16-byte rows; the kernel treats columns past K as zero
+    x = torch.nn.functional.pad(x, (0, pad)) if pad else x.contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    if bias is not None and (bias.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+                             or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    ksplit = choose_ksplit(lw.codes.shape[0], lw.codes.shape[1], _multiprocessors(x.device))
+    return torch.ops.vlmkern.binary_lut_mma(x, lw.codes, lw.tables, lw.merge, bias,
+                                            lw.out_features, ksplit)
+
+
+def _check(x: torch.Tensor, qweight) -> str | None:
+    why = unsupported_reason(qweight)
+    return None if why is None else f"cuda.binary_lut: {why}"
+
+
+def register(backend) -> None:
+    """Add the kernel to the CUDA backend ahead of the plane GEMMs, opt-in
+    (``VLMKERN_ENABLE=cuda.binary_lut``) until its GPU tests pass."""
+    from .backends import KernelSpec
+
+    if any(k.name == "cuda.binary_lut" for k in backend.kernels):
+        return
+    backend.register(KernelSpec("cuda.binary_lut", "binary", binary_lut, bits=frozenset({1}),
+                                dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}),
+                                min_m=1, max_m=MAX_M, min_sm=(8, 0), opt_in=True, check=_check))
+    backend.kernels.insert(0, backend.kernels.pop())
