@@ -57,14 +57,14 @@ if [ "${SANITIZE_S:-300}" -gt 0 ] && command -v compute-sanitizer >/dev/null; th
     --error-exitcode 9 "$py" -m pytest -q -p no:cacheprovider -k "sanitizer_smoke or fast_dequant_matches" \
     tests/test_cuda_weight_only.py tests/test_cuda_weight_only_sm90.py tests/test_cuda_int_act.py \
     tests/test_cuda_binary.py tests/test_ext.py tests/test_cuda_weight_only_dequant.py \
-    >"$out/sanitize_smoke.log" 2>&1
+    tests/test_cuda_binary_lut_kernel.py >"$out/sanitize_smoke.log" 2>&1
   rc=$?; phase memcheck_smoke $rc "$t"; grep -E "ERROR SUMMARY|passed|failed|skipped" \
     "$out/sanitize_smoke.log" | tail -3
   t=$(date +%s)
   timeout "${SANITIZE_S:-300}" compute-sanitizer --tool memcheck --error-exitcode 9 \
     "$py" -m pytest -q -p no:cacheprovider -k "not bad_input" \
     tests/test_cuda_weight_only.py tests/test_cuda_int_act.py tests/test_cuda_binary.py \
-    tests/test_cuda_weight_only_dequant.py >"$out/sanitize.log" 2>&1
+    tests/test_cuda_weight_only_dequant.py tests/test_cuda_binary_lut_kernel.py >"$out/sanitize.log" 2>&1
   rc=$?; phase memcheck $rc "$t"; grep -E "ERROR SUMMARY|passed|failed" "$out/sanitize.log" | tail -3
 fi
 
@@ -79,7 +79,7 @@ fi
 if [ "${DECODE_S:-240}" -gt 0 ]; then
   t=$(date +%s)
   (cd benchmarks && timeout "${DECODE_S:-240}" "$py" decode_model.py --out "$out" \
-    --enable "${DECODE_ENABLE:-cuda.weight_only_post_scale,cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem,cuda.dequant_fast_cublas,cuda.dequant_layout_cublas,cuda.int_act_wgmma}") \
+    --enable "${DECODE_ENABLE:-cuda.weight_only_post_scale,cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem,cuda.dequant_fast_cublas,cuda.dequant_layout_cublas,cuda.int_act_wgmma,cuda.binary_lut}") \
     >"$out/decode.log" 2>&1
   rc=$?; phase decode $rc "$t"; grep -E "^\|" "$out/decode.log" | tail -16
 fi
@@ -122,14 +122,15 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
    done) >"$out/profile_int_act_decode.log" 2>&1
   rc=$?; phase profile_int_act_decode $rc "$t"
   grep -E "^== M|quantize|gemm_kernel|Duration|Memory Throughput" "$out/profile_int_act_decode.log" | head -24
-  # the binary GEMM at decode sizes, plain and prefetching: measured 0.77x of
-  # cuBLAS at M = 1 and 0.44x at M = 16 (time growing with M)
+  # the binary GEMM at decode sizes, plain, prefetching and lookup-table:
+  # the plane GEMM measured 0.77x of cuBLAS at M = 1 and 0.44x at M = 16
   t=$(date +%s)
   (cd benchmarks && for m in 1 16; do
      echo "== M = $m"
      timeout "${PROFILE_S:-120}" ncu --section SpeedOfLight --section WarpStateStats \
-       --section ComputeWorkloadAnalysis -k "regex:stage_kernel|gemm_kernel|reduce_kernel" --launch-count 12 \
-       "$py" profile_linear.py --format binary --m $m --enable cuda.binary_prefetch
+       --section ComputeWorkloadAnalysis -k "regex:stage_kernel|gemm_kernel|reduce_kernel|lut" \
+       --launch-count 16 "$py" profile_linear.py --format binary --m $m \
+       --enable cuda.binary_prefetch,cuda.binary_lut
    done) >"$out/profile_binary.log" 2>&1
   rc=$?; phase profile_binary $rc "$t"; grep -E "^== M|_kernel|Duration|Memory Throughput|Issue Slots" \
     "$out/profile_binary.log" | head -30
