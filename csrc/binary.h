@@ -76,3 +76,70 @@ int vlmkern_binary_matmul(const void* x, int x_dtype, int64_t x_stride, const in
 #ifdef __cplusplus
 }
 #endif
+
+// ---------------------------------------------------------------------------
+// Lookup-table GEMM (binary_lut_kernel.cu), decode sizes M = 1..64.
+//
+// With block size 128, every weight of a row and 128-column block is one of 8
+// values: ordinary column  w = table_ord[i],  salient column  w = table_sal[i],
+// i = s + 2a of its sign and aux bits (1 = set). The load-time layout
+// (vlmkern/ops/cuda_binary_lut.py) stores, for NB = ceil(N/128) row blocks and
+// C = ceil(K/128) chunks, tiles (b, c, w) of rows b*128 + w*16 + 0..15 and
+// columns c*128 + 0..127, in the m16n8k16 A-fragment order (lane 4g + t,
+// register r of k16 step kt: rows g + 8*(r%2), columns 16kt + 2t + 8*(r/2) + h):
+//   codes   int32 [NB, C, 8, 128]: per tile [32 lanes][4 words]; word kt/2
+//           holds pair j = 4*(kt%2) + r, i_h at bit 2*(j%4) + 16*(j/4) + 8h.
+//   tables  int32 [NB, C, 8, 8, 2, 4]: (b, c, w, g, rh) is row g + 8*rh of the
+//           tile; words 0-1 the ordinary table, 2-3 the salient one, entry e
+//           the 16-bit pattern of the activation type in bytes 2e, 2e+1.
+//   merge   int32 [C, 32, 8]: per chunk, lane and kt, byte-permute selectors
+//           0x3210 + 0x44*f0 + 0x4400*f1 (f_h = 1: salient column) for columns
+//           16kt + 2t + {0,1} (low 16 bits) and 16kt + 8 + 2t + {0,1} (high).
+// Padding rows have zero tables, padding columns codes 0 and selector 0x3210.
+//
+// Only the CUDA error of this launcher's own failures is kept for
+// vlmkern_binary_lut_status_message; vlmkern_binary_status_message reports
+// the other launcher's (binary_kernel.cu keeps its error in a variable local
+// to that file).
+// ---------------------------------------------------------------------------
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Text for a status code of vlmkern_binary_lut_mma; for ERR_LAUNCH it names
+// the CUDA error of the last failed launch of this launcher on the calling thread.
+const char* vlmkern_binary_lut_status_message(int status);
+
+// fp32 elements of the workspace vlmkern_binary_lut_mma needs: ksplit * M * N
+// for ksplit > 1, 0 for ksplit == 1, -1 for invalid sizes.
+int64_t vlmkern_binary_lut_workspace_elems(int64_t M, int64_t N, int ksplit);
+
+// out[m, n] = sum_k x[m, k] * w[n, k] + bias[n], fp32 accumulation (one
+// tensor-core MMA per k16 step and 8 tokens), bias added in fp32, rounded once
+// to the activation type.
+//   x          [M, K_x] of act_dtype (F16 or BF16: the type the tables were
+//              made for), contiguous, 16-byte aligned; 1 <= M <= 64; K_x a
+//              multiple of 8 with (C-1)*128 < K_x <= C*128. Weight columns
+//              >= K_x meet zero activations (never read).
+//   codes, tables, merge   the layout above, contiguous, 16-byte aligned.
+//   bias       [N] of bias_dtype (F16, BF16 or F32) or null.
+//   out        [M, N] of act_dtype, contiguous; (NB-1)*128 < N <= NB*128.
+//   ksplit     1 <= ksplit <= min(C, 65535): K parts [C*s/ksplit, C*(s+1)/ksplit)
+//              computed by separate blocks; for ksplit > 1 their fp32 sums go
+//              to workspace [ksplit, M, N] and a second kernel adds them in
+//              part order. Results depend on ksplit, never on M: a token's
+//              output is the same alone and in any batch. The caller picks
+//              ksplit from the weight's shape and the device only.
+//   workspace  vlmkern_binary_lut_workspace_elems(M, N, ksplit) floats (may be
+//              null when ksplit == 1).
+// Returns a vlmkern_binary_status: BAD_DTYPE, BAD_SIZE (sizes, ksplit,
+// alignment), NULL_POINTER, LAUNCH, or OK once the kernels are enqueued on
+// `stream` (a cudaStream_t).
+int vlmkern_binary_lut_mma(const void* x, int64_t M, int64_t K_x, const int32_t* codes,
+                           const int32_t* tables, const int32_t* merge, int64_t NB, int64_t C,
+                           const void* bias, int bias_dtype, void* out, int64_t N, int ksplit,
+                           float* workspace, int act_dtype, void* stream);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,7 +1,9 @@
-// Torch binding of the binarized matmul (binary_kernel.cu): argument checks
-// with readable errors, output and scratch allocation, the current CUDA
-// stream, and registration as torch.ops.vlmkern.binary_matmul with a CUDA and
-// a Meta kernel (the Meta one only computes the shape, for torch.compile).
+// Torch binding of the binarized matmuls: argument checks with readable
+// errors, output and scratch allocation, the current CUDA stream, and
+// registration with a CUDA and a Meta kernel (the Meta one only checks and
+// computes the shape, for torch.compile) of
+//   torch.ops.vlmkern.binary_matmul   the plane GEMM (binary_kernel.cu)
+//   torch.ops.vlmkern.binary_lut_mma  the lookup-table GEMM (binary_lut_kernel.cu)
 //
 // Only device-generic torch headers are used, like bindings.cpp; the library
 // and its module init live there.
@@ -12,6 +14,8 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -139,14 +143,125 @@ at::Tensor binary_meta(const at::Tensor& x, const at::Tensor& salient, const at:
   return at::empty({M, N}, x.options());
 }
 
+// -- lookup-table GEMM ----------------------------------------------------------------------
+constexpr const char* kLutOp = "vlmkern.binary_lut_mma: ";
+constexpr int64_t kLutRows = 128;   // rows per layout block
+constexpr int64_t kLutChunk = 128;  // columns per layout chunk
+constexpr int64_t kLutMaxM = 64;
+
+void lut_shape(const at::Tensor& t, const char* name, const char* formula,
+               std::vector<int64_t> expected) {
+  TORCH_CHECK(t.sizes() == c10::IntArrayRef(expected), kLutOp, name, " must have shape ", formula,
+              " = ", dims(expected), ", got ", dims(t.sizes()));
+}
+
+void lut_layout_tensor(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, kLutOp, name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), kLutOp, name, " is on ", t.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(t.is_contiguous(), kLutOp, name, " must be contiguous");
+}
+
+// Checks shared by the CUDA and Meta implementations.
+void check_lut_inputs(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables,
+                      const at::Tensor& merge, const std::optional<at::Tensor>& bias,
+                      int64_t out_features, int64_t ksplit) {
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, kLutOp,
+              "x must be float16 or bfloat16 (the type the tables were made for), got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, kLutOp, "x must be 2-D [M, K_x], got shape ", dims(x.sizes()));
+  TORCH_CHECK(x.is_contiguous(), kLutOp, "x must be contiguous");
+  TORCH_CHECK(x.size(0) <= kLutMaxM, kLutOp, "M (rows of x) must be at most ", kLutMaxM, ", got ",
+              x.size(0));
+  TORCH_CHECK(x.size(1) % 8 == 0, kLutOp,
+              "x's row length must be a multiple of 8 (pad with zero columns), got ", x.size(1));
+  TORCH_CHECK(codes.dim() == 4, kLutOp, "codes must be 4-D [NB, C, 8, 128], got shape ",
+              dims(codes.sizes()));
+  const int64_t NB = codes.size(0), C = codes.size(1);
+  TORCH_CHECK(NB >= 1 && C >= 1, kLutOp, "codes must not be empty, got shape ", dims(codes.sizes()));
+  lut_layout_tensor(codes, "codes", x);
+  lut_layout_tensor(tables, "tables", x);
+  lut_layout_tensor(merge, "merge", x);
+  lut_shape(codes, "codes", "[NB, C, 8, 128]", {NB, C, 8, 128});
+  lut_shape(tables, "tables", "[NB, C, 8, 8, 2, 4]", {NB, C, 8, 8, 2, 4});
+  lut_shape(merge, "merge", "[C, 32, 8]", {C, 32, 8});
+  TORCH_CHECK(out_features > (NB - 1) * kLutRows && out_features <= NB * kLutRows, kLutOp,
+              "out_features=", out_features, " does not match the layout's ", NB, " blocks of ",
+              kLutRows, " rows");
+  TORCH_CHECK(x.size(1) > (C - 1) * kLutChunk && x.size(1) <= C * kLutChunk, kLutOp, "x has ",
+              x.size(1), " columns but the layout has ", C, " chunks of ", kLutChunk,
+              " (in_features padded to a multiple of 8)");
+  TORCH_CHECK(ksplit >= 1 && ksplit <= std::min<int64_t>(C, 65535), kLutOp, "ksplit must be in 1..",
+              std::min<int64_t>(C, 65535), " (at most one part per chunk of 128 columns), got ",
+              ksplit);
+  TORCH_CHECK(NB <= 0x7fffffff / kLutRows && C <= 0x7fffffff / kLutChunk, kLutOp,
+              "the layout is too large: ", NB, " row blocks, ", C, " chunks");
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(dtype_code(b.scalar_type()) >= 0, kLutOp,
+                "bias must be float16, bfloat16 or float32, got ", b.scalar_type());
+    lut_shape(b, "bias", "[out_features]", {out_features});
+    TORCH_CHECK(b.device() == x.device(), kLutOp, "bias is on ", b.device(), " but x is on ",
+                x.device());
+    TORCH_CHECK(b.is_contiguous(), kLutOp, "bias must be contiguous");
+  }
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+at::Tensor binary_lut_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables,
+                           const at::Tensor& merge, const std::optional<at::Tensor>& bias,
+                           int64_t out_features, int64_t ksplit) {
+  TORCH_CHECK(x.is_cuda(), kLutOp, "x must be a CUDA tensor, got ", x.device());
+  check_lut_inputs(x, codes, tables, merge, bias, out_features, ksplit);
+  const int64_t M = x.size(0);
+  c10::DeviceGuard guard(x.device());
+  at::Tensor out = at::empty({M, out_features}, x.options());
+  if (M == 0) return out;
+  TORCH_CHECK(aligned16(x), kLutOp, "x must be 16-byte aligned (a view at an odd offset? clone it)");
+  TORCH_CHECK(aligned16(codes) && aligned16(tables) && aligned16(merge), kLutOp,
+              "codes, tables and merge must be 16-byte aligned");
+  const int64_t elems = vlmkern_binary_lut_workspace_elems(M, out_features, static_cast<int>(ksplit));
+  TORCH_CHECK(elems >= 0, kLutOp, "invalid sizes for the workspace");
+  at::Tensor workspace;
+  if (elems > 0) workspace = at::empty({elems}, x.options().dtype(at::kFloat));
+  void* stream =
+      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+  const int status = vlmkern_binary_lut_mma(
+      x.data_ptr(), M, x.size(1), codes.data_ptr<int32_t>(), tables.data_ptr<int32_t>(),
+      merge.data_ptr<int32_t>(), codes.size(0), codes.size(1),
+      bias.has_value() ? bias->data_ptr() : nullptr,
+      bias.has_value() ? dtype_code(bias->scalar_type()) : VLMKERN_BINARY_F32, out.data_ptr(),
+      out_features, static_cast<int>(ksplit), elems > 0 ? workspace.data_ptr<float>() : nullptr,
+      dtype_code(x.scalar_type()), stream);
+  TORCH_CHECK(status == VLMKERN_BINARY_OK, kLutOp, vlmkern_binary_lut_status_message(status));
+  return out;
+}
+
+at::Tensor binary_lut_meta(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables,
+                           const at::Tensor& merge, const std::optional<at::Tensor>& bias,
+                           int64_t out_features, int64_t ksplit) {
+  check_lut_inputs(x, codes, tables, merge, bias, out_features, ksplit);
+  return at::empty({x.size(0), out_features}, x.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
   m.def(
       "binary_matmul(Tensor x, Tensor salient, Tensor sign, Tensor aux, Tensor stats, "
       "Tensor? bias, int in_features, int block_size, int ksplit, bool prefetch=False) -> Tensor");
+  m.def(
+      "binary_lut_mma(Tensor x, Tensor codes, Tensor tables, Tensor merge, Tensor? bias, "
+      "int out_features, int ksplit) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) { m.impl("binary_matmul", &binary_cuda); }
+TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
+  m.impl("binary_matmul", &binary_cuda);
+  m.impl("binary_lut_mma", &binary_lut_cuda);
+}
 
-TORCH_LIBRARY_IMPL(vlmkern, Meta, m) { m.impl("binary_matmul", &binary_meta); }
+TORCH_LIBRARY_IMPL(vlmkern, Meta, m) {
+  m.impl("binary_matmul", &binary_meta);
+  m.impl("binary_lut_mma", &binary_lut_meta);
+}
