@@ -407,3 +407,22 @@ def test_quantized_layers_trace_whole_under_torch_compile(monkeypatch):
     for m in (3, 5):
         x = torch.randn(m, 128)
         torch.testing.assert_close(compiled(x), layers(x), rtol=1e-5, atol=1e-5)
+
+
+def test_layout_cache_rebuilds_after_an_in_place_change_and_forgets_dead_weights():
+    import gc
+
+    from vlmkern.ops.layout_cache import LayoutCache
+    cache, made = LayoutCache(), []
+    qw = vlmkern.quantize_weight(torch.randn(8, 64), QuantConfig(4, 32))
+
+    def make():
+        made.append(1)
+        return len(made)
+    assert cache.get(qw, "fp16", make) == 1 and cache.get(qw, "fp16", make) == 1
+    assert cache.get(qw, "bf16", make) == 2                 # another key, another layout
+    qw.scales.mul_(2)                                       # load_state_dict-style update
+    assert cache.get(qw, "fp16", make) == 3
+    del qw
+    gc.collect()
+    assert len(cache._layouts) == 0

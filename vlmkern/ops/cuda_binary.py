@@ -20,12 +20,12 @@ in any batch.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
 
 from ..formats.binary import BinaryWeight
+from .layout_cache import LayoutCache, multiprocessors
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 ROWS_PER_BLOCK = 64          # 4 warps x 16 rows (kRowsPerCta in the kernel)
@@ -74,33 +74,17 @@ class KernelPlanes:
     ksplit: int
 
 
-_LAYOUTS: "weakref.WeakKeyDictionary[BinaryWeight, dict]" = weakref.WeakKeyDictionary()
-_SM_COUNT: dict[int, int] = {}
-
-
-def _multiprocessors(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
-def _version(qweight: BinaryWeight) -> tuple:
-    return tuple((t.data_ptr(), t._version) for t in qweight.tensors().values())
+_LAYOUTS = LayoutCache()
 
 
 def kernel_planes(qweight: BinaryWeight) -> KernelPlanes:
-    per_weight = _LAYOUTS.setdefault(qweight, {})
-    device = qweight.sign.device
-    version = _version(qweight)
-    hit = per_weight.get(device)
-    if hit is None or hit[0] != version:
+    """The planes as the kernel reads them and the K split, made on first use and cached."""
+    def make() -> KernelPlanes:
         sign, aux = padded_planes(qweight)
         n, k = qweight.shape
-        split = choose_ksplit(n, k, qweight.block_size, _multiprocessors(device))
-        hit = (version, KernelPlanes(sign, aux, split))
-        per_weight[device] = hit
-    return hit[1]
+        return KernelPlanes(sign, aux, choose_ksplit(n, k, qweight.block_size,
+                                                     multiprocessors(qweight.device)))
+    return _LAYOUTS.get(qweight, qweight.device, make)
 
 
 def binary_matmul(x: torch.Tensor, qweight: BinaryWeight,

@@ -36,13 +36,13 @@ beside the weight (not in its state), like the other kernels' layouts.
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 
 from ..formats.binary import BinaryWeight
 from .cuda_weight_only import _lane_codes
+from .layout_cache import LayoutCache, multiprocessors
 
 BLOCK = 128               # the only block size the layout takes: one chunk
 MAX_M = 64
@@ -170,37 +170,18 @@ def emulate_dequantize(lw: LutWeight) -> torch.Tensor:
 
 
 # -- cached layout and the op ----------------------------------------------------------
-_LAYOUTS: "weakref.WeakKeyDictionary[BinaryWeight, dict]" = weakref.WeakKeyDictionary()
-_SM_COUNT: dict[int, int] = {}
-
-
-def _version(qweight: BinaryWeight) -> tuple:
-    return tuple((t.data_ptr(), t._version) for t in qweight.tensors().values())
+_LAYOUTS = LayoutCache()
 
 
 def kernel_weight(qweight: BinaryWeight, dtype: torch.dtype) -> LutWeight:
     """The weight in the kernel's layout for ``dtype``, made on first use and cached."""
-    per_weight = _LAYOUTS.setdefault(qweight, {})
-    key = (qweight.device, dtype)
-    version = _version(qweight)
-    hit = per_weight.get(key)
-    if hit is None or hit[0] != version:
-        hit = (version, to_lut_layout(qweight, dtype))
-        per_weight[key] = hit
-    return hit[1]
+    return _LAYOUTS.get(qweight, (qweight.device, dtype), lambda: to_lut_layout(qweight, dtype))
 
 
 def choose_ksplit(row_blocks: int, chunks: int, multiprocessors: int) -> int:
     """K parts: enough thread blocks to fill every SM twice, at most one part
     per chunk; from the weight's shape and the device only, never from M."""
     return max(1, min(chunks, _cdiv(2 * multiprocessors, row_blocks)))
-
-
-def _multiprocessors(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def binary_lut(x: torch.Tensor, qweight: BinaryWeight,
@@ -239,7 +220,7 @@ def binary_lut(x: torch.Tensor, qweight: BinaryWeight,
     if bias is not None and (bias.dtype not in (torch.float16, torch.bfloat16, torch.float32)
                              or not bias.is_contiguous()):
         bias = bias.float().contiguous()
-    ksplit = choose_ksplit(lw.codes.shape[0], lw.codes.shape[1], _multiprocessors(x.device))
+    ksplit = choose_ksplit(lw.codes.shape[0], lw.codes.shape[1], multiprocessors(x.device))
     return torch.ops.vlmkern.binary_lut_mma(x, lw.codes, lw.tables, lw.merge, bias,
                                             lw.out_features, ksplit)
 

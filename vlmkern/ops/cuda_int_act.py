@@ -36,13 +36,14 @@ holding ``9.0a``; ``sm90_available`` probes it).
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 
 from ..formats.intact import IntActWeight, qmax
 from ..formats.packing import pack_int4_pairs
+from .backends import device_sm
+from .layout_cache import LayoutCache
 
 MODE_I8, MODE_I4, MODE_I4W8 = 0, 1, 2
 K_STEP = {MODE_I8: 32, MODE_I4: 64, MODE_I4W8: 32}
@@ -130,31 +131,12 @@ def to_kernel_weight(qweight: IntActWeight, mode: int) -> KernelWeight:
 
 
 # -- cache: one layout per weight, device and mode -------------------------------------
-_LAYOUTS: "weakref.WeakKeyDictionary[IntActWeight, dict]" = weakref.WeakKeyDictionary()
-_SM: dict[int, tuple[int, int]] = {}
-
-
-def _version(qweight: IntActWeight) -> tuple:
-    # In-place updates of the weight's tensors (load_state_dict) invalidate the layout.
-    return tuple((t.data_ptr(), t._version) for t in qweight.tensors().values())
-
-
-def _device_sm(device: torch.device) -> tuple[int, int]:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM:
-        _SM[idx] = torch.cuda.get_device_capability(idx)
-    return _SM[idx]
+_LAYOUTS = LayoutCache()
 
 
 def kernel_weight(qweight: IntActWeight, mode: int) -> KernelWeight:
-    per_weight = _LAYOUTS.setdefault(qweight, {})
-    key = (qweight.qweight.device, mode)
-    version = _version(qweight)
-    hit = per_weight.get(key)
-    if hit is None or hit[0] != version:
-        hit = (version, to_kernel_weight(qweight, mode))
-        per_weight[key] = hit
-    return hit[1]
+    """The weight in the layout of ``mode``, made on first use and cached."""
+    return _LAYOUTS.get(qweight, (qweight.device, mode), lambda: to_kernel_weight(qweight, mode))
 
 
 # -- limits -------------------------------------------------------------------------
@@ -241,7 +223,7 @@ def int_act_matmul(x: torch.Tensor, qweight: IntActWeight, bias: torch.Tensor | 
         bias = bias.contiguous()
     if x.stride(1) != 1:
         x = x.contiguous()
-    sm = _device_sm(x.device)
+    sm = device_sm(x.device)
     kw = kernel_weight(qweight, kernel_mode(qweight.w_bits, qweight.a_bits, sm))
     if path == "wgmma":
         why = _wgmma_reason(kw.mode, x.device)
@@ -276,7 +258,7 @@ def int_act_wgmma(x: torch.Tensor, qweight: IntActWeight,
 def _check_wgmma(x: torch.Tensor, qweight) -> str | None:
     why = _check(x, qweight)
     if why is None and x.is_cuda:
-        why = _wgmma_reason(kernel_mode(qweight.w_bits, qweight.a_bits, _device_sm(x.device)),
+        why = _wgmma_reason(kernel_mode(qweight.w_bits, qweight.a_bits, device_sm(x.device)),
                             x.device)
         why = None if why is None else f"cuda.int_act_wgmma: {why}"
     return why

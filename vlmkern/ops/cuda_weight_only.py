@@ -51,13 +51,13 @@ row's result is the same bit for bit in any batch of 1..64 rows.
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 
 from ..formats.groupwise import QuantizedWeight
 from ..formats.packing import pack_bits, packed_words, unpack_bits
+from .layout_cache import LayoutCache, multiprocessors
 
 BLOCK_ROWS = 128          # output rows per unit: 8 warps x 16
 CHUNK = 128               # input columns per unit
@@ -404,26 +404,13 @@ def stream_k_parts(units: int, ctas: int, chunks: int) -> list[list[tuple[int, i
 
 
 # -- the cached layout, per weight, device and activation dtype ------------------------
-_LAYOUTS: "weakref.WeakKeyDictionary[QuantizedWeight, dict]" = weakref.WeakKeyDictionary()
+_LAYOUTS = LayoutCache()
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
-_SM_COUNT: dict[int, int] = {}
-
-
-def _version(qweight: QuantizedWeight) -> tuple:
-    # In-place updates of the weight's tensors (load_state_dict) invalidate the layout.
-    return tuple((t.data_ptr(), t._version) for t in qweight.tensors().values() if t is not None)
 
 
 def kernel_weight(qweight: QuantizedWeight, dtype: torch.dtype) -> MmaWeight:
     """The weight in the kernel's layout, made on first use and cached."""
-    per_weight = _LAYOUTS.setdefault(qweight, {})
-    key = (qweight.device, dtype)
-    version = _version(qweight)
-    hit = per_weight.get(key)
-    if hit is None or hit[0] != version:
-        hit = (version, to_mma_layout(qweight, dtype))
-        per_weight[key] = hit
-    return hit[1]
+    return _LAYOUTS.get(qweight, (qweight.device, dtype), lambda: to_mma_layout(qweight, dtype))
 
 
 def _counters(device: torch.device, blocks: int) -> torch.Tensor:
@@ -437,13 +424,6 @@ def _counters(device: torch.device, blocks: int) -> torch.Tensor:
         buf = torch.zeros(max(blocks, 1024), dtype=torch.int32, device=device)
         _COUNTERS[key] = buf
     return buf
-
-
-def _multiprocessors(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def kernel_inputs(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None):
@@ -489,7 +469,7 @@ def weight_only_mma(x: torch.Tensor, qweight: QuantizedWeight,
         raise ValueError(f"cuda.weight_only_mma with decode={decode!r} takes M <= {max_m}, got {m}")
     mw = kernel_weight(qweight, x.dtype)
     x, bias = kernel_inputs(x, qweight, bias)
-    ctas = num_ctas_for(mw.blocks * mw.chunks, _multiprocessors(x.device))
+    ctas = num_ctas_for(mw.blocks * mw.chunks, multiprocessors(x.device))
     return torch.ops.vlmkern.weight_only_mma(x, mw.wq, mw.sz, bias, _counters(x.device, mw.blocks),
                                              mw.bits, mw.out_features, mw.slot_log2, ctas,
                                              DECODES[decode])

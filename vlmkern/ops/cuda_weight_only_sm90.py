@@ -37,11 +37,11 @@ from .cuda_int_act import sm90_available as build_has_sm90a
 from .cuda_weight_only import (
     ACT_DTYPES,
     SUPPORTED_BITS,
-    _multiprocessors,
     kernel_inputs,
     kernel_weight,
     unsupported_reason,
 )
+from .layout_cache import multiprocessors
 
 MIN_M = 17                # decode sizes stay with the mma.sync kernel's lean decodes
 TOKENS_SMALL, TOKENS = 64, 128   # token tile for M <= 64, and above
@@ -90,7 +90,7 @@ def weight_only_wgmma(x: torch.Tensor, qweight: QuantizedWeight,
         return x.new_empty(0, qweight.out_features)
     mw = kernel_weight(qweight, x.dtype)
     if splits is None:
-        splits = splits_for(x.shape[0], mw.out_features, mw.chunks, _multiprocessors(x.device))
+        splits = splits_for(x.shape[0], mw.out_features, mw.chunks, multiprocessors(x.device))
     x, bias = kernel_inputs(x, qweight, bias)
     return torch.ops.vlmkern.weight_only_wgmma(x, mw.wq, mw.sz, bias, mw.bits, mw.out_features,
                                                mw.slot_log2, bool(smem_a), int(splits))
