@@ -10,6 +10,7 @@ product of the dequantized weight, through ``ops.linear``.
 import pytest
 import torch
 from test_cuda_binary import make_binary
+from test_cuda_binary_lut_kernel import gpu
 
 import vlmkern
 from vlmkern import BinaryConfig
@@ -84,22 +85,6 @@ def test_ksplit_depends_on_shape_and_device_only():
 
 
 # -- on a GPU --------------------------------------------------------------------------
-def _gpu_reason():
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU"
-    from vlmkern.ext import load_extension
-    module, reason = load_extension()
-    if module is None:
-        return f"vlmkern._C is not built: {reason}"
-    if not hasattr(torch.ops.vlmkern, "binary_lut_mma"):
-        return "vlmkern._C was built without csrc/binary_lut_kernel.cu"
-    return None
-
-
-_SKIP = _gpu_reason()
-gpu = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
-
-
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
