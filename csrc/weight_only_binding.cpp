@@ -57,17 +57,11 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Checks of x, the layout and bias, shared by both ops (`op` names the op in
 // messages) and by their CUDA and Meta implementations.
-void check_layout(const char* op, const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
-                  const std::optional<at::Tensor>& bias, int64_t bits, int64_t out_features,
-                  int64_t slot_log2) {
+// The layout tensors (dtypes and shapes) and the integers that describe them.
+void check_wq_sz(const char* op, const at::Tensor& wq, const at::Tensor& sz, int64_t bits,
+                 int64_t slot_log2) {
   TORCH_CHECK(bits >= 2 && bits <= 4, op, "bits must be 2, 3 or 4, got ", bits);
   TORCH_CHECK(slot_log2 >= 0 && slot_log2 <= 3, op, "slot_log2 must be in 0..3, got ", slot_log2);
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
-              "x must be float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, op, "x must be 2-D [M, K], got shape ", shape_of(x.sizes()));
-  TORCH_CHECK(x.is_contiguous(), op, "x must be contiguous");
-  TORCH_CHECK(x.size(1) % 8 == 0, op, "x's row length must be a multiple of 8 (pad with zeros), got ",
-              x.size(1));
   TORCH_CHECK(wq.scalar_type() == at::kInt && sz.scalar_type() == at::kInt, op,
               "wq and sz must be int32, got ", wq.scalar_type(), " and ", sz.scalar_type());
   TORCH_CHECK(wq.dim() == 4, op, "wq must be 4-D [NB, C, 8, 64*bits], got shape ", shape_of(wq.sizes()));
@@ -75,6 +69,19 @@ void check_layout(const char* op, const at::Tensor& x, const at::Tensor& wq, con
   TORCH_CHECK(NB >= 1 && C >= 1, op, "wq must not be empty, got shape ", shape_of(wq.sizes()));
   expect_shape(op, wq, "wq", "[NB, C, 8, 64*bits]", {NB, C, 8, 64 * bits});
   expect_shape(op, sz, "sz", "[NB, C, 8, 8 >> slot_log2, 8, 2]", {NB, C, 8, 8 >> slot_log2, 8, 2});
+}
+
+void check_layout(const char* op, const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
+                  const std::optional<at::Tensor>& bias, int64_t bits, int64_t out_features,
+                  int64_t slot_log2) {
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              "x must be float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, op, "x must be 2-D [M, K], got shape ", shape_of(x.sizes()));
+  TORCH_CHECK(x.is_contiguous(), op, "x must be contiguous");
+  TORCH_CHECK(x.size(1) % 8 == 0, op, "x's row length must be a multiple of 8 (pad with zeros), got ",
+              x.size(1));
+  check_wq_sz(op, wq, sz, bits, slot_log2);
+  const int64_t NB = wq.size(0), C = wq.size(1);
   expect_common(op, wq, "wq", x);
   expect_common(op, sz, "sz", x);
   TORCH_CHECK(out_features > (NB - 1) * kBlockRows && out_features <= NB * kBlockRows, op,
@@ -194,17 +201,10 @@ constexpr const char* kDqOp = "vlmkern.weight_only_dequant: ";
 void check_dequant(const at::Tensor& wq, const at::Tensor& sz, int64_t bits, int64_t out_features,
                    int64_t in_features, int64_t slot_log2, c10::ScalarType dtype) {
   const char* op = kDqOp;
-  TORCH_CHECK(bits >= 2 && bits <= 4, op, "bits must be 2, 3 or 4, got ", bits);
-  TORCH_CHECK(slot_log2 >= 0 && slot_log2 <= 3, op, "slot_log2 must be in 0..3, got ", slot_log2);
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, op,
               "dtype must be torch.float16 or torch.bfloat16 (the type sz was made for), got ", dtype);
-  TORCH_CHECK(wq.scalar_type() == at::kInt && sz.scalar_type() == at::kInt, op,
-              "wq and sz must be int32, got ", wq.scalar_type(), " and ", sz.scalar_type());
-  TORCH_CHECK(wq.dim() == 4, op, "wq must be 4-D [NB, C, 8, 64*bits], got shape ", shape_of(wq.sizes()));
+  check_wq_sz(op, wq, sz, bits, slot_log2);
   const int64_t NB = wq.size(0), C = wq.size(1);
-  TORCH_CHECK(NB >= 1 && C >= 1, op, "wq must not be empty, got shape ", shape_of(wq.sizes()));
-  expect_shape(op, wq, "wq", "[NB, C, 8, 64*bits]", {NB, C, 8, 64 * bits});
-  expect_shape(op, sz, "sz", "[NB, C, 8, 8 >> slot_log2, 8, 2]", {NB, C, 8, 8 >> slot_log2, 8, 2});
   TORCH_CHECK(sz.device() == wq.device(), op, "sz is on ", sz.device(), " but wq is on ", wq.device());
   TORCH_CHECK(wq.is_contiguous(), op, "wq must be contiguous");
   TORCH_CHECK(sz.is_contiguous(), op, "sz must be contiguous");
