@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats.binary import BinaryWeight
-from .cuda_weight_only import _lane_codes
+from .cuda_weight_only import _lane_codes, aligned_inputs
 from .layout_cache import LayoutCache, multiprocessors
 
 BLOCK = 128               # the only block size the layout takes: one chunk
@@ -213,13 +213,7 @@ def binary_lut(x: torch.Tensor, qweight: BinaryWeight,
     if m > MAX_M:
         raise ValueError(f"cuda.binary_lut takes M <= {MAX_M}, got {m}")
     lw = kernel_weight(qweight, x.dtype)
-    pad = -x.shape[1] % 8    # 16-byte rows; the kernel treats columns past K as zero
-    x = torch.nn.functional.pad(x, (0, pad)) if pad else x.contiguous()
-    if x.data_ptr() % 16:
-        x = x.clone()
-    if bias is not None and (bias.dtype not in (torch.float16, torch.bfloat16, torch.float32)
-                             or not bias.is_contiguous()):
-        bias = bias.float().contiguous()
+    x, bias = aligned_inputs(x, bias)
     ksplit = choose_ksplit(lw.codes.shape[0], lw.codes.shape[1], multiprocessors(x.device))
     return torch.ops.vlmkern.binary_lut_mma(x, lw.codes, lw.tables, lw.merge, bias,
                                             lw.out_features, ksplit)

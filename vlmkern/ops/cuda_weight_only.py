@@ -432,7 +432,13 @@ def kernel_inputs(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor 
     bias contiguous in fp16, bf16 or fp32."""
     if qweight.perm is not None:
         x = x.index_select(1, qweight.perm.long())
-    pad = -x.shape[1] % 8   # 16-byte rows for cp.async; the kernels zero-fill the rest
+    return aligned_inputs(x, bias)
+
+
+def aligned_inputs(x: torch.Tensor, bias: torch.Tensor | None):
+    """x with rows padded to a multiple of 8 columns, contiguous and 16-byte
+    aligned; bias contiguous in fp16, bf16 or fp32."""
+    pad = -x.shape[1] % 8   # 16-byte rows for vector loads; the kernels read the rest as zero
     x = torch.nn.functional.pad(x, (0, pad)) if pad else x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
