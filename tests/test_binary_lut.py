@@ -78,10 +78,18 @@ def test_registered_opt_in_ahead_of_the_plane_gemms():
     assert spec.opt_in and spec.max_m == lut.MAX_M
 
 
-def test_ksplit_depends_on_shape_and_device_only():
-    assert lut.choose_ksplit(row_blocks=296, chunks=28, multiprocessors=132) == 1
-    assert lut.choose_ksplit(row_blocks=36, chunks=28, multiprocessors=132) == 8
-    assert lut.choose_ksplit(row_blocks=1, chunks=3, multiprocessors=132) == 3
+def test_ksplit_fills_the_waves():
+    def use(rows, parts, sms=132):
+        blocks, slots = rows * parts, 2 * sms
+        return blocks / (-(-blocks // slots) * slots)
+    # Qwen2-VL-7B on an H100: gate/up (296 row blocks, 28 chunks), qkv (36, 28), down (28, 148)
+    for rows, chunks in ((296, 28), (36, 28), (28, 148)):
+        parts = lut.choose_ksplit(rows, chunks, 132)
+        assert use(rows, parts) >= lut.MIN_WAVE_USE and chunks // parts >= 2
+        assert all(use(rows, p) < lut.MIN_WAVE_USE for p in range(1, parts))
+    assert lut.choose_ksplit(296, 28, 132) == 5         # one part would use 56% of the slots
+    assert lut.choose_ksplit(1, 3, 132) == 1            # never below 2 chunks a part
+    assert lut.choose_ksplit(264, 28, 132) == 1
 
 
 # -- on a GPU --------------------------------------------------------------------------
