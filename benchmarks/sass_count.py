@@ -8,7 +8,7 @@ with cuobjdump (from PATH or the one Triton ships) and counts, for each
 instantiation, the instructions from the loop's barrier to its back branch
 (the common path: no row block finished), by opcode.
 
-    python benchmarks/sass_count.py                 # sm_90a, M <= 16 tiles, + the wgmma kernel
+    python benchmarks/sass_count.py                 # sm_90a, M <= 16 tiles, + wgmma, LUT kernels
     python benchmarks/sass_count.py --arch sm_80 --all
 
 Counts include predicated-off instructions, which still take issue slots.
@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL = re.compile(r"weight_only_mma_kernelILi(\d)ELi(\d)EN\w*?\d(F16|BF16)ELi\d+EL(i|in)(\d)EEEv")
+LUT_KERNEL = re.compile(r"binary_lut_kernelILi(\d)EN\w*?\d(F16|BF16)EEEv")
 WGMMA_KERNEL = re.compile(r"weight_only_wgmma_kernelILi(\d)EN\w*?\d(F16|BF16)ELi(\d+)ELb([01])EEEv")
 
 
@@ -126,7 +127,39 @@ def main(argv=None) -> int:
         print(f"| {dtype} | {bits} | {8 * tiles} | {decode} | {n} | {top} |")
     if args.arch.startswith("sm_90"):
         wgmma_table(compile_sass("weight_only_sm90_kernel.cu", args.arch))
+    lut_table(compile_sass("binary_lut_kernel.cu", args.arch))
     return 0
+
+
+def busiest_loop(body: list, mma: str) -> list[str]:
+    """The loop (back branch's target to back branch) holding the most ``mma``."""
+    addr = [int(a, 16) for a, _ in body]
+    loops = []
+    for i, (_, x) in enumerate(body):
+        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", x)
+        if m and int(m.group(1), 16) < addr[i]:
+            loops.append([y for _, y in body[addr.index(int(m.group(1), 16)):i + 1]])
+    return max(loops, key=lambda seg: sum(mma in y for y in seg))
+
+
+def lut_table(sass: str) -> None:
+    """The lookup-table binary GEMM: instructions a warp issues per 16 x 128
+    tile (its loop holds two chunks, 8 k16 steps each)."""
+    rows = []
+    for name, body in functions(sass, addresses=True).items():
+        m = LUT_KERNEL.search(name)
+        if m:
+            tiles = int(m.group(1))
+            loop = busiest_loop(body, "HMMA")
+            chunks = sum("HMMA" in x for x in loop) // (8 * tiles)
+            ops = collections.Counter(opcode(x) for x in loop)
+            rows.append((m.group(2), 8 * tiles, len(loop) / chunks, chunks, ops))
+    print("\n| dtype | tokens | lookup-table binary GEMM: instructions per tile | top opcodes "
+          "(loop of 2 tiles) |")
+    print("|---|---|---|---|")
+    for dtype, tokens, n, _, ops in sorted(rows, key=lambda r: r[:2]):
+        top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
+        print(f"| {dtype} | {tokens} | {n:.1f} | {top} |")
 
 
 def wgmma_table(sass: str) -> None:
