@@ -37,7 +37,7 @@ def sweep(shape, k, n, fmt, ms, per_sm, decodes, sms) -> list[str]:
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         for decode in decodes:
-            if m > (cw.POST_SCALE_MAX_M if decode == "post_scale" else cw.MAX_M):
+            if m > (cw.post_scale_max_m(qw) if decode == "post_scale" else cw.MAX_M):
                 continue
             cells = []
             for f in per_sm:

@@ -39,7 +39,7 @@ enum vlmkern_wo_status {
   VLMKERN_WO_ERR_ALIGNMENT = 5,     // x, wq or sz not 16-byte aligned, or K_x not a multiple of 8
   VLMKERN_WO_ERR_SHARED_MEMORY = 6, // the device cannot give a block the shared memory it needs
   VLMKERN_WO_ERR_LAUNCH = 7,        // a CUDA call failed (message has the CUDA error)
-  VLMKERN_WO_ERR_BAD_DECODE = 8,    // unknown decode, or post-scale with M > 16
+  VLMKERN_WO_ERR_BAD_DECODE = 8,    // unknown decode, or post-scale with M too large (see below)
 };
 
 // How the kernel turns codes into MMA operands.
@@ -47,9 +47,15 @@ enum vlmkern_wo_status {
 //          torch reference dequantizes to.
 //   POST_SCALE: A = q - z (exact), products summed in fp32 per scale slot and
 //          multiplied by the scale there: fewer instructions per weight and
-//          no 16-bit rounding of the weight; M <= 16 only.
+//          no 16-bit rounding of the weight; M <= 16, or M <= 32 with
+//          slots of 128 columns (slot_log2 = 3), where its per-slot sums
+//          still fit the register budget.
 enum vlmkern_wo_decode { VLMKERN_WO_DECODE_EXACT = 0, VLMKERN_WO_DECODE_POST_SCALE = 1 };
 #define VLMKERN_WO_POST_SCALE_MAX_M 16
+#define VLMKERN_WO_POST_SCALE_WIDE_MAX_M 32  // with slot_log2 = 3
+// Largest M the post-scale decode takes for a slot width.
+#define VLMKERN_WO_POST_SCALE_LIMIT(slot_log2) \
+  ((slot_log2) == 3 ? VLMKERN_WO_POST_SCALE_WIDE_MAX_M : VLMKERN_WO_POST_SCALE_MAX_M)
 
 // Largest M one launch accepts; larger batches belong to dequantize + GEMM.
 #define VLMKERN_WO_MAX_M 64

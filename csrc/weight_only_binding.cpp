@@ -103,9 +103,10 @@ void check_inputs(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& s
   TORCH_CHECK(decode == VLMKERN_WO_DECODE_EXACT || decode == VLMKERN_WO_DECODE_POST_SCALE, kOp,
               "decode must be 0 (exact) or 1 (post-scale), got ", decode);
   TORCH_CHECK(decode == VLMKERN_WO_DECODE_EXACT || x.dim() != 2 ||
-                  x.size(0) <= VLMKERN_WO_POST_SCALE_MAX_M,
-              kOp, "the post-scale decode takes M <= ", VLMKERN_WO_POST_SCALE_MAX_M, ", got ",
-              x.size(0));
+                  x.size(0) <= VLMKERN_WO_POST_SCALE_LIMIT(slot_log2),
+              kOp, "the post-scale decode takes M <= ", VLMKERN_WO_POST_SCALE_MAX_M, " (<= ",
+              VLMKERN_WO_POST_SCALE_WIDE_MAX_M, " with slot_log2 = 3), got M = ", x.size(0),
+              " with slot_log2 = ", slot_log2);
   check_layout(kOp, x, wq, sz, bias, bits, out_features, slot_log2);
   TORCH_CHECK(x.size(0) <= VLMKERN_WO_MAX_M, kOp, "M (rows of x) must be at most ",
               VLMKERN_WO_MAX_M, ", got ", x.size(0));

@@ -132,31 +132,38 @@ struct UnitStream {
   static constexpr int kWeightPieces = L::kWeightBytes / 16;
   static constexpr int kScaleBytes = kWarps * SLOTS * kSlotBytes;  // per unit
   static constexpr int kScalePieces = kScaleBytes / 16;
-  static_assert(L::kXRows * 16 <= kThreads, "one activation piece per thread at most");
+  // Activation pieces (16 per token row) per thread: 1 up to 16 tokens, 2 up
+  // to 32; piece tid + i * kThreads is row (tid >> 4) + 16 * i, same column.
+  static constexpr int kXPieces = L::kXRows * 16;
+  static constexpr int kXPerThread = (kXPieces + kThreads - 1) / kThreads;
+  static_assert(kXPerThread == 1 || kXPieces % kThreads == 0, "whole activation rows per pass");
 
   const unsigned char* w;   // this thread's first weight piece of the next unit
   const unsigned char* sz;  // its scale piece of the next unit
-  const uint16_t* x_row;    // its activation row
+  const uint16_t* x_row[kXPerThread];  // its activation rows
   int col;                  // its first activation column in the next unit
   int col_wrap;             // C * kChunk: the next row block starts at column 0
   int ldx;
   uint32_t dst;             // its weight piece's offset in a stage
-  uint32_t x_dst;           // its activation piece's offset in a stage
-  uint32_t copies_scale, copies_x;  // 0 or 1
+  uint32_t x_dst[kXPerThread];         // its activation pieces' offsets in a stage
+  uint32_t copies_scale, copies_x[kXPerThread];  // 0 or 1
 
   __device__ __forceinline__ UnitStream(const Params& p, int64_t u, int c) {
     const int tid = threadIdx.x;
     w = p.wq + u * L::kWeightBytes + 16 * tid;
     sz = p.sz + u * kScaleBytes + 16 * tid;
-    const int row = tid >> 4;
     copies_scale = opaque(tid < kScalePieces);
-    copies_x = opaque(tid < L::kXRows * 16 && row < p.M);  // rows >= M stay zero
-    x_row = p.x + static_cast<int64_t>(copies_x ? row : 0) * p.ldx;
+#pragma unroll
+    for (int i = 0; i < kXPerThread; ++i) {
+      const int row = (tid >> 4) + 16 * i;
+      copies_x[i] = opaque(tid + i * kThreads < kXPieces && row < p.M);  // rows >= M stay zero
+      x_row[i] = p.x + static_cast<int64_t>(copies_x[i] ? row : 0) * p.ldx;
+      x_dst[i] = opaque(L::kWeightBytes + kScaleBytes + row * kXRowBytes + (tid & 15) * 16);
+    }
     col = c * kChunk + (tid & 15) * 8;
     col_wrap = opaque(p.C * kChunk);
     ldx = p.ldx;
     dst = opaque(16 * tid);
-    x_dst = opaque(L::kWeightBytes + kScaleBytes + row * kXRowBytes + (tid & 15) * 16);
   }
 
   // Enqueue the next unit's copies into the stage at shared address `stage`.
@@ -165,7 +172,9 @@ struct UnitStream {
     copy_pieces<kWeightPieces, kThreads>(stage + dst, w, dst);
     // columns >= ldx are zero-filled
     const bool in_k = col < ldx;
-    cp_async16_if(copies_x, stage + x_dst, in_k ? x_row + col : x_row, in_k ? 16 : 0);
+#pragma unroll
+    for (int i = 0; i < kXPerThread; ++i)
+      cp_async16_if(copies_x[i], stage + x_dst[i], in_k ? x_row[i] + col : x_row[i], in_k ? 16 : 0);
   }
 
   __device__ __forceinline__ void advance() {
@@ -582,9 +591,10 @@ int launch(const Params& p, int64_t num_ctas, cudaStream_t stream) {
 }
 
 // The explicit list of instantiations. Exact decode: bits {2, 3, 4} x token
-// tiles {8, 16, 32, 64} x {fp16, bf16}. Post-scale decode (M <= 16 only, where
-// decoding dominates): bits {2, 3, 4} x token tiles {8, 16} x slot widths
-// {16, 32, 64, 128} x {fp16, bf16}.
+// tiles {8, 16, 32, 64} x {fp16, bf16}. Post-scale decode (small M, where
+// decoding dominates): bits {2, 3, 4} x {fp16, bf16} x token tiles {8, 16} x
+// slot widths {16, 32, 64, 128}, and token tile 32 with 128-column slots
+// only (narrower slots keep more fp32 sums live and spill at two blocks per SM).
 template <class T>
 int dispatch_tokens(const Params& p, int bits, int decode, int64_t num_ctas, cudaStream_t s) {
   const int m_tiles = p.M <= 8 ? 1 : p.M <= 16 ? 2 : p.M <= 32 ? 4 : 8;
@@ -601,9 +611,9 @@ int dispatch_tokens(const Params& p, int bits, int decode, int64_t num_ctas, cud
   if (bits == B && m_tiles == MT && p.slot_log2 == S) return launch<B, MT, T, S>(p, num_ctas, s);
 #define VLMKERN_WO_SLOTS(B, MT) \
   VLMKERN_WO_CASE(B, MT, 0) VLMKERN_WO_CASE(B, MT, 1) VLMKERN_WO_CASE(B, MT, 2) VLMKERN_WO_CASE(B, MT, 3)
-  VLMKERN_WO_SLOTS(4, 1) VLMKERN_WO_SLOTS(4, 2)
-  VLMKERN_WO_SLOTS(3, 1) VLMKERN_WO_SLOTS(3, 2)
-  VLMKERN_WO_SLOTS(2, 1) VLMKERN_WO_SLOTS(2, 2)
+  VLMKERN_WO_SLOTS(4, 1) VLMKERN_WO_SLOTS(4, 2) VLMKERN_WO_CASE(4, 4, 3)
+  VLMKERN_WO_SLOTS(3, 1) VLMKERN_WO_SLOTS(3, 2) VLMKERN_WO_CASE(3, 4, 3)
+  VLMKERN_WO_SLOTS(2, 1) VLMKERN_WO_SLOTS(2, 2) VLMKERN_WO_CASE(2, 4, 3)
 #undef VLMKERN_WO_SLOTS
 #undef VLMKERN_WO_CASE
   return VLMKERN_WO_ERR_BAD_BITS;
@@ -629,7 +639,8 @@ extern "C" const char* vlmkern_wo_status_message(int status) {
     case VLMKERN_WO_ERR_ALIGNMENT:
       return "x, wq and sz must be 16-byte aligned and K_x a multiple of 8";
     case VLMKERN_WO_ERR_BAD_DECODE:
-      return "decode must be 0 (exact) or 1 (post-scale), and the post-scale decode takes M <= 16";
+      return "decode must be 0 (exact) or 1 (post-scale), and the post-scale decode takes M <= 16 "
+             "(M <= 32 with scale slots of 128 columns)";
     case VLMKERN_WO_ERR_SHARED_MEMORY:
       return "the device cannot give a thread block enough shared memory for this configuration";
     case VLMKERN_WO_ERR_LAUNCH:
@@ -650,7 +661,7 @@ extern "C" int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, co
                                        int64_t N, float* workspace, int32_t* counters,
                                        int64_t num_ctas, int act_dtype, int decode, void* stream) {
   if (decode != VLMKERN_WO_DECODE_EXACT &&
-      (decode != VLMKERN_WO_DECODE_POST_SCALE || M > VLMKERN_WO_POST_SCALE_MAX_M))
+      (decode != VLMKERN_WO_DECODE_POST_SCALE || M > VLMKERN_WO_POST_SCALE_LIMIT(slot_log2)))
     return VLMKERN_WO_ERR_BAD_DECODE;
   const int status = check_launch_args(x, M, K_x, wq, sz, NB, C, slot_log2, bits, bias, bias_dtype,
                                        out, N, act_dtype);

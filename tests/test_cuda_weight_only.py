@@ -212,7 +212,11 @@ def test_registered_first_and_bounded_in_m(monkeypatch):
     post, exact = (CUDA.kernels[names.index(n)]
                    for n in ("cuda.weight_only_post_scale", "cuda.weight_only_mma"))
     assert exact.max_m == 64 and exact.min_m == 1 and not exact.opt_in
-    assert post.max_m == 16 and post.min_m == 1 and post.opt_in
+    assert post.max_m == cw.POST_SCALE_WIDE_MAX_M and post.min_m == 1 and post.opt_in
+    # 32 tokens only with 128-column scale slots (group >= 128 or one per row)
+    for group, m, ok in ((64, 16, True), (64, 17, False), (128, 32, True), (None, 32, True)):
+        why = post.check(torch.zeros(m, 256, dtype=torch.float16), make_weight(64, 256, 4, group, False))
+        assert (why is None) == ok, (group, m, why)
     cw.register(CUDA)                       # idempotent
     assert [k.name for k in CUDA.kernels] == names
     # opt-in: declined until named in VLMKERN_ENABLE (then the device decides)
@@ -248,7 +252,8 @@ def act(m, k, dtype, seed=1):
 AWKWARD = [(33, 200), (200, 72), (130, 203), (257, 520)]
 
 
-DECODES = [("exact", cw.MAX_M), ("post_scale", cw.POST_SCALE_MAX_M)]
+# decode, the largest M it takes for a weight
+DECODES = [("exact", lambda qw: cw.MAX_M), ("post_scale", cw.post_scale_max_m)]
 
 
 @gpu
@@ -263,7 +268,7 @@ def test_kernel_awkward_shapes(bits, dtype, decode, max_m):
                                  device="cuda")
                 w = qw.dequantize(torch.float32)
                 bias = torch.randn(n, device="cuda")
-                for m in (m for m in (1, 3, 16, 17, 64) if m <= max_m):
+                for m in (m for m in (1, 3, 16, 17, 32, 64) if m <= max_m(qw)):
                     x = act(m, k, dtype, seed=m)
                     for b in (None, bias):
                         y = cw.weight_only_mma(x, qw, b, decode)
@@ -283,7 +288,7 @@ def test_kernel_real_sizes(k, n, bits, decode, max_m):
         qw = make_weight(n, k, bits, 128, False, scale_dtype=dtype, seed=bits, device="cuda")
         w = qw.dequantize(torch.float32)
         bias = torch.randn(n, device="cuda", dtype=dtype)
-        for m in (m for m in (1, 16, 64) if m <= max_m):
+        for m in (m for m in (1, 16, 32, 64) if m <= max_m(qw)):
             x = act(m, k, dtype, seed=m)
             assert_matches_dense(cw.weight_only_mma(x, qw, bias, decode), x, w, bias)
 
@@ -308,12 +313,12 @@ def test_batch_invariance_and_determinism(k, n, decode, max_m):
     # summed from many parts by the fixed-order reduction.
     for dtype in (torch.float16, torch.bfloat16):
         qw = make_weight(n, k, 4, 128, False, scale_dtype=dtype, device="cuda")
-        x = act(max_m, k, dtype)
+        x = act(max_m(qw), k, dtype)
         full = cw.weight_only_mma(x, qw, None, decode)
         assert torch.equal(full, cw.weight_only_mma(x, qw, None, decode))  # run to run
-        for m in (m for m in (1, 3, 9, 16, 17, 33) if m < max_m):
+        for m in (m for m in (1, 3, 9, 16, 17, 33) if m < max_m(qw)):
             part = cw.weight_only_mma(x[:m].clone(), qw, None, decode)
-            assert torch.equal(part, full[:m]), f"rows of M={m} differ from the M={max_m} batch"
+            assert torch.equal(part, full[:m]), f"rows of M={m} differ from the M={max_m(qw)} batch"
 
 
 @gpu
@@ -414,6 +419,10 @@ def test_bad_inputs_give_clear_errors():
         cw.weight_only_mma(act(65, 256, torch.float16), qw)
     with pytest.raises(ValueError, match="M <= 16"):
         cw.weight_only_mma(act(17, 256, torch.float16), qw, decode="post_scale")
+    wide = make_weight(64, 256, 4, 128, False, device="cuda")
+    assert cw.weight_only_mma(act(32, 256, torch.float16), wide, decode="post_scale").shape == (32, 64)
+    with pytest.raises(ValueError, match="M <= 32"):
+        cw.weight_only_mma(act(33, 256, torch.float16), wide, decode="post_scale")
     with pytest.raises(ValueError, match="decode must be one of"):
         cw.weight_only_mma(x, qw, decode="fast")
     assert cw.weight_only_mma(act(0, 256, torch.float16), qw).shape == (0, 64)
@@ -428,4 +437,6 @@ if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer mem
                 cw.weight_only_mma(act(m, 203, torch.float16), qw, torch.randn(130, device="cuda"))
             for m in (1, 16):
                 cw.weight_only_mma(act(m, 203, torch.bfloat16), qw, None, "post_scale")
+            wide = make_weight(130, 203, bits, 128, False, device="cuda")
+            cw.weight_only_mma(act(29, 203, torch.float16), wide, None, "post_scale")
         torch.cuda.synchronize()

@@ -28,7 +28,8 @@ the result is cached beside the weight, never in its state or checkpoints.
 
 Decode. ``decode="exact"`` (the default) builds each A operand as
 ``s * (q - z)`` rounded once to the activation dtype, the weight the torch
-reference dequantizes to. ``decode="post_scale"`` (M <= 16) builds ``q - z``
+reference dequantizes to. ``decode="post_scale"`` (M <= 16; M <= 32 when a
+scale slot is a whole 128-column chunk, ``post_scale_max_m``) builds ``q - z``
 (an exact small integer), sums the products in fp32 per scale slot and
 multiplies each slot's sum by the row's scale: one fused multiply-add per pair
 of weights instead of two, no PRMT per slot, and no 16-bit rounding of the
@@ -62,7 +63,8 @@ from .layout_cache import LayoutCache, multiprocessors
 BLOCK_ROWS = 128          # output rows per unit: 8 warps x 16
 CHUNK = 128               # input columns per unit
 MAX_M = 64
-POST_SCALE_MAX_M = 16
+POST_SCALE_MAX_M = 16      # VLMKERN_WO_POST_SCALE_MAX_M in csrc/weight_only.h
+POST_SCALE_WIDE_MAX_M = 32  # with slot_log2 = 3 (VLMKERN_WO_POST_SCALE_WIDE_MAX_M)
 DECODES = {"exact": 0, "post_scale": 1}    # vlmkern_wo_decode in csrc/weight_only.h
 SUPPORTED_BITS = (2, 3, 4)
 ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -451,7 +453,7 @@ def aligned_inputs(x: torch.Tensor, bias: torch.Tensor | None):
 def weight_only_mma(x: torch.Tensor, qweight: QuantizedWeight,
                     bias: torch.Tensor | None = None, decode: str = "exact") -> torch.Tensor:
     """y = x @ W^T + bias on the tensor-core kernel. x [M, K] fp16/bf16 on a
-    CUDA device, 1 <= M <= 64 (<= 16 with decode="post_scale"); bias [N] or
+    CUDA device, 1 <= M <= 64 (``post_scale_max_m`` with decode="post_scale"); bias [N] or
     None -> [M, N] in x's dtype."""
     from ..ext import load_extension
 
@@ -470,7 +472,7 @@ def weight_only_mma(x: torch.Tensor, qweight: QuantizedWeight,
         return x.new_empty(0, qweight.out_features)
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {sorted(DECODES)}, got {decode!r}")
-    max_m = POST_SCALE_MAX_M if decode == "post_scale" else MAX_M
+    max_m = post_scale_max_m(qweight) if decode == "post_scale" else MAX_M
     if m > max_m:
         raise ValueError(f"cuda.weight_only_mma with decode={decode!r} takes M <= {max_m}, got {m}")
     mw = kernel_weight(qweight, x.dtype)
@@ -483,8 +485,24 @@ def weight_only_mma(x: torch.Tensor, qweight: QuantizedWeight,
 
 def weight_only_post_scale(x: torch.Tensor, qweight: QuantizedWeight,
                            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``weight_only_mma`` with the post-scale decode (M <= 16)."""
+    """``weight_only_mma`` with the post-scale decode (M <= post_scale_max_m)."""
     return weight_only_mma(x, qweight, bias, decode="post_scale")
+
+
+def post_scale_max_m(qweight) -> int:
+    """Largest M the post-scale decode takes: 16, or 32 when a scale slot is a
+    whole 128-column chunk (fewer fp32 sums live, so 32 tokens fit)."""
+    if slot_log2_for(qweight.group_size, qweight.in_features) == 3:
+        return POST_SCALE_WIDE_MAX_M
+    return POST_SCALE_MAX_M
+
+
+def _check_post_scale(x: torch.Tensor, qweight) -> str | None:
+    why = _check(x, qweight)
+    if why is None and x.shape[0] > post_scale_max_m(qweight):
+        why = (f"cuda.weight_only_post_scale: M={x.shape[0]} above {post_scale_max_m(qweight)} "
+               f"for group size {qweight.group_size}")
+    return why
 
 
 def _check(x: torch.Tensor, qweight) -> str | None:
@@ -499,12 +517,12 @@ def register(backend) -> None:
     from .backends import KernelSpec
 
     common = dict(bits=frozenset(SUPPORTED_BITS), dtypes=frozenset(ACT_DTYPES),
-                  devices=frozenset({"cuda"}), min_m=1, min_sm=(8, 0), check=_check,
-                  laid_out=True)
+                  devices=frozenset({"cuda"}), min_m=1, min_sm=(8, 0), laid_out=True)
     specs = [KernelSpec("cuda.weight_only_post_scale", "weight_only", weight_only_post_scale,
-                        max_m=POST_SCALE_MAX_M, opt_in=True, **common),
+                        max_m=POST_SCALE_WIDE_MAX_M, opt_in=True, check=_check_post_scale,
+                        **common),
              KernelSpec("cuda.weight_only_mma", "weight_only", weight_only_mma, max_m=MAX_M,
-                        **common)]
+                        check=_check, **common)]
     known = {k.name for k in backend.kernels}
     for spec in reversed(specs):          # each inserted at the front: tried in list order
         if spec.name not in known:
