@@ -412,7 +412,7 @@ def test_quantized_layers_trace_whole_under_torch_compile(monkeypatch):
 def test_layout_cache_rebuilds_after_an_in_place_change_and_forgets_dead_weights():
     import gc
 
-    from vlmkern.ops.layout_cache import LayoutCache
+    from vlmkern.ops.cuda_common import LayoutCache
     cache, made = LayoutCache(), []
     qw = vlmkern.quantize_weight(torch.randn(8, 64), QuantConfig(4, 32))
 

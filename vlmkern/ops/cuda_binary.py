@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats.binary import BinaryWeight
-from .layout_cache import LayoutCache, multiprocessors
+from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 ROWS_PER_BLOCK = 64          # 4 warps x 16 rows (kRowsPerCta in the kernel)
@@ -93,21 +93,8 @@ def binary_matmul(x: torch.Tensor, qweight: BinaryWeight,
     CUDA device; bias [N] (fp16/bf16/fp32) or None -> [M, N] in x's dtype.
     ``prefetch``: the GEMM variant that issues a chunk's loads at its start
     (block_size a multiple of 128); the same results."""
-    from ..ext import load_extension
-
-    module, reason = load_extension()
-    if module is None:
-        raise RuntimeError(f"cuda.binary needs the CUDA extension: {reason}")
-    if not hasattr(torch.ops.vlmkern, "binary_matmul"):
-        raise RuntimeError("cuda.binary: the installed vlmkern._C was built without "
-                           "csrc/binary_kernel.cu; rebuild the package")
-    if x.dim() != 2 or x.shape[1] != qweight.in_features:
-        raise ValueError(f"x must be [M, {qweight.in_features}], got {tuple(x.shape)}")
-    if x.dtype not in ACT_DTYPES:
-        raise TypeError(f"cuda.binary: x must be float16 or bfloat16, got {x.dtype}")
-    if not x.is_cuda or x.device != qweight.device:
-        raise ValueError(f"cuda.binary: x ({x.device}) and the weight ({qweight.device}) must be "
-                         f"on the same CUDA device")
+    require_op("cuda.binary", "binary_matmul", "csrc/binary_kernel.cu")
+    check_activations("cuda.binary", x, qweight, ACT_DTYPES)
     why = unsupported_reason(qweight) or (_prefetch_reason(qweight) if prefetch else None)
     if why:
         raise ValueError(f"cuda.binary: {why}")

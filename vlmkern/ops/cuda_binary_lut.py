@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import torch
 
 from ..formats.binary import BinaryWeight
+from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op
 from .cuda_weight_only import _lane_codes, aligned_inputs
-from .layout_cache import LayoutCache, multiprocessors
 
 BLOCK = 128               # the only block size the layout takes: one chunk
 MAX_M = 64
@@ -206,21 +206,8 @@ def binary_lut(x: torch.Tensor, qweight: BinaryWeight,
     """y = x @ W^T + bias for a BinaryWeight of block size 128 on the table
     kernel. x [M, K] float16/bfloat16 on a CUDA device, 1 <= M <= 64; bias [N]
     or None -> [M, N] in x's dtype."""
-    from ..ext import load_extension
-
-    module, reason = load_extension()
-    if module is None:
-        raise RuntimeError(f"cuda.binary_lut needs the CUDA extension: {reason}")
-    if not hasattr(torch.ops.vlmkern, "binary_lut_mma"):
-        raise RuntimeError("cuda.binary_lut: the installed vlmkern._C was built without "
-                           "csrc/binary_lut_kernel.cu; rebuild the package")
-    if x.dim() != 2 or x.shape[1] != qweight.in_features:
-        raise ValueError(f"x must be [M, {qweight.in_features}], got {tuple(x.shape)}")
-    if x.dtype not in ACT_DTYPES:
-        raise TypeError(f"cuda.binary_lut: x must be float16 or bfloat16, got {x.dtype}")
-    if not x.is_cuda or x.device != qweight.device:
-        raise ValueError(f"cuda.binary_lut: x ({x.device}) and the weight ({qweight.device}) "
-                         f"must be on the same CUDA device")
+    require_op("cuda.binary_lut", "binary_lut_mma", "csrc/binary_lut_kernel.cu")
+    check_activations("cuda.binary_lut", x, qweight, ACT_DTYPES)
     why = unsupported_reason(qweight)
     if why:
         raise ValueError(f"cuda.binary_lut: {why}")

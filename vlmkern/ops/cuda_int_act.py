@@ -43,7 +43,7 @@ import torch
 from ..formats.intact import IntActWeight, qmax
 from ..formats.packing import pack_int4_pairs
 from .backends import device_sm
-from .layout_cache import LayoutCache
+from .cuda_common import LayoutCache, check_activations, require_op
 
 MODE_I8, MODE_I4, MODE_I4W8 = 0, 1, 2
 K_STEP = {MODE_I8: 32, MODE_I4: 64, MODE_I4W8: 32}
@@ -152,14 +152,7 @@ def overflow_reason(qweight: IntActWeight) -> str | None:
 
 
 def _require_ops() -> None:
-    from ..ext import load_extension
-
-    module, reason = load_extension()
-    if module is None:
-        raise RuntimeError(f"cuda.int_act needs the CUDA extension: {reason}")
-    if not hasattr(torch.ops.vlmkern, "int_act_gemm"):
-        raise RuntimeError("cuda.int_act: the installed vlmkern._C was built without "
-                           "csrc/int_act_kernel.cu; rebuild the package")
+    require_op("cuda.int_act", "int_act_gemm", "csrc/int_act_kernel.cu")
 
 
 _SM90: dict[int, bool] = {}
@@ -204,13 +197,7 @@ def int_act_matmul(x: torch.Tensor, qweight: IntActWeight, bias: torch.Tensor | 
     _require_ops()
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if x.dim() != 2 or x.shape[1] != qweight.in_features:
-        raise ValueError(f"x must be [M, {qweight.in_features}], got {tuple(x.shape)}")
-    if x.dtype not in ACT_DTYPES:
-        raise TypeError(f"cuda.int_act: x must be float16, bfloat16 or float32, got {x.dtype}")
-    if not x.is_cuda or x.device != qweight.device:
-        raise ValueError(f"cuda.int_act: x ({x.device}) and the weight ({qweight.device}) must "
-                         f"be on the same CUDA device")
+    check_activations("cuda.int_act", x, qweight, ACT_DTYPES)
     why = overflow_reason(qweight)
     if why:
         raise ValueError(f"cuda.int_act: {why}")

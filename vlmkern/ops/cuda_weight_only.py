@@ -58,7 +58,7 @@ import torch
 
 from ..formats.groupwise import QuantizedWeight
 from ..formats.packing import pack_bits, packed_words, unpack_bits
-from .layout_cache import LayoutCache, multiprocessors
+from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op
 
 BLOCK_ROWS = 128          # output rows per unit: 8 warps x 16
 CHUNK = 128               # input columns per unit
@@ -455,18 +455,8 @@ def weight_only_mma(x: torch.Tensor, qweight: QuantizedWeight,
     """y = x @ W^T + bias on the tensor-core kernel. x [M, K] fp16/bf16 on a
     CUDA device, 1 <= M <= 64 (``post_scale_max_m`` with decode="post_scale"); bias [N] or
     None -> [M, N] in x's dtype."""
-    from ..ext import load_extension
-
-    module, reason = load_extension()
-    if module is None:
-        raise RuntimeError(f"cuda.weight_only_mma needs the CUDA extension: {reason}")
-    if not hasattr(torch.ops.vlmkern, "weight_only_mma"):
-        raise RuntimeError("cuda.weight_only_mma: the installed vlmkern._C was built without "
-                           "csrc/weight_only_kernel.cu; rebuild the package")
-    if x.dim() != 2 or x.shape[1] != qweight.in_features:
-        raise ValueError(f"x must be [M, {qweight.in_features}], got {tuple(x.shape)}")
-    if x.dtype not in ACT_DTYPES:
-        raise TypeError(f"cuda.weight_only_mma: x must be float16 or bfloat16, got {x.dtype}")
+    require_op("cuda.weight_only_mma", "weight_only_mma", "csrc/weight_only_kernel.cu")
+    check_activations("cuda.weight_only_mma", x, qweight, ACT_DTYPES, same_device=False)
     m = x.shape[0]
     if m == 0:
         return x.new_empty(0, qweight.out_features)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .cuda_common import require_op
 from .cuda_weight_only import ACT_DTYPES, SUPPORTED_BITS, MmaWeight
 
 
@@ -27,14 +28,8 @@ def dequantize_layout(mw: MmaWeight) -> torch.Tensor:
     ``mw.wq`` int32 [NB, C, 8, 64*bits] and ``mw.sz`` int32
     [NB, C, 8, 8 >> slot_log2, 8, 2], contiguous, on one CUDA device.
     """
-    from ..ext import load_extension
-
-    module, reason = load_extension()
-    if module is None:
-        raise RuntimeError(f"cuda.weight_only_dequant needs the CUDA extension: {reason}")
-    if not hasattr(torch.ops.vlmkern, "weight_only_dequant"):
-        raise RuntimeError("cuda.weight_only_dequant: the installed vlmkern._C was built without "
-                           "csrc/weight_only_dequant_kernel.cu; rebuild the package")
+    require_op("cuda.weight_only_dequant", "weight_only_dequant",
+               "csrc/weight_only_dequant_kernel.cu")
     if mw.wq.device.type != "cuda" or mw.sz.device.type != "cuda":
         raise ValueError("cuda.weight_only_dequant: the layout must be on a CUDA device, got wq on "
                          f"{mw.wq.device} and sz on {mw.sz.device} (emulate_dequantize runs anywhere)")

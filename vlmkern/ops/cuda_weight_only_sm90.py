@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.groupwise import QuantizedWeight
+from .cuda_common import check_activations, multiprocessors, require_op
 from .cuda_int_act import sm90_available as build_has_sm90a
 from .cuda_weight_only import (
     ACT_DTYPES,
@@ -41,7 +42,6 @@ from .cuda_weight_only import (
     kernel_weight,
     unsupported_reason,
 )
-from .layout_cache import multiprocessors
 
 MIN_M = 17                # decode sizes stay with the mma.sync kernel's lean decodes
 TOKENS_SMALL, TOKENS = 64, 128   # token tile for M <= 64, and above
@@ -71,18 +71,8 @@ def weight_only_wgmma(x: torch.Tensor, qweight: QuantizedWeight,
     sm_90 device, any M >= 0; bias [N] or None -> [M, N] in x's dtype.
     ``smem_a``: decoded weights through shared memory (see the module doc);
     ``splits``: K slices, 1..chunks (default ``splits_for``)."""
-    from ..ext import load_extension
-
-    module, reason = load_extension()
-    if module is None:
-        raise RuntimeError(f"cuda.weight_only_wgmma needs the CUDA extension: {reason}")
-    if not hasattr(torch.ops.vlmkern, "weight_only_wgmma"):
-        raise RuntimeError("cuda.weight_only_wgmma: the installed vlmkern._C was built without "
-                           "csrc/weight_only_sm90_kernel.cu; rebuild the package")
-    if x.dim() != 2 or x.shape[1] != qweight.in_features:
-        raise ValueError(f"x must be [M, {qweight.in_features}], got {tuple(x.shape)}")
-    if x.dtype not in ACT_DTYPES:
-        raise TypeError(f"cuda.weight_only_wgmma: x must be float16 or bfloat16, got {x.dtype}")
+    require_op("cuda.weight_only_wgmma", "weight_only_wgmma", "csrc/weight_only_sm90_kernel.cu")
+    check_activations("cuda.weight_only_wgmma", x, qweight, ACT_DTYPES, same_device=False)
     why = _reason(qweight, x.device)
     if why is not None:
         raise ValueError(f"cuda.weight_only_wgmma: {why}")
