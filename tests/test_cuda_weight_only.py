@@ -372,6 +372,21 @@ def test_traceable_by_torch_compile():
     assert meta.shape == (9, 96) and meta.dtype == torch.bfloat16
 
 
+def check_layout_errors(call, m):
+    """The argument checks both weight-only GEMM ops share (check_layout in the
+    binding). ``call(**overrides)`` runs the op on a valid 64 x 256 W4 g64 case
+    with m tokens, with some arguments replaced."""
+    cases = [(dict(x=act(m, 256, torch.float32)), "float16 or bfloat16"),
+             (dict(bits=5), "bits must be"), (dict(bits=3), "wq must have shape"),
+             (dict(out_features=200), "out_features"), (dict(x=act(m, 512, torch.float16)), "chunks"),
+             (dict(x=act(m, 250, torch.float16)), "multiple of 8"),
+             (dict(x=act(m, 512, torch.float16)[:, ::2]), "contiguous"),
+             (dict(bias=torch.zeros(63, device="cuda")), "bias must have shape")]
+    for overrides, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call(**overrides)
+
+
 @gpu
 def test_bad_inputs_give_clear_errors():
     qw = make_weight(64, 256, 4, 64, False, device="cuda")
@@ -389,22 +404,7 @@ def test_bad_inputs_give_clear_errors():
 
     with pytest.raises(RuntimeError, match="at most 64"):
         call(x=act(65, 256, torch.float16))
-    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
-        call(x=x.float())
-    with pytest.raises(RuntimeError, match="bits must be"):
-        call(bits=5)
-    with pytest.raises(RuntimeError, match="wq must have shape"):
-        call(bits=3)
-    with pytest.raises(RuntimeError, match="out_features"):
-        call(out_features=200)
-    with pytest.raises(RuntimeError, match="chunks"):
-        call(x=act(4, 512, torch.float16))
-    with pytest.raises(RuntimeError, match="multiple of 8"):
-        call(x=act(4, 250, torch.float16))
-    with pytest.raises(RuntimeError, match="contiguous"):
-        call(x=act(4, 512, torch.float16)[:, ::2])
-    with pytest.raises(RuntimeError, match="bias must have shape"):
-        call(bias=torch.zeros(63, device="cuda"))
+    check_layout_errors(call, 4)
     with pytest.raises(RuntimeError, match="num_ctas"):
         call(num_ctas=mw.blocks * mw.chunks + 1)
     with pytest.raises(RuntimeError, match="decode must be"):
