@@ -79,6 +79,10 @@ def test_weights_the_layout_cannot_hold_are_refused():
     laid.wq = laid.wq[:, :, :4]
     with pytest.raises(FormatError, match="wq has shape"):
         laid.validate()
+    bad_perm = LaidOutWeight.from_quantized(make_weight(8, 64, 4, 32, False, perm=True))
+    bad_perm.perm = torch.zeros(64, dtype=torch.int32)
+    with pytest.raises(FormatError, match="permutation"):
+        bad_perm.validate()
 
 
 def test_kernels_reading_the_canonical_stream_decline_a_laid_out_weight():

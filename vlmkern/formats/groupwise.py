@@ -86,6 +86,25 @@ class GroupwiseViews:
         """Zero points, int64 [N, G] (the implicit 2^(b-1) when symmetric)."""
         return zero_points(self.qzeros, self.scales, self.bits)
 
+    def check_group_tensors(self, n: int) -> None:
+        """Raise FormatError unless scales, zeros and permutation fit n rows
+        and every tensor lives on one device."""
+        k, g = self.in_features, self.num_groups
+        check_tensor("scales", self.scales, (n, g), SCALE_DTYPES)
+        check_finite("scales", self.scales)
+        if self.qzeros is not None:
+            check_tensor("qzeros", self.qzeros, (n, packed_words(g, self.bits)), (torch.int32,))
+        if self.perm is not None:
+            check_tensor("perm", self.perm, (k,), (torch.int32,))
+            seen = torch.zeros(k, dtype=torch.bool, device=self.perm.device)
+            p = self.perm.long()
+            if (int(p.min()) < 0 or int(p.max()) >= k
+                    or bool(seen.index_fill_(0, p, True).logical_not().any())):
+                raise FormatError("perm must be a permutation of range(in_features)")
+        devices = {t.device for t in self.tensors().values()}
+        if len(devices) > 1:
+            raise FormatError(f"tensors live on different devices: {sorted(map(str, devices))}")
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this object stands for, [N, K] in logical column order."""
         return dequantize_codes(self.codes(), self.scales, self.zeros(), self.perm,
@@ -138,19 +157,7 @@ class QuantizedWeight(GroupwiseViews, PackedWeight):
             raise FormatError(f"in_features must be a positive int, got {k!r}")
         if not isinstance(self.qweight, torch.Tensor) or self.qweight.dim() != 2:
             raise FormatError("qweight must be a 2-D int32 tensor")
-        n, g = self.qweight.shape[0], self.num_groups
+        n = self.qweight.shape[0]
         check_tensor("qweight", self.qweight, (n, packed_words(k, self.bits)), (torch.int32,))
-        check_tensor("scales", self.scales, (n, g), SCALE_DTYPES)
-        check_finite("scales", self.scales)
-        if self.qzeros is not None:
-            check_tensor("qzeros", self.qzeros, (n, packed_words(g, self.bits)), (torch.int32,))
-        if self.perm is not None:
-            check_tensor("perm", self.perm, (k,), (torch.int32,))
-            seen = torch.zeros(k, dtype=torch.bool, device=self.perm.device)
-            p = self.perm.long()
-            if int(p.min()) < 0 or int(p.max()) >= k or bool(seen.index_fill_(0, p, True).logical_not().any()):
-                raise FormatError("perm must be a permutation of range(in_features)")
-        devices = {t.device for t in self.tensors().values()}
-        if len(devices) > 1:
-            raise FormatError(f"tensors live on different devices: {sorted(map(str, devices))}")
+        self.check_group_tensors(n)
         return self

@@ -24,9 +24,8 @@ from typing import ClassVar
 
 import torch
 
-from ..formats.base import FormatError, PackedWeight, check_finite, check_tensor
-from ..formats.groupwise import SCALE_DTYPES, GroupwiseViews, QuantizedWeight
-from ..formats.packing import packed_words
+from ..formats.base import FormatError, PackedWeight, check_tensor
+from ..formats.groupwise import GroupwiseViews, QuantizedWeight
 from .cuda_weight_only import (
     BLOCK_ROWS,
     CHUNK,
@@ -88,13 +87,10 @@ class LaidOutWeight(GroupwiseViews, PackedWeight):
         why = unsupported_reason(self)
         if why is not None:
             raise FormatError(f"the CUDA kernel layout cannot hold this weight: {why}")
-        n, k, g = self.out_features, self.in_features, self.num_groups
+        if not isinstance(self.scales, torch.Tensor) or self.scales.dim() != 2:
+            raise FormatError("scales must be a 2-D tensor")
+        n, k = self.out_features, self.in_features
         check_tensor("wq", self.wq, (-(-n // BLOCK_ROWS), -(-k // CHUNK), 8, 64 * self.bits),
                      (torch.int32,))
-        check_tensor("scales", self.scales, (n, g), SCALE_DTYPES)
-        check_finite("scales", self.scales)
-        if self.qzeros is not None:
-            check_tensor("qzeros", self.qzeros, (n, packed_words(g, self.bits)), (torch.int32,))
-        if self.perm is not None:
-            check_tensor("perm", self.perm, (k,), (torch.int32,))
+        self.check_group_tensors(n)
         return self
