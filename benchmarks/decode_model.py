@@ -78,15 +78,13 @@ def module_dtype(model) -> torch.dtype:
     return next(p for p in model.parameters() if p.is_floating_point()).dtype
 
 
-def allocated_mib(device, since: int = 0) -> str:
-    if device.type != "cuda":
-        return "-"
-    sync(device)
-    return f"{(torch.cuda.memory_allocated(device) - since) / 2**20:.0f}"
-
-
 def allocated(device) -> int:
+    """Bytes of live tensors on the GPU (0 on the CPU)."""
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def allocated_mib(device, since: int) -> str:
+    return f"{(allocated(device) - since) / 2**20:.0f}" if device.type == "cuda" else "-"
 
 
 def median(values):
