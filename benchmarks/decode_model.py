@@ -10,6 +10,9 @@ timed by the wall clock between device synchronizations, so Python, dispatch
 and every kernel of a step count. "GPU MiB" is what the model holds on the
 GPU after a warm-up run (torch.cuda.memory_allocated: weights, the kernels'
 cached layouts, embeddings and head), the physical bytes a deployment pays.
+"graph decode" replays one decode step (static KV cache) from a CUDA graph,
+as a serving loop that captures its step does: kernel time without Python
+and launch overhead (on the CPU the same step runs eagerly, as a smoke test).
 
     python benchmarks/decode_model.py                       # on the GPU
     python benchmarks/decode_model.py --enable cuda.weight_only_post_scale
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import os
 import sys
 import time
@@ -112,6 +116,79 @@ def time_model(model, args, device) -> tuple[float, float]:
     return median(prefill), max(median(whole) - median(prefill), 0.0) / args.steps
 
 
+def static_cache(model, length: int, device):
+    """A static KV cache of ``length`` positions for batch 1 (transformers 5
+    sizes it on first use; 4.x wants the batch, device and dtype up front)."""
+    from transformers import StaticCache
+    try:
+        return StaticCache(config=model.config, max_cache_len=length)
+    except TypeError:
+        return StaticCache(config=model.config, max_batch_size=1, max_cache_len=length,
+                           device=device, dtype=module_dtype(model))
+
+
+def cache_kwarg(model) -> str:
+    """The forward argument that takes the KV cache: ``cache`` in recent
+    transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def time_graph_decode(model, args, device) -> float:
+    """Decode ms per token with every step replayed from one CUDA graph: the
+    prompt fills a static cache, then the captured step (forward of one token
+    at the position held on the GPU, which the graph itself advances) runs
+    --steps times between two events. On the CPU the step runs eagerly."""
+    ids = torch.randint(3, args.vocab, (1, args.prompt), device=device,
+                        generator=torch.Generator(device).manual_seed(1))
+    cache = {cache_kwarg(model): static_cache(model, args.prompt + args.steps + 1, device)}
+    model(input_ids=ids, use_cache=True, cache_position=torch.arange(args.prompt, device=device),
+          **cache)
+    token = ids[:, -1:].clone()
+    position = torch.full((1,), args.prompt, device=device)
+
+    def step():
+        model(input_ids=token, cache_position=position, use_cache=True, **cache)
+        position.add_(1)
+
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        return (time.perf_counter() - t0) * 1e3 / args.steps
+    side = torch.cuda.Stream(device)     # warm-up off the capture: layouts, allocator
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    position.fill_(args.prompt)
+    graph.replay()                        # first replay uploads the graph
+    position.fill_(args.prompt)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(args.steps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / args.steps
+
+
+def graph_cells(model, args, device, base: float | None = None) -> tuple[str, float]:
+    """The graph decode and graph speedup cells (against ``base`` ms per
+    token; None: this model is the baseline) and the ms per token (nan if
+    the step could not be captured)."""
+    try:
+        ms = time_graph_decode(model, args, device)
+    except Exception as e:  # noqa: BLE001 -- a step that cannot be captured is a result
+        return f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]} | ", float("nan")
+    speedup = 1.0 if base is None else base / ms if ms > 0 else float("nan")
+    return f"{ms:.3f} | {speedup:.2f}", ms
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -141,13 +218,15 @@ def main(argv=None) -> int:
              f"vocab {args.vocab}; prefill {args.prompt} tokens, {args.steps} decode steps, "
              f"medians of {args.reps}; wall time between synchronizations. Reproduce: "
              f"`python benchmarks/decode_model.py`."), "",
-            "| weights | kernels | GPU MiB | prefill ms | decode ms/token | decode speedup |",
-            "|---|---|---|---|---|---|"]
+            "| weights | kernels | GPU MiB | prefill ms | decode ms/token | decode speedup "
+            "| graph decode ms/token | graph speedup |",
+            "|---|---|---|---|---|---|---|---|"]
     print("\n".join(head), flush=True)
     rows = []
     base_pre, base_dec = time_model(dense, args, device)
+    cells, base_graph = graph_cells(dense, args, device)
     rows.append(f"| dense {str(next(dense.parameters()).dtype).removeprefix('torch.')} | torch | "
-                f"{allocated_mib(device, before)} | {base_pre:.2f} | {base_dec:.3f} | 1.0 |")
+                f"{allocated_mib(device, before)} | {base_pre:.2f} | {base_dec:.3f} | 1.0 | {cells} |")
     print(rows[-1], flush=True)
     for label in args.formats.split(","):
         config, laid_out = FORMATS[label]
@@ -165,11 +244,13 @@ def main(argv=None) -> int:
             timed.add(picks)
             try:
                 pre, dec = time_model(model, args, device)
+                cells, _ = graph_cells(model, args, device, base_graph)
                 rows.append(f"| {label} | {enable or 'default'} | {allocated_mib(device, before)} | "
-                            f"{pre:.2f} | {dec:.3f} | {base_dec / dec if dec > 0 else float('nan'):.2f} |")
+                            f"{pre:.2f} | {dec:.3f} | {base_dec / dec if dec > 0 else float('nan'):.2f} "
+                            f"| {cells} |")
             except Exception as e:  # noqa: BLE001 -- a failing kernel is a result here, not a crash
                 rows.append(f"| {label} | {enable or 'default'} | | error: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:120]} | | |")
+                            f"{str(e).splitlines()[0][:120]} | | | | |")
             finally:
                 os.environ.pop("VLMKERN_ENABLE", None)
             print(rows[-1], flush=True)

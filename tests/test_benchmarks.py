@@ -20,5 +20,5 @@ def test_decode_model_runs_on_cpu(tmp_path, capsys):
                                                  "| LUQ-style: binary even layers + W4 odd"]
     assert not any("error" in r for r in rows), rows
     for r in rows:
-        prefill, decode = (float(v) for v in r.split(" | ")[3:5])
-        assert prefill > 0 and decode >= 0
+        prefill, decode, _, graph_decode = (float(v) for v in r.split(" | ")[3:7])
+        assert prefill > 0 and decode >= 0 and graph_decode > 0
