@@ -58,7 +58,8 @@ enum vlmkern_int_act_status {
   VLMKERN_INT_ACT_ERR_BAD_SIZE = 3,      // inconsistent M, N, K, group or padding
   VLMKERN_INT_ACT_ERR_BAD_DTYPE = 4,     // unknown element type code
   VLMKERN_INT_ACT_ERR_BAD_MODE = 5,      // unknown mode or gemm, I4 on a GPU without int4 MMA,
-                                         // or WGMMA off sm_90 or with a mode other than I8
+                                         // or WGMMA off sm_90, without sm_90a code in
+                                         // this build or with a mode other than I8
   VLMKERN_INT_ACT_ERR_LAUNCH = 6,        // cudaGetLastError reported a failure
 };
 
@@ -96,15 +97,17 @@ int vlmkern_int_act_quantize(const void* x, int x_dtype, int64_t x_stride, void*
 // All pointers must be 16-byte aligned. I4 is refused on sm_90 and newer.
 //   gemm       which GEMM runs it (vlmkern_int_act_gemm_kind): MMA on any GPU
 //              from sm_80, or WGMMA (mode I8 only, sm_90 with this build's
-//              sm_90a code: check vlmkern_int_act_sm90_available first).
+//              sm_90a code, else ERR_BAD_MODE; the first WGMMA call per
+//              device runs vlmkern_int_act_sm90_available's probe).
 int vlmkern_int_act_gemm(const void* q, const float* sx, const void* w, const float* w_scale,
                          const void* bias, int bias_dtype, void* out, int out_dtype, int64_t M,
                          int64_t N, int64_t groups, int64_t group_pad, int64_t k_pad, int mode,
                          int gemm, void* stream);
 
 // *available = 1 when the current device is sm_90 and this build holds the
-// sm_90a code of the WGMMA GEMM, else 0. Runs a one-thread probe kernel and
-// waits for it (call once per device, outside stream capture).
+// sm_90a code of the WGMMA GEMMs (this file's and the weight-only one), else
+// 0. The first call per device runs a one-thread probe kernel and waits for
+// it (make it outside stream capture); later calls return the cached answer.
 int vlmkern_int_act_sm90_available(int* available);
 
 // Epilogue for an int32 product computed elsewhere (per-channel weights, one

@@ -440,7 +440,8 @@ extern "C" const char* vlmkern_int_act_status_message(int status) {
     case VLMKERN_INT_ACT_ERR_BAD_DTYPE: return "element type must be f16, bf16 or f32";
     case VLMKERN_INT_ACT_ERR_BAD_MODE:
       return "unknown mode or GEMM, the int4 MMA mode on a GPU without int4 tensor cores "
-             "(sm_90+), or the WGMMA GEMM off sm_90 or with a mode other than I8";
+             "(sm_90+), or the WGMMA GEMM off sm_90, in a build without sm_90a code or with a "
+             "mode other than I8";
     case VLMKERN_INT_ACT_ERR_LAUNCH:
       snprintf(message_buffer, sizeof(message_buffer), "CUDA kernel launch failed: %s (%s)",
                cudaGetErrorName(last_launch_error), cudaGetErrorString(last_launch_error));
@@ -512,7 +513,13 @@ extern "C" int vlmkern_int_act_gemm(const void* q, const float* sx, const void* 
   const int status = current_device_major(&major);
   if (status != VLMKERN_INT_ACT_OK) return status;
   if (major < 8 || (mode == VLMKERN_INT_ACT_I4 && major >= 9)) return VLMKERN_INT_ACT_ERR_BAD_MODE;
-  if (gemm == VLMKERN_INT_ACT_GEMM_WGMMA && major != 9) return VLMKERN_INT_ACT_ERR_BAD_MODE;
+  if (gemm == VLMKERN_INT_ACT_GEMM_WGMMA) {
+    // Without sm_90a code the kernel would trap and take the CUDA context with it.
+    int built = 0;
+    const int probe = vlmkern_int_act_sm90_available(&built);
+    if (probe != VLMKERN_INT_ACT_OK) return probe;
+    if (!built) return VLMKERN_INT_ACT_ERR_BAD_MODE;
+  }
 
   GemmArgs args;
   args.q = static_cast<const uint8_t*>(q);

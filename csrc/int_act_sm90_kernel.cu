@@ -274,27 +274,43 @@ int launch_gemm_sm90(const GemmArgs& args, cudaStream_t stream) {
 extern "C" int vlmkern_int_act_sm90_available(int* available) {
   if (!available) return VLMKERN_INT_ACT_ERR_NULL_POINTER;
   *available = 0;
-  int major = 0;
-  const int status = current_device_major(&major);
-  if (status != VLMKERN_INT_ACT_OK || major != 9) return status;
-  int* flag = nullptr;
-  cudaError_t err = cudaMalloc(&flag, sizeof(int));
-  if (err == cudaSuccess) {
-    sm90_probe_kernel<<<1, 1>>>(flag);
-    err = cudaGetLastError();
-    if (err == cudaSuccess) err = cudaMemcpy(available, flag, sizeof(int), cudaMemcpyDeviceToHost);
-    const cudaError_t freed = cudaFree(flag);
-    if (err == cudaSuccess) err = freed;
-  }
+  // Per device: 0 not probed yet, 1 no sm_90a code, 2 sm_90a code. The
+  // launchers ask before every WGMMA launch, so the probe runs once.
+  constexpr int kMaxDevices = 64;
+  static int probed[kMaxDevices] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) {
-    // A build without any code for this device fails the probe launch: not available.
-    *available = 0;
-    if (err == cudaErrorNoKernelImageForDevice) {
-      cudaGetLastError();
-      return VLMKERN_INT_ACT_OK;
-    }
     last_launch_error = err;
     return VLMKERN_INT_ACT_ERR_LAUNCH;
   }
+  if (device < kMaxDevices && probed[device]) {
+    *available = probed[device] == 2;
+    return VLMKERN_INT_ACT_OK;
+  }
+  int major = 0;
+  const int status = current_device_major(&major);
+  if (status != VLMKERN_INT_ACT_OK) return status;
+  if (major == 9) {
+    int* flag = nullptr;
+    err = cudaMalloc(&flag, sizeof(int));
+    if (err == cudaSuccess) {
+      sm90_probe_kernel<<<1, 1>>>(flag);
+      err = cudaGetLastError();
+      if (err == cudaSuccess) err = cudaMemcpy(available, flag, sizeof(int), cudaMemcpyDeviceToHost);
+      const cudaError_t freed = cudaFree(flag);
+      if (err == cudaSuccess) err = freed;
+    }
+    if (err != cudaSuccess) {
+      *available = 0;
+      // A build without any code for this device fails the probe launch: not available.
+      if (err != cudaErrorNoKernelImageForDevice) {
+        last_launch_error = err;
+        return VLMKERN_INT_ACT_ERR_LAUNCH;
+      }
+      cudaGetLastError();
+    }
+  }
+  if (device < kMaxDevices) probed[device] = *available ? 2 : 1;
   return VLMKERN_INT_ACT_OK;
 }

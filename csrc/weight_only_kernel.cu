@@ -641,6 +641,10 @@ extern "C" const char* vlmkern_wo_status_message(int status) {
     case VLMKERN_WO_ERR_BAD_DECODE:
       return "decode must be 0 (exact) or 1 (post-scale), and the post-scale decode takes M <= 16 "
              "(M <= 32 with scale slots of 128 columns)";
+    case VLMKERN_WO_ERR_NO_SM90A:
+      return "the WGMMA kernel needs an sm_90 GPU and a build with sm_90a code "
+             "(TORCH_CUDA_ARCH_LIST containing 9.0a): this device or build has none, or the "
+             "check for it failed";
     case VLMKERN_WO_ERR_SHARED_MEMORY:
       return "the device cannot give a thread block enough shared memory for this configuration";
     case VLMKERN_WO_ERR_LAUNCH:

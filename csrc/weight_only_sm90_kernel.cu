@@ -45,6 +45,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "int_act.h"  // vlmkern_int_act_sm90_available: the build's sm_90a probe
 #include "sm90_wgmma.cuh"
 #include "weight_only.h"
 #include "weight_only_common.cuh"
@@ -192,7 +193,7 @@ struct ChunkStream {
   static constexpr int kWeightPieces = kWeightBytes / 16;
   static constexpr int kChunk = 128;  // columns per chunk: one layout chunk
 
-  const uint16_t* x;         // token row0's piece at column 0 (row clamped below M)
+  const uint16_t* x;         // token row0 at column 0 (row clamped below M)
   const uint16_t* x_any;     // a valid address for zero-filled pieces
   int64_t x_step;            // 16 token rows, in elements
   const unsigned char* w;    // this thread's first weight piece of the next chunk
@@ -207,7 +208,7 @@ struct ChunkStream {
   __device__ __forceinline__ ChunkStream(const WgParams& p, int64_t b, int64_t m0, int c0) {
     const int tid = threadIdx.x, row0 = tid >> 4, piece = tid & 15;
     const int64_t first = m0 + row0 < p.M ? m0 + row0 : p.M - 1;
-    x = p.x + first * p.ldx + piece * 8;
+    x = p.x + first * p.ldx;   // the piece's column is in `col`
     x_any = p.x;
     x_step = int64_t(16) * p.ldx;
     ldx = p.ldx;
@@ -530,6 +531,10 @@ extern "C" int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, 
   if (NB > 65535 || (M + 63) / 64 > 0x7fffffff) return VLMKERN_WO_ERR_BAD_SIZE;  // grid limits
   if (splits < 1 || splits > C || splits > 65535) return VLMKERN_WO_ERR_BAD_SIZE;
   if (splits > 1 && !partial) return VLMKERN_WO_ERR_NULL_POINTER;
+  // Without sm_90a code the kernel would trap and take the CUDA context with it.
+  int built = 0;
+  if (vlmkern_int_act_sm90_available(&built) != VLMKERN_INT_ACT_OK || !built)
+    return VLMKERN_WO_ERR_NO_SM90A;
 
   WgParams p;
   p.x = static_cast<const uint16_t*>(x);

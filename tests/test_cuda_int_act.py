@@ -428,8 +428,9 @@ def mismatch_pattern(got, want) -> str:
 @pytest.mark.parametrize("group", [None, 128, 32])
 def test_gpu_wgmma_equals_mma_bitwise(wa, group):
     # Exact int32 sums and the same epilogue: both GEMMs give the same bits,
-    # at tile-ragged shapes (M, N, K off the 128 tiles; K past one 128-byte tile)
-    for n, k in ((33, 200), (300, 1000), (256, 4096)):
+    # at tile-ragged shapes (M, N, K off the 128 tiles; K past one 128-byte tile;
+    # k=320: the last 128-byte tile half zero-filled)
+    for n, k in ((33, 200), (129, 320), (300, 1000), (256, 4096)):
         qw = make_intact(n, k, *wa, group, seed=n + k, device="cuda")
         bias = torch.randn(n, generator=gen(4)).cuda()
         for m, dtype in ((64, torch.float16), (65, torch.bfloat16), (300, torch.float32),
