@@ -41,8 +41,9 @@ from dataclasses import dataclass
 import torch
 
 from ..formats.binary import BinaryWeight
+from ..formats.packing import unpack_bits
 from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op
-from .cuda_weight_only import _lane_codes, aligned_inputs
+from .cuda_weight_only import _RELAYOUT_WEIGHTS, _lane_codes, aligned_inputs
 
 BLOCK = 128               # the only block size the layout takes: one chunk
 MAX_M = 64
@@ -97,6 +98,18 @@ def _as_int32(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32)
 
 
+def _lut_codes(sign: torch.Tensor, aux: torch.Tensor, k: int, nb: int, c: int) -> torch.Tensor:
+    """Packed sign and aux rows of ``nb`` row blocks (the last may be short)
+    -> their ``codes`` int32 [nb, C, 8, 128]."""
+    index = unpack_bits(sign, 1, k) + 2 * unpack_bits(aux, 1, k)
+    index = torch.nn.functional.pad(index, (0, c * BLOCK - k, 0, nb * BLOCK - index.shape[0]))
+    lane = _lane_codes(index, nb, c).reshape(nb, c, 8, 32, 4, 2, 4, 2)   # ... lane v kt%2 r h
+    dev = index.device
+    shift = (2 * torch.arange(4, device=dev).view(1, 4, 1) + 16 * torch.arange(2, device=dev).view(2, 1, 1)
+             + 8 * torch.arange(2, device=dev).view(1, 1, 2))                # [kt%2, r, h]
+    return _as_int32((lane << shift).sum(dim=(-1, -2, -3))).reshape(nb, c, 8, 128)
+
+
 def to_lut_layout(qweight: BinaryWeight, dtype: torch.dtype) -> LutWeight:
     """Re-lay a binary weight out for the kernel with tables in ``dtype``
     (pure torch, any device)."""
@@ -107,21 +120,22 @@ def to_lut_layout(qweight: BinaryWeight, dtype: torch.dtype) -> LutWeight:
         raise ValueError(f"cuda.binary_lut: activations must be float16 or bfloat16, got {dtype}")
     n, k = qweight.shape
     nb, c = _cdiv(n, BLOCK), _cdiv(k, BLOCK)
-    sign, aux, sal = qweight.planes()
-    index = sign.to(torch.int64) + 2 * aux.to(torch.int64)
-    index = torch.nn.functional.pad(index, (0, c * BLOCK - k, 0, nb * BLOCK - n))
-    lane = _lane_codes(index, nb, c).reshape(nb, c, 8, 32, 4, 2, 4, 2)   # ... lane v kt%2 r h
-    dev = index.device
-    shift = (2 * torch.arange(4, device=dev).view(1, 4, 1) + 16 * torch.arange(2, device=dev).view(2, 1, 1)
-             + 8 * torch.arange(2, device=dev).view(1, 1, 2))                # [kt%2, r, h]
-    codes = _as_int32((lane << shift).sum(dim=(-1, -2, -3))).reshape(nb, c, 8, 128)
+    dev = qweight.sign.device
+    codes = torch.empty(nb, c, 8, 128, dtype=torch.int32, device=dev)
+    # A slice of row blocks at a time bounds the int64 temporaries (~40 bytes per weight).
+    step = max(1, _RELAYOUT_WEIGHTS // (BLOCK * c * BLOCK))
+    for b0 in range(0, nb, step):
+        b1 = min(nb, b0 + step)
+        codes[b0:b1] = _lut_codes(qweight.sign[b0 * BLOCK: b1 * BLOCK],
+                                  qweight.aux[b0 * BLOCK: b1 * BLOCK], k, b1 - b0, c)
+    sal = unpack_bits(qweight.salient, 1, k)
 
     values = _bits16(table_values(qweight), dtype)                         # [N, C, 8]
     values = torch.nn.functional.pad(values, (0, 0, 0, 0, 0, nb * BLOCK - n))
     values = values.reshape(nb, 8, 2, 8, c, 8).permute(0, 4, 1, 3, 2, 5)    # b c w g rh e
     tables = _as_int32(values[..., 0::2] | (values[..., 1::2] << 16)).contiguous()
 
-    flags = torch.nn.functional.pad(sal.to(torch.int64), (0, c * BLOCK - k))
+    flags = torch.nn.functional.pad(sal, (0, c * BLOCK - k))
     flags = flags.reshape(c, 8, 2, 4, 2)                                    # c kt ch t h
     half = torch.tensor(_SALIENT_HALF, device=dev)
     sel = _IDENTITY + (flags * half).sum(dim=-1)                            # c kt ch t
