@@ -65,6 +65,8 @@ def make_weight(w: torch.Tensor, fmt):
     if isinstance(fmt, KernelLayout):
         return LaidOutWeight.from_quantized(vlmkern.quantize_weight(w, fmt.config))
     return vlmkern.quantize_weight(w, fmt)
+
+
 L2_BYTES = 64 << 20
 SPIN_CYCLES = 400_000   # ~200 us at 2 GHz: longer than enqueueing one call
 

@@ -255,7 +255,7 @@ def main(argv=None) -> int:
                 os.environ.pop("VLMKERN_ENABLE", None)
             print(rows[-1], flush=True)
         del model
-    out = Path(args.out) / f"decode_model_{name.split()[-1] if device.type == 'cuda' else 'cpu'}.md"
+    out = Path(args.out) / f"decode_model_{name.split()[1] if device.type == 'cuda' else 'cpu'}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(head + rows) + "\n")
     print(f"wrote {out}")

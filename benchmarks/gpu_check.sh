@@ -25,6 +25,7 @@ out=${1:?usage: gpu_check.sh OUTDIR [TESTS] [BENCH_ARGS...]}
 tests=${2:-tests}
 shift $(( $# >= 2 ? 2 : $# ))
 mkdir -p "$out"
+out=$(cd "$out" && pwd)   # absolute: later phases run from benchmarks/
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 phase() { echo "== $1: rc=$2 after $(( $(date +%s) - $3 )) s"; }
@@ -56,8 +57,8 @@ if [ "${SANITIZE_S:-300}" -gt 0 ] && command -v compute-sanitizer >/dev/null; th
   VLMKERN_SANITIZE=1 timeout "${SANITIZE_S:-300}" compute-sanitizer --tool memcheck \
     --error-exitcode 9 "$py" -m pytest -q -p no:cacheprovider -k "sanitizer_smoke or fast_dequant_matches" \
     tests/test_cuda_weight_only.py tests/test_cuda_weight_only_sm90.py tests/test_cuda_int_act.py \
-    tests/test_cuda_binary.py tests/test_ext.py tests/test_cuda_weight_only_dequant.py \
-    tests/test_cuda_binary_lut_kernel.py >"$out/sanitize_smoke.log" 2>&1
+    tests/test_cuda_binary.py tests/test_cuda_weight_only_dequant.py \
+    tests/test_cuda_binary_lut_kernel.py tests/test_ext.py >"$out/sanitize_smoke.log" 2>&1
   rc=$?; phase memcheck_smoke $rc "$t"; grep -E "ERROR SUMMARY|passed|failed|skipped" \
     "$out/sanitize_smoke.log" | tail -3
   t=$(date +%s)
@@ -96,7 +97,7 @@ fi
 # throughput and occupancy of the default and opt-in kernels on one layer
 if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
   t=$(date +%s)
-  (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --section SpeedOfLight --section WarpStateStats \
+  (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
     --section SchedulerStats --section Occupancy --section MemoryWorkloadAnalysis \
     -k regex:weight_only --launch-count 8 \
     "$py" profile_linear.py ${PROFILE_ARGS:---enable cuda.weight_only_post_scale}) \
@@ -105,7 +106,7 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
     "$out/profile.log" | head -24
   # the integer-activation GEMMs at prefill size: mma.sync and, where built, wgmma
   t=$(date +%s)
-  (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --section SpeedOfLight --section WarpStateStats \
+  (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
     --section Occupancy -k "regex:gemm_kernel|wgmma_kernel" --launch-count 4 \
     "$py" profile_linear.py --format W8A8 --m 4096 --reps 1 --enable cuda.int_act_wgmma) \
     >"$out/profile_int_act.log" 2>&1
@@ -116,7 +117,7 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
   t=$(date +%s)
   (cd benchmarks && for m in 1 16; do
      echo "== M = $m"
-     timeout "${PROFILE_S:-120}" ncu --section SpeedOfLight --section WarpStateStats \
+     timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
        --section Occupancy -k "regex:quantize|gemm_kernel" --launch-count 4 \
        "$py" profile_linear.py --format W8A8 --m $m --reps 1
    done) >"$out/profile_int_act_decode.log" 2>&1
@@ -127,7 +128,7 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
   t=$(date +%s)
   (cd benchmarks && for m in 1 16; do
      echo "== M = $m"
-     timeout "${PROFILE_S:-120}" ncu --section SpeedOfLight --section WarpStateStats \
+     timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
        --section ComputeWorkloadAnalysis -k "regex:stage_kernel|gemm_kernel|reduce_kernel|lut" \
        --launch-count 16 "$py" profile_linear.py --format binary --m $m \
        --enable cuda.binary_prefetch,cuda.binary_lut
@@ -139,7 +140,7 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
   # each, then the Hopper weight-only kernels (A in registers, in shared memory),
   # which need no dequantized copy
   t=$(date +%s)
-  (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --section SpeedOfLight --section WarpStateStats \
+  (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
     -k "regex:dequant|weight_only_wgmma" --launch-count 8 "$py" profile_linear.py --format "W4 g128" \
     --m 4096 --reps 1 --enable cuda.dequant_fast_cublas,cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem) \
     >"$out/profile_dequant.log" 2>&1

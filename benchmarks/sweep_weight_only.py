@@ -27,7 +27,7 @@ from vlmkern.ops import cuda_weight_only as cw
 
 def sweep(shape, k, n, fmt, ms, per_sm, decodes, sms) -> list[str]:
     torch.manual_seed(0)
-    qw = make_weight(torch.randn(n, k) * 0.02, FORMATS[fmt]).to("cuda")
+    qw = make_weight(torch.randn(n, k, device="cuda") * 0.02, FORMATS[fmt])
     mw = cw.kernel_weight(qw, torch.float16)
     # copies of the kernel layout, so every call streams its weight from HBM
     layouts = rotating(lambda: copy.deepcopy(mw), mw.resident_bytes)
@@ -83,6 +83,7 @@ def main(argv=None) -> int:
             lines += sweep(shape, k, n, fmt, [int(m) for m in args.ms.split(",")], per_sm,
                            args.decodes.split(","), sms)
     out = Path(args.out) / f"sweep_weight_only_{name.split()[1]}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(head + lines) + "\n")
     print(f"wrote {out}")
     return 0
