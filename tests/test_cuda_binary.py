@@ -207,15 +207,17 @@ def test_registration_and_unsupported_block():
 # -- GPU ------------------------------------------------------------------------------------
 def assert_matches_dense(y, x, w, bias):
     """Error vs an fp64 product <= 2x that of torch in x's precision, or
-    relative mean error < 1e-3 (DESIGN.md)."""
+    relative mean error < 1e-3 (DESIGN.md) with no output off by more than 8x."""
     truth = x.double() @ w.double().T + (0 if bias is None else bias.double())
     low = (x.float() @ w.to(x.dtype).float().T + (0 if bias is None else bias.float())).to(x.dtype)
     assert y.dtype == x.dtype and y.shape == truth.shape
     err = (y.double() - truth).abs()
     err_ref = (low.double() - truth).abs().max().item()
     rel_mean = (err.mean() / truth.abs().mean()).item()
-    assert err.max().item() <= 2 * err_ref + 1e-6 or rel_mean < 1e-3, (
-        f"max err {err.max().item():.3g} vs reference {err_ref:.3g}, rel mean {rel_mean:.3g}")
+    # the mean alone would let a few grossly wrong outputs (a lost column) through
+    worst = err.max().item()
+    assert worst <= 2 * err_ref + 1e-6 or (rel_mean < 1e-3 and worst <= 8 * err_ref + 1e-6), (
+        f"max err {worst:.3g} vs reference {err_ref:.3g}, rel mean {rel_mean:.3g}")
 
 
 def act(m, k, dtype, seed=1):

@@ -232,7 +232,7 @@ def test_registered_first_and_bounded_in_m(monkeypatch):
 def assert_matches_dense(y, x, w, bias):
     """Error vs the fp64 dense product <= 2x the error of torch run in x's
     precision (dequantized weight cast to x's dtype), or relative mean error < 1e-3
-    (the rule of tests/test_triton_kernels.py)."""
+    (the rule of tests/test_triton_kernels.py) with no output off by more than 8x."""
     truth = x.double() @ w.double().T + (0 if bias is None else bias.double())
     wl = w.to(x.dtype)
     low = (x.float() @ wl.float().T + (0 if bias is None else bias.float())).to(x.dtype)
@@ -241,8 +241,10 @@ def assert_matches_dense(y, x, w, bias):
     err = (y.double() - truth).abs()
     err_ref = (low.double() - truth).abs().max().item()
     rel_mean = (err.mean() / truth.abs().mean()).item()
-    assert err.max().item() <= 2 * err_ref + 1e-6 or rel_mean < 1e-3, (
-        f"max err {err.max().item():.3g} vs reference {err_ref:.3g}, rel mean {rel_mean:.3g}")
+    # the mean alone would let a few grossly wrong outputs (a lost column) through
+    worst = err.max().item()
+    assert worst <= 2 * err_ref + 1e-6 or (rel_mean < 1e-3 and worst <= 8 * err_ref + 1e-6), (
+        f"max err {worst:.3g} vs reference {err_ref:.3g}, rel mean {rel_mean:.3g}")
 
 
 def act(m, k, dtype, seed=1):

@@ -105,7 +105,7 @@ def bias_for(n, seed=2):
 def assert_matches_dense(y, x, w, bias):
     """Kernel error vs an fp64 dense product is <= 2x the error of torch run in
     x's precision (dequantized weight cast to x's dtype), or its relative mean
-    error is < 1e-3."""
+    error is < 1e-3 with no output off by more than 8x."""
     truth = x.double() @ w.double().T + (0 if bias is None else bias.double())
     if x.dtype == torch.float32:
         low = truth.float()
@@ -116,8 +116,10 @@ def assert_matches_dense(y, x, w, bias):
     err = (y.double() - truth).abs()
     err_ref = (low.double() - truth).abs().max().item()
     rel_mean = (err.mean() / truth.abs().mean()).item()
-    assert err.max().item() <= 2 * err_ref + 1e-6 or rel_mean < 1e-3, (
-        f"max err {err.max().item():.3g} vs reference {err_ref:.3g}, rel mean {rel_mean:.3g}")
+    # the mean alone would let a few grossly wrong outputs (a lost column) through
+    worst = err.max().item()
+    assert worst <= 2 * err_ref + 1e-6 or (rel_mean < 1e-3 and worst <= 8 * err_ref + 1e-6), (
+        f"max err {worst:.3g} vs reference {err_ref:.3g}, rel mean {rel_mean:.3g}")
 
 
 # -- weight-only ------------------------------------------------------------------------
