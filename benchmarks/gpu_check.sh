@@ -15,7 +15,8 @@
 # DECODE_ENABLE: opt-in kernels for the whole-decoder run; SWEEP_ARGS
 # go to sweep_weight_only.py (the work-split sweep); PROFILE_ARGS go to the
 # weight-only profile_linear.py run (default: gate/up, M = 1,
-# W4 g128, the opt-in post-scale kernel); more runs profile W8A8 at M = 4096
+# W4 g128, the opt-in post-scale kernel); more runs profile the qkv layer at
+# M = 1, W8A8 at M = 4096
 # (mma.sync and wgmma GEMMs), binary at M = 1 (plain and prefetching) and the
 # dequantize kernels W4 prefill runs in front of cuBLAS (general and fast)
 # next to the Hopper weight-only kernel.
@@ -32,6 +33,15 @@ phase() { echo "== $1: rc=$2 after $(( $(date +%s) - $3 )) s"; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$py" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
+# does a failed C++ check in torch itself raise here, or crash the process?
+# (the kernels' bad-input tests depend on it)
+for dev in cpu cuda; do
+  "$py" -c "import torch
+try:
+    torch.empty(2, 3, device='$dev').view(7)
+except RuntimeError:
+    print('torch error check on $dev: raises')" 2>/dev/null || echo "torch error check on $dev: crashed (rc=$?)"
+done
 
 t=$(date +%s)
 TORCH_CUDA_ARCH_LIST=${ARCH:-9.0a} MAX_JOBS=${MAX_JOBS:-16} timeout "${BUILD_S:-300}" \
@@ -104,6 +114,14 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
     >"$out/profile.log" 2>&1
   rc=$?; phase profile $rc "$t"; grep -E "Duration|Memory Throughput|Issue Slots Busy|Warp Cycles Per Issued" \
     "$out/profile.log" | head -24
+  # the small qkv layer, where a fixed cost dominates (1.06x of cuBLAS at M = 1)
+  t=$(date +%s)
+  (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight \
+    --section WarpStateStats --section SchedulerStats --section LaunchStats -k regex:weight_only \
+    --launch-count 8 "$py" profile_linear.py --shape "qwen2vl-7b qkv" \
+    --enable cuda.weight_only_post_scale) >"$out/profile_qkv.log" 2>&1
+  rc=$?; phase profile_qkv $rc "$t"; grep -E "Duration|Memory Throughput|Issue Slots Busy" \
+    "$out/profile_qkv.log" | head -12
   # the integer-activation GEMMs at prefill size: mma.sync and, where built, wgmma
   t=$(date +%s)
   (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
