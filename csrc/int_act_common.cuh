@@ -62,6 +62,11 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }
+// 16 bytes from src, or zeros when !valid (src is then not read).
+__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -82,6 +87,8 @@ struct GemmArgs {
   int64_t k_tiles;         // k_pad / (2 k-steps)
   int64_t steps_per_group; // group_pad / k-step
   int bias_dtype, out_dtype;
+  int rotate_k;            // 1: block x walks K from k-tile x % k_tiles (the mma.sync
+                           // kernel in int_act_kernel.cu; the wgmma kernel ignores it)
 };
 
 // Outputs (m, n) and (m, n + 1) from their fp32 sums y0, y1 and the token

@@ -229,19 +229,29 @@ int_act_gemm_kernel(GemmArgs p) {
   const int64_t m0 = int64_t(blockIdx.y) * BM, n0 = int64_t(blockIdx.x) * BN;
   const uint32_t smem_base = smem_addr(smem);
 
-  // Rows past M or N load a valid row (the last) instead of being masked: the
-  // copies stay unpredicated and their results are never stored.
+  // Token rows past M are zero-filled (no global read); weight rows past N
+  // load a valid row (the last) instead: their results are never stored.
+  //
+  // K order: when every block shares one activation tile (M <= 64), blocks
+  // walking K in step all read the same few activation bytes at once, from
+  // one L2 slice (a suspect for W8A8 measuring 2x slower at M = 1 than at
+  // M = 16 with the same tiles). With one weight group the int32 sums are
+  // exact in any order, so the launcher then has block x start at k-tile
+  // x % k_tiles and wrap around (rotate_k): the same bits, reads spread.
   const int64_t a_stride = p.k_tiles * kARowBytes, b_stride = p.k_tiles * kBRowBytes;
+  const int64_t k_first = p.rotate_k ? int64_t(blockIdx.x) % p.k_tiles : 0;
   auto load_tile = [&](int stage, int64_t kt) {
     const uint32_t a_smem = smem_base + stage * (C::kAStage + C::kBStage);
     const uint32_t b_smem = a_smem + C::kAStage;
+    kt += k_first;
+    if (kt >= p.k_tiles) kt -= p.k_tiles;
 #pragma unroll
     for (int i = 0; i < BM * kARowBytes / 16 / C::kThreads; ++i) {
       const int chunk = tid + i * C::kThreads;
       const int r = chunk / (kARowBytes / 16), c = chunk % (kARowBytes / 16);
-      const int64_t row = min(m0 + r, p.M - 1);
-      cp_async16(a_smem + swizzle<kARowBytes>(r, c),
-                 p.q + row * a_stride + kt * kARowBytes + c * 16);
+      const bool in_m = m0 + r < p.M;
+      cp_async16_zfill(a_smem + swizzle<kARowBytes>(r, c),
+                       p.q + (in_m ? m0 + r : 0) * a_stride + kt * kARowBytes + c * 16, in_m);
     }
 #pragma unroll
     for (int i = 0; i < BN * kBRowBytes / 16 / C::kThreads; ++i) {
@@ -535,6 +545,9 @@ extern "C" int vlmkern_int_act_gemm(const void* q, const float* sx, const void* 
   args.steps_per_group = group_pad / ks;
   args.bias_dtype = bias_dtype;
   args.out_dtype = out_dtype;
+  // One group spanning every k-step (the group flush comes after the last
+  // step in any order), and one activation tile for all blocks.
+  args.rotate_k = groups == 1 && group_pad == k_pad && M <= 64;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (gemm == VLMKERN_INT_ACT_GEMM_WGMMA) return launch_gemm_sm90(args, s);
   switch (mode) {

@@ -57,12 +57,6 @@ __device__ __forceinline__ uint32_t sw128(int r, int c) {
   return uint32_t(r * kBK + ((c ^ (r & 7)) << 4));
 }
 
-// 16 bytes from src, or zeros when !valid (src is then not read).
-__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-
 #define VLMKERN_ACC8(i)                                                                   \
   "+r"(d[i]), "+r"(d[i + 1]), "+r"(d[i + 2]), "+r"(d[i + 3]), "+r"(d[i + 4]), "+r"(d[i + 5]), \
       "+r"(d[i + 6]), "+r"(d[i + 7])

@@ -359,8 +359,12 @@ def test_gpu_quantize_op_matches_reference(wa):
 def test_gpu_batch_invariant_deterministic_and_routes_agree():
     qw = make_intact(512, 1024, 8, 8, None, seed=6, device="cuda")
     qg = make_intact(512, 1024, 4, 4, 128, seed=7, device="cuda")
+    # per-channel 4-bit weights: the K-rotated decode tiles (M <= 64) of the
+    # int4 MMA (W4A4) and of the widened int4 weights (W4A8)
+    q44 = make_intact(512, 1024, 4, 4, None, seed=8, device="cuda")
+    q48 = make_intact(512, 1024, 4, 8, None, seed=9, device="cuda")
     x = act(600, 1024, torch.bfloat16)
-    for w in (qw, qg):
+    for w in (qw, qg, q44, q48):
         full = cia.int_act_matmul(x, w)
         for m in (1, 3, 16, 17, 64, 300):          # every tile configuration
             assert torch.equal(cia.int_act_matmul(x[:m], w), full[:m])
