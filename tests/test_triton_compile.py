@@ -47,6 +47,13 @@ for dt, tdt, mode in (("fp16", torch.float16, 0), ("bf16", torch.bfloat16, 0),
                 smem = build(wo._wo_gemm_kernel, wo_t, dict(base, SWIZZLE=8, BLOCK_M=c["BLOCK_M"]),
                              cap, c)
             out.append((f"weight_only m={m} {dt} b{bits} g{g}", smem))
+        if m == 1:
+            dq_t = dict(qw_ptr="*i32", s_ptr="*fp16", z_ptr="*i32", out_ptr=f"*{dt}")
+            for bits, g, asym in variants:
+                smem = build(wo._wo_dequant_kernel, dq_t, dict(BITS=bits, GROUP=g, ASYM=asym,
+                             MODE=mode, BLOCK_N=wo.DEQUANT_BLOCK_N, BLOCK_K=wo.DEQUANT_BLOCK_K),
+                             cap, dict(num_warps=4, num_stages=1))
+                out.append((f"weight_only dequantize {dt} b{bits} g{g}", smem))
         cfg = cm.get_config("binary", m, None, tdt)
         bi_t = dict(x_ptr=f"*{dt}", sign_ptr="*i32", aux_ptr="*i32", sal_ptr="*i32",
                     st_ptr="*fp16", bias_ptr="*fp32", out_ptr=f"*{dt}")

@@ -140,14 +140,37 @@ def test_weight_only_linear_every_m(monkeypatch, dtype, bits, group, sym):
     monkeypatch.setenv("VLMKERN_BACKEND", "triton")
     qw = make_groupwise(N, K, bits, group, sym, seed=3)
     w, b = qw.dequantize(), bias_for(N)
-    for m in (1, 2, 3, 16, 17, 65):
+    for m in (1, 2, 3, 16, 17, 64, 65):
         x = act(m, K, dtype, seed=m)
-        want = "triton.weight_only_splitk" if m <= 16 else "triton.weight_only_gemm"
+        want = ("triton.weight_only_splitk" if m <= 16 else "triton.weight_only_gemm" if m <= 64
+                else "triton.dequant_matmul")
         assert ops.which_kernel(x, qw) == want
         y = ops.linear(x, qw, b)
         assert_matches_dense(y, x, w, b)
         ref = reference.weight_only_matmul(x, qw, b)
         assert (y.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max()
+
+
+@pytest.mark.parametrize("dtype", ALL)
+def test_dequantize_equals_the_format_bit_for_bit(dtype):
+    # every bit width, aligned, whole-tile, unaligned (48) and one-per-row
+    # groups, fp16/bf16/fp32 scales, act order: the values of dequantize(),
+    # in stored column order
+    from vlmkern.triton_kernels.weight_only import dequant_matmul, dequantize
+    for bits, group, sym, perm, sd in ((2, 32, False, False, torch.float16),
+                                       (3, 64, False, True, torch.bfloat16),
+                                       (4, 128, True, False, torch.float32),
+                                       (8, None, False, False, torch.float16),
+                                       (4, 48, False, False, torch.float16),
+                                       (3, 256, False, False, torch.float16)):
+        qw = make_groupwise(N, K + 64, bits, group, sym, perm=perm, scale_dtype=sd, seed=bits)
+        want = qw.dequantize(dtype)
+        if perm:
+            want = want[:, qw.perm.long()]
+        got = dequantize(qw, dtype)
+        assert got.dtype == dtype and torch.equal(got, want), (bits, group, sym, perm, sd)
+        x, b = act(70, K + 64, dtype), bias_for(N)
+        assert_matches_dense(dequant_matmul(x, qw, b), x, qw.dequantize(), b)
 
 
 def test_weight_only_leading_dims_and_no_bias(monkeypatch):
@@ -214,9 +237,10 @@ def test_registration_is_idempotent_and_declares_capabilities():
     register_kernels(b)
     register_kernels(b)
     specs = {s.name: s for s in b.kernels}
-    assert len(specs) == len(b.kernels) == 4
+    assert len(specs) == len(b.kernels) == 5
     assert specs["triton.weight_only_splitk"].max_m == 16
     assert specs["triton.weight_only_gemm"].min_m == 17
+    assert specs["triton.weight_only_gemm"].max_m + 1 == specs["triton.dequant_matmul"].min_m
     assert specs["triton.int_act"].bits == frozenset({4, 6, 8})
     assert {s.op for s in b.kernels} == {"weight_only", "int_act", "binary"}
 

@@ -1,7 +1,8 @@
 """Triton kernels of vlmkern, installed as the subpackage vlmkern.triton_kernels.
 
 One module per op family:
-  weight_only  group-wise W2/W3/W4/W8 x fp16/bf16/fp32 (small-M split-K path, tiled GEMM path)
+  weight_only  group-wise W2/W3/W4/W8 x fp16/bf16/fp32 (small-M split-K path, tiled GEMM
+               path, dequantize + GEMM for prefill)
   int_act      W8A8 / W6A6 / W4A4 with per-token activation quantization
   binary       BiLLM-style binarized weights
 
@@ -17,6 +18,10 @@ from __future__ import annotations
 from functools import partial
 
 __all__ = ["register_kernels", "kernel_specs"]
+
+# Smallest M that weight-only layers run as dequantize + GEMM (as the CUDA
+# backend does above its tensor-core kernel's 64 tokens).
+DEQUANT_MIN_M = 65
 
 
 def kernel_specs():
@@ -43,7 +48,12 @@ def kernel_specs():
         KernelSpec("triton.weight_only_gemm", "weight_only",
                    partial(weight_only.weight_only_matmul, path="gemm"),
                    bits=frozenset({2, 3, 4, 8}), group_sizes=None, dtypes=floats,
-                   devices=devices, min_m=17, max_m=None, min_sm=sm80),
+                   devices=devices, min_m=17, max_m=DEQUANT_MIN_M - 1, min_sm=sm80),
+        # Above one mid-size M tile the fused GEMM decodes the weight once per
+        # tile; writing it once and running cuBLAS costs one decode in all.
+        KernelSpec("triton.dequant_matmul", "weight_only", weight_only.dequant_matmul,
+                   bits=frozenset({2, 3, 4, 8}), group_sizes=None, dtypes=floats,
+                   devices=devices, min_m=DEQUANT_MIN_M, max_m=None, min_sm=sm80),
         KernelSpec("triton.int_act", "int_act", int_act.int_act_matmul,
                    bits=frozenset({4, 6, 8}), group_sizes=None, dtypes=floats,
                    devices=devices, min_sm=sm80, check=int_act_check),

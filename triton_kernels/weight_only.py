@@ -16,7 +16,10 @@ weight. Two paths, chosen by M:
   SMs; partial sums go to an fp32 workspace and a second pass adds them in a
   fixed order, so results are run-to-run identical and independent of M.
 * M > 16: ``_wo_gemm_kernel``, a tiled GEMM that dequantizes a [BLOCK_K,
-  BLOCK_N] weight tile per K step and feeds tl.dot; no split-K.
+  BLOCK_N] weight tile per K step and feeds tl.dot; no split-K. Every M tile
+  decodes the whole weight again, so for prefill-sized M the selector takes
+  ``dequant_matmul`` instead: ``_wo_dequant_kernel`` writes the dense weight
+  once (the reference's values, bit for bit) and one cuBLAS GEMM follows.
 
 Launch configs come from a table per M bucket (M <= 16, <= 128, larger), never
 from M itself, so a row's result is bitwise independent of the other rows in
@@ -244,6 +247,54 @@ def _wo_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n_col, mask=n_col < N, other=0.0).to(tl.float32)
     store_out(out_ptr + m2.to(tl.int64) * stride_om + n_col, acc, (m2 < M) & (n_col < N), MODE)
+
+
+@triton.jit
+def _wo_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qn, stride_sn, stride_zn,
+                       stride_on, n_words, z_words,
+                       BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
+                       MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One [BLOCK_N, BLOCK_K] tile of the dense weight (stored column order):
+    # s * (q - z) in fp32, rounded once to the output dtype, as dequantize().
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    w = dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K, stride_qn, stride_sn, stride_zn,
+                     n_words, z_words, BITS, GROUP, ASYM, BLOCK_N, BLOCK_K)
+    n2 = offs_n[:, None]
+    k2 = (k0 + tl.arange(0, BLOCK_K))[None, :]
+    store_out(out_ptr + n2.to(tl.int64) * stride_on + k2, w, (n2 < N) & (k2 < K), MODE)
+
+
+DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 32, 128
+
+
+def dequantize(qweight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] in ``dtype`` with columns in stored order (act
+    order not undone): s * (q - z) computed in fp32 and rounded once, the
+    values of ``qweight.dequantize(dtype)``."""
+    dtype_code(dtype)
+    n, k = qweight.out_features, qweight.in_features
+    qw, sc = qweight.qweight.contiguous(), qweight.scales.contiguous()
+    qz = qweight.qzeros.contiguous() if qweight.qzeros is not None else qw
+    out = torch.empty(n, k, dtype=dtype, device=qw.device)
+    group = qweight.group_size if qweight.group_size is not None and qweight.group_size < k else 0
+    bn, bk = shrink(DEQUANT_BLOCK_N, n), shrink(DEQUANT_BLOCK_K, k, floor=32)
+    mode = 2 if bf16_fixup(out) else 1 if dtype == torch.float32 else 0
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    _wo_dequant_kernel[grid](qw, sc, qz, out, n, k, qw.stride(0), sc.stride(0), qz.stride(0),
+                             out.stride(0), qw.shape[1], qz.shape[1], BITS=qweight.bits,
+                             GROUP=group, ASYM=qweight.qzeros is not None, MODE=mode,
+                             BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1)
+    return out
+
+
+def dequant_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias through the dense weight: ``dequantize`` then one
+    GEMM in x's dtype (cuBLAS on a GPU), the reference's arithmetic."""
+    w = dequantize(qweight, x.dtype)
+    if qweight.perm is not None:
+        x = x.index_select(1, qweight.perm.long())
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def _mode(x: torch.Tensor) -> int:
