@@ -61,6 +61,13 @@ for dt, tdt, mode in (("fp16", torch.float16, 0), ("bf16", torch.bfloat16, 0),
                      SWIZZLE=8, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                      BLOCK_K=cfg["BLOCK_K"]), cap, cfg)
         out.append((f"binary m={m} {dt}", smem))
+        if m == 1:
+            for blk, stat_mode in ((128, 0), (64, 1), (48, 2)):
+                smem = build(bi._binary_dequant_kernel, dict(bi_t, out_ptr=f"*{dt}"),
+                             dict(BLOCK=blk, STAT_MODE=stat_mode, MODE=mode,
+                                  BLOCK_N=bi.DEQUANT_BLOCK_N, BLOCK_K=bi.DEQUANT_BLOCK_K),
+                             cap, dict(num_warps=4, num_stages=1))
+                out.append((f"binary dequantize {dt} block {blk}", smem))
         ia_t = dict(q_ptr="*i8", sx_ptr="*fp32", w_ptr="*i8", sw_ptr="*fp16", bias_ptr="*fp32",
                     out_ptr=f"*{dt}")
         for g, w4 in ((0, False), (128, True), (32, False)):

@@ -237,7 +237,7 @@ def test_registration_is_idempotent_and_declares_capabilities():
     register_kernels(b)
     register_kernels(b)
     specs = {s.name: s for s in b.kernels}
-    assert len(specs) == len(b.kernels) == 5
+    assert len(specs) == len(b.kernels) == 6
     assert specs["triton.weight_only_splitk"].max_m == 16
     assert specs["triton.weight_only_gemm"].min_m == 17
     assert specs["triton.weight_only_gemm"].max_m + 1 == specs["triton.dequant_matmul"].min_m
@@ -254,7 +254,7 @@ for name in ("is_available", "device_count", "get_device_capability", "get_devic
     setattr(torch.cuda, name, touched)
 import vlmkern.triton_kernels as tk
 from vlmkern.triton_kernels import binary, int_act, weight_only  # noqa: F401
-assert len(tk.kernel_specs()) == 4
+assert len(tk.kernel_specs()) == 6
 print("ok")
 """
 
@@ -370,6 +370,21 @@ def test_binary(monkeypatch, block, dtype):
         assert_matches_dense(ops.linear(x, qw, b), x, w, b)
 
 
+@pytest.mark.parametrize("dtype", ALL)
+def test_binary_dequantize_equals_the_format_bit_for_bit(monkeypatch, dtype):
+    # blocks inside a K tile, whole blocks per tile and unaligned blocks
+    from vlmkern.triton_kernels.binary import dequantize
+    for block in (128, 64, 48):
+        qw = make_binary(N, K + 64, block, salient=0.3, seed=block + 1)
+        got = dequantize(qw, dtype)
+        assert got.dtype == dtype and torch.equal(got, qw.dequantize(dtype)), block
+    monkeypatch.setenv("VLMKERN_BACKEND", "triton")
+    x, b = act(65, K + 64, dtype), bias_for(N)
+    assert ops.which_kernel(x, qw) == "triton.binary_dequant_matmul"
+    assert ops.which_kernel(x[:64], qw) == "triton.binary"
+    assert_matches_dense(ops.linear(x, qw, b), x, qw.dequantize(), b)
+
+
 def test_binary_batch_invariant():
     qw = make_binary(N, K, 128, salient=0.3, seed=15)
     x = act(65, K, torch.bfloat16)
@@ -382,15 +397,21 @@ def test_binary_batch_invariant():
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("m", [1, 16, 256])
-def test_gpu_weight_only_4096(bits, m):
+def test_gpu_weight_only_4096(monkeypatch, bits, m):
+    from vlmkern.triton_kernels.weight_only import dequant_matmul
+    monkeypatch.setenv("VLMKERN_BACKEND", "triton")
     qw = make_groupwise(4096, 4096, bits, 128, False, seed=bits)
     w, b = qw.dequantize(), bias_for(4096)
     for dtype in LOW:
         x = act(m, 4096, dtype)
         y = ops.linear(x, qw, b)
-        assert ops.which_kernel(x, qw).startswith("triton.weight_only")
+        prefill = m >= 65
+        assert ops.which_kernel(x, qw).startswith(
+            "triton.dequant_matmul" if prefill else "triton.weight_only")
         assert_matches_dense(y, x, w, b)
-        assert torch.equal(y, weight_only_matmul(x, qw, b))
+        assert torch.equal(y, (dequant_matmul if prefill else weight_only_matmul)(x, qw, b))
+        if prefill:   # the fused GEMM stays callable, and correct
+            assert_matches_dense(weight_only_matmul(x, qw, b, path="gemm"), x, w, b)
 
 
 @gpu
@@ -407,6 +428,8 @@ def test_gpu_int_act_4096(wa, group, m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16, 256])
 def test_gpu_binary_4096(m):
+    from vlmkern.triton_kernels.binary import dequant_matmul
     qw = make_binary(4096, 4096, 128)
     x = act(m, 4096, torch.float16)
     assert_matches_dense(binary_matmul(x, qw), x, qw.dequantize(), None)
+    assert_matches_dense(dequant_matmul(x, qw), x, qw.dequantize(), None)

@@ -4,7 +4,7 @@ One module per op family:
   weight_only  group-wise W2/W3/W4/W8 x fp16/bf16/fp32 (small-M split-K path, tiled GEMM
                path, dequantize + GEMM for prefill)
   int_act      W8A8 / W6A6 / W4A4 with per-token activation quantization
-  binary       BiLLM-style binarized weights
+  binary       BiLLM-style binarized weights (fused GEMM; dequantize + GEMM for prefill)
 
 Importing this package imports neither triton nor torch.cuda state: the
 kernel modules are loaded by ``register_kernels``, which the triton backend's
@@ -19,8 +19,8 @@ from functools import partial
 
 __all__ = ["register_kernels", "kernel_specs"]
 
-# Smallest M that weight-only layers run as dequantize + GEMM (as the CUDA
-# backend does above its tensor-core kernel's 64 tokens).
+# Smallest M that weight-only and binary layers run as dequantize + GEMM
+# (as the CUDA backend does above its tensor-core kernel's 64 tokens).
 DEQUANT_MIN_M = 65
 
 
@@ -59,7 +59,10 @@ def kernel_specs():
                    devices=devices, min_sm=sm80, check=int_act_check),
         KernelSpec("triton.binary", "binary", binary.binary_matmul,
                    bits=frozenset({1}), group_sizes=None, dtypes=floats,
-                   devices=devices, min_sm=sm80),
+                   devices=devices, max_m=DEQUANT_MIN_M - 1, min_sm=sm80),
+        KernelSpec("triton.binary_dequant_matmul", "binary", binary.dequant_matmul,
+                   bits=frozenset({1}), group_sizes=None, dtypes=floats,
+                   devices=devices, min_m=DEQUANT_MIN_M, min_sm=sm80),
     ]
 
 

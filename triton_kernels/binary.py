@@ -8,6 +8,9 @@ Each K step decodes a [BLOCK_K, BLOCK_N] weight tile in registers:
 then feeds tl.dot. The planes are 1 bit per weight, so per tile the kernel
 reads 2 bits/weight plus one 8-value stats record per row and block (loaded
 once per tile when the K tile lies inside one block); no pack-time re-layout.
+For prefill-sized M, where every M tile would decode the weight again,
+``dequant_matmul`` writes the dense weight once (``_binary_dequant_kernel``,
+the format's values bit for bit) and runs one cuBLAS GEMM.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dtype_code, get_config, launch_opts, shrink, swizzled_tile
+from ._common import bf16_fixup, dtype_code, get_config, launch_opts, shrink, swizzled_tile
 from .weight_only import _mode, mma, spread, store_out, unpack_rows, weight_operand
 
 
@@ -130,3 +133,48 @@ def binary_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
                          MODE=_mode(x), SWIZZLE=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                          **launch_opts(cfg, x.device))
     return out
+
+
+@triton.jit
+def _binary_dequant_kernel(sign_ptr, aux_ptr, sal_ptr, st_ptr, out_ptr, N, K, stride_sn,
+                           stride_tn, stride_tb, stride_on, BLOCK: tl.constexpr,
+                           STAT_MODE: tl.constexpr, MODE: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    # One [BLOCK_N, BLOCK_K] tile of the dense weight, computed in fp32 as
+    # dequantize() computes it and rounded once to the output dtype.
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    w = dequant_binary_tile(sign_ptr, aux_ptr, sal_ptr, st_ptr, offs_n, k0, N, K, stride_sn,
+                            stride_tn, stride_tb, STAT_MODE, BLOCK, BLOCK_N, BLOCK_K)
+    n2 = offs_n[:, None]
+    k2 = (k0 + tl.arange(0, BLOCK_K))[None, :]
+    store_out(out_ptr + n2.to(tl.int64) * stride_on + k2, w, (n2 < N) & (k2 < K), MODE)
+
+
+DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 32, 128
+
+
+def dequantize(qweight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] in ``dtype``: the values of
+    ``qweight.dequantize(dtype)``, bit for bit."""
+    dtype_code(dtype)
+    n, k = qweight.out_features, qweight.in_features
+    sign, aux = qweight.sign.contiguous(), qweight.aux.contiguous()
+    sal, st = qweight.salient.contiguous(), qweight.stats.contiguous()
+    out = torch.empty(n, k, dtype=dtype, device=sign.device)
+    bn, bk = shrink(DEQUANT_BLOCK_N, n), shrink(DEQUANT_BLOCK_K, k, floor=32)
+    blk = qweight.block_size
+    stat_mode = 0 if blk % bk == 0 else (1 if bk % blk == 0 else 2)
+    mode = 2 if bf16_fixup(out) else 1 if dtype == torch.float32 else 0
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    _binary_dequant_kernel[grid](sign, aux, sal, st, out, n, k, sign.stride(0), st.stride(0),
+                                 st.stride(1), out.stride(0), BLOCK=blk, STAT_MODE=stat_mode,
+                                 MODE=mode, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1)
+    return out
+
+
+def dequant_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias through the dense weight: ``dequantize`` then one
+    GEMM in x's dtype (cuBLAS on a GPU), the reference's arithmetic."""
+    w = dequantize(qweight, x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
