@@ -113,8 +113,10 @@ def dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K, stride_qn, stride_sn, s
                  n_words, z_words,
                  BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 tile W[offs_n, k0 : k0 + BLOCK_K] = s * (q - z), [BLOCK_N, BLOCK_K];
-    out-of-range entries are exactly 0. GROUP 0 means one group per row."""
+    """fp32 tile W[offs_n, k0 : k0 + BLOCK_K] = s * (q - z), [BLOCK_N, BLOCK_K].
+    GROUP 0 means one group per row. Rows past N come out 0 (their scales
+    load as 0); columns past K are finite and meet zero activations (every
+    caller masks x, or the store), so they are not masked here."""
     n2 = offs_n[:, None]
     nm = n2 < N
     k2 = (k0 + tl.arange(0, BLOCK_K))[None, :]
@@ -151,8 +153,7 @@ def dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K, stride_qn, stride_sn, s
         s = tl.load(s_rows + gi, mask=mask, other=0.0).to(tl.float32)
         if ASYM:
             z = codes_at(z_rows, gi, mask, z_words, BITS)
-    w = (q - z).to(tl.float32) * s
-    return tl.where(mask, w, 0.0)
+    return (q - z).to(tl.float32) * s
 
 
 @triton.jit
