@@ -134,6 +134,37 @@ def test_weight_only_grid(bits, group, sym):
         assert_matches_dense(weight_only_matmul(x, qw, b), x, w, b)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group", [16, 32, 128, None])
+@pytest.mark.parametrize("sym", [True, False])
+def test_one_token_kernel(bits, group, sym):
+    # odd N, K ending inside a word (K = 200 is 12.5 words of 2-bit codes),
+    # split K, act order, bias, every dtype
+    from vlmkern.triton_kernels.weight_only import gemv
+    if group == 16 and bits == 2:
+        group = 32                                    # 16 2-bit codes fill one word anyway
+    qw = make_groupwise(N, K, bits, group, sym, perm=bits == 4, seed=bits + (group or 0))
+    w, b = qw.dequantize(), bias_for(N)
+    for dtype in ALL:
+        x = act(1, K, dtype, seed=bits)
+        for split in (None, 3):
+            y = gemv(x, qw, b if split else None, split_k=split)
+            assert_matches_dense(y, x, w, b if split else None)
+
+
+def test_one_token_kernel_declines_what_it_cannot_run(monkeypatch):
+    from vlmkern.triton_kernels.weight_only import gemv
+    monkeypatch.setenv("VLMKERN_BACKEND", "triton")
+    x = act(1, K, torch.float16)
+    for qw, why in ((make_groupwise(N, K, 3, 32, False), "straddle"),
+                    (make_groupwise(N, K, 4, 12, False), "whole number")):
+        assert ops.which_kernel(x, qw) == "triton.weight_only_splitk"
+        with pytest.raises(ValueError, match=why):
+            gemv(x, qw)
+    with pytest.raises(ValueError, match="one token"):
+        gemv(act(2, K, torch.float16), make_groupwise(N, K, 4, 32, False))
+
+
 @pytest.mark.parametrize("dtype", ALL)
 @pytest.mark.parametrize("bits,group,sym", [(3, 32, False), (4, None, True), (2, 64, False)])
 def test_weight_only_linear_every_m(monkeypatch, dtype, bits, group, sym):
@@ -142,7 +173,8 @@ def test_weight_only_linear_every_m(monkeypatch, dtype, bits, group, sym):
     w, b = qw.dequantize(), bias_for(N)
     for m in (1, 2, 3, 16, 17, 64, 65):
         x = act(m, K, dtype, seed=m)
-        want = ("triton.weight_only_splitk" if m <= 16 else "triton.weight_only_gemm" if m <= 64
+        want = ("triton.weight_only_gemv" if m == 1 and bits != 3 else
+                "triton.weight_only_splitk" if m <= 16 else "triton.weight_only_gemm" if m <= 64
                 else "triton.dequant_matmul")
         assert ops.which_kernel(x, qw) == want
         y = ops.linear(x, qw, b)
@@ -237,7 +269,8 @@ def test_registration_is_idempotent_and_declares_capabilities():
     register_kernels(b)
     register_kernels(b)
     specs = {s.name: s for s in b.kernels}
-    assert len(specs) == len(b.kernels) == 6
+    assert len(specs) == len(b.kernels) == 7
+    assert specs["triton.weight_only_gemv"].max_m == 1
     assert specs["triton.weight_only_splitk"].max_m == 16
     assert specs["triton.weight_only_gemm"].min_m == 17
     assert specs["triton.weight_only_gemm"].max_m + 1 == specs["triton.dequant_matmul"].min_m
@@ -254,7 +287,7 @@ for name in ("is_available", "device_count", "get_device_capability", "get_devic
     setattr(torch.cuda, name, touched)
 import vlmkern.triton_kernels as tk
 from vlmkern.triton_kernels import binary, int_act, weight_only  # noqa: F401
-assert len(tk.kernel_specs()) == 6
+assert len(tk.kernel_specs()) == 7
 print("ok")
 """
 
@@ -398,19 +431,23 @@ def test_binary_batch_invariant():
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("m", [1, 16, 256])
 def test_gpu_weight_only_4096(monkeypatch, bits, m):
-    from vlmkern.triton_kernels.weight_only import dequant_matmul
+    from vlmkern.triton_kernels.weight_only import dequant_matmul, gemv
     monkeypatch.setenv("VLMKERN_BACKEND", "triton")
     qw = make_groupwise(4096, 4096, bits, 128, False, seed=bits)
     w, b = qw.dequantize(), bias_for(4096)
+    direct = {"triton.weight_only_gemv": gemv, "triton.weight_only_splitk": weight_only_matmul,
+              "triton.weight_only_gemm": weight_only_matmul, "triton.dequant_matmul": dequant_matmul}
     for dtype in LOW:
         x = act(m, 4096, dtype)
         y = ops.linear(x, qw, b)
-        prefill = m >= 65
-        assert ops.which_kernel(x, qw).startswith(
-            "triton.dequant_matmul" if prefill else "triton.weight_only")
+        kernel = ops.which_kernel(x, qw)
+        assert kernel == ("triton.weight_only_gemv" if m == 1 and bits != 3 else
+                          "triton.weight_only_splitk" if m <= 16 else "triton.dequant_matmul")
         assert_matches_dense(y, x, w, b)
-        assert torch.equal(y, (dequant_matmul if prefill else weight_only_matmul)(x, qw, b))
-        if prefill:   # the fused GEMM stays callable, and correct
+        assert torch.equal(y, direct[kernel](x, qw, b))
+        if m == 1:    # the MMA path stays callable for one token, and correct
+            assert_matches_dense(weight_only_matmul(x, qw, b), x, w, b)
+        if m >= 65:   # the fused GEMM too
             assert_matches_dense(weight_only_matmul(x, qw, b, path="gemm"), x, w, b)
 
 

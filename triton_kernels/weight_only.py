@@ -5,25 +5,30 @@ No pack-time re-layout: the kernels read the canonical little-endian bit
 stream (code j = stream bits [j*b, j*b+b)) as whole int32 words, BLOCK_K*b/32
 per row and K tile, and fan the codes out in registers, so a checkpoint loads
 with zero conversion and a tile moves through L1/shared memory at b bits per
-weight. Two paths, chosen by M:
+weight. The paths, chosen by M:
 
-* M <= 16 (decode): ``_wo_small_kernel``. One program streams a tile of
+* M = 1 (decode of one sequence), 2/4/8-bit codes: ``_wo_gemv_kernel`` on
+  the CUDA cores (see there), with far fewer instructions per weight than the
+  MMA path, whose decoded tile has to be moved into an MMA operand layout.
+* M <= 16 (decode; M = 1 with 3-bit codes or groups of part-words too):
+  ``_wo_small_kernel``. One program streams a tile of
   BLOCK_N weight rows over a slice of K, dequantizes each [BLOCK_N, BLOCK_K]
   tile in registers and multiplies it with the (at most 16) token rows on the
   tensor cores with the weight tile as the MMA's M operand ("swap AB": 16
   tokens are the narrow N side, so no MMA rows are wasted on padding tokens
   beyond 16). K is split over a second grid axis when N alone cannot fill the
   SMs; partial sums go to an fp32 workspace and a second pass adds them in a
-  fixed order, so results are run-to-run identical and independent of M.
+  fixed order, so results are run-to-run identical and, for M = 2..16,
+  independent of M.
 * M > 16: ``_wo_gemm_kernel``, a tiled GEMM that dequantizes a [BLOCK_K,
   BLOCK_N] weight tile per K step and feeds tl.dot; no split-K. Every M tile
   decodes the whole weight again, so for prefill-sized M the selector takes
   ``dequant_matmul`` instead: ``_wo_dequant_kernel`` writes the dense weight
   once (the reference's values, bit for bit) and one cuBLAS GEMM follows.
 
-Launch configs come from a table per M bucket (M <= 16, <= 128, larger), never
-from M itself, so a row's result is bitwise independent of the other rows in
-its batch within a bucket. Activation order (perm) is handled by gathering x's
+Launch configs come from a table per M bucket (M = 1, <= 16, <= 128, larger),
+never from M itself, so a row's result is bitwise independent of the other
+rows in its batch within a bucket. Activation order (perm) is handled by gathering x's
 columns once before the launch; weights are never gathered.
 """
 from __future__ import annotations
@@ -222,6 +227,74 @@ def _wo_small_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
 
 
 @triton.jit
+def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
+                    N, K, stride_qn, stride_sn, stride_zn, n_words, z_words, tiles_per_split,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, MODE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One token on the CUDA cores, for codes that fill whole 32-bit words
+    # (2, 4, 8 bits) and groups of whole words. Code j of every word of the
+    # [BLOCK_N, W] tile is taken at once, in the layout the words were loaded
+    # in (nothing goes through shared memory to an MMA operand layout), and
+    # multiplied with x in fp32; a word's products are summed in registers,
+    # then its group's zero and scale are applied once per word, and the
+    # per-word sums accumulate over the K tiles, reduced across words only
+    # at the end. No int-to-float instruction: a field at bit p (p + BITS
+    # <= 20), ORed into 2^23 (0x4B000000), is the fp32 number 2^23 + q*2^p,
+    # so subtracting 2^23 leaves q*2^p exactly, and x*2^-p (exact) undoes the
+    # 2^p; fields above bit 20 are shifted down by 12 first, once per word.
+    CPW: tl.constexpr = 32 // BITS
+    W: tl.constexpr = BLOCK_K // CPW
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n2 = offs_n[:, None]
+    nm = n2 < N
+    rows = qw_ptr + n2.to(tl.int64) * stride_qn
+    s_rows = s_ptr + n2.to(tl.int64) * stride_sn
+    z_rows = z_ptr + n2.to(tl.int64) * stride_zn
+    acc = tl.zeros([BLOCK_N, W], dtype=tl.float32)
+    k_first = pid_k * tiles_per_split * BLOCK_K
+    for t in range(0, tiles_per_split):
+        k0 = k_first + t * BLOCK_K
+        wid = (k0 // CPW + tl.arange(0, W))[None, :]                       # [1, W]
+        wmask = nm & (wid < n_words)
+        words = tl.load(rows + wid, mask=wmask, other=0)
+        high = words >> 12
+        if GROUP == 0:
+            gi = wid * 0
+        else:
+            gi = wid * CPW // GROUP
+        s = tl.load(s_rows + gi, mask=wmask, other=0.0).to(tl.float32)
+        if ASYM:
+            z = codes_at(z_rows, gi, wmask, z_words, BITS).to(tl.float32)
+        else:
+            z = tl.full([1, 1], 1 << (BITS - 1), tl.float32)
+        offs = k0 + tl.arange(0, W) * CPW                                  # word starts
+        dot = tl.zeros([BLOCK_N, W], dtype=tl.float32)
+        xsum = tl.zeros([W], dtype=tl.float32)
+        for j in tl.static_range(CPW):
+            xj = tl.load(x_ptr + offs + j, mask=offs + j < K, other=0.0).to(tl.float32)
+            xsum += xj
+            if BITS * j + BITS <= 20:
+                field = (words & (((1 << BITS) - 1) << (BITS * j))) | 0x4B000000
+                unscale = 1.0 / (1 << (BITS * j))
+            else:
+                field = (high & (((1 << BITS) - 1) << (BITS * j - 12))) | 0x4B000000
+                unscale = 1.0 / (1 << (BITS * j - 12))
+            qj = field.to(tl.float32, bitcast=True) - 8388608.0
+            dot += qj * (xj * unscale)[None, :]
+        acc += (dot - z * xsum[None, :]) * s
+    y = tl.sum(acc, axis=1)
+    if SPLIT:
+        tl.store(ws_ptr + pid_k * N + offs_n, y, mask=offs_n < N)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        store_out(out_ptr + offs_n, y, offs_n < N, MODE)
+
+
+@triton.jit
 def _wo_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
                     M, N, K, stride_xm, stride_om, stride_qn, stride_sn, stride_zn,
                     n_words, z_words,
@@ -304,6 +377,58 @@ def _mode(x: torch.Tensor) -> int:
     if bf16_fixup(x):
         return 2
     return 0
+
+
+# (BLOCK_N, BLOCK_K) of the one-token kernel per bit width: 16 or 32 words of
+# K per row and tile; as many rows as keep the registers near 128 per thread
+# (checked by compiling offline: sm_90, 4 warps, no spills).
+GEMV_TILES = {2: (64, 256), 4: (128, 128), 8: (64, 128)}
+
+
+def gemv_reason(qweight) -> str | None:
+    """Why the one-token kernel cannot take this weight, or None."""
+    if qweight.bits not in GEMV_TILES:
+        return f"{qweight.bits}-bit codes straddle 32-bit words (the one-token kernel takes 2, 4, 8)"
+    g, k = qweight.group_size, qweight.in_features
+    if g is not None and g < k and g % (32 // qweight.bits):
+        return f"group size {g} is not a whole number of {32 // qweight.bits}-code words"
+    return None
+
+
+def gemv(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
+         split_k: int | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias for one token (x [1, K]) on the CUDA cores
+    (``_wo_gemv_kernel``); fp32 products of the exact codes, scales applied
+    per word of codes. K is split over the grid as in the small-M path."""
+    why = gemv_reason(qweight)
+    if why is not None:
+        raise ValueError(f"triton.weight_only_gemv: {why}")
+    m, k = x.shape
+    if m != 1:
+        raise ValueError(f"triton.weight_only_gemv takes one token, got M={m}")
+    n = qweight.out_features
+    dtype_code(x.dtype)
+    if qweight.perm is not None:
+        x = x.index_select(1, qweight.perm.long())
+    x = x.contiguous()
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    bn, bk = GEMV_TILES[qweight.bits]
+    bn = shrink(bn, n)
+    qw, sc = qweight.qweight.contiguous(), qweight.scales.contiguous()
+    qz = qweight.qzeros.contiguous() if qweight.qzeros is not None else qw
+    group = qweight.group_size if qweight.group_size is not None and qweight.group_size < k else 0
+    n_tiles = triton.cdiv(n, bn)
+    splits, per = split_k_plan(n_tiles, triton.cdiv(k, bk), x.device, split_k)
+    ws = torch.empty(splits, 1, n, dtype=torch.float32, device=x.device) if splits > 1 else out
+    opts = launch_opts(dict(num_warps=4, num_stages=3), x.device)
+    _wo_gemv_kernel[(n_tiles, splits)](
+        x, qw, sc, qz, bias if bias is not None else out, out, ws, n, k, qw.stride(0),
+        sc.stride(0), qz.stride(0), qw.shape[1], qz.shape[1], per, BITS=qweight.bits,
+        GROUP=group, ASYM=qweight.qzeros is not None, HAS_BIAS=bias is not None,
+        SPLIT=splits > 1, MODE=_mode(x), BLOCK_N=bn, BLOCK_K=bk, **opts)
+    if splits > 1:
+        splitk_reduce(ws, bias, out)
+    return out
 
 
 def weight_only_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
