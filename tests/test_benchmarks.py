@@ -1,9 +1,14 @@
 """Smoke runs of the benchmark scripts that can run without a GPU, so they
 keep working between the GPU runs that use them."""
+import os
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
 
 import decode_model  # noqa: E402
 
@@ -22,3 +27,17 @@ def test_decode_model_runs_on_cpu(tmp_path, capsys):
     for r in rows:
         prefill, decode, _, graph_decode = (float(v) for v in r.split(" | ")[3:7])
         assert prefill > 0 and decode >= 0 and graph_decode > 0
+
+
+
+def test_sass_count_triton_counts_both_decode_loops():
+    # a subprocess: kernels decorated in the interpreter (other tests) cannot be compiled
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "sass_count_triton.py", "--formats", "W4 g128"],
+                         cwd=BENCH, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [r for r in out.stdout.splitlines() if r.startswith("| W4 g128")]
+    assert [r.split(" | ")[1] for r in rows] == ["one token, CUDA cores", "M <= 16, MMA"]
+    assert all(float(r.split(" | ")[3]) > 0 for r in rows)
