@@ -174,7 +174,7 @@ def test_layout_cache_is_reused_and_invalidated():
 
 @pytest.mark.parametrize("units, ctas, chunks", [
     (1, 1, 1), (12, 5, 4), (1024, 264, 32), (296 * 28, 264, 28), (28 * 148, 264, 148),
-    (7, 7, 7), (9, 4, 1), (40, 39, 2),
+    (7, 7, 7), (9, 4, 1), (40, 39, 2), (36 * 28, 264, 28), (5 * 3, 14, 3), (64 * 7, 100, 7),
 ])
 def test_stream_k_parts_cover_every_unit_once(units, ctas, chunks):
     parts = cw.stream_k_parts(units, ctas, chunks)
