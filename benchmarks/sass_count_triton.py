@@ -1,7 +1,7 @@
 """Static instruction counts of the Triton weight-only decode loops (no GPU).
 
-Compiles the one-token kernel (``_wo_gemv_kernel``) and the small-M MMA
-kernel (``_wo_small_kernel``) offline to a cubin, as Triton would for a
+Compiles the one-token kernels (``_wo_gemv_kernel``, ``_binary_gemv_kernel``)
+and the small-M MMA kernels they replace at M = 1 offline to a cubin, as Triton would for a
 launch whose pointers and strides are multiples of 16, disassembles it and
 counts the instructions of the main loop (the longest backward branch), per
 weight element a thread handles: a static stand-in for decode cost on a
@@ -9,7 +9,7 @@ machine without a GPU. Int-to-float conversions (I2F / I2FP) are counted
 apart: they issue at a quarter of the rate of the other arithmetic.
 
     python benchmarks/sass_count_triton.py                 # sm_90
-    python benchmarks/sass_count_triton.py --cap 80
+    python benchmarks/sass_count_triton.py --cap 80 --formats "W4 g128,binary"
 """
 from __future__ import annotations
 
@@ -28,16 +28,19 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from sass_count import cuobjdump  # noqa: E402
+from vlmkern.triton_kernels import binary as bi  # noqa: E402
 from vlmkern.triton_kernels import weight_only as wo  # noqa: E402
 
 # Arguments Triton specializes as multiples of 16 at a typical launch.
 DIV16 = {"x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "ws_ptr", "N", "K", "stride_xm",
-         "stride_om", "stride_qn", "stride_sn", "stride_zn", "n_words", "z_words"}
+         "stride_om", "stride_qn", "stride_sn", "stride_zn", "n_words", "z_words", "sign_ptr",
+         "aux_ptr", "sal_ptr", "st_ptr", "stride_tn", "stride_tb", "words_per_split"}
 
 
-def compile_cubin(fn, consts: dict, cap: int, num_warps: int, num_stages: int) -> bytes:
-    types = dict(x_ptr="*fp16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*i32", bias_ptr="*fp32",
-                 out_ptr="*fp16", ws_ptr="*fp32")
+def compile_cubin(fn, consts: dict, cap: int, num_warps: int, num_stages: int,
+                  types: dict | None = None) -> bytes:
+    types = types or dict(x_ptr="*fp16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*i32",
+                          bias_ptr="*fp32", out_ptr="*fp16", ws_ptr="*fp32")
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in DIV16}
     k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cap, 32),
@@ -66,6 +69,27 @@ def main_loop(cubin: bytes) -> list[str]:
             for addr, ins in lines if best[0] <= int(addr, 16) <= best[1]]
 
 
+def binary_rows(cap: int) -> list[str]:
+    """The binary (BiLLM) decode loops at block size 128."""
+    types = dict(x_ptr="*fp16", sign_ptr="*i32", aux_ptr="*i32", sal_ptr="*i32", st_ptr="*fp16",
+                 bias_ptr="*fp32", out_ptr="*fp16", ws_ptr="*fp32")
+    kernels = [("one token, CUDA cores", bi._binary_gemv_kernel,
+                dict(BLOCK=128, HAS_BIAS=False, SPLIT=True, MODE=0, BLOCK_N=bi.GEMV_ROWS,
+                     W=bi.GEMV_WORDS), bi.GEMV_ROWS * 32 * bi.GEMV_WORDS, 4),
+               ("M <= 16, MMA", bi._binary_kernel,
+                dict(BLOCK=128, STAT_MODE=0, HAS_BIAS=False, MODE=0, SWIZZLE=8, BLOCK_M=16,
+                     BLOCK_N=64, BLOCK_K=64), 64 * 64, 8)]
+    out = []
+    for name, fn, consts, elements, warps in kernels:
+        ops = main_loop(compile_cubin(fn, consts, cap, warps, 3, types))
+        count = collections.Counter(ops)
+        top = ", ".join(f"{op} {n}" for op, n in count.most_common(5))
+        per_thread = elements / (warps * 32)
+        out.append(f"| binary b128 | {name} | {warps} warps | {len(ops) / per_thread:.1f} "
+                   f"| {(count['I2F'] + count['I2FP']) / per_thread:.2f} | {top} |")
+    return out
+
+
 def rows(cap: int, cases) -> list[str]:
     out = []
     for label, bits, group in cases:
@@ -89,10 +113,14 @@ def rows(cap: int, cases) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cap", type=int, default=90, help="compute capability (80, 90)")
-    ap.add_argument("--formats", default="W4 g128,W2 g128,W8 g128,W3 g128")
+    ap.add_argument("--formats", default="W4 g128,W2 g128,W8 g128,W3 g128,binary",
+                    help="weight-only formats; 'binary' adds the binary kernels")
     args = ap.parse_args(argv)
-    cases = []
+    cases, binary = [], False
     for label in args.formats.split(","):
+        if label.strip() == "binary":
+            binary = True
+            continue
         m = re.fullmatch(r"W(\d) g(\d+)", label.strip())
         if not m:
             raise SystemExit(f"sass_count_triton: format {label!r} is not like 'W4 g128'")
@@ -101,7 +129,7 @@ def main(argv=None) -> int:
           f"asymmetric: instructions per weight element per thread")
     print("| format | kernel | tile | instructions / weight | int-to-float / weight | top opcodes |")
     print("|---|---|---|---|---|---|")
-    for row in rows(args.cap, cases):
+    for row in rows(args.cap, cases) + (binary_rows(args.cap) if binary else []):
         print(row, flush=True)
     return 0
 

@@ -68,6 +68,12 @@ for dt, tdt, mode in (("fp16", torch.float16, 0), ("bf16", torch.bfloat16, 0),
                      BLOCK_K=cfg["BLOCK_K"]), cap, cfg)
         out.append((f"binary m={m} {dt}", smem))
         if m == 1:
+            bg_t = dict(bi_t, ws_ptr="*fp32")
+            for blk in (128, 32):
+                smem = build(bi._binary_gemv_kernel, bg_t, dict(BLOCK=blk, HAS_BIAS=True,
+                             SPLIT=True, MODE=mode, BLOCK_N=bi.GEMV_ROWS, W=bi.GEMV_WORDS),
+                             cap, dict(num_warps=4, num_stages=3))
+                out.append((f"binary gemv {dt} block {blk}", smem))
             for blk, stat_mode in ((128, 0), (64, 1), (48, 2)):
                 smem = build(bi._binary_dequant_kernel, dict(bi_t, out_ptr=f"*{dt}"),
                              dict(BLOCK=blk, STAT_MODE=stat_mode, MODE=mode,

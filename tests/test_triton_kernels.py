@@ -269,7 +269,7 @@ def test_registration_is_idempotent_and_declares_capabilities():
     register_kernels(b)
     register_kernels(b)
     specs = {s.name: s for s in b.kernels}
-    assert len(specs) == len(b.kernels) == 7
+    assert len(specs) == len(b.kernels) == 8
     assert specs["triton.weight_only_gemv"].max_m == 1
     assert specs["triton.weight_only_splitk"].max_m == 16
     assert specs["triton.weight_only_gemm"].min_m == 17
@@ -287,7 +287,7 @@ for name in ("is_available", "device_count", "get_device_capability", "get_devic
     setattr(torch.cuda, name, touched)
 import vlmkern.triton_kernels as tk
 from vlmkern.triton_kernels import binary, int_act, weight_only  # noqa: F401
-assert len(tk.kernel_specs()) == 7
+assert len(tk.kernel_specs()) == 8
 print("ok")
 """
 
@@ -399,8 +399,29 @@ def test_binary(monkeypatch, block, dtype):
     w, b = qw.dequantize(), bias_for(N)
     for m in (1, 17):
         x = act(m, K, dtype, seed=m)
-        assert ops.which_kernel(x, qw) == "triton.binary"
+        gemv = m == 1 and block % 32 == 0
+        assert ops.which_kernel(x, qw) == ("triton.binary_gemv" if gemv else "triton.binary")
         assert_matches_dense(ops.linear(x, qw, b), x, w, b)
+
+
+@pytest.mark.parametrize("block", [128, 64, 32])
+def test_binary_one_token_kernel(block):
+    # salient-heavy and salient-free weights, K ending inside a word, split K,
+    # bias, every dtype, fp32 statistics
+    from vlmkern.triton_kernels.binary import gemv
+    for salient, stats in ((0.3, torch.float16), (0.0, torch.float32)):
+        qw = make_binary(N, K, block, salient=salient, seed=block)
+        if stats != torch.float16:
+            qw = BinaryWeight(qw.sign, qw.aux, qw.salient, qw.stats.to(stats), qw.block_size,
+                              qw.in_features)
+        w, b = qw.dequantize(), bias_for(N)
+        for dtype in ALL:
+            x = act(1, K, dtype, seed=block)
+            for split in (None, 3):
+                y = gemv(x, qw, b if split else None, split_k=split)
+                assert_matches_dense(y, x, w, b if split else None)
+    with pytest.raises(ValueError, match="whole number of 32-bit words"):
+        gemv(act(1, K, torch.float16), make_binary(N, K, 48))
 
 
 @pytest.mark.parametrize("dtype", ALL)
@@ -465,8 +486,10 @@ def test_gpu_int_act_4096(wa, group, m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16, 256])
 def test_gpu_binary_4096(m):
-    from vlmkern.triton_kernels.binary import dequant_matmul
+    from vlmkern.triton_kernels.binary import dequant_matmul, gemv
     qw = make_binary(4096, 4096, 128)
     x = act(m, 4096, torch.float16)
     assert_matches_dense(binary_matmul(x, qw), x, qw.dequantize(), None)
     assert_matches_dense(dequant_matmul(x, qw), x, qw.dequantize(), None)
+    if m == 1:
+        assert_matches_dense(gemv(x, qw), x, qw.dequantize(), None)

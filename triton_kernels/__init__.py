@@ -41,6 +41,10 @@ def kernel_specs():
         why = weight_only.gemv_reason(qweight)
         return None if why is None else f"triton.weight_only_gemv: {why}"
 
+    def binary_gemv_check(x, qweight):
+        why = binary.gemv_reason(qweight)
+        return None if why is None else f"triton.binary_gemv: {why}"
+
     def int_act_check(x, qweight):
         return int_act.supports_group(qweight.group_size, qweight.in_features)
 
@@ -65,6 +69,9 @@ def kernel_specs():
         KernelSpec("triton.int_act", "int_act", int_act.int_act_matmul,
                    bits=frozenset({4, 6, 8}), group_sizes=None, dtypes=floats,
                    devices=devices, min_sm=sm80, check=int_act_check),
+        KernelSpec("triton.binary_gemv", "binary", binary.gemv,
+                   bits=frozenset({1}), group_sizes=None, dtypes=floats,
+                   devices=devices, min_m=1, max_m=1, min_sm=sm80, check=binary_gemv_check),
         KernelSpec("triton.binary", "binary", binary.binary_matmul,
                    bits=frozenset({1}), group_sizes=None, dtypes=floats,
                    devices=devices, max_m=DEQUANT_MIN_M - 1, min_sm=sm80),

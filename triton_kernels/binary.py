@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bf16_fixup, dtype_code, get_config, launch_opts, shrink, swizzled_tile
+from ._common import (bf16_fixup, dtype_code, get_config, launch_opts, shrink, split_k_plan,
+                      splitk_reduce, swizzled_tile)
 from .weight_only import _mode, mma, spread, store_out, unpack_rows, weight_operand
 
 
@@ -136,6 +137,85 @@ def binary_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
 
 
 @triton.jit
+def _binary_gemv_kernel(x_ptr, sign_ptr, aux_ptr, sal_ptr, st_ptr, bias_ptr, out_ptr, ws_ptr,
+                        N, K, stride_sn, stride_tn, stride_tb, n_words, words_per_split,
+                        BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                        MODE: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr):
+    # One token on the CUDA cores, for blocks of whole 32-bit words. With
+    # s = 2b - 1 and a = 2t - 1 (b, t the sign and aux bits), a word's dot
+    # product with x only needs five masked sums of x per row: over ordinary
+    # columns t*x, b*x, b*t*x, over salient ones b*x and t*x; with the word's
+    # plain sums of x over ordinary and salient columns (the same for every
+    # row) they give
+    #   mu_in (Xo - P1) + al_in (2 (P2 - P3) - (Xo - P1)) + mu_out P1
+    #   + al_out (2 P3 - P1) + (mu1 + mu2) Xs + al1 (2 Q1 - Xs) + al2 (2 Q2 - Xs).
+    # A bit selects x into a sum (no decode of the weight), and the word's
+    # statistics are applied once per word: about 19 SASS instructions per
+    # weight on sm_90 at 512 rows x 1 word, against 51 for the MMA kernel.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n2 = offs_n[:, None]
+    nm = n2 < N
+    rows = n2.to(tl.int64) * stride_sn
+    st_rows = st_ptr + n2.to(tl.int64) * stride_tn
+    acc = tl.zeros([BLOCK_N, W], dtype=tl.float32)
+    w_first = pid_k * words_per_split
+    for w0 in range(w_first, w_first + words_per_split, W):
+        wid = w0 + tl.arange(0, W)                                         # [W]
+        in_w = wid < tl.minimum(n_words, w_first + words_per_split)
+        wmask = nm & in_w[None, :]
+        sgn = tl.load(sign_ptr + rows + wid[None, :], mask=wmask, other=0)
+        aux = tl.load(aux_ptr + rows + wid[None, :], mask=wmask, other=0)
+        both = sgn & aux
+        sal = tl.load(sal_ptr + wid, mask=in_w, other=0)
+        p1 = tl.zeros([BLOCK_N, W], dtype=tl.float32)
+        p2 = tl.zeros([BLOCK_N, W], dtype=tl.float32)
+        p3 = tl.zeros([BLOCK_N, W], dtype=tl.float32)
+        q1 = tl.zeros([BLOCK_N, W], dtype=tl.float32)
+        q2 = tl.zeros([BLOCK_N, W], dtype=tl.float32)
+        xo = tl.zeros([W], dtype=tl.float32)
+        xsal = tl.zeros([W], dtype=tl.float32)
+        for j in tl.static_range(32):
+            k = wid * 32 + j
+            xj = tl.load(x_ptr + k, mask=in_w & (k < K), other=0.0).to(tl.float32)
+            salient = ((sal >> j) & 1) != 0
+            xs_j = tl.where(salient, xj, 0.0)
+            xo_j = tl.where(salient, 0.0, xj)
+            xo += xo_j
+            xsal += xs_j
+            b = ((sgn >> j) & 1) != 0
+            t = ((aux >> j) & 1) != 0
+            bt = ((both >> j) & 1) != 0
+            p1 += tl.where(t, xo_j[None, :], 0.0)
+            p2 += tl.where(b, xo_j[None, :], 0.0)
+            p3 += tl.where(bt, xo_j[None, :], 0.0)
+            q1 += tl.where(b, xs_j[None, :], 0.0)
+            q2 += tl.where(t, xs_j[None, :], 0.0)
+        blk = (wid * 32 // BLOCK)[None, :]
+        st = st_rows + blk * stride_tb
+        mu1 = tl.load(st + 0, mask=wmask, other=0.0).to(tl.float32)
+        al1 = tl.load(st + 1, mask=wmask, other=0.0).to(tl.float32)
+        mu2 = tl.load(st + 2, mask=wmask, other=0.0).to(tl.float32)
+        al2 = tl.load(st + 3, mask=wmask, other=0.0).to(tl.float32)
+        mu_in = tl.load(st + 4, mask=wmask, other=0.0).to(tl.float32)
+        al_in = tl.load(st + 5, mask=wmask, other=0.0).to(tl.float32)
+        mu_out = tl.load(st + 6, mask=wmask, other=0.0).to(tl.float32)
+        al_out = tl.load(st + 7, mask=wmask, other=0.0).to(tl.float32)
+        inner = xo[None, :] - p1
+        acc += (mu_in * inner + al_in * (2.0 * (p2 - p3) - inner) + mu_out * p1
+                + al_out * (2.0 * p3 - p1) + (mu1 + mu2) * xsal[None, :]
+                + al1 * (2.0 * q1 - xsal[None, :]) + al2 * (2.0 * q2 - xsal[None, :]))
+    y = tl.sum(acc, axis=1)
+    if SPLIT:
+        tl.store(ws_ptr + pid_k * N + offs_n, y, mask=offs_n < N)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        store_out(out_ptr + offs_n, y, offs_n < N, MODE)
+
+
+@triton.jit
 def _binary_dequant_kernel(sign_ptr, aux_ptr, sal_ptr, st_ptr, out_ptr, N, K, stride_sn,
                            stride_tn, stride_tb, stride_on, BLOCK: tl.constexpr,
                            STAT_MODE: tl.constexpr, MODE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -178,3 +258,44 @@ def dequant_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None) -
     GEMM in x's dtype (cuBLAS on a GPU), the reference's arithmetic."""
     w = dequantize(qweight, x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+GEMV_ROWS, GEMV_WORDS = 512, 1     # rows x words of K per tile: many rows share x's work
+
+
+def gemv_reason(qweight) -> str | None:
+    """Why the one-token kernel cannot take this weight, or None."""
+    if qweight.block_size % 32:
+        return f"block_size {qweight.block_size} is not a whole number of 32-bit words"
+    return None
+
+
+def gemv(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
+         split_k: int | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias for one token (x [1, K]) on the CUDA cores
+    (``_binary_gemv_kernel``), K split over the grid to fill the SMs."""
+    why = gemv_reason(qweight)
+    if why is not None:
+        raise ValueError(f"triton.binary_gemv: {why}")
+    m, k = x.shape
+    if m != 1:
+        raise ValueError(f"triton.binary_gemv takes one token, got M={m}")
+    n = qweight.out_features
+    dtype_code(x.dtype)
+    x = x.contiguous()
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    sign, aux = qweight.sign.contiguous(), qweight.aux.contiguous()
+    sal, st = qweight.salient.contiguous(), qweight.stats.contiguous()
+    bn = shrink(GEMV_ROWS, n)
+    n_tiles, n_words = triton.cdiv(n, bn), sign.shape[1]
+    splits, per = split_k_plan(n_tiles, triton.cdiv(n_words, GEMV_WORDS), x.device, split_k)
+    ws = torch.empty(splits, 1, n, dtype=torch.float32, device=x.device) if splits > 1 else out
+    opts = launch_opts(dict(num_warps=4, num_stages=3), x.device)
+    _binary_gemv_kernel[(n_tiles, splits)](
+        x, sign, aux, sal, st, bias if bias is not None else out, out, ws, n, k, sign.stride(0),
+        st.stride(0), st.stride(1), n_words, per * GEMV_WORDS, BLOCK=qweight.block_size,
+        HAS_BIAS=bias is not None, SPLIT=splits > 1, MODE=_mode(x), BLOCK_N=bn, W=GEMV_WORDS,
+        **opts)
+    if splits > 1:
+        splitk_reduce(ws, bias, out)
+    return out
