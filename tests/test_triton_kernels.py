@@ -134,6 +134,17 @@ def test_weight_only_grid(bits, group, sym):
         assert_matches_dense(weight_only_matmul(x, qw, b), x, w, b)
 
 
+def check_one_token(kernel, qw, seed):
+    """A one-token kernel against the dense product: every dtype, with and
+    without bias, whole K and K split in 3."""
+    w, b = qw.dequantize(), bias_for(N)
+    for dtype in ALL:
+        x = act(1, K, dtype, seed=seed)
+        for split in (None, 3):
+            y = kernel(x, qw, b if split else None, split_k=split)
+            assert_matches_dense(y, x, w, b if split else None)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("group", [16, 32, 128, None])
 @pytest.mark.parametrize("sym", [True, False])
@@ -144,12 +155,7 @@ def test_one_token_kernel(bits, group, sym):
     if group == 16 and bits == 2:
         group = 32                                    # 16 2-bit codes fill one word anyway
     qw = make_groupwise(N, K, bits, group, sym, perm=bits == 4, seed=bits + (group or 0))
-    w, b = qw.dequantize(), bias_for(N)
-    for dtype in ALL:
-        x = act(1, K, dtype, seed=bits)
-        for split in (None, 3):
-            y = gemv(x, qw, b if split else None, split_k=split)
-            assert_matches_dense(y, x, w, b if split else None)
+    check_one_token(gemv, qw, seed=bits)
 
 
 def test_one_token_kernel_declines_what_it_cannot_run(monkeypatch):
@@ -414,12 +420,7 @@ def test_binary_one_token_kernel(block):
         if stats != torch.float16:
             qw = BinaryWeight(qw.sign, qw.aux, qw.salient, qw.stats.to(stats), qw.block_size,
                               qw.in_features)
-        w, b = qw.dequantize(), bias_for(N)
-        for dtype in ALL:
-            x = act(1, K, dtype, seed=block)
-            for split in (None, 3):
-                y = gemv(x, qw, b if split else None, split_k=split)
-                assert_matches_dense(y, x, w, b if split else None)
+        check_one_token(gemv, qw, seed=block)
     with pytest.raises(ValueError, match="whole number of 32-bit words"):
         gemv(act(1, K, torch.float16), make_binary(N, K, 48))
 

@@ -130,6 +130,16 @@ def dtype_code(dtype: torch.dtype):
     return codes[dtype]
 
 
+def check_one_token(kernel: str, why: str | None, x: torch.Tensor) -> None:
+    """ValueError unless a one-token kernel can take x with this weight
+    (``why``: the weight's reason against it, or None)."""
+    if why is not None:
+        raise ValueError(f"{kernel}: {why}")
+    if x.shape[0] != 1:
+        raise ValueError(f"{kernel} takes one token, got M={x.shape[0]}")
+    dtype_code(x.dtype)
+
+
 def bf16_fixup(t: torch.Tensor) -> bool:
     """Whether fp32 -> bf16 casts must be rounded by hand: the interpreter's
     cast truncates, while the GPU's cvt rounds to nearest even. CPU tensors

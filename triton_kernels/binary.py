@@ -18,9 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (bf16_fixup, dtype_code, get_config, launch_opts, shrink, split_k_plan,
-                      splitk_reduce, swizzled_tile)
-from .weight_only import _mode, mma, spread, store_out, unpack_rows, weight_operand
+from ._common import (bf16_fixup, check_one_token, dtype_code, get_config, launch_opts, shrink,
+                      split_k_plan, splitk_reduce, swizzled_tile)
+from .weight_only import (_mode, mma, spread, store_out, store_token, unpack_rows,
+                          weight_operand)
 
 
 @triton.jit
@@ -206,13 +207,7 @@ def _binary_gemv_kernel(x_ptr, sign_ptr, aux_ptr, sal_ptr, st_ptr, bias_ptr, out
         acc += (mu_in * inner + al_in * (2.0 * (p2 - p3) - inner) + mu_out * p1
                 + al_out * (2.0 * p3 - p1) + (mu1 + mu2) * xsal[None, :]
                 + al1 * (2.0 * q1 - xsal[None, :]) + al2 * (2.0 * q2 - xsal[None, :]))
-    y = tl.sum(acc, axis=1)
-    if SPLIT:
-        tl.store(ws_ptr + pid_k * N + offs_n, y, mask=offs_n < N)
-    else:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        store_out(out_ptr + offs_n, y, offs_n < N, MODE)
+    store_token(acc, offs_n, N, pid_k, ws_ptr, bias_ptr, out_ptr, HAS_BIAS, SPLIT, MODE)
 
 
 @triton.jit
@@ -274,14 +269,8 @@ def gemv(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
          split_k: int | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for one token (x [1, K]) on the CUDA cores
     (``_binary_gemv_kernel``), K split over the grid to fill the SMs."""
-    why = gemv_reason(qweight)
-    if why is not None:
-        raise ValueError(f"triton.binary_gemv: {why}")
-    m, k = x.shape
-    if m != 1:
-        raise ValueError(f"triton.binary_gemv takes one token, got M={m}")
-    n = qweight.out_features
-    dtype_code(x.dtype)
+    check_one_token("triton.binary_gemv", gemv_reason(qweight), x)
+    k, n = x.shape[1], qweight.out_features
     x = x.contiguous()
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     sign, aux = qweight.sign.contiguous(), qweight.aux.contiguous()

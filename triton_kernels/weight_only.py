@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (bf16_fixup, dtype_code, get_config, launch_opts, round_bf16, shrink,
-                      split_k_plan, splitk_reduce, swizzled_tile)
+from ._common import (bf16_fixup, check_one_token, dtype_code, get_config, launch_opts,
+                      round_bf16, shrink, split_k_plan, splitk_reduce, swizzled_tile)
 
 
 @triton.jit
@@ -227,6 +227,21 @@ def _wo_small_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
 
 
 @triton.jit
+def store_token(acc, offs_n, N, pid_k, ws_ptr, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr,
+                SPLIT: tl.constexpr, MODE: tl.constexpr):
+    """A one-token kernel's end: the per-word sums acc [BLOCK_N, W] added
+    across words, then stored as this K slice's fp32 partials, or with the
+    bias as the output row."""
+    y = tl.sum(acc, axis=1)
+    if SPLIT:
+        tl.store(ws_ptr + pid_k * N + offs_n, y, mask=offs_n < N)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        store_out(out_ptr + offs_n, y, offs_n < N, MODE)
+
+
+@triton.jit
 def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
                     N, K, stride_qn, stride_sn, stride_zn, n_words, z_words, tiles_per_split,
                     BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
@@ -285,13 +300,7 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
             qj = field.to(tl.float32, bitcast=True) - 8388608.0
             dot += qj * (xj * unscale)[None, :]
         acc += (dot - z * xsum[None, :]) * s
-    y = tl.sum(acc, axis=1)
-    if SPLIT:
-        tl.store(ws_ptr + pid_k * N + offs_n, y, mask=offs_n < N)
-    else:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        store_out(out_ptr + offs_n, y, offs_n < N, MODE)
+    store_token(acc, offs_n, N, pid_k, ws_ptr, bias_ptr, out_ptr, HAS_BIAS, SPLIT, MODE)
 
 
 @triton.jit
@@ -400,14 +409,8 @@ def gemv(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
     """y = x @ W^T + bias for one token (x [1, K]) on the CUDA cores
     (``_wo_gemv_kernel``); fp32 products of the exact codes, scales applied
     per word of codes. K is split over the grid as in the small-M path."""
-    why = gemv_reason(qweight)
-    if why is not None:
-        raise ValueError(f"triton.weight_only_gemv: {why}")
-    m, k = x.shape
-    if m != 1:
-        raise ValueError(f"triton.weight_only_gemv takes one token, got M={m}")
-    n = qweight.out_features
-    dtype_code(x.dtype)
+    check_one_token("triton.weight_only_gemv", gemv_reason(qweight), x)
+    k, n = x.shape[1], qweight.out_features
     if qweight.perm is not None:
         x = x.index_select(1, qweight.perm.long())
     x = x.contiguous()
