@@ -26,10 +26,13 @@ weight. The paths, chosen by M:
   ``dequant_matmul`` instead: ``_wo_dequant_kernel`` writes the dense weight
   once (the reference's values, bit for bit) and one cuBLAS GEMM follows.
 
-Launch configs come from a table per M bucket (M = 1, <= 16, <= 128, larger),
-never from M itself, so a row's result is bitwise independent of the other
-rows in its batch within a bucket. Activation order (perm) is handled by gathering x's
-columns once before the launch; weights are never gathered.
+Launch configs come from a table per M bucket, never from M itself, so a
+row's result is bitwise independent of the other rows in its batch within a
+bucket: M = 1, 2..16, 17..64 (the selector's kernels; ``weight_only_matmul``
+called directly keeps the config buckets <= 16, <= 128, larger). Above 64
+the GEMM is cuBLAS's, whose choice of kernel may depend on M. Activation
+order (perm) is handled by gathering x's columns once before the launch;
+weights are never gathered.
 """
 from __future__ import annotations
 
