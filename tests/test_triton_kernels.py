@@ -145,15 +145,15 @@ def check_one_token(kernel, qw, seed):
             assert_matches_dense(y, x, w, b if split else None)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group", [16, 32, 128, None])
 @pytest.mark.parametrize("sym", [True, False])
 def test_one_token_kernel(bits, group, sym):
-    # odd N, K ending inside a word (K = 200 is 12.5 words of 2-bit codes),
-    # split K, act order, bias, every dtype
+    # odd N, K ending inside a unit (K = 200 is 12.5 words of 2-bit codes,
+    # 6.25 three-word units of 3-bit codes), split K, act order, bias, every dtype
     from vlmkern.triton_kernels.weight_only import gemv
-    if group == 16 and bits == 2:
-        group = 32                                    # 16 2-bit codes fill one word anyway
+    if group == 16 and bits in (2, 3):
+        group = 32                                    # a unit holds 16 or 32 codes
     qw = make_groupwise(N, K, bits, group, sym, perm=bits == 4, seed=bits + (group or 0))
     check_one_token(gemv, qw, seed=bits)
 
@@ -162,8 +162,8 @@ def test_one_token_kernel_declines_what_it_cannot_run(monkeypatch):
     from vlmkern.triton_kernels.weight_only import gemv
     monkeypatch.setenv("VLMKERN_BACKEND", "triton")
     x = act(1, K, torch.float16)
-    for qw, why in ((make_groupwise(N, K, 3, 32, False), "straddle"),
-                    (make_groupwise(N, K, 4, 12, False), "whole number")):
+    for qw, why in ((make_groupwise(N, K, 3, 48, False), "32-code units"),
+                    (make_groupwise(N, K, 4, 12, False), "8-code units")):
         assert ops.which_kernel(x, qw) == "triton.weight_only_splitk"
         with pytest.raises(ValueError, match=why):
             gemv(x, qw)
@@ -179,7 +179,7 @@ def test_weight_only_linear_every_m(monkeypatch, dtype, bits, group, sym):
     w, b = qw.dequantize(), bias_for(N)
     for m in (1, 2, 3, 16, 17, 64, 65):
         x = act(m, K, dtype, seed=m)
-        want = ("triton.weight_only_gemv" if m == 1 and bits != 3 else
+        want = ("triton.weight_only_gemv" if m == 1 else
                 "triton.weight_only_splitk" if m <= 16 else "triton.weight_only_gemm" if m <= 64
                 else "triton.dequant_matmul")
         assert ops.which_kernel(x, qw) == want
@@ -463,7 +463,7 @@ def test_gpu_weight_only_4096(monkeypatch, bits, m):
         x = act(m, 4096, dtype)
         y = ops.linear(x, qw, b)
         kernel = ops.which_kernel(x, qw)
-        assert kernel == ("triton.weight_only_gemv" if m == 1 and bits != 3 else
+        assert kernel == ("triton.weight_only_gemv" if m == 1 else
                           "triton.weight_only_splitk" if m <= 16 else "triton.dequant_matmul")
         assert_matches_dense(y, x, w, b)
         assert torch.equal(y, direct[kernel](x, qw, b))

@@ -49,9 +49,9 @@ def kernel_specs():
         return int_act.supports_group(qweight.group_size, qweight.in_features)
 
     return [
-        # one token, 2/4/8-bit codes: the CUDA-core kernel, ahead of the MMA one
+        # one token: the CUDA-core kernel, ahead of the MMA one
         KernelSpec("triton.weight_only_gemv", "weight_only", weight_only.gemv,
-                   bits=frozenset({2, 4, 8}), group_sizes=None, dtypes=floats,
+                   bits=frozenset({2, 3, 4, 8}), group_sizes=None, dtypes=floats,
                    devices=devices, min_m=1, max_m=1, min_sm=sm80, check=gemv_check),
         KernelSpec("triton.weight_only_splitk", "weight_only",
                    partial(weight_only.weight_only_matmul, path="small"),

@@ -7,10 +7,10 @@ per row and K tile, and fan the codes out in registers, so a checkpoint loads
 with zero conversion and a tile moves through L1/shared memory at b bits per
 weight. The paths, chosen by M:
 
-* M = 1 (decode of one sequence), 2/4/8-bit codes: ``_wo_gemv_kernel`` on
+* M = 1 (decode of one sequence): ``_wo_gemv_kernel`` on
   the CUDA cores (see there), with far fewer instructions per weight than the
   MMA path, whose decoded tile has to be moved into an MMA operand layout.
-* M <= 16 (decode; M = 1 with 3-bit codes or groups of part-words too):
+* M <= 16 (decode; M = 1 too where groups split a word of codes):
   ``_wo_small_kernel``. One program streams a tile of
   BLOCK_N weight rows over a slice of K, dequantizes each [BLOCK_N, BLOCK_K]
   tile in registers and multiplies it with the (at most 16) token rows on the
@@ -245,24 +245,37 @@ def store_token(acc, offs_n, N, pid_k, ws_ptr, bias_ptr, out_ptr, HAS_BIAS: tl.c
 
 
 @triton.jit
+def _field_times_pow2(w, high, POS: tl.constexpr, BITS: tl.constexpr):
+    """The BITS-bit field at bit POS of w (POS + BITS <= 32) as the fp32
+    number q * 2^p, and 2^-p: the field ORed into 2^23 (0x4B000000) is
+    2^23 + q * 2^p, so subtracting 2^23 leaves q * 2^p exactly, with no
+    int-to-float instruction; fields ending past bit 20 are read from
+    ``high`` (w >> 12), shifted once per word for all of them."""
+    if POS + BITS <= 20:
+        field = (w & (((1 << BITS) - 1) << POS)) | 0x4B000000
+        unscale = 1.0 / (1 << POS)
+    else:
+        field = (high & (((1 << BITS) - 1) << (POS - 12))) | 0x4B000000
+        unscale = 1.0 / (1 << (POS - 12))
+    return field.to(tl.float32, bitcast=True) - 8388608.0, unscale
+
+
+@triton.jit
 def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
                     N, K, stride_qn, stride_sn, stride_zn, n_words, z_words, tiles_per_split,
                     BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
                     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, MODE: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # One token on the CUDA cores, for codes that fill whole 32-bit words
-    # (2, 4, 8 bits) and groups of whole words. Code j of every word of the
-    # [BLOCK_N, W] tile is taken at once, in the layout the words were loaded
-    # in (nothing goes through shared memory to an MMA operand layout), and
-    # multiplied with x in fp32; a word's products are summed in registers,
-    # then its group's zero and scale are applied once per word, and the
-    # per-word sums accumulate over the K tiles, reduced across words only
-    # at the end. No int-to-float instruction: a field at bit p (p + BITS
-    # <= 20), ORed into 2^23 (0x4B000000), is the fp32 number 2^23 + q*2^p,
-    # so subtracting 2^23 leaves q*2^p exactly, and x*2^-p (exact) undoes the
-    # 2^p; fields above bit 20 are shifted down by 12 first, once per word.
-    CPW: tl.constexpr = 32 // BITS
-    W: tl.constexpr = BLOCK_K // CPW
+    # One token on the CUDA cores, groups of whole units. A unit is one 32-bit
+    # word of 2/4/8-bit codes, or the three words holding 32 3-bit codes.
+    # Code j of every unit of the [BLOCK_N, U] tile is taken at once, in the
+    # layout the words were loaded in (nothing goes through shared memory to
+    # an MMA operand layout), and multiplied with x in fp32; a unit's
+    # products are summed in registers, then its group's zero and scale are
+    # applied once per unit, and the per-unit sums accumulate over the K
+    # tiles, reduced across units only at the end.
+    CPU: tl.constexpr = 32 if BITS == 3 else 32 // BITS      # codes per unit
+    U: tl.constexpr = BLOCK_K // CPU
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -271,36 +284,54 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
     rows = qw_ptr + n2.to(tl.int64) * stride_qn
     s_rows = s_ptr + n2.to(tl.int64) * stride_sn
     z_rows = z_ptr + n2.to(tl.int64) * stride_zn
-    acc = tl.zeros([BLOCK_N, W], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, U], dtype=tl.float32)
     k_first = pid_k * tiles_per_split * BLOCK_K
     for t in range(0, tiles_per_split):
         k0 = k_first + t * BLOCK_K
-        wid = (k0 // CPW + tl.arange(0, W))[None, :]                       # [1, W]
-        wmask = nm & (wid < n_words)
-        words = tl.load(rows + wid, mask=wmask, other=0)
-        high = words >> 12
-        if GROUP == 0:
-            gi = wid * 0
+        uid = (k0 // CPU + tl.arange(0, U))[None, :]                       # [1, U]
+        if BITS == 3:
+            wid = uid * 3
+            w0 = tl.load(rows + wid, mask=nm & (wid < n_words), other=0)
+            w1 = tl.load(rows + wid + 1, mask=nm & (wid + 1 < n_words), other=0)
+            w2 = tl.load(rows + wid + 2, mask=nm & (wid + 2 < n_words), other=0)
+            h0, h1, h2 = w0 >> 12, w1 >> 12, w2 >> 12
         else:
-            gi = wid * CPW // GROUP
-        s = tl.load(s_rows + gi, mask=wmask, other=0.0).to(tl.float32)
+            wid = uid
+            w0 = tl.load(rows + wid, mask=nm & (wid < n_words), other=0)
+            h0 = w0 >> 12
+        umask = nm & (wid < n_words)
+        if GROUP == 0:
+            gi = uid * 0
+        else:
+            gi = uid * CPU // GROUP
+        s = tl.load(s_rows + gi, mask=umask, other=0.0).to(tl.float32)
         if ASYM:
-            z = codes_at(z_rows, gi, wmask, z_words, BITS).to(tl.float32)
+            z = codes_at(z_rows, gi, umask, z_words, BITS).to(tl.float32)
         else:
             z = tl.full([1, 1], 1 << (BITS - 1), tl.float32)
-        offs = k0 + tl.arange(0, W) * CPW                                  # word starts
-        dot = tl.zeros([BLOCK_N, W], dtype=tl.float32)
-        xsum = tl.zeros([W], dtype=tl.float32)
-        for j in tl.static_range(CPW):
+        offs = k0 + tl.arange(0, U) * CPU                                  # unit starts
+        dot = tl.zeros([BLOCK_N, U], dtype=tl.float32)
+        xsum = tl.zeros([U], dtype=tl.float32)
+        for j in tl.static_range(CPU):
             xj = tl.load(x_ptr + offs + j, mask=offs + j < K, other=0.0).to(tl.float32)
             xsum += xj
-            if BITS * j + BITS <= 20:
-                field = (words & (((1 << BITS) - 1) << (BITS * j))) | 0x4B000000
-                unscale = 1.0 / (1 << (BITS * j))
+            if BITS != 3:
+                qj, unscale = _field_times_pow2(w0, h0, BITS * j, BITS)
+            elif (3 * j) % 32 + 3 <= 32:
+                if (3 * j) // 32 == 0:
+                    qj, unscale = _field_times_pow2(w0, h0, (3 * j) % 32, 3)
+                elif (3 * j) // 32 == 1:
+                    qj, unscale = _field_times_pow2(w1, h1, (3 * j) % 32, 3)
+                else:
+                    qj, unscale = _field_times_pow2(w2, h2, (3 * j) % 32, 3)
             else:
-                field = (high & (((1 << BITS) - 1) << (BITS * j - 12))) | 0x4B000000
-                unscale = 1.0 / (1 << (BITS * j - 12))
-            qj = field.to(tl.float32, bitcast=True) - 8388608.0
+                # codes 10 and 21 straddle two words: join the two parts first
+                if j == 10:
+                    q = ((w0 >> 30) & 3) | ((w1 & 1) << 2)
+                else:
+                    q = ((w1 >> 31) & 1) | ((w2 & 3) << 1)
+                qj = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                unscale = 1.0
             dot += qj * (xj * unscale)[None, :]
         acc += (dot - z * xsum[None, :]) * s
     store_token(acc, offs_n, N, pid_k, ws_ptr, bias_ptr, out_ptr, HAS_BIAS, SPLIT, MODE)
@@ -394,16 +425,17 @@ def _mode(x: torch.Tensor) -> int:
 # (BLOCK_N, BLOCK_K) of the one-token kernel per bit width: 16 or 32 words of
 # K per row and tile; as many rows as keep the registers near 128 per thread
 # (checked by compiling offline: sm_90, 4 warps, no spills).
-GEMV_TILES = {2: (64, 256), 4: (128, 128), 8: (64, 128)}
+GEMV_TILES = {2: (64, 256), 3: (128, 128), 4: (128, 128), 8: (64, 128)}
 
 
 def gemv_reason(qweight) -> str | None:
     """Why the one-token kernel cannot take this weight, or None."""
     if qweight.bits not in GEMV_TILES:
-        return f"{qweight.bits}-bit codes straddle 32-bit words (the one-token kernel takes 2, 4, 8)"
+        return f"{qweight.bits}-bit codes are not taken by the one-token kernel (2, 3, 4, 8)"
+    unit = 32 if qweight.bits == 3 else 32 // qweight.bits
     g, k = qweight.group_size, qweight.in_features
-    if g is not None and g < k and g % (32 // qweight.bits):
-        return f"group size {g} is not a whole number of {32 // qweight.bits}-code words"
+    if g is not None and g < k and g % unit:
+        return f"group size {g} is not a whole number of {unit}-code units"
     return None
 
 
