@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (bf16_fixup, check_one_token, dtype_code, get_config, launch_opts, shrink,
+from vlmkern.ops.reference import stored_order_linear
+
+from ._common import (check_one_token, dtype_code, get_config, launch_opts, shrink,
                       split_k_plan, splitk_reduce, swizzled_tile)
 from .weight_only import (_mode, mma, spread, store_out, store_token, unpack_rows,
                           weight_operand)
@@ -240,19 +242,18 @@ def dequantize(qweight, dtype: torch.dtype) -> torch.Tensor:
     bn, bk = shrink(DEQUANT_BLOCK_N, n), shrink(DEQUANT_BLOCK_K, k, floor=32)
     blk = qweight.block_size
     stat_mode = 0 if blk % bk == 0 else (1 if bk % blk == 0 else 2)
-    mode = 2 if bf16_fixup(out) else 1 if dtype == torch.float32 else 0
     grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
     _binary_dequant_kernel[grid](sign, aux, sal, st, out, n, k, sign.stride(0), st.stride(0),
                                  st.stride(1), out.stride(0), BLOCK=blk, STAT_MODE=stat_mode,
-                                 MODE=mode, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1)
+                                 MODE=_mode(out), BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+                                 num_stages=1)
     return out
 
 
 def dequant_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + bias through the dense weight: ``dequantize`` then one
     GEMM in x's dtype (cuBLAS on a GPU), the reference's arithmetic."""
-    w = dequantize(qweight, x.dtype)
-    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return stored_order_linear(x, dequantize(qweight, x.dtype), None, bias)
 
 
 GEMV_ROWS, GEMV_WORDS = 512, 1     # rows x words of K per tile: many rows share x's work

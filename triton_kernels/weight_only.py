@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vlmkern.ops.reference import stored_order_linear
+
 from ._common import (bf16_fixup, check_one_token, dtype_code, get_config, launch_opts,
                       round_bf16, shrink, split_k_plan, splitk_reduce, swizzled_tile)
 
@@ -391,16 +393,13 @@ def dequantize(qweight, dtype: torch.dtype) -> torch.Tensor:
     values of ``qweight.dequantize(dtype)``."""
     dtype_code(dtype)
     n, k = qweight.out_features, qweight.in_features
-    qw, sc = qweight.qweight.contiguous(), qweight.scales.contiguous()
-    qz = qweight.qzeros.contiguous() if qweight.qzeros is not None else qw
+    qw, sc, qz, group = packed_operands(qweight)
     out = torch.empty(n, k, dtype=dtype, device=qw.device)
-    group = qweight.group_size if qweight.group_size is not None and qweight.group_size < k else 0
     bn, bk = shrink(DEQUANT_BLOCK_N, n), shrink(DEQUANT_BLOCK_K, k, floor=32)
-    mode = 2 if bf16_fixup(out) else 1 if dtype == torch.float32 else 0
     grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
     _wo_dequant_kernel[grid](qw, sc, qz, out, n, k, qw.stride(0), sc.stride(0), qz.stride(0),
                              out.stride(0), qw.shape[1], qz.shape[1], BITS=qweight.bits,
-                             GROUP=group, ASYM=qweight.qzeros is not None, MODE=mode,
+                             GROUP=group, ASYM=qweight.qzeros is not None, MODE=_mode(out),
                              BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1)
     return out
 
@@ -408,10 +407,17 @@ def dequantize(qweight, dtype: torch.dtype) -> torch.Tensor:
 def dequant_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + bias through the dense weight: ``dequantize`` then one
     GEMM in x's dtype (cuBLAS on a GPU), the reference's arithmetic."""
-    w = dequantize(qweight, x.dtype)
-    if qweight.perm is not None:
-        x = x.index_select(1, qweight.perm.long())
-    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return stored_order_linear(x, dequantize(qweight, x.dtype), qweight.perm, bias)
+
+
+def packed_operands(qweight):
+    """(codes, scales, zero codes, GROUP) as the kernels take them: contiguous
+    tensors (the codes stand in for absent zeros; ASYM says which), and the
+    group size, 0 for one group per row."""
+    qw, sc = qweight.qweight.contiguous(), qweight.scales.contiguous()
+    qz = qweight.qzeros.contiguous() if qweight.qzeros is not None else qw
+    g, k = qweight.group_size, qweight.in_features
+    return qw, sc, qz, (g if g is not None and g < k else 0)
 
 
 def _mode(x: torch.Tensor) -> int:
@@ -452,9 +458,7 @@ def gemv(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     bn, bk = GEMV_TILES[qweight.bits]
     bn = shrink(bn, n)
-    qw, sc = qweight.qweight.contiguous(), qweight.scales.contiguous()
-    qz = qweight.qzeros.contiguous() if qweight.qzeros is not None else qw
-    group = qweight.group_size if qweight.group_size is not None and qweight.group_size < k else 0
+    qw, sc, qz, group = packed_operands(qweight)
     n_tiles = triton.cdiv(n, bn)
     splits, per = split_k_plan(n_tiles, triton.cdiv(k, bk), x.device, split_k)
     ws = torch.empty(splits, 1, n, dtype=torch.float32, device=x.device) if splits > 1 else out
@@ -489,9 +493,7 @@ def weight_only_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = Non
     cfg = get_config("weight_only", max(m, 17) if path == "gemm" else 1, config, x.dtype)
     # BLOCK_K >= 32 keeps every K tile on a word boundary of the bit stream.
     bn, bk = shrink(cfg["BLOCK_N"], n), shrink(cfg["BLOCK_K"], k, floor=32)
-    qw, sc = qweight.qweight.contiguous(), qweight.scales.contiguous()
-    qz = qweight.qzeros.contiguous() if qweight.qzeros is not None else qw
-    group = qweight.group_size if qweight.group_size is not None and qweight.group_size < k else 0
+    qw, sc, qz, group = packed_operands(qweight)
     common = dict(BITS=qweight.bits, GROUP=group, ASYM=qweight.qzeros is not None,
                   MODE=_mode(x), BLOCK_N=bn, BLOCK_K=bk)
     b = bias if bias is not None else out

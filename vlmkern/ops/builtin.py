@@ -5,7 +5,6 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from . import (
     cuda_binary,
@@ -64,21 +63,14 @@ def _cuda_dequant_matmul(x, qweight, bias, fast=False):
     w = dequant_groupwise(qweight.qweight, qweight.qzeros, qweight.scales, qweight.bits,
                           qweight.group_size or qweight.in_features, qweight.in_features,
                           x.dtype, fast=fast)
-    return _stored_order_linear(x, w, qweight.perm, bias)
-
-
-def _stored_order_linear(x, w, perm, bias):
-    """x @ w^T + bias for a weight w [N, K] with columns in stored (act-order) order."""
-    if perm is not None:
-        x = x[:, perm.long()]
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return reference.stored_order_linear(x, w, qweight.perm, bias)
 
 
 def _cuda_dequant_layout_matmul(x, qweight, bias):
     """A weight held in the kernel layout: dequantized from it, then cuBLAS."""
     from .cuda_weight_only_dequant import dequantize_layout
     w = dequantize_layout(cuda_weight_only.kernel_weight(qweight, x.dtype))
-    return _stored_order_linear(x, w, qweight.perm, bias)
+    return reference.stored_order_linear(x, w, qweight.perm, bias)
 
 
 def _only_laid_out(x, qweight) -> str | None:

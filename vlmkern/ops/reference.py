@@ -31,6 +31,15 @@ def _dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch
     return y.to(x.dtype)
 
 
+def stored_order_linear(x: torch.Tensor, w: torch.Tensor, perm: torch.Tensor | None,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ w^T + bias in x's dtype for a dense weight w [N, K] whose columns
+    are in stored (act-order) order: x's columns are gathered to match."""
+    if perm is not None:
+        x = x[:, perm.long()]
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
 def weight_only_matmul(x: torch.Tensor, qweight: QuantizedWeight,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for a group-wise weight. x [M, K], bias [N] -> [M, N]."""
