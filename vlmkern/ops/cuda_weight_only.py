@@ -418,17 +418,16 @@ def kernel_weight(qweight: QuantizedWeight, dtype: torch.dtype) -> MmaWeight:
 def _counters(device: torch.device, blocks: int) -> torch.Tensor:
     """Zeroed int32 counters for the kernel's last-part detection, one buffer
     per (device, stream): the kernel leaves them zero, and launches on one
-    stream never overlap. Under CUDA-graph capture each call gets its own
-    buffer, zeroed by a captured fill at every replay: a cached one made
-    there would hold zeros only once a replay had run."""
-    if torch.cuda.is_current_stream_capturing():
-        return torch.zeros(blocks, dtype=torch.int32, device=device)
+    stream never overlap. A buffer is cached only when made outside CUDA-graph
+    capture: one made under capture is zeroed by a captured fill at every
+    replay, so it would hold zeros only once a replay had run."""
     stream = torch.cuda.current_stream(device).cuda_stream
     key = (device.index, stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < blocks:
         buf = torch.zeros(max(blocks, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
+        if not torch.cuda.is_current_stream_capturing():
+            _COUNTERS[key] = buf
     return buf
 
 
