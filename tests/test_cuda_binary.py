@@ -11,6 +11,7 @@ import struct
 
 import pytest
 import torch
+from tiny_models import kernel_op_reason
 
 import vlmkern.ops as ops
 from vlmkern.formats import BinaryWeight
@@ -20,19 +21,7 @@ from vlmkern.ops.backends import BACKENDS
 HAS_GPU = torch.cuda.is_available()
 
 
-def _ext_reason():
-    if not HAS_GPU:
-        return "needs a CUDA GPU"
-    from vlmkern.ext import load_extension
-    module, reason = load_extension()
-    if module is None:
-        return f"vlmkern._C is not built: {reason}"
-    if not hasattr(torch.ops.vlmkern, "binary_matmul"):
-        return "vlmkern._C was built without csrc/binary_kernel.cu"
-    return None
-
-
-_SKIP = _ext_reason()
+_SKIP = kernel_op_reason("binary_matmul", "binary_kernel.cu")
 gpu = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 

@@ -20,26 +20,14 @@ import os
 
 import pytest
 import torch
+from tiny_models import kernel_op_reason
 
 BLOCK = 128
 MAX_M = 64
-HAS_GPU = torch.cuda.is_available()
 
 
-def _op_reason(need_gpu: bool):
-    if need_gpu and not HAS_GPU:
-        return "needs a CUDA GPU"
-    from vlmkern.ext import load_extension
-    module, reason = load_extension()
-    if module is None:
-        return f"vlmkern._C is not built: {reason}"
-    if not hasattr(torch.ops.vlmkern, "binary_lut_mma"):
-        return "vlmkern._C was built without csrc/binary_lut_kernel.cu"
-    return None
-
-
-_SKIP_GPU = _op_reason(need_gpu=True)
-_SKIP_OP = _op_reason(need_gpu=False)
+_SKIP_GPU = kernel_op_reason("binary_lut_mma", "binary_lut_kernel.cu")
+_SKIP_OP = kernel_op_reason("binary_lut_mma", "binary_lut_kernel.cu", need_gpu=False)
 gpu = pytest.mark.skipif(_SKIP_GPU is not None, reason=_SKIP_GPU or "")
 has_op = pytest.mark.skipif(_SKIP_OP is not None, reason=_SKIP_OP or "")
 

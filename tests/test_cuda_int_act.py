@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from tiny_models import kernel_op_reason
 
 import vlmkern.ops as ops
 from vlmkern.formats import IntActWeight
@@ -25,19 +26,7 @@ from vlmkern.ops.backends import BACKENDS
 HAS_GPU = torch.cuda.is_available()
 
 
-def _ext_reason():
-    if not HAS_GPU:
-        return "needs a CUDA GPU"
-    from vlmkern.ext import load_extension
-    module, reason = load_extension()
-    if module is None:
-        return f"vlmkern._C is not built: {reason}"
-    if not hasattr(torch.ops.vlmkern, "int_act_gemm"):
-        return "vlmkern._C was built without csrc/int_act_kernel.cu"
-    return None
-
-
-_SKIP = _ext_reason()
+_SKIP = kernel_op_reason("int_act_gemm", "int_act_kernel.cu")
 gpu = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 ALL_WA = [(w, a) for w in (4, 6, 8) for a in (4, 6, 8)]
 

@@ -12,27 +12,13 @@ import os
 
 import pytest
 import torch
+from tiny_models import kernel_op_reason
 
 from vlmkern.formats import QuantizedWeight
 from vlmkern.formats.groupwise import num_groups
 from vlmkern.ops import cuda_weight_only as cw
 
-HAS_CUDA = torch.cuda.is_available()
-
-
-def _extension_reason() -> str | None:
-    if not HAS_CUDA:
-        return "needs a CUDA GPU"
-    from vlmkern.ext import load_extension
-    module, reason = load_extension()
-    if module is None:
-        return reason
-    if not hasattr(torch.ops.vlmkern, "weight_only_mma"):
-        return "vlmkern._C was built without csrc/weight_only_kernel.cu"
-    return None
-
-
-_SKIP = _extension_reason()
+_SKIP = kernel_op_reason("weight_only_mma", "weight_only_kernel.cu")
 
 
 def gpu(fn):

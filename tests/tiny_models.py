@@ -1,5 +1,6 @@
 """Tiny transformers models with random weights (Llama, Qwen2, LLaVA, Qwen2-VL)
-and matching inputs, shared by the model-level tests. Nothing is downloaded."""
+and matching inputs, shared by the model-level tests, and the skip reason the
+CUDA kernel tests share. Nothing is downloaded."""
 from __future__ import annotations
 
 import torch
@@ -168,3 +169,21 @@ def crash_on_call(real, n: int, exc: BaseException):
         return real(*args, **kwargs)
     wrapper.calls = 0
     return wrapper
+
+
+# ---------------------------------------------------------------------------
+# CUDA kernel tests
+# ---------------------------------------------------------------------------
+
+def kernel_op_reason(op: str, source: str, need_gpu: bool = True) -> str | None:
+    """Why a test of torch.ops.vlmkern.<op> (built from csrc/<source>) cannot
+    run here, or None."""
+    if need_gpu and not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    from vlmkern.ext import load_extension
+    module, reason = load_extension()
+    if module is None:
+        return f"vlmkern._C is not built: {reason}"
+    if not hasattr(torch.ops.vlmkern, op):
+        return f"vlmkern._C was built without csrc/{source}"
+    return None
