@@ -90,7 +90,7 @@ fi
 if [ "${DECODE_S:-240}" -gt 0 ]; then
   t=$(date +%s)
   (cd benchmarks && timeout "${DECODE_S:-240}" "$py" decode_model.py --out "$out" \
-    --enable "${DECODE_ENABLE:-cuda.weight_only_post_scale,cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem,cuda.dequant_fast_cublas,cuda.dequant_layout_cublas,cuda.int_act_wgmma,cuda.binary_lut}") \
+    --enable "${DECODE_ENABLE:-cuda.weight_only_post_scale,cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem,cuda.dequant_fast_cublas,cuda.dequant_layout_cublas,cuda.int_act_wgmma,cuda.int_act_spread,cuda.binary_lut}") \
     >"$out/decode.log" 2>&1
   rc=$?; phase decode $rc "$t"; grep -E "^\|" "$out/decode.log" | tail -16
 fi
@@ -131,13 +131,14 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
   rc=$?; phase profile_int_act $rc "$t"; grep -E "Duration|Compute \(SM\) Throughput" \
     "$out/profile_int_act.log" | head -8
   # ... and at decode size, with the activation-quantizing pre-kernel: W8A8
-  # measured 2x slower at M = 1 than at M = 16 with the same GEMM tiles
+  # measured 2x slower at M = 1 than at M = 16 with the same GEMM tiles (the
+  # default GEMM, then the one with spread activation reads)
   t=$(date +%s)
   (cd benchmarks && for m in 1 16; do
      echo "== M = $m"
      timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
-       --section Occupancy -k "regex:quantize|gemm_kernel" --launch-count 4 \
-       "$py" profile_linear.py --format W8A8 --m $m --reps 1
+       --section Occupancy -k "regex:quantize|gemm_kernel" --launch-count 8 \
+       "$py" profile_linear.py --format W8A8 --m $m --reps 1 --enable cuda.int_act_spread
    done) >"$out/profile_int_act_decode.log" 2>&1
   rc=$?; phase profile_int_act_decode $rc "$t"
   grep -E "^== M|quantize|gemm_kernel|Duration|Memory Throughput" "$out/profile_int_act_decode.log" | head -24

@@ -46,9 +46,14 @@ enum vlmkern_int_act_mode {
 //   MMA    mma.sync tensor-core tiles (int_act_kernel.cu), every mode, sm_80+.
 //   WGMMA  Hopper warpgroup MMA from shared-memory descriptors
 //          (int_act_sm90_kernel.cu), mode I8, sm_90a; same bits as MMA.
+//   MMA_SPREAD  MMA with the activation reads spread for M <= 64: token rows
+//          past M zero-filled, and with one weight group per row each block
+//          starting its K walk at its own k-tile; same bits as MMA (exact
+//          int32 sums). Larger M runs the MMA GEMM.
 enum vlmkern_int_act_gemm_kind {
   VLMKERN_INT_ACT_GEMM_MMA = 0,
   VLMKERN_INT_ACT_GEMM_WGMMA = 1,
+  VLMKERN_INT_ACT_GEMM_MMA_SPREAD = 2,
 };
 
 enum vlmkern_int_act_status {
@@ -95,10 +100,11 @@ int vlmkern_int_act_quantize(const void* x, int x_dtype, int64_t x_stride, void*
 //   group_pad  gp; a multiple of 32 (I8, I4W8) or 64 (I4); k_pad a multiple
 //              of 64 (I8, I4W8) or 128 (I4), and G * gp <= k_pad.
 // All pointers must be 16-byte aligned. I4 is refused on sm_90 and newer.
-//   gemm       which GEMM runs it (vlmkern_int_act_gemm_kind): MMA on any GPU
-//              from sm_80, or WGMMA (mode I8 only, sm_90 with this build's
-//              sm_90a code, else ERR_BAD_MODE; the first WGMMA call per
-//              device runs vlmkern_int_act_sm90_available's probe).
+//   gemm       which GEMM runs it (vlmkern_int_act_gemm_kind): MMA or
+//              MMA_SPREAD on any GPU from sm_80, or WGMMA (mode I8 only,
+//              sm_90 with this build's sm_90a code, else ERR_BAD_MODE; the
+//              first WGMMA call per device runs vlmkern_int_act_sm90_available's
+//              probe).
 int vlmkern_int_act_gemm(const void* q, const float* sx, const void* w, const float* w_scale,
                          const void* bias, int bias_dtype, void* out, int out_dtype, int64_t M,
                          int64_t N, int64_t groups, int64_t group_pad, int64_t k_pad, int mode,

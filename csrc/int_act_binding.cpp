@@ -148,9 +148,10 @@ std::pair<int64_t, int64_t> check_gemm(const at::Tensor& q, const at::Tensor& sx
                                        const std::optional<at::Tensor>& bias, int64_t group_pad,
                                        int64_t mode, c10::ScalarType out_dtype, int64_t gemm) {
   check_mode(kGemm, mode);
-  TORCH_CHECK(gemm == VLMKERN_INT_ACT_GEMM_MMA || gemm == VLMKERN_INT_ACT_GEMM_WGMMA, kGemm,
-              "gemm must be 0 (mma) or 1 (wgmma), got ", gemm);
-  TORCH_CHECK(gemm == VLMKERN_INT_ACT_GEMM_MMA || mode == VLMKERN_INT_ACT_I8, kGemm,
+  TORCH_CHECK(gemm == VLMKERN_INT_ACT_GEMM_MMA || gemm == VLMKERN_INT_ACT_GEMM_WGMMA ||
+                  gemm == VLMKERN_INT_ACT_GEMM_MMA_SPREAD,
+              kGemm, "gemm must be 0 (mma), 1 (wgmma) or 2 (mma, spread reads), got ", gemm);
+  TORCH_CHECK(gemm != VLMKERN_INT_ACT_GEMM_WGMMA || mode == VLMKERN_INT_ACT_I8, kGemm,
               "the wgmma GEMM takes mode 0 (int8 weights) only, got mode ", mode);
   check_out_dtype(kGemm, out_dtype);
   TORCH_CHECK(q.scalar_type() == at::kChar && w.scalar_type() == at::kChar, kGemm,

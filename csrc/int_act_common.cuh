@@ -87,8 +87,8 @@ struct GemmArgs {
   int64_t k_tiles;         // k_pad / (2 k-steps)
   int64_t steps_per_group; // group_pad / k-step
   int bias_dtype, out_dtype;
-  int rotate_k;            // 1: block x walks K from k-tile x % k_tiles (the mma.sync
-                           // kernel in int_act_kernel.cu; the wgmma kernel ignores it)
+  int rotate_k;            // 1: block x walks K from k-tile x % k_tiles (the spread
+                           // mma.sync kernel in int_act_kernel.cu; the others ignore it)
 };
 
 // Outputs (m, n) and (m, n + 1) from their fp32 sums y0, y1 and the token

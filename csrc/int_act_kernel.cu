@@ -216,7 +216,14 @@ struct GemmConfig {
   static_assert((BN * kBRowBytes / 16) % kThreads == 0, "B tile chunks per thread");
 };
 
-template <int MODE, int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
+// SPREAD (the opt-in MMA_SPREAD GEMM, M <= 64): token rows past M are
+// zero-filled instead of re-reading the last row, and with p.rotate_k block x
+// walks K from k-tile x % k_tiles. When every block shares one activation
+// tile, blocks walking K in step all read the same few activation bytes at
+// once, from one L2 slice (a suspect for W8A8 measuring 2x slower at M = 1
+// than at M = 16 with the same tiles). With one weight group the int32 sums
+// are exact in any order, so the result is the same bits.
+template <int MODE, int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, bool SPREAD>
 __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
 int_act_gemm_kernel(GemmArgs p) {
   using C = GemmConfig<MODE, BM, BN, WARPS_M, WARPS_N, STAGES>;
@@ -229,29 +236,31 @@ int_act_gemm_kernel(GemmArgs p) {
   const int64_t m0 = int64_t(blockIdx.y) * BM, n0 = int64_t(blockIdx.x) * BN;
   const uint32_t smem_base = smem_addr(smem);
 
-  // Token rows past M are zero-filled (no global read); weight rows past N
-  // load a valid row (the last) instead: their results are never stored.
-  //
-  // K order: when every block shares one activation tile (M <= 64), blocks
-  // walking K in step all read the same few activation bytes at once, from
-  // one L2 slice (a suspect for W8A8 measuring 2x slower at M = 1 than at
-  // M = 16 with the same tiles). With one weight group the int32 sums are
-  // exact in any order, so the launcher then has block x start at k-tile
-  // x % k_tiles and wrap around (rotate_k): the same bits, reads spread.
+  // Rows past M or N load a valid row (the last) instead of being masked: the
+  // copies stay unpredicated and their results are never stored. SPREAD
+  // zero-fills token rows past M instead.
   const int64_t a_stride = p.k_tiles * kARowBytes, b_stride = p.k_tiles * kBRowBytes;
-  const int64_t k_first = p.rotate_k ? int64_t(blockIdx.x) % p.k_tiles : 0;
+  const int64_t k_first = SPREAD && p.rotate_k ? int64_t(blockIdx.x) % p.k_tiles : 0;
   auto load_tile = [&](int stage, int64_t kt) {
     const uint32_t a_smem = smem_base + stage * (C::kAStage + C::kBStage);
     const uint32_t b_smem = a_smem + C::kAStage;
-    kt += k_first;
-    if (kt >= p.k_tiles) kt -= p.k_tiles;
+    if constexpr (SPREAD) {
+      kt += k_first;
+      if (kt >= p.k_tiles) kt -= p.k_tiles;
+    }
 #pragma unroll
     for (int i = 0; i < BM * kARowBytes / 16 / C::kThreads; ++i) {
       const int chunk = tid + i * C::kThreads;
       const int r = chunk / (kARowBytes / 16), c = chunk % (kARowBytes / 16);
-      const bool in_m = m0 + r < p.M;
-      cp_async16_zfill(a_smem + swizzle<kARowBytes>(r, c),
-                       p.q + (in_m ? m0 + r : 0) * a_stride + kt * kARowBytes + c * 16, in_m);
+      if constexpr (SPREAD) {
+        const bool in_m = m0 + r < p.M;
+        cp_async16_zfill(a_smem + swizzle<kARowBytes>(r, c),
+                         p.q + (in_m ? m0 + r : 0) * a_stride + kt * kARowBytes + c * 16, in_m);
+      } else {
+        const int64_t row = min(m0 + r, p.M - 1);
+        cp_async16(a_smem + swizzle<kARowBytes>(r, c),
+                   p.q + row * a_stride + kt * kARowBytes + c * 16);
+      }
     }
 #pragma unroll
     for (int i = 0; i < BN * kBRowBytes / 16 / C::kThreads; ++i) {
@@ -407,10 +416,10 @@ __global__ void scale_int32_kernel(const int32_t* __restrict__ acc, int64_t acc_
 // ---------------------------------------------------------------------------
 // Launch helpers
 // ---------------------------------------------------------------------------
-template <int MODE, int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
+template <int MODE, int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, bool SPREAD = false>
 int launch_gemm(const GemmArgs& args, cudaStream_t stream) {
   using C = GemmConfig<MODE, BM, BN, WARPS_M, WARPS_N, STAGES>;
-  auto kernel = int_act_gemm_kernel<MODE, BM, BN, WARPS_M, WARPS_N, STAGES>;
+  auto kernel = int_act_gemm_kernel<MODE, BM, BN, WARPS_M, WARPS_N, STAGES, SPREAD>;
   if (C::kSmem > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
@@ -424,9 +433,12 @@ int launch_gemm(const GemmArgs& args, cudaStream_t stream) {
   return launch_status();
 }
 
-// The explicit list of tile shapes: decode (M <= 16), middle, prefill.
+// The explicit list of tile shapes: decode (M <= 16), middle, prefill; the
+// spread variants of the two shapes up to M = 64 (larger M runs the plain GEMM).
 template <int MODE>
-int launch_gemm_for_m(const GemmArgs& args, cudaStream_t stream) {
+int launch_gemm_for_m(const GemmArgs& args, bool spread, cudaStream_t stream) {
+  if (spread && args.M <= 16) return launch_gemm<MODE, 16, 32, 1, 2, 8, true>(args, stream);
+  if (spread && args.M <= 64) return launch_gemm<MODE, 64, 64, 2, 2, 4, true>(args, stream);
   if (args.M <= 16) return launch_gemm<MODE, 16, 32, 1, 2, 8>(args, stream);
   if (args.M <= 256) return launch_gemm<MODE, 64, 64, 2, 2, 4>(args, stream);
   return launch_gemm<MODE, 128, 128, 2, 4, 4>(args, stream);
@@ -506,7 +518,7 @@ extern "C" int vlmkern_int_act_gemm(const void* q, const float* sx, const void* 
                                     int64_t groups, int64_t group_pad, int64_t k_pad, int mode,
                                     int gemm, void* stream) {
   if (mode < VLMKERN_INT_ACT_I8 || mode > VLMKERN_INT_ACT_I4W8) return VLMKERN_INT_ACT_ERR_BAD_MODE;
-  if (gemm != VLMKERN_INT_ACT_GEMM_MMA &&
+  if (gemm != VLMKERN_INT_ACT_GEMM_MMA && gemm != VLMKERN_INT_ACT_GEMM_MMA_SPREAD &&
       (gemm != VLMKERN_INT_ACT_GEMM_WGMMA || mode != VLMKERN_INT_ACT_I8))
     return VLMKERN_INT_ACT_ERR_BAD_MODE;
   if (!valid_dtype(out_dtype) || (bias && !valid_dtype(bias_dtype)))
@@ -547,13 +559,14 @@ extern "C" int vlmkern_int_act_gemm(const void* q, const float* sx, const void* 
   args.out_dtype = out_dtype;
   // One group spanning every k-step (the group flush comes after the last
   // step in any order), and one activation tile for all blocks.
-  args.rotate_k = groups == 1 && group_pad == k_pad && M <= 64;
+  const bool spread = gemm == VLMKERN_INT_ACT_GEMM_MMA_SPREAD;
+  args.rotate_k = spread && groups == 1 && group_pad == k_pad && M <= 64;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (gemm == VLMKERN_INT_ACT_GEMM_WGMMA) return launch_gemm_sm90(args, s);
   switch (mode) {
-    case VLMKERN_INT_ACT_I8: return launch_gemm_for_m<VLMKERN_INT_ACT_I8>(args, s);
-    case VLMKERN_INT_ACT_I4: return launch_gemm_for_m<VLMKERN_INT_ACT_I4>(args, s);
-    default: return launch_gemm_for_m<VLMKERN_INT_ACT_I4W8>(args, s);
+    case VLMKERN_INT_ACT_I8: return launch_gemm_for_m<VLMKERN_INT_ACT_I8>(args, spread, s);
+    case VLMKERN_INT_ACT_I4: return launch_gemm_for_m<VLMKERN_INT_ACT_I4>(args, spread, s);
+    default: return launch_gemm_for_m<VLMKERN_INT_ACT_I4W8>(args, spread, s);
   }
 }
 

@@ -27,6 +27,7 @@ CASES = [
      False),
     (IntActConfig(8, 8), "", "cuda.int_act", (1, 16, 80), False),
     (IntActConfig(4, 4), "", "cuda.int_act", (1, 16), False),
+    (IntActConfig(8, 8), "cuda.int_act_spread", "cuda.int_act_spread", (1, 16, 64), False),
     (BinaryConfig(), "", "cuda.binary", (1, 16), False),
     (BinaryConfig(), "cuda.binary_lut", "cuda.binary_lut", (1, 16, 64), False),
 ]

@@ -222,10 +222,13 @@ def test_overflow_guard_and_registration():
         assert ops.which_kernel(x, ok) == "torch.int_act"
 
 
-def test_wgmma_kernel_registered_opt_in_ahead_of_mma(monkeypatch):
+def test_wgmma_and_spread_kernels_registered_opt_in_ahead_of_mma(monkeypatch):
     from vlmkern.ops import builtin  # noqa: F401
     specs = [k for k in BACKENDS["cuda"].kernels if k.op == "int_act"]
-    assert [k.name for k in specs] == ["cuda.int_act_wgmma", "cuda.int_act"]
+    assert [k.name for k in specs] == ["cuda.int_act_wgmma", "cuda.int_act_spread", "cuda.int_act"]
+    spread = specs[1]
+    assert spread.opt_in and spread.max_m == cia.SPREAD_MAX_M == 64 and spread.min_sm == (8, 0)
+    assert spread.bits == specs[2].bits
     wg = specs[0]
     assert wg.opt_in and wg.min_sm == (9, 0) and wg.min_m == cia.WGMMA_MIN_M
     assert wg.bits == frozenset({6, 8})                 # int8-stored weights only
@@ -308,6 +311,7 @@ def test_gpu_static_scale_nan_token_and_linear(monkeypatch):
     keep = [0, 1, 4]
     check_close(y[keep], x[keep], qw, None)
     monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
+    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
     xs = act(4, 320, torch.bfloat16, seed=9)
     assert ops.which_kernel(xs, qw) == "cuda.int_act"
     check_close(ops.linear(xs, qw), xs, qw, None)
@@ -348,8 +352,8 @@ def test_gpu_quantize_op_matches_reference(wa):
 def test_gpu_batch_invariant_deterministic_and_routes_agree():
     qw = make_intact(512, 1024, 8, 8, None, seed=6, device="cuda")
     qg = make_intact(512, 1024, 4, 4, 128, seed=7, device="cuda")
-    # per-channel 4-bit weights: the K-rotated decode tiles (M <= 64) of the
-    # int4 MMA (W4A4) and of the widened int4 weights (W4A8)
+    # per-channel 4-bit weights: the int4 MMA (W4A4) and the widened int4
+    # weights (W4A8)
     q44 = make_intact(512, 1024, 4, 4, None, seed=8, device="cuda")
     q48 = make_intact(512, 1024, 4, 8, None, seed=9, device="cuda")
     x = act(600, 1024, torch.bfloat16)
@@ -361,6 +365,40 @@ def test_gpu_batch_invariant_deterministic_and_routes_agree():
     a = cia.int_act_matmul(x, qw, path="mma")
     b = cia.int_act_matmul(x, qw, path="int_mm")
     assert torch.equal(a, b)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("wa", ALL_WA)
+@pytest.mark.parametrize("group", [None, 128, 32])
+def test_gpu_spread_equals_mma_bitwise(wa, group):
+    # ragged N and K; K spans many k-tiles so a rotated start wraps around;
+    # both spread tile shapes (M <= 16, M <= 64) and the plain GEMM above them
+    qw = make_intact(200, 1000, *wa, group, seed=wa[0] + wa[1], device="cuda")
+    bias = torch.randn(200, generator=gen(4)).cuda()
+    for m, dtype in ((1, torch.float16), (3, torch.bfloat16), (16, torch.float32),
+                     (17, torch.float16), (64, torch.bfloat16), (65, torch.float16)):
+        x = act(m, 1000, dtype, seed=m)
+        want = cia.int_act_matmul(x, qw, bias, path="mma")
+        got = cia.int_act_matmul(x, qw, bias, path="spread")
+        assert torch.equal(got, want), f"M={m} {dtype}: {mismatch_pattern(got, want)}"
+        check_close(got, x, qw, bias)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_spread_batch_invariant_and_selected(monkeypatch):
+    qw = make_intact(512, 1024, 8, 8, None, seed=6, device="cuda")
+    x = act(64, 1024, torch.float16)
+    full = cia.int_act_matmul(x, qw, path="spread")
+    for m in (1, 3, 16, 17, 63):
+        assert torch.equal(cia.int_act_matmul(x[:m], qw, path="spread"), full[:m])
+    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
+    assert ops.which_kernel(x, qw) == "cuda.int_act"
+    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.int_act_spread")
+    assert ops.which_kernel(x, qw) == "cuda.int_act_spread"
+    assert ops.which_kernel(act(65, 1024, torch.float16), qw) == "cuda.int_act"
+    assert torch.equal(ops.linear(x, qw), full)
 
 
 @gpu
@@ -447,6 +485,7 @@ def test_gpu_wgmma_batch_invariant_selected_and_traceable(monkeypatch):
         assert torch.equal(cia.int_act_matmul(x[:m], qw, path="wgmma"), full[:m])
     assert torch.equal(cia.int_act_matmul(x, qw, path="wgmma"), full)
     monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
+    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
     assert ops.which_kernel(x, qw) == "cuda.int_act"
     monkeypatch.setenv("VLMKERN_ENABLE", "cuda.int_act_wgmma")
     assert ops.which_kernel(x, qw) == "cuda.int_act_wgmma"
@@ -471,7 +510,7 @@ def test_gpu_wgmma_bad_input_errors():
     w_scale = qw.scales.float().t().contiguous()
     with pytest.raises(RuntimeError, match="gemm must be 0"):
         torch.ops.vlmkern.int_act_gemm(q, s, qw.qweight, w_scale, None, lay.group_pad, 0,
-                                       torch.float16, 2)
+                                       torch.float16, 3)
     with pytest.raises(RuntimeError, match="takes mode 0"):
         torch.ops.vlmkern.int_act_gemm(q, s, qw.qweight, w_scale, None, lay.group_pad, 2,
                                        torch.float16, 1)
@@ -491,6 +530,8 @@ if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer mem
             bias = torch.randn(33, generator=gen(2)).cuda()
             for m in (1, 17, 300):
                 cia.int_act_matmul(act(m, 200, torch.float16, seed=m), qw, bias)
+            for m in (1, 17, 64):
+                cia.int_act_matmul(act(m, 200, torch.bfloat16, seed=m), qw, bias, path="spread")
             if cia.sm90_available(torch.device("cuda")) and wa[0] >= 6:
                 cia.int_act_matmul(act(130, 200, torch.bfloat16), qw, bias, path="wgmma")
         torch.cuda.synchronize()

@@ -33,6 +33,14 @@ int32 sums and epilogue, hence the same bits. It is registered as the opt-in
 kernel ``cuda.int_act_wgmma`` (``VLMKERN_ENABLE``) until it has passed the
 GPU tests, and needs a build with sm_90a code (``TORCH_CUDA_ARCH_LIST``
 holding ``9.0a``; ``sm90_available`` probes it).
+
+``path="spread"`` (M <= 64) runs the mma.sync GEMM with its activation reads
+spread: token rows past M are zero-filled instead of re-reading the last
+row, and with one weight group per row each thread block starts its K walk
+at its own k-tile, so the blocks stop reading the same activation bytes at
+once (a suspect for W8A8 measuring 2x slower at M = 1 than at M = 16 with the
+same tiles). The int32 sums are exact, so the bits are the same. It is the
+opt-in kernel ``cuda.int_act_spread`` until it has passed the GPU tests.
 """
 from __future__ import annotations
 
@@ -55,8 +63,12 @@ BIAS_DTYPES = ACT_DTYPES
 INT_MM_MIN_M: int | None = 512
 # Smallest M the opt-in wgmma kernel takes: its tiles hold 128 tokens.
 WGMMA_MIN_M = 64
-GEMM_MMA, GEMM_WGMMA = 0, 1      # vlmkern_int_act_gemm_kind in csrc/int_act.h
-PATHS = ("auto", "mma", "int_mm", "wgmma")
+GEMM_MMA, GEMM_WGMMA, GEMM_MMA_SPREAD = 0, 1, 2   # vlmkern_int_act_gemm_kind (csrc/int_act.h)
+PATHS = ("auto", "mma", "int_mm", "wgmma", "spread")
+# Largest M the spread GEMM runs (its two decode tile shapes); above it the
+# plain mma.sync GEMM runs.
+SPREAD_MAX_M = 64
+_GEMM_OF_PATH = {"wgmma": GEMM_WGMMA, "spread": GEMM_MMA_SPREAD}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -173,7 +185,7 @@ def sm90_available(device: torch.device) -> bool:
 
 
 def _use_int_mm(path: str, kw: KernelWeight, m: int, n: int, sm: tuple[int, int]) -> bool:
-    if path in ("mma", "wgmma") or kw.mode != MODE_I8 or kw.layout.groups != 1:
+    if path in ("mma", "wgmma", "spread") or kw.mode != MODE_I8 or kw.layout.groups != 1:
         return False
     fits = m > 16 and n % 8 == 0 and kw.layout.k_pad % 8 == 0
     if path == "int_mm":
@@ -191,8 +203,9 @@ def int_act_matmul(x: torch.Tensor, qweight: IntActWeight, bias: torch.Tensor | 
 
     x [M, K] float16/bfloat16/float32 on a CUDA device; bias [N] (any of those
     dtypes) or None -> [M, N] in x's dtype. ``path``: "auto", "mma" (always the
-    mma.sync GEMM), "int_mm" (torch._int_mm + epilogue; per-channel int8 only)
-    or "wgmma" (the Hopper GEMM; 6/8-bit weights, sm_90a builds).
+    mma.sync GEMM), "int_mm" (torch._int_mm + epilogue; per-channel int8 only),
+    "wgmma" (the Hopper GEMM; 6/8-bit weights, sm_90a builds) or "spread" (the
+    mma.sync GEMM with spread activation reads; same bits; M <= 64).
     """
     _require_ops()
     if path not in PATHS:
@@ -223,8 +236,7 @@ def int_act_matmul(x: torch.Tensor, qweight: IntActWeight, bias: torch.Tensor | 
         acc = torch._int_mm(q, kw.w.t())
         return torch.ops.vlmkern.int_act_scale_int32(acc, sx, kw.w_scale_t[0], bias, x.dtype)
     return torch.ops.vlmkern.int_act_gemm(q, sx, kw.w, kw.w_scale_t, bias, lay.group_pad,
-                                          kw.mode, x.dtype,
-                                          GEMM_WGMMA if path == "wgmma" else GEMM_MMA)
+                                          kw.mode, x.dtype, _GEMM_OF_PATH.get(path, GEMM_MMA))
 
 
 def _wgmma_reason(mode: int, device: torch.device) -> str | None:
@@ -242,6 +254,12 @@ def int_act_wgmma(x: torch.Tensor, qweight: IntActWeight,
     return int_act_matmul(x, qweight, bias, path="wgmma")
 
 
+def int_act_spread(x: torch.Tensor, qweight: IntActWeight,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``int_act_matmul`` on the mma.sync GEMM with spread activation reads."""
+    return int_act_matmul(x, qweight, bias, path="spread")
+
+
 def _check_wgmma(x: torch.Tensor, qweight) -> str | None:
     why = _check(x, qweight)
     if why is None and x.is_cuda:
@@ -257,14 +275,17 @@ def _check(x: torch.Tensor, qweight) -> str | None:
 
 
 def register(backend) -> None:
-    """Add the kernels to the CUDA backend (idempotent). The Hopper GEMM comes
-    first but is opt-in (``VLMKERN_ENABLE=cuda.int_act_wgmma``)."""
+    """Add the kernels to the CUDA backend (idempotent). The Hopper GEMM and
+    the spread decode GEMM come first but are opt-in (``VLMKERN_ENABLE``)."""
     from .backends import KernelSpec
 
     common = dict(dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}))
     specs = [KernelSpec("cuda.int_act_wgmma", "int_act", int_act_wgmma, bits=frozenset({6, 8}),
                         min_sm=(9, 0), min_m=WGMMA_MIN_M, opt_in=True, check=_check_wgmma,
                         **common),
+             KernelSpec("cuda.int_act_spread", "int_act", int_act_spread,
+                        bits=frozenset({4, 6, 8}), min_sm=(8, 0), max_m=SPREAD_MAX_M,
+                        opt_in=True, check=_check, **common),
              KernelSpec("cuda.int_act", "int_act", int_act_matmul, bits=frozenset({4, 6, 8}),
                         min_sm=(8, 0), check=_check, **common)]
     known = {k.name for k in backend.kernels}
