@@ -97,7 +97,7 @@ def test_ksplit_fills_the_waves():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,k", [(300, 520), (3584, 3584), (129, 264)])
+@pytest.mark.parametrize("n,k", [(300, 520), (3584, 3584), (129, 264), (100, 131)])
 def test_layer_matches_the_fp64_product(monkeypatch, dtype, n, k):
     monkeypatch.setenv("VLMKERN_ENABLE", "cuda.binary_lut")
     bw = make_binary(n, k, 128, salient=0.1, seed=5, device="cuda")

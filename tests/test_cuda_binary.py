@@ -221,7 +221,7 @@ def test_gpu_awkward_shapes(block, dtype):
     qw = make_binary(33, 200, block, seed=block, device="cuda")
     w = qw.dequantize()
     bias = torch.randn(33, generator=gen(2)).cuda()
-    for m in (1, 3, 16, 17, 64, 200):
+    for m in (1, 3, 5, 16, 17, 64, 200):
         x = act(m, 200, dtype, seed=m)
         assert_matches_dense(cb.binary_matmul(x, qw, bias), x, w, bias)
         assert_matches_dense(cb.binary_matmul(x, qw), x, w, None)
@@ -246,6 +246,7 @@ def test_gpu_stats_dtypes_and_linear(monkeypatch):
         x = act(5, 256, torch.float16)
         assert_matches_dense(cb.binary_matmul(x, qw), x, qw.dequantize(), None)
     monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
+    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
     x = act(2, 256, torch.bfloat16)
     assert ops.which_kernel(x, qw) == "cuda.binary"
     assert_matches_dense(ops.linear(x, qw), x, qw.dequantize(), None)
@@ -303,15 +304,17 @@ def test_gpu_op_traces_under_torch_compile():
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,k,block", [(33, 200, 128), (257, 520, 256), (4608, 3584, 128),
-                                       (3584, 18944, 128)])
+@pytest.mark.parametrize("n,k,block", [(300, 256, 256), (33, 200, 128), (257, 520, 256),
+                                       (4608, 3584, 128), (3584, 18944, 128)])
 def test_gpu_prefetch_equals_plain_bitwise(n, k, block):
     # Same arithmetic in the same order, loads issued earlier: the same bits,
-    # with and without the K split (the last two shapes split K).
+    # without the K split (the first shape: one unit of K) and with it (the
+    # others); every token-group width (M = 1-4, 5-8, 9+)
     qw = make_binary(n, k, block, salient=0.1, seed=n, device="cuda")
     bias = torch.randn(n, generator=gen(6)).cuda()
-    for m, dtype in ((1, torch.float16), (3, torch.bfloat16), (16, torch.float16),
-                     (17, torch.bfloat16), (64, torch.float16), (200, torch.bfloat16)):
+    for m, dtype in ((1, torch.float16), (3, torch.bfloat16), (5, torch.float16),
+                     (8, torch.bfloat16), (16, torch.float16), (17, torch.bfloat16),
+                     (64, torch.float16), (200, torch.bfloat16)):
         x = act(m, k, dtype, seed=m)
         for b in (None, bias):
             want = cb.binary_matmul(x, qw, b)
@@ -326,6 +329,7 @@ def test_gpu_prefetch_selection_and_errors(monkeypatch):
     qw = make_binary(64, 256, 128, device="cuda")
     x = act(2, 256, torch.float16)
     monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
+    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
     assert ops.which_kernel(x, qw) == "cuda.binary"
     monkeypatch.setenv("VLMKERN_ENABLE", "cuda.binary_prefetch")
     assert ops.which_kernel(x, qw) == "cuda.binary_prefetch"
@@ -344,10 +348,10 @@ if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer mem
     @pytest.mark.gpu
     def test_sanitizer_smoke():
         # ragged rows, columns and tokens, with and without the K split
-        for n, k, block in ((33, 200, 96), (257, 520, 128), (130, 3000, 128)):
+        for n, k, block in ((33, 200, 96), (257, 520, 128), (130, 3000, 128), (33, 128, 128)):
             qw = make_binary(n, k, block, seed=n, device="cuda")
             bias = torch.randn(n, generator=gen(2)).cuda()
-            for m in (1, 17, 200):
+            for m in (1, 5, 17, 200):
                 x = act(m, k, torch.float16, seed=m)
                 cb.binary_matmul(x, qw, bias)
                 if block % 128 == 0:

@@ -105,7 +105,9 @@ def test_cpu_torch_reports_unavailable():
 # Kernel vs reference on GPU
 # ---------------------------------------------------------------------------
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def needs_gpu(fn):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(),
+                                              reason="needs a CUDA GPU")(fn))
 
 
 def _require_extension():
