@@ -322,6 +322,7 @@ def test_counters_are_left_zero():
 def test_selected_by_linear_when_forced(monkeypatch):
     import vlmkern.ops as ops
     monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
+    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
     qw = make_weight(64, 256, 4, 64, False, device="cuda")
     assert ops.which_kernel(act(1, 256, torch.float16), qw) == "cuda.weight_only_mma"
     monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_post_scale")

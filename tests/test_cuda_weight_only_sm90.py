@@ -237,7 +237,7 @@ def test_selected_by_linear_when_enabled(monkeypatch):
     n = 128 * sms                             # one row block per SM
     qw = make_weight(n, 256, 4, 64, False, device="cuda")
     monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
-    assert ops.which_kernel(act(65, 256, torch.float16), qw) != "cuda.weight_only_wgmma"
+    assert ops.which_kernel(act(65, 256, torch.float16), qw) == "cuda.dequant_cublas"
     monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_wgmma_smem")
     assert ops.which_kernel(act(17, 256, torch.float16), qw) == "cuda.weight_only_wgmma_smem"
     monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_wgmma")

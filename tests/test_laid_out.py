@@ -9,11 +9,13 @@ decline it. On a GPU: the layer runs the tensor-core kernel on its own codes
 (no second copy) and matches the canonical layer.
 """
 import copy
+import gc
 import warnings
 
 import pytest
 import torch
 from test_cuda_weight_only import gpu, make_weight, same_bits
+from tiny_models import kernel_op_reason
 from torch import nn
 
 import vlmkern
@@ -164,6 +166,9 @@ def test_from_linear_takes_a_laid_out_weight():
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_laid_out_layer_on_gpu_matches_the_canonical_layer(monkeypatch, prefill, bits, dtype):
+    why = kernel_op_reason("weight_only_dequant", "weight_only_dequant_kernel.cu")
+    if "layout" in prefill and why:
+        pytest.skip(why)
     monkeypatch.setenv("VLMKERN_ENABLE", prefill if "layout" in prefill else "")
     qw = make_weight(300, 520, bits, 128, False, scale_dtype=dtype, perm=True)
     bias = torch.randn(300)
@@ -186,6 +191,8 @@ def test_laid_out_layer_on_gpu_holds_its_codes_once():
     sizes = {}
     for name, layer in (("canonical", vlmkern.WeightOnlyLinear(qw)),
                         ("laid_out", vlmkern.WeightOnlyLinear(qw).to_kernel_layout())):
+        gc.collect()         # earlier tests' CUDA tensors must not be freed mid-measurement
+        torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         layer = layer.cuda()
         layer(x)
