@@ -11,15 +11,19 @@
 # TESTS: pytest targets (default: tests). BENCH_ARGS go to bench_linear.py.
 # Environment: ARCH (default 9.0a), BUILD_S / TEST_S / SANITIZE_S / BENCH_S /
 # DECODE_S / SWEEP_S / PROFILE_S phase limits in seconds (0 skips that phase; the build
-# always runs, and is quick when a previous build is still there);
-# DECODE_ENABLE: opt-in kernels for the whole-decoder run; SWEEP_ARGS
-# go to sweep_weight_only.py (the work-split sweep); PROFILE_ARGS go to the
-# weight-only profile_linear.py run (default: gate/up, M = 1,
-# W4 g128, the opt-in post-scale kernel); more runs profile the qkv layer at
-# M = 1, W8A8 at M = 4096
-# (mma.sync and wgmma GEMMs), binary at M = 1 (plain and prefetching) and the
-# dequantize kernels W4 prefill runs in front of cuBLAS (general and fast)
-# next to the Hopper weight-only kernel.
+# always runs, and is quick when a previous build is still there; SANITIZE_S
+# bounds each of two memcheck runs and PROFILE_S each ncu run, so keep the sum
+# under the machine's per-command limit); ARCHIVE: also pack OUTDIR into this
+# .tgz at the end (for a runner that brings back only a few files);
+# DECODE_ENABLE: opt-in kernels for the whole-decoder run; SWEEP_ARGS go to
+# sweep_weight_only.py (the work-split sweep) and PROFILE_ARGS to the
+# weight-only profile_linear.py run (default: gate/up, M = 1, W4 g128, the
+# opt-in post-scale kernel), both split on spaces (so no shape or format names
+# there). More runs profile the qkv layer at M = 1, W8A8 at M = 4096 (mma.sync
+# and wgmma GEMMs) and at M = 1 and 16 (plain and spread reads), binary at
+# M = 1 and 16 (plain, prefetching, lookup-table) and the dequantize kernels W4
+# prefill runs in front of cuBLAS (general and fast) next to the Hopper
+# weight-only kernels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_check.sh OUTDIR [TESTS] [BENCH_ARGS...]}
@@ -51,7 +55,8 @@ rc=$?; phase build $rc "$t"; [ $rc -ne 0 ] && tail -30 "$out/build.log"
 
 if [ "${TEST_S:-300}" -gt 0 ]; then
   t=$(date +%s)
-  timeout "${TEST_S:-300}" "$py" -m pytest -q -n 8 -p no:cacheprovider $tests \
+  # SIGINT at the limit: pytest still lists the failures so far and writes the XML
+  timeout -s INT -k 30 "${TEST_S:-300}" "$py" -m pytest -q -n 8 -p no:cacheprovider $tests \
     -o junit_family=xunit2 --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
   rc=$?; phase tests $rc "$t"; grep -E "passed|failed|error" "$out/tests.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
@@ -165,4 +170,8 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
     >"$out/profile_dequant.log" 2>&1
   rc=$?; phase profile_dequant $rc "$t"; grep -E "dequant_|wgmma|Duration|Memory Throughput|Compute \(SM\)" \
     "$out/profile_dequant.log" | head -24
+fi
+
+if [ -n "${ARCHIVE:-}" ]; then
+  tar czf "$ARCHIVE" -C "$(dirname "$out")" "$(basename "$out")" && echo "packed $out into $ARCHIVE"
 fi

@@ -41,3 +41,19 @@ def test_sass_count_triton_counts_both_decode_loops():
     rows = [r for r in out.stdout.splitlines() if r.startswith("| W4 g128")]
     assert [r.split(" | ")[1] for r in rows] == ["one token, CUDA cores", "M <= 16, MMA"]
     assert all(float(r.split(" | ")[3]) > 0 for r in rows)
+
+
+def test_sass_diff_matches_kernels_by_instructions():
+    import sass_diff
+    base = {"_Z1aIiEvv": ["MOV R1, c[0x0][0x28]", "BRA 0x40"], "_Z1bv": ["IADD R1, R1, 0x1"]}
+    # a renamed a (another template argument) whose code moved; b changed; c is new
+    new = {"_Z1aIiLi0EEvv": ["MOV R1, c[0x0][0x30]", "BRA 0x80"], "_Z1bv": ["IADD R1, R1, R2"],
+           "_Z1cv": ["EXIT"]}
+    same, changed, added = sass_diff.compare(base, new)
+    assert same == ["_Z1aIiEvv"] and changed == ["_Z1bv"] and added == 2
+    assert sass_diff.compare(base, base) == (list(base), [], 0)
+    assert sass_diff.normalize("CALL.REL.NOINC `(_Z3foov) ;") == "CALL.REL.NOINC `(@) ;"
+    assert sass_diff.normalize("@!P0 BRA 0x1f0") == "@!P0 BRA #"
+    # an immediate operand is code: a changed shift is a changed kernel
+    assert sass_diff.normalize("SHF.R.U32.HI R1, RZ, 0x4, R2") != sass_diff.normalize(
+        "SHF.R.U32.HI R1, RZ, 0x8, R2")

@@ -168,7 +168,7 @@ def test_bad_inputs_give_clear_errors():
         call(out_features=300)
     with pytest.raises(RuntimeError, match="in_features=256 does not match"):
         call(in_features=256)
-    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+    with pytest.raises(RuntimeError, match="float16 or torch.bfloat16"):
         call(dtype=torch.float32)
     with pytest.raises(RuntimeError, match="wq must be contiguous"):
         call(wq=mw.wq.transpose(2, 3).contiguous().transpose(2, 3))

@@ -1,0 +1,130 @@
+"""Which CUDA kernels changed since the build that passed the GPU tests (no GPU).
+
+A kernel's GPU test result holds for its device code, not its source: a
+refactor that leaves every instruction in place needs no new GPU run, and one
+that moves a single instruction does. This compiles each csrc/*_kernel.cu of
+the working tree and of a base revision (by default ``VERIFIED``, the last
+revision whose kernels passed the GPU tests on a GPU) with the flags setup.py
+uses, disassembles both, and reports for every base kernel whether the working
+tree still holds a kernel with the same instructions (addresses, constants and
+symbol names aside), plus how many kernels are new.
+
+    python benchmarks/sass_diff.py                    # sm_80 and sm_90a, every kernel file
+    python benchmarks/sass_diff.py --base HEAD~3 --arch sm_90a --strict
+
+--strict exits with status 1 when a base kernel changed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sass_count import cuobjdump, functions
+
+ROOT = Path(__file__).resolve().parent.parent
+# The revision whose default kernels passed the GPU tests (H100 weight-only,
+# H200 all; benchmarks/results/linear_*.md).
+VERIFIED = "4e982ce"
+NVCC_FLAGS = ["-O3", "-std=c++17", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+
+
+_BRANCH = re.compile(r"^(@!?U?P\w+\s+)?(BRA|BRX|BSSY|CALL|JMP|JMX|RET|WARPSYNC)\b")
+
+
+def normalize(instruction: str) -> str:
+    """An instruction without what moves when code around it moves: branch
+    targets, constant-bank offsets (kernel parameters) and symbol names.
+    Immediate operands are kept."""
+    text = re.sub(r"c\[0x[0-9a-f]+\]\[0x[0-9a-f]+\]", "c[#]", instruction)
+    if _BRANCH.match(text):
+        text = re.sub(r"0x[0-9a-f]+", "#", text)
+    return re.sub(r"\b_Z\w+", "@", text)
+
+
+def fingerprint(body: list[str]) -> str:
+    return hashlib.sha1("\n".join(normalize(i) for i in body).encode()).hexdigest()
+
+
+def compare(base: dict[str, list[str]], new: dict[str, list[str]]) -> tuple[list[str], list[str], int]:
+    """(unchanged base kernels, changed base kernels, new kernel count): a base
+    kernel is unchanged when some kernel of ``new`` has its instructions."""
+    have = {fingerprint(body) for body in new.values()}
+    same = [name for name, body in base.items() if fingerprint(body) in have]
+    changed = [name for name in base if name not in same]
+    base_prints = {fingerprint(body) for body in base.values()}
+    added = sum(fingerprint(body) not in base_prints for body in new.values())
+    return same, changed, added
+
+
+def sass(src_dir: Path, name: str, arch: str, out_dir: Path) -> dict[str, list[str]]:
+    cubin = out_dir / f"{src_dir.parent.name}.{name}.{arch}.cubin"
+    cc = arch.removeprefix("sm_")
+    subprocess.run(["nvcc", "-cubin", *NVCC_FLAGS, f"-I{src_dir}",
+                    f"-gencode=arch=compute_{cc},code={arch}", str(src_dir / f"{name}.cu"),
+                    "-o", str(cubin)], check=True, capture_output=True, text=True)
+    dump = subprocess.run([cuobjdump(), "-sass", str(cubin)], check=True, capture_output=True,
+                          text=True).stdout
+    return functions(dump)
+
+
+def demangle(names: list[str]) -> list[str]:
+    if not names or not shutil.which("c++filt"):
+        return names
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
+    return out.stdout.splitlines()
+
+
+def checkout_csrc(rev: str, into: Path) -> Path:
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "csrc"], check=True,
+                         capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        t.extractall(into, filter="data")
+    return into / "csrc"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", default=VERIFIED, help=f"git revision to compare with (default {VERIFIED})")
+    ap.add_argument("--arch", default="sm_80,sm_90a", help="comma-separated, e.g. sm_80,sm_90a")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a base kernel changed")
+    args = ap.parse_args()
+    if not shutil.which("nvcc"):
+        raise SystemExit("sass_diff: nvcc not found on PATH")
+    archs = args.arch.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "base").mkdir()
+        base_dir = checkout_csrc(args.base, tmp / "base")
+        new_dir = tmp / "tree" / "csrc"
+        shutil.copytree(ROOT / "csrc", new_dir)
+        names = sorted(p.stem for p in base_dir.glob("*_kernel.cu") if (new_dir / p.name).exists())
+        jobs = [(name, arch) for name in names for arch in archs]
+        with ThreadPoolExecutor() as pool:
+            base = list(pool.map(lambda j: sass(base_dir, *j, tmp), jobs))
+            new = list(pool.map(lambda j: sass(new_dir, *j, tmp), jobs))
+    print(f"kernels of {args.base} against the working tree\n")
+    print("| file | arch | unchanged | changed | new |")
+    print("|---|---|---|---|---|")
+    all_changed = []
+    for (name, arch), b, n in zip(jobs, base, new):
+        same, changed, added = compare(b, n)
+        print(f"| {name}.cu | {arch} | {len(same)} | {len(changed)} | {added} |")
+        all_changed += [f"{name}.cu ({arch}): {d}" for d in demangle(changed)]
+    if all_changed:
+        print("\nchanged since the base (need a GPU run before they are trusted again):")
+        print("\n".join(f"  {c}" for c in all_changed))
+    return 1 if args.strict and all_changed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
