@@ -395,8 +395,13 @@ __device__ __forceinline__ void store_out(const Params& p, int64_t b, int j, int
 
 // End of this thread block's part of row block b: write it out, or park it in
 // the workspace and, if it is the last part to arrive, sum all parts in order.
-template <int M_TILES, class T>
-__device__ void finish_rows(const Params& p, int64_t b, float (&acc)[M_TILES][4], int* is_last) {
+// FEW_DIVISIONS (the post-scale kernel): workspace slots without a 64-bit
+// division per part. Every part but the first belongs to a thread block that
+// starts inside row block b, so its slot is 2c (see partial_slot); this block's
+// own slot follows from b_start, the row block it started in.
+template <int M_TILES, class T, bool FEW_DIVISIONS = false>
+__device__ void finish_rows(const Params& p, int64_t b, float (&acc)[M_TILES][4], int* is_last,
+                            int64_t b_start = 0) {
   const int64_t ctas = gridDim.x, cta = blockIdx.x;
   const int64_t first = owner(b * p.C, p.units, ctas);
   const int parts = static_cast<int>(owner(b * p.C + p.C - 1, p.units, ctas) - first + 1);
@@ -410,7 +415,8 @@ __device__ void finish_rows(const Params& p, int64_t b, float (&acc)[M_TILES][4]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int col0 = warp * 16 + (lane >> 2);
   const int64_t plane = static_cast<int64_t>(p.M) * kBlockRows;
-  float* mine = p.ws + partial_slot(cta, b, p.units, ctas, p.C) * plane;
+  float* mine = p.ws + (FEW_DIVISIONS ? 2 * cta + (b_start == b ? 0 : 1)
+                                      : partial_slot(cta, b, p.units, ctas, p.C)) * plane;
 #pragma unroll
   for (int j = 0; j < M_TILES; ++j)
 #pragma unroll
@@ -424,6 +430,7 @@ __device__ void finish_rows(const Params& p, int64_t b, float (&acc)[M_TILES][4]
   __syncthreads();
   if (!*is_last) return;
   __threadfence();  // the other parts' writes are ordered before our reads
+  const int64_t first_slot = FEW_DIVISIONS ? partial_slot(first, b, p.units, ctas, p.C) : 0;
 
   // Sum the parts in thread-block order (deterministic). Loads of several
   // parts are issued before they are added, 32 per thread in flight.
@@ -438,7 +445,9 @@ __device__ void finish_rows(const Params& p, int64_t b, float (&acc)[M_TILES][4]
 #pragma unroll
     for (int q = 0; q < kAtOnce; ++q) {
       const float* part = q0 + q < parts
-          ? p.ws + partial_slot(first + q0 + q, b, p.units, ctas, p.C) * plane : nullptr;
+          ? p.ws + (!FEW_DIVISIONS ? partial_slot(first + q0 + q, b, p.units, ctas, p.C)
+                    : q0 + q == 0 ? first_slot : 2 * (first + q0 + q)) * plane
+          : nullptr;
 #pragma unroll
       for (int j = 0; j < M_TILES; ++j)
 #pragma unroll
@@ -501,6 +510,7 @@ __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) 
   // Row block and chunk of the unit being computed, and chunk of the next unit
   // to load, advanced one unit at a time (no division in the loop).
   int64_t b = u_begin / p.C;
+  const int64_t b_start = b;
   int c = static_cast<int>(u_begin - b * p.C);
   int load_c = c;
   // The post-scale kernel's loader and lane offsets (unused by the exact decode).
@@ -551,7 +561,10 @@ __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) 
     if (++next_stage == STAGES) next_stage = 0;
 
     if (c == p.C - 1 || i == n_units - 1) {
-      finish_rows<M_TILES, T>(p, b, acc, &is_last);
+      if constexpr (kPost)
+        finish_rows<M_TILES, T, true>(p, b, acc, &is_last, b_start);
+      else
+        finish_rows<M_TILES, T>(p, b, acc, &is_last);
 #pragma unroll
       for (int j = 0; j < M_TILES; ++j)
 #pragma unroll

@@ -178,9 +178,24 @@ def test_stream_k_parts_cover_every_unit_once(units, ctas, chunks):
             for _, _, slot in block:
                 assert slot not in slots and 0 <= slot < 2 * ctas
                 slots.add(slot)
+            # the post-scale kernel reads every part after the first at slot 2c
+            assert all(slot == 2 * cta for cta, _, slot in block[1:])
     covered = [u for b, block in enumerate(parts) for cta, first, _ in block
                for u in range(first, min((cta + 1) * units // ctas, (b + 1) * chunks))]
     assert covered == list(range(units))
+
+
+def test_division_free_slots_hold_for_every_small_split():
+    # exhaustive over small splits: the post-scale kernel's finish_rows
+    # (FEW_DIVISIONS) takes slot 2c for every part after a row block's first,
+    # which holds when each of those thread blocks starts inside the row block
+    for chunks in range(1, 7):
+        for blocks in range(1, 7):
+            units = chunks * blocks
+            for ctas in range(1, units + 1):
+                for b, block in enumerate(cw.stream_k_parts(units, ctas, chunks)):
+                    for cta, _, slot in block[1:]:
+                        assert (cta * units // ctas) // chunks == b and slot == 2 * cta
 
 
 def test_work_split_depends_on_shape_and_device_only():
