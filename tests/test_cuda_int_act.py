@@ -376,13 +376,10 @@ def test_gpu_spread_equals_mma_bitwise(wa, group):
     # both spread tile shapes (M <= 16, M <= 64) and the plain GEMM above them
     qw = make_intact(200, 1000, *wa, group, seed=wa[0] + wa[1], device="cuda")
     bias = torch.randn(200, generator=gen(4)).cuda()
-    for m, dtype in ((1, torch.float16), (3, torch.bfloat16), (16, torch.float32),
-                     (17, torch.float16), (64, torch.bfloat16), (65, torch.float16)):
-        x = act(m, 1000, dtype, seed=m)
-        want = cia.int_act_matmul(x, qw, bias, path="mma")
-        got = cia.int_act_matmul(x, qw, bias, path="spread")
-        assert torch.equal(got, want), f"M={m} {dtype}: {mismatch_pattern(got, want)}"
-        check_close(got, x, qw, bias)
+    got, x = assert_same_bits_as_mma("spread", qw, (bias,),
+                                     ((1, torch.float16), (3, torch.bfloat16), (16, torch.float32),
+                                      (17, torch.float16), (64, torch.bfloat16), (65, torch.float16)))
+    check_close(got, x, qw, bias)
 
 
 @gpu
@@ -390,15 +387,9 @@ def test_gpu_spread_equals_mma_bitwise(wa, group):
 def test_gpu_spread_batch_invariant_and_selected(monkeypatch):
     qw = make_intact(512, 1024, 8, 8, None, seed=6, device="cuda")
     x = act(64, 1024, torch.float16)
-    full = cia.int_act_matmul(x, qw, path="spread")
-    for m in (1, 3, 16, 17, 63):
-        assert torch.equal(cia.int_act_matmul(x[:m], qw, path="spread"), full[:m])
-    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
-    assert ops.which_kernel(x, qw) == "cuda.int_act"
-    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.int_act_spread")
-    assert ops.which_kernel(x, qw) == "cuda.int_act_spread"
-    assert ops.which_kernel(act(65, 1024, torch.float16), qw) == "cuda.int_act"
-    assert torch.equal(ops.linear(x, qw), full)
+    full = assert_batch_invariant("spread", qw, x, (1, 3, 16, 17, 63))
+    assert_selected_only_when_enabled(monkeypatch, "cuda.int_act_spread", qw, x,
+                                      act(65, 1024, torch.float16), full)
 
 
 @gpu
@@ -438,6 +429,43 @@ _WGMMA = _SKIP is None and cia.sm90_available(torch.device("cuda"))
 wgmma_gpu = pytest.mark.skipif(not _WGMMA, reason=_SKIP or "needs sm_90 and a build with sm_90a code")
 
 
+def assert_same_bits_as_mma(path, qw, biases, cases):
+    """``path``'s output equals the mma.sync GEMM's, bit for bit, for every
+    (M, dtype) of ``cases`` and bias of ``biases``; returns the last output
+    and its input."""
+    k = qw.in_features
+    for m, dtype in cases:
+        x = act(m, k, dtype, seed=m)
+        for b in biases:
+            want = cia.int_act_matmul(x, qw, b, path="mma")
+            got = cia.int_act_matmul(x, qw, b, path=path)
+            assert torch.equal(got, want), (f"{path}: n={qw.out_features} k={k} m={m} {dtype} "
+                                            f"bias={b is not None}: {mismatch_pattern(got, want)}")
+    return got, x
+
+
+def assert_batch_invariant(path, qw, x, ms):
+    """The first m rows of ``path``'s output for x equal its output for x[:m],
+    bit for bit, for every m in ``ms``; returns the output for all of x."""
+    full = cia.int_act_matmul(x, qw, path=path)
+    for m in ms:
+        assert torch.equal(cia.int_act_matmul(x[:m], qw, path=path), full[:m]), (path, m)
+    return full
+
+
+def assert_selected_only_when_enabled(monkeypatch, name, qw, x, x_outside, want):
+    """On the CUDA backend the opt-in kernel ``name`` runs x only when named
+    in VLMKERN_ENABLE (giving ``want``), and x_outside (an M outside its
+    range) falls back to cuda.int_act."""
+    monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
+    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
+    assert ops.which_kernel(x, qw) == "cuda.int_act"
+    monkeypatch.setenv("VLMKERN_ENABLE", name)
+    assert ops.which_kernel(x, qw) == name
+    assert ops.which_kernel(x_outside, qw) == "cuda.int_act"
+    assert torch.equal(ops.linear(x, qw), want)
+
+
 def mismatch_pattern(got, want) -> str:
     """Where two outputs differ, in terms a tile-layout bug shows up in: the
     count, the first few (row, column) pairs, and which residues of the row
@@ -464,14 +492,9 @@ def test_gpu_wgmma_equals_mma_bitwise(wa, group):
     for n, k in ((33, 200), (129, 320), (300, 1000), (256, 4096)):
         qw = make_intact(n, k, *wa, group, seed=n + k, device="cuda")
         bias = torch.randn(n, generator=gen(4)).cuda()
-        for m, dtype in ((64, torch.float16), (65, torch.bfloat16), (300, torch.float32),
-                         (1000, torch.float16)):
-            x = act(m, k, dtype, seed=m)
-            for b in (None, bias):
-                want = cia.int_act_matmul(x, qw, b, path="mma")
-                got = cia.int_act_matmul(x, qw, b, path="wgmma")
-                assert torch.equal(got, want), (f"n={n} k={k} m={m} {dtype} bias={b is not None}: "
-                                                + mismatch_pattern(got, want))
+        got, x = assert_same_bits_as_mma("wgmma", qw, (None, bias),
+                                         ((64, torch.float16), (65, torch.bfloat16),
+                                          (300, torch.float32), (1000, torch.float16)))
         check_close(got, x, qw, bias)
 
 
@@ -480,17 +503,9 @@ def test_gpu_wgmma_equals_mma_bitwise(wa, group):
 def test_gpu_wgmma_batch_invariant_selected_and_traceable(monkeypatch):
     qw = make_intact(512, 1024, 8, 8, None, seed=6, device="cuda")
     x = act(700, 1024, torch.bfloat16)
-    full = cia.int_act_matmul(x, qw, path="wgmma")
-    for m in (64, 128, 129, 300):
-        assert torch.equal(cia.int_act_matmul(x[:m], qw, path="wgmma"), full[:m])
+    full = assert_batch_invariant("wgmma", qw, x, (64, 128, 129, 300))
     assert torch.equal(cia.int_act_matmul(x, qw, path="wgmma"), full)
-    monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
-    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
-    assert ops.which_kernel(x, qw) == "cuda.int_act"
-    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.int_act_wgmma")
-    assert ops.which_kernel(x, qw) == "cuda.int_act_wgmma"
-    assert ops.which_kernel(x[:63], qw) == "cuda.int_act"
-    assert torch.equal(ops.linear(x, qw), full)
+    assert_selected_only_when_enabled(monkeypatch, "cuda.int_act_wgmma", qw, x, x[:63], full)
     f = quantize_and_gemm(cia.to_kernel_weight(qw, cia.MODE_I8), cia.GEMM_WGMMA)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=0)
 
