@@ -94,7 +94,7 @@ def rows(cap: int, cases) -> list[str]:
     out = []
     for label, bits, group in cases:
         common = dict(BITS=bits, GROUP=group, ASYM=True, HAS_BIAS=False, SPLIT=True, MODE=0)
-        bn, bk = wo.GEMV_TILES.get(bits, (None, None))
+        bn, bk = wo.gemv_tile(bits, group) if bits in wo.GEMV_TILES else (None, None)
         kernels = [("one token, CUDA cores", wo._wo_gemv_kernel,
                     dict(common, BLOCK_N=bn, BLOCK_K=bk), 4, 3)] if bn else []
         kernels.append(("M <= 16, MMA", wo._wo_small_kernel,

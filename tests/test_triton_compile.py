@@ -50,7 +50,7 @@ for dt, tdt, mode in (("fp16", torch.float16, 0), ("bf16", torch.bfloat16, 0),
         if m == 1:
             for bits, g, asym in ((2, 64, True), (3, 32, True), (4, 128, True), (4, 0, False),
                                   (8, 32, True)):
-                bn, bk = wo.GEMV_TILES[bits]
+                bn, bk = wo.gemv_tile(bits, g)
                 smem = build(wo._wo_gemv_kernel, wo_t, dict(BITS=bits, GROUP=g, ASYM=asym,
                              HAS_BIAS=True, SPLIT=True, MODE=mode, BLOCK_N=bn, BLOCK_K=bk),
                              cap, dict(num_warps=4, num_stages=3))

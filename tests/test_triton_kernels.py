@@ -146,7 +146,7 @@ def check_one_token(kernel, qw, seed):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("group", [16, 32, 128, None])
+@pytest.mark.parametrize("group", [16, 32, 64, 128, None])
 @pytest.mark.parametrize("sym", [True, False])
 def test_one_token_kernel(bits, group, sym):
     # odd N, K ending inside a unit (K = 200 is 12.5 words of 2-bit codes,

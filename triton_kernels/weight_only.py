@@ -301,16 +301,26 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
             wid = uid
             w0 = tl.load(rows + wid, mask=nm & (wid < n_words), other=0)
             h0 = w0 >> 12
-        umask = nm & (wid < n_words)
-        if GROUP == 0:
-            gi = uid * 0
+        if GROUP == 0 or GROUP % BLOCK_K == 0:
+            # the step lies in one group: its scale and zero as row vectors
+            # (see GEMV_TILES)
+            g1 = 0 if GROUP == 0 else k0 // GROUP
+            rmask = (offs_n < N) & (k0 + 0 * offs_n < K)
+            s = tl.load(s_ptr + offs_n.to(tl.int64) * stride_sn + g1, mask=rmask,
+                        other=0.0).to(tl.float32)[:, None]
+            if ASYM:
+                z = codes_at(z_ptr + offs_n.to(tl.int64) * stride_zn, g1 + 0 * offs_n, rmask,
+                             z_words, BITS).to(tl.float32)[:, None]
+            else:
+                z = tl.full([1, 1], 1 << (BITS - 1), tl.float32)
         else:
             gi = uid * CPU // GROUP
-        s = tl.load(s_rows + gi, mask=umask, other=0.0).to(tl.float32)
-        if ASYM:
-            z = codes_at(z_rows, gi, umask, z_words, BITS).to(tl.float32)
-        else:
-            z = tl.full([1, 1], 1 << (BITS - 1), tl.float32)
+            umask = nm & (wid < n_words)
+            s = tl.load(s_rows + gi, mask=umask, other=0.0).to(tl.float32)
+            if ASYM:
+                z = codes_at(z_rows, gi, umask, z_words, BITS).to(tl.float32)
+            else:
+                z = tl.full([1, 1], 1 << (BITS - 1), tl.float32)
         offs = k0 + tl.arange(0, U) * CPU                                  # unit starts
         dot = tl.zeros([BLOCK_N, U], dtype=tl.float32)
         xsum = tl.zeros([U], dtype=tl.float32)
@@ -431,7 +441,24 @@ def _mode(x: torch.Tensor) -> int:
 # (BLOCK_N, BLOCK_K) of the one-token kernel per bit width: 16 or 32 words of
 # K per row and tile; as many rows as keep the registers near 128 per thread
 # (checked by compiling offline: sm_90, 4 warps, no spills).
-GEMV_TILES = {2: (64, 256), 3: (128, 128), 4: (128, 128), 8: (64, 128)}
+# One-token tiles (rows, columns): 32 bytes of codes per row and step (a whole
+# sector; W3 takes one 32-code unit) and 16K weights. With every step inside
+# one group, the group's scale and zero are loaded as row vectors, which keeps
+# the decode at 6-8 SASS instructions per weight on sm_90 with Triton 3.6 and
+# 3.9 alike (per-unit scales cost 3.6 a layout conversion of every step's
+# products: 12-18); ``gemv_tile`` narrows the step for smaller groups.
+GEMV_TILES = {2: (128, 128), 3: (512, 32), 4: (256, 64), 8: (512, 32)}
+_GEMV_TILE_WEIGHTS = 16384
+
+
+def gemv_tile(bits: int, group: int) -> tuple[int, int]:
+    """(rows, columns) of the one-token kernel's tile for a group size
+    (0: one group per row): a step of ``group`` columns when groups of 32 or
+    more are narrower than the default step, so each step keeps one group."""
+    bn, bk = GEMV_TILES[bits]
+    if 32 <= group < bk and bk % group == 0:
+        return _GEMV_TILE_WEIGHTS // group, group
+    return bn, bk
 
 
 def gemv_reason(qweight) -> str | None:
@@ -456,9 +483,9 @@ def gemv(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
         x = x.index_select(1, qweight.perm.long())
     x = x.contiguous()
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    bn, bk = GEMV_TILES[qweight.bits]
-    bn = shrink(bn, n)
     qw, sc, qz, group = packed_operands(qweight)
+    bn, bk = gemv_tile(qweight.bits, group)
+    bn = shrink(bn, n)
     n_tiles = triton.cdiv(n, bn)
     splits, per = split_k_plan(n_tiles, triton.cdiv(k, bk), x.device, split_k)
     ws = torch.empty(splits, 1, n, dtype=torch.float32, device=x.device) if splits > 1 else out
