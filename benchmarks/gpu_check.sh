@@ -4,7 +4,8 @@
 # run the CUDA kernel tests under compute-sanitizer memcheck, time the
 # kernels, then profile one layer's weight-only kernels with Nsight Compute.
 # Each phase is time-boxed and logged to OUTDIR, and a failing phase does not
-# stop the later ones.
+# stop the later ones. Last, promote.md says per opt-in kernel how its tests
+# went and how it timed against the default kernel (promote_report.py).
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [TESTS] [BENCH_ARGS...]
 #
@@ -171,6 +172,9 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
   rc=$?; phase profile_dequant $rc "$t"; grep -E "dequant_|wgmma|Duration|Memory Throughput|Compute \(SM\)" \
     "$out/profile_dequant.log" | head -24
 fi
+
+# which opt-in kernels this run supports making default (tests and timings)
+"$py" benchmarks/promote_report.py "$out" >"$out/promote.md" 2>&1 && cat "$out/promote.md"
 
 if [ -n "${ARCHIVE:-}" ]; then
   tar czf "$ARCHIVE" -C "$(dirname "$out")" "$(basename "$out")" && echo "packed $out into $ARCHIVE"

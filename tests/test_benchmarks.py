@@ -1,5 +1,6 @@
 """Smoke runs of the benchmark scripts that can run without a GPU, so they
 keep working between the GPU runs that use them."""
+import json
 import os
 import subprocess
 import sys
@@ -57,3 +58,32 @@ def test_sass_diff_matches_kernels_by_instructions():
     # an immediate operand is code: a changed shift is a changed kernel
     assert sass_diff.normalize("SHF.R.U32.HI R1, RZ, 0x4, R2") != sass_diff.normalize(
         "SHF.R.U32.HI R1, RZ, 0x8, R2")
+
+
+def test_promote_report_reads_tests_and_timings(tmp_path):
+    import promote_report
+    xml = tmp_path / "tests.xml"
+    xml.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_cuda_int_act" name="test_gpu_spread_equals_mma_bitwise[128-wa0]"/>'
+        '<testcase classname="tests.test_cuda_int_act" name="test_gpu_spread_batch_invariant_and_selected"/>'
+        '<testcase classname="tests.test_cuda_binary" name="test_gpu_prefetch_equals_plain_bitwise[a]">'
+        '<failure message="x"/></testcase>'
+        '<testcase classname="tests.test_cuda_weight_only" name="test_kernel_awkward_shapes[post_scale]">'
+        '<skipped message="no GPU"/></testcase>'
+        '</testsuite></testsuites>')
+    rows = [dict(layer="qkv", M=1, kernel="W8A8", backend="cuda.int_act", us=20.0),
+            dict(layer="qkv", M=1, kernel="W8A8", backend="cuda.int_act_spread", us=10.0),
+            dict(layer="qkv", M=1, kernel="binary", backend="cuda.binary", us=30.0),
+            dict(layer="qkv", M=1, kernel="binary", backend="cuda.binary_prefetch", us=15.0),
+            dict(layer="qkv", M=1, kernel="W4 g128", backend="triton.weight_only_gemv", us=9.0),
+            dict(layer="qkv", M=1, kernel="W4 g128", backend="cuda.weight_only_post_scale", us=5.0)]
+    (tmp_path / "linear_H100.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    outcomes = promote_report.test_outcomes(xml)
+    table = {line.split(" | ")[0].lstrip("| "): line for line in
+             promote_report.report(outcomes, rows)[2:]}
+    assert table["cuda.int_act_spread"].endswith("| 2 / 0 / 0 | qkv M=1 W8A8: 2.00 | yes |")
+    assert table["cuda.binary_prefetch"].endswith("| 0 / 1 / 0 | qkv M=1 binary: 2.00 | no |")
+    # skipped, and no default CUDA kernel timed next to it (Triton does not count)
+    assert table["cuda.weight_only_post_scale"].endswith("| 0 / 0 / 1 | not timed | no |")
+    assert promote_report.main([str(tmp_path)]) == 0

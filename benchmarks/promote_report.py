@@ -1,0 +1,121 @@
+"""Which opt-in kernels a GPU run supports making default.
+
+An opt-in kernel (``VLMKERN_ENABLE``) may become default once its GPU tests
+have passed on a GPU and it is faster than the kernel it would replace. This
+reads what ``benchmarks/gpu_check.sh`` leaves behind, the pytest JUnit XML and
+the ``bench_linear.py`` JSON, and prints one row per opt-in kernel: its tests
+(passed / failed / skipped), and for every timed (layer, M, format) the time of
+the default CUDA kernel divided by its own (above 1: faster).
+
+    python benchmarks/promote_report.py OUTDIR            # OUTDIR of gpu_check.sh
+    python benchmarks/promote_report.py --tests tests.xml --bench linear_H100.json
+
+A kernel is "ready" when its tests ran (none failed, none skipped: a skip
+may mean the machine could not run it) and it was faster in every timed case;
+the decision stays with the reader.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+# opt-in kernel -> (test file, node-id pattern) pairs that exercise it
+TESTS = {
+    "cuda.weight_only_post_scale": [("test_cuda_weight_only.py", r"post_scale"),
+                                    ("test_cuda_graphs.py", r"post_scale")],
+    "cuda.weight_only_wgmma": [("test_cuda_weight_only_sm90.py", r"cuda\.weight_only_wgmma(?!_smem)")],
+    "cuda.weight_only_wgmma_smem": [("test_cuda_weight_only_sm90.py", r"weight_only_wgmma_smem")],
+    "cuda.dequant_fast_cublas": [("test_ext.py", r"fast_")],
+    "cuda.dequant_layout_cublas": [("test_cuda_weight_only_dequant.py", r""),
+                                   ("test_laid_out.py", r"layout_cublas")],
+    "cuda.int_act_wgmma": [("test_cuda_int_act.py", r"wgmma")],
+    "cuda.int_act_spread": [("test_cuda_int_act.py", r"spread"),
+                            ("test_cuda_graphs.py", r"int_act_spread")],
+    "cuda.binary_prefetch": [("test_cuda_binary.py", r"prefetch")],
+    "cuda.binary_lut": [("test_cuda_binary_lut_kernel.py", r""), ("test_binary_lut.py", r""),
+                        ("test_cuda_graphs.py", r"binary_lut")],
+}
+
+
+def test_outcomes(xml_path: Path) -> dict[str, str]:
+    """'file.py::test[params]' -> passed / failed / skipped, from JUnit XML."""
+    out = {}
+    for case in ET.parse(xml_path).getroot().iter("testcase"):
+        module = case.get("classname", "").rsplit(".", 1)[-1]
+        node = f"{module}.py::{case.get('name', '')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            out[node] = "failed"
+        elif case.find("skipped") is not None:
+            out[node] = "skipped"
+        else:
+            out[node] = "passed"
+    return out
+
+
+def kernel_tests(kernel: str, outcomes: dict[str, str]) -> dict[str, int]:
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    for node, outcome in outcomes.items():
+        file, _, name = node.partition("::")
+        if any(file == f and re.search(pattern, name) for f, pattern in TESTS.get(kernel, ())):
+            counts[outcome] += 1
+    return counts
+
+
+def speed_ratios(rows: list[dict], opt_in: set[str]) -> dict[str, list[tuple[str, float]]]:
+    """opt-in kernel -> [(case, default time / its time)] over the timed cases
+    where a default CUDA kernel was timed too."""
+    default, timed = {}, {}
+    for r in rows:
+        if "us" not in r or not str(r.get("backend", "")).startswith("cuda."):
+            continue
+        case = f"{r['layer']} M={r['M']} {r['kernel']}"
+        if r["backend"] in opt_in:
+            timed.setdefault(r["backend"], []).append((case, r["us"]))
+        else:
+            default[case] = r["us"]
+    return {k: [(case, default[case] / us) for case, us in cases if case in default]
+            for k, cases in timed.items()}
+
+
+def report(outcomes: dict[str, str], rows: list[dict]) -> list[str]:
+    ratios = speed_ratios(rows, set(TESTS))
+    lines = ["| opt-in kernel | tests passed / failed / skipped | default time / its time | ready |",
+             "|---|---|---|---|"]
+    for kernel in TESTS:
+        t = kernel_tests(kernel, outcomes)
+        r = ratios.get(kernel, [])
+        speed = ", ".join(f"{case}: {x:.2f}" for case, x in r) or "not timed"
+        ready = (t["passed"] > 0 and t["failed"] == t["skipped"] == 0 and bool(r)
+                 and all(x > 1.0 for _, x in r))
+        lines.append(f"| {kernel} | {t['passed']} / {t['failed']} / {t['skipped']} | {speed} "
+                     f"| {'yes' if ready else 'no'} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("outdir", nargs="?", help="gpu_check.sh's OUTDIR (tests.xml, linear_*.json)")
+    ap.add_argument("--tests", help="pytest JUnit XML")
+    ap.add_argument("--bench", nargs="*", default=[], help="bench_linear.py JSON files")
+    args = ap.parse_args(argv)
+    tests = Path(args.tests) if args.tests else None
+    bench = [Path(b) for b in args.bench]
+    if args.outdir:
+        out = Path(args.outdir)
+        tests = tests or (out / "tests.xml")
+        bench = bench or sorted(out.glob("linear_*.json"))
+    outcomes = test_outcomes(tests) if tests and tests.exists() else {}
+    rows = [r for b in bench for r in json.loads(b.read_text())["rows"]]
+    if not outcomes and not rows:
+        print("promote_report: no test results and no timings found", file=sys.stderr)
+        return 2
+    print("\n".join(report(outcomes, rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
