@@ -87,12 +87,13 @@ def chunk_loop(body: list[str]) -> list[str]:
     raise ValueError("no loop back branch after the MMAs")
 
 
-def compile_sass(source: str, arch: str) -> str:
+def compile_sass(source: str, arch: str, csrc: Path = ROOT / "csrc", flags=()) -> str:
+    """SASS of csrc/``source`` compiled by nvcc for ``arch`` (extra nvcc ``flags``)."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
-        subprocess.run(["nvcc", "-cubin", f"-arch={arch}", "-O3", "-std=c++17",
-                        f"-I{ROOT / 'csrc'}", "-o", str(cubin), str(ROOT / "csrc" / source)],
-                       check=True)
+        subprocess.run(["nvcc", "-cubin", f"-arch={arch}", "-O3", "-std=c++17", *flags,
+                        f"-I{csrc}", "-o", str(cubin), str(csrc / source)],
+                       check=True, capture_output=True, text=True)
         return subprocess.run([cuobjdump(), "-sass", str(cubin)], check=True,
                               capture_output=True, text=True).stdout
 

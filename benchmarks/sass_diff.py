@@ -6,8 +6,9 @@ that moves a single instruction does. This compiles each csrc/*_kernel.cu of
 the working tree and of a base revision (by default ``VERIFIED``, the last
 revision whose kernels passed the GPU tests on a GPU) with the flags setup.py
 uses, disassembles both, and reports for every base kernel whether the working
-tree still holds a kernel with the same instructions (addresses, constants and
-symbol names aside), plus how many kernels are new.
+tree still holds a kernel with the same instructions (branch targets,
+parameter offsets and symbol names aside; immediates count), plus how many
+kernels are new.
 
     python benchmarks/sass_diff.py                    # sm_80 and sm_90a, every kernel file
     python benchmarks/sass_diff.py --base HEAD~3 --arch sm_90a --strict
@@ -31,16 +32,15 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sass_count import cuobjdump, functions
+from sass_count import compile_sass, functions
 
 ROOT = Path(__file__).resolve().parent.parent
 # The revision whose default kernels passed the GPU tests (H100 weight-only,
 # H200 all; benchmarks/results/linear_*.md).
 VERIFIED = "4e982ce"
-NVCC_FLAGS = ["-O3", "-std=c++17", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
-
-
+# the macros torch's extension build passes to nvcc (setup.py adds -O3, as compile_sass does)
+TORCH_DEFINES = ("-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                 "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__")
 _BRANCH = re.compile(r"^(@!?U?P\w+\s+)?(BRA|BRX|BSSY|CALL|JMP|JMX|RET|WARPSYNC)\b")
 
 
@@ -69,15 +69,8 @@ def compare(base: dict[str, list[str]], new: dict[str, list[str]]) -> tuple[list
     return same, changed, added
 
 
-def sass(src_dir: Path, name: str, arch: str, out_dir: Path) -> dict[str, list[str]]:
-    cubin = out_dir / f"{src_dir.parent.name}.{name}.{arch}.cubin"
-    cc = arch.removeprefix("sm_")
-    subprocess.run(["nvcc", "-cubin", *NVCC_FLAGS, f"-I{src_dir}",
-                    f"-gencode=arch=compute_{cc},code={arch}", str(src_dir / f"{name}.cu"),
-                    "-o", str(cubin)], check=True, capture_output=True, text=True)
-    dump = subprocess.run([cuobjdump(), "-sass", str(cubin)], check=True, capture_output=True,
-                          text=True).stdout
-    return functions(dump)
+def sass(src_dir: Path, name: str, arch: str) -> dict[str, list[str]]:
+    return functions(compile_sass(f"{name}.cu", arch, src_dir, TORCH_DEFINES))
 
 
 def demangle(names: list[str]) -> list[str]:
@@ -121,8 +114,8 @@ def main() -> int:
         names = sorted(p.stem for p in base_dir.glob("*_kernel.cu") if (new_dir / p.name).exists())
         jobs = [(name, arch) for name in names for arch in archs]
         with ThreadPoolExecutor() as pool:
-            base = list(pool.map(lambda j: sass(base_dir, *j, tmp), jobs))
-            new = list(pool.map(lambda j: sass(new_dir, *j, tmp), jobs))
+            base = list(pool.map(lambda j: sass(base_dir, *j), jobs))
+            new = list(pool.map(lambda j: sass(new_dir, *j), jobs))
     print(f"kernels of {args.base} against the working tree\n")
     print("| file | arch | unchanged | changed | new |")
     print("|---|---|---|---|---|")

@@ -438,9 +438,6 @@ def _mode(x: torch.Tensor) -> int:
     return 0
 
 
-# (BLOCK_N, BLOCK_K) of the one-token kernel per bit width: 16 or 32 words of
-# K per row and tile; as many rows as keep the registers near 128 per thread
-# (checked by compiling offline: sm_90, 4 warps, no spills).
 # One-token tiles (rows, columns): 32 bytes of codes per row and step (a whole
 # sector; W3 takes one 32-code unit) and 16K weights. With every step inside
 # one group, the group's scale and zero are loaded as row vectors, which keeps
