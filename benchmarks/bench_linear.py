@@ -7,9 +7,13 @@ for each format forced onto each available backend. Medians of CUDA-event
 timings; weights are rotated through a pool larger than L2 so every call
 streams its weights from HBM as a decode step does.
 
-Columns: us, GB/s (weight + activation + output bytes moved / time),
+Columns: us, graph us, GB/s (weight + activation + output bytes moved / us),
 % of peak bandwidth (peak measured here with a device-to-device copy),
-TFLOP/s (2*M*N*K / time), speedup vs cuBLAS fp16.
+TFLOP/s (2*M*N*K / us), speedup vs cuBLAS fp16, graph speedup vs cuBLAS fp16.
+"us" brackets one eager call with CUDA events behind a spin kernel; "graph us" is
+the time per call of a CUDA-graph replay of one call per pool entry, which excludes
+host stalls the spin may not cover: us far above graph us means the host, not the
+kernel, slowed that row ("-": the call could not be captured).
 
     python benchmarks/bench_linear.py                      # full table (GPU)
     python benchmarks/bench_linear.py --quick              # a few shapes
@@ -103,6 +107,43 @@ def time_fn(fn, warmup: int = 10, reps: int = 50) -> float:
     return statistics.median(times)
 
 
+def time_graph(fn, calls: int, reps: int = 10) -> float | None:
+    """Median GPU microseconds per ``fn()`` when ``calls`` consecutive calls
+    are replayed from one CUDA graph; None where ``fn`` cannot be captured.
+
+    A replay is a single launch, so no Python work, allocation or host sync can
+    fall between the calls it times, as it can inside ``time_fn``'s bracket when
+    the host work outlasts the spin kernel. The graph keeps the pointers it was
+    captured with, so ``fn`` should cycle through a whole ``rotating`` pool
+    (``calls = nxt.size``): fewer entries could sit in L2 across replays.
+    """
+    side = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        # warm up on the capture stream: wrappers cache workspaces per stream
+        # (made under capture they would be re-zeroed by every replay), Triton
+        # compiles and cuBLAS picks its workspace outside the capture
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(calls):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph, stream=side):
+            outs = [fn() for _ in range(calls)]  # the replays write here: keep alive with graph
+        us = time_fn(graph.replay, warmup=1, reps=reps) / calls
+    except Exception as e:  # a kernel that cannot be captured still has its event timing
+        print(f"graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+              file=sys.stderr)
+        return None
+    del outs, graph  # held until the last replay has run (time_fn synchronizes)
+    return us
+
+
+def time_both(fn, calls: int) -> tuple[float, float | None]:
+    """``time_fn(fn)`` and ``time_graph(fn, calls)``."""
+    return time_fn(fn), time_graph(fn, calls)
+
+
 def rotating(make, bytes_each: int):
     """A pool of objects (from ``make()``) big enough that cycling through
     them never hits L2, and a getter that cycles."""
@@ -113,6 +154,7 @@ def rotating(make, bytes_each: int):
     def nxt():
         state["i"] = (state["i"] + 1) % len(pool)
         return pool[state["i"]]
+    nxt.size = len(pool)  # calls for a CUDA graph to stream the whole pool (time_graph)
     return nxt
 
 
@@ -132,18 +174,19 @@ def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, see
         packed[label] = rotating(lambda qw=qw: copy.deepcopy(qw), qw.nbytes)
     for m in ms:
         x = torch.randn(m, k, device=device, dtype=torch.float16)
-        base = time_fn(lambda: torch.matmul(x, fp16_weights().T))
+        base, base_g = time_both(lambda: torch.matmul(x, fp16_weights().T), fp16_weights.size)
         moved16 = 2 * (n * k + m * k + m * n)
-        rows.append(row(name, k, n, m, "cuBLAS fp16", "torch", base, base, moved16, peak_gbs))
+        rows.append(row(name, k, n, m, "cuBLAS fp16", "torch", base, base, moved16, peak_gbs,
+                        base_g, base_g))
         xb = x.bfloat16()
-        t = time_fn(lambda: torch.matmul(xb, bf16_weights().T))
-        rows.append(row(name, k, n, m, "cuBLAS bf16", "torch", t, base, moved16, peak_gbs))
+        t, g = time_both(lambda: torch.matmul(xb, bf16_weights().T), bf16_weights.size)
+        rows.append(row(name, k, n, m, "cuBLAS bf16", "torch", t, base, moved16, peak_gbs, g, base_g))
         xi = torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8)
         wi = torch.randint(-127, 128, (k, n), device=device, dtype=torch.int8)
         try:
-            t = time_fn(lambda: torch._int_mm(xi, wi))
+            t, g = time_both(lambda: torch._int_mm(xi, wi), 8)  # one weight: not rotated, as before
             rows.append(row(name, k, n, m, "torch._int_mm", "torch", t, base,
-                            n * k + m * k + 4 * m * n, peak_gbs))
+                            n * k + m * k + 4 * m * n, peak_gbs, g, base_g))
         except RuntimeError as e:
             rows.append({"layer": name, "K": k, "N": n, "M": m, "kernel": "torch._int_mm",
                          "error": str(e).splitlines()[0]})
@@ -152,11 +195,12 @@ def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, see
             for backend in backends:
                 for extra in ("", *enable):
                     rows += time_kernel(name, k, n, x, label, nxt, backend, extra, timed, base,
-                                        peak_gbs)
+                                        peak_gbs, base_g)
     return rows
 
 
-def time_kernel(name, k, n, x, label, nxt, backend, enable, timed, base, peak_gbs) -> list:
+def time_kernel(name, k, n, x, label, nxt, backend, enable, timed, base, peak_gbs,
+                base_g=None) -> list:
     """One row: ``ops.linear`` with VLMKERN_BACKEND=backend and
     VLMKERN_ENABLE=enable, unless the kernel it picks is in ``timed``."""
     m = x.shape[0]
@@ -172,7 +216,7 @@ def time_kernel(name, k, n, x, label, nxt, backend, enable, timed, base, peak_gb
         # its first use (cuda.weight_only_mma) must not time that step
         for _ in range(64):
             vlmkern.ops.linear(x, nxt())
-        t = time_fn(lambda: vlmkern.ops.linear(x, nxt()))
+        t, g = time_both(lambda: vlmkern.ops.linear(x, nxt()), nxt.size)  # graph: same env too
     except Exception as e:  # a kernel failing here is a result, not a crash
         return [{"layer": name, "K": k, "N": n, "M": m, "kernel": label, "backend": backend,
                  "error": f"{type(e).__name__}: {e}"}]
@@ -183,31 +227,35 @@ def time_kernel(name, k, n, x, label, nxt, backend, enable, timed, base, peak_gb
             else:
                 os.environ[v] = old
     moved = nxt().nbytes + 2 * (m * k + m * n)
-    return [row(name, k, n, m, label, kernel, t, base, moved, peak_gbs)]
+    return [row(name, k, n, m, label, kernel, t, base, moved, peak_gbs, g, base_g)]
 
 
-def row(layer, k, n, m, label, kernel, us, base_us, moved_bytes, peak_gbs):
+def row(layer, k, n, m, label, kernel, us, base_us, moved_bytes, peak_gbs, graph_us=None,
+        base_graph_us=None):
     gbs = moved_bytes / us / 1e3
     return {"layer": layer, "K": k, "N": n, "M": m, "kernel": label, "backend": kernel,
             "us": round(us, 2), "GB/s": round(gbs, 1),
             "%peak": round(100 * gbs / peak_gbs, 1) if peak_gbs else None,
             "TFLOP/s": round(2 * m * n * k / us / 1e6, 2),
-            "speedup": round(base_us / us, 3)}
+            "speedup": round(base_us / us, 3),
+            "graph_us": None if graph_us is None else round(graph_us, 2),
+            "graph_speedup": round(base_graph_us / graph_us, 3) if graph_us and base_graph_us else None}
 
 
 def to_markdown(meta, rows) -> str:
-    cols = ["layer", "K", "N", "M", "kernel", "backend", "us", "GB/s", "%peak", "TFLOP/s",
-            "speedup"]
+    cols = ["layer", "K", "N", "M", "kernel", "backend", "us", "graph_us", "GB/s", "%peak",
+            "TFLOP/s", "speedup", "graph_speedup"]
     out = [f"# Linear-layer latency on {meta['device']}", "",
            f"torch {meta['torch']}, copy bandwidth {meta['copy_GBs']:.0f} GB/s, "
-           f"medians of CUDA-event timings of GPU time (launch overhead hidden), weights rotated past L2.", "",
-           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+           f"medians of CUDA-event timings of GPU time (launch overhead hidden; graph: per call of a "
+           "CUDA-graph replay, '-' where not capturable), weights rotated past L2.", "",
+           "| " + " | ".join(c.replace("_", " ") for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['layer']} | {r['K']} | {r['N']} | {r['M']} | {r['kernel']} | "
-                       f"{r.get('backend', '')} | error: {r['error'][:80]} |||||")
-        else:
-            out.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+                       f"{r.get('backend', '')} | error: {r['error'][:80]} |||||||")
+        else:  # rows of older JSON lack the graph columns
+            out.append("| " + " | ".join("-" if r.get(c) is None else str(r[c]) for c in cols) + " |")
     return "\n".join(out) + "\n"
 
 

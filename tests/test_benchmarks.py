@@ -87,3 +87,23 @@ def test_promote_report_reads_tests_and_timings(tmp_path):
     # skipped, and no default CUDA kernel timed next to it (Triton does not count)
     assert table["cuda.weight_only_post_scale"].endswith("| 0 / 0 / 1 | not timed | no |")
     assert promote_report.main([str(tmp_path)]) == 0
+
+
+def test_bench_linear_table_has_graph_columns():
+    import bench_linear
+    base = bench_linear.row("o", 64, 32, 1, "cuBLAS fp16", "torch", 10.0, 10.0, 4096, 1000.0, 8.0, 8.0)
+    slow = bench_linear.row("o", 64, 32, 1, "W4 g128", "cuda.x", 40.0, 10.0, 1024, 1000.0, 4.0, 8.0)
+    uncaptured = bench_linear.row("o", 64, 32, 1, "binary", "cuda.y", 5.0, 10.0, 512, 1000.0, None, 8.0)
+    assert (slow["graph_us"], slow["graph_speedup"], slow["speedup"]) == (4.0, 2.0, 0.25)
+    assert uncaptured["graph_us"] is None and uncaptured["graph_speedup"] is None
+    error = {"layer": "o", "K": 64, "N": 32, "M": 1, "kernel": "W8A8", "error": "boom"}
+    meta = {"device": "test", "torch": "x", "copy_GBs": 1000.0}
+    lines = bench_linear.to_markdown(meta, [base, slow, uncaptured, error]).splitlines()
+    table = [line.strip("| ").split(" | ") for line in lines if line.startswith("| ")]
+    header = table[0]
+    assert header[6:8] == ["us", "graph us"] and header[-2:] == ["speedup", "graph speedup"]
+    cells = [dict(zip(header, r)) for r in table[1:4]]
+    assert [(c["us"], c["graph us"], c["speedup"], c["graph speedup"]) for c in cells] == [
+        ("10.0", "8.0", "1.0", "1.0"), ("40.0", "4.0", "0.25", "2.0"), ("5.0", "-", "2.0", "-")]
+    # an error row spans as many cells as the header
+    assert lines[-1].count("|") == next(x for x in lines if x.startswith("| layer")).count("|")

@@ -248,6 +248,9 @@ def test_gpu_stats_dtypes_and_linear(monkeypatch):
     monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
     monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
     x = act(2, 256, torch.bfloat16)
+    assert ops.which_kernel(x, qw) == "cuda.binary_lut"     # blocks of 128: the table GEMM
+    assert_matches_dense(ops.linear(x, qw), x, qw.dequantize(), None)
+    monkeypatch.setenv("VLMKERN_DISABLE", "cuda.binary_lut")
     assert ops.which_kernel(x, qw) == "cuda.binary"
     assert_matches_dense(ops.linear(x, qw), x, qw.dequantize(), None)
 
@@ -270,6 +273,7 @@ def test_gpu_batch_invariant_deterministic_and_split():
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.cpp_checks
 def test_gpu_bad_input_errors():
     qw = make_binary(16, 64, 32, device="cuda")
     with pytest.raises(ValueError, match="must be \\[M, 64\\]"):
@@ -330,6 +334,7 @@ def test_gpu_prefetch_selection_and_errors(monkeypatch):
     x = act(2, 256, torch.float16)
     monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
     monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
+    monkeypatch.setenv("VLMKERN_DISABLE", "cuda.binary_lut")
     assert ops.which_kernel(x, qw) == "cuda.binary"
     monkeypatch.setenv("VLMKERN_ENABLE", "cuda.binary_prefetch")
     assert ops.which_kernel(x, qw) == "cuda.binary_prefetch"

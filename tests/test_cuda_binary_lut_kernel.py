@@ -243,6 +243,7 @@ def meta_layout(n, k):
 
 
 @has_op
+@pytest.mark.cpp_checks
 def test_meta_shape_and_checks():
     codes, tables, merge = meta_layout(300, 264)
     x = torch.empty(5, 264, dtype=torch.bfloat16, device="meta")
@@ -375,6 +376,7 @@ def test_gpu_empty_batch_and_compile():
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.cpp_checks
 def test_gpu_bad_inputs():
     n, k = 100, 264
     layout, _, k_x = make_case(n, k, torch.float16)

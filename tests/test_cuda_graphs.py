@@ -19,17 +19,17 @@ K, N = 1024, 768
 
 # (config, opt-in kernels, kernel expected at every M, Ms, kernel layout)
 CASES = [
-    (QuantConfig(4, 128), "", "cuda.weight_only_mma", (1, 16, 64), False),
+    (QuantConfig(4, 128), "", "cuda.weight_only_post_scale", (1, 16, 32), False),
+    (QuantConfig(4, 128), "", "cuda.weight_only_mma", (33, 64), False),
     (QuantConfig(3, 64), "", "cuda.weight_only_mma", (1, 5), False),
-    (QuantConfig(2, 32), "", "cuda.weight_only_mma", (1,), False),
-    (QuantConfig(4, 128), "", "cuda.weight_only_mma", (1, 16), True),
-    (QuantConfig(4, 128), "cuda.weight_only_post_scale", "cuda.weight_only_post_scale", (1, 16),
-     False),
-    (IntActConfig(8, 8), "", "cuda.int_act", (1, 16, 80), False),
-    (IntActConfig(4, 4), "", "cuda.int_act", (1, 16), False),
-    (IntActConfig(8, 8), "cuda.int_act_spread", "cuda.int_act_spread", (1, 16, 64), False),
-    (BinaryConfig(), "", "cuda.binary", (1, 16), False),
-    (BinaryConfig(), "cuda.binary_lut", "cuda.binary_lut", (1, 16, 64), False),
+    (QuantConfig(2, 32), "", "cuda.weight_only_post_scale", (1,), False),
+    (QuantConfig(4, 128), "", "cuda.weight_only_post_scale", (1, 16), True),
+    (IntActConfig(8, 8), "", "cuda.int_act", (9, 16, 80), False),
+    (IntActConfig(4, 4), "", "cuda.int_act", (16,), False),
+    (IntActConfig(4, 4), "", "cuda.int_act_spread", (1,), False),
+    (IntActConfig(8, 8), "", "cuda.int_act_spread", (1, 8), False),
+    (BinaryConfig(block_size=64), "", "cuda.binary", (1, 16), False),
+    (BinaryConfig(), "", "cuda.binary_lut", (1, 16, 64), False),
 ]
 
 

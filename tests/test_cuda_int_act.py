@@ -222,12 +222,13 @@ def test_overflow_guard_and_registration():
         assert ops.which_kernel(x, ok) == "torch.int_act"
 
 
-def test_wgmma_and_spread_kernels_registered_opt_in_ahead_of_mma(monkeypatch):
+def test_wgmma_and_spread_kernels_registered_ahead_of_mma(monkeypatch):
     from vlmkern.ops import builtin  # noqa: F401
     specs = [k for k in BACKENDS["cuda"].kernels if k.op == "int_act"]
     assert [k.name for k in specs] == ["cuda.int_act_wgmma", "cuda.int_act_spread", "cuda.int_act"]
     spread = specs[1]
-    assert spread.opt_in and spread.max_m == cia.SPREAD_MAX_M == 64 and spread.min_sm == (8, 0)
+    assert not spread.opt_in and spread.max_m == cia.SPREAD_SELECT_MAX_M == 8
+    assert cia.SPREAD_MAX_M == 64 and spread.min_sm == (8, 0)
     assert spread.bits == specs[2].bits
     wg = specs[0]
     assert wg.opt_in and wg.min_sm == (9, 0) and wg.min_m == cia.WGMMA_MIN_M
@@ -313,7 +314,7 @@ def test_gpu_static_scale_nan_token_and_linear(monkeypatch):
     monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
     monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
     xs = act(4, 320, torch.bfloat16, seed=9)
-    assert ops.which_kernel(xs, qw) == "cuda.int_act"
+    assert ops.which_kernel(xs, qw) == "cuda.int_act_spread"
     check_close(ops.linear(xs, qw), xs, qw, None)
 
 
@@ -388,12 +389,16 @@ def test_gpu_spread_batch_invariant_and_selected(monkeypatch):
     qw = make_intact(512, 1024, 8, 8, None, seed=6, device="cuda")
     x = act(64, 1024, torch.float16)
     full = assert_batch_invariant("spread", qw, x, (1, 3, 16, 17, 63))
-    assert_selected_only_when_enabled(monkeypatch, "cuda.int_act_spread", qw, x,
-                                      act(65, 1024, torch.float16), full)
+    monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
+    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
+    assert ops.which_kernel(x[:8], qw) == "cuda.int_act_spread"     # decode sizes
+    assert ops.which_kernel(x[:9], qw) == "cuda.int_act"
+    assert torch.equal(ops.linear(x[:8], qw), full[:8])
 
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.cpp_checks
 def test_gpu_bad_input_errors():
     qw = make_intact(16, 64, 8, 8, None, device="cuda")
     with pytest.raises(ValueError, match="must be \\[M, 64\\]"):
@@ -512,6 +517,7 @@ def test_gpu_wgmma_batch_invariant_selected_and_traceable(monkeypatch):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.cpp_checks
 def test_gpu_wgmma_bad_input_errors():
     qw = make_intact(16, 64, 8, 8, None, device="cuda")
     q4 = make_intact(16, 64, 4, 8, None, device="cuda")

@@ -213,20 +213,20 @@ def test_registered_first_and_bounded_in_m(monkeypatch):
     post, exact = (CUDA.kernels[names.index(n)]
                    for n in ("cuda.weight_only_post_scale", "cuda.weight_only_mma"))
     assert exact.max_m == 64 and exact.min_m == 1 and not exact.opt_in
-    assert post.max_m == cw.POST_SCALE_WIDE_MAX_M and post.min_m == 1 and post.opt_in
-    # 32 tokens only with 128-column scale slots (group >= 128 or one per row)
-    for group, m, ok in ((64, 16, True), (64, 17, False), (128, 32, True), (None, 32, True)):
-        why = post.check(torch.zeros(m, 256, dtype=torch.float16), make_weight(64, 256, 4, group, False))
-        assert (why is None) == ok, (group, m, why)
+    assert post.max_m == cw.POST_SCALE_WIDE_MAX_M and post.min_m == 1 and not post.opt_in
+    # 32 tokens only with 128-column scale slots (group >= 128 or one per row);
+    # 3-bit weights only above 8 tokens (slower than the exact decode below)
+    for bits, group, m, ok in ((4, 64, 16, True), (4, 64, 17, False), (4, 128, 32, True),
+                               (4, None, 32, True), (2, 64, 1, True), (3, 64, 8, False),
+                               (3, 64, 9, True), (3, 128, 32, True)):
+        why = post.check(torch.zeros(m, 256, dtype=torch.float16),
+                         make_weight(64, 256, bits, group, False))
+        assert (why is None) == ok, (bits, group, m, why)
     cw.register(CUDA)                       # idempotent
     assert [k.name for k in CUDA.kernels] == names
-    # opt-in: declined until named in VLMKERN_ENABLE (then the device decides)
-    x = torch.zeros(1, 256, dtype=torch.float16)
-    qw = make_weight(64, 256, 4, 64, False)
     monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
-    assert "opt-in only" in post.rejects(x, qw)
-    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_post_scale")
-    assert "runs on ['cuda']" in post.rejects(x, qw)
+    assert "runs on ['cuda']" in post.rejects(torch.zeros(1, 256, dtype=torch.float16),
+                                              make_weight(64, 256, 4, 64, False))
 
 
 # -- GPU -------------------------------------------------------------------------------
@@ -339,11 +339,12 @@ def test_selected_by_linear_when_forced(monkeypatch):
     monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
     monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
     qw = make_weight(64, 256, 4, 64, False, device="cuda")
-    assert ops.which_kernel(act(1, 256, torch.float16), qw) == "cuda.weight_only_mma"
-    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_post_scale")
+    assert ops.which_kernel(act(1, 256, torch.float16), qw) == "cuda.weight_only_post_scale"
     assert ops.which_kernel(act(16, 256, torch.float16), qw) == "cuda.weight_only_post_scale"
     assert ops.which_kernel(act(17, 256, torch.float16), qw) == "cuda.weight_only_mma"
-    monkeypatch.delenv("VLMKERN_ENABLE")
+    w3 = make_weight(64, 256, 3, 64, False, device="cuda")
+    assert ops.which_kernel(act(8, 256, torch.float16), w3) == "cuda.weight_only_mma"
+    assert ops.which_kernel(act(9, 256, torch.float16), w3) == "cuda.weight_only_post_scale"
     assert ops.which_kernel(act(64, 256, torch.float16), qw) == "cuda.weight_only_mma"
     assert ops.which_kernel(act(65, 256, torch.float16), qw) == "cuda.dequant_cublas"
     x = act(7, 256, torch.bfloat16).reshape(7, 1, 256)
@@ -392,6 +393,7 @@ def check_layout_errors(call, m):
 
 
 @gpu
+@pytest.mark.cpp_checks
 def test_bad_inputs_give_clear_errors():
     qw = make_weight(64, 256, 4, 64, False, device="cuda")
     mw = cw.kernel_weight(qw, torch.float16)

@@ -138,6 +138,7 @@ def test_traceable_by_torch_compile():
 
 
 @gpu
+@pytest.mark.cpp_checks
 def test_bad_inputs_give_clear_errors():
     qw = make_weight(200, 300, 4, 64, False, device="cuda")
     mw = cw.to_mma_layout(qw, torch.float16)     # 2 blocks, 3 chunks, 2 slots per chunk

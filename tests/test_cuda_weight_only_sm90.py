@@ -241,7 +241,7 @@ def test_selected_by_linear_when_enabled(monkeypatch):
     monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_wgmma_smem")
     assert ops.which_kernel(act(17, 256, torch.float16), qw) == "cuda.weight_only_wgmma_smem"
     monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_wgmma")
-    assert ops.which_kernel(act(16, 256, torch.float16), qw) == "cuda.weight_only_mma"
+    assert ops.which_kernel(act(16, 256, torch.float16), qw) == "cuda.weight_only_post_scale"
     assert ops.which_kernel(act(17, 256, torch.float16), qw) == "cuda.weight_only_wgmma"
     assert ops.which_kernel(act(65, 256, torch.float16), qw) == "cuda.weight_only_wgmma"
     x = act(300, 256, torch.bfloat16).reshape(3, 100, 256)
@@ -289,6 +289,7 @@ def test_traceable_by_torch_compile():
 
 
 @sm90
+@pytest.mark.cpp_checks
 def test_bad_inputs_give_clear_errors():
     from vlmkern.ops import cuda_weight_only as cw
     qw = make_weight(64, 256, 4, 64, False, device="cuda")

@@ -149,24 +149,60 @@ def test_dequant_matches_reference(bits, group_size):
                                                           out_dtype)
 
 
+def test_dequant_rejects_bad_arguments_before_the_op():
+    """Checked in Python, so the errors need neither a GPU nor the extension."""
+    from vlmkern.ext import dequant_groupwise
+
+    _, _, qweight, qzeros, scales = make_case(5, 200, 3, 64, False, torch.float16)
+    with pytest.raises(ValueError, match=r"qweight must have shape \[5, 19\], got \[5, 18\]"):
+        dequant_groupwise(qweight[:, :18].contiguous(), qzeros, scales, 3, 64, 200, torch.float16)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        dequant_groupwise(qweight, qzeros, scales[:, :3].contiguous(), 3, 64, 200, torch.float16)
+    with pytest.raises(ValueError, match="qzeros must have shape"):
+        dequant_groupwise(qweight, qzeros[:, :0].contiguous(), scales, 3, 64, 200, torch.float16)
+    with pytest.raises(ValueError, match="qzeros must be int32"):
+        dequant_groupwise(qweight, qzeros.long(), scales, 3, 64, 200, torch.float16)
+    with pytest.raises(ValueError, match="scales must be contiguous"):
+        dequant_groupwise(qweight, qzeros, scales.t().contiguous().t(), 3, 64, 200, torch.float16)
+    with pytest.raises(ValueError, match="qzeros is on meta"):
+        dequant_groupwise(qweight, qzeros.to("meta"), scales, 3, 64, 200, torch.float16)
+    with pytest.raises(TypeError, match="out_dtype"):
+        dequant_groupwise(qweight, qzeros, scales, 3, 64, 200, torch.float32)
+    with pytest.raises(TypeError, match="scales must be float16"):
+        dequant_groupwise(qweight, qzeros, scales.double(), 3, 64, 200, torch.float16)
+    with pytest.raises(ValueError, match="2-D int32"):
+        dequant_groupwise(qweight.float(), qzeros, scales, 3, 64, 200, torch.float16)
+    with pytest.raises(ValueError, match="bits"):
+        dequant_groupwise(qweight, qzeros, scales, 9, 64, 200, torch.float16)
+    with pytest.raises(ValueError, match="group_size"):
+        dequant_groupwise(qweight, qzeros, scales, 3, 0, 200, torch.float16)
+
+
 @needs_gpu
-def test_dequant_rejects_bad_shapes_and_supports_meta():
+@pytest.mark.cpp_checks
+def test_dequant_op_checks_its_arguments_in_cpp():
+    _require_extension()
+    _, _, qweight, qzeros, scales = make_case(5, 200, 3, 64, False, torch.float16)
+    qweight, qzeros, scales = qweight.cuda(), qzeros.cuda(), scales.cuda()
+    op = torch.ops.vlmkern.dequant_groupwise
+    with pytest.raises(RuntimeError, match=r"qweight must have shape .* = \[5, 19\], got \[5, 18\]"):
+        op(qweight[:, :18].contiguous(), qzeros, scales, 3, 64, 200, torch.float16, False)
+    with pytest.raises(RuntimeError, match="scales must have shape"):
+        op(qweight, qzeros, scales[:, :3].contiguous(), 3, 64, 200, torch.float16, True)
+    with pytest.raises(RuntimeError, match="qzeros must have shape"):
+        op(qweight, qzeros[:, :0].contiguous(), scales, 3, 64, 200, torch.float16, False)
+    with pytest.raises(RuntimeError, match="out_dtype"):
+        op(qweight, qzeros, scales, 3, 64, 200, torch.float32, False)
+    with pytest.raises(RuntimeError, match="bits"):
+        op(qweight, qzeros, scales, 9, 64, 200, torch.float16, False)
+
+
+@needs_gpu
+def test_dequant_meta_shape():
     _require_extension()
     from vlmkern.ext import dequant_groupwise
 
     _, _, qweight, qzeros, scales = make_case(5, 200, 3, 64, False, torch.float16)
-    qweight, qzeros, scales = qweight.cuda(), qzeros.cuda(), scales.cuda()
-    with pytest.raises(RuntimeError, match=r"qweight must have shape .* = \[5, 19\], got \[5, 18\]"):
-        dequant_groupwise(qweight[:, :18].contiguous(), qzeros, scales, 3, 64, 200, torch.float16)
-    with pytest.raises(RuntimeError, match="scales must have shape"):
-        dequant_groupwise(qweight, qzeros, scales[:, :3].contiguous(), 3, 64, 200, torch.float16)
-    with pytest.raises(RuntimeError, match="qzeros must have shape"):
-        dequant_groupwise(qweight, qzeros[:, :0].contiguous(), scales, 3, 64, 200, torch.float16)
-    with pytest.raises(RuntimeError, match="out_dtype"):
-        dequant_groupwise(qweight, qzeros, scales, 3, 64, 200, torch.float32)
-    with pytest.raises(RuntimeError, match="bits"):
-        dequant_groupwise(qweight, qzeros, scales, 9, 64, 200, torch.float16)
-
     meta = dequant_groupwise(qweight.to("meta"), qzeros.to("meta"), scales.to("meta"), 3, 64, 200,
                              torch.bfloat16)
     assert meta.device.type == "meta" and meta.shape == (5, 200) and meta.dtype == torch.bfloat16
@@ -193,25 +229,25 @@ def test_ext_passes_fast_through(monkeypatch):
     assert calls[0][3:7] == (4, 32, 64, torch.float16)
 
 
-def test_fast_kernel_spec_is_opt_in_before_dequant_cublas(monkeypatch):
+def test_prefill_dequantize_runs_the_fast_kernel(monkeypatch):
+    """cuda.dequant_cublas asks for the fast dequantize kernel (which falls back
+    to the general one where it does not apply): there is no separate spec."""
+    import vlmkern.ext
     from vlmkern.formats.groupwise import QuantizedWeight
-    from vlmkern.ops.builtin import CUDA
+    from vlmkern.ops.builtin import CUDA, _cuda_dequant_matmul
 
-    names = [k.name for k in CUDA.kernels]
-    i = names.index("cuda.dequant_fast_cublas")
-    assert names[i + 1] == "cuda.dequant_cublas"
-    fast, plain = CUDA.kernels[i], CUDA.kernels[i + 1]
-    assert fast.opt_in and not plain.opt_in
-    for field in ("op", "bits", "group_sizes", "dtypes", "devices", "min_m", "max_m", "min_sm",
-                  "sym", "act_order", "check"):
-        assert getattr(fast, field) == getattr(plain, field), field
+    assert "cuda.dequant_fast_cublas" not in [k.name for k in CUDA.kernels]
+    seen = {}
+
+    def fake(qweight, qzeros, scales, bits, group_size, in_features, out_dtype, fast=False):
+        seen["fast"] = fast
+        return torch.zeros(qweight.shape[0], in_features, dtype=out_dtype)
+
+    monkeypatch.setattr(vlmkern.ext, "dequant_groupwise", fake)
     codes, zeros, _, _, scales = make_case(8, 64, 4, 32, False, torch.float16)
     qw = QuantizedWeight.from_codes(codes, scales, zeros, 4, 32)
-    x = torch.zeros(65, 64, dtype=torch.float16)
-    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
-    assert "opt-in only" in fast.rejects(x, qw)
-    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.dequant_fast_cublas")
-    assert "runs on ['cuda']" in fast.rejects(x, qw)
+    y = _cuda_dequant_matmul(torch.ones(3, 64, dtype=torch.float16), qw, None)
+    assert seen == {"fast": True} and y.shape == (3, 8)
 
 
 # (N, K): K a multiple of 256, K not a multiple of 256 (idle lanes in each
@@ -298,10 +334,12 @@ def test_fast_dequant_real_size_and_edges():
 
 
 @needs_gpu
-def test_fast_kernel_selected_only_when_enabled(monkeypatch):
+def test_fast_kernel_runs_prefill_with_the_general_kernels_bits(monkeypatch):
     _require_extension()
     import vlmkern
     from vlmkern import ops
+    from vlmkern.ext import dequant_groupwise
+    from vlmkern.ops import reference
 
     torch.manual_seed(0)
     qw = vlmkern.quantize_weight(torch.randn(256, 512) * 0.02,
@@ -309,8 +347,6 @@ def test_fast_kernel_selected_only_when_enabled(monkeypatch):
     x = torch.randn(80, 512, dtype=torch.float16, device="cuda")
     monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
     assert ops.which_kernel(x, qw) == "cuda.dequant_cublas"
-    plain = ops.linear(x, qw)
-    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.dequant_fast_cublas")
-    assert ops.which_kernel(x, qw) == "cuda.dequant_fast_cublas"
     assert "dequant" not in ops.which_kernel(x[:16], qw)   # M <= 64 keeps its own kernels
-    assert torch.equal(ops.linear(x, qw), plain)
+    general = dequant_groupwise(qw.qweight, qw.qzeros, qw.scales, 4, 128, 512, torch.float16)
+    assert torch.equal(ops.linear(x, qw), reference.stored_order_linear(x, general, qw.perm, None))

@@ -321,11 +321,9 @@ def test_available_backends_lists_all_with_reasons():
     assert torch_b["available"] is True
     assert {"torch.weight_only", "torch.int_act", "torch.binary"} <= set(torch_b["kernels"])
     assert torch_b["opt_in"] == []
-    assert set(info["cuda"]["opt_in"]) == {"cuda.weight_only_post_scale", "cuda.int_act_wgmma",
-                                           "cuda.binary_prefetch", "cuda.dequant_fast_cublas",
+    assert set(info["cuda"]["opt_in"]) == {"cuda.int_act_wgmma", "cuda.binary_prefetch",
                                            "cuda.weight_only_wgmma", "cuda.weight_only_wgmma_smem",
-                                           "cuda.dequant_layout_cublas", "cuda.binary_lut",
-                                           "cuda.int_act_spread"}
+                                           "cuda.dequant_layout_cublas"}
     assert set(info["cuda"]["opt_in"]) <= set(info["cuda"]["kernels"])
     if not torch.cuda.is_available():
         assert info["cuda"]["available"] is False
@@ -369,12 +367,24 @@ def test_unknown_backend_raises(weights, monkeypatch, value):
 
 
 def test_unknown_enabled_kernel_raises(weights, monkeypatch):
-    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_postscale")
-    with pytest.raises(BackendError, match=r"unknown kernels \['cuda.weight_only_postscale'\].*"
-                                           r"cuda.weight_only_post_scale"):
+    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.int_act_wgma")
+    with pytest.raises(BackendError, match=r"unknown kernels \['cuda.int_act_wgma'\].*"
+                                           r"cuda.int_act_wgmma"):
         ops.linear(_x((3,), torch.float32), weights["w4g32"])
-    monkeypatch.setenv("VLMKERN_ENABLE", " cuda.weight_only_post_scale ,")
+    monkeypatch.setenv("VLMKERN_ENABLE", " cuda.int_act_wgmma ,")
     ops.linear(_x((3,), torch.float32), weights["w4g32"])     # known: runs (on torch here)
+
+
+def test_disabled_kernels_are_never_selected(weights, monkeypatch):
+    x = _x((3,), torch.float32)
+    monkeypatch.setenv("VLMKERN_DISABLE", "torch.binary")
+    assert ops.which_kernel(x, weights["w4g32"]) == "torch.weight_only"
+    with pytest.raises(BackendError, match="torch.binary: turned off by VLMKERN_DISABLE"):
+        ops.linear(x, weights["binary"])
+    monkeypatch.setenv("VLMKERN_DISABLE", "torch.binry")
+    with pytest.raises(BackendError, match=r"VLMKERN_DISABLE names unknown kernels "
+                                           r"\['torch.binry'\]"):
+        ops.linear(x, weights["w4g32"])
 
 
 def test_backend_error_is_a_runtime_error():

@@ -54,8 +54,42 @@ def dequant_groupwise(qweight: torch.Tensor, qzeros: torch.Tensor | None, scales
     a power of two >= 8 or >= K) and the general one elsewhere; the output bits
     are the same either way.
     """
+    _check_dequant_args(qweight, qzeros, scales, bits, group_size, in_features, out_dtype)
     module, reason = load_extension()
     if module is None:
         raise RuntimeError(f"vlmkern.ext.dequant_groupwise needs the CUDA extension: {reason}")
     return torch.ops.vlmkern.dequant_groupwise(qweight, qzeros, scales, int(bits), int(group_size),
                                                int(in_features), out_dtype, bool(fast))
+
+
+def _check_dequant_args(qweight, qzeros, scales, bits, group_size, in_features, out_dtype) -> None:
+    """The op's own checks, made here first: an error raised in Python never
+    depends on C++ exceptions crossing the extension, which crashed the process
+    instead of raising on one GPU machine's toolchain."""
+    op = "vlmkern.ext.dequant_groupwise"
+    if not 1 <= bits <= 8:
+        raise ValueError(f"{op}: bits must be in 1..8, got {bits}")
+    if group_size < 1 or in_features < 0:
+        raise ValueError(f"{op}: group_size must be >= 1 and in_features >= 0, "
+                         f"got {group_size} and {in_features}")
+    if out_dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"{op}: out_dtype must be torch.float16 or torch.bfloat16, got {out_dtype}")
+    if scales.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{op}: scales must be float16, bfloat16 or float32, got {scales.dtype}")
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise ValueError(f"{op}: qweight must be a 2-D int32 tensor, got {qweight.dtype} "
+                         f"{tuple(qweight.shape)}")
+    n, groups = qweight.shape[0], -(-in_features // group_size)
+    expected = {"qweight": (qweight, (n, -(-in_features * bits // 32))),
+                "scales": (scales, (n, groups))}
+    if qzeros is not None:
+        if qzeros.dtype != torch.int32:
+            raise ValueError(f"{op}: qzeros must be int32, got {qzeros.dtype}")
+        expected["qzeros"] = (qzeros, (n, -(-groups * bits // 32)))
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous")
+        if t.device != qweight.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but qweight is on {qweight.device}")

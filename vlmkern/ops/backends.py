@@ -54,6 +54,8 @@ class KernelSpec:
         """Why this kernel cannot run (x, qweight), or None if it can."""
         if self.opt_in and self.name not in enabled_kernels():
             return f"{self.name}: opt-in only (set VLMKERN_ENABLE={self.name})"
+        if self.name in disabled_kernels():
+            return f"{self.name}: turned off by VLMKERN_DISABLE"
         if getattr(qweight, "LAID_OUT", False) and not self.laid_out:
             return f"{self.name}: reads the canonical codes; this weight is in the CUDA kernel layout"
         if self.devices is not ANY and x.device.type not in self.devices:
@@ -83,6 +85,11 @@ _SM_CACHE: dict[int, tuple[int, int]] = {}
 def enabled_kernels() -> frozenset[str]:
     """Opt-in kernels named in VLMKERN_ENABLE."""
     return _parse_names(os.environ.get("VLMKERN_ENABLE", ""))
+
+
+def disabled_kernels() -> frozenset[str]:
+    """Kernels named in VLMKERN_DISABLE: never selected, default ones included."""
+    return _parse_names(os.environ.get("VLMKERN_DISABLE", ""))
 
 
 @functools.lru_cache(maxsize=16)
@@ -159,12 +166,16 @@ def forced_backend() -> str | None:
 def select(op: str, x: torch.Tensor, qweight) -> KernelSpec:
     """The kernel that will run ``op`` on (x [M, K], qweight); raises BackendError."""
     forced = forced_backend()
-    enabled = enabled_kernels()
-    unknown = enabled and enabled - {k.name for b in BACKENDS.values() for k in b.kernels}
+    enabled, disabled = enabled_kernels(), disabled_kernels()
+    known = {k.name for b in BACKENDS.values() for k in b.kernels}
+    unknown = enabled and enabled - known
     if unknown:
         opt_in = sorted(k.name for b in BACKENDS.values() for k in b.kernels if k.opt_in)
         raise BackendError(f"VLMKERN_ENABLE names unknown kernels {sorted(unknown)}; "
                            f"the opt-in kernels are {opt_in}")
+    if disabled - known:
+        raise BackendError(f"VLMKERN_DISABLE names unknown kernels {sorted(disabled - known)}; "
+                           f"the kernels are {sorted(known)}")
     names = (forced,) if forced else ORDER
     reasons = []
     for name in names:

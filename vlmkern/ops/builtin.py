@@ -51,8 +51,12 @@ def _probe_cuda() -> str | None:
     return None if module is not None else reason
 
 
-def _cuda_dequant_matmul(x, qweight, bias, fast=False):
-    """Dequantize with the CUDA kernel, then one cuBLAS GEMM (prefill-sized M)."""
+def _cuda_dequant_matmul(x, qweight, bias):
+    """Dequantize with the CUDA kernel, then one cuBLAS GEMM (prefill-sized M).
+    The fast dequantize kernel runs where it applies (bits 2/3/4/8, K a
+    multiple of 8, power-of-two groups >= 8 or one per row), the general one
+    elsewhere; both give the same bits. On an H100 the fast one made the whole
+    layer 1.06-1.26x faster at M = 4096 (benchmarks/results/promote_H100.md)."""
     from ..ext import dequant_groupwise
     if getattr(qweight, "LAID_OUT", False):
         warnings.warn("a weight held in the CUDA kernel layout is rebuilt in the canonical "
@@ -62,7 +66,7 @@ def _cuda_dequant_matmul(x, qweight, bias, fast=False):
         qweight = qweight.canonical()
     w = dequant_groupwise(qweight.qweight, qweight.qzeros, qweight.scales, qweight.bits,
                           qweight.group_size or qweight.in_features, qweight.in_features,
-                          x.dtype, fast=fast)
+                          x.dtype, fast=True)
     return reference.stored_order_linear(x, w, qweight.perm, bias)
 
 
@@ -79,11 +83,6 @@ def _only_laid_out(x, qweight) -> str | None:
     return None
 
 
-def _cuda_dequant_fast_matmul(x, qweight, bias):
-    """The same with the fast dequantize kernel (bit-identical weight)."""
-    return _cuda_dequant_matmul(x, qweight, bias, fast=True)
-
-
 # Picked first on a GPU: its kernels pass the GPU tests on H100 and H200 and
 # measured faster than the Triton kernels at every size timed
 # (benchmarks/results/linear_*.md).
@@ -95,11 +94,6 @@ _DEQUANT = {"dtypes": frozenset({torch.float16, torch.bfloat16}),
 # cuda.dequant_cublas rebuilds the canonical codes on every call.
 CUDA.register(KernelSpec("cuda.dequant_layout_cublas", "weight_only", _cuda_dequant_layout_matmul,
                          opt_in=True, laid_out=True, check=_only_laid_out, **_DEQUANT))
-# The fast dequantize kernel (compile-time bits, 32-bit indices, one scale and
-# zero per 8 codes; the general kernel where it does not apply) is opt-in
-# (VLMKERN_ENABLE=cuda.dequant_fast_cublas) until its GPU tests pass.
-CUDA.register(KernelSpec("cuda.dequant_fast_cublas", "weight_only", _cuda_dequant_fast_matmul,
-                         opt_in=True, laid_out=True, **_DEQUANT))
 CUDA.register(KernelSpec("cuda.dequant_cublas", "weight_only", _cuda_dequant_matmul,
                          laid_out=True, **_DEQUANT))
 

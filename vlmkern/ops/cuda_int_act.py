@@ -68,6 +68,11 @@ PATHS = ("auto", "mma", "int_mm", "wgmma", "spread")
 # Largest M the spread GEMM runs (its two decode tile shapes); above it the
 # plain mma.sync GEMM runs.
 SPREAD_MAX_M = 64
+# Largest M for which ops.linear picks the spread GEMM: on an H100, W8A8 at
+# M = 1 ran 1.78x (3584x37888) and 1.30x (3584x4608) faster than the plain
+# GEMM, and 0.93-1.00x at M = 16 and 64 (benchmarks/results/promote_H100.md).
+# M <= 8 runs the same tiles as M = 1.
+SPREAD_SELECT_MAX_M = 8
 _GEMM_OF_PATH = {"wgmma": GEMM_WGMMA, "spread": GEMM_MMA_SPREAD}
 
 
@@ -275,8 +280,8 @@ def _check(x: torch.Tensor, qweight) -> str | None:
 
 
 def register(backend) -> None:
-    """Add the kernels to the CUDA backend (idempotent). The Hopper GEMM and
-    the spread decode GEMM come first but are opt-in (``VLMKERN_ENABLE``)."""
+    """Add the kernels to the CUDA backend (idempotent). The Hopper GEMM comes
+    first but is opt-in (``VLMKERN_ENABLE``); the spread GEMM runs M <= 8."""
     from .backends import KernelSpec
 
     common = dict(dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}))
@@ -284,8 +289,8 @@ def register(backend) -> None:
                         min_sm=(9, 0), min_m=WGMMA_MIN_M, opt_in=True, check=_check_wgmma,
                         **common),
              KernelSpec("cuda.int_act_spread", "int_act", int_act_spread,
-                        bits=frozenset({4, 6, 8}), min_sm=(8, 0), max_m=SPREAD_MAX_M,
-                        opt_in=True, check=_check, **common),
+                        bits=frozenset({4, 6, 8}), min_sm=(8, 0), max_m=SPREAD_SELECT_MAX_M,
+                        check=_check, **common),
              KernelSpec("cuda.int_act", "int_act", int_act_matmul, bits=frozenset({4, 6, 8}),
                         min_sm=(8, 0), check=_check, **common)]
     known = {k.name for k in backend.kernels}

@@ -490,11 +490,22 @@ def post_scale_max_m(qweight) -> int:
     return POST_SCALE_MAX_M
 
 
+# 3-bit weights at M <= 8 stay on the exact decode: on an H100 the post-scale
+# decode measured 0.72x of it there (3584x37888, 68.5 vs 49.0 us) and 1.15-1.35x
+# at M = 16; 2- and 4-bit were faster at every size timed
+# (benchmarks/results/promote_H100.md).
+POST_SCALE_W3_MIN_M = 9
+
+
 def _check_post_scale(x: torch.Tensor, qweight) -> str | None:
     why = _check(x, qweight)
-    if why is None and x.shape[0] > post_scale_max_m(qweight):
-        why = (f"cuda.weight_only_post_scale: M={x.shape[0]} above {post_scale_max_m(qweight)} "
+    m = x.shape[0]
+    if why is None and m > post_scale_max_m(qweight):
+        why = (f"cuda.weight_only_post_scale: M={m} above {post_scale_max_m(qweight)} "
                f"for group size {qweight.group_size}")
+    if why is None and qweight.bits == 3 and m < POST_SCALE_W3_MIN_M:
+        why = (f"cuda.weight_only_post_scale: 3-bit weights at M={m} run faster on the "
+               f"exact decode (M < {POST_SCALE_W3_MIN_M})")
     return why
 
 
@@ -506,13 +517,14 @@ def _check(x: torch.Tensor, qweight) -> str | None:
 def register(backend) -> None:
     """Add the kernels to the CUDA backend, ahead of dequantize + cuBLAS, which
     keeps every M above 64 and everything they decline. The post-scale decode
-    comes first but is opt-in (``VLMKERN_ENABLE=cuda.weight_only_post_scale``)."""
+    comes first: it passed its GPU tests and ran faster on an H100 (see
+    ``_check_post_scale`` for the one case it leaves to the exact decode)."""
     from .backends import KernelSpec
 
     common = dict(bits=frozenset(SUPPORTED_BITS), dtypes=frozenset(ACT_DTYPES),
                   devices=frozenset({"cuda"}), min_m=1, min_sm=(8, 0), laid_out=True)
     specs = [KernelSpec("cuda.weight_only_post_scale", "weight_only", weight_only_post_scale,
-                        max_m=POST_SCALE_WIDE_MAX_M, opt_in=True, check=_check_post_scale,
+                        max_m=POST_SCALE_WIDE_MAX_M, check=_check_post_scale,
                         **common),
              KernelSpec("cuda.weight_only_mma", "weight_only", weight_only_mma, max_m=MAX_M,
                         check=_check, **common)]
