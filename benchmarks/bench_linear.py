@@ -17,8 +17,10 @@ kernel, slowed that row ("-": the call could not be captured).
 
     python benchmarks/bench_linear.py                      # full table (GPU)
     python benchmarks/bench_linear.py --quick              # a few shapes
-    python benchmarks/bench_linear.py --enable cuda.weight_only_post_scale
+    python benchmarks/bench_linear.py --enable cuda.weight_only_wgmma
                                   # also time opt-in kernels, next to the defaults
+    python benchmarks/bench_linear.py --disable cuda.weight_only_post_scale
+                                  # also time what runs with a default kernel turned off
 Results go to benchmarks/results/linear_<device>.{json,md}.
 """
 from __future__ import annotations
@@ -158,10 +160,11 @@ def rotating(make, bytes_each: int):
     return nxt
 
 
-def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, seed=0, enable=()):
-    """Rows for one layer shape. Each (backend, opt-in kernel) pair in
-    ``backends`` x ({""} + ``enable``) is timed where it picks a kernel not
-    already timed for that format and M."""
+def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, seed=0, enable=(),
+                disable=()):
+    """Rows for one layer shape. Each backend is timed as it is, with each
+    opt-in kernel of ``enable`` turned on and with each kernel of ``disable``
+    turned off, where that picks a kernel not already timed for that format and M."""
     rows = []
     torch.manual_seed(seed)
     w16 = (torch.randn(n, k, device=device) * 0.02).half()
@@ -193,20 +196,22 @@ def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, see
         for label, nxt in packed.items():
             timed = set()
             for backend in backends:
-                for extra in ("", *enable):
-                    rows += time_kernel(name, k, n, x, label, nxt, backend, extra, timed, base,
-                                        peak_gbs, base_g)
+                variants = [("", "")] + [(e, "") for e in enable] + [("", d) for d in disable]
+                for on, off in variants:
+                    rows += time_kernel(name, k, n, x, label, nxt, backend, on, timed, base,
+                                        peak_gbs, base_g, off)
     return rows
 
 
 def time_kernel(name, k, n, x, label, nxt, backend, enable, timed, base, peak_gbs,
-                base_g=None) -> list:
-    """One row: ``ops.linear`` with VLMKERN_BACKEND=backend and
-    VLMKERN_ENABLE=enable, unless the kernel it picks is in ``timed``."""
+                base_g=None, disable="") -> list:
+    """One row: ``ops.linear`` with VLMKERN_BACKEND=backend, VLMKERN_ENABLE=enable
+    and VLMKERN_DISABLE=disable, unless the kernel it picks is in ``timed``."""
     m = x.shape[0]
-    saved = {v: os.environ.get(v) for v in ("VLMKERN_BACKEND", "VLMKERN_ENABLE")}
+    saved = {v: os.environ.get(v) for v in ("VLMKERN_BACKEND", "VLMKERN_ENABLE", "VLMKERN_DISABLE")}
     os.environ["VLMKERN_BACKEND"] = backend
     os.environ["VLMKERN_ENABLE"] = enable
+    os.environ["VLMKERN_DISABLE"] = disable
     try:
         kernel = vlmkern.ops.which_kernel(x, nxt())
         if kernel.startswith(("no backend", "VLMKERN_")) or kernel in timed:
@@ -269,6 +274,9 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", help="comma-separated format labels (default: all; see FORMATS)")
     ap.add_argument("--enable", default="",
                     help="comma-separated opt-in kernels (VLMKERN_ENABLE) to time as well")
+    ap.add_argument("--disable", default="",
+                    help="comma-separated kernels to turn off (VLMKERN_DISABLE), one more run each: "
+                         "times what a default kernel replaced")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -297,6 +305,10 @@ def main(argv=None) -> int:
     unknown = [e for e in args.enable.split(",") if e and e not in opt_in]
     if unknown:
         ap.error(f"--enable: {unknown} are not opt-in kernels; those are {sorted(opt_in)}")
+    known = {k.name for b in vlmkern.ops.backends.BACKENDS.values() for k in b.kernels}
+    disable = [d for d in args.disable.split(",") if d]
+    if set(disable) - known:
+        ap.error(f"--disable: {sorted(set(disable) - known)} are not kernels; those are {sorted(known)}")
     peak = measure_copy_bandwidth(device)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "copy_GBs": peak, "backends": {b: available[b] for b in available}}
@@ -305,7 +317,7 @@ def main(argv=None) -> int:
     tag = meta["device"].replace(" ", "_")
     for name, (k, n) in shapes.items():
         rows += bench_shape(name, k, n, ms, backends, device, peak, formats,
-                            enable=[e for e in args.enable.split(",") if e])
+                            enable=[e for e in args.enable.split(",") if e], disable=disable)
         print(f"done {name}", file=sys.stderr)
         # written after every shape, so a run cut short still leaves its rows
         (args.out / f"linear_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows},

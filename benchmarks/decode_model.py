@@ -15,7 +15,7 @@ as a serving loop that captures its step does: kernel time without Python
 and launch overhead (on the CPU the same step runs eagerly, as a smoke test).
 
     python benchmarks/decode_model.py                       # on the GPU
-    python benchmarks/decode_model.py --enable cuda.weight_only_post_scale
+    python benchmarks/decode_model.py --enable cuda.int_act_wgmma
     python benchmarks/decode_model.py --device cpu --hidden 64 --intermediate 128 \\
         --heads 4 --kv-heads 2 --layers 1 --prompt 8 --steps 2   # smoke run
 

@@ -11,20 +11,26 @@
 #
 # TESTS: pytest targets (default: tests). BENCH_ARGS go to bench_linear.py.
 # Environment: ARCH (default 9.0a), BUILD_S / TEST_S / SANITIZE_S / BENCH_S /
-# DECODE_S / SWEEP_S / PROFILE_S phase limits in seconds (0 skips that phase; the build
-# always runs, and is quick when a previous build is still there; SANITIZE_S
-# bounds each of two memcheck runs and PROFILE_S each ncu run, so keep the sum
-# under the machine's per-command limit); ARCHIVE: also pack OUTDIR into this
-# .tgz at the end (for a runner that brings back only a few files);
+# DECODE_S / SWEEP_S / PROFILE_S / CPP_CHECKS_S phase limits in seconds (0 skips
+# that phase; the build is skipped when the extension there was built from the
+# same csrc/, setup.py and ARCH; SANITIZE_S bounds each of two memcheck runs and
+# PROFILE_S each ncu run, so keep the sum under the machine's per-command
+# limit); MARK: pytest -m expression of the test phase (default "not
+# cpp_checks": the tests that hand an op bad arguments run in their own phase
+# at the end, with a diagnosis of how a C++ exception reaches Python there,
+# since on one machine such calls crashed the process); SKIP_PASSED: a file of
+# test node ids to leave out (tests that already passed on a GPU with the same
+# kernels); ARCHIVE: also pack OUTDIR into this .tgz after every phase (for a
+# runner that brings back only a few files, also when the run is cut short);
 # DECODE_ENABLE: opt-in kernels for the whole-decoder run; SWEEP_ARGS go to
 # sweep_weight_only.py (the work-split sweep) and PROFILE_ARGS to the
 # weight-only profile_linear.py run (default: gate/up, M = 1, W4 g128, the
-# opt-in post-scale kernel), both split on spaces (so no shape or format names
-# there). More runs profile the qkv layer at M = 1, W8A8 at M = 4096 (mma.sync
-# and wgmma GEMMs) and at M = 1 and 16 (plain and spread reads), binary at
-# M = 1 and 16 (plain, prefetching, lookup-table) and the dequantize kernels W4
-# prefill runs in front of cuBLAS (general and fast) next to the Hopper
-# weight-only kernels.
+# default kernel), both split on spaces (so no shape or format names there).
+# More runs profile the qkv layer at M = 1, W8A8 at M = 4096 (mma.sync and
+# wgmma GEMMs) and at M = 1 and 16 (spread and plain reads), binary at M = 1
+# and 16 (lookup-table, then the prefetching plane GEMM) and the dequantize
+# kernel W4 prefill runs in front of cuBLAS next to the Hopper weight-only
+# kernels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_check.sh OUTDIR [TESTS] [BENCH_ARGS...]}
@@ -34,7 +40,11 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)   # absolute: later phases run from benchmarks/
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-phase() { echo "== $1: rc=$2 after $(( $(date +%s) - $3 )) s"; }
+pack() {
+  [ -n "${ARCHIVE:-}" ] && tar czf "$ARCHIVE" -C "$(dirname "$out")" "$(basename "$out")"
+  return 0
+}
+phase() { echo "== $1: rc=$2 after $(( $(date +%s) - $3 )) s"; pack; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$py" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
@@ -49,16 +59,31 @@ except RuntimeError:
 done
 
 t=$(date +%s)
-TORCH_CUDA_ARCH_LIST=${ARCH:-9.0a} MAX_JOBS=${MAX_JOBS:-16} timeout "${BUILD_S:-300}" \
-  "$py" -m pip install -q --no-build-isolation --no-deps --no-index -e . >"$out/build.log" 2>&1
-rc=$?; phase build $rc "$t"; [ $rc -ne 0 ] && tail -30 "$out/build.log"
+# a copied tree gets new file times, so ninja would rebuild everything: compare contents
+sources=$(cat setup.py csrc/* | sha1sum | cut -c1-16)-${ARCH:-9.0a}
+if ls vlmkern/_C*.so >/dev/null 2>&1 && [ "$(cat build/vlmkern_sources 2>/dev/null)" = "$sources" ]; then
+  echo "== build: skipped, the extension there was built from the same sources"
+else
+  TORCH_CUDA_ARCH_LIST=${ARCH:-9.0a} MAX_JOBS=${MAX_JOBS:-16} timeout "${BUILD_S:-300}" \
+    "$py" -m pip install -q --no-build-isolation --no-deps --no-index -e . >"$out/build.log" 2>&1
+  rc=$?; phase build $rc "$t"; [ $rc -ne 0 ] && tail -30 "$out/build.log"
+  [ $rc -eq 0 ] && mkdir -p build && echo "$sources" >build/vlmkern_sources
+fi
 "$py" -c 'import vlmkern; from vlmkern.ext import load_extension; print(load_extension()[1]); print(vlmkern.available_backends())'
 
+mark=${MARK:-not cpp_checks}
+skip=()
+if [ -n "${SKIP_PASSED:-}" ]; then
+  while read -r id; do [ -n "$id" ] && [ "${id#\#}" = "$id" ] && skip+=(--deselect "$id"); done <"$SKIP_PASSED"
+fi
 if [ "${TEST_S:-300}" -gt 0 ]; then
   t=$(date +%s)
+  # the tests this phase should run, so promote_report.py can tell which never did
+  "$py" -m pytest -q --collect-only -p no:cacheprovider -m "$mark" "${skip[@]}" $tests \
+    2>/dev/null | grep "::" >"$out/collected.txt"
   # SIGINT at the limit: pytest still lists the failures so far and writes the XML
-  timeout -s INT -k 30 "${TEST_S:-300}" "$py" -m pytest -q -n 8 -p no:cacheprovider $tests \
-    -o junit_family=xunit2 --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
+  timeout -s INT -k 30 "${TEST_S:-300}" "$py" -m pytest -q -n 8 -p no:cacheprovider -m "$mark" \
+    "${skip[@]}" $tests -o junit_family=xunit2 --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
   rc=$?; phase tests $rc "$t"; grep -E "passed|failed|error" "$out/tests.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
 fi
@@ -96,7 +121,7 @@ fi
 if [ "${DECODE_S:-240}" -gt 0 ]; then
   t=$(date +%s)
   (cd benchmarks && timeout "${DECODE_S:-240}" "$py" decode_model.py --out "$out" \
-    --enable "${DECODE_ENABLE:-cuda.weight_only_post_scale,cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem,cuda.dequant_fast_cublas,cuda.dequant_layout_cublas,cuda.int_act_wgmma,cuda.int_act_spread,cuda.binary_lut}") \
+    --enable "${DECODE_ENABLE:-cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem,cuda.dequant_layout_cublas,cuda.int_act_wgmma,cuda.binary_prefetch}") \
     >"$out/decode.log" 2>&1
   rc=$?; phase decode $rc "$t"; grep -E "^\|" "$out/decode.log" | tail -16
 fi
@@ -116,7 +141,7 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
   (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
     --section SchedulerStats --section Occupancy --section MemoryWorkloadAnalysis \
     -k regex:weight_only --launch-count 8 \
-    "$py" profile_linear.py ${PROFILE_ARGS:---enable cuda.weight_only_post_scale}) \
+    "$py" profile_linear.py ${PROFILE_ARGS:-}) \
     >"$out/profile.log" 2>&1
   rc=$?; phase profile $rc "$t"; grep -E "Duration|Memory Throughput|Issue Slots Busy|Warp Cycles Per Issued" \
     "$out/profile.log" | head -24
@@ -124,8 +149,7 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
   t=$(date +%s)
   (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight \
     --section WarpStateStats --section SchedulerStats --section LaunchStats -k regex:weight_only \
-    --launch-count 8 "$py" profile_linear.py --shape "qwen2vl-7b qkv" \
-    --enable cuda.weight_only_post_scale) >"$out/profile_qkv.log" 2>&1
+    --launch-count 8 "$py" profile_linear.py --shape "qwen2vl-7b qkv") >"$out/profile_qkv.log" 2>&1
   rc=$?; phase profile_qkv $rc "$t"; grep -E "Duration|Memory Throughput|Issue Slots Busy" \
     "$out/profile_qkv.log" | head -12
   # the integer-activation GEMMs at prefill size: mma.sync and, where built, wgmma
@@ -144,7 +168,7 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
      echo "== M = $m"
      timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
        --section Occupancy -k "regex:quantize|gemm_kernel" --launch-count 8 \
-       "$py" profile_linear.py --format W8A8 --m $m --reps 1 --enable cuda.int_act_spread
+       "$py" profile_linear.py --format W8A8 --m $m --reps 1
    done) >"$out/profile_int_act_decode.log" 2>&1
   rc=$?; phase profile_int_act_decode $rc "$t"
   grep -E "^== M|quantize|gemm_kernel|Duration|Memory Throughput" "$out/profile_int_act_decode.log" | head -24
@@ -156,26 +180,35 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
      timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
        --section ComputeWorkloadAnalysis -k "regex:stage_kernel|gemm_kernel|reduce_kernel|lut" \
        --launch-count 16 "$py" profile_linear.py --format binary --m $m \
-       --enable cuda.binary_prefetch,cuda.binary_lut
+       --enable cuda.binary_prefetch
    done) >"$out/profile_binary.log" 2>&1
   rc=$?; phase profile_binary $rc "$t"; grep -E "^== M|_kernel|Duration|Memory Throughput|Issue Slots" \
     "$out/profile_binary.log" | head -30
-  # W4 at prefill size: the dequantize kernels in front of cuBLAS, general
-  # (dequant_groupwise_kernel) then fast (dequant_fast_kernel), two launches
-  # each, then the Hopper weight-only kernels (A in registers, in shared memory),
-  # which need no dequantized copy
+  # W4 at prefill size: the (fast) dequantize kernel in front of cuBLAS, then
+  # the Hopper weight-only kernels (A in registers, in shared memory), which
+  # need no dequantized copy
   t=$(date +%s)
   (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
     -k "regex:dequant|weight_only_wgmma" --launch-count 8 "$py" profile_linear.py --format "W4 g128" \
-    --m 4096 --reps 1 --enable cuda.dequant_fast_cublas,cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem) \
+    --m 4096 --reps 1 --enable cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem) \
     >"$out/profile_dequant.log" 2>&1
   rc=$?; phase profile_dequant $rc "$t"; grep -E "dequant_|wgmma|Duration|Memory Throughput|Compute \(SM\)" \
     "$out/profile_dequant.log" | head -24
 fi
 
+# ops handed bad arguments must raise, not crash: their tests (a crash takes
+# its worker down), then how a C++ exception from a fresh extension fares here
+if [ "${CPP_CHECKS_S:-120}" -gt 0 ]; then
+  t=$(date +%s)
+  timeout -s INT -k 30 "${CPP_CHECKS_S:-120}" "$py" -m pytest -q -n 4 -p no:cacheprovider \
+    -m cpp_checks $tests -o junit_family=xunit2 --junitxml="$out/cpp_checks.xml" \
+    >"$out/cpp_checks.log" 2>&1
+  rc=$?; phase cpp_checks $rc "$t"; grep -E "passed|failed|error|crashed" "$out/cpp_checks.log" | tail -12
+  t=$(date +%s)
+  timeout "${CPP_CHECKS_S:-120}" "$py" benchmarks/check_error_path.py >"$out/error_path.log" 2>&1
+  rc=$?; phase error_path $rc "$t"; grep -v "^      #" "$out/error_path.log" | head -20
+fi
+
 # which opt-in kernels this run supports making default (tests and timings)
 "$py" benchmarks/promote_report.py "$out" >"$out/promote.md" 2>&1 && cat "$out/promote.md"
-
-if [ -n "${ARCHIVE:-}" ]; then
-  tar czf "$ARCHIVE" -C "$(dirname "$out")" "$(basename "$out")" && echo "packed $out into $ARCHIVE"
-fi
+pack && [ -n "${ARCHIVE:-}" ] && echo "packed $out into $ARCHIVE"

@@ -6,7 +6,7 @@ opt-in one side by side:
 
     ncu --section SpeedOfLight --section WarpStateStats -k regex:weight_only \\
         python benchmarks/profile_linear.py --shape "qwen2vl-7b gate/up" --m 1 \\
-        --format "W4 g128" --enable cuda.weight_only_post_scale
+        --format "W4 g128" --enable cuda.weight_only_wgmma
 
 Each variant (the kernel picked by default, then each --enable kernel) runs
 --reps times after one warm-up call that also re-lays out the weight.

@@ -35,9 +35,11 @@ from pathlib import Path
 from sass_count import compile_sass, functions
 
 ROOT = Path(__file__).resolve().parent.parent
-# The revision whose default kernels passed the GPU tests (H100 weight-only,
-# H200 all; benchmarks/results/linear_*.md).
-VERIFIED = "4e982ce"
+# The revision whose default kernels passed the GPU tests: those of 4e982ce on
+# an H100 (weight-only) and an H200 (all), and on an H100 again with the four
+# made default after it (post-scale decode, spread int_act GEMM, lookup-table
+# binary GEMM, fast dequantize; benchmarks/results/promote_H100.md).
+VERIFIED = "0485a65"
 # the macros torch's extension build passes to nvcc (setup.py adds -O3, as compile_sass does)
 TORCH_DEFINES = ("-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                  "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__")

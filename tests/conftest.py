@@ -37,13 +37,12 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-# Tests of kernels that have not yet passed on a GPU (the opt-in ones; node
-# ids naming them) run after all others: a device fault such as an illegal
-# address is sticky for the CUDA context, so it would also fail every later
-# test in the same process, the proven kernels' included.
-NOT_YET_RUN_ON_A_GPU = ("post_scale", "wgmma", "sm90", "spread", "prefetch", "lut",
-                        "fast_dequant", "fast_kernel", "weight_only_dequant", "layout_cublas",
-                        "test_triton_kernels.py::test_gpu")
+# Tests of kernels that have not yet passed on a GPU (opt-in ones; node ids
+# naming them) run after all others: a device fault such as an illegal address
+# is sticky for the CUDA context, so it would also fail every later test in the
+# same process, the proven kernels' included.
+NOT_YET_RUN_ON_A_GPU = ("weight_only_wgmma", "sm90", "prefetch", "weight_only_dequant",
+                        "layout_cublas")
 
 
 def pytest_collection_modifyitems(items):

@@ -65,27 +65,36 @@ def test_promote_report_reads_tests_and_timings(tmp_path):
     xml = tmp_path / "tests.xml"
     xml.write_text(
         '<testsuites><testsuite name="pytest">'
-        '<testcase classname="tests.test_cuda_int_act" name="test_gpu_spread_equals_mma_bitwise[128-wa0]"/>'
-        '<testcase classname="tests.test_cuda_int_act" name="test_gpu_spread_batch_invariant_and_selected"/>'
+        '<testcase classname="tests.test_cuda_int_act" name="test_gpu_wgmma_equals_mma_bitwise[128-wa0]"/>'
+        '<testcase classname="tests.test_cuda_int_act" name="test_gpu_wgmma_batch_invariant_and_selected"/>'
         '<testcase classname="tests.test_cuda_binary" name="test_gpu_prefetch_equals_plain_bitwise[a]">'
         '<failure message="x"/></testcase>'
-        '<testcase classname="tests.test_cuda_weight_only" name="test_kernel_awkward_shapes[post_scale]">'
+        '<testcase classname="tests.test_cuda_weight_only_sm90" name="test_kernel_awkward_shapes[a]">'
         '<skipped message="no GPU"/></testcase>'
         '</testsuite></testsuites>')
     rows = [dict(layer="qkv", M=1, kernel="W8A8", backend="cuda.int_act", us=20.0),
-            dict(layer="qkv", M=1, kernel="W8A8", backend="cuda.int_act_spread", us=10.0),
+            dict(layer="qkv", M=1, kernel="W8A8", backend="cuda.int_act_wgmma", us=10.0),
             dict(layer="qkv", M=1, kernel="binary", backend="cuda.binary", us=30.0),
             dict(layer="qkv", M=1, kernel="binary", backend="cuda.binary_prefetch", us=15.0),
             dict(layer="qkv", M=1, kernel="W4 g128", backend="triton.weight_only_gemv", us=9.0),
-            dict(layer="qkv", M=1, kernel="W4 g128", backend="cuda.weight_only_post_scale", us=5.0)]
+            dict(layer="qkv", M=1, kernel="W4 g128", backend="cuda.weight_only_wgmma", us=5.0)]
     (tmp_path / "linear_H100.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     outcomes = promote_report.test_outcomes(xml)
     table = {line.split(" | ")[0].lstrip("| "): line for line in
              promote_report.report(outcomes, rows)[2:]}
-    assert table["cuda.int_act_spread"].endswith("| 2 / 0 / 0 | qkv M=1 W8A8: 2.00 | yes |")
-    assert table["cuda.binary_prefetch"].endswith("| 0 / 1 / 0 | qkv M=1 binary: 2.00 | no |")
+    assert table["cuda.int_act_wgmma"].endswith("| 2 / 0 / 0 / 0 | qkv M=1 W8A8: 2.00 | yes |")
+    assert table["cuda.binary_prefetch"].endswith("| 0 / 1 / 0 / 0 | qkv M=1 binary: 2.00 | no |")
     # skipped, and no default CUDA kernel timed next to it (Triton does not count)
-    assert table["cuda.weight_only_post_scale"].endswith("| 0 / 0 / 1 | not timed | no |")
+    assert table["cuda.weight_only_wgmma"].endswith("| 0 / 0 / 1 / 0 | not timed | no |")
+    # a test the phase collected but never reached keeps a kernel from being ready
+    (tmp_path / "collected.txt").write_text(
+        "tests/test_cuda_int_act.py::test_gpu_wgmma_equals_mma_bitwise[128-wa0]\n"
+        "tests/test_cuda_int_act.py::test_gpu_wgmma_equals_mma_bitwise[128-wa1]\n"
+        "tests/test_cuda_int_act.py::test_gpu_4096[1]\n")
+    collected = promote_report.collected_tests(tmp_path / "collected.txt")
+    table = {line.split(" | ")[0].lstrip("| "): line for line in
+             promote_report.report(outcomes, rows, collected)[2:]}
+    assert table["cuda.int_act_wgmma"].endswith("| 2 / 0 / 0 / 1 | qkv M=1 W8A8: 2.00 | no |")
     assert promote_report.main([str(tmp_path)]) == 0
 
 
