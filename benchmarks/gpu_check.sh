@@ -45,6 +45,9 @@ pack() {
   return 0
 }
 phase() { echo "== $1: rc=$2 after $(( $(date +%s) - $3 )) s"; pack; }
+# timeout stops compute-sanitizer, not the process it watches, which would go on
+# running kernels through the timings: end every test process a phase leaves
+settle() { pkill -9 -f "pytest -q|exec\(eval\(sys.stdin" 2>/dev/null; sleep 1; }  # + xdist workers
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$py" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
@@ -110,8 +113,12 @@ if [ "${SANITIZE_S:-300}" -gt 0 ] && command -v compute-sanitizer >/dev/null; th
   rc=$?; phase memcheck $rc "$t"; grep -E "ERROR SUMMARY|passed|failed" "$out/sanitize.log" | tail -3
 fi
 
+settle
 if [ "${BENCH_S:-300}" -gt 0 ]; then
   t=$(date +%s)
+  # nothing else should run on the GPU while it is timed
+  nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader \
+    | sed 's/^/GPU process before timing: /'
   timeout "${BENCH_S:-300}" "$py" benchmarks/bench_linear.py --out "$out" "$@" >"$out/bench.log" 2>&1
   rc=$?; phase bench $rc "$t"; tail -5 "$out/bench.log"
 fi
