@@ -107,4 +107,4 @@ cuda_weight_only_sm90.register(CUDA)
 # (csrc/binary_kernel.cu).
 cuda_int_act.register(CUDA)
 cuda_binary.register(CUDA)
-cuda_binary_lut.register(CUDA)      # decode sizes, opt-in, tried before the plane GEMMs
+cuda_binary_lut.register(CUDA)      # decode sizes, blocks of 128: tried before the plane GEMMs

@@ -40,7 +40,7 @@ row, and with one weight group per row each thread block starts its K walk
 at its own k-tile, so the blocks stop reading the same activation bytes at
 once (a suspect for W8A8 measuring 2x slower at M = 1 than at M = 16 with the
 same tiles). The int32 sums are exact, so the bits are the same. It is the
-opt-in kernel ``cuda.int_act_spread`` until it has passed the GPU tests.
+kernel ``cuda.int_act_spread``, which ``ops.linear`` picks for M <= 8.
 """
 from __future__ import annotations
 

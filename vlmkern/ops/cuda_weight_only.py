@@ -39,8 +39,7 @@ with ``2^-e`` and ``-(magic/2^e + z)`` then gives ``q - z`` exactly, so fields
 need fewer shifts (``post_scale_operands`` emulates this bit for bit). Same
 layout, same work split; results differ from the exact decode by the
 16-bit rounding of the weight only. The post-scale kernel is registered as
-``cuda.weight_only_post_scale``; it is opt-in (``VLMKERN_ENABLE``) until it
-has passed the GPU tests.
+``cuda.weight_only_post_scale``, tried before the exact decode.
 
 Act-order weights: the wrapper gathers x's columns with ``perm`` (one
 index_select of an [M, K] tensor); the weight layout stays in stored order.
