@@ -1,4 +1,5 @@
 """Package-level behaviour: import hygiene and the command line."""
+import os
 import subprocess
 import sys
 
@@ -39,6 +40,11 @@ def test_cli_info_lists_backends_with_reasons():
     assert "cuda.int_act (opt-in" not in out.stdout
     if "gpu          none" in out.stdout:
         assert "cuda    unavailable" in out.stdout
+    env = dict(os.environ, VLMKERN_DISABLE="cuda.binary_lut")
+    out = subprocess.run([sys.executable, "-m", "vlmkern", "info"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert "cuda.binary_lut (off: VLMKERN_DISABLE)" in out.stdout
+    assert "cuda.binary (off" not in out.stdout
 
 
 def test_cli_rejects_unknown_command():

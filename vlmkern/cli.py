@@ -10,6 +10,7 @@ def cmd_info(args) -> int:
     import torch
 
     import vlmkern
+    from vlmkern.ops.backends import disabled_kernels
     print(f"vlmkern      {vlmkern.__version__}")
     print(f"python       {platform.python_version()}")
     print(f"torch        {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
@@ -31,7 +32,9 @@ def cmd_info(args) -> int:
         mode = "" if b["auto"] else ", opt-in only"
         print(f"  {name:<7} {state}{mode}: {b['reason']}")
         if b["kernels"]:
-            names = [k + (" (opt-in: VLMKERN_ENABLE)" if k in b["opt_in"] else "")
+            off = disabled_kernels()
+            names = [k + (" (off: VLMKERN_DISABLE)" if k in off else
+                          " (opt-in: VLMKERN_ENABLE)" if k in b["opt_in"] else "")
                      for k in b["kernels"]]
             print(f"          kernels: {', '.join(names)}")
     return 0
