@@ -17,19 +17,19 @@ from vlmkern import BinaryConfig, IntActConfig, QuantConfig
 
 K, N = 1024, 768
 
-# (config, opt-in kernels, kernel expected at every M, Ms, kernel layout)
+# (config, default kernel expected at every M, Ms, kernel layout)
 CASES = [
-    (QuantConfig(4, 128), "", "cuda.weight_only_post_scale", (1, 16, 32), False),
-    (QuantConfig(4, 128), "", "cuda.weight_only_mma", (33, 64), False),
-    (QuantConfig(3, 64), "", "cuda.weight_only_mma", (1, 5), False),
-    (QuantConfig(2, 32), "", "cuda.weight_only_post_scale", (1,), False),
-    (QuantConfig(4, 128), "", "cuda.weight_only_post_scale", (1, 16), True),
-    (IntActConfig(8, 8), "", "cuda.int_act", (9, 16, 80), False),
-    (IntActConfig(4, 4), "", "cuda.int_act", (16,), False),
-    (IntActConfig(4, 4), "", "cuda.int_act_spread", (1,), False),
-    (IntActConfig(8, 8), "", "cuda.int_act_spread", (1, 8), False),
-    (BinaryConfig(block_size=64), "", "cuda.binary", (1, 16), False),
-    (BinaryConfig(), "", "cuda.binary_lut", (1, 16, 64), False),
+    (QuantConfig(4, 128), "cuda.weight_only_post_scale", (1, 16, 32), False),
+    (QuantConfig(4, 128), "cuda.weight_only_mma", (33, 64), False),
+    (QuantConfig(3, 64), "cuda.weight_only_mma", (1, 5), False),
+    (QuantConfig(2, 32), "cuda.weight_only_post_scale", (1,), False),
+    (QuantConfig(4, 128), "cuda.weight_only_post_scale", (1, 16), True),
+    (IntActConfig(8, 8), "cuda.int_act", (9, 16, 80), False),
+    (IntActConfig(4, 4), "cuda.int_act", (16,), False),
+    (IntActConfig(4, 4), "cuda.int_act_spread", (1,), False),
+    (IntActConfig(8, 8), "cuda.int_act_spread", (1, 8), False),
+    (BinaryConfig(block_size=64), "cuda.binary", (1, 16), False),
+    (BinaryConfig(), "cuda.binary_lut", (1, 16, 64), False),
 ]
 
 
@@ -63,11 +63,11 @@ def _replayed(layer, inputs):
 
 
 @gpu
-@pytest.mark.parametrize("config,enable,kernel,ms,laid_out", CASES,
-                         ids=[f"{c[2]}-{type(c[0]).__name__}{'-layout' if c[4] else ''}"
+@pytest.mark.parametrize("config,kernel,ms,laid_out", CASES,
+                         ids=[f"{c[1]}-{type(c[0]).__name__}{'-layout' if c[3] else ''}"
                               for c in CASES])
-def test_captured_layer_replays_like_eager_calls(monkeypatch, config, enable, kernel, ms, laid_out):
-    monkeypatch.setenv("VLMKERN_ENABLE", enable)
+def test_captured_layer_replays_like_eager_calls(monkeypatch, config, kernel, ms, laid_out):
+    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
     layer = _layer(config, laid_out)
     gen = torch.Generator(device="cuda").manual_seed(1)
     for m in ms:
