@@ -11,7 +11,7 @@
 #
 # TESTS: pytest targets (default: tests). BENCH_ARGS go to bench_linear.py.
 # Environment: ARCH (default 9.0a), BUILD_S / TEST_S / SANITIZE_S / BENCH_S /
-# DECODE_S / SWEEP_S / PROFILE_S / CPP_CHECKS_S phase limits in seconds (0 skips
+# DECODE_S / SWEEP_S / TRITON_SWEEP_S / PROFILE_S / CPP_CHECKS_S phase limits in seconds (0 skips
 # that phase; the build is skipped when the extension there was built from the
 # same csrc/, setup.py and ARCH; SANITIZE_S bounds each of two memcheck runs and
 # PROFILE_S each ncu run, so keep the sum under the machine's per-command
@@ -23,7 +23,8 @@
 # kernels); ARCHIVE: also pack OUTDIR into this .tgz after every phase (for a
 # runner that brings back only a few files, also when the run is cut short);
 # DECODE_ENABLE: opt-in kernels for the whole-decoder run; SWEEP_ARGS go to
-# sweep_weight_only.py (the work-split sweep) and PROFILE_ARGS to the
+# sweep_weight_only.py (the work-split sweep), TRITON_SWEEP_ARGS to
+# sweep_triton_int_act.py (Triton W8A8 tile configs) and PROFILE_ARGS to the
 # weight-only profile_linear.py run (default: gate/up, M = 1, W4 g128, the
 # default kernel), both split on spaces (so no shape or format names there).
 # More runs profile the qkv layer at M = 1, W8A8 at M = 4096 (mma.sync and
@@ -139,6 +140,14 @@ if [ "${SWEEP_S:-120}" -gt 0 ]; then
   (cd benchmarks && timeout "${SWEEP_S:-120}" "$py" sweep_weight_only.py --out "$out" ${SWEEP_ARGS:-}) \
     >"$out/sweep.log" 2>&1
   rc=$?; phase sweep $rc "$t"; tail -4 "$out/sweep.log"
+fi
+
+# the Triton integer-activation GEMM's tiles at prefill sizes
+if [ "${TRITON_SWEEP_S:-90}" -gt 0 ]; then
+  t=$(date +%s)
+  (cd benchmarks && timeout "${TRITON_SWEEP_S:-90}" "$py" sweep_triton_int_act.py --out "$out" \
+    ${TRITON_SWEEP_ARGS:-}) >"$out/sweep_triton.log" 2>&1
+  rc=$?; phase sweep_triton $rc "$t"; tail -4 "$out/sweep_triton.log"
 fi
 
 # where the weight-only kernels spend their time: issue stalls, memory

@@ -116,3 +116,18 @@ def test_bench_linear_table_has_graph_columns():
         ("10.0", "8.0", "1.0", "1.0"), ("40.0", "4.0", "0.25", "2.0"), ("5.0", "-", "2.0", "-")]
     # an error row spans as many cells as the header
     assert lines[-1].count("|") == next(x for x in lines if x.startswith("| layer")).count("|")
+
+
+def test_sweep_triton_int_act_checks_every_config():
+    # Triton's interpreter must be on before it decorates the kernels: a subprocess
+    script = ("import sweep_triton_int_act as s\n"
+              "s.time_fn = lambda fn: (fn(), 2.0)[1]\n"
+              "for line in s.sweep('tiny', 64, 40, 'W8A8', [3], s.CONFIGS[:2] + ((16, 32, 32, 4, 2),),"
+              " device='cpu'):\n    print(line)\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=BENCH, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cells = proc.stdout.strip().splitlines()[-1].strip("| ").split(" | ")
+    # 2 * M * N * K / 2 us = 0.0 TOP/s at this size; each config gave the default's bits
+    assert cells[:3] == ["tiny", "W8A8", "3"] and cells[3:] == ["2.0 (0 TOP/s)"] * 3, cells

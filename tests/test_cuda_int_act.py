@@ -241,6 +241,41 @@ def test_wgmma_and_spread_kernels_registered_ahead_of_mma(monkeypatch):
     assert "runs on ['cuda']" in wg.rejects(x, qw)
 
 
+def test_hopper_prefill_left_to_triton(monkeypatch):
+    """On sm_90 the plain GEMM declines M >= TRITON_PREFILL_MIN_M for int8-stored
+    weights when triton.int_act takes the call, and only then."""
+    from vlmkern.ops import builtin  # noqa: F401
+    plain = next(k for k in BACKENDS["cuda"].kernels if k.name == "cuda.int_act")
+    triton = BACKENDS["triton"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")          # Triton usable on this CPU
+    monkeypatch.setattr(triton, "_status", None)          # re-probed, restored afterwards
+    monkeypatch.delenv("VLMKERN_BACKEND", raising=False)
+    monkeypatch.delenv("VLMKERN_DISABLE", raising=False)
+    sm = {"value": (9, 0)}
+    monkeypatch.setattr(cia, "device_sm", lambda device: sm["value"])
+    big = cia.TRITON_PREFILL_MIN_M
+    assert big == 1024
+    w8 = make_intact(16, 256, 8, 8, None)
+    x = torch.randn(big, 256)
+    why = plain.check(x, w8)
+    assert why is not None and "triton.int_act" in why and f"M={big}" in why
+    assert plain.check(x[:big - 1], w8) is None
+    assert plain.check(x, make_intact(16, 256, 6, 6, 64)) is not None   # W6A6, grouped
+    assert plain.check(x, make_intact(16, 256, 4, 4, 64)) is None       # 4-bit weights stay
+    assert plain.check(x, make_intact(16, 256, 8, 8, 48)) is None       # Triton rejects group 48
+    sm["value"] = (8, 0)
+    assert plain.check(x, w8) is None
+    sm["value"] = (9, 0)
+    monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
+    assert plain.check(x, w8) is None
+    monkeypatch.delenv("VLMKERN_BACKEND")
+    monkeypatch.setenv("VLMKERN_DISABLE", "triton.int_act")
+    assert plain.check(x, w8) is None
+    monkeypatch.delenv("VLMKERN_DISABLE")
+    monkeypatch.setattr(triton, "_status", (False, "triton is not installed"))
+    assert plain.check(x, w8) is None
+
+
 # -- GPU ------------------------------------------------------------------------------------
 def check_close(y, x, qw, bias):
     """Integer sums are exact; only the fp32 epilogue (kernel) vs fp64

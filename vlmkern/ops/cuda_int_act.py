@@ -73,6 +73,13 @@ SPREAD_MAX_M = 64
 # GEMM, and 0.93-1.00x at M = 16 and 64 (benchmarks/results/promote_H100.md).
 # M <= 8 runs the same tiles as M = 1.
 SPREAD_SELECT_MAX_M = 8
+# Smallest M from which ops.linear leaves weights stored as int8 (6/8 bits) on
+# Hopper to triton.int_act when that kernel can take the call. At M = 4096 on
+# an H100, W8A8 ran 1.58x (3584x37888) and 1.76x (3584x4608) faster there than
+# here (torch._int_mm + epilogue; benchmarks/results/linear_H100_cuda.md). At
+# M = 64 each won on one shape; 1024 is where both shapes are well past the
+# int8 compute-bound point. M = 65..4095 is not yet timed.
+TRITON_PREFILL_MIN_M = 1024
 _GEMM_OF_PATH = {"wgmma": GEMM_WGMMA, "spread": GEMM_MMA_SPREAD}
 
 
@@ -279,9 +286,35 @@ def _check(x: torch.Tensor, qweight) -> str | None:
     return None if why is None else f"cuda.int_act: {why}"
 
 
+def _check_plain(x: torch.Tensor, qweight) -> str | None:
+    return _check(x, qweight) or _prefill_on_triton(x, qweight)
+
+
+def _prefill_on_triton(x: torch.Tensor, qweight) -> str | None:
+    """Why cuda.int_act leaves this prefill call to triton.int_act (see
+    TRITON_PREFILL_MIN_M), or None. Never when VLMKERN_BACKEND=cuda forces
+    this backend or when the Triton kernel cannot run the call."""
+    from .backends import BACKENDS, forced_backend
+
+    m = x.shape[0]
+    if m < TRITON_PREFILL_MIN_M or device_sm(x.device)[0] != 9:
+        return None
+    if kernel_mode(qweight.w_bits, qweight.a_bits, (9, 0)) != MODE_I8 or forced_backend() == "cuda":
+        return None
+    triton = BACKENDS.get("triton")
+    if triton is None or not triton.status()[0]:
+        return None
+    spec, _ = triton.find("int_act", x, qweight)
+    if spec is None or spec.name != "triton.int_act":
+        return None
+    return (f"cuda.int_act: M={m} >= {TRITON_PREFILL_MIN_M} on sm_90 with int8-stored weights "
+            f"runs on triton.int_act (faster there at prefill)")
+
+
 def register(backend) -> None:
     """Add the kernels to the CUDA backend (idempotent). The Hopper GEMM comes
-    first but is opt-in (``VLMKERN_ENABLE``); the spread GEMM runs M <= 8."""
+    first but is opt-in (``VLMKERN_ENABLE``); the spread GEMM runs M <= 8; on
+    Hopper the plain GEMM leaves int8-stored weights at M >= 1024 to Triton."""
     from .backends import KernelSpec
 
     common = dict(dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}))
@@ -292,7 +325,7 @@ def register(backend) -> None:
                         bits=frozenset({4, 6, 8}), min_sm=(8, 0), max_m=SPREAD_SELECT_MAX_M,
                         check=_check, **common),
              KernelSpec("cuda.int_act", "int_act", int_act_matmul, bits=frozenset({4, 6, 8}),
-                        min_sm=(8, 0), check=_check, **common)]
+                        min_sm=(8, 0), check=_check_plain, **common)]
     known = {k.name for k in backend.kernels}
     for spec in specs:
         if spec.name not in known:
