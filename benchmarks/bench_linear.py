@@ -185,9 +185,11 @@ def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, see
         t, g = time_both(lambda: torch.matmul(xb, bf16_weights().T), bf16_weights.size)
         rows.append(row(name, k, n, m, "cuBLAS bf16", "torch", t, base, moved16, peak_gbs, g, base_g))
         xi = torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8)
-        wi = torch.randint(-127, 128, (k, n), device=device, dtype=torch.int8)
+        # the weight as a layer stores it, [N, K] row-major, passed transposed:
+        # cuBLASLt's native int8 layout (a row-major [K, N] one is far slower)
+        wi = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8)
         try:
-            t, g = time_both(lambda: torch._int_mm(xi, wi), 8)  # one weight: not rotated, as before
+            t, g = time_both(lambda: torch._int_mm(xi, wi.t()), 8)  # one weight: not rotated
             rows.append(row(name, k, n, m, "torch._int_mm", "torch", t, base,
                             n * k + m * k + 4 * m * n, peak_gbs, g, base_g))
         except RuntimeError as e:
