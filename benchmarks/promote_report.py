@@ -36,6 +36,8 @@ TESTS = {
                                    ("test_laid_out.py", r"layout_cublas")],
     "cuda.int_act_wgmma": [("test_cuda_int_act.py", r"wgmma")],
     "cuda.binary_prefetch": [("test_cuda_binary.py", r"prefetch")],
+    "cuda.binary_lut_staged": [("test_cuda_binary_lut_staged.py", r""),
+                               ("test_cuda_graphs.py", r"binary_lut_staged")],
 }
 
 

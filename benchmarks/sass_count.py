@@ -9,6 +9,9 @@ instantiation, the instructions from the loop's barrier to its back branch
 (the common path: no row block finished), by opcode.
 
     python benchmarks/sass_count.py                 # sm_90a, M <= 16 tiles, + wgmma, LUT kernels
+
+The weight-only kernel's table decode (binary weights in the lookup-table
+layout, ``cuda.binary_lut_staged``) is listed with bits 2, its code width.
     python benchmarks/sass_count.py --arch sm_80 --all
 
 Counts include predicated-off instructions, which still take issue slots.
@@ -119,7 +122,8 @@ def main(argv=None) -> int:
             continue
         loop = unit_loop(body)
         ops = collections.Counter(opcode(x) for x in loop)
-        decode = "exact" if slot < 0 else f"post-scale g{16 << slot}"
+        decode = ("table (binary)" if slot == -2 else "exact" if slot < 0
+                  else f"post-scale g{16 << slot}")
         rows.append((dtype, bits, tiles, slot, decode, len(loop), ops))
     print("| dtype | bits | tokens | decode | instructions per unit | top opcodes |")
     print("|---|---|---|---|---|---|")

@@ -4,6 +4,8 @@
 // computes the shape, for torch.compile) of
 //   torch.ops.vlmkern.binary_matmul   the plane GEMM (binary_kernel.cu)
 //   torch.ops.vlmkern.binary_lut_mma  the lookup-table GEMM (binary_lut_kernel.cu)
+//   torch.ops.vlmkern.binary_lut_staged_mma  the same layout on the weight-only
+//                                     pipeline (weight_only_kernel.cu, table decode)
 //
 // Only device-generic torch headers are used, like bindings.cpp; the library
 // and its module init live there.
@@ -21,6 +23,7 @@
 #include <vector>
 
 #include "binary.h"
+#include "weight_only.h"  // vlmkern_binary_lut_staged_mma: the weight-only pipeline, table decode
 
 namespace {
 
@@ -149,61 +152,62 @@ constexpr int64_t kLutRows = 128;   // rows per layout block
 constexpr int64_t kLutChunk = 128;  // columns per layout chunk
 constexpr int64_t kLutMaxM = 64;
 
-void lut_shape(const at::Tensor& t, const char* name, const char* formula,
+void lut_shape(const char* op, const at::Tensor& t, const char* name, const char* formula,
                std::vector<int64_t> expected) {
-  TORCH_CHECK(t.sizes() == c10::IntArrayRef(expected), kLutOp, name, " must have shape ", formula,
+  TORCH_CHECK(t.sizes() == c10::IntArrayRef(expected), op, name, " must have shape ", formula,
               " = ", dims(expected), ", got ", dims(t.sizes()));
 }
 
-void lut_layout_tensor(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.scalar_type() == at::kInt, kLutOp, name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), kLutOp, name, " is on ", t.device(), " but x is on ",
+void lut_layout_tensor(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, name, " is on ", t.device(), " but x is on ",
               x.device());
-  TORCH_CHECK(t.is_contiguous(), kLutOp, name, " must be contiguous");
+  TORCH_CHECK(t.is_contiguous(), op, name, " must be contiguous");
 }
 
-// Checks shared by the CUDA and Meta implementations.
-void check_lut_inputs(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables,
-                      const at::Tensor& merge, const std::optional<at::Tensor>& bias,
-                      int64_t out_features, int64_t ksplit) {
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, kLutOp,
+// Checks shared by both table ops (`op` names the op in messages) and their
+// CUDA and Meta implementations.
+void check_lut_inputs(const char* op, const at::Tensor& x, const at::Tensor& codes,
+                      const at::Tensor& tables, const at::Tensor& merge,
+                      const std::optional<at::Tensor>& bias, int64_t out_features, int64_t ksplit) {
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
               "x must be float16 or bfloat16 (the type the tables were made for), got ",
               x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, kLutOp, "x must be 2-D [M, K_x], got shape ", dims(x.sizes()));
-  TORCH_CHECK(x.is_contiguous(), kLutOp, "x must be contiguous");
-  TORCH_CHECK(x.size(0) <= kLutMaxM, kLutOp, "M (rows of x) must be at most ", kLutMaxM, ", got ",
+  TORCH_CHECK(x.dim() == 2, op, "x must be 2-D [M, K_x], got shape ", dims(x.sizes()));
+  TORCH_CHECK(x.is_contiguous(), op, "x must be contiguous");
+  TORCH_CHECK(x.size(0) <= kLutMaxM, op, "M (rows of x) must be at most ", kLutMaxM, ", got ",
               x.size(0));
-  TORCH_CHECK(x.size(1) % 8 == 0, kLutOp,
+  TORCH_CHECK(x.size(1) % 8 == 0, op,
               "x's row length must be a multiple of 8 (pad with zero columns), got ", x.size(1));
-  TORCH_CHECK(codes.dim() == 4, kLutOp, "codes must be 4-D [NB, C, 8, 128], got shape ",
+  TORCH_CHECK(codes.dim() == 4, op, "codes must be 4-D [NB, C, 8, 128], got shape ",
               dims(codes.sizes()));
   const int64_t NB = codes.size(0), C = codes.size(1);
-  TORCH_CHECK(NB >= 1 && C >= 1, kLutOp, "codes must not be empty, got shape ", dims(codes.sizes()));
-  lut_layout_tensor(codes, "codes", x);
-  lut_layout_tensor(tables, "tables", x);
-  lut_layout_tensor(merge, "merge", x);
-  lut_shape(codes, "codes", "[NB, C, 8, 128]", {NB, C, 8, 128});
-  lut_shape(tables, "tables", "[NB, C, 8, 8, 2, 4]", {NB, C, 8, 8, 2, 4});
-  lut_shape(merge, "merge", "[C, 32, 8]", {C, 32, 8});
-  TORCH_CHECK(out_features > (NB - 1) * kLutRows && out_features <= NB * kLutRows, kLutOp,
+  TORCH_CHECK(NB >= 1 && C >= 1, op, "codes must not be empty, got shape ", dims(codes.sizes()));
+  lut_layout_tensor(op, codes, "codes", x);
+  lut_layout_tensor(op, tables, "tables", x);
+  lut_layout_tensor(op, merge, "merge", x);
+  lut_shape(op, codes, "codes", "[NB, C, 8, 128]", {NB, C, 8, 128});
+  lut_shape(op, tables, "tables", "[NB, C, 8, 8, 2, 4]", {NB, C, 8, 8, 2, 4});
+  lut_shape(op, merge, "merge", "[C, 32, 8]", {C, 32, 8});
+  TORCH_CHECK(out_features > (NB - 1) * kLutRows && out_features <= NB * kLutRows, op,
               "out_features=", out_features, " does not match the layout's ", NB, " blocks of ",
               kLutRows, " rows");
-  TORCH_CHECK(x.size(1) > (C - 1) * kLutChunk && x.size(1) <= C * kLutChunk, kLutOp, "x has ",
+  TORCH_CHECK(x.size(1) > (C - 1) * kLutChunk && x.size(1) <= C * kLutChunk, op, "x has ",
               x.size(1), " columns but the layout has ", C, " chunks of ", kLutChunk,
               " (in_features padded to a multiple of 8)");
-  TORCH_CHECK(ksplit >= 1 && ksplit <= std::min<int64_t>(C, 65535), kLutOp, "ksplit must be in 1..",
+  TORCH_CHECK(ksplit >= 1 && ksplit <= std::min<int64_t>(C, 65535), op, "ksplit must be in 1..",
               std::min<int64_t>(C, 65535), " (at most one part per chunk of 128 columns), got ",
               ksplit);
-  TORCH_CHECK(NB <= 0x7fffffff / kLutRows && C <= 0x7fffffff / kLutChunk, kLutOp,
+  TORCH_CHECK(NB <= 0x7fffffff / kLutRows && C <= 0x7fffffff / kLutChunk, op,
               "the layout is too large: ", NB, " row blocks, ", C, " chunks");
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
-    TORCH_CHECK(dtype_code(b.scalar_type()) >= 0, kLutOp,
+    TORCH_CHECK(dtype_code(b.scalar_type()) >= 0, op,
                 "bias must be float16, bfloat16 or float32, got ", b.scalar_type());
-    lut_shape(b, "bias", "[out_features]", {out_features});
-    TORCH_CHECK(b.device() == x.device(), kLutOp, "bias is on ", b.device(), " but x is on ",
+    lut_shape(op, b, "bias", "[out_features]", {out_features});
+    TORCH_CHECK(b.device() == x.device(), op, "bias is on ", b.device(), " but x is on ",
                 x.device());
-    TORCH_CHECK(b.is_contiguous(), kLutOp, "bias must be contiguous");
+    TORCH_CHECK(b.is_contiguous(), op, "bias must be contiguous");
   }
 }
 
@@ -213,7 +217,7 @@ at::Tensor binary_lut_cuda(const at::Tensor& x, const at::Tensor& codes, const a
                            const at::Tensor& merge, const std::optional<at::Tensor>& bias,
                            int64_t out_features, int64_t ksplit) {
   TORCH_CHECK(x.is_cuda(), kLutOp, "x must be a CUDA tensor, got ", x.device());
-  check_lut_inputs(x, codes, tables, merge, bias, out_features, ksplit);
+  check_lut_inputs(kLutOp, x, codes, tables, merge, bias, out_features, ksplit);
   const int64_t M = x.size(0);
   c10::DeviceGuard guard(x.device());
   at::Tensor out = at::empty({M, out_features}, x.options());
@@ -241,7 +245,64 @@ at::Tensor binary_lut_cuda(const at::Tensor& x, const at::Tensor& codes, const a
 at::Tensor binary_lut_meta(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables,
                            const at::Tensor& merge, const std::optional<at::Tensor>& bias,
                            int64_t out_features, int64_t ksplit) {
-  check_lut_inputs(x, codes, tables, merge, bias, out_features, ksplit);
+  check_lut_inputs(kLutOp, x, codes, tables, merge, bias, out_features, ksplit);
+  return at::empty({x.size(0), out_features}, x.options());
+}
+
+// -- the same layout on the weight-only pipeline ------------------------------------------
+constexpr const char* kStagedOp = "vlmkern.binary_lut_staged_mma: ";
+static_assert(int(VLMKERN_BINARY_F16) == int(VLMKERN_DTYPE_F16) &&
+                  int(VLMKERN_BINARY_BF16) == int(VLMKERN_DTYPE_BF16) &&
+                  int(VLMKERN_BINARY_F32) == int(VLMKERN_DTYPE_F32),
+              "the two launchers number dtypes alike");
+
+void check_staged_inputs(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables,
+                         const at::Tensor& merge, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& counters, int64_t out_features, int64_t num_ctas) {
+  check_lut_inputs(kStagedOp, x, codes, tables, merge, bias, out_features, /*ksplit=*/1);
+  const int64_t NB = codes.size(0), C = codes.size(1);
+  TORCH_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 && counters.numel() >= NB,
+              kStagedOp, "counters must be a 1-D int32 tensor of at least ", NB, " elements");
+  TORCH_CHECK(counters.device() == x.device(), kStagedOp, "counters is on ", counters.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(counters.is_contiguous(), kStagedOp, "counters must be contiguous");
+  TORCH_CHECK(num_ctas >= 1 && num_ctas <= NB * C, kStagedOp, "num_ctas must be in 1..", NB * C,
+              ", got ", num_ctas);
+}
+
+at::Tensor binary_lut_staged_cuda(const at::Tensor& x, const at::Tensor& codes,
+                                  const at::Tensor& tables, const at::Tensor& merge,
+                                  const std::optional<at::Tensor>& bias, at::Tensor& counters,
+                                  int64_t out_features, int64_t num_ctas) {
+  TORCH_CHECK(x.is_cuda(), kStagedOp, "x must be a CUDA tensor, got ", x.device());
+  check_staged_inputs(x, codes, tables, merge, bias, counters, out_features, num_ctas);
+  const int64_t M = x.size(0);
+  c10::DeviceGuard guard(x.device());
+  at::Tensor out = at::empty({M, out_features}, x.options());
+  if (M == 0) return out;
+  TORCH_CHECK(aligned16(x), kStagedOp, "x must be 16-byte aligned (a view at an odd offset? clone it)");
+  TORCH_CHECK(aligned16(codes) && aligned16(tables) && aligned16(merge), kStagedOp,
+              "codes, tables and merge must be 16-byte aligned");
+  at::Tensor workspace =
+      at::empty({vlmkern_wo_workspace_elems(M, num_ctas)}, x.options().dtype(at::kFloat));
+  void* stream =
+      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+  const int status = vlmkern_binary_lut_staged_mma(
+      x.data_ptr(), M, x.size(1), codes.data_ptr<int32_t>(), tables.data_ptr<int32_t>(),
+      merge.data_ptr<int32_t>(), codes.size(0), codes.size(1),
+      bias.has_value() ? bias->data_ptr() : nullptr,
+      bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), out_features,
+      workspace.data_ptr<float>(), counters.data_ptr<int32_t>(), num_ctas,
+      dtype_code(x.scalar_type()), stream);
+  TORCH_CHECK(status == VLMKERN_WO_OK, kStagedOp, vlmkern_wo_status_message(status));
+  return out;
+}
+
+at::Tensor binary_lut_staged_meta(const at::Tensor& x, const at::Tensor& codes,
+                                  const at::Tensor& tables, const at::Tensor& merge,
+                                  const std::optional<at::Tensor>& bias, at::Tensor& counters,
+                                  int64_t out_features, int64_t num_ctas) {
+  check_staged_inputs(x, codes, tables, merge, bias, counters, out_features, num_ctas);
   return at::empty({x.size(0), out_features}, x.options());
 }
 
@@ -254,14 +315,19 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
   m.def(
       "binary_lut_mma(Tensor x, Tensor codes, Tensor tables, Tensor merge, Tensor? bias, "
       "int out_features, int ksplit) -> Tensor");
+  m.def(
+      "binary_lut_staged_mma(Tensor x, Tensor codes, Tensor tables, Tensor merge, Tensor? bias, "
+      "Tensor(a!) counters, int out_features, int num_ctas) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
   m.impl("binary_matmul", &binary_cuda);
   m.impl("binary_lut_mma", &binary_lut_cuda);
+  m.impl("binary_lut_staged_mma", &binary_lut_staged_cuda);
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, Meta, m) {
   m.impl("binary_matmul", &binary_meta);
   m.impl("binary_lut_mma", &binary_lut_meta);
+  m.impl("binary_lut_staged_mma", &binary_lut_staged_meta);
 }

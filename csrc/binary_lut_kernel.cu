@@ -29,12 +29,14 @@
 #include <stdio.h>
 
 #include "binary.h"
+#include "binary_lut_decode.cuh"
 #include "weight_only_common.cuh"  // F16/BF16: mma() and from_float()
 
 namespace {
 
 using vlmkern_wo::BF16;
 using vlmkern_wo::F16;
+using namespace vlmkern_lut;
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
@@ -65,38 +67,6 @@ struct LutParams {
 struct ChunkRegs {
   uint4 codes, t0, t1, m0, m1;
 };
-
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
-// PTX prmt.b32, default mode: byte i of the result is byte nibble_i(sel) of
-// the 8 bytes {b:a}; only sel[15:0] is read. The selectors here never set a
-// nibble's bit 3 (sign replication), which __byte_perm would mask off with an
-// extra instruction.
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-
-// Selectors of pair r of both k16 steps a code word holds (steps 2v and
-// 2v + 1): .x for step 2v, .y for step 2v + 1, each c * 0x22 + 0x1010 in its
-// low 16 bits (c = the pair's two 2-bit indices at bits 0 and 8), which is
-// all prmt reads. With m = the word's index fields of pair r masked in place
-// after a shift by 2r, m = a + b * 2^16 (a, b <= 0x0303: the fields of steps
-// 2v and 2v + 1), the 64-bit
-//   m * 0x00220022 + 0x00001010'00001010
-//     = (a*0x22 + 0x1010) + (a + b)*0x22 * 2^16 + (b*0x22 + 0x1010) * 2^32
-// has a*0x22 + 0x1010 in bits 0..15 and b*0x22 + 0x1010 in bits 32..47, and
-// the low word never carries (0x7676 + 0xCCCC0000 < 2^32). So the selectors
-// of two pairs cost a shift (none for r = 0), a mask and one 32x32->64
-// multiply-add (IMAD + IMAD.HI): 2 instructions per pair instead of 3.
-__device__ __forceinline__ uint2 pair_selectors(uint32_t word, int r) {
-  const uint32_t m = (word >> (2 * r)) & 0x03030303u;
-  const uint64_t y = static_cast<uint64_t>(m) * 0x00220022u + 0x0000101000001010ull;
-  return make_uint2(static_cast<uint32_t>(y), static_cast<uint32_t>(y >> 32));
-}
 
 __device__ __forceinline__ void load_chunk(ChunkRegs& cr, const uint4* codes, const uint4* tables,
                                            const uint4* merge) {
@@ -134,19 +104,8 @@ __device__ __forceinline__ void compute_chunk(const ChunkRegs& cr, const uint16_
         bf[j][ch] = !TAIL || col < col_limit ? __ldg(src) : 0u;
       }
 
-    const uint32_t msel0 = word_of(kt < 4 ? cr.m0 : cr.m1, kt % 4);
-    const uint32_t msel1 = msel0 >> 16;
     uint32_t a[4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      // register r: row g + 8*(r % 2), columns 16kt + 2t + 8*(r / 2) + {0, 1}
-      const uint4& tab = (r & 1) ? cr.t1 : cr.t0;
-      const uint2 both = pair_selectors(word_of(cr.codes, kt / 2), r);
-      const uint32_t sel = (kt & 1) ? both.y : both.x;
-      const uint32_t v_ord = prmt(tab.x, tab.y, sel);
-      const uint32_t v_sal = prmt(tab.z, tab.w, sel);
-      a[r] = prmt(v_ord, v_sal, (r & 2) ? msel1 : msel0);
-    }
+    lut_operands(cr.codes, cr.t0, cr.t1, cr.m0, cr.m1, kt, a);
 #pragma unroll
     for (int j = 0; j < M_TILES; ++j) T::mma(acc[j], a, bf[j][0], bf[j][1]);
   }

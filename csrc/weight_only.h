@@ -89,6 +89,20 @@ int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, const int32_t
                             float* workspace, int32_t* counters, int64_t num_ctas, int act_dtype,
                             int decode, void* stream);
 
+// The same kernel with a table decode, for binarized weights in the
+// lookup-table layout of binary.h (codes, tables, merge, made by
+// vlmkern/ops/cuda_binary_lut.py): codes take the place of 2-bit wq, tables
+// that of sz with 4 slots per tile, and each stage also receives its chunk's
+// merge selectors. Activations reach the MMAs through the shared-memory
+// pipeline (ldmatrix), not from global memory as in binary_lut_kernel.cu, so
+// the 8 warps of a block read them once per chunk. Arguments as for
+// vlmkern_weight_only_mma (no bits, slot_log2 or decode); merge 16-byte
+// aligned. Returns a vlmkern_wo_status (vlmkern_wo_status_message).
+int vlmkern_binary_lut_staged_mma(const void* x, int64_t M, int64_t K_x, const int32_t* codes,
+                                  const int32_t* tables, const int32_t* merge, int64_t NB,
+                                  int64_t C, const void* bias, int bias_dtype, void* out, int64_t N,
+                                  float* workspace, int32_t* counters, int64_t num_ctas,
+                                  int act_dtype, void* stream);
 // The Hopper kernel (csrc/weight_only_sm90_kernel.cu, sm_90a builds): the same
 // arguments without workspace, counters, num_ctas and decode (the exact
 // decode), any M >= 1, NB <= 65535. One thread block per 128 weight rows and

@@ -30,6 +30,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "binary_lut_decode.cuh"
 #include "weight_only.h"
 #include "weight_only_common.cuh"
 
@@ -45,6 +46,12 @@ constexpr int kTiles = kChunk / 16;              // k16 MMA steps per unit
 constexpr int kXRowHalves = kChunk + 8;          // padded so B loads hit 32 banks
 constexpr int kXRowBytes = kXRowHalves * 2;
 constexpr int kSlotBytes = 8 * 8;                // one scale slot of a tile: 8 x uint2
+// The table decode of binary weights (POST_SLOT_LOG2 == kTableDecode): codes
+// are laid out as 2-bit codes, the tables of a tile fill 4 scale slots, and
+// each stage also holds its chunk's merge selectors, after the activations.
+constexpr int kTableDecode = -2;
+constexpr int kTableSlots = 4;                   // 256 table bytes per tile
+constexpr int kMergeBytes = 32 * 8 * 4;          // one chunk: [32 lanes][8 steps] int32
 
 struct Params {
   const uint16_t* x;        // [M, ldx]
@@ -57,6 +64,7 @@ struct Params {
   int64_t units;            // NB * C
   int M, ldx, N, C;
   int slot_log2, slots, bias_dtype;
+  const unsigned char* merge;  // [C, 32, 8] int32: the table decode's selectors
 };
 
 // Stream-K partition, shared by every thread block: block c owns units
@@ -381,6 +389,79 @@ __device__ __forceinline__ void compute_unit_post_scale(uint32_t stage,
   }
 }
 
+// -- table decode: binary weights in the lookup-table layout ------------------------
+// The stage holds the unit's codes where 2-bit codes go, its tables in the
+// scale slots and its chunk's merge selectors after the activations; the
+// operands are built as in binary_lut_kernel.cu, the B fragments come by
+// ldmatrix like every other decode here. The weights are the table values
+// themselves, so nothing is applied after the MMAs. Copies and lane offsets
+// are kept as running pointers and registers, as in the post-scale kernel.
+template <int M_TILES>
+struct TableStream {
+  UnitStream<2, M_TILES, kTableSlots> units;  // codes, tables and activations
+  const unsigned char* merge;       // this thread's merge piece of the next unit's chunk
+  const unsigned char* merge_first; // ... of chunk 0
+  int c, C;
+  uint32_t merge_dst, copies_merge;
+
+  __device__ __forceinline__ TableStream(const Params& p, int64_t u, int c0) : units(p, u, c0) {
+    const int piece = threadIdx.x % (kMergeBytes / 16);
+    copies_merge = opaque(threadIdx.x < kMergeBytes / 16);
+    merge_first = p.merge + 16 * piece;
+    merge = merge_first + static_cast<int64_t>(c0) * kMergeBytes;
+    c = c0;
+    C = p.C;
+    merge_dst = opaque(StageLayout<2, M_TILES>::bytes(kTableSlots) + 16 * piece);
+  }
+  __device__ __forceinline__ void load(uint32_t stage) const {
+    units.load(stage);
+    cp_async16_if(copies_merge, stage + merge_dst, merge, 16);
+  }
+  __device__ __forceinline__ void advance() {
+    units.advance();
+    merge += kMergeBytes;
+    if (++c == C) {
+      c = 0;
+      merge = merge_first;
+    }
+  }
+};
+
+// This lane's shared-memory offsets within a stage of the table decode.
+template <int M_TILES>
+struct TableLane {
+  uint32_t codes, tables, merge, x;
+  __device__ __forceinline__ TableLane() {
+    using L = StageLayout<2, M_TILES>;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    codes = opaque(warp * 512 + 16 * lane);
+    tables = opaque(L::kWeightBytes + warp * 256 + 32 * (lane >> 2));  // rows g, g + 8
+    merge = opaque(L::bytes(kTableSlots) + 32 * lane);
+    x = opaque(x_fragment_base<2, M_TILES>(0, kTableSlots, lane));
+  }
+};
+
+template <int M_TILES, class T>
+__device__ __forceinline__ void compute_unit_table(uint32_t stage, const TableLane<M_TILES>& at,
+                                                   float (&acc)[M_TILES][4]) {
+  const uint4 codes = lds128(stage + at.codes);
+  const uint4 t0 = lds128(stage + at.tables), t1 = lds128(stage + at.tables + 16);
+  const uint4 m0 = lds128(stage + at.merge), m1 = lds128(stage + at.merge + 16);
+  const uint32_t xs = stage + at.x;
+#pragma unroll
+  for (int kp = 0; kp < kTiles / 2; ++kp) {
+    uint32_t bfrag[M_TILES][4];
+    load_x_fragments(bfrag, xs, kp);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t a[4];
+      vlmkern_lut::lut_operands(codes, t0, t1, m0, m1, 2 * kp + h, a);
+#pragma unroll
+      for (int j = 0; j < M_TILES; ++j) T::mma(acc[j], a, bfrag[j][2 * h], bfrag[j][2 * h + 1]);
+    }
+  }
+}
+
 // Output element (j, e) of this lane: token 8j + 2t + (e & 1), row g + 8*(e >> 1)
 // of the warp's tile (PTX m16n8k16 C layout).
 template <int M_TILES, class T>
@@ -479,8 +560,9 @@ struct Unused {
   __device__ Unused(const Params&, int64_t, int) {}
 };
 
-// POST_SLOT_LOG2 < 0: the exact decode with slots read from p.slot_log2;
-// 0..3: the post-scale decode for that (compile-time) slot width.
+// POST_SLOT_LOG2 -1: the exact decode with slots read from p.slot_log2;
+// 0..3: the post-scale decode for that (compile-time) slot width;
+// kTableDecode: binary weights in the lookup-table layout (BITS = 2).
 template <int BITS, int M_TILES, class T, int STAGES, int POST_SLOT_LOG2>
 __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -489,14 +571,19 @@ __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) 
   // The post-scale kernel's slot count is a compile-time constant, and it
   // keeps the shared base in a register (the compiler would recompute it).
   constexpr bool kPost = POST_SLOT_LOG2 >= 0;
+  constexpr bool kTable = POST_SLOT_LOG2 == kTableDecode;
+  static_assert(!kTable || BITS == 2, "the table decode reads codes laid out as 2-bit ones");
   constexpr int kPostSlots = kPost ? 8 >> POST_SLOT_LOG2 : 1;
-  const int stage_bytes = kPost ? L::bytes(kPostSlots) : L::bytes(p.slots);
-  const uint32_t smem_base = kPost ? opaque(static_cast<uint32_t>(__cvta_generic_to_shared(smem)))
-                                   : static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int stage_bytes = kPost    ? L::bytes(kPostSlots)
+                          : kTable ? L::bytes(kTableSlots) + kMergeBytes
+                                   : L::bytes(p.slots);
+  const uint32_t smem_base = kPost || kTable
+                                 ? opaque(static_cast<uint32_t>(__cvta_generic_to_shared(smem)))
+                                 : static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 
   // Token rows >= M of every stage's activation tile stay zero (the copies
   // never touch them); the first barrier in the loop publishes these stores.
-  const int x_offset = stage_bytes - L::kXBytes;
+  const int x_offset = (kTable ? stage_bytes - kMergeBytes : stage_bytes) - L::kXBytes;
   for (int i = threadIdx.x; i < STAGES * L::kXRows * (kXRowBytes / 16); i += kThreads) {
     const int stage = i / (L::kXRows * (kXRowBytes / 16));
     const int rest = i - stage * (L::kXRows * (kXRowBytes / 16));
@@ -513,14 +600,18 @@ __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) 
   const int64_t b_start = b;
   int c = static_cast<int>(u_begin - b * p.C);
   int load_c = c;
-  // The post-scale kernel's loader and lane offsets (unused by the exact decode).
-  typename Pick<kPost, UnitStream<BITS, M_TILES, kPostSlots>, Unused>::type stream(p, u_begin, c);
-  const typename Pick<kPost, LaneOffsets<BITS, M_TILES, kPostSlots>, Unused>::type lane_at;
+  // The post-scale and table kernels' loaders and lane offsets (unused by the exact decode).
+  using Stream = typename Pick<kPost, UnitStream<BITS, M_TILES, kPostSlots>,
+                               typename Pick<kTable, TableStream<M_TILES>, Unused>::type>::type;
+  using Lane = typename Pick<kPost, LaneOffsets<BITS, M_TILES, kPostSlots>,
+                             typename Pick<kTable, TableLane<M_TILES>, Unused>::type>::type;
+  Stream stream(p, u_begin, c);
+  const Lane lane_at;
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < n_units) {
-      if constexpr (kPost) {
+      if constexpr (kPost || kTable) {
         stream.load(smem_base + s * stage_bytes);
         stream.advance();
       } else {
@@ -543,7 +634,7 @@ __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) 
     cp_async_wait<STAGES - 2>();  // unit i has landed (for this thread's copies)
     __syncthreads();              // ... and for everyone's; stage i-1 is free again
     if (i + STAGES - 1 < n_units) {
-      if constexpr (kPost) {
+      if constexpr (kPost || kTable) {
         stream.load(smem_base + next_stage * stage_bytes);
         stream.advance();
       } else {
@@ -552,7 +643,9 @@ __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) 
       }
     }
     cp_async_commit();
-    if constexpr (POST_SLOT_LOG2 < 0)
+    if constexpr (kTable)
+      compute_unit_table<M_TILES, T>(smem_base + stage * stage_bytes, lane_at, acc);
+    else if constexpr (POST_SLOT_LOG2 < 0)
       compute_unit<BITS, M_TILES, T>(p, smem + stage * stage_bytes, smem_base + stage * stage_bytes, acc);
     else
       compute_unit_post_scale<BITS, M_TILES, T, POST_SLOT_LOG2>(smem_base + stage * stage_bytes,
@@ -587,7 +680,9 @@ template <int BITS, int M_TILES, class T, int POST_SLOT_LOG2>
 int launch(const Params& p, int64_t num_ctas, cudaStream_t stream) {
   constexpr int STAGES = stages_for<M_TILES>();
   auto kernel = weight_only_mma_kernel<BITS, M_TILES, T, STAGES, POST_SLOT_LOG2>;
-  const int smem = STAGES * StageLayout<BITS, M_TILES>::bytes(p.slots);
+  const int smem = STAGES * (POST_SLOT_LOG2 == kTableDecode
+                                ? StageLayout<BITS, M_TILES>::bytes(kTableSlots) + kMergeBytes
+                                : StageLayout<BITS, M_TILES>::bytes(p.slots));
   int device = 0, limit = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess)
@@ -630,6 +725,15 @@ int dispatch_tokens(const Params& p, int bits, int decode, int64_t num_ctas, cud
 #undef VLMKERN_WO_SLOTS
 #undef VLMKERN_WO_CASE
   return VLMKERN_WO_ERR_BAD_BITS;
+}
+
+// The table decode: token tiles {8, 16, 32, 64} x {fp16, bf16}.
+template <class T>
+int dispatch_table(const Params& p, int64_t num_ctas, cudaStream_t s) {
+  if (p.M <= 8) return launch<2, 1, T, kTableDecode>(p, num_ctas, s);
+  if (p.M <= 16) return launch<2, 2, T, kTableDecode>(p, num_ctas, s);
+  if (p.M <= 32) return launch<2, 4, T, kTableDecode>(p, num_ctas, s);
+  return launch<2, 8, T, kTableDecode>(p, num_ctas, s);
 }
 
 }  // namespace
@@ -703,8 +807,47 @@ extern "C" int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, co
   p.slot_log2 = slot_log2;
   p.slots = 8 >> slot_log2;
   p.bias_dtype = bias_dtype;
+  p.merge = nullptr;
 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_tokens<F16>(p, bits, decode, num_ctas, s)
                                         : dispatch_tokens<BF16>(p, bits, decode, num_ctas, s);
+}
+
+extern "C" int vlmkern_binary_lut_staged_mma(const void* x, int64_t M, int64_t K_x,
+                                             const int32_t* codes, const int32_t* tables,
+                                             const int32_t* merge, int64_t NB, int64_t C,
+                                             const void* bias, int bias_dtype, void* out,
+                                             int64_t N, float* workspace, int32_t* counters,
+                                             int64_t num_ctas, int act_dtype, void* stream) {
+  // codes and tables have the byte sizes of 2-bit codes and 4 scale slots per tile
+  const int status = check_launch_args(x, M, K_x, codes, tables, NB, C, /*slot_log2=*/1,
+                                       /*bits=*/2, bias, bias_dtype, out, N, act_dtype);
+  if (status != VLMKERN_WO_OK) return status;
+  if (M > VLMKERN_WO_MAX_M || num_ctas < 1 || num_ctas > NB * C || num_ctas > 0x7fffffff)
+    return VLMKERN_WO_ERR_BAD_SIZE;
+  if (!counters || !workspace || !merge) return VLMKERN_WO_ERR_NULL_POINTER;
+  if (reinterpret_cast<uintptr_t>(merge) % 16 != 0) return VLMKERN_WO_ERR_ALIGNMENT;
+
+  Params p;
+  p.x = static_cast<const uint16_t*>(x);
+  p.wq = reinterpret_cast<const unsigned char*>(codes);
+  p.sz = reinterpret_cast<const unsigned char*>(tables);
+  p.merge = reinterpret_cast<const unsigned char*>(merge);
+  p.bias = bias;
+  p.out = static_cast<uint16_t*>(out);
+  p.ws = workspace;
+  p.counters = counters;
+  p.units = NB * C;
+  p.M = static_cast<int>(M);
+  p.ldx = static_cast<int>(K_x);
+  p.N = static_cast<int>(N);
+  p.C = static_cast<int>(C);
+  p.slot_log2 = 1;
+  p.slots = kTableSlots;
+  p.bias_dtype = bias_dtype;
+
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_table<F16>(p, num_ctas, s)
+                                        : dispatch_table<BF16>(p, num_ctas, s);
 }

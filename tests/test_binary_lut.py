@@ -74,9 +74,14 @@ def test_unsupported_weights_and_dtypes_are_refused():
 def test_registered_ahead_of_the_plane_gemms():
     from vlmkern.ops import builtin  # noqa: F401  (registers the backends)
     names = [k.name for k in BACKENDS["cuda"].kernels if k.op == "binary"]
-    assert names[0] == "cuda.binary_lut" and "cuda.binary" in names
-    spec = BACKENDS["cuda"].kernels[[k.name for k in BACKENDS["cuda"].kernels].index("cuda.binary_lut")]
+    assert names[:2] == ["cuda.binary_lut_staged", "cuda.binary_lut"] and "cuda.binary" in names
+    by_name = {k.name: k for k in BACKENDS["cuda"].kernels}
+    spec, staged = by_name["cuda.binary_lut"], by_name["cuda.binary_lut_staged"]
     assert not spec.opt_in and spec.max_m == lut.MAX_M
+    assert staged.opt_in and (staged.min_m, staged.max_m) == (1, lut.MAX_M)
+    assert staged.dtypes == spec.dtypes and staged.min_sm == spec.min_sm == (8, 0)
+    assert "block_size 64 unsupported" in staged.check(torch.zeros(1, 128), make_binary(4, 128, 64))
+    assert staged.check(torch.zeros(1, 128), make_binary(4, 128, 128)) is None
 
 
 def test_ksplit_fills_the_waves():

@@ -68,7 +68,16 @@ def _replayed(layer, inputs):
                               for c in CASES])
 def test_captured_layer_replays_like_eager_calls(monkeypatch, config, kernel, ms, laid_out):
     monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
-    layer = _layer(config, laid_out)
+    _assert_replays_like_eager(_layer(config, laid_out), kernel, ms)
+
+
+@gpu
+def test_captured_binary_lut_staged_replays_like_eager_calls(monkeypatch):
+    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.binary_lut_staged")   # opt-in
+    _assert_replays_like_eager(_layer(BinaryConfig(), False), "cuda.binary_lut_staged", (1, 16, 64))
+
+
+def _assert_replays_like_eager(layer, kernel, ms):
     gen = torch.Generator(device="cuda").manual_seed(1)
     for m in ms:
         inputs = [torch.randn(m, K, device="cuda", dtype=torch.float16, generator=gen)

@@ -33,6 +33,14 @@ row ``g + 8*(r % 2)``, columns ``16kt + 2t + 8*(r // 2) + (0, 1)``):
 The layout is as large as the format's planes and statistics and is cached
 beside the weight (not in its state), like the other kernels' layouts.
 ``emulate_dequantize`` decodes it with the kernel's operations in torch.
+
+``cuda.binary_lut_staged`` (opt-in) runs the same layout on the weight-only
+kernel's pipeline (csrc/weight_only_kernel.cu, table decode): codes, tables
+and merge selectors go through a multi-stage cp.async pipeline and the
+activations through shared memory (ldmatrix, read once per thread block and
+chunk instead of once per warp from global memory), with the weight-only
+kernel's stream-K split. It is for batches (M = 16..64), where the plain
+kernel's per-warp activation loads grow with the tokens.
 """
 from __future__ import annotations
 
@@ -43,7 +51,13 @@ import torch
 from ..formats.binary import BinaryWeight
 from ..formats.packing import unpack_bits
 from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op
-from .cuda_weight_only import _RELAYOUT_WEIGHTS, _lane_codes, aligned_inputs
+from .cuda_weight_only import (
+    _RELAYOUT_WEIGHTS,
+    _counters,
+    _lane_codes,
+    aligned_inputs,
+    num_ctas_for,
+)
 
 BLOCK = 128               # the only block size the layout takes: one chunk
 MAX_M = 64
@@ -237,21 +251,58 @@ def binary_lut(x: torch.Tensor, qweight: BinaryWeight,
                                             lw.out_features, ksplit)
 
 
+def binary_lut_staged(x: torch.Tensor, qweight: BinaryWeight,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The same product on the staged pipeline (``cuda.binary_lut_staged``):
+    same arguments and layout; a token's result depends on the weight's shape
+    and the device only (the stream-K split), never on M."""
+    require_op("cuda.binary_lut_staged", "binary_lut_staged_mma", "csrc/weight_only_kernel.cu")
+    check_activations("cuda.binary_lut_staged", x, qweight, ACT_DTYPES)
+    why = unsupported_reason(qweight)
+    if why:
+        raise ValueError(f"cuda.binary_lut_staged: {why}")
+    m = x.shape[0]
+    if m == 0:
+        return x.new_empty(0, qweight.out_features)
+    if m > MAX_M:
+        raise ValueError(f"cuda.binary_lut_staged takes M <= {MAX_M}, got {m}")
+    lw = kernel_weight(qweight, x.dtype)
+    x, bias = aligned_inputs(x, bias)
+    blocks, chunks = lw.codes.shape[0], lw.codes.shape[1]
+    ctas = num_ctas_for(blocks * chunks, multiprocessors(x.device))
+    return torch.ops.vlmkern.binary_lut_staged_mma(x, lw.codes, lw.tables, lw.merge, bias,
+                                                   _counters(x.device, blocks), lw.out_features,
+                                                   ctas)
+
+
 def _check(x: torch.Tensor, qweight) -> str | None:
     why = unsupported_reason(qweight)
     return None if why is None else f"cuda.binary_lut: {why}"
 
 
+def _check_staged(x: torch.Tensor, qweight) -> str | None:
+    why = unsupported_reason(qweight)
+    return None if why is None else f"cuda.binary_lut_staged: {why}"
+
+
 def register(backend) -> None:
-    """Add the kernel to the CUDA backend ahead of the plane GEMMs: it passed
-    its GPU tests and ran 1.7-2.5x faster than the plane GEMM on an H100 at
-    M = 1, 16 and 64 (benchmarks/results/promote_H100.md). Its layout is a copy
-    beside the planes; ``VLMKERN_DISABLE=cuda.binary_lut`` keeps the planes alone."""
+    """Add the kernels to the CUDA backend ahead of the plane GEMMs. The plain
+    one passed its GPU tests and ran 1.7-2.5x faster than the plane GEMM on an
+    H100 at M = 1, 16 and 64 (benchmarks/results/promote_H100.md). Its layout
+    is a copy beside the planes; ``VLMKERN_DISABLE=cuda.binary_lut`` keeps the
+    planes alone. The staged one, on the same layout, is opt-in
+    (``VLMKERN_ENABLE=cuda.binary_lut_staged``) until its GPU tests pass."""
     from .backends import KernelSpec
 
     if any(k.name == "cuda.binary_lut" for k in backend.kernels):
         return
-    backend.register(KernelSpec("cuda.binary_lut", "binary", binary_lut, bits=frozenset({1}),
-                                dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}),
-                                min_m=1, max_m=MAX_M, min_sm=(8, 0), check=_check))
-    backend.kernels.insert(0, backend.kernels.pop())
+    common = dict(bits=frozenset({1}), dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}),
+                  min_m=1, max_m=MAX_M, min_sm=(8, 0))
+    specs = [KernelSpec("cuda.binary_lut_staged", "binary", binary_lut_staged, opt_in=True,
+                        check=_check_staged, **common),
+             KernelSpec("cuda.binary_lut", "binary", binary_lut, check=_check, **common)]
+    for spec in specs:
+        backend.register(spec)
+    # ahead of the plane GEMMs, in this order
+    del backend.kernels[-len(specs):]
+    backend.kernels[:0] = specs
