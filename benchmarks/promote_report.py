@@ -38,6 +38,7 @@ TESTS = {
     "cuda.binary_prefetch": [("test_cuda_binary.py", r"prefetch")],
     "cuda.binary_lut_staged": [("test_cuda_binary_lut_staged.py", r""),
                                ("test_cuda_graphs.py", r"binary_lut_staged")],
+    "cuda.binary_dequant_cublas": [("test_cuda_binary_dequant.py", r"^test_(gpu|binary)")],
 }
 
 
@@ -77,20 +78,32 @@ def kernel_tests(kernel: str, outcomes: dict[str, str],
     return counts
 
 
+# Opt-in kernels for sizes where no default CUDA kernel runs: their baseline is
+# the Triton kernel timed next to them (what ops.linear picks there today).
+TRITON_BASELINE = {"cuda.binary_dequant_cublas"}
+
+
 def speed_ratios(rows: list[dict], opt_in: set[str]) -> dict[str, list[tuple[str, float]]]:
     """opt-in kernel -> [(case, default time / its time)] over the timed cases
-    where a default CUDA kernel was timed too."""
-    default, timed = {}, {}
+    where a default CUDA kernel was timed too (or, for TRITON_BASELINE
+    kernels where none was, a Triton one)."""
+    default, triton, timed = {}, {}, {}
     for r in rows:
-        if "us" not in r or not str(r.get("backend", "")).startswith("cuda."):
+        backend = str(r.get("backend", ""))
+        if "us" not in r:
             continue
         case = f"{r['layer']} M={r['M']} {r['kernel']}"
-        if r["backend"] in opt_in:
-            timed.setdefault(r["backend"], []).append((case, r["us"]))
-        else:
+        if backend.startswith("triton."):
+            triton[case] = r["us"]
+        elif backend in opt_in:
+            timed.setdefault(backend, []).append((case, r["us"]))
+        elif backend.startswith("cuda."):
             default[case] = r["us"]
-    return {k: [(case, default[case] / us) for case, us in cases if case in default]
-            for k, cases in timed.items()}
+    out = {}
+    for kernel, cases in timed.items():
+        base = {**triton, **default} if kernel in TRITON_BASELINE else default
+        out[kernel] = [(case, base[case] / us) for case, us in cases if case in base]
+    return out
 
 
 def report(outcomes: dict[str, str], rows: list[dict], collected: list[str] = ()) -> list[str]:

@@ -73,6 +73,22 @@ int vlmkern_binary_matmul(const void* x, int x_dtype, int64_t x_stride, const in
                           void* out, int64_t M, int64_t N, int64_t K, int64_t block_size,
                           int ksplit, int prefetch, void* workspace, void* stream);
 
+// The dense weight out[n, k] of the format, for dequantize + one GEMM at
+// prefill sizes (binary_dequant_kernel.cu): each value computed from the
+// statistics in fp32 with the operations and order of the Python reference
+// (BinaryWeight.dequantize), then rounded once to out_dtype, so the result
+// equals dequantize(out_dtype) bit for bit.
+//   sign, aux   int32 [N, ceil(K/32)] bit planes, contiguous.
+//   salient     int32 [ceil(K/32)] column bitmap.
+//   stats       [N, ceil(K/block_size), 8] of stats_dtype (F16, BF16, F32), contiguous.
+//   out         [N, K] of out_dtype (F16 or BF16), contiguous, 16-byte aligned.
+//   K and block_size multiples of 8 (a thread writes 8 columns of one block).
+// Returns a vlmkern_binary_status (vlmkern_binary_dequant_status_message).
+int vlmkern_binary_dequant(const int32_t* sign, const int32_t* aux, const int32_t* salient,
+                           const void* stats, int stats_dtype, int64_t N, int64_t K,
+                           int64_t block_size, void* out, int out_dtype, void* stream);
+const char* vlmkern_binary_dequant_status_message(int status);
+
 #ifdef __cplusplus
 }
 #endif

@@ -6,6 +6,7 @@
 //   torch.ops.vlmkern.binary_lut_mma  the lookup-table GEMM (binary_lut_kernel.cu)
 //   torch.ops.vlmkern.binary_lut_staged_mma  the same layout on the weight-only
 //                                     pipeline (weight_only_kernel.cu, table decode)
+//   torch.ops.vlmkern.binary_dequant  the dense weight (binary_dequant_kernel.cu)
 //
 // Only device-generic torch headers are used, like bindings.cpp; the library
 // and its module init live there.
@@ -20,6 +21,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "binary.h"
@@ -306,6 +308,66 @@ at::Tensor binary_lut_staged_meta(const at::Tensor& x, const at::Tensor& codes,
   return at::empty({x.size(0), out_features}, x.options());
 }
 
+// -- dense weight -----------------------------------------------------------------------
+constexpr const char* kDequantOp = "vlmkern.binary_dequant: ";
+
+void check_dequant_inputs(const at::Tensor& sign, const at::Tensor& aux, const at::Tensor& salient,
+                          const at::Tensor& stats, int64_t in_features, int64_t block_size,
+                          c10::ScalarType dtype) {
+  const char* op = kDequantOp;
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, op,
+              "dtype must be float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(in_features >= 8 && in_features % 8 == 0, op,
+              "in_features must be a positive multiple of 8, got ", in_features);
+  TORCH_CHECK(block_size >= 8 && block_size % 8 == 0, op,
+              "block_size must be a positive multiple of 8, got ", block_size);
+  TORCH_CHECK(sign.dim() == 2, op, "sign must be 2-D [N, ceil(K/32)], got shape ",
+              dims(sign.sizes()));
+  const int64_t N = sign.size(0), words = (in_features + 31) / 32;
+  const int64_t blocks = (in_features + block_size - 1) / block_size;
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{sign, "sign"},
+                                 {aux, "aux"}, {salient, "salient"}}) {
+    TORCH_CHECK(t.scalar_type() == at::kInt, op, name, " must be int32, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == sign.device(), op, name, " is on ", t.device(), " but sign is on ",
+                sign.device());
+    TORCH_CHECK(t.is_contiguous(), op, name, " must be contiguous");
+  }
+  lut_shape(op, sign, "sign", "[N, ceil(K/32)]", {N, words});
+  lut_shape(op, aux, "aux", "[N, ceil(K/32)]", {N, words});
+  lut_shape(op, salient, "salient", "[ceil(K/32)]", {words});
+  TORCH_CHECK(dtype_code(stats.scalar_type()) >= 0, op,
+              "stats must be float16, bfloat16 or float32, got ", stats.scalar_type());
+  lut_shape(op, stats, "stats", "[N, ceil(K/block_size), 8]", {N, blocks, 8});
+  TORCH_CHECK(stats.device() == sign.device(), op, "stats is on ", stats.device(),
+              " but sign is on ", sign.device());
+  TORCH_CHECK(stats.is_contiguous(), op, "stats must be contiguous");
+}
+
+at::Tensor binary_dequant_cuda(const at::Tensor& sign, const at::Tensor& aux,
+                               const at::Tensor& salient, const at::Tensor& stats,
+                               int64_t in_features, int64_t block_size, c10::ScalarType dtype) {
+  TORCH_CHECK(sign.is_cuda(), kDequantOp, "sign must be a CUDA tensor, got ", sign.device());
+  check_dequant_inputs(sign, aux, salient, stats, in_features, block_size, dtype);
+  c10::DeviceGuard guard(sign.device());
+  at::Tensor out = at::empty({sign.size(0), in_features}, sign.options().dtype(dtype));
+  if (sign.size(0) == 0) return out;
+  void* stream =
+      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(sign.device()).native_handle();
+  const int status = vlmkern_binary_dequant(
+      sign.data_ptr<int32_t>(), aux.data_ptr<int32_t>(), salient.data_ptr<int32_t>(),
+      stats.data_ptr(), dtype_code(stats.scalar_type()), sign.size(0), in_features, block_size,
+      out.data_ptr(), dtype_code(dtype), stream);
+  TORCH_CHECK(status == VLMKERN_BINARY_OK, kDequantOp, vlmkern_binary_dequant_status_message(status));
+  return out;
+}
+
+at::Tensor binary_dequant_meta(const at::Tensor& sign, const at::Tensor& aux,
+                               const at::Tensor& salient, const at::Tensor& stats,
+                               int64_t in_features, int64_t block_size, c10::ScalarType dtype) {
+  check_dequant_inputs(sign, aux, salient, stats, in_features, block_size, dtype);
+  return at::empty({sign.size(0), in_features}, sign.options().dtype(dtype));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
@@ -318,16 +380,21 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
   m.def(
       "binary_lut_staged_mma(Tensor x, Tensor codes, Tensor tables, Tensor merge, Tensor? bias, "
       "Tensor(a!) counters, int out_features, int num_ctas) -> Tensor");
+  m.def(
+      "binary_dequant(Tensor sign, Tensor aux, Tensor salient, Tensor stats, int in_features, "
+      "int block_size, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
   m.impl("binary_matmul", &binary_cuda);
   m.impl("binary_lut_mma", &binary_lut_cuda);
   m.impl("binary_lut_staged_mma", &binary_lut_staged_cuda);
+  m.impl("binary_dequant", &binary_dequant_cuda);
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, Meta, m) {
   m.impl("binary_matmul", &binary_meta);
   m.impl("binary_lut_mma", &binary_lut_meta);
   m.impl("binary_lut_staged_mma", &binary_lut_staged_meta);
+  m.impl("binary_dequant", &binary_dequant_meta);
 }

@@ -77,7 +77,11 @@ def test_promote_report_reads_tests_and_timings(tmp_path):
             dict(layer="qkv", M=1, kernel="binary", backend="cuda.binary", us=30.0),
             dict(layer="qkv", M=1, kernel="binary", backend="cuda.binary_prefetch", us=15.0),
             dict(layer="qkv", M=1, kernel="W4 g128", backend="triton.weight_only_gemv", us=9.0),
-            dict(layer="qkv", M=1, kernel="W4 g128", backend="cuda.weight_only_wgmma", us=5.0)]
+            dict(layer="qkv", M=1, kernel="W4 g128", backend="cuda.weight_only_wgmma", us=5.0),
+            dict(layer="qkv", M=4096, kernel="binary", backend="triton.binary_dequant_matmul",
+                 us=300.0),
+            dict(layer="qkv", M=4096, kernel="binary", backend="cuda.binary_dequant_cublas",
+                 us=200.0)]
     (tmp_path / "linear_H100.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     outcomes = promote_report.test_outcomes(xml)
     table = {line.split(" | ")[0].lstrip("| "): line for line in
@@ -86,6 +90,8 @@ def test_promote_report_reads_tests_and_timings(tmp_path):
     assert table["cuda.binary_prefetch"].endswith("| 0 / 1 / 0 / 0 | qkv M=1 binary: 2.00 | no |")
     # skipped, and no default CUDA kernel timed next to it (Triton does not count)
     assert table["cuda.weight_only_wgmma"].endswith("| 0 / 0 / 1 / 0 | not timed | no |")
+    # where no default CUDA kernel runs (binary prefill), against the Triton one
+    assert table["cuda.binary_dequant_cublas"].endswith("| 0 / 0 / 0 / 0 | qkv M=4096 binary: 1.50 | no |")
     # a test the phase collected but never reached keeps a kernel from being ready
     (tmp_path / "collected.txt").write_text(
         "tests/test_cuda_int_act.py::test_gpu_wgmma_equals_mma_bitwise[128-wa0]\n"

@@ -323,7 +323,8 @@ def test_available_backends_lists_all_with_reasons():
     assert torch_b["opt_in"] == []
     assert set(info["cuda"]["opt_in"]) == {"cuda.int_act_wgmma", "cuda.binary_prefetch",
                                            "cuda.weight_only_wgmma", "cuda.weight_only_wgmma_smem",
-                                           "cuda.dequant_layout_cublas"}
+                                           "cuda.dequant_layout_cublas", "cuda.binary_lut_staged",
+                                           "cuda.binary_dequant_cublas"}
     assert set(info["cuda"]["opt_in"]) <= set(info["cuda"]["kernels"])
     if not torch.cuda.is_available():
         assert info["cuda"]["available"] is False

@@ -16,6 +16,12 @@ lcm(block_size, 128) columns) so that small-N layers still fill the GPU; the
 parts are summed in order by a second pass. ``ksplit`` depends on the
 weight's shape and the device only, never on M, so a row's result is the same
 in any batch.
+
+Prefill sizes (``cuda.binary_dequant_cublas``, opt-in until its GPU tests
+pass): csrc/binary_dequant_kernel.cu writes the dense weight, bit for bit
+``BinaryWeight.dequantize``, then one cuBLAS GEMM, as Triton's
+dequantize + GEMM does (``triton.binary_dequant_matmul``, 0.80x of cuBLAS
+fp16 at M = 4096 on an H100, where writing the weight cost about 370 us).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats.binary import BinaryWeight
+from . import reference
 from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -32,6 +39,7 @@ ROWS_PER_BLOCK = 64          # 4 warps x 16 rows (kRowsPerCta in the kernel)
 CHUNK = 128                  # columns per 16-byte plane load
 BLOCKS_PER_SM = 8            # thread blocks of 4 warps wanted per multiprocessor
 MAX_M = 256                  # beyond this, a dense tiled GEMM does better
+DEQUANT_MIN_M = 65           # dequantize + GEMM from here (the lookup-table GEMMs stop at 64)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -125,9 +133,44 @@ def _prefetch_reason(qweight: BinaryWeight) -> str | None:
     return None
 
 
+def dequant_reason(qweight: BinaryWeight) -> str | None:
+    """Why the dense-weight kernel cannot take this weight, or None."""
+    if qweight.in_features % 8:
+        return f"in_features must be a multiple of 8, got {qweight.in_features}"
+    if qweight.block_size % 8:
+        return f"block_size {qweight.block_size} is not a multiple of 8"
+    return None
+
+
+def dequantize(qweight: BinaryWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] in ``dtype`` (float16 or bfloat16) on the
+    weight's GPU: ``qweight.dequantize(dtype)``, bit for bit."""
+    require_op("cuda.binary_dequant_cublas", "binary_dequant", "csrc/binary_dequant_kernel.cu")
+    why = dequant_reason(qweight)
+    if why:
+        raise ValueError(f"cuda.binary_dequant_cublas: {why}")
+    if dtype not in ACT_DTYPES:
+        raise ValueError(f"cuda.binary_dequant_cublas: dtype must be float16 or bfloat16, got {dtype}")
+    return torch.ops.vlmkern.binary_dequant(qweight.sign.contiguous(), qweight.aux.contiguous(),
+                                            qweight.salient.contiguous(), qweight.stats.contiguous(),
+                                            qweight.in_features, qweight.block_size, dtype)
+
+
+def binary_dequant_cublas(x: torch.Tensor, qweight: BinaryWeight,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias at prefill sizes: the dense weight, then one GEMM."""
+    check_activations("cuda.binary_dequant_cublas", x, qweight, ACT_DTYPES)
+    return reference.stored_order_linear(x, dequantize(qweight, x.dtype), None, bias)
+
+
 def _check(x: torch.Tensor, qweight) -> str | None:
     why = unsupported_reason(qweight)
     return None if why is None else f"cuda.binary: {why}"
+
+
+def _check_dequant(x: torch.Tensor, qweight) -> str | None:
+    why = dequant_reason(qweight)
+    return None if why is None else f"cuda.binary_dequant_cublas: {why}"
 
 
 def _check_prefetch(x: torch.Tensor, qweight) -> str | None:
@@ -136,14 +179,17 @@ def _check_prefetch(x: torch.Tensor, qweight) -> str | None:
 
 
 def register(backend) -> None:
-    """Add the kernels to the CUDA backend (idempotent). The prefetching GEMM
-    comes first but is opt-in (``VLMKERN_ENABLE=cuda.binary_prefetch``) until
-    it has passed the GPU tests."""
+    """Add the kernels to the CUDA backend (idempotent). Dequantize + cuBLAS
+    (M > 64) and the prefetching GEMM come first but are opt-in
+    (``VLMKERN_ENABLE``) until they have passed the GPU tests."""
     from .backends import KernelSpec
 
     common = dict(bits=frozenset({1}), dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}),
                   min_m=1, max_m=MAX_M, min_sm=(8, 0))
-    specs = [KernelSpec("cuda.binary_prefetch", "binary", binary_matmul_prefetch, opt_in=True,
+    specs = [KernelSpec("cuda.binary_dequant_cublas", "binary", binary_dequant_cublas,
+                        opt_in=True, check=_check_dequant,
+                        **dict(common, min_m=DEQUANT_MIN_M, max_m=None)),
+             KernelSpec("cuda.binary_prefetch", "binary", binary_matmul_prefetch, opt_in=True,
                         check=_check_prefetch, **common),
              KernelSpec("cuda.binary", "binary", binary_matmul, check=_check, **common)]
     known = {k.name for k in backend.kernels}
