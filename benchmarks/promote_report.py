@@ -39,6 +39,7 @@ TESTS = {
     "cuda.binary_lut_staged": [("test_cuda_binary_lut_staged.py", r""),
                                ("test_cuda_graphs.py", r"binary_lut_staged")],
     "cuda.binary_dequant_cublas": [("test_cuda_binary_dequant.py", r"^test_(gpu|binary)")],
+    "cuda.int_act_staged": [("test_cuda_int_act_staged.py", r"^test_(gpu|int_act)")],
 }
 
 

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "int_act.h"
+#include "weight_only.h"  // vlmkern_int_act_staged_mma: the weight-only pipeline, integer decode
 
 namespace {
 
@@ -263,6 +264,91 @@ at::Tensor scale_meta(const at::Tensor& acc, const at::Tensor& sx, const at::Ten
   return at::empty({M, N}, acc.options().dtype(out_dtype));
 }
 
+// -- decode sizes on the weight-only pipeline --------------------------------------------
+constexpr const char* kStaged = "vlmkern.int_act_staged_mma: ";
+constexpr int64_t kStagedRows = 128, kStagedCodes = 256;  // a unit: rows x codes of K
+static_assert(int(VLMKERN_INT_ACT_F16) == int(VLMKERN_DTYPE_F16) &&
+                  int(VLMKERN_INT_ACT_BF16) == int(VLMKERN_DTYPE_BF16) &&
+                  int(VLMKERN_INT_ACT_F32) == int(VLMKERN_DTYPE_F32),
+              "the two launchers number dtypes alike");
+
+std::pair<int64_t, int64_t> check_staged(const at::Tensor& q, const at::Tensor& sx,
+                                         const at::Tensor& wq, const at::Tensor& sz,
+                                         const std::optional<at::Tensor>& bias,
+                                         const at::Tensor& counters, int64_t out_features,
+                                         int64_t slot_log2, int64_t num_ctas,
+                                         c10::ScalarType out_dtype) {
+  TORCH_CHECK(out_dtype == at::kHalf || out_dtype == at::kBFloat16, kStaged,
+              "out_dtype must be float16 or bfloat16, got ", out_dtype);
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2, kStaged,
+              "q must be a 2-D int8 tensor [M, K_q], got ", q.scalar_type(), " ", dims(q.sizes()));
+  TORCH_CHECK(q.is_contiguous(), kStaged, "q must be contiguous");
+  const int64_t M = q.size(0), K_q = q.size(1);
+  TORCH_CHECK(M <= VLMKERN_WO_INT8_MAX_M, kStaged, "M (rows of q) must be at most ",
+              VLMKERN_WO_INT8_MAX_M, ", got ", M);
+  TORCH_CHECK(K_q >= 16 && K_q % 16 == 0, kStaged, "q's row length must be a positive multiple of 16, got ",
+              K_q);
+  TORCH_CHECK(sx.scalar_type() == at::kFloat, kStaged, "sx must be float32, got ", sx.scalar_type());
+  check_shape(kStaged, sx, "sx", "[M]", {M});
+  TORCH_CHECK(sx.is_contiguous(), kStaged, "sx must be contiguous");
+  check_same_device(kStaged, sx, "sx", q, "q");
+  TORCH_CHECK(slot_log2 >= 0 && slot_log2 <= 3, kStaged, "slot_log2 must be in 0..3, got ", slot_log2);
+  TORCH_CHECK(wq.scalar_type() == at::kInt && sz.scalar_type() == at::kInt, kStaged,
+              "wq and sz must be int32, got ", wq.scalar_type(), " and ", sz.scalar_type());
+  TORCH_CHECK(wq.dim() == 4 && wq.size(0) >= 1, kStaged, "wq must be 4-D [NB, C, 8, 1024], got ",
+              dims(wq.sizes()));
+  const int64_t NB = wq.size(0), C = (K_q + kStagedCodes - 1) / kStagedCodes;
+  check_shape(kStaged, wq, "wq", "[NB, ceil(K_q / 256), 8, 1024]", {NB, C, 8, 1024});
+  check_shape(kStaged, sz, "sz", "[NB, C, 8, 8 >> slot_log2, 8, 2]", {NB, C, 8, 8 >> slot_log2, 8, 2});
+  for (const at::Tensor* t : {&wq, &sz}) {
+    TORCH_CHECK(t->is_contiguous(), kStaged, "wq and sz must be contiguous");
+    check_same_device(kStaged, *t, t == &wq ? "wq" : "sz", q, "q");
+  }
+  TORCH_CHECK(out_features > (NB - 1) * kStagedRows && out_features <= NB * kStagedRows, kStaged,
+              "out_features=", out_features, " does not match wq's ", NB, " blocks of ", kStagedRows,
+              " rows");
+  check_bias(kStaged, bias, out_features, wq);
+  TORCH_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 && counters.numel() >= NB,
+              kStaged, "counters must be a 1-D int32 tensor of at least ", NB, " elements");
+  TORCH_CHECK(counters.is_contiguous(), kStaged, "counters must be contiguous");
+  check_same_device(kStaged, counters, "counters", q, "q");
+  TORCH_CHECK(num_ctas >= 1 && num_ctas <= NB * C, kStaged, "num_ctas must be in 1..", NB * C,
+              ", got ", num_ctas);
+  return {M, out_features};
+}
+
+at::Tensor staged_cuda(const at::Tensor& q, const at::Tensor& sx, const at::Tensor& wq,
+                       const at::Tensor& sz, const std::optional<at::Tensor>& bias,
+                       at::Tensor& counters, int64_t out_features, int64_t slot_log2,
+                       int64_t num_ctas, c10::ScalarType out_dtype) {
+  TORCH_CHECK(q.is_cuda(), kStaged, "q must be a CUDA tensor, got ", q.device());
+  auto [M, N] = check_staged(q, sx, wq, sz, bias, counters, out_features, slot_log2, num_ctas,
+                             out_dtype);
+  c10::DeviceGuard guard(q.device());
+  at::Tensor out = at::empty({M, N}, q.options().dtype(out_dtype));
+  if (M == 0) return out;
+  at::Tensor workspace =
+      at::empty({vlmkern_wo_workspace_elems(M, num_ctas)}, q.options().dtype(at::kFloat));
+  const int status = vlmkern_int_act_staged_mma(
+      q.data_ptr<int8_t>(), M, q.size(1), wq.data_ptr<int32_t>(), sz.data_ptr<int32_t>(),
+      wq.size(0), wq.size(1), static_cast<int>(slot_log2), sx.data_ptr<float>(),
+      bias.has_value() ? bias->data_ptr() : nullptr,
+      bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), N,
+      workspace.data_ptr<float>(), counters.data_ptr<int32_t>(), num_ctas, dtype_code(out_dtype),
+      current_stream(q));
+  TORCH_CHECK(status == VLMKERN_WO_OK, kStaged, vlmkern_wo_status_message(status));
+  return out;
+}
+
+at::Tensor staged_meta(const at::Tensor& q, const at::Tensor& sx, const at::Tensor& wq,
+                       const at::Tensor& sz, const std::optional<at::Tensor>& bias,
+                       at::Tensor& counters, int64_t out_features, int64_t slot_log2,
+                       int64_t num_ctas, c10::ScalarType out_dtype) {
+  auto [M, N] = check_staged(q, sx, wq, sz, bias, counters, out_features, slot_log2, num_ctas,
+                             out_dtype);
+  return at::empty({M, N}, q.options().dtype(out_dtype));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
@@ -276,16 +362,22 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
   m.def(
       "int_act_scale_int32(Tensor acc, Tensor sx, Tensor w_scale, Tensor? bias, "
       "ScalarType out_dtype) -> Tensor");
+  m.def(
+      "int_act_staged_mma(Tensor q, Tensor sx, Tensor wq, Tensor sz, Tensor? bias, "
+      "Tensor(a!) counters, int out_features, int slot_log2, int num_ctas, ScalarType out_dtype) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
   m.impl("int_act_quantize", &quantize_cuda);
   m.impl("int_act_gemm", &gemm_cuda);
   m.impl("int_act_scale_int32", &scale_cuda);
+  m.impl("int_act_staged_mma", &staged_cuda);
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, Meta, m) {
   m.impl("int_act_quantize", &quantize_meta);
   m.impl("int_act_gemm", &gemm_meta);
   m.impl("int_act_scale_int32", &scale_meta);
+  m.impl("int_act_staged_mma", &staged_meta);
 }

@@ -103,6 +103,29 @@ int vlmkern_binary_lut_staged_mma(const void* x, int64_t M, int64_t K_x, const i
                                   int64_t C, const void* bias, int bias_dtype, void* out, int64_t N,
                                   float* workspace, int32_t* counters, int64_t num_ctas,
                                   int act_dtype, void* stream);
+// The same kernel with an integer decode, for integer-activation layers whose
+// weights are stored as int8 (W8A8, W6A6; vlmkern/ops/cuda_int_act.py):
+// int8 MMA (m16n8k32) on int8 weights and per-token int8 activation codes,
+// exact int32 sums per scale slot, each multiplied by the row's fp32 scale
+// and added to fp32 sums, then out = sum * sx[m] + bias in one fma, rounded
+// once. Its layout counts 16 bits per weight position: a unit is 128 rows by
+// 256 codes of K, C = ceil(K_q / 256).
+//   q         [M, K_q] int8 activation codes, K_q a multiple of 16, codes past
+//             the weight's K zero; 16-byte aligned.
+//   wq        int32 [NB, C, 8, 1024]: per 16-row tile its 16 x 256 int8
+//             weights in m16n8k32 A-fragment order, [8 steps][32 lanes][16 bytes]
+//             (lane 4g + t: rows g, g + 8, codes 32*step + 4t + 0..3 and + 16).
+//   sz        int32 [NB, C, 8, S, 8, 2] with S = 8 >> slot_log2 slots of
+//             32 << slot_log2 codes: for row pair (g, g + 8) the two fp32
+//             scales of the slot's group.
+//   sx        [M] fp32 token scales; out [M, N] of out_dtype (F16 or BF16).
+//   M <= VLMKERN_WO_INT8_MAX_M; the rest as for vlmkern_weight_only_mma.
+#define VLMKERN_WO_INT8_MAX_M 32
+int vlmkern_int_act_staged_mma(const int8_t* q, int64_t M, int64_t K_q, const int32_t* wq,
+                               const int32_t* sz, int64_t NB, int64_t C, int slot_log2,
+                               const float* sx, const void* bias, int bias_dtype, void* out,
+                               int64_t N, float* workspace, int32_t* counters, int64_t num_ctas,
+                               int out_dtype, void* stream);
 // The Hopper kernel (csrc/weight_only_sm90_kernel.cu, sm_90a builds): the same
 // arguments without workspace, counters, num_ctas and decode (the exact
 // decode), any M >= 1, NB <= 65535. One thread block per 128 weight rows and

@@ -52,6 +52,14 @@ constexpr int kSlotBytes = 8 * 8;                // one scale slot of a tile: 8 
 constexpr int kTableDecode = -2;
 constexpr int kTableSlots = 4;                   // 256 table bytes per tile
 constexpr int kMergeBytes = 32 * 8 * 4;          // one chunk: [32 lanes][8 steps] int32
+// The integer-activation decode (POST_SLOT_LOG2 == kInt8Decode): int8 weights
+// and int8 activation codes on the same pipeline, each 16-bit column of the
+// activation tile holding two int8 codes, so a unit covers 256 codes of K and
+// a k16 step of the tile is one k32 step of the int8 MMA. Weights take
+// 16 bits' worth of layout (BITS = 16): a tile's 16 x 256 codes in A-fragment
+// order, [8 steps][32 lanes][16 bytes]. Scale slots hold fp32 scales.
+constexpr int kInt8Decode = -3;
+constexpr int kInt8Stages = 3;                   // 32 KB of weights per stage
 
 struct Params {
   const uint16_t* x;        // [M, ldx]
@@ -65,6 +73,7 @@ struct Params {
   int M, ldx, N, C;
   int slot_log2, slots, bias_dtype;
   const unsigned char* merge;  // [C, 32, 8] int32: the table decode's selectors
+  const float* sx;             // [M] token scales of the integer-activation decode
 };
 
 // Stream-K partition, shared by every thread block: block c owns units
@@ -462,15 +471,77 @@ __device__ __forceinline__ void compute_unit_table(uint32_t stage, const TableLa
   }
 }
 
+// -- integer-activation decode --------------------------------------------------------
+__device__ __forceinline__ void mma_s8(int32_t (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                       uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// acc += sum over the unit's scale slots of scale(row) * (exact int32 sum of
+// the slot's int8 products), for this warp's 16 rows and every token tile.
+// Slot s covers k32 steps [s << slot_log2, (s + 1) << slot_log2) of the unit;
+// its two fp32 scales (rows g, g + 8) are one uint2 of the scale slots.
+template <int M_TILES>
+__device__ __forceinline__ void compute_unit_int8(const Params& p, const unsigned char* stage,
+                                                  uint32_t stage_addr, float (&acc)[M_TILES][4]) {
+  using L = StageLayout<16, M_TILES>;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const unsigned char* weights = stage + warp * 4096 + 16 * lane;
+  const uint2* slots = reinterpret_cast<const uint2*>(stage + L::kWeightBytes) + warp * p.slots * 8 +
+                       (lane >> 2);
+  const uint32_t xs = x_fragment_base<16, M_TILES>(stage_addr, p.slots, lane);
+  const int steps_per_slot_mask = (1 << p.slot_log2) - 1;
+  int32_t sum[M_TILES][4];
+#pragma unroll
+  for (int kp = 0; kp < kTiles / 2; ++kp) {
+    uint32_t bfrag[M_TILES][4];
+    load_x_fragments(bfrag, xs, kp);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int kt = 2 * kp + h;
+      if ((kt & steps_per_slot_mask) == 0) {
+#pragma unroll
+        for (int j = 0; j < M_TILES; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sum[j][e] = 0;
+      }
+      const uint4 w = *reinterpret_cast<const uint4*>(weights + kt * 512);
+      const uint32_t a[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int j = 0; j < M_TILES; ++j) mma_s8(sum[j], a, bfrag[j][2 * h], bfrag[j][2 * h + 1]);
+      if ((kt & steps_per_slot_mask) == steps_per_slot_mask) {
+        const uint2 sv = slots[(kt >> p.slot_log2) * 8];
+        const float s_lo = __uint_as_float(sv.x), s_hi = __uint_as_float(sv.y);
+        // C rows: elements 0, 1 are row g, elements 2, 3 row g + 8
+#pragma unroll
+        for (int j = 0; j < M_TILES; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            acc[j][e] = __fmaf_rn(__int2float_rn(sum[j][e]), e < 2 ? s_lo : s_hi, acc[j][e]);
+      }
+    }
+  }
+}
+
 // Output element (j, e) of this lane: token 8j + 2t + (e & 1), row g + 8*(e >> 1)
 // of the warp's tile (PTX m16n8k16 C layout).
-template <int M_TILES, class T>
+// TOKEN_SCALE (the integer-activation decode): v * sx[m] + bias in one fma.
+template <int M_TILES, class T, bool TOKEN_SCALE = false>
 __device__ __forceinline__ void store_out(const Params& p, int64_t b, int j, int e, float v) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int m = 8 * j + 2 * (lane & 3) + (e & 1);
   const int64_t n = b * kBlockRows + warp * 16 + (lane >> 2) + 8 * (e >> 1);
   if (m >= p.M || n >= p.N) return;
-  if (p.bias) v += load_bias(p.bias, p.bias_dtype, static_cast<int>(n));
+  if constexpr (TOKEN_SCALE) {
+    const float bias = p.bias ? load_bias(p.bias, p.bias_dtype, static_cast<int>(n)) : 0.f;
+    v = __fmaf_rn(v, p.sx[m], bias);
+  } else if (p.bias) {
+    v += load_bias(p.bias, p.bias_dtype, static_cast<int>(n));
+  }
   p.out[static_cast<int64_t>(m) * p.N + n] = T::from_float(v);
 }
 
@@ -480,7 +551,7 @@ __device__ __forceinline__ void store_out(const Params& p, int64_t b, int j, int
 // division per part. Every part but the first belongs to a thread block that
 // starts inside row block b, so its slot is 2c (see partial_slot); this block's
 // own slot follows from b_start, the row block it started in.
-template <int M_TILES, class T, bool FEW_DIVISIONS = false>
+template <int M_TILES, class T, bool FEW_DIVISIONS = false, bool TOKEN_SCALE = false>
 __device__ void finish_rows(const Params& p, int64_t b, float (&acc)[M_TILES][4], int* is_last,
                             int64_t b_start = 0) {
   const int64_t ctas = gridDim.x, cta = blockIdx.x;
@@ -490,7 +561,7 @@ __device__ void finish_rows(const Params& p, int64_t b, float (&acc)[M_TILES][4]
 #pragma unroll
     for (int j = 0; j < M_TILES; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) store_out<M_TILES, T>(p, b, j, e, acc[j][e]);
+      for (int e = 0; e < 4; ++e) store_out<M_TILES, T, TOKEN_SCALE>(p, b, j, e, acc[j][e]);
     return;
   }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -548,7 +619,7 @@ __device__ void finish_rows(const Params& p, int64_t b, float (&acc)[M_TILES][4]
 #pragma unroll
   for (int j = 0; j < M_TILES; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) store_out<M_TILES, T>(p, b, j, e, sum[j][e]);
+    for (int e = 0; e < 4; ++e) store_out<M_TILES, T, TOKEN_SCALE>(p, b, j, e, sum[j][e]);
   if (threadIdx.x == 0) p.counters[b] = 0;  // ready for the next launch
 }
 
@@ -572,7 +643,9 @@ __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) 
   // keeps the shared base in a register (the compiler would recompute it).
   constexpr bool kPost = POST_SLOT_LOG2 >= 0;
   constexpr bool kTable = POST_SLOT_LOG2 == kTableDecode;
+  constexpr bool kInt8 = POST_SLOT_LOG2 == kInt8Decode;
   static_assert(!kTable || BITS == 2, "the table decode reads codes laid out as 2-bit ones");
+  static_assert(!kInt8 || BITS == 16, "the integer decode reads 16 bits of layout per weight");
   constexpr int kPostSlots = kPost ? 8 >> POST_SLOT_LOG2 : 1;
   const int stage_bytes = kPost    ? L::bytes(kPostSlots)
                           : kTable ? L::bytes(kTableSlots) + kMergeBytes
@@ -645,6 +718,8 @@ __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) 
     cp_async_commit();
     if constexpr (kTable)
       compute_unit_table<M_TILES, T>(smem_base + stage * stage_bytes, lane_at, acc);
+    else if constexpr (kInt8)
+      compute_unit_int8<M_TILES>(p, smem + stage * stage_bytes, smem_base + stage * stage_bytes, acc);
     else if constexpr (POST_SLOT_LOG2 < 0)
       compute_unit<BITS, M_TILES, T>(p, smem + stage * stage_bytes, smem_base + stage * stage_bytes, acc);
     else
@@ -656,6 +731,8 @@ __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) 
     if (c == p.C - 1 || i == n_units - 1) {
       if constexpr (kPost)
         finish_rows<M_TILES, T, true>(p, b, acc, &is_last, b_start);
+      else if constexpr (kInt8)
+        finish_rows<M_TILES, T, false, true>(p, b, acc, &is_last);
       else
         finish_rows<M_TILES, T>(p, b, acc, &is_last);
 #pragma unroll
@@ -678,7 +755,7 @@ thread_local char message[256];
 
 template <int BITS, int M_TILES, class T, int POST_SLOT_LOG2>
 int launch(const Params& p, int64_t num_ctas, cudaStream_t stream) {
-  constexpr int STAGES = stages_for<M_TILES>();
+  constexpr int STAGES = POST_SLOT_LOG2 == kInt8Decode ? kInt8Stages : stages_for<M_TILES>();
   auto kernel = weight_only_mma_kernel<BITS, M_TILES, T, STAGES, POST_SLOT_LOG2>;
   const int smem = STAGES * (POST_SLOT_LOG2 == kTableDecode
                                 ? StageLayout<BITS, M_TILES>::bytes(kTableSlots) + kMergeBytes
@@ -734,6 +811,14 @@ int dispatch_table(const Params& p, int64_t num_ctas, cudaStream_t s) {
   if (p.M <= 16) return launch<2, 2, T, kTableDecode>(p, num_ctas, s);
   if (p.M <= 32) return launch<2, 4, T, kTableDecode>(p, num_ctas, s);
   return launch<2, 8, T, kTableDecode>(p, num_ctas, s);
+}
+
+// The integer-activation decode: token tiles {8, 16, 32} x {fp16, bf16} outputs.
+template <class T>
+int dispatch_int8(const Params& p, int64_t num_ctas, cudaStream_t s) {
+  if (p.M <= 8) return launch<16, 1, T, kInt8Decode>(p, num_ctas, s);
+  if (p.M <= 16) return launch<16, 2, T, kInt8Decode>(p, num_ctas, s);
+  return launch<16, 4, T, kInt8Decode>(p, num_ctas, s);
 }
 
 }  // namespace
@@ -808,10 +893,51 @@ extern "C" int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, co
   p.slots = 8 >> slot_log2;
   p.bias_dtype = bias_dtype;
   p.merge = nullptr;
+  p.sx = nullptr;
 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_tokens<F16>(p, bits, decode, num_ctas, s)
                                         : dispatch_tokens<BF16>(p, bits, decode, num_ctas, s);
+}
+
+extern "C" int vlmkern_int_act_staged_mma(const int8_t* q, int64_t M, int64_t K_q,
+                                          const int32_t* wq, const int32_t* sz, int64_t NB,
+                                          int64_t C, int slot_log2, const float* sx,
+                                          const void* bias, int bias_dtype, void* out, int64_t N,
+                                          float* workspace, int32_t* counters, int64_t num_ctas,
+                                          int out_dtype, void* stream) {
+  // In 16-bit columns the codes are K_q / 2 wide: C chunks of 128 such columns.
+  if (K_q % 16 != 0) return VLMKERN_WO_ERR_ALIGNMENT;
+  // (bits = 2 only passes the bit-width check; the layout sizes are the binding's to check)
+  const int status = check_launch_args(q, M, K_q / 2, wq, sz, NB, C, slot_log2, /*bits=*/2, bias,
+                                       bias_dtype, out, N, out_dtype);
+  if (status != VLMKERN_WO_OK) return status;
+  if (M > VLMKERN_WO_INT8_MAX_M || num_ctas < 1 || num_ctas > NB * C || num_ctas > 0x7fffffff)
+    return VLMKERN_WO_ERR_BAD_SIZE;
+  if (!counters || !workspace || !sx) return VLMKERN_WO_ERR_NULL_POINTER;
+
+  Params p;
+  p.x = reinterpret_cast<const uint16_t*>(q);
+  p.wq = reinterpret_cast<const unsigned char*>(wq);
+  p.sz = reinterpret_cast<const unsigned char*>(sz);
+  p.merge = nullptr;
+  p.sx = sx;
+  p.bias = bias;
+  p.out = static_cast<uint16_t*>(out);
+  p.ws = workspace;
+  p.counters = counters;
+  p.units = NB * C;
+  p.M = static_cast<int>(M);
+  p.ldx = static_cast<int>(K_q / 2);
+  p.N = static_cast<int>(N);
+  p.C = static_cast<int>(C);
+  p.slot_log2 = slot_log2;
+  p.slots = 8 >> slot_log2;
+  p.bias_dtype = bias_dtype;
+
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return out_dtype == VLMKERN_DTYPE_F16 ? dispatch_int8<F16>(p, num_ctas, s)
+                                        : dispatch_int8<BF16>(p, num_ctas, s);
 }
 
 extern "C" int vlmkern_binary_lut_staged_mma(const void* x, int64_t M, int64_t K_x,
@@ -834,6 +960,7 @@ extern "C" int vlmkern_binary_lut_staged_mma(const void* x, int64_t M, int64_t K
   p.wq = reinterpret_cast<const unsigned char*>(codes);
   p.sz = reinterpret_cast<const unsigned char*>(tables);
   p.merge = reinterpret_cast<const unsigned char*>(merge);
+  p.sx = nullptr;
   p.bias = bias;
   p.out = static_cast<uint16_t*>(out);
   p.ws = workspace;

@@ -225,7 +225,10 @@ def test_overflow_guard_and_registration():
 def test_wgmma_and_spread_kernels_registered_ahead_of_mma(monkeypatch):
     from vlmkern.ops import builtin  # noqa: F401
     specs = [k for k in BACKENDS["cuda"].kernels if k.op == "int_act"]
-    assert [k.name for k in specs] == ["cuda.int_act_wgmma", "cuda.int_act_spread", "cuda.int_act"]
+    assert [k.name for k in specs] == ["cuda.int_act_staged", "cuda.int_act_wgmma",
+                                       "cuda.int_act_spread", "cuda.int_act"]
+    assert specs[0].opt_in and specs[0].max_m == 32 and specs[0].bits == frozenset({6, 8})
+    specs = specs[1:]
     spread = specs[1]
     assert not spread.opt_in and spread.max_m == cia.SPREAD_SELECT_MAX_M == 8
     assert cia.SPREAD_MAX_M == 64 and spread.min_sm == (8, 0)

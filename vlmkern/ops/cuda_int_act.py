@@ -312,13 +312,19 @@ def _prefill_on_triton(x: torch.Tensor, qweight) -> str | None:
 
 
 def register(backend) -> None:
-    """Add the kernels to the CUDA backend (idempotent). The Hopper GEMM comes
-    first but is opt-in (``VLMKERN_ENABLE``); the spread GEMM runs M <= 8; on
-    Hopper the plain GEMM leaves int8-stored weights at M >= 1024 to Triton."""
+    """Add the kernels to the CUDA backend (idempotent). The staged decode
+    kernel (M <= 32) and the Hopper GEMM come first but are opt-in
+    (``VLMKERN_ENABLE``); the spread GEMM runs M <= 8; on Hopper the plain
+    GEMM leaves int8-stored weights at M >= 1024 to Triton."""
+    from . import cuda_int_act_staged as staged
     from .backends import KernelSpec
 
     common = dict(dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}))
-    specs = [KernelSpec("cuda.int_act_wgmma", "int_act", int_act_wgmma, bits=frozenset({6, 8}),
+    specs = [KernelSpec("cuda.int_act_staged", "int_act", staged.int_act_staged,
+                        bits=frozenset({6, 8}), dtypes=frozenset(staged.ACT_DTYPES),
+                        devices=frozenset({"cuda"}), max_m=staged.MAX_M, min_sm=(8, 0),
+                        opt_in=True, check=staged.check),
+             KernelSpec("cuda.int_act_wgmma", "int_act", int_act_wgmma, bits=frozenset({6, 8}),
                         min_sm=(9, 0), min_m=WGMMA_MIN_M, opt_in=True, check=_check_wgmma,
                         **common),
              KernelSpec("cuda.int_act_spread", "int_act", int_act_spread,
