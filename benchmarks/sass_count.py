@@ -11,7 +11,9 @@ instantiation, the instructions from the loop's barrier to its back branch
     python benchmarks/sass_count.py                 # sm_90a, M <= 16 tiles, + wgmma, LUT kernels
 
 The weight-only kernel's table decode (binary weights in the lookup-table
-layout, ``cuda.binary_lut_staged``) is listed with bits 2, its code width.
+layout, ``cuda.binary_lut_staged``) is listed with bits 2, its code width, and
+its integer decode (``cuda.int_act_staged``) with bits 16, its layout width
+(a unit there is 16 x 256 int8 weights a warp).
     python benchmarks/sass_count.py --arch sm_80 --all
 
 Counts include predicated-off instructions, which still take issue slots.
@@ -28,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL = re.compile(r"weight_only_mma_kernelILi(\d)ELi(\d)EN\w*?\d(F16|BF16)ELi\d+EL(i|in)(\d)EEEv")
+KERNEL = re.compile(r"weight_only_mma_kernelILi(\d+)ELi(\d)EN\w*?\d(F16|BF16)ELi\d+EL(i|in)(\d)EEEv")
 LUT_KERNEL = re.compile(r"binary_lut_kernelILi(\d)EN\w*?\d(F16|BF16)EEEv")
 WGMMA_KERNEL = re.compile(r"weight_only_wgmma_kernelILi(\d)EN\w*?\d(F16|BF16)ELi(\d+)ELb([01])EEEv")
 
@@ -66,7 +68,7 @@ def functions(sass: str, addresses: bool = False) -> dict[str, list]:
 def unit_loop(body: list[str]) -> list[str]:
     """From the wait before the loop's barrier to the branch after its MMAs."""
     start = next(i for i, x in enumerate(body) if x.startswith("BAR.SYNC")) - 1
-    mma = [i for i, x in enumerate(body) if "HMMA" in x and i > start]
+    mma = [i for i, x in enumerate(body) if ("HMMA" in x or "IMMA" in x) and i > start]
     end = mma[0]
     for i in mma:          # the first run of MMAs: one unit's k16 steps
         if i - end > 80:
@@ -122,8 +124,8 @@ def main(argv=None) -> int:
             continue
         loop = unit_loop(body)
         ops = collections.Counter(opcode(x) for x in loop)
-        decode = ("table (binary)" if slot == -2 else "exact" if slot < 0
-                  else f"post-scale g{16 << slot}")
+        decode = ("table (binary)" if slot == -2 else "int8 (W8A8, 256 codes a unit)" if slot == -3
+                  else "exact" if slot < 0 else f"post-scale g{16 << slot}")
         rows.append((dtype, bits, tiles, slot, decode, len(loop), ops))
     print("| dtype | bits | tokens | decode | instructions per unit | top opcodes |")
     print("|---|---|---|---|---|---|")
