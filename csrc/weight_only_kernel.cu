@@ -25,6 +25,11 @@
 // Activation B fragments come from shared memory by ldmatrix (two k16 steps of
 // 8 tokens per instruction); the row block and chunk of a unit are tracked
 // incrementally, so the loop has no integer division.
+//
+// Two more decodes run on the same pipeline, split and epilogue: the table
+// decode of binarized weights in the lookup-table layout of binary.h
+// (kTableDecode) and the integer decode of int8 weights against int8
+// activation codes (kInt8Decode); see their sections below.
 
 #include <cuda_runtime.h>
 #include <stdint.h>
