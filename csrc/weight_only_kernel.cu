@@ -809,6 +809,32 @@ int dispatch_tokens(const Params& p, int bits, int decode, int64_t num_ctas, cud
   return VLMKERN_WO_ERR_BAD_BITS;
 }
 
+// The launch parameters every entry point sets alike (x in 16-bit columns;
+// no merge selectors or token scales: the table and integer decodes add theirs).
+Params make_params(const void* x, int64_t M, int64_t ldx, const int32_t* wq, const int32_t* sz,
+                   int64_t NB, int64_t C, int slot_log2, const void* bias, int bias_dtype,
+                   void* out, int64_t N, float* workspace, int32_t* counters) {
+  Params p;
+  p.x = static_cast<const uint16_t*>(x);
+  p.wq = reinterpret_cast<const unsigned char*>(wq);
+  p.sz = reinterpret_cast<const unsigned char*>(sz);
+  p.bias = bias;
+  p.out = static_cast<uint16_t*>(out);
+  p.ws = workspace;
+  p.counters = counters;
+  p.units = NB * C;
+  p.M = static_cast<int>(M);
+  p.ldx = static_cast<int>(ldx);
+  p.N = static_cast<int>(N);
+  p.C = static_cast<int>(C);
+  p.slot_log2 = slot_log2;
+  p.slots = 8 >> slot_log2;
+  p.bias_dtype = bias_dtype;
+  p.merge = nullptr;
+  p.sx = nullptr;
+  return p;
+}
+
 // The table decode: token tiles {8, 16, 32, 64} x {fp16, bf16}.
 template <class T>
 int dispatch_table(const Params& p, int64_t num_ctas, cudaStream_t s) {
@@ -881,25 +907,8 @@ extern "C" int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, co
     return VLMKERN_WO_ERR_BAD_SIZE;
   if (!counters || !workspace) return VLMKERN_WO_ERR_NULL_POINTER;
 
-  Params p;
-  p.x = static_cast<const uint16_t*>(x);
-  p.wq = reinterpret_cast<const unsigned char*>(wq);
-  p.sz = reinterpret_cast<const unsigned char*>(sz);
-  p.bias = bias;
-  p.out = static_cast<uint16_t*>(out);
-  p.ws = workspace;
-  p.counters = counters;
-  p.units = NB * C;
-  p.M = static_cast<int>(M);
-  p.ldx = static_cast<int>(K_x);
-  p.N = static_cast<int>(N);
-  p.C = static_cast<int>(C);
-  p.slot_log2 = slot_log2;
-  p.slots = 8 >> slot_log2;
-  p.bias_dtype = bias_dtype;
-  p.merge = nullptr;
-  p.sx = nullptr;
-
+  const Params p = make_params(x, M, K_x, wq, sz, NB, C, slot_log2, bias, bias_dtype, out, N,
+                               workspace, counters);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_tokens<F16>(p, bits, decode, num_ctas, s)
                                         : dispatch_tokens<BF16>(p, bits, decode, num_ctas, s);
@@ -921,25 +930,9 @@ extern "C" int vlmkern_int_act_staged_mma(const int8_t* q, int64_t M, int64_t K_
     return VLMKERN_WO_ERR_BAD_SIZE;
   if (!counters || !workspace || !sx) return VLMKERN_WO_ERR_NULL_POINTER;
 
-  Params p;
-  p.x = reinterpret_cast<const uint16_t*>(q);
-  p.wq = reinterpret_cast<const unsigned char*>(wq);
-  p.sz = reinterpret_cast<const unsigned char*>(sz);
-  p.merge = nullptr;
+  Params p = make_params(q, M, K_q / 2, wq, sz, NB, C, slot_log2, bias, bias_dtype, out, N,
+                         workspace, counters);
   p.sx = sx;
-  p.bias = bias;
-  p.out = static_cast<uint16_t*>(out);
-  p.ws = workspace;
-  p.counters = counters;
-  p.units = NB * C;
-  p.M = static_cast<int>(M);
-  p.ldx = static_cast<int>(K_q / 2);
-  p.N = static_cast<int>(N);
-  p.C = static_cast<int>(C);
-  p.slot_log2 = slot_log2;
-  p.slots = 8 >> slot_log2;
-  p.bias_dtype = bias_dtype;
-
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return out_dtype == VLMKERN_DTYPE_F16 ? dispatch_int8<F16>(p, num_ctas, s)
                                         : dispatch_int8<BF16>(p, num_ctas, s);
@@ -960,25 +953,10 @@ extern "C" int vlmkern_binary_lut_staged_mma(const void* x, int64_t M, int64_t K
   if (!counters || !workspace || !merge) return VLMKERN_WO_ERR_NULL_POINTER;
   if (reinterpret_cast<uintptr_t>(merge) % 16 != 0) return VLMKERN_WO_ERR_ALIGNMENT;
 
-  Params p;
-  p.x = static_cast<const uint16_t*>(x);
-  p.wq = reinterpret_cast<const unsigned char*>(codes);
-  p.sz = reinterpret_cast<const unsigned char*>(tables);
+  // tables fill kTableSlots = 4 scale slots a tile: slot_log2 = 1
+  Params p = make_params(x, M, K_x, codes, tables, NB, C, 1, bias, bias_dtype, out, N, workspace,
+                         counters);
   p.merge = reinterpret_cast<const unsigned char*>(merge);
-  p.sx = nullptr;
-  p.bias = bias;
-  p.out = static_cast<uint16_t*>(out);
-  p.ws = workspace;
-  p.counters = counters;
-  p.units = NB * C;
-  p.M = static_cast<int>(M);
-  p.ldx = static_cast<int>(K_x);
-  p.N = static_cast<int>(N);
-  p.C = static_cast<int>(C);
-  p.slot_log2 = 1;
-  p.slots = kTableSlots;
-  p.bias_dtype = bias_dtype;
-
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_table<F16>(p, num_ctas, s)
                                         : dispatch_table<BF16>(p, num_ctas, s);

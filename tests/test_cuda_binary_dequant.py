@@ -7,13 +7,11 @@ thread function for every thread a launch would start; the output must equal
 itself, the same comparison, and the kernel's selection by ``ops.linear``.
 """
 import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from host_harness import compile_harness, raw_bytes, run
 from test_cuda_binary import make_binary
 from tiny_models import kernel_op_reason
 
@@ -21,9 +19,6 @@ import vlmkern.ops as ops
 from vlmkern.formats import BinaryWeight
 from vlmkern.ops import cuda_binary
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
-TORCH_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                 "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 HARNESS = r"""
@@ -96,47 +91,20 @@ int main(int argc, char** argv) {
 }
 """
 
-SANITIZE = ["-Xcompiler", "-fsanitize=address", "-Xcompiler", "-fsanitize=undefined",
-            "-Xcompiler", "-fno-sanitize-recover=all", "-lasan", "-lubsan"]
-
-
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc is not on PATH: the host harness is compiled with nvcc")
-    d = tmp_path_factory.mktemp("binary_dequant_host")
-    (d / "harness.cu").write_text(HARNESS)
-    cmd = [nvcc, "-std=c++17", "-O1", "-arch=sm_80", f"-I{CSRC}", *TORCH_DEFINES,
-           str(d / "harness.cu"), "-o", str(d / "harness")]
-    proc = subprocess.run(cmd + SANITIZE, check=False, capture_output=True, text=True)
-    if proc.returncode != 0:  # a host compiler without the sanitizer runtimes
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return d / "harness"
-
-
-def _raw(t: torch.Tensor) -> bytes:
-    t = t.contiguous().cpu()
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.view(torch.int16)
-    return t.numpy().tobytes()
+    return compile_harness(HARNESS, tmp_path_factory.mktemp("binary_dequant_host"))
 
 
 def run_harness(harness, cases):
     """cases: (BinaryWeight, out dtype) -> [int16 [N, K]]."""
-    inp, outp = harness.parent / "in.bin", harness.parent / "out.bin"
-    with open(inp, "wb") as f:
-        for qw, out_dtype in cases:
-            header = [qw.out_features, qw.in_features, qw.block_size, DTYPE_CODE[qw.stats.dtype],
-                      DTYPE_CODE[out_dtype]]
-            f.write(np.asarray(header, dtype="<i8").tobytes())
-            for t in (qw.sign, qw.aux, qw.salient, qw.stats):
-                f.write(_raw(t))
-    proc = subprocess.run([str(harness), str(inp), str(outp)], check=False, capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    data, pos, results = outp.read_bytes(), 0, []
+    payload = []
+    for qw, out_dtype in cases:
+        header = [qw.out_features, qw.in_features, qw.block_size, DTYPE_CODE[qw.stats.dtype],
+                  DTYPE_CODE[out_dtype]]
+        payload.append(np.asarray(header, dtype="<i8").tobytes())
+        payload += [raw_bytes(t) for t in (qw.sign, qw.aux, qw.salient, qw.stats)]
+    data, pos, results = run(harness, b"".join(payload)), 0, []
     for qw, _ in cases:
         count = qw.out_features * qw.in_features
         out = np.frombuffer(data, "<i2", count, pos).reshape(qw.out_features, qw.in_features)

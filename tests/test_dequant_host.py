@@ -6,19 +6,12 @@ thread function for every thread index the launch would start (the fast
 path) or every (row, chunk) (the general kernel). Its output must equal the
 bit-level reference of the format bit for bit. Needs nvcc, not a GPU.
 """
-import shutil
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from host_harness import compile_harness, raw_bytes, run
 from test_ext import make_case, ref_dequant
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
-# the half/bf16 macros torch.utils.cpp_extension passes to nvcc
-TORCH_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                 "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # vlmkern_dtype
 
 HARNESS = r"""
@@ -117,53 +110,21 @@ int main(int argc, char** argv) {
 """
 
 
-# AddressSanitizer and UBSan on the host code: every input array is allocated
-# at its exact size, so a read or write outside it aborts the harness.
-SANITIZE = ["-Xcompiler", "-fsanitize=address", "-Xcompiler", "-fsanitize=undefined",
-            "-Xcompiler", "-fno-sanitize-recover=all", "-lasan", "-lubsan"]
-
-
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc is not on PATH: the host harness is compiled with nvcc")
-    d = tmp_path_factory.mktemp("dequant_host")
-    (d / "harness.cu").write_text(HARNESS)
-    # one device architecture only: the device code is compiled but never run
-    cmd = [nvcc, "-std=c++17", "-O1", "-arch=sm_80", f"-I{CSRC}", *TORCH_DEFINES,
-           str(d / "harness.cu"), "-o", str(d / "harness")]
-    proc = subprocess.run(cmd + SANITIZE, check=False, capture_output=True, text=True)
-    if proc.returncode != 0:  # a host compiler without the sanitizer runtimes
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return d / "harness"
-
-
-def _raw(t: torch.Tensor) -> bytes:
-    t = t.contiguous()
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.view(torch.int16)
-    return t.numpy().tobytes()
+    return compile_harness(HARNESS, tmp_path_factory.mktemp("dequant_host"))
 
 
 def run_harness(harness, cases):
     """cases: (qweight, qzeros|None, scales, bits, group_size, K, out_dtype, fast)
     -> [(fast path taken, int16 [N, K])]."""
-    inp, outp = harness.parent / "in.bin", harness.parent / "out.bin"
-    with open(inp, "wb") as f:
-        for qweight, qzeros, scales, bits, g, k, out_dtype, fast in cases:
-            header = [qweight.shape[0], k, bits, g, qzeros is not None, DTYPE_CODE[scales.dtype],
-                      DTYPE_CODE[out_dtype], fast]
-            f.write(np.asarray(header, dtype="<i8").tobytes())
-            f.write(_raw(qweight))
-            if qzeros is not None:
-                f.write(_raw(qzeros))
-            f.write(_raw(scales))
-    proc = subprocess.run([str(harness), str(inp), str(outp)], check=False, capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    data, pos, results = outp.read_bytes(), 0, []
+    payload = []
+    for qweight, qzeros, scales, bits, g, k, out_dtype, fast in cases:
+        header = [qweight.shape[0], k, bits, g, qzeros is not None, DTYPE_CODE[scales.dtype],
+                  DTYPE_CODE[out_dtype], fast]
+        payload.append(np.asarray(header, dtype="<i8").tobytes())
+        payload += [raw_bytes(t) for t in (qweight, qzeros, scales) if t is not None]
+    data, pos, results = run(harness, b"".join(payload)), 0, []
     for qweight, _, _, _, _, k, _, _ in cases:
         path = int(np.frombuffer(data, "<i8", 1, pos)[0])
         count = qweight.shape[0] * k
