@@ -57,7 +57,7 @@ def sweep(shape, k, n, fmt, ms, per_sm, decodes, sms) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="qwen2vl-7b qkv,qwen2vl-7b gate/up,qwen2vl-7b down")
-    ap.add_argument("--formats", default="W4 g128,W2 g128")
+    ap.add_argument("--formats", default="W4 g128,W3 g128,W2 g128")
     ap.add_argument("--ms", default="1,16,64")
     ap.add_argument("--per-sm", default="0.5,1,1.5,2", help="thread blocks per SM to try")
     ap.add_argument("--decodes", default="exact,post_scale")
