@@ -176,7 +176,7 @@ def test_gpu_selected_when_enabled_and_traceable(monkeypatch):
         q, sx = torch.ops.vlmkern.int_act_quantize(v, 8, None, lay.group, lay.group_pad, lay.k_pad,
                                                    cia.MODE_I8)
         return torch.ops.vlmkern.int_act_staged_mma(q, sx, sw.wq, sw.sz, None, count, 512,
-                                                    sw.slot_log2, 17, v.dtype)
+                                                    sw.slot_log2, 11, v.dtype)
 
     assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))
 
