@@ -49,12 +49,12 @@ enum vlmkern_wo_status {
 //          torch reference dequantizes to.
 //   POST_SCALE: A = q - z (exact), products summed in fp32 per scale slot and
 //          multiplied by the scale there: fewer instructions per weight and
-//          no 16-bit rounding of the weight; M <= 16, or M <= 32 with
+//          no 16-bit rounding of the weight; M <= 16, or M <= 64 with
 //          slots of 128 columns (slot_log2 = 3), where its per-slot sums
 //          still fit the register budget.
 enum vlmkern_wo_decode { VLMKERN_WO_DECODE_EXACT = 0, VLMKERN_WO_DECODE_POST_SCALE = 1 };
 #define VLMKERN_WO_POST_SCALE_MAX_M 16
-#define VLMKERN_WO_POST_SCALE_WIDE_MAX_M 32  // with slot_log2 = 3
+#define VLMKERN_WO_POST_SCALE_WIDE_MAX_M 64  // with slot_log2 = 3
 // Largest M the post-scale decode takes for a slot width.
 #define VLMKERN_WO_POST_SCALE_LIMIT(slot_log2) \
   ((slot_log2) == 3 ? VLMKERN_WO_POST_SCALE_WIDE_MAX_M : VLMKERN_WO_POST_SCALE_MAX_M)

@@ -783,8 +783,9 @@ int launch(const Params& p, int64_t num_ctas, cudaStream_t stream) {
 // The explicit list of instantiations. Exact decode: bits {2, 3, 4} x token
 // tiles {8, 16, 32, 64} x {fp16, bf16}. Post-scale decode (small M, where
 // decoding dominates): bits {2, 3, 4} x {fp16, bf16} x token tiles {8, 16} x
-// slot widths {16, 32, 64, 128}, and token tile 32 with 128-column slots
-// only (narrower slots keep more fp32 sums live and spill at two blocks per SM).
+// slot widths {16, 32, 64, 128}, and token tiles 32 and 64 with 128-column
+// slots only (narrower slots keep more fp32 sums live and spill at two blocks
+// per SM; at 64 tokens the 128-column kernels use all 128 registers, no spills).
 template <class T>
 int dispatch_tokens(const Params& p, int bits, int decode, int64_t num_ctas, cudaStream_t s) {
   const int m_tiles = p.M <= 8 ? 1 : p.M <= 16 ? 2 : p.M <= 32 ? 4 : 8;
@@ -801,9 +802,9 @@ int dispatch_tokens(const Params& p, int bits, int decode, int64_t num_ctas, cud
   if (bits == B && m_tiles == MT && p.slot_log2 == S) return launch<B, MT, T, S>(p, num_ctas, s);
 #define VLMKERN_WO_SLOTS(B, MT) \
   VLMKERN_WO_CASE(B, MT, 0) VLMKERN_WO_CASE(B, MT, 1) VLMKERN_WO_CASE(B, MT, 2) VLMKERN_WO_CASE(B, MT, 3)
-  VLMKERN_WO_SLOTS(4, 1) VLMKERN_WO_SLOTS(4, 2) VLMKERN_WO_CASE(4, 4, 3)
-  VLMKERN_WO_SLOTS(3, 1) VLMKERN_WO_SLOTS(3, 2) VLMKERN_WO_CASE(3, 4, 3)
-  VLMKERN_WO_SLOTS(2, 1) VLMKERN_WO_SLOTS(2, 2) VLMKERN_WO_CASE(2, 4, 3)
+  VLMKERN_WO_SLOTS(4, 1) VLMKERN_WO_SLOTS(4, 2) VLMKERN_WO_CASE(4, 4, 3) VLMKERN_WO_CASE(4, 8, 3)
+  VLMKERN_WO_SLOTS(3, 1) VLMKERN_WO_SLOTS(3, 2) VLMKERN_WO_CASE(3, 4, 3) VLMKERN_WO_CASE(3, 8, 3)
+  VLMKERN_WO_SLOTS(2, 1) VLMKERN_WO_SLOTS(2, 2) VLMKERN_WO_CASE(2, 4, 3) VLMKERN_WO_CASE(2, 8, 3)
 #undef VLMKERN_WO_SLOTS
 #undef VLMKERN_WO_CASE
   return VLMKERN_WO_ERR_BAD_BITS;
@@ -873,7 +874,7 @@ extern "C" const char* vlmkern_wo_status_message(int status) {
       return "x, wq and sz must be 16-byte aligned and K_x a multiple of 8";
     case VLMKERN_WO_ERR_BAD_DECODE:
       return "decode must be 0 (exact) or 1 (post-scale), and the post-scale decode takes M <= 16 "
-             "(M <= 32 with scale slots of 128 columns)";
+             "(M <= 64 with scale slots of 128 columns)";
     case VLMKERN_WO_ERR_NO_SM90A:
       return "the WGMMA kernel needs an sm_90 GPU and a build with sm_90a code "
              "(TORCH_CUDA_ARCH_LIST containing 9.0a): this device or build has none, or the "

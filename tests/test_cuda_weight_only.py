@@ -222,6 +222,13 @@ def test_registered_first_and_bounded_in_m(monkeypatch):
         why = post.check(torch.zeros(m, 256, dtype=torch.float16),
                          make_weight(64, 256, bits, group, False))
         assert (why is None) == ok, (bits, group, m, why)
+    # 33..64 tokens: the opt-in 64-token tiles, 128-column scale slots only
+    wide = CUDA.kernels[names.index("cuda.weight_only_post_scale_m64")]
+    assert names.index("cuda.weight_only_post_scale_m64") + 1 == names.index("cuda.weight_only_post_scale")
+    assert wide.opt_in and (wide.min_m, wide.max_m) == (33, 64) and wide.laid_out
+    for bits, group, ok in ((4, 128, True), (3, None, True), (2, 256, True), (4, 64, False)):
+        why = wide.check(torch.zeros(40, 256, dtype=torch.float16), make_weight(64, 256, bits, group, False))
+        assert (why is None) == ok, (bits, group, why)
     cw.register(CUDA)                       # idempotent
     assert [k.name for k in CUDA.kernels] == names
     monkeypatch.delenv("VLMKERN_ENABLE", raising=False)

@@ -63,7 +63,11 @@ BLOCK_ROWS = 128          # output rows per unit: 8 warps x 16
 CHUNK = 128               # input columns per unit
 MAX_M = 64
 POST_SCALE_MAX_M = 16      # VLMKERN_WO_POST_SCALE_MAX_M in csrc/weight_only.h
-POST_SCALE_WIDE_MAX_M = 32  # with slot_log2 = 3 (VLMKERN_WO_POST_SCALE_WIDE_MAX_M)
+# With slot_log2 = 3 the kernel takes 64 tokens (VLMKERN_WO_POST_SCALE_WIDE_MAX_M);
+# the default kernel runs up to 32, the range its GPU tests covered, and the
+# opt-in cuda.weight_only_post_scale_m64 the rest.
+POST_SCALE_WIDE_MAX_M = 32
+POST_SCALE_M64_MAX_M = 64
 DECODES = {"exact": 0, "post_scale": 1}    # vlmkern_wo_decode in csrc/weight_only.h
 SUPPORTED_BITS = (2, 3, 4)
 ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -467,18 +471,52 @@ def weight_only_mma(x: torch.Tensor, qweight: QuantizedWeight,
     max_m = post_scale_max_m(qweight) if decode == "post_scale" else MAX_M
     if m > max_m:
         raise ValueError(f"cuda.weight_only_mma with decode={decode!r} takes M <= {max_m}, got {m}")
+    return _launch(x, qweight, bias, DECODES[decode])
+
+
+def _launch(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None,
+            decode: int) -> torch.Tensor:
     mw = kernel_weight(qweight, x.dtype)
     x, bias = kernel_inputs(x, qweight, bias)
     ctas = num_ctas_for(mw.blocks * mw.chunks, multiprocessors(x.device))
     return torch.ops.vlmkern.weight_only_mma(x, mw.wq, mw.sz, bias, _counters(x.device, mw.blocks),
-                                             mw.bits, mw.out_features, mw.slot_log2, ctas,
-                                             DECODES[decode])
+                                             mw.bits, mw.out_features, mw.slot_log2, ctas, decode)
 
 
 def weight_only_post_scale(x: torch.Tensor, qweight: QuantizedWeight,
                            bias: torch.Tensor | None = None) -> torch.Tensor:
     """``weight_only_mma`` with the post-scale decode (M <= post_scale_max_m)."""
     return weight_only_mma(x, qweight, bias, decode="post_scale")
+
+
+def weight_only_post_scale_m64(x: torch.Tensor, qweight: QuantizedWeight,
+                               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The post-scale decode at up to 64 tokens (``cuda.weight_only_post_scale_m64``,
+    opt-in): weights whose scale slots are whole 128-column chunks only."""
+    require_op("cuda.weight_only_post_scale_m64", "weight_only_mma", "csrc/weight_only_kernel.cu")
+    check_activations("cuda.weight_only_post_scale_m64", x, qweight, ACT_DTYPES, same_device=False)
+    why = _m64_reason(qweight)
+    if why:
+        raise ValueError(f"cuda.weight_only_post_scale_m64: {why}")
+    m = x.shape[0]
+    if m == 0:
+        return x.new_empty(0, qweight.out_features)
+    if m > POST_SCALE_M64_MAX_M:
+        raise ValueError(f"cuda.weight_only_post_scale_m64 takes M <= {POST_SCALE_M64_MAX_M}, got {m}")
+    return _launch(x, qweight, bias, DECODES["post_scale"])
+
+
+def _m64_reason(qweight) -> str | None:
+    why = unsupported_reason(qweight)
+    if why is None and slot_log2_for(qweight.group_size, qweight.in_features) != 3:
+        why = (f"needs scale slots of 128 columns (group size a multiple of 128 or one group "
+               f"per row), got group size {qweight.group_size}")
+    return why
+
+
+def _check_m64(x: torch.Tensor, qweight) -> str | None:
+    why = _m64_reason(qweight)
+    return None if why is None else f"cuda.weight_only_post_scale_m64: {why}"
 
 
 def post_scale_max_m(qweight) -> int:
@@ -517,12 +555,17 @@ def register(backend) -> None:
     """Add the kernels to the CUDA backend, ahead of dequantize + cuBLAS, which
     keeps every M above 64 and everything they decline. The post-scale decode
     comes first: it passed its GPU tests and ran faster on an H100 (see
-    ``_check_post_scale`` for the one case it leaves to the exact decode)."""
+    ``_check_post_scale`` for the one case it leaves to the exact decode). Its
+    64-token tiles (M = 33..64, 128-column scale slots) are opt-in until their
+    GPU tests pass."""
     from .backends import KernelSpec
 
     common = dict(bits=frozenset(SUPPORTED_BITS), dtypes=frozenset(ACT_DTYPES),
                   devices=frozenset({"cuda"}), min_m=1, min_sm=(8, 0), laid_out=True)
-    specs = [KernelSpec("cuda.weight_only_post_scale", "weight_only", weight_only_post_scale,
+    specs = [KernelSpec("cuda.weight_only_post_scale_m64", "weight_only",
+                        weight_only_post_scale_m64, opt_in=True, check=_check_m64,
+                        **dict(common, min_m=POST_SCALE_WIDE_MAX_M + 1, max_m=POST_SCALE_M64_MAX_M)),
+             KernelSpec("cuda.weight_only_post_scale", "weight_only", weight_only_post_scale,
                         max_m=POST_SCALE_WIDE_MAX_M, check=_check_post_scale,
                         **common),
              KernelSpec("cuda.weight_only_mma", "weight_only", weight_only_mma, max_m=MAX_M,
