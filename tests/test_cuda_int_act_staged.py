@@ -23,6 +23,11 @@ SHAPES = [(1, 64), (100, 200), (129, 520), (300, 1000), (64, 256)]
 GROUPS = [None, 32, 64, 128, 256]
 
 
+def cases(shapes):
+    """(n, k, group) with every group no wider than its row (a wider one is one group per row)."""
+    return [(n, k, g) for n, k in shapes for g in GROUPS if g is None or g <= k]
+
+
 def read_back(sw: staged.StagedWeight):
     """(int8 codes [NB*128, C*256], fp32 scale of every code [NB*128, C*256])
     from the layout, by the kernel's addressing: lane 4g + t, register
@@ -52,11 +57,8 @@ def read_back(sw: staged.StagedWeight):
     return codes, scales
 
 
-@pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("n,k,group", cases(SHAPES))
 def test_layout_reads_back_as_the_padded_weight(n, k, group):
-    if group is not None and group > k:
-        pytest.skip("a group wider than the row is one group per row")
     qw = make_intact(n, k, 8, 8, group, seed=n + k)
     sw = staged.to_staged_layout(qw)
     kw = cia.to_kernel_weight(qw, cia.MODE_I8)
@@ -114,12 +116,9 @@ M_SIZES = [1, 3, 8, 9, 16, 17, 32]
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,k", SHAPES + [(4608, 3584)])
-@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("n,k,group", cases(SHAPES + [(4608, 3584)]))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_matches_reference(n, k, group, dtype):
-    if group is not None and group > k:
-        pytest.skip("a group wider than the row is one group per row")
     bias = torch.randn(n, generator=gen(4)).to("cuda", dtype)
     for wa in ((8, 8), (6, 6), (8, 4)):
         qw = make_intact(n, k, *wa, group, seed=n + wa[1], device="cuda")
