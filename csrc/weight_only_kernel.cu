@@ -107,6 +107,17 @@ struct StageLayout {
   }
 };
 
+// Bytes of one pipeline stage, for the kernel's offsets and the launch's
+// shared-memory size alike: the post-scale decode's slots are a compile-time
+// count, the table decode adds its chunk's merge selectors after the activations.
+template <int BITS, int M_TILES, int POST_SLOT_LOG2>
+__host__ __device__ constexpr int stage_bytes_of(int slots) {
+  using L = StageLayout<BITS, M_TILES>;
+  return POST_SLOT_LOG2 >= 0             ? L::bytes(8 >> POST_SLOT_LOG2)
+         : POST_SLOT_LOG2 == kTableDecode ? L::bytes(kTableSlots) + kMergeBytes
+                                          : L::bytes(slots);
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -652,9 +663,7 @@ __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) 
   static_assert(!kTable || BITS == 2, "the table decode reads codes laid out as 2-bit ones");
   static_assert(!kInt8 || BITS == 16, "the integer decode reads 16 bits of layout per weight");
   constexpr int kPostSlots = kPost ? 8 >> POST_SLOT_LOG2 : 1;
-  const int stage_bytes = kPost    ? L::bytes(kPostSlots)
-                          : kTable ? L::bytes(kTableSlots) + kMergeBytes
-                                   : L::bytes(p.slots);
+  const int stage_bytes = stage_bytes_of<BITS, M_TILES, POST_SLOT_LOG2>(p.slots);
   const uint32_t smem_base = kPost || kTable
                                  ? opaque(static_cast<uint32_t>(__cvta_generic_to_shared(smem)))
                                  : static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -762,9 +771,7 @@ template <int BITS, int M_TILES, class T, int POST_SLOT_LOG2>
 int launch(const Params& p, int64_t num_ctas, cudaStream_t stream) {
   constexpr int STAGES = POST_SLOT_LOG2 == kInt8Decode ? kInt8Stages : stages_for<M_TILES>();
   auto kernel = weight_only_mma_kernel<BITS, M_TILES, T, STAGES, POST_SLOT_LOG2>;
-  const int smem = STAGES * (POST_SLOT_LOG2 == kTableDecode
-                                ? StageLayout<BITS, M_TILES>::bytes(kTableSlots) + kMergeBytes
-                                : StageLayout<BITS, M_TILES>::bytes(p.slots));
+  const int smem = STAGES * stage_bytes_of<BITS, M_TILES, POST_SLOT_LOG2>(p.slots);
   int device = 0, limit = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess)
@@ -808,6 +815,15 @@ int dispatch_tokens(const Params& p, int bits, int decode, int64_t num_ctas, cud
 #undef VLMKERN_WO_SLOTS
 #undef VLMKERN_WO_CASE
   return VLMKERN_WO_ERR_BAD_BITS;
+}
+
+// The stream-K arguments every entry point checks alike.
+int check_split(int64_t M, int64_t max_m, int64_t NB, int64_t C, int64_t num_ctas,
+                const float* workspace, const int32_t* counters) {
+  if (M > max_m || num_ctas < 1 || num_ctas > NB * C || num_ctas > 0x7fffffff)
+    return VLMKERN_WO_ERR_BAD_SIZE;
+  if (!counters || !workspace) return VLMKERN_WO_ERR_NULL_POINTER;
+  return VLMKERN_WO_OK;
 }
 
 // The launch parameters every entry point sets alike (x in 16-bit columns;
@@ -904,9 +920,8 @@ extern "C" int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, co
   const int status = check_launch_args(x, M, K_x, wq, sz, NB, C, slot_log2, bits, bias, bias_dtype,
                                        out, N, act_dtype);
   if (status != VLMKERN_WO_OK) return status;
-  if (M > VLMKERN_WO_MAX_M || num_ctas < 1 || num_ctas > NB * C || num_ctas > 0x7fffffff)
-    return VLMKERN_WO_ERR_BAD_SIZE;
-  if (!counters || !workspace) return VLMKERN_WO_ERR_NULL_POINTER;
+  const int split = check_split(M, VLMKERN_WO_MAX_M, NB, C, num_ctas, workspace, counters);
+  if (split != VLMKERN_WO_OK) return split;
 
   const Params p = make_params(x, M, K_x, wq, sz, NB, C, slot_log2, bias, bias_dtype, out, N,
                                workspace, counters);
@@ -927,9 +942,9 @@ extern "C" int vlmkern_int_act_staged_mma(const int8_t* q, int64_t M, int64_t K_
   const int status = check_launch_args(q, M, K_q / 2, wq, sz, NB, C, slot_log2, /*bits=*/2, bias,
                                        bias_dtype, out, N, out_dtype);
   if (status != VLMKERN_WO_OK) return status;
-  if (M > VLMKERN_WO_INT8_MAX_M || num_ctas < 1 || num_ctas > NB * C || num_ctas > 0x7fffffff)
-    return VLMKERN_WO_ERR_BAD_SIZE;
-  if (!counters || !workspace || !sx) return VLMKERN_WO_ERR_NULL_POINTER;
+  const int split = check_split(M, VLMKERN_WO_INT8_MAX_M, NB, C, num_ctas, workspace, counters);
+  if (split != VLMKERN_WO_OK) return split;
+  if (!sx) return VLMKERN_WO_ERR_NULL_POINTER;
 
   Params p = make_params(q, M, K_q / 2, wq, sz, NB, C, slot_log2, bias, bias_dtype, out, N,
                          workspace, counters);
@@ -949,9 +964,9 @@ extern "C" int vlmkern_binary_lut_staged_mma(const void* x, int64_t M, int64_t K
   const int status = check_launch_args(x, M, K_x, codes, tables, NB, C, /*slot_log2=*/1,
                                        /*bits=*/2, bias, bias_dtype, out, N, act_dtype);
   if (status != VLMKERN_WO_OK) return status;
-  if (M > VLMKERN_WO_MAX_M || num_ctas < 1 || num_ctas > NB * C || num_ctas > 0x7fffffff)
-    return VLMKERN_WO_ERR_BAD_SIZE;
-  if (!counters || !workspace || !merge) return VLMKERN_WO_ERR_NULL_POINTER;
+  const int split = check_split(M, VLMKERN_WO_MAX_M, NB, C, num_ctas, workspace, counters);
+  if (split != VLMKERN_WO_OK) return split;
+  if (!merge) return VLMKERN_WO_ERR_NULL_POINTER;
   if (reinterpret_cast<uintptr_t>(merge) % 16 != 0) return VLMKERN_WO_ERR_ALIGNMENT;
 
   // tables fill kTableSlots = 4 scale slots a tile: slot_log2 = 1

@@ -229,23 +229,32 @@ def choose_ksplit(row_blocks: int, chunks: int, multiprocessors: int) -> int:
     return best
 
 
+def _inputs(kernel: str, op: str, source: str, x: torch.Tensor, qweight: BinaryWeight,
+            bias: torch.Tensor | None):
+    """The checks both table kernels make; (layout, x, bias) as they take them,
+    or None for an empty batch."""
+    require_op(kernel, op, source)
+    check_activations(kernel, x, qweight, ACT_DTYPES)
+    why = unsupported_reason(qweight)
+    if why:
+        raise ValueError(f"{kernel}: {why}")
+    if x.shape[0] > MAX_M:
+        raise ValueError(f"{kernel} takes M <= {MAX_M}, got {x.shape[0]}")
+    if x.shape[0] == 0:
+        return None
+    return (kernel_weight(qweight, x.dtype), *aligned_inputs(x, bias))
+
+
 def binary_lut(x: torch.Tensor, qweight: BinaryWeight,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for a BinaryWeight of block size 128 on the table
     kernel. x [M, K] float16/bfloat16 on a CUDA device, 1 <= M <= 64; bias [N]
     or None -> [M, N] in x's dtype."""
-    require_op("cuda.binary_lut", "binary_lut_mma", "csrc/binary_lut_kernel.cu")
-    check_activations("cuda.binary_lut", x, qweight, ACT_DTYPES)
-    why = unsupported_reason(qweight)
-    if why:
-        raise ValueError(f"cuda.binary_lut: {why}")
-    m = x.shape[0]
-    if m == 0:
+    ready = _inputs("cuda.binary_lut", "binary_lut_mma", "csrc/binary_lut_kernel.cu", x, qweight,
+                    bias)
+    if ready is None:
         return x.new_empty(0, qweight.out_features)
-    if m > MAX_M:
-        raise ValueError(f"cuda.binary_lut takes M <= {MAX_M}, got {m}")
-    lw = kernel_weight(qweight, x.dtype)
-    x, bias = aligned_inputs(x, bias)
+    lw, x, bias = ready
     ksplit = choose_ksplit(lw.codes.shape[0], lw.codes.shape[1], multiprocessors(x.device))
     return torch.ops.vlmkern.binary_lut_mma(x, lw.codes, lw.tables, lw.merge, bias,
                                             lw.out_features, ksplit)
@@ -256,18 +265,11 @@ def binary_lut_staged(x: torch.Tensor, qweight: BinaryWeight,
     """The same product on the staged pipeline (``cuda.binary_lut_staged``):
     same arguments and layout; a token's result depends on the weight's shape
     and the device only (the stream-K split), never on M."""
-    require_op("cuda.binary_lut_staged", "binary_lut_staged_mma", "csrc/weight_only_kernel.cu")
-    check_activations("cuda.binary_lut_staged", x, qweight, ACT_DTYPES)
-    why = unsupported_reason(qweight)
-    if why:
-        raise ValueError(f"cuda.binary_lut_staged: {why}")
-    m = x.shape[0]
-    if m == 0:
+    ready = _inputs("cuda.binary_lut_staged", "binary_lut_staged_mma", "csrc/weight_only_kernel.cu",
+                    x, qweight, bias)
+    if ready is None:
         return x.new_empty(0, qweight.out_features)
-    if m > MAX_M:
-        raise ValueError(f"cuda.binary_lut_staged takes M <= {MAX_M}, got {m}")
-    lw = kernel_weight(qweight, x.dtype)
-    x, bias = aligned_inputs(x, bias)
+    lw, x, bias = ready
     blocks, chunks = lw.codes.shape[0], lw.codes.shape[1]
     ctas = num_ctas_for(blocks * chunks, multiprocessors(x.device))
     return torch.ops.vlmkern.binary_lut_staged_mma(x, lw.codes, lw.tables, lw.merge, bias,
@@ -275,14 +277,11 @@ def binary_lut_staged(x: torch.Tensor, qweight: BinaryWeight,
                                                    ctas)
 
 
-def _check(x: torch.Tensor, qweight) -> str | None:
-    why = unsupported_reason(qweight)
-    return None if why is None else f"cuda.binary_lut: {why}"
-
-
-def _check_staged(x: torch.Tensor, qweight) -> str | None:
-    why = unsupported_reason(qweight)
-    return None if why is None else f"cuda.binary_lut_staged: {why}"
+def _checker(kernel: str):
+    def check(x: torch.Tensor, qweight) -> str | None:
+        why = unsupported_reason(qweight)
+        return None if why is None else f"{kernel}: {why}"
+    return check
 
 
 def register(backend) -> None:
@@ -299,8 +298,9 @@ def register(backend) -> None:
     common = dict(bits=frozenset({1}), dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}),
                   min_m=1, max_m=MAX_M, min_sm=(8, 0))
     specs = [KernelSpec("cuda.binary_lut_staged", "binary", binary_lut_staged, opt_in=True,
-                        check=_check_staged, **common),
-             KernelSpec("cuda.binary_lut", "binary", binary_lut, check=_check, **common)]
+                        check=_checker("cuda.binary_lut_staged"), **common),
+             KernelSpec("cuda.binary_lut", "binary", binary_lut, check=_checker("cuda.binary_lut"),
+                        **common)]
     for spec in specs:
         backend.register(spec)
     # ahead of the plane GEMMs, in this order

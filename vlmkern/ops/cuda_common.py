@@ -51,6 +51,18 @@ def multiprocessors(device: torch.device) -> int:
     return _MULTIPROCESSORS[idx]
 
 
+_SMEM_OPTIN: dict[int, int] = {}
+
+
+def smem_per_block(device: torch.device) -> int:
+    """Shared memory a thread block may opt in to on a CUDA device, in bytes
+    (asked once per device)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMEM_OPTIN:
+        _SMEM_OPTIN[idx] = torch.cuda.get_device_properties(idx).shared_memory_per_block_optin
+    return _SMEM_OPTIN[idx]
+
+
 def require_op(kernel: str, op: str, source: str) -> None:
     """Raise RuntimeError unless vlmkern._C is loaded and registers
     ``torch.ops.vlmkern.<op>`` (built from ``source``)."""

@@ -29,7 +29,7 @@ import torch
 
 from ..formats.intact import IntActWeight
 from . import cuda_int_act as cia
-from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op
+from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op, smem_per_block
 from .cuda_weight_only import _counters, num_ctas_for
 
 MAX_M = 32
@@ -126,7 +126,7 @@ def int_act_staged(x: torch.Tensor, qweight: IntActWeight,
 
 
 def smem_reason(device: torch.device) -> str | None:
-    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    limit = smem_per_block(device)
     if limit < SMEM_BYTES:
         return f"needs {SMEM_BYTES} bytes of shared memory per thread block, the GPU gives {limit}"
     return None
