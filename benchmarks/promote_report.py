@@ -41,6 +41,7 @@ TESTS = {
     "cuda.binary_dequant_cublas": [("test_cuda_binary_dequant.py", r"^test_(gpu|binary)")],
     "cuda.int_act_staged": [("test_cuda_int_act_staged.py", r"^test_(gpu|int_act)")],
     "cuda.weight_only_post_scale_m64": [("test_cuda_weight_only_m64.py", r"")],
+    "triton.int_act_tma": [("test_triton_kernels.py", r"int_act_tma")],
 }
 
 
@@ -83,27 +84,33 @@ def kernel_tests(kernel: str, outcomes: dict[str, str],
 # Opt-in kernels for sizes where no default CUDA kernel runs: their baseline is
 # the Triton kernel timed next to them (what ops.linear picks there today).
 TRITON_BASELINE = {"cuda.binary_dequant_cublas"}
+# Opt-in kernels measured against one named kernel: the one they would replace.
+BASELINE_KERNEL = {"triton.int_act_tma": "triton.int_act"}
 
 
 def speed_ratios(rows: list[dict], opt_in: set[str]) -> dict[str, list[tuple[str, float]]]:
     """opt-in kernel -> [(case, default time / its time)] over the timed cases
     where a default CUDA kernel was timed too (or, for TRITON_BASELINE
-    kernels where none was, a Triton one)."""
-    default, triton, timed = {}, {}, {}
+    kernels where none was, a Triton one; for BASELINE_KERNEL ones, that kernel)."""
+    default, triton, timed, by_kernel = {}, {}, {}, {}
     for r in rows:
         backend = str(r.get("backend", ""))
         if "us" not in r:
             continue
         case = f"{r['layer']} M={r['M']} {r['kernel']}"
-        if backend.startswith("triton."):
-            triton[case] = r["us"]
-        elif backend in opt_in:
+        by_kernel.setdefault(backend, {})[case] = r["us"]
+        if backend in opt_in:
             timed.setdefault(backend, []).append((case, r["us"]))
+        elif backend.startswith("triton."):
+            triton[case] = r["us"]
         elif backend.startswith("cuda."):
             default[case] = r["us"]
     out = {}
     for kernel, cases in timed.items():
-        base = {**triton, **default} if kernel in TRITON_BASELINE else default
+        if kernel in BASELINE_KERNEL:
+            base = by_kernel.get(BASELINE_KERNEL[kernel], {})
+        else:
+            base = {**triton, **default} if kernel in TRITON_BASELINE else default
         out[kernel] = [(case, base[case] / us) for case, us in cases if case in base]
     return out
 

@@ -81,7 +81,11 @@ def test_promote_report_reads_tests_and_timings(tmp_path):
             dict(layer="qkv", M=4096, kernel="binary", backend="triton.binary_dequant_matmul",
                  us=300.0),
             dict(layer="qkv", M=4096, kernel="binary", backend="cuda.binary_dequant_cublas",
-                 us=200.0)]
+                 us=200.0),
+            # against the kernel it would replace, not the CUDA route timed next to it
+            dict(layer="qkv", M=4096, kernel="W8A8", backend="cuda.int_act", us=500.0),
+            dict(layer="qkv", M=4096, kernel="W8A8", backend="triton.int_act", us=300.0),
+            dict(layer="qkv", M=4096, kernel="W8A8", backend="triton.int_act_tma", us=250.0)]
     (tmp_path / "linear_H100.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     outcomes = promote_report.test_outcomes(xml)
     table = {line.split(" | ")[0].lstrip("| "): line for line in
@@ -92,6 +96,7 @@ def test_promote_report_reads_tests_and_timings(tmp_path):
     assert table["cuda.weight_only_wgmma"].endswith("| 0 / 0 / 1 / 0 | not timed | no |")
     # where no default CUDA kernel runs (binary prefill), against the Triton one
     assert table["cuda.binary_dequant_cublas"].endswith("| 0 / 0 / 0 / 0 | qkv M=4096 binary: 1.50 | no |")
+    assert table["triton.int_act_tma"].endswith("| 0 / 0 / 0 / 0 | qkv M=4096 W8A8: 1.20 | no |")
     # a test the phase collected but never reached keeps a kernel from being ready
     (tmp_path / "collected.txt").write_text(
         "tests/test_cuda_int_act.py::test_gpu_wgmma_equals_mma_bitwise[128-wa0]\n"
@@ -128,12 +133,13 @@ def test_sweep_triton_int_act_checks_every_config():
     # Triton's interpreter must be on before it decorates the kernels: a subprocess
     script = ("import sweep_triton_int_act as s\n"
               "s.time_fn = lambda fn: (fn(), 2.0)[1]\n"
-              "for line in s.sweep('tiny', 64, 40, 'W8A8', [3], s.CONFIGS[:2] + ((16, 32, 32, 4, 2),),"
-              " device='cpu'):\n    print(line)\n")
+              "tiny = s.CONFIGS[:2] + (('ptr', 16, 32, 32, 4, 2), ('tma', 16, 32, 32, 4, 2))\n"
+              "for line in s.sweep('tiny', 64, 40, 'W8A8', [3], tiny, device='cpu'):\n"
+              "    print(line)\n")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", script], cwd=BENCH, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     cells = proc.stdout.strip().splitlines()[-1].strip("| ").split(" | ")
     # 2 * M * N * K / 2 us = 0.0 TOP/s at this size; each config gave the default's bits
-    assert cells[:3] == ["tiny", "W8A8", "3"] and cells[3:] == ["2.0 (0 TOP/s)"] * 3, cells
+    assert cells[:3] == ["tiny", "W8A8", "3"] and cells[3:] == ["2.0 (0 TOP/s)"] * 4, cells

@@ -274,7 +274,13 @@ def test_hopper_prefill_left_to_triton(monkeypatch):
     monkeypatch.delenv("VLMKERN_BACKEND")
     monkeypatch.setenv("VLMKERN_DISABLE", "triton.int_act")
     assert plain.check(x, w8) is None
+    # the opt-in persistent TMA kernel counts too, also with the pointer kernel off
+    monkeypatch.setenv("VLMKERN_ENABLE", "triton.int_act_tma")
+    assert "runs on triton.int_act_tma" in plain.check(x, w8)
+    assert plain.check(x[:big - 1], w8) is None
     monkeypatch.delenv("VLMKERN_DISABLE")
+    assert "runs on triton.int_act_tma" in plain.check(x, w8)
+    monkeypatch.delenv("VLMKERN_ENABLE")
     monkeypatch.setattr(triton, "_status", (False, "triton is not installed"))
     assert plain.check(x, w8) is None
 

@@ -32,6 +32,7 @@ try:
     from vlmkern.ops.backends import BACKENDS  # noqa: E402
     from vlmkern.triton_kernels.binary import binary_matmul  # noqa: E402
     from vlmkern.triton_kernels.int_act import int_act_matmul, quantize_activations  # noqa: E402
+    from vlmkern.triton_kernels.int_act_tma import int_act_tma_matmul  # noqa: E402
     from vlmkern.triton_kernels.weight_only import weight_only_matmul  # noqa: E402
 finally:
     if _INTERPRET:
@@ -274,12 +275,14 @@ def test_registration_is_idempotent_and_declares_capabilities():
     register_kernels(b)
     register_kernels(b)
     specs = {s.name: s for s in b.kernels}
-    assert len(specs) == len(b.kernels) == 8
+    assert len(specs) == len(b.kernels) == 9
     assert specs["triton.weight_only_gemv"].max_m == 1
     assert specs["triton.weight_only_splitk"].max_m == 16
     assert specs["triton.weight_only_gemm"].min_m == 17
     assert specs["triton.weight_only_gemm"].max_m + 1 == specs["triton.dequant_matmul"].min_m
     assert specs["triton.int_act"].bits == frozenset({4, 6, 8})
+    tma = specs["triton.int_act_tma"]
+    assert tma.opt_in and tma.bits == frozenset({6, 8}) and tma.min_sm == (9, 0)
     assert {s.op for s in b.kernels} == {"weight_only", "int_act", "binary"}
 
 
@@ -291,8 +294,8 @@ for name in ("is_available", "device_count", "get_device_capability", "get_devic
              "init", "current_device"):
     setattr(torch.cuda, name, touched)
 import vlmkern.triton_kernels as tk
-from vlmkern.triton_kernels import binary, int_act, weight_only  # noqa: F401
-assert len(tk.kernel_specs()) == 8
+from vlmkern.triton_kernels import binary, int_act, int_act_tma, weight_only  # noqa: F401
+assert len(tk.kernel_specs()) == 9
 print("ok")
 """
 
@@ -310,7 +313,7 @@ def test_import_queries_no_gpu():
 def test_config_table_and_fallback():
     from vlmkern.triton_kernels import _common as cm
     keys = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"}
-    for fam in ("weight_only", "int_act", "int_act_grouped", "binary", "unknown"):
+    for fam in ("weight_only", "int_act", "int_act_grouped", "int_act_tma", "binary", "unknown"):
         for m in (1, 16, 17, 128, 129, 4096):
             cfg = cm.get_config(fam, m)
             assert keys <= set(cfg) and cfg["BLOCK_K"] % 32 == 0
@@ -393,6 +396,57 @@ def test_int_act_batch_invariant():
     x = act(65, K, torch.float16)
     assert torch.equal(int_act_matmul(x[:1], qw)[0], int_act_matmul(x[:16], qw)[0])
     assert torch.equal(int_act_matmul(x[:17], qw)[0], int_act_matmul(x, qw)[0])
+
+
+# -- integer activations: the persistent TMA kernel ---------------------------------------
+K_TMA = 208   # a multiple of 16 (TMA row alignment), ragged for 32- and 128-column K tiles
+# small tiles: several tiles per program in the interpreter's 4-program grid
+SMALL_TILES = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32)
+
+
+@pytest.mark.parametrize("wa", [(8, 8), (6, 6)])
+@pytest.mark.parametrize("dtype", ALL)
+def test_int_act_tma_gives_the_pointer_kernels_bits(wa, dtype):
+    """Exact integer sums and the same epilogue order: the bits of
+    triton.int_act, and within its tolerance of the reference."""
+    qw = make_intact(N, K_TMA, *wa, None, seed=wa[0])
+    b = bias_for(N)
+    for m, cfg in ((1, None), (37, SMALL_TILES), (130, None), (130, SMALL_TILES)):
+        x = act(m, K_TMA, dtype, seed=m)
+        for bias in (None, b):
+            y = int_act_tma_matmul(x, qw, bias, config=cfg)
+            assert torch.equal(y, int_act_matmul(x, qw, bias)), (m, cfg)
+        _int_act_check(y, x, qw, b)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_int_act_tma_static_scale_nan_token_and_empty():
+    qw = make_intact(N, K_TMA, 8, 8, None, act_scale=0.02, seed=15)
+    x = act(40, K_TMA, torch.float16)
+    x[5, 3] = float("nan")
+    y = int_act_tma_matmul(x, qw, config=SMALL_TILES)
+    assert not bool(torch.isfinite(y[5]).any())
+    keep = [i for i in range(40) if i != 5]
+    assert torch.equal(y[keep], int_act_matmul(x[keep], qw))
+    assert int_act_tma_matmul(x[:0], qw).shape == (0, N)
+
+
+def test_int_act_tma_declines_what_it_cannot_read(monkeypatch):
+    x = act(130, K_TMA, torch.float16)
+    cases = ((make_intact(N, K_TMA, 4, 4, None), "two per byte"),
+             (make_intact(N, K_TMA, 8, 8, 64), "one scale per weight row"),
+             (make_intact(N, K, 8, 8, None), "multiple of 16"))
+    for qw, why in cases:
+        with pytest.raises(ValueError, match=why):
+            int_act_tma_matmul(act(130, qw.in_features, torch.float16), qw)
+    # selection: opt-in, prefill sizes only, the pointer kernel for the rest
+    monkeypatch.setenv("VLMKERN_BACKEND", "triton")
+    qw = make_intact(N, K_TMA, 8, 8, None)
+    assert ops.which_kernel(x, qw) == "triton.int_act"
+    monkeypatch.setenv("VLMKERN_ENABLE", "triton.int_act_tma")
+    assert ops.which_kernel(x, qw) == "triton.int_act_tma"
+    assert ops.which_kernel(x[:128], qw) == "triton.int_act"
+    assert ops.which_kernel(x, cases[1][0]) == "triton.int_act"
 
 
 # -- binary ---------------------------------------------------------------------------------
@@ -480,6 +534,17 @@ def test_gpu_int_act_4096(wa, group, m):
     qw = make_intact(4096, 4096, *wa, group, seed=wa[0])
     x = act(m, 4096, torch.float16)
     _int_act_check(int_act_matmul(x, qw), x, qw, None)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("wa", [(8, 8), (6, 6)])
+@pytest.mark.parametrize("m", [129, 1000, 4096])
+def test_gpu_int_act_tma_4096(wa, m):
+    qw = make_intact(4608, 3584, *wa, None, seed=wa[0])
+    x = act(m, 3584, torch.bfloat16)
+    b = bias_for(4608)
+    assert torch.equal(int_act_tma_matmul(x, qw, b), int_act_matmul(x, qw, b))
 
 
 @gpu

@@ -4,6 +4,7 @@ One module per op family:
   weight_only  group-wise W2/W3/W4/W8 x fp16/bf16/fp32 (small-M split-K path, tiled GEMM
                path, dequantize + GEMM for prefill)
   int_act      W8A8 / W6A6 / W4A4 with per-token activation quantization
+  int_act_tma  W8A8 / W6A6 prefill on Hopper: TMA loads, persistent tiles
   binary       BiLLM-style binarized weights (fused GEMM; dequantize + GEMM for prefill)
 
 Importing this package imports neither triton nor torch.cuda state: the
@@ -22,6 +23,9 @@ __all__ = ["register_kernels", "kernel_specs"]
 # Smallest M that weight-only and binary layers run as dequantize + GEMM
 # (as the CUDA backend does above its tensor-core kernel's 64 tokens).
 DEQUANT_MIN_M = 65
+# Smallest M the persistent TMA integer GEMM is selected for: prefill sizes,
+# where its 128 x 256 tiles fill the GPU.
+INT_ACT_TMA_MIN_M = 129
 
 
 def kernel_specs():
@@ -30,7 +34,7 @@ def kernel_specs():
 
     from vlmkern.ops.backends import KernelSpec
 
-    from . import binary, int_act, weight_only
+    from . import binary, int_act, int_act_tma, weight_only
 
     floats = frozenset({torch.float16, torch.bfloat16, torch.float32})
     devices = frozenset({"cuda", "cpu"})
@@ -47,6 +51,10 @@ def kernel_specs():
 
     def int_act_check(x, qweight):
         return int_act.supports_group(qweight.group_size, qweight.in_features)
+
+    def int_act_tma_check(x, qweight):
+        why = int_act_tma.tma_reason(x, qweight)
+        return None if why is None else f"triton.int_act_tma: {why}"
 
     return [
         # one token: the CUDA-core kernel, ahead of the MMA one
@@ -66,6 +74,10 @@ def kernel_specs():
         KernelSpec("triton.dequant_matmul", "weight_only", weight_only.dequant_matmul,
                    bits=frozenset({2, 3, 4, 8}), group_sizes=None, dtypes=floats,
                    devices=devices, min_m=DEQUANT_MIN_M, max_m=None, min_sm=sm80),
+        # opt-in until timed on a GPU against triton.int_act (sm_90: TMA)
+        KernelSpec("triton.int_act_tma", "int_act", int_act_tma.int_act_tma_matmul,
+                   bits=frozenset({6, 8}), group_sizes=None, dtypes=floats, devices=devices,
+                   min_m=INT_ACT_TMA_MIN_M, min_sm=(9, 0), opt_in=True, check=int_act_tma_check),
         KernelSpec("triton.int_act", "int_act", int_act.int_act_matmul,
                    bits=frozenset({4, 6, 8}), group_sizes=None, dtypes=floats,
                    devices=devices, min_sm=sm80, check=int_act_check),

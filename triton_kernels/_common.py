@@ -35,6 +35,14 @@ CONFIGS: dict[tuple[str, str], dict[str, int]] = {
     ("int_act", "small"): dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
     ("int_act", "mid"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
     ("int_act", "large"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    # The Hopper TMA kernel (per-channel int8 weights, prefill): 128 x 256
+    # int32 tiles over two warpgroups, 128-byte K rows (one TMA swizzle
+    # span), 4 stages of 48 KB; 211 registers, no spills on sm_90 (Triton
+    # 3.9). FLATTEN (one pipeline across tiles) spills at this tile size.
+    ("int_act_tma", "mid"): dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4,
+                                 FLATTEN=0),
+    ("int_act_tma", "large"): dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8,
+                                   num_stages=4, FLATTEN=0),
     # With weight groups an int32 group accumulator lives next to the fp32
     # one: half the tile keeps both in registers.
     ("int_act_grouped", "small"): dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4,

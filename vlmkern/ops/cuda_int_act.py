@@ -305,10 +305,10 @@ def _prefill_on_triton(x: torch.Tensor, qweight) -> str | None:
     if triton is None or not triton.status()[0]:
         return None
     spec, _ = triton.find("int_act", x, qweight)
-    if spec is None or spec.name != "triton.int_act":
+    if spec is None or spec.name not in ("triton.int_act", "triton.int_act_tma"):
         return None
     return (f"cuda.int_act: M={m} >= {TRITON_PREFILL_MIN_M} on sm_90 with int8-stored weights "
-            f"runs on triton.int_act (faster there at prefill)")
+            f"runs on {spec.name} (faster there at prefill)")
 
 
 def register(backend) -> None:

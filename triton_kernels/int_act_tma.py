@@ -1,0 +1,116 @@
+"""Integer-activation GEMM for prefill on Hopper: TMA loads, persistent tiles.
+
+The same product as ``int_act._int_act_kernel`` with one group per weight
+row (W8A8 / W6A6 stored as int8, per-channel scales), written for large M
+on sm_90:
+
+* Operand tiles come in by TMA (``TensorDescriptor``): one bulk copy per
+  tile and stage instead of per-thread address arithmetic, and the copy
+  engine zero-fills past M, N and K, so no masks in the K loop.
+* One program per SM walks output tiles in a fixed stride (persistent): no
+  wave of fresh launches per tile, and with ``FLATTEN`` in the config one
+  software pipeline runs on from one tile's K loop into the next.
+
+The int32 sums are exact and the epilogue computes
+``acc * w_scale * token_scale + bias`` in the same order as the pointer
+kernel, so both give the same bits. Activation codes come from
+``int_act.quantize_activations``.
+
+TMA needs 16-byte aligned row strides: K a multiple of 16 (``tma_reason``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (bf16_fixup, dtype_code, get_config, launch_opts, round_bf16, shrink,
+                      sm_count, swizzled_tile)
+from .int_act import quantize_activations
+
+
+@triton.jit
+def _store_tile(acc, off_m, off_n, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N, stride_sn,
+                stride_om, HAS_BIAS: tl.constexpr, FIX_BF16: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[tile] = acc * w_scale * token_scale (+ bias), rounded once."""
+    m2 = (off_m + tl.arange(0, BLOCK_M))[:, None]
+    n_col = (off_n + tl.arange(0, BLOCK_N))[None, :]
+    sw = tl.load(sw_ptr + n_col.to(tl.int64) * stride_sn, mask=n_col < N, other=0.0)
+    y = acc.to(tl.float32) * sw.to(tl.float32)
+    y = y * tl.load(sx_ptr + m2, mask=m2 < M, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + n_col, mask=n_col < N, other=0.0).to(tl.float32)
+    if FIX_BF16:
+        y = round_bf16(y)
+    tl.store(out_ptr + m2.to(tl.int64) * stride_om + n_col, y.to(out_ptr.dtype.element_ty),
+             mask=(m2 < M) & (n_col < N))
+
+
+@triton.jit
+def _int_act_tma_kernel(a_desc, w_desc, sx_ptr, sw_ptr, bias_ptr, out_ptr,
+                        M, N, K, stride_sn, stride_om,
+                        HAS_BIAS: tl.constexpr, FIX_BF16: tl.constexpr, SWIZZLE: tl.constexpr,
+                        FLATTEN: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    # FLATTEN: one software pipeline over all (tile, k) pairs, so the next
+    # tile's loads are in flight during this one's epilogue. It keeps more
+    # live (at 128 x 256 the sm_90 build spills; at 128 x 128 it does not),
+    # and its epilogue cannot reuse the pipeline's shared memory.
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN):
+        pid_m, pid_n = swizzled_tile(tile, M, N, BLOCK_M, BLOCK_N, SWIZZLE)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for kt in range(k_tiles):
+            a = a_desc.load([off_m, kt * BLOCK_K])
+            w = w_desc.load([off_n, kt * BLOCK_K])
+            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+        _store_tile(acc, off_m, off_n, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N, stride_sn,
+                    stride_om, HAS_BIAS, FIX_BF16, BLOCK_M, BLOCK_N)
+
+
+def tma_reason(x: torch.Tensor, qweight) -> str | None:
+    """Why the TMA kernel cannot take this call, or None."""
+    if qweight.w_bits == 4:
+        return "4-bit weights are stored two per byte; the TMA kernel reads int8 codes"
+    gs = qweight.group_size
+    if gs is not None and gs < qweight.in_features:
+        return f"needs one scale per weight row, got group size {gs}"
+    if qweight.in_features % 16:
+        return f"TMA rows must be 16-byte aligned: K={qweight.in_features} is not a multiple of 16"
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return "TMA needs an sm_90 or newer GPU"
+    return None
+
+
+def int_act_tma_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
+                       config: dict | None = None) -> torch.Tensor:
+    """y = dequant(quant(x)) @ W^T + bias, as ``int_act.int_act_matmul``, on
+    the persistent TMA kernel. x [M, K] float16/bfloat16/float32, qweight an
+    IntActWeight [N, K] that ``tma_reason`` accepts, bias [N] or None."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    why = tma_reason(x, qweight)
+    if why:
+        raise ValueError(f"triton.int_act_tma: {why}")
+    m, k = x.shape
+    n = qweight.out_features
+    dtype_code(x.dtype)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    cfg = get_config("int_act_tma", m, config)
+    bm, bn, bk = shrink(cfg["BLOCK_M"], m), shrink(cfg["BLOCK_N"], n), shrink(cfg["BLOCK_K"], k)
+    qx, sx = quantize_activations(x, qweight.a_bits, qweight.act_scale)
+    qw, sw = qweight.qweight.contiguous(), qweight.scales.contiguous()
+    a_desc = TensorDescriptor.from_tensor(qx, [bm, bk])
+    w_desc = TensorDescriptor.from_tensor(qw, [bn, bk])
+    programs = min(triton.cdiv(m, bm) * triton.cdiv(n, bn), sm_count(x.device))
+    _int_act_tma_kernel[(programs,)](
+        a_desc, w_desc, sx, sw, bias if bias is not None else out, out, m, n, k, sw.stride(0),
+        out.stride(0), HAS_BIAS=bias is not None, FIX_BF16=bf16_fixup(x), SWIZZLE=8,
+        FLATTEN=bool(cfg.get("FLATTEN", 0)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch_opts(cfg, x.device))
+    return out
