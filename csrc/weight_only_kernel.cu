@@ -36,6 +36,7 @@
 #include <stdio.h>
 
 #include "binary_lut_decode.cuh"
+#include "mma_int8.cuh"
 #include "weight_only.h"
 #include "weight_only_common.cuh"
 
@@ -488,14 +489,7 @@ __device__ __forceinline__ void compute_unit_table(uint32_t stage, const TableLa
 }
 
 // -- integer-activation decode --------------------------------------------------------
-__device__ __forceinline__ void mma_s8(int32_t (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                       uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+using vlmkern_mma::mma_s8;
 
 // acc += sum over the unit's scale slots of scale(row) * (exact int32 sum of
 // the slot's int8 products), for this warp's 16 rows and every token tile.
