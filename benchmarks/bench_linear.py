@@ -237,6 +237,14 @@ def time_kernel(name, k, n, x, label, nxt, backend, enable, timed, base, peak_gb
     return [row(name, k, n, m, label, kernel, t, base, moved, peak_gbs, g, base_g)]
 
 
+def write_sweep(out_dir, stem: str, head: list[str], lines: list[str]) -> None:
+    """Write a sweep's table to <out_dir>/<stem>_<GPU model>.md (e.g. _H100)."""
+    out = Path(out_dir) / f"{stem}_{torch.cuda.get_device_name().split()[1]}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(head + lines) + "\n")
+    print(f"wrote {out}")
+
+
 def row(layer, k, n, m, label, kernel, us, base_us, moved_bytes, peak_gbs, graph_us=None,
         base_graph_us=None):
     gbs = moved_bytes / us / 1e3

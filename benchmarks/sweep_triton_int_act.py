@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_linear import FORMATS, SHAPES, make_weight, rotating, time_fn
+from bench_linear import FORMATS, SHAPES, make_weight, rotating, time_fn, write_sweep
 
 # (kernel, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): "ptr" is
 # triton.int_act (the first entry its "large" default at the time of writing),
@@ -114,10 +114,7 @@ def main(argv=None) -> int:
         k, n = SHAPES[shape]
         for fmt in args.formats.split(","):
             lines += sweep(shape, k, n, fmt, [int(m) for m in args.ms.split(",")], CONFIGS)
-    out = Path(args.out) / f"sweep_triton_int_act_{name.split()[1]}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(head + lines) + "\n")
-    print(f"wrote {out}")
+    write_sweep(args.out, "sweep_triton_int_act", head, lines)
     return 0
 
 

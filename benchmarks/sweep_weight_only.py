@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_linear import FORMATS, SHAPES, make_weight, rotating, time_fn
+from bench_linear import FORMATS, SHAPES, make_weight, rotating, time_fn, write_sweep
 
 from vlmkern.ops import cuda_weight_only as cw
 
@@ -82,10 +82,7 @@ def main(argv=None) -> int:
         for fmt in args.formats.split(","):
             lines += sweep(shape, k, n, fmt, [int(m) for m in args.ms.split(",")], per_sm,
                            args.decodes.split(","), sms)
-    out = Path(args.out) / f"sweep_weight_only_{name.split()[1]}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(head + lines) + "\n")
-    print(f"wrote {out}")
+    write_sweep(args.out, "sweep_weight_only", head, lines)
     return 0
 
 
