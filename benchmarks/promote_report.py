@@ -35,6 +35,7 @@ TESTS = {
                                     r"^(?!test_wrapper_says_the_build_lacks)"),
                                    ("test_laid_out.py", r"layout_cublas")],
     "cuda.int_act_wgmma": [("test_cuda_int_act.py", r"wgmma")],
+    "cuda.int_act_tma": [("test_cuda_int_act.py", r"tma")],
     "cuda.binary_prefetch": [("test_cuda_binary.py", r"prefetch")],
     "cuda.binary_lut_staged": [("test_cuda_binary_lut_staged.py", r""),
                                ("test_cuda_graphs.py", r"binary_lut_staged")],

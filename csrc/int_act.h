@@ -50,10 +50,15 @@ enum vlmkern_int_act_mode {
 //          past M zero-filled, and with one weight group per row each block
 //          starting its K walk at its own k-tile; same bits as MMA (exact
 //          int32 sums). Larger M runs the MMA GEMM.
+//   TMA    Hopper warpgroup MMA fed by TMA copies in a warp-specialized
+//          pipeline, weight tiles multicast to a cluster of two thread blocks
+//          (int_act_sm90_tma_kernel.cu), mode I8 with one group per row,
+//          sm_90a; same bits as MMA.
 enum vlmkern_int_act_gemm_kind {
   VLMKERN_INT_ACT_GEMM_MMA = 0,
   VLMKERN_INT_ACT_GEMM_WGMMA = 1,
   VLMKERN_INT_ACT_GEMM_MMA_SPREAD = 2,
+  VLMKERN_INT_ACT_GEMM_TMA = 3,
 };
 
 enum vlmkern_int_act_status {
@@ -63,8 +68,9 @@ enum vlmkern_int_act_status {
   VLMKERN_INT_ACT_ERR_BAD_SIZE = 3,      // inconsistent M, N, K, group or padding
   VLMKERN_INT_ACT_ERR_BAD_DTYPE = 4,     // unknown element type code
   VLMKERN_INT_ACT_ERR_BAD_MODE = 5,      // unknown mode or gemm, I4 on a GPU without int4 MMA,
-                                         // or WGMMA off sm_90, without sm_90a code in
-                                         // this build or with a mode other than I8
+                                         // or WGMMA/TMA off sm_90, without sm_90a code in
+                                         // this build or with a mode other than I8 (TMA:
+                                         // also with more than one group)
   VLMKERN_INT_ACT_ERR_LAUNCH = 6,        // cudaGetLastError reported a failure
 };
 
@@ -101,10 +107,10 @@ int vlmkern_int_act_quantize(const void* x, int x_dtype, int64_t x_stride, void*
 //              of 64 (I8, I4W8) or 128 (I4), and G * gp <= k_pad.
 // All pointers must be 16-byte aligned. I4 is refused on sm_90 and newer.
 //   gemm       which GEMM runs it (vlmkern_int_act_gemm_kind): MMA or
-//              MMA_SPREAD on any GPU from sm_80, or WGMMA (mode I8 only,
-//              sm_90 with this build's sm_90a code, else ERR_BAD_MODE; the
-//              first WGMMA call per device runs vlmkern_int_act_sm90_available's
-//              probe).
+//              MMA_SPREAD on any GPU from sm_80, or WGMMA / TMA (mode I8 only,
+//              TMA with one group; sm_90 with this build's sm_90a code, else
+//              ERR_BAD_MODE; the first such call per device runs
+//              vlmkern_int_act_sm90_available's probe).
 int vlmkern_int_act_gemm(const void* q, const float* sx, const void* w, const float* w_scale,
                          const void* bias, int bias_dtype, void* out, int out_dtype, int64_t M,
                          int64_t N, int64_t groups, int64_t group_pad, int64_t k_pad, int mode,

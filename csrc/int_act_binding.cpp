@@ -149,11 +149,11 @@ std::pair<int64_t, int64_t> check_gemm(const at::Tensor& q, const at::Tensor& sx
                                        const std::optional<at::Tensor>& bias, int64_t group_pad,
                                        int64_t mode, c10::ScalarType out_dtype, int64_t gemm) {
   check_mode(kGemm, mode);
-  TORCH_CHECK(gemm == VLMKERN_INT_ACT_GEMM_MMA || gemm == VLMKERN_INT_ACT_GEMM_WGMMA ||
-                  gemm == VLMKERN_INT_ACT_GEMM_MMA_SPREAD,
-              kGemm, "gemm must be 0 (mma), 1 (wgmma) or 2 (mma, spread reads), got ", gemm);
-  TORCH_CHECK(gemm != VLMKERN_INT_ACT_GEMM_WGMMA || mode == VLMKERN_INT_ACT_I8, kGemm,
-              "the wgmma GEMM takes mode 0 (int8 weights) only, got mode ", mode);
+  TORCH_CHECK(gemm >= VLMKERN_INT_ACT_GEMM_MMA && gemm <= VLMKERN_INT_ACT_GEMM_TMA, kGemm,
+              "gemm must be 0 (mma), 1 (wgmma), 2 (mma, spread reads) or 3 (tma), got ", gemm);
+  const bool hopper = gemm == VLMKERN_INT_ACT_GEMM_WGMMA || gemm == VLMKERN_INT_ACT_GEMM_TMA;
+  TORCH_CHECK(!hopper || mode == VLMKERN_INT_ACT_I8, kGemm,
+              "the wgmma and tma GEMMs take mode 0 (int8 weights) only, got mode ", mode);
   check_out_dtype(kGemm, out_dtype);
   TORCH_CHECK(q.scalar_type() == at::kChar && w.scalar_type() == at::kChar, kGemm,
               "q and w must be int8, got ", q.scalar_type(), " and ", w.scalar_type());
@@ -172,6 +172,8 @@ std::pair<int64_t, int64_t> check_gemm(const at::Tensor& q, const at::Tensor& sx
               "w_scale_t must have shape [groups, N] with N = ", N, ", got ",
               dims(w_scale_t.sizes()));
   const int64_t groups = w_scale_t.size(0);
+  TORCH_CHECK(gemm != VLMKERN_INT_ACT_GEMM_TMA || groups == 1, kGemm,
+              "the tma GEMM takes one weight group per row, got ", groups, " groups");
   TORCH_CHECK(group_pad >= ks && group_pad % ks == 0 && groups * group_pad <= k_pad, kGemm,
               "group_pad ", group_pad, " must be a multiple of ", ks, " with ", groups,
               " groups fitting in padded K ", k_pad);

@@ -137,5 +137,8 @@ inline int current_device_major(int* major) {
 // Warpgroup-MMA GEMM for mode I8 (int_act_sm90_kernel.cu). The caller has
 // validated the arguments and that the device is sm_90.
 int launch_gemm_sm90(const GemmArgs& args, cudaStream_t stream);
+// The warp-specialized TMA GEMM for mode I8 with one group
+// (int_act_sm90_tma_kernel.cu); same preconditions.
+int launch_gemm_sm90_tma(const GemmArgs& args, cudaStream_t stream);
 
 }  // namespace vlmkern_int_act

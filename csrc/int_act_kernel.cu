@@ -512,8 +512,9 @@ extern "C" int vlmkern_int_act_gemm(const void* q, const float* sx, const void* 
                                     int64_t groups, int64_t group_pad, int64_t k_pad, int mode,
                                     int gemm, void* stream) {
   if (mode < VLMKERN_INT_ACT_I8 || mode > VLMKERN_INT_ACT_I4W8) return VLMKERN_INT_ACT_ERR_BAD_MODE;
+  const bool hopper = gemm == VLMKERN_INT_ACT_GEMM_WGMMA || gemm == VLMKERN_INT_ACT_GEMM_TMA;
   if (gemm != VLMKERN_INT_ACT_GEMM_MMA && gemm != VLMKERN_INT_ACT_GEMM_MMA_SPREAD &&
-      (gemm != VLMKERN_INT_ACT_GEMM_WGMMA || mode != VLMKERN_INT_ACT_I8))
+      (!hopper || mode != VLMKERN_INT_ACT_I8 || (gemm == VLMKERN_INT_ACT_GEMM_TMA && groups != 1)))
     return VLMKERN_INT_ACT_ERR_BAD_MODE;
   if (!valid_dtype(out_dtype) || (bias && !valid_dtype(bias_dtype)))
     return VLMKERN_INT_ACT_ERR_BAD_DTYPE;
@@ -529,7 +530,7 @@ extern "C" int vlmkern_int_act_gemm(const void* q, const float* sx, const void* 
   const int status = current_device_major(&major);
   if (status != VLMKERN_INT_ACT_OK) return status;
   if (major < 8 || (mode == VLMKERN_INT_ACT_I4 && major >= 9)) return VLMKERN_INT_ACT_ERR_BAD_MODE;
-  if (gemm == VLMKERN_INT_ACT_GEMM_WGMMA) {
+  if (hopper) {
     // Without sm_90a code the kernel would trap and take the CUDA context with it.
     int built = 0;
     const int probe = vlmkern_int_act_sm90_available(&built);
@@ -557,6 +558,7 @@ extern "C" int vlmkern_int_act_gemm(const void* q, const float* sx, const void* 
   args.rotate_k = spread && groups == 1 && group_pad == k_pad && M <= 64;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (gemm == VLMKERN_INT_ACT_GEMM_WGMMA) return launch_gemm_sm90(args, s);
+  if (gemm == VLMKERN_INT_ACT_GEMM_TMA) return launch_gemm_sm90_tma(args, s);
   switch (mode) {
     case VLMKERN_INT_ACT_I8: return launch_gemm_for_m<VLMKERN_INT_ACT_I8>(args, spread, s);
     case VLMKERN_INT_ACT_I4: return launch_gemm_for_m<VLMKERN_INT_ACT_I4>(args, spread, s);

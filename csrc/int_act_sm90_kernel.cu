@@ -57,28 +57,6 @@ __device__ __forceinline__ uint32_t sw128(int r, int c) {
   return uint32_t(r * kBK + ((c ^ (r & 7)) << 4));
 }
 
-#define VLMKERN_ACC8(i)                                                                   \
-  "+r"(d[i]), "+r"(d[i + 1]), "+r"(d[i + 2]), "+r"(d[i + 3]), "+r"(d[i + 4]), "+r"(d[i + 5]), \
-      "+r"(d[i + 6]), "+r"(d[i + 7])
-
-// d (this thread's 64 sums of a 64 x 128 tile) = A (64 x 32) * B (128 x 32)^T
-// + (accumulate ? d : 0), both operands int8 in shared memory.
-__device__ __forceinline__ void wgmma_m64n128k32(int32_t (&d)[64], uint64_t desc_a,
-                                                 uint64_t desc_b, bool accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p;\n}\n"
-      : VLMKERN_ACC8(0), VLMKERN_ACC8(8), VLMKERN_ACC8(16), VLMKERN_ACC8(24), VLMKERN_ACC8(32),
-        VLMKERN_ACC8(40), VLMKERN_ACC8(48), VLMKERN_ACC8(56)
-      : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));
-}
-#undef VLMKERN_ACC8
-
 // y += float(acc) * w_scale[group] for this thread's 64 sums (grouped weights).
 __device__ __forceinline__ void fold_group(const GemmArgs& p, int64_t group, int64_t col_base,
                                            const int32_t (&acc)[64], float (&y)[64]) {

@@ -1,6 +1,7 @@
 // Warpgroup-MMA pieces shared by the Hopper kernels (sm_90a only):
-// int_act_sm90_kernel.cu and weight_only_sm90_kernel.cu. VLMKERN_SM90A is 1
-// while compiling sm_90a device code; the helpers exist only then.
+// int_act_sm90_kernel.cu, int_act_sm90_tma_kernel.cu and
+// weight_only_sm90_kernel.cu. VLMKERN_SM90A is 1 while compiling sm_90a
+// device code; the helpers exist only then.
 #pragma once
 
 #include <stdint.h>
@@ -38,6 +39,28 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+
+#define VLMKERN_ACC8_S32(i)                                                               \
+  "+r"(d[i]), "+r"(d[i + 1]), "+r"(d[i + 2]), "+r"(d[i + 3]), "+r"(d[i + 4]), "+r"(d[i + 5]), \
+      "+r"(d[i + 6]), "+r"(d[i + 7])
+
+// d (this thread's 64 sums of a 64 x 128 tile) = A (64 x 32) * B (128 x 32)^T
+// + (accumulate ? d : 0), both operands int8 in shared memory.
+__device__ __forceinline__ void wgmma_m64n128k32(int32_t (&d)[64], uint64_t desc_a,
+                                                 uint64_t desc_b, bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p;\n}\n"
+      : VLMKERN_ACC8_S32(0), VLMKERN_ACC8_S32(8), VLMKERN_ACC8_S32(16), VLMKERN_ACC8_S32(24),
+        VLMKERN_ACC8_S32(32), VLMKERN_ACC8_S32(40), VLMKERN_ACC8_S32(48), VLMKERN_ACC8_S32(56)
+      : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));
+}
+#undef VLMKERN_ACC8_S32
 
 // Pin MMA operands in registers around a batch of MMAs: the compiler neither
 // moves nor reads the accumulators while the MMAs are in flight, and keeps

@@ -225,10 +225,13 @@ def test_overflow_guard_and_registration():
 def test_wgmma_and_spread_kernels_registered_ahead_of_mma(monkeypatch):
     from vlmkern.ops import builtin  # noqa: F401
     specs = [k for k in BACKENDS["cuda"].kernels if k.op == "int_act"]
-    assert [k.name for k in specs] == ["cuda.int_act_staged", "cuda.int_act_wgmma",
-                                       "cuda.int_act_spread", "cuda.int_act"]
+    assert [k.name for k in specs] == ["cuda.int_act_staged", "cuda.int_act_tma",
+                                       "cuda.int_act_wgmma", "cuda.int_act_spread", "cuda.int_act"]
     assert specs[0].opt_in and specs[0].max_m == 32 and specs[0].bits == frozenset({6, 8})
-    specs = specs[1:]
+    tma = specs[1]
+    assert tma.opt_in and tma.min_sm == (9, 0) and tma.min_m == cia.TMA_MIN_M
+    assert tma.bits == frozenset({6, 8})
+    specs = specs[2:]
     spread = specs[1]
     assert not spread.opt_in and spread.max_m == cia.SPREAD_SELECT_MAX_M == 8
     assert cia.SPREAD_MAX_M == 64 and spread.min_sm == (8, 0)
@@ -242,6 +245,18 @@ def test_wgmma_and_spread_kernels_registered_ahead_of_mma(monkeypatch):
     assert "opt-in only" in wg.rejects(x, qw)
     monkeypatch.setenv("VLMKERN_ENABLE", "cuda.int_act_wgmma")
     assert "runs on ['cuda']" in wg.rejects(x, qw)
+
+
+def test_tma_kernel_takes_one_group_per_row(monkeypatch):
+    from vlmkern.ops import builtin  # noqa: F401
+    tma = next(k for k in BACKENDS["cuda"].kernels if k.name == "cuda.int_act_tma")
+    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.int_act_tma")
+    monkeypatch.setattr(cia, "device_sm", lambda device: (9, 0))
+    x = torch.randn(cia.TMA_MIN_M, 256)
+    assert tma.check(x, make_intact(16, 256, 8, 8, None)) is None
+    assert tma.check(x, make_intact(16, 256, 6, 6, 256)) is None       # one group spans K
+    assert "one weight group per row" in tma.check(x, make_intact(16, 256, 8, 8, 128))
+    assert "overflow" in tma.check(torch.randn(2, 140000), make_intact(2, 140000, 8, 8, None))
 
 
 def test_hopper_prefill_left_to_triton(monkeypatch):
@@ -569,19 +584,66 @@ def test_gpu_wgmma_bad_input_errors():
     with pytest.raises(ValueError, match="int8"):
         cia.int_act_matmul(x, q4, path="wgmma")
     with pytest.raises(ValueError, match="path must be one of"):
-        cia.int_act_matmul(x, qw, path="tma")
+        cia.int_act_matmul(x, qw, path="tmaa")
     lay = cia.padded_layout(64, None, cia.MODE_I8)
     q, s = torch.ops.vlmkern.int_act_quantize(x, 8, None, lay.group, lay.group_pad, lay.k_pad, 0)
     w_scale = qw.scales.float().t().contiguous()
     with pytest.raises(RuntimeError, match="gemm must be 0"):
         torch.ops.vlmkern.int_act_gemm(q, s, qw.qweight, w_scale, None, lay.group_pad, 0,
-                                       torch.float16, 3)
+                                       torch.float16, 4)
     with pytest.raises(RuntimeError, match="takes mode 0"):
         torch.ops.vlmkern.int_act_gemm(q, s, qw.qweight, w_scale, None, lay.group_pad, 2,
                                        torch.float16, 1)
     if not _WGMMA:   # off Hopper (or without sm_90a code) the launcher refuses it
         with pytest.raises((RuntimeError, ValueError)):
             cia.int_act_matmul(x, qw, path="wgmma")
+
+
+@wgmma_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("wa", [(8, 8), (6, 6), (8, 4), (6, 8)])
+def test_gpu_tma_equals_mma_bitwise(wa):
+    # Token tiles of 128 in clusters of two: M = 300 leaves a padding block in
+    # its last cluster, M = 129 a block of one token; N off the 256 tile and
+    # off the 128-row half each block copies; K past one 128-byte tile, and
+    # k = 320 ends in a half zero-filled tile. A group as long as the row is
+    # one group per row.
+    for n, k, group in ((33, 200, None), (129, 320, None), (300, 1000, 1000), (600, 4096, None)):
+        qw = make_intact(n, k, *wa, group, seed=n + k, device="cuda")
+        bias = torch.randn(n, generator=gen(4)).cuda()
+        got, x = assert_same_bits_as_mma("tma", qw, (None, bias),
+                                         ((129, torch.float16), (256, torch.bfloat16),
+                                          (300, torch.float32), (1000, torch.float16)))
+        check_close(got, x, qw, bias)
+
+
+@wgmma_gpu
+@pytest.mark.gpu
+def test_gpu_tma_batch_invariant_selected_and_traceable(monkeypatch):
+    qw = make_intact(512, 1024, 8, 8, None, seed=6, device="cuda")
+    x = act(700, 1024, torch.bfloat16)
+    full = assert_batch_invariant("tma", qw, x, (129, 256, 300))
+    assert torch.equal(cia.int_act_matmul(x, qw, path="tma"), full)
+    assert_selected_only_when_enabled(monkeypatch, "cuda.int_act_tma", qw, x,
+                                      x[:cia.TMA_MIN_M - 1], full)
+    f = quantize_and_gemm(cia.to_kernel_weight(qw, cia.MODE_I8), cia.GEMM_TMA)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=0)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.cpp_checks
+def test_gpu_tma_bad_input_errors():
+    grouped = make_intact(16, 256, 8, 8, 128, device="cuda")
+    x = torch.randn(256, 256, device="cuda")
+    with pytest.raises(ValueError, match="one weight group per row|sm_90"):
+        cia.int_act_matmul(x, grouped, path="tma")
+    lay = cia.padded_layout(256, 128, cia.MODE_I8)
+    kw = cia.to_kernel_weight(grouped, cia.MODE_I8)
+    q, s = torch.ops.vlmkern.int_act_quantize(x, 8, None, lay.group, lay.group_pad, lay.k_pad, 0)
+    with pytest.raises(RuntimeError, match="one weight group per row"):
+        torch.ops.vlmkern.int_act_gemm(q, s, kw.w, kw.w_scale_t, None, lay.group_pad, 0,
+                                       torch.float16, cia.GEMM_TMA)
 
 
 if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer memcheck
@@ -599,4 +661,6 @@ if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer mem
                 cia.int_act_matmul(act(m, 200, torch.bfloat16, seed=m), qw, bias, path="spread")
             if cia.sm90_available(torch.device("cuda")) and wa[0] >= 6:
                 cia.int_act_matmul(act(130, 200, torch.bfloat16), qw, bias, path="wgmma")
+                if group is None:
+                    cia.int_act_matmul(act(300, 200, torch.float16), qw, bias, path="tma")
         torch.cuda.synchronize()

@@ -34,6 +34,12 @@ kernel ``cuda.int_act_wgmma`` (``VLMKERN_ENABLE``) until it has passed the
 GPU tests, and needs a build with sm_90a code (``TORCH_CUDA_ARCH_LIST``
 holding ``9.0a``; ``sm90_available`` probes it).
 
+``path="tma"`` (Hopper, 6/8-bit weights with one group per row) runs the
+warp-specialized GEMM of csrc/int_act_sm90_tma_kernel.cu: TMA copies, one
+producer and two consumer warpgroups, the weight tile multicast to a cluster
+of two thread blocks; same sums and epilogue, same bits. It is the opt-in
+kernel ``cuda.int_act_tma`` until it has passed the GPU tests.
+
 ``path="spread"`` (M <= 64) runs the mma.sync GEMM with its activation reads
 spread: token rows past M are zero-filled instead of re-reading the last
 row, and with one weight group per row each thread block starts its K walk
@@ -63,8 +69,8 @@ BIAS_DTYPES = ACT_DTYPES
 INT_MM_MIN_M: int | None = 512
 # Smallest M the opt-in wgmma kernel takes: its tiles hold 128 tokens.
 WGMMA_MIN_M = 64
-GEMM_MMA, GEMM_WGMMA, GEMM_MMA_SPREAD = 0, 1, 2   # vlmkern_int_act_gemm_kind (csrc/int_act.h)
-PATHS = ("auto", "mma", "int_mm", "wgmma", "spread")
+GEMM_MMA, GEMM_WGMMA, GEMM_MMA_SPREAD, GEMM_TMA = 0, 1, 2, 3   # vlmkern_int_act_gemm_kind
+PATHS = ("auto", "mma", "int_mm", "wgmma", "spread", "tma")
 # Largest M the spread GEMM runs (its two decode tile shapes); above it the
 # plain mma.sync GEMM runs.
 SPREAD_MAX_M = 64
@@ -80,7 +86,9 @@ SPREAD_SELECT_MAX_M = 8
 # M = 64 each won on one shape; 1024 is where both shapes are well past the
 # int8 compute-bound point. M = 65..4095 is not yet timed.
 TRITON_PREFILL_MIN_M = 1024
-_GEMM_OF_PATH = {"wgmma": GEMM_WGMMA, "spread": GEMM_MMA_SPREAD}
+_GEMM_OF_PATH = {"wgmma": GEMM_WGMMA, "spread": GEMM_MMA_SPREAD, "tma": GEMM_TMA}
+# Smallest M the opt-in TMA GEMM is selected for: a cluster covers 256 tokens.
+TMA_MIN_M = 129
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -197,7 +205,7 @@ def sm90_available(device: torch.device) -> bool:
 
 
 def _use_int_mm(path: str, kw: KernelWeight, m: int, n: int, sm: tuple[int, int]) -> bool:
-    if path in ("mma", "wgmma", "spread") or kw.mode != MODE_I8 or kw.layout.groups != 1:
+    if path in ("mma", "wgmma", "spread", "tma") or kw.mode != MODE_I8 or kw.layout.groups != 1:
         return False
     fits = m > 16 and n % 8 == 0 and kw.layout.k_pad % 8 == 0
     if path == "int_mm":
@@ -216,8 +224,10 @@ def int_act_matmul(x: torch.Tensor, qweight: IntActWeight, bias: torch.Tensor | 
     x [M, K] float16/bfloat16/float32 on a CUDA device; bias [N] (any of those
     dtypes) or None -> [M, N] in x's dtype. ``path``: "auto", "mma" (always the
     mma.sync GEMM), "int_mm" (torch._int_mm + epilogue; per-channel int8 only),
-    "wgmma" (the Hopper GEMM; 6/8-bit weights, sm_90a builds) or "spread" (the
-    mma.sync GEMM with spread activation reads; same bits; M <= 64).
+    "wgmma" (the Hopper GEMM; 6/8-bit weights, sm_90a builds), "tma" (the
+    warp-specialized Hopper GEMM; 6/8-bit weights with one group per row, sm_90a
+    builds) or "spread" (the mma.sync GEMM with spread activation reads; same
+    bits; M <= 64).
     """
     _require_ops()
     if path not in PATHS:
@@ -237,10 +247,12 @@ def int_act_matmul(x: torch.Tensor, qweight: IntActWeight, bias: torch.Tensor | 
         x = x.contiguous()
     sm = device_sm(x.device)
     kw = kernel_weight(qweight, kernel_mode(qweight.w_bits, qweight.a_bits, sm))
-    if path == "wgmma":
+    if path in ("wgmma", "tma"):
         why = _wgmma_reason(kw.mode, x.device)
+        if why is None and path == "tma" and kw.layout.groups != 1:
+            why = f"needs one weight group per row, got {kw.layout.groups} groups"
         if why:
-            raise ValueError(f"path='wgmma': {why}")
+            raise ValueError(f"path={path!r}: {why}")
     lay = kw.layout
     q, sx = torch.ops.vlmkern.int_act_quantize(x, qweight.a_bits, qweight.act_scale, lay.group,
                                                lay.group_pad, lay.k_pad, kw.mode)
@@ -266,6 +278,12 @@ def int_act_wgmma(x: torch.Tensor, qweight: IntActWeight,
     return int_act_matmul(x, qweight, bias, path="wgmma")
 
 
+def int_act_tma(x: torch.Tensor, qweight: IntActWeight,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``int_act_matmul`` on the warp-specialized TMA GEMM (Hopper)."""
+    return int_act_matmul(x, qweight, bias, path="tma")
+
+
 def int_act_spread(x: torch.Tensor, qweight: IntActWeight,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """``int_act_matmul`` on the mma.sync GEMM with spread activation reads."""
@@ -278,6 +296,18 @@ def _check_wgmma(x: torch.Tensor, qweight) -> str | None:
         why = _wgmma_reason(kernel_mode(qweight.w_bits, qweight.a_bits, device_sm(x.device)),
                             x.device)
         why = None if why is None else f"cuda.int_act_wgmma: {why}"
+    return why
+
+
+def _check_tma(x: torch.Tensor, qweight) -> str | None:
+    why = _check(x, qweight)
+    if why is None and qweight.num_groups != 1:
+        why = (f"cuda.int_act_tma: needs one weight group per row, got group size "
+               f"{qweight.group_size}")
+    if why is None and x.is_cuda:
+        why = _wgmma_reason(kernel_mode(qweight.w_bits, qweight.a_bits, device_sm(x.device)),
+                            x.device)
+        why = None if why is None else f"cuda.int_act_tma: {why}"
     return why
 
 
@@ -324,6 +354,8 @@ def register(backend) -> None:
                         bits=frozenset({6, 8}), dtypes=frozenset(staged.ACT_DTYPES),
                         devices=frozenset({"cuda"}), max_m=staged.MAX_M, min_sm=(8, 0),
                         opt_in=True, check=staged.check),
+             KernelSpec("cuda.int_act_tma", "int_act", int_act_tma, bits=frozenset({6, 8}),
+                        min_sm=(9, 0), min_m=TMA_MIN_M, opt_in=True, check=_check_tma, **common),
              KernelSpec("cuda.int_act_wgmma", "int_act", int_act_wgmma, bits=frozenset({6, 8}),
                         min_sm=(9, 0), min_m=WGMMA_MIN_M, opt_in=True, check=_check_wgmma,
                         **common),

@@ -1,0 +1,336 @@
+// Integer-activation GEMM on Hopper for prefill (sm_90a): per-channel weights
+// stored as int8 (mode I8 with one group: W8A8, W6A6), warp-specialized, with
+// both operand tiles brought in by TMA and the weight tile shared by a
+// cluster of two thread blocks. The launcher and the argument checks are
+// vlmkern_int_act_gemm's (int_act.h, gemm = VLMKERN_INT_ACT_GEMM_TMA); the
+// sums are the same exact int32 dot products, finished with the same
+// rounding steps, so the result equals the mma.sync kernel's bit for bit.
+//
+// Why this shape. The plain wgmma kernel (int_act_sm90_kernel.cu) copies its
+// tiles with cp.async from all 256 threads and reads 48 KB from L2 for each
+// 128 x 256 x 128 step of MMAs; on an H100 it reached about 560 TOPS on both
+// Qwen2-VL shapes, including one whose weights fit in L2, which points at the
+// L2 -> SM traffic and the copy instructions rather than at DRAM.
+//
+// - Tiles: 128 tokens x 256 channels per thread block, K in 128-byte steps.
+//   One producer warpgroup (one thread issues the copies) and two consumer
+//   warpgroups, each running wgmma m64n128k32 (s8 x s8 -> s32) twice per
+//   k32 step for its 64 tokens: 128 int32 sums per thread.
+// - Copies: cp.async.bulk.tensor (TMA) with the 128-byte swizzle, which is
+//   the K-major layout the wgmma descriptors name. Zero fill past M, N and
+//   the padded row comes from the copy engine.
+// - Cluster: the two thread blocks of a cluster hold adjacent token tiles
+//   and the same 256 channels. Each loads half of the weight tile and
+//   multicasts it to both, so a block reads 32 KB from L2 per step, not 48.
+// - Pipeline: 4 stages of 48 KB, a "full" mbarrier per stage (the producer's
+//   expected bytes, completed by the copies of both blocks) and an "empty"
+//   one (one arrival per consumer warp of both blocks, since the peer's
+//   multicast writes into this block's stage too).
+// - Registers: the producer warpgroup gives registers back (setmaxnreg), so
+//   the consumers can hold their sums.
+// - Epilogue: through shared memory, with store_outputs' rounding.
+//
+// Compiled to real code only for sm_90a; other targets get a kernel that
+// traps, and the launcher runs only where vlmkern_int_act_sm90_available says
+// the build holds sm_90a code.
+
+#include <cuda.h>          // CUtensorMap and its encode function's types (no libcuda link)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "int_act_common.cuh"
+#include "sm90_wgmma.cuh"
+
+namespace {
+
+using namespace vlmkern_int_act;
+#if VLMKERN_SM90A
+using namespace vlmkern_sm90;
+#endif
+
+constexpr int kBM = 128;              // tokens per thread block: two consumer warpgroups of 64
+constexpr int kBN = 256;              // channels per thread block
+constexpr int kBK = 128;              // bytes of K per stage: one swizzle row
+constexpr int kStages = 4;
+constexpr int kCluster = 2;           // thread blocks sharing one weight tile
+constexpr int kThreads = 384;         // producer warpgroup + two consumer warpgroups
+constexpr int kATile = kBM * kBK;                // 16 KB of activation codes
+constexpr int kBTile = kBN * kBK;                // 32 KB of weight codes
+constexpr int kBPartRows = kBN / kCluster;       // the weight rows one block copies for both
+constexpr int kStage = kATile + kBTile;
+constexpr int kBarriers = kStages * kStage;      // offset of the mbarriers
+constexpr int kSmem = kBarriers + 2 * kStages * 8 + 1024;  // + slack to align tiles to 1024 B
+constexpr int kPitch = kBN + 8;       // epilogue tile row (floats): two wavefronts per 8-byte store
+static_assert(kBM * kPitch * 4 <= kBarriers, "the epilogue tile fits the stages");
+
+#if VLMKERN_SM90A
+constexpr int kConsumerWarps = 8;
+constexpr int kBPart = kBTile / kCluster;
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// The producer's arrival, announcing the bytes the stage's copies will bring.
+__device__ __forceinline__ void mbar_expect_bytes(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+// Wait until the barrier's phase of the given parity has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  while (!mbar_try_wait(bar, parity)) {
+  }
+}
+// Arrive on the barrier at the same offset in block `cta` of the cluster.
+__device__ __forceinline__ void mbar_arrive_in(uint32_t bar, uint32_t cta) {
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+      "r"(cta)
+      : "memory");
+}
+// Box (x, y) of a 2-D tensor map into this block's shared memory.
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int x, int y,
+                                         uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
+      : "memory");
+}
+// The same into the same offset of every block in `mask`, each one's barrier
+// at `bar` receiving the bytes that land there.
+__device__ __forceinline__ void tma_load_multicast(uint32_t dst, const CUtensorMap* map, int x,
+                                                   int y, uint32_t bar, uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar), "h"(mask)
+      : "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// The 256 consumer threads of this block (named barrier 1; the producer
+// warpgroup does not take part).
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");
+}
+// Every thread of both blocks: arrive, then wait for all.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+#endif  // VLMKERN_SM90A
+
+// Accumulator layout (PTX wgmma D, as mma.sync m16n8 repeated along N): sum
+// 4j + e of half h holds token 16 * (warp in warpgroup) + lane / 4 + 8 * (e / 2)
+// of its warpgroup's 64 and channel 128h + 8j + 2 * (lane % 4) + e % 2.
+// Launched in clusters of kCluster blocks along x (cudaLaunchKernelEx).
+__global__ void __launch_bounds__(kThreads, 1)
+    int_act_tma_kernel(const __grid_constant__ CUtensorMap q_map,
+                       const __grid_constant__ CUtensorMap w_map, GemmArgs p) {
+#if VLMKERN_SM90A
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  const uint32_t full = base + kBarriers, empty = full + kStages * 8;
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const uint32_t rank = cluster_rank();
+  const int m0 = int(blockIdx.x) * kBM, n0 = int(blockIdx.y) * kBN;
+  const int k_tiles = int((p.k_tiles * 64 + kBK - 1) / kBK);
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full + 8 * s, 1);                             // the producer's expect_tx
+      mbar_init(empty + 8 * s, kConsumerWarps * kCluster);    // every consumer warp of both blocks
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  cluster_sync();  // the peer multicasts into this block's barriers only once they exist
+
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid == 0) {
+      int s = 0;
+      uint32_t phase = 0;
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        mbar_wait(empty + 8 * s, phase ^ 1);  // the first round finds every stage free
+        const uint32_t stage = base + s * kStage, bar = full + 8 * s;
+        mbar_expect_bytes(bar, kStage);       // A, this block's half of B and the peer's
+        tma_load(stage, &q_map, kt * kBK, m0, bar);
+        tma_load_multicast(stage + kATile + rank * kBPart, &w_map, kt * kBK,
+                           n0 + int(rank) * kBPartRows, bar, uint16_t((1u << kCluster) - 1));
+        if (++s == kStages) {
+          s = 0;
+          phase ^= 1;
+        }
+      }
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    const int c = wg - 1, lane = tid & 31;
+    int32_t acc[2][64];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[h][i] = 0;
+    int s = 0, prev = 0;
+    uint32_t phase = 0;
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      mbar_wait(full + 8 * s, phase);
+      const uint32_t stage = base + s * kStage;
+      const uint64_t desc_a = smem_desc(stage + c * 64 * kBK), desc_b = smem_desc(stage + kATile);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) fence_operands(acc[h]);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < kBK / 32; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          wgmma_m64n128k32(acc[h], desc_a + 2 * j, desc_b + h * (128 * kBK >> 4) + 2 * j, true);
+      wgmma_commit();
+#pragma unroll
+      for (int h = 0; h < 2; ++h) fence_operands(acc[h]);
+      wgmma_wait<1>();  // the previous stage's MMAs are done: release it in both blocks
+      if (kt > 0 && lane == 0)
+        for (uint32_t cta = 0; cta < kCluster; ++cta) mbar_arrive_in(empty + 8 * prev, cta);
+      prev = s;
+      if (++s == kStages) {
+        s = 0;
+        phase ^= 1;
+      }
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) fence_operands(acc[h]);
+
+    // Epilogue, through shared memory so that the stores are coalesced and the
+    // code small (as in int_act_sm90_kernel.cu): each consumer thread writes
+    // 0 + acc * w_scale (the per-channel group, as the mma.sync kernel folds
+    // it) into a [128][kBN + 8] fp32 tile over the stages, which no copy
+    // writes any more, once both warpgroups' MMAs are done; then consecutive
+    // threads finish consecutive column pairs of a row (token scale, bias and
+    // cast in store_outputs).
+    consumers_sync();
+    float* tile = reinterpret_cast<float*>(smem_raw + (base - smem_addr(smem_raw)));
+    const int tile_row = 64 * c + 16 * ((tid >> 5) & 3) + (lane >> 2);
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const int col = 128 * h + 8 * j + 2 * (lane & 3);
+        const int64_t n = n0 + col;
+        const float s0 = p.w_scale[min(n, p.N - 1)], s1 = p.w_scale[min(n + 1, p.N - 1)];
+        *reinterpret_cast<float2*>(tile + tile_row * kPitch + col) =
+            make_float2(__fmaf_rn(__int2float_rn(acc[h][4 * j]), s0, 0.f),
+                        __fmaf_rn(__int2float_rn(acc[h][4 * j + 1]), s1, 0.f));
+        *reinterpret_cast<float2*>(tile + (tile_row + 8) * kPitch + col) =
+            make_float2(__fmaf_rn(__int2float_rn(acc[h][4 * j + 2]), s0, 0.f),
+                        __fmaf_rn(__int2float_rn(acc[h][4 * j + 3]), s1, 0.f));
+      }
+    consumers_sync();
+    const bool pair_ok = (p.N % 2) == 0;
+    const int rows = int(min(int64_t(kBM), p.M - m0));
+#pragma unroll 1
+    for (int idx = tid - 128; idx < rows * (kBN / 2); idx += 2 * 128) {
+      const int r = idx / (kBN / 2), col = 2 * (idx % (kBN / 2));
+      const float2 v = *reinterpret_cast<const float2*>(tile + r * kPitch + col);
+      store_outputs(p, m0 + r, n0 + col, v.x, v.y, p.sx[m0 + r], pair_ok);
+    }
+  }
+  // The peer's consumers arrive on this block's barriers until their last
+  // stage: neither block leaves while the other may still signal it.
+  cluster_sync();
+#else
+  (void)q_map;
+  (void)w_map;
+  (void)p;
+  __trap();  // built without sm_90a code: vlmkern_int_act_sm90_available() is 0
+#endif
+}
+
+// cuTensorMapEncodeTiled from the driver, found through the runtime once.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                                             cudaEnableDefault, &found);
+    return err == cudaSuccess && found == cudaDriverEntryPointSuccess
+               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn)
+               : nullptr;
+  }();
+  return encode;
+}
+
+// A row-major [rows, row_bytes] int8 matrix read in 128 x 128-byte boxes with
+// the 128-byte swizzle; reads past its end return zeros.
+bool encode_rows(CUtensorMap* map, const uint8_t* data, int64_t rows, int64_t row_bytes) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (!encode) return false;
+  const cuuint64_t dims[2] = {cuuint64_t(row_bytes), cuuint64_t(rows)};
+  const cuuint64_t strides[1] = {cuuint64_t(row_bytes)};
+  const cuuint32_t box[2] = {cuuint32_t(kBK), cuuint32_t(kBPartRows)};
+  const cuuint32_t steps[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(data), dims, strides,
+                box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+static_assert(kBPartRows == kBM, "one box shape serves the activation and weight maps");
+
+}  // namespace
+
+namespace vlmkern_int_act {
+
+int launch_gemm_sm90_tma(const GemmArgs& args, cudaStream_t stream) {
+  const int64_t row_bytes = args.k_tiles * 64;
+  const int64_t m_tiles = (args.M + kBM - 1) / kBM, n_tiles = (args.N + kBN - 1) / kBN;
+  // TMA coordinates are 32-bit; a cluster needs an even number of token tiles.
+  if (args.M > INT32_MAX - 2 * kBM || args.N > INT32_MAX - kBN || n_tiles > 65535)
+    return VLMKERN_INT_ACT_ERR_BAD_SIZE;
+  CUtensorMap q_map, w_map;
+  if (!encode_rows(&q_map, args.q, args.M, row_bytes) ||
+      !encode_rows(&w_map, args.w, args.N, row_bytes)) {
+    last_launch_error = cudaErrorNotSupported;
+    return VLMKERN_INT_ACT_ERR_LAUNCH;
+  }
+  cudaError_t err = cudaFuncSetAttribute(int_act_tma_kernel,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err != cudaSuccess) {
+    last_launch_error = err;
+    return VLMKERN_INT_ACT_ERR_LAUNCH;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned((m_tiles + kCluster - 1) / kCluster * kCluster), unsigned(n_tiles));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = kSmem;
+  config.stream = stream;
+  cudaLaunchAttribute cluster;
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = kCluster;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  err = cudaLaunchKernelEx(&config, int_act_tma_kernel, q_map, w_map, args);
+  if (err != cudaSuccess) {
+    last_launch_error = err;
+    return VLMKERN_INT_ACT_ERR_LAUNCH;
+  }
+  return launch_status();
+}
+
+}  // namespace vlmkern_int_act
