@@ -30,6 +30,7 @@ TESTS = {
     # the sm90 file's tests run both Hopper weight-only kernels
     "cuda.weight_only_wgmma": [("test_cuda_weight_only_sm90.py", r"")],
     "cuda.weight_only_wgmma_smem": [("test_cuda_weight_only_sm90.py", r"")],
+    "cuda.weight_only_tma": [("test_cuda_weight_only_tma.py", r"")],
     # (the one test there that a build holding the kernel skips is left out)
     "cuda.dequant_layout_cublas": [("test_cuda_weight_only_dequant.py",
                                     r"^(?!test_wrapper_says_the_build_lacks)"),

@@ -34,13 +34,12 @@
 // traps, and the launcher runs only where vlmkern_int_act_sm90_available says
 // the build holds sm_90a code.
 
-#include <cuda.h>          // CUtensorMap and its encode function's types (no libcuda link)
-#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
 #include <cuda_runtime.h>
 #include <stdint.h>
 
 #include "int_act_common.cuh"
 #include "sm90_wgmma.cuh"
+#include "tma_host.cuh"
 
 namespace {
 
@@ -67,71 +66,6 @@ static_assert(kBM * kPitch * 4 <= kBarriers, "the epilogue tile fits the stages"
 #if VLMKERN_SM90A
 constexpr int kConsumerWarps = 8;
 constexpr int kBPart = kBTile / kCluster;
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-// The producer's arrival, announcing the bytes the stage's copies will bring.
-__device__ __forceinline__ void mbar_expect_bytes(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-// Wait until the barrier's phase of the given parity has completed.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  while (!mbar_try_wait(bar, parity)) {
-  }
-}
-// Arrive on the barrier at the same offset in block `cta` of the cluster.
-__device__ __forceinline__ void mbar_arrive_in(uint32_t bar, uint32_t cta) {
-  asm volatile(
-      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
-      "r"(cta)
-      : "memory");
-}
-// Box (x, y) of a 2-D tensor map into this block's shared memory.
-__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int x, int y,
-                                         uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
-      : "memory");
-}
-// The same into the same offset of every block in `mask`, each one's barrier
-// at `bar` receiving the bytes that land there.
-__device__ __forceinline__ void tma_load_multicast(uint32_t dst, const CUtensorMap* map, int x,
-                                                   int y, uint32_t bar, uint16_t mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
-      ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar), "h"(mask)
-      : "memory");
-}
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-// The 256 consumer threads of this block (named barrier 1; the producer
-// warpgroup does not take part).
-__device__ __forceinline__ void consumers_sync() {
-  asm volatile("bar.sync 1, 256;\n" ::: "memory");
-}
-// Every thread of both blocks: arrive, then wait for all.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
 #endif  // VLMKERN_SM90A
 
 // Accumulator layout (PTX wgmma D, as mma.sync m16n8 repeated along N): sum
@@ -260,35 +194,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// cuTensorMapEncodeTiled from the driver, found through the runtime once.
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
-                                                             cudaEnableDefault, &found);
-    return err == cudaSuccess && found == cudaDriverEntryPointSuccess
-               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn)
-               : nullptr;
-  }();
-  return encode;
-}
-
-// A row-major [rows, row_bytes] int8 matrix read in 128 x 128-byte boxes with
-// the 128-byte swizzle; reads past its end return zeros.
-bool encode_rows(CUtensorMap* map, const uint8_t* data, int64_t rows, int64_t row_bytes) {
-  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-  if (!encode) return false;
-  const cuuint64_t dims[2] = {cuuint64_t(row_bytes), cuuint64_t(rows)};
-  const cuuint64_t strides[1] = {cuuint64_t(row_bytes)};
-  const cuuint32_t box[2] = {cuuint32_t(kBK), cuuint32_t(kBPartRows)};
-  const cuuint32_t steps[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(data), dims, strides,
-                box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 static_assert(kBPartRows == kBM, "one box shape serves the activation and weight maps");
 
 }  // namespace
@@ -301,14 +206,18 @@ int launch_gemm_sm90_tma(const GemmArgs& args, cudaStream_t stream) {
   // TMA coordinates are 32-bit; a cluster needs an even number of token tiles.
   if (args.M > INT32_MAX - 2 * kBM || args.N > INT32_MAX - kBN || n_tiles > 65535)
     return VLMKERN_INT_ACT_ERR_BAD_SIZE;
+  // Both as [rows, row_bytes] int8, read in 128 x 128-byte boxes.
   CUtensorMap q_map, w_map;
-  if (!encode_rows(&q_map, args.q, args.M, row_bytes) ||
-      !encode_rows(&w_map, args.w, args.N, row_bytes)) {
-    last_launch_error = cudaErrorNotSupported;
+  cudaError_t err = vlmkern_tma::encode_rows(&q_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, args.q, args.M,
+                                             row_bytes, row_bytes, kBK, kBPartRows);
+  if (err == cudaSuccess)
+    err = vlmkern_tma::encode_rows(&w_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, args.w, args.N,
+                                   row_bytes, row_bytes, kBK, kBPartRows);
+  if (err != cudaSuccess) {
+    last_launch_error = err;
     return VLMKERN_INT_ACT_ERR_LAUNCH;
   }
-  cudaError_t err = cudaFuncSetAttribute(int_act_tma_kernel,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  err = cudaFuncSetAttribute(int_act_tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) {
     last_launch_error = err;
     return VLMKERN_INT_ACT_ERR_LAUNCH;

@@ -144,6 +144,17 @@ int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, const int32
                               int act_dtype, int smem_a, int splits, float* partial,
                               void* stream);
 
+// The warp-specialized Hopper kernel for prefill (csrc/weight_only_sm90_tma_kernel.cu,
+// sm_90a builds): the arguments of vlmkern_weight_only_wgmma without smem_a,
+// splits and partial; the exact decode, fed to wgmma from registers; token
+// tiles copied by TMA and shared by a cluster of two thread blocks; any
+// M >= 1 (meant for prefill sizes); K_x * 2 bytes a multiple of 16. A
+// token's result depends only on its place in its 128-token tile.
+int vlmkern_weight_only_tma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
+                            const int32_t* sz, int64_t NB, int64_t C, int slot_log2, int bits,
+                            const void* bias, int bias_dtype, void* out, int64_t N,
+                            int act_dtype, void* stream);
+
 // The dense weight the exact decode stands for, from the layout alone
 // (csrc/weight_only_dequant_kernel.cu, every GPU from sm_80): for dequantize
 // + GEMM at large M when a layer keeps only this layout on the device.

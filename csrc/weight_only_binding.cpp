@@ -1,8 +1,9 @@
 // Torch binding of the tensor-core weight-only matmul (weight_only.h):
 // argument checks with clear messages, output and workspace allocation, the
 // current stream, and registration as torch.ops.vlmkern.weight_only_mma,
-// torch.ops.vlmkern.weight_only_wgmma (the Hopper kernel, any M) and
-// torch.ops.vlmkern.weight_only_dequant (the dense weight from the layout) with
+// torch.ops.vlmkern.weight_only_wgmma (the Hopper kernel, any M),
+// torch.ops.vlmkern.weight_only_tma (the warp-specialized Hopper kernel for
+// prefill) and torch.ops.vlmkern.weight_only_dequant (the dense weight from the layout) with
 // CUDA and Meta implementations (the Meta one lets torch.compile trace it).
 //
 // Like bindings.cpp, only device-generic torch headers are used, so the file
@@ -195,6 +196,43 @@ at::Tensor weight_only_wgmma_meta(const at::Tensor& x, const at::Tensor& wq, con
   return at::empty({x.size(0), out_features}, x.options());
 }
 
+constexpr const char* kTmaOp = "vlmkern.weight_only_tma: ";
+
+void check_tma(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
+               const std::optional<at::Tensor>& bias, int64_t bits, int64_t out_features,
+               int64_t slot_log2) {
+  check_layout(kTmaOp, x, wq, sz, bias, bits, out_features, slot_log2);
+  TORCH_CHECK(x.size(0) <= 0x7fffff00, kTmaOp, "at most 2^31 - 256 tokens, got ", x.size(0));
+}
+
+at::Tensor weight_only_tma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
+                                const std::optional<at::Tensor>& bias, int64_t bits,
+                                int64_t out_features, int64_t slot_log2) {
+  TORCH_CHECK(x.is_cuda(), kTmaOp, "x must be a CUDA tensor, got ", x.device());
+  check_tma(x, wq, sz, bias, bits, out_features, slot_log2);
+  const int64_t M = x.size(0);
+  c10::DeviceGuard guard(x.device());
+  at::Tensor out = at::empty({M, out_features}, x.options());
+  if (M == 0) return out;
+  void* stream =
+      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+  const int status = vlmkern_weight_only_tma(
+      x.data_ptr(), M, x.size(1), wq.data_ptr<int32_t>(), sz.data_ptr<int32_t>(), wq.size(0),
+      wq.size(1), static_cast<int>(slot_log2), static_cast<int>(bits),
+      bias.has_value() ? bias->data_ptr() : nullptr,
+      bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), out_features,
+      dtype_code(x.scalar_type()), stream);
+  TORCH_CHECK(status == VLMKERN_WO_OK, kTmaOp, vlmkern_wo_status_message(status));
+  return out;
+}
+
+at::Tensor weight_only_tma_meta(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
+                                const std::optional<at::Tensor>& bias, int64_t bits,
+                                int64_t out_features, int64_t slot_log2) {
+  check_tma(x, wq, sz, bias, bits, out_features, slot_log2);
+  return at::empty({x.size(0), out_features}, x.options());
+}
+
 constexpr const char* kDqOp = "vlmkern.weight_only_dequant: ";
 
 // Checks of the layout and the requested weight, shared by the CUDA and Meta
@@ -252,6 +290,9 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
       "weight_only_wgmma(Tensor x, Tensor wq, Tensor sz, Tensor? bias, int bits, "
       "int out_features, int slot_log2, bool smem_a=False, int splits=1) -> Tensor");
   m.def(
+      "weight_only_tma(Tensor x, Tensor wq, Tensor sz, Tensor? bias, int bits, "
+      "int out_features, int slot_log2) -> Tensor");
+  m.def(
       "weight_only_dequant(Tensor wq, Tensor sz, int bits, int out_features, int in_features, "
       "int slot_log2, ScalarType dtype) -> Tensor");
 }
@@ -259,11 +300,13 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
 TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
   m.impl("weight_only_mma", &weight_only_mma_cuda);
   m.impl("weight_only_wgmma", &weight_only_wgmma_cuda);
+  m.impl("weight_only_tma", &weight_only_tma_cuda);
   m.impl("weight_only_dequant", &weight_only_dequant_cuda);
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, Meta, m) {
   m.impl("weight_only_mma", &weight_only_mma_meta);
   m.impl("weight_only_wgmma", &weight_only_wgmma_meta);
+  m.impl("weight_only_tma", &weight_only_tma_meta);
   m.impl("weight_only_dequant", &weight_only_dequant_meta);
 }

@@ -24,8 +24,17 @@ GPU is cut into K slices (``splits_for``), whose fp32 partial sums a second
 kernel adds in slice order; the slice count depends on M, so batches of
 different sizes may round differently.
 
+For prefill, ``weight_only_tma`` runs the warp-specialized kernel of
+csrc/weight_only_sm90_tma_kernel.cu (``cuda.weight_only_tma``): the same
+layout and exact decode, 128 weight rows x 128 tokens per thread block, the
+token tile copied by TMA and multicast to a cluster of two thread blocks
+(adjacent row blocks), codes and scales by bulk copies, one producer and two
+consumer warpgroups, each consumer warp decoding a k16 step while the
+previous step's MMA runs. A token's result depends only on its place in its
+128-token tile.
+
 Needs an sm_90 GPU and a build holding ``9.0a`` code (``sm90_available``
-probes it). Both kernels are opt-in (``VLMKERN_ENABLE``) until they have
+probes it). The kernels are opt-in (``VLMKERN_ENABLE``) until they have
 passed the GPU tests.
 """
 from __future__ import annotations
@@ -44,6 +53,7 @@ from .cuda_weight_only import (
 )
 
 MIN_M = 17                # decode sizes stay with the mma.sync kernel's lean decodes
+TMA_MIN_M = 65            # the warp-specialized kernel: where dequantize + cuBLAS runs now
 TOKENS_SMALL, TOKENS = 64, 128   # token tile for M <= 64, and above
 
 
@@ -92,6 +102,24 @@ def weight_only_wgmma_smem(x: torch.Tensor, qweight: QuantizedWeight,
     return weight_only_wgmma(x, qweight, bias, smem_a=True)
 
 
+def weight_only_tma(x: torch.Tensor, qweight: QuantizedWeight,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias on the warp-specialized Hopper kernel. x [M, K]
+    fp16/bf16 on an sm_90 device, any M >= 0 (meant for prefill); bias [N] or
+    None -> [M, N] in x's dtype."""
+    require_op("cuda.weight_only_tma", "weight_only_tma", "csrc/weight_only_sm90_tma_kernel.cu")
+    check_activations("cuda.weight_only_tma", x, qweight, ACT_DTYPES, same_device=False)
+    why = _reason(qweight, x.device)
+    if why is not None:
+        raise ValueError(f"cuda.weight_only_tma: {why}")
+    if x.shape[0] == 0:
+        return x.new_empty(0, qweight.out_features)
+    mw = kernel_weight(qweight, x.dtype)
+    x, bias = kernel_inputs(x, qweight, bias)
+    return torch.ops.vlmkern.weight_only_tma(x, mw.wq, mw.sz, bias, mw.bits, mw.out_features,
+                                             mw.slot_log2)
+
+
 def _reason(qweight, device: torch.device) -> str | None:
     why = unsupported_reason(qweight)
     if why is None and device.type == "cuda" and not sm90_available(device):
@@ -108,17 +136,19 @@ def _checker(name: str):
 
 def register(backend) -> None:
     """Add the kernels to the CUDA backend ahead of the other weight-only
-    kernels, the shared-memory variant first; both opt-in
-    (``VLMKERN_ENABLE=cuda.weight_only_wgmma_smem,cuda.weight_only_wgmma``)."""
+    kernels, the prefill kernel first, then the shared-memory variant; all
+    opt-in (``VLMKERN_ENABLE=cuda.weight_only_tma,cuda.weight_only_wgmma_smem,
+    cuda.weight_only_wgmma``)."""
     from .backends import KernelSpec
 
     known = {k.name for k in backend.kernels}
-    specs = [(name, fn) for name, fn in (("cuda.weight_only_wgmma_smem", weight_only_wgmma_smem),
-                                         ("cuda.weight_only_wgmma", weight_only_wgmma))
-             if name not in known]
-    for name, fn in reversed(specs):   # each inserted at the front: tried in list order
+    specs = [(name, fn, min_m) for name, fn, min_m in (
+        ("cuda.weight_only_tma", weight_only_tma, TMA_MIN_M),
+        ("cuda.weight_only_wgmma_smem", weight_only_wgmma_smem, MIN_M),
+        ("cuda.weight_only_wgmma", weight_only_wgmma, MIN_M)) if name not in known]
+    for name, fn, min_m in reversed(specs):   # each inserted at the front: tried in list order
         backend.register(KernelSpec(name, "weight_only", fn, bits=frozenset(SUPPORTED_BITS),
                                     dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}),
-                                    min_m=MIN_M, min_sm=(9, 0), opt_in=True, check=_checker(name),
+                                    min_m=min_m, min_sm=(9, 0), opt_in=True, check=_checker(name),
                                     laid_out=True))
         backend.kernels.insert(0, backend.kernels.pop())

@@ -1,0 +1,48 @@
+// Host side of the TMA kernels (int_act_sm90_tma_kernel.cu,
+// weight_only_sm90_tma_kernel.cu): a 2-D tensor map for a row-major matrix,
+// encoded with the driver's cuTensorMapEncodeTiled, which the runtime hands
+// out (cudaGetDriverEntryPointByVersion), so the extension does not link
+// libcuda. Includes CUDA headers only.
+#pragma once
+
+#include <cuda.h>          // CUtensorMap and the encode function's types
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace vlmkern_tma {
+
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                                             cudaEnableDefault, &found);
+    return err == cudaSuccess && found == cudaDriverEntryPointSuccess
+               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn)
+               : nullptr;
+  }();
+  return encode;
+}
+
+// `map` for a row-major [rows, cols] matrix of `type` at `data` (16-byte
+// aligned, rows `row_bytes` apart, a multiple of 16), read in boxes of
+// box_cols x box_rows with the 128-byte swizzle (box_cols elements must span
+// at most 128 bytes); reads past the matrix return zeros. cudaSuccess, or the
+// reason it could not be encoded.
+inline cudaError_t encode_rows(CUtensorMap* map, CUtensorMapDataType type, const void* data,
+                               int64_t rows, int64_t cols, int64_t row_bytes, uint32_t box_cols,
+                               uint32_t box_rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (!encode) return cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
+  const cuuint64_t strides[1] = {cuuint64_t(row_bytes)};
+  const cuuint32_t box[2] = {box_cols, box_rows};
+  const cuuint32_t steps[2] = {1, 1};
+  const CUresult res = encode(map, type, 2, const_cast<void*>(data), dims, strides, box, steps,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+}  // namespace vlmkern_tma

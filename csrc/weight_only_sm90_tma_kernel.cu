@@ -1,0 +1,321 @@
+// Weight-only matmul on Hopper for prefill (sm_90a): y[M, N] = x[M, K] @ W[N, K]^T
+// + bias, W in 2, 3 or 4 bits in the load-time layout of weight_only.h, the
+// exact decode (s * (q - z) rounded once, the weight dequantize() gives),
+// fed to wgmma from registers, in a warp-specialized pipeline.
+//
+// Why this shape. Dequantize + cuBLAS writes and rereads the whole fp16
+// weight for every call (on an H100 about 0.9x of cuBLAS fp16 at M = 4096),
+// and the cp.async wgmma kernel (weight_only_sm90_kernel.cu) reached 0.5-0.6x:
+// its 128 x 128 tile rereads the 32 KB token tile from L2 for each 8 KB of
+// weights, and its warps decode a chunk only once the previous chunk's MMAs
+// are done.
+//
+// - Tiles: 128 weight rows (one layout block) x 128 tokens per thread block,
+//   K in 128-column chunks (one layout chunk per stage). One producer
+//   warpgroup (one thread issues the copies) and two consumer warpgroups,
+//   warpgroup g holding rows 64g..64g+63 as wgmma m64n128k16 A fragments;
+//   64 fp32 sums per thread.
+// - Copies: the token tile by TMA (two 64-column boxes per chunk, 128-byte
+//   swizzle: the K-major layout the B descriptor names; zero fill past M and
+//   K from the copy engine), a unit's codes and scales by one bulk copy each
+//   (they are contiguous in the layout).
+// - Cluster: the two thread blocks of a cluster hold adjacent row blocks and
+//   the same tokens; each copies half of the token tile and multicasts it to
+//   both, so a block reads 16 KB of tokens + the unit's codes from L2 per
+//   chunk instead of 32 KB + codes.
+// - Decode: a consumer warp decodes k16 step kt + 1 while the MMA of step kt
+//   runs (each step has its own fragment registers), and one warpgroup's
+//   MMAs run while the other decodes, so the decode hides behind the tensor
+//   cores instead of alternating with them.
+// - Raster: clusters walk groups of 16 token tiles row pair by row pair, so
+//   a group's tokens stay in L2 while the whole weight streams past once.
+// - Epilogue: through shared memory (coalesced stores), bias, one rounding.
+//
+// A token's sums depend only on its place in its 128-token tile (no split of
+// K), so the output is batch-invariant and deterministic.
+//
+// Compiled to real code only for sm_90a; other targets get a kernel that
+// traps, and the launcher runs only where vlmkern_int_act_sm90_available says
+// the build holds sm_90a code.
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "int_act.h"  // vlmkern_int_act_sm90_available: the build's sm_90a probe
+#include "sm90_wgmma.cuh"
+#include "tma_host.cuh"
+#include "weight_only.h"
+#include "weight_only_common.cuh"
+#include "weight_only_wgmma.cuh"
+
+namespace {
+
+using namespace vlmkern_wo;
+#if VLMKERN_SM90A
+using namespace vlmkern_sm90;
+constexpr int kChunk = 128;           // K columns per stage: one layout chunk
+constexpr int kGroupTiles = 16;       // token tiles per raster group
+#endif
+
+constexpr int kRows = 128;            // weight rows per thread block: one layout block
+constexpr int kTokens = 128;          // tokens per thread block: the wgmma N
+constexpr int kCluster = 2;           // thread blocks sharing one token tile
+constexpr int kThreads = 384;         // producer warpgroup + two consumer warpgroups
+constexpr int kStages = 4;
+constexpr int kHalfBytes = kTokens * 128;        // one 64-column half of the token tile
+constexpr int kXBytes = 2 * kHalfBytes;
+constexpr int kTokensPart = kTokens / kCluster;  // token rows one block copies for both
+constexpr int kScaleBytesMax = 8 * 8 * 64;       // 8 warps x 8 slots x 64 bytes (slot_log2 0)
+constexpr int kPitch = kRows + 4;     // epilogue tile row (floats): conflict-free writes
+
+template <int BITS>
+struct TmaStage {
+  static constexpr int kWeightBytes = 8 * 256 * BITS;  // one unit's codes
+  static constexpr int kBytes = (kXBytes + kWeightBytes + kScaleBytesMax + 1023) / 1024 * 1024;
+  static constexpr int kBarriers = kStages * kBytes;   // offset of the mbarriers
+  static constexpr int kSmem = kBarriers + 2 * kStages * 8 + 1024;  // + slack to align to 1024
+  static_assert(kTokens * kPitch * 4 <= kBarriers, "the epilogue tile fits the stages");
+};
+
+struct TmaParams {
+  const unsigned char* wq;  // [NB, C, 8, 64*bits] int32
+  const unsigned char* sz;  // [NB, C, 8, slots, 8, 2] int32
+  const void* bias;         // [N] or null
+  uint16_t* out;            // [M, N]
+  int64_t M;
+  int NB, N, C;
+  int slot_log2, slots, bias_dtype;
+};
+
+// The decoded weights are the A operand (registers), the token tile the B
+// operand: sum 4j + e of a thread holds weight row 16 * (warp in warpgroup)
+// + lane / 4 + 8 * (e / 2) of its warpgroup's 64 and token 8j + 2 * (lane % 4)
+// + e % 2. Launched in clusters of kCluster blocks along x (cudaLaunchKernelEx).
+template <int BITS, class T>
+__global__ void __launch_bounds__(kThreads, 1)
+    weight_only_tma_kernel(const __grid_constant__ CUtensorMap x_map, TmaParams p) {
+#if VLMKERN_SM90A
+  using S = TmaStage<BITS>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* smem = smem_raw + (base - raw);
+  const uint32_t full = base + S::kBarriers, empty = full + kStages * 8;
+  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
+  const uint32_t rank = cluster_rank();
+
+  // This cluster's row pair and token tile (groups of kGroupTiles token tiles).
+  const int64_t tiles = (p.M + kTokens - 1) / kTokens, pairs = (p.NB + 1) / 2;
+  const int64_t cluster = blockIdx.x / kCluster, per_group = kGroupTiles * pairs;
+  const int64_t first_tile = cluster / per_group * kGroupTiles;
+  const int64_t in_group = min(int64_t(kGroupTiles), tiles - first_tile);
+  const int64_t rest = cluster % per_group;
+  const int b = int(2 * (rest / in_group) + rank);  // weight row block
+  const int64_t m0 = (first_tile + rest % in_group) * kTokens;
+  const bool has_rows = b < p.NB;  // a cluster's second block past the last row block only copies
+  const int scale_bytes = 8 * p.slots * 64;
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full + 8 * s, 1);                // the producer's expect_tx
+      mbar_init(empty + 8 * s, 8 * kCluster);    // every consumer warp of both blocks
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  cluster_sync();  // the peer multicasts into this block's barriers only once they exist
+
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid == 0) {
+      const unsigned char* wsrc = p.wq + int64_t(b) * p.C * S::kWeightBytes;
+      const unsigned char* ssrc = p.sz + int64_t(b) * p.C * scale_bytes;
+      const uint32_t bytes = kXBytes + (has_rows ? S::kWeightBytes + scale_bytes : 0);
+      int s = 0;
+      uint32_t phase = 0;
+      for (int c = 0; c < p.C; ++c) {
+        mbar_wait(empty + 8 * s, phase ^ 1);  // the first round finds every stage free
+        const uint32_t stage = base + s * S::kBytes, bar = full + 8 * s;
+        mbar_expect_bytes(bar, bytes);        // both token halves, this block's codes and scales
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          tma_load_multicast(stage + h * kHalfBytes + rank * kTokensPart * 128, &x_map,
+                             c * kChunk + 64 * h, int(m0) + int(rank) * kTokensPart, bar,
+                             uint16_t((1u << kCluster) - 1));
+        if (has_rows) {
+          bulk_load(stage + kXBytes, wsrc + int64_t(c) * S::kWeightBytes, S::kWeightBytes, bar);
+          bulk_load(stage + kXBytes + S::kWeightBytes, ssrc + int64_t(c) * scale_bytes,
+                    scale_bytes, bar);
+        }
+        if (++s == kStages) {
+          s = 0;
+          phase ^= 1;
+        }
+      }
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    const int warp = (tid >> 5) - 4;  // 16-row tile of the layout block
+    const int slot_mask = (1 << p.slot_log2) - 1;
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    int s = 0;
+    uint32_t phase = 0;
+    for (int c = 0; c < p.C; ++c) {
+      mbar_wait(full + 8 * s, phase);
+      const unsigned char* st = smem + s * S::kBytes;
+      const uint32_t xs = base + s * S::kBytes;
+      uint32_t w[2 * BITS];
+      load_lane_words<BITS>(st + kXBytes + warp * 256 * BITS, lane, w);
+      const uint2* slots = reinterpret_cast<const uint2*>(st + kXBytes + S::kWeightBytes) +
+                           warp * p.slots * 8 + (lane >> 2);
+      uint32_t s_lo = 0, s_hi = 0, z_lo = 0, z_hi = 0;
+      uint32_t a[8][4];
+      // Step kt's fragments are decoded while step kt - 1's MMA runs: each step
+      // has its own registers, and the chunk's MMAs form one group, waited
+      // for once (a wait or a commit between them makes ptxas serialize
+      // every MMA of the loop).
+      fence_operands(acc);
+#pragma unroll
+      for (int kt = 0; kt < 8; ++kt) {
+        if (kt == 0 || (kt & slot_mask) == 0)
+          split_rows(slots[(kt >> p.slot_log2) * 8], s_lo, s_hi, z_lo, z_hi);
+#pragma unroll
+        for (int r = 0; r < 4; ++r)  // registers 0 and 2: row g; 1 and 3: row g + 8
+          a[kt][r] = exact_operand<BITS, T>(w, kt, r, (r & 1) ? s_hi : s_lo, (r & 1) ? z_hi : z_lo);
+        wgmma_fence();
+        wgmma_k16(acc, a[kt], smem_desc(xs + (kt >> 2) * kHalfBytes + 32 * (kt & 3)), T{});
+      }
+      wgmma_commit();
+      wgmma_wait<0>();  // this chunk's MMAs are done: free its stage in both blocks
+      fence_operands(acc);
+      fence_operands(a);
+      if (lane == 0)
+        for (uint32_t cta = 0; cta < kCluster; ++cta) mbar_arrive_in(empty + 8 * s, cta);
+      if (++s == kStages) {
+        s = 0;
+        phase ^= 1;
+      }
+    }
+
+    // Epilogue: once both warpgroups' MMAs are done (and every copy into this
+    // block has been consumed), the sums go into a [token][row] fp32 tile over
+    // the stages; then consecutive threads finish consecutive row pairs of a
+    // token (bias, one rounding, store).
+    consumers_sync();
+    float* tile = reinterpret_cast<float*>(smem);
+    const int row = 16 * warp + (lane >> 2);
+    const int token = 2 * (lane & 3);
+#pragma unroll
+    for (int j = 0; j < kTokens / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        tile[(8 * j + token + (e & 1)) * kPitch + row + 8 * (e >> 1)] = acc[4 * j + e];
+    consumers_sync();
+
+    const int64_t tokens = p.M - m0 < kTokens ? p.M - m0 : kTokens;
+    const int64_t n_base = int64_t(b) * kRows;
+    const bool pairs_ok = p.N % 2 == 0;  // rows of out start 4-byte aligned
+#pragma unroll 1
+    for (int idx = tid - 128; idx < tokens * (kRows / 2); idx += kThreads - 128) {
+      const int t = idx / (kRows / 2), r = 2 * (idx % (kRows / 2));
+      const int64_t n = n_base + r;
+      if (n >= p.N) continue;
+      float v0 = tile[t * kPitch + r], v1 = tile[t * kPitch + r + 1];
+      const bool second = n + 1 < p.N;
+      uint16_t* dst = p.out + (m0 + t) * p.N + n;
+      if (p.bias) {
+        v0 += load_bias(p.bias, p.bias_dtype, static_cast<int>(n));
+        if (second) v1 += load_bias(p.bias, p.bias_dtype, static_cast<int>(n + 1));
+      }
+      if (pairs_ok && second) {
+        *reinterpret_cast<uint32_t*>(dst) =
+            uint32_t(T::from_float(v0)) | (uint32_t(T::from_float(v1)) << 16);
+      } else {
+        dst[0] = T::from_float(v0);
+        if (second) dst[1] = T::from_float(v1);
+      }
+    }
+  }
+  // The peer's consumers arrive on this block's barriers until their last
+  // chunk: neither block leaves while the other may still signal it.
+  cluster_sync();
+#else
+  (void)x_map;
+  (void)p;
+  __trap();  // built without sm_90a code: vlmkern_int_act_sm90_available() is 0
+#endif
+}
+
+template <int BITS, class T>
+int launch(const CUtensorMap& x_map, const TmaParams& p, cudaStream_t stream) {
+  using S = TmaStage<BITS>;
+  auto kernel = weight_only_tma_kernel<BITS, T>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmem);
+  if (err != cudaSuccess) return launch_failed(err);
+  const int64_t tiles = (p.M + kTokens - 1) / kTokens, pairs = (p.NB + 1) / 2;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(kCluster * pairs * tiles));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = S::kSmem;
+  config.stream = stream;
+  cudaLaunchAttribute cluster;
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = kCluster;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  err = cudaLaunchKernelEx(&config, kernel, x_map, p);
+  if (err == cudaSuccess) err = cudaGetLastError();
+  return err == cudaSuccess ? VLMKERN_WO_OK : launch_failed(err);
+}
+
+template <class T>
+int dispatch_bits(const CUtensorMap& x_map, const TmaParams& p, int bits, cudaStream_t s) {
+  switch (bits) {
+    case 2: return launch<2, T>(x_map, p, s);
+    case 3: return launch<3, T>(x_map, p, s);
+    default: return launch<4, T>(x_map, p, s);
+  }
+}
+
+}  // namespace
+
+extern "C" int vlmkern_weight_only_tma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
+                                       const int32_t* sz, int64_t NB, int64_t C, int slot_log2,
+                                       int bits, const void* bias, int bias_dtype, void* out,
+                                       int64_t N, int act_dtype, void* stream) {
+  const int status = check_launch_args(x, M, K_x, wq, sz, NB, C, slot_log2, bits, bias, bias_dtype,
+                                       out, N, act_dtype);
+  if (status != VLMKERN_WO_OK) return status;
+  // TMA coordinates and the 1-D grid of clusters are 32-bit.
+  const int64_t tiles = (M + kTokens - 1) / kTokens;
+  if (M > 0x7fffffff - kTokens || kCluster * ((NB + 1) / 2) * tiles > 0x7fffffff)
+    return VLMKERN_WO_ERR_BAD_SIZE;
+  // Without sm_90a code the kernel would trap and take the CUDA context with it.
+  int built = 0;
+  if (vlmkern_int_act_sm90_available(&built) != VLMKERN_INT_ACT_OK || !built)
+    return VLMKERN_WO_ERR_NO_SM90A;
+  // x as [M rows, K_x 16-bit columns], read in 64 x 64 boxes (128-byte rows).
+  CUtensorMap x_map;
+  const cudaError_t encoded = vlmkern_tma::encode_rows(&x_map, CU_TENSOR_MAP_DATA_TYPE_UINT16, x, M,
+                                                       K_x, K_x * 2, 64, kTokensPart);
+  if (encoded != cudaSuccess) return launch_failed(encoded);
+
+  TmaParams p;
+  p.wq = reinterpret_cast<const unsigned char*>(wq);
+  p.sz = reinterpret_cast<const unsigned char*>(sz);
+  p.bias = bias;
+  p.out = static_cast<uint16_t*>(out);
+  p.M = M;
+  p.NB = static_cast<int>(NB);
+  p.N = static_cast<int>(N);
+  p.C = static_cast<int>(C);
+  p.slot_log2 = slot_log2;
+  p.slots = 8 >> slot_log2;
+  p.bias_dtype = bias_dtype;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_bits<F16>(x_map, p, bits, s)
+                                        : dispatch_bits<BF16>(x_map, p, bits, s);
+}

@@ -1,0 +1,196 @@
+"""Warp-specialized Hopper weight-only kernel (csrc/weight_only_sm90_tma_kernel.cu,
+cuda.weight_only_tma).
+
+On any machine: its registration (opt-in, M >= 65, sm_90) and its raster,
+the kernel's index arithmetic in Python: every (row block, token tile) pair
+is computed by exactly one thread block, the two blocks of a cluster share
+their tokens and hold adjacent row blocks. On an sm_90 GPU with a build
+holding 9.0a code: against the dense fp64 product at awkward and real sizes,
+batch invariance, determinism, selection, torch.compile and errors.
+"""
+import os
+
+import pytest
+import torch
+from test_cuda_weight_only import act, assert_matches_dense, check_layout_errors, make_weight
+from test_cuda_weight_only_sm90 import AWKWARD, _SKIP90
+
+from vlmkern.ops import cuda_weight_only_sm90 as wg
+
+
+def sm90(fn):
+    """GPU test on sm_90a: marked `gpu`, skipped (with the reason) elsewhere."""
+    return pytest.mark.gpu(pytest.mark.skipif(_SKIP90 is not None, reason=str(_SKIP90))(fn))
+
+
+def test_registered_opt_in_for_prefill(monkeypatch):
+    from vlmkern.ops.builtin import CUDA
+    spec = next(k for k in CUDA.kernels if k.name == "cuda.weight_only_tma")
+    assert spec.opt_in and spec.min_m == wg.TMA_MIN_M == 65 and spec.max_m is None
+    assert spec.min_sm == (9, 0) and spec.bits == frozenset({2, 3, 4}) and spec.laid_out
+    names = [k.name for k in CUDA.kernels]
+    assert names.index("cuda.weight_only_tma") < names.index("cuda.dequant_cublas")
+    x = torch.zeros(65, 256, dtype=torch.float16)
+    qw = make_weight(64, 256, 4, 64, False)
+    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
+    assert "opt-in only" in spec.rejects(x, qw)
+    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_tma")
+    assert "runs on ['cuda']" in spec.rejects(x, qw)
+
+
+def raster(m: int, blocks: int, group_tiles: int = 16, tokens: int = 128):
+    """(row block, first token) of every thread block, in launch order, with
+    the kernel's formulas (clusters of two along x, groups of token tiles)."""
+    tiles, pairs = -(-m // tokens), (blocks + 1) // 2
+    out = []
+    for block in range(2 * pairs * tiles):
+        rank, cluster = block % 2, block // 2
+        per_group = group_tiles * pairs
+        first_tile = cluster // per_group * group_tiles
+        in_group = min(group_tiles, tiles - first_tile)
+        rest = cluster % per_group
+        out.append((2 * (rest // in_group) + rank, (first_tile + rest % in_group) * tokens))
+    return out
+
+
+@pytest.mark.parametrize("m, blocks", [(65, 1), (300, 3), (4096, 296), (2100, 28), (130, 36)])
+def test_raster_covers_every_tile_once_and_pairs_row_blocks(m, blocks):
+    r = raster(m, blocks)
+    real = [(b, m0) for b, m0 in r if b < blocks]
+    want = {(b, t * 128) for b in range(blocks) for t in range(-(-m // 128))}
+    assert len(real) == len(set(real)) and set(real) == want
+    assert len(r) - len(real) == (blocks % 2) * -(-m // 128)   # copy-only blocks past the last
+    for rank0, rank1 in zip(r[::2], r[1::2]):
+        assert rank0[1] == rank1[1] and rank1[0] == rank0[0] + 1 and rank0[0] % 2 == 0
+    # launch order: the first clusters of a group share one token group (L2)
+    if m >= 16 * 128 and blocks > 8:
+        assert {m0 for _, m0 in r[:32]} == {t * 128 for t in range(16)}
+
+
+@sm90
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_awkward_shapes(bits, dtype):
+    # odd row-block counts leave a copy-only block in the last cluster; M
+    # off the 128-token tile; K off the 128-column chunk
+    for n, k in AWKWARD:
+        for group in (16, 32, 64, 128, None):
+            for sym in (True, False):
+                qw = make_weight(n, k, bits, group, sym, scale_dtype=dtype, seed=n * k + bits,
+                                 device="cuda")
+                w = qw.dequantize(torch.float32)
+                bias = torch.randn(n, device="cuda")
+                for m in (1, 65, 127, 128, 129, 300):
+                    x = act(m, k, dtype, seed=m)
+                    for b in (None, bias):
+                        y = wg.weight_only_tma(x, qw, b)
+                        try:
+                            assert_matches_dense(y, x, w, b)
+                        except AssertionError as e:
+                            raise AssertionError(f"n={n} k={k} group={group} sym={sym} m={m} "
+                                                 f"bias={b is not None}: {e}") from None
+
+
+@sm90
+@pytest.mark.parametrize("k, n", [(4096, 4096), (3584, 4608)])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_kernel_real_sizes(k, n, bits):
+    for dtype in (torch.float16, torch.bfloat16):
+        qw = make_weight(n, k, bits, 128, False, scale_dtype=dtype, seed=bits, device="cuda")
+        w = qw.dequantize(torch.float32)
+        bias = torch.randn(n, device="cuda", dtype=dtype)
+        for m in (65, 256, 1000, 2100):
+            x = act(m, k, dtype, seed=m)
+            assert_matches_dense(wg.weight_only_tma(x, qw, bias), x, w, bias)
+
+
+@sm90
+def test_fp32_scales_group256_and_act_order():
+    for group, perm, sd in ((256, True, torch.float32), (64, True, torch.bfloat16)):
+        qw = make_weight(200, 1000, 4, group, False, scale_dtype=sd, perm=perm, device="cuda")
+        w = qw.dequantize(torch.float32)
+        for dtype in (torch.float16, torch.bfloat16):
+            x = act(70, 1000, dtype)
+            assert_matches_dense(wg.weight_only_tma(x, qw), x, w, None)
+
+
+@sm90
+@pytest.mark.parametrize("k, n", [(3584, 4608), (200, 33)])
+def test_batch_invariance_and_determinism(k, n):
+    # A token's sums depend only on its place in its 128-token tile: any
+    # prefix of a batch, and any slice cut at a tile boundary, gives the
+    # batch's bits.
+    for dtype in (torch.float16, torch.bfloat16):
+        qw = make_weight(n, k, 4, 128, False, scale_dtype=dtype, device="cuda")
+        x = act(300, k, dtype)
+        full = wg.weight_only_tma(x, qw)
+        assert torch.equal(full, wg.weight_only_tma(x, qw))   # run to run
+        for m in (1, 65, 128, 200):
+            assert torch.equal(wg.weight_only_tma(x[:m].clone(), qw), full[:m]), m
+        assert torch.equal(wg.weight_only_tma(x[128:].clone(), qw), full[128:])
+
+
+@sm90
+def test_selected_by_linear_when_enabled(monkeypatch):
+    from vlmkern import ops
+    monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
+    qw = make_weight(384, 256, 3, 64, False, device="cuda")
+    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
+    assert ops.which_kernel(act(65, 256, torch.float16), qw) == "cuda.dequant_cublas"
+    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_tma")
+    assert ops.which_kernel(act(64, 256, torch.float16), qw) != "cuda.weight_only_tma"
+    assert ops.which_kernel(act(65, 256, torch.float16), qw) == "cuda.weight_only_tma"
+    x = act(300, 256, torch.bfloat16).reshape(3, 100, 256)
+    assert_matches_dense(ops.linear(x, qw).reshape(300, 384), x.reshape(300, 256),
+                         qw.dequantize(torch.float32), None)
+
+
+@sm90
+def test_traceable_by_torch_compile():
+    from vlmkern.ops import cuda_weight_only as cw
+    qw = make_weight(96, 384, 3, 64, False, device="cuda")
+    mw = cw.kernel_weight(qw, torch.bfloat16)
+
+    def f(x):
+        return torch.ops.vlmkern.weight_only_tma(x, mw.wq, mw.sz, None, 3, 96, mw.slot_log2) * 2
+
+    x = act(190, 384, torch.bfloat16)
+    assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))
+    meta = torch.ops.vlmkern.weight_only_tma(x.to("meta"), mw.wq.to("meta"), mw.sz.to("meta"),
+                                             None, 3, 96, mw.slot_log2)
+    assert meta.shape == (190, 96) and meta.dtype == torch.bfloat16
+
+
+@sm90
+@pytest.mark.cpp_checks
+def test_bad_inputs_give_clear_errors():
+    from vlmkern.ops import cuda_weight_only as cw
+    qw = make_weight(64, 256, 4, 64, False, device="cuda")
+    mw = cw.kernel_weight(qw, torch.float16)
+    x = act(100, 256, torch.float16)
+    op = torch.ops.vlmkern.weight_only_tma
+
+    def call(**kw):
+        a = {"x": x, "wq": mw.wq, "sz": mw.sz, "bias": None, "bits": 4, "out_features": 64,
+             "slot_log2": mw.slot_log2}
+        a.update(kw)
+        return op(a["x"], a["wq"], a["sz"], a["bias"], a["bits"], a["out_features"], a["slot_log2"])
+
+    check_layout_errors(call, 100)
+    with pytest.raises((RuntimeError, NotImplementedError), match="CPU|CUDA tensor"):
+        call(x=x.cpu(), wq=mw.wq.cpu(), sz=mw.sz.cpu())
+    with pytest.raises(ValueError, match="8-bit weights unsupported"):
+        wg.weight_only_tma(x, make_weight(64, 256, 8, 64, False, device="cuda"))
+    assert wg.weight_only_tma(act(0, 256, torch.float16), qw).shape == (0, 64)
+    assert call(x=act(0, 256, torch.float16)).shape == (0, 64)
+
+
+if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer memcheck
+    @sm90
+    def test_sanitizer_smoke():
+        for bits in (2, 3, 4):
+            qw = make_weight(130, 203, bits, 64, False, device="cuda")
+            for m in (1, 129):
+                for dtype in (torch.float16, torch.bfloat16):
+                    wg.weight_only_tma(act(m, 203, dtype), qw, torch.randn(130, device="cuda"))
+        torch.cuda.synchronize()
