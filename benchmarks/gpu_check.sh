@@ -102,7 +102,7 @@ if [ "${SANITIZE_S:-300}" -gt 0 ] && command -v compute-sanitizer >/dev/null; th
   VLMKERN_SANITIZE=1 timeout "${SANITIZE_S:-300}" compute-sanitizer --tool memcheck \
     --error-exitcode 9 "$py" -m pytest -q -p no:cacheprovider -k "sanitizer_smoke or fast_dequant_matches" \
     tests/test_cuda_weight_only.py tests/test_cuda_weight_only_sm90.py tests/test_cuda_int_act.py \
-    tests/test_cuda_binary.py tests/test_cuda_weight_only_dequant.py \
+    tests/test_cuda_binary.py tests/test_cuda_weight_only_dequant.py tests/test_cuda_weight_only_tma.py \
     tests/test_cuda_binary_lut_kernel.py tests/test_ext.py >"$out/sanitize_smoke.log" 2>&1
   rc=$?; phase memcheck_smoke $rc "$t"; grep -E "ERROR SUMMARY|passed|failed|skipped" \
     "$out/sanitize_smoke.log" | tail -3
@@ -129,7 +129,7 @@ fi
 if [ "${DECODE_S:-240}" -gt 0 ]; then
   t=$(date +%s)
   (cd benchmarks && timeout "${DECODE_S:-240}" "$py" decode_model.py --out "$out" \
-    --enable "${DECODE_ENABLE:-cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem,cuda.dequant_layout_cublas,cuda.int_act_wgmma,cuda.binary_prefetch,cuda.binary_lut_staged,cuda.binary_dequant_cublas,cuda.int_act_staged,cuda.weight_only_post_scale_m64}") \
+    --enable "${DECODE_ENABLE:-cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem,cuda.dequant_layout_cublas,cuda.int_act_wgmma,cuda.binary_prefetch,cuda.binary_lut_staged,cuda.binary_dequant_cublas,cuda.int_act_staged,cuda.weight_only_post_scale_m64,cuda.weight_only_tma,cuda.int_act_tma}") \
     >"$out/decode.log" 2>&1
   rc=$?; phase decode $rc "$t"; grep -E "^\|" "$out/decode.log" | tail -16
 fi
@@ -171,8 +171,8 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
   # the integer-activation GEMMs at prefill size: mma.sync and, where built, wgmma
   t=$(date +%s)
   (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
-    --section Occupancy -k "regex:gemm_kernel|wgmma_kernel" --launch-count 4 \
-    "$py" profile_linear.py --format W8A8 --m 4096 --reps 1 --enable cuda.int_act_wgmma) \
+    --section Occupancy -k "regex:gemm_kernel|wgmma_kernel|tma_kernel" --launch-count 6 \
+    "$py" profile_linear.py --format W8A8 --m 4096 --reps 1 --enable cuda.int_act_wgmma,cuda.int_act_tma) \
     >"$out/profile_int_act.log" 2>&1
   rc=$?; phase profile_int_act $rc "$t"; grep -E "Duration|Compute \(SM\) Throughput" \
     "$out/profile_int_act.log" | head -8
@@ -201,14 +201,14 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
   rc=$?; phase profile_binary $rc "$t"; grep -E "^== M|_kernel|Duration|Memory Throughput|Issue Slots" \
     "$out/profile_binary.log" | head -30
   # W4 at prefill size: the (fast) dequantize kernel in front of cuBLAS, then
-  # the Hopper weight-only kernels (A in registers, in shared memory), which
-  # need no dequantized copy
+  # the Hopper weight-only kernels (A in registers, in shared memory, and the
+  # warp-specialized TMA one), which need no dequantized copy
   t=$(date +%s)
   (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
-    -k "regex:dequant|weight_only_wgmma" --launch-count 8 "$py" profile_linear.py --format "W4 g128" \
-    --m 4096 --reps 1 --enable cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem) \
+    -k "regex:dequant|weight_only_wgmma|weight_only_tma" --launch-count 10 "$py" profile_linear.py --format "W4 g128" \
+    --m 4096 --reps 1 --enable cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem,cuda.weight_only_tma) \
     >"$out/profile_dequant.log" 2>&1
-  rc=$?; phase profile_dequant $rc "$t"; grep -E "dequant_|wgmma|Duration|Memory Throughput|Compute \(SM\)" \
+  rc=$?; phase profile_dequant $rc "$t"; grep -E "dequant_|wgmma|tma|Duration|Memory Throughput|Compute \(SM\)" \
     "$out/profile_dequant.log" | head -24
 fi
 
