@@ -101,10 +101,14 @@ __device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
       : "memory");
   return done != 0;
 }
-// Wait until the barrier's phase of the given parity has completed.
+// Wait until the barrier's phase of the given parity has completed. A
+// pipeline that never completes the phase (a bug) traps after about ten
+// seconds instead of holding the GPU until the process is killed.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  while (!mbar_try_wait(bar, parity)) {
-  }
+  if (mbar_try_wait(bar, parity)) return;
+  const long long start = clock64();
+  while (!mbar_try_wait(bar, parity))
+    if (clock64() - start > (1ll << 34)) __trap();
 }
 // Arrive on the barrier at the same offset in block `cta` of the cluster.
 __device__ __forceinline__ void mbar_arrive_in(uint32_t bar, uint32_t cta) {

@@ -173,8 +173,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint32_t a[8][4];
       // Step kt's fragments are decoded while step kt - 1's MMA runs: each step
       // has its own registers, and the chunk's MMAs form one group, waited
-      // for once (a wait or a commit between them makes ptxas serialize
-      // every MMA of the loop).
+      // for at the chunk's end. A wait or a commit between them, or a group
+      // kept in flight across the loop's back edge, makes ptxas serialize
+      // every MMA; while this warpgroup waits, the other one's MMAs run.
       fence_operands(acc);
 #pragma unroll
       for (int kt = 0; kt < 8; ++kt) {
