@@ -213,33 +213,15 @@ int launch_gemm_sm90_tma(const GemmArgs& args, cudaStream_t stream) {
   if (err == cudaSuccess)
     err = vlmkern_tma::encode_rows(&w_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, args.w, args.N,
                                    row_bytes, row_bytes, kBK, kBPartRows);
+  const dim3 grid(unsigned((m_tiles + kCluster - 1) / kCluster * kCluster), unsigned(n_tiles));
+  if (err == cudaSuccess)
+    err = vlmkern_tma::launch_clusters(int_act_tma_kernel, grid, kThreads, kSmem, kCluster, stream,
+                                       q_map, w_map, args);
   if (err != cudaSuccess) {
     last_launch_error = err;
     return VLMKERN_INT_ACT_ERR_LAUNCH;
   }
-  err = cudaFuncSetAttribute(int_act_tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (err != cudaSuccess) {
-    last_launch_error = err;
-    return VLMKERN_INT_ACT_ERR_LAUNCH;
-  }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(unsigned((m_tiles + kCluster - 1) / kCluster * kCluster), unsigned(n_tiles));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = kSmem;
-  config.stream = stream;
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = kCluster;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
-  err = cudaLaunchKernelEx(&config, int_act_tma_kernel, q_map, w_map, args);
-  if (err != cudaSuccess) {
-    last_launch_error = err;
-    return VLMKERN_INT_ACT_ERR_LAUNCH;
-  }
-  return launch_status();
+  return VLMKERN_INT_ACT_OK;
 }
 
 }  // namespace vlmkern_int_act

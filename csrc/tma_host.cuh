@@ -45,4 +45,29 @@ inline cudaError_t encode_rows(CUtensorMap* map, CUtensorMapDataType type, const
   return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// Launch `kernel` (dynamic shared memory `smem` bytes, raised past the
+// default limit first) in clusters of `cluster` thread blocks along x;
+// `grid.x` must be a multiple of `cluster`. The CUDA error of the attribute
+// call or the launch, else cudaSuccess.
+template <class... Params, class... Args>
+cudaError_t launch_clusters(void (*kernel)(Params...), dim3 grid, int threads, int smem,
+                            int cluster, cudaStream_t stream, Args&&... args) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute dims;
+  dims.id = cudaLaunchAttributeClusterDimension;
+  dims.val.clusterDim.x = cluster;
+  dims.val.clusterDim.y = 1;
+  dims.val.clusterDim.z = 1;
+  config.attrs = &dims;
+  config.numAttrs = 1;
+  err = cudaLaunchKernelEx(&config, kernel, static_cast<Args&&>(args)...);
+  return err == cudaSuccess ? cudaGetLastError() : err;
+}
+
 }  // namespace vlmkern_tma

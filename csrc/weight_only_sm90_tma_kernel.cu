@@ -251,24 +251,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <int BITS, class T>
 int launch(const CUtensorMap& x_map, const TmaParams& p, cudaStream_t stream) {
   using S = TmaStage<BITS>;
-  auto kernel = weight_only_tma_kernel<BITS, T>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmem);
-  if (err != cudaSuccess) return launch_failed(err);
   const int64_t tiles = (p.M + kTokens - 1) / kTokens, pairs = (p.NB + 1) / 2;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(unsigned(kCluster * pairs * tiles));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = S::kSmem;
-  config.stream = stream;
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = kCluster;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
-  err = cudaLaunchKernelEx(&config, kernel, x_map, p);
-  if (err == cudaSuccess) err = cudaGetLastError();
+  const cudaError_t err = vlmkern_tma::launch_clusters(
+      weight_only_tma_kernel<BITS, T>, dim3(unsigned(kCluster * pairs * tiles)), kThreads, S::kSmem,
+      kCluster, stream, x_map, p);
   return err == cudaSuccess ? VLMKERN_WO_OK : launch_failed(err);
 }
 

@@ -564,13 +564,15 @@ def test_gpu_wgmma_equals_mma_bitwise(wa, group):
 
 @wgmma_gpu
 @pytest.mark.gpu
-def test_gpu_wgmma_batch_invariant_selected_and_traceable(monkeypatch):
+@pytest.mark.parametrize("path, min_m", [("wgmma", cia.WGMMA_MIN_M), ("tma", cia.TMA_MIN_M)])
+def test_gpu_hopper_batch_invariant_selected_and_traceable(monkeypatch, path, min_m):
     qw = make_intact(512, 1024, 8, 8, None, seed=6, device="cuda")
     x = act(700, 1024, torch.bfloat16)
-    full = assert_batch_invariant("wgmma", qw, x, (64, 128, 129, 300))
-    assert torch.equal(cia.int_act_matmul(x, qw, path="wgmma"), full)
-    assert_selected_only_when_enabled(monkeypatch, "cuda.int_act_wgmma", qw, x, x[:63], full)
-    f = quantize_and_gemm(cia.to_kernel_weight(qw, cia.MODE_I8), cia.GEMM_WGMMA)
+    full = assert_batch_invariant(path, qw, x, (64, 128, 129, 256, 300))
+    assert torch.equal(cia.int_act_matmul(x, qw, path=path), full)
+    assert_selected_only_when_enabled(monkeypatch, f"cuda.int_act_{path}", qw, x, x[:min_m - 1],
+                                      full)
+    f = quantize_and_gemm(cia.to_kernel_weight(qw, cia.MODE_I8), cia._GEMM_OF_PATH[path])
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=0)
 
 
@@ -615,19 +617,6 @@ def test_gpu_tma_equals_mma_bitwise(wa):
                                          ((129, torch.float16), (256, torch.bfloat16),
                                           (300, torch.float32), (1000, torch.float16)))
         check_close(got, x, qw, bias)
-
-
-@wgmma_gpu
-@pytest.mark.gpu
-def test_gpu_tma_batch_invariant_selected_and_traceable(monkeypatch):
-    qw = make_intact(512, 1024, 8, 8, None, seed=6, device="cuda")
-    x = act(700, 1024, torch.bfloat16)
-    full = assert_batch_invariant("tma", qw, x, (129, 256, 300))
-    assert torch.equal(cia.int_act_matmul(x, qw, path="tma"), full)
-    assert_selected_only_when_enabled(monkeypatch, "cuda.int_act_tma", qw, x,
-                                      x[:cia.TMA_MIN_M - 1], full)
-    f = quantize_and_gemm(cia.to_kernel_weight(qw, cia.MODE_I8), cia.GEMM_TMA)
-    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=0)
 
 
 @gpu

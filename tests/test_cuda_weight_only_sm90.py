@@ -288,14 +288,13 @@ def test_traceable_by_torch_compile():
     assert meta.shape == (90, 96) and meta.dtype == torch.bfloat16
 
 
-@sm90
-@pytest.mark.cpp_checks
-def test_bad_inputs_give_clear_errors():
+def check_hopper_op_errors(op, wrapper):
+    """Clear errors from a Hopper weight-only op (x, wq, sz, bias, bits,
+    out_features, slot_log2, ...) and its Python wrapper(x, qweight)."""
     from vlmkern.ops import cuda_weight_only as cw
     qw = make_weight(64, 256, 4, 64, False, device="cuda")
     mw = cw.kernel_weight(qw, torch.float16)
     x = act(100, 256, torch.float16)
-    op = torch.ops.vlmkern.weight_only_wgmma
 
     def call(**kw):
         a = {"x": x, "wq": mw.wq, "sz": mw.sz, "bias": None, "bits": 4, "out_features": 64,
@@ -307,11 +306,17 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises((RuntimeError, NotImplementedError), match="CPU|CUDA tensor"):
         call(x=x.cpu(), wq=mw.wq.cpu(), sz=mw.sz.cpu())
     with pytest.raises(ValueError, match=r"x must be \[M, 256\]"):
-        wg.weight_only_wgmma(act(100, 255, torch.float16), qw)
+        wrapper(act(100, 255, torch.float16), qw)
     with pytest.raises(ValueError, match="8-bit weights unsupported"):
-        wg.weight_only_wgmma(x, make_weight(64, 256, 8, 64, False, device="cuda"))
-    assert wg.weight_only_wgmma(act(0, 256, torch.float16), qw).shape == (0, 64)
+        wrapper(x, make_weight(64, 256, 8, 64, False, device="cuda"))
+    assert wrapper(act(0, 256, torch.float16), qw).shape == (0, 64)
     assert call(x=act(0, 256, torch.float16)).shape == (0, 64)
+
+
+@sm90
+@pytest.mark.cpp_checks
+def test_bad_inputs_give_clear_errors():
+    check_hopper_op_errors(torch.ops.vlmkern.weight_only_wgmma, wg.weight_only_wgmma)
 
 
 if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer memcheck

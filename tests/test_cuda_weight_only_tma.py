@@ -12,15 +12,10 @@ import os
 
 import pytest
 import torch
-from test_cuda_weight_only import act, assert_matches_dense, check_layout_errors, make_weight
-from test_cuda_weight_only_sm90 import AWKWARD, _SKIP90
+from test_cuda_weight_only import act, assert_matches_dense, make_weight
+from test_cuda_weight_only_sm90 import AWKWARD, check_hopper_op_errors, sm90
 
 from vlmkern.ops import cuda_weight_only_sm90 as wg
-
-
-def sm90(fn):
-    """GPU test on sm_90a: marked `gpu`, skipped (with the reason) elsewhere."""
-    return pytest.mark.gpu(pytest.mark.skipif(_SKIP90 is not None, reason=str(_SKIP90))(fn))
 
 
 def test_registered_opt_in_for_prefill(monkeypatch):
@@ -164,25 +159,7 @@ def test_traceable_by_torch_compile():
 @sm90
 @pytest.mark.cpp_checks
 def test_bad_inputs_give_clear_errors():
-    from vlmkern.ops import cuda_weight_only as cw
-    qw = make_weight(64, 256, 4, 64, False, device="cuda")
-    mw = cw.kernel_weight(qw, torch.float16)
-    x = act(100, 256, torch.float16)
-    op = torch.ops.vlmkern.weight_only_tma
-
-    def call(**kw):
-        a = {"x": x, "wq": mw.wq, "sz": mw.sz, "bias": None, "bits": 4, "out_features": 64,
-             "slot_log2": mw.slot_log2}
-        a.update(kw)
-        return op(a["x"], a["wq"], a["sz"], a["bias"], a["bits"], a["out_features"], a["slot_log2"])
-
-    check_layout_errors(call, 100)
-    with pytest.raises((RuntimeError, NotImplementedError), match="CPU|CUDA tensor"):
-        call(x=x.cpu(), wq=mw.wq.cpu(), sz=mw.sz.cpu())
-    with pytest.raises(ValueError, match="8-bit weights unsupported"):
-        wg.weight_only_tma(x, make_weight(64, 256, 8, 64, False, device="cuda"))
-    assert wg.weight_only_tma(act(0, 256, torch.float16), qw).shape == (0, 64)
-    assert call(x=act(0, 256, torch.float16)).shape == (0, 64)
+    check_hopper_op_errors(torch.ops.vlmkern.weight_only_tma, wg.weight_only_tma)
 
 
 if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer memcheck

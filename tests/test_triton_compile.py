@@ -92,7 +92,7 @@ for dt, tdt, mode in (("fp16", torch.float16, 0), ("bf16", torch.bfloat16, 0),
                          BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk), cap, cfg)
             out.append((f"int_act m={m} {dt} g{g} w4={w4}", smem))
     for m in (64, 4096) if cap >= 90 else ():   # TMA: Hopper only
-        cfg = cm.get_config("int_act_tma", m)
+        cfg = it.tma_config(m, tdt)
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         tma_t = dict(a_desc=f"tensordesc<i8[{bm}, {bk}]>", w_desc=f"tensordesc<i8[{bn}, {bk}]>",
                      sx_ptr="*fp32", sw_ptr="*fp16", bias_ptr="*fp32", out_ptr=f"*{dt}")

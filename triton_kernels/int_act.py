@@ -141,8 +141,16 @@ def _int_act_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr,
             sw = tl.load(sw_ptr + n_col.to(tl.int64) * stride_sn + g0 // GROUP,
                          mask=n_col < N, other=0.0)
             acc_f += acc.to(tl.float32) * sw.to(tl.float32)
-    sx = tl.load(sx_ptr + m2, mask=m2 < M, other=0.0)
-    y = acc_f * sx
+    finish_rows(acc_f, m2, n_col, sx_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS, FIX_BF16)
+
+
+@triton.jit
+def finish_rows(y, m2, n_col, sx_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                HAS_BIAS: tl.constexpr, FIX_BF16: tl.constexpr):
+    """out[m2, n_col] = y * token scale (+ bias), rounded once to out's dtype;
+    y holds the weight-scaled fp32 sums of rows m2 ([BM, 1]) and columns
+    n_col ([1, BN]). Shared with the TMA kernel (int_act_tma.py)."""
+    y = y * tl.load(sx_ptr + m2, mask=m2 < M, other=0.0)
     if HAS_BIAS:
         y += tl.load(bias_ptr + n_col, mask=n_col < N, other=0.0).to(tl.float32)
     if FIX_BF16:

@@ -24,27 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (bf16_fixup, dtype_code, get_config, launch_opts, round_bf16, shrink,
-                      sm_count, swizzled_tile)
-from .int_act import quantize_activations
-
-
-@triton.jit
-def _store_tile(acc, off_m, off_n, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N, stride_sn,
-                stride_om, HAS_BIAS: tl.constexpr, FIX_BF16: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[tile] = acc * w_scale * token_scale (+ bias), rounded once."""
-    m2 = (off_m + tl.arange(0, BLOCK_M))[:, None]
-    n_col = (off_n + tl.arange(0, BLOCK_N))[None, :]
-    sw = tl.load(sw_ptr + n_col.to(tl.int64) * stride_sn, mask=n_col < N, other=0.0)
-    y = acc.to(tl.float32) * sw.to(tl.float32)
-    y = y * tl.load(sx_ptr + m2, mask=m2 < M, other=0.0)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + n_col, mask=n_col < N, other=0.0).to(tl.float32)
-    if FIX_BF16:
-        y = round_bf16(y)
-    tl.store(out_ptr + m2.to(tl.int64) * stride_om + n_col, y.to(out_ptr.dtype.element_ty),
-             mask=(m2 < M) & (n_col < N))
+from ._common import bf16_fixup, dtype_code, get_config, launch_opts, shrink, sm_count, swizzled_tile
+from .int_act import finish_rows, quantize_activations
 
 
 @triton.jit
@@ -68,8 +49,20 @@ def _int_act_tma_kernel(a_desc, w_desc, sx_ptr, sw_ptr, bias_ptr, out_ptr,
             a = a_desc.load([off_m, kt * BLOCK_K])
             w = w_desc.load([off_n, kt * BLOCK_K])
             acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
-        _store_tile(acc, off_m, off_n, sx_ptr, sw_ptr, bias_ptr, out_ptr, M, N, stride_sn,
-                    stride_om, HAS_BIAS, FIX_BF16, BLOCK_M, BLOCK_N)
+        m2 = (off_m + tl.arange(0, BLOCK_M))[:, None]
+        n_col = (off_n + tl.arange(0, BLOCK_N))[None, :]
+        sw = tl.load(sw_ptr + n_col.to(tl.int64) * stride_sn, mask=n_col < N, other=0.0)
+        finish_rows(acc.to(tl.float32) * sw.to(tl.float32), m2, n_col, sx_ptr, bias_ptr, out_ptr,
+                    M, N, stride_om, HAS_BIAS, FIX_BF16)
+
+
+def tma_config(m: int, dtype: torch.dtype, override: dict | None = None) -> dict:
+    """Launch config for M tokens of ``dtype`` (the table's, with ``override``)."""
+    cfg = get_config("int_act_tma", m, override)
+    if dtype == torch.float32 and not (override and "num_stages" in override):
+        # fp32 outputs at 128 x 256 tiles and 4 stages spill (sm_90, Triton 3.9); 3 do not
+        cfg["num_stages"] = min(cfg["num_stages"], 3)
+    return cfg
 
 
 def tma_reason(x: torch.Tensor, qweight) -> str | None:
@@ -102,7 +95,7 @@ def int_act_tma_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = Non
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    cfg = get_config("int_act_tma", m, config)
+    cfg = tma_config(m, x.dtype, config)
     bm, bn, bk = shrink(cfg["BLOCK_M"], m), shrink(cfg["BLOCK_N"], n), shrink(cfg["BLOCK_K"], k)
     qx, sx = quantize_activations(x, qweight.a_bits, qweight.act_scale)
     qw, sw = qweight.qweight.contiguous(), qweight.scales.contiguous()

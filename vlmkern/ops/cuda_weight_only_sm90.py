@@ -74,6 +74,20 @@ def splits_for(m: int, out_features: int, chunks: int, multiprocessors: int) -> 
     return max(1, min(-(-multiprocessors // blocks), chunks // 4))
 
 
+def _inputs(name: str, op: str, source: str, x: torch.Tensor, qweight: QuantizedWeight,
+            bias: torch.Tensor | None):
+    """The checks both kernels share; (layout, x, bias) as the op takes them,
+    or None for M = 0."""
+    require_op(name, op, source)
+    check_activations(name, x, qweight, ACT_DTYPES, same_device=False)
+    why = _reason(qweight, x.device)
+    if why is not None:
+        raise ValueError(f"{name}: {why}")
+    if x.shape[0] == 0:
+        return None
+    return (kernel_weight(qweight, x.dtype), *kernel_inputs(x, qweight, bias))
+
+
 def weight_only_wgmma(x: torch.Tensor, qweight: QuantizedWeight,
                       bias: torch.Tensor | None = None, smem_a: bool = False,
                       splits: int | None = None) -> torch.Tensor:
@@ -81,18 +95,14 @@ def weight_only_wgmma(x: torch.Tensor, qweight: QuantizedWeight,
     sm_90 device, any M >= 0; bias [N] or None -> [M, N] in x's dtype.
     ``smem_a``: decoded weights through shared memory (see the module doc);
     ``splits``: K slices, 1..chunks (default ``splits_for``)."""
-    require_op("cuda.weight_only_wgmma", "weight_only_wgmma", "csrc/weight_only_sm90_kernel.cu")
-    check_activations("cuda.weight_only_wgmma", x, qweight, ACT_DTYPES, same_device=False)
-    why = _reason(qweight, x.device)
-    if why is not None:
-        raise ValueError(f"cuda.weight_only_wgmma: {why}")
-    if x.shape[0] == 0:
+    ready = _inputs("cuda.weight_only_wgmma", "weight_only_wgmma",
+                    "csrc/weight_only_sm90_kernel.cu", x, qweight, bias)
+    if ready is None:
         return x.new_empty(0, qweight.out_features)
-    mw = kernel_weight(qweight, x.dtype)
+    mw, x2, bias = ready
     if splits is None:
         splits = splits_for(x.shape[0], mw.out_features, mw.chunks, multiprocessors(x.device))
-    x, bias = kernel_inputs(x, qweight, bias)
-    return torch.ops.vlmkern.weight_only_wgmma(x, mw.wq, mw.sz, bias, mw.bits, mw.out_features,
+    return torch.ops.vlmkern.weight_only_wgmma(x2, mw.wq, mw.sz, bias, mw.bits, mw.out_features,
                                                mw.slot_log2, bool(smem_a), int(splits))
 
 
@@ -107,16 +117,12 @@ def weight_only_tma(x: torch.Tensor, qweight: QuantizedWeight,
     """y = x @ W^T + bias on the warp-specialized Hopper kernel. x [M, K]
     fp16/bf16 on an sm_90 device, any M >= 0 (meant for prefill); bias [N] or
     None -> [M, N] in x's dtype."""
-    require_op("cuda.weight_only_tma", "weight_only_tma", "csrc/weight_only_sm90_tma_kernel.cu")
-    check_activations("cuda.weight_only_tma", x, qweight, ACT_DTYPES, same_device=False)
-    why = _reason(qweight, x.device)
-    if why is not None:
-        raise ValueError(f"cuda.weight_only_tma: {why}")
-    if x.shape[0] == 0:
+    ready = _inputs("cuda.weight_only_tma", "weight_only_tma",
+                    "csrc/weight_only_sm90_tma_kernel.cu", x, qweight, bias)
+    if ready is None:
         return x.new_empty(0, qweight.out_features)
-    mw = kernel_weight(qweight, x.dtype)
-    x, bias = kernel_inputs(x, qweight, bias)
-    return torch.ops.vlmkern.weight_only_tma(x, mw.wq, mw.sz, bias, mw.bits, mw.out_features,
+    mw, x2, bias = ready
+    return torch.ops.vlmkern.weight_only_tma(x2, mw.wq, mw.sz, bias, mw.bits, mw.out_features,
                                              mw.slot_log2)
 
 
