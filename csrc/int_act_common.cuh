@@ -109,6 +109,41 @@ __device__ __forceinline__ void store_outputs(const GemmArgs& p, int64_t m, int6
   }
 }
 
+// Outputs (m, n .. n + 7) from their fp32 sums y: store_outputs' rounding,
+// with one 16-byte store (two for fp32) where all eight are in range and N
+// is a multiple of 8 (rows and n then 16-byte aligned), else pair by pair.
+__device__ __forceinline__ void store_outputs8(const GemmArgs& p, int64_t m, int64_t n,
+                                               const float (&y)[8], float sx) {
+  if (m >= p.M) return;
+  if (p.N % 8 != 0 || n + 8 > p.N) {
+#pragma unroll
+    for (int i = 0; i < 8; i += 2) store_outputs(p, m, n + i, y[i], y[i + 1], sx, p.N % 2 == 0);
+    return;
+  }
+  float v[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = finish(y[i], sx, p.bias ? load_float(p.bias, p.bias_dtype, n + i) : 0.f);
+  const int64_t at = m * p.N + n;
+  if (p.out_dtype == VLMKERN_INT_ACT_F32) {
+    float4* dst = reinterpret_cast<float4*>(static_cast<float*>(p.out) + at);
+    dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+    dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+    return;
+  }
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (p.out_dtype == VLMKERN_INT_ACT_F16) {
+      const __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+      w[i] = *reinterpret_cast<const uint32_t*>(&h);
+    } else {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+      w[i] = *reinterpret_cast<const uint32_t*>(&h);
+    }
+  }
+  *reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.out) + at) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 inline thread_local cudaError_t last_launch_error = cudaSuccess;
 inline thread_local char message_buffer[256];
 

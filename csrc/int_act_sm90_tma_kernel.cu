@@ -154,8 +154,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // 0 + acc * w_scale (the per-channel group, as the mma.sync kernel folds
     // it) into a [128][kBN + 8] fp32 tile over the stages, which no copy
     // writes any more, once both warpgroups' MMAs are done; then consecutive
-    // threads finish consecutive column pairs of a row (token scale, bias and
-    // cast in store_outputs).
+    // threads finish consecutive runs of 8 columns of a row (token scale, bias
+    // and cast as in store_outputs, one 16-byte store each).
     consumers_sync();
     float* tile = reinterpret_cast<float*>(smem_raw + (base - smem_addr(smem_raw)));
     const int tile_row = 64 * c + 16 * ((tid >> 5) & 3) + (lane >> 2);
@@ -174,13 +174,14 @@ __global__ void __launch_bounds__(kThreads, 1)
                         __fmaf_rn(__int2float_rn(acc[h][4 * j + 3]), s1, 0.f));
       }
     consumers_sync();
-    const bool pair_ok = (p.N % 2) == 0;
     const int rows = int(min(int64_t(kBM), p.M - m0));
 #pragma unroll 1
-    for (int idx = tid - 128; idx < rows * (kBN / 2); idx += 2 * 128) {
-      const int r = idx / (kBN / 2), col = 2 * (idx % (kBN / 2));
-      const float2 v = *reinterpret_cast<const float2*>(tile + r * kPitch + col);
-      store_outputs(p, m0 + r, n0 + col, v.x, v.y, p.sx[m0 + r], pair_ok);
+    for (int idx = tid - 128; idx < rows * (kBN / 8); idx += 2 * 128) {
+      const int r = idx / (kBN / 8), col = 8 * (idx % (kBN / 8));
+      const float4 lo = *reinterpret_cast<const float4*>(tile + r * kPitch + col);
+      const float4 hi = *reinterpret_cast<const float4*>(tile + r * kPitch + col + 4);
+      const float y[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+      store_outputs8(p, m0 + r, n0 + col, y, p.sx[m0 + r]);
     }
   }
   // The peer's consumers arrive on this block's barriers until their last

@@ -201,8 +201,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // Epilogue: once both warpgroups' MMAs are done (and every copy into this
     // block has been consumed), the sums go into a [token][row] fp32 tile over
-    // the stages; then consecutive threads finish consecutive row pairs of a
-    // token (bias, one rounding, store).
+    // the stages; then consecutive threads finish consecutive runs of 8 rows
+    // of a token (bias, one rounding, one 16-byte store where N allows).
     consumers_sync();
     float* tile = reinterpret_cast<float*>(smem);
     const int row = 16 * warp + (lane >> 2);
@@ -216,25 +216,30 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     const int64_t tokens = p.M - m0 < kTokens ? p.M - m0 : kTokens;
     const int64_t n_base = int64_t(b) * kRows;
-    const bool pairs_ok = p.N % 2 == 0;  // rows of out start 4-byte aligned
+    const bool rows8 = p.N % 8 == 0;  // rows of out start 16-byte aligned
 #pragma unroll 1
-    for (int idx = tid - 128; idx < tokens * (kRows / 2); idx += kThreads - 128) {
-      const int t = idx / (kRows / 2), r = 2 * (idx % (kRows / 2));
+    for (int idx = tid - 128; idx < tokens * (kRows / 8); idx += kThreads - 128) {
+      const int t = idx / (kRows / 8), r = 8 * (idx % (kRows / 8));
       const int64_t n = n_base + r;
       if (n >= p.N) continue;
-      float v0 = tile[t * kPitch + r], v1 = tile[t * kPitch + r + 1];
-      const bool second = n + 1 < p.N;
+      const float4 lo = *reinterpret_cast<const float4*>(tile + t * kPitch + r);
+      const float4 hi = *reinterpret_cast<const float4*>(tile + t * kPitch + r + 4);
+      float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+      const int count = p.N - n < 8 ? int(p.N - n) : 8;
+#pragma unroll
+      for (int i = 0; i < 8; ++i)  // unrolled: v stays in registers
+        if (p.bias && i < count) v[i] += load_bias(p.bias, p.bias_dtype, static_cast<int>(n + i));
       uint16_t* dst = p.out + (m0 + t) * p.N + n;
-      if (p.bias) {
-        v0 += load_bias(p.bias, p.bias_dtype, static_cast<int>(n));
-        if (second) v1 += load_bias(p.bias, p.bias_dtype, static_cast<int>(n + 1));
-      }
-      if (pairs_ok && second) {
-        *reinterpret_cast<uint32_t*>(dst) =
-            uint32_t(T::from_float(v0)) | (uint32_t(T::from_float(v1)) << 16);
+      if (rows8 && count == 8) {
+        uint32_t w[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          w[i] = uint32_t(T::from_float(v[2 * i])) | (uint32_t(T::from_float(v[2 * i + 1])) << 16);
+        *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
       } else {
-        dst[0] = T::from_float(v0);
-        if (second) dst[1] = T::from_float(v1);
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (i < count) dst[i] = T::from_float(v[i]);
       }
     }
   }
