@@ -1,10 +1,12 @@
 """Warp-specialized Hopper weight-only kernel (csrc/weight_only_sm90_tma_kernel.cu,
 cuda.weight_only_tma).
 
-On any machine: its registration (opt-in, M >= 65, sm_90) and its raster,
-the kernel's index arithmetic in Python: every (row block, token tile) pair
-is computed by exactly one thread block, the two blocks of a cluster share
-their tokens and hold adjacent row blocks. On an sm_90 GPU with a build
+On any machine: its registration (opt-in, M >= 65, sm_90), its raster (the
+kernel's index arithmetic in Python: every (row block, token tile) pair is
+computed by exactly one thread block, the two blocks of a cluster share their
+tokens and hold adjacent row blocks) and its token tile: the two blocks' TMA
+boxes, placed with the 128-byte swizzle, read back through the wgmma
+descriptors as the activations. On an sm_90 GPU with a build
 holding 9.0a code: against the dense fp64 product at awkward and real sizes,
 batch invariance, determinism, selection, torch.compile and errors.
 """
@@ -13,7 +15,8 @@ import os
 import pytest
 import torch
 from test_cuda_weight_only import act, assert_matches_dense, make_weight
-from test_cuda_weight_only_sm90 import AWKWARD, check_hopper_op_errors, sm90
+from test_cuda_weight_only_sm90 import (AWKWARD, HALF_BYTES, check_hopper_op_errors, descriptor_read,
+                                        sm90)
 
 from vlmkern.ops import cuda_weight_only_sm90 as wg
 
@@ -60,6 +63,42 @@ def test_raster_covers_every_tile_once_and_pairs_row_blocks(m, blocks):
     # launch order: the first clusters of a group share one token group (L2)
     if m >= 16 * 128 and blocks > 8:
         assert {m0 for _, m0 in r[:32]} == {t * 128 for t in range(16)}
+
+
+def place_token_tile_by_tma(x: torch.Tensor, m0: int, c: int) -> torch.Tensor:
+    """The stage bytes of chunk c for tokens m0.. as the two blocks of a
+    cluster copy them: block `rank`'s TMA box h (64 columns x 64 token rows
+    from column 128c + 64h, row m0 + 64 rank) lands at h * HALF_BYTES +
+    rank * 8192 in both blocks, with the 128-byte swizzle (16-byte chunk
+    index XOR row % 8) and zeros past M and K; int16 halves."""
+    m, k = x.shape
+    stage = torch.full((2 * HALF_BYTES // 2,), -1, dtype=torch.int16)
+    xi = x.view(torch.int16)
+    for rank in range(2):
+        for h in range(2):
+            for i in range(64):
+                row, dst_row = m0 + 64 * rank + i, 64 * rank + i
+                for j in range(64):
+                    col = 128 * c + 64 * h + j
+                    addr = h * HALF_BYTES + dst_row * 128 + 2 * j
+                    addr ^= ((addr >> 7) & 7) << 4
+                    stage[addr // 2] = xi[row, col] if row < m and col < k else 0
+    return stage
+
+
+@pytest.mark.parametrize("m, m0, k, c", [(300, 128, 520, 4), (70, 0, 200, 1), (128, 0, 256, 0)])
+def test_tma_token_tile_is_read_back_as_the_activations(m, m0, k, c):
+    # what the consumers' wgmma descriptors read (the cp.async kernel's
+    # descriptors, checked in test_cuda_weight_only_sm90) is the token tile
+    x = torch.randn(m, k).half()
+    stage = place_token_tile_by_tma(x, m0, c)
+    for kt in range(8):
+        want = torch.zeros(128, 16, dtype=torch.int16)
+        cols = torch.arange(c * 128 + 16 * kt, c * 128 + 16 * kt + 16)
+        rows = torch.arange(m0, min(m0 + 128, m))
+        keep = cols < k
+        want[:len(rows)][:, keep] = x.view(torch.int16)[rows][:, cols[keep]]
+        assert torch.equal(descriptor_read(stage, kt), want), f"k16 step {kt}"
 
 
 @sm90
