@@ -259,6 +259,56 @@ def test_tma_kernel_takes_one_group_per_row(monkeypatch):
     assert "overflow" in tma.check(torch.randn(2, 140000), make_intact(2, 140000, 8, 8, None))
 
 
+def tma_box(rows: torch.Tensor, r0: int, c0: int) -> torch.Tensor:
+    """The 16 KB a TMA box of 128 rows x 128 bytes from (row r0, byte c0) of
+    an int8 matrix writes with the 128-byte swizzle (16-byte chunk index XOR
+    row % 8), zeros past its end."""
+    n, k = rows.shape
+    box = torch.zeros(128 * 128, dtype=torch.int8)
+    i = torch.arange(128).unsqueeze(1)
+    j = torch.arange(128).unsqueeze(0)
+    addr = (i * 128 + j) ^ ((i % 8) << 4)
+    src = torch.zeros(128, 128, dtype=torch.int8)
+    part = rows[r0:r0 + 128, c0:c0 + 128]
+    src[:part.shape[0], :part.shape[1]] = part
+    box[addr.flatten()] = src.flatten()
+    return box
+
+
+def descriptor_rows(tile: torch.Tensor, start: int, n: int, step: int) -> torch.Tensor:
+    """n rows x 32 bytes of k32 step `step` as a K-major 128-byte-swizzled
+    wgmma descriptor starting at byte `start` reads them (8-row groups 1024
+    bytes apart)."""
+    r = torch.arange(n).unsqueeze(1)
+    b = torch.arange(32).unsqueeze(0)
+    addr = start + (r // 8) * 1024 + (r % 8) * 128 + 32 * step + b
+    return tile[addr ^ (((addr >> 7) & 7) << 4)]
+
+
+@pytest.mark.parametrize("m, n, k_pad, m0, n0, kt", [(300, 600, 320, 128, 256, 2),
+                                                    (129, 33, 64, 0, 0, 0)])
+def test_tma_tiles_reach_each_consumer_as_its_rows(m, n, k_pad, m0, n0, kt):
+    # int_act_sm90_tma_kernel.cu: the stage holds the token box (A) and, at
+    # 16 KB + 16 KB * rank, the weight box of cluster block `rank` (channels
+    # n0 + 128 rank..); consumer c reads tokens 64c.. at 8 KB * c, and its two
+    # m64n128 MMAs channels 128h.. at 16 KB + 16 KB * h.
+    q = torch.randint(-127, 128, (m, k_pad), dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k_pad), dtype=torch.int8)
+    stage = torch.cat([tma_box(q, m0, 128 * kt)] + [tma_box(w, n0 + 128 * rank, 128 * kt)
+                                                    for rank in range(2)])
+    pad = torch.nn.functional.pad
+    qz = pad(q, (0, 128 * (kt + 1) - k_pad if 128 * (kt + 1) > k_pad else 0, 0, 512))
+    wz = pad(w, (0, 128 * (kt + 1) - k_pad if 128 * (kt + 1) > k_pad else 0, 0, 512))
+    for step in range(4):
+        cols = slice(128 * kt + 32 * step, 128 * kt + 32 * step + 32)
+        for c in range(2):
+            got = descriptor_rows(stage, 8192 * c, 64, step)
+            assert torch.equal(got, qz[m0 + 64 * c:m0 + 64 * c + 64, cols]), (c, step)
+        for h in range(2):
+            got = descriptor_rows(stage, 16384 + 16384 * h, 128, step)
+            assert torch.equal(got, wz[n0 + 128 * h:n0 + 128 * h + 128, cols]), (h, step)
+
+
 def test_hopper_prefill_left_to_triton(monkeypatch):
     """On sm_90 the plain GEMM declines M >= TRITON_PREFILL_MIN_M for int8-stored
     weights when triton.int_act takes the call, and only then."""
