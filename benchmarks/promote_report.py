@@ -41,6 +41,7 @@ TESTS = {
     "cuda.binary_lut_staged": [("test_cuda_binary_lut_staged.py", r""),
                                ("test_cuda_graphs.py", r"binary_lut_staged")],
     "cuda.binary_dequant_cublas": [("test_cuda_binary_dequant.py", r"^test_(gpu|binary)")],
+    "cuda.binary_lut_tma": [("test_cuda_binary_lut_tma.py", r"")],
     "cuda.int_act_staged": [("test_cuda_int_act_staged.py", r"^test_(gpu|int_act)")],
     "cuda.weight_only_post_scale_m64": [("test_cuda_weight_only_m64.py", r"")],
     "triton.int_act_tma": [("test_triton_kernels.py", r"int_act_tma")],
@@ -85,7 +86,7 @@ def kernel_tests(kernel: str, outcomes: dict[str, str],
 
 # Opt-in kernels for sizes where no default CUDA kernel runs: their baseline is
 # the Triton kernel timed next to them (what ops.linear picks there today).
-TRITON_BASELINE = {"cuda.binary_dequant_cublas"}
+TRITON_BASELINE = {"cuda.binary_dequant_cublas", "cuda.binary_lut_tma"}
 # Opt-in kernels measured against one named kernel: the one they would replace.
 BASELINE_KERNEL = {"triton.int_act_tma": "triton.int_act"}
 

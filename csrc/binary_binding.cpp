@@ -6,6 +6,8 @@
 //   torch.ops.vlmkern.binary_lut_mma  the lookup-table GEMM (binary_lut_kernel.cu)
 //   torch.ops.vlmkern.binary_lut_staged_mma  the same layout on the weight-only
 //                                     pipeline (weight_only_kernel.cu, table decode)
+//   torch.ops.vlmkern.binary_lut_tma  the same layout on the warp-specialized Hopper
+//                                     kernel (weight_only_sm90_tma_kernel.cu), any M
 //   torch.ops.vlmkern.binary_dequant  the dense weight (binary_dequant_kernel.cu)
 //
 // Only device-generic torch headers are used, like bindings.cpp; the library
@@ -25,7 +27,7 @@
 #include <vector>
 
 #include "binary.h"
-#include "weight_only.h"  // vlmkern_binary_lut_staged_mma: the weight-only pipeline, table decode
+#include "weight_only.h"  // vlmkern_binary_lut_staged_mma, vlmkern_binary_lut_tma: table decodes
 
 namespace {
 
@@ -171,13 +173,14 @@ void lut_layout_tensor(const char* op, const at::Tensor& t, const char* name, co
 // CUDA and Meta implementations.
 void check_lut_inputs(const char* op, const at::Tensor& x, const at::Tensor& codes,
                       const at::Tensor& tables, const at::Tensor& merge,
-                      const std::optional<at::Tensor>& bias, int64_t out_features, int64_t ksplit) {
+                      const std::optional<at::Tensor>& bias, int64_t out_features, int64_t ksplit,
+                      int64_t max_m = kLutMaxM) {
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
               "x must be float16 or bfloat16 (the type the tables were made for), got ",
               x.scalar_type());
   TORCH_CHECK(x.dim() == 2, op, "x must be 2-D [M, K_x], got shape ", dims(x.sizes()));
   TORCH_CHECK(x.is_contiguous(), op, "x must be contiguous");
-  TORCH_CHECK(x.size(0) <= kLutMaxM, op, "M (rows of x) must be at most ", kLutMaxM, ", got ",
+  TORCH_CHECK(x.size(0) <= max_m, op, "M (rows of x) must be at most ", max_m, ", got ",
               x.size(0));
   TORCH_CHECK(x.size(1) % 8 == 0, op,
               "x's row length must be a multiple of 8 (pad with zero columns), got ", x.size(1));
@@ -308,6 +311,41 @@ at::Tensor binary_lut_staged_meta(const at::Tensor& x, const at::Tensor& codes,
   return at::empty({x.size(0), out_features}, x.options());
 }
 
+// -- the same layout on the warp-specialized Hopper kernel ---------------------------------
+constexpr const char* kTmaOp = "vlmkern.binary_lut_tma: ";
+constexpr int64_t kTmaMaxM = 0x7fffff00;  // TMA coordinates are 32-bit
+
+at::Tensor binary_lut_tma_cuda(const at::Tensor& x, const at::Tensor& codes,
+                               const at::Tensor& tables, const at::Tensor& merge,
+                               const std::optional<at::Tensor>& bias, int64_t out_features) {
+  TORCH_CHECK(x.is_cuda(), kTmaOp, "x must be a CUDA tensor, got ", x.device());
+  check_lut_inputs(kTmaOp, x, codes, tables, merge, bias, out_features, /*ksplit=*/1, kTmaMaxM);
+  const int64_t M = x.size(0);
+  c10::DeviceGuard guard(x.device());
+  at::Tensor out = at::empty({M, out_features}, x.options());
+  if (M == 0) return out;
+  TORCH_CHECK(aligned16(x), kTmaOp, "x must be 16-byte aligned (a view at an odd offset? clone it)");
+  TORCH_CHECK(aligned16(codes) && aligned16(tables) && aligned16(merge), kTmaOp,
+              "codes, tables and merge must be 16-byte aligned");
+  void* stream =
+      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+  const int status = vlmkern_binary_lut_tma(
+      x.data_ptr(), M, x.size(1), codes.data_ptr<int32_t>(), tables.data_ptr<int32_t>(),
+      merge.data_ptr<int32_t>(), codes.size(0), codes.size(1),
+      bias.has_value() ? bias->data_ptr() : nullptr,
+      bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), out_features,
+      dtype_code(x.scalar_type()), stream);
+  TORCH_CHECK(status == VLMKERN_WO_OK, kTmaOp, vlmkern_wo_status_message(status));
+  return out;
+}
+
+at::Tensor binary_lut_tma_meta(const at::Tensor& x, const at::Tensor& codes,
+                               const at::Tensor& tables, const at::Tensor& merge,
+                               const std::optional<at::Tensor>& bias, int64_t out_features) {
+  check_lut_inputs(kTmaOp, x, codes, tables, merge, bias, out_features, /*ksplit=*/1, kTmaMaxM);
+  return at::empty({x.size(0), out_features}, x.options());
+}
+
 // -- dense weight -----------------------------------------------------------------------
 constexpr const char* kDequantOp = "vlmkern.binary_dequant: ";
 
@@ -381,6 +419,9 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
       "binary_lut_staged_mma(Tensor x, Tensor codes, Tensor tables, Tensor merge, Tensor? bias, "
       "Tensor(a!) counters, int out_features, int num_ctas) -> Tensor");
   m.def(
+      "binary_lut_tma(Tensor x, Tensor codes, Tensor tables, Tensor merge, Tensor? bias, "
+      "int out_features) -> Tensor");
+  m.def(
       "binary_dequant(Tensor sign, Tensor aux, Tensor salient, Tensor stats, int in_features, "
       "int block_size, ScalarType dtype) -> Tensor");
 }
@@ -389,6 +430,7 @@ TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
   m.impl("binary_matmul", &binary_cuda);
   m.impl("binary_lut_mma", &binary_lut_cuda);
   m.impl("binary_lut_staged_mma", &binary_lut_staged_cuda);
+  m.impl("binary_lut_tma", &binary_lut_tma_cuda);
   m.impl("binary_dequant", &binary_dequant_cuda);
 }
 
@@ -396,5 +438,6 @@ TORCH_LIBRARY_IMPL(vlmkern, Meta, m) {
   m.impl("binary_matmul", &binary_meta);
   m.impl("binary_lut_mma", &binary_lut_meta);
   m.impl("binary_lut_staged_mma", &binary_lut_staged_meta);
+  m.impl("binary_lut_tma", &binary_lut_tma_meta);
   m.impl("binary_dequant", &binary_dequant_meta);
 }

@@ -155,6 +155,14 @@ int vlmkern_weight_only_tma(const void* x, int64_t M, int64_t K_x, const int32_t
                             const void* bias, int bias_dtype, void* out, int64_t N,
                             int act_dtype, void* stream);
 
+// The same kernel with the table decode of binarized weights in the
+// lookup-table layout of binary.h (codes, tables, merge; arguments as for
+// vlmkern_binary_lut_staged_mma without workspace, counters and num_ctas).
+int vlmkern_binary_lut_tma(const void* x, int64_t M, int64_t K_x, const int32_t* codes,
+                           const int32_t* tables, const int32_t* merge, int64_t NB, int64_t C,
+                           const void* bias, int bias_dtype, void* out, int64_t N, int act_dtype,
+                           void* stream);
+
 // The dense weight the exact decode stands for, from the layout alone
 // (csrc/weight_only_dequant_kernel.cu, every GPU from sm_80): for dequantize
 // + GEMM at large M when a layer keeps only this layout on the device.

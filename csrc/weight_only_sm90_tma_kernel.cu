@@ -31,6 +31,11 @@
 //   a group's tokens stay in L2 while the whole weight streams past once.
 // - Epilogue: through shared memory (coalesced stores), bias, one rounding.
 //
+// The same pipeline runs binarized weights in the lookup-table layout of
+// binary.h (vlmkern_binary_lut_tma): codes, tables and the chunk's merge
+// selectors come by bulk copies, and the byte-permute decode of
+// binary_lut_decode.cuh makes the fragments.
+//
 // A token's sums depend only on its place in its 128-token tile (no split of
 // K), so the output is batch-invariant and deterministic.
 //
@@ -45,6 +50,7 @@
 #include "sm90_wgmma.cuh"
 #include "tma_host.cuh"
 #include "weight_only.h"
+#include "binary_lut_decode.cuh"
 #include "weight_only_common.cuh"
 #include "weight_only_wgmma.cuh"
 
@@ -68,10 +74,15 @@ constexpr int kTokensPart = kTokens / kCluster;  // token rows one block copies 
 constexpr int kScaleBytesMax = 8 * 8 * 64;       // 8 warps x 8 slots x 64 bytes (slot_log2 0)
 constexpr int kPitch = kRows + 4;     // epilogue tile row (floats): conflict-free writes
 
-template <int BITS>
+// A stage: the token tile, one unit's codes, its scales (or, for the table
+// decode, its tables: 4 scale slots a tile) and, for the table decode, the
+// chunk's merge selectors.
+template <int BITS, bool TABLE>
 struct TmaStage {
   static constexpr int kWeightBytes = 8 * 256 * BITS;  // one unit's codes
-  static constexpr int kBytes = (kXBytes + kWeightBytes + kScaleBytesMax + 1023) / 1024 * 1024;
+  static constexpr int kMergeOffset = kXBytes + kWeightBytes + kScaleBytesMax;
+  static constexpr int kMergeBytes = TABLE ? 32 * 8 * 4 : 0;  // [32 lanes][8 steps] int32
+  static constexpr int kBytes = (kMergeOffset + kMergeBytes + 1023) / 1024 * 1024;
   static constexpr int kBarriers = kStages * kBytes;   // offset of the mbarriers
   static constexpr int kSmem = kBarriers + 2 * kStages * 8 + 1024;  // + slack to align to 1024
   static_assert(kTokens * kPitch * 4 <= kBarriers, "the epilogue tile fits the stages");
@@ -85,17 +96,63 @@ struct TmaParams {
   int64_t M;
   int NB, N, C;
   int slot_log2, slots, bias_dtype;
+  const unsigned char* merge;  // [C, 32, 8] int32: the table decode's merge selectors
+};
+
+// The A fragments of one warp's 16 x 128 tile of a chunk, one k16 step at a
+// time, from the stage at `st`. The exact decode of 2/3/4-bit codes:
+template <int BITS, class T, bool TABLE>
+struct ChunkDecode {
+  uint32_t w[2 * BITS];
+  const uint2* slots;
+  int slot_log2, slot_mask;
+  uint32_t s_lo = 0, s_hi = 0, z_lo = 0, z_hi = 0;
+  __device__ __forceinline__ ChunkDecode(const unsigned char* st, const TmaParams& p, int warp,
+                                         int lane) {
+    load_lane_words<BITS>(st + kXBytes + warp * 256 * BITS, lane, w);
+    slots = reinterpret_cast<const uint2*>(st + kXBytes + TmaStage<BITS, TABLE>::kWeightBytes) +
+            warp * p.slots * 8 + (lane >> 2);
+    slot_log2 = p.slot_log2;
+    slot_mask = (1 << p.slot_log2) - 1;
+  }
+  __device__ __forceinline__ void step(int kt, uint32_t (&a)[4]) {
+    if (kt == 0 || (kt & slot_mask) == 0) split_rows(slots[(kt >> slot_log2) * 8], s_lo, s_hi, z_lo, z_hi);
+#pragma unroll
+    for (int r = 0; r < 4; ++r)  // registers 0 and 2: row g; 1 and 3: row g + 8
+      a[r] = exact_operand<BITS, T>(w, kt, r, (r & 1) ? s_hi : s_lo, (r & 1) ? z_hi : z_lo);
+  }
+};
+// ... and the table decode of binarized weights (binary.h's lookup-table
+// layout: codes as 2-bit codes, the rows' tables in the scale slots).
+template <class T>
+struct ChunkDecode<2, T, true> {
+  uint4 codes, t0, t1, m0, m1;
+  __device__ __forceinline__ ChunkDecode(const unsigned char* st, const TmaParams&, int warp,
+                                         int lane) {
+    using S = TmaStage<2, true>;
+    codes = reinterpret_cast<const uint4*>(st + kXBytes + warp * 512)[lane];
+    const uint4* tables =
+        reinterpret_cast<const uint4*>(st + kXBytes + S::kWeightBytes + warp * 256 + 32 * (lane >> 2));
+    t0 = tables[0];  // row g
+    t1 = tables[1];  // row g + 8
+    const uint4* merge = reinterpret_cast<const uint4*>(st + S::kMergeOffset + 32 * lane);
+    m0 = merge[0];   // steps 0..3
+    m1 = merge[1];   // steps 4..7
+  }
+  __device__ __forceinline__ void step(int kt, uint32_t (&a)[4]) {
+    vlmkern_lut::lut_operands(codes, t0, t1, m0, m1, kt, a);
+  }
 };
 
 // The decoded weights are the A operand (registers), the token tile the B
 // operand: sum 4j + e of a thread holds weight row 16 * (warp in warpgroup)
 // + lane / 4 + 8 * (e / 2) of its warpgroup's 64 and token 8j + 2 * (lane % 4)
 // + e % 2. Launched in clusters of kCluster blocks along x (cudaLaunchKernelEx).
-template <int BITS, class T>
+template <int BITS, class T, bool TABLE>
 __global__ void __launch_bounds__(kThreads, 1)
     weight_only_tma_kernel(const __grid_constant__ CUtensorMap x_map, TmaParams p) {
 #if VLMKERN_SM90A
-  using S = TmaStage<BITS>;
+  using S = TmaStage<BITS, TABLE>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t base = (raw + 1023u) & ~1023u;
@@ -129,7 +186,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tid == 0) {
       const unsigned char* wsrc = p.wq + int64_t(b) * p.C * S::kWeightBytes;
       const unsigned char* ssrc = p.sz + int64_t(b) * p.C * scale_bytes;
-      const uint32_t bytes = kXBytes + (has_rows ? S::kWeightBytes + scale_bytes : 0);
+      const uint32_t bytes = kXBytes + (has_rows ? S::kWeightBytes + scale_bytes + S::kMergeBytes : 0);
       int s = 0;
       uint32_t phase = 0;
       for (int c = 0; c < p.C; ++c) {
@@ -145,6 +202,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           bulk_load(stage + kXBytes, wsrc + int64_t(c) * S::kWeightBytes, S::kWeightBytes, bar);
           bulk_load(stage + kXBytes + S::kWeightBytes, ssrc + int64_t(c) * scale_bytes,
                     scale_bytes, bar);
+          if constexpr (TABLE)
+            bulk_load(stage + S::kMergeOffset, p.merge + int64_t(c) * S::kMergeBytes,
+                      S::kMergeBytes, bar);
         }
         if (++s == kStages) {
           s = 0;
@@ -155,7 +215,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     const int warp = (tid >> 5) - 4;  // 16-row tile of the layout block
-    const int slot_mask = (1 << p.slot_log2) - 1;
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.f;
@@ -165,11 +224,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_wait(full + 8 * s, phase);
       const unsigned char* st = smem + s * S::kBytes;
       const uint32_t xs = base + s * S::kBytes;
-      uint32_t w[2 * BITS];
-      load_lane_words<BITS>(st + kXBytes + warp * 256 * BITS, lane, w);
-      const uint2* slots = reinterpret_cast<const uint2*>(st + kXBytes + S::kWeightBytes) +
-                           warp * p.slots * 8 + (lane >> 2);
-      uint32_t s_lo = 0, s_hi = 0, z_lo = 0, z_hi = 0;
+      ChunkDecode<BITS, T, TABLE> decode(st, p, warp, lane);
       uint32_t a[8][4];
       // Step kt's fragments are decoded while step kt - 1's MMA runs: each step
       // has its own registers, and the chunk's MMAs form one group, waited
@@ -179,11 +234,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_operands(acc);
 #pragma unroll
       for (int kt = 0; kt < 8; ++kt) {
-        if (kt == 0 || (kt & slot_mask) == 0)
-          split_rows(slots[(kt >> p.slot_log2) * 8], s_lo, s_hi, z_lo, z_hi);
-#pragma unroll
-        for (int r = 0; r < 4; ++r)  // registers 0 and 2: row g; 1 and 3: row g + 8
-          a[kt][r] = exact_operand<BITS, T>(w, kt, r, (r & 1) ? s_hi : s_lo, (r & 1) ? z_hi : z_lo);
+        decode.step(kt, a[kt]);
         wgmma_fence();
         wgmma_k16(acc, a[kt], smem_desc(xs + (kt >> 2) * kHalfBytes + 32 * (kt & 3)), T{});
       }
@@ -253,12 +304,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-template <int BITS, class T>
+template <int BITS, class T, bool TABLE = false>
 int launch(const CUtensorMap& x_map, const TmaParams& p, cudaStream_t stream) {
-  using S = TmaStage<BITS>;
+  using S = TmaStage<BITS, TABLE>;
   const int64_t tiles = (p.M + kTokens - 1) / kTokens, pairs = (p.NB + 1) / 2;
   const cudaError_t err = vlmkern_tma::launch_clusters(
-      weight_only_tma_kernel<BITS, T>, dim3(unsigned(kCluster * pairs * tiles)), kThreads, S::kSmem,
+      weight_only_tma_kernel<BITS, T, TABLE>, dim3(unsigned(kCluster * pairs * tiles)), kThreads, S::kSmem,
       kCluster, stream, x_map, p);
   return err == cudaSuccess ? VLMKERN_WO_OK : launch_failed(err);
 }
@@ -272,12 +323,11 @@ int dispatch_bits(const CUtensorMap& x_map, const TmaParams& p, int bits, cudaSt
   }
 }
 
-}  // namespace
-
-extern "C" int vlmkern_weight_only_tma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
-                                       const int32_t* sz, int64_t NB, int64_t C, int slot_log2,
-                                       int bits, const void* bias, int bias_dtype, void* out,
-                                       int64_t N, int act_dtype, void* stream) {
+// The checks and set-up both launchers share: the x tensor map and the
+// parameters, or the status code of the first failure.
+int prepare(const void* x, int64_t M, int64_t K_x, const int32_t* wq, const int32_t* sz, int64_t NB,
+            int64_t C, int slot_log2, int bits, const void* bias, int bias_dtype, void* out,
+            int64_t N, int act_dtype, CUtensorMap* x_map, TmaParams* p) {
   const int status = check_launch_args(x, M, K_x, wq, sz, NB, C, slot_log2, bits, bias, bias_dtype,
                                        out, N, act_dtype);
   if (status != VLMKERN_WO_OK) return status;
@@ -290,24 +340,54 @@ extern "C" int vlmkern_weight_only_tma(const void* x, int64_t M, int64_t K_x, co
   if (vlmkern_int_act_sm90_available(&built) != VLMKERN_INT_ACT_OK || !built)
     return VLMKERN_WO_ERR_NO_SM90A;
   // x as [M rows, K_x 16-bit columns], read in 64 x 64 boxes (128-byte rows).
-  CUtensorMap x_map;
-  const cudaError_t encoded = vlmkern_tma::encode_rows(&x_map, CU_TENSOR_MAP_DATA_TYPE_UINT16, x, M,
+  const cudaError_t encoded = vlmkern_tma::encode_rows(x_map, CU_TENSOR_MAP_DATA_TYPE_UINT16, x, M,
                                                        K_x, K_x * 2, 64, kTokensPart);
   if (encoded != cudaSuccess) return launch_failed(encoded);
+  p->wq = reinterpret_cast<const unsigned char*>(wq);
+  p->sz = reinterpret_cast<const unsigned char*>(sz);
+  p->bias = bias;
+  p->out = static_cast<uint16_t*>(out);
+  p->M = M;
+  p->NB = static_cast<int>(NB);
+  p->N = static_cast<int>(N);
+  p->C = static_cast<int>(C);
+  p->slot_log2 = slot_log2;
+  p->slots = 8 >> slot_log2;
+  p->bias_dtype = bias_dtype;
+  p->merge = nullptr;
+  return VLMKERN_WO_OK;
+}
 
+}  // namespace
+
+extern "C" int vlmkern_weight_only_tma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
+                                       const int32_t* sz, int64_t NB, int64_t C, int slot_log2,
+                                       int bits, const void* bias, int bias_dtype, void* out,
+                                       int64_t N, int act_dtype, void* stream) {
+  CUtensorMap x_map;
   TmaParams p;
-  p.wq = reinterpret_cast<const unsigned char*>(wq);
-  p.sz = reinterpret_cast<const unsigned char*>(sz);
-  p.bias = bias;
-  p.out = static_cast<uint16_t*>(out);
-  p.M = M;
-  p.NB = static_cast<int>(NB);
-  p.N = static_cast<int>(N);
-  p.C = static_cast<int>(C);
-  p.slot_log2 = slot_log2;
-  p.slots = 8 >> slot_log2;
-  p.bias_dtype = bias_dtype;
+  const int status = prepare(x, M, K_x, wq, sz, NB, C, slot_log2, bits, bias, bias_dtype, out, N,
+                             act_dtype, &x_map, &p);
+  if (status != VLMKERN_WO_OK) return status;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_bits<F16>(x_map, p, bits, s)
                                         : dispatch_bits<BF16>(x_map, p, bits, s);
+}
+
+extern "C" int vlmkern_binary_lut_tma(const void* x, int64_t M, int64_t K_x, const int32_t* codes,
+                                      const int32_t* tables, const int32_t* merge, int64_t NB,
+                                      int64_t C, const void* bias, int bias_dtype, void* out,
+                                      int64_t N, int act_dtype, void* stream) {
+  if (!merge) return VLMKERN_WO_ERR_NULL_POINTER;
+  if (reinterpret_cast<uintptr_t>(merge) % 16 != 0) return VLMKERN_WO_ERR_ALIGNMENT;
+  // codes and tables have the byte sizes of 2-bit codes and 4 scale slots a tile
+  CUtensorMap x_map;
+  TmaParams p;
+  const int status = prepare(x, M, K_x, codes, tables, NB, C, /*slot_log2=*/1, /*bits=*/2, bias,
+                             bias_dtype, out, N, act_dtype, &x_map, &p);
+  if (status != VLMKERN_WO_OK) return status;
+  p.merge = reinterpret_cast<const unsigned char*>(merge);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return act_dtype == VLMKERN_DTYPE_F16 ? launch<2, F16, true>(x_map, p, s)
+                                        : launch<2, BF16, true>(x_map, p, s);
 }

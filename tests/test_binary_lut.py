@@ -74,7 +74,8 @@ def test_unsupported_weights_and_dtypes_are_refused():
 def test_registered_ahead_of_the_plane_gemms():
     from vlmkern.ops import builtin  # noqa: F401  (registers the backends)
     names = [k.name for k in BACKENDS["cuda"].kernels if k.op == "binary"]
-    assert names[:2] == ["cuda.binary_lut_staged", "cuda.binary_lut"] and "cuda.binary" in names
+    assert names[:3] == ["cuda.binary_lut_tma", "cuda.binary_lut_staged", "cuda.binary_lut"]
+    assert "cuda.binary" in names
     by_name = {k.name: k for k in BACKENDS["cuda"].kernels}
     spec, staged = by_name["cuda.binary_lut"], by_name["cuda.binary_lut_staged"]
     assert not spec.opt_in and spec.max_m == lut.MAX_M
@@ -82,6 +83,12 @@ def test_registered_ahead_of_the_plane_gemms():
     assert staged.dtypes == spec.dtypes and staged.min_sm == spec.min_sm == (8, 0)
     assert "block_size 64 unsupported" in staged.check(torch.zeros(1, 128), make_binary(4, 128, 64))
     assert staged.check(torch.zeros(1, 128), make_binary(4, 128, 128)) is None
+    # the Hopper prefill kernel takes the batches the other two do not
+    tma = by_name["cuda.binary_lut_tma"]
+    assert tma.opt_in and (tma.min_m, tma.max_m) == (lut.MAX_M + 1, None) == (65, None)
+    assert tma.dtypes == spec.dtypes and tma.min_sm == (9, 0)
+    assert "block_size 64 unsupported" in tma.check(torch.zeros(65, 128), make_binary(4, 128, 64))
+    assert tma.check(torch.zeros(65, 128), make_binary(4, 128, 128)) is None   # CPU x: no probe
 
 
 def test_ksplit_fills_the_waves():

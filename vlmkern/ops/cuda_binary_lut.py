@@ -34,6 +34,12 @@ The layout is as large as the format's planes and statistics and is cached
 beside the weight (not in its state), like the other kernels' layouts.
 ``emulate_dequantize`` decodes it with the kernel's operations in torch.
 
+``cuda.binary_lut_tma`` (opt-in, M >= 65, Hopper) runs the same layout and
+decode on the warp-specialized prefill kernel of
+csrc/weight_only_sm90_tma_kernel.cu (TMA token tiles shared by a cluster of
+two thread blocks, register-operand wgmma), instead of writing the dense
+weight for a GEMM.
+
 ``cuda.binary_lut_staged`` (opt-in) runs the same layout on the weight-only
 kernel's pipeline (csrc/weight_only_kernel.cu, table decode): codes, tables
 and merge selectors go through a multi-stage cp.async pipeline and the
@@ -61,6 +67,7 @@ from .cuda_weight_only import (
 
 BLOCK = 128               # the only block size the layout takes: one chunk
 MAX_M = 64
+TMA_MIN_M = 65            # cuda.binary_lut_tma: prefill, where dequantize + GEMM runs now
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 _IDENTITY = 0x3210        # PRMT selector: the first operand as it is
 _SALIENT_HALF = (0x0044, 0x4400)
@@ -230,16 +237,16 @@ def choose_ksplit(row_blocks: int, chunks: int, multiprocessors: int) -> int:
 
 
 def _inputs(kernel: str, op: str, source: str, x: torch.Tensor, qweight: BinaryWeight,
-            bias: torch.Tensor | None):
-    """The checks both table kernels make; (layout, x, bias) as they take them,
+            bias: torch.Tensor | None, max_m: int | None = MAX_M):
+    """The checks the table kernels make; (layout, x, bias) as they take them,
     or None for an empty batch."""
     require_op(kernel, op, source)
     check_activations(kernel, x, qweight, ACT_DTYPES)
     why = unsupported_reason(qweight)
     if why:
         raise ValueError(f"{kernel}: {why}")
-    if x.shape[0] > MAX_M:
-        raise ValueError(f"{kernel} takes M <= {MAX_M}, got {x.shape[0]}")
+    if max_m is not None and x.shape[0] > max_m:
+        raise ValueError(f"{kernel} takes M <= {max_m}, got {x.shape[0]}")
     if x.shape[0] == 0:
         return None
     return (kernel_weight(qweight, x.dtype), *aligned_inputs(x, bias))
@@ -277,6 +284,36 @@ def binary_lut_staged(x: torch.Tensor, qweight: BinaryWeight,
                                                    ctas)
 
 
+def binary_lut_tma(x: torch.Tensor, qweight: BinaryWeight,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The same product on the warp-specialized Hopper kernel
+    (``cuda.binary_lut_tma``, for prefill): same arguments and layout, any M;
+    a token's result depends only on its place in its 128-token tile."""
+    why = _tma_reason(x.device)
+    if why:
+        raise ValueError(f"cuda.binary_lut_tma: {why}")
+    ready = _inputs("cuda.binary_lut_tma", "binary_lut_tma", "csrc/weight_only_sm90_tma_kernel.cu",
+                    x, qweight, bias, max_m=None)
+    if ready is None:
+        return x.new_empty(0, qweight.out_features)
+    lw, x, bias = ready
+    return torch.ops.vlmkern.binary_lut_tma(x, lw.codes, lw.tables, lw.merge, bias,
+                                            lw.out_features)
+
+
+def _tma_reason(device: torch.device) -> str | None:
+    from .cuda_int_act import sm90_available
+    if device.type == "cuda" and not (hasattr(torch.ops.vlmkern, "binary_lut_tma")
+                                      and sm90_available(device)):
+        return "needs an sm_90 GPU and a build with 9.0a code (TORCH_CUDA_ARCH_LIST)"
+    return None
+
+
+def _check_tma(x: torch.Tensor, qweight) -> str | None:
+    why = unsupported_reason(qweight) or _tma_reason(x.device)
+    return None if why is None else f"cuda.binary_lut_tma: {why}"
+
+
 def _checker(kernel: str):
     def check(x: torch.Tensor, qweight) -> str | None:
         why = unsupported_reason(qweight)
@@ -289,15 +326,19 @@ def register(backend) -> None:
     one passed its GPU tests and ran 1.7-2.5x faster than the plane GEMM on an
     H100 at M = 1, 16 and 64 (benchmarks/results/promote_H100.md). Its layout
     is a copy beside the planes; ``VLMKERN_DISABLE=cuda.binary_lut`` keeps the
-    planes alone. The staged one, on the same layout, is opt-in
-    (``VLMKERN_ENABLE=cuda.binary_lut_staged``) until its GPU tests pass."""
+    planes alone. The staged one and the Hopper prefill one (M >= 65), on the
+    same layout, are opt-in (``VLMKERN_ENABLE=cuda.binary_lut_staged``,
+    ``cuda.binary_lut_tma``) until their GPU tests pass."""
     from .backends import KernelSpec
 
     if any(k.name == "cuda.binary_lut" for k in backend.kernels):
         return
     common = dict(bits=frozenset({1}), dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}),
                   min_m=1, max_m=MAX_M, min_sm=(8, 0))
-    specs = [KernelSpec("cuda.binary_lut_staged", "binary", binary_lut_staged, opt_in=True,
+    specs = [KernelSpec("cuda.binary_lut_tma", "binary", binary_lut_tma, opt_in=True,
+                        check=_check_tma, **dict(common, min_m=TMA_MIN_M, max_m=None,
+                                                 min_sm=(9, 0))),
+             KernelSpec("cuda.binary_lut_staged", "binary", binary_lut_staged, opt_in=True,
                         check=_checker("cuda.binary_lut_staged"), **common),
              KernelSpec("cuda.binary_lut", "binary", binary_lut, check=_checker("cuda.binary_lut"),
                         **common)]
