@@ -101,17 +101,27 @@ def descriptor_read(stage: torch.Tensor, kt: int) -> torch.Tensor:
     return stage[addr // 2]
 
 
-@pytest.mark.parametrize("m, m0, k, c", [(300, 128, 520, 4), (70, 0, 200, 1), (128, 0, 256, 0)])
+def token_step(x: torch.Tensor, m0: int, c: int, kt: int) -> torch.Tensor:
+    """Tokens m0..m0+127 x columns of k16 step kt of chunk c, as int16 halves,
+    zeros past M and K: what the descriptors of that step must read."""
+    m, k = x.shape
+    want = torch.zeros(128, 16, dtype=torch.int16)
+    cols = torch.arange(c * 128 + 16 * kt, c * 128 + 16 * kt + 16)
+    rows = torch.arange(m0, min(m0 + 128, m))
+    keep = cols < k
+    want[:len(rows)][:, keep] = x.view(torch.int16)[rows][:, cols[keep]]
+    return want
+
+
+TOKEN_TILE_CASES = [(300, 128, 520, 4), (70, 0, 200, 1), (128, 0, 256, 0)]   # m, m0, k, c
+
+
+@pytest.mark.parametrize("m, m0, k, c", TOKEN_TILE_CASES)
 def test_token_tile_is_read_back_as_the_activations(m, m0, k, c):
     x = torch.randn(m, k).half()
     stage = place_token_tile(x, m0, c)
     for kt in range(8):
-        want = torch.zeros(128, 16, dtype=torch.int16)
-        cols = torch.arange(c * 128 + 16 * kt, c * 128 + 16 * kt + 16)
-        rows = torch.arange(m0, min(m0 + 128, m))
-        keep = cols < k
-        want[:len(rows)][:, keep] = x.view(torch.int16)[rows][:, cols[keep]]
-        assert torch.equal(descriptor_read(stage, kt), want), f"k16 step {kt}"
+        assert torch.equal(descriptor_read(stage, kt), token_step(x, m0, c, kt)), f"k16 step {kt}"
 
 
 def place_weight_tile(w: torch.Tensor) -> torch.Tensor:

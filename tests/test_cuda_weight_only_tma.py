@@ -15,8 +15,8 @@ import os
 import pytest
 import torch
 from test_cuda_weight_only import act, assert_matches_dense, make_weight
-from test_cuda_weight_only_sm90 import (AWKWARD, HALF_BYTES, check_hopper_op_errors, descriptor_read,
-                                        sm90)
+from test_cuda_weight_only_sm90 import (AWKWARD, HALF_BYTES, TOKEN_TILE_CASES, check_hopper_op_errors,
+                                        descriptor_read, sm90, token_step)
 
 from vlmkern.ops import cuda_weight_only_sm90 as wg
 
@@ -86,19 +86,14 @@ def place_token_tile_by_tma(x: torch.Tensor, m0: int, c: int) -> torch.Tensor:
     return stage
 
 
-@pytest.mark.parametrize("m, m0, k, c", [(300, 128, 520, 4), (70, 0, 200, 1), (128, 0, 256, 0)])
+@pytest.mark.parametrize("m, m0, k, c", TOKEN_TILE_CASES)
 def test_tma_token_tile_is_read_back_as_the_activations(m, m0, k, c):
     # what the consumers' wgmma descriptors read (the cp.async kernel's
     # descriptors, checked in test_cuda_weight_only_sm90) is the token tile
     x = torch.randn(m, k).half()
     stage = place_token_tile_by_tma(x, m0, c)
     for kt in range(8):
-        want = torch.zeros(128, 16, dtype=torch.int16)
-        cols = torch.arange(c * 128 + 16 * kt, c * 128 + 16 * kt + 16)
-        rows = torch.arange(m0, min(m0 + 128, m))
-        keep = cols < k
-        want[:len(rows)][:, keep] = x.view(torch.int16)[rows][:, cols[keep]]
-        assert torch.equal(descriptor_read(stage, kt), want), f"k16 step {kt}"
+        assert torch.equal(descriptor_read(stage, kt), token_step(x, m0, c, kt)), f"k16 step {kt}"
 
 
 @sm90
