@@ -53,7 +53,7 @@ def kernel_specs():
         return int_act.supports_group(qweight.group_size, qweight.in_features)
 
     def int_act_tma_check(x, qweight):
-        why = int_act_tma.tma_reason(x, qweight)
+        why = int_act_tma.tma_reason(qweight)
         return None if why is None else f"triton.int_act_tma: {why}"
 
     return [

@@ -65,8 +65,9 @@ def tma_config(m: int, dtype: torch.dtype, override: dict | None = None) -> dict
     return cfg
 
 
-def tma_reason(x: torch.Tensor, qweight) -> str | None:
-    """Why the TMA kernel cannot take this call, or None."""
+def tma_reason(qweight) -> str | None:
+    """Why the TMA kernel cannot read this weight, or None. (The GPU must be
+    sm_90 or newer: the kernel spec's ``min_sm``, checked again on a call.)"""
     if qweight.w_bits == 4:
         return "4-bit weights are stored two per byte; the TMA kernel reads int8 codes"
     gs = qweight.group_size
@@ -74,8 +75,6 @@ def tma_reason(x: torch.Tensor, qweight) -> str | None:
         return f"needs one scale per weight row, got group size {gs}"
     if qweight.in_features % 16:
         return f"TMA rows must be 16-byte aligned: K={qweight.in_features} is not a multiple of 16"
-    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
-        return "TMA needs an sm_90 or newer GPU"
     return None
 
 
@@ -86,7 +85,9 @@ def int_act_tma_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = Non
     IntActWeight [N, K] that ``tma_reason`` accepts, bias [N] or None."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    why = tma_reason(x, qweight)
+    why = tma_reason(qweight)
+    if why is None and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        why = "TMA needs an sm_90 or newer GPU"
     if why:
         raise ValueError(f"triton.int_act_tma: {why}")
     m, k = x.shape

@@ -290,25 +290,25 @@ def int_act_spread(x: torch.Tensor, qweight: IntActWeight,
     return int_act_matmul(x, qweight, bias, path="spread")
 
 
-def _check_wgmma(x: torch.Tensor, qweight) -> str | None:
+def _hopper_reason(name: str, x: torch.Tensor, qweight, one_group: bool) -> str | None:
+    """Why the Hopper GEMM ``name`` (wgmma; with ``one_group`` the TMA one,
+    per-channel weights only) cannot take the call, or None."""
     why = _check(x, qweight)
+    if why is None and one_group and qweight.num_groups != 1:
+        why = f"{name}: needs one weight group per row, got group size {qweight.group_size}"
     if why is None and x.is_cuda:
         why = _wgmma_reason(kernel_mode(qweight.w_bits, qweight.a_bits, device_sm(x.device)),
                             x.device)
-        why = None if why is None else f"cuda.int_act_wgmma: {why}"
+        why = None if why is None else f"{name}: {why}"
     return why
+
+
+def _check_wgmma(x: torch.Tensor, qweight) -> str | None:
+    return _hopper_reason("cuda.int_act_wgmma", x, qweight, one_group=False)
 
 
 def _check_tma(x: torch.Tensor, qweight) -> str | None:
-    why = _check(x, qweight)
-    if why is None and qweight.num_groups != 1:
-        why = (f"cuda.int_act_tma: needs one weight group per row, got group size "
-               f"{qweight.group_size}")
-    if why is None and x.is_cuda:
-        why = _wgmma_reason(kernel_mode(qweight.w_bits, qweight.a_bits, device_sm(x.device)),
-                            x.device)
-        why = None if why is None else f"cuda.int_act_tma: {why}"
-    return why
+    return _hopper_reason("cuda.int_act_tma", x, qweight, one_group=True)
 
 
 def _check(x: torch.Tensor, qweight) -> str | None:
