@@ -317,13 +317,16 @@ constexpr int64_t kTmaMaxM = 0x7fffff00;  // TMA coordinates are 32-bit
 
 at::Tensor binary_lut_tma_cuda(const at::Tensor& x, const at::Tensor& codes,
                                const at::Tensor& tables, const at::Tensor& merge,
-                               const std::optional<at::Tensor>& bias, int64_t out_features) {
+                               const std::optional<at::Tensor>& bias, int64_t out_features,
+                               int64_t ksplit) {
   TORCH_CHECK(x.is_cuda(), kTmaOp, "x must be a CUDA tensor, got ", x.device());
-  check_lut_inputs(kTmaOp, x, codes, tables, merge, bias, out_features, /*ksplit=*/1, kTmaMaxM);
+  check_lut_inputs(kTmaOp, x, codes, tables, merge, bias, out_features, ksplit, kTmaMaxM);
   const int64_t M = x.size(0);
   c10::DeviceGuard guard(x.device());
   at::Tensor out = at::empty({M, out_features}, x.options());
   if (M == 0) return out;
+  at::Tensor partial;
+  if (ksplit > 1) partial = at::empty({ksplit * M * out_features}, x.options().dtype(at::kFloat));
   TORCH_CHECK(aligned16(x), kTmaOp, "x must be 16-byte aligned (a view at an odd offset? clone it)");
   TORCH_CHECK(aligned16(codes) && aligned16(tables) && aligned16(merge), kTmaOp,
               "codes, tables and merge must be 16-byte aligned");
@@ -334,15 +337,17 @@ at::Tensor binary_lut_tma_cuda(const at::Tensor& x, const at::Tensor& codes,
       merge.data_ptr<int32_t>(), codes.size(0), codes.size(1),
       bias.has_value() ? bias->data_ptr() : nullptr,
       bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), out_features,
-      dtype_code(x.scalar_type()), stream);
+      dtype_code(x.scalar_type()), static_cast<int>(ksplit),
+      ksplit > 1 ? partial.data_ptr<float>() : nullptr, stream);
   TORCH_CHECK(status == VLMKERN_WO_OK, kTmaOp, vlmkern_wo_status_message(status));
   return out;
 }
 
 at::Tensor binary_lut_tma_meta(const at::Tensor& x, const at::Tensor& codes,
                                const at::Tensor& tables, const at::Tensor& merge,
-                               const std::optional<at::Tensor>& bias, int64_t out_features) {
-  check_lut_inputs(kTmaOp, x, codes, tables, merge, bias, out_features, /*ksplit=*/1, kTmaMaxM);
+                               const std::optional<at::Tensor>& bias, int64_t out_features,
+                               int64_t ksplit) {
+  check_lut_inputs(kTmaOp, x, codes, tables, merge, bias, out_features, ksplit, kTmaMaxM);
   return at::empty({x.size(0), out_features}, x.options());
 }
 
@@ -420,7 +425,7 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
       "Tensor(a!) counters, int out_features, int num_ctas) -> Tensor");
   m.def(
       "binary_lut_tma(Tensor x, Tensor codes, Tensor tables, Tensor merge, Tensor? bias, "
-      "int out_features) -> Tensor");
+      "int out_features, int ksplit=1) -> Tensor");
   m.def(
       "binary_dequant(Tensor sign, Tensor aux, Tensor salient, Tensor stats, int in_features, "
       "int block_size, ScalarType dtype) -> Tensor");

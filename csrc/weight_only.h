@@ -144,24 +144,28 @@ int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, const int32
                               int act_dtype, int smem_a, int splits, float* partial,
                               void* stream);
 
-// The warp-specialized Hopper kernel for prefill (csrc/weight_only_sm90_tma_kernel.cu,
-// sm_90a builds): the arguments of vlmkern_weight_only_wgmma without smem_a,
-// splits and partial; the exact decode, fed to wgmma from registers; token
-// tiles copied by TMA and shared by a cluster of two thread blocks; any
-// M >= 1 (meant for prefill sizes); K_x * 2 bytes a multiple of 16. A
-// token's result depends only on its place in its 128-token tile.
+// The warp-specialized Hopper kernel for batches and prefill
+// (csrc/weight_only_sm90_tma_kernel.cu, sm_90a builds): the arguments of
+// vlmkern_weight_only_wgmma without smem_a; the exact decode, fed to wgmma
+// from registers; token tiles (64 tokens for M <= 64, else 128) copied by
+// TMA and shared by a cluster of two thread blocks; any M >= 1; K_x * 2
+// bytes a multiple of 16; splits K slices (1..min(C, 65535)), whose partial
+// sums ([splits, M, N] fp32 in `partial`, needed when splits > 1) a second
+// kernel adds in slice order. A token's result depends only on its place in
+// its token tile, the tile width and splits.
 int vlmkern_weight_only_tma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
                             const int32_t* sz, int64_t NB, int64_t C, int slot_log2, int bits,
                             const void* bias, int bias_dtype, void* out, int64_t N,
-                            int act_dtype, void* stream);
+                            int act_dtype, int splits, float* partial, void* stream);
 
 // The same kernel with the table decode of binarized weights in the
 // lookup-table layout of binary.h (codes, tables, merge; arguments as for
-// vlmkern_binary_lut_staged_mma without workspace, counters and num_ctas).
+// vlmkern_binary_lut_staged_mma without workspace, counters and num_ctas,
+// and splits and partial as for vlmkern_weight_only_tma).
 int vlmkern_binary_lut_tma(const void* x, int64_t M, int64_t K_x, const int32_t* codes,
                            const int32_t* tables, const int32_t* merge, int64_t NB, int64_t C,
                            const void* bias, int bias_dtype, void* out, int64_t N, int act_dtype,
-                           void* stream);
+                           int splits, float* partial, void* stream);
 
 // The dense weight the exact decode stands for, from the layout alone
 // (csrc/weight_only_dequant_kernel.cu, every GPU from sm_80): for dequantize

@@ -16,6 +16,7 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <vector>
@@ -200,20 +201,25 @@ constexpr const char* kTmaOp = "vlmkern.weight_only_tma: ";
 
 void check_tma(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
                const std::optional<at::Tensor>& bias, int64_t bits, int64_t out_features,
-               int64_t slot_log2) {
+               int64_t slot_log2, int64_t splits) {
   check_layout(kTmaOp, x, wq, sz, bias, bits, out_features, slot_log2);
   TORCH_CHECK(x.size(0) <= 0x7fffff00, kTmaOp, "at most 2^31 - 256 tokens, got ", x.size(0));
+  TORCH_CHECK(splits >= 1 && splits <= std::min<int64_t>(wq.size(1), 65535), kTmaOp,
+              "splits must be in 1..", std::min<int64_t>(wq.size(1), 65535),
+              " (the weight's chunks of 128 columns), got ", splits);
 }
 
 at::Tensor weight_only_tma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
                                 const std::optional<at::Tensor>& bias, int64_t bits,
-                                int64_t out_features, int64_t slot_log2) {
+                                int64_t out_features, int64_t slot_log2, int64_t splits) {
   TORCH_CHECK(x.is_cuda(), kTmaOp, "x must be a CUDA tensor, got ", x.device());
-  check_tma(x, wq, sz, bias, bits, out_features, slot_log2);
+  check_tma(x, wq, sz, bias, bits, out_features, slot_log2, splits);
   const int64_t M = x.size(0);
   c10::DeviceGuard guard(x.device());
   at::Tensor out = at::empty({M, out_features}, x.options());
   if (M == 0) return out;
+  at::Tensor partial;
+  if (splits > 1) partial = at::empty({splits * M * out_features}, x.options().dtype(at::kFloat));
   void* stream =
       c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
   const int status = vlmkern_weight_only_tma(
@@ -221,15 +227,16 @@ at::Tensor weight_only_tma_cuda(const at::Tensor& x, const at::Tensor& wq, const
       wq.size(1), static_cast<int>(slot_log2), static_cast<int>(bits),
       bias.has_value() ? bias->data_ptr() : nullptr,
       bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), out_features,
-      dtype_code(x.scalar_type()), stream);
+      dtype_code(x.scalar_type()), static_cast<int>(splits),
+      splits > 1 ? partial.data_ptr<float>() : nullptr, stream);
   TORCH_CHECK(status == VLMKERN_WO_OK, kTmaOp, vlmkern_wo_status_message(status));
   return out;
 }
 
 at::Tensor weight_only_tma_meta(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
                                 const std::optional<at::Tensor>& bias, int64_t bits,
-                                int64_t out_features, int64_t slot_log2) {
-  check_tma(x, wq, sz, bias, bits, out_features, slot_log2);
+                                int64_t out_features, int64_t slot_log2, int64_t splits) {
+  check_tma(x, wq, sz, bias, bits, out_features, slot_log2, splits);
   return at::empty({x.size(0), out_features}, x.options());
 }
 
@@ -291,7 +298,7 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
       "int out_features, int slot_log2, bool smem_a=False, int splits=1) -> Tensor");
   m.def(
       "weight_only_tma(Tensor x, Tensor wq, Tensor sz, Tensor? bias, int bits, "
-      "int out_features, int slot_log2) -> Tensor");
+      "int out_features, int slot_log2, int splits=1) -> Tensor");
   m.def(
       "weight_only_dequant(Tensor wq, Tensor sz, int bits, int out_features, int in_features, "
       "int slot_log2, ScalarType dtype) -> Tensor");

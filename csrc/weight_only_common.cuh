@@ -204,6 +204,31 @@ __device__ __forceinline__ float load_bias(const void* bias, int dtype, int n) {
   return v;
 }
 
+// out = the K slices' fp32 partial sums ([splits, M, N]) added in slice
+// order, + bias, rounded once: the second kernel of the Hopper kernels'
+// split-K. P names partial, splits, M, N, bias, bias_dtype and out.
+constexpr int kSplitSumThreads = 256;
+template <class T, class P>
+__global__ void __launch_bounds__(kSplitSumThreads) wo_split_sum_kernel(P p) {
+  const int64_t total = p.M * p.N;
+  for (int64_t i = int64_t(blockIdx.x) * kSplitSumThreads + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * kSplitSumThreads) {
+    float v = 0.f;
+    for (int s = 0; s < p.splits; ++s) v += p.partial[s * total + i];
+    if (p.bias) v += load_bias(p.bias, p.bias_dtype, static_cast<int>(i % p.N));
+    p.out[i] = T::from_float(v);
+  }
+}
+
+// Enqueues wo_split_sum_kernel over p's M x N outputs; the launch's CUDA error.
+template <class T, class P>
+cudaError_t launch_split_sum(const P& p, cudaStream_t stream) {
+  const int64_t blocks = (p.M * p.N + kSplitSumThreads - 1) / kSplitSumThreads;
+  wo_split_sum_kernel<T, P><<<static_cast<unsigned>(blocks < 65536 ? blocks : 65536),
+                              kSplitSumThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 // The argument checks both launchers share (layout, dtypes, pointers,
 // alignment): VLMKERN_WO_OK or the status code of the first failure.
 inline int check_launch_args(const void* x, int64_t M, int64_t K_x, const int32_t* wq,

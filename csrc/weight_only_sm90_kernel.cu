@@ -390,19 +390,6 @@ weight_only_wgmma_kernel(WgParams p) {
 #endif
 }
 
-// out = sum of the K slices' partial sums in slice order, + bias, rounded once.
-template <class T>
-__global__ void __launch_bounds__(kThreads) wo_split_sum_kernel(WgParams p) {
-  const int64_t total = p.M * p.N;
-  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * kThreads) {
-    float v = 0.f;
-    for (int s = 0; s < p.splits; ++s) v += p.partial[s * total + i];
-    if (p.bias) v += load_bias(p.bias, p.bias_dtype, static_cast<int>(i % p.N));
-    p.out[i] = T::from_float(v);
-  }
-}
-
 template <int BITS, class T, int TOKENS, bool SMEM_A>
 int launch(const WgParams& p, int64_t NB, cudaStream_t stream) {
   auto kernel = weight_only_wgmma_kernel<BITS, T, TOKENS, SMEM_A>;
@@ -419,12 +406,7 @@ int launch(const WgParams& p, int64_t NB, cudaStream_t stream) {
                   static_cast<unsigned>(p.splits));
   kernel<<<grid, kThreads, smem, stream>>>(p);
   err = cudaGetLastError();
-  if (err == cudaSuccess && p.splits > 1) {
-    const int64_t blocks = (p.M * p.N + kThreads - 1) / kThreads;
-    wo_split_sum_kernel<T><<<static_cast<unsigned>(blocks < 65536 ? blocks : 65536), kThreads, 0,
-                             stream>>>(p);
-    err = cudaGetLastError();
-  }
+  if (err == cudaSuccess && p.splits > 1) err = launch_split_sum<T>(p, stream);
   return err == cudaSuccess ? VLMKERN_WO_OK : launch_failed(err);
 }
 

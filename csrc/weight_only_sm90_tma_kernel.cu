@@ -1,4 +1,4 @@
-// Weight-only matmul on Hopper for prefill (sm_90a): y[M, N] = x[M, K] @ W[N, K]^T
+// Weight-only matmul on Hopper for batches and prefill (sm_90a): y[M, N] = x[M, K] @ W[N, K]^T
 // + bias, W in 2, 3 or 4 bits in the load-time layout of weight_only.h, the
 // exact decode (s * (q - z) rounded once, the weight dequantize() gives),
 // fed to wgmma from registers, in a warp-specialized pipeline.
@@ -10,11 +10,12 @@
 // weights, and its warps decode a chunk only once the previous chunk's MMAs
 // are done.
 //
-// - Tiles: 128 weight rows (one layout block) x 128 tokens per thread block,
-//   K in 128-column chunks (one layout chunk per stage). One producer
-//   warpgroup (one thread issues the copies) and two consumer warpgroups,
-//   warpgroup g holding rows 64g..64g+63 as wgmma m64n128k16 A fragments;
-//   64 fp32 sums per thread.
+// - Tiles: 128 weight rows (one layout block) x 128 tokens per thread block
+//   (64 tokens for M <= 64, with 7 stages instead of 4), K in 128-column
+//   chunks (one layout chunk per stage). One producer warpgroup (one thread
+//   issues the copies) and two consumer warpgroups, warpgroup g holding rows
+//   64g..64g+63 as wgmma m64nNk16 A fragments (N: the token tile); N / 2
+//   fp32 sums per thread.
 // - Copies: the token tile by TMA (two 64-column boxes per chunk, 128-byte
 //   swizzle: the K-major layout the B descriptor names; zero fill past M and
 //   K from the copy engine), a unit's codes and scales by one bulk copy each
@@ -30,14 +31,18 @@
 // - Raster: clusters walk groups of 16 token tiles row pair by row pair, so
 //   a group's tokens stay in L2 while the whole weight streams past once.
 // - Epilogue: through shared memory (coalesced stores), bias, one rounding.
+// - Split-K: a layer with too few row blocks to fill the GPU (a small layer
+//   at decode-like M) is cut into K slices (grid y); each slice stores fp32
+//   partial sums and wo_split_sum_kernel adds them in slice order.
 //
 // The same pipeline runs binarized weights in the lookup-table layout of
 // binary.h (vlmkern_binary_lut_tma): codes, tables and the chunk's merge
 // selectors come by bulk copies, and the byte-permute decode of
 // binary_lut_decode.cuh makes the fragments.
 //
-// A token's sums depend only on its place in its 128-token tile (no split of
-// K), so the output is batch-invariant and deterministic.
+// A token's sums depend only on its place in its token tile, the tile width
+// and the number of K slices, so for a fixed slice count the output is
+// deterministic and batch-invariant within each tile width.
 //
 // Compiled to real code only for sm_90a; other targets get a kernel that
 // traps, and the launcher runs only where vlmkern_int_act_sm90_available says
@@ -64,28 +69,30 @@ constexpr int kGroupTiles = 16;       // token tiles per raster group
 #endif
 
 constexpr int kRows = 128;            // weight rows per thread block: one layout block
-constexpr int kTokens = 128;          // tokens per thread block: the wgmma N
+constexpr int kSmallTokens = 64;      // token tile for M <= 64, 128 above
 constexpr int kCluster = 2;           // thread blocks sharing one token tile
 constexpr int kThreads = 384;         // producer warpgroup + two consumer warpgroups
-constexpr int kStages = 4;
-constexpr int kHalfBytes = kTokens * 128;        // one 64-column half of the token tile
-constexpr int kXBytes = 2 * kHalfBytes;
-constexpr int kTokensPart = kTokens / kCluster;  // token rows one block copies for both
 constexpr int kScaleBytesMax = 8 * 8 * 64;       // 8 warps x 8 slots x 64 bytes (slot_log2 0)
 constexpr int kPitch = kRows + 4;     // epilogue tile row (floats): conflict-free writes
 
-// A stage: the token tile, one unit's codes, its scales (or, for the table
-// decode, its tables: 4 scale slots a tile) and, for the table decode, the
-// chunk's merge selectors.
-template <int BITS, bool TABLE>
+// A stage: the token tile (two 64-column halves of TOKENS rows of 128
+// bytes), one unit's codes, its scales (or, for the table decode, its
+// tables: 4 scale slots a tile) and, for the table decode, the chunk's merge
+// selectors. The 64-token tile halves a stage, so it gets more of them: at
+// decode-like M the weight stream is what must be kept in flight.
+template <int BITS, bool TABLE, int TOKENS>
 struct TmaStage {
+  static constexpr int kStages = TOKENS == kSmallTokens ? 7 : 4;
+  static constexpr int kHalfBytes = TOKENS * 128;       // one 64-column half of the token tile
+  static constexpr int kXBytes = 2 * kHalfBytes;
   static constexpr int kWeightBytes = 8 * 256 * BITS;  // one unit's codes
   static constexpr int kMergeOffset = kXBytes + kWeightBytes + kScaleBytesMax;
   static constexpr int kMergeBytes = TABLE ? 32 * 8 * 4 : 0;  // [32 lanes][8 steps] int32
   static constexpr int kBytes = (kMergeOffset + kMergeBytes + 1023) / 1024 * 1024;
   static constexpr int kBarriers = kStages * kBytes;   // offset of the mbarriers
   static constexpr int kSmem = kBarriers + 2 * kStages * 8 + 1024;  // + slack to align to 1024
-  static_assert(kTokens * kPitch * 4 <= kBarriers, "the epilogue tile fits the stages");
+  static_assert(TOKENS * kPitch * 4 <= kBarriers, "the epilogue tile fits the stages");
+  static_assert(kSmem <= 227 * 1024, "a block's shared memory fits an sm_90 SM");
 };
 
 struct TmaParams {
@@ -97,12 +104,15 @@ struct TmaParams {
   int NB, N, C;
   int slot_log2, slots, bias_dtype;
   const unsigned char* merge;  // [C, 32, 8] int32: the table decode's merge selectors
+  int splits;               // K slices (grid y); > 1: fp32 partial sums go to `partial`
+  float* partial;           // [splits, M, N]
 };
 
 // The A fragments of one warp's 16 x 128 tile of a chunk, one k16 step at a
 // time, from the stage at `st`. The exact decode of 2/3/4-bit codes:
-template <int BITS, class T, bool TABLE>
+template <int BITS, class T, bool TABLE, int TOKENS>
 struct ChunkDecode {
+  static constexpr int kXBytes = TmaStage<BITS, TABLE, TOKENS>::kXBytes;
   uint32_t w[2 * BITS];
   const uint2* slots;
   int slot_log2, slot_mask;
@@ -110,7 +120,7 @@ struct ChunkDecode {
   __device__ __forceinline__ ChunkDecode(const unsigned char* st, const TmaParams& p, int warp,
                                          int lane) {
     load_lane_words<BITS>(st + kXBytes + warp * 256 * BITS, lane, w);
-    slots = reinterpret_cast<const uint2*>(st + kXBytes + TmaStage<BITS, TABLE>::kWeightBytes) +
+    slots = reinterpret_cast<const uint2*>(st + kXBytes + TmaStage<BITS, TABLE, TOKENS>::kWeightBytes) +
             warp * p.slots * 8 + (lane >> 2);
     slot_log2 = p.slot_log2;
     slot_mask = (1 << p.slot_log2) - 1;
@@ -124,15 +134,15 @@ struct ChunkDecode {
 };
 // ... and the table decode of binarized weights (binary.h's lookup-table
 // layout: codes as 2-bit codes, the rows' tables in the scale slots).
-template <class T>
-struct ChunkDecode<2, T, true> {
+template <class T, int TOKENS>
+struct ChunkDecode<2, T, true, TOKENS> {
   uint4 codes, t0, t1, m0, m1;
   __device__ __forceinline__ ChunkDecode(const unsigned char* st, const TmaParams&, int warp,
                                          int lane) {
-    using S = TmaStage<2, true>;
-    codes = reinterpret_cast<const uint4*>(st + kXBytes + warp * 512)[lane];
-    const uint4* tables =
-        reinterpret_cast<const uint4*>(st + kXBytes + S::kWeightBytes + warp * 256 + 32 * (lane >> 2));
+    using S = TmaStage<2, true, TOKENS>;
+    codes = reinterpret_cast<const uint4*>(st + S::kXBytes + warp * 512)[lane];
+    const uint4* tables = reinterpret_cast<const uint4*>(st + S::kXBytes + S::kWeightBytes +
+                                                         warp * 256 + 32 * (lane >> 2));
     t0 = tables[0];  // row g
     t1 = tables[1];  // row g + 8
     const uint4* merge = reinterpret_cast<const uint4*>(st + S::kMergeOffset + 32 * lane);
@@ -147,12 +157,14 @@ struct ChunkDecode<2, T, true> {
 // The decoded weights are the A operand (registers), the token tile the B
 // operand: sum 4j + e of a thread holds weight row 16 * (warp in warpgroup)
 // + lane / 4 + 8 * (e / 2) of its warpgroup's 64 and token 8j + 2 * (lane % 4)
-// + e % 2. Launched in clusters of kCluster blocks along x (cudaLaunchKernelEx).
-template <int BITS, class T, bool TABLE>
+// + e % 2. Launched in clusters of kCluster blocks along x (cudaLaunchKernelEx);
+// grid y is the K slice.
+template <int BITS, class T, bool TABLE, int TOKENS>
 __global__ void __launch_bounds__(kThreads, 1)
     weight_only_tma_kernel(const __grid_constant__ CUtensorMap x_map, TmaParams p) {
 #if VLMKERN_SM90A
-  using S = TmaStage<BITS, TABLE>;
+  using S = TmaStage<BITS, TABLE, TOKENS>;
+  constexpr int kStages = S::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t base = (raw + 1023u) & ~1023u;
@@ -162,15 +174,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t rank = cluster_rank();
 
   // This cluster's row pair and token tile (groups of kGroupTiles token tiles).
-  const int64_t tiles = (p.M + kTokens - 1) / kTokens, pairs = (p.NB + 1) / 2;
+  const int64_t tiles = (p.M + TOKENS - 1) / TOKENS, pairs = (p.NB + 1) / 2;
   const int64_t cluster = blockIdx.x / kCluster, per_group = kGroupTiles * pairs;
   const int64_t first_tile = cluster / per_group * kGroupTiles;
   const int64_t in_group = min(int64_t(kGroupTiles), tiles - first_tile);
   const int64_t rest = cluster % per_group;
   const int b = int(2 * (rest / in_group) + rank);  // weight row block
-  const int64_t m0 = (first_tile + rest % in_group) * kTokens;
+  const int64_t m0 = (first_tile + rest % in_group) * TOKENS;
   const bool has_rows = b < p.NB;  // a cluster's second block past the last row block only copies
   const int scale_bytes = 8 * p.slots * 64;
+  // K slice blockIdx.y: chunks [c0, c1), never empty (splits <= C)
+  const int c0 = int(int64_t(blockIdx.y) * p.C / p.splits);
+  const int c1 = int(int64_t(blockIdx.y + 1) * p.C / p.splits);
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -186,21 +201,23 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tid == 0) {
       const unsigned char* wsrc = p.wq + int64_t(b) * p.C * S::kWeightBytes;
       const unsigned char* ssrc = p.sz + int64_t(b) * p.C * scale_bytes;
-      const uint32_t bytes = kXBytes + (has_rows ? S::kWeightBytes + scale_bytes + S::kMergeBytes : 0);
+      const uint32_t bytes =
+          S::kXBytes + (has_rows ? S::kWeightBytes + scale_bytes + S::kMergeBytes : 0);
+      constexpr int kPart = TOKENS / kCluster;  // token rows this block copies for both
       int s = 0;
       uint32_t phase = 0;
-      for (int c = 0; c < p.C; ++c) {
+      for (int c = c0; c < c1; ++c) {
         mbar_wait(empty + 8 * s, phase ^ 1);  // the first round finds every stage free
         const uint32_t stage = base + s * S::kBytes, bar = full + 8 * s;
         mbar_expect_bytes(bar, bytes);        // both token halves, this block's codes and scales
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          tma_load_multicast(stage + h * kHalfBytes + rank * kTokensPart * 128, &x_map,
-                             c * kChunk + 64 * h, int(m0) + int(rank) * kTokensPart, bar,
+          tma_load_multicast(stage + h * S::kHalfBytes + rank * kPart * 128, &x_map,
+                             c * kChunk + 64 * h, int(m0) + int(rank) * kPart, bar,
                              uint16_t((1u << kCluster) - 1));
         if (has_rows) {
-          bulk_load(stage + kXBytes, wsrc + int64_t(c) * S::kWeightBytes, S::kWeightBytes, bar);
-          bulk_load(stage + kXBytes + S::kWeightBytes, ssrc + int64_t(c) * scale_bytes,
+          bulk_load(stage + S::kXBytes, wsrc + int64_t(c) * S::kWeightBytes, S::kWeightBytes, bar);
+          bulk_load(stage + S::kXBytes + S::kWeightBytes, ssrc + int64_t(c) * scale_bytes,
                     scale_bytes, bar);
           if constexpr (TABLE)
             bulk_load(stage + S::kMergeOffset, p.merge + int64_t(c) * S::kMergeBytes,
@@ -215,16 +232,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     const int warp = (tid >> 5) - 4;  // 16-row tile of the layout block
-    float acc[64];
+    float acc[TOKENS / 2];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    for (int i = 0; i < TOKENS / 2; ++i) acc[i] = 0.f;
     int s = 0;
     uint32_t phase = 0;
-    for (int c = 0; c < p.C; ++c) {
+    for (int c = c0; c < c1; ++c) {
       mbar_wait(full + 8 * s, phase);
       const unsigned char* st = smem + s * S::kBytes;
       const uint32_t xs = base + s * S::kBytes;
-      ChunkDecode<BITS, T, TABLE> decode(st, p, warp, lane);
+      ChunkDecode<BITS, T, TABLE, TOKENS> decode(st, p, warp, lane);
       uint32_t a[8][4];
       // Step kt's fragments are decoded while step kt - 1's MMA runs: each step
       // has its own registers, and the chunk's MMAs form one group, waited
@@ -236,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kt = 0; kt < 8; ++kt) {
         decode.step(kt, a[kt]);
         wgmma_fence();
-        wgmma_k16(acc, a[kt], smem_desc(xs + (kt >> 2) * kHalfBytes + 32 * (kt & 3)), T{});
+        wgmma_k16(acc, a[kt], smem_desc(xs + (kt >> 2) * S::kHalfBytes + 32 * (kt & 3)), T{});
       }
       wgmma_commit();
       wgmma_wait<0>();  // this chunk's MMAs are done: free its stage in both blocks
@@ -253,21 +270,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Epilogue: once both warpgroups' MMAs are done (and every copy into this
     // block has been consumed), the sums go into a [token][row] fp32 tile over
     // the stages; then consecutive threads finish consecutive runs of 8 rows
-    // of a token (bias, one rounding, one 16-byte store where N allows).
+    // of a token (bias, one rounding, one 16-byte store where N allows), or,
+    // with K slices, store the slice's sums for wo_split_sum_kernel.
     consumers_sync();
     float* tile = reinterpret_cast<float*>(smem);
     const int row = 16 * warp + (lane >> 2);
     const int token = 2 * (lane & 3);
 #pragma unroll
-    for (int j = 0; j < kTokens / 8; ++j)
+    for (int j = 0; j < TOKENS / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
         tile[(8 * j + token + (e & 1)) * kPitch + row + 8 * (e >> 1)] = acc[4 * j + e];
     consumers_sync();
 
-    const int64_t tokens = p.M - m0 < kTokens ? p.M - m0 : kTokens;
+    const int64_t tokens = p.M - m0 < TOKENS ? p.M - m0 : TOKENS;
     const int64_t n_base = int64_t(b) * kRows;
-    const bool rows8 = p.N % 8 == 0;  // rows of out start 16-byte aligned
+    const bool rows8 = p.N % 8 == 0;  // rows of out (and of partial) start 16-byte aligned
 #pragma unroll 1
     for (int idx = tid - 128; idx < tokens * (kRows / 8); idx += kThreads - 128) {
       const int t = idx / (kRows / 8), r = 8 * (idx % (kRows / 8));
@@ -277,6 +295,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float4 hi = *reinterpret_cast<const float4*>(tile + t * kPitch + r + 4);
       float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
       const int count = p.N - n < 8 ? int(p.N - n) : 8;
+      if (p.splits > 1) {  // this slice's sums; wo_split_sum_kernel finishes them
+        float* part = p.partial + (int64_t(blockIdx.y) * p.M + m0 + t) * p.N + n;
+        if (rows8) {
+          reinterpret_cast<float4*>(part)[0] = lo;
+          reinterpret_cast<float4*>(part)[1] = hi;
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            if (i < count) part[i] = v[i];
+        }
+        continue;
+      }
 #pragma unroll
       for (int i = 0; i < 8; ++i)  // unrolled: v stays in registers
         if (p.bias && i < count) v[i] += load_bias(p.bias, p.bias_dtype, static_cast<int>(n + i));
@@ -304,14 +334,23 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+template <int BITS, class T, bool TABLE, int TOKENS>
+int launch_tokens(const CUtensorMap& x_map, const TmaParams& p, cudaStream_t stream) {
+  using S = TmaStage<BITS, TABLE, TOKENS>;
+  const int64_t tiles = (p.M + TOKENS - 1) / TOKENS, pairs = (p.NB + 1) / 2;
+  cudaError_t err = vlmkern_tma::launch_clusters(
+      weight_only_tma_kernel<BITS, T, TABLE, TOKENS>,
+      dim3(unsigned(kCluster * pairs * tiles), unsigned(p.splits)), kThreads, S::kSmem, kCluster,
+      stream, x_map, p);
+  if (err == cudaSuccess && p.splits > 1) err = launch_split_sum<T>(p, stream);
+  return err == cudaSuccess ? VLMKERN_WO_OK : launch_failed(err);
+}
+
+// The token tile: 64 tokens for M <= 64 (decode-like batches pad less), else 128.
 template <int BITS, class T, bool TABLE = false>
 int launch(const CUtensorMap& x_map, const TmaParams& p, cudaStream_t stream) {
-  using S = TmaStage<BITS, TABLE>;
-  const int64_t tiles = (p.M + kTokens - 1) / kTokens, pairs = (p.NB + 1) / 2;
-  const cudaError_t err = vlmkern_tma::launch_clusters(
-      weight_only_tma_kernel<BITS, T, TABLE>, dim3(unsigned(kCluster * pairs * tiles)), kThreads, S::kSmem,
-      kCluster, stream, x_map, p);
-  return err == cudaSuccess ? VLMKERN_WO_OK : launch_failed(err);
+  return p.M <= kSmallTokens ? launch_tokens<BITS, T, TABLE, kSmallTokens>(x_map, p, stream)
+                             : launch_tokens<BITS, T, TABLE, 2 * kSmallTokens>(x_map, p, stream);
 }
 
 template <class T>
@@ -327,21 +366,26 @@ int dispatch_bits(const CUtensorMap& x_map, const TmaParams& p, int bits, cudaSt
 // parameters, or the status code of the first failure.
 int prepare(const void* x, int64_t M, int64_t K_x, const int32_t* wq, const int32_t* sz, int64_t NB,
             int64_t C, int slot_log2, int bits, const void* bias, int bias_dtype, void* out,
-            int64_t N, int act_dtype, CUtensorMap* x_map, TmaParams* p) {
+            int64_t N, int act_dtype, int splits, float* partial, CUtensorMap* x_map,
+            TmaParams* p) {
   const int status = check_launch_args(x, M, K_x, wq, sz, NB, C, slot_log2, bits, bias, bias_dtype,
                                        out, N, act_dtype);
   if (status != VLMKERN_WO_OK) return status;
-  // TMA coordinates and the 1-D grid of clusters are 32-bit.
-  const int64_t tiles = (M + kTokens - 1) / kTokens;
-  if (M > 0x7fffffff - kTokens || kCluster * ((NB + 1) / 2) * tiles > 0x7fffffff)
+  // TMA coordinates and the 1-D grid of clusters are 32-bit; K slices are grid y.
+  const int tokens = M <= kSmallTokens ? kSmallTokens : 2 * kSmallTokens;
+  const int64_t tiles = (M + tokens - 1) / tokens;
+  if (M > 0x7fffffff - tokens || kCluster * ((NB + 1) / 2) * tiles > 0x7fffffff || splits < 1 ||
+      splits > C || splits > 65535)
     return VLMKERN_WO_ERR_BAD_SIZE;
+  if (splits > 1 && !partial) return VLMKERN_WO_ERR_NULL_POINTER;
   // Without sm_90a code the kernel would trap and take the CUDA context with it.
   int built = 0;
   if (vlmkern_int_act_sm90_available(&built) != VLMKERN_INT_ACT_OK || !built)
     return VLMKERN_WO_ERR_NO_SM90A;
-  // x as [M rows, K_x 16-bit columns], read in 64 x 64 boxes (128-byte rows).
+  // x as [M rows, K_x 16-bit columns], read in boxes of 64 columns (128-byte
+  // rows) x the token rows one block of a cluster copies.
   const cudaError_t encoded = vlmkern_tma::encode_rows(x_map, CU_TENSOR_MAP_DATA_TYPE_UINT16, x, M,
-                                                       K_x, K_x * 2, 64, kTokensPart);
+                                                       K_x, K_x * 2, 64, tokens / kCluster);
   if (encoded != cudaSuccess) return launch_failed(encoded);
   p->wq = reinterpret_cast<const unsigned char*>(wq);
   p->sz = reinterpret_cast<const unsigned char*>(sz);
@@ -355,6 +399,8 @@ int prepare(const void* x, int64_t M, int64_t K_x, const int32_t* wq, const int3
   p->slots = 8 >> slot_log2;
   p->bias_dtype = bias_dtype;
   p->merge = nullptr;
+  p->splits = splits;
+  p->partial = partial;
   return VLMKERN_WO_OK;
 }
 
@@ -363,11 +409,12 @@ int prepare(const void* x, int64_t M, int64_t K_x, const int32_t* wq, const int3
 extern "C" int vlmkern_weight_only_tma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
                                        const int32_t* sz, int64_t NB, int64_t C, int slot_log2,
                                        int bits, const void* bias, int bias_dtype, void* out,
-                                       int64_t N, int act_dtype, void* stream) {
+                                       int64_t N, int act_dtype, int splits, float* partial,
+                                       void* stream) {
   CUtensorMap x_map;
   TmaParams p;
   const int status = prepare(x, M, K_x, wq, sz, NB, C, slot_log2, bits, bias, bias_dtype, out, N,
-                             act_dtype, &x_map, &p);
+                             act_dtype, splits, partial, &x_map, &p);
   if (status != VLMKERN_WO_OK) return status;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_bits<F16>(x_map, p, bits, s)
@@ -377,14 +424,15 @@ extern "C" int vlmkern_weight_only_tma(const void* x, int64_t M, int64_t K_x, co
 extern "C" int vlmkern_binary_lut_tma(const void* x, int64_t M, int64_t K_x, const int32_t* codes,
                                       const int32_t* tables, const int32_t* merge, int64_t NB,
                                       int64_t C, const void* bias, int bias_dtype, void* out,
-                                      int64_t N, int act_dtype, void* stream) {
+                                      int64_t N, int act_dtype, int splits, float* partial,
+                                      void* stream) {
   if (!merge) return VLMKERN_WO_ERR_NULL_POINTER;
   if (reinterpret_cast<uintptr_t>(merge) % 16 != 0) return VLMKERN_WO_ERR_ALIGNMENT;
   // codes and tables have the byte sizes of 2-bit codes and 4 scale slots a tile
   CUtensorMap x_map;
   TmaParams p;
   const int status = prepare(x, M, K_x, codes, tables, NB, C, /*slot_log2=*/1, /*bits=*/2, bias,
-                             bias_dtype, out, N, act_dtype, &x_map, &p);
+                             bias_dtype, out, N, act_dtype, splits, partial, &x_map, &p);
   if (status != VLMKERN_WO_OK) return status;
   p.merge = reinterpret_cast<const unsigned char*>(merge);
   cudaStream_t s = static_cast<cudaStream_t>(stream);

@@ -83,9 +83,9 @@ def test_registered_ahead_of_the_plane_gemms():
     assert staged.dtypes == spec.dtypes and staged.min_sm == spec.min_sm == (8, 0)
     assert "block_size 64 unsupported" in staged.check(torch.zeros(1, 128), make_binary(4, 128, 64))
     assert staged.check(torch.zeros(1, 128), make_binary(4, 128, 128)) is None
-    # the Hopper prefill kernel takes the batches the other two do not
+    # the Hopper kernel takes batches from 17 tokens up, prefill included
     tma = by_name["cuda.binary_lut_tma"]
-    assert tma.opt_in and (tma.min_m, tma.max_m) == (lut.MAX_M + 1, None) == (65, None)
+    assert tma.opt_in and (tma.min_m, tma.max_m) == (lut.TMA_MIN_M, None) == (17, None)
     assert tma.dtypes == spec.dtypes and tma.min_sm == (9, 0)
     assert "block_size 64 unsupported" in tma.check(torch.zeros(65, 128), make_binary(4, 128, 64))
     assert tma.check(torch.zeros(65, 128), make_binary(4, 128, 128)) is None   # CPU x: no probe

@@ -1,9 +1,10 @@
-"""The lookup-table binary layout on the warp-specialized Hopper prefill kernel
+"""The lookup-table binary layout on the warp-specialized Hopper kernel
 (csrc/weight_only_sm90_tma_kernel.cu, table decode; torch.ops.vlmkern.binary_lut_tma).
 
 The layout and the exact product come from test_cuda_binary_lut_kernel, which
 builds them from the specification in csrc/binary.h. The kernel sums each
-output over K in one fp32 accumulator, so the error bound counts one part.
+output over each K slice in one fp32 accumulator and adds the slices in fp32,
+so the error bound counts one part per slice.
 """
 import os
 
@@ -38,12 +39,12 @@ _SKIP_OP = kernel_op_reason("binary_lut_tma", "weight_only_sm90_tma_kernel.cu", 
 sm90 = pytest.mark.skipif(_SKIP_GPU is not None, reason=_SKIP_GPU or "")
 has_op = pytest.mark.skipif(_SKIP_OP is not None, reason=_SKIP_OP or "")
 
-M_SIZES = [1, 65, 128, 129, 300]
+M_SIZES = [1, 17, 64, 65, 128, 129, 300]
 
 
-def run(x, layout, bias, n):
+def run(x, layout, bias, n, ksplit=1):
     codes, tables, merge = layout
-    return torch.ops.vlmkern.binary_lut_tma(x, codes, tables, merge, bias, n)
+    return torch.ops.vlmkern.binary_lut_tma(x, codes, tables, merge, bias, n, ksplit)
 
 
 @has_op
@@ -55,6 +56,9 @@ def test_meta_shape_and_checks():
     assert y.shape == (500, 300) and y.dtype == torch.float16 and y.device.type == "meta"
     with pytest.raises(RuntimeError, match="binary_lut_tma: out_features=256 does not match"):
         torch.ops.vlmkern.binary_lut_tma(x, codes, tables, merge, None, 256)
+    for ksplit in (0, 4):   # 264 columns: 3 chunks
+        with pytest.raises(RuntimeError, match="binary_lut_tma: ksplit must be in 1..3"):
+            torch.ops.vlmkern.binary_lut_tma(x, codes, tables, merge, None, 300, ksplit)
 
 
 @sm90
@@ -74,6 +78,20 @@ def test_gpu_matches_exact_product(n, k, dtype):
 
 @sm90
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [5, 64, 200])
+def test_gpu_every_slice_count(m):
+    # K slices of every length from one chunk up (19 chunks), added by the
+    # second kernel with the bias
+    n, k = 300, 2400
+    layout, w, k_x = make_case(n, k, torch.float16, seed=m)
+    bias = torch.randn(n, generator=gen(3)).cuda()
+    x = activations(m, k, k_x, torch.float16, seed=m)
+    for ksplit in (1, 2, 3, 5, 19):
+        assert_close_to_exact(run(x, layout, bias, n, ksplit), x, w, bias, ksplit=ksplit)
+
+
+@sm90
+@pytest.mark.gpu
 def test_gpu_bias_dtypes_and_salient_extremes():
     n, k = 129, 264
     for salient in (0.0, 1.0):
@@ -88,16 +106,21 @@ def test_gpu_bias_dtypes_and_salient_extremes():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_deterministic_and_batch_invariant(dtype):
-    # a token's sums depend only on its place in its 128-token tile
+    # a token's sums depend only on its place in its token tile, the tile
+    # width (64 tokens up to M = 64, else 128) and the slice count
     n, k = 300, 520
     layout, w, k_x = make_case(n, k, dtype, seed=11)
     bias = torch.randn(n, generator=gen(9)).cuda()
-    x = activations(300, k, k_x, dtype, seed=4)
-    full = run(x, layout, bias, n)
-    assert torch.equal(run(x, layout, bias, n), full)     # run to run
-    for m in (1, 65, 128, 129, 200):
-        assert torch.equal(run(x[:m], layout, bias, n), full[:m]), m
-    assert torch.equal(run(x[128:].clone(), layout, bias, n), full[128:])
+    for ksplit in (1, 2):
+        x = activations(300, k, k_x, dtype, seed=4)
+        full = run(x, layout, bias, n, ksplit)
+        assert torch.equal(run(x, layout, bias, n, ksplit), full)     # run to run
+        for m in (65, 128, 129, 200):
+            assert torch.equal(run(x[:m], layout, bias, n, ksplit), full[:m]), m
+        assert torch.equal(run(x[128:].clone(), layout, bias, n, ksplit), full[128:])
+        full = run(x[:64], layout, bias, n, ksplit)
+        for m in (1, 17, 33):
+            assert torch.equal(run(x[:m], layout, bias, n, ksplit), full[:m]), m
 
 
 @sm90
@@ -121,7 +144,8 @@ def test_gpu_selected_when_enabled_and_traceable(monkeypatch):
     assert ops.which_kernel(x, qw) != "cuda.binary_lut_tma"
     monkeypatch.setenv("VLMKERN_ENABLE", "cuda.binary_lut_tma")
     assert ops.which_kernel(x, qw) == "cuda.binary_lut_tma"
-    assert ops.which_kernel(x[:64], qw) == "cuda.binary_lut"
+    assert ops.which_kernel(x[:17], qw) == "cuda.binary_lut_tma"
+    assert ops.which_kernel(x[:16], qw) == "cuda.binary_lut"
     w = qw.dequantize(torch.float32)
     want = (x.double() @ w.double().T + bias.double()).float()
     torch.testing.assert_close(ops.linear(x, qw, bias).float(), want, rtol=2e-3, atol=2e-3)
@@ -154,6 +178,7 @@ def test_gpu_bad_inputs():
     fails("tables must have shape", x, codes, tables[:, :, :, :4].contiguous(), merge, None, n)
     flat = torch.zeros(70 * k_x + 2, dtype=torch.half, device="cuda")
     fails("16-byte aligned", flat[2:].view(70, k_x), codes, tables, merge, None, n)
+    fails("ksplit must be in 1..3", x, codes, tables, merge, None, n, 0)
     with pytest.raises(ValueError, match="block_size 64 unsupported"):
         cuda_binary_lut.binary_lut_tma(x[:, :k].contiguous(), make_binary(n, k, 64, device="cuda"))
 
@@ -165,6 +190,6 @@ if os.environ.get("VLMKERN_SANITIZE") == "1":   # a small run under compute-sani
         for n, k in ((1, 8), (129, 201), (300, 520)):
             for dtype in (torch.float16, torch.bfloat16):
                 layout, w, k_x = make_case(n, k, dtype, seed=n)
-                for m in (1, 129):
+                for m, ksplit in ((1, 2 if k > 128 else 1), (129, 1)):
                     x = activations(m, k, k_x, dtype, seed=m)
-                    assert_close_to_exact(run(x, layout, None, n), x, w, None, ksplit=1)
+                    assert_close_to_exact(run(x, layout, None, n, ksplit), x, w, None, ksplit=ksplit)

@@ -88,26 +88,26 @@ def place_token_tile(x: torch.Tensor, m0: int, c: int) -> torch.Tensor:
     return stage
 
 
-def descriptor_read(stage: torch.Tensor, kt: int) -> torch.Tensor:
-    """B (128 tokens x 16 columns) of k16 step kt as wgmma reads it through the
-    kernel's descriptor: start (kt // 4) * HALF_BYTES + 32 * (kt % 4), rows of
-    128 bytes, groups of 8 rows 1024 bytes apart, 128-byte swizzle (address bits
-    4-6 XOR bits 7-9)."""
-    start = (kt // 4) * HALF_BYTES + 32 * (kt % 4)
-    n = torch.arange(128).unsqueeze(1)
+def descriptor_read(stage: torch.Tensor, kt: int, tokens: int = 128) -> torch.Tensor:
+    """B (`tokens` tokens x 16 columns) of k16 step kt as wgmma reads it through
+    the kernel's descriptor: start (kt // 4) * (half tile) + 32 * (kt % 4), rows
+    of 128 bytes, groups of 8 rows 1024 bytes apart, 128-byte swizzle (address
+    bits 4-6 XOR bits 7-9)."""
+    start = (kt // 4) * tokens * 128 + 32 * (kt % 4)
+    n = torch.arange(tokens).unsqueeze(1)
     k = torch.arange(16).unsqueeze(0)
     addr = start + (n // 8) * 1024 + (n % 8) * 128 + 2 * k
     addr = addr ^ (((addr >> 7) & 7) << 4)
     return stage[addr // 2]
 
 
-def token_step(x: torch.Tensor, m0: int, c: int, kt: int) -> torch.Tensor:
-    """Tokens m0..m0+127 x columns of k16 step kt of chunk c, as int16 halves,
-    zeros past M and K: what the descriptors of that step must read."""
+def token_step(x: torch.Tensor, m0: int, c: int, kt: int, tokens: int = 128) -> torch.Tensor:
+    """Tokens m0..m0+tokens-1 x columns of k16 step kt of chunk c, as int16
+    halves, zeros past M and K: what the descriptors of that step must read."""
     m, k = x.shape
-    want = torch.zeros(128, 16, dtype=torch.int16)
+    want = torch.zeros(tokens, 16, dtype=torch.int16)
     cols = torch.arange(c * 128 + 16 * kt, c * 128 + 16 * kt + 16)
-    rows = torch.arange(m0, min(m0 + 128, m))
+    rows = torch.arange(m0, min(m0 + tokens, m))
     keep = cols < k
     want[:len(rows)][:, keep] = x.view(torch.int16)[rows][:, cols[keep]]
     return want

@@ -34,11 +34,12 @@ The layout is as large as the format's planes and statistics and is cached
 beside the weight (not in its state), like the other kernels' layouts.
 ``emulate_dequantize`` decodes it with the kernel's operations in torch.
 
-``cuda.binary_lut_tma`` (opt-in, M >= 65, Hopper) runs the same layout and
-decode on the warp-specialized prefill kernel of
-csrc/weight_only_sm90_tma_kernel.cu (TMA token tiles shared by a cluster of
-two thread blocks, register-operand wgmma), instead of writing the dense
-weight for a GEMM.
+``cuda.binary_lut_tma`` (opt-in, M >= 17, Hopper) runs the same layout and
+decode on the warp-specialized kernel of csrc/weight_only_sm90_tma_kernel.cu
+(TMA token tiles of 64 or 128 tokens shared by a cluster of two thread
+blocks, register-operand wgmma, K slices for small layers), instead of
+writing the dense weight for a GEMM at prefill or re-reading activations
+per warp at batch sizes.
 
 ``cuda.binary_lut_staged`` (opt-in) runs the same layout on the weight-only
 kernel's pipeline (csrc/weight_only_kernel.cu, table decode): codes, tables
@@ -57,6 +58,7 @@ import torch
 from ..formats.binary import BinaryWeight
 from ..formats.packing import unpack_bits
 from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op
+from .cuda_weight_only_sm90 import tma_splits_for
 from .cuda_weight_only import (
     _RELAYOUT_WEIGHTS,
     _counters,
@@ -67,7 +69,7 @@ from .cuda_weight_only import (
 
 BLOCK = 128               # the only block size the layout takes: one chunk
 MAX_M = 64
-TMA_MIN_M = 65            # cuda.binary_lut_tma: prefill, where dequantize + GEMM runs now
+TMA_MIN_M = 17            # cuda.binary_lut_tma: batches and prefill
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 _IDENTITY = 0x3210        # PRMT selector: the first operand as it is
 _SALIENT_HALF = (0x0044, 0x4400)
@@ -285,10 +287,12 @@ def binary_lut_staged(x: torch.Tensor, qweight: BinaryWeight,
 
 
 def binary_lut_tma(x: torch.Tensor, qweight: BinaryWeight,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
     """The same product on the warp-specialized Hopper kernel
-    (``cuda.binary_lut_tma``, for prefill): same arguments and layout, any M;
-    a token's result depends only on its place in its 128-token tile."""
+    (``cuda.binary_lut_tma``, for M > 16): same arguments and layout, any M;
+    ``splits``: K slices (default ``tma_splits_for``, as for weight-only
+    layers). A token's result depends only on its place in its token tile,
+    the tile width and the slice count."""
     why = _tma_reason(x.device)
     if why:
         raise ValueError(f"cuda.binary_lut_tma: {why}")
@@ -297,8 +301,11 @@ def binary_lut_tma(x: torch.Tensor, qweight: BinaryWeight,
     if ready is None:
         return x.new_empty(0, qweight.out_features)
     lw, x, bias = ready
+    if splits is None:
+        splits = tma_splits_for(x.shape[0], lw.out_features, lw.codes.shape[1],
+                                multiprocessors(x.device))
     return torch.ops.vlmkern.binary_lut_tma(x, lw.codes, lw.tables, lw.merge, bias,
-                                            lw.out_features)
+                                            lw.out_features, int(splits))
 
 
 def _tma_reason(device: torch.device) -> str | None:

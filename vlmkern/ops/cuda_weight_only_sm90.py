@@ -24,14 +24,17 @@ GPU is cut into K slices (``splits_for``), whose fp32 partial sums a second
 kernel adds in slice order; the slice count depends on M, so batches of
 different sizes may round differently.
 
-For prefill, ``weight_only_tma`` runs the warp-specialized kernel of
-csrc/weight_only_sm90_tma_kernel.cu (``cuda.weight_only_tma``): the same
-layout and exact decode, 128 weight rows x 128 tokens per thread block, the
-token tile copied by TMA and multicast to a cluster of two thread blocks
-(adjacent row blocks), codes and scales by bulk copies, one producer and two
-consumer warpgroups, each consumer warp decoding a k16 step while the
-previous step's MMA runs. A token's result depends only on its place in its
-128-token tile.
+For batches and prefill, ``weight_only_tma`` runs the warp-specialized
+kernel of csrc/weight_only_sm90_tma_kernel.cu (``cuda.weight_only_tma``):
+the same layout and exact decode, 128 weight rows x 128 tokens per thread
+block (64 tokens for M <= 64), the token tile copied by TMA and multicast to
+a cluster of two thread blocks (adjacent row blocks), codes and scales by
+bulk copies, one producer and two consumer warpgroups, each consumer warp
+decoding a k16 step while the previous step's MMA runs. A layer with too
+few row blocks to fill half the GPU is cut into K slices
+(``tma_splits_for``), added in slice order by a second kernel. A token's
+result depends only on its place in its token tile, the tile width and the
+slice count, which depend on M only through the number of token tiles.
 
 Needs an sm_90 GPU and a build holding ``9.0a`` code (``sm90_available``
 probes it). The kernels are opt-in (``VLMKERN_ENABLE``) until they have
@@ -53,7 +56,7 @@ from .cuda_weight_only import (
 )
 
 MIN_M = 17                # decode sizes stay with the mma.sync kernel's lean decodes
-TMA_MIN_M = 65            # the warp-specialized kernel: where dequantize + cuBLAS runs now
+TMA_MIN_M = MIN_M         # the warp-specialized kernel, batches and prefill
 TOKENS_SMALL, TOKENS = 64, 128   # token tile for M <= 64, and above
 
 
@@ -72,6 +75,18 @@ def splits_for(m: int, out_features: int, chunks: int, multiprocessors: int) -> 
     if blocks >= multiprocessors:
         return 1
     return max(1, min(-(-multiprocessors // blocks), chunks // 4))
+
+
+def tma_splits_for(m: int, out_features: int, chunks: int, multiprocessors: int) -> int:
+    """K slices for the warp-specialized kernel (one thread block per SM):
+    none while its thread blocks fill at least half the SMs (the slices'
+    partial sums cost memory traffic); else as many as fit in one wave, each
+    at least 4 chunks (512 columns) long."""
+    tile = TOKENS_SMALL if m <= TOKENS_SMALL else TOKENS
+    blocks = -(-out_features // 128) * -(-m // tile)
+    if 2 * blocks > multiprocessors:
+        return 1
+    return max(1, min(multiprocessors // blocks, chunks // 4, 65535))
 
 
 def _inputs(name: str, op: str, source: str, x: torch.Tensor, qweight: QuantizedWeight,
@@ -113,17 +128,20 @@ def weight_only_wgmma_smem(x: torch.Tensor, qweight: QuantizedWeight,
 
 
 def weight_only_tma(x: torch.Tensor, qweight: QuantizedWeight,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
     """y = x @ W^T + bias on the warp-specialized Hopper kernel. x [M, K]
-    fp16/bf16 on an sm_90 device, any M >= 0 (meant for prefill); bias [N] or
-    None -> [M, N] in x's dtype."""
+    fp16/bf16 on an sm_90 device, any M >= 0 (meant for M > 16); bias [N] or
+    None -> [M, N] in x's dtype; ``splits``: K slices, 1..chunks (default
+    ``tma_splits_for``)."""
     ready = _inputs("cuda.weight_only_tma", "weight_only_tma",
                     "csrc/weight_only_sm90_tma_kernel.cu", x, qweight, bias)
     if ready is None:
         return x.new_empty(0, qweight.out_features)
     mw, x2, bias = ready
+    if splits is None:
+        splits = tma_splits_for(x.shape[0], mw.out_features, mw.chunks, multiprocessors(x.device))
     return torch.ops.vlmkern.weight_only_tma(x2, mw.wq, mw.sz, bias, mw.bits, mw.out_features,
-                                             mw.slot_log2)
+                                             mw.slot_log2, int(splits))
 
 
 def _reason(qweight, device: torch.device) -> str | None:
