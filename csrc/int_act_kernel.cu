@@ -524,7 +524,7 @@ extern "C" int vlmkern_int_act_gemm(const void* q, const float* sx, const void* 
     return VLMKERN_INT_ACT_ERR_BAD_SIZE;
   if (M == 0 || N == 0) return VLMKERN_INT_ACT_OK;
   if (!q || !sx || !w || !w_scale || !out) return VLMKERN_INT_ACT_ERR_NULL_POINTER;
-  if (!aligned16(q) || !aligned16(w)) return VLMKERN_INT_ACT_ERR_BAD_SIZE;
+  if (!aligned16(q) || !aligned16(w) || !aligned16(out)) return VLMKERN_INT_ACT_ERR_BAD_SIZE;
 
   int major = 0;
   const int status = current_device_major(&major);

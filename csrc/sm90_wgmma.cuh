@@ -111,10 +111,13 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
     if (clock64() - start > (1ll << 34)) __trap();
 }
 // Arrive on the barrier at the same offset in block `cta` of the cluster.
+// The default (.release.cta) semantics: the arrival only says that this
+// warp's reads of a stage are over (its MMAs have been waited for), and a
+// .cluster release would put a GPU-wide memory fence before every arrival.
 __device__ __forceinline__ void mbar_arrive_in(uint32_t bar, uint32_t cta) {
   asm volatile(
       "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
       "r"(cta)
       : "memory");
 }

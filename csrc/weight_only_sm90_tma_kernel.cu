@@ -239,26 +239,29 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t phase = 0;
     for (int c = c0; c < c1; ++c) {
       mbar_wait(full + 8 * s, phase);
-      const unsigned char* st = smem + s * S::kBytes;
-      const uint32_t xs = base + s * S::kBytes;
-      ChunkDecode<BITS, T, TABLE, TOKENS> decode(st, p, warp, lane);
-      uint32_t a[8][4];
-      // Step kt's fragments are decoded while step kt - 1's MMA runs: each step
-      // has its own registers, and the chunk's MMAs form one group, waited
-      // for at the chunk's end. A wait or a commit between them, or a group
-      // kept in flight across the loop's back edge, makes ptxas serialize
-      // every MMA; while this warpgroup waits, the other one's MMAs run.
-      fence_operands(acc);
+      if (has_rows) {  // a copy-only block only keeps the pipeline's count
+        const unsigned char* st = smem + s * S::kBytes;
+        const uint32_t xs = base + s * S::kBytes;
+        ChunkDecode<BITS, T, TABLE, TOKENS> decode(st, p, warp, lane);
+        uint32_t a[8][4];
+        // Step kt's fragments are decoded while step kt - 1's MMA runs: each
+        // step has its own registers, and the chunk's MMAs form one group,
+        // waited for at the chunk's end. A wait or a commit between them, or a
+        // group kept in flight across the loop's back edge, makes ptxas
+        // serialize every MMA; while this warpgroup waits, the other one's
+        // MMAs run.
+        fence_operands(acc);
 #pragma unroll
-      for (int kt = 0; kt < 8; ++kt) {
-        decode.step(kt, a[kt]);
-        wgmma_fence();
-        wgmma_k16(acc, a[kt], smem_desc(xs + (kt >> 2) * S::kHalfBytes + 32 * (kt & 3)), T{});
+        for (int kt = 0; kt < 8; ++kt) {
+          decode.step(kt, a[kt]);
+          wgmma_fence();
+          wgmma_k16(acc, a[kt], smem_desc(xs + (kt >> 2) * S::kHalfBytes + 32 * (kt & 3)), T{});
+        }
+        wgmma_commit();
+        wgmma_wait<0>();  // this chunk's MMAs are done: free its stage in both blocks
+        fence_operands(acc);
+        fence_operands(a);
       }
-      wgmma_commit();
-      wgmma_wait<0>();  // this chunk's MMAs are done: free its stage in both blocks
-      fence_operands(acc);
-      fence_operands(a);
       if (lane == 0)
         for (uint32_t cta = 0; cta < kCluster; ++cta) mbar_arrive_in(empty + 8 * s, cta);
       if (++s == kStages) {
@@ -378,6 +381,9 @@ int prepare(const void* x, int64_t M, int64_t K_x, const int32_t* wq, const int3
       splits > C || splits > 65535)
     return VLMKERN_WO_ERR_BAD_SIZE;
   if (splits > 1 && !partial) return VLMKERN_WO_ERR_NULL_POINTER;
+  // the epilogue stores 16 bytes at a time into out and partial
+  if (reinterpret_cast<uintptr_t>(out) % 16 != 0 || reinterpret_cast<uintptr_t>(partial) % 16 != 0)
+    return VLMKERN_WO_ERR_ALIGNMENT;
   // Without sm_90a code the kernel would trap and take the CUDA context with it.
   int built = 0;
   if (vlmkern_int_act_sm90_available(&built) != VLMKERN_INT_ACT_OK || !built)
