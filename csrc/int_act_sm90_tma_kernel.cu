@@ -28,7 +28,16 @@
 //   multicast writes into this block's stage too).
 // - Registers: the producer warpgroup gives registers back (setmaxnreg), so
 //   the consumers can hold their sums.
-// - Epilogue: through shared memory, with store_outputs' rounding.
+// - Persistent: one cluster per pair of SMs that can hold one at a time
+//   (cudaOccupancyMaxActiveClusters), each walking the (token-tile pair,
+//   channel tile) grid with token tiles fastest, so a weight tile stays in
+//   L2 while the token tiles pass. The stage and phase counters run on
+//   across tiles: while the consumers finish one tile, the producer already
+//   fills the stages with the next tile's first steps, and no block pays a
+//   launch, barrier set-up or pipeline fill per tile.
+// - Epilogue: straight from the sums in registers (store_outputs' rounding
+//   and paired stores), so it needs no shared memory the next tile's copies
+//   are writing.
 //
 // Compiled to real code only for sm_90a; other targets get a kernel that
 // traps, and the launcher runs only where vlmkern_int_act_sm90_available says
@@ -60,8 +69,6 @@ constexpr int kBPartRows = kBN / kCluster;       // the weight rows one block co
 constexpr int kStage = kATile + kBTile;
 constexpr int kBarriers = kStages * kStage;      // offset of the mbarriers
 constexpr int kSmem = kBarriers + 2 * kStages * 8 + 1024;  // + slack to align tiles to 1024 B
-constexpr int kPitch = kBN + 8;       // epilogue tile row (floats): two wavefronts per 8-byte store
-static_assert(kBM * kPitch * 4 <= kBarriers, "the epilogue tile fits the stages");
 
 #if VLMKERN_SM90A
 constexpr int kConsumerWarps = 8;
@@ -71,7 +78,8 @@ constexpr int kBPart = kBTile / kCluster;
 // Accumulator layout (PTX wgmma D, as mma.sync m16n8 repeated along N): sum
 // 4j + e of half h holds token 16 * (warp in warpgroup) + lane / 4 + 8 * (e / 2)
 // of its warpgroup's 64 and channel 128h + 8j + 2 * (lane % 4) + e % 2.
-// Launched in clusters of kCluster blocks along x (cudaLaunchKernelEx).
+// Launched in clusters of kCluster blocks along x (cudaLaunchKernelEx), at
+// most as many as fit on the GPU at once.
 __global__ void __launch_bounds__(kThreads, 1)
     int_act_tma_kernel(const __grid_constant__ CUtensorMap q_map,
                        const __grid_constant__ CUtensorMap w_map, GemmArgs p) {
@@ -81,8 +89,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t full = base + kBarriers, empty = full + kStages * 8;
   const int tid = threadIdx.x, wg = tid >> 7;
   const uint32_t rank = cluster_rank();
-  const int m0 = int(blockIdx.x) * kBM, n0 = int(blockIdx.y) * kBN;
   const int k_tiles = int((p.k_tiles * 64 + kBK - 1) / kBK);
+  // Tile t of this cluster's walk: channel tile t / pairs, token tiles
+  // 2 (t % pairs) and + 1 (this block: + rank).
+  const int64_t pairs = (p.M + kCluster * kBM - 1) / (kCluster * kBM);
+  const int64_t tiles = pairs * ((p.N + kBN - 1) / kBN);
+  const int64_t first = blockIdx.x / kCluster, clusters = gridDim.x / kCluster;
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -98,90 +110,83 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tid == 0) {
       int s = 0;
       uint32_t phase = 0;
-      for (int kt = 0; kt < k_tiles; ++kt) {
-        mbar_wait(empty + 8 * s, phase ^ 1);  // the first round finds every stage free
-        const uint32_t stage = base + s * kStage, bar = full + 8 * s;
-        mbar_expect_bytes(bar, kStage);       // A, this block's half of B and the peer's
-        tma_load(stage, &q_map, kt * kBK, m0, bar);
-        tma_load_multicast(stage + kATile + rank * kBPart, &w_map, kt * kBK,
-                           n0 + int(rank) * kBPartRows, bar, uint16_t((1u << kCluster) - 1));
-        if (++s == kStages) {
-          s = 0;
-          phase ^= 1;
+      for (int64_t t = first; t < tiles; t += clusters) {
+        const int m0 = int((t % pairs * kCluster + rank) * kBM), n0 = int(t / pairs * kBN);
+        for (int kt = 0; kt < k_tiles; ++kt) {
+          mbar_wait(empty + 8 * s, phase ^ 1);  // the first round finds every stage free
+          const uint32_t stage = base + s * kStage, bar = full + 8 * s;
+          mbar_expect_bytes(bar, kStage);       // A, this block's half of B and the peer's
+          tma_load(stage, &q_map, kt * kBK, m0, bar);
+          tma_load_multicast(stage + kATile + rank * kBPart, &w_map, kt * kBK,
+                             n0 + int(rank) * kBPartRows, bar, uint16_t((1u << kCluster) - 1));
+          if (++s == kStages) {
+            s = 0;
+            phase ^= 1;
+          }
         }
       }
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     const int c = wg - 1, lane = tid & 31;
-    int32_t acc[2][64];
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int i = 0; i < 64; ++i) acc[h][i] = 0;
-    int s = 0, prev = 0;
+    // this thread's first token of the tile (and + 8) and first channel
+    const int row = 64 * c + 16 * ((tid >> 5) & 3) + (lane >> 2), col = 2 * (lane & 3);
+    int s = 0;
     uint32_t phase = 0;
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      mbar_wait(full + 8 * s, phase);
-      const uint32_t stage = base + s * kStage;
-      const uint64_t desc_a = smem_desc(stage + c * 64 * kBK), desc_b = smem_desc(stage + kATile);
+    for (int64_t t = first; t < tiles; t += clusters) {
+      const int64_t m0 = (t % pairs * kCluster + rank) * kBM, n0 = t / pairs * kBN;
+      int32_t acc[2][64];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[h][i] = 0;
+      int prev = 0;
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        mbar_wait(full + 8 * s, phase);
+        const uint32_t stage = base + s * kStage;
+        const uint64_t desc_a = smem_desc(stage + c * 64 * kBK), desc_b = smem_desc(stage + kATile);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) fence_operands(acc[h]);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < kBK / 32; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            wgmma_m64n128k32(acc[h], desc_a + 2 * j, desc_b + h * (128 * kBK >> 4) + 2 * j, true);
+        wgmma_commit();
+#pragma unroll
+        for (int h = 0; h < 2; ++h) fence_operands(acc[h]);
+        wgmma_wait<1>();  // the previous stage's MMAs are done: release it in both blocks
+        if (kt > 0 && lane == 0)
+          for (uint32_t cta = 0; cta < kCluster; ++cta) mbar_arrive_in(empty + 8 * prev, cta);
+        prev = s;
+        if (++s == kStages) {
+          s = 0;
+          phase ^= 1;
+        }
+      }
+      wgmma_wait<0>();  // the tile's last stage: release it too
 #pragma unroll
       for (int h = 0; h < 2; ++h) fence_operands(acc[h]);
-      wgmma_fence();
-#pragma unroll
-      for (int j = 0; j < kBK / 32; ++j)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          wgmma_m64n128k32(acc[h], desc_a + 2 * j, desc_b + h * (128 * kBK >> 4) + 2 * j, true);
-      wgmma_commit();
-#pragma unroll
-      for (int h = 0; h < 2; ++h) fence_operands(acc[h]);
-      wgmma_wait<1>();  // the previous stage's MMAs are done: release it in both blocks
-      if (kt > 0 && lane == 0)
+      if (lane == 0)
         for (uint32_t cta = 0; cta < kCluster; ++cta) mbar_arrive_in(empty + 8 * prev, cta);
-      prev = s;
-      if (++s == kStages) {
-        s = 0;
-        phase ^= 1;
-      }
-    }
-    wgmma_wait<0>();
-#pragma unroll
-    for (int h = 0; h < 2; ++h) fence_operands(acc[h]);
 
-    // Epilogue, through shared memory so that the stores are coalesced and the
-    // code small (as in int_act_sm90_kernel.cu): each consumer thread writes
-    // 0 + acc * w_scale (the per-channel group, as the mma.sync kernel folds
-    // it) into a [128][kBN + 8] fp32 tile over the stages, which no copy
-    // writes any more, once both warpgroups' MMAs are done; then consecutive
-    // threads finish consecutive runs of 8 columns of a row (token scale, bias
-    // and cast as in store_outputs, one 16-byte store each).
-    consumers_sync();
-    float* tile = reinterpret_cast<float*>(smem_raw + (base - smem_addr(smem_raw)));
-    const int tile_row = 64 * c + 16 * ((tid >> 5) & 3) + (lane >> 2);
+      // Epilogue: 0 + acc * w_scale (the per-channel group, as the mma.sync
+      // kernel folds it), then store_outputs' token scale, bias and cast.
+      // One flat loop: nested ones were left rolled, which put the sums in
+      // local memory.
+      const int64_t m_lo = m0 + row, m_hi = m_lo + 8;
+      const float sx_lo = p.sx[m_lo < p.M ? m_lo : p.M - 1];
+      const float sx_hi = p.sx[m_hi < p.M ? m_hi : p.M - 1];
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const int col = 128 * h + 8 * j + 2 * (lane & 3);
-        const int64_t n = n0 + col;
+      for (int i = 0; i < 64; ++i) {  // sums 4j + 2e and + 1 of half h: token row + 8e
+        const int h = i >> 5, j = (i >> 1) & 15, e = i & 1;
+        const int64_t n = n0 + 128 * h + 8 * j + col;
         const float s0 = p.w_scale[min(n, p.N - 1)], s1 = p.w_scale[min(n + 1, p.N - 1)];
-        *reinterpret_cast<float2*>(tile + tile_row * kPitch + col) =
-            make_float2(__fmaf_rn(__int2float_rn(acc[h][4 * j]), s0, 0.f),
-                        __fmaf_rn(__int2float_rn(acc[h][4 * j + 1]), s1, 0.f));
-        *reinterpret_cast<float2*>(tile + (tile_row + 8) * kPitch + col) =
-            make_float2(__fmaf_rn(__int2float_rn(acc[h][4 * j + 2]), s0, 0.f),
-                        __fmaf_rn(__int2float_rn(acc[h][4 * j + 3]), s1, 0.f));
+        store_outputs(p, e ? m_hi : m_lo, n, __fmaf_rn(__int2float_rn(acc[h][4 * j + 2 * e]), s0, 0.f),
+                      __fmaf_rn(__int2float_rn(acc[h][4 * j + 2 * e + 1]), s1, 0.f),
+                      e ? sx_hi : sx_lo, p.N % 2 == 0);
       }
-    consumers_sync();
-    const int rows = int(min(int64_t(kBM), p.M - m0));
-#pragma unroll 1
-    for (int idx = tid - 128; idx < rows * (kBN / 8); idx += 2 * 128) {
-      const int r = idx / (kBN / 8), col = 8 * (idx % (kBN / 8));
-      const float4 lo = *reinterpret_cast<const float4*>(tile + r * kPitch + col);
-      const float4 hi = *reinterpret_cast<const float4*>(tile + r * kPitch + col + 4);
-      const float y[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-      store_outputs8(p, m0 + r, n0 + col, y, p.sx[m0 + r]);
     }
   }
   // The peer's consumers arrive on this block's barriers until their last
@@ -205,8 +210,7 @@ int launch_gemm_sm90_tma(const GemmArgs& args, cudaStream_t stream) {
   const int64_t row_bytes = args.k_tiles * 64;
   const int64_t m_tiles = (args.M + kBM - 1) / kBM, n_tiles = (args.N + kBN - 1) / kBN;
   // TMA coordinates are 32-bit; a cluster needs an even number of token tiles.
-  if (args.M > INT32_MAX - 2 * kBM || args.N > INT32_MAX - kBN || n_tiles > 65535)
-    return VLMKERN_INT_ACT_ERR_BAD_SIZE;
+  if (args.M > INT32_MAX - 2 * kBM || args.N > INT32_MAX - kBN) return VLMKERN_INT_ACT_ERR_BAD_SIZE;
   // Both as [rows, row_bytes] int8, read in 128 x 128-byte boxes.
   CUtensorMap q_map, w_map;
   cudaError_t err = vlmkern_tma::encode_rows(&q_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, args.q, args.M,
@@ -214,7 +218,14 @@ int launch_gemm_sm90_tma(const GemmArgs& args, cudaStream_t stream) {
   if (err == cudaSuccess)
     err = vlmkern_tma::encode_rows(&w_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, args.w, args.N,
                                    row_bytes, row_bytes, kBK, kBPartRows);
-  const dim3 grid(unsigned((m_tiles + kCluster - 1) / kCluster * kCluster), unsigned(n_tiles));
+  // One cluster per tile up to what the GPU holds at once; they walk the rest.
+  const int64_t tiles = (m_tiles + kCluster - 1) / kCluster * n_tiles;
+  int resident = 0;
+  if (err == cudaSuccess)
+    err = vlmkern_tma::max_active_clusters(&resident, int_act_tma_kernel, kThreads, kSmem, kCluster,
+                                           stream);
+  if (err == cudaSuccess && resident < 1) err = cudaErrorInvalidConfiguration;
+  const dim3 grid(unsigned(kCluster * (tiles < resident ? tiles : resident)));
   if (err == cudaSuccess)
     err = vlmkern_tma::launch_clusters(int_act_tma_kernel, grid, kThreads, kSmem, kCluster, stream,
                                        q_map, w_map, args);

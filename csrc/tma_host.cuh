@@ -70,4 +70,28 @@ cudaError_t launch_clusters(void (*kernel)(Params...), dim3 grid, int threads, i
   return err == cudaSuccess ? cudaGetLastError() : err;
 }
 
+// How many clusters of `cluster` blocks of `kernel` (`threads` threads and
+// `smem` bytes of dynamic shared memory each) the current device holds at
+// once, into *count: the grid of a persistent kernel. A GPU's SMs need not
+// pair up into clusters evenly, so this is not simply SMs / cluster.
+template <class... Params>
+cudaError_t max_active_clusters(int* count, void (*kernel)(Params...), int threads, int smem,
+                                int cluster, cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(cluster);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute dims;
+  dims.id = cudaLaunchAttributeClusterDimension;
+  dims.val.clusterDim.x = cluster;
+  dims.val.clusterDim.y = 1;
+  dims.val.clusterDim.z = 1;
+  config.attrs = &dims;
+  config.numAttrs = 1;
+  return cudaOccupancyMaxActiveClusters(count, kernel, &config);
+}
+
 }  // namespace vlmkern_tma

@@ -285,6 +285,35 @@ def descriptor_rows(tile: torch.Tensor, start: int, n: int, step: int) -> torch.
     return tile[addr ^ (((addr >> 7) & 7) << 4)]
 
 
+def tma_walk(m: int, n: int, resident: int):
+    """(block, token tile start, channel tile start) of every tile each block
+    of the persistent TMA GEMM computes, with the kernel's formulas: one
+    cluster of two per resident slot (at most one per tile pair), cluster i
+    taking tiles i, i + clusters, ..., tile t = channel tile t // pairs and
+    token tiles 2 (t % pairs) + rank."""
+    pairs, n_tiles = -(-m // 256), -(-n // 256)
+    tiles = pairs * n_tiles
+    clusters = min(tiles, resident)
+    return [(2 * cl + rank, (t % pairs * 2 + rank) * 128, t // pairs * 256)
+            for cl in range(clusters) for rank in range(2) for t in range(cl, tiles, clusters)]
+
+
+@pytest.mark.parametrize("m, n, resident", [(4096, 37888, 66), (4096, 4608, 64), (129, 33, 66),
+                                            (300, 600, 1), (1000, 5000, 7)])
+def test_tma_persistent_walk_covers_every_tile_once(m, n, resident):
+    walk = tma_walk(m, n, resident)
+    real = [(m0, n0) for _, m0, n0 in walk if m0 < m]
+    want = {(128 * i, 256 * j) for i in range(-(-m // 128)) for j in range(-(-n // 256))}
+    assert len(real) == len(set(real)) and set(real) == want
+    by_block = {}
+    for block, m0, n0 in walk:
+        by_block.setdefault(block, []).append((m0, n0))
+    for b in range(0, len(by_block), 2):   # the two blocks of a cluster
+        mine, peer = by_block[b], by_block[b + 1]
+        assert [n0 for _, n0 in mine] == [n0 for _, n0 in peer]       # one weight tile shared
+        assert all(p0 == m0 + 128 and m0 % 256 == 0 for (m0, _), (p0, _) in zip(mine, peer))
+
+
 @pytest.mark.parametrize("m, n, k_pad, m0, n0, kt", [(300, 600, 320, 128, 256, 2),
                                                     (129, 33, 64, 0, 0, 0)])
 def test_tma_tiles_reach_each_consumer_as_its_rows(m, n, k_pad, m0, n0, kt):
@@ -667,6 +696,18 @@ def test_gpu_tma_equals_mma_bitwise(wa):
                                          ((129, torch.float16), (256, torch.bfloat16),
                                           (300, torch.float32), (1000, torch.float16)))
         check_close(got, x, qw, bias)
+
+
+@wgmma_gpu
+@pytest.mark.gpu
+def test_gpu_tma_clusters_walk_many_tiles():
+    # 9 token-tile pairs x 18 channel tiles: more tiles than the clusters a
+    # GPU holds, so each cluster walks several, its pipeline running on from
+    # one tile into the next; odd token tiles (2100 = 16 x 128 + 52)
+    qw = make_intact(4608, 256, 8, 8, None, seed=9, device="cuda")
+    bias = torch.randn(4608, generator=gen(5)).cuda()
+    got, x = assert_same_bits_as_mma("tma", qw, (bias,), ((2100, torch.bfloat16),))
+    check_close(got, x, qw, bias)
 
 
 @gpu

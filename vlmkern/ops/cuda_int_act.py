@@ -35,9 +35,10 @@ GPU tests, and needs a build with sm_90a code (``TORCH_CUDA_ARCH_LIST``
 holding ``9.0a``; ``sm90_available`` probes it).
 
 ``path="tma"`` (Hopper, 6/8-bit weights with one group per row) runs the
-warp-specialized GEMM of csrc/int_act_sm90_tma_kernel.cu: TMA copies, one
-producer and two consumer warpgroups, the weight tile multicast to a cluster
-of two thread blocks; same sums and epilogue, same bits. It is the opt-in
+warp-specialized, persistent GEMM of csrc/int_act_sm90_tma_kernel.cu: TMA
+copies, one producer and two consumer warpgroups, the weight tile multicast
+to a cluster of two thread blocks, as many clusters as the GPU holds walking
+the tiles; same sums and epilogue, same bits. It is the opt-in
 kernel ``cuda.int_act_tma`` until it has passed the GPU tests.
 
 ``path="spread"`` (M <= 64) runs the mma.sync GEMM with its activation reads
