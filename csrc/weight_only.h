@@ -36,7 +36,7 @@ enum vlmkern_wo_status {
   VLMKERN_WO_ERR_BAD_BITS = 2,      // bits not 2, 3 or 4
   VLMKERN_WO_ERR_BAD_SIZE = 3,      // M < 1 (> 64 for the mma.sync kernel), sizes inconsistent, ...
   VLMKERN_WO_ERR_BAD_DTYPE = 4,     // activation not f16/bf16, or bias not f16/bf16/f32
-  VLMKERN_WO_ERR_ALIGNMENT = 5,     // x, wq or sz (out, partial: TMA kernel) not 16-byte aligned, or K_x % 8
+  VLMKERN_WO_ERR_ALIGNMENT = 5,     // x, wq or sz not 16-byte aligned, or K_x not a multiple of 8
   VLMKERN_WO_ERR_SHARED_MEMORY = 6, // the device cannot give a block the shared memory it needs
   VLMKERN_WO_ERR_LAUNCH = 7,        // a CUDA call failed (message has the CUDA error)
   VLMKERN_WO_ERR_BAD_DECODE = 8,    // unknown decode, or post-scale with M too large (see below)
@@ -151,7 +151,7 @@ int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, const int32
 // TMA and shared by a cluster of two thread blocks; any M >= 1; K_x * 2
 // bytes a multiple of 16; splits K slices (1..min(C, 65535)), whose partial
 // sums ([splits, M, N] fp32 in `partial`, needed when splits > 1) a second
-// kernel adds in slice order; out and partial 16-byte aligned. A token's result depends only on its place in
+// kernel adds in slice order. A token's result depends only on its place in
 // its token tile, the tile width and splits.
 int vlmkern_weight_only_tma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
                             const int32_t* sz, int64_t NB, int64_t C, int slot_log2, int bits,

@@ -1,16 +1,16 @@
 """Warp-specialized Hopper weight-only kernel (csrc/weight_only_sm90_tma_kernel.cu,
 cuda.weight_only_tma).
 
-On any machine: its registration (opt-in, M >= 17, sm_90), its raster (the
-kernel's index arithmetic in Python: every (row block, token tile) pair is
-computed by exactly one thread block, the two blocks of a cluster share their
-tokens and hold adjacent row blocks), its K slices (every chunk in exactly one
-slice, none empty) and their count, and its token tiles of 64 and 128 tokens:
-the two blocks' TMA boxes, placed with the 128-byte swizzle, read back through
-the wgmma descriptors as the activations. On an sm_90 GPU with a build
-holding 9.0a code: against the dense fp64 product at awkward and real sizes
-and every slice count, batch invariance, determinism, selection,
-torch.compile and errors.
+On any machine: its registration (opt-in, M >= 17, sm_90); the persistent
+clusters' walk (the kernel's index arithmetic in Python: every (row block,
+token tile, K slice) is computed by exactly one thread block, and the two
+blocks of a cluster share their tokens and hold adjacent row blocks); its K
+slices (every chunk in exactly one slice, none empty) and their count; and
+its token tiles of 64 and 128 tokens: the two blocks' TMA boxes, placed with
+the 128-byte swizzle, read back through the wgmma descriptors as the
+activations. On an sm_90 GPU with a build holding 9.0a code: against the
+dense fp64 product at awkward and real sizes and every slice count, batch
+invariance, determinism, selection, torch.compile and errors.
 """
 import os
 
@@ -43,36 +43,47 @@ def tile_tokens(m: int) -> int:
     return 64 if m <= 64 else 128
 
 
-def raster(m: int, blocks: int, group_tiles: int = 16):
-    """(row block, first token) of every thread block, in launch order, with
-    the kernel's formulas (clusters of two along x, groups of token tiles)."""
+def unit_of(u: int, rank: int, m: int, blocks: int, splits: int, group_tiles: int = 16):
+    """(row block, first token, K slice) of work unit u for block `rank` of
+    its cluster, with the kernel's formulas: slice by slice, groups of token
+    tiles walked row pair by row pair."""
     tokens = tile_tokens(m)
     tiles, pairs = -(-m // tokens), (blocks + 1) // 2
-    out = []
-    for block in range(2 * pairs * tiles):
-        rank, cluster = block % 2, block // 2
-        per_group = group_tiles * pairs
-        first_tile = cluster // per_group * group_tiles
-        in_group = min(group_tiles, tiles - first_tile)
-        rest = cluster % per_group
-        out.append((2 * (rest // in_group) + rank, (first_tile + rest % in_group) * tokens))
-    return out
+    per_slice, per_group = tiles * pairs, group_tiles * pairs
+    slice_, cluster = u // per_slice, u % per_slice
+    first_tile = cluster // per_group * group_tiles
+    in_group = min(group_tiles, tiles - first_tile)
+    rest = cluster % per_group
+    return 2 * (rest // in_group) + rank, (first_tile + rest % in_group) * tokens, slice_
 
 
-@pytest.mark.parametrize("m, blocks", [(65, 1), (300, 3), (4096, 296), (2100, 28), (130, 36),
-                                      (17, 1), (64, 296), (33, 37)])
-def test_raster_covers_every_tile_once_and_pairs_row_blocks(m, blocks):
-    r = raster(m, blocks)
+def walk(m: int, blocks: int, splits: int, resident: int):
+    """Per cluster, the units its two blocks compute, in order: cluster i of
+    min(units, resident) takes units i, i + clusters, ..."""
+    units = -(-m // tile_tokens(m)) * ((blocks + 1) // 2) * splits
+    clusters = min(units, resident)
+    return [[(unit_of(u, 0, m, blocks, splits), unit_of(u, 1, m, blocks, splits))
+             for u in range(i, units, clusters)] for i in range(clusters)]
+
+
+@pytest.mark.parametrize("m, blocks, splits, resident",
+                         [(65, 1, 1, 66), (300, 3, 2, 66), (4096, 296, 1, 66), (2100, 28, 1, 64),
+                          (130, 36, 3, 66), (17, 1, 1, 66), (64, 296, 1, 66), (33, 37, 4, 5)])
+def test_walk_covers_every_tile_once_and_pairs_row_blocks(m, blocks, splits, resident):
     tokens = tile_tokens(m)
-    real = [(b, m0) for b, m0 in r if b < blocks]
-    want = {(b, t * tokens) for b in range(blocks) for t in range(-(-m // tokens))}
-    assert len(real) == len(set(real)) and set(real) == want
-    assert len(r) - len(real) == (blocks % 2) * -(-m // tokens)   # copy-only blocks past the last
-    for rank0, rank1 in zip(r[::2], r[1::2]):
-        assert rank0[1] == rank1[1] and rank1[0] == rank0[0] + 1 and rank0[0] % 2 == 0
-    # launch order: the first clusters of a group share one token group (L2)
+    units = [pair for cluster in walk(m, blocks, splits, resident) for pair in cluster]
+    done = [w for pair in units for w in pair if w[0] < blocks]
+    want = {(b, t * tokens, y) for b in range(blocks) for t in range(-(-m // tokens))
+            for y in range(splits)}
+    assert len(done) == len(set(done)) and set(done) == want
+    # copy-only blocks past the last row block
+    assert 2 * len(units) - len(done) == (blocks % 2) * -(-m // tokens) * splits
+    for rank0, rank1 in units:   # one token tile and slice, adjacent row blocks
+        assert rank0[1:] == rank1[1:] and rank1[0] == rank0[0] + 1 and rank0[0] % 2 == 0
+    # the units running at once share one token group (L2)
     if m >= 16 * 128 and blocks > 8:
-        assert {m0 for _, m0 in r[:32]} == {t * 128 for t in range(16)}
+        first = [cluster[0][0] for cluster in walk(m, blocks, splits, resident)[:16]]
+        assert {m0 for _, m0, _ in first} == {t * 128 for t in range(16)}
 
 
 def place_token_tile_by_tma(x: torch.Tensor, m0: int, c: int, tokens: int) -> torch.Tensor:

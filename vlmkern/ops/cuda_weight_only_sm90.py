@@ -30,7 +30,8 @@ the same layout and exact decode, 128 weight rows x 128 tokens per thread
 block (64 tokens for M <= 64), the token tile copied by TMA and multicast to
 a cluster of two thread blocks (adjacent row blocks), codes and scales by
 bulk copies, one producer and two consumer warpgroups, each consumer warp
-decoding a k16 step while the previous step's MMA runs. A layer with too
+decoding a k16 step while the previous step's MMA runs, as many clusters as
+the GPU holds walking the tiles (persistent). A layer with too
 few row blocks to fill half the GPU is cut into K slices
 (``tma_splits_for``), added in slice order by a second kernel. A token's
 result depends only on its place in its token tile, the tile width and the
