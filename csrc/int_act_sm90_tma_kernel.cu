@@ -35,9 +35,10 @@
 //   across tiles: while the consumers finish one tile, the producer already
 //   fills the stages with the next tile's first steps, and no block pays a
 //   launch, barrier set-up or pipeline fill per tile.
-// - Epilogue: straight from the sums in registers (store_outputs' rounding
-//   and paired stores), so it needs no shared memory the next tile's copies
-//   are writing.
+// - Epilogue: through a shared-memory tile of its own (a quarter of the
+//   channels at a time, 32 KB, 16-byte pieces swizzled by row), so it never
+//   waits for, or blocks, the next tile's copies; store_outputs' rounding,
+//   16-byte stores.
 //
 // Compiled to real code only for sm_90a; other targets get a kernel that
 // traps, and the launcher runs only where vlmkern_int_act_sm90_available says
@@ -67,8 +68,11 @@ constexpr int kATile = kBM * kBK;                // 16 KB of activation codes
 constexpr int kBTile = kBN * kBK;                // 32 KB of weight codes
 constexpr int kBPartRows = kBN / kCluster;       // the weight rows one block copies for both
 constexpr int kStage = kATile + kBTile;
-constexpr int kBarriers = kStages * kStage;      // offset of the mbarriers
+constexpr int kOutCols = kBN / 4;     // channels the epilogue tile holds at a time
+constexpr int kOutTile = kStages * kStage;       // offset of the epilogue tile: [kBM][kOutCols] fp32
+constexpr int kBarriers = kOutTile + kBM * kOutCols * 4;  // offset of the mbarriers
 constexpr int kSmem = kBarriers + 2 * kStages * 8 + 1024;  // + slack to align tiles to 1024 B
+static_assert(kSmem <= 227 * 1024, "a block's shared memory fits an sm_90 SM");
 
 #if VLMKERN_SM90A
 constexpr int kConsumerWarps = 8;
@@ -171,21 +175,40 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane == 0)
         for (uint32_t cta = 0; cta < kCluster; ++cta) mbar_arrive_in(empty + 8 * prev, cta);
 
-      // Epilogue: 0 + acc * w_scale (the per-channel group, as the mma.sync
-      // kernel folds it), then store_outputs' token scale, bias and cast.
-      // One flat loop: nested ones were left rolled, which put the sums in
-      // local memory.
-      const int64_t m_lo = m0 + row, m_hi = m_lo + 8;
-      const float sx_lo = p.sx[m_lo < p.M ? m_lo : p.M - 1];
-      const float sx_hi = p.sx[m_hi < p.M ? m_hi : p.M - 1];
+      // Epilogue, a quarter of the channels at a time: each consumer thread
+      // writes 0 + acc * w_scale (the per-channel group, as the mma.sync
+      // kernel folds it) into the [128][64] fp32 tile, 16-byte piece i of row
+      // r at piece i ^ (r % 8); then consecutive threads finish consecutive
+      // runs of 8 columns of a row (token scale, bias and cast as in
+      // store_outputs, one 16-byte store each).
+      float* tile = reinterpret_cast<float*>(smem_raw + (base + kOutTile - smem_addr(smem_raw)));
+      const int rows = int(min(int64_t(kBM), p.M - m0));
 #pragma unroll
-      for (int i = 0; i < 64; ++i) {  // sums 4j + 2e and + 1 of half h: token row + 8e
-        const int h = i >> 5, j = (i >> 1) & 15, e = i & 1;
-        const int64_t n = n0 + 128 * h + 8 * j + col;
-        const float s0 = p.w_scale[min(n, p.N - 1)], s1 = p.w_scale[min(n + 1, p.N - 1)];
-        store_outputs(p, e ? m_hi : m_lo, n, __fmaf_rn(__int2float_rn(acc[h][4 * j + 2 * e]), s0, 0.f),
-                      __fmaf_rn(__int2float_rn(acc[h][4 * j + 2 * e + 1]), s1, 0.f),
-                      e ? sx_hi : sx_lo, p.N % 2 == 0);
+      for (int q = 0; q < kBN / kOutCols; ++q) {
+        consumers_sync();  // the tile's last readers (previous quarter or tile) are done
+#pragma unroll
+        for (int jj = 0; jj < kOutCols / 8; ++jj) {
+          const int h = q >> 1, j = 8 * (q & 1) + jj, lc = 8 * jj + col;  // lc: column in the quarter
+          const int64_t n = n0 + 128 * h + 8 * j + col;
+          const float s0 = p.w_scale[min(n, p.N - 1)], s1 = p.w_scale[min(n + 1, p.N - 1)];
+          const int at = ((lc >> 2) ^ (row & 7)) * 4 + (lc & 3);  // rows row and row + 8 alike
+          *reinterpret_cast<float2*>(tile + row * kOutCols + at) =
+              make_float2(__fmaf_rn(__int2float_rn(acc[h][4 * j]), s0, 0.f),
+                          __fmaf_rn(__int2float_rn(acc[h][4 * j + 1]), s1, 0.f));
+          *reinterpret_cast<float2*>(tile + (row + 8) * kOutCols + at) =
+              make_float2(__fmaf_rn(__int2float_rn(acc[h][4 * j + 2]), s0, 0.f),
+                          __fmaf_rn(__int2float_rn(acc[h][4 * j + 3]), s1, 0.f));
+        }
+        consumers_sync();
+#pragma unroll 1
+        for (int idx = tid - 128; idx < rows * (kOutCols / 8); idx += 2 * 128) {
+          const int r = idx / (kOutCols / 8), g = idx % (kOutCols / 8);
+          const float4 lo = *reinterpret_cast<const float4*>(tile + r * kOutCols + ((2 * g) ^ (r & 7)) * 4);
+          const float4 hi =
+              *reinterpret_cast<const float4*>(tile + r * kOutCols + ((2 * g + 1) ^ (r & 7)) * 4);
+          const float y[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+          store_outputs8(p, m0 + r, n0 + kOutCols * q + 8 * g, y, p.sx[m0 + r]);
+        }
       }
     }
   }
@@ -220,10 +243,11 @@ int launch_gemm_sm90_tma(const GemmArgs& args, cudaStream_t stream) {
                                    row_bytes, row_bytes, kBK, kBPartRows);
   // One cluster per tile up to what the GPU holds at once; they walk the rest.
   const int64_t tiles = (m_tiles + kCluster - 1) / kCluster * n_tiles;
+  static std::atomic<int> known[vlmkern_tma::kKnownDevices];
   int resident = 0;
   if (err == cudaSuccess)
-    err = vlmkern_tma::max_active_clusters(&resident, int_act_tma_kernel, kThreads, kSmem, kCluster,
-                                           stream);
+    err = vlmkern_tma::max_active_clusters(known, &resident, int_act_tma_kernel, kThreads, kSmem,
+                                           kCluster, stream);
   if (err == cudaSuccess && resident < 1) err = cudaErrorInvalidConfiguration;
   const dim3 grid(unsigned(kCluster * (tiles < resident ? tiles : resident)));
   if (err == cudaSuccess)

@@ -10,6 +10,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <atomic>
+
 namespace vlmkern_tma {
 
 inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -73,11 +75,20 @@ cudaError_t launch_clusters(void (*kernel)(Params...), dim3 grid, int threads, i
 // How many clusters of `cluster` blocks of `kernel` (`threads` threads and
 // `smem` bytes of dynamic shared memory each) the current device holds at
 // once, into *count: the grid of a persistent kernel. A GPU's SMs need not
-// pair up into clusters evenly, so this is not simply SMs / cluster.
+// pair up into clusters evenly, so this is not simply SMs / cluster. The
+// answer is kept per device in `known` (one array per kernel, zeros at
+// first), so each device is asked once.
+constexpr int kKnownDevices = 64;
 template <class... Params>
-cudaError_t max_active_clusters(int* count, void (*kernel)(Params...), int threads, int smem,
-                                int cluster, cudaStream_t stream) {
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+cudaError_t max_active_clusters(std::atomic<int> (&known)[kKnownDevices], int* count,
+                                void (*kernel)(Params...), int threads, int smem, int cluster,
+                                cudaStream_t stream) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const bool keep = device >= 0 && device < kKnownDevices;
+  if (keep && (*count = known[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(cluster);
@@ -91,7 +102,9 @@ cudaError_t max_active_clusters(int* count, void (*kernel)(Params...), int threa
   dims.val.clusterDim.z = 1;
   config.attrs = &dims;
   config.numAttrs = 1;
-  return cudaOccupancyMaxActiveClusters(count, kernel, &config);
+  err = cudaOccupancyMaxActiveClusters(count, kernel, &config);
+  if (err == cudaSuccess && keep && *count > 0) known[device].store(*count, std::memory_order_relaxed);
+  return err;
 }
 
 }  // namespace vlmkern_tma

@@ -171,6 +171,12 @@ struct Unit {
   bool has_rows;         // false: the cluster's second block past the last row block only copies
 };
 
+// (Computed by each role after setmaxnreg: a value kept across it spills.)
+template <int TOKENS>
+__device__ __forceinline__ int64_t unit_count(const TmaParams& p) {
+  return (p.M + TOKENS - 1) / TOKENS * ((p.NB + 1) / 2) * p.splits;
+}
+
 template <int TOKENS>
 __device__ __forceinline__ Unit unit_of(int64_t u, const TmaParams& p, uint32_t rank) {
   const int64_t tiles = (p.M + TOKENS - 1) / TOKENS, pairs = (p.NB + 1) / 2;
@@ -209,9 +215,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t full = base + S::kBarriers, empty = full + kStages * 8;
   const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
   const uint32_t rank = cluster_rank();
-  const int64_t units = (p.M + TOKENS - 1) / TOKENS * ((p.NB + 1) / 2) * p.splits;
   const int64_t first = blockIdx.x / kCluster, clusters = gridDim.x / kCluster;
-  const int scale_bytes = 8 * p.slots * 64;
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -225,9 +229,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The stage and phase counters run on from one unit into the next, so the
   // producer fills the next unit's stages while the consumers store outputs.
   if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");  // with 40 the producer spills
     if (tid == 0) {
       constexpr int kPart = TOKENS / kCluster;  // token rows this block copies for both
+      const int64_t units = unit_count<TOKENS>(p);
+      const int scale_bytes = 8 * p.slots * 64;
       int s = 0;
       uint32_t phase = 0;
       for (int64_t u = first; u < units; u += clusters) {
@@ -262,8 +268,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");  // 56 * 128 + 224 * 256 = 64K
     const int warp = (tid >> 5) - 4;  // 16-row tile of the layout block
+    const int64_t units = unit_count<TOKENS>(p);
     int s = 0;
     uint32_t phase = 0;
     for (int64_t u = first; u < units; u += clusters) {
@@ -310,7 +317,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // slice's sums for wo_split_sum_kernel. A warp's store covers 8
       // consecutive rows of 4 tokens.
       const int64_t n_lo = int64_t(w.b) * kRows + 16 * warp + (lane >> 2), n_hi = n_lo + 8;
-      float bias_lo = 0.f, bias_hi = 0.f;
+      float bias_lo = -0.f, bias_hi = -0.f;  // x + -0 is x, -0 included
       if (p.bias && p.splits == 1) {
         if (n_lo < p.N) bias_lo = load_bias(p.bias, p.bias_dtype, static_cast<int>(n_lo));
         if (n_hi < p.N) bias_hi = load_bias(p.bias, p.bias_dtype, static_cast<int>(n_hi));
@@ -342,10 +349,11 @@ int launch_tokens(const CUtensorMap& x_map, const TmaParams& p, cudaStream_t str
   using S = TmaStage<BITS, TABLE, TOKENS>;
   auto kernel = weight_only_tma_kernel<BITS, T, TABLE, TOKENS>;
   const int64_t units = (p.M + TOKENS - 1) / TOKENS * ((p.NB + 1) / 2) * p.splits;
+  static std::atomic<int> known[vlmkern_tma::kKnownDevices];
   int resident = 0;
-  cudaError_t err =
-      vlmkern_tma::max_active_clusters(&resident, kernel, kThreads, S::kSmem, kCluster, stream);
-  if (err == cudaSuccess && resident < 1) err = cudaErrorInvalidConfiguration;
+  cudaError_t err = vlmkern_tma::max_active_clusters(known, &resident, kernel, kThreads, S::kSmem,
+                                                     kCluster, stream);
+  if (err == cudaSuccess && resident < 1) return VLMKERN_WO_ERR_SHARED_MEMORY;
   if (err == cudaSuccess)
     err = vlmkern_tma::launch_clusters(kernel, dim3(unsigned(kCluster * min(units, int64_t(resident)))),
                                        kThreads, S::kSmem, kCluster, stream, x_map, p);
@@ -383,6 +391,9 @@ int prepare(const void* x, int64_t M, int64_t K_x, const int32_t* wq, const int3
   if (M > 0x7fffffff - tokens || splits < 1 || splits > C || splits > 65535)
     return VLMKERN_WO_ERR_BAD_SIZE;
   if (splits > 1 && !partial) return VLMKERN_WO_ERR_NULL_POINTER;
+  // the epilogue stores 16-bit outputs and fp32 partial sums one by one
+  if (reinterpret_cast<uintptr_t>(out) % 2 != 0 || reinterpret_cast<uintptr_t>(partial) % 4 != 0)
+    return VLMKERN_WO_ERR_ALIGNMENT;
   // Without sm_90a code the kernel would trap and take the CUDA context with it.
   int built = 0;
   if (vlmkern_int_act_sm90_available(&built) != VLMKERN_INT_ACT_OK || !built)

@@ -314,6 +314,31 @@ def test_tma_persistent_walk_covers_every_tile_once(m, n, resident):
         assert all(p0 == m0 + 128 and m0 % 256 == 0 for (m0, _), (p0, _) in zip(mine, peer))
 
 
+def test_tma_epilogue_tile_reads_back_what_each_thread_wrote():
+    # int_act_sm90_tma_kernel.cu's [128][64] fp32 epilogue tile: consumer
+    # thread (warpgroup c, warp w, lane) writes the pairs of columns
+    # lc = 8jj + 2 (lane % 4) of rows 64c + 16w + lane / 4 (+ 8), 16-byte
+    # piece i of row r at i ^ (r % 8); a reader takes row r's 8 columns from
+    # 8g as pieces 2g and 2g + 1, so it must find them in column order.
+    tile = torch.full((128 * 64,), -1, dtype=torch.int64)
+    for c in range(2):
+        for w in range(4):
+            for lane in range(32):
+                row, col = 64 * c + 16 * w + lane // 4, 2 * (lane % 4)
+                for jj in range(8):
+                    lc = 8 * jj + col
+                    at = ((lc >> 2) ^ (row & 7)) * 4 + (lc & 3)
+                    for r in (row, row + 8):
+                        for e in range(2):
+                            assert tile[r * 64 + at + e] == -1     # each place written once
+                            tile[r * 64 + at + e] = r * 64 + lc + e
+    for r in range(128):
+        for g in range(8):
+            got = [int(tile[r * 64 + ((2 * g + half) ^ (r & 7)) * 4 + i])
+                   for half in range(2) for i in range(4)]
+            assert got == [r * 64 + 8 * g + i for i in range(8)]
+
+
 @pytest.mark.parametrize("m, n, k_pad, m0, n0, kt", [(300, 600, 320, 128, 256, 2),
                                                     (129, 33, 64, 0, 0, 0)])
 def test_tma_tiles_reach_each_consumer_as_its_rows(m, n, k_pad, m0, n0, kt):
