@@ -47,6 +47,29 @@ inline cudaError_t encode_rows(CUtensorMap* map, CUtensorMapDataType type, const
   return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// The launch configuration of a grid of clusters of `cluster` thread blocks
+// along x, each block `threads` threads and `smem` bytes of dynamic shared
+// memory (the attribute lives beside the configuration that points at it,
+// so the object is not copied).
+struct ClusterLaunch {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute dims = {};
+  ClusterLaunch(dim3 grid, int threads, int smem, int cluster, cudaStream_t stream) {
+    config.gridDim = grid;
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    dims.id = cudaLaunchAttributeClusterDimension;
+    dims.val.clusterDim.x = cluster;
+    dims.val.clusterDim.y = 1;
+    dims.val.clusterDim.z = 1;
+    config.attrs = &dims;
+    config.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
 // Launch `kernel` (dynamic shared memory `smem` bytes, raised past the
 // default limit first) in clusters of `cluster` thread blocks along x;
 // `grid.x` must be a multiple of `cluster`. The CUDA error of the attribute
@@ -56,19 +79,8 @@ cudaError_t launch_clusters(void (*kernel)(Params...), dim3 grid, int threads, i
                             int cluster, cudaStream_t stream, Args&&... args) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute dims;
-  dims.id = cudaLaunchAttributeClusterDimension;
-  dims.val.clusterDim.x = cluster;
-  dims.val.clusterDim.y = 1;
-  dims.val.clusterDim.z = 1;
-  config.attrs = &dims;
-  config.numAttrs = 1;
-  err = cudaLaunchKernelEx(&config, kernel, static_cast<Args&&>(args)...);
+  const ClusterLaunch launch(grid, threads, smem, cluster, stream);
+  err = cudaLaunchKernelEx(&launch.config, kernel, static_cast<Args&&>(args)...);
   return err == cudaSuccess ? cudaGetLastError() : err;
 }
 
@@ -90,19 +102,8 @@ cudaError_t max_active_clusters(std::atomic<int> (&known)[kKnownDevices], int* c
   if (keep && (*count = known[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(cluster);
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute dims;
-  dims.id = cudaLaunchAttributeClusterDimension;
-  dims.val.clusterDim.x = cluster;
-  dims.val.clusterDim.y = 1;
-  dims.val.clusterDim.z = 1;
-  config.attrs = &dims;
-  config.numAttrs = 1;
-  err = cudaOccupancyMaxActiveClusters(count, kernel, &config);
+  const ClusterLaunch launch(dim3(cluster), threads, smem, cluster, stream);
+  err = cudaOccupancyMaxActiveClusters(count, kernel, &launch.config);
   if (err == cudaSuccess && keep && *count > 0) known[device].store(*count, std::memory_order_relaxed);
   return err;
 }
