@@ -31,11 +31,11 @@ block (64 tokens for M <= 64), the token tile copied by TMA and multicast to
 a cluster of two thread blocks (adjacent row blocks), codes and scales by
 bulk copies, one producer and two consumer warpgroups, each consumer warp
 decoding a k16 step while the previous step's MMA runs, as many clusters as
-the GPU holds walking the tiles (persistent). A layer with too
-few row blocks to fill half the GPU is cut into K slices
-(``tma_splits_for``), added in slice order by a second kernel. A token's
-result depends only on its place in its token tile, the tile width and the
-slice count, which depend on M only through the number of token tiles.
+the GPU holds walking the tiles (persistent). A layer with too few row
+blocks to fill half the GPU is cut into K slices (``tma_splits_for``), added
+in slice order by a second kernel. A token's result depends only on its
+place in its token tile, the tile width and the slice count, which depend
+on M only through the number of token tiles.
 
 Needs an sm_90 GPU and a build holding ``9.0a`` code (``sm90_available``
 probes it). The kernels are opt-in (``VLMKERN_ENABLE``) until they have
