@@ -768,4 +768,7 @@ if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer mem
                 cia.int_act_matmul(act(130, 200, torch.bfloat16), qw, bias, path="wgmma")
                 if group is None:
                     cia.int_act_matmul(act(300, 200, torch.float16), qw, bias, path="tma")
+        if cia.sm90_available(torch.device("cuda")):   # clusters walking several tiles
+            qw = make_intact(4608, 200, 8, 8, None, seed=1, device="cuda")
+            cia.int_act_matmul(act(2100, 200, torch.float16), qw, path="tma")
         torch.cuda.synchronize()

@@ -279,4 +279,7 @@ if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer mem
                 for dtype in (torch.float16, torch.bfloat16):
                     wg.weight_only_tma(act(m, 203, dtype), qw, torch.randn(130, device="cuda"),
                                        splits=splits)
+        # 17 token tiles x 5 row pairs: more units than resident clusters
+        qw = make_weight(1100, 203, 4, 64, False, device="cuda")
+        wg.weight_only_tma(act(2100, 203, torch.float16), qw, splits=1)
         torch.cuda.synchronize()
