@@ -153,6 +153,25 @@ at::Tensor weight_only_mma_meta(const at::Tensor& x, const at::Tensor& wq, const
   return at::empty({x.size(0), out_features}, x.options());
 }
 
+// The CUDA side both Hopper ops share: the output [M, out_features], the
+// fp32 partial sums of `splits` K slices when there are several, the device
+// and stream, and `launch(out, partial, stream)`'s status turned into an error.
+template <class Launch>
+at::Tensor run_hopper(const char* op, const at::Tensor& x, int64_t out_features, int64_t splits,
+                      Launch launch) {
+  const int64_t M = x.size(0);
+  c10::DeviceGuard guard(x.device());
+  at::Tensor out = at::empty({M, out_features}, x.options());
+  if (M == 0) return out;
+  at::Tensor partial;
+  if (splits > 1) partial = at::empty({splits * M * out_features}, x.options().dtype(at::kFloat));
+  void* stream =
+      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+  const int status = launch(out, splits > 1 ? partial.data_ptr<float>() : nullptr, stream);
+  TORCH_CHECK(status == VLMKERN_WO_OK, op, vlmkern_wo_status_message(status));
+  return out;
+}
+
 constexpr const char* kWgOp = "vlmkern.weight_only_wgmma: ";
 
 void check_wgmma(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
@@ -170,23 +189,14 @@ at::Tensor weight_only_wgmma_cuda(const at::Tensor& x, const at::Tensor& wq, con
                                   int64_t splits) {
   TORCH_CHECK(x.is_cuda(), kWgOp, "x must be a CUDA tensor, got ", x.device());
   check_wgmma(x, wq, sz, bias, bits, out_features, slot_log2, splits);
-  const int64_t M = x.size(0);
-  c10::DeviceGuard guard(x.device());
-  at::Tensor out = at::empty({M, out_features}, x.options());
-  if (M == 0) return out;
-  at::Tensor partial;
-  if (splits > 1) partial = at::empty({splits * M * out_features}, x.options().dtype(at::kFloat));
-  void* stream =
-      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
-  const int status = vlmkern_weight_only_wgmma(
-      x.data_ptr(), M, x.size(1), wq.data_ptr<int32_t>(), sz.data_ptr<int32_t>(), wq.size(0),
-      wq.size(1), static_cast<int>(slot_log2), static_cast<int>(bits),
-      bias.has_value() ? bias->data_ptr() : nullptr,
-      bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), out_features,
-      dtype_code(x.scalar_type()), smem_a ? 1 : 0, static_cast<int>(splits),
-      splits > 1 ? partial.data_ptr<float>() : nullptr, stream);
-  TORCH_CHECK(status == VLMKERN_WO_OK, kWgOp, vlmkern_wo_status_message(status));
-  return out;
+  return run_hopper(kWgOp, x, out_features, splits, [&](at::Tensor& out, float* partial, void* s) {
+    return vlmkern_weight_only_wgmma(
+        x.data_ptr(), x.size(0), x.size(1), wq.data_ptr<int32_t>(), sz.data_ptr<int32_t>(),
+        wq.size(0), wq.size(1), static_cast<int>(slot_log2), static_cast<int>(bits),
+        bias.has_value() ? bias->data_ptr() : nullptr,
+        bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), out_features,
+        dtype_code(x.scalar_type()), smem_a ? 1 : 0, static_cast<int>(splits), partial, s);
+  });
 }
 
 at::Tensor weight_only_wgmma_meta(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
@@ -214,23 +224,14 @@ at::Tensor weight_only_tma_cuda(const at::Tensor& x, const at::Tensor& wq, const
                                 int64_t out_features, int64_t slot_log2, int64_t splits) {
   TORCH_CHECK(x.is_cuda(), kTmaOp, "x must be a CUDA tensor, got ", x.device());
   check_tma(x, wq, sz, bias, bits, out_features, slot_log2, splits);
-  const int64_t M = x.size(0);
-  c10::DeviceGuard guard(x.device());
-  at::Tensor out = at::empty({M, out_features}, x.options());
-  if (M == 0) return out;
-  at::Tensor partial;
-  if (splits > 1) partial = at::empty({splits * M * out_features}, x.options().dtype(at::kFloat));
-  void* stream =
-      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
-  const int status = vlmkern_weight_only_tma(
-      x.data_ptr(), M, x.size(1), wq.data_ptr<int32_t>(), sz.data_ptr<int32_t>(), wq.size(0),
-      wq.size(1), static_cast<int>(slot_log2), static_cast<int>(bits),
-      bias.has_value() ? bias->data_ptr() : nullptr,
-      bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), out_features,
-      dtype_code(x.scalar_type()), static_cast<int>(splits),
-      splits > 1 ? partial.data_ptr<float>() : nullptr, stream);
-  TORCH_CHECK(status == VLMKERN_WO_OK, kTmaOp, vlmkern_wo_status_message(status));
-  return out;
+  return run_hopper(kTmaOp, x, out_features, splits, [&](at::Tensor& out, float* partial, void* s) {
+    return vlmkern_weight_only_tma(
+        x.data_ptr(), x.size(0), x.size(1), wq.data_ptr<int32_t>(), sz.data_ptr<int32_t>(),
+        wq.size(0), wq.size(1), static_cast<int>(slot_log2), static_cast<int>(bits),
+        bias.has_value() ? bias->data_ptr() : nullptr,
+        bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), out_features,
+        dtype_code(x.scalar_type()), static_cast<int>(splits), partial, s);
+  });
 }
 
 at::Tensor weight_only_tma_meta(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
