@@ -103,7 +103,8 @@ if [ "${SANITIZE_S:-300}" -gt 0 ] && command -v compute-sanitizer >/dev/null; th
     --error-exitcode 9 "$py" -m pytest -q -p no:cacheprovider -k "sanitizer_smoke or fast_dequant_matches" \
     tests/test_cuda_weight_only.py tests/test_cuda_weight_only_sm90.py tests/test_cuda_int_act.py \
     tests/test_cuda_binary.py tests/test_cuda_weight_only_dequant.py tests/test_cuda_weight_only_tma.py \
-    tests/test_cuda_binary_lut_tma.py \
+    tests/test_cuda_binary_lut_tma.py tests/test_cuda_weight_only_tma_decode.py \
+    tests/test_cuda_binary_lut_tma_decode.py \
     tests/test_cuda_binary_lut_kernel.py tests/test_ext.py >"$out/sanitize_smoke.log" 2>&1
   rc=$?; phase memcheck_smoke $rc "$t"; grep -E "ERROR SUMMARY|passed|failed|skipped" \
     "$out/sanitize_smoke.log" | tail -3
@@ -130,7 +131,7 @@ fi
 if [ "${DECODE_S:-240}" -gt 0 ]; then
   t=$(date +%s)
   (cd benchmarks && timeout "${DECODE_S:-240}" "$py" decode_model.py --out "$out" \
-    --enable "${DECODE_ENABLE:-cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem,cuda.dequant_layout_cublas,cuda.int_act_wgmma,cuda.binary_prefetch,cuda.binary_lut_staged,cuda.binary_dequant_cublas,cuda.int_act_staged,cuda.weight_only_post_scale_m64,cuda.weight_only_tma,cuda.int_act_tma,cuda.binary_lut_tma}") \
+    --enable "${DECODE_ENABLE:-cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem,cuda.dequant_layout_cublas,cuda.int_act_wgmma,cuda.binary_prefetch,cuda.binary_lut_staged,cuda.binary_dequant_cublas,cuda.int_act_staged,cuda.weight_only_post_scale_m64,cuda.weight_only_tma,cuda.int_act_tma,cuda.binary_lut_tma,cuda.weight_only_tma_decode,cuda.binary_lut_tma_decode}") \
     >"$out/decode.log" 2>&1
   rc=$?; phase decode $rc "$t"; grep -E "^\|" "$out/decode.log" | tail -16
 fi

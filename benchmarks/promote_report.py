@@ -42,8 +42,10 @@ TESTS = {
                                ("test_cuda_graphs.py", r"binary_lut_staged")],
     "cuda.binary_dequant_cublas": [("test_cuda_binary_dequant.py", r"^test_(gpu|binary)")],
     "cuda.binary_lut_tma": [("test_cuda_binary_lut_tma.py", r"")],
+    "cuda.binary_lut_tma_decode": [("test_cuda_binary_lut_tma_decode.py", r"")],
     "cuda.int_act_staged": [("test_cuda_int_act_staged.py", r"^test_(gpu|int_act)")],
     "cuda.weight_only_post_scale_m64": [("test_cuda_weight_only_m64.py", r"")],
+    "cuda.weight_only_tma_decode": [("test_cuda_weight_only_tma_decode.py", r"")],
     "triton.int_act_tma": [("test_triton_kernels.py", r"int_act_tma")],
 }
 

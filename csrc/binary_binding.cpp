@@ -8,6 +8,7 @@
 //                                     pipeline (weight_only_kernel.cu, table decode)
 //   torch.ops.vlmkern.binary_lut_tma  the same layout on the warp-specialized Hopper
 //                                     kernel (weight_only_sm90_tma_kernel.cu), any M
+//   torch.ops.vlmkern.binary_lut_tma_decode  the same kernel's decode path (M <= 16)
 //   torch.ops.vlmkern.binary_dequant  the dense weight (binary_dequant_kernel.cu)
 //
 // Only device-generic torch headers are used, like bindings.cpp; the library
@@ -27,7 +28,7 @@
 #include <vector>
 
 #include "binary.h"
-#include "weight_only.h"  // vlmkern_binary_lut_staged_mma, vlmkern_binary_lut_tma: table decodes
+#include "weight_only.h"  // vlmkern_binary_lut_staged_mma, vlmkern_binary_lut_tma(_decode): table decodes
 
 namespace {
 
@@ -351,6 +352,60 @@ at::Tensor binary_lut_tma_meta(const at::Tensor& x, const at::Tensor& codes,
   return at::empty({x.size(0), out_features}, x.options());
 }
 
+constexpr const char* kTmaDecOp = "vlmkern.binary_lut_tma_decode: ";
+
+void check_tma_decode_inputs(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables,
+                             const at::Tensor& merge, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& counters, int64_t out_features,
+                             int64_t max_clusters) {
+  check_lut_inputs(kTmaDecOp, x, codes, tables, merge, bias, out_features, /*ksplit=*/1,
+                   /*max_m=*/16);
+  const int64_t NB = codes.size(0);
+  TORCH_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 && counters.numel() >= NB,
+              kTmaDecOp, "counters must be a 1-D int32 tensor of at least ", NB, " elements");
+  TORCH_CHECK(counters.device() == x.device(), kTmaDecOp, "counters is on ", counters.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(counters.is_contiguous(), kTmaDecOp, "counters must be contiguous");
+  TORCH_CHECK(max_clusters >= 1 && max_clusters <= 32767, kTmaDecOp,
+              "max_clusters must be in 1..32767, got ", max_clusters);
+}
+
+at::Tensor binary_lut_tma_decode_cuda(const at::Tensor& x, const at::Tensor& codes,
+                                      const at::Tensor& tables, const at::Tensor& merge,
+                                      const std::optional<at::Tensor>& bias, at::Tensor& counters,
+                                      int64_t out_features, int64_t max_clusters) {
+  TORCH_CHECK(x.is_cuda(), kTmaDecOp, "x must be a CUDA tensor, got ", x.device());
+  check_tma_decode_inputs(x, codes, tables, merge, bias, counters, out_features, max_clusters);
+  const int64_t M = x.size(0);
+  c10::DeviceGuard guard(x.device());
+  at::Tensor out = at::empty({M, out_features}, x.options());
+  if (M == 0) return out;
+  TORCH_CHECK(aligned16(x), kTmaDecOp, "x must be 16-byte aligned (a view at an odd offset? clone it)");
+  TORCH_CHECK(aligned16(codes) && aligned16(tables) && aligned16(merge), kTmaDecOp,
+              "codes, tables and merge must be 16-byte aligned");
+  at::Tensor workspace = at::empty({vlmkern_wo_tma_decode_workspace_elems(M, max_clusters)},
+                                   x.options().dtype(at::kFloat));
+  void* stream =
+      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+  const int status = vlmkern_binary_lut_tma_decode(
+      x.data_ptr(), M, x.size(1), codes.data_ptr<int32_t>(), tables.data_ptr<int32_t>(),
+      merge.data_ptr<int32_t>(), codes.size(0), codes.size(1),
+      bias.has_value() ? bias->data_ptr() : nullptr,
+      bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), out_features,
+      dtype_code(x.scalar_type()), workspace.data_ptr<float>(), counters.data_ptr<int32_t>(),
+      max_clusters, stream);
+  TORCH_CHECK(status == VLMKERN_WO_OK, kTmaDecOp, vlmkern_wo_status_message(status));
+  return out;
+}
+
+at::Tensor binary_lut_tma_decode_meta(const at::Tensor& x, const at::Tensor& codes,
+                                      const at::Tensor& tables, const at::Tensor& merge,
+                                      const std::optional<at::Tensor>& bias, at::Tensor& counters,
+                                      int64_t out_features, int64_t max_clusters) {
+  check_tma_decode_inputs(x, codes, tables, merge, bias, counters, out_features, max_clusters);
+  return at::empty({x.size(0), out_features}, x.options());
+}
+
 // -- dense weight -----------------------------------------------------------------------
 constexpr const char* kDequantOp = "vlmkern.binary_dequant: ";
 
@@ -427,6 +482,9 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
       "binary_lut_tma(Tensor x, Tensor codes, Tensor tables, Tensor merge, Tensor? bias, "
       "int out_features, int ksplit=1) -> Tensor");
   m.def(
+      "binary_lut_tma_decode(Tensor x, Tensor codes, Tensor tables, Tensor merge, Tensor? bias, "
+      "Tensor(a!) counters, int out_features, int max_clusters) -> Tensor");
+  m.def(
       "binary_dequant(Tensor sign, Tensor aux, Tensor salient, Tensor stats, int in_features, "
       "int block_size, ScalarType dtype) -> Tensor");
 }
@@ -436,6 +494,7 @@ TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
   m.impl("binary_lut_mma", &binary_lut_cuda);
   m.impl("binary_lut_staged_mma", &binary_lut_staged_cuda);
   m.impl("binary_lut_tma", &binary_lut_tma_cuda);
+  m.impl("binary_lut_tma_decode", &binary_lut_tma_decode_cuda);
   m.impl("binary_dequant", &binary_dequant_cuda);
 }
 
@@ -444,5 +503,6 @@ TORCH_LIBRARY_IMPL(vlmkern, Meta, m) {
   m.impl("binary_lut_mma", &binary_lut_meta);
   m.impl("binary_lut_staged_mma", &binary_lut_staged_meta);
   m.impl("binary_lut_tma", &binary_lut_tma_meta);
+  m.impl("binary_lut_tma_decode", &binary_lut_tma_decode_meta);
   m.impl("binary_dequant", &binary_dequant_meta);
 }

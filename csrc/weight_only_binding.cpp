@@ -3,7 +3,8 @@
 // current stream, and registration as torch.ops.vlmkern.weight_only_mma,
 // torch.ops.vlmkern.weight_only_wgmma (the Hopper kernel, any M),
 // torch.ops.vlmkern.weight_only_tma (the warp-specialized Hopper kernel for
-// prefill) and torch.ops.vlmkern.weight_only_dequant (the dense weight from the layout) with
+// prefill), torch.ops.vlmkern.weight_only_tma_decode (the same kernel for
+// M <= 16, stream-K) and torch.ops.vlmkern.weight_only_dequant (the dense weight from the layout) with
 // CUDA and Meta implementations (the Meta one lets torch.compile trace it).
 //
 // Like bindings.cpp, only device-generic torch headers are used, so the file
@@ -241,6 +242,54 @@ at::Tensor weight_only_tma_meta(const at::Tensor& x, const at::Tensor& wq, const
   return at::empty({x.size(0), out_features}, x.options());
 }
 
+constexpr const char* kTmaDecOp = "vlmkern.weight_only_tma_decode: ";
+
+void check_tma_decode(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& counters,
+                      int64_t bits, int64_t out_features, int64_t slot_log2, int64_t max_clusters) {
+  check_layout(kTmaDecOp, x, wq, sz, bias, bits, out_features, slot_log2);
+  TORCH_CHECK(x.size(0) <= 16, kTmaDecOp, "takes at most 16 tokens, got ", x.size(0));
+  TORCH_CHECK(max_clusters >= 1 && max_clusters <= 32767, kTmaDecOp,
+              "max_clusters must be in 1..32767, got ", max_clusters);
+  TORCH_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 &&
+                  counters.numel() >= wq.size(0),
+              kTmaDecOp, "counters must be a 1-D int32 tensor of at least ", wq.size(0), " elements");
+  expect_common(kTmaDecOp, counters, "counters", x);
+}
+
+at::Tensor weight_only_tma_decode_cuda(const at::Tensor& x, const at::Tensor& wq,
+                                       const at::Tensor& sz, const std::optional<at::Tensor>& bias,
+                                       at::Tensor& counters, int64_t bits, int64_t out_features,
+                                       int64_t slot_log2, int64_t max_clusters) {
+  TORCH_CHECK(x.is_cuda(), kTmaDecOp, "x must be a CUDA tensor, got ", x.device());
+  check_tma_decode(x, wq, sz, bias, counters, bits, out_features, slot_log2, max_clusters);
+  const int64_t M = x.size(0);
+  c10::DeviceGuard guard(x.device());
+  at::Tensor out = at::empty({M, out_features}, x.options());
+  if (M == 0) return out;
+  at::Tensor workspace = at::empty({vlmkern_wo_tma_decode_workspace_elems(M, max_clusters)},
+                                   x.options().dtype(at::kFloat));
+  void* stream =
+      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+  const int status = vlmkern_weight_only_tma_decode(
+      x.data_ptr(), M, x.size(1), wq.data_ptr<int32_t>(), sz.data_ptr<int32_t>(), wq.size(0),
+      wq.size(1), static_cast<int>(slot_log2), static_cast<int>(bits),
+      bias.has_value() ? bias->data_ptr() : nullptr,
+      bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), out_features,
+      dtype_code(x.scalar_type()), workspace.data_ptr<float>(), counters.data_ptr<int32_t>(),
+      max_clusters, stream);
+  TORCH_CHECK(status == VLMKERN_WO_OK, kTmaDecOp, vlmkern_wo_status_message(status));
+  return out;
+}
+
+at::Tensor weight_only_tma_decode_meta(const at::Tensor& x, const at::Tensor& wq,
+                                       const at::Tensor& sz, const std::optional<at::Tensor>& bias,
+                                       at::Tensor& counters, int64_t bits, int64_t out_features,
+                                       int64_t slot_log2, int64_t max_clusters) {
+  check_tma_decode(x, wq, sz, bias, counters, bits, out_features, slot_log2, max_clusters);
+  return at::empty({x.size(0), out_features}, x.options());
+}
+
 constexpr const char* kDqOp = "vlmkern.weight_only_dequant: ";
 
 // Checks of the layout and the requested weight, shared by the CUDA and Meta
@@ -300,6 +349,10 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
   m.def(
       "weight_only_tma(Tensor x, Tensor wq, Tensor sz, Tensor? bias, int bits, "
       "int out_features, int slot_log2, int splits=1) -> Tensor");
+  // counters: as for weight_only_mma
+  m.def(
+      "weight_only_tma_decode(Tensor x, Tensor wq, Tensor sz, Tensor? bias, Tensor(a!) counters, "
+      "int bits, int out_features, int slot_log2, int max_clusters) -> Tensor");
   m.def(
       "weight_only_dequant(Tensor wq, Tensor sz, int bits, int out_features, int in_features, "
       "int slot_log2, ScalarType dtype) -> Tensor");
@@ -309,6 +362,7 @@ TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
   m.impl("weight_only_mma", &weight_only_mma_cuda);
   m.impl("weight_only_wgmma", &weight_only_wgmma_cuda);
   m.impl("weight_only_tma", &weight_only_tma_cuda);
+  m.impl("weight_only_tma_decode", &weight_only_tma_decode_cuda);
   m.impl("weight_only_dequant", &weight_only_dequant_cuda);
 }
 
@@ -316,5 +370,6 @@ TORCH_LIBRARY_IMPL(vlmkern, Meta, m) {
   m.impl("weight_only_mma", &weight_only_mma_meta);
   m.impl("weight_only_wgmma", &weight_only_wgmma_meta);
   m.impl("weight_only_tma", &weight_only_tma_meta);
+  m.impl("weight_only_tma_decode", &weight_only_tma_decode_meta);
   m.impl("weight_only_dequant", &weight_only_dequant_meta);
 }

@@ -26,6 +26,11 @@ namespace vlmkern_wo {
 // d (this thread's sums of a 64 x N tile) += A (64 x 16, this thread's
 // fragment in a) * B (N tokens x 16, K-major in shared memory)^T; the
 // operands after the sums: the 4 fragment registers, then the descriptor.
+#define VLMKERN_WGMMA_N16(type)                                                              \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n16k16.f32." type "." type                       \
+               " {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, 1, 1, 1, 0;\n"       \
+               : VLMKERN_ACC8(0)                                                                 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
 #define VLMKERN_WGMMA_N64(type)                                                                \
   asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " {" VLMKERN_REGS32 \
                "}, {%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"                                     \
@@ -38,6 +43,14 @@ namespace vlmkern_wo {
                  VLMKERN_ACC8(32), VLMKERN_ACC8(40), VLMKERN_ACC8(48), VLMKERN_ACC8(56)         \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
 
+__device__ __forceinline__ void wgmma_k16(float (&d)[8], const uint32_t (&a)[4], uint64_t desc_b,
+                                          F16) {
+  VLMKERN_WGMMA_N16("f16");
+}
+__device__ __forceinline__ void wgmma_k16(float (&d)[8], const uint32_t (&a)[4], uint64_t desc_b,
+                                          BF16) {
+  VLMKERN_WGMMA_N16("bf16");
+}
 __device__ __forceinline__ void wgmma_k16(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
                                           F16) {
   VLMKERN_WGMMA_N64("f16");
@@ -83,6 +96,7 @@ __device__ __forceinline__ void wgmma_k16_ss(float (&d)[64], uint64_t desc_a, ui
 #undef VLMKERN_WGMMA_SS_N64
 #undef VLMKERN_WGMMA_N128
 #undef VLMKERN_WGMMA_N64
+#undef VLMKERN_WGMMA_N16
 #undef VLMKERN_REGS64
 #undef VLMKERN_REGS32
 #undef VLMKERN_ACC8

@@ -326,7 +326,9 @@ def test_available_backends_lists_all_with_reasons():
                                            "cuda.dequant_layout_cublas", "cuda.binary_lut_staged",
                                            "cuda.binary_dequant_cublas", "cuda.int_act_staged",
                                            "cuda.weight_only_post_scale_m64", "cuda.int_act_tma",
-                                           "cuda.weight_only_tma", "cuda.binary_lut_tma"}
+                                           "cuda.weight_only_tma", "cuda.binary_lut_tma",
+                                           "cuda.weight_only_tma_decode",
+                                           "cuda.binary_lut_tma_decode"}
     assert set(info["cuda"]["opt_in"]) <= set(info["cuda"]["kernels"])
     if not torch.cuda.is_available():
         assert info["cuda"]["available"] is False

@@ -39,7 +39,10 @@ decode on the warp-specialized kernel of csrc/weight_only_sm90_tma_kernel.cu
 (TMA token tiles of 64 or 128 tokens shared by a cluster of two thread
 blocks, register-operand wgmma, K slices for small layers), instead of
 writing the dense weight for a GEMM at prefill or re-reading activations
-per warp at batch sizes.
+per warp at batch sizes. ``cuda.binary_lut_tma_decode`` (opt-in, M <= 16)
+is the same kernel's decode path: a 16-token tile, as many stages as fit and
+a stream-K split whose split row blocks are summed inside the kernel (see
+``cuda_weight_only_sm90``).
 
 ``cuda.binary_lut_staged`` (opt-in) runs the same layout on the weight-only
 kernel's pipeline (csrc/weight_only_kernel.cu, table decode): codes, tables
@@ -58,7 +61,7 @@ import torch
 from ..formats.binary import BinaryWeight
 from ..formats.packing import unpack_bits
 from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op
-from .cuda_weight_only_sm90 import tma_splits_for
+from .cuda_weight_only_sm90 import DECODE_MAX_M, decode_clusters_for, tma_splits_for
 from .cuda_weight_only import (
     _RELAYOUT_WEIGHTS,
     _counters,
@@ -308,17 +311,39 @@ def binary_lut_tma(x: torch.Tensor, qweight: BinaryWeight,
                                             lw.out_features, int(splits))
 
 
-def _tma_reason(device: torch.device) -> str | None:
+def binary_lut_tma_decode(x: torch.Tensor, qweight: BinaryWeight,
+                          bias: torch.Tensor | None = None,
+                          max_clusters: int | None = None) -> torch.Tensor:
+    """The same product on the warp-specialized Hopper kernel's decode path
+    (``cuda.binary_lut_tma_decode``): same arguments and layout, M <= 16;
+    ``max_clusters`` as for ``weight_only_tma_decode``."""
+    why = _tma_reason(x.device, "binary_lut_tma_decode")
+    if why:
+        raise ValueError(f"cuda.binary_lut_tma_decode: {why}")
+    ready = _inputs("cuda.binary_lut_tma_decode", "binary_lut_tma_decode",
+                    "csrc/weight_only_sm90_tma_kernel.cu", x, qweight, bias, max_m=DECODE_MAX_M)
+    if ready is None:
+        return x.new_empty(0, qweight.out_features)
+    lw, x, bias = ready
+    if max_clusters is None:
+        max_clusters = decode_clusters_for(multiprocessors(x.device))
+    return torch.ops.vlmkern.binary_lut_tma_decode(
+        x, lw.codes, lw.tables, lw.merge, bias, _counters(x.device, lw.codes.shape[0]),
+        lw.out_features, int(max_clusters))
+
+
+def _tma_reason(device: torch.device, op: str = "binary_lut_tma") -> str | None:
     from .cuda_int_act import sm90_available
-    if device.type == "cuda" and not (hasattr(torch.ops.vlmkern, "binary_lut_tma")
-                                      and sm90_available(device)):
+    if device.type == "cuda" and not (hasattr(torch.ops.vlmkern, op) and sm90_available(device)):
         return "needs an sm_90 GPU and a build with 9.0a code (TORCH_CUDA_ARCH_LIST)"
     return None
 
 
-def _check_tma(x: torch.Tensor, qweight) -> str | None:
-    why = unsupported_reason(qweight) or _tma_reason(x.device)
-    return None if why is None else f"cuda.binary_lut_tma: {why}"
+def _tma_checker(kernel: str, op: str):
+    def check(x: torch.Tensor, qweight) -> str | None:
+        why = unsupported_reason(qweight) or _tma_reason(x.device, op)
+        return None if why is None else f"{kernel}: {why}"
+    return check
 
 
 def _checker(kernel: str):
@@ -333,18 +358,22 @@ def register(backend) -> None:
     one passed its GPU tests and ran 1.7-2.5x faster than the plane GEMM on an
     H100 at M = 1, 16 and 64 (benchmarks/results/promote_H100.md). Its layout
     is a copy beside the planes; ``VLMKERN_DISABLE=cuda.binary_lut`` keeps the
-    planes alone. The staged one and the Hopper prefill one (M >= 65), on the
-    same layout, are opt-in (``VLMKERN_ENABLE=cuda.binary_lut_staged``,
-    ``cuda.binary_lut_tma``) until their GPU tests pass."""
+    planes alone. The staged one and the Hopper ones (M >= 17, and the decode
+    path at M <= 16), on the same layout, are opt-in
+    (``VLMKERN_ENABLE=cuda.binary_lut_staged``, ``cuda.binary_lut_tma``,
+    ``cuda.binary_lut_tma_decode``) until their GPU tests pass."""
     from .backends import KernelSpec
 
     if any(k.name == "cuda.binary_lut" for k in backend.kernels):
         return
     common = dict(bits=frozenset({1}), dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}),
                   min_m=1, max_m=MAX_M, min_sm=(8, 0))
-    specs = [KernelSpec("cuda.binary_lut_tma", "binary", binary_lut_tma, opt_in=True,
-                        check=_check_tma, **dict(common, min_m=TMA_MIN_M, max_m=None,
-                                                 min_sm=(9, 0))),
+    specs = [KernelSpec("cuda.binary_lut_tma_decode", "binary", binary_lut_tma_decode, opt_in=True,
+                        check=_tma_checker("cuda.binary_lut_tma_decode", "binary_lut_tma_decode"),
+                        **dict(common, max_m=DECODE_MAX_M, min_sm=(9, 0))),
+             KernelSpec("cuda.binary_lut_tma", "binary", binary_lut_tma, opt_in=True,
+                        check=_tma_checker("cuda.binary_lut_tma", "binary_lut_tma"),
+                        **dict(common, min_m=TMA_MIN_M, max_m=None, min_sm=(9, 0))),
              KernelSpec("cuda.binary_lut_staged", "binary", binary_lut_staged, opt_in=True,
                         check=_checker("cuda.binary_lut_staged"), **common),
              KernelSpec("cuda.binary_lut", "binary", binary_lut, check=_checker("cuda.binary_lut"),

@@ -37,6 +37,14 @@ in slice order by a second kernel. A token's result depends only on its
 place in its token tile, the tile width and the slice count, which depend
 on M only through the number of token tiles.
 
+For decode (M <= 16), ``weight_only_tma_decode`` runs the same kernel with a
+16-token tile, as many pipeline stages as fit (14 for W4) and a stream-K
+split (``cuda.weight_only_tma_decode``): the layer's (row pair, chunk)
+positions are cut into one equal range per cluster, and a row block whose
+chunks span several ranges is finished inside the kernel by the part that
+arrives last, adding the parts in cluster order (no second kernel). For a
+given GPU and cluster count the result is the same for every M <= 16.
+
 Needs an sm_90 GPU and a build holding ``9.0a`` code (``sm90_available``
 probes it). The kernels are opt-in (``VLMKERN_ENABLE``) until they have
 passed the GPU tests.
@@ -51,6 +59,7 @@ from .cuda_int_act import sm90_available as build_has_sm90a
 from .cuda_weight_only import (
     ACT_DTYPES,
     SUPPORTED_BITS,
+    _counters,
     kernel_inputs,
     kernel_weight,
     unsupported_reason,
@@ -59,6 +68,7 @@ from .cuda_weight_only import (
 MIN_M = 17                # decode sizes stay with the mma.sync kernel's lean decodes
 TMA_MIN_M = MIN_M         # the warp-specialized kernel, batches and prefill
 TOKENS_SMALL, TOKENS = 64, 128   # token tile for M <= 64, and above
+DECODE_MAX_M = 16         # the warp-specialized kernel's decode tile
 
 
 def sm90_available(device: torch.device) -> bool:
@@ -145,6 +155,34 @@ def weight_only_tma(x: torch.Tensor, qweight: QuantizedWeight,
                                              mw.slot_log2, int(splits))
 
 
+def decode_clusters_for(multiprocessors: int) -> int:
+    """Clusters of two thread blocks (one per SM) for the decode walk: all
+    the GPU holds; the launch takes fewer where fewer fit at once."""
+    return max(1, multiprocessors // 2)
+
+
+def weight_only_tma_decode(x: torch.Tensor, qweight: QuantizedWeight,
+                           bias: torch.Tensor | None = None,
+                           max_clusters: int | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias on the warp-specialized Hopper kernel's decode path
+    (``cuda.weight_only_tma_decode``). x [M, K] fp16/bf16 on an sm_90 device,
+    0 <= M <= 16; bias [N] or None -> [M, N] in x's dtype; ``max_clusters``:
+    at most this many clusters split the layer (1..32767, default
+    ``decode_clusters_for``): fewer give each more of the layer."""
+    if x.dim() == 2 and x.shape[0] > DECODE_MAX_M:
+        raise ValueError(f"cuda.weight_only_tma_decode takes M <= {DECODE_MAX_M}, got {x.shape[0]}")
+    ready = _inputs("cuda.weight_only_tma_decode", "weight_only_tma_decode",
+                    "csrc/weight_only_sm90_tma_kernel.cu", x, qweight, bias)
+    if ready is None:
+        return x.new_empty(0, qweight.out_features)
+    mw, x2, bias = ready
+    if max_clusters is None:
+        max_clusters = decode_clusters_for(multiprocessors(x.device))
+    return torch.ops.vlmkern.weight_only_tma_decode(
+        x2, mw.wq, mw.sz, bias, _counters(x.device, mw.blocks), mw.bits, mw.out_features,
+        mw.slot_log2, int(max_clusters))
+
+
 def _reason(qweight, device: torch.device) -> str | None:
     why = unsupported_reason(qweight)
     if why is None and device.type == "cuda" and not sm90_available(device):
@@ -161,19 +199,21 @@ def _checker(name: str):
 
 def register(backend) -> None:
     """Add the kernels to the CUDA backend ahead of the other weight-only
-    kernels, the prefill kernel first, then the shared-memory variant; all
-    opt-in (``VLMKERN_ENABLE=cuda.weight_only_tma,cuda.weight_only_wgmma_smem,
+    kernels: the decode path (M <= 16), the prefill kernel, then the
+    shared-memory variant; all opt-in (``VLMKERN_ENABLE=
+    cuda.weight_only_tma_decode,cuda.weight_only_tma,cuda.weight_only_wgmma_smem,
     cuda.weight_only_wgmma``)."""
     from .backends import KernelSpec
 
     known = {k.name for k in backend.kernels}
-    specs = [(name, fn, min_m) for name, fn, min_m in (
-        ("cuda.weight_only_tma", weight_only_tma, TMA_MIN_M),
-        ("cuda.weight_only_wgmma_smem", weight_only_wgmma_smem, MIN_M),
-        ("cuda.weight_only_wgmma", weight_only_wgmma, MIN_M)) if name not in known]
-    for name, fn, min_m in reversed(specs):   # each inserted at the front: tried in list order
+    specs = [spec for spec in (
+        ("cuda.weight_only_tma_decode", weight_only_tma_decode, 1, DECODE_MAX_M),
+        ("cuda.weight_only_tma", weight_only_tma, TMA_MIN_M, None),
+        ("cuda.weight_only_wgmma_smem", weight_only_wgmma_smem, MIN_M, None),
+        ("cuda.weight_only_wgmma", weight_only_wgmma, MIN_M, None)) if spec[0] not in known]
+    for name, fn, min_m, max_m in reversed(specs):   # each inserted at the front: tried in list order
         backend.register(KernelSpec(name, "weight_only", fn, bits=frozenset(SUPPORTED_BITS),
                                     dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}),
-                                    min_m=min_m, min_sm=(9, 0), opt_in=True, check=_checker(name),
-                                    laid_out=True))
+                                    min_m=min_m, max_m=max_m, min_sm=(9, 0), opt_in=True,
+                                    check=_checker(name), laid_out=True))
         backend.kernels.insert(0, backend.kernels.pop())
