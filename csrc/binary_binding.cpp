@@ -383,8 +383,9 @@ at::Tensor binary_lut_tma_decode_cuda(const at::Tensor& x, const at::Tensor& cod
   TORCH_CHECK(aligned16(x), kTmaDecOp, "x must be 16-byte aligned (a view at an odd offset? clone it)");
   TORCH_CHECK(aligned16(codes) && aligned16(tables) && aligned16(merge), kTmaDecOp,
               "codes, tables and merge must be 16-byte aligned");
-  at::Tensor workspace = at::empty({vlmkern_wo_tma_decode_workspace_elems(M, max_clusters)},
-                                   x.options().dtype(at::kFloat));
+  const int64_t elems =
+      vlmkern_wo_tma_decode_workspace_elems(M, codes.size(0), codes.size(1), max_clusters);
+  at::Tensor workspace = at::empty({elems}, x.options().dtype(at::kFloat));
   void* stream =
       c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
   const int status = vlmkern_binary_lut_tma_decode(

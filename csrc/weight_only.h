@@ -173,12 +173,13 @@ int vlmkern_binary_lut_tma(const void* x, int64_t M, int64_t K_x, const int32_t*
 // equal range per cluster (at most max_clusters, 1..32767, and at most as
 // many as the GPU holds at once). A row block whose chunks span several
 // ranges is finished by the part that arrives last, which adds the parts'
-// fp32 sums (in `workspace`, vlmkern_wo_tma_decode_workspace_elems(M,
+// fp32 sums (in `workspace`, vlmkern_wo_tma_decode_workspace_elems(M, NB, C,
 // max_clusters) floats) in cluster order; `counters` ([NB] int32, zero) count
 // the arrived parts and are left zero. For a given max_clusters and GPU the
 // result is deterministic and the same for every M <= 16. Other arguments as
 // for vlmkern_weight_only_tma / vlmkern_binary_lut_tma.
-int64_t vlmkern_wo_tma_decode_workspace_elems(int64_t M, int64_t max_clusters);
+int64_t vlmkern_wo_tma_decode_workspace_elems(int64_t M, int64_t NB, int64_t C,
+                                              int64_t max_clusters);
 int vlmkern_weight_only_tma_decode(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
                                    const int32_t* sz, int64_t NB, int64_t C, int slot_log2,
                                    int bits, const void* bias, int bias_dtype, void* out, int64_t N,

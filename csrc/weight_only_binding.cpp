@@ -267,8 +267,9 @@ at::Tensor weight_only_tma_decode_cuda(const at::Tensor& x, const at::Tensor& wq
   c10::DeviceGuard guard(x.device());
   at::Tensor out = at::empty({M, out_features}, x.options());
   if (M == 0) return out;
-  at::Tensor workspace = at::empty({vlmkern_wo_tma_decode_workspace_elems(M, max_clusters)},
-                                   x.options().dtype(at::kFloat));
+  const int64_t elems =
+      vlmkern_wo_tma_decode_workspace_elems(M, wq.size(0), wq.size(1), max_clusters);
+  at::Tensor workspace = at::empty({elems}, x.options().dtype(at::kFloat));
   void* stream =
       c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
   const int status = vlmkern_weight_only_tma_decode(

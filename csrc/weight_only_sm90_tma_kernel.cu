@@ -275,7 +275,9 @@ struct TileWalk {
 // quarter full. Instead the layer's (row pair, chunk) positions, pair by
 // pair, are cut into one equal range per cluster (stream-K). A range is a
 // run of segments, each one row pair's chunks [c0, c1); a segment short of
-// its pair's whole K range is finished by finish_part.
+// its pair's whole K range is finished by finish_part. The launch starts at
+// most as many clusters as there are positions, so no range is empty: an
+// empty one would be counted among a row block's parts and never arrive.
 __device__ __forceinline__ int64_t range_start(int64_t cluster, int64_t total, int64_t clusters) {
   return cluster * total / clusters;
 }
@@ -651,8 +653,11 @@ extern "C" int vlmkern_weight_only_tma(const void* x, int64_t M, int64_t K_x, co
                                         : dispatch_bits<BF16>(x_map, p, bits, 0, s);
 }
 
-extern "C" int64_t vlmkern_wo_tma_decode_workspace_elems(int64_t M, int64_t max_clusters) {
-  return 2 * max_clusters * kCluster * M * 128;
+extern "C" int64_t vlmkern_wo_tma_decode_workspace_elems(int64_t M, int64_t NB, int64_t C,
+                                                         int64_t max_clusters) {
+  // the launch's clusters: never more than the walk's positions (see DecodeWalk)
+  const int64_t clusters = max_clusters < (NB + 1) / 2 * C ? max_clusters : (NB + 1) / 2 * C;
+  return 2 * clusters * kCluster * M * 128;
 }
 
 extern "C" int vlmkern_weight_only_tma_decode(const void* x, int64_t M, int64_t K_x,
