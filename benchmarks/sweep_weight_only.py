@@ -9,6 +9,11 @@ and weight rotation, so one GPU run shows whether another split is faster:
     python benchmarks/sweep_weight_only.py                  # defaults below
     python benchmarks/sweep_weight_only.py --per-sm 0.5,1,2 --ms 1,16
 
+The decode ``tma`` times the Hopper kernel's decode path
+(``cuda.weight_only_tma_decode``, M <= 16, sm_90a builds) instead: one
+thread block per SM in clusters of two, so a count f per SM there means at
+most f * SMs / 2 clusters (the launch takes no more than the GPU holds).
+
 Results go to stdout and <--out>/sweep_weight_only_<device>.md (default
 benchmarks/results).
 """
@@ -23,6 +28,7 @@ import torch
 from bench_linear import FORMATS, SHAPES, make_weight, rotating, time_fn, write_sweep
 
 from vlmkern.ops import cuda_weight_only as cw
+from vlmkern.ops import cuda_weight_only_sm90 as wg
 
 
 def sweep(shape, k, n, fmt, ms, per_sm, decodes, sms) -> list[str]:
@@ -37,14 +43,19 @@ def sweep(shape, k, n, fmt, ms, per_sm, decodes, sms) -> list[str]:
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         for decode in decodes:
-            if m > (cw.post_scale_max_m(qw) if decode == "post_scale" else cw.MAX_M):
+            limit = {"post_scale": cw.post_scale_max_m(qw), "tma": 16}.get(decode, cw.MAX_M)
+            if m > limit or (decode == "tma" and not wg.sm90_available(torch.device("cuda"))):
                 continue
             cells = []
             for f in per_sm:
                 ctas = max(1, min(units, round(f * sms)))
 
-                def call(ctas=ctas, x=x, code=cw.DECODES[decode]):
+                def call(ctas=ctas, x=x, code=cw.DECODES.get(decode), f=f):
                     w = layouts()
+                    if code is None:   # the TMA decode path: clusters of two blocks
+                        return torch.ops.vlmkern.weight_only_tma_decode(
+                            x, w.wq, w.sz, None, counters, w.bits, w.out_features, w.slot_log2,
+                            max(1, round(f * sms / 2)))
                     return torch.ops.vlmkern.weight_only_mma(
                         x, w.wq, w.sz, None, counters, w.bits, w.out_features, w.slot_log2, ctas,
                         code)
@@ -60,7 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="W4 g128,W3 g128,W2 g128")
     ap.add_argument("--ms", default="1,16,64")
     ap.add_argument("--per-sm", default="0.5,1,1.5,2", help="thread blocks per SM to try")
-    ap.add_argument("--decodes", default="exact,post_scale")
+    ap.add_argument("--decodes", default="exact,post_scale,tma")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
