@@ -311,12 +311,25 @@ struct DecodeWalk {
 template <bool DECODE, int TOKENS> struct WalkOf { using type = TileWalk<TOKENS>; };
 template <int TOKENS> struct WalkOf<true, TOKENS> { using type = DecodeWalk; };
 
+// *counter += 1 at GPU scope with release and acquire semantics; the old value.
+__device__ __forceinline__ int atomic_add_acq_rel(int32_t* counter, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(counter), "r"(v)
+               : "memory");
+  return old;
+}
+
 // The end of a decode segment that holds only part of its row pair's K
 // range. This block's sums go to its cluster's workspace slot (0 for the
 // range's first segment, 1 for its last: a range's middle segments are whole
 // pairs); the part that arrives last adds the row block's parts in cluster
 // order, so the result is the same whichever arrives last, adds the bias,
 // rounds once and leaves the count zero for the next launch.
+// Ordering: the consumers' stores precede (barrier) one thread's release
+// increment of the row block's count; the last part's increment acquires
+// every earlier one's, and its consumers read after it (barrier). One
+// acq_rel atomic per part, where a fence per thread (__threadfence is
+// fence.sc.gpu) would wait on each thread's outstanding memory traffic.
 template <class T, int TOKENS>
 __device__ void finish_part(const TmaParams& p, const Unit& w, const float (&acc)[TOKENS / 2],
                             int warp, int lane) {
@@ -332,14 +345,12 @@ __device__ void finish_part(const TmaParams& p, const Unit& w, const float (&acc
     const int m = m_base + 8 * (i >> 2) + (i & 1);
     if (m < p.M) mine[m * kRows + row + 4 * (i & 2)] = acc[i];
   }
-  __threadfence();  // the sums are visible device-wide before the count
   consumers_sync();
   const int64_t first = range_owner(pair * p.C, total, clusters);
   const int64_t parts = range_owner(pair * p.C + p.C - 1, total, clusters) - first + 1;
-  if (threadIdx.x == 128) arrived_last = atomicAdd(p.counters + w.b, 1) == parts - 1;
+  if (threadIdx.x == 128) arrived_last = atomic_add_acq_rel(p.counters + w.b, 1) == parts - 1;
   consumers_sync();
   if (!arrived_last) return;
-  __threadfence();  // the other parts' sums are read after their counts
 
   // The first part is its cluster's last segment unless that range starts in this pair.
   const float* part = slot(first, range_start(first, total, clusters) / p.C == pair ? 0 : 1);
