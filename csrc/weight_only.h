@@ -52,7 +52,16 @@ enum vlmkern_wo_status {
 //          no 16-bit rounding of the weight; M <= 16, or M <= 64 with
 //          slots of 128 columns (slot_log2 = 3), where its per-slot sums
 //          still fit the register budget.
-enum vlmkern_wo_decode { VLMKERN_WO_DECODE_EXACT = 0, VLMKERN_WO_DECODE_POST_SCALE = 1 };
+//   POST_SCALE_ACQ_REL: POST_SCALE, the same sums and results bit for bit,
+//          with a row block split between thread blocks published by one
+//          acq_rel atomic per part instead of a fence.sc.gpu in every
+//          thread (which also waits on the thread's outstanding copies);
+//          M <= 16 and slot_log2 = 3 only.
+enum vlmkern_wo_decode {
+  VLMKERN_WO_DECODE_EXACT = 0,
+  VLMKERN_WO_DECODE_POST_SCALE = 1,
+  VLMKERN_WO_DECODE_POST_SCALE_ACQ_REL = 2
+};
 #define VLMKERN_WO_POST_SCALE_MAX_M 16
 #define VLMKERN_WO_POST_SCALE_WIDE_MAX_M 64  // with slot_log2 = 3
 // Largest M the post-scale decode takes for a slot width.

@@ -103,9 +103,16 @@ void check_layout(const char* op, const at::Tensor& x, const at::Tensor& wq, con
 void check_inputs(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
                   const std::optional<at::Tensor>& bias, const at::Tensor& counters, int64_t bits,
                   int64_t out_features, int64_t slot_log2, int64_t num_ctas, int64_t decode) {
-  TORCH_CHECK(decode == VLMKERN_WO_DECODE_EXACT || decode == VLMKERN_WO_DECODE_POST_SCALE, kOp,
-              "decode must be 0 (exact) or 1 (post-scale), got ", decode);
-  TORCH_CHECK(decode == VLMKERN_WO_DECODE_EXACT || x.dim() != 2 ||
+  TORCH_CHECK(decode == VLMKERN_WO_DECODE_EXACT || decode == VLMKERN_WO_DECODE_POST_SCALE ||
+                  decode == VLMKERN_WO_DECODE_POST_SCALE_ACQ_REL,
+              kOp, "decode must be 0 (exact), 1 (post-scale) or 2 (post-scale, acq_rel publish), got ",
+              decode);
+  TORCH_CHECK(decode != VLMKERN_WO_DECODE_POST_SCALE_ACQ_REL || x.dim() != 2 ||
+                  (x.size(0) <= VLMKERN_WO_POST_SCALE_MAX_M && slot_log2 == 3),
+              kOp, "decode 2 takes M <= ", VLMKERN_WO_POST_SCALE_MAX_M,
+              " and slot_log2 = 3 (scale slots of 128 columns), got M = ", x.size(0),
+              " with slot_log2 = ", slot_log2);
+  TORCH_CHECK(decode != VLMKERN_WO_DECODE_POST_SCALE || x.dim() != 2 ||
                   x.size(0) <= VLMKERN_WO_POST_SCALE_LIMIT(slot_log2),
               kOp, "the post-scale decode takes M <= ", VLMKERN_WO_POST_SCALE_MAX_M, " (<= ",
               VLMKERN_WO_POST_SCALE_WIDE_MAX_M, " with slot_log2 = 3), got M = ", x.size(0),

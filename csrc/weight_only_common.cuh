@@ -194,6 +194,18 @@ __device__ __forceinline__ uint32_t exact_operand(const uint32_t (&w)[2 * BITS],
   return d;
 }
 
+// *counter += v at GPU scope with release and acquire semantics; the old
+// value. The stream-K parts' publish: after a barrier, one thread's release
+// covers its block's stores, and the last part's acquire covers every
+// earlier part's (a fence in every thread, __threadfence = fence.sc.gpu,
+// also waits on each thread's outstanding copies).
+__device__ __forceinline__ int atomic_add_acq_rel(int32_t* counter, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(counter), "r"(v)
+               : "memory");
+  return old;
+}
+
 // Bias element n as fp32 (dtype: a vlmkern_dtype).
 __device__ __forceinline__ float load_bias(const void* bias, int dtype, int n) {
   if (dtype == VLMKERN_DTYPE_F32) return static_cast<const float*>(bias)[n];

@@ -561,7 +561,10 @@ __device__ __forceinline__ void store_out(const Params& p, int64_t b, int j, int
 // division per part. Every part but the first belongs to a thread block that
 // starts inside row block b, so its slot is 2c (see partial_slot); this block's
 // own slot follows from b_start, the row block it started in.
-template <int M_TILES, class T, bool FEW_DIVISIONS = false, bool TOKEN_SCALE = false>
+// ACQ_REL: the parts published by one acq_rel atomic (atomic_add_acq_rel)
+// instead of a fence in every thread; the same sums in the same order.
+template <int M_TILES, class T, bool FEW_DIVISIONS = false, bool TOKEN_SCALE = false,
+          bool ACQ_REL = false>
 __device__ void finish_rows(const Params& p, int64_t b, float (&acc)[M_TILES][4], int* is_last,
                             int64_t b_start = 0) {
   const int64_t ctas = gridDim.x, cta = blockIdx.x;
@@ -586,12 +589,19 @@ __device__ void finish_rows(const Params& p, int64_t b, float (&acc)[M_TILES][4]
       const int m = 8 * j + 2 * (lane & 3) + (e & 1);
       if (m < p.M) mine[m * kBlockRows + col0 + 8 * (e >> 1)] = acc[j][e];
     }
-  __threadfence();  // partial sums visible device-wide before the count
-  __syncthreads();
-  if (threadIdx.x == 0) *is_last = atomicAdd(&p.counters[b], 1) == parts - 1;
-  __syncthreads();
-  if (!*is_last) return;
-  __threadfence();  // the other parts' writes are ordered before our reads
+  if constexpr (ACQ_REL) {
+    __syncthreads();
+    if (threadIdx.x == 0) *is_last = atomic_add_acq_rel(&p.counters[b], 1) == parts - 1;
+    __syncthreads();
+    if (!*is_last) return;
+  } else {
+    __threadfence();  // partial sums visible device-wide before the count
+    __syncthreads();
+    if (threadIdx.x == 0) *is_last = atomicAdd(&p.counters[b], 1) == parts - 1;
+    __syncthreads();
+    if (!*is_last) return;
+    __threadfence();  // the other parts' writes are ordered before our reads
+  }
   const int64_t first_slot = FEW_DIVISIONS ? partial_slot(first, b, p.units, ctas, p.C) : 0;
 
   // Sum the parts in thread-block order (deterministic). Loads of several
@@ -644,7 +654,8 @@ struct Unused {
 // POST_SLOT_LOG2 -1: the exact decode with slots read from p.slot_log2;
 // 0..3: the post-scale decode for that (compile-time) slot width;
 // kTableDecode: binary weights in the lookup-table layout (BITS = 2).
-template <int BITS, int M_TILES, class T, int STAGES, int POST_SLOT_LOG2>
+// ACQ_REL: finish_rows' acq_rel publish (the post-scale decode only).
+template <int BITS, int M_TILES, class T, int STAGES, int POST_SLOT_LOG2, bool ACQ_REL = false>
 __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int is_last;
@@ -738,7 +749,7 @@ __global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) 
 
     if (c == p.C - 1 || i == n_units - 1) {
       if constexpr (kPost)
-        finish_rows<M_TILES, T, true>(p, b, acc, &is_last, b_start);
+        finish_rows<M_TILES, T, true, false, ACQ_REL>(p, b, acc, &is_last, b_start);
       else if constexpr (kInt8)
         finish_rows<M_TILES, T, false, true>(p, b, acc, &is_last);
       else
@@ -761,10 +772,10 @@ thread_local cudaError_t last_error = cudaSuccess;
 thread_local char message[256];
 
 
-template <int BITS, int M_TILES, class T, int POST_SLOT_LOG2>
+template <int BITS, int M_TILES, class T, int POST_SLOT_LOG2, bool ACQ_REL = false>
 int launch(const Params& p, int64_t num_ctas, cudaStream_t stream) {
   constexpr int STAGES = POST_SLOT_LOG2 == kInt8Decode ? kInt8Stages : stages_for<M_TILES>();
-  auto kernel = weight_only_mma_kernel<BITS, M_TILES, T, STAGES, POST_SLOT_LOG2>;
+  auto kernel = weight_only_mma_kernel<BITS, M_TILES, T, STAGES, POST_SLOT_LOG2, ACQ_REL>;
   const int smem = STAGES * stage_bytes_of<BITS, M_TILES, POST_SLOT_LOG2>(p.slots);
   int device = 0, limit = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -787,6 +798,8 @@ int launch(const Params& p, int64_t num_ctas, cudaStream_t stream) {
 // slot widths {16, 32, 64, 128}, and token tiles 32 and 64 with 128-column
 // slots only (narrower slots keep more fp32 sums live and spill at two blocks
 // per SM; at 64 tokens the 128-column kernels use all 128 registers, no spills).
+// Post-scale with the acq_rel publish: bits {2, 3, 4} x {fp16, bf16} x token
+// tiles {8, 16}, 128-column slots.
 template <class T>
 int dispatch_tokens(const Params& p, int bits, int decode, int64_t num_ctas, cudaStream_t s) {
   const int m_tiles = p.M <= 8 ? 1 : p.M <= 16 ? 2 : p.M <= 32 ? 4 : 8;
@@ -796,6 +809,14 @@ int dispatch_tokens(const Params& p, int bits, int decode, int64_t num_ctas, cud
     VLMKERN_WO_CASE(4, 1) VLMKERN_WO_CASE(4, 2) VLMKERN_WO_CASE(4, 4) VLMKERN_WO_CASE(4, 8)
     VLMKERN_WO_CASE(3, 1) VLMKERN_WO_CASE(3, 2) VLMKERN_WO_CASE(3, 4) VLMKERN_WO_CASE(3, 8)
     VLMKERN_WO_CASE(2, 1) VLMKERN_WO_CASE(2, 2) VLMKERN_WO_CASE(2, 4) VLMKERN_WO_CASE(2, 8)
+#undef VLMKERN_WO_CASE
+    return VLMKERN_WO_ERR_BAD_BITS;
+  }
+  if (decode == VLMKERN_WO_DECODE_POST_SCALE_ACQ_REL) {  // M <= 16, slot_log2 3 (checked)
+#define VLMKERN_WO_CASE(B, MT) \
+  if (bits == B && m_tiles == MT) return launch<B, MT, T, 3, true>(p, num_ctas, s);
+    VLMKERN_WO_CASE(4, 1) VLMKERN_WO_CASE(4, 2) VLMKERN_WO_CASE(3, 1) VLMKERN_WO_CASE(3, 2)
+    VLMKERN_WO_CASE(2, 1) VLMKERN_WO_CASE(2, 2)
 #undef VLMKERN_WO_CASE
     return VLMKERN_WO_ERR_BAD_BITS;
   }
@@ -909,7 +930,9 @@ extern "C" int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, co
                                        int64_t N, float* workspace, int32_t* counters,
                                        int64_t num_ctas, int act_dtype, int decode, void* stream) {
   if (decode != VLMKERN_WO_DECODE_EXACT &&
-      (decode != VLMKERN_WO_DECODE_POST_SCALE || M > VLMKERN_WO_POST_SCALE_LIMIT(slot_log2)))
+      (decode != VLMKERN_WO_DECODE_POST_SCALE || M > VLMKERN_WO_POST_SCALE_LIMIT(slot_log2)) &&
+      (decode != VLMKERN_WO_DECODE_POST_SCALE_ACQ_REL || M > VLMKERN_WO_POST_SCALE_MAX_M ||
+       slot_log2 != 3))
     return VLMKERN_WO_ERR_BAD_DECODE;
   const int status = check_launch_args(x, M, K_x, wq, sz, NB, C, slot_log2, bits, bias, bias_dtype,
                                        out, N, act_dtype);

@@ -311,14 +311,6 @@ struct DecodeWalk {
 template <bool DECODE, int TOKENS> struct WalkOf { using type = TileWalk<TOKENS>; };
 template <int TOKENS> struct WalkOf<true, TOKENS> { using type = DecodeWalk; };
 
-// *counter += 1 at GPU scope with release and acquire semantics; the old value.
-__device__ __forceinline__ int atomic_add_acq_rel(int32_t* counter, int v) {
-  int old;
-  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(counter), "r"(v)
-               : "memory");
-  return old;
-}
-
 // The end of a decode segment that holds only part of its row pair's K
 // range. This block's sums go to its cluster's workspace slot (0 for the
 // range's first segment, 1 for its last: a range's middle segments are whole

@@ -74,7 +74,8 @@ def test_unsupported_weights_and_dtypes_are_refused():
 def test_registered_ahead_of_the_plane_gemms():
     from vlmkern.ops import builtin  # noqa: F401  (registers the backends)
     names = [k.name for k in BACKENDS["cuda"].kernels if k.op == "binary"]
-    assert names[:3] == ["cuda.binary_lut_tma", "cuda.binary_lut_staged", "cuda.binary_lut"]
+    assert names[:4] == ["cuda.binary_lut_tma_decode", "cuda.binary_lut_tma", "cuda.binary_lut_staged",
+                         "cuda.binary_lut"]
     assert "cuda.binary" in names
     by_name = {k.name: k for k in BACKENDS["cuda"].kernels}
     spec, staged = by_name["cuda.binary_lut"], by_name["cuda.binary_lut_staged"]

@@ -68,7 +68,10 @@ POST_SCALE_MAX_M = 16      # VLMKERN_WO_POST_SCALE_MAX_M in csrc/weight_only.h
 # opt-in cuda.weight_only_post_scale_m64 the rest.
 POST_SCALE_WIDE_MAX_M = 32
 POST_SCALE_M64_MAX_M = 64
-DECODES = {"exact": 0, "post_scale": 1}    # vlmkern_wo_decode in csrc/weight_only.h
+# vlmkern_wo_decode in csrc/weight_only.h; "post_scale_acq_rel" is "post_scale"
+# (the same bits) with a split row block's parts published by one acq_rel
+# atomic per part instead of a fence.sc.gpu in every thread (M <= 16, slot_log2 3)
+DECODES = {"exact": 0, "post_scale": 1, "post_scale_acq_rel": 2}
 SUPPORTED_BITS = (2, 3, 4)
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 _MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300}
@@ -468,7 +471,10 @@ def weight_only_mma(x: torch.Tensor, qweight: QuantizedWeight,
         return x.new_empty(0, qweight.out_features)
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {sorted(DECODES)}, got {decode!r}")
-    max_m = post_scale_max_m(qweight) if decode == "post_scale" else MAX_M
+    max_m = {"post_scale": post_scale_max_m(qweight), "post_scale_acq_rel": POST_SCALE_MAX_M}.get(
+        decode, MAX_M)
+    if decode == "post_scale_acq_rel" and _acq_rel_reason(qweight):
+        raise ValueError(f"cuda.weight_only_mma with decode={decode!r}: {_acq_rel_reason(qweight)}")
     if m > max_m:
         raise ValueError(f"cuda.weight_only_mma with decode={decode!r} takes M <= {max_m}, got {m}")
     return _launch(x, qweight, bias, DECODES[decode])
@@ -504,6 +510,32 @@ def weight_only_post_scale_m64(x: torch.Tensor, qweight: QuantizedWeight,
     if m > POST_SCALE_M64_MAX_M:
         raise ValueError(f"cuda.weight_only_post_scale_m64 takes M <= {POST_SCALE_M64_MAX_M}, got {m}")
     return _launch(x, qweight, bias, DECODES["post_scale"])
+
+
+def weight_only_post_scale_acq_rel(x: torch.Tensor, qweight: QuantizedWeight,
+                                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight_only_post_scale`` with a row block split between thread blocks
+    published by one acq_rel atomic per part instead of a fence in every
+    thread (``cuda.weight_only_post_scale_acq_rel``, opt-in): the same sums in
+    the same order, so the same bits; M <= 16, scale slots of 128 columns."""
+    return weight_only_mma(x, qweight, bias, decode="post_scale_acq_rel")
+
+
+def _acq_rel_reason(qweight) -> str | None:
+    if slot_log2_for(qweight.group_size, qweight.in_features) != 3:
+        return (f"takes scale slots of 128 columns (groups of 128 * k or one per row), "
+                f"not group size {qweight.group_size}")
+    return None
+
+
+def _check_acq_rel(x: torch.Tensor, qweight) -> str | None:
+    why = unsupported_reason(qweight) or _acq_rel_reason(qweight)
+    if why is not None:
+        return f"cuda.weight_only_post_scale_acq_rel: {why}"
+    if qweight.bits == 3 and x.shape[0] < POST_SCALE_W3_MIN_M:   # as the post-scale decode
+        return (f"cuda.weight_only_post_scale_acq_rel: 3-bit weights at M={x.shape[0]} run "
+                f"faster on the exact decode (M < {POST_SCALE_W3_MIN_M})")
+    return None
 
 
 def _m64_reason(qweight) -> str | None:
@@ -556,8 +588,8 @@ def register(backend) -> None:
     keeps every M above 64 and everything they decline. The post-scale decode
     comes first: it passed its GPU tests and ran faster on an H100 (see
     ``_check_post_scale`` for the one case it leaves to the exact decode). Its
-    64-token tiles (M = 33..64, 128-column scale slots) are opt-in until their
-    GPU tests pass."""
+    64-token tiles (M = 33..64, 128-column scale slots) and its variant with
+    the acq_rel publish (M <= 16) are opt-in until their GPU tests pass."""
     from .backends import KernelSpec
 
     common = dict(bits=frozenset(SUPPORTED_BITS), dtypes=frozenset(ACT_DTYPES),
@@ -565,6 +597,9 @@ def register(backend) -> None:
     specs = [KernelSpec("cuda.weight_only_post_scale_m64", "weight_only",
                         weight_only_post_scale_m64, opt_in=True, check=_check_m64,
                         **dict(common, min_m=POST_SCALE_WIDE_MAX_M + 1, max_m=POST_SCALE_M64_MAX_M)),
+             KernelSpec("cuda.weight_only_post_scale_acq_rel", "weight_only",
+                        weight_only_post_scale_acq_rel, opt_in=True, check=_check_acq_rel,
+                        **dict(common, max_m=POST_SCALE_MAX_M)),
              KernelSpec("cuda.weight_only_post_scale", "weight_only", weight_only_post_scale,
                         max_m=POST_SCALE_WIDE_MAX_M, check=_check_post_scale,
                         **common),
