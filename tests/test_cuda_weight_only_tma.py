@@ -197,13 +197,15 @@ def test_every_slice_count_matches_dense(m):
 
 
 @sm90
-def test_fp32_scales_group256_and_act_order():
+@pytest.mark.parametrize("fn, m", [(wg.weight_only_tma, 70), (wg.weight_only_tma_decode, 7)])
+def test_fp32_scales_group256_and_act_order(fn, m):
+    # the prefill tiles and the decode path
     for group, perm, sd in ((256, True, torch.float32), (64, True, torch.bfloat16)):
         qw = make_weight(200, 1000, 4, group, False, scale_dtype=sd, perm=perm, device="cuda")
         w = qw.dequantize(torch.float32)
         for dtype in (torch.float16, torch.bfloat16):
-            x = act(70, 1000, dtype)
-            assert_matches_dense(wg.weight_only_tma(x, qw), x, w, None)
+            x = act(m, 1000, dtype)
+            assert_matches_dense(fn(x, qw), x, w, None)
 
 
 @sm90

@@ -10,7 +10,8 @@ in the workspace slot its writer used); the 16-token tile's TMA boxes read
 back through the wgmma descriptors. On an sm_90 GPU with a build holding
 9.0a code: against the dense fp64 product at awkward and real sizes and with
 few to many clusters per row block, the counters left zero, batch
-invariance, determinism, selection, torch.compile and errors.
+invariance, determinism, selection, torch.compile and errors (fp32 scales,
+groups of 256 and act-order: in test_cuda_weight_only_tma).
 """
 import os
 
@@ -162,16 +163,6 @@ def test_split_row_blocks_are_summed_and_counters_left_zero():
                 y = wg.weight_only_tma_decode(x, qw, bias, max_clusters=clusters)
                 assert_matches_dense(y, x, w, bias)
                 assert not cw._counters(x.device, 3)[:3].any(), clusters
-
-
-@sm90
-def test_fp32_scales_group256_and_act_order():
-    for group, perm, sd in ((256, True, torch.float32), (64, True, torch.bfloat16)):
-        qw = make_weight(200, 1000, 4, group, False, scale_dtype=sd, perm=perm, device="cuda")
-        w = qw.dequantize(torch.float32)
-        for dtype in (torch.float16, torch.bfloat16):
-            x = act(7, 1000, dtype)
-            assert_matches_dense(wg.weight_only_tma_decode(x, qw), x, w, None)
 
 
 @sm90
