@@ -26,7 +26,8 @@
 # sweep_weight_only.py (the work-split sweep), TRITON_SWEEP_ARGS to
 # sweep_triton_int_act.py (Triton W8A8 tile configs) and PROFILE_ARGS to the
 # weight-only profile_linear.py run (default: gate/up, M = 1, W4 g128, the
-# default kernel), both split on spaces (so no shape or format names there).
+# default kernel and the two opt-in decodes), both split on spaces (so no
+# shape or format names there).
 # More runs profile the qkv layer at M = 1, W8A8 at M = 4096 (mma.sync and
 # wgmma GEMMs) and at M = 1 and 16 (spread and plain reads), binary at M = 1
 # and 16 (lookup-table, then the prefetching plane GEMM) and the dequantize
@@ -155,11 +156,14 @@ fi
 # where the weight-only kernels spend their time: issue stalls, memory
 # throughput and occupancy of the default and opt-in kernels on one layer
 if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
+  # the default decode next to its two opt-in rivals (the Hopper decode path;
+  # the post-scale decode publishing split row blocks without per-thread fences)
+  decode_ab=cuda.weight_only_tma_decode,cuda.weight_only_post_scale_acq_rel
   t=$(date +%s)
   (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
     --section SchedulerStats --section Occupancy --section MemoryWorkloadAnalysis \
-    -k regex:weight_only --launch-count 8 \
-    "$py" profile_linear.py ${PROFILE_ARGS:-}) \
+    -k regex:weight_only --launch-count 12 \
+    "$py" profile_linear.py ${PROFILE_ARGS:---enable $decode_ab}) \
     >"$out/profile.log" 2>&1
   rc=$?; phase profile $rc "$t"; grep -E "Duration|Memory Throughput|Issue Slots Busy|Warp Cycles Per Issued" \
     "$out/profile.log" | head -24
@@ -167,7 +171,8 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
   t=$(date +%s)
   (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight \
     --section WarpStateStats --section SchedulerStats --section LaunchStats -k regex:weight_only \
-    --launch-count 8 "$py" profile_linear.py --shape "qwen2vl-7b qkv") >"$out/profile_qkv.log" 2>&1
+    --launch-count 12 "$py" profile_linear.py --shape "qwen2vl-7b qkv" --enable "$decode_ab") \
+    >"$out/profile_qkv.log" 2>&1
   rc=$?; phase profile_qkv $rc "$t"; grep -E "Duration|Memory Throughput|Issue Slots Busy" \
     "$out/profile_qkv.log" | head -12
   # the integer-activation GEMMs at prefill size: mma.sync and, where built, wgmma
