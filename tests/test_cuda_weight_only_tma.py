@@ -148,9 +148,12 @@ def test_slice_count_fills_small_layers_and_leaves_large_ones_whole():
 @sm90
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernel_awkward_shapes(bits, dtype):
+@pytest.mark.parametrize("fn, ms", [(wg.weight_only_tma, (1, 17, 64, 65, 127, 128, 129, 300)),
+                                    (wg.weight_only_tma_decode, (1, 3, 8, 16))])
+def test_kernel_awkward_shapes(bits, dtype, fn, ms):
     # odd row-block counts leave a copy-only block in the last cluster; M
-    # off the 128-token tile; K off the 128-column chunk
+    # off the token tile; K off the 128-column chunk; groups of one scale slot
+    # a chunk (128) and more; the prefill tiles and the decode path
     for n, k in AWKWARD:
         for group in (16, 32, 64, 128, None):
             for sym in (True, False):
@@ -158,10 +161,10 @@ def test_kernel_awkward_shapes(bits, dtype):
                                  device="cuda")
                 w = qw.dequantize(torch.float32)
                 bias = torch.randn(n, device="cuda")
-                for m in (1, 17, 64, 65, 127, 128, 129, 300):
+                for m in ms:
                     x = act(m, k, dtype, seed=m)
                     for b in (None, bias):
-                        y = wg.weight_only_tma(x, qw, b)
+                        y = fn(x, qw, b)
                         try:
                             assert_matches_dense(y, x, w, b)
                         except AssertionError as e:

@@ -10,15 +10,15 @@ in the workspace slot its writer used); the 16-token tile's TMA boxes read
 back through the wgmma descriptors. On an sm_90 GPU with a build holding
 9.0a code: against the dense fp64 product at awkward and real sizes and with
 few to many clusters per row block, the counters left zero, batch
-invariance, determinism, selection, torch.compile and errors (fp32 scales,
-groups of 256 and act-order: in test_cuda_weight_only_tma).
+invariance, determinism, selection, torch.compile and errors (awkward sizes,
+fp32 scales, groups of 256 and act-order: in test_cuda_weight_only_tma).
 """
 import os
 
 import pytest
 import torch
 from test_cuda_weight_only import act, assert_matches_dense, make_weight
-from test_cuda_weight_only_sm90 import AWKWARD, descriptor_read, sm90, token_step
+from test_cuda_weight_only_sm90 import descriptor_read, sm90, token_step
 from test_cuda_weight_only_tma import place_token_tile_by_tma
 
 from vlmkern.ops import cuda_weight_only_sm90 as wg
@@ -109,30 +109,6 @@ def test_decode_token_tile_is_read_back_as_the_activations(m, k, c):
     stage = place_token_tile_by_tma(x, 0, c, 16)
     for kt in range(8):
         assert torch.equal(descriptor_read(stage, kt, 16), token_step(x, 0, c, kt, 16)), kt
-
-
-@sm90
-@pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernel_awkward_shapes(bits, dtype):
-    # odd row-block counts leave a copy-only block; K off the chunk; groups of
-    # one scale slot a chunk (128) and more
-    for n, k in AWKWARD:
-        for group in (16, 32, 64, 128, None):
-            for sym in (True, False):
-                qw = make_weight(n, k, bits, group, sym, scale_dtype=dtype, seed=n * k + bits,
-                                 device="cuda")
-                w = qw.dequantize(torch.float32)
-                bias = torch.randn(n, device="cuda")
-                for m in (1, 3, 8, 16):
-                    x = act(m, k, dtype, seed=m)
-                    for b in (None, bias):
-                        y = wg.weight_only_tma_decode(x, qw, b)
-                        try:
-                            assert_matches_dense(y, x, w, b)
-                        except AssertionError as e:
-                            raise AssertionError(f"n={n} k={k} group={group} sym={sym} m={m} "
-                                                 f"bias={b is not None}: {e}") from None
 
 
 @sm90
