@@ -12,11 +12,10 @@
 //
 // - Tiles: 128 weight rows (one layout block) x 128 tokens per thread block
 //   (64 tokens for M <= 64, with 7 stages instead of 4; 16 for decode, see
-//   below), K in 128-column
-//   chunks (one layout chunk per stage). One producer warpgroup (one thread
-//   issues the copies) and two consumer warpgroups, warpgroup g holding rows
-//   64g..64g+63 as wgmma m64nNk16 A fragments (N: the token tile); N / 2
-//   fp32 sums per thread.
+//   below), K in 128-column chunks (one layout chunk per stage). One
+//   producer warpgroup (one thread issues the copies) and two consumer
+//   warpgroups, warpgroup g holding rows 64g..64g+63 as wgmma m64nNk16 A
+//   fragments (N: the token tile); N / 2 fp32 sums per thread.
 // - Copies: the token tile by TMA (two 64-column boxes per chunk, 128-byte
 //   swizzle: the K-major layout the B descriptor names; zero fill past M and
 //   K from the copy engine), a unit's codes and scales by one bulk copy each
