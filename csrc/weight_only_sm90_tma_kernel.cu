@@ -77,36 +77,6 @@
 #include "weight_only_common.cuh"
 #include "weight_only_wgmma.cuh"
 
-// Outside the anonymous namespace: builds for other targets leave them unused.
-namespace vlmkern_wo {
-
-// (a & mask) | c in one LOP3. Written as C, a mask and a magic number that
-// are both constants take two instructions (LOP3 holds one immediate).
-__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t c) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(mask), "r"(c));
-  return d;
-}
-
-// magic_codes (weight_only_common.cuh) with each mask-and-or one LOP3.
-template <int BITS>
-__device__ __forceinline__ uint32_t magic_codes_lop3(const uint32_t (&w)[2 * BITS], int kt, int r,
-                                                     uint32_t magic2) {
-  if constexpr (BITS == 4) {
-    return and_or(w[kt] >> (4 * r), 0x000F000Fu, magic2);
-  } else if constexpr (BITS == 2) {
-    return and_or(w[kt / 2] >> (2 * (4 * (kt % 2) + r)), 0x00030003u, magic2);
-  } else {
-    const int p = 4 * (kt % 2) + r;
-    const int ph = 4 * (kt % 4) + r;
-    const uint32_t hi = w[4 + kt / 4];
-    const uint32_t hi_at_bit2 = ph >= 2 ? (hi >> (ph - 2)) : (hi << (2 - ph));
-    return and_or(hi_at_bit2, 0x00040004u, and_or(w[kt / 2] >> (2 * p), 0x00030003u, magic2));
-  }
-}
-
-}  // namespace vlmkern_wo
-
 namespace {
 
 using namespace vlmkern_wo;

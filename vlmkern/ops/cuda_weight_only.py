@@ -471,10 +471,14 @@ def weight_only_mma(x: torch.Tensor, qweight: QuantizedWeight,
         return x.new_empty(0, qweight.out_features)
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {sorted(DECODES)}, got {decode!r}")
-    max_m = {"post_scale": post_scale_max_m(qweight), "post_scale_acq_rel": POST_SCALE_MAX_M}.get(
-        decode, MAX_M)
-    if decode == "post_scale_acq_rel" and _acq_rel_reason(qweight):
-        raise ValueError(f"cuda.weight_only_mma with decode={decode!r}: {_acq_rel_reason(qweight)}")
+    max_m = MAX_M
+    if decode == "post_scale":
+        max_m = post_scale_max_m(qweight)
+    elif decode == "post_scale_acq_rel":
+        max_m = POST_SCALE_MAX_M
+        why = _acq_rel_reason(qweight)
+        if why:
+            raise ValueError(f"cuda.weight_only_mma with decode={decode!r}: {why}")
     if m > max_m:
         raise ValueError(f"cuda.weight_only_mma with decode={decode!r} takes M <= {max_m}, got {m}")
     return _launch(x, qweight, bias, DECODES[decode])
