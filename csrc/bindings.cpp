@@ -131,11 +131,36 @@ TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) { m.impl("dequant_groupwise", &dequant_grou
 
 TORCH_LIBRARY_IMPL(vlmkern, Meta, m) { m.impl("dequant_groupwise", &dequant_groupwise_meta); }
 
-// An importable module with no Python functions: importing vlmkern._C loads
-// the library, whose static initializers above register the ops.
+namespace {
+
+// capture_id(stream: int) -> int: the id of the CUDA-graph capture running on
+// the stream whose cudaStream_t is `stream` (torch.cuda.Stream.cuda_stream),
+// 0 when it is not capturing. Plain Python function, not an op: it takes no
+// tensor and is never traced.
+PyObject* capture_id(PyObject* /*module*/, PyObject* arg) {
+  void* stream = PyLong_AsVoidPtr(arg);
+  if (stream == nullptr && PyErr_Occurred()) return nullptr;
+  unsigned long long id = 0;
+  const int status = vlmkern_stream_capture_id(stream, &id);
+  if (status != VLMKERN_OK) {
+    PyErr_Format(PyExc_RuntimeError, "vlmkern._C.capture_id: %s", vlmkern_status_message(status));
+    return nullptr;
+  }
+  return PyLong_FromUnsignedLongLong(id);
+}
+
+PyMethodDef module_methods[] = {
+    {"capture_id", capture_id, METH_O,
+     "capture_id(stream: int) -> int: the CUDA-graph capture id of a stream, 0 if not capturing"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// Importing vlmkern._C loads the library, whose static initializers above
+// register the ops; the module itself holds only capture_id.
 // (PyMODINIT_FUNC already gives the symbol C linkage.)
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }

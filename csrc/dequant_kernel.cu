@@ -491,6 +491,21 @@ extern "C" const char* vlmkern_status_message(int status) {
   }
 }
 
+extern "C" int vlmkern_stream_capture_id(void* stream, unsigned long long* id) {
+  if (id == nullptr) return VLMKERN_ERR_NULL_POINTER;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long capture = 0;
+  const cudaError_t err =
+      cudaStreamGetCaptureInfo(static_cast<cudaStream_t>(stream), &status, &capture);
+  if (err != cudaSuccess) {
+    last_launch_error = err;
+    cudaGetLastError();  // not left for the next launcher's check to find
+    return VLMKERN_ERR_LAUNCH;
+  }
+  *id = status == cudaStreamCaptureStatusActive ? capture : 0;
+  return VLMKERN_OK;
+}
+
 namespace {
 
 Dims make_dims(int64_t N, int64_t K, int bits, int64_t group_size) {

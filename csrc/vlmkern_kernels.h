@@ -31,6 +31,11 @@ enum vlmkern_status {
 // the CUDA error recorded by the last failed launch on the calling thread.
 const char* vlmkern_status_message(int status);
 
+// The id of the CUDA-graph capture running on `stream` (a cudaStream_t passed
+// as void*), written to *id; 0 when the stream is not capturing. The id is
+// unique to one capture sequence within the process.
+int vlmkern_stream_capture_id(void* stream, unsigned long long* id);
+
 // Dequantize the canonical group-wise packed format to a dense [N, K] matrix.
 //
 //   qweight  int32 [N, ceil(K*bits/32)]; row n is a little-endian bit stream,

@@ -5,7 +5,9 @@ kernels from Python costs more than running them. A quantized layer
 captured in a graph and replayed with new inputs must give exactly what
 eager calls give: no host synchronization, no allocation that outlives the
 capture, no state (layouts, stream-K counters, split-K scratch) that a replay
-would find stale. GPU only.
+would find stale or share with eager work or another graph. GPU only, except
+the choice of counters buffer, checked on any machine with the CUDA calls
+replaced.
 """
 import pytest
 import torch
@@ -14,6 +16,7 @@ from torch import nn
 
 import vlmkern
 from vlmkern import BinaryConfig, IntActConfig, QuantConfig
+from vlmkern.ops import cuda_weight_only as cw
 
 K, N = 1024, 768
 
@@ -98,3 +101,102 @@ def test_two_layers_captured_in_one_graph_share_nothing_stale():
     inputs = [torch.randn(1, K, device="cuda", dtype=torch.float16) for _ in range(3)]
     for replayed, x in zip(_replayed(model, inputs), inputs):
         assert torch.equal(replayed, model(x))
+
+
+class _FakeCuda:
+    """The CUDA calls of cw._counters, with a stream and a capture id to set."""
+
+    def __init__(self, monkeypatch):
+        self.stream, self.capture = 1, 0
+        stream = type("Stream", (), {})
+        monkeypatch.setattr(torch.cuda, "current_stream",
+                            lambda device=None: type("S", (stream,), {"cuda_stream": self.stream}))
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: self.capture != 0)
+        module = type("C", (), {"capture_id": staticmethod(lambda s: self.capture)})
+        monkeypatch.setattr("vlmkern.ext.load_extension", lambda: (module, "loaded"))
+        monkeypatch.setattr(cw, "_COUNTERS", {})
+        monkeypatch.setattr(cw, "_CAPTURE_COUNTERS", {})
+
+
+def test_a_capture_never_shares_counters_with_eager_launches_or_another_capture(monkeypatch):
+    fake, cpu = _FakeCuda(monkeypatch), torch.device("cpu")
+    eager = cw._counters(cpu, 8)
+    assert cw._counters(cpu, 8) is eager and not eager.any()
+    fake.capture = 7                       # a capture on the stream eager work used
+    first = cw._counters(cpu, 8)
+    assert first is not eager and cw._counters(cpu, 100) is first   # one fill per capture
+    fake.capture = 9                       # the next graph captured on that stream
+    second = cw._counters(cpu, 8)
+    assert second is not first and second is not eager
+    grown = cw._counters(cpu, 5000)        # a larger layer later in the same capture
+    assert grown.numel() >= 5000 and grown is not second and cw._counters(cpu, 8) is grown
+    fake.capture = 0
+    assert cw._counters(cpu, 8) is eager   # eager launches keep theirs
+    fake.stream = 2
+    assert cw._counters(cpu, 8) is not eager  # and each stream has its own
+
+
+def test_capture_without_the_extension_is_a_clear_error(monkeypatch):
+    fake = _FakeCuda(monkeypatch)
+    monkeypatch.setattr("vlmkern.ext.load_extension", lambda: (None, "not built"))
+    fake.capture = 3
+    with pytest.raises(RuntimeError, match="not built"):
+        cw._counters(torch.device("cpu"), 8)
+
+
+@gpu
+def test_graphs_captured_on_one_stream_replay_concurrently_on_two():
+    # The capture stream ran eager launches first, so it has an eager counters
+    # buffer; each graph must still count in a buffer of its own, or replays
+    # running at once on two streams would count each other's parts. The
+    # layer is cut into many stream-K parts per row block (K = 18944, 2 row
+    # blocks), so shared counters would pick the wrong last part.
+    torch.manual_seed(0)
+    layer = vlmkern.QuantLinear.from_linear(nn.Linear(18944, 256), QuantConfig(4, 128)).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graphs, static_x, static_y = [], [], []
+    with torch.cuda.stream(side):
+        for seed in range(2):
+            x = torch.randn(1, 18944, device="cuda", dtype=torch.float16,
+                            generator=torch.Generator(device="cuda").manual_seed(seed))
+            layer(x)                                    # eager, on the capture stream
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):
+                static_y.append(layer(x))
+            graphs.append(graph)
+            static_x.append(x)
+    torch.cuda.current_stream().wait_stream(side)
+    expected = [layer(x) for x in static_x]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    wrong = [torch.zeros((), dtype=torch.int64, device="cuda") for _ in streams]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    for _ in range(200):
+        for i, (graph, s) in enumerate(zip(graphs, streams)):
+            with torch.cuda.stream(s):               # each replay checked on its own stream
+                graph.replay()
+                wrong[i] += (static_y[i] != expected[i]).sum()
+    for s in streams:
+        torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    assert [int(w) for w in wrong] == [0, 0]
+    assert not cw._counters(torch.device("cuda"), 2)[:2].any()
+
+
+@gpu
+def test_capture_id_names_each_capture():
+    from vlmkern.ext import load_extension
+    module, _ = load_extension()
+    side = torch.cuda.Stream()
+    assert module.capture_id(side.cuda_stream) == 0
+    ids = []
+    for _ in range(2):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            ids.append(module.capture_id(side.cuda_stream))
+            torch.zeros(1, device="cuda")              # a capture needs a node
+    assert 0 not in ids and ids[0] != ids[1]
+    assert module.capture_id(side.cuda_stream) == 0
+    with pytest.raises(TypeError):
+        module.capture_id("stream")

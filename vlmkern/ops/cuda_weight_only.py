@@ -414,6 +414,7 @@ def stream_k_parts(units: int, ctas: int, chunks: int) -> list[list[tuple[int, i
 # -- the cached layout, per weight, device and activation dtype ------------------------
 _LAYOUTS = LayoutCache()
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+_CAPTURE_COUNTERS: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
 
 
 def kernel_weight(qweight: QuantizedWeight, dtype: torch.dtype) -> MmaWeight:
@@ -422,19 +423,36 @@ def kernel_weight(qweight: QuantizedWeight, dtype: torch.dtype) -> MmaWeight:
 
 
 def _counters(device: torch.device, blocks: int) -> torch.Tensor:
-    """Zeroed int32 counters for the kernel's last-part detection, one buffer
-    per (device, stream): the kernel leaves them zero, and launches on one
-    stream never overlap. A buffer is cached only when made outside CUDA-graph
-    capture: one made under capture is zeroed by a captured fill at every
-    replay, so it would hold zeros only once a replay had run."""
+    """Zeroed int32 counters for the kernels' last-part detection. The kernels
+    leave them zero, and launches ordered on one stream never overlap, so
+    eager launches share one buffer per (device, stream). A CUDA graph gets a
+    buffer of its own, made on the capture's first launch by a captured fill
+    (so every replay zeroes it before its first kernel) and shared by that
+    capture's later launches: a graph never shares counters with eager work
+    or with another graph, so it may replay on any stream."""
     stream = torch.cuda.current_stream(device).cuda_stream
     key = (device.index, stream)
+    if torch.cuda.is_current_stream_capturing():
+        capture = _capture_id(stream)
+        seen = _CAPTURE_COUNTERS.get(key)
+        if seen is None or seen[0] != capture or seen[1].numel() < blocks:
+            seen = (capture, torch.zeros(max(blocks, 1024), dtype=torch.int32, device=device))
+            _CAPTURE_COUNTERS[key] = seen   # held, so the capture's pool keeps it for the graph
+        return seen[1]
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < blocks:
         buf = torch.zeros(max(blocks, 1024), dtype=torch.int32, device=device)
-        if not torch.cuda.is_current_stream_capturing():
-            _COUNTERS[key] = buf
+        _COUNTERS[key] = buf
     return buf
+
+
+def _capture_id(stream: int) -> int:
+    """The id of the CUDA-graph capture running on ``stream``."""
+    from ..ext import load_extension  # looked up per call: tests replace it
+    module, reason = load_extension()
+    if module is None:
+        raise RuntimeError(f"vlmkern CUDA kernels need the CUDA extension: {reason}")
+    return module.capture_id(stream)
 
 
 def kernel_inputs(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None):
