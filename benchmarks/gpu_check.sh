@@ -30,7 +30,7 @@
 # shape or format names there).
 # More runs profile the qkv layer at M = 1, W8A8 at M = 4096 (mma.sync and
 # wgmma GEMMs) and at M = 1 and 16 (spread and plain reads), binary at M = 1
-# and 16 (lookup-table, then the prefetching plane GEMM) and the dequantize
+# and 16 (lookup-table, then the plane GEMM) and the dequantize
 # kernel W4 prefill runs in front of cuBLAS next to the Hopper weight-only
 # kernels.
 set -uo pipefail
@@ -132,7 +132,7 @@ fi
 if [ "${DECODE_S:-240}" -gt 0 ]; then
   t=$(date +%s)
   (cd benchmarks && timeout "${DECODE_S:-240}" "$py" decode_model.py --out "$out" \
-    --enable "${DECODE_ENABLE:-cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem,cuda.dequant_layout_cublas,cuda.int_act_wgmma,cuda.binary_prefetch,cuda.binary_lut_staged,cuda.binary_dequant_cublas,cuda.int_act_staged,cuda.weight_only_post_scale_m64,cuda.weight_only_tma,cuda.int_act_tma,cuda.binary_lut_tma,cuda.weight_only_tma_decode,cuda.binary_lut_tma_decode,cuda.weight_only_post_scale_acq_rel}") \
+    --enable "${DECODE_ENABLE:-cuda.weight_only_wgmma,cuda.dequant_layout_cublas,cuda.int_act_wgmma,cuda.binary_lut_staged,cuda.binary_dequant_cublas,cuda.int_act_staged,cuda.weight_only_post_scale_m64,cuda.weight_only_tma,cuda.int_act_tma,cuda.binary_lut_tma,cuda.weight_only_tma_decode,cuda.binary_lut_tma_decode,cuda.weight_only_post_scale_acq_rel}") \
     >"$out/decode.log" 2>&1
   rc=$?; phase decode $rc "$t"; grep -E "^\|" "$out/decode.log" | tail -16
 fi
@@ -195,25 +195,24 @@ if [ "${PROFILE_S:-120}" -gt 0 ] && command -v ncu >/dev/null; then
    done) >"$out/profile_int_act_decode.log" 2>&1
   rc=$?; phase profile_int_act_decode $rc "$t"
   grep -E "^== M|quantize|gemm_kernel|Duration|Memory Throughput" "$out/profile_int_act_decode.log" | head -24
-  # the binary GEMM at decode sizes, plain, prefetching and lookup-table:
+  # the binary GEMM at decode sizes, lookup-table and plain:
   # the plane GEMM measured 0.77x of cuBLAS at M = 1 and 0.44x at M = 16
   t=$(date +%s)
   (cd benchmarks && for m in 1 16; do
      echo "== M = $m"
      timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
        --section ComputeWorkloadAnalysis -k "regex:stage_kernel|gemm_kernel|reduce_kernel|lut" \
-       --launch-count 16 "$py" profile_linear.py --format binary --m $m \
-       --enable cuda.binary_prefetch
+       --launch-count 16 "$py" profile_linear.py --format binary --m $m
    done) >"$out/profile_binary.log" 2>&1
   rc=$?; phase profile_binary $rc "$t"; grep -E "^== M|_kernel|Duration|Memory Throughput|Issue Slots" \
     "$out/profile_binary.log" | head -30
   # W4 at prefill size: the (fast) dequantize kernel in front of cuBLAS, then
-  # the Hopper weight-only kernels (A in registers, in shared memory, and the
-  # warp-specialized TMA one), which need no dequantized copy
+  # the Hopper weight-only kernels (cp.async and the warp-specialized TMA
+  # one), which need no dequantized copy
   t=$(date +%s)
   (cd benchmarks && timeout "${PROFILE_S:-120}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
     -k "regex:dequant|weight_only_wgmma|weight_only_tma" --launch-count 10 "$py" profile_linear.py --format "W4 g128" \
-    --m 4096 --reps 1 --enable cuda.weight_only_wgmma,cuda.weight_only_wgmma_smem,cuda.weight_only_tma) \
+    --m 4096 --reps 1 --enable cuda.weight_only_wgmma,cuda.weight_only_tma) \
     >"$out/profile_dequant.log" 2>&1
   rc=$?; phase profile_dequant $rc "$t"; grep -E "dequant_|wgmma|tma|Duration|Memory Throughput|Compute \(SM\)" \
     "$out/profile_dequant.log" | head -24

@@ -27,9 +27,7 @@ from pathlib import Path
 
 # opt-in kernel -> (test file, node-id pattern) pairs that exercise it
 TESTS = {
-    # the sm90 file's tests run both Hopper weight-only kernels
     "cuda.weight_only_wgmma": [("test_cuda_weight_only_sm90.py", r"")],
-    "cuda.weight_only_wgmma_smem": [("test_cuda_weight_only_sm90.py", r"")],
     "cuda.weight_only_tma": [("test_cuda_weight_only_tma.py", r"")],
     # (the one test there that a build holding the kernel skips is left out)
     "cuda.dequant_layout_cublas": [("test_cuda_weight_only_dequant.py",
@@ -37,7 +35,6 @@ TESTS = {
                                    ("test_laid_out.py", r"layout_cublas")],
     "cuda.int_act_wgmma": [("test_cuda_int_act.py", r"wgmma")],
     "cuda.int_act_tma": [("test_cuda_int_act.py", r"tma")],
-    "cuda.binary_prefetch": [("test_cuda_binary.py", r"prefetch")],
     "cuda.binary_lut_staged": [("test_cuda_binary_lut_staged.py", r""),
                                ("test_cuda_graphs.py", r"binary_lut_staged")],
     "cuda.binary_dequant_cublas": [("test_cuda_binary_dequant.py", r"^test_(gpu|binary)")],

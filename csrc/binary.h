@@ -62,16 +62,12 @@ int64_t vlmkern_binary_workspace_bytes(int64_t M, int64_t N, int64_t K, int64_t 
 //   block_size  a multiple of 32.
 //   ksplit      number of parts K is split into (>= 1); the split depends only
 //               on the caller's choice, never on M, so results are batch-invariant.
-//   prefetch    nonzero: the GEMM issues every load a chunk needs at its start
-//               (next chunk's planes, all B fragments, the block statistics)
-//               instead of next to its use; same arithmetic, same results.
-//               Needs block_size a multiple of 128.
 //   workspace   vlmkern_binary_workspace_bytes(...) bytes, 256-byte aligned.
 int vlmkern_binary_matmul(const void* x, int x_dtype, int64_t x_stride, const int32_t* salient,
                           const int32_t* sign, const int32_t* aux, int64_t plane_stride,
                           const void* stats, int stats_dtype, const void* bias, int bias_dtype,
                           void* out, int64_t M, int64_t N, int64_t K, int64_t block_size,
-                          int ksplit, int prefetch, void* workspace, void* stream);
+                          int ksplit, void* workspace, void* stream);
 
 // The dense weight out[n, k] of the format, for dequantize + one GEMM at
 // prefill sizes (binary_dequant_kernel.cu): each value computed from the

@@ -65,14 +65,11 @@ std::pair<int64_t, int64_t> check_inputs(const at::Tensor& x, const at::Tensor& 
                                          const at::Tensor& sign, const at::Tensor& aux,
                                          const at::Tensor& stats,
                                          const std::optional<at::Tensor>& bias,
-                                         int64_t in_features, int64_t block_size, int64_t ksplit,
-                                         bool prefetch) {
+                                         int64_t in_features, int64_t block_size, int64_t ksplit) {
   const int64_t K = in_features;
   TORCH_CHECK(K >= 1, kOp, "in_features must be >= 1, got ", K);
   TORCH_CHECK(block_size >= 32 && block_size % 32 == 0, kOp,
               "block_size must be a positive multiple of 32, got ", block_size);
-  TORCH_CHECK(!prefetch || block_size % 128 == 0, kOp,
-              "block_size must be a multiple of 128 with prefetch, got ", block_size);
   TORCH_CHECK(ksplit >= 1 && ksplit <= 65535, kOp, "ksplit must be in 1..65535, got ", ksplit);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, kOp, "x must have shape [M, ", K, "], got ",
               dims(x.sizes()));
@@ -114,10 +111,9 @@ std::pair<int64_t, int64_t> check_inputs(const at::Tensor& x, const at::Tensor& 
 at::Tensor binary_cuda(const at::Tensor& x, const at::Tensor& salient, const at::Tensor& sign,
                        const at::Tensor& aux, const at::Tensor& stats,
                        const std::optional<at::Tensor>& bias, int64_t in_features,
-                       int64_t block_size, int64_t ksplit, bool prefetch) {
+                       int64_t block_size, int64_t ksplit) {
   TORCH_CHECK(sign.is_cuda(), kOp, "sign must be a CUDA tensor, got ", sign.device());
-  auto [M, N] = check_inputs(x, salient, sign, aux, stats, bias, in_features, block_size, ksplit,
-                             prefetch);
+  auto [M, N] = check_inputs(x, salient, sign, aux, stats, bias, in_features, block_size, ksplit);
   c10::DeviceGuard guard(sign.device());
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
@@ -137,7 +133,7 @@ at::Tensor binary_cuda(const at::Tensor& x, const at::Tensor& salient, const at:
       stats.data_ptr(), dtype_code(stats.scalar_type()),
       bias.has_value() ? bias->data_ptr() : nullptr,
       bias.has_value() ? dtype_code(bias->scalar_type()) : 0, out.data_ptr(), M, N, in_features,
-      block_size, static_cast<int>(ksplit), prefetch ? 1 : 0, workspace.data_ptr(), stream);
+      block_size, static_cast<int>(ksplit), workspace.data_ptr(), stream);
   TORCH_CHECK(status == VLMKERN_BINARY_OK, kOp, vlmkern_binary_status_message(status));
   return out;
 }
@@ -145,9 +141,8 @@ at::Tensor binary_cuda(const at::Tensor& x, const at::Tensor& salient, const at:
 at::Tensor binary_meta(const at::Tensor& x, const at::Tensor& salient, const at::Tensor& sign,
                        const at::Tensor& aux, const at::Tensor& stats,
                        const std::optional<at::Tensor>& bias, int64_t in_features,
-                       int64_t block_size, int64_t ksplit, bool prefetch) {
-  auto [M, N] = check_inputs(x, salient, sign, aux, stats, bias, in_features, block_size, ksplit,
-                             prefetch);
+                       int64_t block_size, int64_t ksplit) {
+  auto [M, N] = check_inputs(x, salient, sign, aux, stats, bias, in_features, block_size, ksplit);
   return at::empty({M, N}, x.options());
 }
 
@@ -472,7 +467,7 @@ at::Tensor binary_dequant_meta(const at::Tensor& sign, const at::Tensor& aux,
 TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
   m.def(
       "binary_matmul(Tensor x, Tensor salient, Tensor sign, Tensor aux, Tensor stats, "
-      "Tensor? bias, int in_features, int block_size, int ksplit, bool prefetch=False) -> Tensor");
+      "Tensor? bias, int in_features, int block_size, int ksplit) -> Tensor");
   m.def(
       "binary_lut_mma(Tensor x, Tensor codes, Tensor tables, Tensor merge, Tensor? bias, "
       "int out_features, int ksplit) -> Tensor");

@@ -186,15 +186,6 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
   }
 }
 
-// A read-only 8-byte load the compiler keeps where it is written: the
-// prefetching GEMM issues a chunk's B fragments before its first MMA, and a
-// plain load would be sunk back next to its use.
-__device__ __forceinline__ uint2 load_early(const uint2* p) {
-  uint2 v;
-  asm volatile("ld.global.nc.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
-  return v;
-}
-
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int w) {
   return w == 0 ? v.x : (w == 1 ? v.y : (w == 2 ? v.z : v.w));
 }
@@ -218,35 +209,7 @@ __device__ __forceinline__ Coeffs row_coeffs(const void* stats, int dtype, int64
   return c;
 }
 
-// What the end of statistics block `blk` needs: the coefficients of this
-// lane's two rows and the block sums of x' and x'' of its tokens.
-template <int TG>
-struct BlockStats {
-  Coeffs row[2];
-  float plain[TG], sal[TG];
-};
-
-template <int TG>
-__device__ __forceinline__ void load_block_stats(BlockStats<TG>& bs, const void* stats, int dtype,
-                                                 const float* xsum, const Dims& d, int64_t row_a,
-                                                 int64_t row_b, int64_t blk, int64_t group0,
-                                                 int tig) {
-  bs.row[0] = row_coeffs(stats, dtype, (min(row_a, d.N - 1) * d.nblk + blk) * 8);
-  bs.row[1] = row_coeffs(stats, dtype, (min(row_b, d.N - 1) * d.nblk + blk) * 8);
-#pragma unroll
-  for (int t = 0; t < TG; ++t) {
-    const int64_t token = 4 * (group0 + t) + tig;
-    bs.plain[t] = token < d.M ? xsum[(token * d.nblk + blk) * 2] : 0.f;
-    bs.sal[t] = token < d.M ? xsum[(token * d.nblk + blk) * 2 + 1] : 0.f;
-  }
-}
-
-// PREFETCH (statistics blocks of whole chunks, block_size a multiple of 128):
-// the same arithmetic with the loads issued ahead of their use: the next
-// chunk's plane words, this chunk's B fragments for all 8 k16 steps and the
-// statistics of a block that ends in this chunk, all at the chunk's start,
-// and no block-end test inside a chunk, so its 8 steps are one basic block.
-template <typename T, int TG, bool PREFETCH>
+template <typename T, int TG>
 __global__ void __launch_bounds__(kWarps * 32, 1)
 gemm_kernel(const uint2* __restrict__ xb, const float* __restrict__ xsum,
             const uint32_t* __restrict__ sign, const uint32_t* __restrict__ aux,
@@ -283,32 +246,8 @@ gemm_kernel(const uint2* __restrict__ xb, const float* __restrict__ xsum,
   int64_t step_left = steps_per_block;
   int64_t blk = chunk_lo * (kChunk / 16) / steps_per_block;
   const int64_t last_step = chunk_hi * (kChunk / 16) - 1;
-  uint4 next[4];
-  if (PREFETCH && chunk_lo < chunk_hi) {
-    next[0] = sign_a[chunk_lo]; next[1] = sign_b[chunk_lo];
-    next[2] = aux_a[chunk_lo]; next[3] = aux_b[chunk_lo];
-  }
   for (int64_t chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
-    uint4 sa, sb, xa, xbw;
-    uint2 bfrag[PREFETCH ? kChunk / 16 : 1][TG];
-    BlockStats<TG> pre;
-    if constexpr (PREFETCH) {
-      sa = next[0]; sb = next[1]; xa = next[2]; xbw = next[3];
-      if (chunk + 1 < chunk_hi) {
-        next[0] = sign_a[chunk + 1]; next[1] = sign_b[chunk + 1];
-        next[2] = aux_a[chunk + 1]; next[3] = aux_b[chunk + 1];
-      }
-#pragma unroll
-      for (int k = 0; k < kChunk / 16; ++k)
-#pragma unroll
-        for (int t = 0; t < TG; ++t)
-          bfrag[k][t] = load_early(xb + ((group0 + t) * d.steps + chunk * (kChunk / 16) + k) * 32 + lane);
-      const bool block_ends_here = step_left <= kChunk / 16 || chunk == chunk_hi - 1;
-      if (block_ends_here && blk < d.nblk)
-        load_block_stats(pre, stats, stats_dtype, xsum, d, row_a, row_b, blk, group0, tig);
-    } else {
-      sa = sign_a[chunk]; sb = sign_b[chunk]; xa = aux_a[chunk]; xbw = aux_b[chunk];
-    }
+    const uint4 sa = sign_a[chunk], sb = sign_b[chunk], xa = aux_a[chunk], xbw = aux_b[chunk];
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       const uint32_t s_a = word_of(sa, w), s_b = word_of(sb, w);
@@ -329,34 +268,21 @@ gemm_kernel(const uint2* __restrict__ xb, const float* __restrict__ xsum,
                                 pm1_pair<T>(ix_a, c1), pm1_pair<T>(ix_b, c1)};
 #pragma unroll
         for (int t = 0; t < TG; ++t) {
-          const uint2 b = PREFETCH ? bfrag[PREFETCH ? 2 * w + j : 0][t]
-                                   : xb[((group0 + t) * d.steps + step) * 32 + lane];
+          const uint2 b = xb[((group0 + t) * d.steps + step) * 32 + lane];
           mma16816<T>(acc_s[t], fs, b);
           mma16816<T>(acc_a[t], fa, b);
           mma16816<T>(acc_x[t], fx, b);
         }
-        // With PREFETCH, blocks are whole chunks: only a chunk's last step can end one.
-        bool block_end;
-        if constexpr (PREFETCH)
-          block_end = 2 * w + j == kChunk / 16 - 1 &&
-                      ((step_left -= kChunk / 16) == 0 || step == last_step);
-        else
-          block_end = --step_left == 0 || step == last_step;
-        if (block_end) {
+        if (--step_left == 0 || step == last_step) {
           // c0/c1: row g with x' / x'' of token tig; c2/c3: row g + 8.
           if (blk < d.nblk) {
-            const Coeffs ca = PREFETCH ? pre.row[0]
-                : row_coeffs(stats, stats_dtype, (min(row_a, d.N - 1) * d.nblk + blk) * 8);
-            const Coeffs cb = PREFETCH ? pre.row[1]
-                : row_coeffs(stats, stats_dtype, (min(row_b, d.N - 1) * d.nblk + blk) * 8);
+            const Coeffs ca = row_coeffs(stats, stats_dtype, (min(row_a, d.N - 1) * d.nblk + blk) * 8);
+            const Coeffs cb = row_coeffs(stats, stats_dtype, (min(row_b, d.N - 1) * d.nblk + blk) * 8);
 #pragma unroll
             for (int t = 0; t < TG; ++t) {
               const int64_t token = 4 * (group0 + t) + tig;
               float sum_plain = 0.f, sum_sal = 0.f;
-              if (PREFETCH) {
-                sum_plain = pre.plain[t];
-                sum_sal = pre.sal[t];
-              } else if (token < d.M) {
+              if (token < d.M) {
                 sum_plain = xsum[(token * d.nblk + blk) * 2];
                 sum_sal = xsum[(token * d.nblk + blk) * 2 + 1];
               }
@@ -437,8 +363,7 @@ int launch_status() {
 template <typename T>
 int launch_all(const void* x, const uint32_t* salient, const uint32_t* sign, const uint32_t* aux,
                const void* stats, int stats_dtype, const void* bias, int bias_dtype, void* out,
-               const Dims& d, uint8_t* ws, const Workspace& layout, bool prefetch,
-               cudaStream_t stream) {
+               const Dims& d, uint8_t* ws, const Workspace& layout, cudaStream_t stream) {
   const Tokens tok = token_split(d.M);
   uint2* xb = reinterpret_cast<uint2*>(ws + layout.xb_offset);
   float* xsum = reinterpret_cast<float*>(ws + layout.xsum_offset);
@@ -454,12 +379,7 @@ int launch_all(const void* x, const uint32_t* salient, const uint32_t* sign, con
   const dim3 grid(unsigned((d.N + kRowsPerCta - 1) / kRowsPerCta), unsigned(d.ksplit),
                   unsigned(tok.groups_pad / tok.tg));
   T* o = static_cast<T*>(out);
-  auto kernel = prefetch ? (tok.tg == 1   ? gemm_kernel<T, 1, true>
-                           : tok.tg == 2 ? gemm_kernel<T, 2, true>
-                                         : gemm_kernel<T, 4, true>)
-                         : (tok.tg == 1   ? gemm_kernel<T, 1, false>
-                           : tok.tg == 2 ? gemm_kernel<T, 2, false>
-                                         : gemm_kernel<T, 4, false>);
+  auto kernel = tok.tg == 1 ? gemm_kernel<T, 1> : tok.tg == 2 ? gemm_kernel<T, 2> : gemm_kernel<T, 4>;
   kernel<<<grid, kWarps * 32, 0, stream>>>(xb, xsum, sign, aux, stats, stats_dtype, bias,
                                            bias_dtype, o, partial, d);
   status = launch_status();
@@ -481,9 +401,9 @@ extern "C" const char* vlmkern_binary_status_message(int status) {
     case VLMKERN_BINARY_OK: return "success";
     case VLMKERN_BINARY_ERR_NULL_POINTER: return "a required pointer is null";
     case VLMKERN_BINARY_ERR_BAD_SIZE:
-      return "inconsistent sizes: need M, N >= 0, K >= 1, block_size a multiple of 32 (of 128 "
-             "with prefetch), 1 <= ksplit <= 65535, plane rows of >= ceil(K/32) words (a "
-             "multiple of 4) and 16-byte aligned planes, statistics and workspace";
+      return "inconsistent sizes: need M, N >= 0, K >= 1, block_size a multiple of 32, "
+             "1 <= ksplit <= 65535, plane rows of >= ceil(K/32) words (a multiple of 4) and "
+             "16-byte aligned planes, statistics and workspace";
     case VLMKERN_BINARY_ERR_BAD_DTYPE:
       return "x must be f16 or bf16; statistics and bias f16, bf16 or f32";
     case VLMKERN_BINARY_ERR_LAUNCH:
@@ -505,14 +425,13 @@ extern "C" int vlmkern_binary_matmul(const void* x, int x_dtype, int64_t x_strid
                                      const int32_t* aux, int64_t plane_stride, const void* stats,
                                      int stats_dtype, const void* bias, int bias_dtype, void* out,
                                      int64_t M, int64_t N, int64_t K, int64_t block_size,
-                                     int ksplit, int prefetch, void* workspace, void* stream) {
+                                     int ksplit, void* workspace, void* stream) {
   if (x_dtype != VLMKERN_BINARY_F16 && x_dtype != VLMKERN_BINARY_BF16)
     return VLMKERN_BINARY_ERR_BAD_DTYPE;
   if (stats_dtype < VLMKERN_BINARY_F16 || stats_dtype > VLMKERN_BINARY_F32)
     return VLMKERN_BINARY_ERR_BAD_DTYPE;
   if (bias && (bias_dtype < VLMKERN_BINARY_F16 || bias_dtype > VLMKERN_BINARY_F32))
     return VLMKERN_BINARY_ERR_BAD_DTYPE;
-  if (prefetch && block_size % kChunk != 0) return VLMKERN_BINARY_ERR_BAD_SIZE;
   if (M < 0 || N < 0 || K < 1 || block_size < 32 || block_size % 32 != 0 || ksplit < 1 ||
       ksplit > 65535 || plane_stride % 4 != 0 || plane_stride * 32 < K || (M > 1 && x_stride < K))
     return VLMKERN_BINARY_ERR_BAD_SIZE;
@@ -543,6 +462,5 @@ extern "C" int vlmkern_binary_matmul(const void* x, int x_dtype, int64_t x_strid
   uint8_t* ws = static_cast<uint8_t*>(workspace);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   auto launch = x_dtype == VLMKERN_BINARY_F16 ? launch_all<__half> : launch_all<__nv_bfloat16>;
-  return launch(x, sal, sg, ax, stats, stats_dtype, bias, bias_dtype, out, d, ws, layout,
-                prefetch != 0, s);
+  return launch(x, sal, sg, ax, stats, stats_dtype, bias, bias_dtype, out, d, ws, layout, s);
 }

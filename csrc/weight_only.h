@@ -140,22 +140,17 @@ int vlmkern_int_act_staged_mma(const int8_t* q, int64_t M, int64_t K_q, const in
 // decode), any M >= 1, NB <= 65535. One thread block per 128 weight rows and
 // 64 tokens (M <= 64) or 128, per K slice; a token's result depends only on
 // that tile width, its place in its tile and the number of slices.
-//   smem_a    0: the decoded weights are the MMA's register operand and each
-//             128-column chunk is decoded after the previous chunk's MMAs;
-//             1: they go through a double-buffered shared-memory tile, so a
-//             chunk is decoded while the previous chunk's MMAs run.
 //   splits    1..C K slices (split-K, for grids too small to fill the GPU);
 //             with splits > 1, partial holds splits*M*N fp32 (scratch) and a
 //             second kernel sums the slices in order.
 int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
                               const int32_t* sz, int64_t NB, int64_t C, int slot_log2, int bits,
                               const void* bias, int bias_dtype, void* out, int64_t N,
-                              int act_dtype, int smem_a, int splits, float* partial,
-                              void* stream);
+                              int act_dtype, int splits, float* partial, void* stream);
 
 // The warp-specialized Hopper kernel for batches and prefill
 // (csrc/weight_only_sm90_tma_kernel.cu, sm_90a builds): the arguments of
-// vlmkern_weight_only_wgmma without smem_a; the exact decode, fed to wgmma
+// vlmkern_weight_only_wgmma; the exact decode, fed to wgmma
 // from registers; token tiles (64 tokens for M <= 64, else 128) copied by
 // TMA and shared by a cluster of two thread blocks; any M >= 1; K_x * 2
 // bytes a multiple of 16; splits K slices (1..min(C, 65535)), whose partial

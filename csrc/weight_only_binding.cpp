@@ -193,8 +193,7 @@ void check_wgmma(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz
 
 at::Tensor weight_only_wgmma_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
                                   const std::optional<at::Tensor>& bias, int64_t bits,
-                                  int64_t out_features, int64_t slot_log2, bool smem_a,
-                                  int64_t splits) {
+                                  int64_t out_features, int64_t slot_log2, int64_t splits) {
   TORCH_CHECK(x.is_cuda(), kWgOp, "x must be a CUDA tensor, got ", x.device());
   check_wgmma(x, wq, sz, bias, bits, out_features, slot_log2, splits);
   return run_hopper(kWgOp, x, out_features, splits, [&](at::Tensor& out, float* partial, void* s) {
@@ -203,14 +202,13 @@ at::Tensor weight_only_wgmma_cuda(const at::Tensor& x, const at::Tensor& wq, con
         wq.size(0), wq.size(1), static_cast<int>(slot_log2), static_cast<int>(bits),
         bias.has_value() ? bias->data_ptr() : nullptr,
         bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), out_features,
-        dtype_code(x.scalar_type()), smem_a ? 1 : 0, static_cast<int>(splits), partial, s);
+        dtype_code(x.scalar_type()), static_cast<int>(splits), partial, s);
   });
 }
 
 at::Tensor weight_only_wgmma_meta(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& sz,
                                   const std::optional<at::Tensor>& bias, int64_t bits,
-                                  int64_t out_features, int64_t slot_log2, bool /*smem_a*/,
-                                  int64_t splits) {
+                                  int64_t out_features, int64_t slot_log2, int64_t splits) {
   check_wgmma(x, wq, sz, bias, bits, out_features, slot_log2, splits);
   return at::empty({x.size(0), out_features}, x.options());
 }
@@ -353,7 +351,7 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
       "int bits, int out_features, int slot_log2, int num_ctas, int decode=0) -> Tensor");
   m.def(
       "weight_only_wgmma(Tensor x, Tensor wq, Tensor sz, Tensor? bias, int bits, "
-      "int out_features, int slot_log2, bool smem_a=False, int splits=1) -> Tensor");
+      "int out_features, int slot_log2, int splits=1) -> Tensor");
   m.def(
       "weight_only_tma(Tensor x, Tensor wq, Tensor sz, Tensor? bias, int bits, "
       "int out_features, int slot_log2, int splits=1) -> Tensor");

@@ -19,16 +19,13 @@
 // the descriptor names, each k16 step the same descriptor advanced by 32
 // bytes), then the block's codes and scales.
 //
-// Two variants hand the decoded weights to the MMA:
-// - registers (SMEM_A = false): the fragments are the MMA's A operand. A
-//   4-stage cp.async pipeline runs three chunks ahead; a warpgroup decodes a
-//   chunk only when its previous MMAs are done, since fragments written while
-//   MMAs are in flight make ptxas serialize every MMA, so decoding and MMAs
-//   overlap only across the two warpgroups, as far as the barrier allows.
-// - shared memory (SMEM_A = true): the fragments are stored into one of two
-//   swizzled A tiles (the same K-major layout as the token tile) that the MMA
-//   reads by descriptor, so chunk c + 1 is decoded while chunk c's MMAs run;
-//   3 stages, copies two chunks ahead of the decoding.
+// The decoded fragments are the MMA's A operand, in registers. A 4-stage
+// cp.async pipeline runs three chunks ahead; a warpgroup decodes a chunk only
+// when its previous MMAs are done, since fragments written while MMAs are in
+// flight make ptxas serialize every MMA, so decoding and MMAs overlap only
+// across the two warpgroups, as far as the barrier allows. (Decoding into a
+// shared-memory A tile instead, so that a chunk is decoded while the last
+// one's MMAs run, measured slower on an H100 at M = 64 and 4096.)
 // The epilogue goes through shared memory so the stores are coalesced.
 //
 // The grid is (token tiles, row blocks, K slices): consecutive thread blocks
@@ -83,23 +80,18 @@ struct WgParams {
 };
 
 // Shared memory of one thread block: kStages stages (token tile, codes,
-// scales) and, with SMEM_A, two decoded weight tiles (the wgmma A operand:
-// 128 rows x 128 columns of 16-bit values, two 64-column halves of 128-byte
-// swizzled rows) after them.
-template <int BITS, int TOKENS, bool SMEM_A>
+// scales).
+template <int BITS, int TOKENS>
 struct Sm90Stage {
-  static constexpr int kStages = SMEM_A ? 3 : 4;
+  static constexpr int kStages = 4;
   static constexpr int kXBytes = TokenTile<TOKENS>::kXBytes;
   static constexpr int kWeightBytes = 8 * 256 * BITS;
-  static constexpr int kAHalfBytes = kBlockRows * 128;
-  static constexpr int kABytes = 2 * kAHalfBytes;
   // Stages start 1024-byte aligned, as the swizzle pattern requires.
   __host__ __device__ static constexpr int bytes(int slots) {
     return (kXBytes + kWeightBytes + 8 * slots * 64 + 1023) / 1024 * 1024;
   }
-  __host__ __device__ static constexpr int a_offset(int slots) { return kStages * bytes(slots); }
   __host__ __device__ static constexpr int smem(int slots) {
-    return a_offset(slots) + (SMEM_A ? 2 * kABytes : 0) + 1024;  // + slack to align
+    return kStages * bytes(slots) + 1024;  // + slack to align
   }
   static_assert(TOKENS * kPitch * 4 <= kStages * kXBytes, "the epilogue tile fits the stages");
 };
@@ -194,41 +186,18 @@ __device__ __forceinline__ void decode_chunk(const WgParams& p, const unsigned c
       a[kt][r] = exact_operand<BITS, T>(w, kt, r, (r & 1) ? s_hi : s_lo, (r & 1) ? z_hi : z_lo);
   }
 }
-// The same fragments written to the shared A tile at `a_tile` (shared address)
-// in the K-major 128-byte-swizzled layout a wgmma descriptor reads: register
-// r of step kt holds rows 16 * warp + g + 8 * (r % 2), columns 16 * kt + 2t +
-// 8 * (r / 2) and +1, a 4-byte piece of 16-byte chunk 2 * (kt % 4) + r / 2 of
-// its row in half kt / 4. Within a row, chunk c sits at c ^ (row % 8), and
-// row % 8 is g; the 32 lanes hit 32 different banks.
-template <int BITS, class T, int TOKENS>
-__device__ __forceinline__ void decode_chunk_to_smem(const WgParams& p, const unsigned char* stage,
-                                                     uint32_t a_tile) {
-  uint32_t a[8][4];
-  decode_chunk<BITS, T, TOKENS>(p, stage, a);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const uint32_t row_base = a_tile + (16 * warp + g) * 128 + 4 * t;
-#pragma unroll
-  for (int kt = 0; kt < 8; ++kt)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const uint32_t chunk = (2 * (kt & 3) + (r >> 1)) ^ g;
-      const uint32_t addr = row_base + (kt >> 2) * (kBlockRows * 128) + 8 * (r & 1) * 128 + (chunk << 4);
-      asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(a[kt][r]) : "memory");
-    }
-}
 #endif  // VLMKERN_SM90A
 
 // Accumulator layout (PTX wgmma D, as mma.sync m16n8 repeated along N): sum
 // 4j + e of a thread holds weight row 16 * (warp in warpgroup) + lane / 4 +
 // 8 * (e / 2) of its warpgroup's 64 and token 8j + 2 * (lane % 4) + e % 2.
 // TOKENS = 64 leaves room for two thread blocks per SM (registers and
-// shared memory), 128 for one. SMEM_A: the decoded weights go through shared
-// memory (see the loop); else they are the MMA's register operand.
-template <int BITS, class T, int TOKENS, bool SMEM_A>
-__global__ void __launch_bounds__(kThreads, TOKENS == 64 && !SMEM_A ? 2 : 1)
+// shared memory), 128 for one.
+template <int BITS, class T, int TOKENS>
+__global__ void __launch_bounds__(kThreads, TOKENS == 64 ? 2 : 1)
 weight_only_wgmma_kernel(WgParams p) {
 #if VLMKERN_SM90A
-  using S = Sm90Stage<BITS, TOKENS, SMEM_A>;
+  using S = Sm90Stage<BITS, TOKENS>;
   constexpr int kStages = S::kStages;
   constexpr int kHalfBytes = TokenTile<TOKENS>::kHalfBytes;
   constexpr int kSums = TOKENS / 2;  // fp32 sums per thread
@@ -247,97 +216,39 @@ weight_only_wgmma_kernel(WgParams p) {
 #pragma unroll
   for (int i = 0; i < kSums; ++i) acc[i] = 0.f;
 
-  if constexpr (!SMEM_A) {
-    // Each chunk's MMAs finish before the next chunk is decoded: fragments
-    // written while an MMA is in flight make ptxas serialize every MMA.
+  // Each chunk's MMAs finish before the next chunk is decoded: fragments
+  // written while an MMA is in flight make ptxas serialize every MMA.
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < n_chunks) {
-        stream.load(base + s * stage_bytes);
-        stream.advance();
-      }
-      cp_async_commit();  // empty groups keep the group count uniform
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_chunks) {
+      stream.load(base + s * stage_bytes);
+      stream.advance();
     }
-    for (int c = 0; c < n_chunks; ++c) {
-      cp_async_wait<kStages - 2>();  // chunk c has landed (this thread's copies)
-      fence_proxy_async();
-      __syncthreads();  // ... everyone's; and chunk c - 1's MMAs are done, its stage is free
-      if (c + kStages - 1 < n_chunks) {
-        stream.load(base + ((c + kStages - 1) % kStages) * stage_bytes);
-        stream.advance();
-      }
-      cp_async_commit();
-
-      const int stage = c % kStages;
-      uint32_t a[8][4];
-      decode_chunk<BITS, T, TOKENS>(p, smem + stage * stage_bytes, a);
-      const uint32_t xs = base + stage * stage_bytes;
-      fence_operands(acc);
-      wgmma_fence();
-#pragma unroll
-      for (int kt = 0; kt < 8; ++kt)
-        wgmma_k16(acc, a[kt], smem_desc(xs + (kt >> 2) * kHalfBytes + 32 * (kt & 3)), T{});
-      wgmma_commit();
-      wgmma_wait<0>();  // the fragments and the stage are in use until then
-      fence_operands(acc);
-      fence_operands(a);
-    }
-  } else {
-    // Chunk c + 1 is decoded into the other A tile while chunk c's MMAs run;
-    // copies run two chunks ahead of the decoding, three of the MMAs' stage.
-    const uint32_t a_base = base + S::a_offset(p.slots);
-    const int wg = threadIdx.x >> 7;
-    auto issue = [&](int c) {  // chunk c's MMAs on A tile c % 2 and stage c % kStages
-      const uint32_t xs = base + (c % kStages) * stage_bytes;
-      const uint32_t as = a_base + (c & 1) * S::kABytes + 64 * wg * 128;
-      fence_operands(acc);
-      wgmma_fence();
-#pragma unroll
-      for (int kt = 0; kt < 8; ++kt)
-        wgmma_k16_ss(acc, smem_desc(as + (kt >> 2) * S::kAHalfBytes + 32 * (kt & 3)),
-                     smem_desc(xs + (kt >> 2) * kHalfBytes + 32 * (kt & 3)), T{});
-      wgmma_commit();  // the sums are not touched again before the wait for these MMAs
-    };
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {  // chunks 0 and 1
-      if (s < n_chunks) {
-        stream.load(base + s * stage_bytes);
-        stream.advance();
-      }
-      cp_async_commit();
-    }
-    cp_async_wait<kStages - 2>();  // chunk 0 has landed
-    __syncthreads();
-    decode_chunk_to_smem<BITS, T, TOKENS>(p, smem, a_base);
-    fence_proxy_async();  // the A tile is read by wgmma, through the async proxy
-    __syncthreads();
-    if (kStages - 1 < n_chunks) {  // chunk 2, into the last stage
-      stream.load(base + (kStages - 1) * stage_bytes);
+    cp_async_commit();  // empty groups keep the group count uniform
+  }
+  for (int c = 0; c < n_chunks; ++c) {
+    cp_async_wait<kStages - 2>();  // chunk c has landed (this thread's copies)
+    fence_proxy_async();
+    __syncthreads();  // ... everyone's; and chunk c - 1's MMAs are done, its stage is free
+    if (c + kStages - 1 < n_chunks) {
+      stream.load(base + ((c + kStages - 1) % kStages) * stage_bytes);
       stream.advance();
     }
     cp_async_commit();
-    issue(0);
-    // The MMAs are issued on every path through the loop body: sums that
-    // merge from a path without them would be copied while MMAs still write
-    // them, which makes ptxas serialize every MMA.
-    for (int c = 0; c + 1 < n_chunks; ++c) {
-      cp_async_wait<kStages - 2>();  // chunk c + 1 has landed (this thread's copies)
-      __syncthreads();               // ... everyone's
-      decode_chunk_to_smem<BITS, T, TOKENS>(p, smem + ((c + 1) % kStages) * stage_bytes,
-                                            a_base + ((c + 1) & 1) * S::kABytes);
-      wgmma_wait<0>();      // chunk c's MMAs are done
-      fence_operands(acc);
-      fence_proxy_async();  // the new A tile, before the MMAs that read it
-      __syncthreads();      // every warp's A rows written; chunk c's stage and A tile free
-      if (c + kStages < n_chunks) {
-        stream.load(base + (c % kStages) * stage_bytes);
-        stream.advance();
-      }
-      cp_async_commit();
-      issue(c + 1);
-    }
-    wgmma_wait<0>();
+
+    const int stage = c % kStages;
+    uint32_t a[8][4];
+    decode_chunk<BITS, T, TOKENS>(p, smem + stage * stage_bytes, a);
+    const uint32_t xs = base + stage * stage_bytes;
     fence_operands(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kt = 0; kt < 8; ++kt)
+      wgmma_k16(acc, a[kt], smem_desc(xs + (kt >> 2) * kHalfBytes + 32 * (kt & 3)), T{});
+    wgmma_commit();
+    wgmma_wait<0>();  // the fragments and the stage are in use until then
+    fence_operands(acc);
+    fence_operands(a);
   }
   cp_async_wait<0>();
   __syncthreads();  // every MMA has read its tiles: shared memory is free
@@ -390,10 +301,10 @@ weight_only_wgmma_kernel(WgParams p) {
 #endif
 }
 
-template <int BITS, class T, int TOKENS, bool SMEM_A>
+template <int BITS, class T, int TOKENS>
 int launch(const WgParams& p, int64_t NB, cudaStream_t stream) {
-  auto kernel = weight_only_wgmma_kernel<BITS, T, TOKENS, SMEM_A>;
-  const int smem = Sm90Stage<BITS, TOKENS, SMEM_A>::smem(p.slots);
+  auto kernel = weight_only_wgmma_kernel<BITS, T, TOKENS>;
+  const int smem = Sm90Stage<BITS, TOKENS>::smem(p.slots);
   int device = 0, limit = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess)
@@ -411,21 +322,20 @@ int launch(const WgParams& p, int64_t NB, cudaStream_t stream) {
 }
 
 // The explicit list of instantiations: bits {2, 3, 4} x {fp16, bf16} x
-// token tiles {64 (M <= 64), 128} x A operand {registers, shared memory}.
-template <class T, int TOKENS, bool SMEM_A>
+// token tiles {64 (M <= 64), 128}.
+template <class T, int TOKENS>
 int dispatch_bits(const WgParams& p, int bits, int64_t NB, cudaStream_t s) {
   switch (bits) {
-    case 2: return launch<2, T, TOKENS, SMEM_A>(p, NB, s);
-    case 3: return launch<3, T, TOKENS, SMEM_A>(p, NB, s);
-    case 4: return launch<4, T, TOKENS, SMEM_A>(p, NB, s);
+    case 2: return launch<2, T, TOKENS>(p, NB, s);
+    case 3: return launch<3, T, TOKENS>(p, NB, s);
+    case 4: return launch<4, T, TOKENS>(p, NB, s);
     default: return VLMKERN_WO_ERR_BAD_BITS;
   }
 }
 
-template <class T, bool SMEM_A>
+template <class T>
 int dispatch_tokens(const WgParams& p, int bits, int64_t NB, cudaStream_t s) {
-  return p.M <= 64 ? dispatch_bits<T, 64, SMEM_A>(p, bits, NB, s)
-                   : dispatch_bits<T, 128, SMEM_A>(p, bits, NB, s);
+  return p.M <= 64 ? dispatch_bits<T, 64>(p, bits, NB, s) : dispatch_bits<T, 128>(p, bits, NB, s);
 }
 
 }  // namespace
@@ -433,7 +343,7 @@ int dispatch_tokens(const WgParams& p, int bits, int64_t NB, cudaStream_t s) {
 extern "C" int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, const int32_t* wq,
                                          const int32_t* sz, int64_t NB, int64_t C, int slot_log2,
                                          int bits, const void* bias, int bias_dtype, void* out,
-                                         int64_t N, int act_dtype, int smem_a, int splits,
+                                         int64_t N, int act_dtype, int splits,
                                          float* partial, void* stream) {
   const int status = check_launch_args(x, M, K_x, wq, sz, NB, C, slot_log2, bits, bias, bias_dtype,
                                        out, N, act_dtype);
@@ -462,9 +372,6 @@ extern "C" int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, 
   p.splits = splits;
   p.partial = partial;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (smem_a)
-    return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_tokens<F16, true>(p, bits, NB, s)
-                                          : dispatch_tokens<BF16, true>(p, bits, NB, s);
-  return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_tokens<F16, false>(p, bits, NB, s)
-                                        : dispatch_tokens<BF16, false>(p, bits, NB, s);
+  return act_dtype == VLMKERN_DTYPE_F16 ? dispatch_tokens<F16>(p, bits, NB, s)
+                                        : dispatch_tokens<BF16>(p, bits, NB, s);
 }

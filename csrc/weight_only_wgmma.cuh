@@ -2,8 +2,7 @@
 // weight_only_sm90_kernel.cu and weight_only_sm90_tma_kernel.cu. fp16 or bf16
 // operands (the F16 / BF16 tags of weight_only_common.cuh), fp32 sums, the
 // activations as the B operand in shared memory (a K-major 128-byte-swizzled
-// tile named by a descriptor), the weights as the A operand in registers or
-// in shared memory.
+// tile named by a descriptor), the weights as the A operand in registers.
 #pragma once
 
 #include <stdint.h>
@@ -67,33 +66,6 @@ __device__ __forceinline__ void wgmma_k16(float (&d)[64], const uint32_t (&a)[4]
                                           BF16) {
   VLMKERN_WGMMA_N128("bf16");
 }
-#define VLMKERN_WGMMA_SS_N64(type)                                                              \
-  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " {" VLMKERN_REGS32 \
-               "}, %32, %33, 1, 1, 1, 0, 0;\n"                                                  \
-               : VLMKERN_ACC8(0), VLMKERN_ACC8(8), VLMKERN_ACC8(16), VLMKERN_ACC8(24)           \
-               : "l"(desc_a), "l"(desc_b))
-#define VLMKERN_WGMMA_SS_N128(type)                                                             \
-  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " {" VLMKERN_REGS64 \
-               "}, %64, %65, 1, 1, 1, 0, 0;\n"                                                  \
-               : VLMKERN_ACC8(0), VLMKERN_ACC8(8), VLMKERN_ACC8(16), VLMKERN_ACC8(24),          \
-                 VLMKERN_ACC8(32), VLMKERN_ACC8(40), VLMKERN_ACC8(48), VLMKERN_ACC8(56)         \
-               : "l"(desc_a), "l"(desc_b))
-
-// The same with A read from shared memory through a descriptor (K-major).
-__device__ __forceinline__ void wgmma_k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, F16) {
-  VLMKERN_WGMMA_SS_N64("f16");
-}
-__device__ __forceinline__ void wgmma_k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, BF16) {
-  VLMKERN_WGMMA_SS_N64("bf16");
-}
-__device__ __forceinline__ void wgmma_k16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, F16) {
-  VLMKERN_WGMMA_SS_N128("f16");
-}
-__device__ __forceinline__ void wgmma_k16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, BF16) {
-  VLMKERN_WGMMA_SS_N128("bf16");
-}
-#undef VLMKERN_WGMMA_SS_N128
-#undef VLMKERN_WGMMA_SS_N64
 #undef VLMKERN_WGMMA_N128
 #undef VLMKERN_WGMMA_N64
 #undef VLMKERN_WGMMA_N16

@@ -41,7 +41,7 @@ def one_thread():
 # naming them) run after all others: a device fault such as an illegal address
 # is sticky for the CUDA context, so it would also fail every later test in the
 # same process, the proven kernels' included.
-NOT_YET_RUN_ON_A_GPU = ("weight_only_wgmma", "sm90", "prefetch", "weight_only_dequant",
+NOT_YET_RUN_ON_A_GPU = ("weight_only_wgmma", "sm90", "weight_only_dequant",
                         "layout_cublas", "lut_staged", "binary_dequant", "int_act_staged",
                         "m64", "tma")
 

@@ -2,6 +2,7 @@
 keep working between the GPU runs that use them."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,9 +51,14 @@ def test_sass_diff_matches_kernels_by_instructions():
     # a renamed a (another template argument) whose code moved; b changed; c is new
     new = {"_Z1aIiLi0EEvv": ["MOV R1, c[0x0][0x30]", "BRA 0x80"], "_Z1bv": ["IADD R1, R1, R2"],
            "_Z1cv": ["EXIT"]}
-    same, changed, added = sass_diff.compare(base, new)
-    assert same == ["_Z1aIiEvv"] and changed == ["_Z1bv"] and added == 2
-    assert sass_diff.compare(base, base) == (list(base), [], 0)
+    same, changed, added, retired = sass_diff.compare(base, new)
+    assert same == ["_Z1aIiEvv"] and changed == ["_Z1bv"] and added == 2 and retired == 0
+    assert sass_diff.compare(base, base) == (list(base), [], 0, 0)
+    # a kernel removed on purpose is retired, not changed; one that is still
+    # there under its name but with other code is changed, whatever its name
+    base["_Z1dILb1EEvv"] = ["FADD R1, R1, R1"]
+    same, changed, added, retired = sass_diff.compare(base, new, re.compile(r"Lb1E|1bv"))
+    assert changed == ["_Z1bv"] and retired == 1
     assert sass_diff.normalize("CALL.REL.NOINC `(_Z3foov) ;") == "CALL.REL.NOINC `(@) ;"
     assert sass_diff.normalize("@!P0 BRA 0x1f0") == "@!P0 BRA #"
     # an immediate operand is code: a changed shift is a changed kernel
@@ -67,7 +73,7 @@ def test_promote_report_reads_tests_and_timings(tmp_path):
         '<testsuites><testsuite name="pytest">'
         '<testcase classname="tests.test_cuda_int_act" name="test_gpu_wgmma_equals_mma_bitwise[128-wa0]"/>'
         '<testcase classname="tests.test_cuda_int_act" name="test_gpu_wgmma_batch_invariant_and_selected"/>'
-        '<testcase classname="tests.test_cuda_binary" name="test_gpu_prefetch_equals_plain_bitwise[a]">'
+        '<testcase classname="tests.test_cuda_binary_lut_staged" name="test_gpu_equals_lut_bitwise[a]">'
         '<failure message="x"/></testcase>'
         '<testcase classname="tests.test_cuda_weight_only_sm90" name="test_kernel_awkward_shapes[a]">'
         '<skipped message="no GPU"/></testcase>'
@@ -75,7 +81,7 @@ def test_promote_report_reads_tests_and_timings(tmp_path):
     rows = [dict(layer="qkv", M=1, kernel="W8A8", backend="cuda.int_act", us=20.0),
             dict(layer="qkv", M=1, kernel="W8A8", backend="cuda.int_act_wgmma", us=10.0),
             dict(layer="qkv", M=1, kernel="binary", backend="cuda.binary", us=30.0),
-            dict(layer="qkv", M=1, kernel="binary", backend="cuda.binary_prefetch", us=15.0),
+            dict(layer="qkv", M=1, kernel="binary", backend="cuda.binary_lut_staged", us=15.0),
             dict(layer="qkv", M=1, kernel="W4 g128", backend="triton.weight_only_gemv", us=9.0),
             dict(layer="qkv", M=1, kernel="W4 g128", backend="cuda.weight_only_wgmma", us=5.0),
             dict(layer="qkv", M=4096, kernel="binary", backend="triton.binary_dequant_matmul",
@@ -91,7 +97,7 @@ def test_promote_report_reads_tests_and_timings(tmp_path):
     table = {line.split(" | ")[0].lstrip("| "): line for line in
              promote_report.report(outcomes, rows)[2:]}
     assert table["cuda.int_act_wgmma"].endswith("| 2 / 0 / 0 / 0 | qkv M=1 W8A8: 2.00 | yes |")
-    assert table["cuda.binary_prefetch"].endswith("| 0 / 1 / 0 / 0 | qkv M=1 binary: 2.00 | no |")
+    assert table["cuda.binary_lut_staged"].endswith("| 0 / 1 / 0 / 0 | qkv M=1 binary: 2.00 | no |")
     # skipped, and no default CUDA kernel timed next to it (Triton does not count)
     assert table["cuda.weight_only_wgmma"].endswith("| 0 / 0 / 1 / 0 | not timed | no |")
     # where no default CUDA kernel runs (binary prefill), against the Triton one

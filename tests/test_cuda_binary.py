@@ -182,14 +182,12 @@ def test_registration_and_unsupported_block():
     from vlmkern.ops import builtin  # noqa: F401
     specs = [k for k in BACKENDS["cuda"].kernels
              if k.op == "binary" and "lut" not in k.name and "dequant" not in k.name]
-    assert [k.name for k in specs] == ["cuda.binary_prefetch", "cuda.binary"]
-    pre, spec = specs
-    assert spec.max_m == cb.MAX_M and pre.max_m == cb.MAX_M
-    assert pre.opt_in and not spec.opt_in
+    assert [k.name for k in specs] == ["cuda.binary"]
+    spec, = specs
+    assert spec.max_m == cb.MAX_M and not spec.opt_in
     odd = make_binary(4, 96, 48)
     assert "multiple of 32" in spec.check(torch.zeros(1, 96), odd)
-    assert "multiple of 128" in pre.check(torch.zeros(1, 128), make_binary(4, 128, 64))
-    assert pre.check(torch.zeros(1, 256), make_binary(4, 256, 256)) is None
+    assert spec.check(torch.zeros(1, 256), make_binary(4, 256, 256)) is None
     if not HAS_GPU:
         assert ops.which_kernel(torch.zeros(1, 96), odd) == "torch.binary"
 
@@ -307,48 +305,6 @@ def test_gpu_op_traces_under_torch_compile():
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=0)
 
 
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("n,k,block", [(300, 256, 256), (33, 200, 128), (257, 520, 256),
-                                       (4608, 3584, 128), (3584, 18944, 128)])
-def test_gpu_prefetch_equals_plain_bitwise(n, k, block):
-    # Same arithmetic in the same order, loads issued earlier: the same bits,
-    # without the K split (the first shape: one unit of K) and with it (the
-    # others); every token-group width (M = 1-4, 5-8, 9+)
-    qw = make_binary(n, k, block, salient=0.1, seed=n, device="cuda")
-    bias = torch.randn(n, generator=gen(6)).cuda()
-    for m, dtype in ((1, torch.float16), (3, torch.bfloat16), (5, torch.float16),
-                     (8, torch.bfloat16), (16, torch.float16), (17, torch.bfloat16),
-                     (64, torch.float16), (200, torch.bfloat16)):
-        x = act(m, k, dtype, seed=m)
-        for b in (None, bias):
-            want = cb.binary_matmul(x, qw, b)
-            got = cb.binary_matmul(x, qw, b, prefetch=True)
-            assert torch.equal(got, want), (n, k, block, m, dtype, b is not None)
-    assert_matches_dense(got, x, qw.dequantize(), bias)
-
-
-@gpu
-@pytest.mark.gpu
-def test_gpu_prefetch_selection_and_errors(monkeypatch):
-    qw = make_binary(64, 256, 128, device="cuda")
-    x = act(2, 256, torch.float16)
-    monkeypatch.setenv("VLMKERN_BACKEND", "cuda")
-    monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
-    monkeypatch.setenv("VLMKERN_DISABLE", "cuda.binary_lut")
-    assert ops.which_kernel(x, qw) == "cuda.binary"
-    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.binary_prefetch")
-    assert ops.which_kernel(x, qw) == "cuda.binary_prefetch"
-    small_blocks = make_binary(64, 256, 64, device="cuda")
-    assert ops.which_kernel(x, small_blocks) == "cuda.binary"
-    with pytest.raises(ValueError, match="multiple of 128"):
-        cb.binary_matmul(x, small_blocks, prefetch=True)
-    kp = cb.kernel_planes(small_blocks)
-    with pytest.raises(RuntimeError, match="of 128 with prefetch"):
-        torch.ops.vlmkern.binary_matmul(x, small_blocks.salient, kp.sign, kp.aux,
-                                        small_blocks.stats, None, 256, 64, 1, True)
-
-
 if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer memcheck
     @gpu
     @pytest.mark.gpu
@@ -360,6 +316,4 @@ if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer mem
             for m in (1, 5, 17, 200):
                 x = act(m, k, torch.float16, seed=m)
                 cb.binary_matmul(x, qw, bias)
-                if block % 128 == 0:
-                    cb.binary_matmul(x, qw, bias, prefetch=True)
         torch.cuda.synchronize()

@@ -1,9 +1,8 @@
 """Hopper weight-only kernel (csrc/weight_only_sm90_kernel.cu, cuda.weight_only_wgmma).
 
 On any machine: its registration (opt-in, M >= 17, sm_90), the split-K
-rule, and the token tile's and the decoded weight
-tile's shared-memory placement read back through the wgmma descriptor's
-K-major 128-byte-swizzle layout. On an sm_90 GPU
+rule, and the token tile's shared-memory placement read back through the
+wgmma descriptor's K-major 128-byte-swizzle layout. On an sm_90 GPU
 with a build holding 9.0a code: against the dense fp64 product at awkward and
 real sizes, tile-aligned batch invariance, determinism, selection,
 torch.compile and errors.
@@ -35,17 +34,16 @@ def sm90(fn):
     return pytest.mark.gpu(pytest.mark.skipif(_SKIP90 is not None, reason=str(_SKIP90))(fn))
 
 
-@pytest.mark.parametrize("name", ["cuda.weight_only_wgmma_smem", "cuda.weight_only_wgmma"])
-def test_registered_opt_in_for_large_m(monkeypatch, name):
+def test_registered_opt_in_for_large_m(monkeypatch):
     from vlmkern.ops.builtin import CUDA
+    name = "cuda.weight_only_wgmma"
     spec = next(k for k in CUDA.kernels if k.name == name)
     assert spec.opt_in and spec.min_m == wg.MIN_M == 17 and spec.max_m is None
     assert spec.min_sm == (9, 0) and spec.bits == frozenset({2, 3, 4})
     names = [k.name for k in CUDA.kernels]
     wg.register(CUDA)                                   # idempotent
     assert [k.name for k in CUDA.kernels] == names
-    assert (names.index("cuda.weight_only_wgmma_smem") + 1 == names.index("cuda.weight_only_wgmma")
-            < names.index("cuda.dequant_cublas"))
+    assert names.index("cuda.weight_only_wgmma") < names.index("cuda.dequant_cublas")
     x = torch.zeros(17, 256, dtype=torch.float16)
     qw = make_weight(64, 256, 4, 64, False)
     monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
@@ -124,56 +122,14 @@ def test_token_tile_is_read_back_as_the_activations(m, m0, k, c):
         assert torch.equal(descriptor_read(stage, kt), token_step(x, m0, c, kt)), f"k16 step {kt}"
 
 
-def place_weight_tile(w: torch.Tensor) -> torch.Tensor:
-    """The A tile decode_chunk_to_smem writes for a 128 x 128 weight chunk
-    (int16 halves), its store index math lane by lane: register r of k16 step
-    kt holds rows 16 * warp + g + 8 * (r % 2), columns 16 * kt + 2t + 8 * (r // 2)
-    and +1 (the PTX m16n8k16 A fragment)."""
-    a_half = 128 * 128                       # bytes of one 64-column half
-    tile = torch.full((2 * a_half // 2,), -1, dtype=torch.int16)
-    for warp in range(8):
-        for lane in range(32):
-            g, t = lane >> 2, lane & 3
-            row_base = (16 * warp + g) * 128 + 4 * t
-            for kt in range(8):
-                for r in range(4):
-                    chunk = (2 * (kt & 3) + (r >> 1)) ^ g
-                    addr = row_base + (kt >> 2) * a_half + 8 * (r & 1) * 128 + (chunk << 4)
-                    row, col = 16 * warp + g + 8 * (r % 2), 16 * kt + 2 * t + 8 * (r // 2)
-                    tile[addr // 2:addr // 2 + 2] = w[row, col:col + 2]
-    return tile
-
-
-def test_weight_tile_is_read_back_by_each_warpgroups_descriptor():
-    w = torch.randint(-2**15, 2**15, (128, 128), dtype=torch.int32).to(torch.int16)
-    tile = place_weight_tile(w)
-    a_half = 128 * 128
-    for wg_index in range(2):
-        for kt in range(8):
-            # warpgroup wg's descriptor: rows 64 * wg.., read like the token tile
-            sub = tile[(64 * wg_index * 128) // 2:]
-            start = (kt // 4) * a_half + 32 * (kt % 4)
-            n = torch.arange(64).unsqueeze(1)
-            k = torch.arange(16).unsqueeze(0)
-            addr = start + (n // 8) * 1024 + (n % 8) * 128 + 2 * k
-            addr = addr ^ (((addr >> 7) & 7) << 4)
-            got = sub[addr // 2]
-            want = w[64 * wg_index:64 * wg_index + 64, 16 * kt:16 * kt + 16]
-            assert torch.equal(got, want), (wg_index, kt)
-
-
 # -- sm_90a ----------------------------------------------------------------------------
 AWKWARD = [(33, 200), (200, 72), (130, 203), (257, 520)]
 
 
-SMEM_A = [False, True]    # the decoded weights as the MMA's register operand / through shared memory
-
-
 @sm90
-@pytest.mark.parametrize("smem_a", SMEM_A)
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernel_awkward_shapes(bits, dtype, smem_a):
+def test_kernel_awkward_shapes(bits, dtype):
     for n, k in AWKWARD:
         for group in (16, 32, 64, 128, None):
             for sym in (True, False):
@@ -184,7 +140,7 @@ def test_kernel_awkward_shapes(bits, dtype, smem_a):
                 for m in (1, 17, 33, 64, 65, 127, 128, 129, 300):
                     x = act(m, k, dtype, seed=m)
                     for b in (None, bias):
-                        y = wg.weight_only_wgmma(x, qw, b, smem_a)
+                        y = wg.weight_only_wgmma(x, qw, b)
                         try:
                             assert_matches_dense(y, x, w, b)
                         except AssertionError as e:
@@ -193,49 +149,46 @@ def test_kernel_awkward_shapes(bits, dtype, smem_a):
 
 
 @sm90
-@pytest.mark.parametrize("smem_a", SMEM_A)
 @pytest.mark.parametrize("k, n", [(4096, 4096), (3584, 4608)])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_kernel_real_sizes(k, n, bits, smem_a):
+def test_kernel_real_sizes(k, n, bits):
     for dtype in (torch.float16, torch.bfloat16):
         qw = make_weight(n, k, bits, 128, False, scale_dtype=dtype, seed=bits, device="cuda")
         w = qw.dequantize(torch.float32)
         bias = torch.randn(n, device="cuda", dtype=dtype)
         for m in (17, 64, 65, 256, 1000):
             x = act(m, k, dtype, seed=m)
-            assert_matches_dense(wg.weight_only_wgmma(x, qw, bias, smem_a), x, w, bias)
+            assert_matches_dense(wg.weight_only_wgmma(x, qw, bias), x, w, bias)
 
 
 @sm90
-@pytest.mark.parametrize("smem_a", SMEM_A)
-def test_fp32_scales_group256_and_act_order(smem_a):
+def test_fp32_scales_group256_and_act_order():
     for group, perm, sd in ((256, True, torch.float32), (64, True, torch.bfloat16)):
         qw = make_weight(200, 1000, 4, group, False, scale_dtype=sd, perm=perm, device="cuda")
         w = qw.dequantize(torch.float32)
         for dtype in (torch.float16, torch.bfloat16):
             x = act(70, 1000, dtype)
-            assert_matches_dense(wg.weight_only_wgmma(x, qw, None, smem_a), x, w, None)
+            assert_matches_dense(wg.weight_only_wgmma(x, qw, None), x, w, None)
 
 
 @sm90
-@pytest.mark.parametrize("smem_a", SMEM_A)
 @pytest.mark.parametrize("k, n", [(3584, 4608), (200, 33)])
-def test_tile_aligned_batch_invariance_and_determinism(k, n, smem_a):
+def test_tile_aligned_batch_invariance_and_determinism(k, n):
     # A token's result depends only on its place in its token tile (64 tokens
     # for M <= 64, else 128) and the K slices, so batches cut at tile
     # boundaries with the same tile width and slices give the same bits.
     for dtype in (torch.float16, torch.bfloat16):
         qw = make_weight(n, k, 4, 128, False, scale_dtype=dtype, device="cuda")
         x = act(300, k, dtype)
-        full = wg.weight_only_wgmma(x, qw, None, smem_a, 1)
-        assert torch.equal(full, wg.weight_only_wgmma(x, qw, None, smem_a, 1))  # run to run
+        full = wg.weight_only_wgmma(x, qw, None, 1)
+        assert torch.equal(full, wg.weight_only_wgmma(x, qw, None, 1))  # run to run
         for lo, hi in ((0, 128), (128, 256), (128, 300), (0, 65)):
-            part = wg.weight_only_wgmma(x[lo:hi].clone(), qw, None, smem_a, 1)
+            part = wg.weight_only_wgmma(x[lo:hi].clone(), qw, None, 1)
             assert torch.equal(part, full[lo:hi]), f"tokens {lo}:{hi} differ from the M=300 batch"
-        small = wg.weight_only_wgmma(x[:64].clone(), qw, None, smem_a, 1)
-        assert torch.equal(small, wg.weight_only_wgmma(x[:64].clone(), qw, None, smem_a, 1))
+        small = wg.weight_only_wgmma(x[:64].clone(), qw, None, 1)
+        assert torch.equal(small, wg.weight_only_wgmma(x[:64].clone(), qw, None, 1))
         for m in (17, 40):
-            part = wg.weight_only_wgmma(x[:m].clone(), qw, None, smem_a, 1)
+            part = wg.weight_only_wgmma(x[:m].clone(), qw, None, 1)
             assert torch.equal(part, small[:m]), f"tokens :{m} differ from the M=64 batch"
 
 
@@ -248,8 +201,6 @@ def test_selected_by_linear_when_enabled(monkeypatch):
     qw = make_weight(n, 256, 4, 64, False, device="cuda")
     monkeypatch.delenv("VLMKERN_ENABLE", raising=False)
     assert ops.which_kernel(act(65, 256, torch.float16), qw) == "cuda.dequant_cublas"
-    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_wgmma_smem")
-    assert ops.which_kernel(act(17, 256, torch.float16), qw) == "cuda.weight_only_wgmma_smem"
     monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_wgmma")
     assert ops.which_kernel(act(16, 256, torch.float16), qw) == "cuda.weight_only_post_scale"
     assert ops.which_kernel(act(17, 256, torch.float16), qw) == "cuda.weight_only_wgmma"
@@ -260,21 +211,20 @@ def test_selected_by_linear_when_enabled(monkeypatch):
 
 
 @sm90
-@pytest.mark.parametrize("smem_a", SMEM_A)
-def test_split_k_slices_sum_to_the_product(smem_a):
+def test_split_k_slices_sum_to_the_product():
     qw = make_weight(257, 2000, 4, 128, False, device="cuda")       # 16 chunks
     w = qw.dequantize(torch.float32)
     bias = torch.randn(257, device="cuda")
     for m in (17, 130):
         x = act(m, 2000, torch.float16, seed=m)
-        one = wg.weight_only_wgmma(x, qw, bias, smem_a, 1)
+        one = wg.weight_only_wgmma(x, qw, bias, 1)
         for splits in (2, 3, 16):
-            y = wg.weight_only_wgmma(x, qw, bias, smem_a, splits)
+            y = wg.weight_only_wgmma(x, qw, bias, splits)
             assert_matches_dense(y, x, w, bias)
-            assert torch.equal(y, wg.weight_only_wgmma(x, qw, bias, smem_a, splits))
+            assert torch.equal(y, wg.weight_only_wgmma(x, qw, bias, splits))
             assert (y.float() - one.float()).abs().max() <= 1e-2 * one.float().abs().max()
     with pytest.raises(RuntimeError, match="splits must be in 1..16"):
-        wg.weight_only_wgmma(act(17, 2000, torch.float16), qw, None, smem_a, 17)
+        wg.weight_only_wgmma(act(17, 2000, torch.float16), qw, None, 17)
 
 
 @sm90
@@ -288,7 +238,7 @@ def test_traceable_by_torch_compile():
 
     def g(x):
         return torch.ops.vlmkern.weight_only_wgmma(x, mw.wq, mw.sz, None, 3, 96, mw.slot_log2,
-                                                   True) * 2
+                                                   2) * 2   # two K slices
 
     x = act(90, 384, torch.bfloat16)
     assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))
@@ -336,8 +286,7 @@ if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer mem
             qw = make_weight(130, 203, bits, 64, False, device="cuda")
             for m in (1, 40, 129):
                 for dtype in (torch.float16, torch.bfloat16):
-                    for smem_a in SMEM_A:
-                        for splits in (1, 2):
-                            wg.weight_only_wgmma(act(m, 203, dtype), qw,
-                                                 torch.randn(130, device="cuda"), smem_a, splits)
+                    for splits in (1, 2):
+                        wg.weight_only_wgmma(act(m, 203, dtype), qw,
+                                             torch.randn(130, device="cuda"), splits)
         torch.cuda.synchronize()

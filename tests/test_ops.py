@@ -321,8 +321,8 @@ def test_available_backends_lists_all_with_reasons():
     assert torch_b["available"] is True
     assert {"torch.weight_only", "torch.int_act", "torch.binary"} <= set(torch_b["kernels"])
     assert torch_b["opt_in"] == []
-    assert set(info["cuda"]["opt_in"]) == {"cuda.int_act_wgmma", "cuda.binary_prefetch",
-                                           "cuda.weight_only_wgmma", "cuda.weight_only_wgmma_smem",
+    assert set(info["cuda"]["opt_in"]) == {"cuda.int_act_wgmma",
+                                           "cuda.weight_only_wgmma",
                                            "cuda.dequant_layout_cublas", "cuda.binary_lut_staged",
                                            "cuda.binary_dequant_cublas", "cuda.int_act_staged",
                                            "cuda.weight_only_post_scale_m64", "cuda.int_act_tma",

@@ -96,14 +96,12 @@ def kernel_planes(qweight: BinaryWeight) -> KernelPlanes:
 
 
 def binary_matmul(x: torch.Tensor, qweight: BinaryWeight,
-                  bias: torch.Tensor | None = None, prefetch: bool = False) -> torch.Tensor:
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for a BinaryWeight. x [M, K] float16/bfloat16 on a
-    CUDA device; bias [N] (fp16/bf16/fp32) or None -> [M, N] in x's dtype.
-    ``prefetch``: the GEMM variant that issues a chunk's loads at its start
-    (block_size a multiple of 128); the same results."""
+    CUDA device; bias [N] (fp16/bf16/fp32) or None -> [M, N] in x's dtype."""
     require_op("cuda.binary", "binary_matmul", "csrc/binary_kernel.cu")
     check_activations("cuda.binary", x, qweight, ACT_DTYPES)
-    why = unsupported_reason(qweight) or (_prefetch_reason(qweight) if prefetch else None)
+    why = unsupported_reason(qweight)
     if why:
         raise ValueError(f"cuda.binary: {why}")
     if x.shape[0] == 0:
@@ -117,20 +115,7 @@ def binary_matmul(x: torch.Tensor, qweight: BinaryWeight,
     kp = kernel_planes(qweight)
     return torch.ops.vlmkern.binary_matmul(x, qweight.salient.contiguous(), kp.sign, kp.aux,
                                            qweight.stats.contiguous(), bias,
-                                           qweight.in_features, qweight.block_size, kp.ksplit,
-                                           prefetch)
-
-
-def binary_matmul_prefetch(x: torch.Tensor, qweight: BinaryWeight,
-                           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``binary_matmul`` on the prefetching GEMM."""
-    return binary_matmul(x, qweight, bias, prefetch=True)
-
-
-def _prefetch_reason(qweight: BinaryWeight) -> str | None:
-    if qweight.block_size % CHUNK:
-        return f"the prefetching GEMM needs block_size a multiple of {CHUNK}, got {qweight.block_size}"
-    return None
+                                           qweight.in_features, qweight.block_size, kp.ksplit)
 
 
 def dequant_reason(qweight: BinaryWeight) -> str | None:
@@ -173,15 +158,10 @@ def _check_dequant(x: torch.Tensor, qweight) -> str | None:
     return None if why is None else f"cuda.binary_dequant_cublas: {why}"
 
 
-def _check_prefetch(x: torch.Tensor, qweight) -> str | None:
-    why = unsupported_reason(qweight) or _prefetch_reason(qweight)
-    return None if why is None else f"cuda.binary_prefetch: {why}"
-
-
 def register(backend) -> None:
     """Add the kernels to the CUDA backend (idempotent). Dequantize + cuBLAS
-    (M > 64) and the prefetching GEMM come first but are opt-in
-    (``VLMKERN_ENABLE``) until they have passed the GPU tests."""
+    (M > 64) comes first but is opt-in (``VLMKERN_ENABLE``) until it has
+    passed the GPU tests."""
     from .backends import KernelSpec
 
     common = dict(bits=frozenset({1}), dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}),
@@ -189,8 +169,6 @@ def register(backend) -> None:
     specs = [KernelSpec("cuda.binary_dequant_cublas", "binary", binary_dequant_cublas,
                         opt_in=True, check=_check_dequant,
                         **dict(common, min_m=DEQUANT_MIN_M, max_m=None)),
-             KernelSpec("cuda.binary_prefetch", "binary", binary_matmul_prefetch, opt_in=True,
-                        check=_check_prefetch, **common),
              KernelSpec("cuda.binary", "binary", binary_matmul, check=_check, **common)]
     known = {k.name for k in backend.kernels}
     for spec in specs:

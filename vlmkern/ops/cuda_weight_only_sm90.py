@@ -11,13 +11,9 @@ written back dequantized: it is meant for batches and prefill, where the
 other paths re-read activation fragments per warp (M <= 64) or dequantize
 the whole weight to memory and call cuBLAS (M > 64).
 
-Two ways to hand the decoded weights to the MMA: as its register operand,
-decoding a chunk only after the previous chunk's MMAs are done (ptxas
-serializes every MMA when fragments are written while MMAs are in flight),
-or (``smem_a=True``) through a double-buffered shared-memory tile that the
-MMA reads by descriptor, so a chunk is decoded while the previous chunk's
-MMAs run. Registered as ``cuda.weight_only_wgmma`` and
-``cuda.weight_only_wgmma_smem``; the benchmark decides between them.
+A warpgroup decodes a chunk only after the previous chunk's MMAs are done:
+ptxas serializes every MMA when fragments are written while MMAs are in
+flight. Registered as ``cuda.weight_only_wgmma``.
 
 Split-K: a layer with too few (128-row block, token tile) pairs to fill the
 GPU is cut into K slices (``splits_for``), whose fp32 partial sums a second
@@ -115,11 +111,10 @@ def _inputs(name: str, op: str, source: str, x: torch.Tensor, qweight: Quantized
 
 
 def weight_only_wgmma(x: torch.Tensor, qweight: QuantizedWeight,
-                      bias: torch.Tensor | None = None, smem_a: bool = False,
+                      bias: torch.Tensor | None = None,
                       splits: int | None = None) -> torch.Tensor:
     """y = x @ W^T + bias on the Hopper kernel. x [M, K] fp16/bf16 on an
     sm_90 device, any M >= 0; bias [N] or None -> [M, N] in x's dtype.
-    ``smem_a``: decoded weights through shared memory (see the module doc);
     ``splits``: K slices, 1..chunks (default ``splits_for``)."""
     ready = _inputs("cuda.weight_only_wgmma", "weight_only_wgmma",
                     "csrc/weight_only_sm90_kernel.cu", x, qweight, bias)
@@ -129,13 +124,7 @@ def weight_only_wgmma(x: torch.Tensor, qweight: QuantizedWeight,
     if splits is None:
         splits = splits_for(x.shape[0], mw.out_features, mw.chunks, multiprocessors(x.device))
     return torch.ops.vlmkern.weight_only_wgmma(x2, mw.wq, mw.sz, bias, mw.bits, mw.out_features,
-                                               mw.slot_log2, bool(smem_a), int(splits))
-
-
-def weight_only_wgmma_smem(x: torch.Tensor, qweight: QuantizedWeight,
-                           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``weight_only_wgmma`` with the decoded weights through shared memory."""
-    return weight_only_wgmma(x, qweight, bias, smem_a=True)
+                                               mw.slot_log2, int(splits))
 
 
 def weight_only_tma(x: torch.Tensor, qweight: QuantizedWeight,
@@ -200,16 +189,14 @@ def _checker(name: str):
 def register(backend) -> None:
     """Add the kernels to the CUDA backend ahead of the other weight-only
     kernels: the decode path (M <= 16), the prefill kernel, then the
-    shared-memory variant; all opt-in (``VLMKERN_ENABLE=
-    cuda.weight_only_tma_decode,cuda.weight_only_tma,cuda.weight_only_wgmma_smem,
-    cuda.weight_only_wgmma``)."""
+    cp.async one; all opt-in (``VLMKERN_ENABLE=
+    cuda.weight_only_tma_decode,cuda.weight_only_tma,cuda.weight_only_wgmma``)."""
     from .backends import KernelSpec
 
     known = {k.name for k in backend.kernels}
     specs = [spec for spec in (
         ("cuda.weight_only_tma_decode", weight_only_tma_decode, 1, DECODE_MAX_M),
         ("cuda.weight_only_tma", weight_only_tma, TMA_MIN_M, None),
-        ("cuda.weight_only_wgmma_smem", weight_only_wgmma_smem, MIN_M, None),
         ("cuda.weight_only_wgmma", weight_only_wgmma, MIN_M, None)) if spec[0] not in known]
     for name, fn, min_m, max_m in reversed(specs):   # each inserted at the front: tried in list order
         backend.register(KernelSpec(name, "weight_only", fn, bits=frozenset(SUPPORTED_BITS),
