@@ -86,27 +86,6 @@ struct BF16 {
 
 constexpr uint32_t kNegZero2 = 0x80008000u;  // -0.0 in both halves: x*s + (-0) == x*s
 
-// -- codes of A-fragment register r (0..3) of k16 tile kt, as magic + q --------
-// Lane words: 4 bits: w[kt] holds tile kt, pair r at bits 4r and 16+4r.
-// 2 bits: w[kt/2] holds tiles 2v, 2v+1, pair p = 4*(kt%2) + r at bits 2p, 16+2p.
-// 3 bits: the 2-bit plane above in w[0..3] for the low two bits, and a 1-bit
-// plane in w[4..5]: w[4 + kt/4] holds pair p = 4*(kt%4) + r at bits p, 16+p.
-template <int BITS>
-__device__ __forceinline__ uint32_t magic_codes(const uint32_t (&w)[2 * BITS], int kt, int r,
-                                                uint32_t magic2) {
-  if constexpr (BITS == 4) {
-    return ((w[kt] >> (4 * r)) & 0x000F000Fu) | magic2;
-  } else if constexpr (BITS == 2) {
-    return ((w[kt / 2] >> (2 * (4 * (kt % 2) + r))) & 0x00030003u) | magic2;
-  } else {
-    const int p = 4 * (kt % 2) + r;
-    const int ph = 4 * (kt % 4) + r;
-    const uint32_t hi = w[4 + kt / 4];
-    const uint32_t hi_at_bit2 = ph >= 2 ? (hi >> (ph - 2)) : (hi << (2 - ph));
-    return ((w[kt / 2] >> (2 * p)) & 0x00030003u) | (hi_at_bit2 & 0x00040004u) | magic2;
-  }
-}
-
 // (a & mask) | c in one LOP3. Written as C, a mask and a magic number that
 // are both constants take two instructions (LOP3 holds one immediate).
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t c) {
@@ -115,21 +94,41 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t c
   return d;
 }
 
-// magic_codes with each mask-and-or one LOP3 (the Hopper TMA kernel's decode;
-// magic_codes itself stays as it is: the kernels verified on a GPU use it).
-template <int BITS>
-__device__ __forceinline__ uint32_t magic_codes_lop3(const uint32_t (&w)[2 * BITS], int kt, int r,
-                                                     uint32_t magic2) {
+// (a & mask) | c, as one LOP3 (LOP3 = true) or as C.
+template <bool LOP3>
+__device__ __forceinline__ uint32_t mask_or(uint32_t a, uint32_t mask, uint32_t c) {
+  if constexpr (LOP3) {
+    return and_or(a, mask, c);
+  } else {
+    return (a & mask) | c;
+  }
+}
+
+// -- codes of A-fragment register r (0..3) of k16 tile kt, as magic + q --------
+// Lane words: 4 bits: w[kt] holds tile kt, pair r at bits 4r and 16+4r.
+// 2 bits: w[kt/2] holds tiles 2v, 2v+1, pair p = 4*(kt%2) + r at bits 2p, 16+2p.
+// 3 bits: the 2-bit plane above in w[0..3] for the low two bits, and a 1-bit
+// plane in w[4..5]: w[4 + kt/4] holds pair p = 4*(kt%4) + r at bits p, 16+p.
+// LOP3: each mask-and-or forced into one LOP3 (the Hopper TMA kernel's
+// decode, with the mask and magic number in registers); the kernels that
+// passed their GPU tests with the C form keep it.
+template <int BITS, bool LOP3 = false>
+__device__ __forceinline__ uint32_t magic_codes(const uint32_t (&w)[2 * BITS], int kt, int r,
+                                                uint32_t magic2) {
   if constexpr (BITS == 4) {
-    return and_or(w[kt] >> (4 * r), 0x000F000Fu, magic2);
+    return mask_or<LOP3>(w[kt] >> (4 * r), 0x000F000Fu, magic2);
   } else if constexpr (BITS == 2) {
-    return and_or(w[kt / 2] >> (2 * (4 * (kt % 2) + r)), 0x00030003u, magic2);
+    return mask_or<LOP3>(w[kt / 2] >> (2 * (4 * (kt % 2) + r)), 0x00030003u, magic2);
   } else {
     const int p = 4 * (kt % 2) + r;
     const int ph = 4 * (kt % 4) + r;
     const uint32_t hi = w[4 + kt / 4];
     const uint32_t hi_at_bit2 = ph >= 2 ? (hi >> (ph - 2)) : (hi << (2 - ph));
-    return and_or(hi_at_bit2, 0x00040004u, and_or(w[kt / 2] >> (2 * p), 0x00030003u, magic2));
+    if constexpr (LOP3) {
+      return and_or(hi_at_bit2, 0x00040004u, and_or(w[kt / 2] >> (2 * p), 0x00030003u, magic2));
+    } else {
+      return ((w[kt / 2] >> (2 * p)) & 0x00030003u) | (hi_at_bit2 & 0x00040004u) | magic2;
+    }
   }
 }
 

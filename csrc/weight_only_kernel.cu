@@ -295,13 +295,6 @@ __host__ __device__ constexpr int low_shift(int bits, int mantissa, int kt, int 
          : low_pos(bits, kt, r);
 }
 
-// (a & b) | c in one instruction.
-__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-
 // 1 - 2^-e in both halves (e >= 1), exactly.
 template <class T>
 __host__ __device__ constexpr uint32_t one_minus_pow2_2(int e) {

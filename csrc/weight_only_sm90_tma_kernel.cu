@@ -158,7 +158,7 @@ struct ChunkDecode {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {  // registers 0 and 2: row g; 1 and 3: row g + 8
       uint32_t d;
-      T::fma2(d, magic_codes_lop3<BITS>(w, kt, r, T::kMagic2), T::kOne2, (r & 1) ? z_hi : z_lo);
+      T::fma2(d, magic_codes<BITS, true>(w, kt, r, T::kMagic2), T::kOne2, (r & 1) ? z_hi : z_lo);
       T::fma2(d, d, (r & 1) ? s_hi : s_lo, kNegZero2);
       a[r] = d;
     }
