@@ -443,3 +443,44 @@ def test_layout_cache_rebuilds_after_an_in_place_change_and_forgets_dead_weights
     del qw
     gc.collect()
     assert len(cache._layouts) == 0
+
+
+def test_a_choice_is_remembered_per_weight_call_shape_environment_and_registry(monkeypatch):
+    import gc
+
+    from vlmkern.ops import backends
+    walks = []
+    real = backends._select
+    monkeypatch.setattr(backends, "_select", lambda *a: walks.append(1) or real(*a))
+    monkeypatch.setattr(backends, "_CHOSEN", __import__("weakref").WeakKeyDictionary())
+    qw = vlmkern.quantize_weight(torch.randn(8, 64), QuantConfig(4, 32))
+    x = torch.randn(3, 64)
+
+    def pick(x=x, w=qw):
+        return backends.select("weight_only", x, w).name
+    assert pick() == pick() == "torch.weight_only" and len(walks) == 1
+    pick(torch.randn(4, 64))                                  # another M
+    pick(x.double())                                          # another dtype
+    assert len(walks) == 3
+    monkeypatch.setenv("VLMKERN_DISABLE", "torch.weight_only")  # the environment counts
+    with pytest.raises(BackendError, match="turned off"):
+        pick()
+    with pytest.raises(BackendError, match="turned off"):     # errors are not remembered
+        pick()
+    assert len(walks) == 5
+    monkeypatch.delenv("VLMKERN_DISABLE")
+    assert pick() == "torch.weight_only" and len(walks) == 5  # the first choice again
+    torch_backend = backends.BACKENDS["torch"]
+    monkeypatch.setattr(torch_backend, "_status", None)       # a backend reset: walk again
+    pick()
+    assert len(walks) == 6
+    first = backends.KernelSpec("torch.first", "weight_only", lambda x, w, b: None)
+    monkeypatch.setattr(torch_backend, "kernels", list(torch_backend.kernels))
+    torch_backend.register(first, first=True)                 # a kernel registered ahead
+    assert pick() == "torch.first" and len(walks) == 7
+    other = vlmkern.quantize_weight(torch.randn(8, 64), QuantConfig(4, 32))
+    pick(w=other)
+    assert len(walks) == 8 and len(backends._CHOSEN) == 2
+    del other
+    gc.collect()
+    assert len(backends._CHOSEN) == 1                         # a dead weight is forgotten

@@ -11,11 +11,18 @@ falling back.
 A kernel registered with ``opt_in=True`` is skipped unless its name is listed
 in ``VLMKERN_ENABLE`` (comma-separated): new kernels wait there until their
 GPU tests have passed on a GPU.
+
+The choice is remembered per weight object, M, activation dtype and device,
+under the three environment variables and the registry as they were: a
+decode step repeats the same calls, and walking the kernel lists again would
+cost several microseconds per layer and token. A choice depends on a
+weight's format fields, never on its values.
 """
 from __future__ import annotations
 
 import functools
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -105,6 +112,17 @@ def device_sm(device: torch.device) -> tuple[int, int]:
     return _SM_CACHE[idx]
 
 
+# Bumped whenever what select() walks changes: a kernel registered, a backend
+# registered, probed or reset. The cached choices of earlier generations are
+# not used again.
+_generation = 0
+
+
+def _bump() -> None:
+    global _generation
+    _generation += 1
+
+
 @dataclass
 class Backend:
     name: str
@@ -113,10 +131,17 @@ class Backend:
     kernels: list[KernelSpec] = field(default_factory=list)
     _status: tuple[bool, str] | None = None
 
-    def register(self, spec: KernelSpec) -> KernelSpec:
+    def __setattr__(self, name, value) -> None:
+        # also when a test replaces _status or kernels: cached choices end
+        object.__setattr__(self, name, value)
+        _bump()
+
+    def register(self, spec: KernelSpec, first: bool = False) -> KernelSpec:
+        """Add ``spec`` after the backend's kernels, or (``first``) before them."""
         if spec.op not in OPS:
             raise ValueError(f"unknown op {spec.op!r}; ops are {OPS}")
-        self.kernels.append(spec)
+        self.kernels.insert(0 if first else len(self.kernels), spec)
+        _bump()
         return spec
 
     def status(self) -> tuple[bool, str]:
@@ -151,6 +176,7 @@ ORDER = ("cuda", "triton", "torch")
 
 def register_backend(backend: Backend) -> Backend:
     BACKENDS[backend.name] = backend
+    _bump()
     return backend
 
 
@@ -163,8 +189,32 @@ def forced_backend() -> str | None:
     return name
 
 
+# weight object -> {(op, M, dtype, device, environment, generation): kernel}
+_CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CHOSEN_PER_WEIGHT = 256   # distinct calls remembered per weight (prefill lengths vary)
+
+
 def select(op: str, x: torch.Tensor, qweight) -> KernelSpec:
     """The kernel that will run ``op`` on (x [M, K], qweight); raises BackendError."""
+    env = os.environ
+    key = (op, x.shape[0], x.dtype, x.device, env.get("VLMKERN_BACKEND"),
+           env.get("VLMKERN_ENABLE"), env.get("VLMKERN_DISABLE"), _generation)
+    try:
+        chosen = _CHOSEN.get(qweight)
+    except TypeError:                        # a weight that cannot be weakly referenced
+        return _select(op, x, qweight)
+    if chosen is None:
+        chosen = _CHOSEN.setdefault(qweight, {})
+    spec = chosen.get(key)
+    if spec is None:
+        spec = _select(op, x, qweight)
+        if len(chosen) >= _CHOSEN_PER_WEIGHT:
+            chosen.clear()
+        chosen[key] = spec
+    return spec
+
+
+def _select(op: str, x: torch.Tensor, qweight) -> KernelSpec:
     forced = forced_backend()
     enabled, disabled = enabled_kernels(), disabled_kernels()
     known = {k.name for b in BACKENDS.values() for k in b.kernels}

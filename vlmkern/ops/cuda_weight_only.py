@@ -628,7 +628,6 @@ def register(backend) -> None:
              KernelSpec("cuda.weight_only_mma", "weight_only", weight_only_mma, max_m=MAX_M,
                         check=_check, **common)]
     known = {k.name for k in backend.kernels}
-    for spec in reversed(specs):          # each inserted at the front: tried in list order
+    for spec in reversed(specs):          # each put first: tried in list order
         if spec.name not in known:
-            backend.register(spec)
-            backend.kernels.insert(0, backend.kernels.pop())
+            backend.register(spec, first=True)

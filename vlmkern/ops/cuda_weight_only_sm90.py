@@ -198,9 +198,8 @@ def register(backend) -> None:
         ("cuda.weight_only_tma_decode", weight_only_tma_decode, 1, DECODE_MAX_M),
         ("cuda.weight_only_tma", weight_only_tma, TMA_MIN_M, None),
         ("cuda.weight_only_wgmma", weight_only_wgmma, MIN_M, None)) if spec[0] not in known]
-    for name, fn, min_m, max_m in reversed(specs):   # each inserted at the front: tried in list order
+    for name, fn, min_m, max_m in reversed(specs):   # each put first: tried in list order
         backend.register(KernelSpec(name, "weight_only", fn, bits=frozenset(SUPPORTED_BITS),
                                     dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}),
                                     min_m=min_m, max_m=max_m, min_sm=(9, 0), opt_in=True,
-                                    check=_checker(name), laid_out=True))
-        backend.kernels.insert(0, backend.kernels.pop())
+                                    check=_checker(name), laid_out=True), first=True)
