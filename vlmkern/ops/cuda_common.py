@@ -20,8 +20,15 @@ L = TypeVar("L")
 
 
 def tensors_version(qweight) -> tuple:
-    """Identity and in-place version of every tensor of ``qweight``."""
-    return tuple((t.data_ptr(), t._version) for t in qweight.tensors().values())
+    """Storage address and in-place version of every tensor of ``qweight``
+    (asked on every kernel call, hence the plain loop)."""
+    out = []
+    for name in qweight.TENSORS:
+        t = getattr(qweight, name)
+        if t is not None:
+            out.append(t.data_ptr())
+            out.append(t._version)
+    return tuple(out)
 
 
 class LayoutCache:
