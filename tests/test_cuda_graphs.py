@@ -136,11 +136,14 @@ def test_a_capture_never_shares_counters_with_eager_launches_or_another_capture(
     assert cw._counters(cpu, 8) is not eager  # and each stream has its own
 
 
-def test_capture_without_the_extension_is_a_clear_error(monkeypatch):
+def test_capture_without_the_extension_or_with_an_older_build_is_a_clear_error(monkeypatch):
     fake = _FakeCuda(monkeypatch)
     monkeypatch.setattr("vlmkern.ext.load_extension", lambda: (None, "not built"))
     fake.capture = 3
     with pytest.raises(RuntimeError, match="not built"):
+        cw._counters(torch.device("cpu"), 8)
+    monkeypatch.setattr("vlmkern.ext.load_extension", lambda: (object(), "an older build"))
+    with pytest.raises(RuntimeError, match="rebuild the package"):
         cw._counters(torch.device("cpu"), 8)
 
 

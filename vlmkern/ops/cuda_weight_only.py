@@ -452,6 +452,9 @@ def _capture_id(stream: int) -> int:
     module, reason = load_extension()
     if module is None:
         raise RuntimeError(f"vlmkern CUDA kernels need the CUDA extension: {reason}")
+    if not hasattr(module, "capture_id"):
+        raise RuntimeError("the installed vlmkern._C predates CUDA-graph support for the "
+                           "stream-K kernels (no capture_id); rebuild the package")
     return module.capture_id(stream)
 
 
