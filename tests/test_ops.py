@@ -447,12 +447,13 @@ def test_layout_cache_rebuilds_after_an_in_place_change_and_forgets_dead_weights
 
 def test_a_choice_is_remembered_per_weight_call_shape_environment_and_registry(monkeypatch):
     import gc
+    import weakref
 
-    from vlmkern.ops import backends
+    from vlmkern.ops import backends, builtin  # noqa: F401  (builtin registers the backends)
     walks = []
     real = backends._select
     monkeypatch.setattr(backends, "_select", lambda *a: walks.append(1) or real(*a))
-    monkeypatch.setattr(backends, "_CHOSEN", __import__("weakref").WeakKeyDictionary())
+    monkeypatch.setattr(backends, "_CHOSEN", weakref.WeakKeyDictionary())
     qw = vlmkern.quantize_weight(torch.randn(8, 64), QuantConfig(4, 32))
     x = torch.randn(3, 64)
 

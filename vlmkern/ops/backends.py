@@ -210,7 +210,8 @@ def select(op: str, x: torch.Tensor, qweight) -> KernelSpec:
         spec = _select(op, x, qweight)
         if len(chosen) >= _CHOSEN_PER_WEIGHT:
             chosen.clear()
-        chosen[key] = spec
+        # filed under the generation the walk ended in: a first call probes backends
+        chosen[key[:-1] + (_generation,)] = spec
     return spec
 
 
