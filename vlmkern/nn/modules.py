@@ -15,6 +15,7 @@ from .. import ops
 from ..config import AnyConfig
 from ..formats import WEIGHT_TYPES, PackedWeight, QuantizedWeight
 from ..formats.packing import packed_words
+from ..ops.compiled import hold
 from ..ops.cuda_weight_only import layout_codes
 from ..ops.laid_out import LaidOutWeight
 from ..quant import quantize_weight
@@ -56,7 +57,15 @@ class QuantLinear(nn.Module):
                                           for n in cls.TENSORS):
             cached = cls(**{n: self._buffers.get(n) for n in cls.TENSORS}, **self._meta)
             self.__dict__["_packed"] = cached
+            if not torch.compiler.is_compiling():
+                hold(cached)   # so the op torch.compile calls finds this object again
         return cached
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in self.__dict__.get("_buffers", ()) and "_meta" in self.__dict__:
+            # a replaced packed tensor: rebuild the weight now, not inside a traced forward
+            self.quantized_weight  # noqa: B018
 
     def _weight_type(self) -> type:
         return WEIGHT_TYPES[self.format]

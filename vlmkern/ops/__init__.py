@@ -12,7 +12,7 @@ import os
 import torch
 
 from ..formats import PackedWeight
-from . import reference
+from . import compiled, reference
 from .backends import (BACKENDS, BackendError, KernelSpec, OP_OF_FORMAT, available_backends,
                        explain, select)
 
@@ -25,7 +25,7 @@ def _check_finite_enabled(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" or os.environ.get("VLMKERN_CHECK_FINITE") == "1"
 
 
-def _validate(x, qweight, bias) -> None:
+def _validate(x, qweight, bias, check_finite: bool = True) -> None:
     if not isinstance(qweight, PackedWeight):
         raise TypeError(f"qweight must be a vlmkern quantized weight, got {type(qweight).__name__}")
     if not isinstance(x, torch.Tensor):
@@ -43,12 +43,34 @@ def _validate(x, qweight, bias) -> None:
                              f"{tuple(getattr(bias, 'shape', ()))}")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    if _check_finite_enabled(x) and not bool(torch.isfinite(x).all()):
+    if check_finite and _check_finite_enabled(x) and not bool(torch.isfinite(x).all()):
         raise ValueError("x holds NaN or Inf values")
 
 
 def linear(x: torch.Tensor, qweight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantized linear layer: x [..., K] -> [..., N] in x's dtype."""
+    """Quantized linear layer: x [..., K] -> [..., N] in x's dtype.
+
+    Differentiable in x and bias: the gradient is that of x @ W^T + bias
+    with W the dequantized weight (integer-activation layers pass it
+    straight through their activation rounding). Under torch.compile this
+    is one opaque op, ``torch.ops.vlmkern.linear`` (see ``compiled``),
+    which runs the same dispatch when the graph runs."""
+    if torch.compiler.is_compiling():
+        _validate(x, qweight, bias, check_finite=False)   # traced: shape errors at compile time
+        return compiled.call(x, qweight, bias)
+    if torch.is_grad_enabled() and (getattr(x, "requires_grad", False)
+                                    or getattr(bias, "requires_grad", False)):
+        # The kernels have no backward; the op's autograd formula gives one
+        # (a kernel's output alone would silently cut the graph).
+        _validate(x, qweight, bias)
+        compiled.hold(qweight)
+        return compiled.call(x, qweight, bias)
+    return dispatch_linear(x, qweight, bias)
+
+
+def dispatch_linear(x: torch.Tensor, qweight: PackedWeight,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear`` without autograd: check the inputs, pick a kernel, run it."""
     from . import builtin  # noqa: F401  (registers backends on first call)
 
     _validate(x, qweight, bias)

@@ -1,0 +1,238 @@
+"""Quantized layers under torch.compile and autograd.
+
+Under torch.compile ``ops.linear`` is one opaque op (``vlmkern::linear``)
+whose real implementation runs the eager dispatch when the graph runs: the
+compiled model must give exactly the eager outputs, hand the kernels the
+layer's own weight object (their layout caches are per object), and keep the
+argument checks. Gradients, eager or compiled, are those of x @ W^T + bias
+with W the dequantized weight. CPU tests run on the torch reference; the GPU
+tests run the CUDA kernels, including a CUDA-graph capture by
+``mode="reduce-overhead"``.
+"""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_cuda_weight_only import gpu, make_weight
+from torch import nn
+
+import vlmkern
+from vlmkern import BinaryConfig, IntActConfig, QuantConfig, ops
+from vlmkern.ops import compiled
+
+K, N = 256, 96
+
+CONFIGS = {
+    "w4g64": QuantConfig(4, 64),
+    "w3-per-row": QuantConfig(3, None),
+    "w2g32": QuantConfig(2, 32),
+    "w8a8": IntActConfig(8, 8),
+    "w4a4g64": IntActConfig(4, 4, group_size=64),
+    "binary": BinaryConfig(),
+}
+
+
+def _layer(config, bias=True, laid_out=False, device="cpu", k=K, n=N):
+    torch.manual_seed(0)
+    layer = vlmkern.QuantLinear.from_linear(nn.Linear(k, n, bias=bias), config)
+    if laid_out:
+        layer.to_kernel_layout()
+    return layer.to(device)
+
+
+def _op_targets(model, *args):
+    """The call_function targets of the graph Dynamo builds for model(*args)."""
+    targets = []
+
+    def backend(gm, inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(*args)
+    return targets
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_compiled_layer_equals_eager(name):
+    layer = _layer(CONFIGS[name])
+    torch._dynamo.reset()
+    model = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        for m, dtype in ((1, torch.float32), (5, torch.float32), (17, torch.bfloat16),
+                         (3, torch.float16)):
+            x = torch.randn(2, m, K, dtype=dtype)
+            assert torch.equal(model(x), layer(x)), (m, dtype)
+
+
+def test_one_opaque_op_per_layer():
+    model = nn.Sequential(_layer(CONFIGS["w4g64"]), nn.GELU(), _layer(CONFIGS["binary"], k=N),
+                          nn.GELU(), _layer(CONFIGS["w8a8"], k=N))
+    with torch.no_grad():
+        targets = _op_targets(model, torch.randn(3, K))
+    # the three layers and the two GELUs: nothing of the dispatch was traced
+    assert targets.count("vlmkern.linear.default") == 3 and len(targets) == 5, targets
+
+
+def test_laid_out_and_act_order_weights():
+    torch.manual_seed(0)
+    qw = make_weight(N, K, 4, 64, False, perm=True)
+    layer = vlmkern.QuantLinear.from_linear(nn.Linear(K, N), qw)
+    laid = _layer(QuantConfig(4, 64), laid_out=True)
+    for module in (layer, laid):
+        torch._dynamo.reset()
+        x = torch.randn(7, K)
+        with torch.no_grad():
+            assert torch.equal(torch.compile(module, fullgraph=True)(x), module(x))
+
+
+def test_op_runs_on_the_layers_own_weight(monkeypatch):
+    """The kernels cache their weight layouts per weight object: the op must
+    hand them the layer's object, not a new one per call."""
+    layer = _layer(CONFIGS["w4g64"])
+    got = []
+    eager = ops.dispatch_linear
+
+    def spy(x, qweight, bias=None):
+        got.append(qweight)
+        return eager(x, qweight, bias)
+
+    monkeypatch.setattr(ops, "dispatch_linear", spy)
+    torch._dynamo.reset()
+    model = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        for m in (1, 2, 9):
+            model(torch.randn(m, K))
+    assert len(got) == 3 and all(w is layer.quantized_weight for w in got)
+    for replace in (lambda: setattr(layer, "scales", layer.scales.clone()),
+                    lambda: layer._apply(torch.clone)):
+        before = layer.quantized_weight
+        replace()     # new packed tensors: a new weight object, built and held now
+        with torch.no_grad():
+            model(torch.randn(4, K))
+        assert got[-1] is layer.quantized_weight and got[-1] is not before
+
+
+def test_weight_no_layer_holds_is_rebuilt_correctly():
+    qweight = _layer(CONFIGS["w3-per-row"]).quantized_weight
+    copy = dataclasses.replace(qweight)       # the same tensors, an object no layer holds
+    x = torch.randn(5, K)
+    torch._dynamo.reset()
+    compiled_linear = torch.compile(lambda x: ops.linear(x, copy), fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled_linear(x), ops.linear(x, qweight))
+    rebuilt = compiled._weight(list(copy.tensors().values()), type(copy).__name__,
+                               compiled.describe(copy))
+    assert rebuilt is not copy and rebuilt.meta() == copy.meta()
+    assert all(a is b for a, b in zip(rebuilt.tensors().values(), copy.tensors().values()))
+
+
+def test_checks_still_raise_under_compile():
+    layer = _layer(CONFIGS["w4g64"])
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(ValueError, match="in_features=256"):
+        torch.compile(layer)(torch.randn(3, K - 1))
+    x = torch.randn(3, K)
+    x[1, 5] = float("nan")
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(ValueError, match="NaN or Inf"):
+        torch.compile(layer, fullgraph=True)(x)
+    with pytest.raises(TypeError, match="weight types"):
+        compiled.call(x, object(), None)
+
+
+def test_fake_implementation_gives_shape_and_dtype():
+    qweight = _layer(CONFIGS["binary"]).quantized_weight
+    tensors = [t.to("meta") for t in qweight.tensors().values()]
+    y = torch.ops.vlmkern.linear(torch.empty(2, 7, K, dtype=torch.bfloat16, device="meta"),
+                                 tensors, None, type(qweight).__name__,
+                                 compiled.describe(qweight), N)
+    assert y.shape == (2, 7, N) and y.dtype == torch.bfloat16 and y.device.type == "meta"
+
+
+@pytest.mark.parametrize("name", ["w4g64", "binary", "w8a8"])
+def test_opcheck(name):
+    """torch's own checks of a custom op: schema, fake tensors, autograd
+    registration and AOT dispatch (static and dynamic shapes)."""
+    qweight = _layer(CONFIGS[name]).quantized_weight
+    x = torch.randn(4, K, requires_grad=True)
+    bias = torch.randn(N, requires_grad=True)
+    args = (x, list(qweight.tensors().values()), bias, type(qweight).__name__,
+            compiled.describe(qweight), N)
+    torch.library.opcheck(torch.ops.vlmkern.linear.default, args)
+
+
+def _dense_grads(layer, x, grad_out):
+    """x's and bias's gradients of F.linear with the dequantized weight, in fp64."""
+    w = layer.quantized_weight.dequantize(torch.float64)
+    xd = x.detach().double().requires_grad_(True)
+    bd = layer.bias.detach().double().requires_grad_(True)
+    F.linear(xd, w, bd).backward(grad_out.double())
+    return xd.grad.to(x.dtype), bd.grad.to(layer.bias.dtype)
+
+
+@pytest.mark.parametrize("name", ["w4g64", "w2g32", "binary", "w8a8"])
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_gradients_are_those_of_the_dequantized_weight(name, mode):
+    layer = _layer(CONFIGS[name])
+    layer.bias.requires_grad_(True)
+    run = layer
+    if mode == "compiled":
+        torch._dynamo.reset()
+        run = torch.compile(layer, fullgraph=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 3, K, dtype=dtype, requires_grad=True)
+        grad_out = torch.randn(2, 3, N, dtype=dtype)
+        layer.bias.grad = None
+        run(x).backward(grad_out)
+        want_x, want_bias = _dense_grads(layer, x, grad_out)
+        assert torch.equal(x.grad, want_x), dtype
+        assert torch.equal(layer.bias.grad, want_bias), dtype
+
+
+def test_forward_with_grad_equals_forward_without():
+    """A forward that records the graph computes the same outputs."""
+    for name in ("w4g64", "w8a8", "binary"):
+        layer = _layer(CONFIGS[name])
+        x = torch.randn(6, K)
+        with torch.no_grad():
+            want = layer(x)
+        got = layer(x.clone().requires_grad_(True))
+        assert got.requires_grad and torch.equal(got.detach(), want), name
+
+
+# -- GPU: the CUDA kernels in a compiled model -----------------------------------------
+def _gpu_model(dtype):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        _layer(QuantConfig(4, 128), device="cuda", k=1024, n=768), nn.SiLU(),
+        _layer(QuantConfig(3, 64), device="cuda", k=768, n=1024), nn.SiLU(),
+        _layer(BinaryConfig(), device="cuda", k=1024, n=512), nn.SiLU(),
+        _layer(IntActConfig(8, 8), device="cuda", k=512, n=256)).to(dtype)
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_gpu_compiled_model_equals_eager(mode):
+    """reduce-overhead captures the kernels in CUDA graphs (stream-K counters
+    of the graph's own) and replays them on new inputs."""
+    model = _gpu_model(torch.float16)
+    torch._dynamo.reset()
+    run = torch.compile(model, mode=mode, fullgraph=True)
+    with torch.no_grad():
+        for step in range(6):           # warm-up, capture, then replays
+            for m in (1, 16):
+                x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
+                assert torch.equal(run(x).clone(), model(x)), (step, m)
+    torch.cuda.synchronize()
+    assert all(int(buf.abs().sum()) == 0 for buf in vlmkern.ops.cuda_weight_only._COUNTERS.values())
+
+
+@gpu
+def test_gpu_gradients_flow_through_kernels():
+    model = _gpu_model(torch.bfloat16)
+    x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    model(x).float().square().sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+    assert float(x.grad.abs().sum()) > 0

@@ -1,0 +1,123 @@
+"""``vlmkern::linear``: ``ops.linear`` as one opaque op for torch.compile.
+
+The dispatch behind ``ops.linear`` is host-side Python that Dynamo should not
+trace: environment reads, weak-keyed caches of the kernels' weight layouts,
+and the stream queries that choose the stream-K kernels' counters. The last
+must run when the kernel is launched: under CUDA-graph capture (``mode=
+"reduce-overhead"``) a capture gets counters of its own, and a buffer picked
+once at trace time would be shared by every graph and by eager work.
+
+So under torch.compile ``ops.linear`` is one call of this op. Its fake
+implementation gives the output's shape and dtype; its real one runs the
+eager dispatch at run time on the same weight object, which it finds again
+from the weight's first packed tensor (see ``hold``), so the cached kernel
+layouts are reused rather than rebuilt on every call.
+"""
+from __future__ import annotations
+
+import ast
+import warnings
+import weakref
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..formats import WEIGHT_TYPES, PackedWeight
+from .laid_out import LaidOutWeight
+
+_TYPES = {cls.__name__: cls for cls in (*WEIGHT_TYPES.values(), LaidOutWeight)}
+
+# first packed tensor -> weakref to the weight object built over it
+_HELD = WeakIdKeyDictionary()
+_WARNED = False
+
+
+def hold(qweight: PackedWeight) -> None:
+    """Let the compiled op find ``qweight`` from its tensors at run time (the
+    object stays owned by the caller; a QuantLinear holds its weight)."""
+    _HELD[getattr(qweight, type(qweight).TENSORS[0])] = weakref.ref(qweight)
+
+
+def describe(qweight: PackedWeight) -> str:
+    """The weight's non-tensor part as a Python literal: the names of its
+    present tensors (optional ones may be None) and its metadata."""
+    cls = type(qweight)
+    return repr((tuple(k for k in cls.TENSORS if getattr(qweight, k) is not None),
+                 tuple(getattr(qweight, k) for k in cls.META)))
+
+
+def call(x: torch.Tensor, qweight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``linear_op`` on ``qweight`` (the caller has checked the arguments)."""
+    cls = type(qweight)
+    if cls.__name__ not in _TYPES:
+        raise TypeError(f"vlmkern.ops.linear under torch.compile or autograd takes the weight "
+                        f"types {sorted(_TYPES)}, got {cls.__name__}")
+    tensors = [t for t in (getattr(qweight, k) for k in cls.TENSORS) if t is not None]
+    return linear_op(x, tensors, bias, cls.__name__, describe(qweight), qweight.out_features)
+
+
+def _weight(tensors: list, type_name: str, description: str, warn: bool = True) -> PackedWeight:
+    """The weight object over ``tensors``: the one held for them, else a new one."""
+    cls = _TYPES[type_name]
+    ref = _HELD.get(tensors[0])
+    held = ref() if ref is not None else None
+    if (type(held) is cls and describe(held) == description
+            and all(a is b for a, b in zip(held.tensors().values(), tensors))):
+        return held
+    if warn:
+        _warn_unheld(tensors[0])
+    names, meta = ast.literal_eval(description)
+    fields = dict.fromkeys(cls.TENSORS)
+    fields.update(zip(names, tensors))
+    fields.update(zip(cls.META, meta))
+    return cls(**fields)
+
+
+def _warn_unheld(first: torch.Tensor) -> None:
+    global _WARNED
+    if first.device.type == "cuda" and not _WARNED:
+        _WARNED = True
+        warnings.warn("vlmkern.ops.linear under torch.compile got a quantized weight that no "
+                      "QuantLinear holds: its CUDA kernel layout is rebuilt on every call. "
+                      "Compile QuantLinear modules, or call vlmkern.ops.compiled.hold(weight) "
+                      "and keep the weight object alive", stacklevel=3)
+
+
+@torch.library.custom_op("vlmkern::linear", mutates_args=())
+def linear_op(x: torch.Tensor, tensors: list[torch.Tensor], bias: torch.Tensor | None,
+              type_name: str, description: str, out_features: int) -> torch.Tensor:
+    from . import dispatch_linear  # the package imports this module first (no cycle at import)
+    return dispatch_linear(x, _weight(tensors, type_name, description), bias)
+
+
+@linear_op.register_fake
+def _(x, tensors, bias, type_name, description, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+
+def _setup_context(ctx, inputs, output):
+    x, tensors, bias, type_name, description, _ = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.weight_key = (type_name, description)
+    ctx.num_tensors = len(tensors)
+    ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
+
+
+def _backward(ctx, grad):
+    """The gradient of x @ W^T + bias with W the dequantized weight, in the
+    precision the torch reference runs the forward in (fp64 on the CPU).
+    Integer-activation layers pass it straight through their rounding."""
+    x_dtype, bias_dtype = ctx.dtypes
+    dt = torch.float64 if grad.device.type == "cpu" else grad.dtype
+    grad = grad.to(dt)
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = _weight(list(ctx.saved_tensors), *ctx.weight_key, warn=False)
+        grad_x = (grad @ weight.dequantize(dt)).to(x_dtype)
+    if ctx.needs_input_grad[2]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(bias_dtype)
+    return grad_x, [None] * ctx.num_tensors, grad_bias, None, None, None
+
+
+linear_op.register_autograd(_backward, setup_context=_setup_context)
