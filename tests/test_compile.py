@@ -230,6 +230,25 @@ def test_gpu_compiled_model_equals_eager(mode):
 
 
 @gpu
+def test_gpu_reduce_overhead_leaves_the_graph_pool_to_inductor():
+    """CUDA-graph trees send a thread's allocations into their pool during
+    warm-up and treat any live block there that they do not track as free
+    memory (with slow_path_cudagraph_asserts they check it). Layouts and
+    counters made by a first call inside their warm-up must come from the
+    ordinary pools. Three token counts make three graphs in one tree."""
+    model = _gpu_model(torch.float16)        # no layout made yet: the first call makes them
+    torch._dynamo.reset()
+    with torch._inductor.config.patch({"triton.slow_path_cudagraph_asserts": True}), \
+            torch.no_grad():
+        run = torch.compile(model, mode="reduce-overhead", dynamic=False, fullgraph=True)
+        for step in range(4):
+            for m in (1, 16, 5):
+                x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
+                got = run(x).clone()
+                assert torch.equal(got, model(x)), (step, m)
+
+
+@gpu
 def test_gpu_gradients_flow_through_kernels():
     model = _gpu_model(torch.bfloat16)
     x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -116,6 +116,8 @@ class _FakeCuda:
         monkeypatch.setattr("vlmkern.ext.load_extension", lambda: (module, "loaded"))
         monkeypatch.setattr(cw, "_COUNTERS", {})
         monkeypatch.setattr(cw, "_CAPTURE_COUNTERS", {})
+        monkeypatch.setattr(cw, "_CAPTURE_BUFFERS", [])
+        monkeypatch.setattr(cw, "_SPARE_COUNTERS", {})
 
 
 def test_a_capture_never_shares_counters_with_eager_launches_or_another_capture(monkeypatch):
@@ -134,6 +136,27 @@ def test_a_capture_never_shares_counters_with_eager_launches_or_another_capture(
     assert cw._counters(cpu, 8) is eager   # eager launches keep theirs
     fake.stream = 2
     assert cw._counters(cpu, 8) is not eager  # and each stream has its own
+    assert cw._CAPTURE_BUFFERS == [first, second, grown]   # a graph may replay at any time
+
+
+def test_a_capture_takes_the_spare_that_eager_launches_made(monkeypatch):
+    """Nothing can be allocated outside a graph's pool during its capture, so
+    eager launches (the warm-up) keep a spare buffer made outside it."""
+    fake, cpu = _FakeCuda(monkeypatch), torch.device("cpu")
+    cw._counters(cpu, 300)
+    spare = cw._SPARE_COUNTERS[None]
+    spare.fill_(5)
+    fake.capture = 4
+    taken = cw._counters(cpu, 300)
+    assert taken is spare and not taken.any()          # zeroed by the (captured) fill
+    assert None not in cw._SPARE_COUNTERS
+    fake.capture = 6                                   # a second capture, no warm-up between
+    assert cw._counters(cpu, 8) is not spare           # made in place
+    fake.capture = 0
+    cw._counters(cpu, 8)                               # the next eager launch makes a new spare
+    assert cw._SPARE_COUNTERS[None] is not spare and cw._SPARE_COUNTERS[None].numel() >= 300
+    cw._counters(cpu, 4000)                            # and grows it with the layers seen
+    assert cw._SPARE_COUNTERS[None].numel() >= 4000
 
 
 def test_capture_without_the_extension_or_with_an_older_build_is_a_clear_error(monkeypatch):
@@ -203,3 +226,50 @@ def test_capture_id_names_each_capture():
     assert module.capture_id(side.cuda_stream) == 0
     with pytest.raises(TypeError):
         module.capture_id("stream")
+
+
+def test_long_lived_tensors_are_made_on_a_worker_thread(monkeypatch):
+    """torch.compile's CUDA-graph trees send a thread's allocations into their
+    pool during warm-up: layouts and counters are made on a thread of their
+    own (ordered after the caller's stream), a layout made from another one
+    is made in place there (no deadlock), and errors reach the caller."""
+    import threading
+
+    from vlmkern.ops import cuda_common
+
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(("wait", self.name, other.name))
+
+        def synchronize(self):
+            events.append(("sync", self.name))
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(
+        threading.current_thread().name))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: __import__("contextlib").nullcontext())
+    cuda = torch.device("cuda", 0)
+    caller = threading.current_thread().name
+
+    def outer():
+        inner = cuda_common.outside_graph_pools(lambda: threading.current_thread().name, cuda)
+        return threading.current_thread().name, inner
+
+    worker, inner = cuda_common.outside_graph_pools(outer, cuda)
+    assert worker != caller and inner == worker
+    assert events == [("wait", worker, caller), ("sync", worker)]
+
+    def fails():
+        raise ValueError("layout cannot hold it")
+
+    with pytest.raises(ValueError, match="cannot hold"):
+        cuda_common.outside_graph_pools(fails, cuda)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert cuda_common.outside_graph_pools(lambda: threading.current_thread().name, cuda) == caller
+    cpu = torch.device("cpu")
+    assert cuda_common.outside_graph_pools(lambda: threading.current_thread().name, cpu) == caller

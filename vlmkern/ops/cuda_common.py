@@ -8,9 +8,18 @@ activation dtype or MMA mode) and reuses that copy afterwards. The copy is
 held weakly by weight object, never in the weight's state or checkpoints,
 and is rebuilt when one of the weight's tensors is replaced or changed in
 place (``load_state_dict``).
+
+Such long-lived tensors (layouts, the stream-K counters) are made by
+``outside_graph_pools``: a first call may come inside torch.compile's
+CUDA-graph trees (mode="reduce-overhead"), whose warm-up runs send every
+allocation of the calling thread into the graphs' private memory pool and
+later treat any block of that pool they do not track as free memory.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import threading
 import weakref
 from typing import Callable, TypeVar
 
@@ -42,9 +51,54 @@ class LayoutCache:
         version = tensors_version(qweight)
         hit = per_weight.get(key)
         if hit is None or hit[0] != version:
-            hit = (version, make())
+            hit = (version, outside_graph_pools(make, qweight.device))
             per_weight[key] = hit
         return hit[1]
+
+
+_WORKER: concurrent.futures.ThreadPoolExecutor | None = None
+_WORKER_NAME = "vlmkern-outside-graph-pools"
+
+
+def outside_graph_pools(make: Callable[[], L], device: torch.device) -> L:
+    """``make()``, with the CUDA tensors it allocates taken from the ordinary
+    caching-allocator pools even where the calling thread allocates into a
+    CUDA-graph pool. A pool is entered per thread, so the work runs on a
+    worker thread: ordered after the caller's stream, waited for, and its
+    tensors marked as used by the caller's stream (so freeing one later waits
+    for the caller's kernels). During a capture nothing may wait, so there
+    ``make()`` runs in place and its tensors belong to the captured graph."""
+    global _WORKER
+    if (device.type != "cuda" or threading.current_thread().name.startswith(_WORKER_NAME)
+            or torch.cuda.is_current_stream_capturing()):
+        return make()      # (on the worker already: a layout made from another one)
+    caller = torch.cuda.current_stream(device)
+
+    def work():
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device)
+            stream.wait_stream(caller)
+            made = make()
+            stream.synchronize()
+        return made
+
+    if _WORKER is None:
+        _WORKER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=_WORKER_NAME)
+    made = _WORKER.submit(work).result()
+    for t in _tensors_in(made):
+        if t.is_cuda:
+            t.record_stream(caller)
+    return made
+
+
+def _tensors_in(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors_in(item)]
+    return []
 
 
 _MULTIPROCESSORS: dict[int, int] = {}

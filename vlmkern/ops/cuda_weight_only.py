@@ -57,7 +57,13 @@ import torch
 
 from ..formats.groupwise import QuantizedWeight
 from ..formats.packing import pack_bits, packed_words, unpack_bits
-from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op
+from .cuda_common import (
+    LayoutCache,
+    check_activations,
+    multiprocessors,
+    outside_graph_pools,
+    require_op,
+)
 
 BLOCK_ROWS = 128          # output rows per unit: 8 warps x 16
 CHUNK = 128               # input columns per unit
@@ -415,6 +421,8 @@ def stream_k_parts(units: int, ctas: int, chunks: int) -> list[list[tuple[int, i
 _LAYOUTS = LayoutCache()
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 _CAPTURE_COUNTERS: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
+_CAPTURE_BUFFERS: list[torch.Tensor] = []
+_SPARE_COUNTERS: dict[int, torch.Tensor] = {}
 
 
 def kernel_weight(qweight: QuantizedWeight, dtype: torch.dtype) -> MmaWeight:
@@ -426,23 +434,39 @@ def _counters(device: torch.device, blocks: int) -> torch.Tensor:
     """Zeroed int32 counters for the kernels' last-part detection. The kernels
     leave them zero, and launches ordered on one stream never overlap, so
     eager launches share one buffer per (device, stream). A CUDA graph gets a
-    buffer of its own, made on the capture's first launch by a captured fill
-    (so every replay zeroes it before its first kernel) and shared by that
-    capture's later launches: a graph never shares counters with eager work
-    or with another graph, so it may replay on any stream."""
-    stream = torch.cuda.current_stream(device).cuda_stream
-    key = (device.index, stream)
+    buffer of its own, shared by that capture's launches and zeroed by a
+    captured fill at its first, so every replay starts from zero: a graph
+    never shares counters with eager work or with another graph, so it may
+    replay on any stream.
+
+    Every buffer is made outside CUDA-graph pools (``outside_graph_pools``);
+    a capture takes the spare that eager calls keep ready, since nothing can
+    be made outside its pool during the capture itself. A capture's buffer is
+    kept for good (a few KB): its graph may be replayed at any time."""
+    index, stream = device.index, torch.cuda.current_stream(device).cuda_stream
+    key = (index, stream)
+    size = max(blocks, 1024)
     if torch.cuda.is_current_stream_capturing():
         capture = _capture_id(stream)
         seen = _CAPTURE_COUNTERS.get(key)
         if seen is None or seen[0] != capture or seen[1].numel() < blocks:
-            seen = (capture, torch.zeros(max(blocks, 1024), dtype=torch.int32, device=device))
-            _CAPTURE_COUNTERS[key] = seen   # held, so the capture's pool keeps it for the graph
+            spare = _SPARE_COUNTERS.pop(index, None)
+            buf = spare if spare is not None and spare.numel() >= blocks else \
+                torch.empty(size, dtype=torch.int32, device=device)   # no warm-up: the graph's pool
+            buf.zero_()                       # captured: runs at the start of every replay
+            seen = (capture, buf)
+            _CAPTURE_COUNTERS[key] = seen
+            _CAPTURE_BUFFERS.append(buf)
         return seen[1]
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < blocks:
-        buf = torch.zeros(max(blocks, 1024), dtype=torch.int32, device=device)
+        buf = outside_graph_pools(lambda: torch.zeros(size, dtype=torch.int32, device=device),
+                                  device)
         _COUNTERS[key] = buf
+    spare = _SPARE_COUNTERS.get(index)
+    if spare is None or spare.numel() < blocks:
+        _SPARE_COUNTERS[index] = outside_graph_pools(
+            lambda: torch.empty(size, dtype=torch.int32, device=device), device)
     return buf
 
 
