@@ -202,6 +202,29 @@ def test_forward_with_grad_equals_forward_without():
         assert got.requires_grad and torch.equal(got.detach(), want), name
 
 
+def test_quantized_hf_model_compiles_without_graph_breaks():
+    """A Llama whose linears are W4, binary and W8A8 layers traces into one
+    graph (aot_eager: Dynamo and AOT autograd without code generation) and
+    gives the eager logits exactly."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from tiny_models import build_llama
+
+    model, inputs = build_llama()
+    vlmkern.replace_linears(model, {"*.mlp.*": BinaryConfig(block_size=64),
+                                    "*.self_attn.[qk]_proj": IntActConfig(8, 8),
+                                    "*": QuantConfig(4, 32)}, progress=False)
+    formats = {m.format for m in model.modules() if isinstance(m, vlmkern.QuantLinear)}
+    assert formats == {"groupwise", "binary", "intact"}
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        want = model(**inputs).logits
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(**inputs).logits
+    assert torch.equal(got, want)
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
 # -- GPU: the CUDA kernels in a compiled model -----------------------------------------
 def _gpu_model(dtype):
     torch.manual_seed(0)
