@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_cuda_weight_only import gpu, make_weight
+from tiny_models import build_llama
 from torch import nn
 
 import vlmkern
@@ -202,20 +203,21 @@ def test_forward_with_grad_equals_forward_without():
         assert got.requires_grad and torch.equal(got.detach(), want), name
 
 
-def test_quantized_hf_model_compiles_without_graph_breaks():
-    """A Llama whose linears are W4, binary and W8A8 layers traces into one
-    graph (aot_eager: Dynamo and AOT autograd without code generation) and
-    gives the eager logits exactly."""
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from tiny_models import build_llama
-
-    model, inputs = build_llama()
+def _quantized_llama(**overrides):
+    """A tiny Llama whose linears are W4, binary and W8A8 layers."""
+    model, inputs = build_llama(**overrides)
     vlmkern.replace_linears(model, {"*.mlp.*": BinaryConfig(block_size=64),
                                     "*.self_attn.[qk]_proj": IntActConfig(8, 8),
                                     "*": QuantConfig(4, 32)}, progress=False)
     formats = {m.format for m in model.modules() if isinstance(m, vlmkern.QuantLinear)}
     assert formats == {"groupwise", "binary", "intact"}
+    return model, inputs
+
+
+def test_quantized_hf_model_compiles_without_graph_breaks():
+    """The model traces into one graph (aot_eager: Dynamo and AOT autograd
+    without code generation) and gives the eager logits exactly."""
+    model, inputs = _quantized_llama()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     with torch.no_grad():
@@ -225,13 +227,29 @@ def test_quantized_hf_model_compiles_without_graph_breaks():
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
+def test_generate_with_static_cache_and_compiled_forward():
+    """transformers' recipe for fast decoding (a static KV cache, the forward
+    compiled with fullgraph) runs through the op and picks the eager tokens."""
+    model, inputs = _quantized_llama()
+    ids = inputs["input_ids"][:1]
+    want = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model.forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
+    got = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    assert torch.equal(got, want)
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
 # -- GPU: the CUDA kernels in a compiled model -----------------------------------------
 def _gpu_model(dtype):
+    # quantized layers only: an activation between them would be code that
+    # inductor generates, whose rounding may differ from eager's by an ulp
     torch.manual_seed(0)
     return nn.Sequential(
-        _layer(QuantConfig(4, 128), device="cuda", k=1024, n=768), nn.SiLU(),
-        _layer(QuantConfig(3, 64), device="cuda", k=768, n=1024), nn.SiLU(),
-        _layer(BinaryConfig(), device="cuda", k=1024, n=512), nn.SiLU(),
+        _layer(QuantConfig(4, 128), device="cuda", k=1024, n=768),
+        _layer(QuantConfig(3, 64), device="cuda", k=768, n=1024),
+        _layer(BinaryConfig(), device="cuda", k=1024, n=512),
         _layer(IntActConfig(8, 8), device="cuda", k=512, n=256)).to(dtype)
 
 
@@ -269,6 +287,27 @@ def test_gpu_reduce_overhead_leaves_the_graph_pool_to_inductor():
                 x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
                 got = run(x).clone()
                 assert torch.equal(got, model(x)), (step, m)
+
+
+@gpu
+def test_gpu_generate_with_static_cache_and_reduce_overhead():
+    """The same recipe on the GPU with CUDA graphs: the layers run on the
+    kernels inside captured decode steps. Compared with the same compiled
+    forward without graphs (inductor's code for the rest of the model may
+    round differently from eager's)."""
+    model, inputs = _quantized_llama(hidden_size=512, intermediate_size=1024)
+    model = model.half().cuda()
+    ids = inputs["input_ids"][:1].cuda()
+    eager_forward = model.forward
+    runs = {}
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        model.forward = torch.compile(eager_forward, mode=mode, fullgraph=True)
+        runs[mode] = [model.generate(ids, max_new_tokens=8, do_sample=False,
+                                     cache_implementation="static") for _ in range(2)]
+    # the second reduce-overhead run replays the captured steps
+    want = runs["default"][0]
+    assert all(torch.equal(got, want) for got in runs["default"] + runs["reduce-overhead"])
 
 
 @gpu
