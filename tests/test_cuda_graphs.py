@@ -263,6 +263,12 @@ def test_long_lived_tensors_are_made_on_a_worker_thread(monkeypatch):
     worker, inner = cuda_common.outside_graph_pools(outer, cuda)
     assert worker != caller and inner == worker
     assert events == [("wait", worker, caller), ("sync", worker)]
+    modes = lambda: (torch.is_grad_enabled(), torch.is_inference_mode_enabled())  # noqa: E731
+    with torch.inference_mode():                     # the caller's modes hold there too
+        assert cuda_common.outside_graph_pools(modes, cuda) == (False, True)
+    with torch.no_grad():
+        assert cuda_common.outside_graph_pools(modes, cuda) == (False, False)
+    assert cuda_common.outside_graph_pools(modes, cuda) == (True, False)
 
     def fails():
         raise ValueError("layout cannot hold it")

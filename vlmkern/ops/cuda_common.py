@@ -73,9 +73,11 @@ def outside_graph_pools(make: Callable[[], L], device: torch.device) -> L:
             or torch.cuda.is_current_stream_capturing()):
         return make()      # (on the worker already: a layout made from another one)
     caller = torch.cuda.current_stream(device)
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
-    def work():
-        with torch.cuda.device(device):
+    def work():   # under the caller's autograd modes, which are per thread
+        with torch.cuda.device(device), torch.inference_mode(inference), \
+                torch.set_grad_enabled(grad):
             stream = torch.cuda.current_stream(device)
             stream.wait_stream(caller)
             made = make()
