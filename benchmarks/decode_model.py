@@ -13,9 +13,13 @@ cached layouts, embeddings and head), the physical bytes a deployment pays.
 "graph decode" replays one decode step (static KV cache) from a CUDA graph,
 as a serving loop that captures its step does: kernel time without Python
 and launch overhead (on the CPU the same step runs eagerly, as a smoke test).
+With --compiled, "compiled decode" is ``generate`` with a static KV cache and
+the forward compiled by torch.compile(mode="reduce-overhead"), transformers'
+recipe for fast decoding (CUDA graphs made by inductor; on the CPU, no graphs).
 
     python benchmarks/decode_model.py                       # on the GPU
     python benchmarks/decode_model.py --enable cuda.int_act_wgmma
+    python benchmarks/decode_model.py --compiled --formats "W4 g128"
     python benchmarks/decode_model.py --device cpu --hidden 64 --intermediate 128 \\
         --heads 4 --kv-heads 2 --layers 1 --prompt 8 --steps 2   # smoke run
 
@@ -96,7 +100,7 @@ def median(values):
 
 
 @torch.no_grad()
-def time_model(model, args, device) -> tuple[float, float]:
+def time_model(model, args, device, **generate_args) -> tuple[float, float]:
     """(prefill ms, decode ms per token), medians over --reps runs of greedy
     ``generate``: one new token is the prefill, the extra steps the decode."""
     ids = torch.randint(3, args.vocab, (1, args.prompt), device=device,
@@ -106,14 +110,36 @@ def time_model(model, args, device) -> tuple[float, float]:
         sync(device)
         t0 = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                       **generate_args)
         sync(device)
         return (time.perf_counter() - t0) * 1e3
 
+    if generate_args:     # compiled: each length (its static cache) compiles, then captures
+        for _ in range(2):
+            run(1), run(1 + args.steps)
     run(2)                                    # warm-up: layouts, autotuning, allocator
     prefill = [run(1) for _ in range(args.reps)]
     whole = [run(1 + args.steps) for _ in range(args.reps)]
     return median(prefill), max(median(whole) - median(prefill), 0.0) / args.steps
+
+
+def compiled_cells(model, args, device, base: float | None = None) -> tuple[str, float]:
+    """The compiled decode cells (ms per token, speedup against ``base``):
+    transformers' recipe for fast decoding, greedy ``generate`` with a static
+    KV cache and the forward compiled with mode="reduce-overhead" (CUDA
+    graphs of whole steps; the quantized layers are one opaque op each)."""
+    torch._dynamo.reset()
+    model.forward = torch.compile(type(model).forward.__get__(model), mode="reduce-overhead",
+                                  fullgraph=True)
+    try:
+        _, ms = time_model(model, args, device, cache_implementation="static")
+    except Exception as e:  # noqa: BLE001 -- a model that does not compile is a result
+        return f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]} | ", float("nan")
+    finally:
+        del model.forward                     # back to the eager forward
+    speedup = 1.0 if base is None else base / ms if ms > 0 else float("nan")
+    return f"{ms:.3f} | {speedup:.2f}", ms
 
 
 def static_cache(model, length: int, device):
@@ -203,6 +229,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--enable", default="", help="comma-separated opt-in kernels, one more run each")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time generate with a static cache and the forward compiled "
+                         "(mode=reduce-overhead; compiles every model, minutes)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -219,12 +248,16 @@ def main(argv=None) -> int:
              f"medians of {args.reps}; wall time between synchronizations. Reproduce: "
              f"`python benchmarks/decode_model.py`."), "",
             "| weights | kernels | GPU MiB | prefill ms | decode ms/token | decode speedup "
-            "| graph decode ms/token | graph speedup |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| graph decode ms/token | graph speedup |"
+            + (" compiled decode ms/token | compiled speedup |" if args.compiled else ""),
+            "|---|---|---|---|---|---|---|---|" + ("---|---|" if args.compiled else "")]
     print("\n".join(head), flush=True)
     rows = []
     base_pre, base_dec = time_model(dense, args, device)
     cells, base_graph = graph_cells(dense, args, device)
+    if args.compiled:
+        compiled, base_compiled = compiled_cells(dense, args, device)
+        cells += f" | {compiled}"
     rows.append(f"| dense {str(next(dense.parameters()).dtype).removeprefix('torch.')} | torch | "
                 f"{allocated_mib(device, before)} | {base_pre:.2f} | {base_dec:.3f} | 1.0 | {cells} |")
     print(rows[-1], flush=True)
@@ -245,6 +278,8 @@ def main(argv=None) -> int:
             try:
                 pre, dec = time_model(model, args, device)
                 cells, _ = graph_cells(model, args, device, base_graph)
+                if args.compiled:
+                    cells += f" | {compiled_cells(model, args, device, base_compiled)[0]}"
                 rows.append(f"| {label} | {enable or 'default'} | {allocated_mib(device, before)} | "
                             f"{pre:.2f} | {dec:.3f} | {base_dec / dec if dec > 0 else float('nan'):.2f} "
                             f"| {cells} |")

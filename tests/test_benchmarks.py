@@ -31,6 +31,18 @@ def test_decode_model_runs_on_cpu(tmp_path, capsys):
         assert prefill > 0 and decode >= 0 and graph_decode > 0
 
 
+def test_decode_model_compiled_column(tmp_path):
+    rc = decode_model.main(["--device", "cpu", "--hidden", "64", "--intermediate", "128",
+                            "--heads", "4", "--kv-heads", "2", "--layers", "1", "--vocab", "128",
+                            "--prompt", "8", "--steps", "2", "--reps", "1", "--formats", "W8A8",
+                            "--compiled", "--out", str(tmp_path)])
+    assert rc == 0
+    table = (tmp_path / "decode_model_cpu.md").read_text().splitlines()
+    rows = [r for r in table if r.startswith("| ") and not r.startswith("| weights")]
+    assert len(rows) == 2 and not any("error" in r for r in rows), rows
+    assert all(float(r.split(" | ")[8]) > 0 for r in rows)     # compiled decode ms/token
+
+
 
 def test_sass_count_triton_counts_both_decode_loops():
     # a subprocess: kernels decorated in the interpreter (other tests) cannot be compiled
