@@ -54,4 +54,5 @@ NOT_YET_RUN_ON_A_GPU = ("weight_only_wgmma", "sm90", "weight_only_dequant",
 def pytest_collection_modifyitems(items):
     if torch.cuda.is_available():
         items.sort(key=lambda item: (any(tag in item.nodeid for tag in NOT_YET_RUN_ON_A_GPU),
-                                     "compile" in item.name))
+                                     "compile" in item.name
+                                     or item.path.name == "test_compile.py"))
