@@ -12,6 +12,10 @@ implementation gives the output's shape and dtype; its real one runs the
 eager dispatch at run time on the same weight object, which it finds again
 from the weight's first packed tensor (see ``hold``), so the cached kernel
 layouts are reused rather than rebuilt on every call.
+
+The op also carries the layers' gradient (``register_autograd``), so an
+eager forward that autograd records goes through it too: the kernels have
+no backward of their own.
 """
 from __future__ import annotations
 
@@ -93,7 +97,6 @@ def linear_op(x: torch.Tensor, tensors: list[torch.Tensor], bias: torch.Tensor |
 @linear_op.register_fake
 def _(x, tensors, bias, type_name, description, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
-
 
 
 def _setup_context(ctx, inputs, output):
