@@ -295,6 +295,7 @@ def test_gpu_generate_with_static_cache_and_reduce_overhead():
     kernels inside captured decode steps. Compared with the same compiled
     forward without graphs (inductor's code for the rest of the model may
     round differently from eager's)."""
+    pytest.importorskip("transformers")
     model, inputs = _quantized_llama(hidden_size=512, intermediate_size=1024)
     model = model.half().cuda()
     ids = inputs["input_ids"][:1].cuda()
