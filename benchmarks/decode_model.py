@@ -40,16 +40,17 @@ import torch
 import vlmkern
 from vlmkern import BinaryConfig, IntActConfig, QuantConfig
 
-# label -> (plan for replace_linears, weight-only codes held only in the CUDA
-# kernel layout: vlmkern.to_kernel_layout). The LUQ-style row mixes precisions
-# by layer as LUQ does (binarized layers, the rest W4); which layers is
-# fixed here, since the weights are random.
+# label -> (plan for replace_linears, codes held only in the CUDA kernel
+# layouts: False, "weight-only" or "all", the binary layers' too; see
+# vlmkern.to_kernel_layout). The LUQ-style rows mix precisions by layer as LUQ
+# does (binarized layers, the rest W4); which layers is fixed here, since the
+# weights are random.
+_LUQ_STYLE = {r"re:model\.layers\.\d*[02468]\..*": BinaryConfig(), "*": QuantConfig(4, 128)}
 FORMATS = {"W4 g128": (QuantConfig(4, 128), False),
-           "W4 g128 kernel layout": (QuantConfig(4, 128), True),
+           "W4 g128 kernel layout": (QuantConfig(4, 128), "weight-only"),
            "W2 g128": (QuantConfig(2, 128), False), "W8A8": (IntActConfig(8, 8), False),
-           "LUQ-style: binary even layers + W4 odd": (
-               {r"re:model\.layers\.\d*[02468]\..*": BinaryConfig(), "*": QuantConfig(4, 128)},
-               True)}
+           "LUQ-style: binary even layers + W4 odd": (_LUQ_STYLE, "weight-only"),
+           "LUQ-style: binary layers in the table layout too": (_LUQ_STYLE, "all")}
 
 
 def build_model(args, device):
@@ -266,7 +267,7 @@ def main(argv=None) -> int:
         before = allocated(device)
         model, _ = vlmkern.replace_linears(copy.deepcopy(dense), config, progress=False)
         if laid_out:
-            vlmkern.to_kernel_layout(model, progress=False)
+            vlmkern.to_kernel_layout(model, progress=False, binary=laid_out == "all")
         timed = set()
         for enable in ("", *[e for e in args.enable.split(",") if e]):
             os.environ["VLMKERN_ENABLE"] = enable

@@ -24,7 +24,8 @@ def test_decode_model_runs_on_cpu(tmp_path, capsys):
     rows = [r for r in table if r.startswith("| ") and not r.startswith("| weights")]
     assert [r.split(" | ")[0] for r in rows] == ["| dense float32", "| W4 g128",
                                                  "| W4 g128 kernel layout", "| W2 g128", "| W8A8",
-                                                 "| LUQ-style: binary even layers + W4 odd"]
+                                                 "| LUQ-style: binary even layers + W4 odd",
+                                                 "| LUQ-style: binary layers in the table layout too"]
     assert not any("error" in r for r in rows), rows
     for r in rows:
         prefill, decode, _, graph_decode = (float(v) for v in r.split(" | ")[3:7])

@@ -57,7 +57,7 @@ def test_a_binarized_matrix_decodes_exactly():
 def test_table_values_are_the_dequantized_values():
     bw = make_binary(8, 256, 128, salient=0.3, seed=1, stats_dtype=torch.float32)
     sign, aux, sal = bw.planes()
-    values = lut.table_values(bw)                                   # [N, blocks, 8]
+    values = lut.table_values(bw.stats)                                   # [N, blocks, 8]
     index = sign.long() + 2 * aux.long() + 4 * sal.long()
     blk = torch.arange(256) // 128
     picked = values[torch.arange(8).unsqueeze(1), blk, index]

@@ -228,7 +228,7 @@ def test_layout_agrees_with_the_load_time_module():
         bw = make_binary(n, k, 128, salient=0.2, seed=n)
         sign, aux, sal = bw.planes()
         index = sign.to(torch.int64) + 2 * aux.to(torch.int64)
-        codes, tables, merge = pack_layout(index, lut.table_values(bw).to(dtype), sal)
+        codes, tables, merge = pack_layout(index, lut.table_values(bw.stats).to(dtype), sal)
         lw = lut.to_lut_layout(bw, dtype)
         assert torch.equal(lw.codes, codes) and torch.equal(lw.tables, tables)
         assert torch.equal(lw.merge, merge)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .config import BinaryConfig, IntActConfig, QuantConfig, config_to_dict
 from .formats import PackedWeight
-from .nn import QuantLinear, WeightOnlyLinear
+from .nn import BinaryLinear, QuantLinear, WeightOnlyLinear
 
 # Language-model head, vision towers and multimodal projectors stay in full precision.
 DEFAULT_SKIP = ("lm_head", "*.lm_head", "*vision_tower*", "*vision_model*", "*visual.*",
@@ -190,19 +190,29 @@ def replace_linears(model: nn.Module, plan, skip=DEFAULT_SKIP, progress: bool = 
     return model, report
 
 
-def to_kernel_layout(model: nn.Module, progress: bool = True) -> list[str]:
+def to_kernel_layout(model: nn.Module, progress: bool = True, binary: bool = False) -> list[str]:
     """Hold the codes of every weight-only layer the CUDA tensor-core kernels
     can run (2/3/4 bits, group 16/32/64/multiple of 128 or per row) only in
     the kernels' layout, so the GPU holds each layer's packed bytes once
-    instead of twice (canonical stream + layout). Best done before the model
-    moves to the GPU. Checkpoints still save and load the canonical format.
-    Returns the names of the layers converted; the others are left as they are.
+    instead of twice (canonical stream + layout). With ``binary``, likewise
+    the sign and aux bits of every binary layer of block size 128, in the
+    lookup-table kernel's layout (about 4 bits per weight on the GPU instead
+    of 6; prefill-sized calls of such a layer then need
+    ``VLMKERN_ENABLE=cuda.binary_lut_tma`` on Hopper, or run slower on a
+    dequantized copy). Best done before the model moves to the GPU.
+    Checkpoints still save and load the canonical format. Returns the names
+    of the layers converted; the others are left as they are.
     """
-    from .ops.cuda_weight_only import unsupported_reason
+    from .ops import cuda_binary_lut, cuda_weight_only
+
+    def fits(m) -> bool:
+        if isinstance(m, WeightOnlyLinear):
+            return cuda_weight_only.unsupported_reason(m.quantized_weight) is None
+        return binary and isinstance(m, BinaryLinear) and \
+            cuda_binary_lut.unsupported_reason(m.quantized_weight) is None
 
     todo = [(name, m) for name, m in model.named_modules()
-            if isinstance(m, WeightOnlyLinear) and not m.laid_out
-            and unsupported_reason(m.quantized_weight) is None]
+            if isinstance(m, (WeightOnlyLinear, BinaryLinear)) and not m.laid_out and fits(m)]
     for _, module in tqdm(todo, desc="kernel layout", disable=not progress or not todo):
         module.to_kernel_layout()
     return [name for name, _ in todo]

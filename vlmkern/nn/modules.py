@@ -13,11 +13,12 @@ from torch import nn
 
 from .. import ops
 from ..config import AnyConfig
-from ..formats import WEIGHT_TYPES, PackedWeight, QuantizedWeight
+from ..formats import WEIGHT_TYPES, BinaryWeight, PackedWeight, QuantizedWeight
 from ..formats.packing import packed_words
 from ..ops.compiled import hold
 from ..ops.cuda_weight_only import layout_codes
 from ..ops.laid_out import LaidOutWeight
+from ..ops.laid_out_binary import LaidOutBinaryWeight
 from ..quant import quantize_weight
 
 
@@ -189,8 +190,74 @@ class IntActLinear(QuantLinear):
 
 
 class BinaryLinear(QuantLinear):
-    """BiLLM-style binarized weights, float activations."""
+    """BiLLM-style binarized weights, float activations.
+
+    ``to_kernel_layout()`` keeps the sign and aux bits only in the
+    lookup-table kernel's layout (``vlmkern.ops.laid_out_binary``): the layer
+    then holds about 4 bits per weight on the GPU instead of 6 (planes and
+    the kernel's copy). ``state_dict`` still writes, and ``load_state_dict``
+    still reads, the canonical planes.
+    """
     FORMAT = "binary"
+
+    @property
+    def laid_out(self) -> bool:
+        """Whether the sign and aux bits are held only in the kernel layout."""
+        return "codes" in self._buffers
+
+    def _weight_type(self) -> type:
+        return LaidOutBinaryWeight if self.laid_out else super()._weight_type()
+
+    def to_kernel_layout(self) -> "BinaryLinear":
+        """Hold the sign and aux bits in the lookup-table kernel's layout only
+        (on the layer's device; raises ValueError for block sizes other than 128)."""
+        if not self.laid_out:
+            laid = LaidOutBinaryWeight.from_binary(self.quantized_weight)
+            buffers = {"codes": laid.codes}
+            buffers.update((k, v) for k, v in self._buffers.items() if k not in ("sign", "aux"))
+            self._buffers = buffers
+            self.quantized_weight  # noqa: B018  (rebuilt now, outside any traced forward)
+        return self
+
+    def saved_tensor_names(self) -> list[str]:
+        names = set(super().saved_tensor_names())
+        if "codes" in names:
+            names = (names - {"codes"}) | {"sign", "aux"}
+        return sorted(names)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self.laid_out:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        own = {}
+        super()._save_to_state_dict(own, prefix, keep_vars)
+        for key, value in own.items():   # checkpoints hold the canonical planes
+            if key == prefix + "codes":
+                canonical = self.quantized_weight.canonical()
+                destination[prefix + "sign"] = canonical.sign
+                destination[prefix + "aux"] = canonical.aux
+            else:
+                destination[key] = value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        keys = (prefix + "sign", prefix + "aux")
+        if self.laid_out and any(key in state_dict for key in keys):
+            planes = [state_dict.get(key) for key in keys]
+            state_dict = {k: v for k, v in state_dict.items() if k not in keys}
+            expected = (self.out_features, packed_words(self.in_features, 1))
+            bad = [key for key, t in zip(keys, planes)
+                   if not isinstance(t, torch.Tensor) or t.dtype != torch.int32
+                   or tuple(t.shape) != expected]
+            if bad:
+                error_msgs.extend(f"{key}: expected an int32 tensor of shape {expected}"
+                                  for key in bad)
+            else:
+                canonical = BinaryWeight(planes[0].to(self.codes.device),
+                                         planes[1].to(self.codes.device), self.salient,
+                                         self.stats, **self._meta)
+                state_dict[prefix + "codes"] = LaidOutBinaryWeight.from_binary(canonical).codes
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
 MODULE_TYPES = {cls.FORMAT: cls for cls in (WeightOnlyLinear, IntActLinear, BinaryLinear)}

@@ -21,7 +21,7 @@ TORCH = register_backend(Backend("torch", probe=lambda: None))
 TORCH.register(KernelSpec("torch.weight_only", "weight_only", reference.weight_only_matmul,
                           laid_out=True))
 TORCH.register(KernelSpec("torch.int_act", "int_act", reference.int_act_matmul))
-TORCH.register(KernelSpec("torch.binary", "binary", reference.binary_matmul))
+TORCH.register(KernelSpec("torch.binary", "binary", reference.binary_matmul, laid_out=True))
 
 
 # -- triton: kernels live in vlmkern.triton_kernels and register themselves ---

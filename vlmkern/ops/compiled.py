@@ -28,8 +28,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..formats import WEIGHT_TYPES, PackedWeight
 from .laid_out import LaidOutWeight
+from .laid_out_binary import LaidOutBinaryWeight
 
-_TYPES = {cls.__name__: cls for cls in (*WEIGHT_TYPES.values(), LaidOutWeight)}
+_TYPES = {cls.__name__: cls
+          for cls in (*WEIGHT_TYPES.values(), LaidOutWeight, LaidOutBinaryWeight)}
 
 # first packed tensor -> weakref to the weight object built over it
 _HELD = WeakIdKeyDictionary()

@@ -100,11 +100,12 @@ class LutWeight:
     dtype: torch.dtype      # activation dtype of the table entries
 
 
-def table_values(qweight: BinaryWeight) -> torch.Tensor:
-    """The 8 values of every row and block in fp32, [N, blocks, 8]: entries
-    0..3 ordinary, 4..7 salient, index s + 2a; the same operations, in the
-    same order, as ``BinaryWeight.dequantize``."""
-    st = qweight.stats.float()
+def table_values(stats: torch.Tensor) -> torch.Tensor:
+    """The 8 values of every row and block of a binary weight's statistics
+    [N, blocks, 8] in fp32, [N, blocks, 8]: entries 0..3 ordinary, 4..7
+    salient, index s + 2a; the same operations, in the same order, as
+    ``BinaryWeight.dequantize``."""
+    st = stats.float()
     dev = st.device
     s = torch.tensor([-1.0, 1.0, -1.0, 1.0], device=dev)            # sign of index e
     a = torch.tensor([-1.0, -1.0, 1.0, 1.0], device=dev)            # aux of index e
@@ -136,38 +137,69 @@ def _lut_codes(sign: torch.Tensor, aux: torch.Tensor, k: int, nb: int, c: int) -
     return _as_int32((lane << shift).sum(dim=(-1, -2, -3))).reshape(nb, c, 8, 128)
 
 
-def to_lut_layout(qweight: BinaryWeight, dtype: torch.dtype) -> LutWeight:
-    """Re-lay a binary weight out for the kernel with tables in ``dtype``
-    (pure torch, any device)."""
-    why = unsupported_reason(qweight)
-    if why is not None:
-        raise ValueError(f"cuda.binary_lut: {why}")
-    if dtype not in ACT_DTYPES:
-        raise ValueError(f"cuda.binary_lut: activations must be float16 or bfloat16, got {dtype}")
+def lut_codes(qweight: BinaryWeight) -> torch.Tensor:
+    """The ``codes`` of a binary weight's sign and aux planes, int32 [NB, C, 8, 128]."""
     n, k = qweight.shape
     nb, c = _cdiv(n, BLOCK), _cdiv(k, BLOCK)
-    dev = qweight.sign.device
-    codes = torch.empty(nb, c, 8, 128, dtype=torch.int32, device=dev)
+    codes = torch.empty(nb, c, 8, 128, dtype=torch.int32, device=qweight.sign.device)
     # A slice of row blocks at a time bounds the int64 temporaries (~40 bytes per weight).
     step = max(1, _RELAYOUT_WEIGHTS // (BLOCK * c * BLOCK))
     for b0 in range(0, nb, step):
         b1 = min(nb, b0 + step)
         codes[b0:b1] = _lut_codes(qweight.sign[b0 * BLOCK: b1 * BLOCK],
                                   qweight.aux[b0 * BLOCK: b1 * BLOCK], k, b1 - b0, c)
-    sal = unpack_bits(qweight.salient, 1, k)
+    return codes
 
-    values = _bits16(table_values(qweight), dtype)                         # [N, C, 8]
+
+def lut_index(codes: torch.Tensor, rows: int, k: int) -> torch.Tensor:
+    """The inverse of ``lut_codes`` for row blocks of ``codes``: each weight's
+    table index s + 2a, int64 [rows, K] (padding dropped)."""
+    nb, c = codes.shape[0], codes.shape[1]
+    words = codes.to(torch.int64).reshape(nb, c, 8, 32, 4, 1, 1, 1) & 0xFFFFFFFF
+    dev = codes.device
+    shift = (2 * torch.arange(4, device=dev).view(1, 4, 1) + 16 * torch.arange(2, device=dev).view(2, 1, 1)
+             + 8 * torch.arange(2, device=dev).view(1, 1, 2))                # [kt%2, r, h]
+    lane = ((words >> shift) & 3).reshape(nb, c, 8, 8, 4, 8, 2, 2, 2)       # b c w g t kt ch rh h
+    index = lane.permute(0, 2, 7, 3, 1, 5, 6, 4, 8).reshape(nb * BLOCK, c * BLOCK)
+    return index[:rows, :k]
+
+
+def lut_tables(stats: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The ``tables`` of a binary weight's statistics [N, blocks, 8] for
+    activations of ``dtype``, int32 [NB, C, 8, 8, 2, 4]."""
+    n, c = stats.shape[0], stats.shape[1]
+    nb = _cdiv(n, BLOCK)
+    values = _bits16(table_values(stats), dtype)                           # [N, C, 8]
     values = torch.nn.functional.pad(values, (0, 0, 0, 0, 0, nb * BLOCK - n))
     values = values.reshape(nb, 8, 2, 8, c, 8).permute(0, 4, 1, 3, 2, 5)    # b c w g rh e
-    tables = _as_int32(values[..., 0::2] | (values[..., 1::2] << 16)).contiguous()
+    return _as_int32(values[..., 0::2] | (values[..., 1::2] << 16)).contiguous()
 
-    flags = torch.nn.functional.pad(sal, (0, c * BLOCK - k))
+
+def lut_merge(salient: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``merge`` selectors of a binary weight's packed salient flags, int32 [C, 32, 8]."""
+    c = _cdiv(k, BLOCK)
+    flags = torch.nn.functional.pad(unpack_bits(salient, 1, k), (0, c * BLOCK - k))
     flags = flags.reshape(c, 8, 2, 4, 2)                                    # c kt ch t h
-    half = torch.tensor(_SALIENT_HALF, device=dev)
+    half = torch.tensor(_SALIENT_HALF, device=salient.device)
     sel = _IDENTITY + (flags * half).sum(dim=-1)                            # c kt ch t
     word = sel[:, :, 0] | (sel[:, :, 1] << 16)                              # c kt t
     merge = word.permute(0, 2, 1).unsqueeze(1).expand(c, 8, 4, 8).reshape(c, 32, 8)
-    return LutWeight(codes, tables, _as_int32(merge).contiguous(), n, k, dtype)
+    return _as_int32(merge).contiguous()
+
+
+def to_lut_layout(qweight, dtype: torch.dtype) -> LutWeight:
+    """Re-lay a binary weight out for the kernel with tables in ``dtype``
+    (pure torch, any device). A weight already held in the layout
+    (``LaidOutBinaryWeight``) keeps its codes; only tables and selectors are made."""
+    why = unsupported_reason(qweight)
+    if why is not None:
+        raise ValueError(f"cuda.binary_lut: {why}")
+    if dtype not in ACT_DTYPES:
+        raise ValueError(f"cuda.binary_lut: activations must be float16 or bfloat16, got {dtype}")
+    n, k = qweight.shape
+    codes = qweight.codes if getattr(qweight, "LAID_OUT", False) else lut_codes(qweight)
+    return LutWeight(codes, lut_tables(qweight.stats, dtype), lut_merge(qweight.salient, k),
+                     n, k, dtype)
 
 
 # -- the kernel's decode, emulated in torch ----------------------------------------------
@@ -367,7 +399,7 @@ def register(backend) -> None:
     if any(k.name == "cuda.binary_lut" for k in backend.kernels):
         return
     common = dict(bits=frozenset({1}), dtypes=frozenset(ACT_DTYPES), devices=frozenset({"cuda"}),
-                  min_m=1, max_m=MAX_M, min_sm=(8, 0))
+                  min_m=1, max_m=MAX_M, min_sm=(8, 0), laid_out=True)
     specs = [KernelSpec("cuda.binary_lut_tma_decode", "binary", binary_lut_tma_decode, opt_in=True,
                         check=_tma_checker("cuda.binary_lut_tma_decode", "binary_lut_tma_decode"),
                         **dict(common, max_m=DECODE_MAX_M, min_sm=(9, 0))),
