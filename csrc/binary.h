@@ -85,6 +85,18 @@ int vlmkern_binary_dequant(const int32_t* sign, const int32_t* aux, const int32_
                            int64_t block_size, void* out, int out_dtype, void* stream);
 const char* vlmkern_binary_dequant_status_message(int status);
 
+// The same dense weight from the lookup-table layout below, for a layer that
+// holds its sign and aux bits only there (binary_dequant_kernel.cu): each
+// value is its row's table entry, so out equals the layout's weight (and
+// dequantize() in the tables' dtype) bit for bit.
+//   codes    int32 [ceil(N/128), ceil(K/128), 8, 128] 2-bit indices.
+//   tables   int32 [ceil(N/128), ceil(K/128), 8, 8, 2, 4] 16-bit entries of out's dtype.
+//   salient  int32 [ceil(K/32)] column bitmap (the format's).
+//   out      [N, K] 16-bit values, contiguous, 16-byte aligned; K a multiple of 8.
+// Returns a vlmkern_binary_status (vlmkern_binary_dequant_status_message).
+int vlmkern_binary_lut_dequant(const int32_t* codes, const int32_t* tables, const int32_t* salient,
+                               int64_t N, int64_t K, void* out, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -10,6 +10,7 @@
 //                                     kernel (weight_only_sm90_tma_kernel.cu), any M
 //   torch.ops.vlmkern.binary_lut_tma_decode  the same kernel's decode path (M <= 16)
 //   torch.ops.vlmkern.binary_dequant  the dense weight (binary_dequant_kernel.cu)
+//   torch.ops.vlmkern.binary_lut_dequant  the same from the lookup-table layout
 //
 // Only device-generic torch headers are used, like bindings.cpp; the library
 // and its module init live there.
@@ -462,6 +463,57 @@ at::Tensor binary_dequant_meta(const at::Tensor& sign, const at::Tensor& aux,
   return at::empty({sign.size(0), in_features}, sign.options().dtype(dtype));
 }
 
+// -- dense weight from the lookup-table layout ---------------------------------------------
+constexpr const char* kLutDequantOp = "vlmkern.binary_lut_dequant: ";
+
+void check_lut_dequant_inputs(const at::Tensor& codes, const at::Tensor& tables,
+                              const at::Tensor& salient, int64_t out_features,
+                              int64_t in_features, c10::ScalarType dtype) {
+  const char* op = kLutDequantOp;
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, op,
+              "dtype must be float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(in_features >= 8 && in_features % 8 == 0, op,
+              "in_features must be a positive multiple of 8, got ", in_features);
+  TORCH_CHECK(out_features >= 0, op, "out_features must be >= 0, got ", out_features);
+  const int64_t blocks = (out_features + 127) / 128, chunks = (in_features + 127) / 128;
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{codes, "codes"},
+                                 {tables, "tables"}, {salient, "salient"}}) {
+    TORCH_CHECK(t.scalar_type() == at::kInt, op, name, " must be int32, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == codes.device(), op, name, " is on ", t.device(), " but codes is on ",
+                codes.device());
+    TORCH_CHECK(t.is_contiguous(), op, name, " must be contiguous");
+  }
+  lut_shape(op, codes, "codes", "[ceil(N/128), ceil(K/128), 8, 128]", {blocks, chunks, 8, 128});
+  lut_shape(op, tables, "tables", "[ceil(N/128), ceil(K/128), 8, 8, 2, 4]",
+            {blocks, chunks, 8, 8, 2, 4});
+  lut_shape(op, salient, "salient", "[ceil(K/32)]", {(in_features + 31) / 32});
+}
+
+at::Tensor binary_lut_dequant_cuda(const at::Tensor& codes, const at::Tensor& tables,
+                                   const at::Tensor& salient, int64_t out_features,
+                                   int64_t in_features, c10::ScalarType dtype) {
+  TORCH_CHECK(codes.is_cuda(), kLutDequantOp, "codes must be a CUDA tensor, got ", codes.device());
+  check_lut_dequant_inputs(codes, tables, salient, out_features, in_features, dtype);
+  c10::DeviceGuard guard(codes.device());
+  at::Tensor out = at::empty({out_features, in_features}, codes.options().dtype(dtype));
+  if (out_features == 0) return out;
+  void* stream =
+      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(codes.device()).native_handle();
+  const int status = vlmkern_binary_lut_dequant(codes.data_ptr<int32_t>(), tables.data_ptr<int32_t>(),
+                                                salient.data_ptr<int32_t>(), out_features,
+                                                in_features, out.data_ptr(), stream);
+  TORCH_CHECK(status == VLMKERN_BINARY_OK, kLutDequantOp,
+              vlmkern_binary_dequant_status_message(status));
+  return out;
+}
+
+at::Tensor binary_lut_dequant_meta(const at::Tensor& codes, const at::Tensor& tables,
+                                   const at::Tensor& salient, int64_t out_features,
+                                   int64_t in_features, c10::ScalarType dtype) {
+  check_lut_dequant_inputs(codes, tables, salient, out_features, in_features, dtype);
+  return at::empty({out_features, in_features}, codes.options().dtype(dtype));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
@@ -483,6 +535,9 @@ TORCH_LIBRARY_FRAGMENT(vlmkern, m) {
   m.def(
       "binary_dequant(Tensor sign, Tensor aux, Tensor salient, Tensor stats, int in_features, "
       "int block_size, ScalarType dtype) -> Tensor");
+  m.def(
+      "binary_lut_dequant(Tensor codes, Tensor tables, Tensor salient, int out_features, "
+      "int in_features, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
@@ -492,6 +547,7 @@ TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) {
   m.impl("binary_lut_tma", &binary_lut_tma_cuda);
   m.impl("binary_lut_tma_decode", &binary_lut_tma_decode_cuda);
   m.impl("binary_dequant", &binary_dequant_cuda);
+  m.impl("binary_lut_dequant", &binary_lut_dequant_cuda);
 }
 
 TORCH_LIBRARY_IMPL(vlmkern, Meta, m) {
@@ -501,4 +557,5 @@ TORCH_LIBRARY_IMPL(vlmkern, Meta, m) {
   m.impl("binary_lut_tma", &binary_lut_tma_meta);
   m.impl("binary_lut_tma_decode", &binary_lut_tma_decode_meta);
   m.impl("binary_dequant", &binary_dequant_meta);
+  m.impl("binary_lut_dequant", &binary_lut_dequant_meta);
 }

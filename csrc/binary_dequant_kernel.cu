@@ -1,5 +1,6 @@
 // Dense weight of a binarized (BiLLM-style) layer, for dequantize + one cuBLAS
-// GEMM at prefill sizes; the launcher contract is in binary.h.
+// GEMM at prefill sizes, from the bit planes or from the lookup-table layout
+// (further down); the launcher contracts are in binary.h.
 //
 // Every weight of a row and block is one of 8 values, selected by its sign
 // and aux bits and its column's salient flag. A thread owns one 32-column
@@ -154,6 +155,59 @@ __global__ void __launch_bounds__(kThreads) binary_dequant_kernel(
     dequant_word<Out, Stat>(sign, aux, salient, stats, out, d, w, blockIdx.y, gridDim.y);
 }
 
+// -- from the lookup-table layout -----------------------------------------------------
+// The same dense weight from the layout of binary_lut_kernel.cu (binary.h),
+// for a layer that holds its sign and aux bits only there: a weight's value
+// is the 16-bit entry of its row's table (entries 0..3 ordinary, 4..7
+// salient) that its 2-bit index i = s + 2a and its column's salient flag
+// pick, so no arithmetic and the same bits as the tables. A thread owns 8
+// columns (one 16-byte store) of every gridDim.y-th row; those 8 weights sit
+// in word kt / 2 of the 4 lanes 4g + t of their 16-row tile, at one shift.
+struct LutDims {
+  int64_t N, K;
+  int64_t chunks;           // ceil(K / 128): 128-column chunks of a row block
+};
+
+__host__ __device__ inline uint4 lut_eight_outputs(const uint32_t* codes, const uint32_t* tables,
+                                                   const uint32_t* salient, const LutDims& d,
+                                                   int64_t n, int64_t k0) {
+  const int64_t tile = ((n / 128) * d.chunks + k0 / 128) * 8 + (n % 128) / 16;
+  const int g = static_cast<int>(n % 8), rh = static_cast<int>((n % 16) / 8);
+  const int kk = static_cast<int>(k0 % 128), kt = kk / 16, ch = (kk % 16) / 8;
+  const int shift = 2 * (2 * ch + rh) + 16 * (kt % 2);     // pair r = 2ch + rh of step kt
+  const uint32_t* lane_words = codes + tile * 128 + 16 * g + kt / 2;   // lane 4g: [32][4]
+  const uint32_t* tab = tables + (tile * 8 + g) * 8 + 4 * rh;          // row g + 8rh: 4 words
+  const uint32_t flags = salient[k0 / 32] >> (k0 % 32);
+  uint32_t words[4];
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    const uint32_t codes_t = lane_words[4 * t] >> shift;
+    uint32_t pair = 0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t entry = ((codes_t >> (8 * h)) & 3) + 4 * ((flags >> (2 * t + h)) & 1);
+      pair |= ((tab[entry / 2] >> (16 * (entry % 2))) & 0xFFFF) << (16 * h);
+    }
+    words[t] = pair;
+  }
+  uint4 w;
+  w.x = words[0];
+  w.y = words[1];
+  w.z = words[2];
+  w.w = words[3];
+  return w;
+}
+
+// Grid: x over the 8-column groups of a row, y over rows (a row loop past 65535).
+__global__ void __launch_bounds__(kThreads) binary_lut_dequant_kernel(
+    const uint32_t* __restrict__ codes, const uint32_t* __restrict__ tables,
+    const uint32_t* __restrict__ salient, uint4* __restrict__ out, LutDims d) {
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (group >= d.K / 8) return;
+  for (int64_t n = blockIdx.y; n < d.N; n += gridDim.y)
+    out[(n * d.K) / 8 + group] = lut_eight_outputs(codes, tables, salient, d, n, 8 * group);
+}
+
 thread_local cudaError_t last_error = cudaSuccess;
 thread_local char message[256];
 
@@ -222,4 +276,25 @@ extern "C" int vlmkern_binary_dequant(const int32_t* sign, const int32_t* aux,
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   return out_dtype == VLMKERN_BINARY_F16 ? dispatch_stats<OutF16>(s, a, f, stats, stats_dtype, out, d, st)
                                          : dispatch_stats<OutBF16>(s, a, f, stats, stats_dtype, out, d, st);
+}
+
+extern "C" int vlmkern_binary_lut_dequant(const int32_t* codes, const int32_t* tables,
+                                          const int32_t* salient, int64_t N, int64_t K, void* out,
+                                          void* stream) {
+  if (N < 1 || K < 8 || K % 8 != 0 || N > (int64_t(1) << 40) / K) return VLMKERN_BINARY_ERR_BAD_SIZE;
+  if (!codes || !tables || !salient || !out) return VLMKERN_BINARY_ERR_NULL_POINTER;
+  if (reinterpret_cast<uintptr_t>(out) % 16 != 0) return VLMKERN_BINARY_ERR_BAD_SIZE;
+  LutDims d;
+  d.N = N;
+  d.K = K;
+  d.chunks = (K + 127) / 128;
+  const dim3 grid(static_cast<unsigned>((K / 8 + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(N < 65535 ? N : 65535));
+  binary_lut_dequant_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      reinterpret_cast<const uint32_t*>(codes), reinterpret_cast<const uint32_t*>(tables),
+      reinterpret_cast<const uint32_t*>(salient), static_cast<uint4*>(out), d);
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return VLMKERN_BINARY_OK;
+  last_error = err;
+  return VLMKERN_BINARY_ERR_LAUNCH;
 }

@@ -60,6 +60,7 @@ import torch
 
 from ..formats.binary import BinaryWeight
 from ..formats.packing import unpack_bits
+from . import reference
 from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op
 from .cuda_weight_only_sm90 import DECODE_MAX_M, decode_clusters_for, tma_splits_for
 from .cuda_weight_only import (
@@ -364,6 +365,46 @@ def binary_lut_tma_decode(x: torch.Tensor, qweight: BinaryWeight,
         lw.out_features, int(max_clusters))
 
 
+def dequantize_layout(qweight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] in ``dtype`` (float16 or bfloat16) from the
+    lookup-table layout (csrc/binary_dequant_kernel.cu): ``dequantize(dtype)``
+    bit for bit; K a multiple of 8."""
+    require_op("cuda.binary_lut_dequant_cublas", "binary_lut_dequant",
+               "csrc/binary_dequant_kernel.cu")
+    why = unsupported_reason(qweight) or _dequant_reason(qweight)
+    if why:
+        raise ValueError(f"cuda.binary_lut_dequant_cublas: {why}")
+    if dtype not in ACT_DTYPES:
+        raise ValueError(f"cuda.binary_lut_dequant_cublas: dtype must be float16 or bfloat16, "
+                         f"got {dtype}")
+    lw = kernel_weight(qweight, dtype)
+    return torch.ops.vlmkern.binary_lut_dequant(lw.codes, lw.tables, qweight.salient.contiguous(),
+                                                lw.out_features, lw.in_features, dtype)
+
+
+def binary_lut_dequant_cublas(x: torch.Tensor, qweight, bias: torch.Tensor | None = None
+                              ) -> torch.Tensor:
+    """y = x @ W^T + bias at prefill sizes for a weight held in the table
+    layout (``LaidOutBinaryWeight``): the dense weight from the layout, then
+    one cuBLAS GEMM."""
+    check_activations("cuda.binary_lut_dequant_cublas", x, qweight, ACT_DTYPES)
+    return reference.stored_order_linear(x, dequantize_layout(qweight, x.dtype), None, bias)
+
+
+def _dequant_reason(qweight) -> str | None:
+    if qweight.in_features % 8:
+        return f"in_features must be a multiple of 8, got {qweight.in_features}"
+    return None
+
+
+def _check_lut_dequant(x: torch.Tensor, qweight) -> str | None:
+    if not getattr(qweight, "LAID_OUT", False):
+        return ("cuda.binary_lut_dequant_cublas: only for binary weights held in the table "
+                "layout (to_kernel_layout(binary=True))")
+    why = unsupported_reason(qweight) or _dequant_reason(qweight)
+    return None if why is None else f"cuda.binary_lut_dequant_cublas: {why}"
+
+
 def _tma_reason(device: torch.device, op: str = "binary_lut_tma") -> str | None:
     from .cuda_int_act import sm90_available
     if device.type == "cuda" and not (hasattr(torch.ops.vlmkern, op) and sm90_available(device)):
@@ -393,7 +434,9 @@ def register(backend) -> None:
     planes alone. The staged one and the Hopper ones (M >= 17, and the decode
     path at M <= 16), on the same layout, are opt-in
     (``VLMKERN_ENABLE=cuda.binary_lut_staged``, ``cuda.binary_lut_tma``,
-    ``cuda.binary_lut_tma_decode``) until their GPU tests pass."""
+    ``cuda.binary_lut_tma_decode``) until their GPU tests pass, as is the
+    dense weight from the layout for prefill (``cuda.binary_lut_dequant_cublas``,
+    weights held only in the layout)."""
     from .backends import KernelSpec
 
     if any(k.name == "cuda.binary_lut" for k in backend.kernels):
@@ -409,7 +452,10 @@ def register(backend) -> None:
              KernelSpec("cuda.binary_lut_staged", "binary", binary_lut_staged, opt_in=True,
                         check=_checker("cuda.binary_lut_staged"), **common),
              KernelSpec("cuda.binary_lut", "binary", binary_lut, check=_checker("cuda.binary_lut"),
-                        **common)]
+                        **common),
+             KernelSpec("cuda.binary_lut_dequant_cublas", "binary", binary_lut_dequant_cublas,
+                        opt_in=True, check=_check_lut_dequant,
+                        **dict(common, min_m=MAX_M + 1, max_m=None))]
     for spec in specs:
         backend.register(spec)
     # ahead of the plane GEMMs, in this order
