@@ -157,18 +157,19 @@ __global__ void __launch_bounds__(kThreads) binary_dequant_kernel(
 
 // -- from the lookup-table layout -----------------------------------------------------
 // The same dense weight from the layout of binary_lut_kernel.cu (binary.h),
-// for a layer that holds its sign and aux bits only there: a weight's value
-// is the 16-bit entry of its row's table (entries 0..3 ordinary, 4..7
-// salient) that its 2-bit index i = s + 2a and its column's salient flag
-// pick, so no arithmetic and the same bits as the tables. A thread owns 8
-// columns (one 16-byte store) of every gridDim.y-th row; those 8 weights sit
-// in word kt / 2 of the 4 lanes 4g + t of their 16-row tile, at one shift.
+// for a layer that holds its sign and aux bits only there. The layout's
+// tables already hold each row and block's 8 values in the output type, so
+// a weight is its table entry, picked by its 2-bit index i = s + 2a and its
+// column's salient flag: no arithmetic, the same bits as the tables. A thread
+// owns 8 columns (one 16-byte store) of every gridDim.y-th row; their indices
+// sit in word kt / 2 of the 4 lanes 4g + t of their 16-row tile, at one
+// shift. They are gathered into sign and aux bits, then eight_outputs runs.
 struct LutDims {
   int64_t N, K;
   int64_t chunks;           // ceil(K / 128): 128-column chunks of a row block
 };
 
-__host__ __device__ inline uint4 lut_eight_outputs(const uint32_t* codes, const uint32_t* tables,
+__host__ __device__ inline uint4 lut_eight_outputs(const uint32_t* codes, const uint4* tables,
                                                    const uint32_t* salient, const LutDims& d,
                                                    int64_t n, int64_t k0) {
   const int64_t tile = ((n / 128) * d.chunks + k0 / 128) * 8 + (n % 128) / 16;
@@ -176,31 +177,21 @@ __host__ __device__ inline uint4 lut_eight_outputs(const uint32_t* codes, const 
   const int kk = static_cast<int>(k0 % 128), kt = kk / 16, ch = (kk % 16) / 8;
   const int shift = 2 * (2 * ch + rh) + 16 * (kt % 2);     // pair r = 2ch + rh of step kt
   const uint32_t* lane_words = codes + tile * 128 + 16 * g + kt / 2;   // lane 4g: [32][4]
-  const uint32_t* tab = tables + (tile * 8 + g) * 8 + 4 * rh;          // row g + 8rh: 4 words
-  const uint32_t flags = salient[k0 / 32] >> (k0 % 32);
-  uint32_t words[4];
+  uint32_t sb = 0, ab = 0;
 #pragma unroll
   for (int t = 0; t < 4; ++t) {
-    const uint32_t codes_t = lane_words[4 * t] >> shift;
-    uint32_t pair = 0;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint32_t entry = ((codes_t >> (8 * h)) & 3) + 4 * ((flags >> (2 * t + h)) & 1);
-      pair |= ((tab[entry / 2] >> (16 * (entry % 2))) & 0xFFFF) << (16 * h);
-    }
-    words[t] = pair;
+    const uint32_t i = lane_words[4 * t] >> shift;    // index of column 2t at bit 0, 2t+1 at 8
+    sb |= ((i & 1) | ((i >> 7) & 2)) << (2 * t);
+    ab |= (((i >> 1) & 1) | ((i >> 8) & 2)) << (2 * t);
   }
-  uint4 w;
-  w.x = words[0];
-  w.y = words[1];
-  w.z = words[2];
-  w.w = words[3];
-  return w;
+  const uint4 tab = tables[(tile * 8 + g) * 2 + rh];  // row g + 8rh: ordinary, then salient
+  const uint32_t ord[2] = {tab.x, tab.y}, sal[2] = {tab.z, tab.w};
+  return eight_outputs(sb, ab, salient[k0 / 32] >> (k0 % 32), ord, sal);
 }
 
 // Grid: x over the 8-column groups of a row, y over rows (a row loop past 65535).
 __global__ void __launch_bounds__(kThreads) binary_lut_dequant_kernel(
-    const uint32_t* __restrict__ codes, const uint32_t* __restrict__ tables,
+    const uint32_t* __restrict__ codes, const uint4* __restrict__ tables,
     const uint32_t* __restrict__ salient, uint4* __restrict__ out, LutDims d) {
   const int64_t group = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (group >= d.K / 8) return;
@@ -291,7 +282,7 @@ extern "C" int vlmkern_binary_lut_dequant(const int32_t* codes, const int32_t* t
   const dim3 grid(static_cast<unsigned>((K / 8 + kThreads - 1) / kThreads),
                   static_cast<unsigned>(N < 65535 ? N : 65535));
   binary_lut_dequant_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      reinterpret_cast<const uint32_t*>(codes), reinterpret_cast<const uint32_t*>(tables),
+      reinterpret_cast<const uint32_t*>(codes), reinterpret_cast<const uint4*>(tables),
       reinterpret_cast<const uint32_t*>(salient), static_cast<uint4*>(out), d);
   const cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess) return VLMKERN_BINARY_OK;

@@ -58,7 +58,7 @@ int main(int argc, char** argv) {
     d.chunks = (d.K + 127) / 128;
     const int64_t blocks = (d.N + 127) / 128;
     const auto codes = read_array<uint32_t>(in, blocks * d.chunks * 8 * 128);
-    const auto tables = read_array<uint32_t>(in, blocks * d.chunks * 8 * 8 * 2 * 4);
+    const auto tables = read_array<uint4>(in, blocks * d.chunks * 8 * 8 * 2);
     const auto sal = read_array<uint32_t>(in, (d.K + 31) / 32);
     std::vector<uint4> buf(d.N * d.K / 8);
     memset(buf.data(), 0xFF, buf.size() * sizeof(uint4));   // NaN marks what was never written
