@@ -197,9 +197,10 @@ def to_kernel_layout(model: nn.Module, progress: bool = True, binary: bool = Fal
     instead of twice (canonical stream + layout). With ``binary``, likewise
     the sign and aux bits of every binary layer of block size 128, in the
     lookup-table kernel's layout (about 4 bits per weight on the GPU instead
-    of 6; prefill-sized calls of such a layer then need
-    ``VLMKERN_ENABLE=cuda.binary_lut_tma`` on Hopper, or run slower on a
-    dequantized copy). Best done before the model moves to the GPU.
+    of 6; prefill-sized calls of such a layer then want
+    ``VLMKERN_ENABLE=cuda.binary_lut_dequant_cublas``, or run slower on a
+    copy dequantized with torch operations). Best done before the model
+    moves to the GPU.
     Checkpoints still save and load the canonical format. Returns the names
     of the layers converted; the others are left as they are.
     """

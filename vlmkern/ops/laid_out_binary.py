@@ -16,9 +16,11 @@ weight. The planes are rebuilt exactly with ``canonical()`` (for
 checkpoints); ``dequantize()`` reads the layout directly.
 
 The lookup-table kernels read it (``cuda.binary_lut`` for M <= 64 and, opt-in,
-its staged and Hopper variants); the plane kernels do not, so a prefill-sized
-call without ``cuda.binary_lut_tma`` falls back to ``dequantize()`` and a
-dense GEMM (the torch reference), which is correct but slower.
+its staged and Hopper variants), and so does the opt-in prefill path
+``cuda.binary_lut_dequant_cublas`` (a CUDA kernel writes the dense weight from
+the layout, then cuBLAS); the plane kernels do not, so a prefill-sized call
+without those falls back to ``dequantize()`` and a dense GEMM (the torch
+reference), which is correct but slower.
 """
 from __future__ import annotations
 
@@ -106,9 +108,9 @@ class LaidOutBinaryWeight(PackedWeight):
         if self.codes.is_cuda:
             warnings.warn("a binary weight held in the lookup-table layout is dequantized with "
                           "torch operations (as calls the table kernels decline, prefill sizes, "
-                          "are run), which is slower than the plane kernels; on Hopper "
-                          "VLMKERN_ENABLE=cuda.binary_lut_tma runs prefill from the layout",
-                          stacklevel=2)
+                          "are run), which is slower than the plane kernels; "
+                          "VLMKERN_ENABLE=cuda.binary_lut_dequant_cublas dequantizes it with a "
+                          "CUDA kernel instead", stacklevel=2)
         n, k = self.shape
         values = table_values(self.stats).reshape(n, -1)                     # [N, blocks * 8]
         dev = self.codes.device
