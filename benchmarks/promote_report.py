@@ -38,6 +38,7 @@ TESTS = {
     "cuda.binary_lut_staged": [("test_cuda_binary_lut_staged.py", r""),
                                ("test_cuda_graphs.py", r"binary_lut_staged")],
     "cuda.binary_dequant_cublas": [("test_cuda_binary_dequant.py", r"^test_(gpu|binary)")],
+    "cuda.binary_lut_dequant_cublas": [("test_cuda_binary_lut_dequant.py", r"^test_(gpu|binary)")],
     "cuda.binary_lut_tma": [("test_cuda_binary_lut_tma.py", r"")],
     "cuda.binary_lut_tma_decode": [("test_cuda_binary_lut_tma_decode.py", r"")],
     "cuda.int_act_staged": [("test_cuda_int_act_staged.py", r"^test_(gpu|int_act)")],
