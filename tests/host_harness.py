@@ -5,6 +5,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,3 +53,20 @@ def run(harness: Path, payload: bytes) -> bytes:
                           text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return outp.read_bytes()
+
+
+def run_int16_cases(harness: Path, cases) -> list[torch.Tensor]:
+    """cases: (header ints, input tensors, (rows, cols)). The harness reads
+    each case as its header (int64) and tensors, and writes one int16
+    [rows, cols] array per case; returns them in order."""
+    payload = []
+    for header, tensors, _ in cases:
+        payload.append(np.asarray(header, dtype="<i8").tobytes())
+        payload += [raw_bytes(t) for t in tensors]
+    data, pos, results = run(harness, b"".join(payload)), 0, []
+    for _, _, (rows, cols) in cases:
+        out = np.frombuffer(data, "<i2", rows * cols, pos).reshape(rows, cols)
+        results.append(torch.from_numpy(out.copy()))
+        pos += 2 * rows * cols
+    assert pos == len(data)
+    return results

@@ -8,10 +8,9 @@ itself, the same comparison, and the kernel's selection by ``ops.linear``.
 """
 import os
 
-import numpy as np
 import pytest
 import torch
-from host_harness import compile_harness, raw_bytes, run
+from host_harness import compile_harness, run_int16_cases
 from test_cuda_binary import make_binary
 from tiny_models import kernel_op_reason
 
@@ -98,20 +97,10 @@ def harness(tmp_path_factory):
 
 def run_harness(harness, cases):
     """cases: (BinaryWeight, out dtype) -> [int16 [N, K]]."""
-    payload = []
-    for qw, out_dtype in cases:
-        header = [qw.out_features, qw.in_features, qw.block_size, DTYPE_CODE[qw.stats.dtype],
-                  DTYPE_CODE[out_dtype]]
-        payload.append(np.asarray(header, dtype="<i8").tobytes())
-        payload += [raw_bytes(t) for t in (qw.sign, qw.aux, qw.salient, qw.stats)]
-    data, pos, results = run(harness, b"".join(payload)), 0, []
-    for qw, _ in cases:
-        count = qw.out_features * qw.in_features
-        out = np.frombuffer(data, "<i2", count, pos).reshape(qw.out_features, qw.in_features)
-        results.append(torch.from_numpy(out.copy()))
-        pos += 2 * count
-    assert pos == len(data)
-    return results
+    return run_int16_cases(harness, [
+        ([qw.out_features, qw.in_features, qw.block_size, DTYPE_CODE[qw.stats.dtype],
+          DTYPE_CODE[out_dtype]], (qw.sign, qw.aux, qw.salient, qw.stats), qw.shape)
+        for qw, out_dtype in cases])
 
 
 def wide_stats(qw: BinaryWeight, seed: int) -> BinaryWeight:

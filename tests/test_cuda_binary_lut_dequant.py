@@ -11,10 +11,9 @@ kernel's selection by ``ops.linear``.
 """
 import os
 
-import numpy as np
 import pytest
 import torch
-from host_harness import compile_harness, raw_bytes, run
+from host_harness import compile_harness, run_int16_cases
 from test_cuda_binary import make_binary
 from test_cuda_binary_dequant import wide_stats
 from tiny_models import kernel_op_reason
@@ -83,18 +82,9 @@ def harness(tmp_path_factory):
 
 def run_harness(harness, cases):
     """cases: (LutWeight, salient) -> [int16 [N, K]]."""
-    payload = []
-    for lw, salient in cases:
-        payload.append(np.asarray([lw.out_features, lw.in_features], dtype="<i8").tobytes())
-        payload += [raw_bytes(t) for t in (lw.codes, lw.tables, salient)]
-    data, pos, results = run(harness, b"".join(payload)), 0, []
-    for lw, _ in cases:
-        count = lw.out_features * lw.in_features
-        out = np.frombuffer(data, "<i2", count, pos).reshape(lw.out_features, lw.in_features)
-        results.append(torch.from_numpy(out.copy()))
-        pos += 2 * count
-    assert pos == len(data)
-    return results
+    return run_int16_cases(harness, [
+        ([lw.out_features, lw.in_features], (lw.codes, lw.tables, salient),
+         (lw.out_features, lw.in_features)) for lw, salient in cases])
 
 
 # (N, K): rows off the 128-row blocks, columns off the 128-column chunks, several chunks

@@ -71,6 +71,14 @@ class QuantLinear(nn.Module):
     def _weight_type(self) -> type:
         return WEIGHT_TYPES[self.format]
 
+    def _hold_codes(self, name: str, codes: torch.Tensor, replaces: tuple[str, ...]) -> None:
+        """Swap the packed tensors ``replaces`` for ``codes`` in a kernel
+        layout (first among the buffers, where the format's first tensor was)."""
+        buffers = {name: codes}
+        buffers.update((k, v) for k, v in self._buffers.items() if k not in replaces)
+        self._buffers = buffers
+        self.quantized_weight  # noqa: B018  (rebuilt now, outside any traced forward)
+
     def saved_tensor_names(self) -> list[str]:
         """Names of the packed tensors ``state_dict`` writes (the format's)."""
         return sorted(self.quantized_weight.tensors())
@@ -143,11 +151,8 @@ class WeightOnlyLinear(QuantLinear):
         """Hold the codes in the CUDA kernel's layout only (on the layer's
         device; raises ValueError for weights the layout cannot hold)."""
         if not self.laid_out:
-            laid = LaidOutWeight.from_quantized(self.quantized_weight)
-            buffers = {"wq": laid.wq}
-            buffers.update((k, v) for k, v in self._buffers.items() if k != "qweight")
-            self._buffers = buffers
-            self.quantized_weight  # noqa: B018  (rebuilt now, outside any traced forward)
+            self._hold_codes("wq", LaidOutWeight.from_quantized(self.quantized_weight).wq,
+                             replaces=("qweight",))
         return self
 
     def saved_tensor_names(self) -> list[str]:
@@ -212,11 +217,8 @@ class BinaryLinear(QuantLinear):
         """Hold the sign and aux bits in the lookup-table kernel's layout only
         (on the layer's device; raises ValueError for block sizes other than 128)."""
         if not self.laid_out:
-            laid = LaidOutBinaryWeight.from_binary(self.quantized_weight)
-            buffers = {"codes": laid.codes}
-            buffers.update((k, v) for k, v in self._buffers.items() if k not in ("sign", "aux"))
-            self._buffers = buffers
-            self.quantized_weight  # noqa: B018  (rebuilt now, outside any traced forward)
+            self._hold_codes("codes", LaidOutBinaryWeight.from_binary(self.quantized_weight).codes,
+                             replaces=("sign", "aux"))
         return self
 
     def saved_tensor_names(self) -> list[str]:
