@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import warnings
 import weakref
+from typing import List, Optional
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -89,8 +90,10 @@ def _warn_unheld(first: torch.Tensor) -> None:
                       "and keep the weight object alive", stacklevel=3)
 
 
+# typing.List / Optional: the forms the schema inference of older torch releases reads
 @torch.library.custom_op("vlmkern::linear", mutates_args=())
-def linear_op(x: torch.Tensor, tensors: list[torch.Tensor], bias: torch.Tensor | None,
+def linear_op(x: torch.Tensor, tensors: List[torch.Tensor],  # noqa: UP006
+              bias: Optional[torch.Tensor],  # noqa: UP045
               type_name: str, description: str, out_features: int) -> torch.Tensor:
     from . import dispatch_linear  # the package imports this module first (no cycle at import)
     return dispatch_linear(x, _weight(tensors, type_name, description), bias)
