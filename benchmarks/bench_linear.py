@@ -40,6 +40,7 @@ import torch
 import vlmkern
 from vlmkern import BinaryConfig, IntActConfig, QuantConfig
 from vlmkern.ops.laid_out import LaidOutWeight
+from vlmkern.ops.laid_out_binary import LaidOutBinaryWeight
 
 SHAPES = {  # name: (K, N)
     "qwen2vl-7b qkv": (3584, 4608), "qwen2vl-7b o": (3584, 3584),
@@ -52,9 +53,10 @@ MS = (1, 4, 16, 64, 256, 1024, 4096)
 
 @dataclass(frozen=True)
 class KernelLayout:
-    """A group-wise format whose codes are held only in the CUDA kernel
-    layout (what ``vlmkern.to_kernel_layout`` makes of a layer)."""
-    config: QuantConfig
+    """A group-wise or binary format whose codes are held only in a CUDA
+    kernel layout (what ``vlmkern.to_kernel_layout`` makes of a layer; with
+    ``binary=True`` for a binary one)."""
+    config: QuantConfig | BinaryConfig
 
 
 FORMATS = {
@@ -63,11 +65,14 @@ FORMATS = {
     "W4 g128 layout": KernelLayout(QuantConfig(4, 128)),
     "W8A8": IntActConfig(8, 8), "W6A6": IntActConfig(6, 6), "W4A4": IntActConfig(4, 4),
     "binary": BinaryConfig(),
+    "binary layout": KernelLayout(BinaryConfig()),
 }
 
 
 def make_weight(w: torch.Tensor, fmt):
     """The quantized weight of one FORMATS entry (round to nearest)."""
+    if isinstance(fmt, KernelLayout) and isinstance(fmt.config, BinaryConfig):
+        return LaidOutBinaryWeight.from_binary(vlmkern.quantize_weight(w, fmt.config))
     if isinstance(fmt, KernelLayout):
         return LaidOutWeight.from_quantized(vlmkern.quantize_weight(w, fmt.config))
     return vlmkern.quantize_weight(w, fmt)
