@@ -34,7 +34,7 @@ from .laid_out_binary import LaidOutBinaryWeight
 _TYPES = {cls.__name__: cls
           for cls in (*WEIGHT_TYPES.values(), LaidOutWeight, LaidOutBinaryWeight)}
 
-# first packed tensor -> weakref to the weight object built over it
+# first packed tensor -> (weakref to the weight object built over it, its description)
 _HELD = WeakIdKeyDictionary()
 _WARNED = False
 
@@ -42,7 +42,7 @@ _WARNED = False
 def hold(qweight: PackedWeight) -> None:
     """Let the compiled op find ``qweight`` from its tensors at run time (the
     object stays owned by the caller; a QuantLinear holds its weight)."""
-    _HELD[getattr(qweight, type(qweight).TENSORS[0])] = weakref.ref(qweight)
+    _HELD[getattr(qweight, type(qweight).TENSORS[0])] = (weakref.ref(qweight), describe(qweight))
 
 
 def describe(qweight: PackedWeight) -> str:
@@ -66,9 +66,10 @@ def call(x: torch.Tensor, qweight: PackedWeight, bias: torch.Tensor | None) -> t
 def _weight(tensors: list, type_name: str, description: str, warn: bool = True) -> PackedWeight:
     """The weight object over ``tensors``: the one held for them, else a new one."""
     cls = _TYPES[type_name]
-    ref = _HELD.get(tensors[0])
+    ref, held_description = _HELD.get(tensors[0], (None, None))
     held = ref() if ref is not None else None
-    if (type(held) is cls and describe(held) == description
+    # asked on every call of a compiled layer: the description was made once, by hold
+    if (type(held) is cls and held_description == description
             and all(a is b for a, b in zip(held.tensors().values(), tensors))):
         return held
     if warn:

@@ -126,16 +126,21 @@ def _as_int32(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32)
 
 
+def _index_shifts(device) -> torch.Tensor:
+    """Bit position of pair r's index h in its code word, by [kt % 2, r, h]."""
+    return (2 * torch.arange(4, device=device).view(1, 4, 1)
+            + 16 * torch.arange(2, device=device).view(2, 1, 1)
+            + 8 * torch.arange(2, device=device).view(1, 1, 2))
+
+
 def _lut_codes(sign: torch.Tensor, aux: torch.Tensor, k: int, nb: int, c: int) -> torch.Tensor:
     """Packed sign and aux rows of ``nb`` row blocks (the last may be short)
     -> their ``codes`` int32 [nb, C, 8, 128]."""
     index = unpack_bits(sign, 1, k) + 2 * unpack_bits(aux, 1, k)
     index = torch.nn.functional.pad(index, (0, c * BLOCK - k, 0, nb * BLOCK - index.shape[0]))
     lane = _lane_codes(index, nb, c).reshape(nb, c, 8, 32, 4, 2, 4, 2)   # ... lane v kt%2 r h
-    dev = index.device
-    shift = (2 * torch.arange(4, device=dev).view(1, 4, 1) + 16 * torch.arange(2, device=dev).view(2, 1, 1)
-             + 8 * torch.arange(2, device=dev).view(1, 1, 2))                # [kt%2, r, h]
-    return _as_int32((lane << shift).sum(dim=(-1, -2, -3))).reshape(nb, c, 8, 128)
+    words = (lane << _index_shifts(index.device)).sum(dim=(-1, -2, -3))
+    return _as_int32(words).reshape(nb, c, 8, 128)
 
 
 def lut_codes(qweight: BinaryWeight) -> torch.Tensor:
@@ -157,10 +162,8 @@ def lut_index(codes: torch.Tensor, rows: int, k: int) -> torch.Tensor:
     table index s + 2a, int64 [rows, K] (padding dropped)."""
     nb, c = codes.shape[0], codes.shape[1]
     words = codes.to(torch.int64).reshape(nb, c, 8, 32, 4, 1, 1, 1) & 0xFFFFFFFF
-    dev = codes.device
-    shift = (2 * torch.arange(4, device=dev).view(1, 4, 1) + 16 * torch.arange(2, device=dev).view(2, 1, 1)
-             + 8 * torch.arange(2, device=dev).view(1, 1, 2))                # [kt%2, r, h]
-    lane = ((words >> shift) & 3).reshape(nb, c, 8, 8, 4, 8, 2, 2, 2)       # b c w g t kt ch rh h
+    lane = (words >> _index_shifts(codes.device)) & 3
+    lane = lane.reshape(nb, c, 8, 8, 4, 8, 2, 2, 2)                         # b c w g t kt ch rh h
     index = lane.permute(0, 2, 7, 3, 1, 5, 6, 4, 8).reshape(nb * BLOCK, c * BLOCK)
     return index[:rows, :k]
 
