@@ -13,6 +13,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import decode_model  # noqa: E402
+import host_overhead  # noqa: E402
 
 
 def test_decode_model_runs_on_cpu(tmp_path, capsys):
@@ -42,6 +43,20 @@ def test_decode_model_compiled_column(tmp_path):
     rows = [r for r in table if r.startswith("| ") and not r.startswith("| weights")]
     assert len(rows) == 2 and not any("error" in r for r in rows), rows
     assert all(float(r.split(" | ")[8]) > 0 for r in rows)     # compiled decode ms/token
+
+
+def test_host_overhead_times_every_format_with_the_kernel_left_out():
+    import argparse
+
+    from vlmkern.ops import backends, builtin  # noqa: F401  (builtin registers the backends)
+    before = {name: list(b.kernels) for name, b in backends.BACKENDS.items()}
+    rows = host_overhead.run(argparse.Namespace(
+        device="cpu", stub=False, in_features=64, out_features=32, calls=5, repeats=1))
+    assert [r["layer"] for r in rows[:4]] == ["nn.Linear", "W4 g128", "W8A8", "binary"]
+    assert [r["kernel"] for r in rows[1:4]] == [
+        "torch.weight_only (stub)", "torch.int_act (stub)", "torch.binary (stub)"]
+    assert all(r["us"] > 0 for r in rows)
+    assert {name: b.kernels for name, b in backends.BACKENDS.items()} == before  # stubs removed
 
 
 

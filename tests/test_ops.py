@@ -486,3 +486,21 @@ def test_a_choice_is_remembered_per_weight_call_shape_environment_and_registry(m
     del other
     gc.collect()
     assert len(backends._CHOSEN) == 1                         # a dead weight is forgotten
+
+
+@pytest.mark.parametrize("value", [None, "", "cuda.weight_only_tma", "é,ü ünïcode"])
+def test_getenv_reads_what_os_environ_holds(monkeypatch, value):
+    from vlmkern.ops.backends import getenv
+    name = "VLMKERN_TEST_GETENV"
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    assert getenv(name) == os.environ.get(name) == value
+    monkeypatch.setenv(name, "changed")                      # read again on every call
+    assert getenv(name) == "changed"
+    monkeypatch.delenv(name)
+    assert getenv(name) is None
+    # an os.environ without CPython's backing dict: the public lookup
+    monkeypatch.setattr(os, "environ", {name: "plain"})
+    assert getenv(name) == "plain" and getenv(name + "_UNSET") is None

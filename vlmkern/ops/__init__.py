@@ -7,43 +7,45 @@ float16, bfloat16 or float32 (float64 runs on the torch reference only).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..formats import PackedWeight
 from . import compiled, reference
 from .backends import (BACKENDS, BackendError, KernelSpec, OP_OF_FORMAT, available_backends,
-                       explain, select)
+                       explain, getenv, select)
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_finite_enabled(x: torch.Tensor) -> bool:
+def _check_finite_enabled(device: torch.device) -> bool:
     # On a GPU the check costs a device sync per call, so it is opt-in there;
     # integer kernels propagate NaN/Inf tokens as non-finite rows regardless.
-    return x.device.type == "cpu" or os.environ.get("VLMKERN_CHECK_FINITE") == "1"
+    return device.type == "cpu" or getenv("VLMKERN_CHECK_FINITE") == "1"
 
 
 def _validate(x, qweight, bias, check_finite: bool = True) -> None:
+    # runs on every call of every layer: each check reads as little as it can
     if not isinstance(qweight, PackedWeight):
         raise TypeError(f"qweight must be a vlmkern quantized weight, got {type(qweight).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _ACT_DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-    n, k = qweight.shape
-    if x.dim() == 0 or x.shape[-1] != k:
-        raise ValueError(f"x has shape {tuple(x.shape)}: its last dim must be in_features={k}")
-    if x.device != qweight.device:
-        raise ValueError(f"x is on {x.device} but the quantized weight is on {qweight.device}")
+    k = qweight.in_features
+    shape = x.shape
+    if not shape or shape[-1] != k:
+        raise ValueError(f"x has shape {tuple(shape)}: its last dim must be in_features={k}")
+    device = x.device
+    if device != qweight.device:
+        raise ValueError(f"x is on {device} but the quantized weight is on {qweight.device}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
+        n = qweight.out_features
+        if not isinstance(bias, torch.Tensor) or bias.shape != (n,):
             raise ValueError(f"bias must be a tensor of shape ({n},), got "
                              f"{tuple(getattr(bias, 'shape', ()))}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    if check_finite and _check_finite_enabled(x) and not bool(torch.isfinite(x).all()):
+        if bias.device != device:
+            raise ValueError(f"bias is on {bias.device} but x is on {device}")
+    if check_finite and _check_finite_enabled(device) and not bool(torch.isfinite(x).all()):
         raise ValueError("x holds NaN or Inf values")
 
 
@@ -71,15 +73,28 @@ def linear(x: torch.Tensor, qweight: PackedWeight, bias: torch.Tensor | None = N
 def dispatch_linear(x: torch.Tensor, qweight: PackedWeight,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """``linear`` without autograd: check the inputs, pick a kernel, run it."""
-    from . import builtin  # noqa: F401  (registers backends on first call)
-
+    if not _BACKENDS_LOADED:
+        _load_backends()
     _validate(x, qweight, bias)
+    if x.dim() == 2:            # no reshapes (two views) for a 2-D x
+        if x.shape[0] == 0:
+            return x.new_zeros(0, qweight.out_features)
+        return select(OP_OF_FORMAT[qweight.FORMAT], x, qweight).fn(x, qweight, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, qweight.out_features)
-    spec = select(OP_OF_FORMAT[qweight.FORMAT], x2, qweight)
-    return spec.fn(x2, qweight, bias).reshape(*lead, qweight.out_features)
+    y = select(OP_OF_FORMAT[qweight.FORMAT], x2, qweight).fn(x2, qweight, bias)
+    return y.reshape(*lead, y.shape[-1])
+
+
+_BACKENDS_LOADED = False
+
+
+def _load_backends() -> None:
+    global _BACKENDS_LOADED
+    from . import builtin  # noqa: F401  (registers the backends)
+    _BACKENDS_LOADED = True
 
 
 def which_kernel(x: torch.Tensor, qweight: PackedWeight) -> str:

@@ -89,14 +89,32 @@ class KernelSpec:
 _SM_CACHE: dict[int, tuple[int, int]] = {}
 
 
+def getenv(name: str) -> str | None:
+    """``os.environ.get(name)``, read from os.environ's own dict. The public
+    lookup raises and catches a KeyError inside for an unset name, and every
+    call reads three or four of them: 0.7 us each against 0.14 here."""
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if type(data) is not dict:
+        return env.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = env.encodekey(name)
+    value = data.get(key)
+    return None if value is None else env.decodevalue(value)
+
+
+_ENV_KEYS: dict[str, object] = {}
+
+
 def enabled_kernels() -> frozenset[str]:
     """Opt-in kernels named in VLMKERN_ENABLE."""
-    return _parse_names(os.environ.get("VLMKERN_ENABLE", ""))
+    return _parse_names(getenv("VLMKERN_ENABLE") or "")
 
 
 def disabled_kernels() -> frozenset[str]:
     """Kernels named in VLMKERN_DISABLE: never selected, default ones included."""
-    return _parse_names(os.environ.get("VLMKERN_DISABLE", ""))
+    return _parse_names(getenv("VLMKERN_DISABLE") or "")
 
 
 @functools.lru_cache(maxsize=16)
@@ -181,7 +199,7 @@ def register_backend(backend: Backend) -> Backend:
 
 
 def forced_backend() -> str | None:
-    name = os.environ.get("VLMKERN_BACKEND", "").strip().lower()
+    name = (getenv("VLMKERN_BACKEND") or "").strip().lower()
     if not name or name == "auto":
         return None
     if name not in ORDER:
@@ -196,9 +214,8 @@ _CHOSEN_PER_WEIGHT = 256   # distinct calls remembered per weight (prefill lengt
 
 def select(op: str, x: torch.Tensor, qweight) -> KernelSpec:
     """The kernel that will run ``op`` on (x [M, K], qweight); raises BackendError."""
-    env = os.environ
-    key = (op, x.shape[0], x.dtype, x.device, env.get("VLMKERN_BACKEND"),
-           env.get("VLMKERN_ENABLE"), env.get("VLMKERN_DISABLE"), _generation)
+    key = (op, x.shape[0], x.dtype, x.device, getenv("VLMKERN_BACKEND"),
+           getenv("VLMKERN_ENABLE"), getenv("VLMKERN_DISABLE"), _generation)
     try:
         chosen = _CHOSEN.get(qweight)
     except TypeError:                        # a weight that cannot be weakly referenced
