@@ -143,6 +143,28 @@ def test_checks_still_raise_under_compile():
         compiled.call(x, object(), None)
 
 
+def test_the_op_called_directly_rejects_what_describes_no_weight():
+    qweight = _layer(CONFIGS["w4g64"]).quantized_weight
+    tensors, name = list(qweight.tensors().values()), type(qweight).__name__
+    description = compiled.describe(qweight)
+    x = torch.randn(2, K)
+    op = torch.ops.vlmkern.linear
+    for args, match in [
+            ((tensors, "Nope", description, N), "unknown weight type 'Nope'"),
+            (([], name, description, N), "no tensors given"),
+            ((tensors, name, "((", N), "does not describe 3 tensors"),
+            ((tensors, name, "(([1],), (4, 64, 256))", N), "does not describe"),
+            ((tensors, name, "((), ())", N), "does not describe 3 tensors"),
+            ((tensors[:1], name, description, N), "does not describe 1 tensors"),
+            ((tensors, name, description, N + 1), f"out_features={N + 1}, but the weight "
+                                                   f"has {N} rows"),
+            ((tensors[::-1], name, description, N), "qweight has shape"),       # FormatError
+            ((tensors, name, description.replace("(4, 64", "(5, 64"), N), "bits must be")]:
+        with pytest.raises(ValueError, match=match):
+            op(x, args[0], None, *args[1:])
+    assert torch.equal(op(x, tensors, None, name, description, N), ops.linear(x, qweight))
+
+
 def test_fake_implementation_gives_shape_and_dtype():
     qweight = _layer(CONFIGS["binary"]).quantized_weight
     tensors = [t.to("meta") for t in qweight.tensors().values()]

@@ -63,22 +63,49 @@ def call(x: torch.Tensor, qweight: PackedWeight, bias: torch.Tensor | None) -> t
     return linear_op(x, tensors, bias, cls.__name__, describe(qweight), qweight.out_features)
 
 
-def _weight(tensors: list, type_name: str, description: str, warn: bool = True) -> PackedWeight:
-    """The weight object over ``tensors``: the one held for them, else a new one."""
-    cls = _TYPES[type_name]
+def _weight(tensors: list, type_name: str, description: str, warn: bool = True,
+            check: bool = True) -> PackedWeight:
+    """The weight object over ``tensors``: the one held for them, else a new
+    one (with ``check``, validated: that reads values, so the backward, which
+    AOT autograd may trace, leaves it to the forward)."""
+    cls = _TYPES.get(type_name)
+    if cls is None:
+        raise ValueError(f"vlmkern::linear: unknown weight type {type_name!r}; the types are "
+                         f"{sorted(_TYPES)}")
+    if not tensors:
+        raise ValueError("vlmkern::linear: no tensors given; it takes the weight's packed tensors")
     ref, held_description = _HELD.get(tensors[0], (None, None))
     held = ref() if ref is not None else None
     # asked on every call of a compiled layer: the description was made once, by hold
-    if (type(held) is cls and held_description == description
-            and all(a is b for a, b in zip(held.tensors().values(), tensors))):
-        return held
+    if type(held) is cls and held_description == description:
+        own = held.tensors().values()
+        if len(own) == len(tensors) and all(a is b for a, b in zip(own, tensors)):
+            return held
     if warn:
         _warn_unheld(tensors[0])
-    names, meta = ast.literal_eval(description)
+    return _rebuild(cls, tensors, description, check)
+
+
+def _rebuild(cls: type, tensors: list, description: str, check: bool) -> PackedWeight:
+    """A weight of ``cls`` over ``tensors`` as ``describe`` described it,
+    with ``check`` validated like a loaded one (FormatError, a ValueError)."""
+    try:
+        names, meta = ast.literal_eval(description)
+        names, meta = tuple(names), tuple(meta)
+        fits = (len(names) == len(tensors) == len(set(names)) and set(names) <= set(cls.TENSORS)
+                and len(meta) == len(cls.META))
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        fits = False
+    if not fits:
+        raise ValueError(f"vlmkern::linear: {description!r} does not describe {len(tensors)} "
+                         f"tensors of a {cls.__name__} (see vlmkern.ops.compiled.describe)")
     fields = dict.fromkeys(cls.TENSORS)
     fields.update(zip(names, tensors))
     fields.update(zip(cls.META, meta))
-    return cls(**fields)
+    weight = cls(**fields)
+    if check and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        weight.validate()   # reads values (a sync on a GPU): its eager warm-up runs checked it
+    return weight
 
 
 def _warn_unheld(first: torch.Tensor) -> None:
@@ -97,7 +124,11 @@ def linear_op(x: torch.Tensor, tensors: List[torch.Tensor],  # noqa: UP006
               bias: Optional[torch.Tensor],  # noqa: UP045
               type_name: str, description: str, out_features: int) -> torch.Tensor:
     from . import dispatch_linear  # the package imports this module first (no cycle at import)
-    return dispatch_linear(x, _weight(tensors, type_name, description), bias)
+    weight = _weight(tensors, type_name, description)
+    if weight.out_features != out_features:   # the fake gave the graph that many columns
+        raise ValueError(f"vlmkern::linear: out_features={out_features}, but the weight has "
+                         f"{weight.out_features} rows")
+    return dispatch_linear(x, weight, bias)
 
 
 @linear_op.register_fake
@@ -122,7 +153,7 @@ def _backward(ctx, grad):
     grad = grad.to(dt)
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        weight = _weight(list(ctx.saved_tensors), *ctx.weight_key, warn=False)
+        weight = _weight(list(ctx.saved_tensors), *ctx.weight_key, warn=False, check=False)
         grad_x = (grad @ weight.dequantize(dt)).to(x_dtype)
     if ctx.needs_input_grad[2]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(bias_dtype)
