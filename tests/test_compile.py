@@ -225,6 +225,36 @@ def test_forward_with_grad_equals_forward_without():
         assert got.requires_grad and torch.equal(got.detach(), want), name
 
 
+@pytest.mark.parametrize("name", ["w4g64", "w8a8", "binary"])
+def test_vmap_over_x_equals_the_batched_call(name):
+    layer = _layer(CONFIGS[name])
+    x = torch.randn(3, 4, K)
+    with torch.no_grad():
+        want = layer(x)
+        assert torch.equal(torch.func.vmap(layer)(x), want)
+        # mapped over a middle dim of a permuted x, the result's map dim placed second
+        got = torch.func.vmap(layer, in_dims=2, out_dims=1)(x.permute(1, 2, 0))
+        assert torch.equal(got, want.transpose(0, 1))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.func.vmap(layer)(xa).pow(2).sum().backward()   # autograd through the vmap
+    layer(xb).pow(2).sum().backward()
+    assert torch.equal(xa.grad, xb.grad)
+    x[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):   # checked on the unwrapped x
+        torch.func.vmap(layer)(x)
+
+
+def test_vmap_over_the_weight_is_refused():
+    qweight = _layer(CONFIGS["w4g64"]).quantized_weight
+    codes, scales, zeros = qweight.tensors().values()
+    name, description = type(qweight).__name__, compiled.describe(qweight)
+    x = torch.randn(2, K)
+    with pytest.raises(NotImplementedError, match="maps over x only"):
+        torch.func.vmap(lambda c: torch.ops.vlmkern.linear(x, [c, scales, zeros], None, name,
+                                                           description, N))(
+            torch.stack([codes, codes]))
+
+
 def _quantized_llama(**overrides):
     """A tiny Llama whose linears are W4, binary and W8A8 layers."""
     model, inputs = build_llama(**overrides)

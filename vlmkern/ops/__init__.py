@@ -15,6 +15,8 @@ from .backends import (BACKENDS, BackendError, KernelSpec, OP_OF_FORMAT, availab
                        explain, getenv, select)
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# whether a torch.func transform (vmap, grad, ...) is running
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def _check_finite_enabled(device: torch.device) -> bool:
@@ -61,10 +63,13 @@ def linear(x: torch.Tensor, qweight: PackedWeight, bias: torch.Tensor | None = N
         _validate(x, qweight, bias, check_finite=False)   # traced: shape errors at compile time
         return compiled.call(x, qweight, bias)
     if torch.is_grad_enabled() and (getattr(x, "requires_grad", False)
-                                    or getattr(bias, "requires_grad", False)):
+                                    or getattr(bias, "requires_grad", False)) \
+            or _functorch_active():
         # The kernels have no backward; the op's autograd formula gives one
-        # (a kernel's output alone would silently cut the graph).
-        _validate(x, qweight, bias)
+        # (a kernel's output alone would silently cut the graph). Under
+        # torch.func transforms (vmap, grad) the op's rules apply; the op
+        # checks values when it runs on the unwrapped tensors.
+        _validate(x, qweight, bias, check_finite=False)
         compiled.hold(qweight)
         return compiled.call(x, qweight, bias)
     return dispatch_linear(x, qweight, bias)

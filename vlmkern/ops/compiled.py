@@ -13,9 +13,10 @@ eager dispatch at run time on the same weight object, which it finds again
 from the weight's first packed tensor (see ``hold``), so the cached kernel
 layouts are reused rather than rebuilt on every call.
 
-The op also carries the layers' gradient (``register_autograd``), so an
-eager forward that autograd records goes through it too: the kernels have
-no backward of their own.
+The op also carries the layers' gradient (``register_autograd``) and a
+vmap rule, so an eager forward that autograd records, or that runs under a
+torch.func transform, goes through it too: the kernels have no backward of
+their own, and the dispatch's checks would see batched tensors.
 """
 from __future__ import annotations
 
@@ -161,3 +162,15 @@ def _backward(ctx, grad):
 
 
 linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@linear_op.register_vmap
+def _vmap(info, in_dims, x, tensors, bias, type_name, description, out_features):
+    """torch.vmap over x: the vmapped dim is one more leading dim of x."""
+    x_dim, tensor_dims, bias_dim = in_dims[:3]
+    if bias_dim is not None or any(d is not None for d in tensor_dims or ()):
+        raise NotImplementedError("torch.vmap over vlmkern.ops.linear maps over x only, not over "
+                                  "the quantized weight's tensors or the bias")
+    if x_dim is None:
+        return linear_op(x, tensors, bias, type_name, description, out_features), None
+    return linear_op(x.movedim(x_dim, 0), tensors, bias, type_name, description, out_features), 0
