@@ -13,7 +13,9 @@ TFLOP/s (2*M*N*K / us), speedup vs cuBLAS fp16, graph speedup vs cuBLAS fp16.
 "us" brackets one eager call with CUDA events behind a spin kernel; "graph us" is
 the time per call of a CUDA-graph replay of one call per pool entry, which excludes
 host stalls the spin may not cover: us far above graph us means the host, not the
-kernel, slowed that row ("-": the call could not be captured).
+kernel, slowed that row ("-": the call could not be captured). cuBLAS fp16 is
+timed again after each (layer, M) block; the table ends with the blocks whose
+baseline moved by more than 10%, whose rows are suspect.
 
     python benchmarks/bench_linear.py                      # full table (GPU)
     python benchmarks/bench_linear.py --quick              # a few shapes
@@ -184,8 +186,9 @@ def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, see
         x = torch.randn(m, k, device=device, dtype=torch.float16)
         base, base_g = time_both(lambda: torch.matmul(x, fp16_weights().T), fp16_weights.size)
         moved16 = 2 * (n * k + m * k + m * n)
-        rows.append(row(name, k, n, m, "cuBLAS fp16", "torch", base, base, moved16, peak_gbs,
-                        base_g, base_g))
+        baseline = row(name, k, n, m, "cuBLAS fp16", "torch", base, base, moved16, peak_gbs,
+                       base_g, base_g)
+        rows.append(baseline)
         xb = x.bfloat16()
         t, g = time_both(lambda: torch.matmul(xb, bf16_weights().T), bf16_weights.size)
         rows.append(row(name, k, n, m, "cuBLAS bf16", "torch", t, base, moved16, peak_gbs, g, base_g))
@@ -207,7 +210,32 @@ def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, see
                 for on, off in variants:
                     rows += time_kernel(name, k, n, x, label, nxt, backend, on, timed, base,
                                         peak_gbs, base_g, off)
+        # timed again after this M's kernels: a GPU whose speed changed meanwhile
+        # (another process, clocks) shows here instead of in a wrong speedup
+        after = time_fn(lambda x=x: torch.matmul(x, fp16_weights().T))
+        baseline["baseline_after_us"] = round(after, 2)
     return rows
+
+
+DRIFT = 0.10   # baseline change, before vs after a block's kernels, that marks the block
+
+
+def drifts(rows) -> dict[tuple[str, int], tuple[dict, float]]:
+    """(layer, M) -> (its cuBLAS fp16 row, relative change) for every block
+    whose baseline moved by more than DRIFT between its start and its end."""
+    out = {}
+    for r in rows:
+        after = r.get("baseline_after_us")
+        if after is not None and "error" not in r and abs(after / r["us"] - 1) > DRIFT:
+            out[(r["layer"], r["M"])] = (r, after / r["us"] - 1)
+    return out
+
+
+def drift_notes(rows) -> list[str]:
+    return [f"- {layer} M={m}: cuBLAS fp16 took {r['us']} us before this block's kernels and "
+            f"{r['baseline_after_us']} us after ({100 * change:+.0f}%): the GPU's speed changed "
+            f"during these rows; time them again."
+            for (layer, m), (r, change) in drifts(rows).items()]
 
 
 def time_kernel(name, k, n, x, label, nxt, backend, enable, timed, base, peak_gbs,
@@ -276,6 +304,10 @@ def to_markdown(meta, rows) -> str:
                        f"{r.get('backend', '')} | error: {r['error'][:80]} |||||||")
         else:  # rows of older JSON lack the graph columns
             out.append("| " + " | ".join("-" if r.get(c) is None else str(r[c]) for c in cols) + " |")
+    notes = drift_notes(rows)
+    if notes:
+        head = f"Baseline drift above {100 * DRIFT:.0f}% (cuBLAS fp16 timed again after each block):"
+        out += ["", head] + notes
     return "\n".join(out) + "\n"
 
 

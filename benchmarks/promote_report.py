@@ -95,11 +95,15 @@ BASELINE_KERNEL = {"triton.int_act_tma": "triton.int_act"}
 def speed_ratios(rows: list[dict], opt_in: set[str]) -> dict[str, list[tuple[str, float]]]:
     """opt-in kernel -> [(case, default time / its time)] over the timed cases
     where a default CUDA kernel was timed too (or, for TRITON_BASELINE
-    kernels where none was, a Triton one; for BASELINE_KERNEL ones, that kernel)."""
+    kernels where none was, a Triton one; for BASELINE_KERNEL ones, that kernel).
+    Blocks whose cuBLAS baseline drifted (bench_linear.drifts) are left out."""
+    from bench_linear import drifts  # torch only when timings are read
+
+    drifted = drifts(rows)
     default, triton, timed, by_kernel = {}, {}, {}, {}
     for r in rows:
         backend = str(r.get("backend", ""))
-        if "us" not in r:
+        if "us" not in r or (r["layer"], r["M"]) in drifted:   # a block the GPU slowed
             continue
         case = f"{r['layer']} M={r['M']} {r['kernel']}"
         by_kernel.setdefault(backend, {})[case] = r["us"]

@@ -119,7 +119,12 @@ def test_promote_report_reads_tests_and_timings(tmp_path):
             # against the kernel it would replace, not the CUDA route timed next to it
             dict(layer="qkv", M=4096, kernel="W8A8", backend="cuda.int_act", us=500.0),
             dict(layer="qkv", M=4096, kernel="W8A8", backend="triton.int_act", us=300.0),
-            dict(layer="qkv", M=4096, kernel="W8A8", backend="triton.int_act_tma", us=250.0)]
+            dict(layer="qkv", M=4096, kernel="W8A8", backend="triton.int_act_tma", us=250.0),
+            # a block whose cuBLAS baseline slowed by half while it ran: left out
+            dict(layer="qkv", M=16, kernel="cuBLAS fp16", backend="torch", us=10.0,
+                 baseline_after_us=15.0),
+            dict(layer="qkv", M=16, kernel="W8A8", backend="cuda.int_act", us=20.0),
+            dict(layer="qkv", M=16, kernel="W8A8", backend="cuda.int_act_wgmma", us=40.0)]
     (tmp_path / "linear_H100.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     outcomes = promote_report.test_outcomes(xml)
     table = {line.split(" | ")[0].lstrip("| "): line for line in
@@ -177,3 +182,21 @@ def test_sweep_triton_int_act_checks_every_config():
     cells = proc.stdout.strip().splitlines()[-1].strip("| ").split(" | ")
     # 2 * M * N * K / 2 us = 0.0 TOP/s at this size; each config gave the default's bits
     assert cells[:3] == ["tiny", "W8A8", "3"] and cells[3:] == ["2.0 (0 TOP/s)"] * 4, cells
+
+
+def test_bench_linear_lists_blocks_whose_baseline_drifted():
+    import bench_linear
+    steady = bench_linear.row("qkv", 64, 32, 1, "cuBLAS fp16", "torch", 10.0, 10.0, 4096, 1000.0)
+    steady["baseline_after_us"] = 10.9                               # within 10%
+    slowed = bench_linear.row("qkv", 64, 32, 16, "cuBLAS fp16", "torch", 10.0, 10.0, 4096, 1000.0)
+    slowed["baseline_after_us"] = 13.0
+    kernel = bench_linear.row("qkv", 64, 32, 16, "W4 g128", "cuda.x", 40.0, 10.0, 1024, 1000.0)
+    old_json = bench_linear.row("o", 64, 32, 1, "cuBLAS fp16", "torch", 10.0, 10.0, 4096, 1000.0)
+    rows = [steady, slowed, kernel, old_json]
+    assert bench_linear.drift_notes(rows) == [
+        "- qkv M=16: cuBLAS fp16 took 10.0 us before this block's kernels and 13.0 us after "
+        "(+30%): the GPU's speed changed during these rows; time them again."]
+    table = bench_linear.to_markdown({"device": "GPU", "torch": "2", "copy_GBs": 1.0}, rows)
+    assert table.rstrip().endswith("time them again.") and "Baseline drift above 10%" in table
+    assert "Baseline drift" not in bench_linear.to_markdown(
+        {"device": "GPU", "torch": "2", "copy_GBs": 1.0}, [steady, kernel])
