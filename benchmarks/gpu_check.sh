@@ -11,8 +11,8 @@
 #
 # TESTS: pytest targets (default: tests). BENCH_ARGS go to bench_linear.py.
 # Environment: ARCH (default 9.0a), BUILD_S / TEST_S / SANITIZE_S / BENCH_S /
-# DECODE_S / SWEEP_S / TRITON_SWEEP_S / PROFILE_S / CPP_CHECKS_S phase limits in seconds (0 skips
-# that phase; the build is skipped when the extension there was built from the
+# DECODE_S / HOST_S / SWEEP_S / TRITON_SWEEP_S / PROFILE_S / CPP_CHECKS_S phase
+# limits in seconds (0 skips that phase; the build is skipped when the extension there was built from the
 # same csrc/, setup.py and ARCH; SANITIZE_S bounds each of two memcheck runs and
 # PROFILE_S each ncu run, so keep the sum under the machine's per-command
 # limit); MARK: pytest -m expression of the test phase (default "not
@@ -135,6 +135,15 @@ if [ "${DECODE_S:-240}" -gt 0 ]; then
     --enable "${DECODE_ENABLE:-cuda.weight_only_wgmma,cuda.dequant_layout_cublas,cuda.int_act_wgmma,cuda.binary_lut_staged,cuda.binary_dequant_cublas,cuda.binary_lut_dequant_cublas,cuda.int_act_staged,cuda.weight_only_post_scale_m64,cuda.weight_only_tma,cuda.int_act_tma,cuda.binary_lut_tma,cuda.weight_only_tma_decode,cuda.binary_lut_tma_decode,cuda.weight_only_post_scale_acq_rel}") \
     >"$out/decode.log" 2>&1
   rc=$?; phase decode $rc "$t"; grep -E "^\|" "$out/decode.log" | tail -16
+fi
+
+# the host's time per eager layer call (an eager decode step pays it per
+# linear): the whole call with its launch, then vlmkern's Python alone
+if [ "${HOST_S:-30}" -gt 0 ]; then
+  t=$(date +%s)
+  (timeout "${HOST_S:-30}" "$py" benchmarks/host_overhead.py \
+     && timeout "${HOST_S:-30}" "$py" benchmarks/host_overhead.py --stub) >"$out/host.log" 2>&1
+  rc=$?; phase host $rc "$t"; grep -E "^\|" "$out/host.log"
 fi
 
 # the weight-only kernel's work split: time by thread blocks per SM
