@@ -15,6 +15,7 @@ vlmkern's own Python alone: ``ops.linear`` up to the kernel's wrapper.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import time
 
@@ -63,11 +64,11 @@ def run(args) -> list[dict]:
     x = torch.randn(1, 1, args.in_features, device=device, dtype=dtype)
     rows = []
     with torch.inference_mode():
-        reference = dense.to(device, dtype)
+        reference = copy.deepcopy(dense).to(device, dtype)
         rows.append({"layer": "nn.Linear", "kernel": "torch",
                      "us": per_call_us(lambda: reference(x), args.calls, args.repeats, device)})
         for label, config in FORMATS.items():
-            layer = vlmkern.QuantLinear.from_linear(dense.float().cpu(), config).to(device)
+            layer = vlmkern.QuantLinear.from_linear(dense, config).to(device)
             layer(x)                                       # layouts made, choice remembered
             kernel = vlmkern.ops.which_kernel(x.reshape(1, -1), layer.quantized_weight)
             stub = stubbed(layer, x) if stub_mode else None
