@@ -616,3 +616,21 @@ def test_binarize_beats_sign_binarization_on_heavy_tails():
     plain = torch.where(w >= 0, 1.0, -1.0) * w.abs().mean(dim=1, keepdim=True)
     e_sign = rel_mse(w, plain)
     assert e_bin < 0.25 * e_sign, (e_bin, e_sign)
+
+
+@pytest.mark.parametrize("k, group", [(256, 64), (256, None), (256, 256), (200, 64), (96, 32),
+                                      (100, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dequantize_codes_broadcast_equals_the_gathered_definition(k, group, dtype):
+    from vlmkern.formats.groupwise import dequantize_codes, group_index, num_groups
+    gen = torch.Generator().manual_seed(k + (group or 0))
+    n, g = 24, num_groups(k, group)
+    codes = torch.randint(0, 16, (n, k), generator=gen)
+    zeros = torch.randint(0, 16, (n, g), generator=gen)
+    scales = (torch.rand(n, g, generator=gen) * 0.1 + 1e-3).half()
+    perm = torch.randperm(k, generator=gen).to(torch.int32)
+    gidx = group_index(k, group)
+    want = (codes - zeros[:, gidx]).float() * scales.float()[:, gidx]   # the definition
+    assert torch.equal(dequantize_codes(codes, scales, zeros, None, group, dtype), want.to(dtype))
+    logical = torch.empty_like(want).index_copy_(1, perm.long(), want)
+    assert torch.equal(dequantize_codes(codes, scales, zeros, perm, group, dtype), logical.to(dtype))

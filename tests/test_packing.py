@@ -210,3 +210,15 @@ def test_int4_unpack_errors():
         unpack_int4_pairs(torch.zeros(4, dtype=torch.int8), 9)
     with pytest.raises(TypeError, match="int8"):
         unpack_int4_pairs(torch.zeros(4, dtype=torch.uint8), 8)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("length", (1, 10, 11, 31, 32, 33, 95, 96, 97, 577))
+def test_unpack_of_any_words_matches_independent_reader(bits, length):
+    # random 32-bit words, bit 31 set in about half of them, high bits of the
+    # last word not necessarily zero: unpack reads exactly the stream bits
+    gen = torch.Generator().manual_seed(bits * 7919 + length)
+    words = torch.randint(-(1 << 31), 1 << 31, (4, packed_words(length, bits)), generator=gen,
+                          dtype=torch.int64).to(torch.int32)
+    want = [stream_unpack_row(r, bits, length) for r in words.tolist()]
+    assert unpack_bits(words, bits, length).tolist() == want

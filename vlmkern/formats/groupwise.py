@@ -62,8 +62,14 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
                      dtype: torch.dtype) -> torch.Tensor:
     """``s * (q - z)`` in fp32 for codes [N, K] (stored order), then columns
     put back in logical order; [N, K] in ``dtype``."""
-    gidx = group_index(codes.shape[1], group_size, codes.device)
-    w = (codes - zeros[:, gidx]).float() * scales.float()[:, gidx]
+    n, k = codes.shape
+    g = k if group_size is None or group_size >= k else group_size
+    if k % g == 0:   # whole groups: broadcast each group's zero and scale, nothing gathered
+        w = codes.reshape(n, k // g, g).float()
+        w = w.sub_(zeros.float().unsqueeze(-1)).mul_(scales.float().unsqueeze(-1)).reshape(n, k)
+    else:
+        gidx = group_index(k, group_size, codes.device)
+        w = (codes - zeros[:, gidx]).float() * scales.float()[:, gidx]
     if perm is not None:
         w = torch.empty_like(w).index_copy_(1, perm.long(), w)
     return w.to(dtype)

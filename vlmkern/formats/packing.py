@@ -71,14 +71,31 @@ def unpack_bits(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
         raise ValueError(
             f"{length} codes of {bits} bits need {n_words} words, got {words.shape[-1]}")
     lead = words.shape[:-1]
-    w = words.reshape(-1, n_words).to(torch.int64) & _MASK32
-    w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
-    start = torch.arange(length, device=w.device, dtype=torch.int64) * bits
-    word, shift = start // _WORD, start % _WORD
-    lo = w[:, word] >> shift
-    hi = w[:, word + 1] << (_WORD - shift)
-    codes = (lo | hi) & ((1 << bits) - 1)
-    return codes.reshape(*lead, length)
+    w = words.reshape(-1, n_words)
+    mask = (1 << bits) - 1
+    if _WORD % bits == 0:
+        # whole codes per word: every word shifted by each code's offset at once,
+        # in int32 (the mask drops the copies of bit 31 an arithmetic shift brings in)
+        shifts = torch.arange(0, _WORD, bits, device=w.device, dtype=torch.int32)
+        codes = (w.unsqueeze(-1) >> shifts).bitwise_and_(mask)
+        codes = codes.reshape(w.shape[0], -1)[:, :length]
+    else:
+        # 32 codes fill `bits` words exactly (a period); a code may straddle two
+        # words of its period, so each word is read as the 64-bit pair (word,
+        # next word) and shifted, per word, by the offsets of the codes that start in it
+        pad = -n_words % bits
+        w64 = torch.nn.functional.pad(w, (0, pad)).to(torch.int64).bitwise_and_(_MASK32)
+        w64 = w64.reshape(w.shape[0], -1, bits)
+        pairs = torch.cat([w64[..., 1:], torch.zeros_like(w64[..., :1])], dim=-1)
+        pairs.bitwise_left_shift_(_WORD).bitwise_or_(w64)
+        parts = []
+        for j in range(bits):
+            first, end = -(-_WORD * j // bits), -(-_WORD * (j + 1) // bits)
+            shifts = torch.arange(first, end, device=w.device, dtype=torch.int64) * bits - _WORD * j
+            parts.append(pairs[..., j:j + 1] >> shifts)
+        codes = torch.cat(parts, dim=-1).bitwise_and_(mask)
+        codes = codes.reshape(w.shape[0], -1)[:, :length]
+    return codes.to(torch.int64).reshape(*lead, length)
 
 
 def pack_int4_pairs(values: torch.Tensor) -> torch.Tensor:
