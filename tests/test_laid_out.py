@@ -39,6 +39,18 @@ def test_layout_codes_turn_back_into_the_canonical_stream(bits, n, k, group, sym
     assert torch.equal(cw.packed_codes_from_layout(wq, bits, n, k), qw.qweight)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_layout_fields_are_the_kernels_fields(bits):
+    # any words (bit 31 set in about half): the broadcast-shift reader takes
+    # the fields the kernel's shifts and masks take (its emulation)
+    gen = torch.Generator().manual_seed(bits)
+    wq = torch.randint(-(1 << 31), 1 << 31, (2, 3, 8, 64 * bits), generator=gen,
+                       dtype=torch.int64).to(torch.int32)
+    regs = cw._fragment_magic_codes(cw._lane_words(wq, bits), bits, 0)     # b c w lane kt r
+    want = torch.stack([regs & 0xFFFF, regs >> 16], dim=-1)
+    assert torch.equal(cw._lane_codes_of_words(wq, bits).long(), want)
+
+
 def test_relayout_in_row_block_slices_matches_one_pass(monkeypatch):
     qw = make_weight(700, 300, 3, 64, False, seed=3)
     whole = cw.layout_codes(qw)

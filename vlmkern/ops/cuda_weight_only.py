@@ -226,10 +226,33 @@ def codes_from_layout(wq: torch.Tensor, bits: int, out_features: int,
     """The inverse of ``layout_codes`` for row blocks of ``wq``: int64 codes
     [rows, K] in stored column order (padding dropped); pure torch."""
     nb, c = wq.shape[0], wq.shape[1]
-    lane = _fragment_codes(_lane_words(wq, bits), bits)                  # b c w lane kt r h
+    lane = _lane_codes_of_words(wq, bits)                                 # b c w lane kt r h
     q = lane.reshape(nb, c, 8, 8, 4, 8, 2, 2, 2)                          # b c w g t kt ch rh h
     q = q.permute(0, 2, 7, 3, 1, 5, 6, 4, 8).reshape(nb * BLOCK_ROWS, c * CHUNK)
-    return q[:out_features, :in_features]
+    return q[:out_features, :in_features].to(torch.int64)
+
+
+def _lane_codes_of_words(wq: torch.Tensor, bits: int) -> torch.Tensor:
+    """[NB, C, 8, 64*bits] int32 -> codes uint8 [NB, C, 8, 32 lanes, 8 kt, 4 r, 2 h]:
+    the fields ``_fragment_magic_codes`` takes with the kernel's shifts and
+    masks, each field of a word taken by one broadcast shift (int32 shifts:
+    each mask drops the copies of bit 31 an arithmetic shift brings in)."""
+    lead = wq.shape[:-1]
+    dev = wq.device
+    r = torch.arange(4, device=dev, dtype=torch.int32).view(4, 1)
+    h = torch.arange(2, device=dev, dtype=torch.int32).view(1, 2)
+    if bits == 4:   # word kt: register r at bits 4r and 16 + 4r
+        words = wq.reshape(*lead, 2, 32, 4).transpose(-3, -2).reshape(*lead, 32, 8, 1, 1)
+        return ((words >> (4 * r + 16 * h)) & 0xF).to(torch.uint8)
+    # 2-bit plane: word kt // 2, register r of step kt at bits 2p and 16 + 2p, p = 4 (kt % 2) + r
+    j = torch.arange(2, device=dev, dtype=torch.int32).view(2, 1, 1)
+    low = wq[..., :128].reshape(*lead, 32, 4, 1, 1, 1) >> (2 * (4 * j + r) + 16 * h)
+    q = (low & 3).reshape(*lead, 32, 8, 4, 2)
+    if bits == 3:   # 1-bit plane: word kt // 4 at bits p and 16 + p, p = 4 (kt % 4) + r
+        j4 = torch.arange(4, device=dev, dtype=torch.int32).view(4, 1, 1)
+        high = wq[..., 128:].reshape(*lead, 32, 2, 1, 1, 1) >> ((4 * j4 + r) + 16 * h)
+        q = q | ((high & 1) << 2).reshape(*lead, 32, 8, 4, 2)
+    return q.to(torch.uint8)
 
 
 def packed_codes_from_layout(wq: torch.Tensor, bits: int, out_features: int,
@@ -286,12 +309,6 @@ def _fragment_magic_codes(words: torch.Tensor, bits: int, magic2: int) -> torch.
             regs.append(v | magic2)
         out.append(torch.stack(regs, dim=-1))
     return torch.stack(out, dim=-2)
-
-
-def _fragment_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Lane words [..., 32, 2*bits] (uint32 in int64) -> codes [..., 32, 8 kt, 4 r, 2 h]."""
-    magic_free = _fragment_magic_codes(words, bits, 0)
-    return torch.stack([magic_free & 0xFFFF, magic_free >> 16], dim=-1)
 
 
 def _lane_words(wq: torch.Tensor, bits: int) -> torch.Tensor:
