@@ -634,3 +634,30 @@ def test_dequantize_codes_broadcast_equals_the_gathered_definition(k, group, dty
     assert torch.equal(dequantize_codes(codes, scales, zeros, None, group, dtype), want.to(dtype))
     logical = torch.empty_like(want).index_copy_(1, perm.long(), want)
     assert torch.equal(dequantize_codes(codes, scales, zeros, perm, group, dtype), logical.to(dtype))
+
+
+def _elementwise_binary_decode(bw, dtype):
+    """The decoding rule weight by weight in torch fp32, in the rule's order."""
+    sign, aux, sal = bw.planes()
+    st = bw.stats.float()[:, torch.arange(bw.in_features) // bw.block_size, :]   # [N, K, 8]
+    s, a = sign.float() * 2 - 1, aux.float() * 2 - 1
+    salient = st[..., 0] + st[..., 1] * s + st[..., 2] + st[..., 3] * a
+    ordinary = torch.where(aux, st[..., 6], st[..., 4]) + torch.where(aux, st[..., 7], st[..., 5]) * s
+    return torch.where(sal.unsqueeze(0), salient, ordinary).to(dtype)
+
+
+@pytest.mark.parametrize("stats_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k, block", [(300, 128), (64, 128), (257, 64)])
+def test_binary_dequantize_is_the_rule_bit_for_bit(monkeypatch, stats_dtype, k, block):
+    from vlmkern.formats import binary
+    gen = torch.Generator().manual_seed(k + block)
+    n, nb = 37, -(-k // block)
+    bw = BinaryWeight.from_planes(torch.rand(n, k, generator=gen) < 0.5,
+                                  torch.rand(n, k, generator=gen) < 0.5,
+                                  torch.rand(k, generator=gen) < 0.3,
+                                  (torch.randn(n, nb, 8, generator=gen) * 0.05).to(stats_dtype),
+                                  block)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        assert torch.equal(bw.dequantize(dtype), _elementwise_binary_decode(bw, dtype)), dtype
+    monkeypatch.setattr(binary, "_SLICE_WEIGHTS", 2 * k)      # two rows at a time
+    assert torch.equal(bw.dequantize(), _elementwise_binary_decode(bw, torch.float32))

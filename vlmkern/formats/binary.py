@@ -42,6 +42,25 @@ from .groupwise import SCALE_DTYPES
 from .packing import pack_bits, packed_words, unpack_bits
 
 STATS_PER_BLOCK = 8
+_SLICE_WEIGHTS = 1 << 24
+
+
+def block_values(stats: torch.Tensor) -> torch.Tensor:
+    """The 8 values a weight of each row and block can take, fp32 [N, blocks, 8],
+    from the statistics [N, blocks, 8]: entry ``s + 2a`` (s the sign bit, a the
+    aux bit) for an ordinary column, ``4 + s + 2a`` for a salient one. Each is
+    the decoding rule above in fp32, its operations in the rule's order (the
+    sign and aux factors are exactly +-1)."""
+    st = stats.float()
+    dev = st.device
+    s = torch.tensor([-1.0, 1.0, -1.0, 1.0], device=dev)            # sign of entry e
+    a = torch.tensor([-1.0, -1.0, 1.0, 1.0], device=dev)            # aux of entry e
+    outer = a > 0
+    mu = torch.where(outer, st[..., 6:7], st[..., 4:5])
+    alpha = torch.where(outer, st[..., 7:8], st[..., 5:6])
+    ordinary = mu + alpha * s
+    salient = st[..., 0:1] + st[..., 1:2] * s + st[..., 2:3] + st[..., 3:4] * a
+    return torch.cat([ordinary, salient], dim=-1)
 
 
 @dataclass(eq=False, repr=False)
@@ -88,17 +107,21 @@ class BinaryWeight(PackedWeight):
         return 1.0 + self.salient_fraction()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        sign, aux, sal = self.planes()
-        blk = torch.arange(self.in_features, device=self.sign.device) // self.block_size
-        st = self.stats.float()[:, blk, :]                       # [N, K, 8]
-        s = sign.float() * 2 - 1
-        a = aux.float() * 2 - 1
-        salient_w = st[..., 0] + st[..., 1] * s + st[..., 2] + st[..., 3] * a
-        outer = aux.long()
-        mu = torch.where(outer.bool(), st[..., 6], st[..., 4])
-        alpha = torch.where(outer.bool(), st[..., 7], st[..., 5])
-        w = torch.where(sal.unsqueeze(0), salient_w, mu + alpha * s)
-        return w.to(dtype)
+        """The weight [N, K]: each weight picks its value from its row and
+        block's 8 values (``block_values``), by its sign, aux and salient bits."""
+        n, k = self.sign.shape[0], self.in_features
+        dev = self.sign.device
+        values = block_values(self.stats).reshape(n, -1)                 # [N, blocks * 8]
+        column = (8 * (torch.arange(k, device=dev) // self.block_size)
+                  + 4 * unpack_bits(self.salient, 1, k))                  # block, salient half
+        out = torch.empty(n, k, dtype=dtype, device=dev)
+        step = max(1, _SLICE_WEIGHTS // k)       # rows at a time: bounds the int64 indices
+        for r0 in range(0, n, step):
+            rows = slice(r0, r0 + step)
+            index = unpack_bits(self.aux[rows], 1, k).mul_(2).add_(
+                unpack_bits(self.sign[rows], 1, k)).add_(column)
+            out[rows] = values[rows].gather(1, index).to(dtype)
+        return out
 
     def validate(self) -> "BinaryWeight":
         k, b = self.in_features, self.block_size

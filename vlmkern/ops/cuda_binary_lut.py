@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.binary import BinaryWeight
+from ..formats.binary import BinaryWeight, block_values
 from ..formats.packing import unpack_bits
 from . import reference
 from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op
@@ -102,20 +102,9 @@ class LutWeight:
 
 
 def table_values(stats: torch.Tensor) -> torch.Tensor:
-    """The 8 values of every row and block of a binary weight's statistics
-    [N, blocks, 8] in fp32, [N, blocks, 8]: entries 0..3 ordinary, 4..7
-    salient, index s + 2a; the same operations, in the same order, as
-    ``BinaryWeight.dequantize``."""
-    st = stats.float()
-    dev = st.device
-    s = torch.tensor([-1.0, 1.0, -1.0, 1.0], device=dev)            # sign of index e
-    a = torch.tensor([-1.0, -1.0, 1.0, 1.0], device=dev)            # aux of index e
-    outer = a > 0
-    mu = torch.where(outer, st[..., 6:7], st[..., 4:5])
-    alpha = torch.where(outer, st[..., 7:8], st[..., 5:6])
-    ordinary = mu + alpha * s
-    salient = st[..., 0:1] + st[..., 1:2] * s + st[..., 2:3] + st[..., 3:4] * a
-    return torch.cat([ordinary, salient], dim=-1)
+    """The 8 values of every row and block, fp32 [N, blocks, 8]: entries 0..3
+    ordinary, 4..7 salient, index s + 2a (``BinaryWeight``'s own table)."""
+    return block_values(stats)
 
 
 def _bits16(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
