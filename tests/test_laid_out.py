@@ -21,6 +21,7 @@ from torch import nn
 import vlmkern
 from vlmkern.config import QuantConfig
 from vlmkern.formats import FormatError
+from vlmkern.formats.groupwise import dequantize_codes
 from vlmkern.ops import cuda_weight_only as cw
 from vlmkern.ops.backends import KernelSpec
 from vlmkern.ops.laid_out import LaidOutWeight
@@ -57,6 +58,31 @@ def test_relayout_in_row_block_slices_matches_one_pass(monkeypatch):
     monkeypatch.setattr(cw, "_RELAYOUT_WEIGHTS", 1)   # one row block per step
     assert torch.equal(cw.layout_codes(qw), whole)
     assert torch.equal(cw.packed_codes_from_layout(whole, 3, 700, 300), qw.qweight)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n,k,group,sym,perm", CASES)
+def test_dequantized_from_the_layout_as_from_the_canonical_codes(monkeypatch, bits, n, k, group,
+                                                                  sym, perm):
+    qw = make_weight(n, k, bits, group, sym, perm=perm, seed=2 * n + k + bits)
+    laid = LaidOutWeight.from_quantized(qw)
+    monkeypatch.setattr(cw, "_RELAYOUT_WEIGHTS", 1)          # one row block per slice
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        assert torch.equal(laid.dequantize(dtype), qw.dequantize(dtype)), dtype
+    stored = dequantize_codes(qw.codes(), qw.scales, qw.zeros(), None, qw.group_size,
+                              torch.float16)
+    assert torch.equal(laid.dequantize_stored(torch.float16), stored)
+
+
+def test_prefill_fallback_for_a_laid_out_weight_runs_without_the_extension():
+    # what cuda.dequant_cublas does with a laid-out weight: torch operations only
+    from vlmkern.ops import builtin, reference
+    qw = make_weight(300, 520, 3, 128, False, perm=True, seed=5)
+    x, bias = torch.randn(100, 520, dtype=torch.float16), torch.randn(300, dtype=torch.float16)
+    with pytest.warns(UserWarning, match="dequantized with torch operations"):
+        y = builtin._cuda_dequant_matmul(x, LaidOutWeight.from_quantized(qw), bias)
+    stored = dequantize_codes(qw.codes(), qw.scales, qw.zeros(), None, 128, torch.float16)
+    assert torch.equal(y, reference.stored_order_linear(x, stored, qw.perm, bias))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -193,7 +219,7 @@ def test_laid_out_layer_on_gpu_matches_the_canonical_layer(monkeypatch, prefill,
             "cuda.weight_only_mma"
         assert kernel == (small if m <= 64 else prefill)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")         # cuda.dequant_cublas rebuilds the stream
+            warnings.simplefilter("ignore")         # cuda.dequant_cublas decodes the layout in torch
             assert same_bits(laid(x), canonical(x)), m
 
 

@@ -57,13 +57,14 @@ def _cuda_dequant_matmul(x, qweight, bias):
     multiple of 8, power-of-two groups >= 8 or one per row), the general one
     elsewhere; both give the same bits. On an H100 the fast one made the whole
     layer 1.06-1.26x faster at M = 4096 (benchmarks/results/promote_H100.md)."""
-    from ..ext import dequant_groupwise
     if getattr(qweight, "LAID_OUT", False):
-        warnings.warn("a weight held in the CUDA kernel layout is rebuilt in the canonical "
-                      "format on every call the tensor-core kernel declines (M > 64), which is "
-                      "slow; VLMKERN_ENABLE=cuda.dequant_layout_cublas dequantizes it from the "
-                      "layout instead", stacklevel=4)
-        qweight = qweight.canonical()
+        warnings.warn("a weight held in the CUDA kernel layout is dequantized with torch "
+                      "operations on every call the tensor-core kernel declines (M > 64), which "
+                      "is slow; VLMKERN_ENABLE=cuda.dequant_layout_cublas dequantizes it with a "
+                      "CUDA kernel instead", stacklevel=4)
+        return reference.stored_order_linear(x, qweight.dequantize_stored(x.dtype), qweight.perm,
+                                             bias)
+    from ..ext import dequant_groupwise
     w = dequant_groupwise(qweight.qweight, qweight.qzeros, qweight.scales, qweight.bits,
                           qweight.group_size or qweight.in_features, qweight.in_features,
                           x.dtype, fast=True)
@@ -91,7 +92,7 @@ _DEQUANT = {"dtypes": frozenset({torch.float16, torch.bfloat16}),
             "devices": frozenset({"cuda"}), "min_sm": (8, 0)}
 # Weights held only in the kernel layout (vlmkern.to_kernel_layout): dequantized
 # from the layout, opt-in until its GPU tests pass; without it
-# cuda.dequant_cublas rebuilds the canonical codes on every call.
+# cuda.dequant_cublas dequantizes them with torch operations on every call.
 CUDA.register(KernelSpec("cuda.dequant_layout_cublas", "weight_only", _cuda_dequant_layout_matmul,
                          opt_in=True, laid_out=True, check=_only_laid_out, **_DEQUANT))
 CUDA.register(KernelSpec("cuda.dequant_cublas", "weight_only", _cuda_dequant_matmul,

@@ -204,16 +204,22 @@ def _pack_scales(qweight: QuantizedWeight, dtype: torch.dtype, nb: int, c: int,
     return _as_int32(words).contiguous()
 
 
+def row_block_slices(nb: int, c: int):
+    """(first, end) row blocks of the slices a layout of nb row blocks and c
+    chunks is made or read back in: a slice at a time bounds the temporaries
+    (up to ~100 bytes per weight)."""
+    step = max(1, _RELAYOUT_WEIGHTS // (BLOCK_ROWS * c * CHUNK))
+    for b0 in range(0, nb, step):
+        yield b0, min(nb, b0 + step)
+
+
 def layout_codes(qweight: QuantizedWeight) -> torch.Tensor:
     """The weight's codes in the kernel's fragment order: int32 [NB, C, 8, 64*bits]
     (independent of the activation dtype; pure torch, any device)."""
     n, k = qweight.out_features, qweight.in_features
     nb, c = _cdiv(n, BLOCK_ROWS), _cdiv(k, CHUNK)
     wq = torch.empty(nb, c, 8, 64 * qweight.bits, dtype=torch.int32, device=qweight.qweight.device)
-    # A slice of row blocks at a time bounds the int64 temporaries (~100 bytes per weight).
-    step = max(1, _RELAYOUT_WEIGHTS // (BLOCK_ROWS * c * CHUNK))
-    for b0 in range(0, nb, step):
-        b1 = min(nb, b0 + step)
+    for b0, b1 in row_block_slices(nb, c):
         rows = qweight.qweight[b0 * BLOCK_ROWS: b1 * BLOCK_ROWS]
         codes = unpack_bits(rows, qweight.bits, k)
         codes = torch.nn.functional.pad(codes, (0, c * CHUNK - k, 0, (b1 - b0) * BLOCK_ROWS - codes.shape[0]))
@@ -222,14 +228,14 @@ def layout_codes(qweight: QuantizedWeight) -> torch.Tensor:
 
 
 def codes_from_layout(wq: torch.Tensor, bits: int, out_features: int,
-                      in_features: int) -> torch.Tensor:
-    """The inverse of ``layout_codes`` for row blocks of ``wq``: int64 codes
-    [rows, K] in stored column order (padding dropped); pure torch."""
+                      in_features: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """The inverse of ``layout_codes`` for row blocks of ``wq``: codes [rows, K]
+    (int64, or ``dtype``) in stored column order (padding dropped); pure torch."""
     nb, c = wq.shape[0], wq.shape[1]
     lane = _lane_codes_of_words(wq, bits)                                 # b c w lane kt r h
     q = lane.reshape(nb, c, 8, 8, 4, 8, 2, 2, 2)                          # b c w g t kt ch rh h
     q = q.permute(0, 2, 7, 3, 1, 5, 6, 4, 8).reshape(nb * BLOCK_ROWS, c * CHUNK)
-    return q[:out_features, :in_features].to(torch.int64)
+    return q[:out_features, :in_features].to(dtype)
 
 
 def _lane_codes_of_words(wq: torch.Tensor, bits: int) -> torch.Tensor:
@@ -262,9 +268,7 @@ def packed_codes_from_layout(wq: torch.Tensor, bits: int, out_features: int,
     nb, c = wq.shape[0], wq.shape[1]
     out = torch.empty(out_features, packed_words(in_features, bits), dtype=torch.int32,
                       device=wq.device)
-    step = max(1, _RELAYOUT_WEIGHTS // (BLOCK_ROWS * c * CHUNK))
-    for b0 in range(0, nb, step):
-        b1 = min(nb, b0 + step)
+    for b0, b1 in row_block_slices(nb, c):
         rows = min(out_features, b1 * BLOCK_ROWS) - b0 * BLOCK_ROWS
         codes = codes_from_layout(wq[b0:b1], bits, rows, in_features)
         out[b0 * BLOCK_ROWS: b0 * BLOCK_ROWS + rows] = pack_bits(codes, bits)

@@ -9,10 +9,10 @@ A ``LaidOutWeight`` keeps the codes only in the kernel's order (``wq``, see
 ``cuda_weight_only``) plus the canonical scales, zeros and permutation,
 which are small: a layer costs its packed bytes once (plus the padding of
 its last row block and column chunk). The kernels read ``wq`` directly;
-anything that needs the canonical stream (a checkpoint, dequantize +
-cuBLAS without the layout dequantize kernel) rebuilds it exactly with
-``canonical()``, which is slow, so such paths are for saving and
-fallbacks, not for every call; the torch reference decodes the layout.
+a checkpoint rebuilds the canonical stream exactly (``canonical()``), and
+the torch reference and the prefill fallback without the layout dequantize
+kernel decode the layout with torch operations (``dequantize_stored``), which
+is correct but slower than a kernel.
 
 A weight is laid out once, e.g. on the CPU before the model moves to the
 GPU, so the GPU never holds both copies (``vlmkern.to_kernel_layout``).
@@ -25,13 +25,14 @@ from typing import ClassVar
 import torch
 
 from ..formats.base import FormatError, PackedWeight, check_tensor
-from ..formats.groupwise import GroupwiseViews, QuantizedWeight
+from ..formats.groupwise import GroupwiseViews, QuantizedWeight, dequantize_codes
 from .cuda_weight_only import (
     BLOCK_ROWS,
     CHUNK,
     codes_from_layout,
     layout_codes,
     packed_codes_from_layout,
+    row_block_slices,
     unsupported_reason,
 )
 
@@ -82,6 +83,25 @@ class LaidOutWeight(GroupwiseViews, PackedWeight):
     def codes(self) -> torch.Tensor:
         """Integer codes, int64 [N, K], in stored column order."""
         return codes_from_layout(self.wq, self.bits, self.out_features, self.in_features)
+
+    def dequantize_stored(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [N, K] in ``dtype``, columns in stored (act-order) order:
+        ``dequantize`` without the permutation, decoded from the layout a slice
+        of row blocks at a time (bounded temporaries; no canonical stream)."""
+        n, k = self.out_features, self.in_features
+        out = torch.empty(n, k, dtype=dtype, device=self.wq.device)
+        zeros = self.zeros()
+        for b0, b1 in row_block_slices(*self.wq.shape[:2]):
+            r0, r1 = b0 * BLOCK_ROWS, min(n, b1 * BLOCK_ROWS)
+            codes = codes_from_layout(self.wq[b0:b1], self.bits, r1 - r0, k, dtype=torch.uint8)
+            out[r0:r1] = dequantize_codes(codes, self.scales[r0:r1], zeros[r0:r1], None,
+                                          self.group_size, dtype)
+        return out
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight this object stands for, [N, K] in logical column order."""
+        w = self.dequantize_stored(dtype)
+        return w if self.perm is None else torch.empty_like(w).index_copy_(1, self.perm.long(), w)
 
     def validate(self) -> "LaidOutWeight":
         why = unsupported_reason(self)
