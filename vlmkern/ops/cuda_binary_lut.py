@@ -150,11 +150,13 @@ def lut_index(codes: torch.Tensor, rows: int, k: int) -> torch.Tensor:
     """The inverse of ``lut_codes`` for row blocks of ``codes``: each weight's
     table index s + 2a, int64 [rows, K] (padding dropped)."""
     nb, c = codes.shape[0], codes.shape[1]
-    words = codes.to(torch.int64).reshape(nb, c, 8, 32, 4, 1, 1, 1) & 0xFFFFFFFF
-    lane = (words >> _index_shifts(codes.device)) & 3
+    # int32 shifts (the mask drops the copies of bit 31 an arithmetic shift
+    # brings in), then one byte per index through the permutation
+    words = codes.reshape(nb, c, 8, 32, 4, 1, 1, 1)
+    lane = ((words >> _index_shifts(codes.device).to(torch.int32)) & 3).to(torch.uint8)
     lane = lane.reshape(nb, c, 8, 8, 4, 8, 2, 2, 2)                         # b c w g t kt ch rh h
     index = lane.permute(0, 2, 7, 3, 1, 5, 6, 4, 8).reshape(nb * BLOCK, c * BLOCK)
-    return index[:rows, :k]
+    return index[:rows, :k].to(torch.int64)
 
 
 def lut_tables(stats: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
