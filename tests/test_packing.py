@@ -222,3 +222,11 @@ def test_unpack_of_any_words_matches_independent_reader(bits, length):
                           dtype=torch.int64).to(torch.int32)
     want = [stream_unpack_row(r, bits, length) for r in words.tolist()]
     assert unpack_bits(words, bits, length).tolist() == want
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_unpack_to_a_narrower_dtype(bits):
+    codes = random_codes((3, 100), bits, seed=bits)
+    packed = pack_bits(codes, bits)
+    narrow = unpack_bits(packed, bits, 100, dtype=torch.uint8)
+    assert narrow.dtype == torch.uint8 and torch.equal(narrow.long(), codes)

@@ -58,11 +58,13 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return _to_int32(out[:, :n_words]).reshape(*lead, n_words)
 
 
-def unpack_bits(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+def unpack_bits(words: torch.Tensor, bits: int, length: int,
+                dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Inverse of :func:`pack_bits`.
 
     words: int32 tensor [..., W] with W == ceil(length*bits/32).
-    returns: int64 tensor [..., length] of codes in [0, 2**bits - 1].
+    returns: tensor [..., length] of codes in [0, 2**bits - 1], int64 (or
+    ``dtype``, e.g. uint8 to save memory on large weights).
     """
     if words.dtype != torch.int32:
         raise TypeError(f"packed words must be int32, got {words.dtype}")
@@ -95,7 +97,7 @@ def unpack_bits(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
             parts.append(pairs[..., j:j + 1] >> shifts)
         codes = torch.cat(parts, dim=-1).bitwise_and_(mask)
         codes = codes.reshape(w.shape[0], -1)[:, :length]
-    return codes.to(torch.int64).reshape(*lead, length)
+    return codes.to(dtype).reshape(*lead, length)
 
 
 def pack_int4_pairs(values: torch.Tensor) -> torch.Tensor:

@@ -159,24 +159,30 @@ def _lane_codes(codes: torch.Tensor, nb: int, c: int) -> torch.Tensor:
 
 
 def _pack_planes(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Lane codes [..., 32, 8, 4, 2] (int64) -> int32 words [..., 64*bits]."""
+    """Lane codes [..., 32, 8, 4, 2] -> int32 words [..., 64*bits]. In int32:
+    the fields of a word never overlap, so their sum is their OR, also where
+    one lands in bit 31 (the sign bit)."""
+    q = q.to(torch.int32)
     lead = q.shape[:-4]
-    r = torch.arange(4, device=q.device).view(4, 1)
-    h = torch.arange(2, device=q.device).view(1, 2)
+    r = torch.arange(4, device=q.device, dtype=torch.int32).view(4, 1)
+    h = torch.arange(2, device=q.device, dtype=torch.int32).view(1, 2)
+
+    def fields(v, shifts, dims):
+        return (v << shifts).sum(dim=dims, dtype=torch.int32)
+
     if bits == 4:
-        words = (q << (4 * r + 16 * h)).sum(dim=(-1, -2))                 # [..., 32, 8 kt]
+        words = fields(q, 4 * r + 16 * h, (-1, -2))                        # [..., 32, 8 kt]
         planes = words.reshape(*lead, 32, 2, 4).transpose(-3, -2)         # [..., 2, 32, 4]
-        return _as_int32(planes.reshape(*lead, 256))
-    low = q & 3
-    j = torch.arange(2, device=q.device).view(2, 1, 1)
-    low = low.reshape(*lead, 32, 4, 2, 4, 2)                               # v j r h
-    words = (low << (2 * (4 * j + r) + 16 * h)).sum(dim=(-1, -2, -3))     # [..., 32, 4]
+        return planes.reshape(*lead, 256)
+    low = (q & 3).reshape(*lead, 32, 4, 2, 4, 2)                           # v j r h
+    j = torch.arange(2, device=q.device, dtype=torch.int32).view(2, 1, 1)
+    words = fields(low, 2 * (4 * j + r) + 16 * h, (-1, -2, -3))           # [..., 32, 4]
     if bits == 2:
-        return _as_int32(words.reshape(*lead, 128))
+        return words.reshape(*lead, 128)
     high = (q >> 2).reshape(*lead, 32, 2, 4, 4, 2)                        # v j r h
-    j4 = torch.arange(4, device=q.device).view(4, 1, 1)
-    hwords = (high << ((4 * j4 + r) + 16 * h)).sum(dim=(-1, -2, -3))      # [..., 32, 2]
-    return _as_int32(torch.cat([words.reshape(*lead, 128), hwords.reshape(*lead, 64)], dim=-1))
+    j4 = torch.arange(4, device=q.device, dtype=torch.int32).view(4, 1, 1)
+    hwords = fields(high, (4 * j4 + r) + 16 * h, (-1, -2, -3))            # [..., 32, 2]
+    return torch.cat([words.reshape(*lead, 128), hwords.reshape(*lead, 64)], dim=-1)
 
 
 def _pack_scales(qweight: QuantizedWeight, dtype: torch.dtype, nb: int, c: int,
@@ -221,7 +227,7 @@ def layout_codes(qweight: QuantizedWeight) -> torch.Tensor:
     wq = torch.empty(nb, c, 8, 64 * qweight.bits, dtype=torch.int32, device=qweight.qweight.device)
     for b0, b1 in row_block_slices(nb, c):
         rows = qweight.qweight[b0 * BLOCK_ROWS: b1 * BLOCK_ROWS]
-        codes = unpack_bits(rows, qweight.bits, k)
+        codes = unpack_bits(rows, qweight.bits, k, dtype=torch.uint8)
         codes = torch.nn.functional.pad(codes, (0, c * CHUNK - k, 0, (b1 - b0) * BLOCK_ROWS - codes.shape[0]))
         wq[b0:b1] = _pack_planes(_lane_codes(codes, b1 - b0, c), qweight.bits)
     return wq
