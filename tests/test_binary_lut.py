@@ -14,6 +14,7 @@ from test_cuda_binary_lut_kernel import assert_close_to_exact, gpu
 
 import vlmkern
 from vlmkern import BinaryConfig
+from vlmkern.formats.binary import block_values
 from vlmkern.ops import cuda_binary_lut as lut
 from vlmkern.ops.backends import BACKENDS
 from vlmkern.ops.cuda_common import multiprocessors
@@ -54,10 +55,10 @@ def test_a_binarized_matrix_decodes_exactly():
     assert same_bits(lut.emulate_dequantize(lw), bw.dequantize(torch.bfloat16))
 
 
-def test_table_values_are_the_dequantized_values():
+def test_block_values_are_the_dequantized_values():
     bw = make_binary(8, 256, 128, salient=0.3, seed=1, stats_dtype=torch.float32)
     sign, aux, sal = bw.planes()
-    values = lut.table_values(bw.stats)                                   # [N, blocks, 8]
+    values = block_values(bw.stats)                                   # [N, blocks, 8]
     index = sign.long() + 2 * aux.long() + 4 * sal.long()
     blk = torch.arange(256) // 128
     picked = values[torch.arange(8).unsqueeze(1), blk, index]

@@ -220,15 +220,15 @@ def test_padding_follows_the_specification():
 def test_layout_agrees_with_the_load_time_module():
     """The package's own layout (made from a BinaryWeight) equals the one
     built here from the specification."""
-    lut = pytest.importorskip("vlmkern.ops.cuda_binary_lut")
     from test_cuda_binary import make_binary
-    if not all(hasattr(lut, f) for f in ("to_lut_layout", "table_values")):
-        pytest.skip("vlmkern.ops.cuda_binary_lut has no to_lut_layout/table_values")
+
+    from vlmkern.formats.binary import block_values
+    from vlmkern.ops import cuda_binary_lut as lut
     for n, k, dtype in ((100, 136, torch.float16), (129, 264, torch.bfloat16)):
         bw = make_binary(n, k, 128, salient=0.2, seed=n)
         sign, aux, sal = bw.planes()
         index = sign.to(torch.int64) + 2 * aux.to(torch.int64)
-        codes, tables, merge = pack_layout(index, lut.table_values(bw.stats).to(dtype), sal)
+        codes, tables, merge = pack_layout(index, block_values(bw.stats).to(dtype), sal)
         lw = lut.to_lut_layout(bw, dtype)
         assert torch.equal(lw.codes, codes) and torch.equal(lw.tables, tables)
         assert torch.equal(lw.merge, merge)

@@ -21,7 +21,7 @@ import vlmkern
 from vlmkern.config import BinaryConfig, QuantConfig
 from vlmkern.formats import BinaryWeight, FormatError
 from vlmkern.ops import cuda_binary_lut as lut
-from vlmkern.ops import laid_out_binary
+from vlmkern.ops import cuda_weight_only
 from vlmkern.ops.backends import KernelSpec
 from vlmkern.ops.laid_out_binary import LaidOutBinaryWeight
 
@@ -51,8 +51,7 @@ def test_relayout_in_row_block_slices_matches_one_pass(monkeypatch):
     bw = _binary(700, 300, seed=3)
     whole = LaidOutBinaryWeight.from_binary(bw)
     want = bw.dequantize(torch.float16)
-    monkeypatch.setattr(lut, "_RELAYOUT_WEIGHTS", 1)          # one row block per step
-    monkeypatch.setattr(laid_out_binary, "_RELAYOUT_WEIGHTS", 1)
+    monkeypatch.setattr(cuda_weight_only, "_RELAYOUT_WEIGHTS", 1)   # one row block per step
     assert torch.equal(lut.lut_codes(bw), whole.codes)
     assert torch.equal(whole.canonical().sign, bw.sign)
     assert torch.equal(whole.dequantize(torch.float16), want)

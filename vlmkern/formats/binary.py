@@ -63,6 +63,23 @@ def block_values(stats: torch.Tensor) -> torch.Tensor:
     return torch.cat([ordinary, salient], dim=-1)
 
 
+def decode_indices(stats: torch.Tensor, salient: torch.Tensor, block_size: int,
+                   in_features: int, index_slices, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] in ``dtype`` from each weight's index s + 2a, given
+    as (first row, int64 indices [rows, K]) slices: each weight's value is
+    entry s + 2a (+ 4 in a salient column) of its row and block's 8 values."""
+    n, k = stats.shape[0], in_features
+    dev = stats.device
+    values = block_values(stats).reshape(n, -1)                     # [N, blocks * 8]
+    column = (8 * (torch.arange(k, device=dev) // block_size)
+              + 4 * unpack_bits(salient, 1, k))                      # block, salient half
+    out = torch.empty(n, k, dtype=dtype, device=dev)
+    for r0, index in index_slices:
+        r1 = r0 + index.shape[0]
+        out[r0:r1] = values[r0:r1].gather(1, index.add_(column)).to(dtype)
+    return out
+
+
 @dataclass(eq=False, repr=False)
 class BinaryWeight(PackedWeight):
     sign: torch.Tensor
@@ -110,18 +127,10 @@ class BinaryWeight(PackedWeight):
         """The weight [N, K]: each weight picks its value from its row and
         block's 8 values (``block_values``), by its sign, aux and salient bits."""
         n, k = self.sign.shape[0], self.in_features
-        dev = self.sign.device
-        values = block_values(self.stats).reshape(n, -1)                 # [N, blocks * 8]
-        column = (8 * (torch.arange(k, device=dev) // self.block_size)
-                  + 4 * unpack_bits(self.salient, 1, k))                  # block, salient half
-        out = torch.empty(n, k, dtype=dtype, device=dev)
         step = max(1, _SLICE_WEIGHTS // k)       # rows at a time: bounds the int64 indices
-        for r0 in range(0, n, step):
-            rows = slice(r0, r0 + step)
-            index = unpack_bits(self.aux[rows], 1, k).mul_(2).add_(
-                unpack_bits(self.sign[rows], 1, k)).add_(column)
-            out[rows] = values[rows].gather(1, index).to(dtype)
-        return out
+        slices = ((r0, unpack_bits(self.aux[r0:r0 + step], 1, k).mul_(2).add_(
+            unpack_bits(self.sign[r0:r0 + step], 1, k))) for r0 in range(0, n, step))
+        return decode_indices(self.stats, self.salient, self.block_size, k, slices, dtype)
 
     def validate(self) -> "BinaryWeight":
         k, b = self.in_features, self.block_size

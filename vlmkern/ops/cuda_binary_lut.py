@@ -62,14 +62,14 @@ from ..formats.binary import BinaryWeight, block_values
 from ..formats.packing import unpack_bits
 from . import reference
 from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op
-from .cuda_weight_only_sm90 import DECODE_MAX_M, decode_clusters_for, tma_splits_for
 from .cuda_weight_only import (
-    _RELAYOUT_WEIGHTS,
     _counters,
     _lane_codes,
     aligned_inputs,
     num_ctas_for,
+    row_block_slices,
 )
+from .cuda_weight_only_sm90 import DECODE_MAX_M, decode_clusters_for, tma_splits_for
 
 BLOCK = 128               # the only block size the layout takes: one chunk
 MAX_M = 64
@@ -99,12 +99,6 @@ class LutWeight:
     out_features: int
     in_features: int
     dtype: torch.dtype      # activation dtype of the table entries
-
-
-def table_values(stats: torch.Tensor) -> torch.Tensor:
-    """The 8 values of every row and block, fp32 [N, blocks, 8]: entries 0..3
-    ordinary, 4..7 salient, index s + 2a (``BinaryWeight``'s own table)."""
-    return block_values(stats)
 
 
 def _bits16(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -137,10 +131,7 @@ def lut_codes(qweight: BinaryWeight) -> torch.Tensor:
     n, k = qweight.shape
     nb, c = _cdiv(n, BLOCK), _cdiv(k, BLOCK)
     codes = torch.empty(nb, c, 8, 128, dtype=torch.int32, device=qweight.sign.device)
-    # A slice of row blocks at a time bounds the int64 temporaries (~40 bytes per weight).
-    step = max(1, _RELAYOUT_WEIGHTS // (BLOCK * c * BLOCK))
-    for b0 in range(0, nb, step):
-        b1 = min(nb, b0 + step)
+    for b0, b1 in row_block_slices(nb, c):
         codes[b0:b1] = _lut_codes(qweight.sign[b0 * BLOCK: b1 * BLOCK],
                                   qweight.aux[b0 * BLOCK: b1 * BLOCK], k, b1 - b0, c)
     return codes
@@ -164,7 +155,7 @@ def lut_tables(stats: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     activations of ``dtype``, int32 [NB, C, 8, 8, 2, 4]."""
     n, c = stats.shape[0], stats.shape[1]
     nb = _cdiv(n, BLOCK)
-    values = _bits16(table_values(stats), dtype)                           # [N, C, 8]
+    values = _bits16(block_values(stats), dtype)                           # [N, C, 8]
     values = torch.nn.functional.pad(values, (0, 0, 0, 0, 0, nb * BLOCK - n))
     values = values.reshape(nb, 8, 2, 8, c, 8).permute(0, 4, 1, 3, 2, 5)    # b c w g rh e
     return _as_int32(values[..., 0::2] | (values[..., 1::2] << 16)).contiguous()

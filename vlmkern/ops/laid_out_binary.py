@@ -31,11 +31,11 @@ from typing import ClassVar
 import torch
 
 from ..formats.base import FormatError, PackedWeight, check_tensor
-from ..formats.binary import STATS_PER_BLOCK, BinaryWeight
+from ..formats.binary import STATS_PER_BLOCK, BinaryWeight, decode_indices
 from ..formats.groupwise import SCALE_DTYPES
 from ..formats.packing import pack_bits, packed_words, unpack_bits
-from .cuda_binary_lut import BLOCK, lut_codes, lut_index, table_values, unsupported_reason
-from .cuda_weight_only import _RELAYOUT_WEIGHTS
+from .cuda_binary_lut import BLOCK, lut_codes, lut_index, unsupported_reason
+from .cuda_weight_only import row_block_slices
 
 
 @dataclass(eq=False, repr=False)
@@ -71,12 +71,9 @@ class LaidOutBinaryWeight(PackedWeight):
 
     def _row_slices(self):
         """(first row, row count, codes of those row blocks), a slice of row
-        blocks at a time: bounds the int64 temporaries of ``lut_index``."""
-        n, c = self.out_features, self.codes.shape[1]
-        step = max(1, _RELAYOUT_WEIGHTS // (BLOCK * c * BLOCK))
-        for b0 in range(0, self.codes.shape[0], step):
-            b1 = min(self.codes.shape[0], b0 + step)
-            rows = min(n, b1 * BLOCK) - b0 * BLOCK
+        blocks at a time: bounds the temporaries of ``lut_index``."""
+        for b0, b1 in row_block_slices(*self.codes.shape[:2]):
+            rows = min(self.out_features, b1 * BLOCK) - b0 * BLOCK
             yield b0 * BLOCK, rows, self.codes[b0:b1]
 
     def canonical(self) -> BinaryWeight:
@@ -111,16 +108,9 @@ class LaidOutBinaryWeight(PackedWeight):
                           "are run), which is slower than the plane kernels; "
                           "VLMKERN_ENABLE=cuda.binary_lut_dequant_cublas dequantizes it with a "
                           "CUDA kernel instead", stacklevel=2)
-        n, k = self.shape
-        values = table_values(self.stats).reshape(n, -1)                     # [N, blocks * 8]
-        dev = self.codes.device
-        column = 8 * (torch.arange(k, device=dev) // self.block_size) + 4 * unpack_bits(
-            self.salient, 1, k)                                             # block's salient half
-        out = torch.empty(n, k, dtype=dtype, device=dev)
-        for r0, rows, codes in self._row_slices():
-            index = lut_index(codes, rows, k) + column
-            out[r0:r0 + rows] = values[r0:r0 + rows].gather(1, index).to(dtype)
-        return out
+        k = self.in_features
+        slices = ((r0, lut_index(codes, rows, k)) for r0, rows, codes in self._row_slices())
+        return decode_indices(self.stats, self.salient, self.block_size, k, slices, dtype)
 
     def validate(self) -> "LaidOutBinaryWeight":
         k, b = self.in_features, self.block_size
