@@ -81,16 +81,11 @@ def dispatch_linear(x: torch.Tensor, qweight: PackedWeight,
     if not _BACKENDS_LOADED:
         _load_backends()
     _validate(x, qweight, bias)
-    if x.dim() == 2:            # no reshapes (two views) for a 2-D x
-        if x.shape[0] == 0:
-            return x.new_zeros(0, qweight.out_features)
-        return select(OP_OF_FORMAT[qweight.FORMAT], x, qweight).fn(x, qweight, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])   # a 2-D x is not reshaped
     if x2.shape[0] == 0:
-        return x.new_zeros(*lead, qweight.out_features)
+        return x.new_zeros(*x.shape[:-1], qweight.out_features)
     y = select(OP_OF_FORMAT[qweight.FORMAT], x2, qweight).fn(x2, qweight, bias)
-    return y.reshape(*lead, y.shape[-1])
+    return y if x2 is x else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 _BACKENDS_LOADED = False
