@@ -129,7 +129,75 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}, format={self.format}, {meta}")
 
 
-class WeightOnlyLinear(QuantLinear):
+class _LayoutLinear(QuantLinear):
+    """A layer that can hold part of its weight only in a CUDA kernel layout:
+    the tensor ``HELD`` in place of the canonical tensors ``CANONICAL``.
+    Checkpoints always hold the canonical tensors: ``state_dict`` converts
+    back on save and ``load_state_dict`` converts on load."""
+    HELD: str = ""
+    CANONICAL: tuple[str, ...] = ()
+    LAID_OUT_TYPE: type = type(None)
+
+    @property
+    def laid_out(self) -> bool:
+        """Whether the weight is held in the kernel layout."""
+        return self.HELD in self._buffers
+
+    def _weight_type(self) -> type:
+        return self.LAID_OUT_TYPE if self.laid_out else super()._weight_type()
+
+    def _canonical_shape(self) -> tuple[int, int]:
+        """Shape of each int32 tensor of CANONICAL."""
+        raise NotImplementedError
+
+    def _canonical_of_held(self) -> dict[str, torch.Tensor]:
+        """The CANONICAL tensors of the laid-out weight."""
+        raise NotImplementedError
+
+    def _held_of_canonical(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The HELD tensor made from the CANONICAL tensors (in that order)."""
+        raise NotImplementedError
+
+    def saved_tensor_names(self) -> list[str]:
+        names = set(super().saved_tensor_names())
+        if self.HELD in names:
+            names = (names - {self.HELD}) | set(self.CANONICAL)
+        return sorted(names)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self.laid_out:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        own = {}
+        super()._save_to_state_dict(own, prefix, keep_vars)
+        for key, value in own.items():
+            if key == prefix + self.HELD:
+                destination.update((prefix + name, t) for name, t in self._canonical_of_held().items())
+            else:
+                destination[key] = value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        keys = [prefix + name for name in self.CANONICAL]
+        if self.laid_out and any(key in state_dict for key in keys):
+            given = [state_dict.get(key) for key in keys]
+            state_dict = {k: v for k, v in state_dict.items() if k not in keys}
+            expected = self._canonical_shape()
+            bad = [f"{key}: expected an int32 tensor of shape {expected}, got "
+                   f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+                   for key, t in zip(keys, given)
+                   if not isinstance(t, torch.Tensor) or t.dtype != torch.int32
+                   or tuple(t.shape) != expected]
+            if bad:
+                error_msgs.extend(bad)
+            else:
+                device = self._buffers[self.HELD].device
+                state_dict[prefix + self.HELD] = self._held_of_canonical(
+                    [t.to(device) for t in given])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class WeightOnlyLinear(_LayoutLinear):
     """Group-wise W2/W3/W4/W8 weights, float activations.
 
     ``to_kernel_layout()`` keeps the codes only in the CUDA kernel's layout
@@ -138,55 +206,25 @@ class WeightOnlyLinear(QuantLinear):
     ``load_state_dict`` still reads, the canonical format.
     """
     FORMAT = "groupwise"
-
-    @property
-    def laid_out(self) -> bool:
-        """Whether the codes are held only in the CUDA kernel layout."""
-        return "wq" in self._buffers
-
-    def _weight_type(self) -> type:
-        return LaidOutWeight if self.laid_out else super()._weight_type()
+    HELD, CANONICAL, LAID_OUT_TYPE = "wq", ("qweight",), LaidOutWeight
 
     def to_kernel_layout(self) -> "WeightOnlyLinear":
         """Hold the codes in the CUDA kernel's layout only (on the layer's
         device; raises ValueError for weights the layout cannot hold)."""
         if not self.laid_out:
             self._hold_codes("wq", LaidOutWeight.from_quantized(self.quantized_weight).wq,
-                             replaces=("qweight",))
+                             replaces=self.CANONICAL)
         return self
 
-    def saved_tensor_names(self) -> list[str]:
-        names = super().saved_tensor_names()
-        return sorted("qweight" if n == "wq" else n for n in names)
+    def _canonical_shape(self) -> tuple[int, int]:
+        return self.out_features, packed_words(self.in_features, self._meta["bits"])
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if not self.laid_out:
-            return super()._save_to_state_dict(destination, prefix, keep_vars)
-        own = {}
-        super()._save_to_state_dict(own, prefix, keep_vars)
-        for key, value in own.items():   # checkpoints hold the canonical bit stream
-            if key == prefix + "wq":
-                key, value = prefix + "qweight", self.quantized_weight.packed_codes()
-            destination[key] = value
+    def _canonical_of_held(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.quantized_weight.packed_codes()}
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        key = prefix + "qweight"
-        if self.laid_out and key in state_dict:
-            codes = state_dict[key]
-            expected = (self.out_features, packed_words(self.in_features, self._meta["bits"]))
-            state_dict = {k: v for k, v in state_dict.items() if k != key}
-            if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int32 \
-                    or tuple(codes.shape) != expected:
-                error_msgs.append(f"{key}: expected an int32 tensor of shape {expected}, got "
-                                  f"{getattr(codes, 'dtype', type(codes).__name__)} "
-                                  f"{tuple(getattr(codes, 'shape', ()))}")
-            else:
-                canonical = QuantizedWeight(codes, self.scales, self.qzeros, self.perm,
-                                            **self._meta)
-                state_dict[prefix + "wq"] = layout_codes(canonical)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+    def _held_of_canonical(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return layout_codes(QuantizedWeight(tensors[0], self.scales, self.qzeros, self.perm,
+                                            **self._meta))
 
 
 class IntActLinear(QuantLinear):
@@ -194,7 +232,7 @@ class IntActLinear(QuantLinear):
     FORMAT = "intact"
 
 
-class BinaryLinear(QuantLinear):
+class BinaryLinear(_LayoutLinear):
     """BiLLM-style binarized weights, float activations.
 
     ``to_kernel_layout()`` keeps the sign and aux bits only in the
@@ -204,62 +242,26 @@ class BinaryLinear(QuantLinear):
     still reads, the canonical planes.
     """
     FORMAT = "binary"
-
-    @property
-    def laid_out(self) -> bool:
-        """Whether the sign and aux bits are held only in the kernel layout."""
-        return "codes" in self._buffers
-
-    def _weight_type(self) -> type:
-        return LaidOutBinaryWeight if self.laid_out else super()._weight_type()
+    HELD, CANONICAL, LAID_OUT_TYPE = "codes", ("sign", "aux"), LaidOutBinaryWeight
 
     def to_kernel_layout(self) -> "BinaryLinear":
         """Hold the sign and aux bits in the lookup-table kernel's layout only
         (on the layer's device; raises ValueError for block sizes other than 128)."""
         if not self.laid_out:
             self._hold_codes("codes", LaidOutBinaryWeight.from_binary(self.quantized_weight).codes,
-                             replaces=("sign", "aux"))
+                             replaces=self.CANONICAL)
         return self
 
-    def saved_tensor_names(self) -> list[str]:
-        names = set(super().saved_tensor_names())
-        if "codes" in names:
-            names = (names - {"codes"}) | {"sign", "aux"}
-        return sorted(names)
+    def _canonical_shape(self) -> tuple[int, int]:
+        return self.out_features, packed_words(self.in_features, 1)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if not self.laid_out:
-            return super()._save_to_state_dict(destination, prefix, keep_vars)
-        own = {}
-        super()._save_to_state_dict(own, prefix, keep_vars)
-        for key, value in own.items():   # checkpoints hold the canonical planes
-            if key == prefix + "codes":
-                canonical = self.quantized_weight.canonical()
-                destination[prefix + "sign"] = canonical.sign
-                destination[prefix + "aux"] = canonical.aux
-            else:
-                destination[key] = value
+    def _canonical_of_held(self) -> dict[str, torch.Tensor]:
+        canonical = self.quantized_weight.canonical()
+        return {"sign": canonical.sign, "aux": canonical.aux}
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        keys = (prefix + "sign", prefix + "aux")
-        if self.laid_out and any(key in state_dict for key in keys):
-            planes = [state_dict.get(key) for key in keys]
-            state_dict = {k: v for k, v in state_dict.items() if k not in keys}
-            expected = (self.out_features, packed_words(self.in_features, 1))
-            bad = [key for key, t in zip(keys, planes)
-                   if not isinstance(t, torch.Tensor) or t.dtype != torch.int32
-                   or tuple(t.shape) != expected]
-            if bad:
-                error_msgs.extend(f"{key}: expected an int32 tensor of shape {expected}"
-                                  for key in bad)
-            else:
-                canonical = BinaryWeight(planes[0].to(self.codes.device),
-                                         planes[1].to(self.codes.device), self.salient,
-                                         self.stats, **self._meta)
-                state_dict[prefix + "codes"] = LaidOutBinaryWeight.from_binary(canonical).codes
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+    def _held_of_canonical(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        binary = BinaryWeight(*tensors, self.salient, self.stats, **self._meta)
+        return LaidOutBinaryWeight.from_binary(binary).codes
 
 
 MODULE_TYPES = {cls.FORMAT: cls for cls in (WeightOnlyLinear, IntActLinear, BinaryLinear)}
