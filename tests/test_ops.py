@@ -3,6 +3,8 @@ activation path against its fake-quant formulation, input checks, and the
 backend selector."""
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -380,6 +382,30 @@ def test_unknown_enabled_kernel_raises(weights, monkeypatch):
         ops.linear(_x((3,), torch.float32), weights["w4g32"])
     monkeypatch.setenv("VLMKERN_ENABLE", " cuda.int_act_wgmma ,")
     ops.linear(_x((3,), torch.float32), weights["w4g32"])     # known: runs (on torch here)
+
+
+def test_kernel_names_of_a_backend_not_yet_probed_are_known(tmp_path):
+    # Triton registers its kernels when its backend is first probed: a fresh
+    # process naming one in VLMKERN_ENABLE / VLMKERN_DISABLE before any call
+    # probed it must not be told the name is unknown.
+    script = (
+        "import torch, vlmkern\n"
+        "w = vlmkern.quantize_weight(torch.randn(32, 64), vlmkern.IntActConfig(8, 8))\n"
+        "y = vlmkern.ops.linear(torch.randn(3, 64), w)\n"
+        "print('ran', tuple(y.shape))\n")
+    for env in ({"VLMKERN_ENABLE": "triton.int_act_tma", "TRITON_INTERPRET": "1",
+                 "VLMKERN_BACKEND": "triton"},
+                {"VLMKERN_DISABLE": "triton.int_act", "TRITON_INTERPRET": "1"}):
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env={**os.environ, **env}, timeout=300, check=False)
+        assert proc.returncode == 0 and "ran (3, 32)" in proc.stdout, (env, proc.stderr[-2000:])
+    # where Triton cannot run, its names stay unknown, and the error says why
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**env, "VLMKERN_DISABLE": "triton.int_act",
+                               "CUDA_VISIBLE_DEVICES": ""}, timeout=300, check=False)
+    assert proc.returncode != 0 and "unknown kernels ['triton.int_act']" in proc.stderr
+    assert "the triton backend's kernels are not known here" in proc.stderr
 
 
 def test_disabled_kernels_are_never_selected(weights, monkeypatch):

@@ -234,16 +234,7 @@ def select(op: str, x: torch.Tensor, qweight) -> KernelSpec:
 
 def _select(op: str, x: torch.Tensor, qweight) -> KernelSpec:
     forced = forced_backend()
-    enabled, disabled = enabled_kernels(), disabled_kernels()
-    known = {k.name for b in BACKENDS.values() for k in b.kernels}
-    unknown = enabled and enabled - known
-    if unknown:
-        opt_in = sorted(k.name for b in BACKENDS.values() for k in b.kernels if k.opt_in)
-        raise BackendError(f"VLMKERN_ENABLE names unknown kernels {sorted(unknown)}; "
-                           f"the opt-in kernels are {opt_in}")
-    if disabled - known:
-        raise BackendError(f"VLMKERN_DISABLE names unknown kernels {sorted(disabled - known)}; "
-                           f"the kernels are {sorted(known)}")
+    _check_kernel_names(enabled_kernels(), disabled_kernels())
     names = (forced,) if forced else ORDER
     reasons = []
     for name in names:
@@ -270,6 +261,31 @@ def _select(op: str, x: torch.Tensor, qweight) -> KernelSpec:
     head = f"VLMKERN_BACKEND={forced} cannot run" if forced else "no backend can run"
     raise BackendError(f"{head} {op} for x {tuple(x.shape)} {x.dtype} on {x.device} with "
                        f"{qweight!r}:\n  " + "\n  ".join(reasons))
+
+
+def _check_kernel_names(enabled: frozenset[str], disabled: frozenset[str]) -> None:
+    """Raises BackendError for a name in VLMKERN_ENABLE / VLMKERN_DISABLE that
+    is no kernel's."""
+    def kernels():
+        return [k for b in BACKENDS.values() for k in b.kernels]
+
+    named = enabled | disabled
+    if not named or named <= {k.name for k in kernels()}:
+        return
+    # A backend registers its kernels when first probed (Triton's need triton
+    # imported): probe every backend before calling a name unknown.
+    for backend in BACKENDS.values():
+        backend.status()
+    known = {k.name for k in kernels()}
+    unavailable = "".join(f"; the {b.name} backend's kernels are not known here ({b.status()[1]})"
+                          for b in BACKENDS.values() if not b.status()[0] and not b.kernels)
+    if enabled - known:
+        opt_in = sorted(k.name for k in kernels() if k.opt_in)
+        raise BackendError(f"VLMKERN_ENABLE names unknown kernels {sorted(enabled - known)}; "
+                           f"the opt-in kernels are {opt_in}{unavailable}")
+    if disabled - known:
+        raise BackendError(f"VLMKERN_DISABLE names unknown kernels {sorted(disabled - known)}; "
+                           f"the kernels are {sorted(known)}{unavailable}")
 
 
 def explain(op: str, x: torch.Tensor, qweight) -> str:
