@@ -205,6 +205,31 @@ def test_explicit_skip_list_replaces_default():
     assert "model.vision_tower.encoder.layers.0.self_attn.q_proj" in quantized
 
 
+def test_a_single_skip_string_is_one_pattern():
+    dense, _ = dense_model("llama")
+    _, report = replace_linears(dense, QuantConfig(4, 32), skip="lm_head", progress=False)
+    assert report.skipped == ["lm_head"]
+    assert "lm_head" not in {r.module for r in report.rows} and report.rows
+    with pytest.raises(TypeError, match="skip must be"):
+        replace_linears(dense_model("llama")[0], QuantConfig(4, 32), skip=("lm_head", 3))
+
+
+def test_replace_linears_refuses_what_it_cannot_quantize():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        replace_linears({"lm_head": None}, QuantConfig(4, 32))
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        vlmkern.to_kernel_layout([])
+    no_linears = torch.nn.Sequential(torch.nn.Conv1d(4, 4, 1), torch.nn.ReLU())
+    with pytest.raises(ValueError, match="no nn.Linear modules"):
+        replace_linears(no_linears, QuantConfig(4, 32))
+
+
+def test_report_with_nothing_quantized_says_so():
+    model, _ = dense_model("llama")
+    _, report = replace_linears(model, {"nothing.here": QuantConfig(4, 32)}, progress=False)
+    assert report.rows == [] and "no linears quantized" in str(report) and "nan" not in str(report)
+
+
 # ---------------------------------------------------------------------------
 # 2. Plan semantics
 # ---------------------------------------------------------------------------

@@ -75,10 +75,12 @@ class ReplaceReport:
         for r in self.rows:
             lines.append(f"{r.module:<48} {r.format:<10} {r.label:<16} {r.bytes_before:>13,} "
                          f"{r.bytes_after:>12,}")
-        ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
-        lines.append(f"{len(self.rows)} linears quantized: {self.bytes_before:,} -> "
-                     f"{self.bytes_after:,} bytes ({ratio:.2f}x smaller); "
-                     f"{len(self.skipped)} skipped, {len(self.kept)} kept, "
+        done = "no linears quantized"
+        if self.rows:
+            done = (f"{len(self.rows)} linears quantized: {self.bytes_before:,} -> "
+                    f"{self.bytes_after:,} bytes "
+                    f"({self.bytes_before / self.bytes_after:.2f}x smaller)")
+        lines.append(f"{done}; {len(self.skipped)} skipped, {len(self.kept)} kept, "
                      f"{len(self.unmatched)} not in plan")
         if self.unused_patterns:
             lines.append(f"plan patterns that matched nothing: {self.unused_patterns}")
@@ -110,14 +112,28 @@ def _normalise_plan(plan) -> dict:
     return dict(plan)
 
 
+def _skip_patterns(skip) -> tuple[str, ...]:
+    # a lone string is one pattern, not a sequence of one-character patterns
+    patterns = (skip,) if isinstance(skip, str) else tuple(skip or ())
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"skip must be a module-name pattern or a sequence of them, got {bad[0]!r}")
+    return patterns
+
+
 def resolve_plan(model: nn.Module, plan, skip=DEFAULT_SKIP):
     """Decide, without changing the model, what every nn.Linear becomes.
 
     Returns (targets: {name: config | weight}, report with skipped/kept/unmatched/unused).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     plan = _normalise_plan(plan)
-    skip = tuple(skip or ())
+    skip = _skip_patterns(skip)
     modules = dict(model.named_modules())
+    if not any(isinstance(m, nn.Linear) for m in modules.values()):
+        raise ValueError(f"{type(model).__name__} has no nn.Linear modules to quantize "
+                         f"(layers such as transformers' Conv1D are not supported)")
     report = ReplaceReport()
     used = set()
     for key, value in plan.items():
@@ -212,6 +228,8 @@ def to_kernel_layout(model: nn.Module, progress: bool = True, binary: bool = Fal
         return binary and isinstance(m, BinaryLinear) and \
             cuda_binary_lut.unsupported_reason(m.quantized_weight) is None
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     todo = [(name, m) for name, m in model.named_modules()
             if isinstance(m, (WeightOnlyLinear, BinaryLinear)) and not m.laid_out and fits(m)]
     for _, module in tqdm(todo, desc="kernel layout", disable=not progress or not todo):

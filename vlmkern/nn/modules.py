@@ -8,18 +8,35 @@ different dtype would silently change the weights.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 from torch import nn
 
 from .. import ops
 from ..config import AnyConfig
 from ..formats import WEIGHT_TYPES, BinaryWeight, PackedWeight, QuantizedWeight
+from ..formats.base import FormatError
 from ..formats.packing import packed_words
 from ..ops.compiled import hold
 from ..ops.cuda_weight_only import layout_codes
 from ..ops.laid_out import LaidOutWeight
 from ..ops.laid_out_binary import LaidOutBinaryWeight
 from ..quant import quantize_weight
+
+_VALIDATE_ON_LOAD = contextvars.ContextVar("vlmkern_validate_on_load", default=True)
+
+
+@contextlib.contextmanager
+def validated_elsewhere():
+    """Within: ``load_state_dict`` of quantized layers skips the format checks
+    (for a caller that has run them on the same tensors already)."""
+    token = _VALIDATE_ON_LOAD.set(False)
+    try:
+        yield
+    finally:
+        _VALIDATE_ON_LOAD.reset(token)
 
 
 class QuantLinear(nn.Module):
@@ -30,6 +47,10 @@ class QuantLinear(nn.Module):
     def __init__(self, qweight: PackedWeight, bias: torch.Tensor | None = None,
                  info: dict | None = None):
         super().__init__()
+        if not isinstance(qweight, PackedWeight):
+            raise TypeError(f"{type(self).__name__} takes a vlmkern quantized weight, got "
+                            f"{type(qweight).__name__} (QuantLinear.from_linear quantizes an "
+                            f"nn.Linear)")
         if self.FORMAT and qweight.FORMAT != self.FORMAT:
             raise TypeError(f"{type(self).__name__} takes {self.FORMAT} weights, got {qweight.FORMAT}")
         self.format = qweight.FORMAT
@@ -40,6 +61,10 @@ class QuantLinear(nn.Module):
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
                 raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            if not bias.is_floating_point():
+                raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+            if not bool(torch.isfinite(bias).all()):
+                raise ValueError("bias holds NaN or Inf values")
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
@@ -82,6 +107,28 @@ class QuantLinear(nn.Module):
     def saved_tensor_names(self) -> list[str]:
         """Names of the packed tensors ``state_dict`` writes (the format's)."""
         return sorted(self.quantized_weight.tensors())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The format's invariants (code ranges, finite scales, shapes) are
+        # checked before any buffer is overwritten: an invalid tensor set is
+        # reported and not loaded. load_quantized checks them itself.
+        if _VALIDATE_ON_LOAD.get():
+            cls = self._weight_type()
+            given = {n: state_dict[prefix + n] for n in cls.TENSORS if prefix + n in state_dict}
+            if given:
+                device = next((t.device for t in given.values() if isinstance(t, torch.Tensor)),
+                              None)
+                tensors = {n: given.get(n, self._buffers.get(n)) for n in cls.TENSORS}
+                tensors = {n: t.to(device) if isinstance(t, torch.Tensor) else t
+                           for n, t in tensors.items()}
+                try:
+                    cls(**tensors, **self._meta).validate()
+                except (FormatError, TypeError, ValueError) as e:
+                    error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: {e}")
+                    return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config_or_weight: AnyConfig | PackedWeight,

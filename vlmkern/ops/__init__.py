@@ -15,6 +15,7 @@ from .backends import (BACKENDS, BackendError, KernelSpec, OP_OF_FORMAT, availab
                        explain, getenv, select)
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_BIAS_DTYPES = _ACT_DTYPES
 # whether a torch.func transform (vmap, grad, ...) is running
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
@@ -47,8 +48,14 @@ def _validate(x, qweight, bias, check_finite: bool = True) -> None:
                              f"{tuple(getattr(bias, 'shape', ()))}")
         if bias.device != device:
             raise ValueError(f"bias is on {bias.device} but x is on {device}")
-    if check_finite and _check_finite_enabled(device) and not bool(torch.isfinite(x).all()):
-        raise ValueError("x holds NaN or Inf values")
+        if bias.dtype not in _BIAS_DTYPES:
+            raise TypeError(f"bias must be a float16, bfloat16, float32 or float64 tensor, "
+                            f"got {bias.dtype}")
+    if check_finite and _check_finite_enabled(device):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x holds NaN or Inf values")
+        if bias is not None and not bool(torch.isfinite(bias).all()):
+            raise ValueError("bias holds NaN or Inf values")
 
 
 def linear(x: torch.Tensor, qweight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

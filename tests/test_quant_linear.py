@@ -1,0 +1,70 @@
+"""QuantLinear layers and ops.linear given bad biases or bad packed tensors:
+clear errors, and nothing invalid loaded."""
+import pytest
+import torch
+
+from vlmkern import BinaryConfig, IntActConfig, QuantConfig, QuantLinear, ops
+from vlmkern.nn.modules import validated_elsewhere
+
+CONFIGS = {"w4": QuantConfig(4, 32), "w8a8": IntActConfig(8, 8), "binary": BinaryConfig()}
+
+
+def _layer(kind: str, bias: bool = True) -> QuantLinear:
+    torch.manual_seed(0)
+    return QuantLinear.from_linear(torch.nn.Linear(256, 16, bias=bias), CONFIGS[kind])
+
+
+def test_quant_linear_takes_only_quantized_weights():
+    with pytest.raises(TypeError, match="takes a vlmkern quantized weight, got Tensor"):
+        QuantLinear(torch.randn(16, 64))
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_a_non_finite_or_non_float_bias_is_refused(kind):
+    linear = torch.nn.Linear(256, 16)
+    with torch.no_grad():
+        linear.bias[3] = float("nan")
+    with pytest.raises(ValueError, match="bias holds NaN or Inf"):
+        QuantLinear.from_linear(linear, CONFIGS[kind])
+    layer = _layer(kind, bias=False)
+    x = torch.randn(2, 256)
+    for bias, error, match in ((torch.full((16,), float("inf")), ValueError, "bias holds NaN"),
+                               (torch.ones(16, dtype=torch.int32), TypeError, "int32"),
+                               (torch.ones(16, dtype=torch.bool), TypeError, "bool"),
+                               (torch.ones(16, dtype=torch.complex64), TypeError, "complex64")):
+        with pytest.raises(error, match=match):
+            ops.linear(x, layer.quantized_weight, bias)
+    ops.linear(x, layer.quantized_weight, torch.ones(16, dtype=torch.float64))   # a float bias runs
+
+
+@pytest.mark.parametrize("kind, name, bad", [
+    ("w4", "scales", lambda t: t.index_fill_(0, torch.tensor([0]), float("nan"))),
+    ("w8a8", "qweight", lambda t: t.index_fill_(0, torch.tensor([0]), -128)),
+    ("binary", "stats", lambda t: t.index_fill_(0, torch.tensor([1]), float("inf"))),
+])
+def test_load_state_dict_refuses_tensors_the_format_rejects(kind, name, bad):
+    layer = _layer(kind)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    state = {k: v.clone() for k, v in before.items()}
+    bad(state[name])
+    with pytest.raises(RuntimeError, match="Error.*loading state_dict"):
+        layer.load_state_dict(state)
+    for k, v in layer.state_dict().items():             # nothing of the bad set was loaded
+        assert torch.equal(v, before[k]), k
+    good = _layer(kind)
+    with torch.no_grad():
+        good.bias.add_(1)
+    layer.load_state_dict(good.state_dict())            # a valid set loads
+    assert torch.equal(layer.bias, good.bias)
+    with validated_elsewhere():                         # a caller that checked already
+        layer.load_state_dict(state)
+    assert not torch.equal(getattr(layer, name), before[name])
+
+
+def test_load_state_dict_into_a_laid_out_layer_checks_the_format():
+    layer = _layer("w4").to_kernel_layout()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["scales"][0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="scales holds NaN or Inf"):
+        layer.load_state_dict(state)
+    assert torch.isfinite(layer.scales).all()
