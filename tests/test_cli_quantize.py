@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -55,3 +56,46 @@ def test_quantize_command_writes_a_loadable_checkpoint(hf_folder, tmp_path, caps
 def test_quantize_command_rejects_a_missing_model(tmp_path):
     with pytest.raises(SystemExit, match="never downloads"):
         main(["quantize", "--model", str(tmp_path / "nope"), "--method", "rtn"])
+
+
+def test_quantize_command_rejects_a_folder_that_is_no_model(tmp_path):
+    with pytest.raises(SystemExit, match="no config.json"):
+        main(["quantize", "--model", str(tmp_path), "--method", "rtn"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--group-size", "abc"], "--group-size: expected a positive integer or 'row'"),
+    (["--group-size", "0"], "--group-size: expected a positive integer or 'row'"),
+    (["--samples", "0"], "--samples: expected a positive integer, got 0"),
+    (["--seq-len", "-3"], "--seq-len: expected a positive integer"),
+    (["--damp", "-1"], "--damp: expected a finite number >= 0"),
+    (["--alpha", "nan"], "--alpha: expected a finite number >= 0"),
+    (["--calib-alpha", "1.5"], r"--calib-alpha: expected a number in \[0, 1\]"),
+])
+def test_quantize_command_rejects_bad_numbers_as_usage_errors(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", "--model", "smollm2", "--method", "rtn", *args])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_quantize_command_reports_bad_files_and_devices_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("VLMKERN_TRACEBACK", raising=False)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [(["--calib-text", str(tmp_path / "missing.txt")], "--calib-text .*: no such file"),
+             (["--out", str(a_file)], "is a file; it names the checkpoint's folder"),
+             (["--device", "bogus"], "--device 'bogus'"),
+             (["--bits", "2", "--act-bits", "8"], "w_bits must be 4, 6 or 8")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "torch sees no CUDA GPU"))
+    for args, message in cases:
+        # checked before the model loads: a model folder that does not exist is never reached
+        assert main(["quantize", "--model", "smollm2", "--method", "rtn", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("vlmkern quantize: error: ") and re.search(message, err), err
+        assert "Traceback" not in err
+    monkeypatch.setenv("VLMKERN_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        main(["quantize", "--model", "smollm2", "--method", "rtn",
+              "--calib-text", str(tmp_path / "missing.txt")])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -73,7 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"info": cmd_info, "demo": cmd_demo, "quantize": cmd_quantize, "eval": cmd_eval}
-    return handlers[args.command](args)
+    try:
+        return handlers[args.command](args)
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
+        # What a user got wrong (arguments, files, devices) reads best as one
+        # line; VLMKERN_TRACEBACK=1 shows where it was raised.
+        if os.environ.get("VLMKERN_TRACEBACK") == "1":
+            raise
+        print(f"vlmkern {args.command}: error: {type(e).__name__}: {e}\n"
+              f"(VLMKERN_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

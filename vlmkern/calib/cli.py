@@ -3,10 +3,52 @@ layer by layer, report, and save the quantized checkpoint."""
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 METHODS = ("rtn", "gptq", "gptaq", "billm", "binarize")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def group_size(text: str) -> int | None:
+    """argparse type: columns per scale group, or None for one group per row."""
+    if text.lower() in ("row", "none", "-1"):
+        return None
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'row', got {text!r}") \
+            from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,28 +57,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "SmolLM2-135M-Instruct) or a local HuggingFace model folder")
     p.add_argument("--method", choices=METHODS, default="gptq")
     p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
-    p.add_argument("--group-size", default="64",
+    p.add_argument("--group-size", type=group_size, default=64,
                    help="columns per scale group, or 'row' for one group per row (default 64)")
     p.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
     p.add_argument("--act-bits", type=int, choices=(4, 6, 8),
                    help="rtn only: integer activations too (W8A8 / W6A6 / W4A4)")
     p.add_argument("--act-order", action="store_true", help="GPTQ/GPTAQ: descending diag(H)")
     p.add_argument("--static-groups", action="store_true")
-    p.add_argument("--damp", type=float, default=0.01)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--alpha", type=float, default=0.25, help="GPTAQ asymmetry weight")
+    p.add_argument("--damp", type=non_negative_float, default=0.01)
+    p.add_argument("--block-size", type=positive_int, default=128)
+    p.add_argument("--alpha", type=non_negative_float, default=0.25, help="GPTAQ asymmetry weight")
     p.add_argument("--calib-text", type=Path,
                    help="calibration text file (default: the Lee corpus bundled with gensim)")
-    p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--samples", type=positive_int, default=32)
+    p.add_argument("--seq-len", type=positive_int, default=256)
     # mixed-modal calibration data; --alpha is GPTAQ's
     mixed = p.add_argument_group(
         "mixed image+text calibration: always for --model minivlm (digit conversations); "
         "for a VLM folder with a processor when either option is given (offline photographs "
         "and generic questions through the folder's processor and chat template)")
-    mixed.add_argument("--calib-samples", type=int,
+    mixed.add_argument("--calib-samples", type=positive_int,
                        help="calibration samples (default --samples)")
-    mixed.add_argument("--calib-alpha", type=float,
+    mixed.add_argument("--calib-alpha", type=fraction,
                        help="fraction of image samples among them, the rest --seq-len text "
                             "windows (default 0.5)")
     p.add_argument("--work-dir", type=Path, help="per-layer results; a rerun resumes there")
@@ -53,7 +95,7 @@ def method_config(args):
     from ..quant import GPTAQConfig, GPTQConfig
     from ..quant.billm import BiLLMConfig
 
-    group = None if str(args.group_size).lower() in ("row", "none", "-1") else int(args.group_size)
+    group = args.group_size if not isinstance(args.group_size, str) else group_size(args.group_size)
     if args.method == "qvlm":
         return qvlm_config(args, group)
     if args.act_bits is not None:
@@ -84,6 +126,9 @@ def load_model(name: str):
     if not folder.is_dir():
         raise SystemExit(f"--model {name!r}: not 'smollm2' and not a local folder "
                          "(vlmkern never downloads models)")
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"--model {name!r}: the folder has no config.json, so it is not a "
+                         f"HuggingFace model folder")
     import transformers
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     for auto in ("AutoModelForImageTextToText", "AutoModelForCausalLM"):
@@ -103,6 +148,7 @@ def run(args) -> int:
 
     method = method_config(args)
     vision = qvlm_vision_config(args)
+    check_paths_and_device(args)
     model, tokenizer = load_model(args.model)
     if args.calib_text is not None:
         text = args.calib_text.read_text(encoding="utf-8")
@@ -127,6 +173,23 @@ def run(args) -> int:
         path = save_quantized(model, args.out)
         print(f"saved {path} ({path.stat().st_size:,} bytes)")
     return 0
+
+
+def check_paths_and_device(args) -> None:
+    """The file, folder and device arguments, checked before any model loads."""
+    import torch
+
+    if args.calib_text is not None and not args.calib_text.is_file():
+        raise FileNotFoundError(f"--calib-text {args.calib_text}: no such file")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; it names the checkpoint's folder")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise ValueError(f"--device {args.device!r}: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: torch sees no CUDA GPU here")
 
 
 def calibration_data(args, tokenizer, text):
@@ -180,9 +243,9 @@ def add_awq_vlmq_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--awq-then", choices=("rtn", "gptq"), default="rtn",
                    help="after folding the scales: clip search + round to nearest (AWQ), or "
                         "GPTQ with the GPTQ options above")
-    g.add_argument("--awq-grid", type=int, default=20,
+    g.add_argument("--awq-grid", type=positive_int, default=20,
                    help="scale exponents tried, r = i / n for i < n (default 20)")
-    g.add_argument("--awq-clip-steps", type=int, default=20,
+    g.add_argument("--awq-clip-steps", type=positive_int, default=20,
                    help="clip ratios tried in [0.5, 1] (default 20; 1: no clip search)")
     g.add_argument("--vlmq-base", choices=("gptq", "gptaq"), default="gptaq",
                    help="method run on the importance-weighted Hessians (default gptaq, the "
@@ -227,10 +290,10 @@ def add_luq_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold-metric", choices=("vqa", "kl"), default="vqa",
                    help="vqa: accuracy >= threshold; kl: KL to FP <= threshold (default vqa)")
     g.add_argument("--n-low", type=int, help="binarize exactly this many layers")
-    g.add_argument("--luq-k", type=int,
+    g.add_argument("--luq-k", type=positive_int,
                    help="K-means clusters (default: chosen by rank stability over "
                         "8..128)")
-    g.add_argument("--luq-tokens", type=int, default=4096,
+    g.add_argument("--luq-tokens", type=positive_int, default=4096,
                    help="tokens clustered per layer, drawn with a fixed seed (default 4096)")
 
 
@@ -305,7 +368,7 @@ def add_qvlm_arguments(p: argparse.ArgumentParser) -> None:
         "quantizers searched per block) and SmoothQuant (--smooth)")
     g.add_argument("--qvlm-w-bits", type=int, choices=(4, 6, 8),
                    help="Q-VLM weight bits (default: --act-bits, i.e. W8A8 / W6A6 / W4A4)")
-    g.add_argument("--qvlm-max-depth", type=int, default=3,
+    g.add_argument("--qvlm-max-depth", type=positive_int, default=3,
                    help="most decoder layers in one search block (default 3)")
     g.add_argument("--qvlm-percentiles", default=",".join(f"{p:g}" for p in DEFAULT_PERCENTILES),
                    help="static clipping percentiles of |x| searched (default %(default)s)")
@@ -313,7 +376,7 @@ def add_qvlm_arguments(p: argparse.ArgumentParser) -> None:
                    help="search static per-tensor scales only (no dynamic per-token candidate)")
     g.add_argument("--qvlm-h0", type=float,
                    help="block threshold on the average dependency (default: its mean)")
-    g.add_argument("--qvlm-search-samples", type=int,
+    g.add_argument("--qvlm-search-samples", type=positive_int,
                    help="calibration samples the block search runs on (default: all)")
     g.add_argument("--qvlm-granularity", choices=("layer", "quantizer"), default="layer",
                    help="one activation quantizer choice per decoder layer, or per linear "
@@ -325,7 +388,7 @@ def add_qvlm_arguments(p: argparse.ArgumentParser) -> None:
                    help="also quantize the vision tower (same W/A bits) and train its "
                         "clipping with the visual-encoder optimisation (eqs. 8-10); needs "
                         "image samples (--model minivlm)")
-    g.add_argument("--qvlm-vision-epochs", type=int, default=10,
+    g.add_argument("--qvlm-vision-epochs", type=positive_int, default=10,
                    help="training epochs of the vision clipping (default 10, as in the "
                         "paper; 0: quantize only)")
     g.add_argument("--qvlm-vision-activation", choices=("static", "token"), default="static",

@@ -13,6 +13,8 @@ import copy
 import re
 import time
 
+from ..calib.cli import positive_int
+
 DEFAULT_METHODS = "fp,rtn-w8g64,rtn-w4g64,rtn-w3g64,rtn-w2g64,w8a8,w4a4,binary"
 
 
@@ -39,10 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated variants (default {DEFAULT_METHODS})")
     p.add_argument("--out", default="eval_out", help="folder for results.json/.md/.png")
-    p.add_argument("--n-vqa", type=int, default=40, help="held-out digits answered")
-    p.add_argument("--n-kl", type=int, default=8, help="image prompts for KL / top-1")
-    p.add_argument("--n-ppl", type=int, default=2, help="perplexity windows")
-    p.add_argument("--ppl-seq-len", type=int, default=256)
+    p.add_argument("--n-vqa", type=positive_int, default=40, help="held-out digits answered")
+    p.add_argument("--n-kl", type=positive_int, default=8, help="image prompts for KL / top-1")
+    p.add_argument("--n-ppl", type=positive_int, default=2, help="perplexity windows")
+    p.add_argument("--ppl-seq-len", type=positive_int, default=256)
     p.add_argument("--exact-ops", action="store_true",
                    help="run weight-only variants through vlmkern.ops (slow on CPU) instead "
                         "of fp32 matmuls with the dequantized weights")
