@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -24,6 +25,9 @@ from vlmkern.io import CheckpointError, read_plan  # noqa: E402
 from vlmkern.plan import (Plan, PlanEntry, PlanError, config_from_json,  # noqa: E402
                           config_nbytes, config_to_json)
 from vlmkern.quant import billm_quantize, gptq_quantize, quantize_weight  # noqa: E402
+from vlmkern.quant.awq import AWQConfig
+from vlmkern.quant.vlmq import VLMQConfig
+from vlmkern.calib.awq_engine import AWQEngineConfig
 
 from test_io import rewrite  # noqa: E402
 
@@ -103,6 +107,46 @@ def test_bad_plans_are_rejected():
         Plan.from_json("{nope")
     with pytest.raises(PlanError, match=r"plan\['\*.q_proj'\]"):
         Plan({"*.q_proj": "gptq"})
+
+
+@pytest.mark.parametrize("config", [
+    {"type": "Anything", "module": "vlmkern.__main__"},
+    {"type": "Plan", "module": "vlmkern.plan", "entries": {}},
+    {"type": "Popen", "module": "vlmkern"},
+], ids=["cli-module", "non-method-dataclass", "top-package"])
+def test_config_types_come_from_a_fixed_table(config, monkeypatch):
+    # Executing vlmkern.__main__ runs the CLI; a plan naming it must not import it.
+    monkeypatch.delitem(sys.modules, "vlmkern.__main__", raising=False)
+    monkeypatch.setattr(sys, "argv", ["vlmkern"])
+    entry = {"method": "x", "format": "groupwise", "w_bits": 4, "config": config}
+    with pytest.raises(PlanError, match=f"unknown method config type '{config['type']}'"):
+        Plan.from_dict({"plan_version": 1, "modules": {"a": entry}})
+    assert "vlmkern.__main__" not in sys.modules
+
+
+@pytest.mark.parametrize("cfg", [
+    VLMQConfig(), VLMQConfig(GPTQConfig(QuantConfig(3, 64)), norm="l2"), AWQConfig(),
+    AWQEngineConfig(), AWQEngineConfig(AWQConfig(QuantConfig(4, 64)), then="gptq")],
+    ids=["vlmq", "vlmq-gptq", "awq", "awq-engine", "awq-engine-gptq"])
+def test_method_configs_outside_the_core_round_trip(cfg):
+    d = json.loads(json.dumps(config_to_json(cfg)))
+    assert d["module"] == type(cfg).__module__
+    assert config_from_json(d) == cfg
+    entry = PlanEntry.from_config(cfg)
+    assert PlanEntry.from_dict(json.loads(json.dumps(entry.to_dict()))) == entry
+
+
+def test_deeply_nested_plans_are_plan_errors():
+    config = {"type": "QuantConfig", "bits": 4}
+    for _ in range(10 * sys.getrecursionlimit()):
+        config = {"type": "GPTQConfig", "quant": config}
+    entry = {"method": "gptq", "format": "groupwise", "w_bits": 4, "config": config}
+    with pytest.raises(PlanError, match="nested too deeply"):
+        Plan.from_dict({"plan_version": 1, "modules": {"a": entry}})
+    with pytest.raises(PlanError, match="nested too deeply"):
+        config_from_json(config)
+    with pytest.raises(PlanError, match="not valid JSON"):
+        Plan.from_json("[" * 100_000 + "]" * 100_000)
 
 
 # ---------------------------------------------------------------------------

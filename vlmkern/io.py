@@ -28,8 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .formats import FORMAT_VERSION, WEIGHT_TYPES, FormatError
+from .formats import FORMAT_VERSION, WEIGHT_TYPES
 from .nn import MODULE_TYPES, QuantLinear
+from .nn.modules import validated_elsewhere
 
 QUANT_METHOD = "vlmkern"
 FILENAME = "model.safetensors"
@@ -131,7 +132,7 @@ def read_header(path) -> tuple[dict, dict]:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{file} has a corrupt safetensors header: {e}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file} has a corrupt safetensors header")
@@ -158,15 +159,18 @@ def _read_config(metadata: dict, file) -> dict:
                               f"quantization_config")
     try:
         config = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{file}: quantization_config is not valid JSON: {e}") from None
     if not isinstance(config, dict) or config.get("quant_method") != QUANT_METHOD:
         method = config.get("quant_method") if isinstance(config, dict) else None
         raise CheckpointError(f"{file} holds a {method!r} quantization_config, not a vlmkern one")
     version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if _is_int(version) and version > FORMAT_VERSION:
         raise CheckpointError(f"{file} has format_version {version!r}; this vlmkern reads up "
                               f"to {FORMAT_VERSION} (upgrade vlmkern)")
+    if not _is_int(version) or version < 1:
+        raise CheckpointError(f"{file} has format_version {version!r}; expected an int from 1 "
+                              f"to {FORMAT_VERSION}")
     if not isinstance(config.get("modules"), dict):
         raise CheckpointError(f"{file}: quantization_config has no 'modules' table")
     aliases = config.get("aliases", {})
@@ -181,10 +185,15 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
 
     The model's nn.Linear modules named in the checkpoint become quantized
     modules holding exactly the saved packed tensors; full-precision tensors
-    are copied into the model's own (in the model's dtype). Raises CheckpointError for
-    missing, corrupt, truncated, foreign or mismatched files.
+    (finite floats, as the file must hold them) are copied into the model's own
+    (in the model's dtype). Raises CheckpointError for missing, corrupt,
+    truncated, foreign or mismatched files, and for a model on the meta device.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_quantized fills a torch nn.Module built with the checkpoint's "
+                        f"architecture, got {type(model).__name__}")
     file = _file_path(path)
+    _check_not_meta(model, device, file)
     header, metadata = read_header(file)
     config = _read_config(metadata, file)
     plan = _parse_plan(config, file)
@@ -196,6 +205,10 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
     for name, source in config.get("aliases", {}).items():
         if source not in tensors:
             raise CheckpointError(f"{file}: alias {name!r} points at missing tensor {source!r}")
+        if name in tensors:
+            # An alias stands for a tensor stored once under another name; one
+            # that names a stored tensor would silently replace that tensor.
+            raise CheckpointError(f"{file}: alias {name!r} names a tensor the file holds")
         tensors[name] = tensors[source]
 
     modules = dict(model.named_modules())
@@ -215,7 +228,10 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
         if tuple(t.shape) != tuple(tensors[k].shape):
             raise CheckpointError(f"{file}: {k} has shape {tuple(tensors[k].shape)}, the model "
                                   f"expects {tuple(t.shape)}")
-    model.load_state_dict(tensors, strict=True)
+        if t.is_floating_point():
+            _check_float_tensor(tensors[k], k, file)
+    with validated_elsewhere():     # every quantized module's tensors passed from_state above
+        model.load_state_dict(tensors, strict=True)
     if plan is not None and plan.info:
         model.vlmkern_plan_info = plan.info
     return model
@@ -237,7 +253,7 @@ def read_plan(path):
         for name, entry in config["modules"].items():
             try:
                 w, a, g = format_fields(entry["format"], entry["meta"])
-                method = str((entry.get("info") or {}).get("method", "external"))
+                method = str(_module_info(entry).get("method", "external"))
                 entries[name] = PlanEntry(method, entry["format"], w, a, g)
             except (TypeError, KeyError, ValueError) as e:
                 raise CheckpointError(f"{file}: malformed entry for module {name!r}: {e}") from None
@@ -288,9 +304,16 @@ def _match_plan(plan, modules: dict, file) -> None:
 def _install_module(model, modules, name, entry, tensors, file, device) -> None:
     try:
         fmt, meta = entry["format"], entry["meta"]
-        n, k = int(entry["out_features"]), int(entry["in_features"])
-    except (TypeError, KeyError, ValueError):
+        n, k = entry["out_features"], entry["in_features"]
+    except (TypeError, KeyError):
         raise CheckpointError(f"{file}: malformed entry for module {name!r}") from None
+    if not (_is_int(n) and _is_int(k)):
+        raise CheckpointError(f"{file}: malformed entry for module {name!r}: out_features and "
+                              f"in_features must be ints, got {n!r} and {k!r}")
+    try:
+        info = _module_info(entry)
+    except TypeError as e:
+        raise CheckpointError(f"{file}: malformed entry for module {name!r}: {e}") from None
     if fmt not in WEIGHT_TYPES:
         raise CheckpointError(f"{file}: module {name!r} has unknown format {fmt!r}")
     target = modules.get(name)
@@ -314,7 +337,7 @@ def _install_module(model, modules, name, entry, tensors, file, device) -> None:
                               f"has {sorted(parts)}")
     try:
         qweight = cls.from_state(parts, meta)
-    except (FormatError, TypeError) as e:
+    except (TypeError, ValueError) as e:    # FormatError, or a metadata field of the wrong kind
         raise CheckpointError(f"{file}: module {name!r}: {e}") from None
     if qweight.shape != (n, k):
         raise CheckpointError(f"{file}: module {name!r} tensors describe {qweight.shape}, "
@@ -326,10 +349,14 @@ def _install_module(model, modules, name, entry, tensors, file, device) -> None:
         has = ("a bias", "no bias") if bias is not None else ("no bias", "a bias")
         raise CheckpointError(f"{file}: module {name!r} has {has[0]} in the checkpoint but "
                               f"{has[1]} in the model; was it saved from another architecture?")
+    if bias is not None:    # checked before the cast to the model's dtype hides its kind
+        _check_float_tensor(bias, prefix + "bias", file)
     dev = device if device is not None else _module_device(target)
-    module = MODULE_TYPES[fmt](qweight.to(dev),
-                               None if bias is None else bias.to(dev, target.bias.dtype),
-                               entry.get("info"))
+    try:
+        module = MODULE_TYPES[fmt](qweight.to(dev),
+                                   None if bias is None else bias.to(dev, target.bias.dtype), info)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: module {name!r}: {e}") from None
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -339,3 +366,42 @@ def _module_device(module: nn.Module) -> torch.device:
         if t.device.type != "meta":
             return t.device
     return torch.device("cpu")
+
+
+def _is_int(value) -> bool:
+    # JSON true/false arrive as bool, which Python counts as int.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _module_info(entry: dict) -> dict:
+    """A module entry's free-form "info" record (the method and its config)."""
+    info = entry.get("info")
+    if info is None:
+        return {}
+    if not isinstance(info, dict):
+        raise TypeError(f"'info' must be an object, got {type(info).__name__}")
+    return info
+
+
+def _check_float_tensor(t: torch.Tensor, name: str, file) -> None:
+    """A full-precision tensor must be finite and floating point: load_state_dict
+    would cast bools and ints into a float parameter without a word."""
+    if not t.is_floating_point():
+        raise CheckpointError(f"{file}: {name} has dtype {t.dtype}, the model expects a "
+                              f"floating-point tensor")
+    if not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"{file}: {name} holds NaN or Inf values")
+
+
+def _check_not_meta(model: nn.Module, device, file) -> None:
+    """Copying into meta tensors is a no-op, so loading would silently load nothing."""
+    if device is not None and torch.device(device).type == "meta":
+        raise CheckpointError(f"cannot load {file} onto the meta device: meta tensors hold "
+                              f"no data")
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise CheckpointError(
+                f"cannot load {file}: the model has parameters or buffers on the meta device "
+                f"(e.g. {name}); build it on a real device. Materializing it with "
+                f"model.to_empty(device=...) is not enough when it has non-persistent buffers "
+                f"(such as rotary inv_freq): checkpoints do not store them.")

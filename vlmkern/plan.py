@@ -30,7 +30,6 @@ activations; ``group_size`` of a binary entry is its column block size.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -62,27 +61,29 @@ def _core_types() -> dict[str, type]:
                                     GPTAQConfig, BiLLMConfig)}
 
 
-def _lookup_type(name: str, module: str | None) -> type:
-    """A config class by name: the core ones, or a dataclass of another vlmkern
-    module named by ``module`` (method configs defined next to their method)."""
-    core = _core_types()
-    if name in core:
-        return core[name]
-    if isinstance(module, str) and (module == "vlmkern" or module.startswith("vlmkern.")):
-        try:
-            cls = getattr(importlib.import_module(module), name, None)
-        except ImportError:
-            cls = None
-        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
-            return cls
-    raise PlanError(f"unknown method config type {name!r}"
-                    + (f" (module {module!r})" if module else "")
-                    + f"; known: {sorted(core)} and dataclasses of vlmkern modules")
+def _known_types() -> dict[str, type]:
+    """Every method config a plan may name: the core ones and the configs defined
+    next to their methods. A fixed table, so that a plan read from a file can
+    only build these classes and never makes vlmkern import a module it names."""
+    from .calib.awq_engine import AWQEngineConfig
+    from .quant.awq import AWQConfig
+    from .quant.vlmq import VLMQConfig
+    return {**_core_types(),
+            **{c.__name__: c for c in (VLMQConfig, AWQConfig, AWQEngineConfig)}}
+
+
+def _lookup_type(name: str) -> type:
+    """A method config class by name (a config's recorded "module" is not used)."""
+    known = _known_types()
+    if name in known:
+        return known[name]
+    raise PlanError(f"unknown method config type {name!r}; known: {sorted(known)}")
 
 
 def config_to_json(config) -> dict:
     """A method config (nested frozen dataclasses) as a JSON-ready dict tagged
-    with its type (and, outside the core configs, the vlmkern module defining it)."""
+    with its type (and, outside the core configs, the module defining it, which
+    older vlmkern versions need to find it)."""
     if not dataclasses.is_dataclass(config) or isinstance(config, type):
         raise TypeError(f"expected a method config dataclass, got {type(config).__name__}")
     out = {"type": type(config).__name__}
@@ -100,9 +101,16 @@ def config_to_json(config) -> dict:
 
 def config_from_json(d) -> object:
     """Inverse of ``config_to_json``; PlanError for unknown types or bad fields."""
+    try:
+        return _config_from_json(d)
+    except RecursionError:
+        raise PlanError("a method config is nested too deeply") from None
+
+
+def _config_from_json(d) -> object:
     if not isinstance(d, dict) or not isinstance(d.get("type"), str):
         raise PlanError(f"a method config must be a dict with a 'type', got {d!r}")
-    cls = _lookup_type(d["type"], d.get("module"))
+    cls = _lookup_type(d["type"])
     kwargs = {}
     names = {f.name for f in dataclasses.fields(cls)}
     for k, v in d.items():
@@ -111,7 +119,7 @@ def config_from_json(d) -> object:
         if k not in names:
             raise PlanError(f"{d['type']} has no field {k!r}")
         if isinstance(v, dict) and "type" in v:
-            v = config_from_json(v)
+            v = _config_from_json(v)
         elif isinstance(v, list):
             v = tuple(v)            # configs are frozen: sequences are tuples
         kwargs[k] = v
@@ -410,7 +418,7 @@ class Plan:
     def from_json(cls, text: str) -> "Plan":
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise PlanError(f"plan is not valid JSON: {e}") from None
         return cls.from_dict(d)
 
