@@ -146,6 +146,24 @@ def test_bad_inputs():
         quantize_model(model, [inputs["input_ids"]], W3, progress=False)
     with pytest.raises(TypeError, match="unknown method config"):
         quantize_model(model, [inputs], "gptq", progress=False)
+    with pytest.raises(TypeError, match="got one dict"):
+        quantize_model(model, inputs, W3, progress=False)
+    empty = {**inputs, "input_ids": inputs["input_ids"][:, :0]}
+    with pytest.raises(ValueError, match="sample 1 has no tokens"):
+        quantize_model(model, [inputs, empty], W3, progress=False)
+
+
+@pytest.mark.parametrize("method", [GPTQConfig(QuantConfig(4, 32)),
+                                    GPTAQConfig(GPTQConfig(QuantConfig(4, 32)))],
+                         ids=("gptq", "gptaq"))
+def test_fully_masked_samples_raise_instead_of_zeroing_the_weights(method):
+    """An all-zero attention_mask leaves every Hessian empty: the first layer
+    reports it rather than quantizing every weight to 0."""
+    model, inputs = build_llama()
+    masked = {**inputs, "attention_mask": torch.zeros_like(inputs["input_ids"])}
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj: the Hessian is all "
+                                         r"zero: no calibration tokens reached this layer"):
+        quantize_model(model, [masked], method, progress=False)
 
 
 def test_billm_through_the_engine():

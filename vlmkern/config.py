@@ -28,9 +28,27 @@ def dtype_from_name(name: str) -> torch.dtype:
     return _SCALE_DTYPES[dtype_name(name)]
 
 
+def is_int(value) -> bool:
+    """A real int: bool is an int subclass (JSON true/false load as bool), and
+    a float like 4.0 compares equal to 4 but breaks the bit shifts and shapes
+    it feeds."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_bits(owner: str, name: str, value, allowed: tuple[int, ...]) -> None:
+    if not is_int(value) or value not in allowed:
+        choices = ", ".join(map(str, allowed[:-1])) + f" or {allowed[-1]}"
+        raise ValueError(f"{owner}.{name} must be {choices} (an int), got {value!r}")
+
+
+def _check_bool(owner: str, name: str, value) -> None:
+    # Any object is truthy or falsy, so sym="no" would silently mean True.
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}.{name} must be True or False, got {value!r}")
+
+
 def _check_group_size(group_size: int | None) -> None:
-    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool)
-                                   or group_size < 1):
+    if group_size is not None and (not is_int(group_size) or group_size < 1):
         raise ValueError(f"group_size must be a positive int or None (one group per row), "
                          f"got {group_size!r}")
 
@@ -54,9 +72,9 @@ class QuantConfig:
     format: ClassVar[str] = "groupwise"
 
     def __post_init__(self):
-        if self.bits not in (2, 3, 4, 8):
-            raise ValueError(f"QuantConfig.bits must be 2, 3, 4 or 8, got {self.bits!r}")
+        _check_bits("QuantConfig", "bits", self.bits, (2, 3, 4, 8))
         _check_group_size(self.group_size)
+        _check_bool("QuantConfig", "sym", self.sym)
         object.__setattr__(self, "scale_dtype", dtype_name(self.scale_dtype))
 
     @property
@@ -84,14 +102,15 @@ class IntActConfig:
 
     def __post_init__(self):
         for name in ("w_bits", "a_bits"):
-            if getattr(self, name) not in (4, 6, 8):
-                raise ValueError(f"IntActConfig.{name} must be 4, 6 or 8, got "
-                                 f"{getattr(self, name)!r}")
+            _check_bits("IntActConfig", name, getattr(self, name), (4, 6, 8))
         _check_group_size(self.group_size)
         object.__setattr__(self, "scale_dtype", dtype_name(self.scale_dtype))
         if self.act_scale is not None:
-            s = float(self.act_scale)
-            if not (s > 0 and s < float("inf")):
+            try:
+                s = float(self.act_scale)
+            except (TypeError, ValueError):
+                s = float("nan")
+            if isinstance(self.act_scale, (bool, str)) or not (s > 0 and s < float("inf")):
                 raise ValueError(f"act_scale must be a positive finite number, got {self.act_scale!r}")
             object.__setattr__(self, "act_scale", s)
 
@@ -122,14 +141,19 @@ class BinaryConfig:
     format: ClassVar[str] = "binary"
 
     def __post_init__(self):
-        if not isinstance(self.block_size, int) or self.block_size < 1:
+        if not is_int(self.block_size) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
-        if not isinstance(self.max_salient, int) or not 0 <= self.max_salient <= self.block_size:
-            raise ValueError(f"max_salient must be in 0..block_size, got {self.max_salient!r}")
+        if not is_int(self.max_salient) or not 0 <= self.max_salient <= self.block_size:
+            raise ValueError(f"max_salient must be an int in 0..block_size ({self.block_size}), "
+                             f"got {self.max_salient!r}")
         object.__setattr__(self, "stats_dtype", dtype_name(self.stats_dtype))
-        q = tuple(float(v) for v in self.quantiles)
-        if not q or any(not 0.0 < v < 1.0 for v in q):
-            raise ValueError("quantiles must be a non-empty sequence of numbers in (0, 1)")
+        try:
+            q = tuple(float(v) for v in self.quantiles)
+        except (TypeError, ValueError):
+            q = ()
+        if isinstance(self.quantiles, str) or not q or any(not 0.0 < v < 1.0 for v in q):
+            raise ValueError(f"quantiles must be a non-empty sequence of numbers in (0, 1), "
+                             f"got {self.quantiles!r}")
         object.__setattr__(self, "quantiles", q)
 
     bits = 1

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .config import is_int
 from .formats import FORMAT_VERSION, WEIGHT_TYPES
 from .nn import MODULE_TYPES, QuantLinear
 from .nn.modules import validated_elsewhere
@@ -165,10 +166,10 @@ def _read_config(metadata: dict, file) -> dict:
         method = config.get("quant_method") if isinstance(config, dict) else None
         raise CheckpointError(f"{file} holds a {method!r} quantization_config, not a vlmkern one")
     version = config.get("format_version")
-    if _is_int(version) and version > FORMAT_VERSION:
+    if is_int(version) and version > FORMAT_VERSION:
         raise CheckpointError(f"{file} has format_version {version!r}; this vlmkern reads up "
                               f"to {FORMAT_VERSION} (upgrade vlmkern)")
-    if not _is_int(version) or version < 1:
+    if not is_int(version) or version < 1:
         raise CheckpointError(f"{file} has format_version {version!r}; expected an int from 1 "
                               f"to {FORMAT_VERSION}")
     if not isinstance(config.get("modules"), dict):
@@ -307,7 +308,7 @@ def _install_module(model, modules, name, entry, tensors, file, device) -> None:
         n, k = entry["out_features"], entry["in_features"]
     except (TypeError, KeyError):
         raise CheckpointError(f"{file}: malformed entry for module {name!r}") from None
-    if not (_is_int(n) and _is_int(k)):
+    if not (is_int(n) and is_int(k)):
         raise CheckpointError(f"{file}: malformed entry for module {name!r}: out_features and "
                               f"in_features must be ints, got {n!r} and {k!r}")
     try:
@@ -366,11 +367,6 @@ def _module_device(module: nn.Module) -> torch.device:
         if t.device.type != "meta":
             return t.device
     return torch.device("cpu")
-
-
-def _is_int(value) -> bool:
-    # JSON true/false arrive as bool, which Python counts as int.
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _module_info(entry: dict) -> dict:

@@ -337,7 +337,10 @@ def _calibrate_layer(layer, fp_layer, sequence, method, inputs, fp_inputs, kwarg
                 h.remove()
         for n, lin in linears.items():
             start = time.perf_counter()
-            packed = method.quantize(lin.weight.detach(), accs[n])
+            try:
+                packed = method.quantize(lin.weight.detach(), accs[n])
+            except ValueError as e:
+                raise ValueError(f"{prefix}.{n}: {e}") from e
             deq = packed.dequantize(lin.weight.dtype)
             err = _relative_error(lin.weight.detach(), deq, accs[n].hessian)
             lin.weight.data.copy_(deq)     # later sub-groups see this layer quantized
@@ -383,9 +386,16 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
     names = [f"{layers_path}.{i}.{n}" for i, layer in enumerate(layers)
              for group in arch.sequence for n in group if _has(layer, n)]
     methods, kept, method = _resolve_methods(method, names)
+    if isinstance(samples, dict):
+        raise TypeError("samples must be a list of dicts of model inputs, one per batch; got "
+                        "one dict (wrap it in a list)")
     samples = list(samples)
     if not samples:
         raise ValueError("quantize_model needs at least one calibration sample")
+    for i, sample in enumerate(samples):
+        ids = sample.get("input_ids") if isinstance(sample, dict) else None
+        if isinstance(ids, torch.Tensor) and ids.numel() == 0:
+            raise ValueError(f"calibration sample {i} has no tokens (input_ids {tuple(ids.shape)})")
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     work = WorkDir(work_dir, _fingerprint(model, samples, method)) if work_dir else None

@@ -12,6 +12,8 @@ from typing import ClassVar
 
 import torch
 
+from ..config import is_int
+
 
 class FormatError(ValueError):
     """A packed tensor set that breaks its format's invariants."""
@@ -26,6 +28,15 @@ def check_tensor(name: str, t, shape: tuple, dtypes) -> None:
     if t.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise FormatError(f"{name} has dtype {t.dtype}, expected one of: {names}")
+
+
+def check_positive_int(name: str, value, or_none: bool = False) -> None:
+    """Raise FormatError unless ``value`` is an int >= 1 (or None when ``or_none``)."""
+    if value is None and or_none:
+        return
+    if not is_int(value) or value < 1:
+        raise FormatError(f"{name} must be a positive int{' or None' if or_none else ''}, "
+                          f"got {value!r}")
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

@@ -37,7 +37,13 @@ from typing import ClassVar
 
 import torch
 
-from .base import FormatError, PackedWeight, check_finite, check_tensor
+from .base import (
+    FormatError,
+    PackedWeight,
+    check_finite,
+    check_positive_int,
+    check_tensor,
+)
 from .groupwise import SCALE_DTYPES
 from .packing import pack_bits, packed_words, unpack_bits
 
@@ -133,11 +139,9 @@ class BinaryWeight(PackedWeight):
         return decode_indices(self.stats, self.salient, self.block_size, k, slices, dtype)
 
     def validate(self) -> "BinaryWeight":
-        k, b = self.in_features, self.block_size
-        if not isinstance(k, int) or k < 1:
-            raise FormatError(f"in_features must be a positive int, got {k!r}")
-        if not isinstance(b, int) or b < 1:
-            raise FormatError(f"block_size must be a positive int, got {b!r}")
+        k = self.in_features
+        check_positive_int("in_features", k)
+        check_positive_int("block_size", self.block_size)
         if not isinstance(self.sign, torch.Tensor) or self.sign.dim() != 2:
             raise FormatError("sign must be a 2-D int32 tensor")
         n, words = self.sign.shape[0], packed_words(k, 1)

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import FormatError
-from .groupwise import QuantizedWeight, group_index, num_groups
+from .base import FormatError, check_positive_int, is_int
+from .groupwise import GroupwiseViews, QuantizedWeight, group_index, num_groups
 from .packing import pack_bits, unpack_bits
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
@@ -41,6 +41,9 @@ def _check_format(checkpoint_format: str) -> None:
 def to_gptq(weight: QuantizedWeight, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
     """GPTQ tensors (qweight, qzeros, scales, g_idx) for a group-wise weight."""
     _check_format(checkpoint_format)
+    if not isinstance(weight, GroupwiseViews):
+        raise TypeError(f"to_gptq takes a group-wise QuantizedWeight (the GPTQ layout holds "
+                        f"W2/W3/W4/W8 codes with zero points), got {type(weight).__name__}")
     n, k = weight.shape
     b = weight.bits
     if (k * b) % 32 or (n * b) % 32:
@@ -75,14 +78,19 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     sym: None infers it (all zero points 2^(b-1)); True insists on it.
     """
     _check_format(checkpoint_format)
-    if bits not in (2, 3, 4, 8):
-        raise FormatError(f"GPTQ bits must be 2, 3, 4 or 8, got {bits}")
+    if not is_int(bits) or bits not in (2, 3, 4, 8):
+        raise FormatError(f"GPTQ bits must be 2, 3, 4 or 8 (an int), got {bits!r}")
+    if group_size is None or (is_int(group_size) and group_size == -1):
+        group_size = None
+    else:
+        check_positive_int("GPTQ group_size (-1 or None: one group per row)", group_size)
+    if sym is not None and not isinstance(sym, bool):
+        raise TypeError(f"sym must be True, False or None (infer), got {sym!r}")
     for name, t in (("qweight", qweight), ("qzeros", qzeros)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 2:
             raise FormatError(f"GPTQ {name} must be a 2-D int32 tensor")
     if not isinstance(scales, torch.Tensor) or scales.dim() != 2:
         raise FormatError("GPTQ scales must be a 2-D tensor")
-    group_size = None if group_size in (None, -1) else int(group_size)
     n = qweight.shape[1]
     k = qweight.shape[0] * 32 // bits
     g = num_groups(k, group_size)

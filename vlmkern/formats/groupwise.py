@@ -32,7 +32,14 @@ from typing import ClassVar
 
 import torch
 
-from .base import FormatError, PackedWeight, check_finite, check_tensor
+from .base import (
+    FormatError,
+    PackedWeight,
+    check_finite,
+    check_positive_int,
+    check_tensor,
+    is_int,
+)
 from .packing import pack_bits, packed_words, unpack_bits
 
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -153,14 +160,11 @@ class QuantizedWeight(GroupwiseViews, PackedWeight):
 
     # -- invariants ----------------------------------------------------------------
     def validate(self) -> "QuantizedWeight":
-        if self.bits not in (2, 3, 4, 8):
-            raise FormatError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
-        if self.group_size is not None and (not isinstance(self.group_size, int)
-                                            or self.group_size < 1):
-            raise FormatError(f"group_size must be a positive int or None, got {self.group_size!r}")
+        if not is_int(self.bits) or self.bits not in (2, 3, 4, 8):
+            raise FormatError(f"bits must be 2, 3, 4 or 8 (an int), got {self.bits!r}")
+        check_positive_int("group_size", self.group_size, or_none=True)
         k = self.in_features
-        if not isinstance(k, int) or k < 1:
-            raise FormatError(f"in_features must be a positive int, got {k!r}")
+        check_positive_int("in_features", k)
         if not isinstance(self.qweight, torch.Tensor) or self.qweight.dim() != 2:
             raise FormatError("qweight must be a 2-D int32 tensor")
         n = self.qweight.shape[0]

@@ -23,11 +23,19 @@ times channel scale in the epilogue.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Real
 from typing import ClassVar
 
 import torch
 
-from .base import FormatError, PackedWeight, check_finite, check_tensor
+from .base import (
+    FormatError,
+    PackedWeight,
+    check_finite,
+    check_positive_int,
+    check_tensor,
+    is_int,
+)
 from .groupwise import SCALE_DTYPES, group_index, num_groups
 from .packing import pack_int4_pairs, unpack_int4_pairs
 
@@ -84,11 +92,12 @@ class IntActWeight(PackedWeight):
 
     def validate(self) -> "IntActWeight":
         for name in ("w_bits", "a_bits"):
-            if getattr(self, name) not in (4, 6, 8):
-                raise FormatError(f"{name} must be 4, 6 or 8, got {getattr(self, name)!r}")
+            if not is_int(getattr(self, name)) or getattr(self, name) not in (4, 6, 8):
+                raise FormatError(f"{name} must be 4, 6 or 8 (an int), got "
+                                  f"{getattr(self, name)!r}")
+        check_positive_int("group_size", self.group_size, or_none=True)
         k = self.in_features
-        if not isinstance(k, int) or k < 1:
-            raise FormatError(f"in_features must be a positive int, got {k!r}")
+        check_positive_int("in_features", k)
         if not isinstance(self.qweight, torch.Tensor) or self.qweight.dim() != 2:
             raise FormatError("qweight must be a 2-D int8 tensor")
         n = self.qweight.shape[0]
@@ -101,7 +110,9 @@ class IntActWeight(PackedWeight):
             if int(codes.min()) < -lim or int(codes.max()) > lim:
                 raise FormatError(f"qweight codes exceed the symmetric {self.w_bits}-bit range "
                                   f"[-{lim}, {lim}]")
-        if self.act_scale is not None and not (0 < float(self.act_scale) < float("inf")):
+        if self.act_scale is not None and not (
+                isinstance(self.act_scale, Real) and not isinstance(self.act_scale, bool)
+                and 0 < self.act_scale < float("inf")):
             raise FormatError(f"act_scale must be positive and finite, got {self.act_scale!r}")
         if self.scales.device != self.qweight.device:
             raise FormatError("qweight and scales live on different devices")

@@ -58,6 +58,12 @@ class AWQConfig:
             raise ValueError(f"min_clip must be in (0, 1], got {self.min_clip!r}")
 
 
+def _check_quant(config) -> None:
+    if not isinstance(config, QuantConfig):
+        hint = " (pass the AWQConfig's .quant)" if isinstance(config, AWQConfig) else ""
+        raise TypeError(f"config must be a QuantConfig{hint}, got {type(config).__name__}")
+
+
 def _check_inputs(weights: Sequence[torch.Tensor], x: torch.Tensor) -> int:
     k = check_shared_input(weights)
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != k or x.shape[0] == 0:
@@ -79,7 +85,8 @@ def _group_rows(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """[N, K] -> [N, G, g] fp64, zero-padding the short last group (zeros never
     move a range that is forced to contain 0)."""
     n, k = w.shape
-    g = k if group_size is None else group_size
+    # a group at least K wide is the whole row: no group_size-wide padding
+    g = k if group_size is None or group_size >= k else group_size
     groups = num_groups(k, group_size)
     w = torch.nn.functional.pad(w, (0, groups * g - k))
     return w.reshape(n, groups, g)
@@ -146,6 +153,7 @@ def awq_search_scales(weights: Sequence[torch.Tensor], x: torch.Tensor,
     loss = sum_i ||X W_i^T - (X/s) Q(W_i s)^T||^2). r = 0 gives s = 1, plain RTN,
     so the chosen scales never do worse than RTN on x.
     """
+    _check_quant(config)
     _check_inputs(weights, x)
     gram = _gram(x)
     losses, best = [], None
@@ -172,6 +180,7 @@ def awq_search_clip(weight: torch.Tensor, x: torch.Tensor, config: QuantConfig,
     steps) minimising its exact output error sum_t (x_t . (w - q))^2 given the
     groups already set, so no row's error exceeds its clip = 1 error.
     """
+    _check_quant(config)
     _check_inputs([weight], x)
     n, k = weight.shape
     s = torch.ones(k, device=weight.device) if scales is None else scales.float()
@@ -207,6 +216,7 @@ def apply_awq(weight: torch.Tensor, scales: torch.Tensor | None, clip: torch.Ten
     shrunk by ``clip`` [N, G] (None: no clipping). The result stands for W s:
     its input must be x / s, folded into the previous op with
     :func:`fold_scales_into_norm` or :func:`fold_scales_into_linear`."""
+    _check_quant(config)
     check_weight(weight)
     n, k = weight.shape
     ws = weight.float()
@@ -230,7 +240,10 @@ def awq_quantize(weights: Sequence[torch.Tensor], x: torch.Tensor,
     info = {"ratio": r, "losses": loss per r, "clip": list of [N_i, G] ratios}.
     The caller folds 1/s into the op producing x.
     """
-    config = config or AWQConfig()
+    config = AWQConfig() if config is None else config
+    if not isinstance(config, AWQConfig):
+        hint = " (wrap it: AWQConfig(quant=...))" if isinstance(config, QuantConfig) else ""
+        raise TypeError(f"config must be an AWQConfig{hint}, got {type(config).__name__}")
     scales, ratio, losses = awq_search_scales(weights, x, config.quant, config.n_grid)
     clips = [awq_search_clip(w, x, config.quant, scales, config.clip_steps, config.min_clip)
              if config.clip_steps > 1 else None for w in weights]

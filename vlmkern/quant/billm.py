@@ -25,7 +25,9 @@ BiLLM walks the columns in blocks of ``block_size`` (128):
    Summing the block's columns this way is exact when U_bb is diagonal.
 
 Dead input channels (H_jj = 0: the input is always zero) get H_jj = 1 and
-W[:, j] = 0, as in GPTQ: their weights never affect the output.
+W[:, j] = 0, as in GPTQ: their weights never affect the output. An all-zero
+Hessian (no calibration token reached the layer) raises ValueError instead of
+zeroing every column.
 """
 from __future__ import annotations
 
@@ -33,10 +35,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import BinaryConfig, dtype_from_name
+from ..config import BinaryConfig
 from ..formats import BinaryWeight
-from .binarize import assemble_blocks, binarize_block
-from .hessian import check_square, inverse_cholesky_upper
+from .binarize import assemble_blocks, binarize_block, stored_stats
+from .hessian import check_calibrated, check_square, inverse_cholesky_upper
 from .rtn import check_weight
 
 SALIENCY_METRICS = ("hessian", "magnitude")
@@ -70,7 +72,7 @@ class BiLLMConfig:
 
 def _dequantize_block(sign, aux, salient, stats, config: BinaryConfig) -> torch.Tensor:
     """The block as stored (stats rounded to stats_dtype), through the format's own decode."""
-    stored = stats[:, None, :].to(dtype_from_name(config.stats_dtype))
+    stored = stored_stats(stats[:, None, :], config)
     return BinaryWeight.from_planes(sign, aux, salient, stored, config.block_size).dequantize()
 
 
@@ -89,10 +91,14 @@ def billm_quantize(weight: torch.Tensor, hessian: torch.Tensor,
       error              sum ||W_b - Q_b||^2 on the compensated weights
     Weights are updated in fp32 (like GPTQ); H is factorised in fp64.
     """
-    config = config or BiLLMConfig()
+    config = BiLLMConfig() if config is None else config
+    if not isinstance(config, BiLLMConfig):
+        hint = " (wrap it: BiLLMConfig(binary=...))" if isinstance(config, BinaryConfig) else ""
+        raise TypeError(f"config must be a BiLLMConfig{hint}, got {type(config).__name__}")
     check_weight(weight)
     n, k = weight.shape
     check_square("hessian", hessian, k)
+    check_calibrated(hessian)
     bcfg = config.binary
     w = weight.detach().float().clone()
     h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()

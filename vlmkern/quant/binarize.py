@@ -12,7 +12,7 @@ import torch
 
 from ..config import BinaryConfig, dtype_from_name
 from ..formats import BinaryWeight
-from .rtn import check_weight
+from .rtn import MIN_PRECISE_SCALE, check_weight
 
 
 def residual_binarize(y: torch.Tensor, mask: torch.Tensor, rounds: int):
@@ -144,7 +144,10 @@ def binarize(weight: torch.Tensor, config: BinaryConfig | None = None,
     saliency: optional column scores [in_features] (higher = more salient);
     default is the column energy sum_n w[n, k]^2.
     """
-    config = config or BinaryConfig()
+    config = BinaryConfig() if config is None else config
+    if not isinstance(config, BinaryConfig):
+        raise TypeError(f"config must be a BinaryConfig, got {type(config).__name__} "
+                        f"(group-wise and integer formats come from vlmkern.quantize_rtn)")
     check_weight(weight)
     n, k = weight.shape
     if saliency is None:
@@ -164,6 +167,31 @@ def assemble_blocks(blocks, config: BinaryConfig) -> BinaryWeight:
     given in column order as ``binarize_block`` returns them, into one BinaryWeight
     with stats stored in ``config.stats_dtype``."""
     signs, auxs, sals, stats = zip(*blocks)
-    stats_t = torch.stack(stats, dim=1).to(dtype_from_name(config.stats_dtype))
+    stats_t = stored_stats(torch.stack(stats, dim=1), config)
     return BinaryWeight.from_planes(torch.cat(signs, 1), torch.cat(auxs, 1), torch.cat(sals),
                                     stats_t, config.block_size)
+
+
+def stored_stats(stats: torch.Tensor, config: BinaryConfig) -> torch.Tensor:
+    """Statistics [N, blocks, 8] (fp32) cast to ``config.stats_dtype``.
+
+    Raises ValueError, suggesting stats_dtype='float32', when finite weights
+    give statistics the dtype cannot hold: a row's block whose largest |mu| or
+    alpha is nonzero but below ``rtn.MIN_PRECISE_SCALE`` (its statistics would
+    round by more than 1/32 of it, and to 0 below half the smallest
+    subnormal), or statistics past the dtype's largest value.
+    """
+    dtype = dtype_from_name(config.stats_dtype)
+    advice = "" if dtype == torch.float32 else "; use stats_dtype='float32'"
+    low_limit = MIN_PRECISE_SCALE.get(dtype)
+    if low_limit is not None:
+        # each row's block is as precise as its largest statistic
+        largest = stats.abs().amax(dim=-1)
+        if bool(((largest > 0) & (largest < low_limit)).any()):
+            raise ValueError(f"weights too small for {dtype} binary statistics (below "
+                             f"{low_limit:.3g}, where {dtype} keeps too few significant "
+                             f"bits){advice}")
+    stored = stats.to(dtype)
+    if not bool(torch.isfinite(stored).all()):
+        raise ValueError(f"weights too large for {dtype} binary statistics{advice}")
+    return stored

@@ -21,7 +21,7 @@ import torch
 from ..config import QuantConfig, dtype_from_name
 from ..formats import QuantizedWeight
 from ..formats.groupwise import num_groups
-from .hessian import check_square, inverse_cholesky_upper
+from .hessian import check_calibrated, check_square, inverse_cholesky_upper
 from .rtn import check_weight, group_params, quantize_to_grid
 
 _COMPUTE = {"float32": torch.float32, "float64": torch.float64}
@@ -62,7 +62,13 @@ class GPTQConfig:
         if not 0.0 <= damp < float("inf"):
             raise ValueError(f"damp must be a finite number >= 0, got {self.damp!r}")
         object.__setattr__(self, "damp", damp)
-        if not isinstance(self.max_damp_retries, int) or self.max_damp_retries < 0:
+        for name in ("act_order", "static_groups"):
+            # any object is truthy or falsy: act_order="no" would mean True
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"GPTQConfig.{name} must be True or False, "
+                                f"got {getattr(self, name)!r}")
+        if not isinstance(self.max_damp_retries, int) or isinstance(self.max_damp_retries, bool) \
+                or self.max_damp_retries < 0:
             raise ValueError(f"max_damp_retries must be an int >= 0, got {self.max_damp_retries!r}")
         if self.compute_dtype not in _COMPUTE:
             raise ValueError(f"compute_dtype must be one of {sorted(_COMPUTE)}, "
@@ -120,6 +126,7 @@ def _prepare(weight, hessian, delta, config: GPTQConfig):
     check_weight(weight)
     k = weight.shape[1]
     check_square("hessian", hessian, k)
+    check_calibrated(hessian)
     if delta is not None:
         check_square("delta", delta, k)
     cd = _COMPUTE[config.compute_dtype]
@@ -131,7 +138,8 @@ def _prepare(weight, hessian, delta, config: GPTQConfig):
     d = None if delta is None else delta.to(device=dev, dtype=cd).clone()
     # A channel that never fired (H_jj = 0) has no influence on the output:
     # its weight is free, so set it to 0 (exactly on the grid) and make H
-    # invertible there without coupling it to other channels.
+    # invertible there without coupling it to other channels. (Not every
+    # channel: check_calibrated refused an all-zero H above.)
     dead = h.diagonal() == 0
     if bool(dead.any()):
         h.diagonal()[dead] = 1.0
@@ -339,6 +347,9 @@ def gptaq_quantize(weight: torch.Tensor, hessian: torch.Tensor, delta: torch.Ten
     if not 0.0 <= alpha < float("inf"):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     if delta is None:
+        if isinstance(hessian, torch.Tensor) and hessian.dim() == 2:
+            # an accumulator that saw no tokens has no delta either: say why
+            check_calibrated(hessian)
         raise ValueError("gptaq_quantize needs delta = (2/T)(X - X~) X~^T; use gptq_quantize "
                          "without it")
     t0 = time.perf_counter()

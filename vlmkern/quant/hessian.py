@@ -187,6 +187,19 @@ def check_square(name: str, m, k: int) -> None:
         raise ValueError(f"{name} holds {int((~torch.isfinite(m)).sum())} NaN/Inf values")
 
 
+def check_calibrated(hessian: torch.Tensor) -> None:
+    """Raise unless some input channel of ``hessian`` carries energy.
+
+    Each diagonal entry H_jj = (2/T) sum_t x_tj^2 is the energy of input j, and
+    a PSD matrix with a zero diagonal is zero: no token reached the layer (or
+    all its inputs were zero). The dead-channel rule (H_jj = 0: weight 0)
+    would then silently zero the whole weight.
+    """
+    if not bool(hessian.diagonal().any()):
+        raise ValueError("the Hessian is all zero: no calibration tokens reached this layer "
+                         "(check attention_mask / the samples)")
+
+
 def inverse_cholesky_upper(hessian: torch.Tensor, damp: float, max_retries: int = 3):
     """(U, damping used, retries) with U upper triangular, U^T U = (H + damp * mean(diag H) * I)^-1.
 

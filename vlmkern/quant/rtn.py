@@ -23,6 +23,9 @@ def check_weight(weight: torch.Tensor) -> None:
                          f"got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+    if weight.is_meta:
+        raise ValueError("weight is on the meta device (a shape without values); load the "
+                         "real weights before quantizing")
     if not bool(torch.isfinite(weight).all()):
         bad = int((~torch.isfinite(weight)).sum())
         raise ValueError(f"weight holds {bad} NaN/Inf values; refusing to quantize")
@@ -44,12 +47,32 @@ def check_shared_input(weights) -> int:
     return k
 
 
+# Smallest scale each narrow storage dtype stores within 1/16 of its value.
+# fp16 scales below 2^-14 are subnormals, multiples of 2^-24: rounding one up
+# stretches the grid by up to 2^-24 / s, and the worst-case rounding error of
+# its weights (half a step) grows by that fraction. From 2^-20 down the
+# stretch passes 1/16, and a scale below 2^-24 becomes 2^-24, collapsing the
+# group's codes onto the zero point. (Trained ViT and LLM weights stay above
+# it: their smallest W8 scales, with groups of 8, are near 2^-18.)
+# bfloat16's subnormals are multiples of 2^-133: the same 1/16 is at 2^-129.
+# float32 is the dtype scales are computed in: storing them loses nothing.
+MIN_PRECISE_SCALE = {torch.float16: 2.0 ** -20, torch.bfloat16: 2.0 ** -129}
+
+
 def _round_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     """Round scales to their storage dtype so quantization uses what will be stored.
 
     Rounds up, never down: a scale rounded down shrinks the grid below the
     group's [min, max], and the extremes then clip by more than half a step.
+    Raises ValueError for a nonzero scale too small (see MIN_PRECISE_SCALE)
+    or too large to be stored in ``scale_dtype``.
     """
+    low_limit = MIN_PRECISE_SCALE.get(scale_dtype)
+    if low_limit is not None and bool(((scale > 0) & (scale < low_limit)).any()):
+        smallest = float(scale[scale > 0].min())
+        raise ValueError(f"weights too small for {scale_dtype} scales (a group's scale is "
+                         f"{smallest:.3g}, below {low_limit:.3g} where {scale_dtype} keeps "
+                         f"too few significant bits); use scale_dtype='float32'")
     stored = scale.to(scale_dtype)
     low = stored.float() < scale
     if bool(low.any()):
@@ -96,7 +119,9 @@ def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 def _grouped(weight: torch.Tensor, group_size: int | None):
     """View [N, K] as [N * G, g] rows (zero-padding the short last group)."""
     n, k = weight.shape
-    g = k if group_size is None else group_size
+    # A group at least K wide is the whole row: padding it would not move the
+    # range (forced to contain 0), only allocate group_size columns per row.
+    g = k if group_size is None or group_size >= k else group_size
     groups = num_groups(k, group_size)
     pad = groups * g - k
     w = torch.nn.functional.pad(weight.float(), (0, pad)) if pad else weight.float()

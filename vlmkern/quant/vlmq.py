@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .gptq import GPTAQConfig, GPTQConfig, gptaq_quantize, gptq_quantize
+from .hessian import check_calibrated
 
 NORMS = ("l1", "l2")
 ATTENTION_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
@@ -194,6 +195,7 @@ def vlmq_quantize(weight: torch.Tensor, stats, config: VLMQConfig):
     base = config.base
     if isinstance(base, GPTAQConfig):
         if stats.delta is None:
+            check_calibrated(stats.hessian)     # no tokens at all: no delta either
             raise ValueError("VLMQ with a GPTAQ base needs paired statistics (add_pair)")
         return gptaq_quantize(weight, stats.hessian, stats.delta, base.gptq, base.alpha)
     return gptq_quantize(weight, stats.hessian, base)
