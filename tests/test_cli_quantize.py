@@ -84,7 +84,8 @@ def test_quantize_command_reports_bad_files_and_devices_in_one_line(tmp_path, ca
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     cases = [(["--calib-text", str(tmp_path / "missing.txt")], "--calib-text .*: no such file"),
-             (["--out", str(a_file)], "is a file; it names the checkpoint's folder"),
+             (["--out", str(a_file)], "--out .* is a file; it names a folder"),
+             (["--work-dir", str(a_file)], "--work-dir .* is a file; it names a folder"),
              (["--device", "bogus"], "--device 'bogus'"),
              (["--bits", "2", "--act-bits", "8"], "w_bits must be 4, 6 or 8")]
     if not torch.cuda.is_available():

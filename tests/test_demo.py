@@ -48,10 +48,20 @@ def test_method_config_and_names():
 @pytest.mark.parametrize("flags, message", [
     (["--samples", "0"], "--samples"), (["--alpha", "1.5"], "--alpha"),
     (["--alpha", "nan"], "--alpha"), (["--eval-size", "0"], "--eval-size"),
-    (["--group-size", "0"], "--group-size")])
-def test_bad_options_fail_before_any_work(flags, message, capsys, monkeypatch):
+    (["--group-size", "0"], "--group-size"), (["--seed", "-1"], "--seed"),
+    (["--device", "bogus"], "--device 'bogus'"),
+    (["--save", "__file__"], "is a file; it names a folder")]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU")]))
+def test_bad_options_fail_before_any_work(flags, message, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "run_demo", lambda *a, **k: pytest.fail("ran the demo"))
-    assert main(["demo", *flags]) == 2
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    flags = [str(a_file) if f == "__file__" else f for f in flags]
+    try:
+        rc = main(["demo", *flags])
+    except SystemExit as e:           # argparse's usage error
+        rc = e.code
+    assert rc == 2
     assert message in capsys.readouterr().err
 
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from vlmkern.cli import main
 from vlmkern.eval.cli import parse_method
 from vlmkern.eval.metrics import kl_and_top1, parse_digit, perplexity_from_logits, vqa_accuracy
 
@@ -165,3 +166,22 @@ def test_dequantized_forward_matches_ops_and_restores():
     assert torch.allclose(fast, exact, rtol=1e-4, atol=1e-5)
     assert all("forward" not in vars(m) for m in net)
     assert torch.equal(net(x), exact)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--methods", ""], "names no variant"), (["--methods", " , ,"], "names no variant"),
+    (["--methods", "fp,rtn-w4g64,FP"], r"lists \['FP', 'fp'\] more than once"),
+    (["--methods", "rtn-w5g64"], "bits must be 2, 3, 4 or 8"), (["--ppl-seq-len", "1"], "at least 2"),
+    (["--out", "__file__"], "--out .* is a file")])
+def test_eval_command_refuses_bad_options_before_any_work(flags, message, capsys, monkeypatch,
+                                                           tmp_path):
+    import re
+
+    import vlmkern.minivlm.model as minivlm
+    monkeypatch.setattr(minivlm, "build_minivlm", lambda *a, **k: pytest.fail("built the model"))
+    monkeypatch.delenv("VLMKERN_TRACEBACK", raising=False)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    flags = [str(a_file) if f == "__file__" else f for f in flags]
+    assert main(["eval", *flags]) == 2
+    assert re.search(message, capsys.readouterr().err)

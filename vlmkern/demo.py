@@ -46,6 +46,8 @@ import time
 
 import torch
 
+from .calib.cli import check_device, check_output_folder, fraction, non_negative_int, positive_int
+
 METHODS = ("rtn", "gptq", "gptaq")
 DEFAULT_RECIPE = {"method": "gptaq", "bits": 4, "group_size": 64, "samples": 32, "alpha": 0.5}
 
@@ -274,20 +276,20 @@ def add_arguments(p) -> None:
     p.add_argument("--method", choices=METHODS, default=r["method"],
                    help=f"calibration method (default {r['method']})")
     p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=r["bits"])
-    p.add_argument("--group-size", type=int, default=r["group_size"],
+    p.add_argument("--group-size", type=positive_int, default=r["group_size"],
                    help=f"columns per scale group (default {r['group_size']})")
-    p.add_argument("--samples", type=int, default=r["samples"],
+    p.add_argument("--samples", type=positive_int, default=r["samples"],
                    help=f"calibration samples (default {r['samples']})")
-    p.add_argument("--alpha", type=float, default=r["alpha"],
+    p.add_argument("--alpha", type=fraction, default=r["alpha"],
                    help="fraction of image+question+answer samples among them, the rest "
                         f"Lee-corpus text (default {r['alpha']})")
-    p.add_argument("--eval-size", type=int, default=40, help="held-out digits answered")
+    p.add_argument("--eval-size", type=positive_int, default=40, help="held-out digits answered")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--save", metavar="DIR", help="write the quantized checkpoint there")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the data-free RTN row at the same grid")
-    p.add_argument("--seed", type=int, default=0, help="calibration sample draw")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="calibration sample draw")
     p.add_argument("--cache-dir", default=None, help="mini VLM cache folder")
     p.add_argument("--synthetic", action="store_true",
                    help="the random-Llama demo instead (needs no asset wheels)")
@@ -300,6 +302,9 @@ def main(args) -> int:
     try:
         check_options(args.method, args.bits, args.group_size, args.samples, args.alpha,
                       args.eval_size)
+        check_device("--device", args.device)
+        if args.save is not None and not str(args.save).endswith(".safetensors"):
+            check_output_folder("--save", args.save)
     except ValueError as exc:
         print(f"vlmkern demo: {exc}", file=sys.stderr)
         return 2

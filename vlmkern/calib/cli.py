@@ -21,6 +21,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
     try:
@@ -133,7 +144,9 @@ def load_model(name: str):
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     for auto in ("AutoModelForImageTextToText", "AutoModelForCausalLM"):
         try:
-            model = getattr(transformers, auto).from_pretrained(folder, local_files_only=True)
+            # safetensors only: a pickled pytorch_model.bin is never loaded
+            model = getattr(transformers, auto).from_pretrained(folder, local_files_only=True,
+                                                                use_safetensors=True)
             return model.eval(), tokenizer
         except (ValueError, KeyError):
             continue
@@ -175,21 +188,34 @@ def run(args) -> int:
     return 0
 
 
-def check_paths_and_device(args) -> None:
-    """The file, folder and device arguments, checked before any model loads."""
+def check_device(flag: str, name: str | None) -> None:
+    """ValueError unless ``name`` (a device argument; None: the default) is a
+    device torch can use here."""
     import torch
 
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"{flag} {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {name}: torch sees no CUDA GPU here")
+
+
+def check_output_folder(flag: str, path) -> None:
+    """ValueError if ``path`` names an existing file where a folder will be written."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is a file; it names a folder to write into")
+
+
+def check_paths_and_device(args) -> None:
+    """The file, folder and device arguments, checked before any model loads."""
     if args.calib_text is not None and not args.calib_text.is_file():
         raise FileNotFoundError(f"--calib-text {args.calib_text}: no such file")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file; it names the checkpoint's folder")
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as e:
-            raise ValueError(f"--device {args.device!r}: {e}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: torch sees no CUDA GPU here")
+    check_output_folder("--out", args.out)
+    check_output_folder("--work-dir", args.work_dir)
+    check_device("--device", args.device)
 
 
 def calibration_data(args, tokenizer, text):

@@ -13,7 +13,7 @@ import copy
 import re
 import time
 
-from ..calib.cli import positive_int
+from ..calib.cli import check_output_folder, positive_int
 
 DEFAULT_METHODS = "fp,rtn-w8g64,rtn-w4g64,rtn-w3g64,rtn-w2g64,w8a8,w4a4,binary"
 
@@ -39,12 +39,14 @@ def parse_method(name: str):
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help=f"comma-separated variants (default {DEFAULT_METHODS})")
+                   help=f"comma-separated variants: fp, rtn-w<bits>g<group>[s] (s: symmetric), "
+                        f"w<bits>a<bits>, binary (default {DEFAULT_METHODS})")
     p.add_argument("--out", default="eval_out", help="folder for results.json/.md/.png")
     p.add_argument("--n-vqa", type=positive_int, default=40, help="held-out digits answered")
     p.add_argument("--n-kl", type=positive_int, default=8, help="image prompts for KL / top-1")
     p.add_argument("--n-ppl", type=positive_int, default=2, help="perplexity windows")
-    p.add_argument("--ppl-seq-len", type=positive_int, default=256)
+    p.add_argument("--ppl-seq-len", type=positive_int, default=256,
+                   help="tokens per perplexity window (at least 2)")
     p.add_argument("--exact-ops", action="store_true",
                    help="run weight-only variants through vlmkern.ops (slow on CPU) instead "
                         "of fp32 matmuls with the dequantized weights")
@@ -61,7 +63,17 @@ def run_eval(args) -> int:
     from .report import markdown_table, write_report
 
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    configs = {n: parse_method(n) for n in names}  # fail on a typo before any work
+    # fail on a typo, a repeat or a bad path before any work
+    if not names:
+        raise ValueError(f"--methods {args.methods!r} names no variant")
+    repeated = sorted({n for n in names if [m.lower() for m in names].count(n.lower()) > 1})
+    if repeated:
+        raise ValueError(f"--methods lists {repeated} more than once")
+    if args.ppl_seq_len < 2:
+        raise ValueError(f"--ppl-seq-len must be at least 2 (a window predicts its tokens "
+                         f"after the first), got {args.ppl_seq_len}")
+    configs = {n: parse_method(n) for n in names}
+    check_output_folder("--out", args.out)
     t = time.perf_counter()
     model, processor = build_minivlm(args.cache_dir, progress=True)
     evalset = EvalSet.build(model, processor, n_vqa=args.n_vqa, n_kl=args.n_kl,
