@@ -46,7 +46,13 @@ import time
 
 import torch
 
-from .calib.cli import check_device, check_output_folder, fraction, non_negative_int, positive_int
+from .calib.cli import (
+    check_device,
+    check_output_folder,
+    fraction,
+    non_negative_int,
+    positive_int,
+)
 
 METHODS = ("rtn", "gptq", "gptaq")
 DEFAULT_RECIPE = {"method": "gptaq", "bits": 4, "group_size": 64, "samples": 32, "alpha": 0.5}
