@@ -100,3 +100,20 @@ def test_quantize_command_reports_bad_files_and_devices_in_one_line(tmp_path, ca
     with pytest.raises(FileNotFoundError):
         main(["quantize", "--model", "smollm2", "--method", "rtn",
               "--calib-text", str(tmp_path / "missing.txt")])
+
+
+def test_quantize_command_never_loads_pickled_weights(hf_folder, capsys, monkeypatch):
+    folder, text = hf_folder
+    pickled = folder / "pickled"
+    model = build_llama()[0]
+    model.save_pretrained(pickled)
+    for f in pickled.glob("*.safetensors"):     # the same weights as a pickle only
+        f.unlink()
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).exists():
+            (pickled / name).write_bytes((folder / name).read_bytes())
+    monkeypatch.delenv("VLMKERN_TRACEBACK", raising=False)
+    assert main(["quantize", "--model", str(pickled), "--method", "rtn",
+                 "--calib-text", str(text)]) == 2
+    assert "safetensors" in capsys.readouterr().err
