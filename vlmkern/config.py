@@ -6,6 +6,7 @@ plain frozen dataclasses so they hash, compare and serialise to JSON
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
@@ -33,6 +34,31 @@ def is_int(value) -> bool:
     a float like 4.0 compares equal to 4 but breaks the bit shifts and shapes
     it feeds."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def config_float(owner: str, name: str, value) -> float:
+    """``float(value)`` for a number field of a method config, raising with
+    ``owner.name`` in the message for a non-number or a bool."""
+    message = f"{owner}.{name} must be a number, got {value!r}"
+    if isinstance(value, bool):         # True would read as 1.0
+        raise TypeError(message)
+    try:
+        return float(value)
+    except TypeError:
+        raise TypeError(message) from None
+    except ValueError:
+        raise ValueError(message) from None
+
+
+def config_names(owner: str, name: str, value) -> tuple[str, ...]:
+    """A field naming modules, as a tuple: a lone string is one name (tuple()
+    would split it into characters), and every name must be a string."""
+    names = (value,) if isinstance(value, str) else value
+    if isinstance(names, Iterable):
+        names = tuple(names)
+        if all(isinstance(n, str) for n in names):
+            return names
+    raise TypeError(f"{owner}.{name} must be a name or a sequence of names, got {value!r}")
 
 
 def _check_bits(owner: str, name: str, value, allowed: tuple[int, ...]) -> None:

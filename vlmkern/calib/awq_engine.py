@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import config_names
 from ..quant.awq import (AWQConfig, apply_awq, awq_search_clip, awq_search_scales,
                          fold_scales_into_linear, fold_scales_into_norm)
 from ..quant.gptq import GPTQConfig
@@ -78,16 +79,19 @@ class AWQEngineConfig:
 
     def __post_init__(self):
         if not isinstance(self.awq, AWQConfig):
-            raise TypeError(f"awq must be an AWQConfig, got {type(self.awq).__name__}")
+            raise TypeError(f"AWQEngineConfig.awq must be an AWQConfig, "
+                            f"got {type(self.awq).__name__}")
         if self.then not in THEN:
-            raise ValueError(f"then must be one of {THEN}, got {self.then!r}")
+            raise ValueError(f"AWQEngineConfig.then must be one of {THEN}, got {self.then!r}")
         if self.gptq is not None:
             if not isinstance(self.gptq, GPTQConfig):
-                raise TypeError(f"gptq must be a GPTQConfig, got {type(self.gptq).__name__}")
+                raise TypeError(f"AWQEngineConfig.gptq must be a GPTQConfig, "
+                                f"got {type(self.gptq).__name__}")
             if self.gptq.quant != self.awq.quant:
-                raise ValueError("gptq.quant must be the grid the scales were searched for "
-                                 f"(awq.quant = {self.awq.quant})")
-        object.__setattr__(self, "clip_skip", tuple(self.clip_skip))
+                raise ValueError("AWQEngineConfig.gptq.quant must be the grid the scales were "
+                                 f"searched for (awq.quant = {self.awq.quant})")
+        object.__setattr__(self, "clip_skip",
+                           config_names("AWQEngineConfig", "clip_skip", self.clip_skip))
 
     def gptq_config(self) -> GPTQConfig:
         """The GPTQ settings of then='gptq'."""

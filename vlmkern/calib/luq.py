@@ -38,11 +38,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config import QuantConfig
+from ..config import QuantConfig, is_int
 from ..plan import Plan, PlanEntry, config_nbytes
 from ..quant.billm import BiLLMConfig
 from ..quant.gptq import GPTQConfig
 from .arch import arch_of, decoder_layers
+from .methods import layer_method
 
 DEFAULT_K_GRID = (8, 16, 24, 32, 48, 64, 80, 100, 128)
 
@@ -53,10 +54,11 @@ class BudgetError(ValueError):
 
 @dataclass(frozen=True)
 class LUQConfig:
-    """high: the 4-bit method of most layers; low: the ultra-low-bit one.
-    k: fixed number of K-means clusters, or None to pick it from ``k_grid`` by
-    rank stability. max_tokens: tokens clustered per layer (subsampled with
-    ``seed``). kmeans_iters: Lloyd iterations at most."""
+    """high: the 4-bit method of most layers; low: the ultra-low-bit one (any
+    per-layer method config of ``quantize_model``). k: fixed number of K-means
+    clusters, or None to pick it from ``k_grid`` by rank stability. max_tokens:
+    tokens clustered per layer (subsampled with ``seed``). kmeans_iters: Lloyd
+    iterations at most."""
 
     high: GPTQConfig = field(default_factory=lambda: GPTQConfig(QuantConfig(4, 64)))
     low: BiLLMConfig = field(default_factory=BiLLMConfig)
@@ -67,16 +69,25 @@ class LUQConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.k is not None and (not isinstance(self.k, int) or self.k < 2):
-            raise ValueError(f"k must be an int >= 2 or None, got {self.k!r}")
+        for name in ("high", "low"):
+            try:
+                layer_method(getattr(self, name))
+            except TypeError as exc:
+                raise TypeError(f"LUQConfig.{name}: {exc}") from None
+        if self.k is not None and (not is_int(self.k) or self.k < 2):
+            raise ValueError(f"LUQConfig.k must be an int >= 2 or None, got {self.k!r}")
         grid = tuple(self.k_grid)
-        if self.k is None and (len(grid) < 3 or any(not isinstance(k, int) or k < 2 for k in grid)
+        if self.k is None and (len(grid) < 3 or any(not is_int(k) or k < 2 for k in grid)
                                or list(grid) != sorted(set(grid))):
-            raise ValueError(f"k_grid must be at least 3 increasing ints >= 2, got {grid!r}")
+            raise ValueError(f"LUQConfig.k_grid must be at least 3 increasing ints >= 2, "
+                             f"got {grid!r}")
         object.__setattr__(self, "k_grid", grid)
         for name in ("max_tokens", "kmeans_iters"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"LUQConfig.{name} must be a positive int, "
+                                 f"got {getattr(self, name)!r}")
+        if not is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"LUQConfig.seed must be an int >= 0, got {self.seed!r}")
 
 
 # ---------------------------------------------------------------------------

@@ -58,6 +58,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -65,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import IntActConfig
+from ..config import IntActConfig, config_float, is_int
 from ..quant.entropy import layer_dependency, partition_blocks, quantized_entropy
 from ..quant.rtn import quantize_rtn
 from ..replace import replace_linears
@@ -114,32 +115,44 @@ class QVLMConfig:
 
     def __post_init__(self):
         self.int_config()   # validates bits, group size, scale dtype
-        ps = tuple(float(p) for p in self.percentiles)
+        if isinstance(self.percentiles, str) or not isinstance(self.percentiles, Iterable):
+            raise TypeError(f"QVLMConfig.percentiles must be a sequence of numbers, got "
+                            f"{self.percentiles!r}")
+        ps = tuple(config_float("QVLMConfig", f"percentiles[{i}]", p)
+                   for i, p in enumerate(self.percentiles))
         if any(not 0.0 < p <= 1.0 for p in ps) or len(set(ps)) != len(ps):
-            raise ValueError(f"percentiles must be distinct numbers in (0, 1], got "
+            raise ValueError(f"QVLMConfig.percentiles must be distinct numbers in (0, 1], got "
                              f"{self.percentiles!r}")
         object.__setattr__(self, "percentiles", ps)
+        if not isinstance(self.token_candidate, bool):
+            raise TypeError(f"QVLMConfig.token_candidate must be True or False, got "
+                            f"{self.token_candidate!r}")
         if not ps and not self.token_candidate:
             raise ValueError("no activation quantizer to search: give percentiles or keep "
                              "token_candidate")
-        if not isinstance(self.max_depth, int) or self.max_depth < 1:
-            raise ValueError(f"max_depth must be a positive int, got {self.max_depth!r}")
-        if self.h0 is not None and not math.isfinite(float(self.h0)):
-            raise ValueError(f"h0 must be finite, got {self.h0!r}")
+        if not is_int(self.max_depth) or self.max_depth < 1:
+            raise ValueError(f"QVLMConfig.max_depth must be a positive int, got "
+                             f"{self.max_depth!r}")
+        if self.h0 is not None and not math.isfinite(config_float("QVLMConfig", "h0", self.h0)):
+            raise ValueError(f"QVLMConfig.h0 must be finite, got {self.h0!r}")
         if self.granularity not in ("layer", "quantizer"):
-            raise ValueError(f"granularity must be 'layer' or 'quantizer', got "
+            raise ValueError(f"QVLMConfig.granularity must be 'layer' or 'quantizer', got "
                              f"{self.granularity!r}")
         if self.objective not in ("mse", "token"):
-            raise ValueError(f"objective must be 'mse' or 'token', got {self.objective!r}")
+            raise ValueError(f"QVLMConfig.objective must be 'mse' or 'token', got "
+                             f"{self.objective!r}")
         if self.temperature not in ("delta", "delta2"):
-            raise ValueError(f"temperature must be 'delta' or 'delta2', got {self.temperature!r}")
-        if not isinstance(self.entropy_elements, int) or self.entropy_elements < 2:
-            raise ValueError(f"entropy_elements must be an int >= 2, got "
+            raise ValueError(f"QVLMConfig.temperature must be 'delta' or 'delta2', got "
+                             f"{self.temperature!r}")
+        if not is_int(self.entropy_elements) or self.entropy_elements < 2:
+            raise ValueError(f"QVLMConfig.entropy_elements must be an int >= 2, got "
                              f"{self.entropy_elements!r}")
-        if self.search_samples is not None and (not isinstance(self.search_samples, int)
+        if self.search_samples is not None and (not is_int(self.search_samples)
                                                 or self.search_samples < 1):
-            raise ValueError(f"search_samples must be a positive int or None, got "
+            raise ValueError(f"QVLMConfig.search_samples must be a positive int or None, got "
                              f"{self.search_samples!r}")
+        if not is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"QVLMConfig.seed must be an int >= 0, got {self.seed!r}")
 
     def int_config(self, act_scale: float | None = None) -> IntActConfig:
         return IntActConfig(self.w_bits, self.a_bits, self.group_size, self.scale_dtype,

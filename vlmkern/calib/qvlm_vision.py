@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import IntActConfig, dtype_from_name
+from ..config import IntActConfig, dtype_from_name, is_int
 from ..formats import IntActWeight
 from ..formats.intact import qmax
 from ..quant.entropy import partition_blocks, soft_dependency
@@ -89,21 +89,27 @@ class VisionOptConfig:
     def __post_init__(self):
         for name in ("w_bits", "a_bits"):
             v = getattr(self, name)
-            if v is not None and v not in (4, 6, 8):
-                raise ValueError(f"vision {name} must be 4, 6 or 8, got {v!r}")
+            if v is not None and (not is_int(v) or v not in (4, 6, 8)):
+                raise ValueError(f"VisionOptConfig.{name} must be 4, 6 or 8 (an int) or None, "
+                                 f"got {v!r}")
         if self.activation not in ("static", "token"):
-            raise ValueError(f"vision activation must be 'static' or 'token', got "
+            raise ValueError(f"VisionOptConfig.activation must be 'static' or 'token', got "
                              f"{self.activation!r}")
-        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 0:
-            raise ValueError(f"vision epochs must be an int >= 0, got {self.epochs!r}")
+        if not is_int(self.epochs) or self.epochs < 0:
+            raise ValueError(f"VisionOptConfig.epochs must be an int >= 0, got {self.epochs!r}")
         for name in ("lr", "lambda_ent", "lambda_err", "eta"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"vision {name} must be a finite number >= 0, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"VisionOptConfig.{name} must be a number, got {v!r}")
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"VisionOptConfig.{name} must be a finite number >= 0, "
+                                 f"got {v!r}")
         for name in ("entropy_elements", "jacobian_samples"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"vision {name} must be a positive int, got {v!r}")
+            if not is_int(v) or v < 1:
+                raise ValueError(f"VisionOptConfig.{name} must be a positive int, got {v!r}")
+        if not is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"VisionOptConfig.seed must be an int >= 0, got {self.seed!r}")
 
 
 @dataclass

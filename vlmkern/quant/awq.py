@@ -28,9 +28,10 @@ from typing import Sequence
 
 import torch
 
-from ..config import QuantConfig, dtype_from_name
+from ..config import QuantConfig, dtype_from_name, is_int
 from ..formats import QuantizedWeight
 from ..formats.groupwise import num_groups
+from ..config import config_float
 from .rtn import check_shared_input, check_weight, group_params, quantize_to_grid
 
 _XBAR_FLOOR = 1e-4      # channels with mean|x| below this fraction of the largest
@@ -49,13 +50,14 @@ class AWQConfig:
 
     def __post_init__(self):
         if not isinstance(self.quant, QuantConfig):
-            raise TypeError(f"quant must be a QuantConfig, got {type(self.quant).__name__}")
+            raise TypeError(f"AWQConfig.quant must be a QuantConfig, "
+                            f"got {type(self.quant).__name__}")
         for name in ("n_grid", "clip_steps"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not 0.0 < float(self.min_clip) <= 1.0:
-            raise ValueError(f"min_clip must be in (0, 1], got {self.min_clip!r}")
+            if not is_int(v) or v < 1:
+                raise ValueError(f"AWQConfig.{name} must be a positive int, got {v!r}")
+        if not 0.0 < config_float("AWQConfig", "min_clip", self.min_clip) <= 1.0:
+            raise ValueError(f"AWQConfig.min_clip must be in (0, 1], got {self.min_clip!r}")
 
 
 def _check_quant(config) -> None:

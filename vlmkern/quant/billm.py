@@ -38,6 +38,7 @@ import torch
 from ..config import BinaryConfig
 from ..formats import BinaryWeight
 from .binarize import assemble_blocks, binarize_block, stored_stats
+from ..config import config_float
 from .hessian import check_calibrated, check_square, inverse_cholesky_upper
 from .rtn import check_weight
 
@@ -61,13 +62,15 @@ class BiLLMConfig:
 
     def __post_init__(self):
         if not isinstance(self.binary, BinaryConfig):
-            raise TypeError(f"binary must be a BinaryConfig, got {type(self.binary).__name__}")
-        d = float(self.damp)
+            raise TypeError(f"BiLLMConfig.binary must be a BinaryConfig, "
+                            f"got {type(self.binary).__name__}")
+        d = config_float("BiLLMConfig", "damp", self.damp)
         if not (d >= 0 and d < float("inf")):
-            raise ValueError(f"damp must be a finite number >= 0, got {self.damp!r}")
+            raise ValueError(f"BiLLMConfig.damp must be a finite number >= 0, got {self.damp!r}")
         object.__setattr__(self, "damp", d)
         if self.saliency not in SALIENCY_METRICS:
-            raise ValueError(f"saliency must be one of {SALIENCY_METRICS}, got {self.saliency!r}")
+            raise ValueError(f"BiLLMConfig.saliency must be one of {SALIENCY_METRICS}, "
+                             f"got {self.saliency!r}")
 
 
 def _dequantize_block(sign, aux, salient, stats, config: BinaryConfig) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import QuantConfig, dtype_from_name
+from ..config import QuantConfig, config_float, dtype_from_name
 from ..formats import QuantizedWeight
 from ..formats.groupwise import num_groups
 from .hessian import check_calibrated, check_square, inverse_cholesky_upper
@@ -57,10 +57,11 @@ class GPTQConfig:
                             f"got {type(self.quant).__name__}")
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) \
                 or self.block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
-        damp = float(self.damp)
+            raise ValueError(f"GPTQConfig.block_size must be a positive int, "
+                             f"got {self.block_size!r}")
+        damp = config_float("GPTQConfig", "damp", self.damp)
         if not 0.0 <= damp < float("inf"):
-            raise ValueError(f"damp must be a finite number >= 0, got {self.damp!r}")
+            raise ValueError(f"GPTQConfig.damp must be a finite number >= 0, got {self.damp!r}")
         object.__setattr__(self, "damp", damp)
         for name in ("act_order", "static_groups"):
             # any object is truthy or falsy: act_order="no" would mean True
@@ -69,9 +70,10 @@ class GPTQConfig:
                                 f"got {getattr(self, name)!r}")
         if not isinstance(self.max_damp_retries, int) or isinstance(self.max_damp_retries, bool) \
                 or self.max_damp_retries < 0:
-            raise ValueError(f"max_damp_retries must be an int >= 0, got {self.max_damp_retries!r}")
+            raise ValueError(f"GPTQConfig.max_damp_retries must be an int >= 0, "
+                             f"got {self.max_damp_retries!r}")
         if self.compute_dtype not in _COMPUTE:
-            raise ValueError(f"compute_dtype must be one of {sorted(_COMPUTE)}, "
+            raise ValueError(f"GPTQConfig.compute_dtype must be one of {sorted(_COMPUTE)}, "
                              f"got {self.compute_dtype!r}")
 
 
@@ -85,9 +87,9 @@ class GPTAQConfig:
     def __post_init__(self):
         if not isinstance(self.gptq, GPTQConfig):
             raise TypeError(f"GPTAQConfig.gptq must be a GPTQConfig, got {type(self.gptq).__name__}")
-        alpha = float(self.alpha)
+        alpha = config_float("GPTAQConfig", "alpha", self.alpha)
         if not 0.0 <= alpha < float("inf"):
-            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+            raise ValueError(f"GPTAQConfig.alpha must be a finite number >= 0, got {self.alpha!r}")
         object.__setattr__(self, "alpha", alpha)
 
 

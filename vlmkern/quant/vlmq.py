@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..config import config_names
 from .gptq import GPTAQConfig, GPTQConfig, gptaq_quantize, gptq_quantize
 from .hessian import check_calibrated
 
@@ -61,13 +62,15 @@ class VLMQConfig:
             raise TypeError(f"VLMQConfig.base must be a GPTQConfig or GPTAQConfig, "
                             f"got {type(self.base).__name__}")
         if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        weighted = tuple(self.weighted)
-        if not weighted or not all(isinstance(n, str) and n for n in weighted):
-            raise ValueError(f"weighted must name at least one linear, got {self.weighted!r}")
+            raise ValueError(f"VLMQConfig.norm must be one of {NORMS}, got {self.norm!r}")
+        weighted = config_names("VLMQConfig", "weighted", self.weighted)
+        if not weighted or "" in weighted:
+            raise ValueError(f"VLMQConfig.weighted must name at least one linear, got "
+                             f"{self.weighted!r}")
         object.__setattr__(self, "weighted", weighted)
         if not isinstance(self.block_output, str) or not self.block_output:
-            raise ValueError("block_output must name a module of the decoder layer")
+            raise ValueError(f"VLMQConfig.block_output must name a module of the decoder layer, "
+                             f"got {self.block_output!r}")
 
     @property
     def uses_gptaq(self) -> bool:
