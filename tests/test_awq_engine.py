@@ -291,3 +291,11 @@ def test_padding_never_enters_awq_or_smoothquant_statistics():
     # with the pads counted the search picks other ratios: the check can fail
     c = awq_transform(copy.deepcopy(model), [{"input_ids": padded["input_ids"]}], config)
     assert [info["ratios"] for info in c] != [info["ratios"] for info in b]
+
+
+def test_clip_skip_names_match_whole_trailing_components():
+    from vlmkern.calib.awq_engine import _name_ends_with
+    assert _name_ends_with("self_attn.q_proj", ("q_proj",))
+    assert _name_ends_with("self_attn.q_proj", ("self_attn.q_proj",))
+    assert not _name_ends_with("self_attn.q_proj", ("proj",))
+    assert not _name_ends_with("self_attn.q_proj", ("k_proj", "mlp.q_proj"))

@@ -193,6 +193,12 @@ def awq_layer(layer: nn.Module, inputs, kwargs_list, config: AWQEngineConfig,
 
 
 @torch.no_grad()
+def _name_ends_with(name: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether ``name`` ("self_attn.q_proj") ends with one of ``suffixes`` as
+    whole name components ("q_proj" or "self_attn.q_proj", not "proj")."""
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
 def rtn_layer(layer: nn.Module, inputs, kwargs_list, config: AWQEngineConfig, prefix: str,
               groups=LLAMA_SCALING, masks=None) -> tuple[dict, list[ModuleResult]]:
     """Clip search and round to nearest of every linear of the (folded) layer's
@@ -210,7 +216,7 @@ def rtn_layer(layer: nn.Module, inputs, kwargs_list, config: AWQEngineConfig, pr
             start = time.perf_counter()
             lin = layer.get_submodule(name)
             clip = None
-            if config.awq.clip_steps > 1 and name.rsplit(".", 1)[-1] not in config.clip_skip:
+            if config.awq.clip_steps > 1 and not _name_ends_with(name, config.clip_skip):
                 clip = awq_search_clip(lin.weight, x, quant, None, config.awq.clip_steps,
                                        config.awq.min_clip)
             packed = apply_awq(lin.weight.detach(), None, clip, quant)
