@@ -96,4 +96,5 @@ def layer_method(config) -> LayerMethod:
         raise TypeError("AWQ rescales norms and linears before quantizing: use "
                         "vlmkern.calib.awq_engine.awq_quantize_model")
     raise TypeError(f"unknown method config {type(config).__name__}; expected QuantConfig, "
-                    f"IntActConfig, BinaryConfig, GPTQConfig, GPTAQConfig or BiLLMConfig")
+                    f"IntActConfig, BinaryConfig, GPTQConfig, GPTAQConfig, BiLLMConfig or "
+                    f"VLMQConfig")
