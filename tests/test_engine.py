@@ -222,3 +222,40 @@ def test_padding_never_enters_the_statistics(monkeypatch, method):
     assert torch.allclose(first_p, first_s, atol=1e-5, rtol=1e-5)
     # the check can fail: without the mask the pads would count
     assert first_accumulator(rows["unmasked"]).shape[0] == 18
+
+
+def test_an_interruption_leaves_the_layer_in_flight_as_it_was(monkeypatch):
+    """The caller's model after an interruption: finished layers quantized,
+    the layer in flight back in full precision, never half calibrated."""
+    model, inputs = build_llama()
+    before = _state(model)
+    real = LayerMethod.quantize
+    # the ninth call is layer 1's second linear
+    monkeypatch.setattr(LayerMethod, "quantize",
+                        crash_on_call(real, 9, KeyboardInterrupt("simulated crash")))
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(model, [inputs], GPTQConfig(W3), progress=False)
+    after = _state(model)
+    layer1 = [k for k in before if k.startswith("model.layers.1.")]
+    assert layer1 and all(torch.equal(after[k], before[k]) for k in layer1)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
+    assert type(model.model.layers[1].self_attn.q_proj) is nn.Linear
+
+
+def test_an_already_quantized_model_is_refused(tmp_path, monkeypatch):
+    model, inputs = build_llama()
+    q, _ = quantize_model(copy.deepcopy(model), [inputs], W3, progress=False)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(q, [inputs], W3, progress=False)
+
+    real = LayerMethod.quantize
+    monkeypatch.setattr(LayerMethod, "quantize",
+                        crash_on_call(real, 9, KeyboardInterrupt("simulated crash")))
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(model, [inputs], W3, work_dir=tmp_path, progress=False)
+    monkeypatch.setattr(LayerMethod, "quantize", real)
+    # rerunning on the interrupted object would quantize layer 0 twice
+    for work_dir in (None, tmp_path):
+        with pytest.raises(ValueError, match="already quantized, possibly by an interrupted "
+                                             "run.*reload the full-precision model"):
+            quantize_model(model, [inputs], W3, work_dir=work_dir, progress=False)

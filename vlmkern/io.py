@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -93,12 +92,21 @@ def save_quantized(model: nn.Module, path) -> Path:
 def atomic_save(tensors: dict, target: Path, metadata: dict[str, str]) -> None:
     """safetensors ``save_file`` to a temporary file in the target's folder,
     fsync, then rename over ``target``: readers see the old file or the new one."""
+    atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_write(target, write) -> None:
+    """``write(path)`` fills a new temporary file next to ``target``; it is then
+    fsynced and renamed over ``target``, so readers see the old file or the
+    new one. The temporary file never outlives an error."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    tmp = _new_temp_file(target)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        mode = os.stat(tmp).st_mode & 0o777
+        write(tmp)
+        # Writers may replace the file (safetensors writes a 0o600 file of its own).
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -111,6 +119,19 @@ def atomic_save(tensors: dict, target: Path, metadata: dict[str, str]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _new_temp_file(target: Path) -> str:
+    """An empty file of a fresh name in ``target``'s folder, created with mode
+    0o666 like any new file, so the umask gives it the permissions the user
+    expects (``tempfile.mkstemp`` would make it 0o600, unreadable to others)."""
+    while True:
+        tmp = str(target.parent / f"{target.name}.{os.urandom(6).hex()}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def read_header(path) -> tuple[dict, dict]:

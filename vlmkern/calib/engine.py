@@ -10,26 +10,31 @@
    full-precision stream. The layer's quantized outputs feed the next layer.
    Padding (zeros of a sample's 2-D attention_mask) never enters the
    statistics or the reported layer errors.
-3. Each finished layer is written to ``work_dir`` at once (atomically); a
-   rerun with the same model, data and method loads finished layers instead of
-   recalibrating them, which gives bit-identical results.
+3. Each finished layer is written to ``work_dir`` at once (atomically) and
+   its linears become QuantLinear modules; a rerun with the same model, data
+   and method loads finished layers instead of recalibrating them, which
+   gives bit-identical results. An error or interruption leaves the layer in
+   flight as it was, so the caller's model never holds a half-calibrated layer.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats import WEIGHT_TYPES
-from ..io import atomic_save
+from ..io import atomic_save, atomic_write
+from ..nn import QuantLinear
 from ..quant.hessian import HessianAccumulator
 from ..replace import replace_linears
 from .arch import arch_of, decoder_layers
@@ -126,23 +131,47 @@ def _layer_out(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
 
 
 def _fingerprint(model: nn.Module, samples, method: LayerMethod) -> str:
-    """Identifies (model, data, method) so a work dir is never resumed for another run."""
+    """Identifies (model, data, method) so a work dir is never resumed for another run.
+
+    Every byte of every parameter and sample tensor counts, with its name,
+    shape and dtype: a change anywhere in a weight, or the same bytes in
+    another shape, is another run."""
     h = hashlib.sha256()
     h.update(type(model).__name__.encode())
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "to_json_string"):
         h.update(cfg.to_json_string(use_diff=False).encode())
     for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
-    for sample in samples:
+        _hash_tensor(h, name, p)
+    h.update(f"{len(samples)} samples".encode())
+    for i, sample in enumerate(samples):
         for k in sorted(sample):
-            v = sample[k]
-            if isinstance(v, torch.Tensor):
-                h.update(k.encode())
-                h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            _hash_value(h, f"sample {i} {k}", sample[k])
     h.update(method.describe().encode())
     return h.hexdigest()
+
+
+def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
+    t = t.detach()
+    h.update(json.dumps([name, list(t.shape), str(t.dtype)]).encode())
+    # One tensor at a time on the CPU; the uint8 view also covers dtypes
+    # numpy lacks (bfloat16).
+    h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _hash_value(h, name: str, v) -> None:
+    """A sample entry: tensors, (nested) lists and tuples of them, plain values."""
+    if isinstance(v, torch.Tensor):
+        _hash_tensor(h, name, v)
+    elif isinstance(v, (list, tuple)):
+        h.update(f"{name}: {type(v).__name__} of {len(v)}".encode())
+        for i, x in enumerate(v):
+            _hash_value(h, f"{name}[{i}]", x)
+    elif v is None or isinstance(v, (bool, int, float, str)):
+        h.update(f"{name} = {v!r}".encode())
+    else:
+        # an object's repr may carry its address, which would differ on every run
+        h.update(f"{name}: {type(v).__name__}".encode())
 
 
 def save_packed(file: Path, weights: dict, metadata: dict, extra_tensors: dict | None = None,
@@ -160,18 +189,32 @@ def save_packed(file: Path, weights: dict, metadata: dict, extra_tensors: dict |
     atomic_save(tensors, file, {**metadata, "modules": json.dumps(modules)})
 
 
-def read_packed(file: Path) -> tuple[dict, dict, dict, dict]:
+def read_packed(file: Path, remedy: str = "") -> tuple[dict, dict, dict, dict]:
     """(weights {name: PackedWeight}, module records, metadata, all tensors)
-    of a file written by ``save_packed``."""
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    records = json.loads(meta["modules"])
-    weights = {}
-    for name, entry in records.items():
-        cls = WEIGHT_TYPES[entry["format"]]
-        parts = {t: tensors[f"{name}.{t}"] for t in cls.TENSORS if f"{name}.{t}" in tensors}
-        weights[name] = cls.from_state(parts, entry["meta"])
+    of a file written by ``save_packed``. A damaged or foreign file (or no
+    file at all) is a ValueError naming it, then ``remedy``."""
+    try:
+        if not Path(file).is_file():
+            raise ValueError("not a file")
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if "modules" not in meta:
+            raise ValueError("no 'modules' record in its metadata")
+        records = json.loads(meta["modules"])
+        if not isinstance(records, dict):
+            raise TypeError("its 'modules' record is not a JSON object")
+        weights = {}
+        for name, entry in records.items():
+            cls = WEIGHT_TYPES.get(entry["format"])
+            if cls is None:
+                raise ValueError(f"{name}: unknown weight format {entry['format']!r}")
+            parts = {t: tensors[f"{name}.{t}"] for t in cls.TENSORS if f"{name}.{t}" in tensors}
+            weights[name] = cls.from_state(parts, entry["meta"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        why = str(e) if type(e) in (ValueError, TypeError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{file}: damaged or not a vlmkern work-dir file ({why})"
+                         + (f"; {remedy}" if remedy else "")) from e
     return weights, records, meta, tensors
 
 
@@ -187,21 +230,66 @@ class Settings:
 
 
 class WorkDir:
-    """Per-layer results on disk: ``manifest.json`` plus ``layer_XXXX.safetensors``."""
+    """Per-layer results on disk: ``manifest.json`` plus ``layer_XXXX.safetensors``.
+
+    The manifest holds the run's fingerprint, and every result file repeats
+    it with the file's own index: a file of another run or of another layer
+    (copied, renamed, or left behind when the manifest was deleted) is
+    refused, never resumed."""
+
+    VERSION = 2
+    # result files of the engines sharing this layout (Q-VLM keeps blocks and its vision tower)
+    RESULTS = ("layer_*.safetensors", "block_*.json", "vision.safetensors")
 
     def __init__(self, path, fingerprint: str):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"work_dir must be a folder path, got {type(path).__name__}")
+        if os.fspath(path) == "":
+            # "" is neither "no work dir" nor, silently, the current folder
+            raise ValueError("work_dir is an empty path: give a folder, or None for no work dir")
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"work_dir {self.path} is a file, not a folder")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            # Fail now rather than when the first calibrated layer cannot be saved.
+            fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=self.path)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ValueError(f"work_dir {self.path}: cannot write there ({e})") from e
         manifest = self.path / "manifest.json"
         if manifest.exists():
-            saved = json.loads(manifest.read_text())
-            if saved.get("fingerprint") != fingerprint:
-                raise ValueError(f"{self.path} holds results of a different model, calibration "
-                                 f"data or method; use another work_dir or delete it")
-        else:
-            tmp = manifest.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"fingerprint": fingerprint}))
-            tmp.replace(manifest)
+            self._check_manifest(manifest)
+            return
+        found = sorted(f.name for pattern in self.RESULTS for f in self.path.glob(pattern))
+        if found:
+            raise ValueError(f"{self.path} holds results ({', '.join(found[:3])}) but no "
+                             f"manifest.json, so nothing tells which run they belong to; "
+                             f"delete the work dir or use another one")
+        self.write_json(manifest, {"format": "vlmkern work dir", "version": self.VERSION,
+                                   "fingerprint": fingerprint})
+
+    def _check_manifest(self, manifest: Path) -> None:
+        remedy = f"delete the work dir {self.path} to start over"
+        try:
+            saved = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{manifest}: unreadable ({e}); {remedy}") from e
+        if not isinstance(saved, dict) or "fingerprint" not in saved:
+            raise ValueError(f"{manifest} is not a vlmkern work-dir manifest; {remedy}")
+        if saved.get("format") != "vlmkern work dir" or saved.get("version") != self.VERSION:
+            raise ValueError(f"{self.path} was written by another version of vlmkern; {remedy}")
+        if saved["fingerprint"] != self.fingerprint:
+            raise ValueError(f"{self.path} holds results of a different model, calibration "
+                             f"data or method; use another work_dir or delete it")
+
+    @staticmethod
+    def write_json(target: Path, data) -> None:
+        """``data`` as JSON, written atomically like the result files."""
+        atomic_write(target, lambda tmp: Path(tmp).write_text(json.dumps(data),
+                                                              encoding="utf-8"))
 
     def file(self, idx: int) -> Path:
         return self.path / f"layer_{idx:04d}.safetensors"
@@ -210,24 +298,58 @@ class WorkDir:
              state: dict | None = None):
         """state: other tensors the finished layer needs back (folded norms, biases)."""
         save_packed(self.file(idx), weights,
-                    {"results": json.dumps([r.__dict__ for r in results]),
+                    {"fingerprint": self.fingerprint, "layer": str(idx),
+                     "results": json.dumps([r.__dict__ for r in results]),
                      "layer_error": repr(layer_error)},
                     {f"state/{k}": t for k, t in (state or {}).items()})
 
-    def load(self, idx: int):
+    def load(self, idx: int, expected: dict | None = None):
         """(weights, results, layer_error) of a finished layer, or None
-        (``load_state`` returns the extra state saved with it)."""
+        (``load_state`` returns the extra state saved with it). expected:
+        {linear name: (out_features, in_features)} of the linears the layer
+        quantizes; the file must hold exactly those."""
         file = self.file(idx)
         if not file.exists():
             return None
-        weights, _, meta, _ = read_packed(file)
-        results = [ModuleResult(**r) for r in json.loads(meta["results"])]
-        return weights, results, float(meta["layer_error"])
+        weights, meta, _ = self._read(idx)
+        try:
+            results = [ModuleResult(**r) for r in json.loads(meta["results"])]
+            layer_error = float(meta["layer_error"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise self._damaged(idx, f"bad results record ({type(e).__name__}: {e})") from e
+        if expected is not None:
+            have = {n: tuple(w.shape) for n, w in weights.items()}
+            want = {n: tuple(shape) for n, shape in expected.items()}
+            if have != want:
+                problems = [f"{what} {names}" for what, names in (
+                    ("missing", sorted(want.keys() - have.keys())),
+                    ("unexpected", sorted(have.keys() - want.keys())),
+                    ("wrong shape", sorted(n for n in want.keys() & have.keys()
+                                           if want[n] != have[n]))) if names]
+                raise self._damaged(idx, f"its linears do not match layer {idx}: "
+                                         f"{', '.join(problems)}")
+        return weights, results, layer_error
 
     def load_state(self, idx: int) -> dict:
         """The extra state saved with a finished layer ({} when none)."""
-        tensors = read_packed(self.file(idx))[3]
+        tensors = self._read(idx)[2]
         return {k[len("state/"):]: t for k, t in tensors.items() if k.startswith("state/")}
+
+    def _read(self, idx: int) -> tuple[dict, dict, dict]:
+        """(weights, metadata, tensors) of layer idx's file, which must be this run's."""
+        file = self.file(idx)
+        weights, _, meta, tensors = read_packed(
+            file, f"delete {file.name} to recalibrate that layer")
+        if meta.get("fingerprint") != self.fingerprint:
+            raise self._damaged(idx, "it was not written by this run (another model, "
+                                     "calibration data or method, or an older vlmkern)")
+        if meta.get("layer") != str(idx):
+            raise self._damaged(idx, f"it holds layer {meta.get('layer')}, not layer {idx}")
+        return weights, meta, tensors
+
+    def _damaged(self, idx: int, why: str) -> ValueError:
+        file = self.file(idx)
+        return ValueError(f"{file}: {why}; delete {file.name} to recalibrate that layer")
 
 
 def _relative_error(weight: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -375,7 +497,9 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
       patterns (exact / glob / ``re:``, matched as in ``replace_linears``) to
       such configs or None (keep full precision). Decoder linears no pattern
       reaches stay in full precision too (listed in the report's ``kept``).
-    work_dir: folder for per-layer results; an interrupted run resumes there.
+    work_dir: folder for per-layer results; an interrupted run resumes there
+      (rerun on a freshly loaded model: an interrupted one keeps the layers it
+      finished quantized, and a model with quantized decoder linears is refused).
     device: compute device (default: where the model is); only the layer being
       calibrated is moved there.
     Returns (model with QuantLinear modules, CalibReport).
@@ -383,6 +507,12 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
     start = time.perf_counter()
     arch = arch_of(model)
     layers_path, layers = decoder_layers(model)
+    quantized = [n for n, m in layers.named_modules() if isinstance(m, QuantLinear)]
+    if quantized:
+        # Calibrating quantized weights again would quietly compound the error.
+        raise ValueError(f"{layers_path}.{quantized[0]} is already quantized, possibly by an "
+                         f"interrupted run (the layers it finished stay quantized): reload the "
+                         f"full-precision model")
     names = [f"{layers_path}.{i}.{n}" for i, layer in enumerate(layers)
              for group in arch.sequence for n in group if _has(layer, n)]
     methods, kept, method = _resolve_methods(method, names)
@@ -398,60 +528,74 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
             raise ValueError(f"calibration sample {i} has no tokens (input_ids {tuple(ids.shape)})")
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    work = WorkDir(work_dir, _fingerprint(model, samples, method)) if work_dir else None
+    work = WorkDir(work_dir, _fingerprint(model, samples, method)) if work_dir is not None \
+        else None
 
     inputs, kwargs_list, masks = decoder_inputs(model, layers_path, layers, samples, device)
     fp_inputs = list(inputs) if method.needs_fp_stream else None
 
     report = CalibReport(kept=kept)
-    all_weights = {}
     bar = tqdm(range(len(layers)), desc=f"calibrating ({method.name})", unit="layer",
                disable=not progress)
     for idx in bar:
-        layer = layers[idx].to(device)
+        layer = layers[idx]
         prefix = f"{layers_path}.{idx}"
-        done = work.load(idx) if work else None
-        fp_layer = copy.deepcopy(layer)
-        if done is not None:
-            weights, results, layer_err = done
-            install_dequantized(layer, weights)
-            report.resumed_layers += 1
-        else:
-            weights, results = {}, []
-            for groups, run_method in _method_runs(arch.sequence, methods, prefix):
-                w, r = _calibrate_layer(layer, fp_layer, groups, run_method, inputs, fp_inputs,
-                                        kwargs_list, prefix, masks)
-                weights.update(w)
-                results.extend(r)
-            layer_err = None
-        with torch.no_grad():
-            num = den = 0.0
-            new_inputs = []
-            for i, (hidden, kwargs) in enumerate(zip(inputs, kwargs_list)):
-                out = _layer_out(layer, hidden, kwargs)
-                ref = _layer_out(fp_layer, hidden, kwargs)
-                o, r = _real(out.float(), masks[i]), _real(ref.float(), masks[i])
-                num += float((o - r).pow(2).sum())
-                den += float(r.pow(2).sum())
-                new_inputs.append(out)
-                if fp_inputs is not None:
-                    fp_inputs[i] = _layer_out(fp_layer, fp_inputs[i], kwargs)
-            inputs = new_inputs
-        if layer_err is None:
-            layer_err = num / den if den > 0 else 0.0
-            if work:
-                work.save(idx, weights, results, layer_err)
+        # The layer as it was, where it was: what an error or interruption puts back.
+        backup = {k: t.detach().clone() for k, t in layer.state_dict().items()}
+        try:
+            layer.to(device)
+            expected = {n: tuple(layer.get_submodule(n).weight.shape)
+                        for group in arch.sequence for n in group if f"{prefix}.{n}" in methods}
+            done = work.load(idx, expected) if work else None
+            fp_layer = copy.deepcopy(layer)
+            if done is not None:
+                weights, results, layer_err = done
+                install_dequantized(layer, weights)
+                report.resumed_layers += 1
+            else:
+                weights, results = {}, []
+                for groups, run_method in _method_runs(arch.sequence, methods, prefix):
+                    w, r = _calibrate_layer(layer, fp_layer, groups, run_method, inputs,
+                                            fp_inputs, kwargs_list, prefix, masks)
+                    weights.update(w)
+                    results.extend(r)
+                layer_err = None
+            with torch.no_grad():
+                num = den = 0.0
+                new_inputs = []
+                for i, (hidden, kwargs) in enumerate(zip(inputs, kwargs_list)):
+                    out = _layer_out(layer, hidden, kwargs)
+                    ref = _layer_out(fp_layer, hidden, kwargs)
+                    o, r = _real(out.float(), masks[i]), _real(ref.float(), masks[i])
+                    num += float((o - r).pow(2).sum())
+                    den += float(r.pow(2).sum())
+                    new_inputs.append(out)
+                    if fp_inputs is not None:
+                        fp_inputs[i] = _layer_out(fp_layer, fp_inputs[i], kwargs)
+                inputs = new_inputs
+            if layer_err is None:
+                layer_err = num / den if den > 0 else 0.0
+                if work:
+                    work.save(idx, weights, results, layer_err)
+        except BaseException:
+            layer.to(home)
+            layer.load_state_dict(backup)
+            raise
+        del fp_layer, backup
+        layer.to(home)
         report.modules.extend(results)
         report.layer_errors.append(layer_err)
-        all_weights.update({f"{prefix}.{n}": w for n, w in weights.items()})
-        layers[idx] = layer.to(home)
-        del fp_layer
+        # Installed at once: if a later layer is interrupted, this one is visibly
+        # quantized (so a rerun on the same model is refused), not dequantized
+        # weights in an nn.Linear that would be quantized a second time.
+        if weights:
+            replace_linears(model, {f"{prefix}.{n}": w.to(home) for n, w in weights.items()},
+                            skip=(), progress=False)
+            for n in weights:
+                model.get_submodule(f"{prefix}.{n}").quant_info = \
+                    _quant_info(methods[f"{prefix}.{n}"])
         bar.set_postfix(layer_err=f"{layer_err:.4f}")
 
-    replace_linears(model, {n: w.to(home) for n, w in all_weights.items()}, skip=(),
-                    progress=False)
-    for name in all_weights:
-        model.get_submodule(name).quant_info = _quant_info(methods[name])
     report.seconds = time.perf_counter() - start
     return model, report
 
