@@ -299,3 +299,41 @@ def test_clip_skip_names_match_whole_trailing_components():
     assert _name_ends_with("self_attn.q_proj", ("self_attn.q_proj",))
     assert not _name_ends_with("self_attn.q_proj", ("proj",))
     assert not _name_ends_with("self_attn.q_proj", ("k_proj", "mlp.q_proj"))
+
+
+def test_an_interrupted_awq_run_leaves_a_model_that_is_refused(monkeypatch):
+    import vlmkern.calib.awq_engine as awq_engine
+
+    model, inputs = build_llama()
+    cfg = AWQEngineConfig(AWQConfig(W3, clip_steps=1))
+    calls = []
+    real = awq_engine.rtn_layer
+
+    def stop_at_second_layer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(awq_engine, "rtn_layer", stop_at_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        awq_quantize_model(model, [inputs], cfg, progress=False)
+    monkeypatch.setattr(awq_engine, "rtn_layer", real)
+    for run in (lambda: awq_quantize_model(model, [inputs], cfg, progress=False),
+                lambda: quantize_model(model, [inputs], W3, progress=False)):
+        with pytest.raises(ValueError, match="interrupted and left it partly changed"):
+            run()
+
+
+def test_a_bad_work_dir_is_found_before_awq_rescales_the_model(tmp_path):
+    model, inputs = build_llama()
+    before = _state(model)
+    (tmp_path / "a_file").write_text("x")
+    for work_dir in ("", tmp_path / "a_file"):
+        with pytest.raises(ValueError, match="work_dir"):
+            awq_quantize_model(model, [inputs], AWQEngineConfig(AWQConfig(W3), then="gptq"),
+                               work_dir=work_dir, progress=False)
+        after = _state(model)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    awq_quantize_model(model, [inputs], AWQEngineConfig(AWQConfig(W3), then="gptq"),
+                       progress=False)    # not marked: the model was never changed

@@ -117,3 +117,11 @@ def test_quantize_command_never_loads_pickled_weights(hf_folder, capsys, monkeyp
     assert main(["quantize", "--model", str(pickled), "--method", "rtn",
                  "--calib-text", str(text)]) == 2
     assert "safetensors" in capsys.readouterr().err
+
+
+def test_quantize_command_refuses_the_current_folder_as_work_dir(capsys, monkeypatch):
+    monkeypatch.delenv("VLMKERN_TRACEBACK", raising=False)
+    for value in ("", "."):
+        assert main(["quantize", "--model", "smollm2", "--method", "rtn",
+                     "--work-dir", value]) == 2
+        assert "name a folder of its own" in capsys.readouterr().err

@@ -42,8 +42,8 @@ from ..quant.gptq import GPTQConfig
 from ..replace import replace_linears
 from .arch import decoder_layers
 from .engine import (CalibReport, ModuleResult, Settings, WorkDir, _fingerprint, _layer_out,
-                     _real, _StopForward, decoder_inputs, install_dequantized,
-                     quantize_model)
+                     _real, _StopForward, INTERRUPTED, check_not_quantized, decoder_inputs,
+                     install_dequantized, quantize_model)
 
 THEN = ("rtn", "gptq")
 
@@ -276,7 +276,9 @@ def _awq_rtn(model, samples, config, device, progress, groups, work=None) -> Cal
     all_weights = {}
     for idx, prefix, layer, inputs, kwargs_list, fp_out, masks in _walk(
             model, samples, device, progress, "AWQ + RTN"):
-        done = work.load(idx) if work is not None else None
+        expected = {n: tuple(layer.get_submodule(n).weight.shape) for group in groups
+                    for n in group.linears if _find(layer, n) is not None}
+        done = work.load(idx, expected) if work is not None else None
         if done is not None:
             weights, results, layer_err = done
             keys = layer.load_state_dict(work.load_state(idx), strict=False)
@@ -324,17 +326,28 @@ def awq_quantize_model(model: nn.Module, samples, config: AWQEngineConfig | None
         raise TypeError(f"config must be an AWQEngineConfig, got {type(config).__name__}")
     start = time.perf_counter()
     samples = list(samples)
-    if config.then == "rtn":
-        work = None
-        if work_dir is not None:
-            text = json.dumps({"method": "awq-rtn", "config": config_to_json(config)},
-                              sort_keys=True)
-            work = WorkDir(work_dir, _fingerprint(model, samples, Settings(text)))
-        report = _awq_rtn(model, samples, config, device, progress, groups, work)
-    else:
-        awq_transform(model, samples, config, device, progress, groups)
-        model, report = quantize_model(model, samples, config.gptq_config(), work_dir=work_dir,
-                                       device=device, progress=progress)
+    if not samples:
+        raise ValueError("AWQ needs at least one calibration sample")
+    check_not_quantized(model, *decoder_layers(model))
+    work = None
+    if work_dir is not None and config.then == "rtn":
+        text = json.dumps({"method": "awq-rtn", "config": config_to_json(config)},
+                          sort_keys=True)
+        work = WorkDir(work_dir, _fingerprint(model, samples, Settings(text)))
+    elif work_dir is not None:     # a bad folder is found before the model is rescaled
+        WorkDir.check_folder(work_dir)
+    try:
+        if config.then == "rtn":
+            report = _awq_rtn(model, samples, config, device, progress, groups, work)
+        else:
+            awq_transform(model, samples, config, device, progress, groups)
+            model, report = quantize_model(model, samples, config.gptq_config(),
+                                           work_dir=work_dir, device=device, progress=progress)
+    except BaseException:
+        # Layers are rescaled (and, with RTN, dequantized) in place as the run
+        # goes: a second run on this model would quantize them twice.
+        setattr(model, INTERRUPTED, True)
+        raise
     info = {"method": "awq", "config": config_to_json(config)}
     for row in report.modules:
         row.method = "awq"

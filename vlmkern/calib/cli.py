@@ -215,6 +215,9 @@ def check_paths_and_device(args) -> None:
         raise FileNotFoundError(f"--calib-text {args.calib_text}: no such file")
     check_output_folder("--out", args.out)
     check_output_folder("--work-dir", args.work_dir)
+    if args.work_dir is not None and str(args.work_dir) == ".":   # also what "" parses to
+        raise ValueError("--work-dir: name a folder of its own for the per-layer results, "
+                         "not the current one")
     check_device("--device", args.device)
 
 

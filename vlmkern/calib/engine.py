@@ -242,23 +242,8 @@ class WorkDir:
     RESULTS = ("layer_*.safetensors", "block_*.json", "vision.safetensors")
 
     def __init__(self, path, fingerprint: str):
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"work_dir must be a folder path, got {type(path).__name__}")
-        if os.fspath(path) == "":
-            # "" is neither "no work dir" nor, silently, the current folder
-            raise ValueError("work_dir is an empty path: give a folder, or None for no work dir")
-        self.path = Path(path)
+        self.path = self.check_folder(path)
         self.fingerprint = fingerprint
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"work_dir {self.path} is a file, not a folder")
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            # Fail now rather than when the first calibrated layer cannot be saved.
-            fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=self.path)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as e:
-            raise ValueError(f"work_dir {self.path}: cannot write there ({e})") from e
         manifest = self.path / "manifest.json"
         if manifest.exists():
             self._check_manifest(manifest)
@@ -270,6 +255,28 @@ class WorkDir:
                              f"delete the work dir or use another one")
         self.write_json(manifest, {"format": "vlmkern work dir", "version": self.VERSION,
                                    "fingerprint": fingerprint})
+
+    @staticmethod
+    def check_folder(path) -> Path:
+        """``path`` as a folder that exists (made if needed) and can be written;
+        ValueError (TypeError for a non-path) before any work is done."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"work_dir must be a folder path, got {type(path).__name__}")
+        if os.fspath(path) == "":
+            # "" is neither "no work dir" nor, silently, the current folder
+            raise ValueError("work_dir is an empty path: give a folder, or None for no work dir")
+        folder = Path(path)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"work_dir {folder} is a file, not a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            # Fail now rather than when the first calibrated layer cannot be saved.
+            fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ValueError(f"work_dir {folder}: cannot write there ({e})") from e
+        return folder
 
     def _check_manifest(self, manifest: Path) -> None:
         remedy = f"delete the work dir {self.path} to start over"
@@ -486,6 +493,24 @@ def _has(module: nn.Module, name: str) -> bool:
         return False
 
 
+# Set on a model whose calibration stopped part way, leaving it changed in place.
+INTERRUPTED = "vlmkern_calibration_interrupted"
+
+
+def check_not_quantized(model: nn.Module, layers_path: str, layers: nn.ModuleList) -> None:
+    """Raise if a decoder layer already holds quantized linears, or an
+    interrupted calibration left the model changed: calibrating it again
+    would quietly compound the error."""
+    if getattr(model, INTERRUPTED, False):
+        raise ValueError("an earlier calibration of this model was interrupted and left it "
+                         "partly changed in place: reload the full-precision model")
+    quantized = [n for n, m in layers.named_modules() if isinstance(m, QuantLinear)]
+    if quantized:
+        raise ValueError(f"{layers_path}.{quantized[0]} is already quantized, possibly by an "
+                         f"interrupted run (the layers it finished stay quantized): reload the "
+                         f"full-precision model")
+
+
 def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None,
                    progress: bool = True):
     """Calibrate the language model's decoder linears of ``model`` layer by layer.
@@ -507,12 +532,7 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
     start = time.perf_counter()
     arch = arch_of(model)
     layers_path, layers = decoder_layers(model)
-    quantized = [n for n, m in layers.named_modules() if isinstance(m, QuantLinear)]
-    if quantized:
-        # Calibrating quantized weights again would quietly compound the error.
-        raise ValueError(f"{layers_path}.{quantized[0]} is already quantized, possibly by an "
-                         f"interrupted run (the layers it finished stay quantized): reload the "
-                         f"full-precision model")
+    check_not_quantized(model, layers_path, layers)
     names = [f"{layers_path}.{i}.{n}" for i, layer in enumerate(layers)
              for group in arch.sequence for n in group if _has(layer, n)]
     methods, kept, method = _resolve_methods(method, names)

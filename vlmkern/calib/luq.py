@@ -452,7 +452,9 @@ def luq_quantize(model: nn.Module, samples, config: LUQConfig = LUQConfig(), *,
     place, except in threshold mode: each probe calibrates a copy (in
     ``work_dir``/n_low_NNN when given), the copy at the chosen n is returned
     and ``model`` stays full precision."""
-    from .engine import quantize_model
+    from .engine import WorkDir, quantize_model
+    if work_dir is not None:      # each threshold probe works in a folder of its own inside
+        work_dir = WorkDir.check_folder(work_dir)
     chosen = [v is not None for v in (n_low, budget_bytes, budget_bits, threshold)]
     if sum(chosen) != 1:
         raise ValueError("give exactly one of n_low, budget_bytes, budget_bits, threshold")
