@@ -302,7 +302,7 @@ def test_clip_skip_names_match_whole_trailing_components():
 
 
 def test_an_interrupted_awq_run_leaves_a_model_that_is_refused(monkeypatch):
-    import vlmkern.calib.awq_engine as awq_engine
+    from vlmkern.calib import awq_engine
 
     model, inputs = build_llama()
     cfg = AWQEngineConfig(AWQConfig(W3, clip_steps=1))

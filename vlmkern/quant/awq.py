@@ -28,10 +28,9 @@ from typing import Sequence
 
 import torch
 
-from ..config import QuantConfig, dtype_from_name, is_int
+from ..config import QuantConfig, config_float, dtype_from_name, is_int
 from ..formats import QuantizedWeight
 from ..formats.groupwise import num_groups
-from ..config import config_float
 from .rtn import check_shared_input, check_weight, group_params, quantize_to_grid
 
 _XBAR_FLOOR = 1e-4      # channels with mean|x| below this fraction of the largest

@@ -35,10 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import BinaryConfig
+from ..config import BinaryConfig, config_float
 from ..formats import BinaryWeight
 from .binarize import assemble_blocks, binarize_block, stored_stats
-from ..config import config_float
 from .hessian import check_calibrated, check_square, inverse_cholesky_upper
 from .rtn import check_weight
 
