@@ -172,7 +172,8 @@ def test_dequantized_forward_matches_ops_and_restores():
     (["--methods", ""], "names no variant"), (["--methods", " , ,"], "names no variant"),
     (["--methods", "fp,rtn-w4g64,FP"], r"lists \['FP', 'fp'\] more than once"),
     (["--methods", "rtn-w5g64"], "bits must be 2, 3, 4 or 8"), (["--ppl-seq-len", "1"], "at least 2"),
-    (["--out", "__file__"], "--out .* is a file")])
+    (["--out", "__file__"], "--out .* is a file"),
+    (["--cache-dir", "__file__"], "--cache-dir .* is a file")])
 def test_eval_command_refuses_bad_options_before_any_work(flags, message, capsys, monkeypatch,
                                                            tmp_path):
     import re

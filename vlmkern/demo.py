@@ -311,6 +311,7 @@ def main(args) -> int:
         check_device("--device", args.device)
         if args.save is not None and not str(args.save).endswith(".safetensors"):
             check_output_folder("--save", args.save)
+        check_output_folder("--cache-dir", args.cache_dir)
     except ValueError as exc:
         print(f"vlmkern demo: {exc}", file=sys.stderr)
         return 2

@@ -74,6 +74,7 @@ def run_eval(args) -> int:
                          f"after the first), got {args.ppl_seq_len}")
     configs = {n: parse_method(n) for n in names}
     check_output_folder("--out", args.out)
+    check_output_folder("--cache-dir", args.cache_dir)
     t = time.perf_counter()
     model, processor = build_minivlm(args.cache_dir, progress=True)
     evalset = EvalSet.build(model, processor, n_vqa=args.n_vqa, n_kl=args.n_kl,
