@@ -67,7 +67,7 @@ def _check_bits(owner: str, name: str, value, allowed: tuple[int, ...]) -> None:
         raise ValueError(f"{owner}.{name} must be {choices} (an int), got {value!r}")
 
 
-def _check_bool(owner: str, name: str, value) -> None:
+def check_bool(owner: str, name: str, value) -> None:
     # Any object is truthy or falsy, so sym="no" would silently mean True.
     if not isinstance(value, bool):
         raise TypeError(f"{owner}.{name} must be True or False, got {value!r}")
@@ -100,7 +100,7 @@ class QuantConfig:
     def __post_init__(self):
         _check_bits("QuantConfig", "bits", self.bits, (2, 3, 4, 8))
         _check_group_size(self.group_size)
-        _check_bool("QuantConfig", "sym", self.sym)
+        check_bool("QuantConfig", "sym", self.sym)
         object.__setattr__(self, "scale_dtype", dtype_name(self.scale_dtype))
 
     @property

@@ -36,7 +36,8 @@ from typing import Mapping
 
 from torch import nn
 
-from .config import BinaryConfig, IntActConfig, QuantConfig, config_from_dict, dtype_from_name
+from .config import (BinaryConfig, IntActConfig, QuantConfig, config_from_dict, dtype_from_name,
+                     is_int)
 from .formats.binary import STATS_PER_BLOCK
 from .formats.packing import packed_words
 from .replace import name_matches
@@ -190,7 +191,7 @@ class PlanEntry:
             raise PlanError(f"{self.format} layers take a_bits in {allowed_a}, "
                             f"got {self.a_bits!r}")
         g = self.group_size
-        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+        if g is not None and (not is_int(g) or g < 1):
             raise PlanError(f"group_size must be a positive int or None, got {g!r}")
         if self.sym is not None and (self.format != "groupwise" or not isinstance(self.sym, bool)):
             raise PlanError(f"sym is a bool of groupwise entries only, got {self.sym!r} for "
@@ -394,7 +395,7 @@ class Plan:
         if not isinstance(d, dict):
             raise PlanError(f"a plan must be a JSON object, got {type(d).__name__}")
         version = d.get("plan_version")
-        if not isinstance(version, int) or isinstance(version, bool) or version > PLAN_VERSION:
+        if not is_int(version) or version > PLAN_VERSION:
             raise PlanError(f"plan_version {version!r} is not one this vlmkern reads "
                             f"(1..{PLAN_VERSION})")
         modules = d.get("modules")

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import IntActConfig, config_float, is_int
+from ..config import IntActConfig, check_bool, config_float, is_int
 from ..quant.entropy import layer_dependency, partition_blocks, quantized_entropy
 from ..quant.rtn import quantize_rtn
 from ..replace import replace_linears
@@ -124,9 +124,7 @@ class QVLMConfig:
             raise ValueError(f"QVLMConfig.percentiles must be distinct numbers in (0, 1], got "
                              f"{self.percentiles!r}")
         object.__setattr__(self, "percentiles", ps)
-        if not isinstance(self.token_candidate, bool):
-            raise TypeError(f"QVLMConfig.token_candidate must be True or False, got "
-                            f"{self.token_candidate!r}")
+        check_bool("QVLMConfig", "token_candidate", self.token_candidate)
         if not ps and not self.token_candidate:
             raise ValueError("no activation quantizer to search: give percentiles or keep "
                              "token_candidate")

@@ -32,6 +32,8 @@ from typing import Sequence
 
 import torch
 
+from ..config import is_int
+
 _CHUNK = 4096   # rows of the [N, M] soft-assignment matrix held at once
 
 
@@ -46,7 +48,7 @@ def _check_x(x: torch.Tensor, name: str = "x") -> torch.Tensor:
 
 
 def _check_bits(bits: int) -> int:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+    if not is_int(bits) or not 2 <= bits <= 8:
         # The joint distribution has (2^b - 1)^2 cells: 8 bits is the useful limit.
         raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
     return bits
@@ -220,7 +222,7 @@ def partition_blocks(pair_deps: Sequence[float], h0: float | None = None,
     deps = [float(d) for d in pair_deps]
     if any(not math.isfinite(d) for d in deps):
         raise ValueError("pair dependencies must be finite")
-    if not isinstance(max_depth, int) or isinstance(max_depth, bool) or max_depth < 1:
+    if not is_int(max_depth) or max_depth < 1:
         raise ValueError(f"max_depth must be a positive int, got {max_depth!r}")
     if h0 is None:
         h0 = sum(deps) / len(deps) if deps else 0.0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import QuantConfig, config_float, dtype_from_name
+from ..config import QuantConfig, check_bool, config_float, dtype_from_name, is_int
 from ..formats import QuantizedWeight
 from ..formats.groupwise import num_groups
 from .hessian import check_calibrated, check_square, inverse_cholesky_upper
@@ -55,8 +55,7 @@ class GPTQConfig:
         if not isinstance(self.quant, QuantConfig):
             raise TypeError(f"GPTQConfig.quant must be a QuantConfig, "
                             f"got {type(self.quant).__name__}")
-        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) \
-                or self.block_size < 1:
+        if not is_int(self.block_size) or self.block_size < 1:
             raise ValueError(f"GPTQConfig.block_size must be a positive int, "
                              f"got {self.block_size!r}")
         damp = config_float("GPTQConfig", "damp", self.damp)
@@ -64,12 +63,8 @@ class GPTQConfig:
             raise ValueError(f"GPTQConfig.damp must be a finite number >= 0, got {self.damp!r}")
         object.__setattr__(self, "damp", damp)
         for name in ("act_order", "static_groups"):
-            # any object is truthy or falsy: act_order="no" would mean True
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"GPTQConfig.{name} must be True or False, "
-                                f"got {getattr(self, name)!r}")
-        if not isinstance(self.max_damp_retries, int) or isinstance(self.max_damp_retries, bool) \
-                or self.max_damp_retries < 0:
+            check_bool("GPTQConfig", name, getattr(self, name))
+        if not is_int(self.max_damp_retries) or self.max_damp_retries < 0:
             raise ValueError(f"GPTQConfig.max_damp_retries must be an int >= 0, "
                              f"got {self.max_damp_retries!r}")
         if self.compute_dtype not in _COMPUTE:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..config import is_int
+
 
 def _tokens(x: torch.Tensor, in_features: int, name: str) -> torch.Tensor:
     """[..., K] -> [T, K] (a view when possible), with shape and finiteness checks."""
@@ -72,7 +74,7 @@ class HessianAccumulator:
 
     def __init__(self, in_features: int, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32):
-        if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 1:
+        if not is_int(in_features) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"accumulation dtype must be float32 or float64, got {dtype}")
