@@ -101,7 +101,7 @@ def method_config(args):
     from ..quant import GPTAQConfig, GPTQConfig
     from ..quant.billm import BiLLMConfig
 
-    group = args.group_size if not isinstance(args.group_size, str) else group_size(args.group_size)
+    group = args.group_size     # an int or None (one group per row), by the argparse type
     if args.method == "qvlm":
         return qvlm_config(args, group)
     if args.act_bits is not None:
