@@ -141,6 +141,20 @@ def test_demo_command_end_to_end(capsys, tmp_path):
     assert all(m["info"]["method"] == "rtn" for m in modules.values())
 
 
+@needs_assets
+def test_calibration_data_is_built_before_the_scoring(capsys, monkeypatch):
+    """More text windows than the corpus holds (a limit that depends on the
+    tokenizer) fail right after the model build, not after the FP scoring."""
+    from vlmkern.eval import harness
+    monkeypatch.setattr(harness.EvalSet, "build",
+                        classmethod(lambda *a, **k: pytest.fail("scored before the data")))
+    rc = main(["demo", "--samples", "100000", "--alpha", "0", "--eval-size", "5",
+               "--no-progress", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc != 0 and "[3/6]" not in captured.out
+    assert "window" in captured.err
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_path_keeps_harness_tensors_on_the_cpu():
     """What the demo does on a GPU, on a tiny LLaVA: the model moves there,

@@ -233,11 +233,14 @@ BAD_GROUPWISE = {
 @pytest.mark.parametrize("case", sorted(BAD_GROUPWISE))
 def test_groupwise_validate_rejects(case):
     q = _base_groupwise()
-    bad = dataclasses.replace(q, **BAD_GROUPWISE[case](q))
+    changes = BAD_GROUPWISE[case](q)
+    tensors, meta = q.tensors(), q.meta()
+    for name, value in changes.items():
+        (meta if name in q.META else tensors)[name] = value
+    with pytest.raises(FormatError):   # bad scalar fields already when the object is built
+        dataclasses.replace(q, **changes).validate()
     with pytest.raises(FormatError):
-        bad.validate()
-    with pytest.raises(FormatError):
-        QuantizedWeight.from_state(bad.tensors(), bad.meta())
+        QuantizedWeight.from_state(tensors, meta)
 
 
 def test_groupwise_validate_messages():
@@ -445,6 +448,35 @@ def test_intact_validate_rejects_bad_fields():
                           ({"act_scale": -1.0}, "act_scale")]:
         with pytest.raises(FormatError, match=match):
             dataclasses.replace(qw, **change).validate()
+
+
+@pytest.mark.parametrize("change", [
+    {"act_scale": 0.0}, {"act_scale": math.nan}, {"act_scale": True}, {"w_bits": 5},
+    {"a_bits": 8.0}, {"group_size": 0},
+])
+def test_intact_scalar_fields_are_checked_when_built(change):
+    # ops.linear does not re-validate a weight per call: an act_scale of 0
+    # reaching it would output zeros, so replace / hand-built objects refuse it
+    qw = vlmkern.quantize_rtn(torch.randn(4, 64), IntActConfig(w_bits=8, act_scale=0.02))
+    with pytest.raises(FormatError, match=next(iter(change))):
+        dataclasses.replace(qw, **change)
+    with pytest.raises(FormatError, match=next(iter(change))):
+        IntActWeight(qw.qweight, qw.scales, **{**qw.meta(), **change})
+
+
+@pytest.mark.parametrize("change", [{"bits": 5}, {"in_features": 0}, {"group_size": -4},
+                                    {"group_size": 64.0}])
+def test_groupwise_scalar_fields_are_checked_when_built(change):
+    qw = vlmkern.quantize_rtn(torch.randn(4, 64), QuantConfig(4, 32))
+    with pytest.raises(FormatError, match=next(iter(change))):
+        dataclasses.replace(qw, **change)
+
+
+@pytest.mark.parametrize("change", [{"block_size": 0}, {"in_features": -1}, {"block_size": 2.5}])
+def test_binary_scalar_fields_are_checked_when_built(change):
+    qw = vlmkern.binarize(torch.randn(4, 64), BinaryConfig(block_size=32, max_salient=8))
+    with pytest.raises(FormatError, match=next(iter(change))):
+        dataclasses.replace(qw, **change)
 
 
 # ---------------------------------------------------------------------------

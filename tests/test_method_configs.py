@@ -71,6 +71,24 @@ def test_luq_methods_take_every_layer_method_config():
         assert LUQConfig(low=cfg).low is cfg
 
 
+@pytest.mark.parametrize("k", [None, 4])
+@pytest.mark.parametrize("grid", ["abc", (4, 8), (8, 4, 16), (1, 4, 8), (4, 8.0, 16), 5])
+def test_luq_k_grid_is_checked_whether_or_not_k_is_set(k, grid):
+    with pytest.raises(ValueError, match=r"LUQConfig\.k_grid"):
+        LUQConfig(k=k, k_grid=grid)
+
+
+def test_luq_k_grid_keeps_a_valid_list_as_a_tuple():
+    assert LUQConfig(k=4, k_grid=[2, 4, 8]).k_grid == (2, 4, 8)
+
+
+@pytest.mark.parametrize("value", [0, 1])
+def test_vision_entropy_needs_two_elements(value):
+    with pytest.raises(ValueError, match=r"VisionOptConfig\.entropy_elements must be an int >= 2"):
+        VisionOptConfig(entropy_elements=value)
+    assert VisionOptConfig(entropy_elements=2).entropy_elements == 2
+
+
 # --- seeds -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("cls", [LUQConfig, QVLMConfig, VisionOptConfig])

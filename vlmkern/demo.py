@@ -86,13 +86,15 @@ def setting_name(method: str, bits: int, group_size: int | None, sym: bool = Fal
 
 
 def quantize_vlm(model, processor, config, n_samples: int, alpha: float, seed: int = 0,
-                 device=None, progress: bool = True):
+                 device=None, progress: bool = True, samples=None):
     """(quantized copy of ``model``, CalibReport): mixed calibration data
-    (n_samples, image fraction alpha) fed through ``quantize_model``."""
+    (n_samples, image fraction alpha; or ``samples`` already built by
+    ``mixed_calibration_samples``) fed through ``quantize_model``."""
     from .calib.engine import quantize_model
     from .calib.mixed import mixed_calibration_samples
 
-    samples = mixed_calibration_samples(processor, n_samples, alpha, seed=seed)
+    if samples is None:
+        samples = mixed_calibration_samples(processor, n_samples, alpha, seed=seed)
     return quantize_model(copy.deepcopy(model), samples, config, device=device,
                           progress=progress)
 
@@ -209,6 +211,10 @@ def run_demo(method: str = DEFAULT_RECIPE["method"], bits: int = DEFAULT_RECIPE[
                         "then cached)")
     model, processor = build_minivlm(cache_dir, progress=progress)
     model.to(dev)
+    # the calibration data now, not after the scoring: a request the corpus
+    # cannot fill (it depends on the tokenizer) fails before minutes of work
+    from .calib.mixed import mixed_calibration_samples
+    calib = mixed_calibration_samples(processor, samples, alpha, seed=seed)
     _done(t, f"on {dev}")
 
     exact_ops = dev.type != "cpu"  # on a GPU the quantized linears run the kernels
@@ -227,7 +233,7 @@ def run_demo(method: str = DEFAULT_RECIPE["method"], bits: int = DEFAULT_RECIPE[
     t = _step(4, total, f"quantizing with {name}: {samples} mixed calibration samples "
                         f"({alpha:.0%} image+question+answer, the rest Lee-corpus text)")
     qmodel, report = quantize_vlm(model, processor, config, samples, alpha, seed, dev,
-                                  progress)
+                                  progress, samples=calib)
     _done(t, f"{len(report.modules)} linears")
 
     t = _step(5, total, "scoring the quantized model" +

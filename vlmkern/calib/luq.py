@@ -76,11 +76,12 @@ class LUQConfig:
                 raise TypeError(f"LUQConfig.{name}: {exc}") from None
         if self.k is not None and (not is_int(self.k) or self.k < 2):
             raise ValueError(f"LUQConfig.k must be an int >= 2 or None, got {self.k!r}")
-        grid = tuple(self.k_grid)
-        if self.k is None and (len(grid) < 3 or any(not is_int(k) or k < 2 for k in grid)
-                               or list(grid) != sorted(set(grid))):
+        # checked even when k is set: a bad grid is a typo whichever k picks
+        grid = tuple(self.k_grid) if isinstance(self.k_grid, (tuple, list)) else None
+        if grid is None or (len(grid) < 3 or any(not is_int(k) or k < 2 for k in grid)
+                            or list(grid) != sorted(set(grid))):
             raise ValueError(f"LUQConfig.k_grid must be at least 3 increasing ints >= 2, "
-                             f"got {grid!r}")
+                             f"got {self.k_grid!r}")
         object.__setattr__(self, "k_grid", grid)
         for name in ("max_tokens", "kmeans_iters"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:

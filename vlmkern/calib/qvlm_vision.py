@@ -104,10 +104,13 @@ class VisionOptConfig:
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"VisionOptConfig.{name} must be a finite number >= 0, "
                                  f"got {v!r}")
-        for name in ("entropy_elements", "jacobian_samples"):
-            v = getattr(self, name)
-            if not is_int(v) or v < 1:
-                raise ValueError(f"VisionOptConfig.{name} must be a positive int, got {v!r}")
+        # one element has no distribution: every entropy term would be zero
+        if not is_int(self.entropy_elements) or self.entropy_elements < 2:
+            raise ValueError(f"VisionOptConfig.entropy_elements must be an int >= 2, got "
+                             f"{self.entropy_elements!r}")
+        if not is_int(self.jacobian_samples) or self.jacobian_samples < 1:
+            raise ValueError(f"VisionOptConfig.jacobian_samples must be a positive int, got "
+                             f"{self.jacobian_samples!r}")
         if not is_int(self.seed) or self.seed < 0:
             raise ValueError(f"VisionOptConfig.seed must be an int >= 0, got {self.seed!r}")
 

@@ -117,6 +117,15 @@ class PackedWeight:
     def cpu(self):
         return self.to("cpu")
 
+    def __post_init__(self):
+        # scalar fields only, no tensor reads: cheap enough for every
+        # construction, so dataclasses.replace and hand-built weights are
+        # checked too (ops.linear does not re-read a weight's tensors per call)
+        self.check_meta()
+
+    def check_meta(self) -> None:
+        """Check the integer and float fields; ``validate`` checks the tensors too."""
+
     def validate(self):  # pragma: no cover - every subclass overrides
         raise NotImplementedError
 

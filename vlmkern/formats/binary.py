@@ -138,10 +138,13 @@ class BinaryWeight(PackedWeight):
             unpack_bits(self.sign[r0:r0 + step], 1, k))) for r0 in range(0, n, step))
         return decode_indices(self.stats, self.salient, self.block_size, k, slices, dtype)
 
-    def validate(self) -> "BinaryWeight":
-        k = self.in_features
-        check_positive_int("in_features", k)
+    def check_meta(self) -> None:
+        check_positive_int("in_features", self.in_features)
         check_positive_int("block_size", self.block_size)
+
+    def validate(self) -> "BinaryWeight":
+        self.check_meta()
+        k = self.in_features
         if not isinstance(self.sign, torch.Tensor) or self.sign.dim() != 2:
             raise FormatError("sign must be a 2-D int32 tensor")
         n, words = self.sign.shape[0], packed_words(k, 1)

@@ -159,12 +159,15 @@ class QuantizedWeight(GroupwiseViews, PackedWeight):
         return unpack_bits(self.qweight, self.bits, self.in_features)
 
     # -- invariants ----------------------------------------------------------------
-    def validate(self) -> "QuantizedWeight":
+    def check_meta(self) -> None:
         if not is_int(self.bits) or self.bits not in (2, 3, 4, 8):
             raise FormatError(f"bits must be 2, 3, 4 or 8 (an int), got {self.bits!r}")
         check_positive_int("group_size", self.group_size, or_none=True)
+        check_positive_int("in_features", self.in_features)
+
+    def validate(self) -> "QuantizedWeight":
+        self.check_meta()
         k = self.in_features
-        check_positive_int("in_features", k)
         if not isinstance(self.qweight, torch.Tensor) or self.qweight.dim() != 2:
             raise FormatError("qweight must be a 2-D int32 tensor")
         n = self.qweight.shape[0]

@@ -90,14 +90,21 @@ class IntActWeight(PackedWeight):
         gidx = group_index(self.in_features, self.group_size, self.qweight.device)
         return (self.codes().float() * self.scales.float()[:, gidx]).to(dtype)
 
-    def validate(self) -> "IntActWeight":
+    def check_meta(self) -> None:
         for name in ("w_bits", "a_bits"):
             if not is_int(getattr(self, name)) or getattr(self, name) not in (4, 6, 8):
                 raise FormatError(f"{name} must be 4, 6 or 8 (an int), got "
                                   f"{getattr(self, name)!r}")
         check_positive_int("group_size", self.group_size, or_none=True)
+        check_positive_int("in_features", self.in_features)
+        if self.act_scale is not None and not (
+                isinstance(self.act_scale, Real) and not isinstance(self.act_scale, bool)
+                and 0 < self.act_scale < float("inf")):
+            raise FormatError(f"act_scale must be positive and finite, got {self.act_scale!r}")
+
+    def validate(self) -> "IntActWeight":
+        self.check_meta()
         k = self.in_features
-        check_positive_int("in_features", k)
         if not isinstance(self.qweight, torch.Tensor) or self.qweight.dim() != 2:
             raise FormatError("qweight must be a 2-D int8 tensor")
         n = self.qweight.shape[0]
@@ -110,10 +117,6 @@ class IntActWeight(PackedWeight):
             if int(codes.min()) < -lim or int(codes.max()) > lim:
                 raise FormatError(f"qweight codes exceed the symmetric {self.w_bits}-bit range "
                                   f"[-{lim}, {lim}]")
-        if self.act_scale is not None and not (
-                isinstance(self.act_scale, Real) and not isinstance(self.act_scale, bool)
-                and 0 < self.act_scale < float("inf")):
-            raise FormatError(f"act_scale must be positive and finite, got {self.act_scale!r}")
         if self.scales.device != self.qweight.device:
             raise FormatError("qweight and scales live on different devices")
         return self
