@@ -890,15 +890,17 @@ extern "C" const char* vlmkern_wo_status_message(int status) {
     case VLMKERN_WO_ERR_NULL_POINTER: return "a required pointer (x, wq, sz, out or counters) is null";
     case VLMKERN_WO_ERR_BAD_BITS: return "bits must be 2, 3 or 4";
     case VLMKERN_WO_ERR_BAD_SIZE:
-      return "inconsistent sizes: need 1 <= M <= 64, (C-1)*128 < K_x <= C*128, "
+      return "inconsistent sizes: need 1 <= M <= 64 (M <= 32 for the int8 decode), "
+             "(C-1)*128 < K_x <= C*128, "
              "(NB-1)*128 < N <= NB*128, 0 <= slot_log2 <= 3 and 1 <= num_ctas <= NB*C";
     case VLMKERN_WO_ERR_BAD_DTYPE:
       return "activations must be f16 or bf16 and bias f16, bf16 or f32";
     case VLMKERN_WO_ERR_ALIGNMENT:
       return "x, wq and sz must be 16-byte aligned and K_x a multiple of 8";
     case VLMKERN_WO_ERR_BAD_DECODE:
-      return "decode must be 0 (exact) or 1 (post-scale), and the post-scale decode takes M <= 16 "
-             "(M <= 64 with scale slots of 128 columns)";
+      return "decode must be 0 (exact), 1 (post-scale) or 2 (post-scale, acq_rel publish); the "
+             "post-scale decode takes M <= 16 (M <= 64 with scale slots of 128 columns), the "
+             "acq_rel one M <= 16 with scale slots of 128 columns";
     case VLMKERN_WO_ERR_NO_SM90A:
       return "the WGMMA kernel needs an sm_90 GPU and a build with sm_90a code "
              "(TORCH_CUDA_ARCH_LIST containing 9.0a): this device or build has none, or the "

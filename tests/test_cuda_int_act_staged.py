@@ -108,6 +108,19 @@ def test_unsupported_weights_are_refused():
         staged.to_staged_layout(make_intact(8, 256, 4, 8, None))
 
 
+def test_shared_memory_and_launch_size():
+    assert staged.SMEM_BYTES == 3 * (32768 + 4096 + 32 * 272) == staged.smem_bytes(32, 0)
+    assert staged.smem_bytes(1, 2) == staged.smem_bytes(8, 2) == 3 * (32768 + 1024 + 8 * 272)
+    assert staged.smem_bytes(9, 3) == 3 * (32768 + 512 + 16 * 272)
+    h100, a100 = 233472, 167936              # shared memory per SM
+    for slot_log2 in range(4):               # a 32-token block fits once per SM on both
+        assert staged.launch_ctas(10_000, 132, h100, slot_log2) == 132
+        assert staged.launch_ctas(10_000, 108, a100, slot_log2) == 108
+    assert staged.launch_ctas(36 * 14, 132, 2 * h100, 3) == 2 * 132   # room for two: two per SM
+    assert staged.launch_ctas(50, 132, h100, 0) == 50                 # never more than the units
+    assert staged.launch_ctas(50, 132, 1000, 0) == 50                 # at least one per SM
+
+
 # -- GPU ------------------------------------------------------------------------------------
 _SKIP = kernel_op_reason("int_act_staged_mma", "weight_only_kernel.cu")
 gpu = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")

@@ -126,6 +126,17 @@ def smem_per_block(device: torch.device) -> int:
     return _SMEM_OPTIN[idx]
 
 
+_SMEM_PER_SM: dict[int, int] = {}
+
+
+def smem_per_multiprocessor(device: torch.device) -> int:
+    """Shared memory of one SM of a CUDA device, in bytes (asked once per device)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMEM_PER_SM:
+        _SMEM_PER_SM[idx] = torch.cuda.get_device_properties(idx).shared_memory_per_multiprocessor
+    return _SMEM_PER_SM[idx]
+
+
 def require_op(kernel: str, op: str, source: str) -> None:
     """Raise RuntimeError unless vlmkern._C is loaded and registers
     ``torch.ops.vlmkern.<op>`` (built from ``source``)."""

@@ -29,16 +29,44 @@ import torch
 
 from ..formats.intact import IntActWeight
 from . import cuda_int_act as cia
-from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op, smem_per_block
-from .cuda_weight_only import _counters, num_ctas_for
+from .cuda_common import (
+    LayoutCache,
+    check_activations,
+    multiprocessors,
+    require_op,
+    smem_per_block,
+    smem_per_multiprocessor,
+)
+from .cuda_weight_only import CTAS_PER_SM, _counters
 
 MAX_M = 32
 ROWS, CODES = 128, 256        # a unit: 128 rows by 256 codes of K
 ACT_DTYPES = (torch.float16, torch.bfloat16)
-# Shared memory of a thread block at its largest (32 tokens, 8 scale slots):
-# 3 stages of 32 KB of weights, 4 KB of scales and 32 rows of 272 bytes of
-# activations. A100 and H100 give a block that much; A10/L4-class GPUs (99 KB) do not.
-SMEM_BYTES = 3 * (32768 + 4096 + 32 * 272)
+SMEM_RESERVED = 1024          # the driver's shared memory per thread block (sm_80 and later)
+
+
+def smem_bytes(m: int, slot_log2: int) -> int:
+    """Dynamic shared memory of a launch, as the kernel's launcher sizes it:
+    3 stages, each of 32 KB of weights, 512 bytes per scale slot (8 >> slot_log2
+    of them) and 272 bytes per token row of the tile (8, 16 or 32 rows)."""
+    rows = 8 if m <= 8 else 16 if m <= 16 else 32
+    return 3 * (32768 + 512 * (8 >> slot_log2) + rows * 272)
+
+
+# At its largest (32 tokens, 8 scale slots) a block needs 137 KB: A100 and
+# H100 give a block that much; A10/L4-class GPUs (99 KB) do not.
+SMEM_BYTES = smem_bytes(MAX_M, 0)
+
+
+def launch_ctas(units: int, sms: int, smem_per_sm: int, slot_log2: int) -> int:
+    """Thread blocks of one launch: as many as the SMs hold at once (at most
+    CTAS_PER_SM each), never more than there are units. A block of this
+    kernel leaves room for only one per SM on the A100 and H100; twice that
+    many would run as two waves, each paying the pipeline's fill. Sized for
+    the largest token tile whatever M is: the split of K over the blocks
+    fixes the order of the fp32 sums, so it must not change with M."""
+    per_sm = smem_per_sm // (smem_bytes(MAX_M, slot_log2) + SMEM_RESERVED)
+    return max(1, min(units, max(1, min(CTAS_PER_SM, per_sm)) * sms))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -119,7 +147,8 @@ def int_act_staged(x: torch.Tensor, qweight: IntActWeight,
     q, sx = torch.ops.vlmkern.int_act_quantize(x.contiguous(), qweight.a_bits, qweight.act_scale,
                                                lay.group, lay.group_pad, lay.k_pad, cia.MODE_I8)
     blocks, chunks = sw.wq.shape[0], sw.wq.shape[1]
-    ctas = num_ctas_for(blocks * chunks, multiprocessors(x.device))
+    ctas = launch_ctas(blocks * chunks, multiprocessors(x.device),
+                       smem_per_multiprocessor(x.device), sw.slot_log2)
     return torch.ops.vlmkern.int_act_staged_mma(q, sx, sw.wq, sw.sz, bias,
                                                 _counters(x.device, blocks), sw.out_features,
                                                 sw.slot_log2, ctas, x.dtype)
