@@ -91,13 +91,14 @@ for dt, tdt, mode in (("fp16", torch.float16, 0), ("bf16", torch.bfloat16, 0),
                          FIX_BF16=False, SWIZZLE=8, BLOCK_M=cfg["BLOCK_M"],
                          BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk), cap, cfg)
             out.append((f"int_act m={m} {dt} g{g} w4={w4}", smem))
-    for m in (64, 4096) if cap >= 90 else ():   # TMA: Hopper only
+    # TMA: Hopper only; the tiles the wrapper picks, down to the smallest K it takes
+    for m, n, k in ((64, 4096, 4096), (4096, 4096, 4096), (3, 40, 16)) if cap >= 90 else ():
         cfg = it.tma_config(m, tdt)
-        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        bm, bn, bk = it.tma_tiles(m, n, k, cfg)
         tma_t = dict(a_desc=f"tensordesc<i8[{bm}, {bk}]>", w_desc=f"tensordesc<i8[{bn}, {bk}]>",
                      sx_ptr="*fp32", sw_ptr="*fp16", bias_ptr="*fp32", out_ptr=f"*{dt}")
         smem = build(it._int_act_tma_kernel, tma_t, dict(HAS_BIAS=True, FIX_BF16=False, SWIZZLE=8,
-                     FLATTEN=bool(cfg["FLATTEN"]), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), cap, cfg)
+                     FLATTEN=bool(cfg.get("FLATTEN", 0)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), cap, cfg)
         out.append((f"int_act_tma m={m} {dt}", smem))
     one = dict(num_warps=4, num_stages=3)
     for static in (False, True):

@@ -286,6 +286,20 @@ def test_registration_is_idempotent_and_declares_capabilities():
     assert {s.op for s in b.kernels} == {"weight_only", "int_act", "binary"}
 
 
+def test_every_kernel_takes_a_strided_bias():
+    """The kernels read the bias with stride 1: a strided view (every second
+    element of a longer vector) must give the contiguous copy's bits."""
+    from vlmkern.triton_kernels import kernel_specs
+    weights = {"weight_only": make_groupwise(N, K, 4, 64, False, seed=4),
+               "int_act": make_intact(N, K_TMA, 8, 8, None, seed=4),
+               "binary": make_binary(N, K, 64, seed=4)}
+    strided = torch.randn(2 * N, generator=gen(5)).to(DEV, torch.float16)[::2]
+    for spec in kernel_specs():
+        qw = weights[spec.op]
+        x = act(spec.min_m, qw.in_features, torch.float16, seed=6)   # a size the kernel takes
+        assert torch.equal(spec.fn(x, qw, strided), spec.fn(x, qw, strided.contiguous())), spec.name
+
+
 _NO_GPU_AT_IMPORT = """
 import torch
 def touched(*a, **k):
@@ -417,6 +431,16 @@ def test_int_act_tma_gives_the_pointer_kernels_bits(wa, dtype):
             y = int_act_tma_matmul(x, qw, bias, config=cfg)
             assert torch.equal(y, int_act_matmul(x, qw, bias)), (m, cfg)
         _int_act_check(y, x, qw, b)
+
+
+def test_int_act_tma_takes_the_smallest_k():
+    """K = 16 (one TMA row of 16 bytes): the K tile stays at 32, the GPU's
+    smallest int8 dot, with the columns past K zero-filled."""
+    qw = make_intact(N, 16, 8, 8, None, seed=3)
+    for m in (1, 130):
+        x = act(m, 16, torch.float16, seed=m)
+        assert torch.equal(int_act_tma_matmul(x, qw, bias_for(N)),
+                           int_act_matmul(x, qw, bias_for(N)))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")

@@ -200,10 +200,17 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, SPLITS, stride_om,
     tl.store(out_ptr + row * stride_om + col, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def bias_arg(bias: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """The kernels' bias pointer: the bias made contiguous (they read it with
+    stride 1, so a strided view would add the wrong elements), or any tensor
+    when there is none (HAS_BIAS=False never reads it)."""
+    return placeholder if bias is None else bias.contiguous()
+
+
 def splitk_reduce(ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
     splits, m, n = ws.shape
     block = 1024
     grid = (triton.cdiv(m * n, block),)
-    _splitk_reduce_kernel[grid](ws, bias if bias is not None else ws, out, m, n, splits,
+    _splitk_reduce_kernel[grid](ws, bias_arg(bias, ws), out, m, n, splits,
                                 out.stride(0), HAS_BIAS=bias is not None,
                                 FIX_BF16=bf16_fixup(out), BLOCK=block)

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from vlmkern.ops.reference import stored_order_linear
 
-from ._common import (check_one_token, dtype_code, get_config, launch_opts, shrink,
+from ._common import (bias_arg, check_one_token, dtype_code, get_config, launch_opts, shrink,
                       split_k_plan, splitk_reduce, swizzled_tile)
 from .weight_only import (_mode, mma, spread, store_out, store_token, unpack_rows,
                           weight_operand)
@@ -131,7 +131,7 @@ def binary_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
     sign, aux = qweight.sign.contiguous(), qweight.aux.contiguous()
     sal, st = qweight.salient.contiguous(), qweight.stats.contiguous()
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _binary_kernel[grid](x, sign, aux, sal, st, bias if bias is not None else out, out,
+    _binary_kernel[grid](x, sign, aux, sal, st, bias_arg(bias, out), out,
                          m, n, k, x.stride(0), out.stride(0), sign.stride(0), st.stride(0),
                          st.stride(1), BLOCK=blk, STAT_MODE=stat_mode, HAS_BIAS=bias is not None,
                          MODE=_mode(x), SWIZZLE=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
@@ -282,7 +282,7 @@ def gemv(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
     ws = torch.empty(splits, 1, n, dtype=torch.float32, device=x.device) if splits > 1 else out
     opts = launch_opts(dict(num_warps=4, num_stages=3), x.device)
     _binary_gemv_kernel[(n_tiles, splits)](
-        x, sign, aux, sal, st, bias if bias is not None else out, out, ws, n, k, sign.stride(0),
+        x, sign, aux, sal, st, bias_arg(bias, out), out, ws, n, k, sign.stride(0),
         st.stride(0), st.stride(1), n_words, per * GEMV_WORDS, BLOCK=qweight.block_size,
         HAS_BIAS=bias is not None, SPLIT=splits > 1, MODE=_mode(x), BLOCK_N=bn, W=GEMV_WORDS,
         **opts)

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (bf16_fixup, dtype_code, get_config, launch_opts, round_bf16, shrink,
-                      swizzled_tile)
+from ._common import (bf16_fixup, bias_arg, dtype_code, get_config, launch_opts, round_bf16,
+                      shrink, swizzled_tile)
 
 
 @triton.jit
@@ -215,7 +215,7 @@ def int_act_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *
     bk = block_k_for(gs, k, cfg["BLOCK_K"])
     qw, sw = qweight.qweight.contiguous(), qweight.scales.contiguous()
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _int_act_kernel[grid](qx, sx, qw, sw, bias if bias is not None else out, out,
+    _int_act_kernel[grid](qx, sx, qw, sw, bias_arg(bias, out), out,
                           m, n, k, qx.stride(0), qw.stride(0), sw.stride(0), out.stride(0),
                           GROUP=group, W4=qweight.w_bits == 4, HAS_BIAS=bias is not None,
                           FIX_BF16=bf16_fixup(x), SWIZZLE=8, BLOCK_M=bm, BLOCK_N=bn,

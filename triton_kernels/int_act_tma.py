@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bf16_fixup, dtype_code, get_config, launch_opts, shrink, sm_count, swizzled_tile
+from ._common import (bf16_fixup, bias_arg, dtype_code, get_config, launch_opts, shrink,
+                      sm_count, swizzled_tile)
 from .int_act import finish_rows, quantize_activations
 
 
@@ -65,6 +66,14 @@ def tma_config(m: int, dtype: torch.dtype, override: dict | None = None) -> dict
     return cfg
 
 
+def tma_tiles(m: int, n: int, k: int, cfg: dict) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of an M x N x K call: the config's tiles
+    shrunk to the problem, K tiles never below 32 (the smallest int8 tl.dot
+    the GPU compiler takes; TMA zero-fills the columns past K)."""
+    return (shrink(cfg["BLOCK_M"], m), shrink(cfg["BLOCK_N"], n),
+            shrink(cfg["BLOCK_K"], k, floor=32))
+
+
 def tma_reason(qweight) -> str | None:
     """Why the TMA kernel cannot read this weight, or None. (The GPU must be
     sm_90 or newer: the kernel spec's ``min_sm``, checked again on a call.)"""
@@ -97,14 +106,14 @@ def int_act_tma_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = Non
     if m == 0:
         return out
     cfg = tma_config(m, x.dtype, config)
-    bm, bn, bk = shrink(cfg["BLOCK_M"], m), shrink(cfg["BLOCK_N"], n), shrink(cfg["BLOCK_K"], k)
+    bm, bn, bk = tma_tiles(m, n, k, cfg)
     qx, sx = quantize_activations(x, qweight.a_bits, qweight.act_scale)
     qw, sw = qweight.qweight.contiguous(), qweight.scales.contiguous()
     a_desc = TensorDescriptor.from_tensor(qx, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(qw, [bn, bk])
     programs = min(triton.cdiv(m, bm) * triton.cdiv(n, bn), sm_count(x.device))
     _int_act_tma_kernel[(programs,)](
-        a_desc, w_desc, sx, sw, bias if bias is not None else out, out, m, n, k, sw.stride(0),
+        a_desc, w_desc, sx, sw, bias_arg(bias, out), out, m, n, k, sw.stride(0),
         out.stride(0), HAS_BIAS=bias is not None, FIX_BF16=bf16_fixup(x), SWIZZLE=8,
         FLATTEN=bool(cfg.get("FLATTEN", 0)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch_opts(cfg, x.device))
     return out

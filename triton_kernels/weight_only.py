@@ -42,7 +42,7 @@ import triton.language as tl
 
 from vlmkern.ops.reference import stored_order_linear
 
-from ._common import (bf16_fixup, check_one_token, dtype_code, get_config, launch_opts,
+from ._common import (bf16_fixup, bias_arg, check_one_token, dtype_code, get_config, launch_opts,
                       round_bf16, shrink, split_k_plan, splitk_reduce, swizzled_tile)
 
 
@@ -488,7 +488,7 @@ def gemv(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
     ws = torch.empty(splits, 1, n, dtype=torch.float32, device=x.device) if splits > 1 else out
     opts = launch_opts(dict(num_warps=4, num_stages=3), x.device)
     _wo_gemv_kernel[(n_tiles, splits)](
-        x, qw, sc, qz, bias if bias is not None else out, out, ws, n, k, qw.stride(0),
+        x, qw, sc, qz, bias_arg(bias, out), out, ws, n, k, qw.stride(0),
         sc.stride(0), qz.stride(0), qw.shape[1], qz.shape[1], per, BITS=qweight.bits,
         GROUP=group, ASYM=qweight.qzeros is not None, HAS_BIAS=bias is not None,
         SPLIT=splits > 1, MODE=_mode(x), BLOCK_N=bn, BLOCK_K=bk, **opts)
@@ -520,7 +520,7 @@ def weight_only_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = Non
     qw, sc, qz, group = packed_operands(qweight)
     common = dict(BITS=qweight.bits, GROUP=group, ASYM=qweight.qzeros is not None,
                   MODE=_mode(x), BLOCK_N=bn, BLOCK_K=bk)
-    b = bias if bias is not None else out
+    b = bias_arg(bias, out)
     args = (m, n, k, x.stride(0), out.stride(0), qw.stride(0), sc.stride(0), qz.stride(0),
             qw.shape[1], qz.shape[1])
     if group and bk % group and group % bk:
