@@ -30,7 +30,9 @@ from bench_linear import FORMATS, SHAPES, make_weight, rotating, time_fn, write_
 # triton.int_act (the first entry its "large" default at the time of writing),
 # "tma" the persistent TMA kernel triton.int_act_tma (Hopper, per-channel
 # int8 weights; its first entry is its default), "tma flat" the same with
-# one software pipeline across tiles (FLATTEN)
+# one software pipeline across tiles (FLATTEN). Triton keeps a wgmma with an
+# int32 accumulator synchronous (it waits for each K step's MMAs before the
+# next step's), so the 256-column K steps spread that wait over twice the MMAs.
 CONFIGS = (
     ("ptr", 128, 128, 64, 8, 3),
     ("ptr", 128, 128, 128, 8, 3),
@@ -40,12 +42,15 @@ CONFIGS = (
     ("ptr", 256, 128, 128, 8, 3),
     ("ptr", 64, 256, 128, 4, 4),
     ("ptr", 64, 128, 128, 4, 4),
+    ("ptr", 128, 128, 256, 8, 2),
     ("tma", 128, 256, 128, 8, 4),
     ("tma", 128, 256, 128, 8, 3),
     ("tma", 256, 128, 128, 8, 3),
     ("tma", 128, 128, 128, 8, 5),
     ("tma flat", 128, 128, 128, 8, 4),
     ("tma flat", 64, 128, 128, 4, 4),
+    ("tma", 128, 256, 256, 8, 2),
+    ("tma", 128, 128, 256, 8, 3),
 )
 
 
