@@ -77,6 +77,8 @@ fi
 "$py" -c 'import vlmkern; from vlmkern.ext import load_extension; print(load_extension()[1]); print(vlmkern.available_backends())'
 
 mark=${MARK:-not cpp_checks}
+# parallel test workers where pytest-xdist is installed, one process otherwise
+workers() { "$py" -c "import xdist" 2>/dev/null && echo "-n $1"; }
 skip=()
 if [ -n "${SKIP_PASSED:-}" ]; then
   while read -r id; do [ -n "$id" ] && [ "${id#\#}" = "$id" ] && skip+=(--deselect "$id"); done <"$SKIP_PASSED"
@@ -87,7 +89,7 @@ if [ "${TEST_S:-300}" -gt 0 ]; then
   "$py" -m pytest -q --collect-only -p no:cacheprovider -m "$mark" "${skip[@]}" $tests \
     2>/dev/null | grep "::" >"$out/collected.txt"
   # SIGINT at the limit: pytest still lists the failures so far and writes the XML
-  timeout -s INT -k 30 "${TEST_S:-300}" "$py" -m pytest -q -n 8 -p no:cacheprovider -m "$mark" \
+  timeout -s INT -k 30 "${TEST_S:-300}" "$py" -m pytest -q $(workers 8) -p no:cacheprovider -m "$mark" \
     "${skip[@]}" $tests -o junit_family=xunit2 --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
   rc=$?; phase tests $rc "$t"; grep -E "passed|failed|error" "$out/tests.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
@@ -231,7 +233,7 @@ fi
 # its worker down), then how a C++ exception from a fresh extension fares here
 if [ "${CPP_CHECKS_S:-120}" -gt 0 ]; then
   t=$(date +%s)
-  timeout -s INT -k 30 "${CPP_CHECKS_S:-120}" "$py" -m pytest -q -n 4 -p no:cacheprovider \
+  timeout -s INT -k 30 "${CPP_CHECKS_S:-120}" "$py" -m pytest -q $(workers 4) -p no:cacheprovider \
     -m cpp_checks $tests -o junit_family=xunit2 --junitxml="$out/cpp_checks.xml" \
     >"$out/cpp_checks.log" 2>&1
   rc=$?; phase cpp_checks $rc "$t"; grep -E "passed|failed|error|crashed" "$out/cpp_checks.log" | tail -12
