@@ -777,7 +777,12 @@ int launch(const Params& p, int64_t num_ctas, cudaStream_t stream) {
   if (err != cudaSuccess) return launch_failed(err);
   if (smem > limit) return VLMKERN_WO_ERR_SHARED_MEMORY;
   if (smem > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    // The limit belongs to the kernel, not to this launch: it is set to what the
+    // most scale slots need, so host threads launching it for different group
+    // sizes never lower it beneath one another's launch.
+    const int most = STAGES * stage_bytes_of<BITS, M_TILES, POST_SLOT_LOG2>(8);
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               most < limit ? most : limit);
     if (err != cudaSuccess) return launch_failed(err);
   }
   kernel<<<static_cast<unsigned>(num_ctas), kThreads, smem, stream>>>(p);

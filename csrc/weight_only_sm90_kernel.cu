@@ -311,7 +311,11 @@ int launch(const WgParams& p, int64_t NB, cudaStream_t stream) {
     err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return launch_failed(err);
   if (smem > limit) return VLMKERN_WO_ERR_SHARED_MEMORY;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  // set for the most scale slots, not this launch's: concurrent launches with
+  // other group sizes then never lower it beneath one another's
+  const int most = Sm90Stage<BITS, TOKENS>::smem(8);
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             most < limit ? most : limit);
   if (err != cudaSuccess) return launch_failed(err);
   const dim3 grid(static_cast<unsigned>((p.M + TOKENS - 1) / TOKENS), static_cast<unsigned>(NB),
                   static_cast<unsigned>(p.splits));
