@@ -112,10 +112,14 @@ def test_dead_columns_are_zeroed():
 
 def test_damping_retry_and_failure():
     h = torch.eye(64)
-    h[0, 0] = -0.05                          # fails with 1% damping, factorises with 10%
+    h[0, 1] = h[1, 0] = 1.05                 # eigenvalue -0.05: fails with 1% damping, not 10%
     _, stats = billm_quantize(torch.randn(8, 64), h)
     assert stats["damp"] == pytest.approx(0.1)
+    hopeless = torch.eye(64)
+    hopeless[0, 1] = hopeless[1, 0] = 1e9    # eigenvalue about -1e9: no damping tried helps
     with pytest.raises(ValueError, match="Cholesky"):
+        billm_quantize(torch.randn(8, 64), hopeless)
+    with pytest.raises(ValueError, match="negative diagonal"):   # no sum of x x^T
         billm_quantize(torch.randn(8, 64), -torch.eye(64))
 
 

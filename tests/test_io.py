@@ -164,6 +164,28 @@ def test_tied_embeddings_survive(tmp_path, quantize_head):
     assert torch.equal(logits(fresh, inputs), expected)
 
 
+class _TransposedBuffer(torch.nn.Module):
+    """A full-precision buffer and its transpose: one storage, two tensors."""
+
+    def __init__(self):
+        super().__init__()
+        w = torch.arange(16.0).reshape(4, 4)
+        self.register_buffer("w", w)
+        self.register_buffer("wt", w.t())
+        self.fc = torch.nn.Linear(4, 4)
+
+
+def test_a_transposed_view_is_not_saved_as_an_alias(tmp_path):
+    model, _ = replace_linears(_TransposedBuffer(), QuantConfig(4, 4), progress=False)
+    path = save_quantized(model, tmp_path)
+    assert json.loads(read_header(path)[1]["quantization_config"])["aliases"] == {}
+    fresh = _TransposedBuffer()
+    fresh.w.zero_()
+    fresh.wt = torch.zeros(4, 4)
+    load_quantized(fresh, path)
+    assert torch.equal(fresh.w, model.w) and torch.equal(fresh.wt, model.w.t())
+
+
 def test_load_into_a_model_of_another_dtype(tmp_path):
     model, inputs = quantized("qwen2", {"*.q_proj": QuantConfig(4, 32), "*": IntActConfig(8, 8)})
     path = save_quantized(model, tmp_path)

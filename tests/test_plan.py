@@ -24,7 +24,7 @@ from vlmkern.calib.arch import decoder_layers  # noqa: E402
 from vlmkern.io import CheckpointError, read_plan  # noqa: E402
 from vlmkern.plan import (Plan, PlanEntry, PlanError, config_from_json,  # noqa: E402
                           config_nbytes, config_to_json)
-from vlmkern.quant import billm_quantize, gptq_quantize, quantize_weight  # noqa: E402
+from vlmkern.quant import billm_quantize, binarize, gptq_quantize, quantize_weight  # noqa: E402
 from vlmkern.quant.awq import AWQConfig
 from vlmkern.quant.vlmq import VLMQConfig
 from vlmkern.calib.awq_engine import AWQEngineConfig
@@ -408,3 +408,14 @@ def test_checkpoint_without_a_plan_still_loads(mixed_ckpt, tmp_path):
     implied = read_plan(old)
     assert {n: (e.format, e.w_bits) for n, e in implied.entries.items()} == \
         {n: (e.format, e.w_bits) for n, e in Plan.from_model(q).entries.items()}
+
+
+def test_a_recorded_binary_weight_with_small_blocks_applies_again(tmp_path):
+    # an external binary weight's entry has no method config: the data-free
+    # config it falls back to must fit its block (default max_salient 49 > 16)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 8))
+    w = binarize(model[0].weight.detach(), BinaryConfig(block_size=16, max_salient=4))
+    model, _ = replace_linears(model, {"0": w}, progress=False)
+    plan = read_plan(save_quantized(model, tmp_path))
+    fresh, _ = replace_linears(torch.nn.Sequential(torch.nn.Linear(32, 8)), plan, progress=False)
+    assert isinstance(fresh[0], BinaryLinear) and fresh[0].quantized_weight.block_size == 16

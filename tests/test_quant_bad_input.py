@@ -373,3 +373,40 @@ def test_from_gptq_valid_arguments(checkpoint):
     assert qw.group_size == 32 and qw.bits == 4
     whole = to_gptq(vlmkern.quantize_rtn(weights(64, 128), QuantConfig(4, None)))
     assert from_gptq(**whole, bits=4, group_size=-1).group_size is None
+
+
+def test_hessians_with_negative_diagonals_or_no_values_are_refused():
+    w = torch.randn(8, 16)
+    h = torch.eye(16) * 100
+    h[0, 0] = -1.0                       # no sum of x x^T: damping would hide it
+    with pytest.raises(ValueError, match="1 negative diagonal entries"):
+        gptq_quantize(w, h, GPTQConfig())
+    with pytest.raises(ValueError, match="negative diagonal"):
+        billm_quantize(w, h)
+    with pytest.raises(ValueError, match="hessian is on the meta device"):
+        gptq_quantize(w, torch.empty(16, 16, device="meta"), GPTQConfig())
+
+
+def test_gptaq_alpha_must_be_a_number():
+    w, h, d = torch.randn(8, 16), torch.eye(16), torch.zeros(16, 16)
+    for bad in (True, "x", None):
+        with pytest.raises((TypeError, ValueError), match="alpha"):
+            gptaq_quantize(w, h, d, GPTQConfig(), bad)
+
+
+def test_binarize_saliency_must_be_a_finite_tensor():
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="saliency holds NaN"):
+        vlmkern.binarize(w, saliency=torch.full((16,), float("nan")))
+    with pytest.raises(TypeError, match="saliency must be a torch.Tensor, got list"):
+        vlmkern.binarize(w, saliency=[1.0] * 16)
+
+
+def test_smoothing_that_overflows_an_fp16_weight_says_so():
+    from vlmkern.quant.smoothquant import smoothquant_quantize
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="times the smoothing scales overflows torch.float16"):
+        smoothquant_quantize([w.half()], torch.full((16,), 1e12),
+                             IntActConfig(8, 8, scale_dtype="float32"), 0.5)
+    smoothquant_quantize([w], torch.full((16,), 1e12), IntActConfig(8, 8, scale_dtype="float32"),
+                         0.5)                                      # fp32 weights: no overflow

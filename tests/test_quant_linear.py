@@ -68,3 +68,20 @@ def test_load_state_dict_into_a_laid_out_layer_checks_the_format():
     with pytest.raises(RuntimeError, match="scales holds NaN or Inf"):
         layer.load_state_dict(state)
     assert torch.isfinite(layer.scales).all()
+
+
+def test_load_state_dict_refuses_a_scale_cast_that_changes_values():
+    # bf16 scales copied into fp16 buffers would be rounded (large ones become Inf)
+    linear = torch.nn.Linear(256, 16)
+    fp16 = QuantLinear.from_linear(linear, QuantConfig(4, 32))
+    bf16 = QuantLinear.from_linear(linear, QuantConfig(4, 32, scale_dtype="bfloat16"))
+    state = bf16.state_dict()
+    state["scales"] = state["scales"] * 1e30            # far past fp16's range
+    before = fp16.scales.clone()
+    with pytest.raises(RuntimeError, match="scales is torch.bfloat16 in the state dict and "
+                                           "torch.float16 in this layer"):
+        fp16.load_state_dict(state)
+    assert torch.equal(fp16.scales, before)             # nothing loaded
+    wide = QuantLinear.from_linear(linear, QuantConfig(4, 32, scale_dtype="float32"))
+    wide.load_state_dict(fp16.state_dict())             # fp16 -> fp32 is exact: loads
+    assert torch.equal(wide.scales, fp16.scales.float())

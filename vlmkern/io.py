@@ -76,8 +76,9 @@ def save_quantized(model: nn.Module, path) -> Path:
     tensors, aliases, seen = {}, {}, {}
     for name, t in model.state_dict().items():
         # Tied weights share storage; safetensors stores each storage once.
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype,
-               t.device) if t.numel() else None
+        # (a transposed view of a square tensor has its shape, not its strides)
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
+               t.dtype, t.device) if t.numel() else None
         if key is not None and key in seen:
             aliases[name] = seen[key]
             continue
@@ -233,9 +234,14 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
             raise CheckpointError(f"{file}: alias {name!r} names a tensor the file holds")
         tensors[name] = tensors[source]
 
-    modules = dict(model.named_modules())
+    from .replace import shared_names
+    modules, aliases = dict(model.named_modules()), shared_names(model)
     for name, entry in config["modules"].items():
         _install_module(model, modules, name, entry, tensors, file, device)
+        for place in aliases.get(name, ()):     # a layer under several names: one module
+            parent, _, child = place.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    model.get_submodule(name))
     if plan is not None:    # after the modules, whose own checks name a corrupt entry best
         _match_plan(plan, config["modules"], file)
 

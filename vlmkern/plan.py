@@ -266,8 +266,10 @@ class PlanEntry:
             return QuantConfig(self.w_bits, self.group_size, self.sym)
         if self.format == "intact":
             return IntActConfig(self.w_bits, self.a_bits, self.group_size)
-        if self.format == "binary":
-            return BinaryConfig(block_size=self.group_size)
+        if self.format == "binary":   # the default salient budget, as far as the block holds it
+            default = BinaryConfig().max_salient
+            return BinaryConfig(block_size=self.group_size,
+                                max_salient=min(default, self.group_size))
         raise PlanError(f"entry {self.label} has no method config: cannot apply it")
 
     def to_dict(self) -> dict:

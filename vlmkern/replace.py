@@ -121,6 +121,23 @@ def _skip_patterns(skip) -> tuple[str, ...]:
     return patterns
 
 
+def shared_names(model: nn.Module) -> dict[str, list[str]]:
+    """Modules registered under several names (one object at two places of
+    the tree): first name -> the other names. ``named_modules`` lists such a
+    module once, under its first name."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return {found[0]: found[1:] for found in names.values() if len(found) > 1}
+
+
+def _same_setting(a, b) -> bool:
+    full_precision = ("skip", "keep")
+    if a[0] in full_precision or b[0] in full_precision:
+        return a[0] in full_precision and b[0] in full_precision
+    return a[1] is b[1] or (not isinstance(a[1], PackedWeight) and a[1] == b[1])
+
+
 def resolve_plan(model: nn.Module, plan, skip=DEFAULT_SKIP):
     """Decide, without changing the model, what every nn.Linear becomes.
 
@@ -136,37 +153,52 @@ def resolve_plan(model: nn.Module, plan, skip=DEFAULT_SKIP):
                          f"(layers such as transformers' Conv1D are not supported)")
     report = ReplaceReport()
     used = set()
+    every_name = dict(model.named_modules(remove_duplicate=False))
     for key, value in plan.items():
-        if key in modules and not isinstance(modules[key], nn.Linear) and not key.startswith("re:"):
-            raise TypeError(f"plan names {key!r}, which is a {type(modules[key]).__name__}, "
+        if (key in every_name and not isinstance(every_name[key], nn.Linear)
+                and not key.startswith("re:")):
+            raise TypeError(f"plan names {key!r}, which is a {type(every_name[key]).__name__}, "
                             f"not an nn.Linear")
-        if isinstance(value, PackedWeight) and key not in modules:
+        if isinstance(value, PackedWeight) and key not in every_name:
             raise KeyError(f"plan gives a quantized weight for {key!r}, but the model has no "
                            f"module of that name")
-        if isinstance(value, PackedWeight) and isinstance(modules[key], nn.Linear):
-            expected = (modules[key].out_features, modules[key].in_features)
+        if isinstance(value, PackedWeight) and isinstance(every_name[key], nn.Linear):
+            expected = (every_name[key].out_features, every_name[key].in_features)
             if value.shape != expected:
                 raise ValueError(f"{key}: quantized weight has shape {value.shape}, the linear "
                                  f"layer is {expected}")
+
+    def decide(name):
+        """(kind, entry, plan key) of one name: quantize / keep / skip / none."""
+        if name in plan:
+            hit = name
+        elif any(name_matches(name, s) for s in skip):
+            return "skip", None, None
+        else:
+            hit = next((p for p in plan if name_matches(name, p)), None)
+            if hit is None:
+                return "none", None, None
+        return ("keep" if plan[hit] is None else "quantize"), plan[hit], hit
+
+    aliases = shared_names(model)
     targets = {}
     for name, module in modules.items():
         if not isinstance(module, nn.Linear):
             continue
-        if name in plan:
-            entry, hit = plan[name], name
-        elif any(name_matches(name, s) for s in skip):
-            report.skipped.append(name)
-            continue
-        else:
-            hit = next((p for p in plan if name_matches(name, p)), None)
-            if hit is None:
-                report.unmatched.append(name)
-                continue
-            entry = plan[hit]
-        used.add(hit)
-        if entry is None:
-            report.kept.append(name)
-        else:
+        # a linear under several names is one layer: the names that the plan
+        # or the skip list speak of must agree
+        said = [(n, decide(n)) for n in [name, *aliases.get(name, ())]]
+        said = [(n, d) for n, d in said if d[0] != "none"] or said[:1]
+        for other, d in said[1:]:
+            if not _same_setting(said[0][1], d):
+                raise ValueError(f"{said[0][0]} and {other} are one nn.Linear under two names, "
+                                 f"but the plan gives them different settings ({said[0][1][0]} "
+                                 f"{said[0][1][1]!r} and {d[0]} {d[1]!r}); give both the same")
+        used.update(d[2] for _, d in said if d[2] is not None)
+        kind, entry, _ = said[0][1]
+        {"none": report.unmatched, "skip": report.skipped, "keep": report.kept}.get(
+            kind, []).append(name)
+        if kind == "quantize":
             targets[name] = entry
     report.unused_patterns = [p for p in plan if p not in used]
     return targets, report
@@ -186,6 +218,7 @@ def replace_linears(model: nn.Module, plan, skip=DEFAULT_SKIP, progress: bool = 
     Returns (model, ReplaceReport) with per-module format, setting and bytes.
     """
     targets, report = resolve_plan(model, plan, skip)
+    aliases = shared_names(model)
     for name, entry in tqdm(targets.items(), desc="quantizing linears", unit="layer",
                             disable=not progress or len(targets) < 8):
         linear = model.get_submodule(name)
@@ -199,7 +232,8 @@ def replace_linears(model: nn.Module, plan, skip=DEFAULT_SKIP, progress: bool = 
             qlinear = QuantLinear.from_linear(linear, entry, info)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{name}: {e}") from None
-        _set_module(model, name, qlinear)
+        for place in [name, *aliases.get(name, ())]:     # one layer, every name it has
+            _set_module(model, place, qlinear)
         qweight = qlinear.quantized_weight
         label = entry.label if not isinstance(entry, PackedWeight) else repr(qweight.meta())
         report.rows.append(ReplaceRow(name, qweight.FORMAT, label, before, qweight.nbytes))

@@ -127,8 +127,28 @@ class QuantLinear(nn.Module):
                 except (FormatError, TypeError, ValueError) as e:
                     error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: {e}")
                     return
+        lossy = self._lossy_casts(state_dict, prefix)
+        if lossy:
+            error_msgs.extend(f"{prefix.rstrip('.') or type(self).__name__}: {why}" for why in lossy)
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _lossy_casts(self, state_dict, prefix) -> list[str]:
+        """Loading copies each tensor into the layer's buffer, in the buffer's
+        dtype: bf16 scales loaded into fp16 ones would be rounded, or become
+        Inf, without a word. A cast is let through only when it is exact."""
+        why = []
+        for name in self._weight_type().FLOATS:
+            t, buf = state_dict.get(prefix + name), self._buffers.get(name)
+            if (isinstance(t, torch.Tensor) and isinstance(buf, torch.Tensor)
+                    and t.dtype != buf.dtype and t.shape == buf.shape
+                    and not torch.equal(t.to(buf.dtype).to(t.dtype), t)):
+                why.append(f"{name} is {t.dtype} in the state dict and {buf.dtype} in this layer, "
+                           f"and its values change in that cast; build the layer with the state "
+                           f"dict's scale dtype, or load a checkpoint file with load_quantized "
+                           f"(it rebuilds the layers from the file)")
+        return why
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config_or_weight: AnyConfig | PackedWeight,

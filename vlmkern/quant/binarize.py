@@ -152,8 +152,12 @@ def binarize(weight: torch.Tensor, config: BinaryConfig | None = None,
     n, k = weight.shape
     if saliency is None:
         saliency = weight.float().pow(2).sum(dim=0)
+    elif not isinstance(saliency, torch.Tensor):
+        raise TypeError(f"saliency must be a torch.Tensor, got {type(saliency).__name__}")
     elif tuple(saliency.shape) != (k,):
         raise ValueError(f"saliency must have shape ({k},), got {tuple(saliency.shape)}")
+    elif not bool(torch.isfinite(saliency).all()):
+        raise ValueError("saliency holds NaN or Inf values: it ranks the columns")
     bs = config.block_size
     blocks = []
     for start in range(0, k, bs):

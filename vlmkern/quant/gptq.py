@@ -340,7 +340,7 @@ def gptaq_quantize(weight: torch.Tensor, hessian: torch.Tensor, delta: torch.Ten
     ones (see ``_column_loop``), so the result does not depend on block_size.
     """
     config = GPTQConfig() if config is None else config
-    alpha = float(alpha)
+    alpha = config_float("gptaq_quantize", "alpha", alpha)
     if not 0.0 <= alpha < float("inf"):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     if delta is None:

@@ -185,6 +185,8 @@ def check_square(name: str, m, k: int) -> None:
     if tuple(m.shape) != (k, k):
         raise ValueError(f"{name} must be [{k}, {k}] (shape) to match weight [out, {k}], "
                          f"got {tuple(m.shape)}")
+    if m.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: it holds no values")
     if not bool(torch.isfinite(m).all()):
         raise ValueError(f"{name} holds {int((~torch.isfinite(m)).sum())} NaN/Inf values")
 
@@ -200,6 +202,10 @@ def check_calibrated(hessian: torch.Tensor) -> None:
     if not bool(hessian.diagonal().any()):
         raise ValueError("the Hessian is all zero: no calibration tokens reached this layer "
                          "(check attention_mask / the samples)")
+    if bool((hessian.diagonal() < 0).any()):
+        # damping would go on until it factors, hiding a matrix that is no X^T X
+        raise ValueError(f"the Hessian has {int((hessian.diagonal() < 0).sum())} negative "
+                         f"diagonal entries; a sum of x x^T over tokens has none")
 
 
 def inverse_cholesky_upper(hessian: torch.Tensor, damp: float, max_retries: int = 3):

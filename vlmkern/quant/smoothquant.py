@@ -78,7 +78,15 @@ def smooth_weights(weights: Sequence[torch.Tensor], act_absmax: torch.Tensor,
     then be divided by s (fold_scales_into_norm / fold_scales_into_linear).
     """
     s = smooth_scales(act_absmax, weight_absmax(weights), alpha)
-    return [(w.double() * s.double().to(w.device)).to(w.dtype) for w in weights], s
+    smoothed = []
+    for i, w in enumerate(weights):
+        ws = (w.double() * s.double().to(w.device)).to(w.dtype)
+        if not bool(torch.isfinite(ws).all()):
+            raise ValueError(f"weight {i} times the smoothing scales overflows {w.dtype} (scales "
+                             f"up to {float(s.max()):.3g}): pass the weights in float32, or a "
+                             f"smaller alpha")
+        smoothed.append(ws)
+    return smoothed, s
 
 
 def smoothquant_quantize(weights: Sequence[torch.Tensor], act_absmax: torch.Tensor,
