@@ -443,6 +443,19 @@ def test_int_act_tma_takes_the_smallest_k():
                            int_act_matmul(x, qw, bias_for(N)))
 
 
+def test_int_act_tma_reads_a_weight_view_at_any_address():
+    """A valid weight whose codes start one byte into a larger buffer (TMA
+    needs 16-byte aligned addresses): copied, not refused or misread."""
+    import dataclasses
+    qw = make_intact(N, K_TMA, 8, 8, None, seed=21)
+    blob = torch.zeros(qw.qweight.numel() + 1, dtype=torch.int8, device=DEV)
+    codes = blob[1:].view(N, K_TMA)
+    codes.copy_(qw.qweight)
+    shifted = dataclasses.replace(qw, qweight=codes).validate()
+    x = act(130, K_TMA, torch.float16)
+    assert torch.equal(int_act_tma_matmul(x, shifted), int_act_matmul(x, qw))
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 def test_int_act_tma_static_scale_nan_token_and_empty():
     qw = make_intact(N, K_TMA, 8, 8, None, act_scale=0.02, seed=15)

@@ -109,6 +109,8 @@ def int_act_tma_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = Non
     bm, bn, bk = tma_tiles(m, n, k, cfg)
     qx, sx = quantize_activations(x, qweight.a_bits, qweight.act_scale)
     qw, sw = qweight.qweight.contiguous(), qweight.scales.contiguous()
+    if qw.data_ptr() % 16:      # TMA reads from 16-byte aligned addresses (a view may not be)
+        qw = qw.clone()
     a_desc = TensorDescriptor.from_tensor(qx, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(qw, [bn, bk])
     programs = min(triton.cdiv(m, bm) * triton.cdiv(n, bn), sm_count(x.device))
