@@ -266,6 +266,17 @@ def test_empty_batch(weights):
     assert y.shape == (2, 0, N)
 
 
+def test_a_weight_with_no_output_features():
+    # the formats allow N = 0 (from_codes); the unpacking would not
+    qw = QuantizedWeight.from_codes(torch.zeros(0, K, dtype=torch.long),
+                                    torch.zeros(0, -(-K // 32)).half(), None, 4, 32)
+    iw = IntActWeight.from_codes(torch.zeros(0, K, dtype=torch.long), torch.zeros(0, 1).half(),
+                                 8, 8, None)
+    for w in (qw, iw):
+        y = ops.linear(torch.randn(3, K), w, torch.zeros(0))
+        assert y.shape == (3, 0)
+
+
 # ---------------------------------------------------------------------------
 # Bad inputs
 # ---------------------------------------------------------------------------

@@ -454,6 +454,11 @@ def test_int_act_tma_reads_a_weight_view_at_any_address():
     shifted = dataclasses.replace(qw, qweight=codes).validate()
     x = act(130, K_TMA, torch.float16)
     assert torch.equal(int_act_tma_matmul(x, shifted), int_act_matmul(x, qw))
+    # one row of a wider buffer: its row stride (K + 8 bytes) is no multiple of 16
+    wide = torch.zeros(1, K_TMA + 8, dtype=torch.int8, device=DEV)
+    wide[:, :K_TMA] = qw.qweight[:1]
+    row = dataclasses.replace(qw, qweight=wide[:, :K_TMA], scales=qw.scales[:1]).validate()
+    assert torch.equal(int_act_tma_matmul(x, row), int_act_matmul(x, row))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")

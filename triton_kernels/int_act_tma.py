@@ -109,8 +109,10 @@ def int_act_tma_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = Non
     bm, bn, bk = tma_tiles(m, n, k, cfg)
     qx, sx = quantize_activations(x, qweight.a_bits, qweight.act_scale)
     qw, sw = qweight.qweight.contiguous(), qweight.scales.contiguous()
-    if qw.data_ptr() % 16:      # TMA reads from 16-byte aligned addresses (a view may not be)
-        qw = qw.clone()
+    if qw.data_ptr() % 16 or qw.stride(0) % 16:
+        # TMA needs 16-byte aligned addresses and row strides; a view into a
+        # larger buffer (or one row of it) may have neither
+        qw = qw.clone(memory_format=torch.contiguous_format)
     a_desc = TensorDescriptor.from_tensor(qx, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(qw, [bn, bk])
     programs = min(triton.cdiv(m, bm) * triton.cdiv(n, bn), sm_count(x.device))

@@ -89,7 +89,7 @@ def dispatch_linear(x: torch.Tensor, qweight: PackedWeight,
         _load_backends()
     _validate(x, qweight, bias)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])   # a 2-D x is not reshaped
-    if x2.shape[0] == 0:
+    if x2.shape[0] == 0 or qweight.out_features == 0:     # nothing to compute
         return x.new_zeros(*x.shape[:-1], qweight.out_features)
     y = select(OP_OF_FORMAT[qweight.FORMAT], x2, qweight).fn(x2, qweight, bias)
     return y if x2 is x else y.reshape(*x.shape[:-1], y.shape[-1])
