@@ -196,10 +196,10 @@ def resolve_plan(model: nn.Module, plan, skip=DEFAULT_SKIP):
                                  f"{said[0][1][1]!r} and {d[0]} {d[1]!r}); give both the same")
         used.update(d[2] for _, d in said if d[2] is not None)
         kind, entry, _ = said[0][1]
-        {"none": report.unmatched, "skip": report.skipped, "keep": report.kept}.get(
-            kind, []).append(name)
         if kind == "quantize":
             targets[name] = entry
+        else:
+            {"none": report.unmatched, "skip": report.skipped, "keep": report.kept}[kind].append(name)
     report.unused_patterns = [p for p in plan if p not in used]
     return targets, report
 
