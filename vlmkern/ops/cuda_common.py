@@ -103,38 +103,30 @@ def _tensors_in(obj) -> list[torch.Tensor]:
     return []
 
 
-_MULTIPROCESSORS: dict[int, int] = {}
+_DEVICE_PROPERTIES: dict[tuple[int, str], int] = {}
+
+
+def _device_property(device: torch.device, name: str) -> int:
+    """A field of ``torch.cuda.get_device_properties`` (asked once per device)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if (idx, name) not in _DEVICE_PROPERTIES:
+        _DEVICE_PROPERTIES[idx, name] = getattr(torch.cuda.get_device_properties(idx), name)
+    return _DEVICE_PROPERTIES[idx, name]
 
 
 def multiprocessors(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (asked once per device)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _MULTIPROCESSORS:
-        _MULTIPROCESSORS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _MULTIPROCESSORS[idx]
-
-
-_SMEM_OPTIN: dict[int, int] = {}
+    """Streaming multiprocessors of a CUDA device."""
+    return _device_property(device, "multi_processor_count")
 
 
 def smem_per_block(device: torch.device) -> int:
-    """Shared memory a thread block may opt in to on a CUDA device, in bytes
-    (asked once per device)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMEM_OPTIN:
-        _SMEM_OPTIN[idx] = torch.cuda.get_device_properties(idx).shared_memory_per_block_optin
-    return _SMEM_OPTIN[idx]
-
-
-_SMEM_PER_SM: dict[int, int] = {}
+    """Shared memory a thread block may opt in to on a CUDA device, in bytes."""
+    return _device_property(device, "shared_memory_per_block_optin")
 
 
 def smem_per_multiprocessor(device: torch.device) -> int:
-    """Shared memory of one SM of a CUDA device, in bytes (asked once per device)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMEM_PER_SM:
-        _SMEM_PER_SM[idx] = torch.cuda.get_device_properties(idx).shared_memory_per_multiprocessor
-    return _SMEM_PER_SM[idx]
+    """Shared memory of one SM of a CUDA device, in bytes."""
+    return _device_property(device, "shared_memory_per_multiprocessor")
 
 
 def require_op(kernel: str, op: str, source: str) -> None:
