@@ -234,14 +234,12 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
             raise CheckpointError(f"{file}: alias {name!r} names a tensor the file holds")
         tensors[name] = tensors[source]
 
-    from .replace import shared_names
+    from .replace import set_module, shared_names
     modules, aliases = dict(model.named_modules()), shared_names(model)
     for name, entry in config["modules"].items():
         _install_module(model, modules, name, entry, tensors, file, device)
         for place in aliases.get(name, ()):     # a layer under several names: one module
-            parent, _, child = place.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    model.get_submodule(name))
+            set_module(model, place, model.get_submodule(name))
     if plan is not None:    # after the modules, whose own checks name a corrupt entry best
         _match_plan(plan, config["modules"], file)
 
@@ -385,8 +383,8 @@ def _install_module(model, modules, name, entry, tensors, file, device) -> None:
                                    None if bias is None else bias.to(dev, target.bias.dtype), info)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{file}: module {name!r}: {e}") from None
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    from .replace import set_module
+    set_module(model, name, module)
 
 
 def _module_device(module: nn.Module) -> torch.device:

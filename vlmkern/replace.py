@@ -143,6 +143,11 @@ def resolve_plan(model: nn.Module, plan, skip=DEFAULT_SKIP):
 
     Returns (targets: {name: config | weight}, report with skipped/kept/unmatched/unused).
     """
+    return _resolve(model, plan, skip)[:2]
+
+
+def _resolve(model: nn.Module, plan, skip):
+    """resolve_plan's (targets, report), and the model's ``shared_names``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     plan = _normalise_plan(plan)
@@ -201,10 +206,11 @@ def resolve_plan(model: nn.Module, plan, skip=DEFAULT_SKIP):
         else:
             {"none": report.unmatched, "skip": report.skipped, "keep": report.kept}[kind].append(name)
     report.unused_patterns = [p for p in plan if p not in used]
-    return targets, report
+    return targets, report, aliases
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model`` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -217,8 +223,7 @@ def replace_linears(model: nn.Module, plan, skip=DEFAULT_SKIP, progress: bool = 
     plan (default: lm_head, vision tower, projector; pass () to skip nothing).
     Returns (model, ReplaceReport) with per-module format, setting and bytes.
     """
-    targets, report = resolve_plan(model, plan, skip)
-    aliases = shared_names(model)
+    targets, report, aliases = _resolve(model, plan, skip)
     for name, entry in tqdm(targets.items(), desc="quantizing linears", unit="layer",
                             disable=not progress or len(targets) < 8):
         linear = model.get_submodule(name)
@@ -233,7 +238,7 @@ def replace_linears(model: nn.Module, plan, skip=DEFAULT_SKIP, progress: bool = 
         except (ValueError, TypeError) as e:
             raise type(e)(f"{name}: {e}") from None
         for place in [name, *aliases.get(name, ())]:     # one layer, every name it has
-            _set_module(model, place, qlinear)
+            set_module(model, place, qlinear)
         qweight = qlinear.quantized_weight
         label = entry.label if not isinstance(entry, PackedWeight) else repr(qweight.meta())
         report.rows.append(ReplaceRow(name, qweight.FORMAT, label, before, qweight.nbytes))

@@ -69,7 +69,7 @@ from tqdm.auto import tqdm
 from ..config import IntActConfig, check_bool, config_float, is_int
 from ..quant.entropy import layer_dependency, partition_blocks, quantized_entropy
 from ..quant.rtn import quantize_rtn
-from ..replace import replace_linears
+from ..replace import replace_linears, set_module
 from .arch import arch_of, decoder_layers
 from .engine import _layer_out, _real, decoder_inputs
 
@@ -388,8 +388,7 @@ def _quant_layer(layer, groups, quantiles_k, cfg, device):
             lin = qlayer.get_submodule(name)
             w = quantize_rtn(lin.weight.detach(), cfg.int_config()).dequantize(torch.float32)
             fake = _FakeQuantLinear(w.to(device), lin.bias, cfg.a_bits)
-            parent, _, child = name.rpartition(".")
-            setattr(qlayer.get_submodule(parent) if parent else qlayer, child, fake)
+            set_module(qlayer, name, fake)
             fakes[name] = (fake, g)
 
     def choose(choice: ActChoice, group: tuple | None = None):

@@ -55,6 +55,7 @@ from ..formats import IntActWeight
 from ..formats.intact import qmax
 from ..quant.entropy import partition_blocks, soft_dependency
 from ..quant.rtn import _round_scale, fake_quantize
+from ..replace import set_module
 from .arch import arch_of, decoder_layers, find_path
 from .engine import _pad_mask, _real
 
@@ -217,21 +218,16 @@ class _STELinear(nn.Module):
         return F.linear(xq, w, b)
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 @contextlib.contextmanager
 def _swapped(model: nn.Module, replacements: dict):
     old = {name: model.get_submodule(name) for name in replacements}
     try:
         for name, module in replacements.items():
-            _set(model, name, module)
+            set_module(model, name, module)
         yield
     finally:
         for name, module in old.items():
-            _set(model, name, module)
+            set_module(model, name, module)
 
 
 def vision_linears(model: nn.Module) -> list[str]:
