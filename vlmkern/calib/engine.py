@@ -67,9 +67,9 @@ class CalibReport:
     def __str__(self) -> str:
         lines = [f"{'module':<52} {'method':<8} {'bits':>4} {'rel err':>9} {'bytes':>10}"]
         for r in self.modules:
-            lines.append(f"{r.name:<52} {r.method:<8} {r.bits:>4} {r.rel_error:>9.5f} "
+            lines.append(f"{r.name:<52} {r.method:<8} {r.bits:>4} {r.rel_error:>9.3g} "
                          f"{r.nbytes:>10,}")
-        errs = ", ".join(f"{e:.4f}" for e in self.layer_errors)
+        errs = ", ".join(f"{e:.3g}" for e in self.layer_errors)
         lines.append(f"layer output errors: {errs}")
         if self.kept:
             lines.append(f"{len(self.kept)} decoder linears kept in full precision by the plan")
@@ -614,7 +614,7 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
             for n in weights:
                 model.get_submodule(f"{prefix}.{n}").quant_info = \
                     _quant_info(methods[f"{prefix}.{n}"])
-        bar.set_postfix(layer_err=f"{layer_err:.4f}")
+        bar.set_postfix(layer_err=f"{layer_err:.3g}")
 
     report.seconds = time.perf_counter() - start
     return model, report

@@ -198,7 +198,7 @@ class QVLMReport:
             d = f"{self.pair_dependency[k]:9.4f}" if k < len(self.pair_dependency) else " " * 9
             err = self.layer_errors[k] if k < len(self.layer_errors) else float("nan")
             choice = self.choices[k] if k < len(self.choices) else ""
-            lines.append(f"{k:>5} {h:8.4f} {d} {block_of.get(k, -1):>6} {err:9.5f}  {choice}")
+            lines.append(f"{k:>5} {h:8.4f} {d} {block_of.get(k, -1):>6} {err:9.3g}  {choice}")
         lines.append(f"h0 = {self.h0:.4f}; {len(self.blocks)} blocks: {self.blocks}")
         total = sum(m["nbytes"] for m in self.modules)
         secs = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
@@ -548,7 +548,7 @@ def qvlm_quantize(model: nn.Module, samples, config: QVLMConfig | None = None, d
             q_in = _run(qlayers, k, k, q_in, search_kwargs)
             report.layer_errors.append(block_error(q_in, fp_outs[k], cfg.objective,
                                                    search_masks))
-        bar.set_postfix(block_err=f"{err:.4f}")
+        bar.set_postfix(block_err=f"{err:.3g}")
         del qlayers, setters
     report.choices = [_layer_label(choices, k, groups) for k in range(len(layers))]
     report.seconds["search"] = time.perf_counter() - t
