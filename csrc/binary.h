@@ -34,6 +34,10 @@ enum vlmkern_binary_dtype {
   VLMKERN_BINARY_F32 = 2,  // statistics and bias only
 };
 
+// The most token rows one vlmkern_binary_matmul call takes: its grid has a
+// 16-token group per z index, at most 65535 of them.
+#define VLMKERN_BINARY_MAX_M (16LL * 65535)
+
 enum vlmkern_binary_status {
   VLMKERN_BINARY_OK = 0,
   VLMKERN_BINARY_ERR_NULL_POINTER = 1,  // a required pointer is null

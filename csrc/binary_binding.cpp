@@ -79,6 +79,8 @@ std::pair<int64_t, int64_t> check_inputs(const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(x.size(0) == 0 || x.stride(1) == 1, kOp, "x rows must be contiguous (stride 1)");
   TORCH_CHECK(x.size(0) <= 1 || x.stride(0) >= K, kOp, "x rows must not overlap, stride(0) = ",
               x.stride(0));
+  TORCH_CHECK(x.size(0) <= VLMKERN_BINARY_MAX_M, kOp, "x has ", x.size(0),
+              " rows; one call takes at most ", VLMKERN_BINARY_MAX_M, " (split the tokens)");
   TORCH_CHECK(sign.dim() == 2 && sign.scalar_type() == at::kInt, kOp,
               "sign must be a 2-D int32 tensor, got ", sign.scalar_type(), " ", dims(sign.sizes()));
   const int64_t N = sign.size(0), words = sign.size(1), nblk = (K + block_size - 1) / block_size;
@@ -464,6 +466,9 @@ at::Tensor binary_dequant_meta(const at::Tensor& sign, const at::Tensor& aux,
 }
 
 // -- dense weight from the lookup-table layout ---------------------------------------------
+// The tables hold each value's 16 bits in the output dtype, copied as they are:
+// `dtype` must be the one the tables were built for (the int32 storage cannot
+// tell).
 constexpr const char* kLutDequantOp = "vlmkern.binary_lut_dequant: ";
 
 void check_lut_dequant_inputs(const at::Tensor& codes, const at::Tensor& tables,
@@ -494,6 +499,8 @@ at::Tensor binary_lut_dequant_cuda(const at::Tensor& codes, const at::Tensor& ta
                                    int64_t in_features, c10::ScalarType dtype) {
   TORCH_CHECK(codes.is_cuda(), kLutDequantOp, "codes must be a CUDA tensor, got ", codes.device());
   check_lut_dequant_inputs(codes, tables, salient, out_features, in_features, dtype);
+  TORCH_CHECK(aligned16(tables), kLutDequantOp,
+              "tables must be 16-byte aligned (a view at an odd offset? clone it)");
   c10::DeviceGuard guard(codes.device());
   at::Tensor out = at::empty({out_features, in_features}, codes.options().dtype(dtype));
   if (out_features == 0) return out;

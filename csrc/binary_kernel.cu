@@ -401,9 +401,9 @@ extern "C" const char* vlmkern_binary_status_message(int status) {
     case VLMKERN_BINARY_OK: return "success";
     case VLMKERN_BINARY_ERR_NULL_POINTER: return "a required pointer is null";
     case VLMKERN_BINARY_ERR_BAD_SIZE:
-      return "inconsistent sizes: need M, N >= 0, K >= 1, block_size a multiple of 32, "
-             "1 <= ksplit <= 65535, plane rows of >= ceil(K/32) words (a multiple of 4) and "
-             "16-byte aligned planes, statistics and workspace";
+      return "inconsistent sizes: need 0 <= M <= 1048560, N >= 0, K >= 1, block_size a "
+             "multiple of 32, 1 <= ksplit <= 65535, plane rows of >= ceil(K/32) words (a "
+             "multiple of 4) and 16-byte aligned planes, statistics and workspace";
     case VLMKERN_BINARY_ERR_BAD_DTYPE:
       return "x must be f16 or bf16; statistics and bias f16, bf16 or f32";
     case VLMKERN_BINARY_ERR_LAUNCH:
@@ -432,8 +432,9 @@ extern "C" int vlmkern_binary_matmul(const void* x, int x_dtype, int64_t x_strid
     return VLMKERN_BINARY_ERR_BAD_DTYPE;
   if (bias && (bias_dtype < VLMKERN_BINARY_F16 || bias_dtype > VLMKERN_BINARY_F32))
     return VLMKERN_BINARY_ERR_BAD_DTYPE;
-  if (M < 0 || N < 0 || K < 1 || block_size < 32 || block_size % 32 != 0 || ksplit < 1 ||
-      ksplit > 65535 || plane_stride % 4 != 0 || plane_stride * 32 < K || (M > 1 && x_stride < K))
+  if (M < 0 || M > VLMKERN_BINARY_MAX_M || N < 0 || K < 1 || block_size < 32 ||
+      block_size % 32 != 0 || ksplit < 1 || ksplit > 65535 || plane_stride % 4 != 0 ||
+      plane_stride * 32 < K || (M > 1 && x_stride < K))
     return VLMKERN_BINARY_ERR_BAD_SIZE;
   if (M == 0 || N == 0) return VLMKERN_BINARY_OK;
   if (!x || !salient || !sign || !aux || !stats || !out || !workspace)

@@ -61,6 +61,10 @@ enum vlmkern_int_act_gemm_kind {
   VLMKERN_INT_ACT_GEMM_TMA = 3,
 };
 
+// The most token rows one vlmkern_int_act_gemm call takes: its grid has a
+// 128-token tile per block row, at most 65535 of them.
+#define VLMKERN_INT_ACT_MAX_M (128LL * 65535)
+
 enum vlmkern_int_act_status {
   VLMKERN_INT_ACT_OK = 0,
   VLMKERN_INT_ACT_ERR_NULL_POINTER = 1,  // a required pointer is null

@@ -75,6 +75,9 @@ void check_quantize(const at::Tensor& x, int64_t a_bits, std::optional<double> s
   check_mode(kQuant, mode);
   TORCH_CHECK(a_bits == 4 || a_bits == 6 || a_bits == 8, kQuant, "a_bits must be 4, 6 or 8, got ",
               a_bits);
+  // mode 1 stores each code in a nibble: wider codes would lose their high bits
+  TORCH_CHECK(mode != VLMKERN_INT_ACT_I4 || a_bits == 4, kQuant,
+              "mode 1 (int4 codes) takes a_bits 4, got ", a_bits);
   TORCH_CHECK(x.dim() == 2, kQuant, "x must be 2-D [M, K], got shape ", dims(x.sizes()));
   TORCH_CHECK(dtype_code(x.scalar_type()) >= 0, kQuant,
               "x must be float16, bfloat16 or float32, got ", x.scalar_type());
@@ -128,14 +131,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_meta(const at::Tensor& x, int64_t a_
 constexpr const char* kGemm = "vlmkern.int_act_gemm: ";
 
 void check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t N,
-                const at::Tensor& like) {
+                const at::Tensor& like, const char* like_name = "the weight") {
   if (!bias.has_value()) return;
   const at::Tensor& b = *bias;
   TORCH_CHECK(dtype_code(b.scalar_type()) >= 0, op,
               "bias must be float16, bfloat16 or float32, got ", b.scalar_type());
   check_shape(op, b, "bias", "[N]", {N});
   TORCH_CHECK(b.is_contiguous(), op, "bias must be contiguous");
-  check_same_device(op, b, "bias", like, "the weight");
+  check_same_device(op, b, "bias", like, like_name);
 }
 
 void check_out_dtype(const char* op, c10::ScalarType out_dtype) {
@@ -160,6 +163,8 @@ std::pair<int64_t, int64_t> check_gemm(const at::Tensor& q, const at::Tensor& sx
   TORCH_CHECK(q.dim() == 2 && w.dim() == 2, kGemm, "q and w must be 2-D, got ", dims(q.sizes()),
               " and ", dims(w.sizes()));
   const int64_t M = q.size(0), N = w.size(0);
+  TORCH_CHECK(M <= VLMKERN_INT_ACT_MAX_M, kGemm, "q has ", M, " rows; one call takes at most ",
+              VLMKERN_INT_ACT_MAX_M, " (split the tokens)");
   const int64_t k_pad = mode == VLMKERN_INT_ACT_I8 ? w.size(1) : 2 * w.size(1);
   const int ks = k_step(mode);
   TORCH_CHECK(k_pad % (2 * ks) == 0, kGemm, "padded K ", k_pad, " must be a multiple of ", 2 * ks);
@@ -233,6 +238,8 @@ std::pair<int64_t, int64_t> check_scale(const at::Tensor& acc, const at::Tensor&
               "acc must be a 2-D int32 tensor, got ", acc.scalar_type(), " ", dims(acc.sizes()));
   const int64_t M = acc.size(0), N = acc.size(1);
   TORCH_CHECK(N == 0 || M == 0 || acc.stride(1) == 1, kScale, "acc rows must be contiguous");
+  TORCH_CHECK(N == 0 || M <= 1 || acc.stride(0) >= N, kScale,
+              "acc rows must not overlap (stride(0) >= N), got stride ", acc.stride(0));
   TORCH_CHECK(sx.scalar_type() == at::kFloat && w_scale.scalar_type() == at::kFloat, kScale,
               "sx and w_scale must be float32");
   check_shape(kScale, sx, "sx", "[M]", {M});
@@ -241,7 +248,7 @@ std::pair<int64_t, int64_t> check_scale(const at::Tensor& acc, const at::Tensor&
               "sx and w_scale must be contiguous");
   check_same_device(kScale, sx, "sx", acc, "acc");
   check_same_device(kScale, w_scale, "w_scale", acc, "acc");
-  check_bias(kScale, bias, N, acc);
+  check_bias(kScale, bias, N, acc, "acc");
   return {M, N};
 }
 
@@ -252,7 +259,7 @@ at::Tensor scale_cuda(const at::Tensor& acc, const at::Tensor& sx, const at::Ten
   c10::DeviceGuard guard(acc.device());
   at::Tensor out = at::empty({M, N}, acc.options().dtype(out_dtype));
   const int status = vlmkern_int_act_scale_int32(
-      acc.data_ptr<int32_t>(), M && N ? acc.stride(0) : N, sx.data_ptr<float>(),
+      acc.data_ptr<int32_t>(), M > 1 ? acc.stride(0) : N, sx.data_ptr<float>(),
       w_scale.data_ptr<float>(), bias.has_value() ? bias->data_ptr() : nullptr,
       bias.has_value() ? dtype_code(bias->scalar_type()) : 0, out.data_ptr(),
       dtype_code(out_dtype), M, N, current_stream(acc));

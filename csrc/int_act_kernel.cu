@@ -450,9 +450,9 @@ extern "C" const char* vlmkern_int_act_status_message(int status) {
     case VLMKERN_INT_ACT_ERR_NULL_POINTER: return "a required pointer is null";
     case VLMKERN_INT_ACT_ERR_BAD_BITS: return "activation bits must be 4, 6 or 8";
     case VLMKERN_INT_ACT_ERR_BAD_SIZE:
-      return "inconsistent sizes: need M, N, K >= 0, 1 <= group <= group_pad, group_pad a "
-             "multiple of the MMA k-step, k_pad a multiple of two k-steps holding every group, "
-             "and 16-byte aligned buffers";
+      return "inconsistent sizes: need M, N, K >= 0 (the GEMM: M <= 8388480), 1 <= group <= "
+             "group_pad, group_pad a multiple of the MMA k-step, k_pad a multiple of two k-steps "
+             "holding every group, and 16-byte aligned buffers";
     case VLMKERN_INT_ACT_ERR_BAD_DTYPE: return "element type must be f16, bf16 or f32";
     case VLMKERN_INT_ACT_ERR_BAD_MODE:
       return "unknown mode or GEMM, the int4 MMA mode on a GPU without int4 tensor cores "
@@ -520,7 +520,7 @@ extern "C" int vlmkern_int_act_gemm(const void* q, const float* sx, const void* 
     return VLMKERN_INT_ACT_ERR_BAD_DTYPE;
   const int ks = k_step(mode);
   if (M < 0 || N < 0 || groups < 1 || group_pad < ks || group_pad % ks != 0 ||
-      k_pad % (2 * ks) != 0 || groups * group_pad > k_pad || (M + 127) / 128 > 65535)
+      k_pad % (2 * ks) != 0 || groups * group_pad > k_pad || M > VLMKERN_INT_ACT_MAX_M)
     return VLMKERN_INT_ACT_ERR_BAD_SIZE;
   if (M == 0 || N == 0) return VLMKERN_INT_ACT_OK;
   if (!q || !sx || !w || !w_scale || !out) return VLMKERN_INT_ACT_ERR_NULL_POINTER;

@@ -208,6 +208,16 @@ def test_kernel_mode_choice():
     assert cia.kernel_mode(4, 8, (8, 0)) == cia.MODE_I4W8
 
 
+def test_sm90_probe_refused_during_graph_capture(monkeypatch):
+    # the probe allocates and synchronizes, which would break a capture
+    monkeypatch.setattr(cia, "_SM90", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="outside CUDA-graph capture"):
+        cia.sm90_available(torch.device("cuda", 0))
+    monkeypatch.setattr(cia, "_SM90", {0: True})     # probed before: the answer is reused
+    assert cia.sm90_available(torch.device("cuda", 0)) is True
+
+
 def test_overflow_guard_and_registration():
     ok = make_intact(4, 4096, 8, 8, None)
     assert cia.overflow_reason(ok) is None

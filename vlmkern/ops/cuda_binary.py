@@ -32,7 +32,13 @@ import torch
 
 from ..formats.binary import BinaryWeight
 from . import reference
-from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op
+from .cuda_common import (
+    LayoutCache,
+    check_activations,
+    dense_rows,
+    multiprocessors,
+    require_op,
+)
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 ROWS_PER_BLOCK = 64          # 4 warps x 16 rows (kRowsPerCta in the kernel)
@@ -106,8 +112,7 @@ def binary_matmul(x: torch.Tensor, qweight: BinaryWeight,
         raise ValueError(f"cuda.binary: {why}")
     if x.shape[0] == 0:
         return x.new_empty(0, qweight.out_features)
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x = dense_rows(x)
     if bias is not None:
         if bias.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             bias = bias.float()

@@ -155,3 +155,13 @@ def check_activations(kernel: str, x: torch.Tensor, qweight, dtypes,
     if same_device and (not x.is_cuda or x.device != qweight.device):
         raise ValueError(f"{kernel}: x ({x.device}) and the weight ({qweight.device}) must be "
                          f"on the same CUDA device")
+
+
+def dense_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the launchers that take a row stride read it: unit column
+    stride and rows that do not overlap. Broadcast rows (``expand``) and
+    sliding windows (``unfold``) are valid activations that break the second,
+    so they are copied; any other x is passed through."""
+    if x.stride(1) == 1 and (x.shape[0] <= 1 or x.stride(0) >= x.shape[1]):
+        return x
+    return x.contiguous()

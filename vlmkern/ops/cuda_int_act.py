@@ -58,7 +58,7 @@ import torch
 from ..formats.intact import IntActWeight, qmax
 from ..formats.packing import pack_int4_pairs
 from .backends import device_sm
-from .cuda_common import LayoutCache, check_activations, require_op
+from .cuda_common import LayoutCache, check_activations, dense_rows, require_op
 
 MODE_I8, MODE_I4, MODE_I4W8 = 0, 1, 2
 K_STEP = {MODE_I8: 32, MODE_I4: 64, MODE_I4W8: 32}
@@ -196,6 +196,11 @@ def sm90_available(device: torch.device) -> bool:
     sm_90a code present). One probe launch per device, then cached."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM90:
+        if torch.cuda.is_current_stream_capturing():
+            # the probe allocates and waits, which would invalidate the capture
+            raise RuntimeError("vlmkern: whether this build runs the sm_90a kernels is found out "
+                               "by a first call outside CUDA-graph capture; run the model once "
+                               "before capturing it")
         _require_ops()
         if not hasattr(torch.ops.vlmkern, "int_act_sm90_available"):
             _SM90[idx] = False
@@ -244,8 +249,7 @@ def int_act_matmul(x: torch.Tensor, qweight: IntActWeight, bias: torch.Tensor | 
         if bias.dtype not in BIAS_DTYPES:
             bias = bias.float()
         bias = bias.contiguous()
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x = dense_rows(x)
     sm = device_sm(x.device)
     kw = kernel_weight(qweight, kernel_mode(qweight.w_bits, qweight.a_bits, sm))
     if path in ("wgmma", "tma"):
