@@ -7,7 +7,11 @@ for each format forced onto each available backend. Medians of CUDA-event
 timings; weights are rotated through a pool larger than L2 so every call
 streams its weights from HBM as a decode step does.
 
-Columns: us, graph us, GB/s (weight + activation + output bytes moved / us),
+Columns: us, graph us, GB/s (the format's stored weight bytes, ``nbytes``,
+plus 2-byte activations and outputs, over us: the kernels read their own
+layout, 2-5% larger with its padded scale words, and dequantize + cuBLAS
+paths also write and read a dense copy, so this is bytes of the format per
+second, not all bytes moved),
 % of peak bandwidth (peak measured here with a device-to-device copy),
 TFLOP/s (2*M*N*K / us), speedup vs cuBLAS fp16, graph speedup vs cuBLAS fp16.
 "us" brackets one eager call with CUDA events behind a spin kernel; "graph us" is

@@ -105,11 +105,13 @@ def test_markdown_table_and_report(tmp_path):
     from vlmkern.eval.report import write_report
 
     rows = [{"name": "fp", "bits_per_weight": 16.0, "weight_bytes": 10, "vqa_accuracy": 0.9,
-             "kl": 0.0, "top1": 1.0, "perplexity": 12.3, "eval_seconds": 1.0}]
+             "kl": 0.0, "top1": 1.0, "perplexity": 12.3, "eval_seconds": 1.0,
+             "weight_bytes_note": "counted as fp16"}]
     written = write_report(rows, tmp_path, {"note": "x"})
     assert (tmp_path / "results.json").is_file()
     md = (tmp_path / "results.md").read_text()
     assert "| fp | 16.00 | 10 | 0.900 |" in md
+    assert "Decoder linear bytes: counted as fp16." in md   # what the bytes column counts
     assert ("plot" in written) != ("plot_skipped" in written)
 
 

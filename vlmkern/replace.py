@@ -248,11 +248,12 @@ def replace_linears(model: nn.Module, plan, skip=DEFAULT_SKIP, progress: bool = 
 def to_kernel_layout(model: nn.Module, progress: bool = True, binary: bool = False) -> list[str]:
     """Hold the codes of every weight-only layer the CUDA tensor-core kernels
     can run (2/3/4 bits, group 16/32/64/multiple of 128 or per row) only in
-    the kernels' layout, so the GPU holds each layer's packed bytes once
-    instead of twice (canonical stream + layout). With ``binary``, likewise
-    the sign and aux bits of every binary layer of block size 128, in the
-    lookup-table kernel's layout (about 4 bits per weight on the GPU instead
-    of 6; prefill-sized calls of such a layer then want
+    the kernels' layout, so the GPU holds each layer's codes once instead
+    of twice (canonical stream + layout; the kernels' scale words, 32/g bits
+    per weight at group size g <= 128, are still made beside the canonical
+    scales). With ``binary``, likewise the sign and aux bits of every binary
+    layer of block size 128, in the lookup-table kernel's layout (about 4
+    bits per weight on the GPU instead of 6; prefill-sized calls of such a layer then want
     ``VLMKERN_ENABLE=cuda.binary_lut_dequant_cublas``, or run slower on a
     copy dequantized with torch operations). Best done before the model
     moves to the GPU.

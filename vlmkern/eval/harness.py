@@ -32,7 +32,8 @@ QUESTION = "What digit is this?"
 PPL_SKIP_TOKENS = 64 * 256
 BYTES_NOTE = ("sum of QuantLinear.quantized_weight.nbytes (packed weights + scales/zeros) "
               "and 2 bytes per weight of any nn.Linear left in the language model's "
-              "decoder layers (fp16/bf16 storage); embeddings, lm_head, vision tower and "
+              "decoder layers (counted as fp16/bf16 storage, whatever dtype the model is "
+              "held in for the evaluation); embeddings, lm_head, vision tower and "
               "projector excluded")
 
 

@@ -67,6 +67,9 @@ def write_report(results: list[dict], out_dir, meta: dict | None = None) -> dict
     if meta:
         lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
     lines += [markdown_table(results), ""]
+    # what the bytes column counts (the same for every row of one harness)
+    notes = sorted({r["weight_bytes_note"] for r in results if r.get("weight_bytes_note")})
+    lines += [f"Decoder linear bytes: {note}." for note in notes] + ([""] if notes else [])
     (out / "results.md").write_text("\n".join(lines))
     written["markdown"] = out / "results.md"
     why = plot_accuracy(results, out / "accuracy_vs_bits.png")

@@ -268,8 +268,8 @@ class WeightOnlyLinear(_LayoutLinear):
     """Group-wise W2/W3/W4/W8 weights, float activations.
 
     ``to_kernel_layout()`` keeps the codes only in the CUDA kernel's layout
-    (``vlmkern.ops.laid_out``): the layer then holds its packed bytes once
-    on the GPU instead of twice. ``state_dict`` still writes, and
+    (``vlmkern.ops.laid_out``): the layer then holds its codes once on the
+    GPU instead of twice (plus the kernels' scale words, see there). ``state_dict`` still writes, and
     ``load_state_dict`` still reads, the canonical format.
     """
     FORMAT = "groupwise"

@@ -9,6 +9,9 @@ A ``LaidOutWeight`` keeps the codes only in the kernel's order (``wq``, see
 ``cuda_weight_only``) plus the canonical scales, zeros and permutation,
 which are small: a layer costs its packed bytes once (plus the padding of
 its last row block and column chunk). The kernels read ``wq`` directly;
+their scale and zero words are still built on first use per activation
+dtype, beside the canonical ones (32/g more bits per weight at group size
+g <= 128, 0.25 above; not counted in ``nbytes``);
 a checkpoint rebuilds the canonical stream exactly (``canonical()``), and
 the torch reference and the prefill fallback without the layout dequantize
 kernel decode the layout with torch operations (``dequantize_stored``), which
