@@ -269,8 +269,9 @@ class WeightOnlyLinear(_LayoutLinear):
 
     ``to_kernel_layout()`` keeps the codes only in the CUDA kernel's layout
     (``vlmkern.ops.laid_out``): the layer then holds its codes once on the
-    GPU instead of twice (plus the kernels' scale words, see there). ``state_dict`` still writes, and
-    ``load_state_dict`` still reads, the canonical format.
+    GPU instead of twice (plus the kernels' scale words, see there).
+    ``state_dict`` still writes, and ``load_state_dict`` still reads, the
+    canonical format.
     """
     FORMAT = "groupwise"
     HELD, CANONICAL, LAID_OUT_TYPE = "wq", ("qweight",), LaidOutWeight
