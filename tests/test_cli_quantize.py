@@ -125,3 +125,51 @@ def test_quantize_command_refuses_the_current_folder_as_work_dir(capsys, monkeyp
         assert main(["quantize", "--model", "smollm2", "--method", "rtn",
                      "--work-dir", value]) == 2
         assert "name a folder of its own" in capsys.readouterr().err
+
+
+def test_act_bits_alone_quantizes_weights_to_the_same_bits(hf_folder, tmp_path, capsys):
+    folder, text = hf_folder
+    out = tmp_path / "w6a6"
+    assert main(["quantize", "--model", str(folder), "--method", "rtn", "--act-bits", "6",
+                 "--calib-text", str(text), "--samples", "2", "--seq-len", "16",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    vlmkern.load_quantized(model, out)
+    qw = model.get_submodule("model.layers.0.self_attn.q_proj").quantized_weight
+    assert (qw.w_bits, qw.a_bits) == (6, 6)
+    with pytest.raises(SystemExit, match="add --act-bits 6"):
+        main(["quantize", "--model", str(folder), "--method", "rtn", "--bits", "6"])
+
+
+def test_out_may_not_replace_the_model_it_quantizes(hf_folder, capsys):
+    folder, text = hf_folder
+    before = (folder / "model.safetensors").read_bytes()
+    code = main(["quantize", "--model", str(folder), "--method", "rtn", "--calib-text", str(text),
+                 "--samples", "2", "--seq-len", "16", "--device", "cpu", "--out", str(folder)])
+    assert code == 2 and "names the --model folder" in capsys.readouterr().err
+    assert (folder / "model.safetensors").read_bytes() == before
+
+
+def test_a_vlmkern_checkpoint_is_no_model_to_quantize(hf_folder, tmp_path):
+    folder, text = hf_folder
+    args = ["--calib-text", str(text), "--samples", "2", "--seq-len", "16", "--device", "cpu"]
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(folder), "--method", "rtn", *args,
+                 "--out", str(out)]) == 0
+    for f in folder.iterdir():       # the quantized checkpoint beside the model's config
+        if f.suffix == ".json":
+            (out / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(SystemExit, match="is a vlmkern checkpoint"):
+        main(["quantize", "--model", str(out), "--method", "rtn", *args])
+    (out / "model.safetensors").unlink()            # weights missing altogether
+    from safetensors.torch import save_file
+    save_file({"model.norm.weight": torch.ones(TEXT["hidden_size"])},
+              str(out / "model.safetensors"))
+    with pytest.raises(SystemExit, match="lack .* tensors the model needs"):
+        main(["quantize", "--model", str(out), "--method", "rtn", *args])
+
+
+def test_calib_text_naming_a_folder_says_so(tmp_path, capsys):
+    code = main(["quantize", "--model", "smollm2", "--method", "rtn", "--calib-text",
+                 str(tmp_path)])
+    assert code == 2 and "is a folder; name a text file" in capsys.readouterr().err

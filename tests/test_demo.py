@@ -101,6 +101,10 @@ def test_synthetic_flag_runs_the_random_llama_demo(capsys, monkeypatch):
     monkeypatch.setattr(demo, "run_demo", lambda *a, **k: pytest.fail("ran the VLM demo"))
     assert main(["demo", "--synthetic", "--seed", "3"]) == 0
     assert seen == [3]
+    # its recipe is fixed: other options are refused, not ignored
+    assert main(["demo", "--synthetic", "--bits", "2", "--save", "somewhere"]) == 2
+    assert "takes only --seed, not --bits, --save" in capsys.readouterr().err
+    assert seen == [3]
 
 
 # ---------------------------------------------------------------------------

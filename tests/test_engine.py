@@ -259,3 +259,20 @@ def test_an_already_quantized_model_is_refused(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="already quantized, possibly by an interrupted "
                                              "run.*reload the full-precision model"):
             quantize_model(model, [inputs], W3, work_dir=work_dir, progress=False)
+
+
+def test_layer_errors_count_activation_rounding():
+    # integer-activation layers round their inputs per token when deployed: the
+    # reported layer errors (and the quantized stream) must include that
+    from vlmkern import IntActConfig
+    model, inputs = build_llama()
+    samples = [inputs, _second_sample(inputs)]
+    ref = _logits(model, inputs)
+    errs, logit_errs = {}, {}
+    for a_bits in (8, 4):
+        q, report = quantize_model(copy.deepcopy(model), samples, IntActConfig(8, a_bits),
+                                   progress=False)
+        errs[a_bits] = report.layer_errors
+        logit_errs[a_bits] = _rel(_logits(q, inputs), ref)
+    assert logit_errs[4] > 4 * logit_errs[8]          # what the deployed layers do
+    assert all(e4 > 4 * e8 for e4, e8 in zip(errs[4], errs[8])), errs

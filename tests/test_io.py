@@ -487,3 +487,34 @@ def test_lost_optional_tensor_is_detected(tmp_path):
         vlmkern.load_quantized(fresh, tmp_path / "bad.safetensors")
     assert json.loads(meta["quantization_config"])["modules"]["0"]["tensors"] == \
         ["qweight", "qzeros", "scales"]
+
+
+def test_save_never_overwrites_a_file_vlmkern_did_not_write(tmp_path, llama_ckpt):
+    _, model, inputs = llama_ckpt
+    fp_weights = tmp_path / "model.safetensors"         # say, the model's own weights
+    save_file({"w": torch.ones(3)}, str(fp_weights))
+    before = fp_weights.read_bytes()
+    with pytest.raises(FileExistsError, match="not a vlmkern checkpoint"):
+        save_quantized(model, tmp_path)
+    assert fp_weights.read_bytes() == before and os.listdir(tmp_path) == ["model.safetensors"]
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(FileExistsError):
+        save_quantized(model, tmp_path / "junk.safetensors")
+    # an earlier vlmkern checkpoint is replaced
+    target = save_quantized(model, tmp_path / "q")
+    other, _ = quantized("llama", {"*": QuantConfig(2, None)}, seed=5)
+    assert save_quantized(other, tmp_path / "q") == target
+    fresh, _ = build_llama(seed=1)
+    assert torch.equal(logits(load_quantized(fresh, target), inputs), logits(other, inputs))
+
+
+@pytest.mark.parametrize("where", ["scales", "norm"])
+def test_save_refuses_what_load_would_refuse(tmp_path, where):
+    model, _ = quantized("llama")
+    if where == "scales":
+        model.model.layers[0].mlp.down_proj.quantized_weight.scales[0, 0] = float("nan")
+    else:
+        model.model.norm.weight.data[0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        save_quantized(model, tmp_path)
+    assert os.listdir(tmp_path) == []

@@ -209,3 +209,14 @@ def test_quantize_cli_mixed_options_need_a_vlm(processor, tmp_path):
     args.model = str(tmp_path)
     with pytest.raises(SystemExit, match="processor"):
         calibration_data(args, processor.tokenizer, "some text")
+
+
+def test_quantize_cli_alpha_zero_is_text_only_for_any_model(processor):
+    from vlmkern.calib.cli import calibration_data
+
+    args = _quantize_args("--calib-alpha", "0", "--calib-samples", "3", "--seq-len", "16")
+    args.model = "smollm2"       # a text model: no processor is looked for
+    text = " ".join(["a few words of calibration text"] * 200)
+    samples = calibration_data(args, processor.tokenizer, text)
+    assert len(samples) == 3 and not any(map(_is_image, samples))
+    assert all(s["input_ids"].shape[-1] == 16 for s in samples)

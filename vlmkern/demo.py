@@ -307,8 +307,23 @@ def add_arguments(p) -> None:
                    help="the random-Llama demo instead (needs no asset wheels)")
 
 
+# what --synthetic leaves as the parser set it: that demo's recipe is fixed
+_NOT_SYNTHETIC = {"method": DEFAULT_RECIPE["method"], "bits": DEFAULT_RECIPE["bits"],
+                  "group_size": DEFAULT_RECIPE["group_size"],
+                  "samples": DEFAULT_RECIPE["samples"], "alpha": DEFAULT_RECIPE["alpha"],
+                  "eval_size": 40, "device": None, "save": None, "no_progress": False,
+                  "no_baseline": False, "cache_dir": None}
+
+
 def main(args) -> int:
     if args.synthetic:
+        given = [k for k, default in _NOT_SYNTHETIC.items() if getattr(args, k) != default]
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            print(f"vlmkern demo: --synthetic runs a fixed demo (every format on a random "
+                  f"4-layer Llama, on the CPU) and takes only --seed, not {flags}",
+                  file=sys.stderr)
+            return 2
         from .demo_synthetic import run_synthetic
         return run_synthetic(seed=args.seed)
     try:

@@ -97,7 +97,8 @@ def run_synthetic(seed: int = 0) -> int:
         load_quantized(fresh, tmp)
         with torch.no_grad():
             same = torch.equal(fresh(ids).logits, out)
-        print(f"saved W4 g128 checkpoint: {path.stat().st_size:,} bytes on disk (with the "
-              f"fp32 embeddings and lm_head); reloaded into a fresh model: "
+        print(f"W4 g128 checkpoint, saved to a temporary folder: {path.stat().st_size:,} "
+              f"bytes on disk (with the fp32 embeddings and lm_head); reloaded into a fresh "
+              f"model: "
               f"{'identical logits' if same else 'LOGITS DIFFER'}")
     return 0 if same else 1

@@ -71,10 +71,14 @@ def save_quantized(model: nn.Module, path) -> Path:
     path: a ``.safetensors`` file, or a folder (``model.safetensors`` inside).
     """
     target = _file_path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(target)
     config = quantization_config(model)
     tensors, aliases, seen = {}, {}, {}
     for name, t in model.state_dict().items():
+        # what load_quantized would refuse is refused here, before the file exists
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"cannot save: {name} holds NaN or Inf values "
+                             f"(load_quantized refuses such a checkpoint)")
         # Tied weights share storage; safetensors stores each storage once.
         # (a transposed view of a square tensor has its shape, not its strides)
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
@@ -88,6 +92,19 @@ def save_quantized(model: nn.Module, path) -> Path:
     config["aliases"] = aliases
     atomic_save(tensors, target, {"quantization_config": json.dumps(config)})
     return target
+
+
+def _check_replaceable(target: Path) -> None:
+    """A file already at ``target`` is replaced only when vlmkern wrote it:
+    anything else there (a model's own weights, say) is never overwritten."""
+    if not target.exists():
+        return
+    try:
+        _read_config(read_header(target)[1], target)
+    except CheckpointError:
+        raise FileExistsError(f"{target} exists and is not a vlmkern checkpoint (a model's own "
+                              f"weights?); it is never overwritten: save to another folder or "
+                              f"file") from None
 
 
 def atomic_save(tensors: dict, target: Path, metadata: dict[str, str]) -> None:

@@ -62,12 +62,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'minivlm' (the bundled mini VLM), 'smollm2' (the bundled "
                         "SmolLM2-135M-Instruct) or a local HuggingFace model folder")
     p.add_argument("--method", choices=METHODS, default="gptq")
-    p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    p.add_argument("--bits", type=int, choices=(2, 3, 4, 6, 8),
+                   help="weight bits (default 4; with --act-bits: the activation bits, and 6 "
+                        "only there)")
     p.add_argument("--group-size", type=group_size, default=64,
                    help="columns per scale group, or 'row' for one group per row (default 64)")
     p.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
     p.add_argument("--act-bits", type=int, choices=(4, 6, 8),
-                   help="rtn only: integer activations too (W8A8 / W6A6 / W4A4)")
+                   help="rtn only: integer activations too, weights of the same bits unless "
+                        "--bits says otherwise (W8A8 / W6A6 / W4A4)")
     p.add_argument("--act-order", action="store_true", help="GPTQ/GPTAQ: descending diag(H)")
     p.add_argument("--static-groups", action="store_true")
     p.add_argument("--damp", type=non_negative_float, default=0.01)
@@ -107,8 +110,11 @@ def method_config(args):
     if args.act_bits is not None:
         if args.method != "rtn":
             raise SystemExit("--act-bits is only for --method rtn")
-        return IntActConfig(args.bits, args.act_bits, group_size=group)
-    quant = QuantConfig(args.bits, group, args.sym)
+        w_bits = args.act_bits if args.bits is None else args.bits
+        return IntActConfig(w_bits, args.act_bits, group_size=group)
+    if args.bits == 6:
+        raise SystemExit("--bits 6 is for integer-activation weights: add --act-bits 6 (W6A6)")
+    quant = QuantConfig(4 if args.bits is None else args.bits, group, args.sym)
     gptq = GPTQConfig(quant, block_size=args.block_size, damp=args.damp,
                       act_order=args.act_order, static_groups=args.static_groups)
     if args.method in AWQ_VLMQ:
@@ -135,17 +141,38 @@ def load_model(name: str):
     if not (folder / "config.json").is_file():
         raise SystemExit(f"--model {name!r}: the folder has no config.json, so it is not a "
                          f"HuggingFace model folder")
+    _check_not_a_vlmkern_checkpoint(folder)
     import transformers
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     for auto in ("AutoModelForImageTextToText", "AutoModelForCausalLM"):
         try:
             # safetensors only: a pickled pytorch_model.bin is never loaded
-            model = getattr(transformers, auto).from_pretrained(folder, local_files_only=True,
-                                                                use_safetensors=True)
-            return model.eval(), tokenizer
+            model, info = getattr(transformers, auto).from_pretrained(
+                folder, local_files_only=True, use_safetensors=True, output_loading_info=True)
         except (ValueError, KeyError):
             continue
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:   # transformers would start them from random values
+            raise SystemExit(f"--model {name!r}: the folder's weights lack {len(missing)} "
+                             f"tensors the model needs (e.g. {missing[0]}); it is not a "
+                             f"complete full-precision model")
+        return model.eval(), tokenizer
     raise SystemExit(f"{folder}: transformers cannot load it as an image-text or causal LM")
+
+
+def _check_not_a_vlmkern_checkpoint(folder: Path) -> None:
+    """A folder holding a vlmkern checkpoint is no model to quantize: transformers
+    would find none of its linear weights and start them from random values."""
+    from ..io import CheckpointError, read_header
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            metadata = read_header(file)[1]
+        except CheckpointError:
+            continue
+        if "quantization_config" in metadata and '"vlmkern"' in metadata["quantization_config"]:
+            raise SystemExit(f"--model {str(folder)!r}: {file.name} is a vlmkern checkpoint, "
+                             f"not full-precision weights to quantize (load it with "
+                             f"vlmkern.load_quantized into the model built from config.json)")
 
 
 def run(args) -> int:
@@ -206,9 +233,15 @@ def check_output_folder(flag: str, path) -> None:
 
 def check_paths_and_device(args) -> None:
     """The file, folder and device arguments, checked before any model loads."""
+    if args.calib_text is not None and args.calib_text.is_dir():
+        raise IsADirectoryError(f"--calib-text {args.calib_text} is a folder; name a text file")
     if args.calib_text is not None and not args.calib_text.is_file():
         raise FileNotFoundError(f"--calib-text {args.calib_text}: no such file")
     check_output_folder("--out", args.out)
+    if args.out is not None and Path(args.model).is_dir() and \
+            Path(args.out).resolve() == Path(args.model).resolve():
+        raise ValueError("--out names the --model folder: the checkpoint would replace the "
+                         "weights it was made from; give another folder")
     check_output_folder("--work-dir", args.work_dir)
     if args.work_dir is not None and str(args.work_dir) == ".":   # also what "" parses to
         raise ValueError("--work-dir: name a folder of its own for the per-layer results, "
@@ -227,6 +260,8 @@ def calibration_data(args, tokenizer, text):
     alpha = 0.5 if args.calib_alpha is None else args.calib_alpha
     if args.model != "minivlm" and not mixed_options:
         return text_samples(tokenizer, text, args.samples, args.seq_len)
+    if args.model != "minivlm" and alpha == 0:    # no images asked for: no processor needed
+        return text_samples(tokenizer, text, n, args.seq_len)
     try:
         if args.model == "minivlm":
             from .mixed import mixed_calibration_samples
@@ -253,7 +288,8 @@ def load_processor(name: str):
                          f"calibration needs its processor files") from None
     if not hasattr(processor, "image_processor"):
         raise ValueError(f"{folder}: its processor ({type(processor).__name__}) handles no "
-                         f"images; this looks like a text model")
+                         f"images; this looks like a text model (calibrate it on text: "
+                         f"--samples, or --calib-alpha 0)")
     return processor
 
 

@@ -32,9 +32,10 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..formats import WEIGHT_TYPES
+from ..formats import WEIGHT_TYPES, IntActWeight
 from ..io import atomic_save, atomic_write
 from ..nn import QuantLinear
+from ..ops.reference import quantize_activations
 from ..quant.hessian import HessianAccumulator
 from ..replace import replace_linears
 from .arch import arch_of, decoder_layers
@@ -51,7 +52,9 @@ class ModuleResult:
     method: str
     format: str
     bits: int
-    rel_error: float     # tr(dW H dW^T) / tr(W H W^T): relative output error on calibration inputs
+    # tr(dW H dW^T) / tr(W H W^T): relative output error on calibration inputs
+    # from the weight's rounding alone (activation rounding: see layer_errors)
+    rel_error: float
     nbytes: int
     seconds: float
 
@@ -59,15 +62,16 @@ class ModuleResult:
 @dataclass
 class CalibReport:
     modules: list[ModuleResult] = field(default_factory=list)
-    layer_errors: list[float] = field(default_factory=list)   # relative layer-output MSE
+    # relative layer-output MSE, the layer as deployed (activation rounding included)
+    layer_errors: list[float] = field(default_factory=list)
     resumed_layers: int = 0
     seconds: float = 0.0
     kept: list[str] = field(default_factory=list)    # decoder linears a plan keeps in FP
 
     def __str__(self) -> str:
-        lines = [f"{'module':<52} {'method':<8} {'bits':>4} {'rel err':>9} {'bytes':>10}"]
+        lines = [f"{'module':<52} {'method':<8} {'bits':>4} {'weight err':>10} {'bytes':>10}"]
         for r in self.modules:
-            lines.append(f"{r.name:<52} {r.method:<8} {r.bits:>4} {r.rel_error:>9.3g} "
+            lines.append(f"{r.name:<52} {r.method:<8} {r.bits:>4} {r.rel_error:>10.3g} "
                          f"{r.nbytes:>10,}")
         errs = ", ".join(f"{e:.3g}" for e in self.layer_errors)
         lines.append(f"layer output errors: {errs}")
@@ -392,6 +396,24 @@ def install_dequantized(layer: nn.Module, weights: dict) -> None:
         lin.weight.data.copy_(packed.dequantize(lin.weight.dtype).to(lin.weight.device))
 
 
+def quantize_inputs_like(layer: nn.Module, weights: dict) -> list:
+    """Forward pre-hooks on the linears whose packed weight quantizes its
+    activations (integer-activation formats): their inputs are rounded per
+    token as the deployed layer's are, so a layer output computed with the
+    dequantized weights carries the activation error too. Returns the hook
+    handles; remove them when done."""
+    def hook_for(packed: IntActWeight):
+        def round_inputs(module, args):
+            x = args[0]
+            q, s = quantize_activations(x.reshape(-1, x.shape[-1]), packed.a_bits,
+                                        packed.act_scale)
+            return ((q.float() * s[:, None]).to(x.dtype).reshape(x.shape), *args[1:])
+        return round_inputs
+
+    return [layer.get_submodule(name).register_forward_pre_hook(hook_for(packed))
+            for name, packed in weights.items() if isinstance(packed, IntActWeight)]
+
+
 def decoder_inputs(model: nn.Module, layers_path: str, layers: nn.ModuleList, samples,
                    device) -> tuple[list, list, list]:
     """(hidden states, kwargs, real-token masks or None), one per sample, at
@@ -580,19 +602,24 @@ def quantize_model(model: nn.Module, samples, method, work_dir=None, device=None
                     weights.update(w)
                     results.extend(r)
                 layer_err = None
-            with torch.no_grad():
-                num = den = 0.0
-                new_inputs = []
-                for i, (hidden, kwargs) in enumerate(zip(inputs, kwargs_list)):
-                    out = _layer_out(layer, hidden, kwargs)
-                    ref = _layer_out(fp_layer, hidden, kwargs)
-                    o, r = _real(out.float(), masks[i]), _real(ref.float(), masks[i])
-                    num += float((o - r).pow(2).sum())
-                    den += float(r.pow(2).sum())
-                    new_inputs.append(out)
-                    if fp_inputs is not None:
-                        fp_inputs[i] = _layer_out(fp_layer, fp_inputs[i], kwargs)
-                inputs = new_inputs
+            hooks = quantize_inputs_like(layer, weights)
+            try:
+                with torch.no_grad():
+                    num = den = 0.0
+                    new_inputs = []
+                    for i, (hidden, kwargs) in enumerate(zip(inputs, kwargs_list)):
+                        out = _layer_out(layer, hidden, kwargs)
+                        ref = _layer_out(fp_layer, hidden, kwargs)
+                        o, r = _real(out.float(), masks[i]), _real(ref.float(), masks[i])
+                        num += float((o - r).pow(2).sum())
+                        den += float(r.pow(2).sum())
+                        new_inputs.append(out)
+                        if fp_inputs is not None:
+                            fp_inputs[i] = _layer_out(fp_layer, fp_inputs[i], kwargs)
+                    inputs = new_inputs
+            finally:
+                for h in hooks:
+                    h.remove()
             if layer_err is None:
                 layer_err = num / den if den > 0 else 0.0
                 if work:
