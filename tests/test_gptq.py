@@ -429,3 +429,14 @@ def test_accumulator_errors():
         acc.add_pair(torch.randn(4, 8), torch.randn(4, 8))
     with pytest.raises(ValueError):
         HessianAccumulator(0)
+
+
+def test_gptaq_takes_a_gptaq_config():
+    from vlmkern import GPTAQConfig
+    w, _, _, h, d = noisy_pair(1)
+    w, h, d = w.float(), h.float(), d.float()
+    c = cfg(3, 100)
+    want = gptaq_quantize(w, h, d, c, alpha=0.5)[0]
+    assert_same(gptaq_quantize(w, h, d, GPTAQConfig(c, alpha=0.5))[0], want)
+    with pytest.raises(ValueError, match="do not give both"):
+        gptaq_quantize(w, h, d, GPTAQConfig(c), alpha=0.5)

@@ -1,7 +1,10 @@
 """QuantLinear layers and ops.linear given bad biases or bad packed tensors:
 clear errors, and nothing invalid loaded."""
+import re
+
 import pytest
 import torch
+from torch import nn
 
 from vlmkern import BinaryConfig, IntActConfig, QuantConfig, QuantLinear, ops
 from vlmkern.nn.modules import validated_elsewhere
@@ -85,3 +88,16 @@ def test_load_state_dict_refuses_a_scale_cast_that_changes_values():
     wide = QuantLinear.from_linear(linear, QuantConfig(4, 32, scale_dtype="float32"))
     wide.load_state_dict(fp16.state_dict())             # fp16 -> fp32 is exact: loads
     assert torch.equal(wide.scales, fp16.scales.float())
+
+
+@pytest.mark.parametrize("name, shape", [("qweight", (3, 8)), ("qweight", (64, 8)),
+                                         ("scales", (5, 2))])
+def test_load_state_dict_names_the_tensor_of_the_wrong_shape(name, shape):
+    lin = nn.Linear(64, 128)
+    q = QuantLinear.from_linear(lin, QuantConfig(4, 32))
+    sd = q.state_dict()
+    sd[name] = torch.zeros(shape, dtype=sd[name].dtype)
+    want = (f"{name} has shape {shape} in the state dict, this layer's is "
+            f"{tuple(q.state_dict()[name].shape)}")
+    with pytest.raises(RuntimeError, match=re.escape(want)):
+        q.load_state_dict(sd)

@@ -31,7 +31,8 @@ def cmd_info(args) -> int:
     for name, b in vlmkern.available_backends().items():
         state = "available" if b["available"] else "unavailable"
         mode = "" if b["auto"] else ", opt-in only"
-        print(f"  {name:<7} {state}{mode}: {b['reason']}")
+        why = "" if b["reason"] == "available" else f": {b['reason']}"
+        print(f"  {name:<7} {state}{mode}{why}")
         if b["kernels"]:
             off = disabled_kernels()
             names = [k + (" (off: VLMKERN_DISABLE)" if k in off else
@@ -76,6 +77,12 @@ def main(argv=None) -> int:
     handlers = {"info": cmd_info, "demo": cmd_demo, "quantize": cmd_quantize, "eval": cmd_eval}
     try:
         return handlers[args.command](args)
+    except SystemExit as e:
+        if not isinstance(e.code, str):      # argparse's exit (already printed) or a plain code
+            raise
+        # a command's own usage error: the same form and exit status as the others
+        print(f"vlmkern {args.command}: error: {e.code}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, OSError, RuntimeError) as e:
         # What a user got wrong (arguments, files, devices) reads best as one
         # line; VLMKERN_TRACEBACK=1 shows where it was raised.

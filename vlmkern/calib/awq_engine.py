@@ -192,13 +192,13 @@ def awq_layer(layer: nn.Module, inputs, kwargs_list, config: AWQEngineConfig,
     return info
 
 
-@torch.no_grad()
 def _name_ends_with(name: str, suffixes: tuple[str, ...]) -> bool:
     """Whether ``name`` ("self_attn.q_proj") ends with one of ``suffixes`` as
     whole name components ("q_proj" or "self_attn.q_proj", not "proj")."""
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
+@torch.no_grad()
 def rtn_layer(layer: nn.Module, inputs, kwargs_list, config: AWQEngineConfig, prefix: str,
               groups=LLAMA_SCALING, masks=None) -> tuple[dict, list[ModuleResult]]:
     """Clip search and round to nearest of every linear of the (folded) layer's

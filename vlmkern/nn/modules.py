@@ -116,6 +116,16 @@ class QuantLinear(nn.Module):
         if _VALIDATE_ON_LOAD.get():
             cls = self._weight_type()
             given = {n: state_dict[prefix + n] for n in cls.TENSORS if prefix + n in state_dict}
+            # the layer's shape fixes each tensor's: name the one that differs
+            # (the format's own check would measure the others against it)
+            held = {n: b for n, b in self._buffers.items() if isinstance(b, torch.Tensor)}
+            wrong = [f"{n} has shape {tuple(t.shape)} in the state dict, this layer's is "
+                     f"{tuple(held[n].shape)}" for n, t in given.items()
+                     if isinstance(t, torch.Tensor) and n in held and t.shape != held[n].shape]
+            if wrong:
+                name = prefix.rstrip('.') or type(self).__name__
+                error_msgs.extend(f"{name}: {w}" for w in wrong)
+                return
             if given:
                 device = next((t.device for t in given.values() if isinstance(t, torch.Tensor)),
                               None)

@@ -33,7 +33,8 @@ def _validate(x, qweight, bias, check_finite: bool = True) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _ACT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+        raise TypeError(f"x must be float16, bfloat16 or float32 (or float64, on the torch "
+                        f"reference), got {x.dtype}")
     k = qweight.in_features
     shape = x.shape
     if not shape or shape[-1] != k:

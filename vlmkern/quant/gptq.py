@@ -319,7 +319,7 @@ def gptaq_compensation(delta: torch.Tensor, u: torch.Tensor, alpha: float) -> to
 
 @torch.no_grad()
 def gptaq_quantize(weight: torch.Tensor, hessian: torch.Tensor, delta: torch.Tensor,
-                   config: GPTQConfig | None = None, alpha: float = 0.25
+                   config: GPTQConfig | GPTAQConfig | None = None, alpha: float | None = None
                    ) -> tuple[QuantizedWeight, GPTQStats]:
     """GPTAQ (asymmetric calibration): minimise ||Q X~ - W X||^2.
 
@@ -328,6 +328,8 @@ def gptaq_quantize(weight: torch.Tensor, hessian: torch.Tensor, delta: torch.Ten
     full-precision model's inputs (row index: the channel whose mismatch is
     compensated; ``HessianAccumulator.add_pair`` builds both). alpha scales
     the asymmetry term (0.25 by default; 0 gives GPTQ bitwise, as does D = 0).
+    ``config`` may also be a GPTAQConfig, which brings its own alpha (giving
+    alpha as well is refused).
 
     Derivation: ||Q X~ - W X||^2 = ||(Q - W) X~ - W dX||^2, dX = X - X~. The
     first term is GPTQ's error, handled by the same U-propagation; the second
@@ -339,8 +341,13 @@ def gptaq_quantize(weight: torch.Tensor, hessian: torch.Tensor, delta: torch.Ten
     gain more. The lazy cross-block update is the exact sum of the in-block
     ones (see ``_column_loop``), so the result does not depend on block_size.
     """
+    if isinstance(config, GPTAQConfig):
+        if alpha is not None:
+            raise ValueError("gptaq_quantize: alpha comes from the GPTAQConfig; do not give "
+                             "both")
+        config, alpha = config.gptq, config.alpha
     config = GPTQConfig() if config is None else config
-    alpha = config_float("gptaq_quantize", "alpha", alpha)
+    alpha = config_float("gptaq_quantize", "alpha", 0.25 if alpha is None else alpha)
     if not 0.0 <= alpha < float("inf"):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     if delta is None:
