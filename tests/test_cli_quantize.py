@@ -175,3 +175,21 @@ def test_calib_text_naming_a_folder_says_so(tmp_path, capsys):
     code = main(["quantize", "--model", "smollm2", "--method", "rtn", "--calib-text",
                  str(tmp_path)])
     assert code == 2 and "is a folder; name a text file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, message", [("meta", "meta tensors hold no values"),
+                                             ("mps", "no MPS device")])
+def test_devices_that_cannot_compute_here_are_refused_first(device, message, capsys):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS device")
+    assert main(["quantize", "--model", "smollm2", "--method", "rtn", "--device", device]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "billm", "--bits", "2"], "do not apply"),
+    (["--method", "binarize", "--group-size", "32"], "do not apply"),
+    (["--method", "rtn", "--act-order"], "GPTQ options")])
+def test_options_a_method_would_ignore_are_refused(args, message, capsys):
+    assert main(["quantize", "--model", "smollm2", *args]) == 2
+    assert message in capsys.readouterr().err

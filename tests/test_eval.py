@@ -127,6 +127,14 @@ def _assets():
         return False
 
 
+def test_more_digits_than_held_out_is_an_error():
+    from vlmkern.eval import EvalSet, heldout_digits
+    n = len(heldout_digits()[2])
+    for kwargs in ({"n_vqa": n + 1}, {"n_kl": n + 1}):   # refused before the model is used
+        with pytest.raises(ValueError, match=f"holds out {n} digits"):
+            EvalSet.build(None, None, **kwargs)
+
+
 @pytest.mark.skipif(not _assets(), reason="mini VLM assets not installed")
 def test_rtn_w8_matches_fp_on_heldout_digits():
     from vlmkern import QuantConfig, replace_linears

@@ -101,3 +101,13 @@ def test_load_state_dict_names_the_tensor_of_the_wrong_shape(name, shape):
             f"{tuple(q.state_dict()[name].shape)}")
     with pytest.raises(RuntimeError, match=re.escape(want)):
         q.load_state_dict(sd)
+
+
+def test_replace_linears_says_when_linears_are_already_quantized():
+    from vlmkern import replace_linears
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    replace_linears(model, {"0": QuantConfig(4, 32)}, progress=False)
+    _, report = replace_linears(model, QuantConfig(4, 32), progress=False)
+    assert len(report.rows) == 1 and "1 linears were already quantized" in str(report)
+    with pytest.raises(ValueError, match="its 2 linears are already quantized"):
+        replace_linears(model, QuantConfig(4, 32), progress=False)

@@ -60,6 +60,7 @@ class ReplaceReport:
     kept: list[str] = field(default_factory=list)          # linears a plan entry set to None
     unmatched: list[str] = field(default_factory=list)     # linears no pattern reached
     unused_patterns: list[str] = field(default_factory=list)
+    already_quantized: int = 0                             # QuantLinear layers found, untouched
 
     @property
     def bytes_before(self) -> int:
@@ -82,6 +83,9 @@ class ReplaceReport:
                     f"({self.bytes_before / self.bytes_after:.2f}x smaller)")
         lines.append(f"{done}; {len(self.skipped)} skipped, {len(self.kept)} kept, "
                      f"{len(self.unmatched)} not in plan")
+        if self.already_quantized:
+            lines.append(f"{self.already_quantized} linears were already quantized and were "
+                         f"left as they are")
         if self.unused_patterns:
             lines.append(f"plan patterns that matched nothing: {self.unused_patterns}")
         return "\n".join(lines)
@@ -153,10 +157,14 @@ def _resolve(model: nn.Module, plan, skip):
     plan = _normalise_plan(plan)
     skip = _skip_patterns(skip)
     modules = dict(model.named_modules())
+    quantized = sum(isinstance(m, QuantLinear) for m in modules.values())
     if not any(isinstance(m, nn.Linear) for m in modules.values()):
+        if quantized:
+            raise ValueError(f"{type(model).__name__} has no nn.Linear modules to quantize: "
+                             f"its {quantized} linears are already quantized")
         raise ValueError(f"{type(model).__name__} has no nn.Linear modules to quantize "
                          f"(layers such as transformers' Conv1D are not supported)")
-    report = ReplaceReport()
+    report = ReplaceReport(already_quantized=quantized)
     used = set()
     every_name = dict(model.named_modules(remove_duplicate=False))
     for key, value in plan.items():

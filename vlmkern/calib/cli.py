@@ -114,6 +114,13 @@ def method_config(args):
         return IntActConfig(w_bits, args.act_bits, group_size=group)
     if args.bits == 6:
         raise SystemExit("--bits 6 is for integer-activation weights: add --act-bits 6 (W6A6)")
+    if args.method in ("billm", "binarize") and (args.bits is not None or args.sym
+                                                 or args.group_size != 64):
+        raise SystemExit(f"--method {args.method} makes binary weights of its own format "
+                         f"(block 128); --bits, --group-size and --sym do not apply")
+    if args.method == "rtn" and (args.act_order or args.static_groups):
+        raise SystemExit("--act-order and --static-groups are GPTQ options; --method rtn "
+                         "rounds each weight alone")
     quant = QuantConfig(4 if args.bits is None else args.bits, group, args.sym)
     gptq = GPTQConfig(quant, block_size=args.block_size, damp=args.damp,
                       act_order=args.act_order, static_groups=args.static_groups)
@@ -221,8 +228,13 @@ def check_device(flag: str, name: str | None) -> None:
         device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"{flag} {name!r}: {e}") from None
+    if device.type == "meta":
+        raise ValueError(f"{flag} meta: meta tensors hold no values, so nothing can be "
+                         f"computed there; name a device that computes (cpu, cuda)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{flag} {name}: torch sees no CUDA GPU here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {name}: torch sees no MPS device here")
 
 
 def check_output_folder(flag: str, path) -> None:

@@ -41,8 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated variants: fp, rtn-w<bits>g<group>[s] (s: symmetric), "
                         f"w<bits>a<bits>, binary (default {DEFAULT_METHODS})")
-    p.add_argument("--out", default="eval_out", help="folder for results.json/.md/.png")
-    p.add_argument("--n-vqa", type=positive_int, default=40, help="held-out digits answered")
+    p.add_argument("--out", default="eval_out",
+                   help="folder for results.json/.md/.png (default ./eval_out)")
+    p.add_argument("--n-vqa", type=positive_int, default=40,
+                   help="held-out digits answered (default 40, at most 360)")
     p.add_argument("--n-kl", type=positive_int, default=8, help="image prompts for KL / top-1")
     p.add_argument("--n-ppl", type=positive_int, default=2, help="perplexity windows")
     p.add_argument("--ppl-seq-len", type=positive_int, default=256,

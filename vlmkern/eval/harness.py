@@ -83,6 +83,10 @@ class EvalSet:
         from ..minivlm.train_projector import eval_subset
 
         images, labels, test_idx = heldout_digits(projector_path)
+        for what, n in (("n_vqa", n_vqa), ("n_kl", n_kl)):
+            if n > len(test_idx):
+                raise ValueError(f"{what}={n}: the projector holds out {len(test_idx)} digits, "
+                                 f"the most it can ask about")
         # balanced over the ten classes, same rule as the projector's own check
         vqa_idx = eval_subset(test_idx, labels, n_vqa)
         kl_idx = eval_subset(test_idx, labels, n_kl)
