@@ -46,13 +46,17 @@ def quantized(kind="llama", plan=MIXED, seed=0, **kw):
 
 
 def rewrite(src, dst, edit_tensors=None, edit_config=None, raw_metadata=None):
-    """Copy a checkpoint, editing its tensors and/or its quantization_config."""
+    """Copy a checkpoint, editing its tensors and/or its quantization_config.
+    Edited tensors get matching checksums: a crafted file, consistent in
+    itself, whose contents the other checks must judge."""
     tensors = load_file(str(src))
     _, metadata = read_header(src)
     if edit_tensors:
         edit_tensors(tensors)
     if raw_metadata is None:
         config = json.loads(metadata["quantization_config"])
+        if edit_tensors:
+            config["checksums"] = {k: vio.tensor_checksum(t) for k, t in tensors.items()}
         if edit_config:
             edit_config(config)
         raw_metadata = {"quantization_config": json.dumps(config)}
@@ -481,7 +485,10 @@ def test_lost_optional_tensor_is_detected(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith("qzeros")}
-    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    config = json.loads(meta["quantization_config"])
+    del config["checksums"]["0.qzeros"]         # consistent in itself: the module check finds it
+    save_file(tensors, str(tmp_path / "bad.safetensors"),
+              metadata={**meta, "quantization_config": json.dumps(config)})
     fresh = torch.nn.Sequential(torch.nn.Linear(64, 32))
     with pytest.raises(CheckpointError, match="qzeros"):
         vlmkern.load_quantized(fresh, tmp_path / "bad.safetensors")
@@ -518,3 +525,23 @@ def test_save_refuses_what_load_would_refuse(tmp_path, where):
     with pytest.raises(ValueError, match="NaN or Inf"):
         save_quantized(model, tmp_path)
     assert os.listdir(tmp_path) == []
+
+
+def test_damage_inside_tensor_data_is_found(tmp_path, llama_ckpt):
+    path, model, inputs = llama_ckpt
+    raw = bytearray(path.read_bytes())
+    raw[-100] ^= 0x10                      # one bit, well inside the last tensor's bytes
+    bad = tmp_path / "flipped.safetensors"
+    bad.write_bytes(bytes(raw))
+    fresh, _ = build_llama(seed=1)
+    with pytest.raises(CheckpointError, match="is damaged: the bytes of"):
+        load_quantized(fresh, bad)
+    # a file without checksums (written before they were recorded) still loads
+    old = rewrite(path, tmp_path / "old.safetensors",
+                  edit_config=lambda c: c.pop("checksums"))
+    fresh, _ = build_llama(seed=1)
+    assert torch.equal(logits(load_quantized(fresh, old), inputs), logits(model, inputs))
+    lying = rewrite(path, tmp_path / "lying.safetensors",
+                    edit_config=lambda c: c["checksums"].popitem())
+    with pytest.raises(CheckpointError, match="checksums table"):
+        load_quantized(build_llama(seed=1)[0], lying)

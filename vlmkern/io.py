@@ -7,6 +7,8 @@ quantization_config = {
   "modules": {name: {"format", "meta", "in_features", "out_features", "bias", "info"}},
   "skipped": [names of linears left in full precision],
   "aliases": {name: name it shares storage with},
+  "checksums": {name: sha256 of the stored tensor's bytes}   (checked on load;
+           files written before checksums were recorded load without),
   "plan": {"plan_version", "modules": {name: {"method", "format", "w_bits",
            "a_bits", "group_size", ...}}, "info"}   (vlmkern.plan; one entry
            per quantized module, checked against "modules" on load)
@@ -17,6 +19,7 @@ over the target, so a crash never leaves a half-written checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -90,8 +93,30 @@ def save_quantized(model: nn.Module, path) -> Path:
             seen[key] = name
         tensors[name] = t.detach().to("cpu").contiguous()
     config["aliases"] = aliases
+    config["checksums"] = {name: tensor_checksum(t) for name, t in tensors.items()}
     atomic_save(tensors, target, {"quantization_config": json.dumps(config)})
     return target
+
+
+def tensor_checksum(t: torch.Tensor) -> str:
+    """sha256 of a CPU tensor's bytes: what the file holds for it."""
+    data = t.detach().contiguous().reshape(-1)
+    return hashlib.sha256(data.view(torch.uint8).numpy() if data.numel() else b"").hexdigest()
+
+
+def _check_checksums(config: dict, tensors: dict, file) -> None:
+    """Damage inside tensor data (a flipped bit) leaves the file's structure
+    intact; the recorded checksums find it."""
+    sums = config.get("checksums")
+    if sums is None:
+        return
+    if not isinstance(sums, dict) or sorted(sums) != sorted(tensors) or \
+            not all(isinstance(v, str) for v in sums.values()):
+        raise CheckpointError(f"{file}: its checksums table does not list the tensors it holds")
+    damaged = [name for name, t in tensors.items() if tensor_checksum(t) != sums[name]]
+    if damaged:
+        raise CheckpointError(f"{file} is damaged: the bytes of {damaged[:4]}"
+                              f"{'...' if len(damaged) > 4 else ''} differ from what was saved")
 
 
 def _check_replaceable(target: Path) -> None:
@@ -242,6 +267,7 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{file}: cannot read tensors: {e}") from None
+    _check_checksums(config, tensors, file)
     for name, source in config.get("aliases", {}).items():
         if source not in tensors:
             raise CheckpointError(f"{file}: alias {name!r} points at missing tensor {source!r}")
