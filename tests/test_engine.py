@@ -183,6 +183,38 @@ def test_billm_through_the_engine():
     assert sum(report.layer_errors) < 1.25 * sum(plain_report.layer_errors)
 
 
+def test_billm_takes_every_linears_statistics_from_the_full_precision_layer(monkeypatch):
+    # BiLLM's spec: the Hessians of a layer's linears from one pass over the
+    # layer as it was (GPTQ instead sees earlier sub-groups quantized)
+    import vlmkern.quant.billm as billm_module
+    from vlmkern import BiLLMConfig
+    from vlmkern.quant.hessian import HessianAccumulator
+    model, inputs = build_llama()
+    layers_path, layers = decoder_layers(model)
+    layer0 = layers[0]
+    names = ["self_attn.o_proj", "mlp.down_proj"]
+    accs = {n: HessianAccumulator(layer0.get_submodule(n).in_features) for n in names}
+    hooks = [layer0.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: accs[n].add(a[0].detach())) for n in names]
+    with torch.no_grad():
+        model(**inputs)
+    for h in hooks:
+        h.remove()
+    seen = []
+    real = billm_module.billm_quantize
+
+    def spy(weight, hessian, config):
+        seen.append((weight.clone(), hessian.clone()))
+        return real(weight, hessian, config)
+    monkeypatch.setattr(billm_module, "billm_quantize", spy)
+    quantize_model(copy.deepcopy(model), [inputs], BiLLMConfig(), progress=False)
+    for n in names:
+        weight = layer0.get_submodule(n).weight
+        got = [h for w, h in seen if torch.equal(w, weight)]
+        assert len(got) == 1, n
+        torch.testing.assert_close(got[0], accs[n].hessian, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", [GPTQConfig(QuantConfig(4, 32)),
                                     GPTAQConfig(GPTQConfig(QuantConfig(4, 32)))])
 def test_padding_never_enters_the_statistics(monkeypatch, method):

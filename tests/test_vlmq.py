@@ -340,3 +340,16 @@ def test_padding_stays_out_of_the_importance_loss():
     # the unmasked loss moves the short sequence's k/v importance
     k = "self_attn.k_proj"
     assert not torch.allclose(counted[k][1, :5], masked[k][1, :5], rtol=1e-3)
+
+
+def test_vlmq_runs_act_order_by_default_as_its_paper_does():
+    from vlmkern.calib.cli import method_config
+    from vlmkern.cli import build_parser
+    assert VLMQConfig().base.gptq.act_order is True
+
+    def config(*args):
+        return method_config(build_parser().parse_args(["quantize", "--model", "x", *args]))
+    assert config("--method", "vlmq").base.gptq.act_order is True
+    assert config("--method", "vlmq", "--no-act-order").base.gptq.act_order is False
+    assert config("--method", "gptq").act_order is False
+    assert config("--method", "gptq", "--act-order").act_order is True

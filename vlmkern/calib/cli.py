@@ -71,7 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-bits", type=int, choices=(4, 6, 8),
                    help="rtn only: integer activations too, weights of the same bits unless "
                         "--bits says otherwise (W8A8 / W6A6 / W4A4)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ/GPTAQ: descending diag(H)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction,
+                   help="GPTQ/GPTAQ/VLMQ: columns in descending diag(H) order (default: on for "
+                        "vlmq, as its paper runs it; off otherwise)")
     p.add_argument("--static-groups", action="store_true")
     p.add_argument("--damp", type=non_negative_float, default=0.01)
     p.add_argument("--block-size", type=positive_int, default=128)
@@ -122,8 +124,9 @@ def method_config(args):
         raise SystemExit("--act-order and --static-groups are GPTQ options; --method rtn "
                          "rounds each weight alone")
     quant = QuantConfig(4 if args.bits is None else args.bits, group, args.sym)
+    act_order = args.act_order if args.act_order is not None else args.method == "vlmq"
     gptq = GPTQConfig(quant, block_size=args.block_size, damp=args.damp,
-                      act_order=args.act_order, static_groups=args.static_groups)
+                      act_order=act_order, static_groups=args.static_groups)
     if args.method in AWQ_VLMQ:
         return awq_vlmq_config(args, quant, gptq)
     if args.method == "luq":

@@ -434,6 +434,8 @@ def _calibrate_layer(layer, fp_layer, sequence, method, inputs, fp_inputs, kwarg
     """Calibrate one decoder layer's linears in ``sequence`` order. masks: per
     batch, the real-token mask (padding never enters the statistics) or None."""
     weights, results = {}, []
+    if method.one_pass:     # all statistics from the layer as it was, in one forward pass
+        sequence = [tuple(n for group in sequence for n in group)]
     # Per-token Hessian weights (VLMQ), from the layer while still full precision.
     importance = method.token_importance(layer, inputs, fp_inputs, kwargs_list, masks)
     for group in sequence:

@@ -38,6 +38,14 @@ class LayerMethod:
         raise TypeError(f"no layer method for {type(cfg).__name__}")
 
     @property
+    def one_pass(self) -> bool:
+        """Whether every linear of a layer takes its statistics from one pass
+        over the full-precision layer (BiLLM), instead of GPTQ's sequential
+        sub-groups that see the earlier ones already quantized."""
+        from ..quant.billm import BiLLMConfig
+        return isinstance(self.config, BiLLMConfig)
+
+    @property
     def paired_stats(self) -> bool:
         """Whether the Hessian accumulators take (FP, quantized) input pairs
         (GPTAQ's D). VLMQ on GPTQ needs the FP stream only for its importance."""

@@ -52,7 +52,8 @@ class VLMQConfig:
     layer) whose Hessian is importance-weighted. block_output: the module whose
     input is the attention block's output Attn(X)."""
 
-    base: GPTQConfig | GPTAQConfig = field(default_factory=GPTAQConfig)
+    base: GPTQConfig | GPTAQConfig = field(
+        default_factory=lambda: GPTAQConfig(GPTQConfig(act_order=True)))
     norm: str = "l1"
     weighted: tuple[str, ...] = ATTENTION_LINEARS
     block_output: str = "post_attention_layernorm"
