@@ -190,8 +190,7 @@ def test_billm_takes_every_linears_statistics_from_the_full_precision_layer(monk
     from vlmkern import BiLLMConfig
     from vlmkern.quant.hessian import HessianAccumulator
     model, inputs = build_llama()
-    layers_path, layers = decoder_layers(model)
-    layer0 = layers[0]
+    layer0 = decoder_layers(model)[1][0]
     names = ["self_attn.o_proj", "mlp.down_proj"]
     accs = {n: HessianAccumulator(layer0.get_submodule(n).in_features) for n in names}
     hooks = [layer0.get_submodule(n).register_forward_pre_hook(
