@@ -111,3 +111,32 @@ def test_replace_linears_says_when_linears_are_already_quantized():
     assert len(report.rows) == 1 and "1 linears were already quantized" in str(report)
     with pytest.raises(ValueError, match="its 2 linears are already quantized"):
         replace_linears(model, QuantConfig(4, 32), progress=False)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_layer_holds_its_weight_for_compiled_calls(how):
+    import copy
+    import io
+
+    from vlmkern.ops import compiled
+    q = QuantLinear.from_linear(nn.Linear(64, 32), QuantConfig(4, 32))
+    if how == "deepcopy":
+        c = copy.deepcopy(q)
+    else:
+        buf = io.BytesIO()
+        torch.save(q, buf)
+        buf.seek(0)
+        c = torch.load(buf, weights_only=False)
+    qw = c.quantized_weight
+    tensors = [t for t in qw.tensors().values() if t is not None]
+    # the compiled op finds the copy's own weight object, without a rebuild
+    assert compiled._weight(tensors, type(qw).__name__, compiled.describe(qw), warn=False,
+                            check=False) is qw
+
+
+def test_report_labels_tell_settings_apart():
+    assert QuantConfig(3, None).label == "W3 per-row asym"
+    assert QuantConfig(4, 64, sym=True).label == "W4 g64 sym"
+    labels = {IntActConfig(8, 8).label, IntActConfig(8, 8, group_size=32).label,
+              IntActConfig(8, 8, act_scale=0.05).label}
+    assert labels == {"W8A8", "W8A8 g32", "W8A8 static 0.05"}

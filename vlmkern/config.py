@@ -105,8 +105,8 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        g = "row" if self.group_size is None else self.group_size
-        return f"W{self.bits} g{g} {'sym' if self.sym else 'asym'}"
+        g = "per-row" if self.group_size is None else f"g{self.group_size}"
+        return f"W{self.bits} {g} {'sym' if self.sym else 'asym'}"
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,10 @@ class IntActConfig:
 
     @property
     def label(self) -> str:
-        return f"W{self.w_bits}A{self.a_bits}"
+        # the weight grouping and a static activation scale tell such layers apart
+        g = "" if self.group_size is None else f" g{self.group_size}"
+        act = "" if self.act_scale is None else f" static {self.act_scale:g}"
+        return f"W{self.w_bits}A{self.a_bits}{g}{act}"
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,8 @@ def save_quantized(model: nn.Module, path) -> Path:
         tensors[name] = t.detach().to("cpu").contiguous()
     config["aliases"] = aliases
     config["checksums"] = {name: tensor_checksum(t) for name, t in tensors.items()}
-    atomic_save(tensors, target, {"quantization_config": json.dumps(config)})
+    # "format": "pt" is what accelerate and transformers look for in a torch file
+    atomic_save(tensors, target, {"format": "pt", "quantization_config": json.dumps(config)})
     return target
 
 

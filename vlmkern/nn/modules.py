@@ -87,6 +87,15 @@ class QuantLinear(nn.Module):
                 hold(cached)   # so the op torch.compile calls finds this object again
         return cached
 
+    def __setstate__(self, state):
+        # copy.deepcopy and unpickling come here with the weight object copied
+        # too: rebuild it now, so it is held for compiled calls (a copy never
+        # held would be rebuilt and re-laid out on every compiled call)
+        super().__setstate__(state)
+        self.__dict__.pop("_packed", None)
+        if "_meta" in self.__dict__:
+            self.quantized_weight  # noqa: B018
+
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
         if name in self.__dict__.get("_buffers", ()) and "_meta" in self.__dict__:

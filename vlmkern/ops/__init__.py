@@ -23,7 +23,10 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 def _check_finite_enabled(device: torch.device) -> bool:
     # On a GPU the check costs a device sync per call, so it is opt-in there;
     # integer kernels propagate NaN/Inf tokens as non-finite rows regardless.
-    return device.type == "cpu" or getenv("VLMKERN_CHECK_FINITE") == "1"
+    value = getenv("VLMKERN_CHECK_FINITE")
+    if value not in (None, "", "0", "1"):    # "yes" or "true" must not read as off
+        raise BackendError(f"VLMKERN_CHECK_FINITE must be 1 (check) or 0, got {value!r}")
+    return device.type == "cpu" or value == "1"
 
 
 def _validate(x, qweight, bias, check_finite: bool = True) -> None:
