@@ -243,3 +243,12 @@ def test_laid_out_layer_on_gpu_holds_its_codes_once():
     assert sizes["canonical"] >= 2 * codes          # stream + the kernel's layout
     assert sizes["laid_out"] < 1.25 * codes         # the layout (+ scale words) only
 
+
+
+def test_to_kernel_layout_warns_where_no_kernel_reads_the_layout(monkeypatch):
+    import vlmkern.ext as ext
+    model = nn.Sequential(nn.Linear(256, 128))
+    vlmkern.replace_linears(model, vlmkern.QuantConfig(4, 128), skip=(), progress=False)
+    monkeypatch.setattr(ext, "load_extension", lambda: (None, "vlmkern._C was not built"))
+    with pytest.warns(UserWarning, match="only the CUDA extension's kernels read the layout"):
+        vlmkern.to_kernel_layout(model, progress=False)

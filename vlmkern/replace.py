@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -280,6 +281,12 @@ def to_kernel_layout(model: nn.Module, progress: bool = True, binary: bool = Fal
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     todo = [(name, m) for name, m in model.named_modules()
             if isinstance(m, (WeightOnlyLinear, BinaryLinear)) and not m.laid_out and fits(m)]
+    from .ext import load_extension
+    extension, why = load_extension()
+    if todo and extension is None:
+        warnings.warn(f"to_kernel_layout: only the CUDA extension's kernels read the layout, and "
+                      f"{why}; Triton and the torch reference decode such a layer on every "
+                      f"call (correct, slow)", stacklevel=2)
     for _, module in tqdm(todo, desc="kernel layout", disable=not progress or not todo):
         module.to_kernel_layout()
     return [name for name, _ in todo]
