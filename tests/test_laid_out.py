@@ -246,7 +246,7 @@ def test_laid_out_layer_on_gpu_holds_its_codes_once():
 
 
 def test_to_kernel_layout_warns_where_no_kernel_reads_the_layout(monkeypatch):
-    import vlmkern.ext as ext
+    from vlmkern import ext
     model = nn.Sequential(nn.Linear(256, 128))
     vlmkern.replace_linears(model, vlmkern.QuantConfig(4, 128), skip=(), progress=False)
     monkeypatch.setattr(ext, "load_extension", lambda: (None, "vlmkern._C was not built"))
