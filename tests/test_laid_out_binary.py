@@ -219,3 +219,20 @@ def test_laid_out_layer_on_gpu_holds_fewer_bytes():
     weights = 1024 * 2048
     assert sizes["canonical"] >= weights * 5 // 8         # planes, stats, codes, tables
     assert sizes["laid_out"] <= weights * 4.5 / 8          # codes, stats, tables
+
+
+def test_missing_tensors_of_a_laid_out_layer_are_named_as_saved():
+    import vlmkern
+    from torch import nn
+    model = nn.Sequential(nn.Linear(256, 128), nn.Linear(128, 64))
+    vlmkern.replace_linears(model, {"0": vlmkern.QuantConfig(4, 128),
+                                    "1": vlmkern.BinaryConfig()}, skip=(), progress=False)
+    vlmkern.to_kernel_layout(model, progress=False, binary=True)
+    sd = model.state_dict()
+    assert "0.qweight" in sd and "1.aux" in sd and "0.wq" not in sd
+    partial = {k: v for k, v in sd.items() if k not in ("0.qweight", "1.aux")}
+    result = model.load_state_dict(partial, strict=False)
+    assert sorted(result.missing_keys) == ["0.qweight", "1.aux"]
+    assert torch.equal(model.state_dict()["0.qweight"], sd["0.qweight"])   # kept as it was
+    with pytest.raises(RuntimeError, match='Missing key.*"0.qweight"'):
+        model.load_state_dict(partial)

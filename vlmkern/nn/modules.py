@@ -264,7 +264,8 @@ class _LayoutLinear(QuantLinear):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         keys = [prefix + name for name in self.CANONICAL]
-        if self.laid_out and any(key in state_dict for key in keys):
+        present = [key in state_dict for key in keys]
+        if self.laid_out and all(present):
             given = [state_dict.get(key) for key in keys]
             state_dict = {k: v for k, v in state_dict.items() if k not in keys}
             expected = self._canonical_shape()
@@ -279,8 +280,16 @@ class _LayoutLinear(QuantLinear):
                 device = self._buffers[self.HELD].device
                 state_dict[prefix + self.HELD] = self._held_of_canonical(
                     [t.to(device) for t in given])
+        elif self.laid_out:     # some canonical tensors absent: the layout cannot be made
+            state_dict = {k: v for k, v in state_dict.items() if k not in keys}
+        before = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        held = prefix + self.HELD
+        if self.laid_out and held in missing_keys[before:]:
+            # the layer's state dict names the canonical tensors: so do its missing keys
+            missing_keys.remove(held)
+            missing_keys.extend(key for key, there in zip(keys, present) if not there)
 
 
 class WeightOnlyLinear(_LayoutLinear):
