@@ -222,8 +222,9 @@ def test_laid_out_layer_on_gpu_holds_fewer_bytes():
 
 
 def test_missing_tensors_of_a_laid_out_layer_are_named_as_saved():
-    import vlmkern
     from torch import nn
+
+    import vlmkern
     model = nn.Sequential(nn.Linear(256, 128), nn.Linear(128, 64))
     vlmkern.replace_linears(model, {"0": vlmkern.QuantConfig(4, 128),
                                     "1": vlmkern.BinaryConfig()}, skip=(), progress=False)
