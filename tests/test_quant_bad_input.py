@@ -389,7 +389,7 @@ def test_hessians_with_negative_diagonals_or_no_values_are_refused():
 
 def test_gptaq_alpha_must_be_a_number():
     w, h, d = torch.randn(8, 16), torch.eye(16), torch.zeros(16, 16)
-    for bad in (True, "x", None):
+    for bad in (True, "x", float("nan"), -1.0):     # None: the default, 0.25
         with pytest.raises((TypeError, ValueError), match="alpha"):
             gptaq_quantize(w, h, d, GPTQConfig(), bad)
 

@@ -94,8 +94,9 @@ def save_quantized(model: nn.Module, path) -> Path:
         tensors[name] = t.detach().to("cpu").contiguous()
     config["aliases"] = aliases
     config["checksums"] = {name: tensor_checksum(t) for name, t in tensors.items()}
-    # "format": "pt" is what accelerate and transformers look for in a torch file
-    atomic_save(tensors, target, {"format": "pt", "quantization_config": json.dumps(config)})
+    # one metadata entry: safetensors writes several in no fixed order, and the
+    # same model must give the same bytes
+    atomic_save(tensors, target, {"quantization_config": json.dumps(config)})
     return target
 
 
