@@ -38,6 +38,7 @@ asset wheels needed): every weight format and a save/load round trip.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import importlib.util
@@ -307,17 +308,17 @@ def add_arguments(p) -> None:
                    help="the random-Llama demo instead (needs no asset wheels)")
 
 
-# what --synthetic leaves as the parser set it: that demo's recipe is fixed
-_NOT_SYNTHETIC = {"method": DEFAULT_RECIPE["method"], "bits": DEFAULT_RECIPE["bits"],
-                  "group_size": DEFAULT_RECIPE["group_size"],
-                  "samples": DEFAULT_RECIPE["samples"], "alpha": DEFAULT_RECIPE["alpha"],
-                  "eval_size": 40, "device": None, "save": None, "no_progress": False,
-                  "no_baseline": False, "cache_dir": None}
+def _changed_options(args) -> list[str]:
+    """The options ``args`` sets away from their defaults."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return [k for k, default in vars(parser.parse_args([])).items()
+            if getattr(args, k) != default]
 
 
 def main(args) -> int:
-    if args.synthetic:
-        given = [k for k, default in _NOT_SYNTHETIC.items() if getattr(args, k) != default]
+    if args.synthetic:    # that demo's recipe is fixed: any other option would be ignored
+        given = [k for k in _changed_options(args) if k not in ("synthetic", "seed")]
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
             print(f"vlmkern demo: --synthetic runs a fixed demo (every format on a random "

@@ -121,17 +121,24 @@ def _check_checksums(config: dict, tensors: dict, file) -> None:
                               f"{'...' if len(damaged) > 4 else ''} differ from what was saved")
 
 
+def is_checkpoint(path) -> bool:
+    """Whether ``path`` is a safetensors file vlmkern wrote (any format
+    version); reads the header only."""
+    try:
+        raw = read_header(path)[1].get("quantization_config")
+        config = json.loads(raw) if raw is not None else None
+    except (CheckpointError, json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(config, dict) and config.get("quant_method") == QUANT_METHOD
+
+
 def _check_replaceable(target: Path) -> None:
     """A file already at ``target`` is replaced only when vlmkern wrote it:
     anything else there (a model's own weights, say) is never overwritten."""
-    if not target.exists():
-        return
-    try:
-        _read_config(read_header(target)[1], target)
-    except CheckpointError:
+    if target.exists() and not is_checkpoint(target):
         raise FileExistsError(f"{target} exists and is not a vlmkern checkpoint (a model's own "
                               f"weights?); it is never overwritten: save to another folder or "
-                              f"file") from None
+                              f"file")
 
 
 def atomic_save(tensors: dict, target: Path, metadata: dict[str, str]) -> None:

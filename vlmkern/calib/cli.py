@@ -173,13 +173,9 @@ def load_model(name: str):
 def _check_not_a_vlmkern_checkpoint(folder: Path) -> None:
     """A folder holding a vlmkern checkpoint is no model to quantize: transformers
     would find none of its linear weights and start them from random values."""
-    from ..io import CheckpointError, read_header
+    from ..io import is_checkpoint
     for file in sorted(folder.glob("*.safetensors")):
-        try:
-            metadata = read_header(file)[1]
-        except CheckpointError:
-            continue
-        if "quantization_config" in metadata and '"vlmkern"' in metadata["quantization_config"]:
+        if is_checkpoint(file):
             raise SystemExit(f"--model {str(folder)!r}: {file.name} is a vlmkern checkpoint, "
                              f"not full-precision weights to quantize (load it with "
                              f"vlmkern.load_quantized into the model built from config.json)")

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..formats import WEIGHT_TYPES, IntActWeight
 from ..io import atomic_save, atomic_write
 from ..nn import QuantLinear
-from ..ops.reference import quantize_activations
+from ..ops.reference import fake_quant_activations
 from ..quant.hessian import HessianAccumulator
 from ..replace import replace_linears
 from .arch import arch_of, decoder_layers
@@ -404,10 +404,7 @@ def quantize_inputs_like(layer: nn.Module, weights: dict) -> list:
     handles; remove them when done."""
     def hook_for(packed: IntActWeight):
         def round_inputs(module, args):
-            x = args[0]
-            q, s = quantize_activations(x.reshape(-1, x.shape[-1]), packed.a_bits,
-                                        packed.act_scale)
-            return ((q.float() * s[:, None]).to(x.dtype).reshape(x.shape), *args[1:])
+            return (fake_quant_activations(args[0], packed.a_bits, packed.act_scale), *args[1:])
         return round_inputs
 
     return [layer.get_submodule(name).register_forward_pre_hook(hook_for(packed))

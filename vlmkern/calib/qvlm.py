@@ -67,6 +67,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import IntActConfig, check_bool, config_float, is_int
+from ..ops.reference import fake_quant_activations
 from ..quant.entropy import layer_dependency, partition_blocks, quantized_entropy
 from ..quant.rtn import quantize_rtn
 from ..replace import replace_linears, set_module
@@ -207,26 +208,6 @@ class QVLMReport:
         if self.vision is not None:
             lines.append(str(self.vision))
         return "\n".join(lines)
-
-
-def fake_quant_activations(x: torch.Tensor, bits: int, scale: float | None = None
-                           ) -> torch.Tensor:
-    """What the integer kernels compute from x: round(x / s) clamped to
-    +-(2^(b-1)-1), times s; s per token (absmax / (2^(b-1)-1), 1 for an
-    all-zero token) or the static ``scale``. Same arithmetic as
-    ``ops.reference.quantize_activations`` (x rounded to fp32 first, fp32
-    scales), but for any bits (no int8 codes). x [..., K] -> x's dtype."""
-    if not isinstance(bits, int) or not 2 <= bits <= 24:
-        raise ValueError(f"bits must be an int in 2..24, got {bits!r}")
-    lim = (1 << (bits - 1)) - 1
-    xf = x.float()
-    if scale is None:
-        s = xf.abs().amax(dim=-1, keepdim=True) / lim
-        s = torch.where(s == 0, torch.ones_like(s), s)
-    else:
-        s = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
-    q = torch.round(xf / s).clamp(-lim, lim)
-    return (q.double() * s.double()).to(x.dtype)   # q * s is exact in fp64
 
 
 def search_fake_quant(x: torch.Tensor, bits: int, scale: float | None = None) -> torch.Tensor:

@@ -79,6 +79,26 @@ def quantize_activations(x: torch.Tensor, bits: int, scale: float | None = None
     return q, s
 
 
+def fake_quant_activations(x: torch.Tensor, bits: int, scale: float | None = None
+                           ) -> torch.Tensor:
+    """What the integer kernels compute from x: round(x / s) clamped to
+    +-(2^(b-1)-1), times s; s per token (absmax / (2^(b-1)-1), 1 for an
+    all-zero token) or the static ``scale``. Same arithmetic as
+    ``quantize_activations`` (x rounded to fp32 first, fp32 scales), but for
+    any bits (no int8 codes) and any leading shape. x [..., K] -> x's dtype."""
+    if not isinstance(bits, int) or not 2 <= bits <= 24:
+        raise ValueError(f"bits must be an int in 2..24, got {bits!r}")
+    lim = (1 << (bits - 1)) - 1
+    xf = x.float()
+    if scale is None:
+        s = xf.abs().amax(dim=-1, keepdim=True) / lim
+        s = torch.where(s == 0, torch.ones_like(s), s)
+    else:
+        s = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+    q = torch.round(xf / s).clamp(-lim, lim)
+    return (q.double() * s.double()).to(x.dtype)   # q * s is exact in fp64
+
+
 def int_dot(qx: torch.Tensor, qw: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """Exact integer dot products per weight group.
 
