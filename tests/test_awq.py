@@ -45,6 +45,35 @@ def test_ratio_zero_is_plain_rtn(config):
     assert float(losses[0]) == pytest.approx(output_error(w, rtn.dequantize(), x), rel=1e-9)
 
 
+def test_block_error_scores_the_candidates():
+    """The search hands block_error Q(W_i s)/s for every linear; scored by the
+    linears' outputs it reproduces the default loss, and another score (the
+    error of the sum of the outputs) can pick another ratio."""
+    ws, x, _ = outlier_problem(3, k=128, t=96, n=16, linears=2)
+    config = QuantConfig(3, 32)
+    s0, r0, default = awq_search_scales(ws, x, config)
+    seen = []
+
+    def own_outputs(approx):
+        seen.append(len(approx))
+        return sum(output_error(w, a, x) for w, a in zip(ws, approx))
+
+    s1, r1, scored = awq_search_scales(ws, x, config, block_error=own_outputs)
+    assert seen == [2] * 20 and r1 == r0 and torch.equal(s1, s0)
+    assert torch.allclose(scored, default, rtol=1e-9)
+
+    def summed(approx):
+        return output_error(sum(ws), sum(approx), x)
+
+    _, _, losses = awq_search_scales(ws, x, config, block_error=summed)
+    assert not torch.allclose(losses, default, rtol=1e-3)
+    for i in (0, 7, 19):
+        s = candidate_scales(x, i / 20)
+        approx = [apply_awq(w, s, None, config).dequantize(torch.float64) / s.double()
+                  for w in ws]
+        assert float(losses[i]) == pytest.approx(summed(approx), rel=1e-9)
+
+
 def test_scales_normalised_and_invariant_to_input_scale():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(64, 100, generator=gen) * torch.rand(100, generator=gen) * 5
@@ -129,6 +158,10 @@ def test_bad_inputs():
         awq_search_scales([w], torch.randn(16, 31), cfg)
     with pytest.raises(TypeError, match="sequence"):
         awq_search_scales(w, x, cfg)
+    with pytest.raises(TypeError, match="block_error must be callable"):
+        awq_search_scales([w], x, cfg, block_error=1.0)
+    with pytest.raises(ValueError, match="block_error returned nan"):
+        awq_search_scales([w], x, cfg, block_error=lambda approx: float("nan"))
     with pytest.raises(ValueError, match="positive"):
         apply_awq(w, torch.zeros(32), None, cfg)
     with pytest.raises(ValueError, match="clip"):

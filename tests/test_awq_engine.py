@@ -110,6 +110,60 @@ def test_awq_rtn_beats_rtn_on_outlier_channels():
         assert 0 <= row.rel_error < 0.5
 
 
+@pytest.mark.parametrize("group", [0, 2])
+def test_scales_minimise_the_output_error_of_the_block_the_linears_feed(group):
+    """q/k/v scales are scored on the attention block's output, gate/up ones
+    on the MLP's (AWQ's spec), each candidate s replacing W by Q(W s)/s; the
+    chosen ratio is the argmin of that error computed here from the layer's
+    own forward, and differs from the one the linears' outputs alone pick."""
+    from vlmkern.calib.awq_engine import ScalingGroup, awq_layer
+    from vlmkern.calib.engine import decoder_inputs
+    from vlmkern.quant.awq import candidate_scales
+
+    model, inputs = build_qwen2vl()
+    path, layers = decoder_layers(model)
+    hidden, kwargs, _ = decoder_inputs(model, path, layers, [inputs, _second_sample(inputs)],
+                                       torch.device("cpu"))
+    layer = layers[0]
+    spec = LLAMA_SCALING[group]
+    block = layer.get_submodule(spec.block)
+    seen = {}
+    hooks = [layer.get_submodule(spec.linears[0]).register_forward_pre_hook(
+                 lambda m, a: seen.setdefault("x", []).append(a[0].reshape(-1, a[0].shape[-1]))),
+             block.register_forward_hook(lambda m, a, out: seen.setdefault("out", []).append(
+                 out[0] if isinstance(out, tuple) else out))]
+
+    def block_outputs(module):
+        seen.clear()
+        with torch.no_grad():
+            for h, kw in zip(hidden, kwargs):
+                module(h, **kw)
+        return torch.cat([o.reshape(-1, o.shape[-1]) for o in seen["out"]]).double()
+
+    ref = block_outputs(layer)
+    x = torch.cat(seen["x"])
+    errors = []
+    for i in range(20):
+        s = candidate_scales(x, i / 20)
+        with torch.no_grad():
+            for name in spec.linears:
+                lin = layer.get_submodule(name)
+                lin.weight.copy_(apply_awq(lin.weight.detach(), s, None, W3).dequantize(torch.float64)
+                                 / s.double())
+        errors.append(float((block_outputs(layer) - ref).pow(2).sum()))
+        layer.load_state_dict(decoder_layers(build_qwen2vl()[0])[1][0].state_dict())
+    for h in hooks:
+        h.remove()
+    want = min(range(20), key=errors.__getitem__) / 20
+
+    config = AWQEngineConfig(AWQConfig(W3))
+    got = awq_layer(copy.deepcopy(layer), hidden, kwargs, config, (spec,))["ratios"][spec.prev]
+    own = awq_layer(copy.deepcopy(layer), hidden, kwargs, config,
+                    (ScalingGroup(spec.prev, spec.linears),))["ratios"][spec.prev]
+    assert got == want
+    assert own != want
+
+
 def test_rtn_step_is_apply_awq_with_the_searched_clip():
     """Without clipping AWQ + RTN is round to nearest of the folded weights."""
     model, inputs = build_llava()

@@ -4,7 +4,9 @@ round to nearest (with AWQ's clip search) or GPTQ on the rescaled linears.
 1. The decoder layers are walked on the full-precision stream (as AWQ does:
    every search sees the FP model's activations). For each scaling group --
    linears reading one input, and the op producing it -- s is searched with
-   ``awq_search_scales`` on the group's captured inputs, the linears' input
+   ``awq_search_scales`` on the group's captured inputs, scored by the output
+   error of the block the linears feed (the attention block for q/k/v, the
+   MLP for gate/up; o and down by their own outputs), the linears' input
    columns are multiplied by s and the producing op divided by s
    (``fold_scales_into_norm`` / ``fold_scales_into_linear``): the FP model
    computes the same function. Llama/Qwen2 layers have four groups:
@@ -50,16 +52,20 @@ THEN = ("rtn", "gptq")
 
 @dataclass(frozen=True)
 class ScalingGroup:
-    """Linears (names inside a decoder layer) sharing one input, and ``prev``,
-    the norm or linear producing that input."""
+    """Linears (names inside a decoder layer) sharing one input, ``prev``, the
+    norm or linear producing that input, and ``block``, the module whose
+    output error the scale search minimises ("" for the linears' own
+    outputs)."""
     prev: str
     linears: tuple[str, ...]
+    block: str = ""
 
 
 LLAMA_SCALING = (
-    ScalingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ScalingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "self_attn"),
     ScalingGroup("self_attn.v_proj", ("self_attn.o_proj",)),
-    ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
     ScalingGroup("mlp.up_proj", ("mlp.down_proj",)),
 )
 
@@ -123,6 +129,59 @@ def _group_inputs(layer: nn.Module, name: str, inputs, kwargs_list,
     return torch.cat(xs)
 
 
+def _block_calls(layer: nn.Module, name: str, inputs, kwargs_list) -> list:
+    """The (args, kwargs) that submodule ``name`` receives in each calibration batch."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append((args, dict(kwargs)))
+        raise _StopForward
+
+    handle = layer.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for hidden, kwargs in zip(inputs, kwargs_list):
+            try:
+                _layer_out(layer, hidden, kwargs)
+            except _StopForward:
+                continue
+            raise RuntimeError(f"the layer's forward never called {name}")
+    finally:
+        handle.remove()
+    return calls
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _block_error(block: nn.Module, linears, calls, masks=None):
+    """A callable for ``awq_search_scales``: given stand-ins for the
+    linears' weights, the squared error of ``block``'s output over the real
+    tokens of ``calls`` (from ``_block_calls``) against its output with the
+    weights it holds now. The linears get their weights back after each call."""
+    masks = masks or [None] * len(calls)
+    with torch.no_grad():
+        reference = [_first(block(*args, **kwargs)) for args, kwargs in calls]
+
+    @torch.no_grad()
+    def error(approx) -> float:
+        kept = [lin.weight.detach().clone() for lin in linears]
+        try:
+            for lin, a in zip(linears, approx):
+                lin.weight.copy_(a.to(lin.weight.dtype))
+            total = 0.0
+            for (args, kwargs), ref, mask in zip(calls, reference, masks):
+                out = _first(block(*args, **kwargs))
+                diff = _real(out, mask).double() - _real(ref, mask).double()
+                total += float(diff.pow(2).sum())
+            return total
+        finally:
+            for lin, w in zip(linears, kept):
+                lin.weight.copy_(w)
+
+    return error
+
+
 def _find(layer: nn.Module, name: str):
     try:
         return layer.get_submodule(name)
@@ -178,8 +237,16 @@ def awq_layer(layer: nn.Module, inputs, kwargs_list, config: AWQEngineConfig,
             info["skipped"].append(group.prev)
             continue
         x = _group_inputs(layer, group.linears[0], inputs, kwargs_list, masks)
+        error = None
+        if group.block:
+            block = _find(layer, group.block)
+            if block is None:
+                raise ValueError(f"scaling group of {group.prev}: the layer has no "
+                                 f"{group.block!r} block to score the scales on")
+            error = _block_error(block, linears,
+                                   _block_calls(layer, group.block, inputs, kwargs_list), masks)
         scales, ratio, _ = awq_search_scales([lin.weight for lin in linears], x, quant,
-                                             config.awq.n_grid)
+                                             config.awq.n_grid, error)
         _fold(prev, linears, scales)
         info["ratios"][group.prev] = ratio
     after = _layer_outputs(layer, inputs[:1], kwargs_list[:1])[0]

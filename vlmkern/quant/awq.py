@@ -11,8 +11,10 @@ Search (per scaling group, calibration tokens X [T, K]):
   s = xbar^r with xbar = mean_t |x_tj|, r in {0, 1/n, ..., (n-1)/n}, normalised
   so that sqrt(max(s) min(s)) = 1 (as AWQ's code; the product of the extremes
   is 1, the rounding grid is centred in log-scale), minimising the output MSE
-  sum_i ||X W_i^T - (X/s) Q(W_i s)^T||^2 = sum_i tr(D_i G D_i^T) with
-  D_i = W_i - Q(W_i s)/s and G = X^T X.
+  of the block the linears feed with Q(W_i s)/s in place of W_i (a callable
+  the caller gives: the model engine runs the attention or MLP block), or
+  by default the linears' own sum_i ||X W_i^T - (X/s) Q(W_i s)^T||^2 =
+  sum_i tr(D_i G D_i^T) with D_i = W_i - Q(W_i s)/s and G = X^T X.
 Then a clip search per linear: each (row, quantization group) range
 [min, max] of W s is shrunk by a ratio in [min_ratio, 1], one coordinate-
 descent sweep over the groups of a row using the exact row output error
@@ -23,8 +25,9 @@ differences between candidates are small compared with the error).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -146,25 +149,37 @@ def candidate_scales(x: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def awq_search_scales(weights: Sequence[torch.Tensor], x: torch.Tensor,
-                      config: QuantConfig, n_grid: int = 20
+                      config: QuantConfig, n_grid: int = 20,
+                      block_error: Callable[[list[torch.Tensor]], float] | None = None
                       ) -> tuple[torch.Tensor, float, torch.Tensor]:
     """Scale search for linears ``weights`` (each [N_i, K]) reading inputs ``x`` [T, K].
 
-    Returns (scales [K] fp32, best ratio r, loss per r [n_grid] fp64 where
-    loss = sum_i ||X W_i^T - (X/s) Q(W_i s)^T||^2). r = 0 gives s = 1, plain RTN,
-    so the chosen scales never do worse than RTN on x.
+    Returns (scales [K] fp32, best ratio r, loss per r [n_grid] fp64). The loss
+    of a candidate s is ``block_error([Q(W_i s) / s for each i])`` (fp64
+    weights standing for the W_i: the output error of the block the linears
+    belong to, e.g. the attention block for q/k/v), or without it the linears'
+    own output error sum_i ||X W_i^T - (X/s) Q(W_i s)^T||^2. r = 0 gives s = 1,
+    plain RTN, so the chosen scales never do worse than RTN by that loss.
     """
     _check_quant(config)
     _check_inputs(weights, x)
-    gram = _gram(x)
+    if block_error is not None and not callable(block_error):
+        raise TypeError(f"block_error must be callable, got {type(block_error).__name__}")
+    gram = _gram(x) if block_error is None else None
     losses, best = [], None
     for i in range(n_grid):
         r = i / n_grid
         s = candidate_scales(x, r)
-        loss = 0.0
-        for w in weights:
-            d = w.double() - _quantize(w.float() * s, config)[3] / s.double()
-            loss += float(((d @ gram) * d).sum())
+        approx = [_quantize(w.float() * s, config)[3] / s.double() for w in weights]
+        if block_error is None:
+            loss = 0.0
+            for w, a in zip(weights, approx):
+                d = w.double() - a
+                loss += float(((d @ gram) * d).sum())
+        else:
+            loss = float(block_error(approx))
+            if not math.isfinite(loss):
+                raise ValueError(f"block_error returned {loss} for ratio {r}")
         losses.append(loss)
         if best is None or loss < best[0]:
             best = (loss, r, s)
