@@ -104,32 +104,7 @@ class AWQEngineConfig:
         return self.gptq if self.gptq is not None else GPTQConfig(self.awq.quant)
 
 
-def _group_inputs(layer: nn.Module, name: str, inputs, kwargs_list,
-                  masks=None) -> torch.Tensor:
-    """Inputs of linear ``name`` over every calibration batch, as [T, K];
-    masks: per batch, the real-token mask (padding left out) or None."""
-    xs = []
-    mask = None
-
-    def hook(module, args):
-        x = _real(args[0].detach(), mask)       # the batch running now
-        xs.append(x.reshape(-1, x.shape[-1]))
-        raise _StopForward
-
-    handle = layer.get_submodule(name).register_forward_pre_hook(hook)
-    try:
-        for hidden, kwargs, mask in zip(inputs, kwargs_list, masks or [None] * len(inputs)):
-            try:
-                _layer_out(layer, hidden, kwargs)
-            except _StopForward:
-                continue
-            raise RuntimeError(f"the layer's forward never called {name}")
-    finally:
-        handle.remove()
-    return torch.cat(xs)
-
-
-def _block_calls(layer: nn.Module, name: str, inputs, kwargs_list) -> list:
+def _calls(layer: nn.Module, name: str, inputs, kwargs_list) -> list:
     """The (args, kwargs) that submodule ``name`` receives in each calibration batch."""
     calls = []
 
@@ -150,6 +125,16 @@ def _block_calls(layer: nn.Module, name: str, inputs, kwargs_list) -> list:
     return calls
 
 
+def _group_inputs(layer: nn.Module, name: str, inputs, kwargs_list,
+                  masks=None) -> torch.Tensor:
+    """Inputs of linear ``name`` over every calibration batch, as [T, K];
+    masks: per batch, the real-token mask (padding left out) or None."""
+    calls = _calls(layer, name, inputs, kwargs_list)
+    xs = [_real(args[0].detach(), mask)
+          for (args, _), mask in zip(calls, masks or [None] * len(calls))]
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+
+
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -157,7 +142,7 @@ def _first(out):
 def _block_error(block: nn.Module, linears, calls, masks=None):
     """A callable for ``awq_search_scales``: given stand-ins for the
     linears' weights, the squared error of ``block``'s output over the real
-    tokens of ``calls`` (from ``_block_calls``) against its output with the
+    tokens of ``calls`` (from ``_calls``) against its output with the
     weights it holds now. The linears get their weights back after each call."""
     masks = masks or [None] * len(calls)
     with torch.no_grad():
@@ -244,7 +229,7 @@ def awq_layer(layer: nn.Module, inputs, kwargs_list, config: AWQEngineConfig,
                 raise ValueError(f"scaling group of {group.prev}: the layer has no "
                                  f"{group.block!r} block to score the scales on")
             error = _block_error(block, linears,
-                                   _block_calls(layer, group.block, inputs, kwargs_list), masks)
+                                   _calls(layer, group.block, inputs, kwargs_list), masks)
         scales, ratio, _ = awq_search_scales([lin.weight for lin in linears], x, quant,
                                              config.awq.n_grid, error)
         _fold(prev, linears, scales)
