@@ -53,6 +53,7 @@ def cuda_extension():
         name="vlmkern._C",
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
+        libraries=["dl"],     # the TMA kernels find cuTensorMapEncodeTiled with dlopen
         # No --use_fast_math: the kernels must round exactly like the Python
         # reference. The C++ standard of the host files is left to torch, whose
         # headers may need a newer one than the kernels, which include no torch.

@@ -94,7 +94,8 @@ const char* vlmkern_binary_dequant_status_message(int status);
 // value is its row's table entry, so out equals the layout's weight (and
 // dequantize() in the tables' dtype) bit for bit.
 //   codes    int32 [ceil(N/128), ceil(K/128), 8, 128] 2-bit indices.
-//   tables   int32 [ceil(N/128), ceil(K/128), 8, 8, 2, 4] 16-bit entries of out's dtype.
+//   tables   int32 [ceil(N/128), ceil(K/128), 8, 8, 2, 4] 16-bit entries of out's dtype,
+//            16-byte aligned.
 //   salient  int32 [ceil(K/32)] column bitmap (the format's).
 //   out      [N, K] 16-bit values, contiguous, 16-byte aligned; K a multiple of 8.
 // Returns a vlmkern_binary_status (vlmkern_binary_dequant_status_message).

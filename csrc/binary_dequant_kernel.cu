@@ -274,7 +274,8 @@ extern "C" int vlmkern_binary_lut_dequant(const int32_t* codes, const int32_t* t
                                           void* stream) {
   if (N < 1 || K < 8 || K % 8 != 0 || N > (int64_t(1) << 40) / K) return VLMKERN_BINARY_ERR_BAD_SIZE;
   if (!codes || !tables || !salient || !out) return VLMKERN_BINARY_ERR_NULL_POINTER;
-  if (reinterpret_cast<uintptr_t>(out) % 16 != 0) return VLMKERN_BINARY_ERR_BAD_SIZE;
+  if (reinterpret_cast<uintptr_t>(out) % 16 != 0 || reinterpret_cast<uintptr_t>(tables) % 16 != 0)
+    return VLMKERN_BINARY_ERR_BAD_SIZE;
   LutDims d;
   d.N = N;
   d.K = K;

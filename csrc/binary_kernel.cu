@@ -26,6 +26,7 @@
 #include <stdio.h>
 
 #include "binary.h"
+#include "vlmkern_kernels.h"  // vlmkern_aligned_for
 
 namespace {
 
@@ -432,6 +433,7 @@ extern "C" int vlmkern_binary_matmul(const void* x, int x_dtype, int64_t x_strid
     return VLMKERN_BINARY_ERR_BAD_DTYPE;
   if (bias && (bias_dtype < VLMKERN_BINARY_F16 || bias_dtype > VLMKERN_BINARY_F32))
     return VLMKERN_BINARY_ERR_BAD_DTYPE;
+  if (bias && !vlmkern_aligned_for(bias, bias_dtype)) return VLMKERN_BINARY_ERR_BAD_SIZE;
   if (M < 0 || M > VLMKERN_BINARY_MAX_M || N < 0 || K < 1 || block_size < 32 ||
       block_size % 32 != 0 || ksplit < 1 || ksplit > 65535 || plane_stride % 4 != 0 ||
       plane_stride * 32 < K || (M > 1 && x_stride < K))

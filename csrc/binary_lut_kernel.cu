@@ -284,6 +284,7 @@ extern "C" int vlmkern_binary_lut_mma(const void* x, int64_t M, int64_t K_x, con
     return VLMKERN_BINARY_ERR_BAD_DTYPE;
   if (bias && (bias_dtype < VLMKERN_BINARY_F16 || bias_dtype > VLMKERN_BINARY_F32))
     return VLMKERN_BINARY_ERR_BAD_DTYPE;
+  if (bias && !vlmkern_aligned_for(bias, bias_dtype)) return VLMKERN_BINARY_ERR_BAD_SIZE;
   // The int bounds keep every element index of x, out and the workspace, and
   // every chunk index, within the int arithmetic of the kernels.
   if (M < 1 || M > kMaxM || NB < 1 || C < 1 || N <= (NB - 1) * kRows || N > NB * kRows ||

@@ -69,7 +69,7 @@ enum vlmkern_int_act_status {
   VLMKERN_INT_ACT_OK = 0,
   VLMKERN_INT_ACT_ERR_NULL_POINTER = 1,  // a required pointer is null
   VLMKERN_INT_ACT_ERR_BAD_BITS = 2,      // a_bits not 4, 6 or 8
-  VLMKERN_INT_ACT_ERR_BAD_SIZE = 3,      // inconsistent M, N, K, group or padding
+  VLMKERN_INT_ACT_ERR_BAD_SIZE = 3,      // inconsistent M, N, K, group or padding, or alignment
   VLMKERN_INT_ACT_ERR_BAD_DTYPE = 4,     // unknown element type code
   VLMKERN_INT_ACT_ERR_BAD_MODE = 5,      // unknown mode or gemm, I4 on a GPU without int4 MMA,
                                          // or WGMMA/TMA off sm_90, without sm_90a code in

@@ -20,6 +20,7 @@
 #include <stdio.h>
 
 #include "int_act_common.cuh"
+#include "vlmkern_kernels.h"  // vlmkern_aligned_for
 #include "mma_int8.cuh"
 
 namespace {
@@ -518,13 +519,16 @@ extern "C" int vlmkern_int_act_gemm(const void* q, const float* sx, const void* 
     return VLMKERN_INT_ACT_ERR_BAD_MODE;
   if (!valid_dtype(out_dtype) || (bias && !valid_dtype(bias_dtype)))
     return VLMKERN_INT_ACT_ERR_BAD_DTYPE;
+  if (bias && !vlmkern_aligned_for(bias, bias_dtype)) return VLMKERN_INT_ACT_ERR_BAD_SIZE;
   const int ks = k_step(mode);
   if (M < 0 || N < 0 || groups < 1 || group_pad < ks || group_pad % ks != 0 ||
       k_pad % (2 * ks) != 0 || groups * group_pad > k_pad || M > VLMKERN_INT_ACT_MAX_M)
     return VLMKERN_INT_ACT_ERR_BAD_SIZE;
   if (M == 0 || N == 0) return VLMKERN_INT_ACT_OK;
   if (!q || !sx || !w || !w_scale || !out) return VLMKERN_INT_ACT_ERR_NULL_POINTER;
-  if (!aligned16(q) || !aligned16(w) || !aligned16(out)) return VLMKERN_INT_ACT_ERR_BAD_SIZE;
+  if (!aligned16(q) || !aligned16(w) || !aligned16(out) || reinterpret_cast<uintptr_t>(sx) % 4 != 0 ||
+      reinterpret_cast<uintptr_t>(w_scale) % 4 != 0)
+    return VLMKERN_INT_ACT_ERR_BAD_SIZE;
 
   int major = 0;
   const int status = current_device_major(&major);
@@ -572,9 +576,13 @@ extern "C" int vlmkern_int_act_scale_int32(const int32_t* acc, int64_t acc_strid
                                            int out_dtype, int64_t M, int64_t N, void* stream) {
   if (!valid_dtype(out_dtype) || (bias && !valid_dtype(bias_dtype)))
     return VLMKERN_INT_ACT_ERR_BAD_DTYPE;
+  if (bias && !vlmkern_aligned_for(bias, bias_dtype)) return VLMKERN_INT_ACT_ERR_BAD_SIZE;
   if (M < 0 || N < 0 || acc_stride < N) return VLMKERN_INT_ACT_ERR_BAD_SIZE;
   if (M == 0 || N == 0) return VLMKERN_INT_ACT_OK;
   if (!acc || !sx || !w_scale || !out) return VLMKERN_INT_ACT_ERR_NULL_POINTER;
+  if (reinterpret_cast<uintptr_t>(acc) % 4 != 0 || reinterpret_cast<uintptr_t>(sx) % 4 != 0 ||
+      reinterpret_cast<uintptr_t>(w_scale) % 4 != 0 || !vlmkern_aligned_for(out, out_dtype))
+    return VLMKERN_INT_ACT_ERR_BAD_SIZE;
   const int threads = 256;
   int64_t blocks = (M * N + threads - 1) / threads;
   if (blocks > (int64_t(1) << 20)) blocks = int64_t(1) << 20;

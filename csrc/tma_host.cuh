@@ -1,28 +1,33 @@
 // Host side of the TMA kernels (int_act_sm90_tma_kernel.cu,
 // weight_only_sm90_tma_kernel.cu): a 2-D tensor map for a row-major matrix,
-// encoded with the driver's cuTensorMapEncodeTiled, which the runtime hands
-// out (cudaGetDriverEntryPointByVersion), so the extension does not link
-// libcuda. Includes CUDA headers only.
+// encoded with the driver's cuTensorMapEncodeTiled. The function is looked up
+// in the driver library the CUDA runtime has loaded (libcuda.so.1), so the
+// extension neither links libcuda nor needs a runtime entry-point query:
+// cudaGetDriverEntryPointByVersion exists only from CUDA 12.5, and an
+// extension built against it would fail to import next to a torch that
+// bundles an older runtime. Includes CUDA and system headers only.
 #pragma once
 
 #include <cuda.h>          // CUtensorMap and the encode function's types
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 #include <stdint.h>
 
 #include <atomic>
 
 namespace vlmkern_tma {
 
+// cuTensorMapEncodeTiled of the driver (exported under that name since CUDA
+// 12.0, with the v12000 signature), or null where the driver lacks it.
 inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
-                                                             cudaEnableDefault, &found);
-    return err == cudaSuccess && found == cudaDriverEntryPointSuccess
-               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn)
-               : nullptr;
+    void* driver = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
+    if (!driver) driver = dlopen("libcuda.so.1", RTLD_LAZY);
+    // kept open: the pointer is used for the life of the process
+    return driver ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(
+                        dlsym(driver, "cuTensorMapEncodeTiled"))
+                  : nullptr;
   }();
   return encode;
 }

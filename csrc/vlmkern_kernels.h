@@ -17,6 +17,13 @@ enum vlmkern_dtype {
   VLMKERN_DTYPE_F32 = 2,  // scales only
 };
 
+// Whether `p` may hold elements of `dtype`: 4-byte aligned for F32, 2-byte
+// for the 16-bit types. The binary and integer-activation dtype enums number
+// F16, BF16 and F32 as this one does.
+static inline int vlmkern_aligned_for(const void* p, int dtype) {
+  return (uintptr_t)p % (dtype == VLMKERN_DTYPE_F32 ? 4u : 2u) == 0;
+}
+
 // Return codes of the launchers; 0 means the kernel was enqueued.
 enum vlmkern_status {
   VLMKERN_OK = 0,

@@ -284,7 +284,9 @@ inline int check_launch_args(const void* x, int64_t M, int64_t K_x, const int32_
       K_x > 0x7fffffff || N > 0x7fffffff)
     return VLMKERN_WO_ERR_BAD_SIZE;
   if (!x || !wq || !sz || !out) return VLMKERN_WO_ERR_NULL_POINTER;
-  if (K_x % 8 != 0 || !aligned16(x) || !aligned16(wq) || !aligned16(sz)) return VLMKERN_WO_ERR_ALIGNMENT;
+  if (K_x % 8 != 0 || !aligned16(x) || !aligned16(wq) || !aligned16(sz) ||
+      !vlmkern_aligned_for(out, act_dtype) || (bias && !vlmkern_aligned_for(bias, bias_dtype)))
+    return VLMKERN_WO_ERR_ALIGNMENT;
   return VLMKERN_WO_OK;
 }
 

@@ -836,6 +836,8 @@ int check_split(int64_t M, int64_t max_m, int64_t NB, int64_t C, int64_t num_cta
   if (M > max_m || num_ctas < 1 || num_ctas > NB * C || num_ctas > 0x7fffffff)
     return VLMKERN_WO_ERR_BAD_SIZE;
   if (!counters || !workspace) return VLMKERN_WO_ERR_NULL_POINTER;
+  if (reinterpret_cast<uintptr_t>(workspace) % 4 != 0 || reinterpret_cast<uintptr_t>(counters) % 4 != 0)
+    return VLMKERN_WO_ERR_ALIGNMENT;
   return VLMKERN_WO_OK;
 }
 
@@ -901,7 +903,8 @@ extern "C" const char* vlmkern_wo_status_message(int status) {
     case VLMKERN_WO_ERR_BAD_DTYPE:
       return "activations must be f16 or bf16 and bias f16, bf16 or f32";
     case VLMKERN_WO_ERR_ALIGNMENT:
-      return "x, wq and sz must be 16-byte aligned and K_x a multiple of 8";
+      return "x, wq and sz must be 16-byte aligned, K_x a multiple of 8, and out, bias, "
+             "workspace, counters and token scales aligned to their elements";
     case VLMKERN_WO_ERR_BAD_DECODE:
       return "decode must be 0 (exact), 1 (post-scale) or 2 (post-scale, acq_rel publish); the "
              "post-scale decode takes M <= 16 (M <= 64 with scale slots of 128 columns), the "
@@ -962,6 +965,7 @@ extern "C" int vlmkern_int_act_staged_mma(const int8_t* q, int64_t M, int64_t K_
   const int split = check_split(M, VLMKERN_WO_INT8_MAX_M, NB, C, num_ctas, workspace, counters);
   if (split != VLMKERN_WO_OK) return split;
   if (!sx) return VLMKERN_WO_ERR_NULL_POINTER;
+  if (reinterpret_cast<uintptr_t>(sx) % 4 != 0) return VLMKERN_WO_ERR_ALIGNMENT;
 
   Params p = make_params(q, M, K_q / 2, wq, sz, NB, C, slot_log2, bias, bias_dtype, out, N,
                          workspace, counters);

@@ -30,6 +30,8 @@ try:
     from vlmkern.formats.intact import qmax  # noqa: E402
     from vlmkern.ops import reference  # noqa: E402
     from vlmkern.ops.backends import BACKENDS  # noqa: E402
+    from vlmkern.triton_kernels import binary as triton_binary  # noqa: E402
+    from vlmkern.triton_kernels import weight_only as triton_weight_only  # noqa: E402
     from vlmkern.triton_kernels.binary import binary_matmul  # noqa: E402
     from vlmkern.triton_kernels.int_act import int_act_matmul, quantize_activations  # noqa: E402
     from vlmkern.triton_kernels.int_act_tma import int_act_tma_matmul  # noqa: E402
@@ -540,6 +542,89 @@ def test_binary_batch_invariant():
     x = act(65, K, torch.bfloat16)
     assert torch.equal(binary_matmul(x[:1], qw)[0], binary_matmul(x[:16], qw)[0])
     assert torch.equal(binary_matmul(x[:17], qw)[0], binary_matmul(x, qw)[0])
+
+
+# -- every public op -------------------------------------------------------------------------
+def public_ops():
+    """(name, op, weight) for every op a caller may run directly."""
+    gw, bw = make_groupwise(N, K, 4, 64, False), make_binary(N, K, 128)
+    return [("weight_only_matmul", weight_only_matmul, gw),
+            ("weight_only.gemv", triton_weight_only.gemv, gw),
+            ("int_act_matmul", int_act_matmul, make_intact(N, K, 8, 8, None)),
+            ("int_act_tma_matmul", int_act_tma_matmul, make_intact(N, K_TMA, 8, 8, None)),
+            ("binary_matmul", binary_matmul, bw),
+            ("binary.gemv", triton_binary.gemv, bw)]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_public_ops_refuse_an_x_or_bias_of_another_width(case):
+    """A wider x would read scales and statistics past the weight's groups."""
+    name, op, qw = public_ops()[case]
+    k, n = qw.in_features, qw.out_features
+    for x in (act(1, k + 8, torch.float16), act(1, k - 8, torch.float16),
+              act(1, k, torch.float16).unsqueeze(0)):
+        with pytest.raises(ValueError, match=rf"x must be \[M, {k}\]"):
+            op(x, qw)
+    with pytest.raises(ValueError, match=rf"bias must be \[{n}\]"):
+        op(act(1, k, torch.float16), qw, bias_for(n + 1))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is for machines without a GPU")
+def test_kernels_imported_before_the_interpreter_was_asked_for_are_refused():
+    """Triton fixes interpreter or compiler when it decorates a kernel: the
+    backend reports kernels decorated without TRITON_INTERPRET instead of
+    selecting them and failing at launch."""
+    import subprocess
+    import sys
+
+    script = """
+import os, torch
+os.environ.pop("TRITON_INTERPRET", None)
+import vlmkern.triton_kernels.weight_only
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["VLMKERN_BACKEND"] = "triton"
+import vlmkern.ops as ops
+from vlmkern.formats import QuantizedWeight
+qw = QuantizedWeight.from_codes(torch.randint(0, 16, (8, 64)), torch.rand(8, 1).half(), None, 4, 64)
+try:
+    ops.linear(torch.randn(2, 64, dtype=torch.float16), qw)
+except RuntimeError as e:
+    print(e)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "imported before TRITON_INTERPRET=1 was set" in proc.stdout, proc.stdout
+
+
+def test_public_ops_launch_on_the_device_of_x(monkeypatch):
+    """Triton launches on the current device, not the tensors': every public
+    op (each refuses a bad x above, so each goes through kernel_entry) runs
+    with x's GPU made current, and a CPU tensor changes nothing."""
+    from vlmkern.triton_kernels._common import kernel_entry
+
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            entered.append(device)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class OnSecondGPU(torch.Tensor):
+        is_cuda = property(lambda self: True)
+        device = property(lambda self: torch.device("cuda", 1))
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    op = kernel_entry(lambda x, qw, bias=None: (x.shape, list(entered)))
+    qw = make_groupwise(N, K, 4, 64, False)
+    assert op(torch.zeros(2, K).as_subclass(OnSecondGPU), qw)[1] == [torch.device("cuda", 1)]
+    entered.clear()
+    assert op(torch.zeros(2, K), qw) == ((2, K), [])
 
 
 # -- real sizes on a GPU ------------------------------------------------------------------

@@ -8,6 +8,8 @@ how many other rows share the launch, only on the bucket).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -136,6 +138,27 @@ def dtype_code(dtype: torch.dtype):
     if dtype not in codes:
         raise TypeError(f"Triton kernels take float16/bfloat16/float32 activations, got {dtype}")
     return codes[dtype]
+
+
+def kernel_entry(fn):
+    """The checks and device every public op shares: x must be [M, K] with
+    the weight's K and bias [N] or None, and the launches go to x's GPU
+    (Triton launches on the current device, not the tensors')."""
+    @functools.wraps(fn)
+    def run(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, **options):
+        k, n = qweight.in_features, qweight.out_features
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != k:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{fn.__module__}.{fn.__name__}: x must be [M, {k}] for this "
+                             f"weight, got {shape}")
+        if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
+            raise ValueError(f"{fn.__module__}.{fn.__name__}: bias must be [{n}], "
+                             f"got {tuple(bias.shape)}")
+        if not x.is_cuda:
+            return fn(x, qweight, bias, **options)
+        with torch.cuda.device(x.device):
+            return fn(x, qweight, bias, **options)
+    return run
 
 
 def check_one_token(kernel: str, why: str | None, x: torch.Tensor) -> None:

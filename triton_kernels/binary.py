@@ -20,8 +20,8 @@ import triton.language as tl
 
 from vlmkern.ops.reference import stored_order_linear
 
-from ._common import (bias_arg, check_one_token, dtype_code, get_config, launch_opts, shrink,
-                      split_k_plan, splitk_reduce, swizzled_tile)
+from ._common import (bias_arg, check_one_token, dtype_code, get_config, kernel_entry, launch_opts,
+                      shrink, split_k_plan, splitk_reduce, swizzled_tile)
 from .weight_only import (_mode, mma, spread, store_out, store_token, unpack_rows,
                           weight_operand)
 
@@ -110,6 +110,7 @@ def _binary_kernel(x_ptr, sign_ptr, aux_ptr, sal_ptr, st_ptr, bias_ptr, out_ptr,
     store_out(out_ptr + m2.to(tl.int64) * stride_om + n_col, acc, (m2 < M) & (n_col < N), MODE)
 
 
+@kernel_entry
 def binary_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
                   config: dict | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for a BinaryWeight. x [M, K] float16/bfloat16/float32,
@@ -266,6 +267,7 @@ def gemv_reason(qweight) -> str | None:
     return None
 
 
+@kernel_entry
 def gemv(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
          split_k: int | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for one token (x [1, K]) on the CUDA cores

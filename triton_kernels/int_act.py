@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (bf16_fixup, bias_arg, dtype_code, get_config, launch_opts, round_bf16,
-                      shrink, swizzled_tile)
+from ._common import (bf16_fixup, bias_arg, dtype_code, get_config, kernel_entry, launch_opts,
+                      round_bf16, shrink, swizzled_tile)
 
 
 @triton.jit
@@ -193,6 +193,7 @@ def supports_group(group_size: int | None, k: int) -> str | None:
     return f"group size {group_size} is not a multiple of 32 (the int8 MMA k-step)"
 
 
+@kernel_entry
 def int_act_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
                    config: dict | None = None) -> torch.Tensor:
     """y = dequant(quant(x)) @ W^T + bias with exact integer accumulation.

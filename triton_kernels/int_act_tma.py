@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (bf16_fixup, bias_arg, dtype_code, get_config, launch_opts, shrink,
-                      sm_count, swizzled_tile)
+from ._common import (bf16_fixup, bias_arg, dtype_code, get_config, kernel_entry, launch_opts,
+                      shrink, sm_count, swizzled_tile)
 from .int_act import finish_rows, quantize_activations
 
 
@@ -87,6 +87,7 @@ def tma_reason(qweight) -> str | None:
     return None
 
 
+@kernel_entry
 def int_act_tma_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
                        config: dict | None = None) -> torch.Tensor:
     """y = dequant(quant(x)) @ W^T + bias, as ``int_act.int_act_matmul``, on

@@ -42,8 +42,8 @@ import triton.language as tl
 
 from vlmkern.ops.reference import stored_order_linear
 
-from ._common import (bf16_fixup, bias_arg, check_one_token, dtype_code, get_config, launch_opts,
-                      round_bf16, shrink, split_k_plan, splitk_reduce, swizzled_tile)
+from ._common import (bf16_fixup, bias_arg, check_one_token, dtype_code, get_config, kernel_entry,
+                      launch_opts, round_bf16, shrink, split_k_plan, splitk_reduce, swizzled_tile)
 
 
 @triton.jit
@@ -469,6 +469,7 @@ def gemv_reason(qweight) -> str | None:
     return None
 
 
+@kernel_entry
 def gemv(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
          split_k: int | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for one token (x [1, K]) on the CUDA cores
@@ -497,6 +498,7 @@ def gemv(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
     return out
 
 
+@kernel_entry
 def weight_only_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
                        config: dict | None = None, split_k: int | None = None,
                        path: str | None = None) -> torch.Tensor:

@@ -36,6 +36,15 @@ def _probe_triton() -> str | None:
     register = getattr(tk, "register_kernels", None)
     if register is not None:
         register(TRITON)
+    if not torch.cuda.is_available():
+        # Triton picks interpreter or compiler when it decorates a kernel,
+        # so kernels imported before TRITON_INTERPRET=1 was set cannot run.
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from vlmkern.triton_kernels import weight_only
+        if not isinstance(weight_only._wo_gemm_kernel, InterpretedFunction):
+            return ("the Triton kernels were imported before TRITON_INTERPRET=1 was set; "
+                    "set it before they are imported (in a new process)")
     return None
 
 
