@@ -15,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from host_harness import TORCH_DEFINES
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"

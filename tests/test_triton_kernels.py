@@ -30,8 +30,6 @@ try:
     from vlmkern.formats.intact import qmax  # noqa: E402
     from vlmkern.ops import reference  # noqa: E402
     from vlmkern.ops.backends import BACKENDS  # noqa: E402
-    from vlmkern.triton_kernels import binary as triton_binary  # noqa: E402
-    from vlmkern.triton_kernels import weight_only as triton_weight_only  # noqa: E402
     from vlmkern.triton_kernels.binary import binary_matmul  # noqa: E402
     from vlmkern.triton_kernels.int_act import int_act_matmul, quantize_activations  # noqa: E402
     from vlmkern.triton_kernels.int_act_tma import int_act_tma_matmul  # noqa: E402
@@ -547,19 +545,21 @@ def test_binary_batch_invariant():
 # -- every public op -------------------------------------------------------------------------
 def public_ops():
     """(name, op, weight) for every op a caller may run directly."""
+    from vlmkern.triton_kernels import binary, weight_only
+
     gw, bw = make_groupwise(N, K, 4, 64, False), make_binary(N, K, 128)
     return [("weight_only_matmul", weight_only_matmul, gw),
-            ("weight_only.gemv", triton_weight_only.gemv, gw),
+            ("weight_only.gemv", weight_only.gemv, gw),
             ("int_act_matmul", int_act_matmul, make_intact(N, K, 8, 8, None)),
             ("int_act_tma_matmul", int_act_tma_matmul, make_intact(N, K_TMA, 8, 8, None)),
             ("binary_matmul", binary_matmul, bw),
-            ("binary.gemv", triton_binary.gemv, bw)]
+            ("binary.gemv", binary.gemv, bw)]
 
 
 @pytest.mark.parametrize("case", range(6))
 def test_public_ops_refuse_an_x_or_bias_of_another_width(case):
     """A wider x would read scales and statistics past the weight's groups."""
-    name, op, qw = public_ops()[case]
+    _, op, qw = public_ops()[case]
     k, n = qw.in_features, qw.out_features
     for x in (act(1, k + 8, torch.float16), act(1, k - 8, torch.float16),
               act(1, k, torch.float16).unsqueeze(0)):
