@@ -8,7 +8,9 @@ minivlm_luq_frontier.png.
 Protocol (shared by the mini-VLM method tables): evaluation
 ``EvalSet.build(model, processor)`` defaults; calibration
 ``mixed_calibration_samples(processor, n_samples=32, alpha=0.5, seed=0)``
-(alpha 0.5 is also the paper's 1:1 mix). LUQ: entropies once on the FP model
+(half the samples are digit conversations; they hold 30% of the calibration
+tokens, 18% image tokens, where the paper's 1:1 mix counts tokens). LUQ:
+entropies once on the FP model
 (K by rank stability over 8..128, 4096 of the calibration tokens), then one
 layer-by-layer calibration per budget with the plan the budget search picks
 (BiLLM on the lowest-entropy layers, GPTQ W4 g64 on the rest). Nothing is

@@ -228,8 +228,8 @@ def awq_layer(layer: nn.Module, inputs, kwargs_list, config: AWQEngineConfig,
             if block is None:
                 raise ValueError(f"scaling group of {group.prev}: the layer has no "
                                  f"{group.block!r} block to score the scales on")
-            error = _block_error(block, linears,
-                                   _calls(layer, group.block, inputs, kwargs_list), masks)
+            calls = _calls(layer, group.block, inputs, kwargs_list)
+            error = _block_error(block, linears, calls, masks)
         scales, ratio, _ = awq_search_scales([lin.weight for lin in linears], x, quant,
                                              config.awq.n_grid, error)
         _fold(prev, linears, scales)
