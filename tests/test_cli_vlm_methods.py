@@ -144,6 +144,13 @@ def test_hf_mixed_samples_through_the_folder_processor(llava_with_processor):
     assert not torch.equal(images[0]["pixel_values"], images[1]["pixel_values"])
     with pytest.raises(ValueError, match="alpha"):
         hf_mixed_calibration_samples(processor, 4, 1.5)
+    # alpha as a fraction of 6 x 16 tokens: image samples until they hold about half
+    by_tokens = hf_mixed_calibration_samples(processor, 6, 0.5, seed=3, text_seq_len=16,
+                                             corpus_text=corpus, alpha_of="tokens")
+    images = [s for s in by_tokens if "pixel_values" in s]
+    held = sum(s["input_ids"].numel() for s in images)
+    assert abs(held - 48) <= max(s["input_ids"].numel() for s in images) / 2
+    assert sum("pixel_values" not in s for s in by_tokens) == 3
 
 
 @pytest.mark.parametrize("method, extra", [

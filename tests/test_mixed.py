@@ -220,3 +220,64 @@ def test_quantize_cli_alpha_zero_is_text_only_for_any_model(processor):
     samples = calibration_data(args, processor.tokenizer, text)
     assert len(samples) == 3 and not any(map(_is_image, samples))
     assert all(s["input_ids"].shape[-1] == 16 for s in samples)
+
+
+# -- alpha as a fraction of tokens (LUQ's mixed-modal calibration) --------------------------
+def _tokens(samples):
+    return sum(s["input_ids"].numel() for s in samples)
+
+
+def test_token_mix_takes_image_samples_nearest_the_token_share():
+    fake = [{"input_ids": torch.zeros(1, 10)}] * 50
+    images, n_text = mixed.token_mix(iter(fake), 4, 0.3, 25)       # 100 tokens, 30 of images
+    assert len(images) == 3 and n_text == 3                       # 70 / 25 = 2.8 windows
+    images, n_text = mixed.token_mix(iter(fake), 4, 0.34, 25)      # 34: 3 samples (30) is nearer
+    assert len(images) == 3 and n_text == 3
+    images, n_text = mixed.token_mix(iter(fake), 4, 0.36, 25)      # 36: 4 samples (40) is nearer
+    assert len(images) == 4
+    images, _ = mixed.token_mix(iter(fake), 4, 0.01, 25)           # asked for images: one at least
+    assert len(images) == 1
+    images, n_text = mixed.token_mix(iter(fake), 4, 0.0, 25)
+    assert images == [] and n_text == 4
+    with pytest.raises(ValueError, match="ran out at 20 tokens"):
+        mixed.token_mix(iter(fake[:2]), 4, 0.5, 25)
+    with pytest.raises(ValueError, match="alpha"):
+        mixed.token_mix(iter(fake), 4, 1.5, 25)
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 1.0])
+def test_alpha_of_tokens_splits_the_token_budget(processor, alpha):
+    samples = mixed.mixed_calibration_samples(processor, 8, alpha, text_seq_len=64,
+                                              alpha_of="tokens")
+    images = [s for s in samples if _is_image(s)]
+    texts = [s for s in samples if not _is_image(s)]
+    longest = max(s["input_ids"].numel() for s in images)
+    assert abs(_tokens(images) - alpha * 8 * 64) <= longest / 2
+    assert len(texts) == round((1 - alpha) * 8) and all(s["input_ids"].shape == (1, 64)
+                                                        for s in texts)
+
+
+def test_alpha_of_tokens_is_deterministic_and_text_only_at_zero(processor):
+    a = mixed.mixed_calibration_samples(processor, 6, 0.5, seed=4, text_seq_len=32,
+                                        alpha_of="tokens")
+    b = mixed.mixed_calibration_samples(processor, 6, 0.5, seed=4, text_seq_len=32,
+                                        alpha_of="tokens")
+    assert len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k])
+                                                                 for k in x)
+                                    for x, y in zip(a, b))
+    zero = mixed.mixed_calibration_samples(processor, 5, 0.0, text_seq_len=32, alpha_of="tokens")
+    same = mixed.mixed_calibration_samples(processor, 5, 0.0, text_seq_len=32)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(zero, same))
+    with pytest.raises(ValueError, match="alpha_of"):
+        mixed.mixed_calibration_samples(processor, 5, 0.5, alpha_of="words")
+
+
+def test_quantize_cli_alpha_of_tokens(processor):
+    from vlmkern.calib.cli import calibration_data
+
+    text = assets.lee_corpus_path().read_text(encoding="utf-8")
+    args = _quantize_args("--calib-samples", "4", "--calib-alpha-of", "tokens", "--seq-len", "64")
+    samples = calibration_data(args, processor, text)
+    images = [s for s in samples if _is_image(s)]
+    assert sum(not _is_image(s) for s in samples) == 2               # half of 4 x 64 tokens
+    assert abs(_tokens(images) - 128) <= max(s["input_ids"].numel() for s in images) / 2

@@ -92,6 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mixed.add_argument("--calib-alpha", type=fraction,
                        help="fraction of image samples among them, the rest --seq-len text "
                             "windows (default 0.5)")
+    mixed.add_argument("--calib-alpha-of", choices=("samples", "tokens"),
+                       help="what --calib-alpha is a fraction of (default samples); tokens: "
+                            "as LUQ's paper, of --calib-samples x --seq-len tokens, image "
+                            "samples drawn until they hold that fraction, text windows the "
+                            "rest")
     p.add_argument("--work-dir", type=Path, help="per-layer results; a rerun resumes there")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available)")
     p.add_argument("--out", type=Path, help="folder for the quantized checkpoint")
@@ -266,9 +271,11 @@ def calibration_data(args, tokenizer, text):
     its processor when --calib-samples or --calib-alpha is given."""
     from .data import text_samples
 
-    mixed_options = args.calib_samples is not None or args.calib_alpha is not None
+    mixed_options = (args.calib_samples is not None or args.calib_alpha is not None
+                     or args.calib_alpha_of is not None)
     n = args.calib_samples if args.calib_samples is not None else args.samples
     alpha = 0.5 if args.calib_alpha is None else args.calib_alpha
+    alpha_of = args.calib_alpha_of or "samples"
     if args.model != "minivlm" and not mixed_options:
         return text_samples(tokenizer, text, args.samples, args.seq_len)
     if args.model != "minivlm" and alpha == 0:    # no images asked for: no processor needed
@@ -277,10 +284,11 @@ def calibration_data(args, tokenizer, text):
         if args.model == "minivlm":
             from .mixed import mixed_calibration_samples
             return mixed_calibration_samples(tokenizer, n, alpha, text_seq_len=args.seq_len,
-                                             corpus_text=text)
+                                             corpus_text=text, alpha_of=alpha_of)
         from .hf_mixed import hf_mixed_calibration_samples
         return hf_mixed_calibration_samples(load_processor(args.model), n, alpha,
-                                            text_seq_len=args.seq_len, corpus_text=text)
+                                            text_seq_len=args.seq_len, corpus_text=text,
+                                            alpha_of=alpha_of)
     except (ValueError, TypeError, ImportError) as exc:
         raise SystemExit(f"calibration data: {exc}") from None
 

@@ -13,6 +13,8 @@ samples are Lee-corpus windows, as for the mini VLM.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -57,12 +59,16 @@ def _crop(photo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def hf_image_samples(processor, n: int, rng: np.random.Generator) -> list[dict]:
     """n image + question samples through ``processor`` (a transformers
     multimodal processor with a chat template). Each is one batch of one."""
+    return list(itertools.islice(_image_stream(processor, rng), n))
+
+
+def _image_stream(processor, rng: np.random.Generator):
+    """hf_image_samples' samples, one at a time, without end."""
     if not hasattr(processor, "apply_chat_template") or not hasattr(processor, "tokenizer"):
         raise TypeError(f"{type(processor).__name__} is not a multimodal processor with a "
                         f"chat template")
     photos = offline_photos()
-    samples = []
-    for i in range(n):
+    for i in itertools.count():
         # every photo once, then random ones
         photo = _crop(photos[i] if i < len(photos) else photos[int(rng.integers(len(photos)))],
                       rng)
@@ -75,27 +81,32 @@ def hf_image_samples(processor, n: int, rng: np.random.Generator) -> list[dict]:
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"{type(processor).__name__} could not render an image "
                              f"conversation: {exc}") from exc
-        samples.append({k: v for k, v in enc.items() if isinstance(v, torch.Tensor)})
-    return samples
+        yield {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
 
 
 def hf_mixed_calibration_samples(processor, n_samples: int, alpha: float, seed: int = 0,
-                                 text_seq_len: int = 256, corpus_text: str | None = None
-                                 ) -> list[dict]:
+                                 text_seq_len: int = 256, corpus_text: str | None = None,
+                                 alpha_of: str = "samples") -> list[dict]:
     """round(alpha * n_samples) image samples and the rest text windows of the
     Lee corpus (its part perplexity never reads), shuffled; deterministic in
-    ``seed``."""
-    from .mixed import image_count, text_windows
+    ``seed``. alpha_of="tokens": alpha is a fraction of n_samples *
+    text_seq_len tokens, as in LUQ's paper (``mixed.token_mix``)."""
+    from .mixed import check_alpha_of, image_count, text_windows, token_mix
 
+    check_alpha_of(alpha_of)
     n_image = image_count(n_samples, alpha)
+    n_text = n_samples - n_image
     rng = np.random.default_rng(seed)
-    samples = hf_image_samples(processor, n_image, rng) if n_image else []
-    if n_samples > n_image:
+    if alpha_of == "tokens":
+        stream = _image_stream(processor, rng) if alpha else ()
+        samples, n_text = token_mix(stream, n_samples, alpha, text_seq_len)
+    else:
+        samples = hf_image_samples(processor, n_image, rng) if n_image else []
+    if n_text:
         if corpus_text is None:
             from ..minivlm.assets import lee_corpus_path
             corpus_text = lee_corpus_path().read_text(encoding="utf-8")
-        samples += text_windows(processor.tokenizer, corpus_text, n_samples - n_image,
-                                text_seq_len, rng)
+        samples += text_windows(processor.tokenizer, corpus_text, n_text, text_seq_len, rng)
     order = rng.permutation(len(samples))
     return [samples[i] for i in order]
 

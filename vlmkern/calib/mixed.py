@@ -123,9 +123,61 @@ def image_count(n_samples: int, alpha: float) -> int:
     return int(math.floor(alpha * n_samples + 0.5))
 
 
+ALPHA_OF = ("samples", "tokens")
+
+
+def check_alpha_of(alpha_of: str) -> None:
+    if alpha_of not in ALPHA_OF:
+        raise ValueError(f"alpha_of must be one of {ALPHA_OF}, got {alpha_of!r}")
+
+
+def token_mix(image_samples, n_samples: int, alpha: float, seq_len: int
+              ) -> tuple[list[dict], int]:
+    """The token-ratio mix of LUQ's mixed-modal calibration: of a budget of
+    n_samples * seq_len tokens, a fraction alpha in image samples and the
+    rest in text windows of seq_len tokens.
+
+    Image samples are taken in order from the iterable ``image_samples`` while
+    each brings their token count nearer alpha * budget (at least one when
+    alpha > 0); returns (those samples, the number of text windows,
+    round((1 - alpha) * budget / seq_len))."""
+    image_count(n_samples, alpha)            # checks both numbers
+    if seq_len < 1:
+        raise ValueError(f"text_seq_len must be positive, got {seq_len}")
+    budget = n_samples * seq_len
+    target = alpha * budget
+    images, tokens = [], 0
+    if alpha > 0:
+        for sample in image_samples:
+            length = sample["input_ids"].numel()
+            if images and tokens + length / 2 > target:
+                break
+            images.append(sample)
+            tokens += length
+        else:
+            if tokens + 0.5 < target:
+                raise ValueError(f"the image samples ran out at {tokens} tokens, short of "
+                                 f"{target:.0f} (alpha {alpha} of {budget} tokens)")
+    return images, math.floor((1 - alpha) * budget / seq_len + 0.5)
+
+
+def _digit_conversations(processor, rng: np.random.Generator, projector_path=None):
+    """Digit conversations one at a time, every training digit once, balanced
+    over the classes."""
+    from ..minivlm.train_projector import ANSWER, QUESTIONS
+
+    _check_processor(processor)
+    images, labels, train = training_digit_indices(projector_path)
+    for row in _balanced_pick(train, labels, len(train), rng):
+        question = QUESTIONS[int(rng.integers(0, len(QUESTIONS)))]
+        yield image_text_samples(processor, [images[row]], [question],
+                                 [ANSWER.format(int(labels[row]))])[0]
+
+
 def mixed_calibration_samples(processor, n_samples: int, alpha: float, seed: int = 0,
                               text_seq_len: int = 256, corpus_text: str | None = None,
-                              projector_path=None) -> list[dict[str, torch.Tensor]]:
+                              projector_path=None, alpha_of: str = "samples"
+                              ) -> list[dict[str, torch.Tensor]]:
     """``n_samples`` calibration batches: round(alpha * n_samples) digit
     conversations (training digits, balanced over classes, questions and
     answer wording as the projector was trained) and the rest Lee-corpus
@@ -134,7 +186,11 @@ def mixed_calibration_samples(processor, n_samples: int, alpha: float, seed: int
 
     corpus_text: text to cut windows from (default the Lee corpus bundled
     with gensim); only its first PPL_SKIP_TOKENS tokens are used.
+    alpha_of="tokens": alpha is a fraction of tokens, as in LUQ's paper
+    (``token_mix``: n_samples * text_seq_len tokens in all, conversations
+    taken until they hold about alpha of them).
     """
+    check_alpha_of(alpha_of)
     n_image = image_count(n_samples, alpha)
     if text_seq_len < 1:
         raise ValueError(f"text_seq_len must be positive, got {text_seq_len}")
@@ -143,7 +199,10 @@ def mixed_calibration_samples(processor, n_samples: int, alpha: float, seed: int
     n_text = n_samples - n_image
     rng = np.random.default_rng(seed)
     samples = []
-    if n_image:
+    if alpha_of == "tokens":
+        conversations = _digit_conversations(processor, rng, projector_path) if alpha else ()
+        samples, n_text = token_mix(conversations, n_samples, alpha, text_seq_len)
+    elif n_image:
         _check_processor(processor)
         images, labels, train = training_digit_indices(projector_path)
         if n_image > len(train):
