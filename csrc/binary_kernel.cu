@@ -441,7 +441,8 @@ extern "C" int vlmkern_binary_matmul(const void* x, int x_dtype, int64_t x_strid
   if (M == 0 || N == 0) return VLMKERN_BINARY_OK;
   if (!x || !salient || !sign || !aux || !stats || !out || !workspace)
     return VLMKERN_BINARY_ERR_NULL_POINTER;
-  if (!aligned16(sign) || !aligned16(aux) || !aligned16(workspace))
+  if (!aligned16(sign) || !aligned16(aux) || !aligned16(workspace) ||
+      !vlmkern_aligned_for(out, x_dtype))
     return VLMKERN_BINARY_ERR_BAD_SIZE;
   const Tokens tok = token_split(M);
   if (tok.groups_pad / tok.tg > 65535 || cdiv(N, kRowsPerCta) > 0x7fffffff)

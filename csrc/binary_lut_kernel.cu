@@ -293,7 +293,8 @@ extern "C" int vlmkern_binary_lut_mma(const void* x, int64_t M, int64_t K_x, con
     return VLMKERN_BINARY_ERR_BAD_SIZE;
   if (!x || !codes || !tables || !merge || !out || (ksplit > 1 && !workspace))
     return VLMKERN_BINARY_ERR_NULL_POINTER;
-  if (!aligned16(x) || !aligned16(codes) || !aligned16(tables) || !aligned16(merge))
+  if (!aligned16(x) || !aligned16(codes) || !aligned16(tables) || !aligned16(merge) ||
+      !vlmkern_aligned_for(out, act_dtype) || reinterpret_cast<uintptr_t>(workspace) % 4 != 0)
     return VLMKERN_BINARY_ERR_BAD_SIZE;
 
   LutParams p;

@@ -37,8 +37,9 @@ enum vlmkern_wo_status {
   VLMKERN_WO_ERR_BAD_SIZE = 3,      // M < 1 (> 64 for the mma.sync kernel), sizes inconsistent, ...
   VLMKERN_WO_ERR_BAD_DTYPE = 4,     // activation not f16/bf16, or bias not f16/bf16/f32
   VLMKERN_WO_ERR_ALIGNMENT = 5,     // x, wq or sz not 16-byte aligned, K_x not a multiple of 8,
-                                    // or out, bias, workspace, counters (or sx) not aligned
-                                    // to their elements
+                                    // or out, bias, workspace, counters, sx or partial not
+                                    // aligned to their elements (out to 4 bytes for the
+                                    // WGMMA kernel when N is even)
   VLMKERN_WO_ERR_SHARED_MEMORY = 6, // the device cannot give a block the shared memory it needs
   VLMKERN_WO_ERR_LAUNCH = 7,        // a CUDA call failed (message has the CUDA error)
   VLMKERN_WO_ERR_BAD_DECODE = 8,    // unknown decode, or post-scale with M too large (see below)

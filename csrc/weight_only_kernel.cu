@@ -904,7 +904,8 @@ extern "C" const char* vlmkern_wo_status_message(int status) {
       return "activations must be f16 or bf16 and bias f16, bf16 or f32";
     case VLMKERN_WO_ERR_ALIGNMENT:
       return "x, wq and sz must be 16-byte aligned, K_x a multiple of 8, and out, bias, "
-             "workspace, counters and token scales aligned to their elements";
+             "workspace, counters, token scales and partial sums aligned to their elements "
+             "(out to 4 bytes for the WGMMA kernel when N is even)";
     case VLMKERN_WO_ERR_BAD_DECODE:
       return "decode must be 0 (exact), 1 (post-scale) or 2 (post-scale, acq_rel publish); the "
              "post-scale decode takes M <= 16 (M <= 64 with scale slots of 128 columns), the "

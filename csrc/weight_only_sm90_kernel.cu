@@ -355,6 +355,10 @@ extern "C" int vlmkern_weight_only_wgmma(const void* x, int64_t M, int64_t K_x, 
   if (NB > 65535 || (M + 63) / 64 > 0x7fffffff) return VLMKERN_WO_ERR_BAD_SIZE;  // grid limits
   if (splits < 1 || splits > C || splits > 65535) return VLMKERN_WO_ERR_BAD_SIZE;
   if (splits > 1 && !partial) return VLMKERN_WO_ERR_NULL_POINTER;
+  // the epilogue stores output pairs as 32-bit words when N is even, fp32 partial sums singly
+  if ((N % 2 == 0 && reinterpret_cast<uintptr_t>(out) % 4 != 0) ||
+      reinterpret_cast<uintptr_t>(partial) % 4 != 0)
+    return VLMKERN_WO_ERR_ALIGNMENT;
   // Without sm_90a code the kernel would trap and take the CUDA context with it.
   int built = 0;
   if (vlmkern_int_act_sm90_available(&built) != VLMKERN_INT_ACT_OK || !built)

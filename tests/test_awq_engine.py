@@ -214,10 +214,15 @@ def test_bad_inputs():
         quantize_model(model, [inputs], AWQEngineConfig(), progress=False)
 
 
-def test_a_norm_that_is_not_a_plain_scale_is_refused():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_norm_that_is_not_a_plain_scale_is_refused(dtype):
     """A norm computing x * (1 + w) (Gemma style) cannot take 1/s in its
-    weight: the fold check refuses instead of changing the model."""
+    weight: the fold check (on an fp32 copy of the layer) refuses instead of
+    changing the model, also for a bf16 model, whose plain folds it passes."""
     model, inputs = build_mha_llama()
+    model = model.to(dtype)
+    infos = awq_transform(copy.deepcopy(model), [inputs], AWQEngineConfig(AWQConfig(W3)))
+    assert all(info["fold_error"] < 1e-5 for info in infos)
     for layer in decoder_layers(model)[1]:
         norm = layer.input_layernorm
         norm.forward = (lambda x, n=norm: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)

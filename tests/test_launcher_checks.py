@@ -57,6 +57,15 @@ int main() {
     WeightOnly g; g.x = at(8); report("wo_x_at_8", g.run());
     WeightOnly h; h.counters = nullptr; report("wo_counters_null", h.run());
   }
+  // the Hopper kernel stores output pairs as 32-bit words when N is even
+  report("wgmma_out_at_2",
+         vlmkern_weight_only_wgmma(at(0), 1, 128, at<int32_t>(0), at<int32_t>(0), 1, 1, 3, 4,
+                                   nullptr, 0, at(2), 128, VLMKERN_DTYPE_F16, 1, nullptr,
+                                   nullptr));
+  report("wgmma_partial_at_2",
+         vlmkern_weight_only_wgmma(at(0), 1, 128, at<int32_t>(0), at<int32_t>(0), 1, 1, 3, 4,
+                                   nullptr, 0, at(0), 128, VLMKERN_DTYPE_F16, 1, at<float>(2),
+                                   nullptr));
   // the integer decode of the same pipeline: token scales are fp32
   report("staged_sx_at_2",
          vlmkern_int_act_staged_mma(at<int8_t>(0), 1, 256, at<int32_t>(0), at<int32_t>(0), 1, 1, 3,
@@ -74,6 +83,18 @@ int main() {
          vlmkern_binary_lut_mma(nullptr, 1, 128, at<int32_t>(0), at<int32_t>(0), at<int32_t>(0), 1,
                                 1, at(2), VLMKERN_BINARY_F16, at(0), 128, 1, at<float>(0),
                                 VLMKERN_BINARY_F16, nullptr));
+  report("binary_lut_mma_out_odd",
+         vlmkern_binary_lut_mma(at(0), 1, 128, at<int32_t>(0), at<int32_t>(0), at<int32_t>(0), 1, 1,
+                                nullptr, 0, at(1), 128, 1, at<float>(0), VLMKERN_BINARY_F16,
+                                nullptr));
+  report("binary_lut_mma_workspace_at_2",
+         vlmkern_binary_lut_mma(at(0), 1, 128, at<int32_t>(0), at<int32_t>(0), at<int32_t>(0), 1, 1,
+                                nullptr, 0, at(0), 128, 1, at<float>(2), VLMKERN_BINARY_F16,
+                                nullptr));
+  report("binary_matmul_out_odd",
+         vlmkern_binary_matmul(at(0), VLMKERN_BINARY_F16, 128, at<int32_t>(0), at<int32_t>(0),
+                               at<int32_t>(0), 4, at(0), VLMKERN_BINARY_F16, nullptr, 0, at(1), 1,
+                               8, 128, 128, 1, at(0), nullptr));
   report("binary_matmul_bias_f32_at_2",
          vlmkern_binary_matmul(at(0), VLMKERN_BINARY_F16, 128, at<int32_t>(0), at<int32_t>(0),
                                at<int32_t>(0), 4, at(0), VLMKERN_BINARY_F16, at(2),
@@ -122,10 +143,15 @@ EXPECTED = {
     "wo_counters_at_2": WO_ALIGNMENT,
     "wo_x_at_8": WO_ALIGNMENT,
     "wo_counters_null": WO_NULL,
+    "wgmma_out_at_2": WO_ALIGNMENT,
+    "wgmma_partial_at_2": WO_ALIGNMENT,
     "staged_sx_at_2": WO_ALIGNMENT,
     "binary_lut_dequant_tables_at_8": BINARY_BAD_SIZE,
     "binary_lut_mma_bias_f32_at_2": BINARY_BAD_SIZE,
     "binary_lut_mma_bias_f16_at_2_then_null_x": BINARY_NULL,
+    "binary_lut_mma_out_odd": BINARY_BAD_SIZE,
+    "binary_lut_mma_workspace_at_2": BINARY_BAD_SIZE,
+    "binary_matmul_out_odd": BINARY_BAD_SIZE,
     "binary_matmul_bias_f32_at_2": BINARY_BAD_SIZE,
     "binary_matmul_bias_bf16_at_2_then_null_x": BINARY_NULL,
     "int_act_gemm_bias_f32_at_2": INT_ACT_BAD_SIZE,
@@ -157,8 +183,8 @@ def harness(tmp_path_factory) -> Path:
         assert job.returncode == 0, log
     (folder / "main.cu").write_text(HARNESS)
     exe = folder / "launchers"
-    proc = subprocess.run([nvcc, *flags, str(folder / "main.cu"), *objects, "-o", str(exe)],
-                          capture_output=True, text=True, check=False)
+    link = [str(folder / "main.cu"), *objects, "-o", str(exe), "-ldl"]
+    proc = subprocess.run([nvcc, *flags, *link], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     return exe
 

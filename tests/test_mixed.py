@@ -239,6 +239,10 @@ def test_token_mix_takes_image_samples_nearest_the_token_share():
     assert len(images) == 1
     images, n_text = mixed.token_mix(iter(fake), 4, 0.0, 25)
     assert images == [] and n_text == 4
+    long = [{"input_ids": torch.zeros(1, 600)}]
+    with pytest.warns(UserWarning, match="image samples hold 97% of the 616 tokens"):
+        images, n_text = mixed.token_mix(iter(long), 2, 0.5, 16)
+    assert len(images) == 1 and n_text == 1
     with pytest.raises(ValueError, match="ran out at 20 tokens"):
         mixed.token_mix(iter(fake[:2]), 4, 0.5, 25)
     with pytest.raises(ValueError, match="alpha"):

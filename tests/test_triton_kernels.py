@@ -553,10 +553,12 @@ def public_ops():
             ("int_act_matmul", int_act_matmul, make_intact(N, K, 8, 8, None)),
             ("int_act_tma_matmul", int_act_tma_matmul, make_intact(N, K_TMA, 8, 8, None)),
             ("binary_matmul", binary_matmul, bw),
-            ("binary.gemv", binary.gemv, bw)]
+            ("binary.gemv", binary.gemv, bw),
+            ("weight_only.dequant_matmul", weight_only.dequant_matmul, gw),
+            ("binary.dequant_matmul", binary.dequant_matmul, bw)]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(8))
 def test_public_ops_refuse_an_x_or_bias_of_another_width(case):
     """A wider x would read scales and statistics past the weight's groups."""
     _, op, qw = public_ops()[case]
@@ -580,12 +582,12 @@ def test_kernels_imported_before_the_interpreter_was_asked_for_are_refused():
     script = """
 import os, torch
 os.environ.pop("TRITON_INTERPRET", None)
-import vlmkern.triton_kernels.weight_only
+import vlmkern.triton_kernels.int_act   # the backend imports the other kernels itself
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ["VLMKERN_BACKEND"] = "triton"
 import vlmkern.ops as ops
-from vlmkern.formats import QuantizedWeight
-qw = QuantizedWeight.from_codes(torch.randint(0, 16, (8, 64)), torch.rand(8, 1).half(), None, 4, 64)
+from vlmkern.formats import IntActWeight
+qw = IntActWeight.from_codes(torch.randint(-127, 128, (8, 64)), torch.rand(8, 1).half(), 8, 8, None)
 try:
     ops.linear(torch.randn(2, 64, dtype=torch.float16), qw)
 except RuntimeError as e:

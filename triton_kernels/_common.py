@@ -8,6 +8,7 @@ how many other rows share the launch, only on the bucket).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -154,11 +155,14 @@ def kernel_entry(fn):
         if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
             raise ValueError(f"{fn.__module__}.{fn.__name__}: bias must be [{n}], "
                              f"got {tuple(bias.shape)}")
-        if not x.is_cuda:
-            return fn(x, qweight, bias, **options)
-        with torch.cuda.device(x.device):
+        with on_device(x.device):
             return fn(x, qweight, bias, **options)
     return run
+
+
+def on_device(device: torch.device):
+    """A context making ``device`` current for Triton's launches (nothing for the CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def check_one_token(kernel: str, why: str | None, x: torch.Tensor) -> None:

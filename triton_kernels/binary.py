@@ -21,7 +21,7 @@ import triton.language as tl
 from vlmkern.ops.reference import stored_order_linear
 
 from ._common import (bias_arg, check_one_token, dtype_code, get_config, kernel_entry, launch_opts,
-                      shrink, split_k_plan, splitk_reduce, swizzled_tile)
+                      on_device, shrink, split_k_plan, splitk_reduce, swizzled_tile)
 from .weight_only import (_mode, mma, spread, store_out, store_token, unpack_rows,
                           weight_operand)
 
@@ -244,13 +244,15 @@ def dequantize(qweight, dtype: torch.dtype) -> torch.Tensor:
     blk = qweight.block_size
     stat_mode = 0 if blk % bk == 0 else (1 if bk % blk == 0 else 2)
     grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
-    _binary_dequant_kernel[grid](sign, aux, sal, st, out, n, k, sign.stride(0), st.stride(0),
-                                 st.stride(1), out.stride(0), BLOCK=blk, STAT_MODE=stat_mode,
-                                 MODE=_mode(out), BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
-                                 num_stages=1)
+    with on_device(out.device):
+        _binary_dequant_kernel[grid](sign, aux, sal, st, out, n, k, sign.stride(0),
+                                     st.stride(0), st.stride(1), out.stride(0), BLOCK=blk,
+                                     STAT_MODE=stat_mode, MODE=_mode(out), BLOCK_N=bn,
+                                     BLOCK_K=bk, num_warps=4, num_stages=1)
     return out
 
 
+@kernel_entry
 def dequant_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + bias through the dense weight: ``dequantize`` then one
     GEMM in x's dtype (cuBLAS on a GPU), the reference's arithmetic."""

@@ -43,7 +43,8 @@ import triton.language as tl
 from vlmkern.ops.reference import stored_order_linear
 
 from ._common import (bf16_fixup, bias_arg, check_one_token, dtype_code, get_config, kernel_entry,
-                      launch_opts, round_bf16, shrink, split_k_plan, splitk_reduce, swizzled_tile)
+                      launch_opts, on_device, round_bf16, shrink, split_k_plan, splitk_reduce,
+                      swizzled_tile)
 
 
 @triton.jit
@@ -407,13 +408,15 @@ def dequantize(qweight, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(n, k, dtype=dtype, device=qw.device)
     bn, bk = shrink(DEQUANT_BLOCK_N, n), shrink(DEQUANT_BLOCK_K, k, floor=32)
     grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
-    _wo_dequant_kernel[grid](qw, sc, qz, out, n, k, qw.stride(0), sc.stride(0), qz.stride(0),
-                             out.stride(0), qw.shape[1], qz.shape[1], BITS=qweight.bits,
-                             GROUP=group, ASYM=qweight.qzeros is not None, MODE=_mode(out),
-                             BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1)
+    with on_device(out.device):
+        _wo_dequant_kernel[grid](qw, sc, qz, out, n, k, qw.stride(0), sc.stride(0), qz.stride(0),
+                                 out.stride(0), qw.shape[1], qz.shape[1], BITS=qweight.bits,
+                                 GROUP=group, ASYM=qweight.qzeros is not None, MODE=_mode(out),
+                                 BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1)
     return out
 
 
+@kernel_entry
 def dequant_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + bias through the dense weight: ``dequantize`` then one
     GEMM in x's dtype (cuBLAS on a GPU), the reference's arithmetic."""

@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # mixed-modal calibration data; --alpha is GPTAQ's
     mixed = p.add_argument_group(
         "mixed image+text calibration: always for --model minivlm (digit conversations); "
-        "for a VLM folder with a processor when either option is given (offline photographs "
+        "for a VLM folder with a processor when any option here is given (offline photographs "
         "and generic questions through the folder's processor and chat template)")
     mixed.add_argument("--calib-samples", type=positive_int,
                        help="calibration samples (default --samples)")
@@ -268,7 +268,7 @@ def check_paths_and_device(args) -> None:
 def calibration_data(args, tokenizer, text):
     """Text windows; for --model minivlm mixed image+text samples (``tokenizer``
     is then the mini VLM's processor); for a VLM folder, mixed samples through
-    its processor when --calib-samples or --calib-alpha is given."""
+    its processor when --calib-samples, --calib-alpha or --calib-alpha-of is given."""
     from .data import text_samples
 
     mixed_options = (args.calib_samples is not None or args.calib_alpha is not None
@@ -297,8 +297,8 @@ def load_processor(name: str):
     """The multimodal processor saved in a model folder (image calibration data)."""
     folder = Path(name)
     if not folder.is_dir():
-        raise ValueError(f"--calib-samples/--calib-alpha need --model minivlm or a VLM folder "
-                         f"with a processor; {name!r} is neither")
+        raise ValueError(f"--calib-samples/--calib-alpha/--calib-alpha-of need --model minivlm "
+                         f"or a VLM folder with a processor; {name!r} is neither")
     import transformers
     try:
         processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)

@@ -17,6 +17,7 @@ of a sample is wasted on pad tokens).
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -137,10 +138,13 @@ def token_mix(image_samples, n_samples: int, alpha: float, seq_len: int
     n_samples * seq_len tokens, a fraction alpha in image samples and the
     rest in text windows of seq_len tokens.
 
-    Image samples are taken in order from the iterable ``image_samples`` while
-    each brings their token count nearer alpha * budget (at least one when
-    alpha > 0); returns (those samples, the number of text windows,
-    round((1 - alpha) * budget / seq_len))."""
+    Every token of an image sample counts as a multimodal token (its image
+    placeholders and its question and answer text). Image samples are taken
+    in order from the iterable ``image_samples`` while each brings their
+    token count nearer alpha * budget (at least one when alpha > 0); returns
+    (those samples, the number of text windows, round((1 - alpha) * budget /
+    seq_len)). Warns when image samples much longer than the budget's share
+    leave the mix far from alpha."""
     image_count(n_samples, alpha)            # checks both numbers
     if seq_len < 1:
         raise ValueError(f"text_seq_len must be positive, got {seq_len}")
@@ -158,7 +162,14 @@ def token_mix(image_samples, n_samples: int, alpha: float, seq_len: int
             if tokens + 0.5 < target:
                 raise ValueError(f"the image samples ran out at {tokens} tokens, short of "
                                  f"{target:.0f} (alpha {alpha} of {budget} tokens)")
-    return images, math.floor((1 - alpha) * budget / seq_len + 0.5)
+    n_text = math.floor((1 - alpha) * budget / seq_len + 0.5)
+    total = tokens + n_text * seq_len
+    if total and abs(tokens / total - alpha) > 0.1:
+        warnings.warn(f"mixed calibration: image samples hold {tokens / total:.0%} of the "
+                      f"{total} tokens, asked for {alpha:.0%} (an image sample holds "
+                      f"{tokens // max(len(images), 1)} tokens; raise the sample count or "
+                      f"seq_len)", stacklevel=3)
+    return images, n_text
 
 
 def _digit_conversations(processor, rng: np.random.Generator, projector_path=None):

@@ -41,8 +41,10 @@ def _probe_triton() -> str | None:
         # so kernels imported before TRITON_INTERPRET=1 was set cannot run.
         from triton.runtime.interpreter import InterpretedFunction
 
-        from vlmkern.triton_kernels import weight_only
-        if not isinstance(weight_only._wo_gemm_kernel, InterpretedFunction):
+        from vlmkern.triton_kernels import binary, int_act, int_act_tma, weight_only
+        kernels = (weight_only._wo_gemm_kernel, int_act._int_act_kernel,
+                   int_act_tma._int_act_tma_kernel, binary._binary_kernel)
+        if not all(isinstance(k, InterpretedFunction) for k in kernels):
             return ("the Triton kernels were imported before TRITON_INTERPRET=1 was set; "
                     "set it before they are imported (in a new process)")
     return None

@@ -20,8 +20,9 @@ Then a clip search per linear: each (row, quantization group) range
 descent sweep over the groups of a row using the exact row output error
 (cross-group correlations included), so the error never exceeds clip = 1.
 
-All search arithmetic is fp64 (the Gram matrix is K x K; the error
-differences between candidates are small compared with the error).
+The default losses and the clip search are fp64 (the Gram matrix is K x K;
+the error differences between candidates are small compared with the
+error); a block error runs the block in the model's dtype and sums in fp64.
 """
 from __future__ import annotations
 
