@@ -127,14 +127,10 @@ def inputs_follow_model(model, device: torch.device):
         yield
         return
 
+    from .calib.engine import map_tensors
+
     def to_device(obj):
-        if isinstance(obj, torch.Tensor):
-            return obj.to(device)
-        if isinstance(obj, (tuple, list)):
-            return type(obj)(to_device(o) for o in obj)
-        if isinstance(obj, dict):
-            return {k: to_device(v) for k, v in obj.items()}
-        return obj
+        return map_tensors(obj, lambda t: t.to(device))
 
     def before(module, args, kwargs):
         return to_device(args), to_device(kwargs)

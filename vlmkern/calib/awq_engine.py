@@ -46,7 +46,7 @@ from ..replace import replace_linears
 from .arch import decoder_layers
 from .engine import (CalibReport, ModuleResult, Settings, WorkDir, _fingerprint, _layer_out,
                      _real, _StopForward, INTERRUPTED, check_not_quantized, decoder_inputs,
-                     install_dequantized, quantize_model)
+                     first_output, install_dequantized, map_tensors, quantize_model)
 
 THEN = ("rtn", "gptq")
 
@@ -136,10 +136,6 @@ def _group_inputs(layer: nn.Module, name: str, inputs, kwargs_list,
     return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _block_error(block: nn.Module, linears, calls, masks=None):
     """A callable for ``awq_search_scales``: given stand-ins for the
     linears' weights, the squared error of ``block``'s output over the real
@@ -147,7 +143,7 @@ def _block_error(block: nn.Module, linears, calls, masks=None):
     weights it holds now. The linears get their weights back after each call."""
     masks = masks or [None] * len(calls)
     with torch.no_grad():
-        reference = [_first(block(*args, **kwargs)) for args, kwargs in calls]
+        reference = [first_output(block(*args, **kwargs)) for args, kwargs in calls]
     kept = [lin.weight.detach().clone() for lin in linears]
 
     @torch.no_grad()
@@ -157,7 +153,7 @@ def _block_error(block: nn.Module, linears, calls, masks=None):
                 lin.weight.copy_(a.to(lin.weight.dtype))
             total = 0.0
             for (args, kwargs), ref, mask in zip(calls, reference, masks):
-                out = _first(block(*args, **kwargs))
+                out = first_output(block(*args, **kwargs))
                 diff = _real(out, mask).double() - _real(ref, mask).double()
                 total += float(diff.pow(2).sum())
             return total
@@ -206,14 +202,8 @@ def _layer_outputs(layer, inputs, kwargs_list):
 
 
 def _fp32(obj):
-    """obj with every floating tensor in it (also inside tuples, lists, dicts) as fp32."""
-    if isinstance(obj, torch.Tensor):
-        return obj.float() if obj.is_floating_point() else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_fp32(v) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _fp32(v) for k, v in obj.items()}
-    return obj
+    """obj with every floating tensor in it as fp32."""
+    return map_tensors(obj, lambda t: t.float() if t.is_floating_point() else t)
 
 
 def _search_group(layer, group: ScalingGroup, linears, inputs, kwargs_list, config, masks):

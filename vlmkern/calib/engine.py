@@ -82,14 +82,19 @@ class CalibReport:
         return "\n".join(lines)
 
 
-def _to(obj, device):
+def map_tensors(obj, fn):
+    """obj with fn applied to every tensor in it (also inside tuples, lists, dicts)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return fn(obj)
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(map_tensors(o, fn) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     return obj
+
+
+def _to(obj, device):
+    return map_tensors(obj, lambda t: t.to(device))
 
 
 def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples, device) -> list[tuple]:
@@ -129,9 +134,13 @@ def _detach(v):
     return v
 
 
-def _layer_out(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(hidden, **kwargs)
+def first_output(out) -> torch.Tensor:
+    """A module's main output (transformers layers return a tuple)."""
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _layer_out(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    return first_output(layer(hidden, **kwargs))
 
 
 def _fingerprint(model: nn.Module, samples, method: LayerMethod) -> str:

@@ -72,12 +72,15 @@ class GPTQConfig:
                              f"got {self.compute_dtype!r}")
 
 
+DEFAULT_GPTAQ_ALPHA = 0.25    # GPTAQ's weight of the asymmetry term
+
+
 @dataclass(frozen=True)
 class GPTAQConfig:
     """GPTAQ: GPTQ's settings plus alpha, the weight of the FP-input asymmetry term."""
 
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
-    alpha: float = 0.25
+    alpha: float = DEFAULT_GPTAQ_ALPHA
 
     def __post_init__(self):
         if not isinstance(self.gptq, GPTQConfig):
@@ -347,7 +350,8 @@ def gptaq_quantize(weight: torch.Tensor, hessian: torch.Tensor, delta: torch.Ten
                              "both")
         config, alpha = config.gptq, config.alpha
     config = GPTQConfig() if config is None else config
-    alpha = config_float("gptaq_quantize", "alpha", 0.25 if alpha is None else alpha)
+    alpha = config_float("gptaq_quantize", "alpha",
+                         DEFAULT_GPTAQ_ALPHA if alpha is None else alpha)
     if not 0.0 <= alpha < float("inf"):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     if delta is None:
