@@ -9,6 +9,8 @@ Hopper warpgroup-MMA GEMM (csrc/int_act_sm90_kernel.cu) against the mma.sync
 GEMM bit for bit.
 """
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,6 +248,10 @@ def test_wgmma_and_spread_kernels_registered_ahead_of_mma(monkeypatch):
     assert not spread.opt_in and spread.max_m == cia.SPREAD_SELECT_MAX_M == 8
     assert cia.SPREAD_MAX_M == 64 and spread.min_sm == (8, 0)
     assert spread.bits == specs[2].bits
+    # the plain GEMM leaves calls past its grid's limit (int_act.h) to other backends
+    limit = re.search(r"#define VLMKERN_INT_ACT_MAX_M \((\d+)LL \* (\d+)\)",
+                      (Path(__file__).parents[1] / "csrc" / "int_act.h").read_text())
+    assert specs[2].max_m == cia.GEMM_MAX_M == int(limit[1]) * int(limit[2])
     wg = specs[0]
     assert wg.opt_in and wg.min_sm == (9, 0) and wg.min_m == cia.WGMMA_MIN_M
     assert wg.bits == frozenset({6, 8})                 # int8-stored weights only

@@ -488,6 +488,25 @@ def test_layout_cache_rebuilds_after_an_in_place_change_and_forgets_dead_weights
     assert len(cache._layouts) == 0
 
 
+def test_layout_cache_takes_inference_mode_weights_and_forgets_on_request():
+    from vlmkern.ops.cuda_common import LayoutCache
+    cache, made = LayoutCache(), []
+
+    def make():
+        made.append(1)
+        return len(made)
+    with torch.inference_mode():     # e.g. a model loaded or moved under inference mode
+        qw = vlmkern.quantize_weight(torch.randn(8, 64), QuantConfig(4, 32))
+    assert qw.qweight.is_inference()
+    assert cache.get(qw, "fp16", make) == 1 and cache.get(qw, "fp16", make) == 1
+    other = vlmkern.quantize_weight(torch.randn(8, 64), QuantConfig(4, 32))
+    assert cache.get(other, "fp16", make) == 2
+    other.scales.data.mul_(2)        # not recorded by the version counter ...
+    assert cache.get(other, "fp16", make) == 2
+    vlmkern.ops.forget_layouts()     # ... so the user drops the layouts
+    assert cache.get(other, "fp16", make) == 3 and cache.get(qw, "fp16", make) == 4
+
+
 def test_a_choice_is_remembered_per_weight_call_shape_environment_and_registry(monkeypatch):
     import gc
     import weakref

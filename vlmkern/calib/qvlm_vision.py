@@ -57,7 +57,7 @@ from ..quant.entropy import partition_blocks, soft_dependency
 from ..quant.rtn import _round_scale, fake_quantize
 from ..replace import set_module
 from .arch import arch_of, decoder_layers, find_path
-from .engine import _pad_mask, _real
+from .engine import _pad_mask, _real, first_output
 
 
 @dataclass(frozen=True)
@@ -276,7 +276,7 @@ class _Probe:
         self.qkv.append(args[0])
 
     def _last(self, module, args, out):
-        self.last = out[0] if isinstance(out, tuple) else out
+        self.last = first_output(out)
 
     def reset(self):
         self.vision, self.qkv, self.last = None, [], None

@@ -13,6 +13,7 @@ from ..formats import PackedWeight
 from . import compiled, reference
 from .backends import (BACKENDS, BackendError, KernelSpec, OP_OF_FORMAT, available_backends,
                        explain, getenv, select)
+from .cuda_common import forget_layouts
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BIAS_DTYPES = _ACT_DTYPES
@@ -117,4 +118,4 @@ def which_kernel(x: torch.Tensor, qweight: PackedWeight) -> str:
 
 
 __all__ = ["linear", "which_kernel", "available_backends", "reference", "BackendError",
-           "KernelSpec", "BACKENDS"]
+           "KernelSpec", "BACKENDS", "forget_layouts"]

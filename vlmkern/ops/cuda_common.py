@@ -7,7 +7,10 @@ Each CUDA kernel re-lays a weight out on its first call (per device and
 activation dtype or MMA mode) and reuses that copy afterwards. The copy is
 held weakly by weight object, never in the weight's state or checkpoints,
 and is rebuilt when one of the weight's tensors is replaced or changed in
-place (``load_state_dict``).
+place (``load_state_dict``). In-place writes that autograd's version counter
+does not see (through ``.data``, a NumPy or DLPack view, or to a tensor made
+under ``torch.inference_mode``, which has no counter) are not noticed:
+``forget_layouts()`` drops every cached layout after such a write.
 
 Such long-lived tensors (layouts, the stream-K counters) are made by
 ``outside_graph_pools``: a first call may come inside torch.compile's
@@ -30,14 +33,29 @@ L = TypeVar("L")
 
 def tensors_version(qweight) -> tuple:
     """Storage address and in-place version of every tensor of ``qweight``
-    (asked on every kernel call, hence the plain loop)."""
+    (asked on every kernel call, hence the plain loop). A tensor made under
+    ``torch.inference_mode`` has no version (reading it raises): its address
+    alone counts."""
     out = []
     for name in qweight.TENSORS:
         t = getattr(qweight, name)
         if t is not None:
             out.append(t.data_ptr())
-            out.append(t._version)
+            out.append(-1 if t.is_inference() else t._version)
     return tuple(out)
+
+
+_CACHES: weakref.WeakSet = weakref.WeakSet()
+
+
+def forget_layouts() -> None:
+    """Drop every cached kernel layout, so each weight's next call re-lays it
+    out: needed after writing to a weight in a way its version counter does
+    not record (see the module docstring). Layouts that a captured CUDA graph
+    reads stay alive with the graph, and the graph keeps reading them:
+    capture again after changing the weights."""
+    for cache in list(_CACHES):
+        cache.clear()
 
 
 class LayoutCache:
@@ -45,6 +63,10 @@ class LayoutCache:
 
     def __init__(self) -> None:
         self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        _CACHES.add(self)
+
+    def clear(self) -> None:
+        self._layouts.clear()
 
     def get(self, qweight, key, make: Callable[[], L]) -> L:
         per_weight = self._layouts.setdefault(qweight, {})

@@ -87,6 +87,9 @@ SPREAD_SELECT_MAX_M = 8
 # M = 64 each won on one shape; 1024 is where both shapes are well past the
 # int8 compute-bound point. M = 65..4095 is not yet timed.
 TRITON_PREFILL_MIN_M = 1024
+# Most token rows one GEMM call takes (VLMKERN_INT_ACT_MAX_M in int_act.h: a
+# 128-token tile per grid row, at most 65535 rows); larger calls go elsewhere.
+GEMM_MAX_M = 128 * 65535
 _GEMM_OF_PATH = {"wgmma": GEMM_WGMMA, "spread": GEMM_MMA_SPREAD, "tma": GEMM_TMA}
 # Smallest M the opt-in TMA GEMM is selected for: a cluster covers 256 tokens.
 TMA_MIN_M = 129
@@ -368,7 +371,7 @@ def register(backend) -> None:
                         bits=frozenset({4, 6, 8}), min_sm=(8, 0), max_m=SPREAD_SELECT_MAX_M,
                         check=_check, **common),
              KernelSpec("cuda.int_act", "int_act", int_act_matmul, bits=frozenset({4, 6, 8}),
-                        min_sm=(8, 0), check=_check_plain, **common)]
+                        min_sm=(8, 0), max_m=GEMM_MAX_M, check=_check_plain, **common)]
     known = {k.name for k in backend.kernels}
     for spec in specs:
         if spec.name not in known:
