@@ -18,7 +18,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "torch_stream.h"
 #include "binary.h"
 #include "weight_only.h"  // vlmkern_binary_lut_staged_mma, vlmkern_binary_lut_tma(_decode): table decodes
 
@@ -127,9 +127,7 @@ at::Tensor binary_cuda(const at::Tensor& x, const at::Tensor& salient, const at:
       vlmkern_binary_workspace_bytes(M, N, in_features, block_size, static_cast<int>(ksplit));
   TORCH_CHECK(bytes >= 0, kOp, "invalid sizes for the workspace");
   at::Tensor workspace = at::empty({bytes}, x.options().dtype(at::kByte));
-  void* stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)
-                     ->getStream(sign.device())
-                     .native_handle();
+  void* stream = vlmkern_current_stream(sign);
   const int status = vlmkern_binary_matmul(
       x.data_ptr(), dtype_code(x.scalar_type()), M > 1 ? x.stride(0) : in_features,
       salient.data_ptr<int32_t>(), sign.data_ptr<int32_t>(), aux.data_ptr<int32_t>(), sign.size(1),
@@ -233,8 +231,7 @@ at::Tensor binary_lut_cuda(const at::Tensor& x, const at::Tensor& codes, const a
   TORCH_CHECK(elems >= 0, kLutOp, "invalid sizes for the workspace");
   at::Tensor workspace;
   if (elems > 0) workspace = at::empty({elems}, x.options().dtype(at::kFloat));
-  void* stream =
-      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+  void* stream = vlmkern_current_stream(x);
   const int status = vlmkern_binary_lut_mma(
       x.data_ptr(), M, x.size(1), codes.data_ptr<int32_t>(), tables.data_ptr<int32_t>(),
       merge.data_ptr<int32_t>(), codes.size(0), codes.size(1),
@@ -289,8 +286,7 @@ at::Tensor binary_lut_staged_cuda(const at::Tensor& x, const at::Tensor& codes,
               "codes, tables and merge must be 16-byte aligned");
   at::Tensor workspace =
       at::empty({vlmkern_wo_workspace_elems(M, num_ctas)}, x.options().dtype(at::kFloat));
-  void* stream =
-      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+  void* stream = vlmkern_current_stream(x);
   const int status = vlmkern_binary_lut_staged_mma(
       x.data_ptr(), M, x.size(1), codes.data_ptr<int32_t>(), tables.data_ptr<int32_t>(),
       merge.data_ptr<int32_t>(), codes.size(0), codes.size(1),
@@ -329,8 +325,7 @@ at::Tensor binary_lut_tma_cuda(const at::Tensor& x, const at::Tensor& codes,
   TORCH_CHECK(aligned16(x), kTmaOp, "x must be 16-byte aligned (a view at an odd offset? clone it)");
   TORCH_CHECK(aligned16(codes) && aligned16(tables) && aligned16(merge), kTmaOp,
               "codes, tables and merge must be 16-byte aligned");
-  void* stream =
-      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+  void* stream = vlmkern_current_stream(x);
   const int status = vlmkern_binary_lut_tma(
       x.data_ptr(), M, x.size(1), codes.data_ptr<int32_t>(), tables.data_ptr<int32_t>(),
       merge.data_ptr<int32_t>(), codes.size(0), codes.size(1),
@@ -384,8 +379,7 @@ at::Tensor binary_lut_tma_decode_cuda(const at::Tensor& x, const at::Tensor& cod
   const int64_t elems =
       vlmkern_wo_tma_decode_workspace_elems(M, codes.size(0), codes.size(1), max_clusters);
   at::Tensor workspace = at::empty({elems}, x.options().dtype(at::kFloat));
-  void* stream =
-      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+  void* stream = vlmkern_current_stream(x);
   const int status = vlmkern_binary_lut_tma_decode(
       x.data_ptr(), M, x.size(1), codes.data_ptr<int32_t>(), tables.data_ptr<int32_t>(),
       merge.data_ptr<int32_t>(), codes.size(0), codes.size(1),
@@ -448,8 +442,7 @@ at::Tensor binary_dequant_cuda(const at::Tensor& sign, const at::Tensor& aux,
   c10::DeviceGuard guard(sign.device());
   at::Tensor out = at::empty({sign.size(0), in_features}, sign.options().dtype(dtype));
   if (sign.size(0) == 0) return out;
-  void* stream =
-      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(sign.device()).native_handle();
+  void* stream = vlmkern_current_stream(sign);
   const int status = vlmkern_binary_dequant(
       sign.data_ptr<int32_t>(), aux.data_ptr<int32_t>(), salient.data_ptr<int32_t>(),
       stats.data_ptr(), dtype_code(stats.scalar_type()), sign.size(0), in_features, block_size,
@@ -504,8 +497,7 @@ at::Tensor binary_lut_dequant_cuda(const at::Tensor& codes, const at::Tensor& ta
   c10::DeviceGuard guard(codes.device());
   at::Tensor out = at::empty({out_features, in_features}, codes.options().dtype(dtype));
   if (out_features == 0) return out;
-  void* stream =
-      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(codes.device()).native_handle();
+  void* stream = vlmkern_current_stream(codes);
   const int status = vlmkern_binary_lut_dequant(codes.data_ptr<int32_t>(), tables.data_ptr<int32_t>(),
                                                 salient.data_ptr<int32_t>(), out_features,
                                                 in_features, out.data_ptr(), stream);

@@ -10,13 +10,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "torch_stream.h"
 #include "vlmkern_kernels.h"
 
 namespace {
@@ -97,9 +97,7 @@ at::Tensor dequant_groupwise_cuda(const at::Tensor& qweight, const std::optional
   // the kernel is ordered with the surrounding torch work.
   c10::DeviceGuard guard(qweight.device());
   at::Tensor out = at::empty({N, K}, qweight.options().dtype(out_dtype));
-  void* stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)
-                     ->getStream(qweight.device())
-                     .native_handle();
+  void* stream = vlmkern_current_stream(qweight);
 
   // fast: the fast kernel where it applies (same output bits), else the general one
   const int status = (fast ? vlmkern_dequant_groupwise_fast : vlmkern_dequant_groupwise)(

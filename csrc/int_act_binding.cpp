@@ -9,7 +9,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -17,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "torch_stream.h"
 #include "int_act.h"
 #include "weight_only.h"  // vlmkern_int_act_staged_mma: the weight-only pipeline, integer decode
 
@@ -59,12 +59,6 @@ void check_same_device(const char* op, const at::Tensor& a, const char* an, cons
                        const char* bn) {
   TORCH_CHECK(a.device() == b.device(), op, an, " is on ", a.device(), " but ", bn, " is on ",
               b.device());
-}
-
-void* current_stream(const at::Tensor& t) {
-  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)
-      ->getStream(t.device())
-      .native_handle();
 }
 
 // -- quantize ----------------------------------------------------------------
@@ -113,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, int64_t a_
   const int status = vlmkern_int_act_quantize(
       x.data_ptr(), dtype_code(x.scalar_type()), M > 1 ? x.stride(0) : K, q.data_ptr(),
       s.data_ptr<float>(), M, K, static_cast<int>(a_bits), scale, group, group_pad, k_pad,
-      static_cast<int>(mode), current_stream(x));
+      static_cast<int>(mode), vlmkern_current_stream(x));
   TORCH_CHECK(status == VLMKERN_INT_ACT_OK, kQuant, vlmkern_int_act_status_message(status));
   return {q, s};
 }
@@ -205,7 +199,7 @@ at::Tensor gemm_cuda(const at::Tensor& q, const at::Tensor& sx, const at::Tensor
       bias.has_value() ? bias->data_ptr() : nullptr,
       bias.has_value() ? dtype_code(bias->scalar_type()) : 0, out.data_ptr(), dtype_code(out_dtype),
       M, N, w_scale_t.size(0), group_pad, k_pad, static_cast<int>(mode), static_cast<int>(gemm),
-      current_stream(w));
+      vlmkern_current_stream(w));
   TORCH_CHECK(status == VLMKERN_INT_ACT_OK, kGemm, vlmkern_int_act_status_message(status));
   return out;
 }
@@ -262,7 +256,7 @@ at::Tensor scale_cuda(const at::Tensor& acc, const at::Tensor& sx, const at::Ten
       acc.data_ptr<int32_t>(), M > 1 ? acc.stride(0) : N, sx.data_ptr<float>(),
       w_scale.data_ptr<float>(), bias.has_value() ? bias->data_ptr() : nullptr,
       bias.has_value() ? dtype_code(bias->scalar_type()) : 0, out.data_ptr(),
-      dtype_code(out_dtype), M, N, current_stream(acc));
+      dtype_code(out_dtype), M, N, vlmkern_current_stream(acc));
   TORCH_CHECK(status == VLMKERN_INT_ACT_OK, kScale, vlmkern_int_act_status_message(status));
   return out;
 }
@@ -344,7 +338,7 @@ at::Tensor staged_cuda(const at::Tensor& q, const at::Tensor& sx, const at::Tens
       bias.has_value() ? bias->data_ptr() : nullptr,
       bias.has_value() ? dtype_code(bias->scalar_type()) : -1, out.data_ptr(), N,
       workspace.data_ptr<float>(), counters.data_ptr<int32_t>(), num_ctas, dtype_code(out_dtype),
-      current_stream(q));
+      vlmkern_current_stream(q));
   TORCH_CHECK(status == VLMKERN_WO_OK, kStaged, vlmkern_wo_status_message(status));
   return out;
 }

@@ -14,7 +14,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -22,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "torch_stream.h"
 #include "weight_only.h"
 
 namespace {
@@ -140,8 +140,7 @@ at::Tensor weight_only_mma_cuda(const at::Tensor& x, const at::Tensor& wq, const
   if (M == 0) return out;
   at::Tensor workspace =
       at::empty({vlmkern_wo_workspace_elems(M, num_ctas)}, x.options().dtype(at::kFloat));
-  void* stream =
-      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+  void* stream = vlmkern_current_stream(x);
   const int status = vlmkern_weight_only_mma(
       x.data_ptr(), M, x.size(1), wq.data_ptr<int32_t>(), sz.data_ptr<int32_t>(), wq.size(0),
       wq.size(1), static_cast<int>(slot_log2), static_cast<int>(bits),
@@ -173,8 +172,7 @@ at::Tensor run_hopper(const char* op, const at::Tensor& x, int64_t out_features,
   if (M == 0) return out;
   at::Tensor partial;
   if (splits > 1) partial = at::empty({splits * M * out_features}, x.options().dtype(at::kFloat));
-  void* stream =
-      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+  void* stream = vlmkern_current_stream(x);
   const int status = launch(out, splits > 1 ? partial.data_ptr<float>() : nullptr, stream);
   TORCH_CHECK(status == VLMKERN_WO_OK, op, vlmkern_wo_status_message(status));
   return out;
@@ -275,8 +273,7 @@ at::Tensor weight_only_tma_decode_cuda(const at::Tensor& x, const at::Tensor& wq
   const int64_t elems =
       vlmkern_wo_tma_decode_workspace_elems(M, wq.size(0), wq.size(1), max_clusters);
   at::Tensor workspace = at::empty({elems}, x.options().dtype(at::kFloat));
-  void* stream =
-      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+  void* stream = vlmkern_current_stream(x);
   const int status = vlmkern_weight_only_tma_decode(
       x.data_ptr(), M, x.size(1), wq.data_ptr<int32_t>(), sz.data_ptr<int32_t>(), wq.size(0),
       wq.size(1), static_cast<int>(slot_log2), static_cast<int>(bits),
@@ -325,8 +322,7 @@ at::Tensor weight_only_dequant_cuda(const at::Tensor& wq, const at::Tensor& sz, 
   check_dequant(wq, sz, bits, out_features, in_features, slot_log2, dtype);
   c10::DeviceGuard guard(wq.device());
   at::Tensor out = at::empty({out_features, in_features}, wq.options().dtype(dtype));
-  void* stream =
-      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(wq.device()).native_handle();
+  void* stream = vlmkern_current_stream(wq);
   const int status = vlmkern_weight_only_dequant(
       wq.data_ptr<int32_t>(), sz.data_ptr<int32_t>(), wq.size(0), wq.size(1),
       static_cast<int>(slot_log2), static_cast<int>(bits), out.data_ptr(), out_features,

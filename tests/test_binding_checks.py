@@ -40,9 +40,19 @@ def stub_source() -> str:
 
 def test_stub_source_covers_the_launchers_the_bindings_call():
     stubbed = set(re.findall(r"(vlmkern_\w+)\(", stub_source()))
+    helpers = set(re.findall(r"inline \S+ (vlmkern_\w+)\(", (CSRC / "torch_stream.h").read_text()))
     called = {name for f in BINDINGS
               for name in re.findall(r"\b(vlmkern_[a-z0-9_]+)\(", (CSRC / f).read_text())}
+    called -= helpers
     assert called and called <= stubbed, sorted(called - stubbed)
+
+
+def generic_stream_handle() -> bool:
+    """Whether this torch has c10::Stream::native_handle (2.11 on), the
+    condition csrc/torch_stream.h compiles on."""
+    import torch
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 11)
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +64,25 @@ def stub_library(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("bindings")
     (folder / "launcher_stubs.cpp").write_text(stub_source())
     sources = [str(CSRC / f) for f in BINDINGS] + [str(folder / "launcher_stubs.cpp")]
+    includes, ldflags = [str(CSRC)], []
+    if not generic_stream_handle():
+        # torch_stream.h takes the stream from c10::cuda: CUDA headers, libc10_cuda
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+        lib = Path(torch.__file__).parent / "lib"
+        cuda_include = next((d for d in (Path(CUDA_HOME or "/nonexistent") / "include",
+                                         Path("/usr/local/cuda/include"))
+                             if (d / "cuda_runtime_api.h").exists()), None)
+        if cuda_include is None or not (lib / "libc10_cuda.so").exists():
+            pytest.skip(f"torch {torch.__version__} hands out CUDA streams only through "
+                        "c10::cuda, which needs a CUDA build of torch and a CUDA toolkit")
+        includes.append(str(cuda_include))
+        ldflags = [f"-L{lib}", "-lc10_cuda"]
     # built in a child process: loading the library registers torch.ops.vlmkern
     script = ("from torch.utils.cpp_extension import load\n"
-              f"load('_C', {sources!r}, extra_include_paths=[{str(CSRC)!r}], "
-              f"build_directory={str(folder)!r}, is_python_module=False)\n")
+              f"load('_C', {sources!r}, extra_include_paths={includes!r}, "
+              f"extra_ldflags={ldflags!r}, build_directory={str(folder)!r}, "
+              "is_python_module=False)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=1200, check=False, env={**os.environ, "PATH": path})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -410,6 +410,8 @@ def test_hopper_prefill_left_to_triton(monkeypatch):
     monkeypatch.setenv("VLMKERN_DISABLE", "triton.int_act")
     assert plain.check(x, w8) is None
     # the opt-in persistent TMA kernel counts too, also with the pointer kernel off
+    # (on a Triton that has its host-side descriptors)
+    monkeypatch.setattr("vlmkern.triton_kernels.int_act_tma.HAS_TENSOR_DESCRIPTORS", True)
     monkeypatch.setenv("VLMKERN_ENABLE", "triton.int_act_tma")
     assert "runs on triton.int_act_tma" in plain.check(x, w8)
     assert plain.check(x[:big - 1], w8) is None

@@ -32,7 +32,7 @@ try:
     from vlmkern.ops.backends import BACKENDS  # noqa: E402
     from vlmkern.triton_kernels.binary import binary_matmul  # noqa: E402
     from vlmkern.triton_kernels.int_act import int_act_matmul, quantize_activations  # noqa: E402
-    from vlmkern.triton_kernels.int_act_tma import int_act_tma_matmul  # noqa: E402
+    from vlmkern.triton_kernels.int_act_tma import HAS_TENSOR_DESCRIPTORS, int_act_tma_matmul  # noqa: E402
     from vlmkern.triton_kernels.weight_only import weight_only_matmul  # noqa: E402
 finally:
     if _INTERPRET:
@@ -295,6 +295,8 @@ def test_every_kernel_takes_a_strided_bias():
                "binary": make_binary(N, K, 64, seed=4)}
     strided = torch.randn(2 * N, generator=gen(5)).to(DEV, torch.float16)[::2]
     for spec in kernel_specs():
+        if spec.name == "triton.int_act_tma" and not HAS_TENSOR_DESCRIPTORS:
+            continue
         qw = weights[spec.op]
         x = act(spec.min_m, qw.in_features, torch.float16, seed=6)   # a size the kernel takes
         assert torch.equal(spec.fn(x, qw, strided), spec.fn(x, qw, strided.contiguous())), spec.name
@@ -416,10 +418,14 @@ def test_int_act_batch_invariant():
 K_TMA = 208   # a multiple of 16 (TMA row alignment), ragged for 32- and 128-column K tiles
 # small tiles: several tiles per program in the interpreter's 4-program grid
 SMALL_TILES = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32)
+needs_descriptors = pytest.mark.skipif(
+    not HAS_TENSOR_DESCRIPTORS,
+    reason="this Triton has no host-side TMA descriptors (triton.tools.tensor_descriptor)")
 
 
 @pytest.mark.parametrize("wa", [(8, 8), (6, 6)])
 @pytest.mark.parametrize("dtype", ALL)
+@needs_descriptors
 def test_int_act_tma_gives_the_pointer_kernels_bits(wa, dtype):
     """Exact integer sums and the same epilogue order: the bits of
     triton.int_act, and within its tolerance of the reference."""
@@ -433,6 +439,7 @@ def test_int_act_tma_gives_the_pointer_kernels_bits(wa, dtype):
         _int_act_check(y, x, qw, b)
 
 
+@needs_descriptors
 def test_int_act_tma_takes_the_smallest_k():
     """K = 16 (one TMA row of 16 bytes): the K tile stays at 32, the GPU's
     smallest int8 dot, with the columns past K zero-filled."""
@@ -443,6 +450,7 @@ def test_int_act_tma_takes_the_smallest_k():
                            int_act_matmul(x, qw, bias_for(N)))
 
 
+@needs_descriptors
 def test_int_act_tma_reads_a_weight_view_at_any_address():
     """A valid weight whose codes start one byte into a larger buffer (TMA
     needs 16-byte aligned addresses): copied, not refused or misread."""
@@ -461,6 +469,7 @@ def test_int_act_tma_reads_a_weight_view_at_any_address():
     assert torch.equal(int_act_tma_matmul(x, row), int_act_matmul(x, row))
 
 
+@needs_descriptors
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 def test_int_act_tma_static_scale_nan_token_and_empty():
     qw = make_intact(N, K_TMA, 8, 8, None, act_scale=0.02, seed=15)
@@ -481,14 +490,26 @@ def test_int_act_tma_declines_what_it_cannot_read(monkeypatch):
     for qw, why in cases:
         with pytest.raises(ValueError, match=why):
             int_act_tma_matmul(act(130, qw.in_features, torch.float16), qw)
-    # selection: opt-in, prefill sizes only, the pointer kernel for the rest
+    # a Triton without host-side TMA descriptors: refused with the reason, not a compile error
+    monkeypatch.setenv("VLMKERN_BACKEND", "triton")
+    monkeypatch.setenv("VLMKERN_ENABLE", "triton.int_act_tma")
+    monkeypatch.setattr("vlmkern.triton_kernels.int_act_tma.HAS_TENSOR_DESCRIPTORS", False)
+    qw = make_intact(N, K_TMA, 8, 8, None)
+    assert ops.which_kernel(x, qw) == "triton.int_act"
+    with pytest.raises(ValueError, match="no triton.tools.tensor_descriptor"):
+        int_act_tma_matmul(x, qw)
+
+
+@needs_descriptors
+def test_int_act_tma_is_opt_in_and_for_prefill_only(monkeypatch):
+    x = act(130, K_TMA, torch.float16)
     monkeypatch.setenv("VLMKERN_BACKEND", "triton")
     qw = make_intact(N, K_TMA, 8, 8, None)
     assert ops.which_kernel(x, qw) == "triton.int_act"
     monkeypatch.setenv("VLMKERN_ENABLE", "triton.int_act_tma")
     assert ops.which_kernel(x, qw) == "triton.int_act_tma"
     assert ops.which_kernel(x[:128], qw) == "triton.int_act"
-    assert ops.which_kernel(x, cases[1][0]) == "triton.int_act"
+    assert ops.which_kernel(x, make_intact(N, K_TMA, 8, 8, 64)) == "triton.int_act"
 
 
 # -- binary ---------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ TMA needs 16-byte aligned row strides: K a multiple of 16 (``tma_reason``).
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import triton
 import triton.language as tl
@@ -74,6 +76,10 @@ def tma_tiles(m: int, n: int, k: int, cfg: dict) -> tuple[int, int, int]:
             shrink(cfg["BLOCK_K"], k, floor=32))
 
 
+# host-side TMA descriptors arrived in later Triton releases than the other kernels need
+HAS_TENSOR_DESCRIPTORS = importlib.util.find_spec("triton.tools.tensor_descriptor") is not None
+
+
 def tma_reason(qweight) -> str | None:
     """Why the TMA kernel cannot read this weight, or None. (The GPU must be
     sm_90 or newer: the kernel spec's ``min_sm``, checked again on a call.)"""
@@ -84,6 +90,8 @@ def tma_reason(qweight) -> str | None:
         return f"needs one scale per weight row, got group size {gs}"
     if qweight.in_features % 16:
         return f"TMA rows must be 16-byte aligned: K={qweight.in_features} is not a multiple of 16"
+    if not HAS_TENSOR_DESCRIPTORS:
+        return f"Triton {triton.__version__} has no triton.tools.tensor_descriptor"
     return None
 
 
@@ -93,13 +101,12 @@ def int_act_tma_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = Non
     """y = dequant(quant(x)) @ W^T + bias, as ``int_act.int_act_matmul``, on
     the persistent TMA kernel. x [M, K] float16/bfloat16/float32, qweight an
     IntActWeight [N, K] that ``tma_reason`` accepts, bias [N] or None."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     why = tma_reason(qweight)
     if why is None and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
         why = "TMA needs an sm_90 or newer GPU"
     if why:
         raise ValueError(f"triton.int_act_tma: {why}")
+    from triton.tools.tensor_descriptor import TensorDescriptor
     m, k = x.shape
     n = qweight.out_features
     dtype_code(x.dtype)
