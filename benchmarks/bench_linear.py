@@ -13,7 +13,10 @@ layout, 2-5% larger with its padded scale words, and dequantize + cuBLAS
 paths also write and read a dense copy, so this is bytes of the format per
 second, not all bytes moved),
 % of peak bandwidth (peak measured here with a device-to-device copy),
-TFLOP/s (2*M*N*K / us), speedup vs cuBLAS fp16, graph speedup vs cuBLAS fp16.
+TFLOP/s (2*M*N*K / us), speedup vs cuBLAS fp16, graph speedup vs cuBLAS fp16,
+err (largest difference from the torch reference's output, relative to the
+reference's largest value: a fast wrong kernel shows here), default (whether
+``ops.linear`` picks this kernel with no VLMKERN_* variable set).
 "us" brackets one eager call with CUDA events behind a spin kernel; "graph us" is
 the time per call of a CUDA-graph replay of one call per pool entry, which excludes
 host stalls the spin may not cover: us far above graph us means the host, not the
@@ -32,6 +35,7 @@ Results go to benchmarks/results/linear_<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -199,9 +203,10 @@ def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, see
         xi = torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8)
         # the weight as a layer stores it, [N, K] row-major, passed transposed:
         # cuBLASLt's native int8 layout (a row-major [K, N] one is far slower)
-        wi = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8)
+        int8_weights = rotating(
+            lambda: torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8), n * k)
         try:
-            t, g = time_both(lambda: torch._int_mm(xi, wi.t()), 8)  # one weight: not rotated
+            t, g = time_both(lambda: torch._int_mm(xi, int8_weights().t()), int8_weights.size)
             rows.append(row(name, k, n, m, "torch._int_mm", "torch", t, base,
                             n * k + m * k + 4 * m * n, peak_gbs, g, base_g))
         except RuntimeError as e:
@@ -209,11 +214,13 @@ def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, see
                          "error": str(e).splitlines()[0]})
         for label, nxt in packed.items():
             timed = set()
+            with kernel_env():
+                picked = vlmkern.ops.which_kernel(x, nxt())   # what a user's call runs
             for backend in backends:
                 variants = [("", "")] + [(e, "") for e in enable] + [("", d) for d in disable]
                 for on, off in variants:
                     rows += time_kernel(name, k, n, x, label, nxt, backend, on, timed, base,
-                                        peak_gbs, base_g, off)
+                                        peak_gbs, base_g, off, picked)
         # timed again after this M's kernels: a GPU whose speed changed meanwhile
         # (another process, clocks) shows here instead of in a wrong speedup
         after = time_fn(lambda x=x: torch.matmul(x, fp16_weights().T))
@@ -222,6 +229,9 @@ def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, see
 
 
 DRIFT = 0.10   # baseline change, before vs after a block's kernels, that marks the block
+# err above which a row's output is called wrong: far past 16-bit rounding and
+# accumulation-order differences, which stay near 1e-3 of the largest output
+ERR_LIMIT = 0.02
 
 
 def drifts(rows) -> dict[tuple[str, int], tuple[dict, float]]:
@@ -242,36 +252,68 @@ def drift_notes(rows) -> list[str]:
             for (layer, m), (r, change) in drifts(rows).items()]
 
 
-def time_kernel(name, k, n, x, label, nxt, backend, enable, timed, base, peak_gbs,
-                base_g=None, disable="") -> list:
-    """One row: ``ops.linear`` with VLMKERN_BACKEND=backend, VLMKERN_ENABLE=enable
-    and VLMKERN_DISABLE=disable, unless the kernel it picks is in ``timed``."""
-    m = x.shape[0]
-    saved = {v: os.environ.get(v) for v in ("VLMKERN_BACKEND", "VLMKERN_ENABLE", "VLMKERN_DISABLE")}
-    os.environ["VLMKERN_BACKEND"] = backend
-    os.environ["VLMKERN_ENABLE"] = enable
-    os.environ["VLMKERN_DISABLE"] = disable
+@contextlib.contextmanager
+def kernel_env(backend: str = "", enable: str = "", disable: str = ""):
+    """VLMKERN_BACKEND / ENABLE / DISABLE set to these values (unset where
+    empty) inside the block, restored after it."""
+    values = {"VLMKERN_BACKEND": backend, "VLMKERN_ENABLE": enable, "VLMKERN_DISABLE": disable}
+    saved = {v: os.environ.get(v) for v in values}
+    for v, value in values.items():
+        if value:
+            os.environ[v] = value
+        else:
+            os.environ.pop(v, None)
     try:
-        kernel = vlmkern.ops.which_kernel(x, nxt())
-        if kernel.startswith(("no backend", "VLMKERN_")) or kernel in timed:
-            return []
-        timed.add(kernel)
-        # one call per pool entry first: kernels that re-lay a weight out on
-        # its first use (cuda.weight_only_mma) must not time that step
-        for _ in range(64):
-            vlmkern.ops.linear(x, nxt())
-        t, g = time_both(lambda: vlmkern.ops.linear(x, nxt()), nxt.size)  # graph: same env too
-    except Exception as e:  # a kernel failing here is a result, not a crash
-        return [{"layer": name, "K": k, "N": n, "M": m, "kernel": label, "backend": backend,
-                 "error": f"{type(e).__name__}: {e}"}]
+        yield
     finally:
         for v, old in saved.items():
             if old is None:
                 os.environ.pop(v, None)
             else:
                 os.environ[v] = old
+
+
+def output_error(x, w) -> float | None:
+    """Largest difference between ``ops.linear``'s output as the environment
+    picks it and the torch reference's, relative to the reference's largest
+    value (None where the reference cannot run)."""
+    y = vlmkern.ops.linear(x, w).float()
+    try:
+        with kernel_env("torch"):
+            ref = vlmkern.ops.linear(x, w).float()
+    except Exception:  # noqa: BLE001 -- a missing reference leaves the cell empty
+        return None
+    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def time_kernel(name, k, n, x, label, nxt, backend, enable, timed, base, peak_gbs,
+                base_g=None, disable="", picked=None) -> list:
+    """One row: ``ops.linear`` with VLMKERN_BACKEND=backend, VLMKERN_ENABLE=enable
+    and VLMKERN_DISABLE=disable, unless the kernel it picks is in ``timed``.
+    ``picked``: the kernel ``ops.linear`` runs for this call by default."""
+    m = x.shape[0]
+    try:
+        with kernel_env(backend, enable, disable):
+            kernel = vlmkern.ops.which_kernel(x, nxt())
+            if kernel.startswith(("no backend", "VLMKERN_")) or kernel in timed:
+                return []
+            timed.add(kernel)
+            # one call per pool entry first: kernels that re-lay a weight out on
+            # its first use (cuda.weight_only_mma) must not time that step
+            for _ in range(64):
+                vlmkern.ops.linear(x, nxt())
+            t, g = time_both(lambda: vlmkern.ops.linear(x, nxt()), nxt.size)  # graph: same env
+            err = output_error(x, nxt())
+    except Exception as e:  # a kernel failing here is a result, not a crash
+        return [{"layer": name, "K": k, "N": n, "M": m, "kernel": label, "backend": backend,
+                 "error": f"{type(e).__name__}: {e}"}]
+    is_default = kernel == picked
+    if kernel == "cuda.dequant_cublas" and getattr(nxt(), "LAID_OUT", False):
+        kernel += " (layout decoded by torch operations)"   # what that kernel does with it
     moved = nxt().nbytes + 2 * (m * k + m * n)
-    return [row(name, k, n, m, label, kernel, t, base, moved, peak_gbs, g, base_g)]
+    r = row(name, k, n, m, label, kernel, t, base, moved, peak_gbs, g, base_g)
+    r.update(err=None if err is None else float(f"{err:.2g}"), default=is_default)
+    return [r]
 
 
 def write_sweep(out_dir, stem: str, head: list[str], lines: list[str]) -> None:
@@ -296,7 +338,7 @@ def row(layer, k, n, m, label, kernel, us, base_us, moved_bytes, peak_gbs, graph
 
 def to_markdown(meta, rows) -> str:
     cols = ["layer", "K", "N", "M", "kernel", "backend", "us", "graph_us", "GB/s", "%peak",
-            "TFLOP/s", "speedup", "graph_speedup"]
+            "TFLOP/s", "speedup", "graph_speedup", "err", "default"]
     out = [f"# Linear-layer latency on {meta['device']}", "",
            f"torch {meta['torch']}, copy bandwidth {meta['copy_GBs']:.0f} GB/s, "
            f"medians of CUDA-event timings of GPU time (launch overhead hidden; graph: per call of a "
@@ -304,14 +346,21 @@ def to_markdown(meta, rows) -> str:
            "| " + " | ".join(c.replace("_", " ") for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['layer']} | {r['K']} | {r['N']} | {r['M']} | {r['kernel']} | "
-                       f"{r.get('backend', '')} | error: {r['error'][:80]} |||||||")
+            cells = [r["layer"], r["K"], r["N"], r["M"], r["kernel"], r.get("backend", ""),
+                     f"error: {r['error'][:80]}"]
+            out.append("| " + " | ".join(map(str, cells)) + " |" + "|" * (len(cols) - len(cells)))
         else:  # rows of older JSON lack the graph columns
             out.append("| " + " | ".join("-" if r.get(c) is None else str(r[c]) for c in cols) + " |")
     notes = drift_notes(rows)
     if notes:
         head = f"Baseline drift above {100 * DRIFT:.0f}% (cuBLAS fp16 timed again after each block):"
         out += ["", head] + notes
+    wrong = [r for r in rows if (r.get("err") or 0) > ERR_LIMIT]
+    if wrong:
+        out += ["", (f"Output further than {ERR_LIMIT:.0%} of its largest value from the torch "
+                     "reference's (these timings are of a wrong result):")]
+        out += [f"- {r['layer']} M={r['M']} {r['kernel']} {r['backend']}: err {r['err']}"
+                for r in wrong]
     return "\n".join(out) + "\n"
 
 

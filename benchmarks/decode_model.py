@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import inspect
 import os
 import sys
@@ -270,6 +271,9 @@ def main(argv=None) -> int:
             vlmkern.to_kernel_layout(model, progress=False, binary=laid_out == "all")
         timed = set()
         for enable in ("", *[e for e in args.enable.split(",") if e]):
+            # each row's GPU MiB holds the layouts of its own kernels, not an earlier row's
+            vlmkern.ops.forget_layouts()
+            gc.collect()
             os.environ["VLMKERN_ENABLE"] = enable
             picks = kernels_used(model, args, device)
             if picks in timed:                 # an opt-in kernel this format never reaches

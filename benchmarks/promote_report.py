@@ -6,8 +6,9 @@ reads what ``benchmarks/gpu_check.sh`` leaves behind, the pytest JUnit XML and
 the ``bench_linear.py`` JSON, and prints one row per opt-in kernel: its tests
 (passed / failed / skipped, and not run: collected by the test phase, in
 ``collected.txt``, but cut off by its time limit), and for every timed (layer,
-M, format) the time of the default CUDA kernel divided by its own (above 1:
-faster).
+M, format) the time of the kernel ``ops.linear`` runs there by default
+divided by its own (above 1: faster; CUDA-graph replay times where both rows
+have them).
 
     python benchmarks/promote_report.py OUTDIR            # OUTDIR of gpu_check.sh
     python benchmarks/promote_report.py --tests tests.xml --bench linear_H100.json
@@ -92,34 +93,47 @@ TRITON_BASELINE = {"cuda.binary_dequant_cublas", "cuda.binary_lut_tma"}
 BASELINE_KERNEL = {"triton.int_act_tma": "triton.int_act"}
 
 
+def relative_speed(base: dict, row: dict) -> float:
+    """base time / row time, both from CUDA-graph replays where both rows have
+    one (no host stall can fall inside those), both eager otherwise."""
+    if base.get("graph_us") and row.get("graph_us"):
+        return base["graph_us"] / row["graph_us"]
+    return base["us"] / row["us"]
+
+
 def speed_ratios(rows: list[dict], opt_in: set[str]) -> dict[str, list[tuple[str, float]]]:
     """opt-in kernel -> [(case, default time / its time)] over the timed cases
-    where a default CUDA kernel was timed too (or, for TRITON_BASELINE
-    kernels where none was, a Triton one; for BASELINE_KERNEL ones, that kernel).
-    Blocks whose cuBLAS baseline drifted (bench_linear.drifts) are left out."""
+    where the kernel ``ops.linear`` runs by default was timed too (rows marked
+    ``default`` by bench_linear). Rows of runs before that mark: the first
+    non-opt-in CUDA kernel of the case (the default run comes before the
+    ``--disable`` ones), or for TRITON_BASELINE kernels where none was, a
+    Triton one. BASELINE_KERNEL kernels: against that kernel. Blocks whose
+    cuBLAS baseline drifted (bench_linear.drifts) are left out."""
     from bench_linear import drifts  # torch only when timings are read
 
     drifted = drifts(rows)
-    default, triton, timed, by_kernel = {}, {}, {}, {}
+    picked, cuda, triton, timed, by_kernel = {}, {}, {}, {}, {}
     for r in rows:
         backend = str(r.get("backend", ""))
         if "us" not in r or (r["layer"], r["M"]) in drifted:   # a block the GPU slowed
             continue
         case = f"{r['layer']} M={r['M']} {r['kernel']}"
-        by_kernel.setdefault(backend, {})[case] = r["us"]
+        by_kernel.setdefault(backend, {})[case] = r
+        if r.get("default"):
+            picked[case] = r
         if backend in opt_in:
-            timed.setdefault(backend, []).append((case, r["us"]))
+            timed.setdefault(backend, []).append((case, r))
         elif backend.startswith("triton."):
-            triton[case] = r["us"]
+            triton.setdefault(case, r)
         elif backend.startswith("cuda."):
-            default[case] = r["us"]
+            cuda.setdefault(case, r)
     out = {}
     for kernel, cases in timed.items():
         if kernel in BASELINE_KERNEL:
             base = by_kernel.get(BASELINE_KERNEL[kernel], {})
         else:
-            base = {**triton, **default} if kernel in TRITON_BASELINE else default
-        out[kernel] = [(case, base[case] / us) for case, us in cases if case in base]
+            base = {**({**triton, **cuda} if kernel in TRITON_BASELINE else cuda), **picked}
+        out[kernel] = [(case, relative_speed(base[case], r)) for case, r in cases if case in base]
     return out
 
 

@@ -148,6 +148,28 @@ def test_promote_report_reads_tests_and_timings(tmp_path):
     assert promote_report.main([str(tmp_path)]) == 0
 
 
+def test_promote_report_measures_against_what_runs_by_default():
+    import promote_report
+    opt_in = {"cuda.weight_only_wgmma", "cuda.int_act_wgmma"}
+    rows = [  # an older run (no "default" mark): the first CUDA row, not the --disable one after it
+            dict(layer="o", M=1, kernel="W4 g128", backend="cuda.weight_only_post_scale", us=36.0),
+            dict(layer="o", M=1, kernel="W4 g128", backend="cuda.weight_only_wgmma", us=40.0),
+            dict(layer="o", M=1, kernel="W4 g128", backend="cuda.weight_only_mma", us=45.0),
+            # marked: ops.linear runs triton.int_act there, though the CUDA kernel came first
+            dict(layer="o", M=4096, kernel="W8A8", backend="cuda.int_act", us=500.0, default=False),
+            dict(layer="o", M=4096, kernel="W8A8", backend="cuda.int_act_wgmma", us=400.0,
+                 default=False),
+            dict(layer="o", M=4096, kernel="W8A8", backend="triton.int_act", us=300.0, default=True),
+            # graph replay times, where both rows have one, over eager ones
+            dict(layer="o", M=16, kernel="W4 g128", backend="cuda.weight_only_post_scale", us=50.0,
+                 graph_us=20.0, default=True),
+            dict(layer="o", M=16, kernel="W4 g128", backend="cuda.weight_only_wgmma", us=25.0,
+                 graph_us=40.0, default=False)]
+    ratios = promote_report.speed_ratios(rows, opt_in)
+    assert ratios["cuda.weight_only_wgmma"] == [("o M=1 W4 g128", 0.9), ("o M=16 W4 g128", 0.5)]
+    assert ratios["cuda.int_act_wgmma"] == [("o M=4096 W8A8", 0.75)]
+
+
 def test_bench_linear_table_has_graph_columns():
     import bench_linear
     base = bench_linear.row("o", 64, 32, 1, "cuBLAS fp16", "torch", 10.0, 10.0, 4096, 1000.0, 8.0, 8.0)
@@ -160,12 +182,40 @@ def test_bench_linear_table_has_graph_columns():
     lines = bench_linear.to_markdown(meta, [base, slow, uncaptured, error]).splitlines()
     table = [line.strip("| ").split(" | ") for line in lines if line.startswith("| ")]
     header = table[0]
-    assert header[6:8] == ["us", "graph us"] and header[-2:] == ["speedup", "graph speedup"]
+    assert header[6:8] == ["us", "graph us"] and header[11:] == ["speedup", "graph speedup",
+                                                                 "err", "default"]
     cells = [dict(zip(header, r)) for r in table[1:4]]
     assert [(c["us"], c["graph us"], c["speedup"], c["graph speedup"]) for c in cells] == [
         ("10.0", "8.0", "1.0", "1.0"), ("40.0", "4.0", "0.25", "2.0"), ("5.0", "-", "2.0", "-")]
     # an error row spans as many cells as the header
     assert lines[-1].count("|") == next(x for x in lines if x.startswith("| layer")).count("|")
+    # a kernel whose output left the reference's is named under the table
+    slow.update(err=0.0008, default=True)
+    uncaptured.update(err=0.31, default=False)
+    lines = bench_linear.to_markdown(meta, [base, slow, uncaptured]).splitlines()
+    assert lines[-1] == "- o M=1 binary cuda.y: err 0.31" and "wrong result" in lines[-2]
+    assert [r.strip("| ").split(" | ")[-2:] for r in lines if r.startswith("| o ")][1:] == [
+        ["0.0008", "True"], ["0.31", "False"]]
+
+
+def test_bench_linear_checks_each_kernel_against_the_torch_reference(monkeypatch):
+    import bench_linear
+    import torch
+
+    import vlmkern
+    w = vlmkern.quantize_weight(torch.randn(32, 64), vlmkern.QuantConfig(4, 32))
+    x = torch.randn(3, 64)
+    assert bench_linear.output_error(x, w) == 0.0       # on the CPU both runs are the reference
+    real = vlmkern.ops.linear
+
+    def ten_percent_off(x, w, bias=None):               # a kernel other than the reference
+        y = real(x, w, bias)
+        return y if os.environ.get("VLMKERN_BACKEND") == "torch" else 1.1 * y
+    monkeypatch.setattr(vlmkern.ops, "linear", ten_percent_off)
+    monkeypatch.setenv("VLMKERN_ENABLE", "cuda.weight_only_wgmma")
+    assert bench_linear.output_error(x, w) == pytest.approx(0.1, rel=1e-3)
+    assert os.environ["VLMKERN_ENABLE"] == "cuda.weight_only_wgmma"      # the caller's env, restored
+    assert "VLMKERN_BACKEND" not in os.environ
 
 
 def test_sweep_triton_int_act_checks_every_config():
