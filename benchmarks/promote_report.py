@@ -104,11 +104,12 @@ def relative_speed(base: dict, row: dict) -> float:
 def speed_ratios(rows: list[dict], opt_in: set[str]) -> dict[str, list[tuple[str, float]]]:
     """opt-in kernel -> [(case, default time / its time)] over the timed cases
     where the kernel ``ops.linear`` runs by default was timed too (rows marked
-    ``default`` by bench_linear). Rows of runs before that mark: the first
-    non-opt-in CUDA kernel of the case (the default run comes before the
-    ``--disable`` ones), or for TRITON_BASELINE kernels where none was, a
-    Triton one. BASELINE_KERNEL kernels: against that kernel. Blocks whose
-    cuBLAS baseline drifted (bench_linear.drifts) are left out."""
+    ``default`` by bench_linear; a case whose default kernel was not timed is
+    left out). Runs from before that mark: the first non-opt-in CUDA kernel
+    of the case (the default run comes before the ``--disable`` ones), or for
+    TRITON_BASELINE kernels where none was, a Triton one. BASELINE_KERNEL
+    kernels: against that kernel. Blocks whose cuBLAS baseline drifted
+    (bench_linear.drifts) are left out."""
     from bench_linear import drifts  # torch only when timings are read
 
     drifted = drifts(rows)
@@ -127,26 +128,34 @@ def speed_ratios(rows: list[dict], opt_in: set[str]) -> dict[str, list[tuple[str
             triton.setdefault(case, r)
         elif backend.startswith("cuda."):
             cuda.setdefault(case, r)
+    marked = any("default" in r for r in rows)
     out = {}
     for kernel, cases in timed.items():
         if kernel in BASELINE_KERNEL:
             base = by_kernel.get(BASELINE_KERNEL[kernel], {})
+        elif marked:
+            base = picked
         else:
-            base = {**({**triton, **cuda} if kernel in TRITON_BASELINE else cuda), **picked}
+            base = {**triton, **cuda} if kernel in TRITON_BASELINE else cuda
         out[kernel] = [(case, relative_speed(base[case], r)) for case, r in cases if case in base]
     return out
 
 
 def report(outcomes: dict[str, str], rows: list[dict], collected: list[str] = ()) -> list[str]:
+    from bench_linear import wrong_output
+
     ratios = speed_ratios(rows, set(TESTS))
+    wrong = {r.get("backend") for r in rows if wrong_output(r)}
     lines = ["| opt-in kernel | tests passed / failed / skipped / not run | default time / its time "
              "| ready |", "|---|---|---|---|"]
     for kernel in TESTS:
         t = kernel_tests(kernel, outcomes, collected)
         r = ratios.get(kernel, [])
         speed = ", ".join(f"{case}: {x:.2f}" for case, x in r) or "not timed"
+        if kernel in wrong:
+            speed += " (output differs from the torch reference: see the timing table)"
         ready = (t["passed"] > 0 and t["failed"] == t["skipped"] == t["not run"] == 0 and bool(r)
-                 and all(x > 1.0 for _, x in r))
+                 and all(x > 1.0 for _, x in r) and kernel not in wrong)
         lines.append(f"| {kernel} | {t['passed']} / {t['failed']} / {t['skipped']} / "
                      f"{t['not run']} | {speed} | {'yes' if ready else 'no'} |")
     return lines

@@ -151,23 +151,41 @@ def test_promote_report_reads_tests_and_timings(tmp_path):
 def test_promote_report_measures_against_what_runs_by_default():
     import promote_report
     opt_in = {"cuda.weight_only_wgmma", "cuda.int_act_wgmma"}
-    rows = [  # an older run (no "default" mark): the first CUDA row, not the --disable one after it
-            dict(layer="o", M=1, kernel="W4 g128", backend="cuda.weight_only_post_scale", us=36.0),
-            dict(layer="o", M=1, kernel="W4 g128", backend="cuda.weight_only_wgmma", us=40.0),
-            dict(layer="o", M=1, kernel="W4 g128", backend="cuda.weight_only_mma", us=45.0),
-            # marked: ops.linear runs triton.int_act there, though the CUDA kernel came first
-            dict(layer="o", M=4096, kernel="W8A8", backend="cuda.int_act", us=500.0, default=False),
-            dict(layer="o", M=4096, kernel="W8A8", backend="cuda.int_act_wgmma", us=400.0,
-                 default=False),
-            dict(layer="o", M=4096, kernel="W8A8", backend="triton.int_act", us=300.0, default=True),
-            # graph replay times, where both rows have one, over eager ones
-            dict(layer="o", M=16, kernel="W4 g128", backend="cuda.weight_only_post_scale", us=50.0,
-                 graph_us=20.0, default=True),
-            dict(layer="o", M=16, kernel="W4 g128", backend="cuda.weight_only_wgmma", us=25.0,
-                 graph_us=40.0, default=False)]
-    ratios = promote_report.speed_ratios(rows, opt_in)
-    assert ratios["cuda.weight_only_wgmma"] == [("o M=1 W4 g128", 0.9), ("o M=16 W4 g128", 0.5)]
-    assert ratios["cuda.int_act_wgmma"] == [("o M=4096 W8A8", 0.75)]
+    # a run from before the "default" mark: the first CUDA row, not the --disable one after it
+    older = [dict(layer="o", M=1, kernel="W4 g128", backend="cuda.weight_only_post_scale", us=36.0),
+             dict(layer="o", M=1, kernel="W4 g128", backend="cuda.weight_only_wgmma", us=40.0),
+             dict(layer="o", M=1, kernel="W4 g128", backend="cuda.weight_only_mma", us=45.0)]
+    assert promote_report.speed_ratios(older, opt_in) == {
+        "cuda.weight_only_wgmma": [("o M=1 W4 g128", 0.9)]}
+    marked = [  # ops.linear runs triton.int_act here, though the CUDA kernel came first
+              dict(layer="o", M=4096, kernel="W8A8", backend="cuda.int_act", us=500.0,
+                   default=False),
+              dict(layer="o", M=4096, kernel="W8A8", backend="cuda.int_act_wgmma", us=400.0,
+                   default=False),
+              dict(layer="o", M=4096, kernel="W8A8", backend="triton.int_act", us=300.0,
+                   default=True),
+              # graph replay times, where both rows have one, over eager ones
+              dict(layer="o", M=16, kernel="W4 g128", backend="cuda.weight_only_post_scale",
+                   us=50.0, graph_us=20.0, default=True),
+              dict(layer="o", M=16, kernel="W4 g128", backend="cuda.weight_only_wgmma", us=25.0,
+                   graph_us=40.0, default=False),
+              # the default kernel not timed (a run limited to some backends): no comparison
+              dict(layer="o", M=64, kernel="W4 g128", backend="cuda.weight_only_mma", us=30.0,
+                   default=False),
+              dict(layer="o", M=64, kernel="W4 g128", backend="cuda.weight_only_wgmma", us=20.0,
+                   default=False)]
+    assert promote_report.speed_ratios(marked, opt_in) == {
+        "cuda.weight_only_wgmma": [("o M=16 W4 g128", 0.5)],
+        "cuda.int_act_wgmma": [("o M=4096 W8A8", 0.75)]}
+    # faster, but its output left the reference's: not ready
+    fast_wrong = [dict(layer="o", M=1, kernel="W8A8", backend="cuda.int_act", us=20.0,
+                       default=True, err=0.001),
+                  dict(layer="o", M=1, kernel="W8A8", backend="cuda.int_act_wgmma", us=10.0,
+                       default=False, err=float("nan"))]
+    outcomes = {"test_cuda_int_act.py::test_gpu_wgmma_equals_mma_bitwise": "passed"}
+    line = next(x for x in promote_report.report(outcomes, fast_wrong)
+                if x.startswith("| cuda.int_act_wgmma"))
+    assert "o M=1 W8A8: 2.00 (output differs" in line and line.endswith("| no |")
 
 
 def test_bench_linear_table_has_graph_columns():
@@ -192,9 +210,11 @@ def test_bench_linear_table_has_graph_columns():
     # a kernel whose output left the reference's is named under the table
     slow.update(err=0.0008, default=True)
     uncaptured.update(err=0.31, default=False)
-    lines = bench_linear.to_markdown(meta, [base, slow, uncaptured]).splitlines()
-    assert lines[-1] == "- o M=1 binary cuda.y: err 0.31" and "wrong result" in lines[-2]
-    assert [r.strip("| ").split(" | ")[-2:] for r in lines if r.startswith("| o ")][1:] == [
+    nan = dict(uncaptured, backend="cuda.z", err=float("nan"))
+    lines = bench_linear.to_markdown(meta, [base, slow, uncaptured, nan]).splitlines()
+    assert lines[-2:] == ["- o M=1 binary cuda.y: err 0.31", "- o M=1 binary cuda.z: err nan"]
+    assert "wrong result" in lines[-3]
+    assert [r.strip("| ").split(" | ")[-2:] for r in lines if r.startswith("| o ")][1:3] == [
         ["0.0008", "True"], ["0.31", "False"]]
 
 
@@ -216,6 +236,23 @@ def test_bench_linear_checks_each_kernel_against_the_torch_reference(monkeypatch
     assert bench_linear.output_error(x, w) == pytest.approx(0.1, rel=1e-3)
     assert os.environ["VLMKERN_ENABLE"] == "cuda.weight_only_wgmma"      # the caller's env, restored
     assert "VLMKERN_BACKEND" not in os.environ
+
+
+def test_bench_linear_marks_the_kernel_a_plain_call_runs(monkeypatch):
+    """``default`` follows ops.linear with no VLMKERN_* set, whatever the
+    environment the benchmark itself runs in (timings stubbed: no GPU)."""
+    import bench_linear
+    import torch
+
+    import vlmkern
+    monkeypatch.setattr(bench_linear, "time_fn", lambda fn, **kw: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench_linear, "time_both", lambda fn, calls: (fn(), 1.0, None)[1:])
+    monkeypatch.setenv("VLMKERN_DISABLE", "torch.weight_only")
+    rows = bench_linear.bench_shape("t", 64, 32, [3], ["torch"], torch.device("cpu"), None,
+                                    {"W4 g64": vlmkern.QuantConfig(4, 64)})
+    kernel = next(r for r in rows if r["kernel"] == "W4 g64")
+    assert (kernel["backend"], kernel["default"], kernel["err"]) == ("torch.weight_only", True, 0.0)
+    assert os.environ["VLMKERN_DISABLE"] == "torch.weight_only"
 
 
 def test_sweep_triton_int_act_checks_every_config():

@@ -41,7 +41,10 @@ def tensors_version(qweight) -> tuple:
         t = getattr(qweight, name)
         if t is not None:
             out.append(t.data_ptr())
-            out.append(-1 if t.is_inference() else t._version)
+            try:
+                out.append(t._version)
+            except RuntimeError:   # an inference tensor: no version counter
+                out.append(-1)
     return tuple(out)
 
 
@@ -51,9 +54,13 @@ _CACHES: weakref.WeakSet = weakref.WeakSet()
 def forget_layouts() -> None:
     """Drop every cached kernel layout, so each weight's next call re-lays it
     out: needed after writing to a weight in a way its version counter does
-    not record (see the module docstring). Layouts that a captured CUDA graph
-    reads stay alive with the graph, and the graph keeps reading them:
-    capture again after changing the weights."""
+    not record (see the module docstring). Waits for every GPU first, so no
+    running kernel still reads a layout when its memory is freed. A captured
+    CUDA graph holds the layouts' addresses, not the layouts: capture again
+    after calling this."""
+    if torch.cuda.is_initialized():
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(device)
     for cache in list(_CACHES):
         cache.clear()
 
