@@ -134,5 +134,7 @@ def test_kernels_compile_for_gpu():
         too_big = [(name, smem) for name, smem in results
                    if smem > limit[name.startswith("int_act_tma")]]
         assert not too_big, (cap, too_big)
+        # int_act_tma.HAS_TENSOR_DESCRIPTORS, asked without importing the kernels here:
+        # kernels imported in this process before TRITON_INTERPRET=1 could not be interpreted
         assert any(name.startswith("int_act_tma") for name, _ in results) == (
             cap >= 90 and importlib.util.find_spec("triton.tools.tensor_descriptor") is not None)
