@@ -89,6 +89,18 @@ def test_load_extension_returns_module_or_reason_and_caches():
         assert hasattr(torch.ops.vlmkern, "dequant_groupwise")
 
 
+def test_a_source_checkout_that_shadows_the_install_is_named(tmp_path):
+    from vlmkern.ext import source_checkout_hint
+
+    (tmp_path / "vlmkern").mkdir()
+    (tmp_path / "vlmkern" / "__init__.py").write_text("")
+    assert source_checkout_hint(str(tmp_path / "vlmkern" / "__init__.py")) == ""
+    (tmp_path / "setup.py").write_text("")
+    (tmp_path / "csrc").mkdir()
+    hint = source_checkout_hint(str(tmp_path / "vlmkern" / "__init__.py"))
+    assert str(tmp_path.resolve()) in hint and "pip install --no-build-isolation -e ." in hint
+
+
 @pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch")
 def test_cpu_torch_reports_unavailable():
     from vlmkern.ext import dequant_groupwise, load_extension

@@ -549,6 +549,28 @@ def test_a_choice_is_remembered_per_weight_call_shape_environment_and_registry(m
     assert len(backends._CHOSEN) == 1                         # a dead weight is forgotten
 
 
+def test_a_gpu_call_that_falls_back_to_the_reference_warns_once(monkeypatch):
+    import dataclasses
+    import warnings
+
+    from vlmkern.ops import backends, builtin  # noqa: F401  (builtin registers the backends)
+    torch_backend = backends.BACKENDS["torch"]
+    # "meta" stands in for a GPU the other backends cannot serve here
+    monkeypatch.setattr(torch_backend, "kernels", [
+        dataclasses.replace(k, devices=k.devices | {"meta"}) for k in torch_backend.kernels])
+    monkeypatch.setattr(backends, "_WARNED_FALLBACK", set())
+    qw = vlmkern.quantize_weight(torch.randn(8, 64), QuantConfig(4, 32))
+    with pytest.warns(RuntimeWarning, match=r"(?s)runs on the torch reference.*\n  cuda: "):
+        backends._select("weight_only", torch.empty(3, 64, device="meta"), qw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backends._select("weight_only", torch.empty(5, 64, device="meta"), qw)   # said once
+        backends._select("weight_only", torch.randn(3, 64), qw)       # the CPU's own backend
+        monkeypatch.setattr(backends, "_WARNED_FALLBACK", set())
+        monkeypatch.setenv("VLMKERN_BACKEND", "torch")                 # asked for
+        backends._select("weight_only", torch.empty(3, 64, device="meta"), qw)
+
+
 @pytest.mark.parametrize("value", [None, "", "cuda.weight_only_tma", "é,ü ünïcode"])
 def test_getenv_reads_what_os_environ_holds(monkeypatch, value):
     from vlmkern.ops.backends import getenv

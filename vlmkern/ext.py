@@ -24,9 +24,28 @@ def _import_extension() -> tuple[ModuleType | None, str]:
         return None, f"vlmkern._C was not built: this install has a CPU-only torch ({torch.__version__})"
     try:
         module = importlib.import_module("vlmkern._C")
+    except ModuleNotFoundError as exc:
+        return None, f"vlmkern._C could not be imported: {exc}{source_checkout_hint()}"
     except (ImportError, OSError) as exc:
         return None, f"vlmkern._C could not be imported: {exc}"
     return module, f"vlmkern._C loaded from {getattr(module, '__file__', '?')}"
+
+
+def source_checkout_hint(package_file: str | None = None) -> str:
+    """Words to add when vlmkern._C or vlmkern.triton_kernels is missing
+    because this vlmkern was imported from a source checkout (the current
+    directory comes first on sys.path) rather than from the installed package;
+    "" otherwise. ``package_file`` defaults to vlmkern's ``__init__.py``."""
+    from pathlib import Path
+
+    import vlmkern
+
+    root = Path(package_file or vlmkern.__file__).resolve().parent.parent
+    if not ((root / "setup.py").is_file() and (root / "csrc").is_dir()):
+        return ""
+    return (f" (vlmkern was imported from the source checkout {root}, which provides the "
+            f"compiled kernels only to an editable install: `pip install --no-build-isolation "
+            f"-e .` there, or run from another directory to use the installed package)")
 
 
 def load_extension() -> tuple[ModuleType | None, str]:

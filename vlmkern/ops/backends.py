@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -256,11 +257,29 @@ def _select(op: str, x: torch.Tensor, qweight) -> KernelSpec:
             continue
         spec, why_not = backend.find(op, x, qweight)
         if spec is not None:
+            if name == "torch" and not forced and x.device.type != "cpu":
+                _warn_reference_fallback(op, x, reasons)
             return spec
         reasons.extend(why_not)
     head = f"VLMKERN_BACKEND={forced} cannot run" if forced else "no backend can run"
     raise BackendError(f"{head} {op} for x {tuple(x.shape)} {x.dtype} on {x.device} with "
                        f"{qweight!r}:\n  " + "\n  ".join(reasons))
+
+
+_WARNED_FALLBACK: set = set()
+
+
+def _warn_reference_fallback(op: str, x: torch.Tensor, reasons: list[str]) -> None:
+    """Say once per op, dtype and device type that a GPU call runs on the torch
+    reference, which dequantizes the whole weight on every call."""
+    key = (op, x.dtype, x.device.type)
+    if key in _WARNED_FALLBACK:
+        return
+    _WARNED_FALLBACK.add(key)
+    warnings.warn(f"vlmkern: {op} for x {tuple(x.shape)} {x.dtype} on {x.device} runs on the "
+                  f"torch reference, which dequantizes the weight on every call (slow; later "
+                  f"such calls are not reported). The faster backends declined:\n  "
+                  + "\n  ".join(reasons), RuntimeWarning, stacklevel=5)
 
 
 def _check_kernel_names(enabled: frozenset[str], disabled: frozenset[str]) -> None:

@@ -32,7 +32,13 @@ def _probe_triton() -> str | None:
         return f"triton is not installed ({e})"
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         return "no CUDA GPU (set TRITON_INTERPRET=1 to run Triton kernels on the CPU interpreter)"
-    import vlmkern.triton_kernels as tk
+    try:
+        import vlmkern.triton_kernels as tk
+    except ModuleNotFoundError as e:
+        if e.name != "vlmkern.triton_kernels":
+            raise
+        from ..ext import source_checkout_hint
+        return f"vlmkern.triton_kernels is not installed{source_checkout_hint()}"
     register = getattr(tk, "register_kernels", None)
     if register is not None:
         register(TRITON)
