@@ -186,6 +186,12 @@ def test_promote_report_measures_against_what_runs_by_default():
     line = next(x for x in promote_report.report(outcomes, fast_wrong)
                 if x.startswith("| cuda.int_act_wgmma"))
     assert "o M=1 W8A8: 2.00 (output differs" in line and line.endswith("| no |")
+    # faster by less than timing noise: not ready either
+    for us, ready in ((19.5, "no"), (19.0, "yes")):
+        close = [dict(fast_wrong[0]), dict(fast_wrong[1], us=us, err=0.001)]
+        line = next(x for x in promote_report.report(outcomes, close)
+                    if x.startswith("| cuda.int_act_wgmma"))
+        assert line.endswith(f"| {ready} |"), line
 
 
 def test_bench_linear_table_has_graph_columns():
