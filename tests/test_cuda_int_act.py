@@ -8,6 +8,7 @@ ldmatrix. GPU tests run the kernels against the torch reference, and the
 Hopper warpgroup-MMA GEMM (csrc/int_act_sm90_kernel.cu) against the mma.sync
 GEMM bit for bit.
 """
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -69,6 +70,16 @@ def test_identity_layout_reuses_storage():
     kw4 = cia.to_kernel_weight(qw4, cia.MODE_I4W8)
     assert kw4.w.data_ptr() == qw4.qweight.data_ptr()
     assert kw4.w_scale_t.shape == (1, 8) and kw4.w_scale_t.dtype == torch.float32
+    # a view at an address the kernels' 16-byte loads cannot start from is copied
+    for w_bits, mode, width in ((8, cia.MODE_I8, 256), (4, cia.MODE_I4W8, 128),
+                                (4, cia.MODE_I4, 128)):
+        codes = make_intact(8, 256, w_bits, w_bits, None).qweight
+        store = torch.zeros(8 * width + 3, dtype=torch.int8)
+        view = store[3:].view(8, width)
+        view.copy_(codes)
+        qw = dataclasses.replace(make_intact(8, 256, w_bits, w_bits, None), qweight=view)
+        kw = cia.to_kernel_weight(qw, mode)
+        assert kw.w.data_ptr() % 16 == 0 and torch.equal(kw.w, codes)
 
 
 @pytest.mark.parametrize("w_bits,group", [(8, 64), (6, None), (4, 32), (4, 128)])

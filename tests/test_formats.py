@@ -336,7 +336,8 @@ def test_quant_config_rejects(kwargs, match):
 @pytest.mark.parametrize("kwargs,match", [
     ({"w_bits": 3}, "w_bits"), ({"a_bits": 2}, "a_bits"), ({"group_size": 0}, "group_size"),
     ({"act_scale": 0.0}, "act_scale"), ({"act_scale": -1.0}, "act_scale"),
-    ({"act_scale": math.inf}, "act_scale"),
+    ({"act_scale": math.inf}, "act_scale"), ({"act_scale": 1e-39}, "normal range"),
+    ({"act_scale": 3.5e38}, "normal range"),
 ])
 def test_intact_config_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -452,7 +453,7 @@ def test_intact_validate_rejects_bad_fields():
 
 @pytest.mark.parametrize("change", [
     {"act_scale": 0.0}, {"act_scale": math.nan}, {"act_scale": True}, {"w_bits": 5},
-    {"a_bits": 8.0}, {"group_size": 0},
+    {"a_bits": 8.0}, {"group_size": 0}, {"act_scale": 1e-50}, {"act_scale": 1e39},
 ])
 def test_intact_scalar_fields_are_checked_when_built(change):
     # ops.linear does not re-validate a weight per call: an act_scale of 0

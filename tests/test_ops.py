@@ -186,12 +186,25 @@ def test_int_act_equals_fake_quant_in_fp64(weights, fmt):
     assert bool(((y_int - y_fake).abs() <= 1e-12 * magnitude).all())
 
 
+def test_int_act_reference_is_exact_past_the_int32_range():
+    # 127 * 127 * 140000 > 2^31: the reference sums exactly, the integer kernels decline
+    k = 140_000
+    qw = IntActWeight.from_codes(torch.full((1, k), 127, dtype=torch.int8),
+                                 torch.full((1, 1), 0.5), 8, 8, None)
+    x = torch.ones(1, k, dtype=torch.float64)
+    y = reference.int_act_matmul(x, qw)
+    assert abs(float(y) / (127 * k * 0.5) - 1) < 1e-6      # token scale 1/127 in fp32
+    assert float(y) == float(reference.fake_quant_int_act(x, qw))
+    from vlmkern.ops import cuda_int_act
+    assert "overflow the int32 accumulator" in cuda_int_act.overflow_reason(qw)
+
+
 def test_int_dot_is_exact():
     gen = torch.Generator().manual_seed(0)
     qx = torch.randint(-127, 128, (3, 70), generator=gen).to(torch.int8)
     qw = torch.randint(-127, 128, (2, 70), generator=gen).to(torch.int8)
     acc = reference.int_dot(qx, qw, 32)
-    assert acc.shape == (3, 2, 3) and acc.dtype == torch.int32
+    assert acc.shape == (3, 2, 3) and acc.dtype == torch.int64
     for m in range(3):
         for n in range(2):
             for g, (lo, hi) in enumerate(((0, 32), (32, 64), (64, 70))):

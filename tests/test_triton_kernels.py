@@ -30,6 +30,7 @@ try:
     from vlmkern.formats.intact import qmax  # noqa: E402
     from vlmkern.ops import reference  # noqa: E402
     from vlmkern.ops.backends import BACKENDS  # noqa: E402
+    from vlmkern.triton_kernels import int_act, int_act_tma
     from vlmkern.triton_kernels.binary import binary_matmul  # noqa: E402
     from vlmkern.triton_kernels.int_act import int_act_matmul, quantize_activations  # noqa: E402
     from vlmkern.triton_kernels.int_act_tma import HAS_TENSOR_DESCRIPTORS, int_act_tma_matmul  # noqa: E402
@@ -405,6 +406,25 @@ def test_int_act_nan_token_and_unsupported_group(monkeypatch):
     monkeypatch.setenv("VLMKERN_BACKEND", "triton")
     odd = make_intact(N, K, 8, 8, 40, seed=13)
     assert "multiple of 32" in ops.which_kernel(x[[0]], odd)
+
+
+def test_int_act_declines_groups_whose_sums_could_overflow_int32(monkeypatch):
+    # 127 * 127 * 133152 >= 2^31 > 127 * 127 * 133120 (both multiples of 16 and 32)
+    big, fits = 133_152, 133_120
+    codes = torch.full((1, big), 127, dtype=torch.int8, device=DEV)
+    wide = IntActWeight.from_codes(codes, torch.ones(1, 1, device=DEV), 8, 8, None)
+    assert "overflow the int32 accumulator" in int_act.unsupported_reason(wide)
+    assert "overflow the int32 accumulator" in int_act_tma.tma_reason(wide)
+    with pytest.raises(ValueError, match="overflow"):
+        int_act_matmul(torch.ones(1, big, device=DEV), wide)
+    grouped = IntActWeight.from_codes(codes, torch.ones(1, 131, device=DEV), 8, 8, 1024)
+    narrow = IntActWeight.from_codes(codes[:, :fits], torch.ones(1, 1, device=DEV), 8, 8, None)
+    assert int_act.unsupported_reason(grouped) is None and int_act.unsupported_reason(narrow) is None
+    no_descriptors = f"Triton {triton.__version__} has no triton.tools.tensor_descriptor"
+    assert int_act_tma.tma_reason(narrow) in (None, no_descriptors)
+    monkeypatch.setenv("VLMKERN_BACKEND", "triton")
+    assert "triton.int_act: a group of 133152 columns could overflow" in \
+        ops.which_kernel(torch.ones(1, big, device=DEV), wide)
 
 
 def test_int_act_batch_invariant():

@@ -50,7 +50,8 @@ def kernel_specs():
         return None if why is None else f"triton.binary_gemv: {why}"
 
     def int_act_check(x, qweight):
-        return int_act.supports_group(qweight.group_size, qweight.in_features)
+        why = int_act.unsupported_reason(qweight)
+        return None if why is None else f"triton.int_act: {why}"
 
     def int_act_tma_check(x, qweight):
         why = int_act_tma.tma_reason(qweight)

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vlmkern.formats.intact import int32_overflow_reason
+
 from ._common import (bf16_fixup, bias_arg, dtype_code, get_config, kernel_entry, launch_opts,
                       round_bf16, shrink, swizzled_tile)
 
@@ -193,6 +195,14 @@ def supports_group(group_size: int | None, k: int) -> str | None:
     return f"group size {group_size} is not a multiple of 32 (the int8 MMA k-step)"
 
 
+def unsupported_reason(qweight) -> str | None:
+    """Why the kernels cannot run this weight (group size, or int32 sums that
+    could overflow), or None."""
+    k, gs = qweight.in_features, qweight.group_size
+    return supports_group(gs, k) or int32_overflow_reason(
+        qweight.a_bits, qweight.w_bits, k if gs is None or gs >= k else gs)
+
+
 @kernel_entry
 def int_act_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
                    config: dict | None = None) -> torch.Tensor:
@@ -202,7 +212,7 @@ def int_act_matmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *
     m, k = x.shape
     n = qweight.out_features
     dtype_code(x.dtype)
-    why = supports_group(qweight.group_size, k)
+    why = unsupported_reason(qweight)
     if why:
         raise ValueError(why)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vlmkern.formats.intact import int32_overflow_reason
+
 from ._common import (bf16_fixup, bias_arg, dtype_code, get_config, kernel_entry, launch_opts,
                       shrink, sm_count, swizzled_tile)
 from .int_act import finish_rows, quantize_activations
@@ -90,6 +92,9 @@ def tma_reason(qweight) -> str | None:
         return f"needs one scale per weight row, got group size {gs}"
     if qweight.in_features % 16:
         return f"TMA rows must be 16-byte aligned: K={qweight.in_features} is not a multiple of 16"
+    why = int32_overflow_reason(qweight.a_bits, qweight.w_bits, qweight.in_features)
+    if why:
+        return why
     if not HAS_TENSOR_DESCRIPTORS:
         return f"Triton {triton.__version__} has no triton.tools.tensor_descriptor"
     return None

@@ -136,8 +136,10 @@ class IntActConfig:
                 s = float(self.act_scale)
             except (TypeError, ValueError):
                 s = float("nan")
-            if isinstance(self.act_scale, (bool, str)) or not (s > 0 and s < float("inf")):
-                raise ValueError(f"act_scale must be a positive finite number, got {self.act_scale!r}")
+            fp32 = torch.finfo(torch.float32)    # the kernels divide by it in fp32
+            if isinstance(self.act_scale, (bool, str)) or not fp32.tiny <= s <= fp32.max:
+                raise ValueError(f"act_scale must be a positive number in fp32's normal range "
+                                 f"[{fp32.tiny:.3g}, {fp32.max:.3g}], got {self.act_scale!r}")
             object.__setattr__(self, "act_scale", s)
 
     @property

@@ -17,7 +17,8 @@ scales     [N, G] float16/bfloat16/float32  s[n, i]; G = 1 (per output channel) 
 W[n, k] = s[n, k // g] * q[n, k]. Activations are quantized symmetrically to
 a_bits at run time, one scale per token (absmax / (2^(a-1)-1)), or with the
 static per-tensor ``act_scale`` chosen at calibration; the matmul accumulates
-exact integer dot products (int32) per weight group and applies token scale
+exact integer dot products (int32) per weight group (kernels decline groups
+whose sums could overflow int32: ``int32_overflow_reason``) and applies token scale
 times channel scale in the epilogue.
 """
 from __future__ import annotations
@@ -43,6 +44,19 @@ from .packing import pack_int4_pairs, unpack_int4_pairs
 def qmax(bits: int) -> int:
     """Largest code of a symmetric signed ``bits``-bit quantizer."""
     return (1 << (bits - 1)) - 1
+
+
+def int32_overflow_reason(a_bits: int, w_bits: int, columns: int, widen: int = 1) -> str | None:
+    """Why an int32 sum over ``columns`` products of ``a_bits`` activation codes
+    and ``w_bits`` weight codes (each weight code times ``widen``) could
+    overflow, or None. Integer kernels keep one weight group's sum in int32."""
+    if qmax(a_bits) * qmax(w_bits) * widen * columns < 2 ** 31:
+        return None
+    return (f"a group of {columns} columns could overflow the int32 accumulator "
+            f"({w_bits}-bit weights, {a_bits}-bit activations)")
+
+
+_FP32 = torch.finfo(torch.float32)
 
 
 @dataclass(eq=False, repr=False)
@@ -97,10 +111,13 @@ class IntActWeight(PackedWeight):
                                   f"{getattr(self, name)!r}")
         check_positive_int("group_size", self.group_size, or_none=True)
         check_positive_int("in_features", self.in_features)
+        # the kernels divide by it in fp32: below fp32's normal range it would
+        # round to zero or a subnormal, above it to Inf
         if self.act_scale is not None and not (
                 isinstance(self.act_scale, Real) and not isinstance(self.act_scale, bool)
-                and 0 < self.act_scale < float("inf")):
-            raise FormatError(f"act_scale must be positive and finite, got {self.act_scale!r}")
+                and _FP32.tiny <= self.act_scale <= _FP32.max):
+            raise FormatError(f"act_scale must be a positive number in fp32's normal range "
+                              f"[{_FP32.tiny:.3g}, {_FP32.max:.3g}], got {self.act_scale!r}")
 
     def validate(self) -> "IntActWeight":
         self.check_meta()

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.intact import IntActWeight, qmax
+from ..formats.intact import IntActWeight, int32_overflow_reason
 from ..formats.packing import pack_int4_pairs
 from .backends import device_sm
 from .cuda_common import LayoutCache, check_activations, dense_rows, require_op
@@ -158,7 +158,9 @@ def to_kernel_weight(qweight: IntActWeight, mode: int) -> KernelWeight:
     if four_bit != (qweight.w_bits == 4):
         raise ValueError(f"mode {mode} does not match {qweight.w_bits}-bit weights")
     if layout.is_identity and (not four_bit or qweight.in_features % 2 == 0):
-        w = qweight.qweight.contiguous()     # already the kernel's layout
+        w = qweight.qweight.contiguous()     # already the kernel's layout ...
+        if w.data_ptr() % 16:                # ... but the kernels read 16-byte vectors
+            w = w.clone()
     else:
         padded = pad_columns(qweight.codes(), layout)
         w = pack_int4_pairs(padded) if four_bit else padded
@@ -180,11 +182,7 @@ def overflow_reason(qweight: IntActWeight) -> str | None:
     """int32 accumulators hold one group's sum: refuse what could overflow them."""
     layout = padded_layout(qweight.in_features, qweight.group_size, MODE_I8)
     widen = 16 if qweight.w_bits == 4 else 1     # I4W8 multiplies weights by 16
-    worst = qmax(qweight.a_bits) * qmax(qweight.w_bits) * widen * layout.group
-    if worst >= 2 ** 31:
-        return (f"a group of {layout.group} columns could overflow the int32 accumulator "
-                f"({qweight.w_bits}-bit weights, {qweight.a_bits}-bit activations)")
-    return None
+    return int32_overflow_reason(qweight.a_bits, qweight.w_bits, layout.group, widen)
 
 
 def _require_ops() -> None:

@@ -102,8 +102,9 @@ def fake_quant_activations(x: torch.Tensor, bits: int, scale: float | None = Non
 def int_dot(qx: torch.Tensor, qw: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """Exact integer dot products per weight group.
 
-    qx [M, K] int8, qw [N, K] int8 -> int32 [M, N, G]. Runs in fp64, which is
-    exact here: every partial sum is an integer below 2^53 in magnitude.
+    qx [M, K] int8, qw [N, K] int8 -> int64 [M, N, G]. Runs in fp64, which is
+    exact here: every partial sum is an integer below 2^53 in magnitude. (The
+    kernels sum in int32 and decline groups whose sums could overflow it.)
     """
     m, k = qx.shape
     n = qw.shape[0]
@@ -112,12 +113,12 @@ def int_dot(qx: torch.Tensor, qw: torch.Tensor, group_size: int | None) -> torch
     pad = groups * g - k
     a = F.pad(qx.double(), (0, pad)).reshape(m, groups, g)
     b = F.pad(qw.double(), (0, pad)).reshape(n, groups, g)
-    return torch.einsum("mgk,ngk->mng", a, b).to(torch.int32)
+    return torch.einsum("mgk,ngk->mng", a, b).to(torch.int64)
 
 
 def int_act_matmul(x: torch.Tensor, qweight: IntActWeight,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Integer-activation matmul: per-token activation quantization, exact int32
+    """Integer-activation matmul: per-token activation quantization, exact integer
     accumulation per weight group, epilogue y = s_x[m] * sum_g s_w[n, g] * acc.
 
     x [M, K], bias [N] -> [M, N] in x's dtype. The epilogue runs in fp64 so the
