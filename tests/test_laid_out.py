@@ -9,6 +9,7 @@ decline it. On a GPU: the layer runs the tensor-core kernel on its own codes
 (no second copy) and matches the canonical layer.
 """
 import copy
+import dataclasses
 import gc
 import warnings
 
@@ -98,6 +99,18 @@ def test_laid_out_weight_gives_the_kernels_the_same_layout(bits, dtype):
     assert torch.equal(laid.dequantize(), qw.dequantize())
     assert (laid.shape, laid.sym, laid.num_groups) == (qw.shape, qw.sym, qw.num_groups)
     assert torch.equal(laid.zeros(), qw.zeros())
+
+
+def test_laid_out_codes_at_an_address_off_16_bytes_are_copied():
+    # (a view into a larger buffer: the kernels' 16-byte loads need an aligned start)
+    laid = LaidOutWeight.from_quantized(make_weight(128, 256, 4, 128, False))
+    assert cw.to_mma_layout(laid, torch.float16).wq is laid.wq         # aligned: no copy
+    store = torch.zeros(laid.wq.numel() + 1, dtype=torch.int32)
+    view = store[1:].view(laid.wq.shape)
+    view.copy_(laid.wq)
+    shifted = dataclasses.replace(laid, wq=view)
+    wq = cw.to_mma_layout(shifted, torch.float16).wq
+    assert view.data_ptr() % 16 and wq.data_ptr() % 16 == 0 and torch.equal(wq, laid.wq)
 
 
 def test_laid_out_weight_bytes_are_the_codes_once():

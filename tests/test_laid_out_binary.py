@@ -9,6 +9,7 @@ decline it. On a GPU: the layer runs the table kernel on its own codes and
 matches the canonical layer, holding fewer bytes.
 """
 import copy
+import dataclasses
 import gc
 import warnings
 
@@ -70,6 +71,16 @@ def test_laid_out_weight_gives_the_kernels_and_the_reference_the_same_weight(n, 
         assert torch.equal(lut.emulate_dequantize(b), bw.dequantize(dtype))
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         assert torch.equal(laid.dequantize(dtype), bw.dequantize(dtype)), dtype
+
+
+def test_laid_out_codes_at_an_address_off_16_bytes_are_copied():
+    laid = LaidOutBinaryWeight.from_binary(_binary(128, 256))
+    store = torch.zeros(laid.codes.numel() + 1, dtype=laid.codes.dtype)
+    view = store[1:].view(laid.codes.shape)
+    view.copy_(laid.codes)
+    codes = lut.to_lut_layout(dataclasses.replace(laid, codes=view), torch.float16).codes
+    assert view.data_ptr() % 16 and codes.data_ptr() % 16 == 0
+    assert torch.equal(codes, laid.codes)
 
 
 def test_laid_out_weight_bytes_drop_the_planes():

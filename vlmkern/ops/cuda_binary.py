@@ -34,6 +34,7 @@ from ..formats.binary import BinaryWeight
 from . import reference
 from .cuda_common import (
     LayoutCache,
+    aligned16,
     check_activations,
     dense_rows,
     multiprocessors,
@@ -74,10 +75,8 @@ def padded_planes(qweight: BinaryWeight) -> tuple[torch.Tensor, torch.Tensor]:
     pad = -words % 4
     out = []
     for plane in (qweight.sign, qweight.aux):
-        p = torch.nn.functional.pad(plane, (0, pad)) if pad else plane.contiguous()
-        if p.data_ptr() % 16:
-            p = p.clone()
-        out.append(p)
+        out.append(aligned16(torch.nn.functional.pad(plane, (0, pad)) if pad
+                             else plane.contiguous()))
     return out[0], out[1]
 
 

@@ -61,7 +61,13 @@ import torch
 from ..formats.binary import BinaryWeight, block_values
 from ..formats.packing import unpack_bits
 from . import reference
-from .cuda_common import LayoutCache, check_activations, multiprocessors, require_op
+from .cuda_common import (
+    LayoutCache,
+    aligned16,
+    check_activations,
+    multiprocessors,
+    require_op,
+)
 from .cuda_weight_only import (
     _counters,
     _lane_codes,
@@ -183,7 +189,7 @@ def to_lut_layout(qweight, dtype: torch.dtype) -> LutWeight:
     if dtype not in ACT_DTYPES:
         raise ValueError(f"cuda.binary_lut: activations must be float16 or bfloat16, got {dtype}")
     n, k = qweight.shape
-    codes = qweight.codes if getattr(qweight, "LAID_OUT", False) else lut_codes(qweight)
+    codes = aligned16(qweight.codes) if getattr(qweight, "LAID_OUT", False) else lut_codes(qweight)
     return LutWeight(codes, lut_tables(qweight.stats, dtype), lut_merge(qweight.salient, k),
                      n, k, dtype)
 

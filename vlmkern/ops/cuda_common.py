@@ -194,3 +194,9 @@ def dense_rows(x: torch.Tensor) -> torch.Tensor:
     if x.stride(1) == 1 and (x.shape[0] <= 1 or x.stride(0) >= x.shape[1]):
         return x
     return x.contiguous()
+
+
+def aligned16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a copy where it does not start on the 16-byte boundary
+    the kernels' vector loads need (a view into a larger buffer)."""
+    return t.clone() if t.data_ptr() % 16 else t

@@ -58,7 +58,13 @@ import torch
 from ..formats.intact import IntActWeight, int32_overflow_reason
 from ..formats.packing import pack_int4_pairs
 from .backends import device_sm
-from .cuda_common import LayoutCache, check_activations, dense_rows, require_op
+from .cuda_common import (
+    LayoutCache,
+    aligned16,
+    check_activations,
+    dense_rows,
+    require_op,
+)
 
 MODE_I8, MODE_I4, MODE_I4W8 = 0, 1, 2
 K_STEP = {MODE_I8: 32, MODE_I4: 64, MODE_I4W8: 32}
@@ -158,9 +164,7 @@ def to_kernel_weight(qweight: IntActWeight, mode: int) -> KernelWeight:
     if four_bit != (qweight.w_bits == 4):
         raise ValueError(f"mode {mode} does not match {qweight.w_bits}-bit weights")
     if layout.is_identity and (not four_bit or qweight.in_features % 2 == 0):
-        w = qweight.qweight.contiguous()     # already the kernel's layout ...
-        if w.data_ptr() % 16:                # ... but the kernels read 16-byte vectors
-            w = w.clone()
+        w = aligned16(qweight.qweight.contiguous())     # already the kernel's layout
     else:
         padded = pad_columns(qweight.codes(), layout)
         w = pack_int4_pairs(padded) if four_bit else padded

@@ -59,6 +59,7 @@ from ..formats.groupwise import QuantizedWeight
 from ..formats.packing import pack_bits, packed_words, unpack_bits
 from .cuda_common import (
     LayoutCache,
+    aligned16,
     check_activations,
     multiprocessors,
     outside_graph_pools,
@@ -292,7 +293,7 @@ def to_mma_layout(qweight, dtype: torch.dtype) -> MmaWeight:
         raise ValueError(f"cuda.weight_only_mma: activations must be float16 or bfloat16, got {dtype}")
     n, k = qweight.out_features, qweight.in_features
     nb, c = _cdiv(n, BLOCK_ROWS), _cdiv(k, CHUNK)
-    wq = qweight.wq if getattr(qweight, "LAID_OUT", False) else layout_codes(qweight)
+    wq = aligned16(qweight.wq) if getattr(qweight, "LAID_OUT", False) else layout_codes(qweight)
     slot_log2 = slot_log2_for(qweight.group_size, k)
     sz = _pack_scales(qweight, dtype, nb, c, slot_log2)
     return MmaWeight(wq, sz, qweight.bits, n, k, slot_log2, dtype)
