@@ -4,6 +4,7 @@ interruption (bit-identical), work-dir safety and checkpoint round trips."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from tiny_models import build_llama, build_llava, build_qwen2vl, crash_on_call  # noqa: E402
+from tiny_models import (build_llama, build_llava, build_llava_tiled, build_qwen2vl,  # noqa: E402
+                         build_text, crash_on_call)
 from tiny_models import logits as _logits, rel_error as _rel  # noqa: E402
 from tiny_models import second_sample as _second_sample, state_of as _state  # noqa: E402
 
@@ -22,7 +24,10 @@ from vlmkern.calib.arch import decoder_layers  # noqa: E402
 from vlmkern.calib.engine import capture_inputs  # noqa: E402
 from vlmkern.calib.methods import LayerMethod  # noqa: E402
 
-BUILDERS = {"llama": build_llama, "llava": build_llava, "qwen2vl": build_qwen2vl}
+BUILDERS = {"llama": build_llama, "llava": build_llava, "qwen2vl": build_qwen2vl,
+            **{kind: functools.partial(build_text, kind) for kind in ("qwen3", "mistral")},
+            **{kind: functools.partial(build_llava_tiled, kind)
+               for kind in ("llava_next", "llava_onevision")}}
 W3 = QuantConfig(3, 32)
 
 
@@ -69,8 +74,9 @@ def test_gptaq_uses_the_full_precision_stream():
     assert _rel(_logits(gptaq, inputs), ref) < 1.5 * _rel(_logits(gptq, inputs), ref)
 
 
-def test_capture_sees_image_tokens():
-    model, inputs = build_llava()
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "llava_onevision"])
+def test_capture_sees_image_tokens(kind):
+    model, inputs = BUILDERS[kind]()
     _, layers = decoder_layers(model)
     a = capture_inputs(model, layers, [inputs], "cpu")[0][0]
     other = dict(inputs, pixel_values=inputs["pixel_values"] + 1.0)

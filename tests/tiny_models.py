@@ -1,4 +1,5 @@
-"""Tiny transformers models with random weights (Llama, Qwen2, LLaVA, Qwen2-VL)
+"""Tiny transformers models with random weights (Llama, Qwen2, Qwen3, Mistral,
+LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL)
 and matching inputs, shared by the model-level tests, and the skip reason the
 CUDA kernel tests share. Nothing is downloaded."""
 from __future__ import annotations
@@ -114,6 +115,45 @@ def build_qwen2vl(seed=0):
                      torch.tensor([[123]] * 2), _text_ids(gen, 2, 5)], dim=1)
     return model, {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": grid,
                    "mm_token_type_ids": (ids == IMAGE_TOKEN).long()}
+
+
+def build_text(kind, seed=0):
+    """Qwen3 or Mistral: Llama's layout under other class names."""
+    import transformers
+    config_cls, model_cls = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+                             "mistral": ("MistralConfig", "MistralForCausalLM")}[kind]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_cls)(**TEXT, head_dim=16)
+    model = getattr(transformers, model_cls)(cfg).eval()
+    gen = torch.Generator().manual_seed(104)
+    return model, {"input_ids": _text_ids(gen, 2, 7)}
+
+
+def build_llava_tiled(kind, seed=0):
+    """LLaVA-NeXT (Llama) or LLaVA-OneVision (Qwen2): the tiny CLIP tower of
+    build_llava on a base view plus one 32 px tile (36 image tokens with the
+    row-end tokens)."""
+    import transformers
+    from transformers import CLIPVisionConfig
+    config_cls, model_cls, text_cls = {
+        "llava_next": ("LlavaNextConfig", "LlavaNextForConditionalGeneration", "LlamaConfig"),
+        "llava_onevision": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration",
+                            "Qwen2Config")}[kind]
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=32, patch_size=8,
+                              projection_dim=32)
+    cfg = getattr(transformers, config_cls)(
+        vision_config=vision, text_config=getattr(transformers, text_cls)(**TEXT),
+        image_token_index=IMAGE_TOKEN, vision_feature_layer=-1,
+        vision_feature_select_strategy="default", image_grid_pinpoints=[[32, 32]])
+    model = getattr(transformers, model_cls)(cfg).eval()
+    _randomise_biases(model)
+    gen = torch.Generator().manual_seed(105)
+    ids = torch.cat([torch.ones(2, 1, dtype=torch.long), torch.full((2, 36), IMAGE_TOKEN),
+                     _text_ids(gen, 2, 5)], dim=1)
+    return model, {"input_ids": ids, "pixel_values": torch.randn(2, 2, 3, 32, 32, generator=gen),
+                   "image_sizes": torch.tensor([[32, 32], [32, 32]])}
 
 
 BUILDERS = {"llama": build_llama, "qwen2": build_qwen2, "llava": build_llava,

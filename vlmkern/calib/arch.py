@@ -54,10 +54,14 @@ _VLM_LAYERS = ("model.language_model.layers", "language_model.model.layers",
 
 register_arch(ArchSpec("llama", _TEXT_LAYERS), "LlamaForCausalLM", "LlamaModel")
 register_arch(ArchSpec("qwen2", _TEXT_LAYERS), "Qwen2ForCausalLM", "Qwen2Model")
+register_arch(ArchSpec("qwen3", _TEXT_LAYERS), "Qwen3ForCausalLM", "Qwen3Model")
+register_arch(ArchSpec("mistral", _TEXT_LAYERS), "MistralForCausalLM", "MistralModel")
+# LLaVA-NeXT and LLaVA-OneVision tile images differently but keep LLaVA's modules
 register_arch(ArchSpec("llava", _VLM_LAYERS,
                        vision=("model.vision_tower", "vision_tower"),
                        projector=("model.multi_modal_projector", "multi_modal_projector")),
-              "LlavaForConditionalGeneration")
+              "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+              "LlavaOnevisionForConditionalGeneration")
 for _cls in ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"):
     register_arch(ArchSpec("qwen2_vl", _VLM_LAYERS,
                            vision=("model.visual", "visual"),
