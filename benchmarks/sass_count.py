@@ -30,9 +30,17 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL = re.compile(r"weight_only_mma_kernelILi(\d+)ELi(\d)EN\w*?\d(F16|BF16)ELi\d+EL(i|in)(\d)EEEv")
+# Mangled names of the instantiations: weight_only_mma_kernel<BITS, M_TILES, T,
+# STAGES, SLOT_LOG2 (negative: exact / table / int8 decode), ACQ_REL>,
+# binary_lut_kernel<M_TILES, T>, weight_only_wgmma_kernel<BITS, T, TOKENS>.
+# tests/test_benchmarks.py checks them against every kernel the sources define.
+KERNEL = re.compile(r"weight_only_mma_kernelILi(\d+)ELi(\d)EN\w*?\d(F16|BF16)ELi\d+EL(i|in)(\d)ELb([01])EEEv")
 LUT_KERNEL = re.compile(r"binary_lut_kernelILi(\d)EN\w*?\d(F16|BF16)EEEv")
-WGMMA_KERNEL = re.compile(r"weight_only_wgmma_kernelILi(\d)EN\w*?\d(F16|BF16)ELi(\d+)ELb([01])EEEv")
+WGMMA_KERNEL = re.compile(r"weight_only_wgmma_kernelILi(\d)EN\w*?\d(F16|BF16)ELi(\d+)EEEv")
+# source file -> (kernel function name, pattern of its instantiations)
+FAMILIES = {"weight_only_kernel.cu": ("weight_only_mma_kernel", KERNEL),
+            "binary_lut_kernel.cu": ("binary_lut_kernel", LUT_KERNEL),
+            "weight_only_sm90_kernel.cu": ("weight_only_wgmma_kernel", WGMMA_KERNEL)}
 
 
 def cuobjdump() -> str:
@@ -103,6 +111,15 @@ def compile_sass(source: str, arch: str, csrc: Path = ROOT / "csrc", flags=()) -
                               capture_output=True, text=True).stdout
 
 
+def matched(rows: list, source: str) -> list:
+    """``rows``, or an error when the pattern found no kernel of ``source``
+    (an empty table would read as a count of nothing)."""
+    if not rows:
+        raise SystemExit(f"sass_count: no kernel of csrc/{source} matched its name pattern; "
+                         f"did its template parameters change? (see FAMILIES)")
+    return rows
+
+
 def opcode(instr: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", instr).split()[0].split(".")[0]
 
@@ -126,10 +143,13 @@ def main(argv=None) -> int:
         ops = collections.Counter(opcode(x) for x in loop)
         decode = ("table (binary)" if slot == -2 else "int8 (W8A8, 256 codes a unit)" if slot == -3
                   else "exact" if slot < 0 else f"post-scale g{16 << slot}")
+        if m.group(6) == "1":
+            decode += ", parts published by acq_rel"
         rows.append((dtype, bits, tiles, slot, decode, len(loop), ops))
+    matched(rows, "weight_only_kernel.cu")
     print("| dtype | bits | tokens | decode | instructions per unit | top opcodes |")
     print("|---|---|---|---|---|---|")
-    for dtype, bits, tiles, _, decode, n, ops in sorted(rows, key=lambda r: r[:4]):
+    for dtype, bits, tiles, _, decode, n, ops in sorted(rows, key=lambda r: r[:5]):
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
         print(f"| {dtype} | {bits} | {8 * tiles} | {decode} | {n} | {top} |")
     if args.arch.startswith("sm_90"):
@@ -161,6 +181,7 @@ def lut_table(sass: str) -> None:
             chunks = sum("HMMA" in x for x in loop) // (8 * tiles)
             ops = collections.Counter(opcode(x) for x in loop)
             rows.append((m.group(2), 8 * tiles, len(loop) / chunks, chunks, ops))
+    matched(rows, "binary_lut_kernel.cu")
     print("\n| dtype | tokens | lookup-table binary GEMM: instructions per tile | top opcodes "
           "(loop of 2 tiles) |")
     print("|---|---|---|---|")
@@ -176,15 +197,14 @@ def wgmma_table(sass: str) -> None:
         m = WGMMA_KERNEL.search(name)
         if m:
             loop = chunk_loop(body)
-            a_operand = "shared memory" if m.group(4) == "1" else "registers"
-            rows.append((m.group(2), int(m.group(1)), int(m.group(3)), a_operand, len(loop),
+            rows.append((m.group(2), int(m.group(1)), int(m.group(3)), len(loop),
                          collections.Counter(opcode(x) for x in loop)))
-    print("\n| dtype | bits | token tile | A operand | wgmma kernel: instructions per chunk | "
-          "top opcodes |")
-    print("|---|---|---|---|---|---|")
-    for dtype, bits, tokens, a_operand, n, ops in sorted(rows, key=lambda r: r[:4]):
+    matched(rows, "weight_only_sm90_kernel.cu")
+    print("\n| dtype | bits | token tile | wgmma kernel: instructions per chunk | top opcodes |")
+    print("|---|---|---|---|---|")
+    for dtype, bits, tokens, n, ops in sorted(rows, key=lambda r: r[:3]):
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
-        print(f"| {dtype} | {bits} | {tokens} | {a_operand} | {n} | {top} |")
+        print(f"| {dtype} | {bits} | {tokens} | {n} | {top} |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ keep working between the GPU runs that use them."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,23 @@ def test_sass_count_triton_counts_both_decode_loops():
     rows = [r for r in out.stdout.splitlines() if r.startswith("| W4 g128")]
     assert [r.split(" | ")[1] for r in rows] == ["one token, CUDA cores", "M <= 16, MMA"]
     assert all(float(r.split(" | ")[3]) > 0 for r in rows)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("source", ["weight_only_kernel.cu", "binary_lut_kernel.cu",
+                                    "weight_only_sm90_kernel.cu"])
+def test_sass_count_patterns_match_every_kernel_instantiation(tmp_path, source):
+    # the kernels' names from unoptimized PTX (seconds, where SASS takes a minute)
+    import sass_count
+    ptx = tmp_path / "k.ptx"
+    subprocess.run(["nvcc", "-ptx", "-arch=sm_90a", "-std=c++17", "-Xcicc", "-O0",
+                    f"-I{sass_count.ROOT / 'csrc'}", "-o", str(ptx),
+                    str(sass_count.ROOT / "csrc" / source)], check=True, timeout=300)
+    function, pattern = sass_count.FAMILIES[source]
+    names = re.findall(r"\.entry (\w+)\(", ptx.read_text())
+    family = [n for n in names if function + "I" in n]
+    assert family and all(pattern.search(n) for n in family), \
+        [n for n in family if not pattern.search(n)][:3]
 
 
 def test_sass_diff_matches_kernels_by_instructions():
