@@ -12,8 +12,9 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from tiny_models import (build_llama, build_llava, build_llava_tiled, build_qwen2vl,  # noqa: E402
-                         build_text, crash_on_call)
+from tiny_models import (build_gemma3_text, build_llama, build_llava,  # noqa: E402
+                         build_llava_tiled, build_qwen2vl, build_qwen3vl, build_text,
+                         crash_on_call)
 from tiny_models import logits as _logits, rel_error as _rel  # noqa: E402
 from tiny_models import second_sample as _second_sample, state_of as _state  # noqa: E402
 
@@ -131,6 +132,25 @@ def test_calibrated_model_saves_and_reloads(tmp_path):
     assert torch.equal(_logits(fresh, inputs), _logits(q, inputs))
     info = fresh.get_submodule(decoder_layers(fresh)[0] + ".0.mlp.down_proj").quant_info
     assert info["method"] == "gptq"
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("qwen3vl", r"input of decoder layer 1 is not layer 0's output \(8 token positions"),
+    ("gemma3", (r"decoder layer 2 receives other keyword arguments than layer 0 "
+                r"\(attention_mask, position_embeddings\)"))])
+def test_a_model_that_replay_cannot_reproduce_is_refused(monkeypatch, kind, why):
+    # described as if it were Llama-like: the engine itself finds out it is not
+    from vlmkern.calib import ReplayMismatchError, arch
+    model, inputs = {"qwen3vl": build_qwen3vl, "gemma3": build_gemma3_text}[kind]()
+    monkeypatch.setitem(arch.ARCHS, type(model).__name__, arch.ArchSpec(
+        kind, ("model.language_model.layers", "model.layers")))
+    before = _state(model)
+    with pytest.raises(ReplayMismatchError, match=why):
+        quantize_model(model, [inputs], W3, progress=False)
+    _, layers = decoder_layers(model)
+    assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in layers)
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_unknown_architecture_says_how_to_describe_it():

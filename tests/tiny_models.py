@@ -156,6 +156,41 @@ def build_llava_tiled(kind, seed=0):
                    "image_sizes": torch.tensor([[32, 32], [32, 32]])}
 
 
+def build_qwen3vl(seed=0):
+    """Qwen3-VL, whose language model adds deepstack visual features to the
+    image tokens after its first layers (layer-by-layer replay cannot serve it)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    torch.manual_seed(seed)
+    text = {**TEXT, "head_dim": 16,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                "mrope_section": [2, 3, 3], "mrope_interleaved": True}}
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+              "out_hidden_size": 64, "patch_size": 4, "spatial_merge_size": 2,
+              "temporal_patch_size": 2, "in_channels": 3, "num_position_embeddings": 16,
+              "deepstack_visual_indexes": [1]}
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                        video_token_id=121, vision_start_token_id=122, vision_end_token_id=123)
+    model = Qwen3VLForConditionalGeneration(cfg).eval()
+    gen = torch.Generator().manual_seed(106)
+    ids = torch.cat([torch.tensor([[1, 122]] * 2), torch.full((2, 4), IMAGE_TOKEN),
+                     torch.tensor([[123]] * 2), _text_ids(gen, 2, 5)], dim=1)
+    return model, {"input_ids": ids, "pixel_values": torch.randn(32, 96, generator=gen),
+                   "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]]),
+                   "mm_token_type_ids": (ids == IMAGE_TOKEN).long()}
+
+
+def build_gemma3_text(seed=0):
+    """Gemma 3's language model: sliding-window and global layers get
+    different attention masks and rotary tables (replay cannot serve it)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(**{**TEXT, "head_dim": 16, "num_hidden_layers": 3, "sliding_window": 4,
+                              "layer_types": ["sliding_attention", "sliding_attention",
+                                              "full_attention"]})
+    gen = torch.Generator().manual_seed(107)
+    return Gemma3ForCausalLM(cfg).eval(), {"input_ids": _text_ids(gen, 2, 9)}
+
+
 BUILDERS = {"llama": build_llama, "qwen2": build_qwen2, "llava": build_llava,
             "qwen2vl": build_qwen2vl}
 
