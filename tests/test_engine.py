@@ -145,8 +145,10 @@ def test_a_model_that_replay_cannot_reproduce_is_refused(monkeypatch, kind, why)
     monkeypatch.setitem(arch.ARCHS, type(model).__name__, arch.ArchSpec(
         kind, ("model.language_model.layers", "model.layers")))
     before = _state(model)
+    # a text-only sample first: the check does not stop at the first sample
+    text = {"input_ids": inputs["input_ids"][:, -5:]}
     with pytest.raises(ReplayMismatchError, match=why):
-        quantize_model(model, [inputs], W3, progress=False)
+        quantize_model(model, [text, inputs], W3, progress=False)
     _, layers = decoder_layers(model)
     assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in layers)
     after = _state(model)

@@ -99,6 +99,10 @@ def test_a_source_checkout_that_shadows_the_install_is_named(tmp_path):
     (tmp_path / "csrc").mkdir()
     hint = source_checkout_hint(str(tmp_path / "vlmkern" / "__init__.py"))
     assert str(tmp_path.resolve()) in hint and "pip install --no-build-isolation -e ." in hint
+    # an editable install of that checkout is served by it: nothing shadows anything
+    assert source_checkout_hint(str(tmp_path / "vlmkern" / "__init__.py"), str(tmp_path)) == ""
+    other = source_checkout_hint(str(tmp_path / "vlmkern" / "__init__.py"), "/elsewhere")
+    assert other == hint
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch")

@@ -31,11 +31,14 @@ def _import_extension() -> tuple[ModuleType | None, str]:
     return module, f"vlmkern._C loaded from {getattr(module, '__file__', '?')}"
 
 
-def source_checkout_hint(package_file: str | None = None) -> str:
+def source_checkout_hint(package_file: str | None = None,
+                         installed_from: str | None = None) -> str:
     """Words to add when vlmkern._C or vlmkern.triton_kernels is missing
     because this vlmkern was imported from a source checkout (the current
     directory comes first on sys.path) rather than from the installed package;
-    "" otherwise. ``package_file`` defaults to vlmkern's ``__init__.py``."""
+    "" otherwise, and for an editable install of that checkout (which the
+    checkout serves). ``package_file`` defaults to vlmkern's ``__init__.py``,
+    ``installed_from`` to the folder of the editable install, if any."""
     from pathlib import Path
 
     import vlmkern
@@ -43,9 +46,29 @@ def source_checkout_hint(package_file: str | None = None) -> str:
     root = Path(package_file or vlmkern.__file__).resolve().parent.parent
     if not ((root / "setup.py").is_file() and (root / "csrc").is_dir()):
         return ""
+    editable = installed_from if package_file else _editable_install_folder()
+    if editable is not None and Path(editable).resolve() == root:
+        return ""
     return (f" (vlmkern was imported from the source checkout {root}, which provides the "
             f"compiled kernels only to an editable install: `pip install --no-build-isolation "
             f"-e .` there, or run from another directory to use the installed package)")
+
+
+def _editable_install_folder() -> str | None:
+    """The folder an editable install of vlmkern points to (PEP 610), or None."""
+    import importlib.metadata
+    import json
+    from urllib.parse import unquote, urlparse
+
+    try:
+        info = json.loads(importlib.metadata.distribution("vlmkern").read_text("direct_url.json")
+                          or "{}")
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+    url = urlparse(info.get("url", ""))
+    if not info.get("dir_info", {}).get("editable") or url.scheme != "file":
+        return None
+    return unquote(url.path)
 
 
 def load_extension() -> tuple[ModuleType | None, str]:

@@ -40,7 +40,7 @@ from ..quant.hessian import HessianAccumulator
 from ..replace import replace_linears
 from .arch import arch_of, decoder_layers
 from .methods import LayerMethod, layer_method
-from .replay_check import check_replay
+from .replay_check import check_replay, samples_to_check
 
 
 class _StopForward(Exception):
@@ -430,7 +430,8 @@ def decoder_inputs(model: nn.Module, layers_path: str, layers: nn.ModuleList, sa
     _move_except(model, layers_path, device)
     try:
         captured = capture_inputs(model, layers, samples, device)
-        check_replay(model, layers, _to(samples[0], device), device)
+        for i in samples_to_check(samples):
+            check_replay(model, layers, _to(samples[i], device), device)
     finally:
         _move_except(model, layers_path, home)
     inputs = [h for h, _ in captured]

@@ -6,10 +6,13 @@ computation only when nothing touches the hidden state between layers and
 every layer gets the same arguments. Qwen3-VL adds its deepstack visual
 features after its first layers, and Gemma 3 gives sliding-window and global
 layers different attention masks: calibrated by replay, their later layers
-would see inputs the model never gives them. ``check_replay`` runs one
-sample through the real model and refuses such a model with the reason.
+would see inputs the model never gives them. ``check_replay`` runs a sample
+through the real model and refuses such a model with the reason;
+``samples_to_check`` picks the samples that show it.
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
@@ -35,6 +38,8 @@ def _same(a, b) -> bool:
                                 and a.device == b.device and bool(torch.equal(a, b)))))
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return type(a) is type(b) and a == b
 
 
@@ -52,6 +57,23 @@ def _changed_tokens(given: torch.Tensor, previous: torch.Tensor) -> int:
     return int(((a - b).norm(dim=-1) > TOKEN_TOLERANCE * size).sum())
 
 
+def samples_to_check(samples: list) -> list[int]:
+    """Indices of the samples worth a check: for each kind of sample (the
+    same input names: text-only, with images, ...) the longest one. A
+    difference between layers may show only with images (Qwen3-VL's
+    deepstack) or past a sliding window's length."""
+    def tokens(sample) -> int:
+        ids = sample.get("input_ids")
+        return ids.numel() if isinstance(ids, torch.Tensor) else 0
+
+    longest: dict = {}
+    for i, sample in enumerate(samples):
+        kind = tuple(sorted(sample))
+        if kind not in longest or tokens(sample) > tokens(samples[longest[kind]]):
+            longest[kind] = i
+    return sorted(longest.values())
+
+
 def check_replay(model: nn.Module, layers: nn.ModuleList, sample: dict, device) -> None:
     """Run ``sample`` (model inputs, already on ``device``) through ``model``
     and raise ReplayMismatchError where layer-by-layer replay would differ
@@ -60,7 +82,9 @@ def check_replay(model: nn.Module, layers: nn.ModuleList, sample: dict, device) 
     if len(layers) < 2:
         return
     state: dict = {"first": None, "previous": None}
-    homes = [next(layer.parameters(), torch.empty(0)).device for layer in layers]
+    # where each layer lives (None: it holds no tensors, nothing to move)
+    homes = [next((t.device for t in itertools.chain(layer.parameters(), layer.buffers())), None)
+             for layer in layers]
 
     def before(i):
         def hook(module, args, kwargs):
@@ -85,14 +109,18 @@ def check_replay(model: nn.Module, layers: nn.ModuleList, sample: dict, device) 
                         f"cannot serve it")
             if i == len(layers) - 1:
                 raise _Done
-            module.to(device)
+            if homes[i] is not None:
+                module.to(device)
         return hook
 
     def after(i):
         def hook(module, args, kwargs, output):
             out = output[0] if isinstance(output, (tuple, list)) else output
-            state["previous"] = out.detach()
-            module.to(homes[i])
+            # a copy: a model that adds to the hidden state in place would
+            # otherwise change this too and compare it with itself
+            state["previous"] = out.detach().clone()
+            if homes[i] is not None:
+                module.to(homes[i])
         return hook
 
     handles = []
@@ -108,4 +136,5 @@ def check_replay(model: nn.Module, layers: nn.ModuleList, sample: dict, device) 
         for h in handles:
             h.remove()
         for layer, home in zip(layers, homes):
-            layer.to(home)
+            if home is not None:
+                layer.to(home)

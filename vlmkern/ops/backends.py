@@ -276,10 +276,11 @@ def _warn_reference_fallback(op: str, x: torch.Tensor, reasons: list[str]) -> No
     if key in _WARNED_FALLBACK:
         return
     _WARNED_FALLBACK.add(key)
+    shown = [r for r in reasons if "opt-in only" not in r]   # those never run unasked
     warnings.warn(f"vlmkern: {op} for x {tuple(x.shape)} {x.dtype} on {x.device} runs on the "
                   f"torch reference, which dequantizes the weight on every call (slow; later "
                   f"such calls are not reported). The faster backends declined:\n  "
-                  + "\n  ".join(reasons), RuntimeWarning, stacklevel=5)
+                  + "\n  ".join(shown), RuntimeWarning, stacklevel=5)
 
 
 def _check_kernel_names(enabled: frozenset[str], disabled: frozenset[str]) -> None:
