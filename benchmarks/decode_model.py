@@ -104,7 +104,9 @@ def median(values):
 @torch.no_grad()
 def time_model(model, args, device, **generate_args) -> tuple[float, float]:
     """(prefill ms, decode ms per token), medians over --reps runs of greedy
-    ``generate``: one new token is the prefill, the extra steps the decode."""
+    ``generate``: one new token is the prefill, the extra steps the decode
+    (nan when the whole run did not take longer than the prefill alone: the
+    steps took less than the timing noise, so their time is unknown)."""
     ids = torch.randint(3, args.vocab, (1, args.prompt), device=device,
                         generator=torch.Generator(device).manual_seed(1))
 
@@ -123,7 +125,8 @@ def time_model(model, args, device, **generate_args) -> tuple[float, float]:
     run(2)                                    # warm-up: layouts, autotuning, allocator
     prefill = [run(1) for _ in range(args.reps)]
     whole = [run(1 + args.steps) for _ in range(args.reps)]
-    return median(prefill), max(median(whole) - median(prefill), 0.0) / args.steps
+    decode = median(whole) - median(prefill)
+    return median(prefill), decode / args.steps if decode > 0 else float("nan")
 
 
 def compiled_cells(model, args, device, base: float | None = None) -> tuple[str, float]:

@@ -1,6 +1,7 @@
 """Smoke runs of the benchmark scripts that can run without a GPU, so they
 keep working between the GPU runs that use them."""
 import json
+import math
 import os
 import re
 import shutil
@@ -31,13 +32,14 @@ def test_decode_model_runs_on_cpu(tmp_path, capsys):
     assert not any("error" in r for r in rows), rows
     for r in rows:
         prefill, decode, _, graph_decode = (float(v) for v in r.split(" | ")[3:7])
-        assert prefill > 0 and decode >= 0 and graph_decode > 0
+        # two steps of one run can hide in the noise: then the decode time is unknown (nan)
+        assert prefill > 0 and (decode > 0 or math.isnan(decode)) and graph_decode > 0
 
 
 def test_decode_model_compiled_column(tmp_path):
     rc = decode_model.main(["--device", "cpu", "--hidden", "64", "--intermediate", "128",
                             "--heads", "4", "--kv-heads", "2", "--layers", "1", "--vocab", "128",
-                            "--prompt", "8", "--steps", "2", "--reps", "1", "--formats", "W8A8",
+                            "--prompt", "8", "--steps", "8", "--reps", "3", "--formats", "W8A8",
                             "--compiled", "--out", str(tmp_path)])
     assert rc == 0
     table = (tmp_path / "decode_model_cpu.md").read_text().splitlines()

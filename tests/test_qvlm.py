@@ -489,6 +489,16 @@ def test_cli_quantize_qvlm_and_smooth(llama_folder, tmp_path, capsys, method, ex
         assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 
 
+def test_cli_takes_zero_vision_epochs_as_its_help_says():
+    from vlmkern.calib.cli import qvlm_vision_config
+    from vlmkern.cli import build_parser
+
+    args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--method", "qvlm",
+                                      "--act-bits", "8", "--qvlm-vision",
+                                      "--qvlm-vision-epochs", "0"])
+    assert qvlm_vision_config(args).epochs == 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "qvlm"], "needs --act-bits"),
     (["--method", "gptq", "--smooth", "0.5"], "integer-activation"),

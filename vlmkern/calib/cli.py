@@ -467,7 +467,7 @@ def add_qvlm_arguments(p: argparse.ArgumentParser) -> None:
                    help="also quantize the vision tower (same W/A bits) and train its "
                         "clipping with the visual-encoder optimisation (eqs. 8-10); needs "
                         "image samples (--model minivlm)")
-    g.add_argument("--qvlm-vision-epochs", type=positive_int, default=10,
+    g.add_argument("--qvlm-vision-epochs", type=non_negative_int, default=10,
                    help="training epochs of the vision clipping (default 10, as in the "
                         "paper; 0: quantize only)")
     g.add_argument("--qvlm-vision-activation", choices=("static", "token"), default="static",

@@ -102,8 +102,9 @@ def _only_laid_out(x, qweight) -> str | None:
 
 
 # Picked first on a GPU: its kernels pass the GPU tests on H100 and H200 and
-# measured faster than the Triton kernels at every size timed
-# (benchmarks/results/linear_*.md).
+# measured faster than the Triton kernels at the sizes timed
+# (benchmarks/results/linear_*.md), except Hopper integer-activation prefill,
+# which cuda.int_act leaves to triton.int_act.
 CUDA = register_backend(Backend("cuda", probe=_probe_cuda))
 _DEQUANT = {"dtypes": frozenset({torch.float16, torch.bfloat16}),
             "devices": frozenset({"cuda"}), "min_sm": (8, 0)}
@@ -117,7 +118,7 @@ CUDA.register(KernelSpec("cuda.dequant_cublas", "weight_only", _cuda_dequant_mat
 
 # Tensor-core weight-only kernel for M <= 64 (csrc/weight_only_kernel.cu); tried
 # before dequantize + cuBLAS, which keeps larger M and what it declines. The
-# Hopper kernel for M > 64 (csrc/weight_only_sm90_kernel.cu) goes first, opt-in.
+# Hopper kernels for M >= 17 (csrc/weight_only_sm90*_kernel.cu) go first, opt-in.
 cuda_weight_only.register(CUDA)
 cuda_weight_only_sm90.register(CUDA)
 

@@ -4,7 +4,8 @@
 Weights stored as int8 (W8A8, W6A6 and other 6/8-bit weights) at decode sizes
 (M <= 32): the same per-token quantization pre-kernel as ``cuda.int_act``,
 then the weight-only kernel's multi-stage cp.async pipeline and stream-K
-split over 2 x SMs, so that small layers fill the GPU (``cuda.int_act``
+split over as many thread blocks as the SMs hold at once (one per SM on an
+A100 or H100 at 32 tokens), so that small layers fill the GPU (``cuda.int_act``
 gives a 3584 x 4608 layer 36 thread blocks: 0.70x of cuBLAS fp16 at M = 1 on
 an H100) and every thread block reads the activations once per unit through
 shared memory. int8 MMA (m16n8k32), exact int32 sums per scale slot, each
