@@ -244,6 +244,23 @@ def test_vmap_over_x_equals_the_batched_call(name):
         torch.func.vmap(layer)(x)
 
 
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "jvp", "jacfwd"])
+def test_derivative_transforms_are_refused_not_silently_zero(transform):
+    # torch.func.jvp through a custom op without a forward rule returned a zero tangent
+    layer = vlmkern.QuantLinear.from_linear(nn.Linear(64, 8), QuantConfig(4, 32))
+    x = torch.randn(64)
+    calls = {"grad": lambda: torch.func.grad(lambda v: layer(v).sum())(x),
+             "jacrev": lambda: torch.func.jacrev(layer)(x),
+             "jvp": lambda: torch.func.jvp(layer, (x,), (torch.ones(64),)),
+             "jacfwd": lambda: torch.func.jacfwd(layer)(x)}
+    with pytest.raises(NotImplementedError, match="use torch.autograd.grad"):
+        calls[transform]()
+    xa = x.clone().requires_grad_()
+    layer(xa).sum().backward()                 # what the message points to works
+    w = layer.quantized_weight.dequantize(torch.float32)
+    torch.testing.assert_close(xa.grad, w.sum(0))
+
+
 def test_vmap_over_the_weight_is_refused():
     qweight = _layer(CONFIGS["w4g64"]).quantized_weight
     codes, scales, zeros = qweight.tensors().values()

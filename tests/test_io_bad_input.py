@@ -131,6 +131,29 @@ def test_float_tensors_of_another_precision_still_load(ckpt, tmp_path):
     assert torch.isfinite(logits(fresh, inputs)).all()
 
 
+def test_values_beyond_the_models_dtype_are_rejected(ckpt, qwen_ckpt, tmp_path):
+    def big(name):
+        return lambda tensors: tensors[name].__setitem__(0, 1e5)
+
+    for name, path, build in (("model.norm.weight", ckpt[0], build_llama),
+                              (K0_BIAS, qwen_ckpt, build_qwen2)):
+        bad = rewrite(path, tmp_path / "big.safetensors", edit_tensors=big(name))
+        load_quantized(build(seed=1)[0], bad)                  # fine in fp32
+        with pytest.raises(CheckpointError, match=f"{name}.*beyond the range.*float16"):
+            load_quantized(build(seed=1)[0].half(), bad)
+
+
+def test_a_refused_file_leaves_the_model_as_it_was(ckpt):
+    # the file's modules fit the model's first two layers; the third has no tensors
+    model, inputs = build_llama(seed=1, num_hidden_layers=3)
+    before = {n: type(m) for n, m in model.named_modules()}
+    expected = logits(model, inputs)
+    with pytest.raises(CheckpointError, match="does not match this model"):
+        load_quantized(model, ckpt[0])
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    assert torch.equal(logits(model, inputs), expected)
+
+
 # ---------------------------------------------------------------------------
 # quantization_config fields
 # ---------------------------------------------------------------------------

@@ -163,6 +163,19 @@ def test_loading_a_wrong_plane_into_a_laid_out_layer_fails_clearly():
         model.load_state_dict(state)
 
 
+def test_non_finite_statistics_are_refused_in_the_layout_too():
+    model = _model()
+    state = model.state_dict()
+    vlmkern.to_kernel_layout(model, progress=False, binary=True)
+    state["0.stats"] = state["0.stats"].clone()
+    state["0.stats"][0, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="stats holds NaN or Inf"):
+        model.load_state_dict(state)
+    laid = LaidOutBinaryWeight.from_binary(_binary(128, 256))
+    with pytest.raises(FormatError, match="stats holds NaN or Inf"):
+        dataclasses.replace(laid, stats=torch.full_like(laid.stats, float("inf"))).validate()
+
+
 def test_a_laid_out_layer_keeps_its_weight_object_and_follows_dtype_rules():
     model = _model()
     vlmkern.to_kernel_layout(model, progress=False, binary=True)

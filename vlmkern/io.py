@@ -288,14 +288,32 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
 
     from .replace import set_module, shared_names
     modules, aliases = dict(model.named_modules()), shared_names(model)
-    for name, entry in config["modules"].items():
-        _install_module(model, modules, name, entry, tensors, file, device)
-        for place in aliases.get(name, ()):     # a layer under several names: one module
-            set_module(model, place, model.get_submodule(name))
-    if plan is not None:    # after the modules, whose own checks name a corrupt entry best
-        _match_plan(plan, config["modules"], file)
+    # every module a check below may already have replaced, to put back when
+    # one fails: a refused file leaves the model as it was
+    replaced = {place: modules[place] for name in config["modules"]
+                for place in (name, *aliases.get(name, ())) if place in modules}
+    try:
+        for name, entry in config["modules"].items():
+            _install_module(model, modules, name, entry, tensors, file, device)
+            for place in aliases.get(name, ()):     # a layer under several names: one module
+                set_module(model, place, model.get_submodule(name))
+        if plan is not None:    # after the modules, whose own checks name a corrupt entry best
+            _match_plan(plan, config["modules"], file)
+        _check_state(model.state_dict(), tensors, file)
+    except BaseException:
+        for place, module in replaced.items():
+            set_module(model, place, module)
+        raise
+    with validated_elsewhere():     # every quantized module's tensors passed from_state above
+        model.load_state_dict(tensors, strict=True)
+    if plan is not None and plan.info:
+        model.vlmkern_plan_info = plan.info
+    return model
 
-    state = model.state_dict()
+
+def _check_state(state: dict, tensors: dict, file) -> None:
+    """The file's tensors are exactly the model's, of its shapes, and its
+    floating-point ones finite (also once cast to the model's dtype)."""
     missing = [k for k in state if k not in tensors]
     unexpected = [k for k in tensors if k not in state]
     if missing or unexpected:
@@ -308,11 +326,9 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
                                   f"expects {tuple(t.shape)}")
         if t.is_floating_point():
             _check_float_tensor(tensors[k], k, file)
-    with validated_elsewhere():     # every quantized module's tensors passed from_state above
-        model.load_state_dict(tensors, strict=True)
-    if plan is not None and plan.info:
-        model.vlmkern_plan_info = plan.info
-    return model
+            if t.dtype != tensors[k].dtype and not bool(torch.isfinite(tensors[k].to(t.dtype)).all()):
+                raise CheckpointError(f"{file}: {k} holds values beyond the range of the "
+                                      f"model's {t.dtype}")
 
 
 def read_plan(path):
@@ -429,6 +445,9 @@ def _install_module(model, modules, name, entry, tensors, file, device) -> None:
                               f"{has[1]} in the model; was it saved from another architecture?")
     if bias is not None:    # checked before the cast to the model's dtype hides its kind
         _check_float_tensor(bias, prefix + "bias", file)
+        if not bool(torch.isfinite(bias.to(target.bias.dtype)).all()):
+            raise CheckpointError(f"{file}: {prefix}bias holds values beyond the range of the "
+                                  f"model's {target.bias.dtype}")
     dev = device if device is not None else _module_device(target)
     try:
         module = MODULE_TYPES[fmt](qweight.to(dev),

@@ -17,8 +17,23 @@ from .cuda_common import forget_layouts
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BIAS_DTYPES = _ACT_DTYPES
-# whether a torch.func transform (vmap, grad, ...) is running
+# whether a torch.func transform (vmap, grad, ...) is running, and which
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_transform_stack = getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)
+
+
+def _refuse_derivative_transforms() -> None:
+    """torch.func's derivative transforms do not run through the op: its
+    autograd formula serves torch.autograd only (pytorch/pytorch#168393).
+    Under jvp / jacfwd torch would even return a zero tangent without a word."""
+    kinds = {i.key() for i in _transform_stack() or ()}
+    transforms = torch._C._functorch.TransformType
+    if transforms.Jvp in kinds or transforms.Grad in kinds:
+        raise NotImplementedError(
+            "torch.func.grad / vjp / jacrev / jvp / jacfwd / hessian do not run through "
+            "vlmkern's quantized layers (the op's autograd formula serves torch.autograd only; "
+            "pytorch/pytorch#168393): use torch.autograd.grad or .backward(); "
+            "torch.func.vmap works")
 
 
 def _check_finite_enabled(device: torch.device) -> bool:
@@ -81,6 +96,7 @@ def linear(x: torch.Tensor, qweight: PackedWeight, bias: torch.Tensor | None = N
         # (a kernel's output alone would silently cut the graph). Under
         # torch.func transforms (vmap, grad) the op's rules apply; the op
         # checks values when it runs on the unwrapped tensors.
+        _refuse_derivative_transforms()
         _validate(x, qweight, bias, check_finite=False)
         compiled.hold(qweight)
         return compiled.call(x, qweight, bias)

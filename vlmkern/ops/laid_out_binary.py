@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import torch
 
-from ..formats.base import FormatError, PackedWeight, check_tensor
+from ..formats.base import FormatError, PackedWeight, check_finite, check_tensor
 from ..formats.binary import STATS_PER_BLOCK, BinaryWeight, decode_indices
 from ..formats.groupwise import SCALE_DTYPES
 from ..formats.packing import pack_bits, packed_words, unpack_bits
@@ -124,6 +124,7 @@ class LaidOutBinaryWeight(PackedWeight):
         check_tensor("codes", self.codes, (-(-n // BLOCK), -(-k // BLOCK), 8, 128), (torch.int32,))
         check_tensor("salient", self.salient, (packed_words(k, 1),), (torch.int32,))
         check_tensor("stats", self.stats, (n, -(-k // b), STATS_PER_BLOCK), SCALE_DTYPES)
+        check_finite("stats", self.stats)
         if len({t.device for t in self.tensors().values()}) > 1:
             raise FormatError("binary weight tensors live on different devices")
         return self
