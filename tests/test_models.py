@@ -224,6 +224,34 @@ def test_replace_linears_refuses_what_it_cannot_quantize():
         replace_linears(no_linears, QuantConfig(4, 32))
 
 
+class _PooledHead(nn.Module):
+    """A vision-tower pooling head: nn.MultiheadAttention hands its out_proj's
+    weight to F.multi_head_attention_forward itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x)[0])
+
+
+def test_multihead_attention_output_projection_stays_full_precision():
+    torch.manual_seed(0)
+    model, x = _PooledHead(), torch.randn(2, 5, 32)
+    ref = model(x)
+    q, report = replace_linears(model, QuantConfig(8, 32), skip=(), progress=False)
+    assert [r.module for r in report.rows] == ["fc"] and report.unreplaceable == ["attn.out_proj"]
+    assert "nn.MultiheadAttention): ['attn.out_proj']" in str(report)
+    assert not isinstance(q.attn.out_proj, QuantLinear) and isinstance(q.fc, QuantLinear)
+    torch.testing.assert_close(q(x), ref, atol=0.02, rtol=0)     # runs: W8 error only
+    with pytest.raises(ValueError, match="'attn.out_proj', the output projection of an "
+                                         "nn.MultiheadAttention"):
+        replace_linears(_PooledHead(), {"attn.out_proj": QuantConfig(8, 32)}, skip=(),
+                        progress=False)
+
+
 def test_report_with_nothing_quantized_says_so():
     model, _ = dense_model("llama")
     _, report = replace_linears(model, {"nothing.here": QuantConfig(4, 32)}, progress=False)

@@ -58,6 +58,9 @@ class ReplaceRow:
 class ReplaceReport:
     rows: list[ReplaceRow] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)       # linears the skip list kept
+    # linears whose parent reads their .weight itself (nn.MultiheadAttention's
+    # out_proj), matched by a pattern but left in full precision
+    unreplaceable: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)          # linears a plan entry set to None
     unmatched: list[str] = field(default_factory=list)     # linears no pattern reached
     unused_patterns: list[str] = field(default_factory=list)
@@ -87,6 +90,9 @@ class ReplaceReport:
         if self.already_quantized:
             lines.append(f"{self.already_quantized} linears were already quantized and were "
                          f"left as they are")
+        if self.unreplaceable:
+            lines.append(f"left in full precision because their parent module reads their "
+                         f"weight itself (nn.MultiheadAttention): {self.unreplaceable}")
         if self.unused_patterns:
             lines.append(f"plan patterns that matched nothing: {self.unused_patterns}")
         return "\n".join(lines)
@@ -195,6 +201,10 @@ def _resolve(model: nn.Module, plan, skip):
         return ("keep" if plan[hit] is None else "quantize"), plan[hit], hit
 
     aliases = shared_names(model)
+    # nn.MultiheadAttention calls F.multi_head_attention_forward with
+    # out_proj.weight: a quantized layer there has no weight to give it
+    owned = {f"{p}.out_proj" if p else "out_proj" for p, m in modules.items()
+             if isinstance(m, nn.MultiheadAttention)}
     targets = {}
     for name, module in modules.items():
         if not isinstance(module, nn.Linear):
@@ -209,8 +219,14 @@ def _resolve(model: nn.Module, plan, skip):
                                  f"but the plan gives them different settings ({said[0][1][0]} "
                                  f"{said[0][1][1]!r} and {d[0]} {d[1]!r}); give both the same")
         used.update(d[2] for _, d in said if d[2] is not None)
-        kind, entry, _ = said[0][1]
-        if kind == "quantize":
+        kind, entry, hit = said[0][1]
+        if kind == "quantize" and name in owned:
+            if hit == name:
+                raise ValueError(f"plan names {name!r}, the output projection of an "
+                                 f"nn.MultiheadAttention, which reads its weight itself: it "
+                                 f"cannot hold a quantized layer")
+            report.unreplaceable.append(name)
+        elif kind == "quantize":
             targets[name] = entry
         else:
             {"none": report.unmatched, "skip": report.skipped, "keep": report.kept}[kind].append(name)
