@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 from test_io import _expect_error, logits, quantized, rewrite
 from tiny_models import TEXT, build_llama, build_qwen2
 
-from vlmkern import QuantConfig, load_quantized, save_quantized
+from vlmkern import QuantConfig, load_quantized, replace_linears, save_quantized
 from vlmkern.io import CheckpointError, read_plan
 
 Q0 = "model.layers.0.self_attn.q_proj"          # W4 g32, 64 x 64
@@ -141,6 +141,19 @@ def test_values_beyond_the_models_dtype_are_rejected(ckpt, qwen_ckpt, tmp_path):
         load_quantized(build(seed=1)[0], bad)                  # fine in fp32
         with pytest.raises(CheckpointError, match=f"{name}.*beyond the range.*float16"):
             load_quantized(build(seed=1)[0].half(), bad)
+
+
+def test_a_tied_weight_put_on_a_quantized_layer_is_named_at_save(tmp_path):
+    model, inputs = build_llama(tie_word_embeddings=True)
+    replace_linears(model, QuantConfig(4, 32), skip=(), progress=False)
+    model.tie_weights()         # transformers ties lm_head to the embeddings again
+    with pytest.raises(ValueError, match=r"lm_head is quantized but also holds \['weight'\]"):
+        save_quantized(model, tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
+    del model.lm_head.weight    # what the message says: unused by the quantized layer
+    fresh = load_quantized(build_llama(seed=1, tie_word_embeddings=True)[0],
+                           save_quantized(model, tmp_path))
+    assert torch.equal(logits(fresh, inputs), logits(model, inputs))
 
 
 def test_a_refused_file_leaves_the_model_as_it_was(ckpt):

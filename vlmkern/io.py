@@ -76,6 +76,7 @@ def save_quantized(model: nn.Module, path) -> Path:
     target = _file_path(path)
     _check_replaceable(target)
     config = quantization_config(model)
+    _check_no_foreign_tensors(model)
     tensors, aliases, seen = {}, {}, {}
     for name, t in model.state_dict().items():
         # what load_quantized would refuse is refused here, before the file exists
@@ -98,6 +99,23 @@ def save_quantized(model: nn.Module, path) -> Path:
     # same model must give the same bytes
     atomic_save(tensors, target, {"quantization_config": json.dumps(config)})
     return target
+
+
+def _check_no_foreign_tensors(model: nn.Module) -> None:
+    """A quantized layer's state is its packed tensors and bias; anything else
+    registered on it (transformers' tie_weights puts the embeddings there as
+    ``weight`` when a tied lm_head was quantized) is unused by the layer and
+    would make the file one that load_quantized refuses."""
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        own = set(module.saved_tensor_names()) | {"bias"}
+        foreign = [k for k in module.state_dict() if k not in own]
+        if foreign:
+            raise ValueError(f"cannot save: {name} is quantized but also holds {foreign}, which "
+                             f"it does not use (tie_weights tied a quantized lm_head to the "
+                             f"embeddings?); remove them (`del model.{name}.{foreign[0]}`) or "
+                             f"quantize with {name} skipped")
 
 
 def tensor_checksum(t: torch.Tensor) -> str:
