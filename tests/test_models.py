@@ -278,7 +278,14 @@ def test_exact_name_beats_skip_but_patterns_do_not():
     model, _ = dense_model("llama")
     _, report = replace_linears(model, {"*lm_head*": QuantConfig(8, 32)}, progress=False)
     assert report.skipped == ["lm_head"] and report.rows == []
-    assert report.unused_patterns == ["*lm_head*"]
+    # the pattern did match: the skip list won, and the report says so
+    assert report.unused_patterns == [] and report.skip_shadowed == ["*lm_head*"]
+    assert "matched only skipped linears" in str(report)
+
+
+def test_skip_none_is_refused_as_ambiguous():
+    with pytest.raises(TypeError, match="skip=None is ambiguous"):
+        replace_linears(dense_model("llama")[0], QuantConfig(4, 32), skip=None, progress=False)
 
 
 def test_exact_name_beats_earlier_pattern():

@@ -64,6 +64,8 @@ class ReplaceReport:
     kept: list[str] = field(default_factory=list)          # linears a plan entry set to None
     unmatched: list[str] = field(default_factory=list)     # linears no pattern reached
     unused_patterns: list[str] = field(default_factory=list)
+    # plan patterns that matched only linears the skip list kept
+    skip_shadowed: list[str] = field(default_factory=list)
     already_quantized: int = 0                             # QuantLinear layers found, untouched
 
     @property
@@ -93,6 +95,10 @@ class ReplaceReport:
         if self.unreplaceable:
             lines.append(f"left in full precision because their parent module reads their "
                          f"weight itself (nn.MultiheadAttention): {self.unreplaceable}")
+        if self.skip_shadowed:
+            lines.append(f"plan patterns that matched only skipped linears (the skip list wins "
+                         f"over patterns; name a module exactly to quantize it): "
+                         f"{self.skip_shadowed}")
         if self.unused_patterns:
             lines.append(f"plan patterns that matched nothing: {self.unused_patterns}")
         return "\n".join(lines)
@@ -124,8 +130,11 @@ def _normalise_plan(plan) -> dict:
 
 
 def _skip_patterns(skip) -> tuple[str, ...]:
+    if skip is None:    # "no skip list" or "the default one"? Either reading surprises someone
+        raise TypeError("skip=None is ambiguous: leave skip out for the default (lm_head, "
+                        "vision tower, projector: DEFAULT_SKIP) or pass () to skip nothing")
     # a lone string is one pattern, not a sequence of one-character patterns
-    patterns = (skip,) if isinstance(skip, str) else tuple(skip or ())
+    patterns = (skip,) if isinstance(skip, str) else tuple(skip)
     bad = [p for p in patterns if not isinstance(p, str)]
     if bad:
         raise TypeError(f"skip must be a module-name pattern or a sequence of them, got {bad[0]!r}")
@@ -172,7 +181,7 @@ def _resolve(model: nn.Module, plan, skip):
         raise ValueError(f"{type(model).__name__} has no nn.Linear modules to quantize "
                          f"(layers such as transformers' Conv1D are not supported)")
     report = ReplaceReport(already_quantized=quantized)
-    used = set()
+    used, shadowed = set(), set()
     every_name = dict(model.named_modules(remove_duplicate=False))
     for key, value in plan.items():
         if (key in every_name and not isinstance(every_name[key], nn.Linear)
@@ -193,6 +202,7 @@ def _resolve(model: nn.Module, plan, skip):
         if name in plan:
             hit = name
         elif any(name_matches(name, s) for s in skip):
+            shadowed.update(p for p in plan if name_matches(name, p))
             return "skip", None, None
         else:
             hit = next((p for p in plan if name_matches(name, p)), None)
@@ -230,7 +240,8 @@ def _resolve(model: nn.Module, plan, skip):
             targets[name] = entry
         else:
             {"none": report.unmatched, "skip": report.skipped, "keep": report.kept}[kind].append(name)
-    report.unused_patterns = [p for p in plan if p not in used]
+    report.skip_shadowed = [p for p in plan if p not in used and p in shadowed]
+    report.unused_patterns = [p for p in plan if p not in used and p not in shadowed]
     return targets, report, aliases
 
 
