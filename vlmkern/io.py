@@ -278,8 +278,13 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
     The model's nn.Linear modules named in the checkpoint become quantized
     modules holding exactly the saved packed tensors; full-precision tensors
     (finite floats, as the file must hold them) are copied into the model's own
-    (in the model's dtype). Raises CheckpointError for missing, corrupt,
-    truncated, foreign or mismatched files, and for a model on the meta device.
+    (in the model's dtype). ``device``: where the quantized layers' tensors
+    go (default: where each replaced module's own tensors are); the rest of the
+    model stays where it is. Layers come back in the canonical format: call
+    ``to_kernel_layout`` after loading (also into a model that had been laid
+    out before). Raises CheckpointError for missing, corrupt, truncated,
+    foreign or mismatched files, and for a model on the meta device. A refused
+    file leaves the model as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_quantized fills a torch nn.Module built with the checkpoint's "
