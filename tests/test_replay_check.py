@@ -60,14 +60,27 @@ def test_check_replay_finds_what_replay_would_miss(between, per_layer, why):
 
 
 class Passthrough(nn.Module):
+    """No tensors: records every move asked of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.moves = []
+
+    def _apply(self, fn, recurse=True):
+        self.moves.append(fn)
+        return super()._apply(fn, recurse)
+
     def forward(self, hidden, scale=None, extra=None):
         return (hidden,)
 
 
-def test_a_layer_without_tensors_is_left_where_it_is():
+def test_a_layer_without_tensors_is_not_moved():
+    # (its home cannot be read from a tensor: a guessed one would move a
+    # module with buffers off its device)
     model = Toy()
     model.layers[1] = Passthrough()
     check_replay(model, model.layers, {"x": torch.randn(3, 4)}, "cpu")
+    assert model.layers[1].moves == []
 
 
 def test_the_longest_sample_of_each_kind_is_checked():

@@ -46,7 +46,7 @@ def source_checkout_hint(package_file: str | None = None,
     root = Path(package_file or vlmkern.__file__).resolve().parent.parent
     if not ((root / "setup.py").is_file() and (root / "csrc").is_dir()):
         return ""
-    editable = installed_from if package_file else _editable_install_folder()
+    editable = installed_from if installed_from is not None else _editable_install_folder()
     if editable is not None and Path(editable).resolve() == root:
         return ""
     return (f" (vlmkern was imported from the source checkout {root}, which provides the "
