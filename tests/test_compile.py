@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from test_cuda_weight_only import gpu, make_weight
 from tiny_models import build_llama
 from torch import nn
+from torch.autograd import forward_ad
 
 import vlmkern
 from vlmkern import BinaryConfig, IntActConfig, QuantConfig, ops
@@ -259,6 +260,27 @@ def test_derivative_transforms_are_refused_not_silently_zero(transform):
     layer(xa).sum().backward()                 # what the message points to works
     w = layer.quantized_weight.dequantize(torch.float32)
     torch.testing.assert_close(xa.grad, w.sum(0))
+
+
+@pytest.mark.parametrize("config", ["w4g64", "w8a8", "binary"])
+@pytest.mark.parametrize("dual", ["x", "bias", "x needing grad"])
+def test_forward_ad_is_refused_not_silently_cut(config, dual):
+    # the Triton and CUDA kernels returned an output without a tangent, and the
+    # reference's tangent of an integer-activation layer ignored the op's
+    # straight-through rule: no dual input runs at all
+    layer = _layer(CONFIGS[config])
+    x, bias = torch.randn(3, K), layer.bias.detach().clone()
+    want = layer(x)
+    with forward_ad.dual_level():
+        x_dual = forward_ad.make_dual(x.clone().requires_grad_(dual == "x needing grad"),
+                                      torch.randn(3, K))
+        bias_dual = forward_ad.make_dual(bias, torch.randn(N))
+        call = (lambda: vlmkern.ops.linear(x, layer.quantized_weight, bias_dual)) \
+            if dual == "bias" else (lambda: layer(x_dual))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            call()
+        # plain tensors inside the dual level still run
+        assert torch.equal(layer(x), want)
 
 
 def test_vmap_over_the_weight_is_refused():

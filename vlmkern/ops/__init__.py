@@ -8,6 +8,7 @@ float16, bfloat16 or float32 (float64 runs on the torch reference only).
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from ..formats import PackedWeight
 from . import compiled, reference
@@ -34,6 +35,20 @@ def _refuse_derivative_transforms() -> None:
             "vlmkern's quantized layers (the op's autograd formula serves torch.autograd only; "
             "pytorch/pytorch#168393): use torch.autograd.grad or .backward(); "
             "torch.func.vmap works")
+
+
+def _refuse_forward_ad(x, bias) -> None:
+    """torch.autograd.forward_ad: the kernels drop a dual tensor's tangent (the
+    output comes back with none), and the op has no forward rule; the torch
+    reference alone would give a tangent, one that differs from the op's
+    straight-through gradient for integer-activation layers. So no path runs."""
+    if getattr(forward_ad, "_current_level", 0) < 0:    # no dual_level is open: nothing to read
+        return
+    if any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in (x, bias)):
+        raise NotImplementedError(
+            "forward-mode AD (torch.autograd.forward_ad dual tensors) does not run through "
+            "vlmkern's quantized layers: the kernels would drop the tangent; use "
+            "torch.autograd.grad or .backward()")
 
 
 def _check_finite_enabled(device: torch.device) -> bool:
@@ -89,6 +104,7 @@ def linear(x: torch.Tensor, qweight: PackedWeight, bias: torch.Tensor | None = N
     if torch.compiler.is_compiling():
         _validate(x, qweight, bias, check_finite=False)   # traced: shape errors at compile time
         return compiled.call(x, qweight, bias)
+    _refuse_forward_ad(x, bias)
     if torch.is_grad_enabled() and (getattr(x, "requires_grad", False)
                                     or getattr(bias, "requires_grad", False)) \
             or _functorch_active():
