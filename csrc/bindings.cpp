@@ -1,9 +1,11 @@
 // Torch binding of the vlmkern CUDA kernels: argument checks, output
 // allocation and registration as the custom op torch.ops.vlmkern.*.
 //
-// Only torch's device-generic headers are used (no ATen/cuda), so this file
-// compiles against a CPU-only torch as well; the CUDA stream comes from the
-// device guard interface that the CUDA build of torch registers at runtime.
+// Only torch's device-generic headers are used (no ATen/cuda), so with
+// torch >= 2.11 this file compiles against a CPU-only torch as well; the CUDA
+// stream comes from torch_stream.h (the device guard interface the CUDA build
+// of torch registers at runtime; c10/cuda, which needs the CUDA toolkit's
+// headers, before 2.11).
 
 #include <Python.h>
 

@@ -7,9 +7,9 @@
 // M <= 16, stream-K) and torch.ops.vlmkern.weight_only_dequant (the dense weight from the layout) with
 // CUDA and Meta implementations (the Meta one lets torch.compile trace it).
 //
-// Like bindings.cpp, only device-generic torch headers are used, so the file
-// compiles against a CPU-only torch; this file adds to the vlmkern library that
-// bindings.cpp defines and does not define the Python module.
+// Like bindings.cpp, only device-generic torch headers are used (so, with
+// torch >= 2.11, it compiles against a CPU-only torch); this file adds to the
+// vlmkern library that bindings.cpp defines and does not define the Python module.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
