@@ -134,7 +134,7 @@ fi
 if [ "${DECODE_S:-240}" -gt 0 ]; then
   t=$(date +%s)
   (cd benchmarks && timeout "${DECODE_S:-240}" "$py" decode_model.py --out "$out" \
-    --enable "${DECODE_ENABLE:-cuda.weight_only_wgmma,cuda.dequant_layout_cublas,cuda.int_act_wgmma,cuda.binary_lut_staged,cuda.binary_dequant_cublas,cuda.binary_lut_dequant_cublas,cuda.int_act_staged,cuda.weight_only_post_scale_m64,cuda.weight_only_tma,cuda.int_act_tma,cuda.binary_lut_tma,cuda.weight_only_tma_decode,cuda.binary_lut_tma_decode,cuda.weight_only_post_scale_acq_rel}") \
+    --enable "${DECODE_ENABLE:-cuda.weight_only_wgmma,cuda.dequant_layout_cublas,cuda.int_act_wgmma,cuda.binary_lut_staged,cuda.binary_dequant_cublas,cuda.binary_lut_dequant_cublas,cuda.int_act_staged,cuda.weight_only_post_scale_m64,cuda.weight_only_tma,cuda.int_act_tma,cuda.binary_lut_tma,cuda.weight_only_tma_decode,cuda.binary_lut_tma_decode,cuda.weight_only_post_scale_acq_rel,cuda.weight_only_post_scale_3cta}") \
     >"$out/decode.log" 2>&1
   rc=$?; phase decode $rc "$t"; grep -E "^\|" "$out/decode.log" | tail -16
 fi

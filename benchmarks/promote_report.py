@@ -51,6 +51,7 @@ TESTS = {
     "cuda.weight_only_post_scale_m64": [("test_cuda_weight_only_m64.py", r"")],
     "cuda.weight_only_tma_decode": [("test_cuda_weight_only_tma_decode.py", r"")],
     "cuda.weight_only_post_scale_acq_rel": [("test_cuda_weight_only_acq_rel.py", r"")],
+    "cuda.weight_only_post_scale_3cta": [("test_cuda_weight_only_3cta.py", r"")],
     "triton.int_act_tma": [("test_triton_kernels.py", r"int_act_tma")],
 }
 

@@ -31,10 +31,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Mangled names of the instantiations: weight_only_mma_kernel<BITS, M_TILES, T,
-# STAGES, SLOT_LOG2 (negative: exact / table / int8 decode), ACQ_REL>,
+# STAGES, SLOT_LOG2 (negative: exact / table / int8 decode), ACQ_REL, MIN_BLOCKS>,
 # binary_lut_kernel<M_TILES, T>, weight_only_wgmma_kernel<BITS, T, TOKENS>.
 # tests/test_benchmarks.py checks them against every kernel the sources define.
-KERNEL = re.compile(r"weight_only_mma_kernelILi(\d+)ELi(\d)EN\w*?\d(F16|BF16)ELi\d+EL(i|in)(\d)ELb([01])EEEv")
+KERNEL = re.compile(r"weight_only_mma_kernelILi(\d+)ELi(\d)EN\w*?\d(F16|BF16)ELi\d+EL(i|in)(\d)ELb([01])ELi(\d)EEEv")
 LUT_KERNEL = re.compile(r"binary_lut_kernelILi(\d)EN\w*?\d(F16|BF16)EEEv")
 WGMMA_KERNEL = re.compile(r"weight_only_wgmma_kernelILi(\d)EN\w*?\d(F16|BF16)ELi(\d+)EEEv")
 # source file -> (kernel function name, pattern of its instantiations)
@@ -145,6 +145,8 @@ def main(argv=None) -> int:
                   else "exact" if slot < 0 else f"post-scale g{16 << slot}")
         if m.group(6) == "1":
             decode += ", parts published by acq_rel"
+        if m.group(7) != "2":
+            decode += f", {m.group(7)} blocks per SM"
         rows.append((dtype, bits, tiles, slot, decode, len(loop), ops))
     matched(rows, "weight_only_kernel.cu")
     print("| dtype | bits | tokens | decode | instructions per unit | top opcodes |")

@@ -44,7 +44,8 @@ def sweep(shape, k, n, fmt, ms, per_sm, decodes, sms) -> list[str]:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         for decode in decodes:
             limit = {"post_scale": cw.post_scale_max_m(qw), "tma": 16,
-                     "post_scale_acq_rel": 16 if mw.slot_log2 == 3 else 0}.get(decode, cw.MAX_M)
+                     "post_scale_acq_rel": 16 if mw.slot_log2 == 3 else 0,
+                     "post_scale_3cta": 8 if mw.slot_log2 in (2, 3) else 0}.get(decode, cw.MAX_M)
             if m > limit or (decode == "tma" and not wg.sm90_available(torch.device("cuda"))):
                 continue
             cells = []
@@ -71,8 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="qwen2vl-7b qkv,qwen2vl-7b gate/up,qwen2vl-7b down")
     ap.add_argument("--formats", default="W4 g128,W3 g128,W2 g128")
     ap.add_argument("--ms", default="1,16,64")
-    ap.add_argument("--per-sm", default="0.5,1,1.5,2", help="thread blocks per SM to try")
-    ap.add_argument("--decodes", default="exact,post_scale,post_scale_acq_rel,tma")
+    ap.add_argument("--per-sm", default="0.5,1,1.5,2,3", help="thread blocks per SM to try")
+    ap.add_argument("--decodes", default="exact,post_scale,post_scale_acq_rel,post_scale_3cta,tma")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

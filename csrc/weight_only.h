@@ -60,11 +60,18 @@ enum vlmkern_wo_status {
 //          acq_rel atomic per part instead of a fence.sc.gpu in every
 //          thread (which also waits on the thread's outstanding copies);
 //          M <= 16 and slot_log2 = 3 only.
+//   POST_SCALE_3CTA: POST_SCALE compiled for three thread blocks per SM
+//          (at most 80 registers a thread instead of 128), for grids of
+//          three blocks per SM where their shared memory fits (Hopper): the
+//          same sums in the same order for a given num_ctas, so the same
+//          bits; M <= 8 and slot_log2 = 2 or 3 only.
 enum vlmkern_wo_decode {
   VLMKERN_WO_DECODE_EXACT = 0,
   VLMKERN_WO_DECODE_POST_SCALE = 1,
-  VLMKERN_WO_DECODE_POST_SCALE_ACQ_REL = 2
+  VLMKERN_WO_DECODE_POST_SCALE_ACQ_REL = 2,
+  VLMKERN_WO_DECODE_POST_SCALE_3CTA = 3
 };
+#define VLMKERN_WO_POST_SCALE_3CTA_MAX_M 8
 #define VLMKERN_WO_POST_SCALE_MAX_M 16
 #define VLMKERN_WO_POST_SCALE_WIDE_MAX_M 64  // with slot_log2 = 3
 // Largest M the post-scale decode takes for a slot width.

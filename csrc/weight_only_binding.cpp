@@ -104,9 +104,15 @@ void check_inputs(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& s
                   const std::optional<at::Tensor>& bias, const at::Tensor& counters, int64_t bits,
                   int64_t out_features, int64_t slot_log2, int64_t num_ctas, int64_t decode) {
   TORCH_CHECK(decode == VLMKERN_WO_DECODE_EXACT || decode == VLMKERN_WO_DECODE_POST_SCALE ||
-                  decode == VLMKERN_WO_DECODE_POST_SCALE_ACQ_REL,
-              kOp, "decode must be 0 (exact), 1 (post-scale) or 2 (post-scale, acq_rel publish), got ",
-              decode);
+                  decode == VLMKERN_WO_DECODE_POST_SCALE_ACQ_REL ||
+                  decode == VLMKERN_WO_DECODE_POST_SCALE_3CTA,
+              kOp, "decode must be 0 (exact), 1 (post-scale), 2 (post-scale, acq_rel publish) or 3 "
+              "(post-scale, three blocks per SM), got ", decode);
+  TORCH_CHECK(decode != VLMKERN_WO_DECODE_POST_SCALE_3CTA || x.dim() != 2 ||
+                  (x.size(0) <= VLMKERN_WO_POST_SCALE_3CTA_MAX_M && (slot_log2 == 2 || slot_log2 == 3)),
+              kOp, "decode 3 takes M <= ", VLMKERN_WO_POST_SCALE_3CTA_MAX_M,
+              " and slot_log2 = 2 or 3 (scale slots of 64 or 128 columns), got M = ", x.size(0),
+              " with slot_log2 = ", slot_log2);
   TORCH_CHECK(decode != VLMKERN_WO_DECODE_POST_SCALE_ACQ_REL || x.dim() != 2 ||
                   (x.size(0) <= VLMKERN_WO_POST_SCALE_MAX_M && slot_log2 == 3),
               kOp, "decode 2 takes M <= ", VLMKERN_WO_POST_SCALE_MAX_M,

@@ -648,8 +648,10 @@ struct Unused {
 // 0..3: the post-scale decode for that (compile-time) slot width;
 // kTableDecode: binary weights in the lookup-table layout (BITS = 2).
 // ACQ_REL: finish_rows' acq_rel publish (the post-scale decode only).
-template <int BITS, int M_TILES, class T, int STAGES, int POST_SLOT_LOG2, bool ACQ_REL = false>
-__global__ void __launch_bounds__(kThreads, 2) weight_only_mma_kernel(Params p) {
+// MIN_BLOCKS: thread blocks per SM the registers are budgeted for.
+template <int BITS, int M_TILES, class T, int STAGES, int POST_SLOT_LOG2, bool ACQ_REL = false,
+          int MIN_BLOCKS = 2>
+__global__ void __launch_bounds__(kThreads, MIN_BLOCKS) weight_only_mma_kernel(Params p) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int is_last;
   using L = StageLayout<BITS, M_TILES>;
@@ -765,10 +767,11 @@ thread_local cudaError_t last_error = cudaSuccess;
 thread_local char message[256];
 
 
-template <int BITS, int M_TILES, class T, int POST_SLOT_LOG2, bool ACQ_REL = false>
+template <int BITS, int M_TILES, class T, int POST_SLOT_LOG2, bool ACQ_REL = false,
+          int MIN_BLOCKS = 2>
 int launch(const Params& p, int64_t num_ctas, cudaStream_t stream) {
   constexpr int STAGES = POST_SLOT_LOG2 == kInt8Decode ? kInt8Stages : stages_for<M_TILES>();
-  auto kernel = weight_only_mma_kernel<BITS, M_TILES, T, STAGES, POST_SLOT_LOG2, ACQ_REL>;
+  auto kernel = weight_only_mma_kernel<BITS, M_TILES, T, STAGES, POST_SLOT_LOG2, ACQ_REL, MIN_BLOCKS>;
   const int smem = STAGES * stage_bytes_of<BITS, M_TILES, POST_SLOT_LOG2>(p.slots);
   int device = 0, limit = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -785,6 +788,12 @@ int launch(const Params& p, int64_t num_ctas, cudaStream_t stream) {
                                most < limit ? most : limit);
     if (err != cudaSuccess) return launch_failed(err);
   }
+  if constexpr (MIN_BLOCKS > 2) {
+    // a hint: the largest shared-memory carveout, so that MIN_BLOCKS blocks fit
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               cudaSharedmemCarveoutMaxShared);
+    if (err != cudaSuccess) return launch_failed(err);
+  }
   kernel<<<static_cast<unsigned>(num_ctas), kThreads, smem, stream>>>(p);
   err = cudaGetLastError();
   return err == cudaSuccess ? VLMKERN_WO_OK : launch_failed(err);
@@ -797,7 +806,9 @@ int launch(const Params& p, int64_t num_ctas, cudaStream_t stream) {
 // slots only (narrower slots keep more fp32 sums live and spill at two blocks
 // per SM; at 64 tokens the 128-column kernels use all 128 registers, no spills).
 // Post-scale with the acq_rel publish: bits {2, 3, 4} x {fp16, bf16} x token
-// tiles {8, 16}, 128-column slots.
+// tiles {8, 16}, 128-column slots. Post-scale for three blocks per SM: bits
+// {2, 3, 4} x {fp16, bf16} x token tile 8 x slots of 64 and 128 columns (72-80
+// registers, no spills on sm_90a; three blocks' 6 stages fit Hopper's 228 KB).
 template <class T>
 int dispatch_tokens(const Params& p, int bits, int decode, int64_t num_ctas, cudaStream_t s) {
   const int m_tiles = p.M <= 8 ? 1 : p.M <= 16 ? 2 : p.M <= 32 ? 4 : 8;
@@ -815,6 +826,14 @@ int dispatch_tokens(const Params& p, int bits, int decode, int64_t num_ctas, cud
   if (bits == B && m_tiles == MT) return launch<B, MT, T, 3, true>(p, num_ctas, s);
     VLMKERN_WO_CASE(4, 1) VLMKERN_WO_CASE(4, 2) VLMKERN_WO_CASE(3, 1) VLMKERN_WO_CASE(3, 2)
     VLMKERN_WO_CASE(2, 1) VLMKERN_WO_CASE(2, 2)
+#undef VLMKERN_WO_CASE
+    return VLMKERN_WO_ERR_BAD_BITS;
+  }
+  if (decode == VLMKERN_WO_DECODE_POST_SCALE_3CTA) {  // M <= 8, slot_log2 2 or 3 (checked)
+#define VLMKERN_WO_CASE(B, S) \
+  if (bits == B && p.slot_log2 == S) return launch<B, 1, T, S, false, 3>(p, num_ctas, s);
+    VLMKERN_WO_CASE(4, 2) VLMKERN_WO_CASE(4, 3) VLMKERN_WO_CASE(3, 2) VLMKERN_WO_CASE(3, 3)
+    VLMKERN_WO_CASE(2, 2) VLMKERN_WO_CASE(2, 3)
 #undef VLMKERN_WO_CASE
     return VLMKERN_WO_ERR_BAD_BITS;
   }
@@ -936,7 +955,9 @@ extern "C" int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, co
   if (decode != VLMKERN_WO_DECODE_EXACT &&
       (decode != VLMKERN_WO_DECODE_POST_SCALE || M > VLMKERN_WO_POST_SCALE_LIMIT(slot_log2)) &&
       (decode != VLMKERN_WO_DECODE_POST_SCALE_ACQ_REL || M > VLMKERN_WO_POST_SCALE_MAX_M ||
-       slot_log2 != 3))
+       slot_log2 != 3) &&
+      (decode != VLMKERN_WO_DECODE_POST_SCALE_3CTA || M > VLMKERN_WO_POST_SCALE_3CTA_MAX_M ||
+       slot_log2 < 2 || slot_log2 > 3))
     return VLMKERN_WO_ERR_BAD_DECODE;
   const int status = check_launch_args(x, M, K_x, wq, sz, NB, C, slot_log2, bits, bias, bias_dtype,
                                        out, N, act_dtype);

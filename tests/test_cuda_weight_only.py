@@ -224,7 +224,7 @@ def test_registered_first_and_bounded_in_m(monkeypatch):
         assert (why is None) == ok, (bits, group, m, why)
     # 33..64 tokens: the opt-in 64-token tiles, 128-column scale slots only
     wide = CUDA.kernels[names.index("cuda.weight_only_post_scale_m64")]
-    assert names.index("cuda.weight_only_post_scale_m64") + 2 == names.index("cuda.weight_only_post_scale")
+    assert names.index("cuda.weight_only_post_scale_m64") + 3 == names.index("cuda.weight_only_post_scale")
     assert wide.opt_in and (wide.min_m, wide.max_m) == (33, 64) and wide.laid_out
     for bits, group, ok in ((4, 128, True), (3, None, True), (2, 256, True), (4, 64, False)):
         why = wide.check(torch.zeros(40, 256, dtype=torch.float16), make_weight(64, 256, bits, group, False))
@@ -421,9 +421,11 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(RuntimeError, match="num_ctas"):
         call(num_ctas=mw.blocks * mw.chunks + 1)
     with pytest.raises(RuntimeError, match="decode must be"):
-        call(decode=3)
+        call(decode=4)
     with pytest.raises(RuntimeError, match="decode 2 takes M <= 16 and slot_log2 = 3"):
         call(decode=2)     # groups of 64: two scale slots a chunk
+    with pytest.raises(RuntimeError, match="decode 3 takes M <= 8 and slot_log2 = 2 or 3"):
+        call(x=act(9, 256, torch.float16), decode=3)
     with pytest.raises(RuntimeError, match="post-scale decode takes M <= 16"):
         call(x=act(17, 256, torch.float16), decode=1)
     with pytest.raises((RuntimeError, NotImplementedError), match="CPU|CUDA tensor"):

@@ -356,7 +356,8 @@ def test_available_backends_lists_all_with_reasons():
                                            "cuda.weight_only_tma", "cuda.binary_lut_tma",
                                            "cuda.weight_only_tma_decode",
                                            "cuda.binary_lut_tma_decode",
-                                           "cuda.weight_only_post_scale_acq_rel"}
+                                           "cuda.weight_only_post_scale_acq_rel",
+                                           "cuda.weight_only_post_scale_3cta"}
     assert set(info["cuda"]["opt_in"]) <= set(info["cuda"]["kernels"])
     if not torch.cuda.is_available():
         assert info["cuda"]["available"] is False

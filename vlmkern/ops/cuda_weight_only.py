@@ -64,6 +64,7 @@ from .cuda_common import (
     multiprocessors,
     outside_graph_pools,
     require_op,
+    smem_per_multiprocessor,
 )
 
 BLOCK_ROWS = 128          # output rows per unit: 8 warps x 16
@@ -77,8 +78,11 @@ POST_SCALE_WIDE_MAX_M = 32
 POST_SCALE_M64_MAX_M = 64
 # vlmkern_wo_decode in csrc/weight_only.h; "post_scale_acq_rel" is "post_scale"
 # (the same bits) with a split row block's parts published by one acq_rel
-# atomic per part instead of a fence.sc.gpu in every thread (M <= 16, slot_log2 3)
-DECODES = {"exact": 0, "post_scale": 1, "post_scale_acq_rel": 2}
+# atomic per part instead of a fence.sc.gpu in every thread (M <= 16, slot_log2 3);
+# "post_scale_3cta" is "post_scale" compiled for three thread blocks per SM
+# (the same bits for the same num_ctas; M <= 8, slot_log2 2 or 3)
+DECODES = {"exact": 0, "post_scale": 1, "post_scale_acq_rel": 2, "post_scale_3cta": 3}
+POST_SCALE_3CTA_MAX_M = 8   # VLMKERN_WO_POST_SCALE_3CTA_MAX_M
 SUPPORTED_BITS = (2, 3, 4)
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 _MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300}
@@ -421,10 +425,10 @@ def post_scale_operands(mw: MmaWeight) -> torch.Tensor:
 
 
 # -- work split ----------------------------------------------------------------
-def num_ctas_for(units: int, multiprocessors: int) -> int:
-    """Thread blocks of one launch: enough to fill every SM twice, never more
-    than there are units. Depends on the weight's shape and the device only."""
-    return max(1, min(units, CTAS_PER_SM * multiprocessors))
+def num_ctas_for(units: int, multiprocessors: int, per_sm: int = CTAS_PER_SM) -> int:
+    """Thread blocks of one launch: enough to fill every SM per_sm times, never
+    more than there are units. Depends on the weight's shape and the device only."""
+    return max(1, min(units, per_sm * multiprocessors))
 
 
 def stream_k_parts(units: int, ctas: int, chunks: int) -> list[list[tuple[int, int, int]]]:
@@ -552,6 +556,11 @@ def weight_only_mma(x: torch.Tensor, qweight: QuantizedWeight,
         why = _acq_rel_reason(qweight)
         if why:
             raise ValueError(f"cuda.weight_only_mma with decode={decode!r}: {why}")
+    elif decode == "post_scale_3cta":
+        max_m = POST_SCALE_3CTA_MAX_M
+        why = _3cta_reason(qweight)
+        if why:
+            raise ValueError(f"cuda.weight_only_mma with decode={decode!r}: {why}")
     if m > max_m:
         raise ValueError(f"cuda.weight_only_mma with decode={decode!r} takes M <= {max_m}, got {m}")
     return _launch(x, qweight, bias, DECODES[decode])
@@ -561,7 +570,8 @@ def _launch(x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None
             decode: int) -> torch.Tensor:
     mw = kernel_weight(qweight, x.dtype)
     x, bias = kernel_inputs(x, qweight, bias)
-    ctas = num_ctas_for(mw.blocks * mw.chunks, multiprocessors(x.device))
+    per_sm = 3 if decode == DECODES["post_scale_3cta"] else CTAS_PER_SM
+    ctas = num_ctas_for(mw.blocks * mw.chunks, multiprocessors(x.device), per_sm)
     return torch.ops.vlmkern.weight_only_mma(x, mw.wq, mw.sz, bias, _counters(x.device, mw.blocks),
                                              mw.bits, mw.out_features, mw.slot_log2, ctas, decode)
 
@@ -615,6 +625,48 @@ def _check_acq_rel(x: torch.Tensor, qweight) -> str | None:
     return None
 
 
+def weight_only_post_scale_3cta(x: torch.Tensor, qweight: QuantizedWeight,
+                                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight_only_post_scale`` compiled for three thread blocks per SM and
+    launched with three per SM (``cuda.weight_only_post_scale_3cta``, opt-in):
+    24 warps an SM instead of 16 to hide the decode's latencies, at most 80
+    registers a thread; M <= 8, scale slots of 64 or 128 columns."""
+    return weight_only_mma(x, qweight, bias, decode="post_scale_3cta")
+
+
+# stages_for<1>() in csrc/weight_only_kernel.cu, and the shared memory the
+# driver keeps per thread block (sm_80 and later)
+_3CTA_STAGES = 6
+_SMEM_RESERVED = 1024
+
+
+def smem_3cta(bits: int, slot_log2: int) -> int:
+    """Shared memory three blocks of the decode-3 kernel take on one SM: per
+    block 6 stages, each of the unit's codes (8 warps x 256 x bits bytes), its
+    scale slots (8 warps x 64 bytes each) and an 8-token activation tile (272
+    bytes a row), plus the driver's reserve."""
+    stage = 8 * 256 * bits + 8 * 64 * (8 >> slot_log2) + 8 * 272
+    return 3 * (_3CTA_STAGES * stage + _SMEM_RESERVED)
+
+
+def _3cta_reason(qweight) -> str | None:
+    if slot_log2_for(qweight.group_size, qweight.in_features) not in (2, 3):
+        return (f"takes scale slots of 64 or 128 columns (groups of 64 * k or one per row), "
+                f"not group size {qweight.group_size}")
+    return None
+
+
+def _check_3cta(x: torch.Tensor, qweight) -> str | None:
+    why = unsupported_reason(qweight) or _3cta_reason(qweight)
+    if why is None and x.is_cuda:
+        need = smem_3cta(qweight.bits, slot_log2_for(qweight.group_size, qweight.in_features))
+        have = smem_per_multiprocessor(x.device)
+        if have < need:
+            why = (f"three thread blocks need {need} bytes of shared memory per SM, "
+                   f"the GPU has {have}")
+    return None if why is None else f"cuda.weight_only_post_scale_3cta: {why}"
+
+
 def _m64_reason(qweight) -> str | None:
     why = unsupported_reason(qweight)
     if why is None and slot_log2_for(qweight.group_size, qweight.in_features) != 3:
@@ -665,8 +717,9 @@ def register(backend) -> None:
     keeps every M above 64 and everything they decline. The post-scale decode
     comes first: it passed its GPU tests and ran faster on an H100 (see
     ``_check_post_scale`` for the one case it leaves to the exact decode). Its
-    64-token tiles (M = 33..64, 128-column scale slots) and its variant with
-    the acq_rel publish (M <= 16) are opt-in until their GPU tests pass."""
+    64-token tiles (M = 33..64, 128-column scale slots), its variant with
+    the acq_rel publish (M <= 16) and its build for three thread blocks per SM
+    (M <= 8) are opt-in until their GPU tests pass."""
     from .backends import KernelSpec
 
     common = dict(bits=frozenset(SUPPORTED_BITS), dtypes=frozenset(ACT_DTYPES),
@@ -674,6 +727,9 @@ def register(backend) -> None:
     specs = [KernelSpec("cuda.weight_only_post_scale_m64", "weight_only",
                         weight_only_post_scale_m64, opt_in=True, check=_check_m64,
                         **dict(common, min_m=POST_SCALE_WIDE_MAX_M + 1, max_m=POST_SCALE_M64_MAX_M)),
+             KernelSpec("cuda.weight_only_post_scale_3cta", "weight_only",
+                        weight_only_post_scale_3cta, opt_in=True, check=_check_3cta,
+                        **dict(common, max_m=POST_SCALE_3CTA_MAX_M)),
              KernelSpec("cuda.weight_only_post_scale_acq_rel", "weight_only",
                         weight_only_post_scale_acq_rel, opt_in=True, check=_check_acq_rel,
                         **dict(common, max_m=POST_SCALE_MAX_M)),
