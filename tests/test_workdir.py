@@ -140,6 +140,33 @@ def _folder_at_layer(d):
     (d / L1).mkdir()
 
 
+def _flip_a_data_bit(d):
+    # the last byte of the file is tensor data; the header stays intact
+    data = bytearray((d / L1).read_bytes())
+    data[-1] ^= 1
+    (d / L1).write_bytes(bytes(data))
+
+
+def _drop_a_tensor(d, suffix):
+    with safe_open(str(d / L1), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(d / L1))
+    dropped = [k for k in tensors if k.endswith(suffix)]
+    assert dropped
+    del tensors[dropped[0]]
+    save_file(tensors, str(d / L1), metadata=meta)
+
+
+def _drop_a_tensor_and_its_checksum(d, suffix):
+    # what the module records must catch on their own
+    _drop_a_tensor(d, suffix)
+    with safe_open(str(d / L1), framework="pt") as f:
+        meta = f.metadata()
+    sums = json.loads(meta["checksums"])
+    kept = load_file(str(d / L1))
+    _edit_metadata(d / L1, checksums=json.dumps({k: v for k, v in sums.items() if k in kept}))
+
+
 DAMAGE = {
     "truncated": (_truncate, L1),
     "zero-length": (lambda d: (d / L1).write_bytes(b""), L1),
@@ -148,6 +175,11 @@ DAMAGE = {
     "no-modules": (lambda d: _edit_metadata(d / L1, modules=None), L1),
     "unknown-format": (lambda d: _edit_metadata(
         d / L1, modules='{"self_attn.q_proj": {"format": "zzz", "meta": {}}}'), L1),
+    # the file stays readable: only its checksums and records show the damage
+    "flipped-bit": (_flip_a_data_bit, L1),
+    "zeros-missing": (lambda d: _drop_a_tensor(d, ".qzeros"), L1),
+    "zeros-and-checksum-missing": (lambda d: _drop_a_tensor_and_its_checksum(d, ".qzeros"), L1),
+    "no-checksums": (lambda d: _edit_metadata(d / L1, checksums=None), L1),
     "manifest-garbage": (lambda d: (d / "manifest.json").write_text("{not json"),
                          "manifest.json"),
     "manifest-list": (lambda d: (d / "manifest.json").write_text("[1, 2]"), "manifest.json"),
@@ -171,6 +203,38 @@ def test_a_damaged_work_dir_names_the_file_and_the_remedy(llama, finished, tmp_p
     with pytest.raises(ValueError, match=rf"{name}\b.*{remedy}") as info:
         _run(llama, work)
     assert type(info.value) is ValueError
+
+
+def test_a_layer_file_that_cannot_be_read_is_not_called_missing(llama, finished, tmp_path,
+                                                                 monkeypatch):
+    # safetensors reports a file it may not open as "No such file"; deleting an
+    # intact result would be the wrong remedy (root reads anything: simulated)
+    from vlmkern.calib import engine
+    work = tmp_path / "run"
+    shutil.copytree(finished, work)
+
+    def no_read(file, *args, **kwargs):
+        if Path(file) == work / L1:
+            raise PermissionError(13, "Permission denied", str(file))
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "open", no_read, raising=False)
+    with pytest.raises(ValueError, match=f"{L1}: cannot be read .*Permission denied.*give this "
+                                         f"user read access") as info:
+        _run(llama, work)
+    assert "delete" not in str(info.value)
+
+
+def test_a_killed_write_leaves_no_temporary_file_behind_the_next(llama, finished, tmp_path):
+    work = tmp_path / "run"
+    shutil.copytree(finished, work)
+    (work / L1).unlink()
+    leftover = work / f"{L1}.0123456789ab.tmp"         # as a killed save leaves it
+    leftover.write_bytes(b"partial")
+    unrelated = work / "notes.0123456789ab.tmp"
+    unrelated.write_bytes(b"kept")
+    _run(llama, work)
+    assert (work / L1).is_file() and not leftover.exists() and unrelated.exists()
 
 
 # ---------------------------------------------------------------------------
@@ -293,8 +357,10 @@ def test_a_vision_file_missing_a_linear_is_refused(tmp_path):
     modules = json.loads(meta["modules"])
     dropped = min(modules)
     del modules[dropped]
-    save_file({k: t for k, t in tensors.items() if not k.startswith(dropped + ".")}, str(file),
-              metadata={**meta, "modules": json.dumps(modules)})
+    kept = {k: t for k, t in tensors.items() if not k.startswith(dropped + ".")}
+    sums = {k: v for k, v in json.loads(meta["checksums"]).items() if k in kept}
+    save_file(kept, str(file), metadata={**meta, "modules": json.dumps(modules),
+                                         "checksums": json.dumps(sums)})
     with pytest.raises(ValueError, match=rf"vision.safetensors: .*missing \['{dropped}'\]"):
         qvlm_quantize(copy.deepcopy(model), [inputs], cfg, progress=False, vision=vision,
                       work_dir=tmp_path)

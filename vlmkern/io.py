@@ -19,9 +19,12 @@ over the target, so a crash never leaves a half-written checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -168,9 +171,11 @@ def atomic_save(tensors: dict, target: Path, metadata: dict[str, str]) -> None:
 def atomic_write(target, write) -> None:
     """``write(path)`` fills a new temporary file next to ``target``; it is then
     fsynced and renamed over ``target``, so readers see the old file or the
-    new one. The temporary file never outlives an error."""
+    new one. The temporary file never outlives an error; one left by a
+    killed process is removed by the next write of the same target."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target)
     tmp = _new_temp_file(target)
     try:
         mode = os.stat(tmp).st_mode & 0o777
@@ -189,6 +194,17 @@ def atomic_write(target, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Delete the temporary files of earlier writes of ``target`` that a killed
+    process left (a checkpoint's size each). Writers of one target take turns:
+    a concurrent one would lose its temporary file and fail, never go unseen."""
+    pattern = re.compile(re.escape(target.name) + r"\.[0-9a-f]{12}\.tmp")
+    for leftover in target.parent.glob(f"{glob.escape(target.name)}.*.tmp"):
+        if pattern.fullmatch(leftover.name) and leftover.is_file() and not leftover.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
 
 
 def _new_temp_file(target: Path) -> str:

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats import WEIGHT_TYPES, IntActWeight
-from ..io import atomic_save, atomic_write
+from ..io import atomic_save, atomic_write, tensor_checksum
 from ..nn import QuantLinear
 from ..ops.reference import fake_quant_activations
 from ..quant.hessian import HessianAccumulator
@@ -192,15 +192,20 @@ def save_packed(file: Path, weights: dict, metadata: dict, extra_tensors: dict |
                 module_info: dict | None = None) -> None:
     """Packed weights {module name: PackedWeight} (and extra tensors) into one
     safetensors file, atomically; ``module_info`` adds a JSON-able record per
-    module. ``read_packed`` reads it back."""
+    module. ``read_packed`` reads it back. Each module's record lists its
+    tensors and the file records every tensor's checksum, so damage inside
+    the data, or a tensor gone, is found on reading."""
     tensors = {k: t.detach().cpu().contiguous() for k, t in (extra_tensors or {}).items()}
     modules = {}
     for name, w in weights.items():
-        modules[name] = {"format": w.FORMAT, "meta": w.meta(),
+        parts = w.tensors()
+        modules[name] = {"format": w.FORMAT, "meta": w.meta(), "tensors": sorted(parts),
                          **({"info": module_info[name]} if module_info else {})}
-        for t_name, t in w.tensors().items():
+        for t_name, t in parts.items():
             tensors[f"{name}.{t_name}"] = t.detach().cpu().contiguous()
-    atomic_save(tensors, file, {**metadata, "modules": json.dumps(modules)})
+    checksums = {k: tensor_checksum(t) for k, t in tensors.items()}
+    atomic_save(tensors, file, {**metadata, "modules": json.dumps(modules),
+                                "checksums": json.dumps(checksums)})
 
 
 def read_packed(file: Path, remedy: str = "") -> tuple[dict, dict, dict, dict]:
@@ -208,11 +213,19 @@ def read_packed(file: Path, remedy: str = "") -> tuple[dict, dict, dict, dict]:
     of a file written by ``save_packed``. A damaged or foreign file (or no
     file at all) is a ValueError naming it, then ``remedy``."""
     try:
+        if Path(file).is_file():
+            open(file, "rb").close()   # safetensors reports a file it may not read as missing
+    except PermissionError as e:
+        raise ValueError(f"{file}: cannot be read ({e}); give this user read access to it") from e
+    except OSError:
+        pass                           # reported below, with the remedy
+    try:
         if not Path(file).is_file():
             raise ValueError("not a file")
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        _check_checksums(meta, tensors)
         if "modules" not in meta:
             raise ValueError("no 'modules' record in its metadata")
         records = json.loads(meta["modules"])
@@ -224,12 +237,29 @@ def read_packed(file: Path, remedy: str = "") -> tuple[dict, dict, dict, dict]:
             if cls is None:
                 raise ValueError(f"{name}: unknown weight format {entry['format']!r}")
             parts = {t: tensors[f"{name}.{t}"] for t in cls.TENSORS if f"{name}.{t}" in tensors}
+            if sorted(parts) != entry["tensors"]:
+                raise ValueError(f"{name}: holds the tensors {sorted(parts)}, its record lists "
+                                 f"{entry['tensors']}")
             weights[name] = cls.from_state(parts, entry["meta"])
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         why = str(e) if type(e) in (ValueError, TypeError) else f"{type(e).__name__}: {e}"
         raise ValueError(f"{file}: damaged or not a vlmkern work-dir file ({why})"
                          + (f"; {remedy}" if remedy else "")) from e
     return weights, records, meta, tensors
+
+
+def _check_checksums(meta: dict, tensors: dict) -> None:
+    """Damage inside tensor data (a flipped bit) or a tensor missing leaves a
+    safetensors file readable; the checksums ``save_packed`` recorded find it."""
+    if "checksums" not in meta:
+        raise ValueError("no 'checksums' record in its metadata")
+    sums = json.loads(meta["checksums"])
+    if not isinstance(sums, dict) or sorted(sums) != sorted(tensors):
+        raise ValueError("its checksums do not list the tensors it holds")
+    damaged = [name for name, t in tensors.items() if tensor_checksum(t) != sums[name]]
+    if damaged:
+        raise ValueError(f"the bytes of {damaged[:4]}{'...' if len(damaged) > 4 else ''} "
+                         f"differ from what was saved")
 
 
 class Settings:
@@ -251,7 +281,7 @@ class WorkDir:
     (copied, renamed, or left behind when the manifest was deleted) is
     refused, never resumed."""
 
-    VERSION = 2
+    VERSION = 3       # 3: result files carry checksums and their modules' tensor lists
     # result files of the engines sharing this layout (Q-VLM keeps blocks and its vision tower)
     RESULTS = ("layer_*.safetensors", "block_*.json", "vision.safetensors")
 
