@@ -25,6 +25,7 @@ import pytest  # noqa: E402
 try:
     triton = pytest.importorskip("triton")
     import vlmkern.ops as ops  # noqa: E402
+    from vlmkern import QuantConfig, quantize_rtn  # noqa: E402
     from vlmkern.formats import BinaryWeight, IntActWeight, QuantizedWeight  # noqa: E402
     from vlmkern.formats.groupwise import num_groups  # noqa: E402
     from vlmkern.formats.intact import qmax  # noqa: E402
@@ -238,6 +239,22 @@ def test_weight_only_scale_dtypes_and_unaligned_group(scale_dtype):
     for m in (1, 17):
         x = act(m, K, torch.float16)
         assert_matches_dense(weight_only_matmul(x, qw), x, w, None)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_weight_only_padding_columns_near_the_fp16_limit(bits):
+    # Symmetric per-row weights up to 62000 fit fp16, but the code 0 a padding
+    # column past K reads as decodes to -2^(b-1) * s, beyond fp16's range: left
+    # unmasked, its -Inf met the zero activations there and made NaN rows.
+    w = torch.rand(4, 100, generator=torch.Generator().manual_seed(bits)) * 62000
+    w[:, 0] = 62000
+    qw = quantize_rtn(w.to(DEV), QuantConfig(bits=bits, group_size=None, sym=True))
+    assert float(qw.dequantize().abs().max()) < 65504 < float(qw.scales.float().max()) * 2 ** (bits - 1)
+    for m in (2, 17):                       # the split-K kernel and the tiled GEMM
+        x = (torch.rand(m, 100, generator=torch.Generator().manual_seed(m)) * 1e-3).half().to(DEV)
+        y = weight_only_matmul(x, qw)
+        assert torch.isfinite(y).all()
+        assert_matches_dense(y, x, qw.dequantize(), None)
 
 
 @pytest.mark.parametrize("split", [1, 2, 4])

@@ -125,9 +125,10 @@ def dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K, stride_qn, stride_sn, s
                  BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 tile W[offs_n, k0 : k0 + BLOCK_K] = s * (q - z), [BLOCK_N, BLOCK_K].
-    GROUP 0 means one group per row. Rows past N come out 0 (their scales
-    load as 0); columns past K are finite and meet zero activations (every
-    caller masks x, or the store), so they are not masked here."""
+    GROUP 0 means one group per row. Rows past N and columns past K come
+    out 0: a padding column's code reads as 0, and -z * s can exceed the
+    activation dtype's range (fp16) even when every real weight fits, so
+    that its Inf would meet the zero activations there and make NaN."""
     n2 = offs_n[:, None]
     nm = n2 < N
     k2 = (k0 + tl.arange(0, BLOCK_K))[None, :]
@@ -164,7 +165,7 @@ def dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, k0, N, K, stride_qn, stride_sn, s
         s = tl.load(s_rows + gi, mask=mask, other=0.0).to(tl.float32)
         if ASYM:
             z = codes_at(z_rows, gi, mask, z_words, BITS)
-    return (q - z).to(tl.float32) * s
+    return tl.where(mask, (q - z).to(tl.float32) * s, 0.0)
 
 
 @triton.jit

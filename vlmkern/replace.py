@@ -312,8 +312,9 @@ def to_kernel_layout(model: nn.Module, progress: bool = True, binary: bool = Fal
     extension, why = load_extension()
     if todo and extension is None:
         warnings.warn(f"to_kernel_layout: only the CUDA extension's kernels read the layout, and "
-                      f"{why}; Triton and the torch reference decode such a layer on every "
-                      f"call (correct, slow)", stacklevel=2)
+                      f"{why}; only the torch reference runs such a layer then, decoding it on "
+                      f"every call (correct, slow), and VLMKERN_BACKEND=triton refuses it",
+                      stacklevel=2)
     for _, module in tqdm(todo, desc="kernel layout", disable=not progress or not todo):
         module.to_kernel_layout()
     return [name for name, _ in todo]
