@@ -127,19 +127,26 @@ def tensor_checksum(t: torch.Tensor) -> str:
     return hashlib.sha256(data.view(torch.uint8).numpy() if data.numel() else b"").hexdigest()
 
 
-def _check_checksums(config: dict, tensors: dict, file) -> None:
-    """Damage inside tensor data (a flipped bit) leaves the file's structure
-    intact; the recorded checksums find it."""
-    sums = config.get("checksums")
-    if sums is None:
-        return
+def checksum_mismatch(sums, tensors: dict) -> str | None:
+    """Why the recorded checksums ``sums`` ({name: tensor_checksum}) do not fit
+    ``tensors``, or None. Damage inside tensor data (a flipped bit) leaves a
+    safetensors file's structure intact; the checksums find it."""
     if not isinstance(sums, dict) or sorted(sums) != sorted(tensors) or \
             not all(isinstance(v, str) for v in sums.values()):
-        raise CheckpointError(f"{file}: its checksums table does not list the tensors it holds")
+        return "its checksums table does not list the tensors it holds"
     damaged = [name for name, t in tensors.items() if tensor_checksum(t) != sums[name]]
     if damaged:
-        raise CheckpointError(f"{file} is damaged: the bytes of {damaged[:4]}"
-                              f"{'...' if len(damaged) > 4 else ''} differ from what was saved")
+        return (f"it is damaged: the bytes of {damaged[:4]}{'...' if len(damaged) > 4 else ''} "
+                f"differ from what was saved")
+    return None
+
+
+def _check_checksums(config: dict, tensors: dict, file) -> None:
+    """A checkpoint's checksums (optional in the format) must fit its tensors."""
+    sums = config.get("checksums")
+    why = None if sums is None else checksum_mismatch(sums, tensors)
+    if why is not None:
+        raise CheckpointError(f"{file}: {why}")
 
 
 def is_checkpoint(path) -> bool:

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats import WEIGHT_TYPES, IntActWeight
-from ..io import atomic_save, atomic_write, tensor_checksum
+from ..io import atomic_save, atomic_write, checksum_mismatch, tensor_checksum
 from ..nn import QuantLinear
 from ..ops.reference import fake_quant_activations
 from ..quant.hessian import HessianAccumulator
@@ -225,7 +225,11 @@ def read_packed(file: Path, remedy: str = "") -> tuple[dict, dict, dict, dict]:
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        _check_checksums(meta, tensors)
+        if "checksums" not in meta:
+            raise ValueError("no 'checksums' record in its metadata")
+        why = checksum_mismatch(json.loads(meta["checksums"]), tensors)
+        if why is not None:
+            raise ValueError(why)
         if "modules" not in meta:
             raise ValueError("no 'modules' record in its metadata")
         records = json.loads(meta["modules"])
@@ -246,20 +250,6 @@ def read_packed(file: Path, remedy: str = "") -> tuple[dict, dict, dict, dict]:
         raise ValueError(f"{file}: damaged or not a vlmkern work-dir file ({why})"
                          + (f"; {remedy}" if remedy else "")) from e
     return weights, records, meta, tensors
-
-
-def _check_checksums(meta: dict, tensors: dict) -> None:
-    """Damage inside tensor data (a flipped bit) or a tensor missing leaves a
-    safetensors file readable; the checksums ``save_packed`` recorded find it."""
-    if "checksums" not in meta:
-        raise ValueError("no 'checksums' record in its metadata")
-    sums = json.loads(meta["checksums"])
-    if not isinstance(sums, dict) or sorted(sums) != sorted(tensors):
-        raise ValueError("its checksums do not list the tensors it holds")
-    damaged = [name for name, t in tensors.items() if tensor_checksum(t) != sums[name]]
-    if damaged:
-        raise ValueError(f"the bytes of {damaged[:4]}{'...' if len(damaged) > 4 else ''} "
-                         f"differ from what was saved")
 
 
 class Settings:
