@@ -45,7 +45,7 @@ def sweep(shape, k, n, fmt, ms, per_sm, decodes, sms) -> list[str]:
         for decode in decodes:
             limit = {"post_scale": cw.post_scale_max_m(qw), "tma": 16,
                      "post_scale_acq_rel": 16 if mw.slot_log2 == 3 else 0,
-                     "post_scale_3cta": 8 if mw.slot_log2 in (2, 3) else 0}.get(decode, cw.MAX_M)
+                     "post_scale_3cta": cw.post_scale_3cta_max_m(qw)}.get(decode, cw.MAX_M)
             if m > limit or (decode == "tma" and not wg.sm90_available(torch.device("cuda"))):
                 continue
             cells = []

@@ -61,17 +61,20 @@ enum vlmkern_wo_status {
 //          thread (which also waits on the thread's outstanding copies);
 //          M <= 16 and slot_log2 = 3 only.
 //   POST_SCALE_3CTA: POST_SCALE compiled for three thread blocks per SM
-//          (at most 80 registers a thread instead of 128), for grids of
-//          three blocks per SM where their shared memory fits (Hopper): the
-//          same sums in the same order for a given num_ctas, so the same
-//          bits; M <= 8 and slot_log2 = 2 or 3 only.
+//          (at most 80 registers a thread instead of 128; 5 pipeline stages
+//          instead of 6 above 8 tokens), for grids of three blocks per SM
+//          where their shared memory fits (Hopper): for a given num_ctas the
+//          same sums in the same order, so the same bits; M <= 16 with
+//          slot_log2 = 3, M <= 8 with slot_log2 = 2, nothing else.
 enum vlmkern_wo_decode {
   VLMKERN_WO_DECODE_EXACT = 0,
   VLMKERN_WO_DECODE_POST_SCALE = 1,
   VLMKERN_WO_DECODE_POST_SCALE_ACQ_REL = 2,
   VLMKERN_WO_DECODE_POST_SCALE_3CTA = 3
 };
-#define VLMKERN_WO_POST_SCALE_3CTA_MAX_M 8
+// Largest M decode 3 takes for a slot width (0: none).
+#define VLMKERN_WO_POST_SCALE_3CTA_LIMIT(slot_log2) \
+  ((slot_log2) == 3 ? 16 : (slot_log2) == 2 ? 8 : 0)
 #define VLMKERN_WO_POST_SCALE_MAX_M 16
 #define VLMKERN_WO_POST_SCALE_WIDE_MAX_M 64  // with slot_log2 = 3
 // Largest M the post-scale decode takes for a slot width.

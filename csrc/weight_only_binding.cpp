@@ -109,10 +109,9 @@ void check_inputs(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& s
               kOp, "decode must be 0 (exact), 1 (post-scale), 2 (post-scale, acq_rel publish) or 3 "
               "(post-scale, three blocks per SM), got ", decode);
   TORCH_CHECK(decode != VLMKERN_WO_DECODE_POST_SCALE_3CTA || x.dim() != 2 ||
-                  (x.size(0) <= VLMKERN_WO_POST_SCALE_3CTA_MAX_M && (slot_log2 == 2 || slot_log2 == 3)),
-              kOp, "decode 3 takes M <= ", VLMKERN_WO_POST_SCALE_3CTA_MAX_M,
-              " and slot_log2 = 2 or 3 (scale slots of 64 or 128 columns), got M = ", x.size(0),
-              " with slot_log2 = ", slot_log2);
+                  x.size(0) <= VLMKERN_WO_POST_SCALE_3CTA_LIMIT(slot_log2),
+              kOp, "decode 3 takes M <= 16 with slot_log2 = 3 (128-column scale slots) and "
+              "M <= 8 with slot_log2 = 2, got M = ", x.size(0), " with slot_log2 = ", slot_log2);
   TORCH_CHECK(decode != VLMKERN_WO_DECODE_POST_SCALE_ACQ_REL || x.dim() != 2 ||
                   (x.size(0) <= VLMKERN_WO_POST_SCALE_MAX_M && slot_log2 == 3),
               kOp, "decode 2 takes M <= ", VLMKERN_WO_POST_SCALE_MAX_M,

@@ -759,9 +759,12 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) weight_only_mma_kernel(P
 }
 
 // Deep pipelines where the activation tile is small; fewer stages for wide
-// token tiles keep a block within the 99 KB of sm_86/89.
-template <int M_TILES>
-constexpr int stages_for() { return M_TILES <= 2 ? 6 : M_TILES == 4 ? 4 : 3; }
+// token tiles keep a block within the 99 KB of sm_86/89, and three blocks of
+// 16 tokens within Hopper's 228 KB per SM.
+template <int M_TILES, int MIN_BLOCKS = 2>
+constexpr int stages_for() {
+  return MIN_BLOCKS == 3 && M_TILES == 2 ? 5 : M_TILES <= 2 ? 6 : M_TILES == 4 ? 4 : 3;
+}
 
 thread_local cudaError_t last_error = cudaSuccess;
 thread_local char message[256];
@@ -770,7 +773,8 @@ thread_local char message[256];
 template <int BITS, int M_TILES, class T, int POST_SLOT_LOG2, bool ACQ_REL = false,
           int MIN_BLOCKS = 2>
 int launch(const Params& p, int64_t num_ctas, cudaStream_t stream) {
-  constexpr int STAGES = POST_SLOT_LOG2 == kInt8Decode ? kInt8Stages : stages_for<M_TILES>();
+  constexpr int STAGES =
+      POST_SLOT_LOG2 == kInt8Decode ? kInt8Stages : stages_for<M_TILES, MIN_BLOCKS>();
   auto kernel = weight_only_mma_kernel<BITS, M_TILES, T, STAGES, POST_SLOT_LOG2, ACQ_REL, MIN_BLOCKS>;
   const int smem = STAGES * stage_bytes_of<BITS, M_TILES, POST_SLOT_LOG2>(p.slots);
   int device = 0, limit = 0;
@@ -807,8 +811,9 @@ int launch(const Params& p, int64_t num_ctas, cudaStream_t stream) {
 // per SM; at 64 tokens the 128-column kernels use all 128 registers, no spills).
 // Post-scale with the acq_rel publish: bits {2, 3, 4} x {fp16, bf16} x token
 // tiles {8, 16}, 128-column slots. Post-scale for three blocks per SM: bits
-// {2, 3, 4} x {fp16, bf16} x token tile 8 x slots of 64 and 128 columns (72-80
-// registers, no spills on sm_90a; three blocks' 6 stages fit Hopper's 228 KB).
+// {2, 3, 4} x {fp16, bf16} x token tile 8 with slots of 64 and 128 columns
+// (6 stages) and token tile 16 with 128-column slots (5 stages): at most 80
+// registers, no spills on sm_90a; three blocks fit Hopper's 228 KB.
 template <class T>
 int dispatch_tokens(const Params& p, int bits, int decode, int64_t num_ctas, cudaStream_t s) {
   const int m_tiles = p.M <= 8 ? 1 : p.M <= 16 ? 2 : p.M <= 32 ? 4 : 8;
@@ -829,11 +834,13 @@ int dispatch_tokens(const Params& p, int bits, int decode, int64_t num_ctas, cud
 #undef VLMKERN_WO_CASE
     return VLMKERN_WO_ERR_BAD_BITS;
   }
-  if (decode == VLMKERN_WO_DECODE_POST_SCALE_3CTA) {  // M <= 8, slot_log2 2 or 3 (checked)
-#define VLMKERN_WO_CASE(B, S) \
-  if (bits == B && p.slot_log2 == S) return launch<B, 1, T, S, false, 3>(p, num_ctas, s);
-    VLMKERN_WO_CASE(4, 2) VLMKERN_WO_CASE(4, 3) VLMKERN_WO_CASE(3, 2) VLMKERN_WO_CASE(3, 3)
-    VLMKERN_WO_CASE(2, 2) VLMKERN_WO_CASE(2, 3)
+  if (decode == VLMKERN_WO_DECODE_POST_SCALE_3CTA) {  // M, slot_log2 checked
+#define VLMKERN_WO_CASE(B, MT, S) \
+  if (bits == B && m_tiles == MT && p.slot_log2 == S) \
+    return launch<B, MT, T, S, false, 3>(p, num_ctas, s);
+    VLMKERN_WO_CASE(4, 1, 2) VLMKERN_WO_CASE(4, 1, 3) VLMKERN_WO_CASE(4, 2, 3)
+    VLMKERN_WO_CASE(3, 1, 2) VLMKERN_WO_CASE(3, 1, 3) VLMKERN_WO_CASE(3, 2, 3)
+    VLMKERN_WO_CASE(2, 1, 2) VLMKERN_WO_CASE(2, 1, 3) VLMKERN_WO_CASE(2, 2, 3)
 #undef VLMKERN_WO_CASE
     return VLMKERN_WO_ERR_BAD_BITS;
   }
@@ -956,8 +963,8 @@ extern "C" int vlmkern_weight_only_mma(const void* x, int64_t M, int64_t K_x, co
       (decode != VLMKERN_WO_DECODE_POST_SCALE || M > VLMKERN_WO_POST_SCALE_LIMIT(slot_log2)) &&
       (decode != VLMKERN_WO_DECODE_POST_SCALE_ACQ_REL || M > VLMKERN_WO_POST_SCALE_MAX_M ||
        slot_log2 != 3) &&
-      (decode != VLMKERN_WO_DECODE_POST_SCALE_3CTA || M > VLMKERN_WO_POST_SCALE_3CTA_MAX_M ||
-       slot_log2 < 2 || slot_log2 > 3))
+      (decode != VLMKERN_WO_DECODE_POST_SCALE_3CTA ||
+       M > VLMKERN_WO_POST_SCALE_3CTA_LIMIT(slot_log2)))
     return VLMKERN_WO_ERR_BAD_DECODE;
   const int status = check_launch_args(x, M, K_x, wq, sz, NB, C, slot_log2, bits, bias, bias_dtype,
                                        out, N, act_dtype);

@@ -265,7 +265,7 @@ BAD = [  # (name, op, changes, expected error pattern)
      {6: lambda n: n + 128}, "does not match"),
     ("weight_only_mma unknown decode", "weight_only_mma", {9: 7}, "decode must be"),
     ("weight_only_mma decode 3 with 32-column scale slots", "weight_only_mma", {9: 3, 7: 1},
-     "decode 3 takes M <= 8 and slot_log2 = 2 or 3"),
+     "decode 3 takes M <= 16 with slot_log2 = 3"),
     ("weight_only_mma bias of the wrong length", "weight_only_mma",
      {3: torch.empty(3, device="meta")}, "bias must have shape"),
     ("weight_only_mma int64 codes", "weight_only_mma", {1: lambda t: t.long()}, "must be int32"),

@@ -424,8 +424,9 @@ def test_bad_inputs_give_clear_errors():
         call(decode=4)
     with pytest.raises(RuntimeError, match="decode 2 takes M <= 16 and slot_log2 = 3"):
         call(decode=2)     # groups of 64: two scale slots a chunk
-    with pytest.raises(RuntimeError, match="decode 3 takes M <= 8 and slot_log2 = 2 or 3"):
-        call(x=act(9, 256, torch.float16), decode=3)
+    with pytest.raises(RuntimeError, match="decode 3 takes M <= 16 with slot_log2 = 3 .* and "
+                                           "M <= 8 with slot_log2 = 2, got M = 9"):
+        call(x=act(9, 256, torch.float16), decode=3)     # groups of 64
     with pytest.raises(RuntimeError, match="post-scale decode takes M <= 16"):
         call(x=act(17, 256, torch.float16), decode=1)
     with pytest.raises((RuntimeError, NotImplementedError), match="CPU|CUDA tensor"):

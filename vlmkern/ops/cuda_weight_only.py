@@ -80,9 +80,9 @@ POST_SCALE_M64_MAX_M = 64
 # (the same bits) with a split row block's parts published by one acq_rel
 # atomic per part instead of a fence.sc.gpu in every thread (M <= 16, slot_log2 3);
 # "post_scale_3cta" is "post_scale" compiled for three thread blocks per SM
-# (the same bits for the same num_ctas; M <= 8, slot_log2 2 or 3)
+# (the same bits for the same num_ctas; M <= 16 with slot_log2 3, M <= 8 with 2)
 DECODES = {"exact": 0, "post_scale": 1, "post_scale_acq_rel": 2, "post_scale_3cta": 3}
-POST_SCALE_3CTA_MAX_M = 8   # VLMKERN_WO_POST_SCALE_3CTA_MAX_M
+POST_SCALE_3CTA_MAX_M = {3: 16, 2: 8}   # VLMKERN_WO_POST_SCALE_3CTA_LIMIT, by slot_log2
 SUPPORTED_BITS = (2, 3, 4)
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 _MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300}
@@ -557,7 +557,7 @@ def weight_only_mma(x: torch.Tensor, qweight: QuantizedWeight,
         if why:
             raise ValueError(f"cuda.weight_only_mma with decode={decode!r}: {why}")
     elif decode == "post_scale_3cta":
-        max_m = POST_SCALE_3CTA_MAX_M
+        max_m = post_scale_3cta_max_m(qweight)
         why = _3cta_reason(qweight)
         if why:
             raise ValueError(f"cuda.weight_only_mma with decode={decode!r}: {why}")
@@ -630,27 +630,31 @@ def weight_only_post_scale_3cta(x: torch.Tensor, qweight: QuantizedWeight,
     """``weight_only_post_scale`` compiled for three thread blocks per SM and
     launched with three per SM (``cuda.weight_only_post_scale_3cta``, opt-in):
     24 warps an SM instead of 16 to hide the decode's latencies, at most 80
-    registers a thread; M <= 8, scale slots of 64 or 128 columns."""
+    registers a thread; M <= 16 with scale slots of 128 columns, M <= 8 with 64."""
     return weight_only_mma(x, qweight, bias, decode="post_scale_3cta")
 
 
-# stages_for<1>() in csrc/weight_only_kernel.cu, and the shared memory the
-# driver keeps per thread block (sm_80 and later)
-_3CTA_STAGES = 6
-_SMEM_RESERVED = 1024
+def post_scale_3cta_max_m(qweight) -> int:
+    """Largest M the three-blocks build takes (0: its slot width is not built)."""
+    return POST_SCALE_3CTA_MAX_M.get(slot_log2_for(qweight.group_size, qweight.in_features), 0)
 
 
-def smem_3cta(bits: int, slot_log2: int) -> int:
-    """Shared memory three blocks of the decode-3 kernel take on one SM: per
-    block 6 stages, each of the unit's codes (8 warps x 256 x bits bytes), its
-    scale slots (8 warps x 64 bytes each) and an 8-token activation tile (272
-    bytes a row), plus the driver's reserve."""
-    stage = 8 * 256 * bits + 8 * 64 * (8 >> slot_log2) + 8 * 272
-    return 3 * (_3CTA_STAGES * stage + _SMEM_RESERVED)
+_SMEM_RESERVED = 1024      # the driver's shared memory per thread block (sm_80 and later)
+
+
+def smem_3cta(bits: int, slot_log2: int, m: int) -> int:
+    """Shared memory three blocks of the decode-3 kernel take on one SM for M
+    tokens: per block 6 stages (5 for a 16-token tile, stages_for in
+    csrc/weight_only_kernel.cu), each of the unit's codes (8 warps x 256 x
+    bits bytes), its scale slots (8 warps x 64 bytes each) and the token tile
+    (272 bytes a row), plus the driver's reserve."""
+    rows, stages = (8, 6) if m <= 8 else (16, 5)
+    stage = 8 * 256 * bits + 8 * 64 * (8 >> slot_log2) + rows * 272
+    return 3 * (stages * stage + _SMEM_RESERVED)
 
 
 def _3cta_reason(qweight) -> str | None:
-    if slot_log2_for(qweight.group_size, qweight.in_features) not in (2, 3):
+    if post_scale_3cta_max_m(qweight) == 0:
         return (f"takes scale slots of 64 or 128 columns (groups of 64 * k or one per row), "
                 f"not group size {qweight.group_size}")
     return None
@@ -658,8 +662,13 @@ def _3cta_reason(qweight) -> str | None:
 
 def _check_3cta(x: torch.Tensor, qweight) -> str | None:
     why = unsupported_reason(qweight) or _3cta_reason(qweight)
+    m = x.shape[0]
+    if why is None and m > post_scale_3cta_max_m(qweight):
+        why = (f"M={m} above {post_scale_3cta_max_m(qweight)} for group size "
+               f"{qweight.group_size}")
     if why is None and x.is_cuda:
-        need = smem_3cta(qweight.bits, slot_log2_for(qweight.group_size, qweight.in_features))
+        slot_log2 = slot_log2_for(qweight.group_size, qweight.in_features)
+        need = smem_3cta(qweight.bits, slot_log2, m)
         have = smem_per_multiprocessor(x.device)
         if have < need:
             why = (f"three thread blocks need {need} bytes of shared memory per SM, "
@@ -719,7 +728,7 @@ def register(backend) -> None:
     ``_check_post_scale`` for the one case it leaves to the exact decode). Its
     64-token tiles (M = 33..64, 128-column scale slots), its variant with
     the acq_rel publish (M <= 16) and its build for three thread blocks per SM
-    (M <= 8) are opt-in until their GPU tests pass."""
+    (M <= 16) are opt-in until their GPU tests pass."""
     from .backends import KernelSpec
 
     common = dict(bits=frozenset(SUPPORTED_BITS), dtypes=frozenset(ACT_DTYPES),
@@ -729,7 +738,7 @@ def register(backend) -> None:
                         **dict(common, min_m=POST_SCALE_WIDE_MAX_M + 1, max_m=POST_SCALE_M64_MAX_M)),
              KernelSpec("cuda.weight_only_post_scale_3cta", "weight_only",
                         weight_only_post_scale_3cta, opt_in=True, check=_check_3cta,
-                        **dict(common, max_m=POST_SCALE_3CTA_MAX_M)),
+                        **dict(common, max_m=max(POST_SCALE_3CTA_MAX_M.values()))),
              KernelSpec("cuda.weight_only_post_scale_acq_rel", "weight_only",
                         weight_only_post_scale_acq_rel, opt_in=True, check=_check_acq_rel,
                         **dict(common, max_m=POST_SCALE_MAX_M)),
