@@ -933,9 +933,10 @@ extern "C" const char* vlmkern_wo_status_message(int status) {
              "workspace, counters, token scales and partial sums aligned to their elements "
              "(out to 4 bytes for the WGMMA kernel when N is even)";
     case VLMKERN_WO_ERR_BAD_DECODE:
-      return "decode must be 0 (exact), 1 (post-scale) or 2 (post-scale, acq_rel publish); the "
-             "post-scale decode takes M <= 16 (M <= 64 with scale slots of 128 columns), the "
-             "acq_rel one M <= 16 with scale slots of 128 columns";
+      return "decode must be 0 (exact), 1 (post-scale), 2 (post-scale, acq_rel publish) or 3 "
+             "(post-scale, three blocks per SM); the post-scale decode takes M <= 16 (M <= 64 "
+             "with scale slots of 128 columns), the acq_rel one M <= 16 with scale slots of 128 "
+             "columns, decode 3 M <= 16 with slots of 128 columns and M <= 8 with 64";
     case VLMKERN_WO_ERR_NO_SM90A:
       return "the WGMMA kernel needs an sm_90 GPU and a build with sm_90a code "
              "(TORCH_CUDA_ARCH_LIST containing 9.0a): this device or build has none, or the "

@@ -45,9 +45,10 @@ Act-order weights: the wrapper gathers x's columns with ``perm`` (one
 index_select of an [M, K] tensor); the weight layout stays in stored order.
 
 Work split: units of (128 rows, 128 columns) are split evenly and in order
-over ``2 * multiprocessors`` thread blocks (stream-K, see the kernel); the
-count depends on the weight's shape and the device only, never on M, so a
-row's result is the same bit for bit in any batch of 1..64 rows.
+over ``2 * multiprocessors`` thread blocks (stream-K, see the kernel; three
+per SM for the opt-in build for three blocks); the count depends on the
+weight's shape and the device only, never on M, so a row's result is the same
+bit for bit in any batch of 1..64 rows.
 """
 from __future__ import annotations
 
@@ -639,7 +640,9 @@ def post_scale_3cta_max_m(qweight) -> int:
     return POST_SCALE_3CTA_MAX_M.get(slot_log2_for(qweight.group_size, qweight.in_features), 0)
 
 
-_SMEM_RESERVED = 1024      # the driver's shared memory per thread block (sm_80 and later)
+# Per thread block beyond its dynamic shared memory: the driver's reserve (sm_80
+# and later) and the kernel's static is_last, in the 128-byte allocation unit.
+_SMEM_PER_BLOCK = 1024 + 128
 
 
 def smem_3cta(bits: int, slot_log2: int, m: int) -> int:
@@ -647,10 +650,10 @@ def smem_3cta(bits: int, slot_log2: int, m: int) -> int:
     tokens: per block 6 stages (5 for a 16-token tile, stages_for in
     csrc/weight_only_kernel.cu), each of the unit's codes (8 warps x 256 x
     bits bytes), its scale slots (8 warps x 64 bytes each) and the token tile
-    (272 bytes a row), plus the driver's reserve."""
+    (272 bytes a row), plus the driver's reserve and the static variables."""
     rows, stages = (8, 6) if m <= 8 else (16, 5)
     stage = 8 * 256 * bits + 8 * 64 * (8 >> slot_log2) + rows * 272
-    return 3 * (stages * stage + _SMEM_RESERVED)
+    return 3 * (stages * stage + _SMEM_PER_BLOCK)
 
 
 def _3cta_reason(qweight) -> str | None:
@@ -736,9 +739,11 @@ def register(backend) -> None:
     specs = [KernelSpec("cuda.weight_only_post_scale_m64", "weight_only",
                         weight_only_post_scale_m64, opt_in=True, check=_check_m64,
                         **dict(common, min_m=POST_SCALE_WIDE_MAX_M + 1, max_m=POST_SCALE_M64_MAX_M)),
+             # Hopper only: on sm_80 the 80-register build spills
              KernelSpec("cuda.weight_only_post_scale_3cta", "weight_only",
                         weight_only_post_scale_3cta, opt_in=True, check=_check_3cta,
-                        **dict(common, max_m=max(POST_SCALE_3CTA_MAX_M.values()))),
+                        **dict(common, max_m=max(POST_SCALE_3CTA_MAX_M.values()),
+                               min_sm=(9, 0))),
              KernelSpec("cuda.weight_only_post_scale_acq_rel", "weight_only",
                         weight_only_post_scale_acq_rel, opt_in=True, check=_check_acq_rel,
                         **dict(common, max_m=POST_SCALE_MAX_M)),
