@@ -8,12 +8,15 @@ every unit once. On a GPU with the extension built: both decodes against the
 dense fp64 product at real and awkward sizes, batch invariance, determinism
 and errors.
 """
+import dataclasses
 import os
 
 import pytest
 import torch
 from tiny_models import kernel_op_reason
 
+import vlmkern
+from vlmkern import QuantConfig
 from vlmkern.formats import QuantizedWeight
 from vlmkern.formats.groupwise import num_groups
 from vlmkern.ops import cuda_weight_only as cw
@@ -196,6 +199,26 @@ def test_division_free_slots_hold_for_every_small_split():
                 for b, block in enumerate(cw.stream_k_parts(units, ctas, chunks)):
                     for cta, _, slot in block[1:]:
                         assert (cta * units // ctas) // chunks == b and slot == 2 * cta
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("sym", [True, False])
+def test_padding_columns_decode_to_zero_at_any_scale(bits, sym):
+    # Weights up to 62000 fit fp16, but code 0 in a padding column past K
+    # decoded to -z * s: for symmetric weights -2^(b-1) * s, beyond fp16's
+    # range, and its -Inf against the zero activations there is NaN.
+    w = torch.rand(130, 100, generator=torch.Generator().manual_seed(bits)) * 62000
+    w[:, 0] = 62000
+    qw = vlmkern.quantize_rtn(w, QuantConfig(bits=bits, group_size=None, sym=sym))
+    mw = cw.kernel_weight(qw, torch.float16)
+    padded = dataclasses.replace(mw, out_features=mw.blocks * cw.BLOCK_ROWS,
+                                 in_features=mw.chunks * cw.CHUNK)
+    for decoded in (cw.emulate_dequantize(padded), cw.post_scale_operands(padded)):
+        assert torch.isfinite(decoded).all()
+        assert not decoded[:130, 100:].any()
+    assert torch.equal(cw.emulate_dequantize(padded)[:130, :100], cw.emulate_dequantize(mw))
+    # the canonical codes come back unchanged
+    assert torch.equal(cw.packed_codes_from_layout(mw.wq, bits, 130, 100), qw.qweight)
 
 
 def test_work_split_depends_on_shape_and_device_only():

@@ -5,7 +5,11 @@ call for a weight on a device (and activation dtype) re-lays it out once, and
 the result is cached beside the weight, never in its state or checkpoints.
 
 * Rows are padded to blocks of 128 (8 tiles of 16, one per warp), columns to
-  chunks of 128 (8 k16 MMA steps). Padding codes are 0 and padding scales 0.
+  chunks of 128 (8 k16 MMA steps). Padding rows hold codes 0 and scales 0.
+  Padding columns take their row's last group's scale and hold its zero
+  point as their code, so every decode makes them 0 (code 0 there would
+  decode to -z * s, which can overflow a 16-bit float when every real weight
+  fits, and -Inf times the zero activations past K is NaN).
 * Within a 16x128 tile, lane ``4g + t`` of a warp holds, for each k16 step
   ``kt`` and A-fragment register ``r`` (PTX m16n8k16 layout), the two codes at
   row ``g + 8*(r % 2)``, columns ``16kt + 2t + 8*(r // 2) + (0, 1)``.
@@ -231,10 +235,15 @@ def layout_codes(qweight: QuantizedWeight) -> torch.Tensor:
     n, k = qweight.out_features, qweight.in_features
     nb, c = _cdiv(n, BLOCK_ROWS), _cdiv(k, CHUNK)
     wq = torch.empty(nb, c, 8, 64 * qweight.bits, dtype=torch.int32, device=qweight.qweight.device)
+    # padding columns: the zero point of the row's last group (q - z = 0 there)
+    last_zero = qweight.zeros()[:, -1:].to(torch.uint8) if c * CHUNK > k else None
     for b0, b1 in row_block_slices(nb, c):
         rows = qweight.qweight[b0 * BLOCK_ROWS: b1 * BLOCK_ROWS]
         codes = unpack_bits(rows, qweight.bits, k, dtype=torch.uint8)
-        codes = torch.nn.functional.pad(codes, (0, c * CHUNK - k, 0, (b1 - b0) * BLOCK_ROWS - codes.shape[0]))
+        if last_zero is not None:
+            z = last_zero[b0 * BLOCK_ROWS: b1 * BLOCK_ROWS]
+            codes = torch.cat([codes, z.expand(-1, c * CHUNK - k)], dim=1)
+        codes = torch.nn.functional.pad(codes, (0, 0, 0, (b1 - b0) * BLOCK_ROWS - codes.shape[0]))
         wq[b0:b1] = _pack_planes(_lane_codes(codes, b1 - b0, c), qweight.bits)
     return wq
 
