@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 try:
     triton = pytest.importorskip("triton")
     import vlmkern.ops as ops  # noqa: E402
-    from vlmkern import QuantConfig, quantize_rtn  # noqa: E402
+    from vlmkern import QuantConfig, quantize_rtn
     from vlmkern.formats import BinaryWeight, IntActWeight, QuantizedWeight  # noqa: E402
     from vlmkern.formats.groupwise import num_groups  # noqa: E402
     from vlmkern.formats.intact import qmax  # noqa: E402
