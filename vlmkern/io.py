@@ -24,7 +24,6 @@ import glob
 import hashlib
 import json
 import os
-import re
 import struct
 from pathlib import Path
 
@@ -207,9 +206,9 @@ def _remove_stale_temps(target: Path) -> None:
     """Delete the temporary files of earlier writes of ``target`` that a killed
     process left (a checkpoint's size each). Writers of one target take turns:
     a concurrent one would lose its temporary file and fail, never go unseen."""
-    pattern = re.compile(re.escape(target.name) + r"\.[0-9a-f]{12}\.tmp")
-    for leftover in target.parent.glob(f"{glob.escape(target.name)}.*.tmp"):
-        if pattern.fullmatch(leftover.name) and leftover.is_file() and not leftover.is_symlink():
+    name = f"{glob.escape(target.name)}.{'[0-9a-f]' * 12}.tmp"    # as _new_temp_file makes
+    for leftover in target.parent.glob(name):
+        if leftover.is_file() and not leftover.is_symlink():
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
 

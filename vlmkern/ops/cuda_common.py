@@ -153,6 +153,11 @@ def smem_per_block(device: torch.device) -> int:
     return _device_property(device, "shared_memory_per_block_optin")
 
 
+# Shared memory the driver keeps per thread block on top of what it asks for
+# (sm_80 and later): counts against the SM's shared memory.
+SMEM_RESERVED = 1024
+
+
 def smem_per_multiprocessor(device: torch.device) -> int:
     """Shared memory of one SM of a CUDA device, in bytes."""
     return _device_property(device, "shared_memory_per_multiprocessor")

@@ -31,6 +31,7 @@ import torch
 from ..formats.intact import IntActWeight
 from . import cuda_int_act as cia
 from .cuda_common import (
+    SMEM_RESERVED,
     LayoutCache,
     check_activations,
     multiprocessors,
@@ -43,7 +44,6 @@ from .cuda_weight_only import CTAS_PER_SM, _counters
 MAX_M = 32
 ROWS, CODES = 128, 256        # a unit: 128 rows by 256 codes of K
 ACT_DTYPES = (torch.float16, torch.bfloat16)
-SMEM_RESERVED = 1024          # the driver's shared memory per thread block (sm_80 and later)
 
 
 def smem_bytes(m: int, slot_log2: int) -> int:

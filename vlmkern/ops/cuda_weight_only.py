@@ -63,6 +63,7 @@ import torch
 from ..formats.groupwise import QuantizedWeight
 from ..formats.packing import pack_bits, packed_words, unpack_bits
 from .cuda_common import (
+    SMEM_RESERVED,
     LayoutCache,
     aligned16,
     check_activations,
@@ -649,9 +650,8 @@ def post_scale_3cta_max_m(qweight) -> int:
     return POST_SCALE_3CTA_MAX_M.get(slot_log2_for(qweight.group_size, qweight.in_features), 0)
 
 
-# Per thread block beyond its dynamic shared memory: the driver's reserve (sm_80
-# and later) and the kernel's static is_last, in the 128-byte allocation unit.
-_SMEM_PER_BLOCK = 1024 + 128
+# the kernel's static shared memory (is_last), in the 128-byte allocation unit
+_STATIC_SMEM = 128
 
 
 def smem_3cta(bits: int, slot_log2: int, m: int) -> int:
@@ -662,7 +662,7 @@ def smem_3cta(bits: int, slot_log2: int, m: int) -> int:
     (272 bytes a row), plus the driver's reserve and the static variables."""
     rows, stages = (8, 6) if m <= 8 else (16, 5)
     stage = 8 * 256 * bits + 8 * 64 * (8 >> slot_log2) + rows * 272
-    return 3 * (stages * stage + _SMEM_PER_BLOCK)
+    return 3 * (stages * stage + _STATIC_SMEM + SMEM_RESERVED)
 
 
 def _3cta_reason(qweight) -> str | None:
