@@ -167,6 +167,19 @@ def test_a_refused_file_leaves_the_model_as_it_was(ckpt):
     assert torch.equal(logits(model, inputs), expected)
 
 
+def test_an_unreadable_file_is_named_as_such(ckpt, monkeypatch):
+    real_open = open
+
+    def refuse(file, *args, **kwargs):
+        if str(file).endswith(".safetensors"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refuse)
+    with pytest.raises(CheckpointError, match="cannot be read: Permission denied"):
+        load_quantized(build_llama(seed=1)[0], ckpt[0])
+
+
 # ---------------------------------------------------------------------------
 # quantization_config fields
 # ---------------------------------------------------------------------------

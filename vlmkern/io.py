@@ -234,16 +234,19 @@ def read_header(path) -> tuple[dict, dict]:
     file = _file_path(path)
     if not file.is_file():
         raise CheckpointError(f"no checkpoint at {file}")
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{file} is not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise CheckpointError(f"{file} is truncated or not a safetensors file "
-                                  f"(header claims {n} bytes, file has {size})")
-        raw = f.read(n)
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{file} is not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise CheckpointError(f"{file} is truncated or not a safetensors file "
+                                      f"(header claims {n} bytes, file has {size})")
+            raw = f.read(n)
+    except OSError as e:  # a permission, I/O or network-filesystem error
+        raise CheckpointError(f"{file} cannot be read: {e.strerror or e}") from None
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
