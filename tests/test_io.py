@@ -140,6 +140,22 @@ def test_explicit_file_path_and_folder_path(tmp_path, llama_ckpt):
     assert folder_file.read_bytes() == file.read_bytes()          # deterministic output
 
 
+def test_separate_embeddings_and_head_do_not_load_into_a_tied_model(tmp_path):
+    model, inputs = quantized("llama", {"*": QuantConfig(4, 32)}, tie_word_embeddings=False)
+    path = save_quantized(model, tmp_path)
+    tied, _ = build_llama(seed=1, tie_word_embeddings=True)
+    expected = logits(tied, inputs)
+    with pytest.raises(CheckpointError, match="model.embed_tokens.weight and lm_head.weight are "
+                                              "one tensor in this model"):
+        load_quantized(tied, path)
+    assert torch.equal(logits(tied, inputs), expected)       # left as it was
+    # equal values under both names are one tied tensor's: they load
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+    load_quantized(tied, save_quantized(model, tmp_path / "equal"))
+    assert torch.equal(logits(tied, inputs), logits(model, inputs))
+
+
 @pytest.mark.parametrize("quantize_head", [False, True])
 def test_tied_embeddings_survive(tmp_path, quantize_head):
     plan = {"*": QuantConfig(4, 32), **({"lm_head": QuantConfig(8, 32)} if quantize_head else {})}

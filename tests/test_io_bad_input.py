@@ -247,6 +247,15 @@ def test_meta_device_model_is_rejected(ckpt):
         load_quantized(build_llama(seed=1)[0], ckpt[0], device="meta")
 
 
+def test_saving_a_meta_model_is_refused_before_any_file(tmp_path):
+    model, _ = build_llama()
+    replace_linears(model, QuantConfig(4, 32), progress=False)
+    model.to("meta")
+    with pytest.raises(ValueError, match="cannot save: .* is on the meta device"):
+        save_quantized(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("model", [object(), None, {"model.norm.weight": torch.ones(64)}],
                          ids=["object", "None", "state-dict"])
 def test_non_module_is_a_type_error(ckpt, model):

@@ -178,6 +178,19 @@ def test_laid_out_layers_compute_save_and_load_like_canonical_ones(tmp_path):
     assert not fresh[0].laid_out and torch.equal(fresh(x), y)
 
 
+def test_loading_into_a_laid_out_layer_lays_out_the_loaded_zero_points():
+    # the layout's padding columns (K = 136 and 300 are off the 128-column
+    # chunk) hold each row's last zero point: the loaded one, not the old
+    source, target = _model(), _model()
+    for layer in (source[0], source[2]):
+        layer.qzeros.copy_(torch.randint_like(layer.qzeros, 0, 1 << 30))
+    vlmkern.to_kernel_layout(target, progress=False)
+    target.load_state_dict(source.state_dict())
+    for name in ("0", "2"):
+        expected = cw.layout_codes(source.get_submodule(name).quantized_weight)
+        assert torch.equal(target.get_submodule(name).wq, expected)
+
+
 def test_loading_a_wrong_code_tensor_into_a_laid_out_layer_fails_clearly():
     model = _model()
     state = model.state_dict()

@@ -243,13 +243,85 @@ def test_multihead_attention_output_projection_stays_full_precision():
     ref = model(x)
     q, report = replace_linears(model, QuantConfig(8, 32), skip=(), progress=False)
     assert [r.module for r in report.rows] == ["fc"] and report.unreplaceable == ["attn.out_proj"]
-    assert "nn.MultiheadAttention): ['attn.out_proj']" in str(report)
+    assert "nn.MultiheadAttention's out_proj" in str(report) and "['attn.out_proj']" in str(report)
     assert not isinstance(q.attn.out_proj, QuantLinear) and isinstance(q.fc, QuantLinear)
     torch.testing.assert_close(q(x), ref, atol=0.02, rtol=0)     # runs: W8 error only
     with pytest.raises(ValueError, match="'attn.out_proj', the output projection of an "
                                          "nn.MultiheadAttention"):
         replace_linears(_PooledHead(), {"attn.out_proj": QuantConfig(8, 32)}, skip=(),
                         progress=False)
+
+
+def test_multihead_attention_output_projection_under_another_name_stays_full_precision():
+    def build():
+        model, head = nn.Module(), _PooledHead()
+        model.proj = head.attn.out_proj     # registered first under this name
+        model.head = head
+        model.forward = head.forward
+        return model
+
+    torch.manual_seed(0)
+    model, x = build(), torch.randn(2, 5, 32)
+    assert next(n for n, m in model.named_modules() if m is model.proj) == "proj"
+    ref = model(x)
+    q, report = replace_linears(model, QuantConfig(8, 32), skip=(), progress=False)
+    assert report.unreplaceable == ["proj"] and not isinstance(q.head.attn.out_proj, QuantLinear)
+    assert q.proj is q.head.attn.out_proj and isinstance(q.head.fc, QuantLinear)
+    torch.testing.assert_close(q(x), ref, atol=0.02, rtol=0)
+    for key in ("proj", "head.attn.out_proj"):
+        model = build()
+        with pytest.raises(ValueError, match="output projection of an nn.MultiheadAttention"):
+            replace_linears(model, {key: QuantConfig(8, 32)}, skip=(), progress=False)
+
+
+class _GainLinear(nn.Linear):
+    """A subclass with a forward and a parameter of its own."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.gain = nn.Parameter(torch.full((self.out_features,), 0.5))
+
+    def forward(self, x):
+        return super().forward(x) * self.gain
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _PlainSubclass(nn.Linear):
+    """Like torch's NonDynamicallyQuantizableLinear: nothing of its own."""
+
+
+@pytest.mark.parametrize("cls,why", [(_GainLinear, "its own forward"),
+                                     (_ScaledLinear, "its own forward")])
+def test_linear_subclasses_with_their_own_behaviour_stay_full_precision(cls, why):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(cls(32, 16), nn.Linear(16, 8)), torch.randn(3, 32)
+    ref = model(x)
+    q, report = replace_linears(model, QuantConfig(8, 32), skip=(), progress=False)
+    assert report.unreplaceable == ["0"] and [r.module for r in report.rows] == ["1"]
+    assert type(q[0]) is cls and "nn.Linear subclass" in str(report)
+    torch.testing.assert_close(q(x), ref, atol=0.02, rtol=0)
+    with pytest.raises(ValueError, match=f"plan names '0', an nn.Linear subclass .* {why}"):
+        replace_linears(nn.Sequential(cls(32, 16)), {"0": QuantConfig(8, 32)}, skip=(),
+                        progress=False)
+
+
+def test_a_linear_subclass_with_extra_tensors_only_stays_full_precision():
+    layer = _PlainSubclass(32, 16)
+    layer.register_buffer("mask", torch.ones(16))
+    _, report = replace_linears(nn.Sequential(layer), QuantConfig(8, 32), skip=(), progress=False)
+    assert report.unreplaceable == ["0"] and "['mask']" not in str(report)
+    with pytest.raises(ValueError, match=r"also holds \['mask'\]"):
+        replace_linears(nn.Sequential(layer), {"0": QuantConfig(8, 32)}, skip=(), progress=False)
+
+
+def test_a_linear_subclass_with_nothing_of_its_own_is_quantized():
+    _, report = replace_linears(nn.Sequential(_PlainSubclass(32, 16)), QuantConfig(8, 32),
+                                skip=(), progress=False)
+    assert [r.module for r in report.rows] == ["0"] and report.unreplaceable == []
 
 
 def test_report_with_nothing_quantized_says_so():

@@ -79,3 +79,32 @@ def test_save_and_load_keep_one_layer_under_both_names(tmp_path):
     assert again.b is again.a and isinstance(again.a, QuantLinear)
     copied = copy.deepcopy(fresh)
     assert copied.b is copied.a
+
+
+class Apart(Twice):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Linear(64, 64)          # a layer of its own
+
+
+def test_a_refused_file_leaves_every_name_of_a_shared_linear_as_it_was(tmp_path):
+    model, _ = replace_linears(Twice(), QuantConfig(4, 32), progress=False)
+    model.extra = nn.Parameter(torch.zeros(5))
+    save_quantized(model, tmp_path)
+    target = Twice()
+    target.extra = nn.Parameter(torch.zeros(6))     # refused after the layers went in
+    x = torch.randn(3, 64)
+    expected = target(x)
+    with pytest.raises(vlmkern.io.CheckpointError, match="extra has shape"):
+        load_quantized(target, tmp_path)
+    assert type(target.a) is nn.Linear and target.b is target.a
+    assert torch.equal(target(x), expected)
+
+
+def test_a_file_with_the_second_name_as_its_own_layer_is_refused_by_name(tmp_path):
+    model, _ = replace_linears(Apart(), QuantConfig(4, 32), progress=False)
+    save_quantized(model, tmp_path)
+    target = Twice()
+    with pytest.raises(vlmkern.io.CheckpointError, match="'b' is one module with 'a' in this model"):
+        load_quantized(target, tmp_path)
+    assert type(target.a) is nn.Linear and target.b is target.a

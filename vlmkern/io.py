@@ -76,6 +76,10 @@ def save_quantized(model: nn.Module, path) -> Path:
     path: a ``.safetensors`` file, or a folder (``model.safetensors`` inside).
     """
     target = _file_path(path)
+    meta = next((n for n, t in model.state_dict().items() if t.device.type == "meta"), None)
+    if meta is not None:
+        raise ValueError(f"cannot save: {meta} is on the meta device, where tensors hold no "
+                         f"data (load or compute the weights first)")
     _check_replaceable(target)
     config = quantization_config(model)
     _check_no_foreign_tensors(model)
@@ -86,9 +90,7 @@ def save_quantized(model: nn.Module, path) -> Path:
             raise ValueError(f"cannot save: {name} holds NaN or Inf values "
                              f"(load_quantized refuses such a checkpoint)")
         # Tied weights share storage; safetensors stores each storage once.
-        # (a transposed view of a square tensor has its shape, not its strides)
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
-               t.dtype, t.device) if t.numel() else None
+        key = _storage_key(t)
         if key is not None and key in seen:
             aliases[name] = seen[key]
             continue
@@ -101,6 +103,14 @@ def save_quantized(model: nn.Module, path) -> Path:
     # same model must give the same bytes
     atomic_save(tensors, target, {"quantization_config": json.dumps(config)})
     return target
+
+
+def _storage_key(t: torch.Tensor):
+    """What two state-dict entries that are one tensor (tied weights) have in
+    common, or None for an empty tensor. (A transposed view of a square tensor
+    has its shape, not its strides.)"""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
+            t.dtype, t.device) if t.numel() else None
 
 
 def _check_no_foreign_tensors(model: nn.Module) -> None:
@@ -336,10 +346,17 @@ def load_quantized(model: nn.Module, path, device=None) -> nn.Module:
 
     from .replace import set_module, shared_names
     modules, aliases = dict(model.named_modules()), shared_names(model)
-    # every module a check below may already have replaced, to put back when
-    # one fails: a refused file leaves the model as it was
-    replaced = {place: modules[place] for name in config["modules"]
-                for place in (name, *aliases.get(name, ())) if place in modules}
+    first_name = {other: name for name, others in aliases.items() for other in others}
+    for name in config["modules"]:
+        if name in first_name:
+            raise CheckpointError(f"{file}: {name!r} is one module with {first_name[name]!r} in "
+                                  f"this model (a layer under two names), but the checkpoint "
+                                  f"holds it as a layer of its own")
+    # every module a check below may already have replaced, under each of its
+    # names, to put back when one fails: a refused file leaves the model as it was
+    every_module = dict(model.named_modules(remove_duplicate=False))
+    replaced = {place: every_module[place] for name in config["modules"]
+                for place in (name, *aliases.get(name, ())) if place in every_module}
     try:
         for name, entry in config["modules"].items():
             _install_module(model, modules, name, entry, tensors, file, device)
@@ -372,6 +389,19 @@ def _check_state(state: dict, tensors: dict, file) -> None:
         if tuple(t.shape) != tuple(tensors[k].shape):
             raise CheckpointError(f"{file}: {k} has shape {tuple(tensors[k].shape)}, the model "
                                   f"expects {tuple(t.shape)}")
+    # names that are one tensor in the model (tied weights) take one value:
+    # else the last one loaded would silently stand for both
+    first = {}
+    for k, t in state.items():
+        key = _storage_key(t)
+        if key is None:
+            continue
+        other = first.setdefault(key, k)
+        if other != k and not torch.equal(tensors[k], tensors[other]):
+            raise CheckpointError(f"{file}: {other} and {k} are one tensor in this model (tied "
+                                  f"weights), but the file holds different values for them; "
+                                  f"was it saved from a model without that tie?")
+    for k, t in state.items():
         if t.is_floating_point():
             _check_float_tensor(tensors[k], k, file)
             if t.dtype != tensors[k].dtype and not bool(torch.isfinite(tensors[k].to(t.dtype)).all()):

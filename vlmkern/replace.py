@@ -58,8 +58,9 @@ class ReplaceRow:
 class ReplaceReport:
     rows: list[ReplaceRow] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)       # linears the skip list kept
-    # linears whose parent reads their .weight itself (nn.MultiheadAttention's
-    # out_proj), matched by a pattern but left in full precision
+    # linears a quantized layer cannot stand in for, matched by a pattern but
+    # left in full precision: nn.MultiheadAttention's out_proj (its parent
+    # reads .weight itself), nn.Linear subclasses with their own forward or tensors
     unreplaceable: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)          # linears a plan entry set to None
     unmatched: list[str] = field(default_factory=list)     # linears no pattern reached
@@ -93,8 +94,10 @@ class ReplaceReport:
             lines.append(f"{self.already_quantized} linears were already quantized and were "
                          f"left as they are")
         if self.unreplaceable:
-            lines.append(f"left in full precision because their parent module reads their "
-                         f"weight itself (nn.MultiheadAttention): {self.unreplaceable}")
+            lines.append(f"left in full precision because a quantized layer cannot stand in "
+                         f"for them (an nn.MultiheadAttention's out_proj, read by its parent, "
+                         f"or an nn.Linear subclass with its own forward or tensors): "
+                         f"{self.unreplaceable}")
         if self.skip_shadowed:
             lines.append(f"plan patterns that matched only skipped linears (the skip list wins "
                          f"over patterns; name a module exactly to quantize it): "
@@ -230,11 +233,11 @@ def _resolve(model: nn.Module, plan, skip):
                                  f"{said[0][1][1]!r} and {d[0]} {d[1]!r}); give both the same")
         used.update(d[2] for _, d in said if d[2] is not None)
         kind, entry, hit = said[0][1]
-        if kind == "quantize" and name in owned:
-            if hit == name:
-                raise ValueError(f"plan names {name!r}, the output projection of an "
-                                 f"nn.MultiheadAttention, which reads its weight itself: it "
-                                 f"cannot hold a quantized layer")
+        why = _irreplaceable(module, [name, *aliases.get(name, ())], owned)
+        if kind == "quantize" and why:
+            if any(key in plan for key in [name, *aliases.get(name, ())]):
+                raise ValueError(f"plan names {hit!r}, {why}: it cannot become a quantized "
+                                 f"layer")
             report.unreplaceable.append(name)
         elif kind == "quantize":
             targets[name] = entry
@@ -243,6 +246,20 @@ def _resolve(model: nn.Module, plan, skip):
     report.skip_shadowed = [p for p in plan if p not in used and p in shadowed]
     report.unused_patterns = [p for p in plan if p not in used and p not in shadowed]
     return targets, report, aliases
+
+
+def _irreplaceable(module: nn.Linear, names: list[str], owned: set[str]) -> str | None:
+    """Why a quantized layer cannot stand in for this linear, or None."""
+    if any(n in owned for n in names):
+        return "the output projection of an nn.MultiheadAttention, which reads its weight itself"
+    kind = type(module).__name__
+    if type(module).forward is not nn.Linear.forward:
+        return f"an nn.Linear subclass ({kind}) with its own forward"
+    extra = [n for n, _ in module.named_parameters() if n not in ("weight", "bias")]
+    extra += [n for n, _ in module.named_buffers()]
+    if extra:
+        return f"an nn.Linear subclass ({kind}) that also holds {extra}"
+    return None
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

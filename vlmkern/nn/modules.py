@@ -240,8 +240,10 @@ class _LayoutLinear(QuantLinear):
         """The CANONICAL tensors of the laid-out weight."""
         raise NotImplementedError
 
-    def _held_of_canonical(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """The HELD tensor made from the CANONICAL tensors (in that order)."""
+    def _held_of_canonical(self, tensors: list[torch.Tensor],
+                           others: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The HELD tensor made from the CANONICAL tensors (in that order) and
+        the layer's other tensors, taken from ``others`` where given there."""
         raise NotImplementedError
 
     def saved_tensor_names(self) -> list[str]:
@@ -278,8 +280,15 @@ class _LayoutLinear(QuantLinear):
                 error_msgs.extend(bad)
             else:
                 device = self._buffers[self.HELD].device
+                # the layout also holds values of the other tensors (the
+                # padding's zero points): take those being loaded, not the old
+                others = {name: state_dict[prefix + name].to(device=device, dtype=b.dtype)
+                          for name, b in self._buffers.items()
+                          if name != self.HELD and isinstance(b, torch.Tensor)
+                          and isinstance(state_dict.get(prefix + name), torch.Tensor)
+                          and state_dict[prefix + name].shape == b.shape}
                 state_dict[prefix + self.HELD] = self._held_of_canonical(
-                    [t.to(device) for t in given])
+                    [t.to(device) for t in given], others)
         elif self.laid_out:     # some canonical tensors absent: the layout cannot be made
             state_dict = {k: v for k, v in state_dict.items() if k not in keys}
         before = len(missing_keys)
@@ -318,9 +327,10 @@ class WeightOnlyLinear(_LayoutLinear):
     def _canonical_of_held(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.quantized_weight.packed_codes()}
 
-    def _held_of_canonical(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return layout_codes(QuantizedWeight(tensors[0], self.scales, self.qzeros, self.perm,
-                                            **self._meta))
+    def _held_of_canonical(self, tensors: list[torch.Tensor],
+                           others: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = {name: others.get(name, getattr(self, name)) for name in ("scales", "qzeros", "perm")}
+        return layout_codes(QuantizedWeight(tensors[0], **parts, **self._meta))
 
 
 class IntActLinear(QuantLinear):
@@ -355,8 +365,10 @@ class BinaryLinear(_LayoutLinear):
         canonical = self.quantized_weight.canonical()
         return {"sign": canonical.sign, "aux": canonical.aux}
 
-    def _held_of_canonical(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        binary = BinaryWeight(*tensors, self.salient, self.stats, **self._meta)
+    def _held_of_canonical(self, tensors: list[torch.Tensor],
+                           others: dict[str, torch.Tensor]) -> torch.Tensor:
+        binary = BinaryWeight(*tensors, others.get("salient", self.salient),
+                              others.get("stats", self.stats), **self._meta)
         return LaidOutBinaryWeight.from_binary(binary).codes
 
 
