@@ -801,3 +801,19 @@ if os.environ.get("VLMKERN_SANITIZE"):   # small run under compute-sanitizer mem
             qw = make_intact(4608, 200, 8, 8, None, seed=1, device="cuda")
             cia.int_act_matmul(act(2100, 200, torch.float16), qw, path="tma")
         torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(1, 5).t(),                  # one column: strides (1, 5)
+    lambda: torch.randn(6, 5).t(),                  # transposed
+    lambda: torch.randn(5, 1).expand(5, 3),         # broadcast rows
+    lambda: torch.randn(20).unfold(0, 4, 2),        # overlapping windows
+    lambda: torch.randn(5, 8)[:, ::2],              # column stride 2
+])
+def test_dense_rows_gives_what_the_launchers_check(make):
+    # the bindings take x with unit column stride and rows that do not overlap
+    from vlmkern.ops.cuda_common import dense_rows
+    x = make()
+    d = dense_rows(x)
+    assert d.stride(1) == 1 and (d.shape[0] <= 1 or d.stride(0) >= d.shape[1])
+    assert torch.equal(d, x)

@@ -266,6 +266,31 @@ def test_prefill_dequantize_runs_the_fast_kernel(monkeypatch):
     assert seen == {"fast": True} and y.shape == (3, 8)
 
 
+def test_prefill_dequantize_takes_strided_weight_tensors(monkeypatch):
+    """The format lets a weight's tensors be strided (the torch and Triton
+    paths take them); the dequantize op's checks want dense rows."""
+    import dataclasses
+
+    import vlmkern.ext
+    from vlmkern.formats.groupwise import QuantizedWeight
+    from vlmkern.ops.builtin import _cuda_dequant_matmul
+
+    def checked(qweight, qzeros, scales, bits, group_size, in_features, out_dtype, fast=False):
+        vlmkern.ext._check_dequant_args(qweight, qzeros, scales, bits, group_size, in_features,
+                                        out_dtype)
+        return QuantizedWeight(qweight, scales, qzeros, None, bits, group_size,
+                               in_features).dequantize(out_dtype)
+
+    monkeypatch.setattr(vlmkern.ext, "dequant_groupwise", checked)
+    codes, zeros, _, _, scales = make_case(8, 64, 4, 32, False, torch.float16)
+    qw = QuantizedWeight.from_codes(codes, scales, zeros, 4, 32)
+    strided = dataclasses.replace(qw, **{name: getattr(qw, name).t().contiguous().t()
+                                         for name in ("qweight", "scales", "qzeros")}).validate()
+    assert not strided.scales.is_contiguous()
+    x = torch.randn(3, 64, dtype=torch.float16)
+    assert torch.equal(_cuda_dequant_matmul(x, strided, None), _cuda_dequant_matmul(x, qw, None))
+
+
 # (N, K): K a multiple of 256, K not a multiple of 256 (idle lanes in each
 # row's last unit), units of one warp spanning rows, K below one group, and K
 # not a multiple of 8 (general kernel only).

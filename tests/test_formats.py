@@ -694,3 +694,27 @@ def test_binary_dequantize_is_the_rule_bit_for_bit(monkeypatch, stats_dtype, k, 
         assert torch.equal(bw.dequantize(dtype), _elementwise_binary_decode(bw, dtype)), dtype
     monkeypatch.setattr(binary, "_SLICE_WEIGHTS", 2 * k)      # two rows at a time
     assert torch.equal(bw.dequantize(), _elementwise_binary_decode(bw, torch.float32))
+
+
+def test_numpy_scalars_in_the_metadata_become_python_numbers():
+    # metadata goes into checkpoints as JSON and into compiled graphs as a literal
+    import ast
+    import json
+
+    import numpy as np
+
+    from vlmkern.ops.compiled import describe
+
+    w = torch.randn(8, 64)
+    act = vlmkern.quantize_rtn(w, IntActConfig(8, 8, group_size=32, act_scale=0.05))
+    act = dataclasses.replace(act, act_scale=np.float32(0.05), group_size=np.int64(32))
+    wo = dataclasses.replace(vlmkern.quantize_rtn(w, QuantConfig(4, 32)), bits=np.int32(4))
+    for weight in (act, wo):
+        meta = weight.meta()
+        assert all(type(v) in (int, float, type(None)) for v in meta.values()), meta
+        assert json.loads(json.dumps(meta)) == meta
+        assert ast.literal_eval(describe(weight))[1] == tuple(meta.values())
+    assert act.act_scale == float(np.float32(0.05)) and act.group_size == 32
+    with pytest.raises(FormatError, match="group_size"):
+        dataclasses.replace(wo, group_size=32.0)    # a float is still no group size
+

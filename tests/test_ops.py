@@ -463,6 +463,13 @@ def test_which_kernel_on_cpu(weights, fmt, kernel, dtype):
     assert ops.which_kernel(_x((3,), dtype), weights[fmt]) == kernel
 
 
+@pytest.mark.parametrize("fmt", ["w4g32", "binary", "w8a8"])
+def test_which_kernel_for_an_empty_batch_says_nothing_runs(weights, fmt):
+    x = _x((3,), torch.float32)[:0]
+    assert ops.linear(x, weights[fmt]).shape == (0, weights[fmt].out_features)
+    assert ops.which_kernel(x, weights[fmt]).startswith("none: nothing to compute")
+
+
 def test_quantized_layers_trace_whole_under_torch_compile(monkeypatch):
     # The dispatch (validation, selection, the layer's cached weight) must not
     # break a torch.compile graph. The finite check is a data-dependent branch

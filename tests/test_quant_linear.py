@@ -103,6 +103,26 @@ def test_load_state_dict_names_the_tensor_of_the_wrong_shape(name, shape):
         q.load_state_dict(sd)
 
 
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_load_state_dict_under_inference_mode_drops_cached_kernel_layouts(kind):
+    # inference tensors have no version counter, and loading writes into the
+    # same storage: only a new weight object makes the layout caches miss
+    from vlmkern.ops import cuda_weight_only as cw
+    with torch.inference_mode():
+        layer = _layer(kind)
+        torch.manual_seed(1)
+        other = QuantLinear.from_linear(torch.nn.Linear(256, 16), CONFIGS[kind])
+        old = layer.quantized_weight
+        cached = cw.kernel_weight(old, torch.float16) if kind == "w4" else None
+        layer.load_state_dict(other.state_dict())
+        assert layer.quantized_weight is not old
+        assert torch.equal(layer.quantized_weight.dequantize(), other.quantized_weight.dequantize())
+        if kind == "w4":
+            now = cw.kernel_weight(layer.quantized_weight, torch.float16)
+            assert now is not cached
+            assert torch.equal(now.wq, cw.to_mma_layout(other.quantized_weight, torch.float16).wq)
+
+
 def test_replace_linears_says_when_linears_are_already_quantized():
     from vlmkern import replace_linears
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))

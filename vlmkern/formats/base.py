@@ -8,6 +8,7 @@ it is rebuilt (and validated) on load.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import ClassVar
 
 import torch
@@ -118,6 +119,13 @@ class PackedWeight:
         return self.to("cpu")
 
     def __post_init__(self):
+        # numpy scalars become Python numbers: the metadata is written as JSON
+        # into checkpoints and as a Python literal into compiled graphs
+        for name in self.META:
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+                plain = int(value) if isinstance(value, numbers.Integral) else float(value)
+                setattr(self, name, plain)
         # scalar fields only, no tensor reads: cheap enough for every
         # construction, so dataclasses.replace and hand-built weights are
         # checked too (ops.linear does not re-read a weight's tensors per call)

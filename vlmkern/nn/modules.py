@@ -152,6 +152,11 @@ class QuantLinear(nn.Module):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        # The buffers took the new values in place: a new weight object, so no
+        # kernel reuses a layout cached for the old one (the caches also watch
+        # version counters, but tensors made under inference_mode have none).
+        self.__dict__.pop("_packed", None)
+        self.quantized_weight  # noqa: B018
 
     def _lossy_casts(self, state_dict, prefix) -> list[str]:
         """Loading copies each tensor into the layer's buffer, in the buffer's

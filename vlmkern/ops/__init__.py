@@ -146,6 +146,8 @@ def which_kernel(x: torch.Tensor, qweight: PackedWeight) -> str:
     from . import builtin  # noqa: F401
 
     x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0 or qweight.out_features == 0:
+        return "none: nothing to compute (no tokens or no outputs; linear returns an empty result)"
     return explain(OP_OF_FORMAT[qweight.FORMAT], x2, qweight)
 
 

@@ -82,9 +82,11 @@ def _cuda_dequant_matmul(x, qweight, bias):
         return reference.stored_order_linear(x, qweight.dequantize_stored(x.dtype), qweight.perm,
                                              bias)
     from ..ext import dequant_groupwise
-    w = dequant_groupwise(qweight.qweight, qweight.qzeros, qweight.scales, qweight.bits,
-                          qweight.group_size or qweight.in_features, qweight.in_features,
-                          x.dtype, fast=True)
+    # the format lets a weight's tensors be strided; the kernel reads dense rows
+    qzeros = qweight.qzeros.contiguous() if qweight.qzeros is not None else None
+    w = dequant_groupwise(qweight.qweight.contiguous(), qzeros, qweight.scales.contiguous(),
+                          qweight.bits, qweight.group_size or qweight.in_features,
+                          qweight.in_features, x.dtype, fast=True)
     return reference.stored_order_linear(x, w, qweight.perm, bias)
 
 

@@ -198,7 +198,9 @@ def dense_rows(x: torch.Tensor) -> torch.Tensor:
     so they are copied; any other x is passed through."""
     if x.stride(1) == 1 and (x.shape[0] <= 1 or x.stride(0) >= x.shape[1]):
         return x
-    return x.contiguous()
+    # (not .contiguous(): it keeps a one-column x's stride, which a size-1
+    # dimension makes irrelevant to torch but not to the launchers' checks)
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def aligned16(t: torch.Tensor) -> torch.Tensor:

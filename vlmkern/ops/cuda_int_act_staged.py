@@ -34,6 +34,7 @@ from .cuda_common import (
     SMEM_RESERVED,
     LayoutCache,
     check_activations,
+    dense_rows,
     multiprocessors,
     require_op,
     smem_per_block,
@@ -145,7 +146,7 @@ def int_act_staged(x: torch.Tensor, qweight: IntActWeight,
         bias = (bias if bias.dtype in cia.BIAS_DTYPES else bias.float()).contiguous()
     sw = kernel_weight(qweight)
     lay = sw.layout
-    q, sx = torch.ops.vlmkern.int_act_quantize(x.contiguous(), qweight.a_bits, qweight.act_scale,
+    q, sx = torch.ops.vlmkern.int_act_quantize(dense_rows(x), qweight.a_bits, qweight.act_scale,
                                                lay.group, lay.group_pad, lay.k_pad, cia.MODE_I8)
     blocks, chunks = sw.wq.shape[0], sw.wq.shape[1]
     ctas = launch_ctas(blocks * chunks, multiprocessors(x.device),
