@@ -486,7 +486,11 @@ def _counters(device: torch.device, blocks: int) -> torch.Tensor:
     a capture takes the spare that eager calls keep ready, since nothing can
     be made outside its pool during the capture itself. A capture's buffer is
     kept for good (a few KB): its graph may be replayed at any time."""
-    index, stream = device.index, torch.cuda.current_stream(device).cuda_stream
+    # "cuda" and "cuda:0" are one buffer when device 0 is current
+    index = device.index
+    if index is None and device.type == "cuda":
+        index = torch.cuda.current_device()
+    stream = torch.cuda.current_stream(device).cuda_stream
     key = (index, stream)
     size = max(blocks, 1024)
     if torch.cuda.is_current_stream_capturing():
