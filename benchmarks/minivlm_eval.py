@@ -86,7 +86,7 @@ def build_variant(name, model, processor, device):
 
 
 def write(results: dict, meta: dict) -> None:
-    from vlmkern.eval.report import markdown_table, plot_accuracy
+    from vlmkern.eval.report import bytes_notes, markdown_table, plot_accuracy
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     ordered = [results[n] for n in VARIANTS if n in results]
@@ -99,7 +99,7 @@ def write(results: dict, meta: dict) -> None:
              "seed 0, through `quantize_model`. Wall times (`quant s`, `eval s`) come "
              "from a shared, heavily loaded 2-core machine: upper bounds.", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
-    lines += [markdown_table(ordered), ""]
+    lines += [markdown_table(ordered), ""] + bytes_notes(ordered)
     lines += ["| variant | calibration | quantize CPU s | eval CPU s |", "|---|---|---:|---:|"]
     for r in ordered:
         cpu = [r.get("quantize_cpu_seconds"), r.get("eval_cpu_seconds")]

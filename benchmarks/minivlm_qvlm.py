@@ -148,7 +148,7 @@ def _choice_summary(choices) -> str:
 
 
 def write(results: dict, meta: dict) -> None:
-    from vlmkern.eval.report import markdown_table
+    from vlmkern.eval.report import bytes_notes, markdown_table
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     ordered = [results[n] for n in VARIANTS if n in results]
@@ -163,7 +163,7 @@ def write(results: dict, meta: dict) -> None:
              f"{meta['search_samples']} of them. `quant s` is wall time on a shared 2-core "
              "CPU: an upper bound.", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
-    lines += [markdown_table(ordered), ""]
+    lines += [markdown_table(ordered), ""] + bytes_notes(ordered)
     searched = [r for r in ordered if r.get("choices")]
     if searched:
         lines += ["## Q-VLM searches", "",

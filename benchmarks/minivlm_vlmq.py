@@ -142,7 +142,7 @@ def build_variant(name, model, processor, samples, device, progress):
 
 
 def write(results: dict, meta: dict) -> None:
-    from vlmkern.eval.report import markdown_table
+    from vlmkern.eval.report import bytes_notes, markdown_table
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     ordered = [results[n] for n in VARIANTS if n in results]
@@ -157,7 +157,7 @@ def write(results: dict, meta: dict) -> None:
              f"Diagnostic rows ({', '.join(DIAGNOSTIC)}: VLMQ weighting q/k/v only) "
              "support the findings; they are not recommended settings.", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
-    lines += [markdown_table(ordered), ""]
+    lines += [markdown_table(ordered), ""] + bytes_notes(ordered)
     vlmq = [r for r in ordered if r.get("importance")]
     if vlmq:
         share = meta.get("image_token_share")

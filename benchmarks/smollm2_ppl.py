@@ -129,7 +129,8 @@ def main(argv=None) -> int:
             f"held-out tokens; CPU: {platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}. Bytes count every "
             f"packed code, scale, zero, bitmap and statistic of the decoder linears "
-            f"(fp row: fp16). Calibration seconds are wall time on a 2-core machine that other "
+            f"(fp row: fp16; sign row: an estimate, 1 bit per weight plus an fp16 scale per "
+            f"row, a packing vlmkern does not have). Calibration seconds are wall time on a 2-core machine that other "
             f"jobs shared during most of these runs, so they are upper bounds (one GPTQ "
             f"setting measured on the idle machine took 49 s).")
     RESULTS.mkdir(parents=True, exist_ok=True)

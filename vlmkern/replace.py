@@ -87,7 +87,8 @@ class ReplaceReport:
         if self.rows:
             done = (f"{len(self.rows)} linears quantized: {self.bytes_before:,} -> "
                     f"{self.bytes_after:,} bytes "
-                    f"({self.bytes_before / self.bytes_after:.2f}x smaller)")
+                    f"({self.bytes_before / self.bytes_after:.2f}x smaller than the weights "
+                    f"as the model held them, in its dtype)")
         lines.append(f"{done}; {len(self.skipped)} skipped, {len(self.kept)} kept, "
                      f"{len(self.unmatched)} not in plan")
         if self.already_quantized:

@@ -54,6 +54,13 @@ def plot_accuracy(results: list[dict], path: Path) -> str | None:
     return None
 
 
+def bytes_notes(results: list[dict]) -> list[str]:
+    """Markdown lines saying what the bytes column counts (the same for every
+    row of one harness), each followed by a blank line."""
+    notes = sorted({r["weight_bytes_note"] for r in results if r.get("weight_bytes_note")})
+    return [line for note in notes for line in (f"Decoder linear bytes: {note}.", "")]
+
+
 def write_report(results: list[dict], out_dir, meta: dict | None = None) -> dict:
     """results.json, results.md and accuracy_vs_bits.png in ``out_dir``;
     returns {kind: path} of what was written plus 'plot_skipped' if any."""
@@ -66,10 +73,7 @@ def write_report(results: list[dict], out_dir, meta: dict | None = None) -> dict
     lines = ["# Mini VLM evaluation", ""]
     if meta:
         lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
-    lines += [markdown_table(results), ""]
-    # what the bytes column counts (the same for every row of one harness)
-    notes = sorted({r["weight_bytes_note"] for r in results if r.get("weight_bytes_note")})
-    lines += [f"Decoder linear bytes: {note}." for note in notes] + ([""] if notes else [])
+    lines += [markdown_table(results), ""] + bytes_notes(results)
     (out / "results.md").write_text("\n".join(lines))
     written["markdown"] = out / "results.md"
     why = plot_accuracy(results, out / "accuracy_vs_bits.png")
