@@ -72,12 +72,24 @@ def test_perplexity_by_hand_and_mask():
 
 
 @pytest.mark.parametrize("text,digit", [
-    ("It is 7.", 7), ("7", 7), ("It is seven.", 7), ("SEVEN", 7), ("zero", 0),
-    ("It is 10.", 1), ("3 or 8", 3), ("eight, not 3", 8), ("none of them", None),
-    ("someone wrote it", None), ("", None), ("It is a digit.", None), ("x9y", 9),
+    ("It is 7.", 7), ("7", 7), ("It is seven.", 7), ("SEVEN", 7), ("zero", 0), ("x9y", 9),
+    ("none of them", None), ("someone wrote it", None), ("", None), ("It is a digit.", None),
+    ("The number 2 is 2.", 2), ("1. 1. 1.", 1), ("Seven, seven.", 7),
+    ("The number 9 is the only one", 9),      # beside a number, words are prose
+    # a number of several digits, or numbers that disagree, name no one digit
+    ("It is 10.", None), ("It is 11.", None), ("11111111", None), ("3 or 8", None),
+    ("The number 6 is 8.", None), ("It is 07.", None), ("It is 2.222", None),
+    ("seven or eight", None),
 ])
 def test_parse_digit(text, digit):
     assert parse_digit(text) == digit
+
+
+def test_agreement_counts_only_answers_naming_the_same_digit():
+    from vlmkern.eval.metrics import agreement
+    assert agreement(["It is 7.", "no idea", "It is 11.", "three"], [7, None, 1, 3]) == 0.5
+    with pytest.raises(ValueError):
+        agreement(["It is 7."], [7, 1])
 
 
 def test_vqa_accuracy():
@@ -196,3 +208,34 @@ def test_eval_command_refuses_bad_options_before_any_work(flags, message, capsys
     flags = [str(a_file) if f == "__file__" else f for f in flags]
     assert main(["eval", *flags]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("methods", ["rtn-w4g64,fp", "fp,rtn-w4g64", "rtn-w4g64"])
+def test_eval_command_scores_every_variant_against_fp(methods, monkeypatch, tmp_path):
+    # wherever --methods lists fp (or leaves it out), every variant gets its
+    # agreement with the FP answers
+    import vlmkern.minivlm.model as minivlm
+    from vlmkern import replace
+    from vlmkern.eval import cli, harness
+
+    class Sizes:
+        sizes: dict = {}  # noqa: RUF012
+
+    seen = []
+
+    def fake_evaluate(model, evalset, name, fp_reference=None, extra=None, exact_ops=False):
+        seen.append((name, fp_reference is not None))
+        res = {"name": name, "vqa_accuracy": 0.5, "kl": 0.0, "top1": 1.0, "perplexity": 1.0,
+               "bits_per_weight": 16.0, "eval_seconds": 0.0, "answers": ["It is 1."]}
+        if fp_reference is not None:
+            res["agree_fp"] = 1.0
+        return res
+
+    monkeypatch.setattr(minivlm, "build_minivlm", lambda *a, **k: (torch.nn.Linear(2, 2), None))
+    monkeypatch.setattr(harness.EvalSet, "build", classmethod(lambda cls, *a, **k: Sizes()))
+    monkeypatch.setattr(harness, "evaluate", fake_evaluate)
+    monkeypatch.setattr(replace, "replace_linears", lambda m, cfg, progress=False: (m, None))
+    args = cli.build_parser().parse_args(["--methods", methods, "--out", str(tmp_path)])
+    cli.run_eval(args)
+    assert seen[0] == ("fp", False) and ("rtn-w4g64", True) in seen
+    assert len(seen) == 2

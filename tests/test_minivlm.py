@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+from vlmkern.eval.metrics import parse_digit
 from vlmkern.minivlm import assets  # noqa: E402
 
 if not assets.assets_available():
@@ -98,7 +99,7 @@ def test_answers_heldout_digits(vlm):
     rows = tp.eval_subset(test_idx, labels, 10)
     answers = processor.answer(model, list(images[rows]), ["What digit is this?"] * len(rows),
                                max_new_tokens=8)
-    right = sum(tp.parse_digit(a) == labels[i] for a, i in zip(answers, rows))
+    right = sum(parse_digit(a) == labels[i] for a, i in zip(answers, rows))
     assert right >= 6, list(zip(answers, labels[rows]))
 
 

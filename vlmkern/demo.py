@@ -16,7 +16,7 @@ weight except FP):
     FP                  -                   0.825    1.000     0         1
     RTN W4 g64          none                0.375    0.375     0.906     0.705
     GPTQ W4 g64         32 mixed            0.825    0.800     0.478     0.742
-    GPTQ W4 g64         16 mixed            0.775    0.825     0.512     0.757
+    GPTQ W4 g64         16 mixed            0.750    0.800     0.512     0.757
     GPTAQ W4 g64        32 mixed            0.850    0.900     0.110     0.875
     GPTAQ W4 g64        16 mixed            0.775    0.850     0.116     0.875
     GPTAQ W4 g64        32 text only        0.725    0.725     0.855     0.661
@@ -30,7 +30,7 @@ sys, one thread; the wall time on a busy shared machine was longer);
 the same KL. VQA on 40 digits moves in steps of 0.025, so KL and agreement decide
 between close rows. The numbers depend on the CPU thread count: a
 different float summation order flips some of GPTAQ's rounding decisions
-(with 2 threads the demo printed VQA 0.800, agreement 0.825, KL 0.105; with
+(with 2 threads the demo printed VQA 0.775, agreement 0.850, KL 0.109; with
 OMP_NUM_THREADS=1 it reproduces the row above exactly).
 
 ``--synthetic`` runs the older demo on a random 4-layer Llama instead (no

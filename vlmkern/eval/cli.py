@@ -83,9 +83,10 @@ def run_eval(args) -> int:
                             n_ppl=args.n_ppl, ppl_seq_len=args.ppl_seq_len)
     build_s = time.perf_counter() - t
     print(f"evaluation set ready in {build_s:.1f} s: {evalset.sizes}", flush=True)
+    # agreement is always measured against FP answers: FP is scored first
+    names = sorted(names, key=lambda n: configs[n] is not None)
     fp_ref = None
-    if "fp" not in [n.lower() for n in names]:
-        # agreement is always measured against FP answers
+    if configs[names[0]] is not None:
         fp_ref = evaluate(model, evalset, "fp", exact_ops=args.exact_ops)
     results = []
     for name in names:

@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .metrics import kl_and_top1, parse_digit, vqa_accuracy
+from .metrics import agreement, kl_and_top1, parse_digit, vqa_accuracy
 
 QUESTION = "What digit is this?"
 # Calibration (``vlmkern quantize``) reads the corpus from its start,
 # 32 x 256 tokens by default; skipping 64 x 256 keeps perplexity text unseen
-# by any calibration of up to 64 windows of 256 (or 32 of 512).
+# by any calibration of up to 64 windows of 256 (or 32 of 512). The split is
+# by position: the Lee corpus holds one ~92-token paragraph twice, once in
+# each part (tokens 18-110 of the first perplexity window).
 PPL_SKIP_TOKENS = 64 * 256
 BYTES_NOTE = ("sum of QuantLinear.quantized_weight.nbytes (packed weights + scales/zeros) "
               "and 2 bytes per weight of any nn.Linear left in the language model's "
@@ -253,7 +255,7 @@ def _score(model, evalset, name, fp_reference, extra) -> dict:
         ref = [parse_digit(a) for a in fp_reference["answers"]]
         if len(ref) != len(answers):
             raise ValueError("fp_reference was scored on a different EvalSet")
-        res["agree_fp"] = sum(parse_digit(a) == r for a, r in zip(answers, ref)) / len(ref)
+        res["agree_fp"] = agreement(answers, ref)
         res["d_vqa_accuracy"] = res["vqa_accuracy"] - fp_reference["vqa_accuracy"]
         res["ppl_ratio"] = res["perplexity"] / fp_reference["perplexity"]
     res["answers"] = answers

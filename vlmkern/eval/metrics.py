@@ -13,8 +13,8 @@ import re
 import torch
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-# a digit character, or a spelled digit as a whole word ("none" is not "one")
-_DIGIT_RE = re.compile(r"[0-9]|\b(" + "|".join(DIGIT_WORDS) + r")\b", re.IGNORECASE)
+# a spelled digit as a whole word ("none" is not "one")
+_WORD_RE = re.compile(r"\b(" + "|".join(DIGIT_WORDS) + r")\b", re.IGNORECASE)
 
 
 def _select(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -73,14 +73,16 @@ def perplexity_from_logits(logits: torch.Tensor, targets: torch.Tensor,
 
 
 def parse_digit(text: str) -> int | None:
-    """The first digit in ``text``, written as a character ("It is 7.") or a
-    word ("seven"); None when there is none. "10" gives 1: only single digits
-    are valid answers, so the first character is what the model committed to."""
-    m = _DIGIT_RE.search(text or "")
-    if m is None:
-        return None
-    word = m.group(1)
-    return DIGIT_WORDS.index(word.lower()) if word else int(m.group())
+    """The digit an answer names: the one digit its numbers all spell ("It
+    is 7.", "The number 7 is 7."), or without numbers its one spelled digit
+    ("seven"; words such as "the only one" beside a number are prose). None
+    for no digit, a number of several digits ("It is 11.", "11111") or
+    numbers that disagree ("The number 6 is 8."): none names one digit."""
+    numbers = re.findall(r"[0-9]+", text or "")
+    if numbers:
+        return int(numbers[0]) if len(set(numbers)) == 1 and len(numbers[0]) == 1 else None
+    words = {w.lower() for w in _WORD_RE.findall(text or "")}
+    return DIGIT_WORDS.index(words.pop()) if len(words) == 1 else None
 
 
 def vqa_accuracy(answers, labels) -> float:
@@ -92,3 +94,14 @@ def vqa_accuracy(answers, labels) -> float:
     if not answers:
         raise ValueError("no answers to score")
     return sum(parse_digit(a) == y for a, y in zip(answers, labels)) / len(answers)
+
+
+def agreement(answers, reference_digits) -> float:
+    """Fraction of answers naming the same digit as the reference's; two
+    answers that name none do not agree."""
+    answers, reference_digits = list(answers), list(reference_digits)
+    if len(answers) != len(reference_digits) or not answers:
+        raise ValueError(f"{len(answers)} answers for {len(reference_digits)} reference digits")
+    return sum(d is not None and parse_digit(a) == d
+               for a, d in zip(answers, reference_digits)) / len(answers)
+

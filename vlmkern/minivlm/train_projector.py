@@ -33,7 +33,6 @@ import copy
 import hashlib
 import json
 import math
-import re
 import time
 from pathlib import Path
 
@@ -79,11 +78,6 @@ def eval_subset(test_idx: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
                 out.append(per[d][k])
         k += 1
     return np.array(sorted(out))
-
-
-def parse_digit(text: str) -> int | None:
-    m = re.search(r"\d", text)
-    return int(m.group()) if m else None
 
 
 @torch.no_grad()
@@ -292,6 +286,7 @@ def train(steps: int = 40, batch: int = 16, lr: float = 1e-3, seed: int = 0,
 def evaluate(model, processor, images, labels, rows, batch: int = 20,
              progress: bool = True) -> dict:
     """Greedy VQA accuracy on digits ``rows`` through the full fp32 model."""
+    from ..eval.metrics import parse_digit
     start, right, answers = time.perf_counter(), 0, []
     for s in range(0, len(rows), batch):
         r = rows[s:s + batch]
