@@ -35,13 +35,18 @@ def test_identity_hessian_equals_binarize():
     assert len(stats["salient_per_block"]) == 3 and stats["dead_columns"] == 0
 
 
-def test_hessian_scale_invariance():
+@pytest.mark.parametrize("dead", [False, True])
+def test_hessian_scale_invariance(dead):
     gen = torch.Generator().manual_seed(1)
     w, x = torch.randn(32, 256, generator=gen), torch.randn(600, 256, generator=gen)
     x[:, 5] *= 10
+    if dead:                      # channels that never fire must not set the search's weights
+        x[:, [7, 200]] = 0
     h = hessian(x)
     # a power-of-two factor is exact through Cholesky, inverse and division
-    assert same_weight(billm_quantize(w, h)[0], billm_quantize(w, 4 * h)[0])
+    base = billm_quantize(w, h)[0]
+    for scale in (4.0, 4.0 ** -6):
+        assert same_weight(base, billm_quantize(w, scale * h)[0])
 
 
 def test_loss_equals_output_error_when_blocks_are_decorrelated():

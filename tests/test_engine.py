@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -335,3 +336,16 @@ def test_layer_errors_count_activation_rounding():
         logit_errs[a_bits] = _rel(_logits(q, inputs), ref)
     assert logit_errs[4] > 4 * logit_errs[8]          # what the deployed layers do
     assert all(e4 > 4 * e8 for e4, e8 in zip(errs[4], errs[8])), errs
+
+
+def test_padding_that_cannot_be_placed_is_named_not_silently_counted():
+    from vlmkern.calib.engine import _pad_mask
+    hidden = torch.zeros(2, 9, 4)                    # 9 positions: tokens expanded after the mask
+    padded = {"attention_mask": torch.tensor([[1] * 7, [0, 0] + [1] * 5])}
+    with pytest.warns(UserWarning, match="padding tokens enter the calibration statistics"):
+        assert _pad_mask(padded, hidden) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # no padding: nothing to say
+        assert _pad_mask({"attention_mask": torch.ones(2, 7)}, hidden) is None
+    mask = _pad_mask({"attention_mask": torch.tensor([[1] * 9, [0] + [1] * 8])}, hidden)
+    assert mask is not None and int(mask.sum()) == 17

@@ -151,12 +151,17 @@ def test_loss_identity(bits, group, act_order, static):
 # Check 4: the scale of H does not matter
 # ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dead", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_hessian_scale_invariance(act_order):
-    w, _, h = problem(dtype=torch.float32)
+def test_hessian_scale_invariance(act_order, dead):
+    w, x, h = problem(dtype=torch.float32)
+    if dead:                          # channels that never fire stay out of the damping
+        x = x.clone()
+        x[[3, 100]] = 0
+        h = (2.0 / T) * x @ x.T
     c = cfg(3, 100, act_order=act_order)
     base = gptq_quantize(w, h.float(), c)[0]
-    for scale in (4.0, 1 / 16):       # powers of 4: every operation scales exactly
+    for scale in (4.0, 1 / 16, 4.0 ** -8):    # powers of 4: every operation scales exactly
         assert_same(gptq_quantize(w, h.float() * scale, c)[0], base)
     c64 = cfg(3, 100, act_order=act_order, compute_dtype="float64")
     base64 = gptq_quantize(w, h, c64)[0]

@@ -6,6 +6,7 @@ runs (ALGORITHMS.md check 11)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -159,6 +160,21 @@ def test_lowest_entropy_layers_are_binarized():
     stored = sum(m.quantized_weight.nbytes for m in q.modules() if hasattr(m, "quantized_weight"))
     assert stored == report.nbytes
     assert "billm" in str(report) and "nominal" in str(report)
+
+
+def test_a_high_method_below_the_low_ones_bytes_still_takes_a_given_n():
+    # GPTQ-2 stores fewer bytes than BiLLM: only the budget search needs the
+    # low method to be the smaller one; the report's nominal bits use 2 bits
+    model, samples = _model()
+    cfg = dataclasses.replace(CFG, high=GPTQConfig(QuantConfig(2, 64)))
+    entropies = [0.1, 0.2, 0.3, 0.4]
+    q, report = luq_quantize(copy.deepcopy(model), samples, cfg, n_low=1, entropies=entropies,
+                             progress=False)
+    assert _binarized_layers(q) == [0]
+    assert report.nominal_bits == pytest.approx(nominal_bits(1, LAYERS, high_bits=2))
+    with pytest.raises(ValueError, match="stores more bytes"):
+        luq_quantize(copy.deepcopy(model), samples, cfg, budget_bits=2.5, entropies=entropies,
+                     progress=False)
 
 
 def test_budget_search_hits_a_reachable_budget_exactly():

@@ -315,6 +315,30 @@ def test_unit_importance_through_the_engine_is_gptq(monkeypatch):
         assert torch.equal(_logits(got, inputs), _logits(want, inputs))
 
 
+def test_importance_comes_from_the_full_precision_layer_in_a_mixed_plan(monkeypatch):
+    # q/k/v and o_proj are two VLMQ runs of one layer (different grids): the
+    # second must still weigh tokens with the full-precision layer, not with
+    # the one whose q/k/v the first run quantized
+    from vlmkern.quant import vlmq
+
+    model, inputs = build_llama()
+    original = [copy.deepcopy(layer) for layer in decoder_layers(model)[1]]
+    real, unchanged = vlmq.layer_importance, []
+
+    def spy(layer, *args, **kwargs):
+        fp = original[len(unchanged) // 2]          # two VLMQ runs per layer
+        unchanged.append(all(torch.equal(m.weight, fp.get_submodule(n).weight)
+                             for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)))
+        return real(layer, *args, **kwargs)
+
+    monkeypatch.setattr(vlmq, "layer_importance", spy)
+    plan = {"*.o_proj": VLMQConfig(GPTQConfig(QuantConfig(4, 32))),
+            "re:.*self_attn\\.(q|k|v)_proj": VLMQConfig(GPTQConfig(W3)),
+            "*": GPTQConfig(W3)}
+    quantize_model(model, [inputs], plan, progress=False)
+    assert len(unchanged) == 2 * len(original) and all(unchanged), unchanged
+
+
 def test_padding_stays_out_of_the_importance_loss():
     """A right-padded batch gives its real tokens the importance they get
     unpadded (pad queries attend to real keys, so counting their error would

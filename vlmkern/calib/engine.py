@@ -24,6 +24,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -405,8 +406,16 @@ def _pad_mask(sample, hidden: torch.Tensor) -> torch.Tensor | None:
     """[B, T] bool, True at real tokens, when the sample's attention_mask pads
     and lines up with the decoder's hidden states [B, T, H]; else None."""
     mask = sample.get("attention_mask") if isinstance(sample, dict) else None
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or \
-            tuple(mask.shape) != tuple(hidden.shape[:2]):
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    if tuple(mask.shape) != tuple(hidden.shape[:2]):
+        if not bool(mask.bool().all()):
+            # (a model that expands image tokens after its processor): the
+            # padding cannot be placed, so it enters the statistics
+            warnings.warn(f"attention_mask {tuple(mask.shape)} does not line up with the "
+                          f"decoder's hidden states {tuple(hidden.shape[:2])}: its padding "
+                          f"tokens enter the calibration statistics; calibrate without "
+                          f"padding (one sample per batch) to keep them out", stacklevel=3)
         return None
     mask = mask.to(hidden.device).bool()
     return None if bool(mask.all()) else mask
@@ -465,8 +474,9 @@ def _calibrate_layer(layer, fp_layer, sequence, method, inputs, fp_inputs, kwarg
     weights, results = {}, []
     if method.one_pass:     # all statistics from the layer as it was, in one forward pass
         sequence = [tuple(n for group in sequence for n in group)]
-    # Per-token Hessian weights (VLMQ), from the layer while still full precision.
-    importance = method.token_importance(layer, inputs, fp_inputs, kwargs_list, masks)
+    # Per-token Hessian weights (VLMQ), from the full-precision layer (an
+    # earlier method run of a mixed plan may have quantized some of ``layer``).
+    importance = method.token_importance(fp_layer, inputs, fp_inputs, kwargs_list, masks)
     for group in sequence:
         linears = {n: layer.get_submodule(n) for n in group if _has(layer, n)}
         if not linears:

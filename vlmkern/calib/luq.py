@@ -390,6 +390,7 @@ class LUQReport:
     quantize_seconds: float
     calib: object = None            # the final CalibReport
     method_names: tuple[str, str] = ("billm", "gptq")    # (low, high)
+    high_bits: int = 4              # the high method's code bits (the paper's 4)
 
     @property
     def nbytes(self) -> int:
@@ -401,7 +402,7 @@ class LUQReport:
 
     @property
     def nominal_bits(self) -> float:
-        return nominal_bits(self.n_low, self.n_layers)
+        return nominal_bits(self.n_low, self.n_layers, high_bits=self.high_bits)
 
     def __str__(self) -> str:
         low = set(self.order[:self.n_low])
@@ -476,9 +477,6 @@ def luq_quantize(model: nn.Module, samples, config: LUQConfig = LUQConfig(), *,
     entropy_seconds = time.perf_counter() - t0
 
     high, low = layer_bytes(model, config.high), layer_bytes(model, config.low)
-    if any(lo > hi for lo, hi in zip(low, high)):
-        raise ValueError("the low-bit method stores more bytes than the high-bit one in some "
-                         "layer; the budget search assumes binarizing never grows a layer")
 
     def planned_bytes(n):
         chosen_low = set(order[:n])
@@ -493,6 +491,10 @@ def luq_quantize(model: nn.Module, samples, config: LUQConfig = LUQConfig(), *,
     if budget_bits is not None:
         budget_bytes = int(math.floor(float(budget_bits) * n_weights / 8))
     if budget_bytes is not None:
+        if any(lo > hi for lo, hi in zip(low, high)):
+            raise ValueError("the low-bit method stores more bytes than the high-bit one in "
+                             "some layer; the budget search assumes binarizing never grows a "
+                             "layer (name n_low or a threshold instead)")
         mode, target = "budget", int(budget_bytes)
         n_low, probes = min_n_within_budget(planned_bytes, n_layers, target)
     elif threshold is not None:
@@ -530,5 +532,6 @@ def luq_quantize(model: nn.Module, samples, config: LUQConfig = LUQConfig(), *,
                        [low[i] if i in chosen_low else high[i] for i in range(n_layers)],
                        n_weights, entropy_seconds, time.perf_counter() - t1, rep,
                        (PlanEntry.from_config(config.low).method,
-                        PlanEntry.from_config(config.high).method))
+                        PlanEntry.from_config(config.high).method),
+                       PlanEntry.from_config(config.high).w_bits)
     return q, report

@@ -56,8 +56,8 @@ class LayerMethod:
 
     def token_importance(self, layer, inputs, fp_inputs, kwargs_list, masks=None):
         """Per-token Hessian weights {linear name: [g per batch]} for one decoder
-        layer (VLMQ), or None for uniform weights. Called while the layer is
-        still full precision. masks: per batch, real tokens or None."""
+        layer (VLMQ), or None for uniform weights. ``layer``: the layer's
+        full-precision copy. masks: per batch, real tokens or None."""
         from ..quant.vlmq import VLMQConfig, layer_importance
         if not isinstance(self.config, VLMQConfig):
             return None

@@ -68,7 +68,12 @@ from tqdm.auto import tqdm
 
 from ..config import IntActConfig, check_bool, config_float, is_int
 from ..ops.reference import fake_quant_activations
-from ..quant.entropy import layer_dependency, partition_blocks, quantized_entropy
+from ..quant.entropy import (
+    layer_dependency,
+    partition_blocks,
+    quantized_entropy,
+    temperature_of,
+)
 from ..quant.rtn import quantize_rtn
 from ..replace import replace_linears, set_module
 from .arch import arch_of, decoder_layers
@@ -230,7 +235,9 @@ def search_fake_quant(x: torch.Tensor, bits: int, scale: float | None = None) ->
 
 class _FakeQuantLinear(nn.Module):
     """A linear with dequantized integer weights and a switchable activation
-    quantizer (``scale`` None: per token), computed in the activation dtype."""
+    quantizer (``scale`` None: per token), computed in fp32 as the integer
+    kernels compute it (exact codes, fp32 or wider epilogue): only the output
+    takes the activation dtype, so the search scores what the model will run."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, a_bits: int):
         super().__init__()
@@ -240,9 +247,9 @@ class _FakeQuantLinear(nn.Module):
         self.scale: float | None = None
 
     def forward(self, x):
-        xq = search_fake_quant(x, self.a_bits, self.scale)
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(xq, self.weight.to(x.dtype), b)
+        xq = search_fake_quant(x.float(), self.a_bits, self.scale)
+        b = None if self.bias is None else self.bias.float()
+        return F.linear(xq, self.weight.float(), b).to(x.dtype)
 
 
 def _groups(layer: nn.Module, sequence) -> list[tuple[str, ...]]:
@@ -487,8 +494,10 @@ def qvlm_quantize(model: nn.Module, samples, config: QVLMConfig | None = None, d
 
     t = time.perf_counter()
     clips = [q[groups[0]][1.0] for q in quantiles]
-    report.layer_entropy = [quantized_entropy(x, cfg.a_bits, c or None)
-                            for x, c in zip(ent_samples, clips)]
+    report.layer_entropy = [
+        quantized_entropy(x, cfg.a_bits, c or None,
+                          temperature_of(x, cfg.a_bits, c or None, cfg.temperature))
+        for x, c in zip(ent_samples, clips)]
     report.pair_dependency = [
         layer_dependency(ent_samples[k], ent_samples[k + 1], cfg.a_bits, clips[k] or None,
                          clips[k + 1] or None, cfg.temperature)

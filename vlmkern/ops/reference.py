@@ -91,7 +91,8 @@ def fake_quant_activations(x: torch.Tensor, bits: int, scale: float | None = Non
     lim = (1 << (bits - 1)) - 1
     xf = x.float()
     if scale is None:
-        s = xf.abs().amax(dim=-1, keepdim=True) / lim
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+        s = amax / torch.full_like(amax, lim)   # exact quotient on CUDA too, as above
         s = torch.where(s == 0, torch.ones_like(s), s)
     else:
         s = torch.tensor(float(scale), dtype=torch.float32, device=x.device)

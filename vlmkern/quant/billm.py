@@ -38,7 +38,12 @@ import torch
 from ..config import BinaryConfig, config_float
 from ..formats import BinaryWeight
 from .binarize import assemble_blocks, binarize_block, stored_stats
-from .hessian import check_calibrated, check_square, inverse_cholesky_upper
+from .hessian import (
+    check_calibrated,
+    check_square,
+    fill_dead_channels,
+    inverse_cholesky_upper,
+)
 from .rtn import check_weight
 
 SALIENCY_METRICS = ("hessian", "magnitude")
@@ -104,9 +109,8 @@ def billm_quantize(weight: torch.Tensor, hessian: torch.Tensor,
     bcfg = config.binary
     w = weight.detach().float().clone()
     h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()
-    dead = h.diagonal() == 0
+    dead = fill_dead_channels(h)
     if bool(dead.any()):
-        h[dead, dead] = 1.0
         w[:, dead] = 0.0
     u64, lam, _ = inverse_cholesky_upper(h, config.damp, _CHOLESKY_ATTEMPTS - 1)
     u = u64.float()

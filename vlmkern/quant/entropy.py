@@ -165,17 +165,21 @@ def layer_dependency(x_k: torch.Tensor, x_next: torch.Tensor, bits: int,
 
     temperature: 'delta' (the paper's T = Delta) or 'delta2' (T = Delta^2,
     independent of the tensors' scale)."""
-    temps = []
-    for x, clip in ((x_k, clip_k), (x_next, clip_next)):
-        if temperature == "delta":
-            temps.append(None)
-        elif temperature == "delta2":
-            c = float(clip) if clip is not None else float(_check_x(x).abs().max())
-            temps.append(None if c == 0 else symmetric_levels(bits, c)[1] ** 2)
-        else:
-            raise ValueError(f"temperature must be 'delta' or 'delta2', got {temperature!r}")
+    t_k = temperature_of(x_k, bits, clip_k, temperature)
+    t_next = temperature_of(x_next, bits, clip_next, temperature)
     return conditional_entropy(joint_distribution(x_k, x_next, bits, clip_k, clip_next,
-                                                  temps[0], temps[1]))
+                                                  t_k, t_next))
+
+
+def temperature_of(x: torch.Tensor, bits: int, clip: float | None, mode: str) -> float | None:
+    """The soft assignment's temperature for ``mode``: None for 'delta' (the
+    grid's own step, the default of the functions above), Delta^2 for 'delta2'."""
+    if mode == "delta":
+        return None
+    if mode != "delta2":
+        raise ValueError(f"temperature must be 'delta' or 'delta2', got {mode!r}")
+    c = float(clip) if clip is not None else float(_check_x(x).abs().max())
+    return None if c == 0 else symmetric_levels(bits, c)[1] ** 2
 
 
 def soft_dependency(x_k: torch.Tensor, x_next: torch.Tensor, bits: int, clip_k: float,

@@ -21,7 +21,12 @@ import torch
 from ..config import QuantConfig, check_bool, config_float, dtype_from_name, is_int
 from ..formats import QuantizedWeight
 from ..formats.groupwise import num_groups
-from .hessian import check_calibrated, check_square, inverse_cholesky_upper
+from .hessian import (
+    check_calibrated,
+    check_square,
+    fill_dead_channels,
+    inverse_cholesky_upper,
+)
 from .rtn import check_weight, group_params, quantize_to_grid
 
 _COMPUTE = {"float32": torch.float32, "float64": torch.float64}
@@ -138,11 +143,10 @@ def _prepare(weight, hessian, delta, config: GPTQConfig):
     d = None if delta is None else delta.to(device=dev, dtype=cd).clone()
     # A channel that never fired (H_jj = 0) has no influence on the output:
     # its weight is free, so set it to 0 (exactly on the grid) and make H
-    # invertible there without coupling it to other channels. (Not every
-    # channel: check_calibrated refused an all-zero H above.)
-    dead = h.diagonal() == 0
+    # invertible there (not every channel: check_calibrated refused an
+    # all-zero H above).
+    dead = fill_dead_channels(h)
     if bool(dead.any()):
-        h.diagonal()[dead] = 1.0
         w[:, dead] = 0.0
         if d is not None:
             d[:, dead] = 0.0

@@ -208,6 +208,20 @@ def check_calibrated(hessian: torch.Tensor) -> None:
                          f"diagonal entries; a sum of x x^T over tokens has none")
 
 
+def fill_dead_channels(h: torch.Tensor) -> torch.Tensor:
+    """Give each channel that never fired (H_jj = 0) the mean of the live
+    diagonal, in place, and return the dead-channel mask. That keeps H
+    invertible there without coupling the channel to others, and scales with
+    H: a fixed H_jj = 1 would raise the damping (a fraction of mean(diag H))
+    wherever H is small, so results would depend on H's scale. The caller
+    zeroes the dead channels' weights (free: they never reach the output)."""
+    diag = h.diagonal()
+    dead = diag == 0
+    if bool(dead.any()):
+        diag[dead] = diag[~dead].mean()     # check_calibrated: some channel is live
+    return dead
+
+
 def inverse_cholesky_upper(hessian: torch.Tensor, damp: float, max_retries: int = 3):
     """(U, damping used, retries) with U upper triangular, U^T U = (H + damp * mean(diag H) * I)^-1.
 
