@@ -39,6 +39,7 @@ import contextlib
 import copy
 import json
 import os
+import signal
 import statistics
 import sys
 from pathlib import Path
@@ -177,10 +178,10 @@ def rotating(make, bytes_each: int):
 
 def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, seed=0, enable=(),
                 disable=()):
-    """Rows for one layer shape. Each backend is timed as it is, with each
-    opt-in kernel of ``enable`` turned on and with each kernel of ``disable``
-    turned off, where that picks a kernel not already timed for that format and M."""
-    rows = []
+    """Rows for one layer shape, yielded as they are timed (a run cut short
+    keeps them). Each backend is timed as it is, with each opt-in kernel of
+    ``enable`` turned on and with each kernel of ``disable`` turned off, where
+    that picks a kernel not already timed for that format and M."""
     torch.manual_seed(seed)
     w16 = (torch.randn(n, k, device=device) * 0.02).half()
     fp16_weights = rotating(lambda: w16.clone(), w16.numel() * 2)
@@ -200,18 +201,19 @@ def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, see
         moved16 = 2 * (n * k + m * k + m * n)
         baseline = row(name, k, n, m, "cuBLAS fp16", "torch", base, base, moved16, peak_gbs,
                        base_g, base_g)
-        rows.append(baseline)
+        yield baseline
         xb = x.bfloat16()
         t, g = time_both(lambda: torch.matmul(xb, bf16_weights().T), bf16_weights.size)
-        rows.append(row(name, k, n, m, "cuBLAS bf16", "torch", t, base, moved16, peak_gbs, g, base_g))
+        yield row(name, k, n, m, "cuBLAS bf16", "torch", t, base, moved16, peak_gbs, g, base_g)
         xi = torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8)
         try:
             t, g = time_both(lambda: torch._int_mm(xi, int8_weights().t()), int8_weights.size)
-            rows.append(row(name, k, n, m, "torch._int_mm", "torch", t, base,
-                            n * k + m * k + 4 * m * n, peak_gbs, g, base_g))
+            int_mm = row(name, k, n, m, "torch._int_mm", "torch", t, base,
+                         n * k + m * k + 4 * m * n, peak_gbs, g, base_g)
         except RuntimeError as e:
-            rows.append({"layer": name, "K": k, "N": n, "M": m, "kernel": "torch._int_mm",
-                         "error": str(e).splitlines()[0]})
+            int_mm = {"layer": name, "K": k, "N": n, "M": m, "kernel": "torch._int_mm",
+                      "error": str(e).splitlines()[0]}
+        yield int_mm
         for label, nxt in packed.items():
             timed = set()
             with kernel_env():
@@ -219,13 +221,12 @@ def bench_shape(name, k, n, ms, backends, device, peak_gbs, formats=FORMATS, see
             for backend in backends:
                 variants = [("", "")] + [(e, "") for e in enable] + [("", d) for d in disable]
                 for on, off in variants:
-                    rows += time_kernel(name, k, n, x, label, nxt, backend, on, timed, base,
-                                        peak_gbs, base_g, off, picked)
+                    yield from time_kernel(name, k, n, x, label, nxt, backend, on, timed,
+                                           base, peak_gbs, base_g, off, picked)
         # timed again after this M's kernels: a GPU whose speed changed meanwhile
         # (another process, clocks) shows here instead of in a wrong speedup
         after = time_fn(lambda x=x: torch.matmul(x, fp16_weights().T))
         baseline["baseline_after_us"] = round(after, 2)
-    return rows
 
 
 DRIFT = 0.10   # baseline change, before vs after a block's kernels, that marks the block
@@ -420,14 +421,29 @@ def main(argv=None) -> int:
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
     tag = meta["device"].replace(" ", "_")
-    for name, (k, n) in shapes.items():
-        rows += bench_shape(name, k, n, ms, backends, device, peak, formats,
-                            enable=[e for e in args.enable.split(",") if e], disable=disable)
-        print(f"done {name}", file=sys.stderr)
-        # written after every shape, so a run cut short still leaves its rows
+
+    def write():
         (args.out / f"linear_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows},
                                                                 indent=1))
         (args.out / f"linear_{tag}.md").write_text(to_markdown(meta, rows))
+
+    # A time limit's SIGTERM (or a kernel's CUDA error) still leaves every row
+    # timed so far: written after each M, again on the way out, and each row
+    # printed as it is made.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        for name, (k, n) in shapes.items():
+            for r in bench_shape(name, k, n, ms, backends, device, peak, formats,
+                                 enable=[e for e in args.enable.split(",") if e],
+                                 disable=disable):
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+                if r.get("kernel") == "cuBLAS fp16" and len(rows) > 1:
+                    write()        # a new M: the last block is complete
+            print(f"done {name}", file=sys.stderr)
+            write()
+    finally:
+        write()
     print(to_markdown(meta, rows))
     return 0
 

@@ -10,12 +10,15 @@
 #   bash benchmarks/gpu_check.sh OUTDIR [TESTS] [BENCH_ARGS...]
 #
 # TESTS: pytest targets (default: tests). BENCH_ARGS go to bench_linear.py.
-# Environment: ARCH (default 9.0a), BUILD_S / TEST_S / SANITIZE_S / BENCH_S /
-# DECODE_S / HOST_S / SWEEP_S / TRITON_SWEEP_S / PROFILE_S / CPP_CHECKS_S phase
-# limits in seconds (0 skips that phase; the build is skipped when the extension there was built from the
-# same csrc/, setup.py and ARCH; SANITIZE_S bounds each of two memcheck runs and
-# PROFILE_S each ncu run, so keep the sum under the machine's per-command
-# limit); MARK: pytest -m expression of the test phase (default "not
+# Environment: ARCH (default 9.0a), BUILD_S / TEST_S / SANITIZE_S / SANITIZE_FULL_S /
+# BENCH_S / DECODE_S / HOST_S / SWEEP_S / TRITON_SWEEP_S / PROFILE_S / CPP_CHECKS_S /
+# ERROR_PATH_S phase limits in seconds (0 skips that phase; the build is skipped when the
+# extension there was built from the same csrc/, setup.py and ARCH, and a failed
+# build is followed by a Python-only install so the Triton phases still run;
+# SANITIZE_S bounds the memcheck smoke run, SANITIZE_FULL_S (default SANITIZE_S) the
+# full one, PROFILE_S each ncu run, so keep the sum under the machine's per-command
+# limit); TEST_TIMEOUT: seconds one test may take (pytest-timeout, where
+# installed; default 90: a hanging kernel ends its test, not the phase); MARK: pytest -m expression of the test phase (default "not
 # cpp_checks": the tests that hand an op bad arguments run in their own phase
 # at the end, with a diagnosis of how a C++ exception reaches Python there,
 # since on one machine such calls crashed the process); SKIP_PASSED: a file of
@@ -42,8 +45,9 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)   # absolute: later phases run from benchmarks/
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-pack() {
-  [ -n "${ARCHIVE:-}" ] && tar czf "$ARCHIVE" -C "$(dirname "$out")" "$(basename "$out")"
+pack() {  # through a temporary file: a run killed while packing keeps the last archive
+  [ -n "${ARCHIVE:-}" ] && tar czf "$ARCHIVE.tmp" -C "$(dirname "$out")" "$(basename "$out")" \
+    && mv "$ARCHIVE.tmp" "$ARCHIVE"
   return 0
 }
 phase() { echo "== $1: rc=$2 after $(( $(date +%s) - $3 )) s"; pack; }
@@ -73,12 +77,19 @@ else
     "$py" -m pip install -q --no-build-isolation --no-deps --no-index -e . >"$out/build.log" 2>&1
   rc=$?; phase build $rc "$t"; [ $rc -ne 0 ] && tail -30 "$out/build.log"
   [ $rc -eq 0 ] && mkdir -p build && echo "$sources" >build/vlmkern_sources
+  if [ $rc -ne 0 ]; then   # the package without its extension: Triton and torch still run
+    VLMKERN_SKIP_CUDA=1 timeout 120 "$py" -m pip install -q --no-build-isolation --no-deps \
+      --no-index -e . >"$out/build_python_only.log" 2>&1
+    echo "== python-only install: rc=$?"
+  fi
 fi
 "$py" -c 'import vlmkern; from vlmkern.ext import load_extension; print(load_extension()[1]); print(vlmkern.available_backends())'
 
 mark=${MARK:-not cpp_checks}
 # parallel test workers where pytest-xdist is installed, one process otherwise
 workers() { "$py" -c "import xdist" 2>/dev/null && echo "-n $1"; }
+# a per-test limit where pytest-timeout is installed
+per_test() { "$py" -c "import pytest_timeout" 2>/dev/null && echo "--timeout ${TEST_TIMEOUT:-90}"; }
 skip=()
 if [ -n "${SKIP_PASSED:-}" ]; then
   while read -r id; do [ -n "$id" ] && [ "${id#\#}" = "$id" ] && skip+=(--deselect "$id"); done <"$SKIP_PASSED"
@@ -89,8 +100,9 @@ if [ "${TEST_S:-300}" -gt 0 ]; then
   "$py" -m pytest -q --collect-only -p no:cacheprovider -m "$mark" "${skip[@]}" $tests \
     2>/dev/null | grep "::" >"$out/collected.txt"
   # SIGINT at the limit: pytest still lists the failures so far and writes the XML
-  timeout -s INT -k 30 "${TEST_S:-300}" "$py" -m pytest -q $(workers 8) -p no:cacheprovider -m "$mark" \
-    "${skip[@]}" $tests -o junit_family=xunit2 --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
+  timeout -s INT -k 30 "${TEST_S:-300}" "$py" -m pytest -q $(workers 8) $(per_test) -p no:cacheprovider \
+    -m "$mark" "${skip[@]}" $tests -o junit_family=xunit2 --junitxml="$out/tests.xml" \
+    >"$out/tests.log" 2>&1
   rc=$?; phase tests $rc "$t"; grep -E "passed|failed|error" "$out/tests.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
 fi
@@ -107,12 +119,16 @@ if [ "${SANITIZE_S:-300}" -gt 0 ] && command -v compute-sanitizer >/dev/null; th
     tests/test_cuda_weight_only.py tests/test_cuda_weight_only_sm90.py tests/test_cuda_int_act.py \
     tests/test_cuda_binary.py tests/test_cuda_weight_only_dequant.py tests/test_cuda_weight_only_tma.py \
     tests/test_cuda_binary_lut_tma.py tests/test_cuda_weight_only_tma_decode.py \
-    tests/test_cuda_binary_lut_tma_decode.py \
+    tests/test_cuda_binary_lut_tma_decode.py tests/test_cuda_binary_dequant.py \
+    tests/test_cuda_binary_lut_dequant.py tests/test_cuda_binary_lut_staged.py \
+    tests/test_cuda_int_act_staged.py tests/test_cuda_weight_only_m64.py \
     tests/test_cuda_binary_lut_kernel.py tests/test_ext.py >"$out/sanitize_smoke.log" 2>&1
   rc=$?; phase memcheck_smoke $rc "$t"; grep -E "ERROR SUMMARY|passed|failed|skipped" \
     "$out/sanitize_smoke.log" | tail -3
+fi
+if [ "${SANITIZE_FULL_S:-${SANITIZE_S:-300}}" -gt 0 ] && command -v compute-sanitizer >/dev/null; then
   t=$(date +%s)
-  timeout "${SANITIZE_S:-300}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+  timeout "${SANITIZE_FULL_S:-${SANITIZE_S:-300}}" compute-sanitizer --tool memcheck --error-exitcode 9 \
     "$py" -m pytest -q -p no:cacheprovider -k "not bad_input" \
     tests/test_cuda_weight_only.py tests/test_cuda_int_act.py tests/test_cuda_binary.py \
     tests/test_cuda_weight_only_dequant.py tests/test_cuda_binary_lut_kernel.py >"$out/sanitize.log" 2>&1
@@ -237,8 +253,11 @@ if [ "${CPP_CHECKS_S:-120}" -gt 0 ]; then
     -m cpp_checks $tests -o junit_family=xunit2 --junitxml="$out/cpp_checks.xml" \
     >"$out/cpp_checks.log" 2>&1
   rc=$?; phase cpp_checks $rc "$t"; grep -E "passed|failed|error|crashed" "$out/cpp_checks.log" | tail -12
+fi
+if [ "${ERROR_PATH_S:-${CPP_CHECKS_S:-120}}" -gt 0 ]; then
   t=$(date +%s)
-  timeout "${CPP_CHECKS_S:-120}" "$py" benchmarks/check_error_path.py >"$out/error_path.log" 2>&1
+  timeout "${ERROR_PATH_S:-${CPP_CHECKS_S:-120}}" "$py" benchmarks/check_error_path.py \
+    >"$out/error_path.log" 2>&1
   rc=$?; phase error_path $rc "$t"; grep -v "^      #" "$out/error_path.log" | head -20
 fi
 

@@ -43,7 +43,7 @@ def one_thread():
 # same process, the proven kernels' included.
 NOT_YET_RUN_ON_A_GPU = ("weight_only_wgmma", "sm90", "weight_only_dequant",
                         "layout_cublas", "lut_staged", "binary_dequant", "int_act_staged",
-                        "m64", "tma", "lut_dequant")
+                        "m64", "tma", "lut_dequant", "acq_rel", "3cta")
 
 
 # Within each of the two parts, tests that exercise torch.compile go last: a

@@ -274,8 +274,11 @@ def test_bench_linear_marks_the_kernel_a_plain_call_runs(monkeypatch):
     monkeypatch.setattr(bench_linear, "time_fn", lambda fn, **kw: (fn(), 1.0)[1])
     monkeypatch.setattr(bench_linear, "time_both", lambda fn, calls: (fn(), 1.0, None)[1:])
     monkeypatch.setenv("VLMKERN_DISABLE", "torch.weight_only")
-    rows = bench_linear.bench_shape("t", 64, 32, [3], ["torch"], torch.device("cpu"), None,
-                                    {"W4 g64": vlmkern.QuantConfig(4, 64)})
+    rows = list(bench_linear.bench_shape("t", 64, 32, [3, 5], ["torch"], torch.device("cpu"),
+                                         None, {"W4 g64": vlmkern.QuantConfig(4, 64)}))
+    # every M's block: its baseline (timed again after the block), then its kernels
+    assert [r["M"] for r in rows if r["kernel"] == "cuBLAS fp16"] == [3, 5]
+    assert all("baseline_after_us" in r for r in rows if r["kernel"] == "cuBLAS fp16")
     kernel = next(r for r in rows if r["kernel"] == "W4 g64")
     assert (kernel["backend"], kernel["default"], kernel["err"]) == ("torch.weight_only", True, 0.0)
     assert os.environ["VLMKERN_DISABLE"] == "torch.weight_only"
@@ -313,3 +316,30 @@ def test_bench_linear_lists_blocks_whose_baseline_drifted():
     assert table.rstrip().endswith("time them again.") and "Baseline drift above 10%" in table
     assert "Baseline drift" not in bench_linear.to_markdown(
         {"device": "GPU", "torch": "2", "copy_GBs": 1.0}, [steady, kernel])
+
+
+def test_bench_linear_keeps_the_rows_of_a_run_that_fails(monkeypatch, tmp_path):
+    """A kernel's CUDA error (or a time limit) part way leaves every row timed
+    before it in the result files (no GPU here: the timing loop is stubbed)."""
+    import bench_linear
+    import torch
+
+    def blocks(name, k, n, ms, *args, **kwargs):
+        for m in ms:
+            yield {"layer": name, "K": k, "N": n, "M": m, "kernel": "cuBLAS fp16",
+                   "backend": "torch", "us": 10.0, "speedup": 1.0}
+            yield {"layer": name, "K": k, "N": n, "M": m, "kernel": "W4 g128",
+                   "backend": "torch.weight_only", "us": 5.0, "speedup": 2.0}
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(bench_linear, "measure_copy_bandwidth", lambda device: 1000.0)
+    monkeypatch.setattr(bench_linear, "bench_shape", blocks)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench_linear.main(["--out", str(tmp_path), "--backends", "torch",
+                           "--shapes", "qwen2vl-7b qkv", "--ms", "1,16"])
+    saved = json.loads((tmp_path / "linear_Fake_GPU.json").read_text())["rows"]
+    assert [(r["M"], r["kernel"]) for r in saved] == [(1, "cuBLAS fp16"), (1, "W4 g128"),
+                                                      (16, "cuBLAS fp16"), (16, "W4 g128")]
+    assert "W4 g128" in (tmp_path / "linear_Fake_GPU.md").read_text()

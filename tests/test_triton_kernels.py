@@ -61,6 +61,9 @@ N, K = 33, 200          # odd N; K = 3*64 + 8 = 128 + 72: ragged for every tile 
 LOW = (torch.float16, torch.bfloat16)
 ALL = (torch.float16, torch.bfloat16, torch.float32)
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Where a GPU is visible every test here runs the compiled kernels: a GPU test
+# there (selected by -m gpu), an interpreter test elsewhere.
+pytestmark = [pytest.mark.gpu] if torch.cuda.is_available() else []
 
 
 # -- weights and inputs ---------------------------------------------------------------
