@@ -76,6 +76,45 @@ def test_gptaq_uses_the_full_precision_stream():
     assert _rel(_logits(gptaq, inputs), ref) < 1.5 * _rel(_logits(gptq, inputs), ref)
 
 
+def test_gptaq_statistics_pair_the_full_precision_and_quantized_streams(monkeypatch):
+    # layer 0's o_proj: H from its input in the model whose q/k/v are already
+    # quantized (X~), D = (2/T) (X - X~) X~^T with X its input in the FP model
+    from vlmkern.quant.hessian import HessianAccumulator
+
+    model, inputs = build_llama()
+    samples = [inputs, _second_sample(inputs)]
+    fp_layer = copy.deepcopy(decoder_layers(model)[1][0])
+    captured = capture_inputs(model, decoder_layers(model)[1], samples, "cpu")
+    seen, real = [], LayerMethod.quantize
+
+    def spy(self, weight, stats):
+        seen.append((stats.hessian.clone(), stats.delta.clone()))
+        return real(self, weight, stats)
+
+    monkeypatch.setattr(LayerMethod, "quantize", spy)
+    q, _ = quantize_model(model, samples, GPTAQConfig(GPTQConfig(W3)), progress=False)
+    h_engine, d_engine = seen[3]                      # q, k, v, then o_proj
+
+    quantized = copy.deepcopy(fp_layer)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        attn = decoder_layers(q)[1][0].self_attn
+        getattr(quantized.self_attn, name).weight.data.copy_(
+            getattr(attn, name).quantized_weight.dequantize(torch.float32))
+    ref = HessianAccumulator(fp_layer.self_attn.o_proj.in_features)
+    for hidden, kwargs in captured:
+        ins = {}
+        for layer, key in ((fp_layer, "x"), (quantized, "xq")):
+            hook = layer.self_attn.o_proj.register_forward_pre_hook(
+                lambda m, a, key=key: ins.__setitem__(key, a[0].detach()))
+            with torch.no_grad():
+                layer(hidden, **kwargs)
+            hook.remove()
+        ref.add_pair(ins["x"], ins["xq"])
+    assert not torch.equal(ins["x"], ins["xq"])       # the streams differ here
+    torch.testing.assert_close(h_engine, ref.hessian, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(d_engine, ref.delta, rtol=1e-5, atol=1e-9)
+
+
 @pytest.mark.parametrize("kind", ["llava", "llava_next", "llava_onevision"])
 def test_capture_sees_image_tokens(kind):
     model, inputs = BUILDERS[kind]()
