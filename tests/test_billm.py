@@ -195,7 +195,7 @@ def _spec_billm(w, h, damp=0.01, block=128, max_salient=49):
         order = np.argsort(-(wb ** 2 / d ** 2).sum(axis=0), kind="stable")
         cw = d ** -2 / (d ** -2).max()
 
-        def err(a):
+        def err(a, wb=wb, cw=cw):
             return float((((wb - a) ** 2) * cw).sum())
         best = None
         for n_sal in range(1, min(max_salient, e - s) + 1):

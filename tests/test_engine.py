@@ -105,7 +105,7 @@ def test_gptaq_statistics_pair_the_full_precision_and_quantized_streams(monkeypa
         ins = {}
         for layer, key in ((fp_layer, "x"), (quantized, "xq")):
             hook = layer.self_attn.o_proj.register_forward_pre_hook(
-                lambda m, a, key=key: ins.__setitem__(key, a[0].detach()))
+                lambda m, a, key=key, ins=ins: ins.__setitem__(key, a[0].detach()))
             with torch.no_grad():
                 layer(hidden, **kwargs)
             hook.remove()
