@@ -332,6 +332,10 @@ def test_bench_linear_keeps_the_rows_of_a_run_that_fails(monkeypatch, tmp_path):
                    "backend": "torch.weight_only", "us": 5.0, "speedup": 2.0}
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
+    import vlmkern
+    # no backend probed under the fake GPU (a probe's answer is kept for the session)
+    monkeypatch.setattr(vlmkern, "available_backends", lambda: {
+        b: {"available": b == "torch", "reason": "test"} for b in ("cuda", "triton", "torch")})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
     monkeypatch.setattr(bench_linear, "measure_copy_bandwidth", lambda device: 1000.0)

@@ -71,6 +71,12 @@ def test_quantize_command_rejects_a_folder_that_is_no_model(tmp_path, capsys):
     (["--damp", "-1"], "--damp: expected a finite number >= 0"),
     (["--alpha", "nan"], "--alpha: expected a finite number >= 0"),
     (["--calib-alpha", "1.5"], r"--calib-alpha: expected a number in \[0, 1\]"),
+    (["--budget-bits", "inf"], "--budget-bits: expected a finite number"),
+    (["--budget-bits", "nan"], "--budget-bits: expected a finite number"),
+    (["--budget-bits", "0"], "--budget-bits: expected a finite number > 0"),
+    (["--budget-bytes", "-5"], "--budget-bytes: expected a positive integer"),
+    (["--n-low", "-1"], "--n-low: expected an integer >= 0"),
+    (["--threshold", "inf"], "--threshold: expected a finite number"),
 ])
 def test_quantize_command_rejects_bad_numbers_as_usage_errors(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -84,7 +90,7 @@ def test_quantize_command_reports_bad_files_and_devices_in_one_line(tmp_path, ca
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     cases = [(["--calib-text", str(tmp_path / "missing.txt")], "--calib-text .*: no such file"),
-             (["--out", str(a_file)], "--out .* is a file; it names a folder"),
+             (["--out", str(a_file)], "--out .* is a file; name a folder"),
              (["--work-dir", str(a_file)], "--work-dir .* is a file; it names a folder"),
              (["--device", "bogus"], "--device 'bogus'"),
              (["--bits", "2", "--act-bits", "8"], "w_bits must be 4, 6 or 8")]
@@ -100,6 +106,44 @@ def test_quantize_command_reports_bad_files_and_devices_in_one_line(tmp_path, ca
     with pytest.raises(FileNotFoundError):
         main(["quantize", "--model", "smollm2", "--method", "rtn",
               "--calib-text", str(tmp_path / "missing.txt")])
+
+
+def test_where_the_checkpoint_cannot_go_is_said_before_any_work(tmp_path, capsys, monkeypatch):
+    import os
+
+    monkeypatch.delenv("VLMKERN_TRACEBACK", raising=False)
+    foreign = tmp_path / "other_model"
+    foreign.mkdir()
+    (foreign / "model.safetensors").write_bytes(b"not ours")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked)
+                        else real_access(p, mode))
+    cases = [(["--out", str(foreign)], "exists and is not a vlmkern checkpoint"),
+             (["--out", str(locked / "ckpt")], "cannot be written here"),
+             (["--method", "qvlm", "--act-bits", "8", "--bits", "4"], "--bits and --sym do not"),
+             (["--method", "gptq", "--budget-bits", "3"], "--budget-bits: options of --method luq"),
+             (["--calib-text", str(latin1)], r"not UTF-8 text \(byte 0xe9 at offset 3\)")]
+    for args, message in cases:
+        # a model folder that does not exist is never reached
+        assert main(["quantize", "--model", str(tmp_path / "no_model"), *args]) == 2, args
+        err = capsys.readouterr().err
+        assert re.search(message, err), err
+
+
+def test_a_safetensors_file_vlmkern_wrote_may_be_written_again(tmp_path):
+    from vlmkern.calib.cli import check_checkpoint_target
+    model = build_llama()[0]
+    vlmkern.replace_linears(model, vlmkern.QuantConfig(4, 32), progress=False)
+    path = vlmkern.save_quantized(model, tmp_path / "ckpt.safetensors")
+    check_checkpoint_target("--out", path)              # ours: replaced in place
+    other = tmp_path / "weights.safetensors"
+    other.write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        check_checkpoint_target("--out", other)
 
 
 def test_quantize_command_never_loads_pickled_weights(hf_folder, capsys, monkeypatch):
@@ -193,3 +237,19 @@ def test_devices_that_cannot_compute_here_are_refused_first(device, message, cap
 def test_options_a_method_would_ignore_are_refused(args, message, capsys):
     assert main(["quantize", "--model", "smollm2", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("work_dir", [False, True])
+def test_ctrl_c_says_what_was_kept(tmp_path, capsys, monkeypatch, work_dir):
+    import vlmkern.calib.cli as calib_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("VLMKERN_TRACEBACK", raising=False)
+    monkeypatch.setattr(calib_cli, "run", interrupted)
+    extra = ["--work-dir", str(tmp_path / "wd")] if work_dir else []
+    assert main(["quantize", "--model", "smollm2", *extra]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+    assert ("rerun the same command" in err) == work_dir

@@ -51,7 +51,7 @@ def test_method_config_and_names():
     (["--alpha", "nan"], "--alpha"), (["--eval-size", "0"], "--eval-size"),
     (["--group-size", "0"], "--group-size"), (["--seed", "-1"], "--seed"),
     (["--device", "bogus"], "--device 'bogus'"),
-    (["--save", "__file__"], "is a file; it names a folder"),
+    (["--save", "__file__"], "is a file; name a folder"),
     (["--cache-dir", "__file__"], "--cache-dir .* is a file")]
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU")]))
 def test_bad_options_fail_before_any_work(flags, message, capsys, monkeypatch, tmp_path):

@@ -77,6 +77,15 @@ def main(argv=None) -> int:
     handlers = {"info": cmd_info, "demo": cmd_demo, "quantize": cmd_quantize, "eval": cmd_eval}
     try:
         return handlers[args.command](args)
+    except KeyboardInterrupt:
+        if os.environ.get("VLMKERN_TRACEBACK") == "1":
+            raise
+        work_dir = getattr(args, "work_dir", None)
+        kept = (f"the layers finished so far are kept in {work_dir}: rerun the same command "
+                f"to resume there" if work_dir is not None else
+                "nothing was kept (--work-dir keeps finished layers for a rerun)")
+        print(f"\nvlmkern {args.command}: interrupted; {kept}", file=sys.stderr)
+        return 130
     except SystemExit as e:
         if not isinstance(e.code, str):      # argparse's exit (already printed) or a plain code
             raise

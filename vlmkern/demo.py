@@ -48,6 +48,7 @@ import time
 import torch
 
 from .calib.cli import (
+    check_checkpoint_target,
     check_device,
     check_output_folder,
     fraction,
@@ -327,8 +328,7 @@ def main(args) -> int:
         check_options(args.method, args.bits, args.group_size, args.samples, args.alpha,
                       args.eval_size)
         check_device("--device", args.device)
-        if args.save is not None and not str(args.save).endswith(".safetensors"):
-            check_output_folder("--save", args.save)
+        check_checkpoint_target("--save", args.save)
         check_output_folder("--cache-dir", args.cache_dir)
     except ValueError as exc:
         print(f"vlmkern demo: {exc}", file=sys.stderr)

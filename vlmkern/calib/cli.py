@@ -38,6 +38,25 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     """argparse type: a number in [0, 1]."""
     value = non_negative_float(text)
@@ -61,7 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="'minivlm' (the bundled mini VLM), 'smollm2' (the bundled "
                         "SmolLM2-135M-Instruct) or a local HuggingFace model folder")
-    p.add_argument("--method", choices=METHODS, default="gptq")
+    p.add_argument("--method", choices=METHODS, default="gptq",
+                   help="calibration method (default gptq)")
     p.add_argument("--bits", type=int, choices=(2, 3, 4, 6, 8),
                    help="weight bits (default 4; with --act-bits: the activation bits, and 6 "
                         "only there)")
@@ -69,19 +89,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="columns per scale group, or 'row' for one group per row (default 64)")
     p.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
     p.add_argument("--act-bits", type=int, choices=(4, 6, 8),
-                   help="rtn only: integer activations too, weights of the same bits unless "
-                        "--bits says otherwise (W8A8 / W6A6 / W4A4)")
+                   help="integer activations too (W8A8 / W6A6 / W4A4): with --method rtn, "
+                        "weights of the same bits unless --bits says otherwise; --method "
+                        "qvlm needs it (its weight bits: --qvlm-w-bits)")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction,
                    help="GPTQ/GPTAQ/VLMQ: columns in descending diag(H) order (default: on for "
                         "vlmq, as its paper runs it; off otherwise)")
-    p.add_argument("--static-groups", action="store_true")
-    p.add_argument("--damp", type=non_negative_float, default=0.01)
-    p.add_argument("--block-size", type=positive_int, default=128)
+    p.add_argument("--static-groups", action="store_true",
+                   help="GPTQ/GPTAQ/VLMQ with --act-order: group scales from the original "
+                        "weights, so groups stay in column order")
+    p.add_argument("--damp", type=non_negative_float, default=0.01,
+                   help="GPTQ-family damping, a fraction of mean diag(H) (default 0.01)")
+    p.add_argument("--block-size", type=positive_int, default=128,
+                   help="GPTQ-family columns per lazy-update block (default 128)")
     p.add_argument("--alpha", type=non_negative_float, default=0.25, help="GPTAQ asymmetry weight")
     p.add_argument("--calib-text", type=Path,
                    help="calibration text file (default: the Lee corpus bundled with gensim)")
-    p.add_argument("--samples", type=positive_int, default=32)
-    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--samples", type=positive_int, default=32,
+                   help="calibration text windows (default 32)")
+    p.add_argument("--seq-len", type=positive_int, default=256,
+                   help="tokens per text window (default 256)")
     # mixed-modal calibration data; --alpha is GPTAQ's
     mixed = p.add_argument_group(
         "mixed image+text calibration: always for --model minivlm (digit conversations); "
@@ -99,7 +126,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "rest")
     p.add_argument("--work-dir", type=Path, help="per-layer results; a rerun resumes there")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available)")
-    p.add_argument("--out", type=Path, help="folder for the quantized checkpoint")
+    p.add_argument("--out", type=Path,
+                   help="folder for the quantized checkpoint (model.safetensors inside), or "
+                        "a .safetensors file")
     add_awq_vlmq_arguments(p)
     add_luq_arguments(p)
     add_qvlm_arguments(p)
@@ -112,6 +141,12 @@ def method_config(args):
     from ..quant.billm import BiLLMConfig
 
     group = args.group_size     # an int or None (one group per row), by the argparse type
+    luq_options = [f"--{o.replace('_', '-')}" for o in
+                   ("budget_bytes", "budget_bits", "threshold", "n_low")
+                   if getattr(args, o) is not None]
+    if luq_options and args.method != "luq":
+        raise SystemExit(f"{', '.join(luq_options)}: options of --method luq, not "
+                         f"--method {args.method}")
     if args.method == "qvlm":
         return qvlm_config(args, group)
     if args.act_bits is not None:
@@ -151,8 +186,8 @@ def load_model(name: str):
         return load_smollm2()
     folder = Path(name)
     if not folder.is_dir():
-        raise SystemExit(f"--model {name!r}: not 'smollm2' and not a local folder "
-                         "(vlmkern never downloads models)")
+        raise SystemExit(f"--model {name!r}: not 'minivlm', not 'smollm2' and not a local "
+                         "folder (vlmkern never downloads models)")
     if not (folder / "config.json").is_file():
         raise SystemExit(f"--model {name!r}: the folder has no config.json, so it is not a "
                          f"HuggingFace model folder")
@@ -242,9 +277,41 @@ def check_device(flag: str, name: str | None) -> None:
 
 
 def check_output_folder(flag: str, path) -> None:
-    """ValueError if ``path`` names an existing file where a folder will be written."""
-    if path is not None and Path(path).exists() and not Path(path).is_dir():
+    """ValueError if ``path`` names an existing file where a folder will be
+    written; PermissionError where nothing can be written there: said before
+    any work, not after it."""
+    if path is None:
+        return
+    if Path(path).exists() and not Path(path).is_dir():
         raise ValueError(f"{flag} {path} is a file; it names a folder to write into")
+    check_writable(flag, Path(path))
+
+
+def check_writable(flag: str, path: Path) -> None:
+    """PermissionError unless a file or folder can be made at ``path`` (its
+    nearest existing ancestor takes writes: no read-only or foreign mount)."""
+    import os
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK) or \
+            existing.is_file() and not os.access(existing, os.W_OK):
+        raise PermissionError(f"{flag} {path}: {existing} cannot be written here")
+
+
+def check_checkpoint_target(flag: str, path) -> None:
+    """``save_quantized``'s own refusals, before any work: a folder (or a
+    ``.safetensors`` file) where the checkpoint can be written and that holds
+    no file vlmkern did not write under the checkpoint's name."""
+    from ..io import _check_replaceable, _file_path
+    if path is None:
+        return
+    target = _file_path(path)
+    if target.parent == Path(path) and Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is a file; name a folder to write into, or a "
+                         f".safetensors file")
+    _check_replaceable(target)
+    check_writable(flag, target)
 
 
 def check_paths_and_device(args) -> None:
@@ -253,11 +320,18 @@ def check_paths_and_device(args) -> None:
         raise IsADirectoryError(f"--calib-text {args.calib_text} is a folder; name a text file")
     if args.calib_text is not None and not args.calib_text.is_file():
         raise FileNotFoundError(f"--calib-text {args.calib_text}: no such file")
-    check_output_folder("--out", args.out)
+    if args.calib_text is not None:
+        try:
+            args.calib_text.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--calib-text {args.calib_text} is not UTF-8 text (byte "
+                             f"0x{e.object[e.start]:02x} at offset {e.start}); convert it to "
+                             f"UTF-8") from None
     if args.out is not None and Path(args.model).is_dir() and \
             Path(args.out).resolve() == Path(args.model).resolve():
         raise ValueError("--out names the --model folder: the checkpoint would replace the "
                          "weights it was made from; give another folder")
+    check_checkpoint_target("--out", args.out)
     check_output_folder("--work-dir", args.work_dir)
     if args.work_dir is not None and str(args.work_dir) == ".":   # also what "" parses to
         raise ValueError("--work-dir: name a folder of its own for the per-layer results, "
@@ -359,16 +433,16 @@ def add_luq_arguments(p: argparse.ArgumentParser) -> None:
         "LUQ (--method luq): the lowest-entropy decoder layers binarized with BiLLM, the "
         "rest GPTQ with the GPTQ options above (default 4-bit g64); mixed image+text data "
         "with --calib-alpha; give one of --budget-bytes, --budget-bits, --threshold, --n-low")
-    g.add_argument("--budget-bytes", type=int,
+    g.add_argument("--budget-bytes", type=positive_int,
                    help="memory budget: physical bytes of the decoder linears")
-    g.add_argument("--budget-bits", type=float,
+    g.add_argument("--budget-bits", type=positive_float,
                    help="memory budget: average physical bits per decoder-linear weight")
-    g.add_argument("--threshold", type=float,
+    g.add_argument("--threshold", type=finite_float,
                    help="performance threshold on held-out digits (--model minivlm): the "
                         "most binarized layers whose score still meets it")
     g.add_argument("--threshold-metric", choices=("vqa", "kl"), default="vqa",
                    help="vqa: accuracy >= threshold; kl: KL to FP <= threshold (default vqa)")
-    g.add_argument("--n-low", type=int, help="binarize exactly this many layers")
+    g.add_argument("--n-low", type=non_negative_int, help="binarize exactly this many layers")
     g.add_argument("--luq-k", type=positive_int,
                    help="K-means clusters (default: chosen by rank stability over "
                         "8..128)")
@@ -466,7 +540,7 @@ def add_qvlm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--qvlm-vision", action="store_true",
                    help="also quantize the vision tower (same W/A bits) and train its "
                         "clipping with the visual-encoder optimisation (eqs. 8-10); needs "
-                        "image samples (--model minivlm)")
+                        "image samples (--model minivlm, or a VLM folder with --calib-alpha)")
     g.add_argument("--qvlm-vision-epochs", type=non_negative_int, default=10,
                    help="training epochs of the vision clipping (default 10, as in the "
                         "paper; 0: quantize only)")
@@ -495,6 +569,10 @@ def qvlm_config(args, group):
     from .qvlm import QVLMConfig
     if args.act_bits is None:
         raise SystemExit("--method qvlm needs --act-bits (4, 6 or 8)")
+    if args.bits is not None or args.sym:
+        raise SystemExit("--method qvlm makes symmetric per-channel integer weights of "
+                         "--qvlm-w-bits bits (default --act-bits): --bits and --sym do not "
+                         "apply")
     w_bits = args.qvlm_w_bits if args.qvlm_w_bits is not None else args.act_bits
     try:
         percentiles = tuple(float(v) for v in args.qvlm_percentiles.split(",") if v.strip())
