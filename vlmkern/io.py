@@ -76,16 +76,15 @@ def save_quantized(model: nn.Module, path) -> Path:
     path: a ``.safetensors`` file, or a folder (``model.safetensors`` inside).
     """
     target = _file_path(path)
-    meta = next((n for n, t in model.state_dict().items() if t.device.type == "meta"), None)
-    if meta is not None:
-        raise ValueError(f"cannot save: {meta} is on the meta device, where tensors hold no "
-                         f"data (load or compute the weights first)")
     _check_replaceable(target)
     config = quantization_config(model)
     _check_no_foreign_tensors(model)
     tensors, aliases, seen = {}, {}, {}
     for name, t in model.state_dict().items():
         # what load_quantized would refuse is refused here, before the file exists
+        if t.device.type == "meta":
+            raise ValueError(f"cannot save: {name} is on the meta device, where tensors hold "
+                             f"no data (load or compute the weights first)")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"cannot save: {name} holds NaN or Inf values "
                              f"(load_quantized refuses such a checkpoint)")

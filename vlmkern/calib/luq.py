@@ -528,10 +528,10 @@ def luq_quantize(model: nn.Module, samples, config: LUQConfig = LUQConfig(), *,
     q, rep = result
     q.vlmkern_plan_info = info
     chosen_low = set(order[:n_low])
+    high_entry = PlanEntry.from_config(config.high)
     report = LUQReport(list(entropies), order, k, sel, n_low, n_layers, mode, target, probes,
                        [low[i] if i in chosen_low else high[i] for i in range(n_layers)],
                        n_weights, entropy_seconds, time.perf_counter() - t1, rep,
-                       (PlanEntry.from_config(config.low).method,
-                        PlanEntry.from_config(config.high).method),
-                       PlanEntry.from_config(config.high).w_bits)
+                       (PlanEntry.from_config(config.low).method, high_entry.method),
+                       high_entry.w_bits)
     return q, report
